@@ -1,0 +1,74 @@
+//! What a device sends (under `dev/{serial}/up/{kind}`) and what the broker answers on
+//! `dev/{serial}/ack`. Each device message is wrapped in an [`crate::Envelope`] whose id the
+//! broker acknowledges once it is durable.
+
+use serde::{Deserialize, Serialize};
+
+use crate::MsgId;
+use crate::data::DeviceData;
+use crate::ids::JobId;
+use crate::job::JobStatus;
+
+/// A job's progress as the device reports it (`up/job`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobUpdate {
+    pub job: JobId,
+    /// One of `delivered`, `staged`, `in-progress`, `succeeded`, `failed`; anything else is refused.
+    pub status: JobStatus,
+    /// Why it failed, or what the device noticed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The collected data, with `succeeded` of a get-data job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DeviceData>,
+}
+
+impl JobUpdate {
+    /// The statuses a device may report; the rest belong to the broker.
+    pub fn device_may_report(status: JobStatus) -> bool {
+        matches!(
+            status,
+            JobStatus::Delivered
+                | JobStatus::Staged
+                | JobStatus::InProgress
+                | JobStatus::Succeeded
+                | JobStatus::Failed
+        )
+    }
+}
+
+/// The device announces itself (`up/state`) when its session starts.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// Installation site (Fig. 9), as configured on the agent.
+    #[serde(default)]
+    pub site: String,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub firmware: String,
+}
+
+/// The broker's end-to-end acknowledgement of one message (claims 13–14, DESIGN D3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub id: MsgId,
+    pub outcome: AckOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum AckOutcome {
+    /// Committed to the broker's store.
+    Stored,
+    /// Already committed earlier; nothing was stored twice.
+    Duplicate,
+    /// Refused for good: resending will not help. The sender drops it and logs the reason.
+    Rejected { reason: String },
+}
+
+/// What travels on `dev/{serial}/ack`: the acks of one group commit for this device.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AckBatch {
+    pub acks: Vec<Ack>,
+}

@@ -1,0 +1,23 @@
+//! The contract every chukei part shares: who may speak ([`ids`]), where ([`topic`], [`acl`]) and
+//! what ([`envelope`], [`job`], [`device`], [`host`], [`data`]). `topics.md` at the top of the
+//! repository is the same contract written for integrators; keep the two in step.
+//!
+//! This crate does no I/O: the broker, the agents and the tests all build on it, and anything here
+//! can be tested as a pure function.
+
+pub mod acl;
+pub mod data;
+pub mod device;
+pub mod envelope;
+pub mod host;
+pub mod ids;
+pub mod job;
+pub mod topic;
+pub mod url;
+pub mod validate;
+
+pub use envelope::{Envelope, EnvelopeError};
+pub use ids::{HostId, Identity, IdError, JobId, MsgId, Role, Serial};
+
+/// Wall-clock time on the wire: always UTC (DESIGN D6). Serialized as RFC 3339.
+pub type Timestamp = chrono::DateTime<chrono::Utc>;

@@ -1,0 +1,235 @@
+//! Every topic name chukei uses, built and parsed in one place. No other code formats a topic.
+//!
+//! ```text
+//! dev/{serial}/jobs/{job}          broker → device   retained job order, emptied when the job ends
+//! dev/{serial}/ack                 broker → device   end-to-end acks of what the device sent
+//! dev/{serial}/up/{kind}           device → broker   job updates, device state
+//! host/{host}/req                  host → broker     submit, list, show
+//! host/{host}/resp                 broker → host     replies, keyed by the request's msg id
+//! fleet/{serial}/jobs/{job}        broker → hosts    retained job view (CBOR)
+//! fleet/{serial}/state             broker → hosts    retained device state (CBOR)
+//! json/fleet/{serial}/jobs/{job}   broker → hosts    the same views in JSON, for integrators
+//! json/fleet/{serial}/state
+//! ```
+
+use std::fmt;
+
+use crate::ids::{HostId, IdError, JobId, Serial};
+
+/// What a device publishes under `dev/{serial}/up/{kind}`. Unknown kinds are refused by the ACL,
+/// so a topic typo in an agent is a clear error rather than a message nobody reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpKind {
+    /// A job's progress or result ([`crate::device::JobUpdate`]).
+    Job,
+    /// The device announces itself: site, model, firmware ([`crate::device::DeviceState`]).
+    State,
+}
+
+impl UpKind {
+    pub const ALL: [UpKind; 2] = [UpKind::Job, UpKind::State];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpKind::Job => "job",
+            UpKind::State => "state",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<UpKind> {
+        UpKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// A concrete topic (no wildcards), parsed into its parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    DevJob { serial: Serial, job: JobId },
+    DevAck { serial: Serial },
+    DevUp { serial: Serial, kind: UpKind },
+    HostReq { host: HostId },
+    HostResp { host: HostId },
+    FleetJob { serial: Serial, job: JobId },
+    FleetState { serial: Serial },
+    JsonFleetJob { serial: Serial, job: JobId },
+    JsonFleetState { serial: Serial },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic {0:?} is not part of chukei's topic tree (see topics.md)")]
+    Unknown(String),
+    #[error("topic {topic:?}: {source}")]
+    BadId { topic: String, source: IdError },
+}
+
+impl Topic {
+    pub fn parse(topic: &str) -> Result<Topic, TopicError> {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let bad = |source| TopicError::BadId { topic: topic.to_owned(), source };
+        let serial = |s: &str| Serial::parse(s).map_err(bad);
+        let job = |s: &str| JobId::parse(s).map_err(bad);
+        let host = |s: &str| HostId::parse(s).map_err(bad);
+        let parsed = match levels.as_slice() {
+            ["dev", s, "jobs", j] => Topic::DevJob { serial: serial(s)?, job: job(j)? },
+            ["dev", s, "ack"] => Topic::DevAck { serial: serial(s)? },
+            ["dev", s, "up", k] => match UpKind::parse(k) {
+                Some(kind) => Topic::DevUp { serial: serial(s)?, kind },
+                None => return Err(TopicError::Unknown(topic.to_owned())),
+            },
+            ["host", h, "req"] => Topic::HostReq { host: host(h)? },
+            ["host", h, "resp"] => Topic::HostResp { host: host(h)? },
+            ["fleet", s, "jobs", j] => Topic::FleetJob { serial: serial(s)?, job: job(j)? },
+            ["fleet", s, "state"] => Topic::FleetState { serial: serial(s)? },
+            ["json", "fleet", s, "jobs", j] => {
+                Topic::JsonFleetJob { serial: serial(s)?, job: job(j)? }
+            }
+            ["json", "fleet", s, "state"] => Topic::JsonFleetState { serial: serial(s)? },
+            _ => return Err(TopicError::Unknown(topic.to_owned())),
+        };
+        Ok(parsed)
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Topic::DevJob { serial, job } => write!(f, "dev/{serial}/jobs/{job}"),
+            Topic::DevAck { serial } => write!(f, "dev/{serial}/ack"),
+            Topic::DevUp { serial, kind } => write!(f, "dev/{serial}/up/{}", kind.as_str()),
+            Topic::HostReq { host } => write!(f, "host/{host}/req"),
+            Topic::HostResp { host } => write!(f, "host/{host}/resp"),
+            Topic::FleetJob { serial, job } => write!(f, "fleet/{serial}/jobs/{job}"),
+            Topic::FleetState { serial } => write!(f, "fleet/{serial}/state"),
+            Topic::JsonFleetJob { serial, job } => write!(f, "json/fleet/{serial}/jobs/{job}"),
+            Topic::JsonFleetState { serial } => write!(f, "json/fleet/{serial}/state"),
+        }
+    }
+}
+
+/// Builders for the topics and filters the agents and broker use, so call sites read as intent.
+pub fn dev_job(serial: &Serial, job: &JobId) -> String {
+    Topic::DevJob { serial: serial.clone(), job: job.clone() }.to_string()
+}
+pub fn dev_ack(serial: &Serial) -> String {
+    Topic::DevAck { serial: serial.clone() }.to_string()
+}
+pub fn dev_up(serial: &Serial, kind: UpKind) -> String {
+    Topic::DevUp { serial: serial.clone(), kind }.to_string()
+}
+pub fn host_req(host: &HostId) -> String {
+    Topic::HostReq { host: host.clone() }.to_string()
+}
+pub fn host_resp(host: &HostId) -> String {
+    Topic::HostResp { host: host.clone() }.to_string()
+}
+pub fn fleet_job(serial: &Serial, job: &JobId) -> String {
+    Topic::FleetJob { serial: serial.clone(), job: job.clone() }.to_string()
+}
+pub fn fleet_state(serial: &Serial) -> String {
+    Topic::FleetState { serial: serial.clone() }.to_string()
+}
+pub fn json_fleet_job(serial: &Serial, job: &JobId) -> String {
+    Topic::JsonFleetJob { serial: serial.clone(), job: job.clone() }.to_string()
+}
+pub fn json_fleet_state(serial: &Serial) -> String {
+    Topic::JsonFleetState { serial: serial.clone() }.to_string()
+}
+
+/// The filter a device subscribes to for its own jobs.
+pub fn dev_jobs_filter(serial: &Serial) -> String {
+    format!("dev/{serial}/jobs/+")
+}
+/// The broker core's filter for everything devices send.
+pub const ALL_DEVICE_UP: &str = "dev/+/up/+";
+/// The broker core's filter for every host's requests.
+pub const ALL_HOST_REQ: &str = "host/+/req";
+/// Every job view, for `host-agent watch` and dashboards.
+pub const ALL_FLEET_JOBS: &str = "fleet/+/jobs/+";
+/// Everything in the JSON mirror, for integrators.
+pub const ALL_JSON: &str = "json/fleet/#";
+
+/// Checks the MQTT rules for a topic filter: `+` and `#` fill a whole level, `#` only last.
+pub fn is_valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    let last = levels.len() - 1;
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "#" => i == last,
+        "+" => true,
+        l => !l.contains('+') && !l.contains('#'),
+    })
+}
+
+/// Checks the MQTT rules for a topic name in a PUBLISH: no wildcards, not empty.
+pub fn is_valid_topic_name(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &str) -> Serial {
+        Serial::parse(v).unwrap()
+    }
+    fn j(v: &str) -> JobId {
+        JobId::parse(v).unwrap()
+    }
+
+    #[test]
+    fn topics_round_trip() {
+        let cases = [
+            Topic::DevJob { serial: s("C1"), job: j("J-1") },
+            Topic::DevAck { serial: s("C1") },
+            Topic::DevUp { serial: s("C1"), kind: UpKind::Job },
+            Topic::DevUp { serial: s("C1"), kind: UpKind::State },
+            Topic::HostReq { host: HostId::parse("svc").unwrap() },
+            Topic::HostResp { host: HostId::parse("svc").unwrap() },
+            Topic::FleetJob { serial: s("C1"), job: j("J-1") },
+            Topic::FleetState { serial: s("C1") },
+            Topic::JsonFleetJob { serial: s("C1"), job: j("J-1") },
+            Topic::JsonFleetState { serial: s("C1") },
+        ];
+        for t in cases {
+            let text = t.to_string();
+            assert_eq!(Topic::parse(&text).unwrap(), t, "{text}");
+        }
+    }
+
+    #[test]
+    fn builders_match_the_tree() {
+        assert_eq!(dev_job(&s("C1"), &j("J1")), "dev/C1/jobs/J1");
+        assert_eq!(dev_ack(&s("C1")), "dev/C1/ack");
+        assert_eq!(dev_up(&s("C1"), UpKind::Job), "dev/C1/up/job");
+        assert_eq!(json_fleet_job(&s("C1"), &j("J1")), "json/fleet/C1/jobs/J1");
+        assert_eq!(dev_jobs_filter(&s("C1")), "dev/C1/jobs/+");
+    }
+
+    #[test]
+    fn unknown_and_bad_topics_are_refused() {
+        for bad in ["dev/C1/up/bogus", "dev/C1", "dev//ack", "dev/C+1/ack", "x/y", "", "dev/C1/ack/x"] {
+            assert!(Topic::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn filter_rules() {
+        let cases = [
+            ("a/+/c", true),
+            ("#", true),
+            ("a/#", true),
+            ("a/#/c", false),
+            ("a/b+", false),
+            ("a/#b", false),
+            ("", false),
+        ];
+        for (f, ok) in cases {
+            assert_eq!(is_valid_filter(f), ok, "{f:?}");
+        }
+        assert!(is_valid_topic_name("a/b"));
+        assert!(!is_valid_topic_name("a/+"));
+    }
+}

@@ -41,11 +41,23 @@ pub fn check(who: &Identity, action: Action, topic: &str) -> Decision {
 }
 
 /// The CONNECT check: the MQTT client id must be the certificate's CN.
+///
+/// Hosts and integrators may also add a session suffix, `{cn}:{suffix}`, because one service desk
+/// runs several sessions at once (a `watch` beside a `jobs submit`) and MQTT would otherwise kick
+/// the older one off. `:` is not allowed in ids, so the suffix can never make one identity's client
+/// id collide with another's. A device has one session: its serial, exactly.
 pub fn check_client_id(who: &Identity, client_id: &str) -> Decision {
     if client_id == who.id() {
-        Decision::Allow
-    } else {
-        Decision::Deny("client id differs from the certificate's CN")
+        return Decision::Allow;
+    }
+    let suffixed = client_id
+        .strip_prefix(who.id())
+        .and_then(|rest| rest.strip_prefix(':'))
+        .is_some_and(|suffix| crate::ids::Serial::parse(suffix).is_ok());
+    match who.role() {
+        Role::Host | Role::Integrator if suffixed => Decision::Allow,
+        Role::Device => Decision::Deny("a device's client id must be its serial (the certificate's CN)"),
+        _ => Decision::Deny("client id must be the certificate's CN, or CN:SUFFIX"),
     }
 }
 
@@ -165,5 +177,12 @@ mod tests {
         assert!(check_client_id(&dev("A1"), "A1").is_allowed());
         assert!(!check_client_id(&dev("A1"), "B2").is_allowed());
         assert!(!check_client_id(&dev("A1"), "").is_allowed());
+        assert!(!check_client_id(&dev("A1"), "A1:x").is_allowed());
+        assert!(check_client_id(&host("svc"), "svc:watch-1").is_allowed());
+        assert!(check_client_id(&integrator(), "crm:a").is_allowed());
+        assert!(!check_client_id(&host("svc"), "svc:").is_allowed());
+        assert!(!check_client_id(&host("svc"), "svc-2").is_allowed());
+        assert!(!check_client_id(&host("svc"), "svcx:1").is_allowed());
+        assert!(!check_client_id(&host("svc"), "svc:a/b").is_allowed());
     }
 }

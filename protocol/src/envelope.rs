@@ -38,7 +38,6 @@ pub enum EnvelopeError {
 
 #[derive(Deserialize)]
 struct Head {
-    v: u16,
     id: MsgId,
 }
 

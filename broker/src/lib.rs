@@ -1,1 +1,133 @@
+//! chukei's relay. A client's path through it:
+//!
+//! - [`gateway`]: TCP accept, TLS under a deadline, identity from the client certificate, the ACL
+//!   check of every packet ([`protocol::acl`]), and a local link into the router per session;
+//! - [`router`]: the embedded rumqttd router, which routes and keeps retained messages in memory;
+//! - [`core_link`] and [`core`]: the broker's own logic, one more router client, which commits
+//!   what devices and hosts send to redb ([`store`]) before acknowledging it, and republishes
+//!   jobs and views as retained messages; job kinds live in [`jobs`].
+//!
+//! `main.rs` only parses flags; [`run`] is the broker.
 
+pub mod config;
+pub mod core;
+pub mod core_link;
+pub mod demo;
+pub mod gateway;
+pub mod jobs;
+pub mod metrics;
+pub mod router;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+use crate::config::BrokerConfig;
+use crate::core::{Core, CoreSettings};
+use crate::gateway::{Gateway, GatewaySettings};
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("loading the TLS identity: {0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("opening the store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    CoreLink(#[from] core_link::CoreLinkError),
+    #[error("could not listen on {addr}: {source} (is another broker running there? pick another --listen)")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("could not write the ready file {}: {source}", .path.display())]
+    ReadyFile { path: PathBuf, source: std::io::Error },
+}
+
+/// Test-only faults, switched on by the environment so no production flag exposes them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// `CHUKEI_TEST_HOLD_ACKS=1`: commit what clients send but never acknowledge it.
+    pub hold_acks: bool,
+}
+
+impl Faults {
+    pub fn from_env() -> Faults {
+        Faults { hold_acks: std::env::var("CHUKEI_TEST_HOLD_ACKS").is_ok_and(|v| v == "1") }
+    }
+}
+
+/// Binds the configured address; separate from [`run`] so callers can bind port 0 and learn it.
+pub async fn bind(cfg: &BrokerConfig) -> Result<TcpListener, BrokerError> {
+    TcpListener::bind(cfg.listen).await.map_err(|source| BrokerError::Bind { addr: cfg.listen, source })
+}
+
+/// Runs the broker on a bound listener until `stop` is cancelled.
+///
+/// Order matters: the store is opened and every retained job and view is republished into the
+/// router before the gateway accepts anyone (DESIGN D2); only then is `ready_file` written.
+pub async fn run(
+    cfg: BrokerConfig,
+    listener: TcpListener,
+    ready_file: Option<&Path>,
+    faults: Faults,
+    stop: CancellationToken,
+) -> Result<(), BrokerError> {
+    cfg.validate()?;
+    let tls = pki::server_config(&cfg.pki_dir)?;
+    let core = Arc::new(Core::open(
+        &cfg.data_dir,
+        CoreSettings {
+            server_name: cfg.server_name.clone(),
+            max_payload_bytes: cfg.max_payload_bytes,
+            finished_visible: std::time::Duration::from_secs(cfg.finished_visible_secs),
+            hold_acks: faults.hold_acks,
+        },
+    )?);
+    let retained = core.startup_publications()?;
+    let republished = retained.len();
+    let router = router::start(cfg.max_clients);
+    let tasks = TaskTracker::new();
+    let (inbound, outbound) = core_link::attach(router.clone(), retained, &tasks, stop.clone()).await?;
+    let core_task = tasks.spawn(core::run(core, inbound, outbound, stop.clone()));
+
+    let metrics = Arc::new(Metrics::default());
+    let settings = GatewaySettings {
+        handshake_timeout: cfg.handshake_timeout(),
+        connect_timeout: cfg.connect_timeout(),
+        max_packet_bytes: cfg.max_packet_bytes,
+        max_clients: cfg.max_clients,
+        max_handshakes: cfg.max_handshakes,
+    };
+    let gateway = Arc::new(Gateway::new(settings, tls, router, metrics));
+    let addr = listener.local_addr().map_err(|source| BrokerError::Bind { addr: cfg.listen, source })?;
+    if let Some(path) = ready_file {
+        write_ready_file(path, addr)?;
+    }
+    info!(%addr, republished, data_dir = %cfg.data_dir.display(), "broker ready");
+    gateway.run(listener, stop.clone()).await;
+    stop.cancel();
+    tasks.close();
+    match core_task.await {
+        Ok(Err(e)) => error!(error = %e, "core stopped with an error"),
+        Err(e) => error!(error = %e, "core task panicked"),
+        Ok(Ok(())) => {}
+    }
+    tasks.wait().await;
+    info!("broker stopped");
+    Ok(())
+}
+
+/// Written atomically (temp file + rename) so a reader never sees half of it.
+fn write_ready_file(path: &Path, addr: SocketAddr) -> Result<(), BrokerError> {
+    let err = |source| BrokerError::ReadyFile { path: path.to_owned(), source };
+    let body = serde_json::json!({ "listen": addr.to_string() }).to_string();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

@@ -1,0 +1,162 @@
+//! `broker run` configuration: a TOML file for the fleet, flags for the moment (flags win).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every key of `broker.toml`. Unknown keys are an error, so a typo is not a silent default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Where the gateway listens for MQTT over TLS.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Holds `chukei.redb`.
+    #[serde(default = "defaults::data_dir")]
+    pub data_dir: PathBuf,
+    /// Holds ca.pem, server.pem and server.key (`broker pki init`).
+    #[serde(default = "defaults::pki_dir")]
+    pub pki_dir: PathBuf,
+    /// The "managing server" column of the job list.
+    #[serde(default = "defaults::server_name")]
+    pub server_name: String,
+    /// A TLS handshake that takes longer is dropped; it never holds up anyone else.
+    #[serde(default = "defaults::handshake_timeout_secs")]
+    pub handshake_timeout_secs: u64,
+    /// A client that finished TLS must send CONNECT within this time.
+    #[serde(default = "defaults::connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+    /// Largest MQTT packet a client may send; a bigger one closes its connection.
+    #[serde(default = "defaults::max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// Largest CBOR payload the core decodes; a bigger one is refused with a reason.
+    #[serde(default = "defaults::max_payload_bytes")]
+    pub max_payload_bytes: usize,
+    /// Clients admitted at once; the rest get CONNACK "server unavailable". Kept below rumqttd's
+    /// own limit, which panics when exceeded (rumqtt #991), and below the process's 20,000 files.
+    #[serde(default = "defaults::max_clients")]
+    pub max_clients: usize,
+    /// TLS handshakes in flight at once; more connections wait in the kernel's backlog.
+    #[serde(default = "defaults::max_handshakes")]
+    pub max_handshakes: usize,
+    /// Succeeded and canceled jobs stay in the default job list this long.
+    #[serde(default = "defaults::finished_visible_secs")]
+    pub finished_visible_secs: u64,
+}
+
+mod defaults {
+    use super::*;
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8883))
+    }
+    pub fn data_dir() -> PathBuf {
+        PathBuf::from("data")
+    }
+    pub fn pki_dir() -> PathBuf {
+        PathBuf::from("pki")
+    }
+    pub fn server_name() -> String {
+        "relay-1".into()
+    }
+    pub fn handshake_timeout_secs() -> u64 {
+        10
+    }
+    pub fn connect_timeout_secs() -> u64 {
+        10
+    }
+    pub fn max_packet_bytes() -> usize {
+        256 * 1024
+    }
+    pub fn max_payload_bytes() -> usize {
+        64 * 1024
+    }
+    pub fn max_clients() -> usize {
+        15_000
+    }
+    pub fn max_handshakes() -> usize {
+        1_024
+    }
+    pub fn finished_visible_secs() -> u64 {
+        600
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        // An empty TOML document yields every default; this keeps the two in one place.
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read config file {}: {source}", .path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {}: {source}", .path.display())]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("{key} = {value} is not valid: {why}")]
+    Invalid { key: &'static str, value: String, why: &'static str },
+}
+
+impl BrokerConfig {
+    pub fn load(path: &Path) -> Result<BrokerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    /// Checks what serde cannot, before any port is bound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, value: &dyn ToString, why| ConfigError::Invalid { key, value: value.to_string(), why };
+        if self.max_payload_bytes > self.max_packet_bytes {
+            return Err(invalid("max_payload_bytes", &self.max_payload_bytes, "it must not exceed max_packet_bytes"));
+        }
+        if self.max_clients == 0 || self.max_clients > 18_000 {
+            return Err(invalid("max_clients", &self.max_clients, "use 1 to 18000 (a process may hold 20,000 files)"));
+        }
+        if self.handshake_timeout_secs == 0 {
+            return Err(invalid("handshake_timeout_secs", &0, "use at least 1"));
+        }
+        if self.max_handshakes == 0 {
+            return Err(invalid("max_handshakes", &0, "use at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults_and_unknown_keys_are_refused() {
+        let cfg: BrokerConfig = toml::from_str("").unwrap();
+        assert_eq!(cfg.listen.port(), 8883);
+        cfg.validate().unwrap();
+        let err = toml::from_str::<BrokerConfig>("listn = \"127.0.0.1:1\"").unwrap_err().to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/broker.toml");
+        let cfg = BrokerConfig::load(&path).unwrap();
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn inconsistent_limits_are_refused() {
+        let cfg = BrokerConfig { max_payload_bytes: 10, max_packet_bytes: 5, ..Default::default() };
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("max_packet_bytes"), "{e}");
+    }
+}

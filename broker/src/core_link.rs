@@ -1,0 +1,100 @@
+//! Attaches the job core to the router as one more local link (DESIGN D1): the core hears what
+//! devices and hosts publish, and its replies, acks and retained views go out through the router
+//! like anyone else's messages. The core itself never sees a socket, so an uplink to a parent
+//! relay can later be one more source of `Inbound`.
+
+use std::sync::Arc;
+
+use rumqttd::Broker;
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, warn};
+
+use crate::core::{Inbound, Outbound};
+use crate::router;
+
+/// The core's client id in the router. A space is not allowed in any certificate id, so no
+/// client can take this session over.
+const CORE_CLIENT_ID: &str = "chukei core";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreLinkError {
+    #[error("could not attach the core to the router: {0}")]
+    Link(#[from] rumqttd::local::LinkError),
+    #[error("the router thread is gone")]
+    RouterGone,
+}
+
+/// Attaches the core, subscribes it, and publishes `retained` (rebuilt from redb) before
+/// returning. The router handles events in order, so these retained messages are in place before
+/// any client the gateway admits later can subscribe.
+pub async fn attach(
+    broker: Arc<Broker>,
+    retained: Vec<Outbound>,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<(mpsc::Receiver<Inbound>, mpsc::Sender<Outbound>), CoreLinkError> {
+    let (mut tx, rx) = tokio::task::spawn_blocking(move || broker.link(CORE_CLIENT_ID))
+        .await
+        .map_err(|_| CoreLinkError::RouterGone)??;
+    tx.subscribe(protocol::topic::ALL_DEVICE_UP)?;
+    tx.subscribe(protocol::topic::ALL_HOST_REQ)?;
+    for out in retained {
+        tx.send(router::publish(&out.topic, out.payload, out.retain)).await?;
+    }
+    let (in_tx, in_rx) = mpsc::channel(4096);
+    let (out_tx, out_rx) = mpsc::channel(4096);
+    tracker.spawn(pump_in(rx, in_tx, stop.clone()));
+    tracker.spawn(pump_out(tx, out_rx, stop));
+    Ok((in_rx, out_tx))
+}
+
+/// Router → core: every publish the core is subscribed to.
+async fn pump_in(mut rx: LinkRx, inbound: mpsc::Sender<Inbound>, stop: CancellationToken) {
+    loop {
+        let next = tokio::select! {
+            () = stop.cancelled() => return,
+            n = rx.next() => n,
+        };
+        match next {
+            Ok(Some(Notification::Forward(fwd))) => {
+                let msg = Inbound { topic: String::from_utf8_lossy(&fwd.publish.topic).into_owned(), payload: fwd.publish.payload };
+                if inbound.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            // The router paused us because our queue was full; ask to be scheduled again.
+            Ok(Some(Notification::Unschedule)) => {
+                if let Err(e) = rx.wake().await {
+                    error!(error = %e, "core link could not wake the router");
+                    return;
+                }
+            }
+            Ok(Some(other)) => debug!(notification = ?other, "core link notification"),
+            Ok(None) => {}
+            Err(e) => {
+                if !stop.is_cancelled() {
+                    error!(error = %e, "core link closed by the router");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Core → router: acks, replies, retained orders and views, in the order the core produced them.
+async fn pump_out(mut tx: LinkTx, mut outbound: mpsc::Receiver<Outbound>, stop: CancellationToken) {
+    loop {
+        let out = tokio::select! {
+            () = stop.cancelled() => return,
+            o = outbound.recv() => match o { Some(o) => o, None => return },
+        };
+        if let Err(e) = tx.send(router::publish(&out.topic, out.payload, out.retain)).await {
+            warn!(topic = %out.topic, error = %e, "could not publish into the router");
+            return;
+        }
+    }
+}

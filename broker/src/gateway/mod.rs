@@ -1,0 +1,144 @@
+//! The front door (DESIGN D1): accepts TCP, runs each TLS handshake concurrently under a
+//! deadline, takes the client's identity from its certificate, and runs its MQTT session with
+//! every packet checked before anything reaches the router.
+//!
+//! rumqttd's own listener handshakes inline in its accept loop with no timeout, so one silent
+//! socket stalls every client after it; here the accept loop only accepts.
+
+mod conn;
+mod session;
+
+pub use conn::{ClientConn, ConnError};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttd::Broker;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_packet_bytes: usize,
+    pub max_clients: usize,
+    pub max_handshakes: usize,
+}
+
+/// What every connection task shares: built once at startup.
+pub struct Gateway {
+    pub settings: GatewaySettings,
+    pub tls: TlsAcceptor,
+    pub router: Arc<Broker>,
+    pub metrics: Arc<Metrics>,
+    admission: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+}
+
+/// How long open sessions get to finish when the broker stops.
+const GRACE: Duration = Duration::from_secs(5);
+
+impl Gateway {
+    pub fn new(settings: GatewaySettings, tls: Arc<rustls::ServerConfig>, router: Arc<Broker>, metrics: Arc<Metrics>) -> Self {
+        Gateway {
+            admission: Arc::new(Semaphore::new(settings.max_clients)),
+            handshakes: Arc::new(Semaphore::new(settings.max_handshakes)),
+            tls: TlsAcceptor::from(tls),
+            settings,
+            router,
+            metrics,
+        }
+    }
+
+    /// Accepts until `stop`, then waits (up to a grace period) for every session to end.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        let tasks = TaskTracker::new();
+        loop {
+            // Wait for a handshake slot before accepting: excess connections queue in the
+            // kernel's backlog instead of costing us memory and file descriptors.
+            let permit = tokio::select! {
+                () = stop.cancelled() => break,
+                p = self.handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let (tcp, peer) = tokio::select! {
+                () = stop.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Usually EMFILE: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            Metrics::inc(&self.metrics.tcp_accepted);
+            let gw = self.clone();
+            let stop = stop.clone();
+            let span = info_span!("conn", %peer, identity = field::Empty, topic = field::Empty);
+            tasks.spawn(async move { gw.serve_conn(tcp, permit, stop).await }.instrument(span));
+        }
+        tasks.close();
+        info!(open = tasks.len(), "gateway stopped accepting");
+        if timeout(GRACE, tasks.wait()).await.is_err() {
+            warn!("grace period over; dropping open connections");
+        }
+    }
+
+    async fn serve_conn(self: Arc<Self>, tcp: TcpStream, permit: tokio::sync::OwnedSemaphorePermit, stop: CancellationToken) {
+        // Alarms must not wait on Nagle and delayed ACKs.
+        let _ = tcp.set_nodelay(true);
+        let tls = match timeout(self.settings.handshake_timeout, self.tls.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                Metrics::inc(&self.metrics.tls_failed);
+                info!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                Metrics::inc(&self.metrics.tls_timed_out);
+                debug!("TLS handshake timed out");
+                return;
+            }
+        };
+        drop(permit);
+        let identity = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .map(|cert| pki::identity_from_der(cert));
+        let who = match identity {
+            Some(Ok(who)) => who,
+            Some(Err(e)) => {
+                Metrics::inc(&self.metrics.connect_refused);
+                warn!(error = %e, "client certificate carries no identity");
+                return;
+            }
+            None => {
+                Metrics::inc(&self.metrics.connect_refused);
+                warn!("client presented no certificate");
+                return;
+            }
+        };
+        Span::current().record("identity", field::display(&who));
+        let conn = ClientConn::new(tls, self.settings.max_packet_bytes);
+        match session::serve(conn, who, self.clone(), stop).await {
+            Ok(()) => debug!("session ended"),
+            Err(e @ session::SessionError::Acl { .. }) => info!(error = %e, "session closed"),
+            Err(session::SessionError::Conn(e)) => {
+                Metrics::inc(&self.metrics.bad_packets);
+                info!(error = %e, "session closed")
+            }
+            Err(e) => info!(error = %e, "session closed"),
+        }
+    }
+}

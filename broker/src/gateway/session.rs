@@ -1,0 +1,223 @@
+//! One client's MQTT session, from CONNECT to close: identity check, ACL check of every packet,
+//! and the bridge between the client's socket and its local link into the router.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::Identity;
+use protocol::acl::{self, Action, Decision};
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{Span, debug, info, warn};
+
+use super::Gateway;
+use super::conn::{ClientConn, ConnError};
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("no CONNECT within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("first packet was not CONNECT")]
+    NotConnect,
+    #[error("connect refused: {0}")]
+    Refused(&'static str),
+    #[error("{action:?} on {topic:?} denied: {reason}")]
+    Acl { action: Action, topic: String, reason: &'static str },
+    #[error("keepalive expired")]
+    KeepaliveExpired,
+    #[error("second CONNECT on an open session")]
+    SecondConnect,
+    #[error("router link: {0}")]
+    Link(#[from] rumqttd::local::LinkError),
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+}
+
+/// A client that sets keepalive 0 still gets a bound on how long it may stay silent.
+const MAX_SILENCE: Duration = Duration::from_secs(600);
+
+/// Runs a session on an authenticated TLS connection until the client leaves, misbehaves, or the
+/// broker stops. Every exit path tells the router the session is gone.
+pub async fn serve<S>(
+    mut conn: ClientConn<S>,
+    who: Identity,
+    gw: Arc<Gateway>,
+    stop: CancellationToken,
+) -> Result<(), SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let connect = match timeout(gw.settings.connect_timeout, conn.read_packet()).await {
+        Err(_) => return Err(SessionError::ConnectTimeout(gw.settings.connect_timeout)),
+        Ok(Ok(Some(Packet::Connect(connect, ..)))) => connect,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(_))) => return Err(SessionError::NotConnect),
+        Ok(Err(e)) => return Err(e.into()),
+    };
+    if let Decision::Deny(reason) = acl::check_client_id(&who, &connect.client_id) {
+        warn!(client_id = %connect.client_id, reason, "connect refused");
+        return refuse(&mut conn, &gw, ConnectReturnCode::NotAuthorized, reason).await;
+    }
+    // Admission below rumqttd's own limit: over it rumqttd panics (rumqtt #991).
+    let Ok(_permit) = gw.admission.clone().try_acquire_owned() else {
+        warn!(max_clients = gw.settings.max_clients, "connect refused: broker full");
+        return refuse(&mut conn, &gw, ConnectReturnCode::ServiceUnavailable, "broker full").await;
+    };
+    let router = gw.router.clone();
+    let client_id = connect.client_id.clone();
+    let (link_tx, link_rx) = match tokio::task::spawn_blocking(move || router.link(&client_id)).await {
+        Ok(Ok(link)) => link,
+        Ok(Err(e)) => {
+            warn!(error = %e, "router refused the session");
+            return refuse(&mut conn, &gw, ConnectReturnCode::ServiceUnavailable, "router refused").await;
+        }
+        Err(_) => return refuse(&mut conn, &gw, ConnectReturnCode::ServiceUnavailable, "router gone").await,
+    };
+    let connack = ConnAck { session_present: false, code: ConnectReturnCode::Success };
+    conn.write_packets([Packet::ConnAck(connack, None)]).await?;
+    Metrics::inc(&gw.metrics.sessions_started);
+    Metrics::inc(&gw.metrics.sessions_active);
+    info!(client_id = %connect.client_id, keep_alive = connect.keep_alive, "session started");
+
+    let keepalive = match connect.keep_alive {
+        0 => MAX_SILENCE,
+        // MQTT 3.1.1 §3.1.2.10: one and a half keepalive periods of silence end the session.
+        secs => Duration::from_millis(u64::from(secs) * 1500),
+    };
+    let mut bridge = Bridge { who: &who, gw: &gw, link_tx, link_rx };
+    let result = bridge.run(&mut conn, keepalive, &stop).await;
+    // Whatever ended the session, the router must forget it; a dropped link alone is not noticed.
+    let _ = bridge.link_tx.send(Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection }, None)).await;
+    Metrics::dec(&gw.metrics.sessions_active);
+    conn.shutdown().await;
+    result
+}
+
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut ClientConn<S>,
+    gw: &Gateway,
+    code: ConnectReturnCode,
+    reason: &'static str,
+) -> Result<(), SessionError> {
+    Metrics::inc(&gw.metrics.connect_refused);
+    let _ = conn.write_packets([Packet::ConnAck(ConnAck { session_present: false, code }, None)]).await;
+    conn.shutdown().await;
+    Err(SessionError::Refused(reason))
+}
+
+struct Bridge<'a> {
+    who: &'a Identity,
+    gw: &'a Gateway,
+    link_tx: LinkTx,
+    link_rx: LinkRx,
+}
+
+impl Bridge<'_> {
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut ClientConn<S>,
+        keepalive: Duration,
+        stop: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let mut deadline = Instant::now() + keepalive;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                () = sleep_until(deadline) => return Err(SessionError::KeepaliveExpired),
+                packet = conn.read_packet() => {
+                    let Some(packet) = packet? else { return Ok(()) };
+                    deadline = Instant::now() + keepalive;
+                    let leaving = matches!(packet, Packet::Disconnect(..));
+                    self.from_client(packet).await?;
+                    if leaving {
+                        return Ok(());
+                    }
+                }
+                notification = self.link_rx.next() => {
+                    // The router drops a session's link when another session takes its client id.
+                    let Some(first) = notification? else { continue };
+                    self.to_client(conn, first).await?;
+                }
+            }
+        }
+    }
+
+    /// Checks a client packet against the ACL and hands it to the router.
+    async fn from_client(&mut self, packet: Packet) -> Result<(), SessionError> {
+        match &packet {
+            Packet::Publish(publish, _) => {
+                let topic = String::from_utf8_lossy(&publish.topic);
+                self.check(Action::Publish, &topic)?;
+            }
+            Packet::Subscribe(subscribe, _) => {
+                for filter in &subscribe.filters {
+                    self.check(Action::Subscribe, &filter.path)?;
+                }
+            }
+            Packet::Unsubscribe(unsubscribe, _) => {
+                for filter in &unsubscribe.filters {
+                    self.check(Action::Unsubscribe, filter)?;
+                }
+            }
+            Packet::Connect(..) => return Err(SessionError::SecondConnect),
+            _ => {}
+        }
+        self.link_tx.send(packet).await?;
+        Ok(())
+    }
+
+    fn check(&self, action: Action, topic: &str) -> Result<(), SessionError> {
+        match acl::check(self.who, action, topic) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(reason) => {
+                Metrics::inc(&self.gw.metrics.acl_violations);
+                Span::current().record("topic", topic);
+                warn!(identity = %self.who, ?action, topic, reason, "acl violation");
+                Err(SessionError::Acl { action, topic: topic.to_owned(), reason })
+            }
+        }
+    }
+
+    /// Encodes what the router has for this client (everything queued, in one write).
+    async fn to_client<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut ClientConn<S>,
+        first: Notification,
+    ) -> Result<(), SessionError> {
+        let mut packets = Vec::new();
+        let mut unscheduled = false;
+        let mut next = Some(first);
+        while let Some(notification) = next {
+            match notification {
+                Notification::Unschedule => unscheduled = true,
+                n => {
+                    let maybe: Option<Packet> = n.into();
+                    packets.extend(maybe);
+                }
+            }
+            next = self.queued()?;
+        }
+        conn.write_packets(packets).await?;
+        if unscheduled {
+            // The router paused this session because its queue was full; we have drained it.
+            self.link_rx.wake().await?;
+        }
+        debug!("forwarded to client");
+        Ok(())
+    }
+
+    /// The next notification the router has already queued, without waiting. LinkRx has no
+    /// try_recv; a deadline of "now" returns the queued batch and never blocks.
+    fn queued(&mut self) -> Result<Option<Notification>, SessionError> {
+        match self.link_rx.recv_deadline(std::time::Instant::now()) {
+            Ok(n) => Ok(n),
+            Err(rumqttd::local::LinkError::RecvTimeout(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The embedded rumqttd router. It routes; it is not the front door (DESIGN D1): no listener of
+//! rumqttd's is ever started, every session reaches it through a local link made by the gateway.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rumqttd::protocol::{Packet, Publish};
+use rumqttd::{Broker, Config, RouterConfig};
+
+/// Starts the router thread and returns the handle links are made from.
+///
+/// rumqttd panics when connections exceed `max_connections` (rumqtt #991), so the router is sized
+/// above the gateway's own admission limit plus the broker's internal links.
+pub fn start(max_clients: usize) -> Arc<Broker> {
+    let router = RouterConfig {
+        max_connections: max_clients + 64,
+        // Per-connection queue of packets the router has not yet handed to the session.
+        max_outgoing_packet_count: 200,
+        // The commit log every publish passes through; segments are reused in a ring.
+        max_segment_size: 16 * 1024 * 1024,
+        max_segment_count: 8,
+        ..Default::default()
+    };
+    Arc::new(Broker::new(Config { router, ..Default::default() }))
+}
+
+/// A QoS 0 publish from the broker itself. Reliability of what the broker sends comes from
+/// retained messages and end-to-end acks, not from MQTT QoS.
+pub fn publish(topic: &str, payload: Vec<u8>, retain: bool) -> Packet {
+    Packet::Publish(Publish::new(Bytes::from(topic.to_owned()), Bytes::from(payload), retain), None)
+}

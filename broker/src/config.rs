@@ -93,28 +93,55 @@ impl Default for BrokerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("could not read config file {}: {source}", .path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {}: {source}", .path.display())]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("{key} = {value} is not valid: {why}")]
-    Invalid { key: &'static str, value: String, why: &'static str },
+    Invalid {
+        key: &'static str,
+        value: String,
+        why: &'static str,
+    },
 }
 
 impl BrokerConfig {
     pub fn load(path: &Path) -> Result<BrokerConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// Checks what serde cannot, before any port is bound.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, value: &dyn ToString, why| ConfigError::Invalid { key, value: value.to_string(), why };
+        let invalid = |key, value: &dyn ToString, why| ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            why,
+        };
         if self.max_payload_bytes > self.max_packet_bytes {
-            return Err(invalid("max_payload_bytes", &self.max_payload_bytes, "it must not exceed max_packet_bytes"));
+            return Err(invalid(
+                "max_payload_bytes",
+                &self.max_payload_bytes,
+                "it must not exceed max_packet_bytes",
+            ));
         }
         if self.max_clients == 0 || self.max_clients > 18_000 {
-            return Err(invalid("max_clients", &self.max_clients, "use 1 to 18000 (a process may hold 20,000 files)"));
+            return Err(invalid(
+                "max_clients",
+                &self.max_clients,
+                "use 1 to 18000 (a process may hold 20,000 files)",
+            ));
         }
         if self.handshake_timeout_secs == 0 {
             return Err(invalid("handshake_timeout_secs", &0, "use at least 1"));
@@ -142,7 +169,9 @@ mod tests {
         let cfg: BrokerConfig = toml::from_str("").unwrap();
         assert_eq!(cfg.listen.port(), 8883);
         cfg.validate().unwrap();
-        let err = toml::from_str::<BrokerConfig>("listn = \"127.0.0.1:1\"").unwrap_err().to_string();
+        let err = toml::from_str::<BrokerConfig>("listn = \"127.0.0.1:1\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listn"), "{err}");
     }
 
@@ -155,7 +184,11 @@ mod tests {
 
     #[test]
     fn inconsistent_limits_are_refused() {
-        let cfg = BrokerConfig { max_payload_bytes: 10, max_packet_bytes: 5, ..Default::default() };
+        let cfg = BrokerConfig {
+            max_payload_bytes: 10,
+            max_packet_bytes: 5,
+            ..Default::default()
+        };
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("max_packet_bytes"), "{e}");
     }

@@ -22,10 +22,23 @@ const CORE_CLIENT_ID: &str = "chukei core";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreLinkError {
+    /// Boxed: rumqttd's error carries a whole router event (over 800 bytes).
     #[error("could not attach the core to the router: {0}")]
-    Link(#[from] rumqttd::local::LinkError),
+    Link(Box<rumqttd::local::LinkError>),
     #[error("the router thread is gone")]
     RouterGone,
+}
+
+impl From<rumqttd::local::LinkError> for CoreLinkError {
+    fn from(e: rumqttd::local::LinkError) -> Self {
+        CoreLinkError::Link(Box::new(e))
+    }
+}
+
+impl From<Box<rumqttd::local::LinkError>> for CoreLinkError {
+    fn from(e: Box<rumqttd::local::LinkError>) -> Self {
+        CoreLinkError::Link(e)
+    }
 }
 
 /// Attaches the core, subscribes it, and publishes `retained` (rebuilt from redb) before
@@ -37,13 +50,15 @@ pub async fn attach(
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<(mpsc::Receiver<Inbound>, mpsc::Sender<Outbound>), CoreLinkError> {
-    let (mut tx, rx) = tokio::task::spawn_blocking(move || broker.link(CORE_CLIENT_ID))
-        .await
-        .map_err(|_| CoreLinkError::RouterGone)??;
+    let (mut tx, rx) =
+        tokio::task::spawn_blocking(move || broker.link(CORE_CLIENT_ID).map_err(Box::new))
+            .await
+            .map_err(|_| CoreLinkError::RouterGone)??;
     tx.subscribe(protocol::topic::ALL_DEVICE_UP)?;
     tx.subscribe(protocol::topic::ALL_HOST_REQ)?;
     for out in retained {
-        tx.send(router::publish(&out.topic, out.payload, out.retain)).await?;
+        tx.send(router::publish(&out.topic, out.payload, out.retain))
+            .await?;
     }
     let (in_tx, in_rx) = mpsc::channel(4096);
     let (out_tx, out_rx) = mpsc::channel(4096);
@@ -61,7 +76,10 @@ async fn pump_in(mut rx: LinkRx, inbound: mpsc::Sender<Inbound>, stop: Cancellat
         };
         match next {
             Ok(Some(Notification::Forward(fwd))) => {
-                let msg = Inbound { topic: String::from_utf8_lossy(&fwd.publish.topic).into_owned(), payload: fwd.publish.payload };
+                let msg = Inbound {
+                    topic: String::from_utf8_lossy(&fwd.publish.topic).into_owned(),
+                    payload: fwd.publish.payload,
+                };
                 if inbound.send(msg).await.is_err() {
                     return;
                 }
@@ -92,7 +110,10 @@ async fn pump_out(mut tx: LinkTx, mut outbound: mpsc::Receiver<Outbound>, stop: 
             () = stop.cancelled() => return,
             o = outbound.recv() => match o { Some(o) => o, None => return },
         };
-        if let Err(e) = tx.send(router::publish(&out.topic, out.payload, out.retain)).await {
+        if let Err(e) = tx
+            .send(router::publish(&out.topic, out.payload, out.retain))
+            .await
+        {
             warn!(topic = %out.topic, error = %e, "could not publish into the router");
             return;
         }

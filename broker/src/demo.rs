@@ -4,6 +4,10 @@ use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 
-pub async fn run(_devices: usize, _once: bool, _stop: CancellationToken) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    _devices: usize,
+    _once: bool,
+    _stop: CancellationToken,
+) -> anyhow::Result<ExitCode> {
     anyhow::bail!("demo not built yet")
 }

@@ -43,10 +43,18 @@ pub enum BrokerError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     CoreLink(#[from] core_link::CoreLinkError),
-    #[error("could not listen on {addr}: {source} (is another broker running there? pick another --listen)")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "could not listen on {addr}: {source} (is another broker running there? pick another --listen)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("could not write the ready file {}: {source}", .path.display())]
-    ReadyFile { path: PathBuf, source: std::io::Error },
+    ReadyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Test-only faults, switched on by the environment so no production flag exposes them.
@@ -58,13 +66,20 @@ pub struct Faults {
 
 impl Faults {
     pub fn from_env() -> Faults {
-        Faults { hold_acks: std::env::var("CHUKEI_TEST_HOLD_ACKS").is_ok_and(|v| v == "1") }
+        Faults {
+            hold_acks: std::env::var("CHUKEI_TEST_HOLD_ACKS").is_ok_and(|v| v == "1"),
+        }
     }
 }
 
 /// Binds the configured address; separate from [`run`] so callers can bind port 0 and learn it.
 pub async fn bind(cfg: &BrokerConfig) -> Result<TcpListener, BrokerError> {
-    TcpListener::bind(cfg.listen).await.map_err(|source| BrokerError::Bind { addr: cfg.listen, source })
+    TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| BrokerError::Bind {
+            addr: cfg.listen,
+            source,
+        })
 }
 
 /// Runs the broker on a bound listener until `stop` is cancelled.
@@ -93,7 +108,8 @@ pub async fn run(
     let republished = retained.len();
     let router = router::start(cfg.max_clients);
     let tasks = TaskTracker::new();
-    let (inbound, outbound) = core_link::attach(router.clone(), retained, &tasks, stop.clone()).await?;
+    let (inbound, outbound) =
+        core_link::attach(router.clone(), retained, &tasks, stop.clone()).await?;
     let core_task = tasks.spawn(core::run(core, inbound, outbound, stop.clone()));
 
     let metrics = Arc::new(Metrics::default());
@@ -105,7 +121,10 @@ pub async fn run(
         max_handshakes: cfg.max_handshakes,
     };
     let gateway = Arc::new(Gateway::new(settings, tls, router, metrics));
-    let addr = listener.local_addr().map_err(|source| BrokerError::Bind { addr: cfg.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
     if let Some(path) = ready_file {
         write_ready_file(path, addr)?;
     }
@@ -125,7 +144,10 @@ pub async fn run(
 
 /// Written atomically (temp file + rename) so a reader never sees half of it.
 fn write_ready_file(path: &Path, addr: SocketAddr) -> Result<(), BrokerError> {
-    let err = |source| BrokerError::ReadyFile { path: path.to_owned(), source };
+    let err = |source| BrokerError::ReadyFile {
+        path: path.to_owned(),
+        source,
+    };
     let body = serde_json::json!({ "listen": addr.to_string() }).to_string();
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, body).map_err(err)?;

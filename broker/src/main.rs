@@ -48,7 +48,9 @@ enum PkiCommand {
     },
     /// Issue a client certificate: DIR/{role}/{id}.pem and .key. The id is the certificate's CN
     /// and the only MQTT client id it may connect with; the role decides what it may touch.
-    #[command(after_help = "Examples:\n  broker pki issue --dir pki --role device --id C123\n  broker pki issue --dir pki --role host --id svc\n  broker pki issue --dir pki --role integrator --id crm")]
+    #[command(
+        after_help = "Examples:\n  broker pki issue --dir pki --role device --id C123\n  broker pki issue --dir pki --role host --id svc\n  broker pki issue --dir pki --role integrator --id crm"
+    )]
     Issue {
         /// The folder `pki init` created.
         #[arg(long, value_name = "DIR")]
@@ -68,7 +70,9 @@ fn parse_role(s: &str) -> Result<Role, String> {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  broker run --pki-dir pki --data-dir data --listen 0.0.0.0:8883\n\nEvery flag overrides the same key of --config; see config/broker.toml.")]
+#[command(
+    after_help = "Example:\n  broker run --pki-dir pki --data-dir data --listen 0.0.0.0:8883\n\nEvery flag overrides the same key of --config; see config/broker.toml."
+)]
 struct RunArgs {
     /// TOML config file (see config/broker.toml); flags override its keys.
     #[arg(long, value_name = "FILE")]
@@ -115,8 +119,17 @@ impl RunArgs {
         macro_rules! flag {
             ($($name:ident),*) => { $( if let Some(v) = self.$name { cfg.$name = v; } )* };
         }
-        flag!(data_dir, pki_dir, listen, server_name, handshake_timeout_secs, connect_timeout_secs,
-              max_packet_bytes, max_payload_bytes, max_clients);
+        flag!(
+            data_dir,
+            pki_dir,
+            listen,
+            server_name,
+            handshake_timeout_secs,
+            connect_timeout_secs,
+            max_packet_bytes,
+            max_payload_bytes,
+            max_clients
+        );
         cfg.validate()?;
         Ok((cfg, self.ready_file))
     }
@@ -147,19 +160,34 @@ fn main() -> ExitCode {
 fn init_tracing(quiet: bool) {
     // rumqttd logs every subscription at info and rustls warns about IP addresses sent as SNI by
     // common clients; neither helps an operator.
-    let default = if quiet { "warn,rumqttd=error,rustls=error" } else { "info,rumqttd=warn,rustls=error" };
+    let default = if quiet {
+        "warn,rumqttd=error,rustls=error"
+    } else {
+        "info,rumqttd=warn,rustls=error"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Pki(PkiCommand::Init { dir, sans }) => {
-            pki::init(&dir, &sans).with_context(|| format!("creating a CA in {}", dir.display()))?;
-            println!("created {}/{{ca.pem,ca.key,server.pem,server.key}}", dir.display());
-            println!("next: broker pki issue --dir {} --role device --id SERIAL", dir.display());
+            pki::init(&dir, &sans)
+                .with_context(|| format!("creating a CA in {}", dir.display()))?;
+            println!(
+                "created {}/{{ca.pem,ca.key,server.pem,server.key}}",
+                dir.display()
+            );
+            println!(
+                "next: broker pki issue --dir {} --role device --id SERIAL",
+                dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Pki(PkiCommand::Issue { dir, role, id }) => {
@@ -174,13 +202,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(async move {
                 let stop = shutdown_on_signal();
                 let listener = broker::bind(&cfg).await?;
-                broker::run(cfg, listener, ready_file.as_deref(), broker::Faults::from_env(), stop).await?;
+                broker::run(
+                    cfg,
+                    listener,
+                    ready_file.as_deref(),
+                    broker::Faults::from_env(),
+                    stop,
+                )
+                .await?;
                 Ok(ExitCode::SUCCESS)
             })
         }
         Command::Demo(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            rt.block_on(broker::demo::run(args.devices, args.once, shutdown_on_signal()))
+            rt.block_on(broker::demo::run(
+                args.devices,
+                args.once,
+                shutdown_on_signal(),
+            ))
         }
     }
 }
@@ -190,10 +229,11 @@ fn shutdown_on_signal() -> CancellationToken {
     let stop = CancellationToken::new();
     let token = stop.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -215,8 +255,18 @@ mod tests {
 
     #[test]
     fn flags_override_the_config_file() {
-        let cli = Cli::try_parse_from(["broker", "run", "--listen", "127.0.0.1:0", "--max-payload-bytes", "4096"]).unwrap();
-        let Command::Run(args) = cli.command else { panic!("not run") };
+        let cli = Cli::try_parse_from([
+            "broker",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-payload-bytes",
+            "4096",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
         let (cfg, _) = args.into_config().unwrap();
         assert_eq!(cfg.listen.port(), 0);
         assert_eq!(cfg.max_payload_bytes, 4096);
@@ -224,7 +274,17 @@ mod tests {
 
     #[test]
     fn roles_are_checked_by_the_parser() {
-        assert!(Cli::try_parse_from(["broker", "pki", "issue", "--dir", "x", "--role", "admin", "--id", "a"]).is_err());
-        assert!(Cli::try_parse_from(["broker", "pki", "issue", "--dir", "x", "--role", "host", "--id", "a"]).is_ok());
+        assert!(
+            Cli::try_parse_from([
+                "broker", "pki", "issue", "--dir", "x", "--role", "admin", "--id", "a"
+            ])
+            .is_err()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "broker", "pki", "issue", "--dir", "x", "--role", "host", "--id", "a"
+            ])
+            .is_ok()
+        );
     }
 }

@@ -21,11 +21,17 @@ pub fn start(max_clients: usize) -> Arc<Broker> {
         max_segment_count: 8,
         ..Default::default()
     };
-    Arc::new(Broker::new(Config { router, ..Default::default() }))
+    Arc::new(Broker::new(Config {
+        router,
+        ..Default::default()
+    }))
 }
 
 /// A QoS 0 publish from the broker itself. Reliability of what the broker sends comes from
 /// retained messages and end-to-end acks, not from MQTT QoS.
 pub fn publish(topic: &str, payload: Vec<u8>, retain: bool) -> Packet {
-    Packet::Publish(Publish::new(Bytes::from(topic.to_owned()), Bytes::from(payload), retain), None)
+    Packet::Publish(
+        Publish::new(Bytes::from(topic.to_owned()), Bytes::from(payload), retain),
+        None,
+    )
 }

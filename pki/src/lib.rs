@@ -10,7 +10,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use protocol::{Identity, IdError, Role};
+use protocol::{IdError, Identity, Role};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
@@ -50,11 +50,17 @@ pub enum PkiError {
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(|source| PkiError::Read { path: path.to_owned(), source })
+    fs::read_to_string(path).map_err(|source| PkiError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
-    let err = |source| PkiError::Write { path: path.to_owned(), source };
+    let err = |source| PkiError::Write {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(err)?;
     }
@@ -82,7 +88,9 @@ fn validity(params: &mut CertificateParams, days: i64) {
 /// localhost, 127.0.0.1 and every `extra_sans` (DNS names or IP addresses).
 pub fn init(dir: &Path, extra_sans: &[String]) -> Result<(), PkiError> {
     if dir.join(CA_CERT).exists() || dir.join(CA_KEY).exists() {
-        return Err(PkiError::CaExists { dir: dir.to_owned() });
+        return Err(PkiError::CaExists {
+            dir: dir.to_owned(),
+        });
     }
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -99,7 +107,9 @@ pub fn init(dir: &Path, extra_sans: &[String]) -> Result<(), PkiError> {
     names.extend(extra_sans.iter().cloned());
     let server_key = KeyPair::generate()?;
     let mut server_params = CertificateParams::new(names)?;
-    server_params.distinguished_name.push(DnType::CommonName, "chukei relay");
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "chukei relay");
     server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     validity(&mut server_params, LEAF_DAYS);
     let issuer = Issuer::new(ca_params, &ca_key);
@@ -129,7 +139,9 @@ impl Ca {
     pub fn load(dir: &Path) -> Result<Ca, PkiError> {
         let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
         if !cert_path.exists() || !key_path.exists() {
-            return Err(PkiError::NoCa { dir: dir.to_owned() });
+            return Err(PkiError::NoCa {
+                dir: dir.to_owned(),
+            });
         }
         let ca_pem = read(&cert_path)?;
         let key = KeyPair::from_pem(&read(&key_path)?)?;
@@ -155,7 +167,10 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         validity(&mut params, LEAF_DAYS);
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 
@@ -196,9 +211,14 @@ pub fn identity_from_pem(cert_pem: &str) -> Result<Identity, PkiError> {
 }
 
 fn certs(pem: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes()).filter_map(Result::ok).collect();
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect();
     if certs.is_empty() {
-        return Err(PkiError::NoPem { path: path.to_owned(), what: "certificate" });
+        return Err(PkiError::NoPem {
+            path: path.to_owned(),
+            what: "certificate",
+        });
     }
     Ok(certs)
 }
@@ -207,7 +227,10 @@ fn private_key(pem: &str, path: &Path) -> Result<PrivateKeyDer<'static>, PkiErro
     rustls_pemfile::private_key(&mut pem.as_bytes())
         .ok()
         .flatten()
-        .ok_or_else(|| PkiError::NoPem { path: path.to_owned(), what: "private key" })
+        .ok_or_else(|| PkiError::NoPem {
+            path: path.to_owned(),
+            what: "private key",
+        })
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -217,7 +240,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 fn roots(ca_pem: &str, path: &Path) -> Result<rustls::RootCertStore, PkiError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs(ca_pem, path)? {
-        roots.add(cert).map_err(|e| PkiError::Tls(format!("CA certificate in {}: {e}", path.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| PkiError::Tls(format!("CA certificate in {}: {e}", path.display())))?;
     }
     Ok(roots)
 }
@@ -227,7 +252,9 @@ fn roots(ca_pem: &str, path: &Path) -> Result<rustls::RootCertStore, PkiError> {
 pub fn server_config(pki_dir: &Path) -> Result<Arc<rustls::ServerConfig>, PkiError> {
     let ca_path = pki_dir.join(CA_CERT);
     if !ca_path.exists() {
-        return Err(PkiError::NoCa { dir: pki_dir.to_owned() });
+        return Err(PkiError::NoCa {
+            dir: pki_dir.to_owned(),
+        });
     }
     let (cert_path, key_path) = (pki_dir.join(SERVER_CERT), pki_dir.join(SERVER_KEY));
     let roots = Arc::new(roots(&read(&ca_path)?, &ca_path)?);
@@ -241,7 +268,12 @@ pub fn server_config(pki_dir: &Path) -> Result<Arc<rustls::ServerConfig>, PkiErr
         .map_err(|e| PkiError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| PkiError::Tls(format!("server certificate in {}: {e}", cert_path.display())))?;
+        .map_err(|e| {
+            PkiError::Tls(format!(
+                "server certificate in {}: {e}",
+                cert_path.display()
+            ))
+        })?;
     Ok(Arc::new(config))
 }
 
@@ -282,7 +314,10 @@ mod tests {
             assert_eq!((id.role(), id.id()), (role, "C-1"));
         }
         server_config(dir.path()).unwrap();
-        let issued = Ca::load(dir.path()).unwrap().issue(Role::Device, "X9").unwrap();
+        let issued = Ca::load(dir.path())
+            .unwrap()
+            .issue(Role::Device, "X9")
+            .unwrap();
         let ca = read_pem_file(&dir.path().join(CA_CERT)).unwrap();
         client_config(&ca, &issued.cert_pem, &issued.key_pem).unwrap();
     }
@@ -290,10 +325,14 @@ mod tests {
     #[test]
     fn bad_ids_and_missing_ca_are_explained() {
         let dir = tempfile::tempdir().unwrap();
-        let e = issue_to_dir(dir.path(), Role::Device, "C1").unwrap_err().to_string();
+        let e = issue_to_dir(dir.path(), Role::Device, "C1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("broker pki init --dir"), "{e}");
         init(dir.path(), &[]).unwrap();
-        let e = issue_to_dir(dir.path(), Role::Device, "C/1").unwrap_err().to_string();
+        let e = issue_to_dir(dir.path(), Role::Device, "C/1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ASCII letters"), "{e}");
         let e = init(dir.path(), &[]).unwrap_err().to_string();
         assert!(e.contains("already holds a CA"), "{e}");

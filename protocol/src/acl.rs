@@ -56,7 +56,9 @@ pub fn check_client_id(who: &Identity, client_id: &str) -> Decision {
         .is_some_and(|suffix| crate::ids::Serial::parse(suffix).is_ok());
     match who.role() {
         Role::Host | Role::Integrator if suffixed => Decision::Allow,
-        Role::Device => Decision::Deny("a device's client id must be its serial (the certificate's CN)"),
+        Role::Device => {
+            Decision::Deny("a device's client id must be its serial (the certificate's CN)")
+        }
         _ => Decision::Deny("client id must be the certificate's CN, or CN:SUFFIX"),
     }
 }
@@ -69,8 +71,12 @@ fn check_publish(who: &Identity, topic: &str) -> Decision {
         return Decision::Deny("topic is not in chukei's topic tree");
     };
     match (who.role(), parsed) {
-        (Role::Device, Topic::DevUp { serial, .. }) if serial.as_str() == who.id() => Decision::Allow,
-        (Role::Device, _) => Decision::Deny("a device publishes only on dev/{own serial}/up/{kind}"),
+        (Role::Device, Topic::DevUp { serial, .. }) if serial.as_str() == who.id() => {
+            Decision::Allow
+        }
+        (Role::Device, _) => {
+            Decision::Deny("a device publishes only on dev/{own serial}/up/{kind}")
+        }
         (Role::Host, Topic::HostReq { host }) if host.as_str() == who.id() => Decision::Allow,
         (Role::Host, _) => Decision::Deny("a host publishes only on host/{own id}/req"),
         (Role::Integrator, _) => Decision::Deny("integrators are read-only"),
@@ -82,7 +88,8 @@ fn check_filter(who: &Identity, filter: &str) -> Decision {
         return Decision::Deny("not a valid topic filter");
     }
     let levels: Vec<&str> = filter.split('/').collect();
-    let owned_prefix = |first: &str| levels.len() >= 3 && levels[0] == first && levels[1] == who.id();
+    let owned_prefix =
+        |first: &str| levels.len() >= 3 && levels[0] == first && levels[1] == who.id();
     let is_view = match levels.as_slice() {
         ["fleet", next, ..] => !next.is_empty(),
         ["json", "fleet", next, ..] => !next.is_empty(),
@@ -92,9 +99,13 @@ fn check_filter(who: &Identity, filter: &str) -> Decision {
         Role::Device if owned_prefix("dev") => Decision::Allow,
         Role::Device => Decision::Deny("a device subscribes only under dev/{own serial}/"),
         Role::Host if owned_prefix("host") || is_view => Decision::Allow,
-        Role::Host => Decision::Deny("a host subscribes only under host/{own id}/, fleet/ and json/fleet/"),
+        Role::Host => {
+            Decision::Deny("a host subscribes only under host/{own id}/, fleet/ and json/fleet/")
+        }
         Role::Integrator if is_view => Decision::Allow,
-        Role::Integrator => Decision::Deny("an integrator subscribes only under fleet/ and json/fleet/"),
+        Role::Integrator => {
+            Decision::Deny("an integrator subscribes only under fleet/ and json/fleet/")
+        }
     }
 }
 

@@ -159,7 +159,10 @@ mod tests {
         assert_eq!(back, data);
 
         let json = serde_json::to_string(&data).unwrap();
-        assert!(json.contains("\"counters\":{\"a4\":1000,\"total\":1234}"), "{json}");
+        assert!(
+            json.contains("\"counters\":{\"a4\":1000,\"total\":1234}"),
+            "{json}"
+        );
         let back: DeviceData = serde_json::from_str(&json).unwrap();
         assert_eq!(back, data);
     }

@@ -30,7 +30,9 @@ pub enum EnvelopeError {
     TooLarge { len: usize, max: usize },
     #[error("payload is not valid CBOR for this message: {0}")]
     Malformed(String),
-    #[error("envelope version {0} is newer than this build understands ({VERSION}); upgrade the receiver")]
+    #[error(
+        "envelope version {0} is newer than this build understands ({VERSION}); upgrade the receiver"
+    )]
     Version(u16),
     #[error("could not encode message: {0}")]
     Encode(String),
@@ -43,7 +45,12 @@ struct Head {
 
 impl<T> Envelope<T> {
     pub fn new(id: MsgId, at: Timestamp, body: T) -> Self {
-        Self { v: VERSION, id, at, body }
+        Self {
+            v: VERSION,
+            id,
+            at,
+            body,
+        }
     }
 }
 
@@ -59,7 +66,10 @@ impl<T: DeserializeOwned> Envelope<T> {
     /// Decodes a payload, refusing anything over `max_bytes` before parsing it.
     pub fn from_cbor(bytes: &[u8], max_bytes: usize) -> Result<Self, EnvelopeError> {
         if bytes.len() > max_bytes {
-            return Err(EnvelopeError::TooLarge { len: bytes.len(), max: max_bytes });
+            return Err(EnvelopeError::TooLarge {
+                len: bytes.len(),
+                max: max_bytes,
+            });
         }
         let env: Envelope<T> =
             ciborium::from_reader(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
@@ -102,7 +112,14 @@ mod tests {
 
     #[test]
     fn cbor_round_trip() {
-        let env = Envelope::new(7, at(), Body { a: 1, b: "x".into() });
+        let env = Envelope::new(
+            7,
+            at(),
+            Body {
+                a: 1,
+                b: "x".into(),
+            },
+        );
         let bytes = env.to_cbor().unwrap();
         let back: Envelope<Body> = Envelope::from_cbor(&bytes, 1024).unwrap();
         assert_eq!(back, env);
@@ -111,10 +128,24 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_tolerated() {
-        let newer = Envelope::new(3, at(), NewerBody { a: 1, b: "x".into(), c: vec![1, 2] });
+        let newer = Envelope::new(
+            3,
+            at(),
+            NewerBody {
+                a: 1,
+                b: "x".into(),
+                c: vec![1, 2],
+            },
+        );
         let bytes = newer.to_cbor().unwrap();
         let older: Envelope<Body> = Envelope::from_cbor(&bytes, 1024).unwrap();
-        assert_eq!(older.body, Body { a: 1, b: "x".into() });
+        assert_eq!(
+            older.body,
+            Body {
+                a: 1,
+                b: "x".into()
+            }
+        );
     }
 
     #[test]
@@ -123,15 +154,34 @@ mod tests {
             Envelope::<Body>::from_cbor(&[0xff, 0x00, 0x13], 1024),
             Err(EnvelopeError::Malformed(_))
         ));
-        let bytes = Envelope::new(1, at(), Body { a: 1, b: "x".repeat(100) }).to_cbor().unwrap();
+        let bytes = Envelope::new(
+            1,
+            at(),
+            Body {
+                a: 1,
+                b: "x".repeat(100),
+            },
+        )
+        .to_cbor()
+        .unwrap();
         assert!(matches!(
             Envelope::<Body>::from_cbor(&bytes, 50),
             Err(EnvelopeError::TooLarge { max: 50, .. })
         ));
-        let mut future = Envelope::new(1, at(), Body { a: 1, b: "x".into() });
+        let mut future = Envelope::new(
+            1,
+            at(),
+            Body {
+                a: 1,
+                b: "x".into(),
+            },
+        );
         future.v = VERSION + 1;
         let bytes = future.to_cbor().unwrap();
-        assert!(matches!(Envelope::<Body>::from_cbor(&bytes, 1024), Err(EnvelopeError::Version(_))));
+        assert!(matches!(
+            Envelope::<Body>::from_cbor(&bytes, 1024),
+            Err(EnvelopeError::Version(_))
+        ));
         assert_eq!(Envelope::peek_id(b"not cbor"), None);
     }
 
@@ -141,7 +191,9 @@ mod tests {
         struct Wrong {
             zzz: bool,
         }
-        let bytes = Envelope::new(42, at(), Wrong { zzz: true }).to_cbor().unwrap();
+        let bytes = Envelope::new(42, at(), Wrong { zzz: true })
+            .to_cbor()
+            .unwrap();
         assert!(Envelope::<Body>::from_cbor(&bytes, 1024).is_err());
         assert_eq!(Envelope::peek_id(&bytes), Some(42));
     }

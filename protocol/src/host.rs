@@ -53,11 +53,22 @@ pub struct HostResponse {
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum HostReply {
     /// The job was accepted and filed under the device's serial.
-    Submitted { job: JobView },
+    Submitted {
+        job: JobView,
+    },
     /// The submission was refused; it is recorded with this reason.
-    Rejected { job: JobView, reason: String },
-    Jobs { jobs: Vec<JobView> },
-    Job { job: Box<JobDetail> },
+    Rejected {
+        job: JobView,
+        reason: String,
+    },
+    Jobs {
+        jobs: Vec<JobView>,
+    },
+    Job {
+        job: Box<JobDetail>,
+    },
     /// The request itself could not be served (unknown job, undecodable request…).
-    Error { reason: String },
+    Error {
+        reason: String,
+    },
 }

@@ -14,9 +14,17 @@ pub enum IdError {
     #[error("{what} is empty: use 1 to 64 ASCII letters, digits or -")]
     Empty { what: &'static str },
     #[error("{what} {value:?} is {len} bytes long: use at most 64 ASCII letters, digits or -")]
-    TooLong { what: &'static str, value: String, len: usize },
+    TooLong {
+        what: &'static str,
+        value: String,
+        len: usize,
+    },
     #[error("{what} {value:?} contains {bad:?}: use only ASCII letters, digits or -")]
-    BadChar { what: &'static str, value: String, bad: char },
+    BadChar {
+        what: &'static str,
+        value: String,
+        bad: char,
+    },
     #[error("role {0:?} is not known: use device, host or integrator")]
     BadRole(String),
 }
@@ -26,10 +34,21 @@ fn check_id(what: &'static str, value: &str) -> Result<(), IdError> {
         return Err(IdError::Empty { what });
     }
     if value.len() > MAX_ID_LEN {
-        return Err(IdError::TooLong { what, value: value.to_owned(), len: value.len() });
+        return Err(IdError::TooLong {
+            what,
+            value: value.to_owned(),
+            len: value.len(),
+        });
     }
-    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-')) {
-        return Err(IdError::BadChar { what, value: value.to_owned(), bad });
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
+        return Err(IdError::BadChar {
+            what,
+            value: value.to_owned(),
+            bad,
+        });
     }
     Ok(())
 }
@@ -146,15 +165,24 @@ impl Identity {
     /// Builds an identity from a certificate's role and CN, checking the id rules.
     pub fn new(role: Role, id: &str) -> Result<Self, IdError> {
         check_id("id", id)?;
-        Ok(Self { role, id: id.to_owned() })
+        Ok(Self {
+            role,
+            id: id.to_owned(),
+        })
     }
 
     pub fn device(serial: &Serial) -> Self {
-        Self { role: Role::Device, id: serial.as_str().to_owned() }
+        Self {
+            role: Role::Device,
+            id: serial.as_str().to_owned(),
+        }
     }
 
     pub fn host(host: &HostId) -> Self {
-        Self { role: Role::Host, id: host.as_str().to_owned() }
+        Self {
+            role: Role::Host,
+            id: host.as_str().to_owned(),
+        }
     }
 
     pub fn role(&self) -> Role {

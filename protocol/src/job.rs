@@ -36,9 +36,11 @@ impl JobSpec {
     /// The "data type" column of Fig. 9.
     pub fn data_type(&self) -> String {
         match self {
-            JobSpec::GetData { sections } => {
-                sections.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
-            }
+            JobSpec::GetData { sections } => sections
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
         }
     }
 }
@@ -242,9 +244,14 @@ mod tests {
 
     #[test]
     fn job_spec_is_tagged_by_kind() {
-        let spec = JobSpec::GetData { sections: vec![Section::Counters, Section::Jams] };
+        let spec = JobSpec::GetData {
+            sections: vec![Section::Counters, Section::Jams],
+        };
         let json = serde_json::to_string(&spec).unwrap();
-        assert_eq!(json, r#"{"kind":"get-data","sections":["counters","jams"]}"#);
+        assert_eq!(
+            json,
+            r#"{"kind":"get-data","sections":["counters","jams"]}"#
+        );
         assert_eq!(spec.data_type(), "counters,jams");
         assert_eq!(spec.instruction(), "GET DATA");
     }
@@ -268,11 +275,24 @@ mod tests {
                 updated_at: now,
                 reason: None,
             },
-            timeline: vec![JobEvent { at: now, status: Queued, note: None }],
+            timeline: vec![JobEvent {
+                at: now,
+                status: Queued,
+                note: None,
+            }],
             data: None,
         };
         let json: serde_json::Value = serde_json::to_value(&detail).unwrap();
-        for key in ["id", "serial", "site", "instruction", "data_type", "server", "host", "status"] {
+        for key in [
+            "id",
+            "serial",
+            "site",
+            "instruction",
+            "data_type",
+            "server",
+            "host",
+            "status",
+        ] {
             assert!(json.get(key).is_some(), "missing {key}: {json}");
         }
         let mut cbor = Vec::new();

@@ -17,7 +17,7 @@ pub mod url;
 pub mod validate;
 
 pub use envelope::{Envelope, EnvelopeError};
-pub use ids::{HostId, Identity, IdError, JobId, MsgId, Role, Serial};
+pub use ids::{HostId, IdError, Identity, JobId, MsgId, Role, Serial};
 
 /// Wall-clock time on the wire: always UTC (DESIGN D6). Serialized as RFC 3339.
 pub type Timestamp = chrono::DateTime<chrono::Utc>;

@@ -66,24 +66,37 @@ pub enum TopicError {
 impl Topic {
     pub fn parse(topic: &str) -> Result<Topic, TopicError> {
         let levels: Vec<&str> = topic.split('/').collect();
-        let bad = |source| TopicError::BadId { topic: topic.to_owned(), source };
+        let bad = |source| TopicError::BadId {
+            topic: topic.to_owned(),
+            source,
+        };
         let serial = |s: &str| Serial::parse(s).map_err(bad);
         let job = |s: &str| JobId::parse(s).map_err(bad);
         let host = |s: &str| HostId::parse(s).map_err(bad);
         let parsed = match levels.as_slice() {
-            ["dev", s, "jobs", j] => Topic::DevJob { serial: serial(s)?, job: job(j)? },
+            ["dev", s, "jobs", j] => Topic::DevJob {
+                serial: serial(s)?,
+                job: job(j)?,
+            },
             ["dev", s, "ack"] => Topic::DevAck { serial: serial(s)? },
             ["dev", s, "up", k] => match UpKind::parse(k) {
-                Some(kind) => Topic::DevUp { serial: serial(s)?, kind },
+                Some(kind) => Topic::DevUp {
+                    serial: serial(s)?,
+                    kind,
+                },
                 None => return Err(TopicError::Unknown(topic.to_owned())),
             },
             ["host", h, "req"] => Topic::HostReq { host: host(h)? },
             ["host", h, "resp"] => Topic::HostResp { host: host(h)? },
-            ["fleet", s, "jobs", j] => Topic::FleetJob { serial: serial(s)?, job: job(j)? },
+            ["fleet", s, "jobs", j] => Topic::FleetJob {
+                serial: serial(s)?,
+                job: job(j)?,
+            },
             ["fleet", s, "state"] => Topic::FleetState { serial: serial(s)? },
-            ["json", "fleet", s, "jobs", j] => {
-                Topic::JsonFleetJob { serial: serial(s)?, job: job(j)? }
-            }
+            ["json", "fleet", s, "jobs", j] => Topic::JsonFleetJob {
+                serial: serial(s)?,
+                job: job(j)?,
+            },
             ["json", "fleet", s, "state"] => Topic::JsonFleetState { serial: serial(s)? },
             _ => return Err(TopicError::Unknown(topic.to_owned())),
         };
@@ -109,13 +122,24 @@ impl fmt::Display for Topic {
 
 /// Builders for the topics and filters the agents and broker use, so call sites read as intent.
 pub fn dev_job(serial: &Serial, job: &JobId) -> String {
-    Topic::DevJob { serial: serial.clone(), job: job.clone() }.to_string()
+    Topic::DevJob {
+        serial: serial.clone(),
+        job: job.clone(),
+    }
+    .to_string()
 }
 pub fn dev_ack(serial: &Serial) -> String {
-    Topic::DevAck { serial: serial.clone() }.to_string()
+    Topic::DevAck {
+        serial: serial.clone(),
+    }
+    .to_string()
 }
 pub fn dev_up(serial: &Serial, kind: UpKind) -> String {
-    Topic::DevUp { serial: serial.clone(), kind }.to_string()
+    Topic::DevUp {
+        serial: serial.clone(),
+        kind,
+    }
+    .to_string()
 }
 pub fn host_req(host: &HostId) -> String {
     Topic::HostReq { host: host.clone() }.to_string()
@@ -124,16 +148,30 @@ pub fn host_resp(host: &HostId) -> String {
     Topic::HostResp { host: host.clone() }.to_string()
 }
 pub fn fleet_job(serial: &Serial, job: &JobId) -> String {
-    Topic::FleetJob { serial: serial.clone(), job: job.clone() }.to_string()
+    Topic::FleetJob {
+        serial: serial.clone(),
+        job: job.clone(),
+    }
+    .to_string()
 }
 pub fn fleet_state(serial: &Serial) -> String {
-    Topic::FleetState { serial: serial.clone() }.to_string()
+    Topic::FleetState {
+        serial: serial.clone(),
+    }
+    .to_string()
 }
 pub fn json_fleet_job(serial: &Serial, job: &JobId) -> String {
-    Topic::JsonFleetJob { serial: serial.clone(), job: job.clone() }.to_string()
+    Topic::JsonFleetJob {
+        serial: serial.clone(),
+        job: job.clone(),
+    }
+    .to_string()
 }
 pub fn json_fleet_state(serial: &Serial) -> String {
-    Topic::JsonFleetState { serial: serial.clone() }.to_string()
+    Topic::JsonFleetState {
+        serial: serial.clone(),
+    }
+    .to_string()
 }
 
 /// The filter a device subscribes to for its own jobs.
@@ -182,15 +220,34 @@ mod tests {
     #[test]
     fn topics_round_trip() {
         let cases = [
-            Topic::DevJob { serial: s("C1"), job: j("J-1") },
+            Topic::DevJob {
+                serial: s("C1"),
+                job: j("J-1"),
+            },
             Topic::DevAck { serial: s("C1") },
-            Topic::DevUp { serial: s("C1"), kind: UpKind::Job },
-            Topic::DevUp { serial: s("C1"), kind: UpKind::State },
-            Topic::HostReq { host: HostId::parse("svc").unwrap() },
-            Topic::HostResp { host: HostId::parse("svc").unwrap() },
-            Topic::FleetJob { serial: s("C1"), job: j("J-1") },
+            Topic::DevUp {
+                serial: s("C1"),
+                kind: UpKind::Job,
+            },
+            Topic::DevUp {
+                serial: s("C1"),
+                kind: UpKind::State,
+            },
+            Topic::HostReq {
+                host: HostId::parse("svc").unwrap(),
+            },
+            Topic::HostResp {
+                host: HostId::parse("svc").unwrap(),
+            },
+            Topic::FleetJob {
+                serial: s("C1"),
+                job: j("J-1"),
+            },
             Topic::FleetState { serial: s("C1") },
-            Topic::JsonFleetJob { serial: s("C1"), job: j("J-1") },
+            Topic::JsonFleetJob {
+                serial: s("C1"),
+                job: j("J-1"),
+            },
             Topic::JsonFleetState { serial: s("C1") },
         ];
         for t in cases {
@@ -210,7 +267,15 @@ mod tests {
 
     #[test]
     fn unknown_and_bad_topics_are_refused() {
-        for bad in ["dev/C1/up/bogus", "dev/C1", "dev//ack", "dev/C+1/ack", "x/y", "", "dev/C1/ack/x"] {
+        for bad in [
+            "dev/C1/up/bogus",
+            "dev/C1",
+            "dev//ack",
+            "dev/C+1/ack",
+            "x/y",
+            "",
+            "dev/C1/ack/x",
+        ] {
             assert!(Topic::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -13,7 +13,9 @@ pub struct BrokerUrl {
 pub const DEFAULT_PORT: u16 = 8883;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("broker URL {url:?} is not valid: {why}; write it as mqtts://HOST:PORT, e.g. mqtts://localhost:8883")]
+#[error(
+    "broker URL {url:?} is not valid: {why}; write it as mqtts://HOST:PORT, e.g. mqtts://localhost:8883"
+)]
 pub struct BadUrl {
     pub url: String,
     pub why: &'static str,
@@ -22,13 +24,20 @@ pub struct BadUrl {
 impl FromStr for BrokerUrl {
     type Err = BadUrl;
     fn from_str(url: &str) -> Result<Self, BadUrl> {
-        let bad = |why| BadUrl { url: url.to_owned(), why };
-        let rest = url.strip_prefix("mqtts://").ok_or_else(|| bad("the scheme must be mqtts://"))?;
+        let bad = |why| BadUrl {
+            url: url.to_owned(),
+            why,
+        };
+        let rest = url
+            .strip_prefix("mqtts://")
+            .ok_or_else(|| bad("the scheme must be mqtts://"))?;
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                (h, p.parse::<u16>().map_err(|_| bad("the port is not a number from 1 to 65535"))?)
-            }
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| bad("the port is not a number from 1 to 65535"))?,
+            ),
             _ => (rest, DEFAULT_PORT),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -38,7 +47,10 @@ impl FromStr for BrokerUrl {
         if port == 0 {
             return Err(bad("the port is not a number from 1 to 65535"));
         }
-        Ok(BrokerUrl { host: host.to_owned(), port })
+        Ok(BrokerUrl {
+            host: host.to_owned(),
+            port,
+        })
     }
 }
 
@@ -69,7 +81,13 @@ mod tests {
             assert_eq!((u.host.as_str(), u.port), (host, port), "{url}");
             assert_eq!(u.to_string().parse::<BrokerUrl>().unwrap(), u);
         }
-        for bad in ["localhost:8883", "mqtt://x:1", "mqtts://:1", "mqtts://x:99999", "mqtts://x:0"] {
+        for bad in [
+            "localhost:8883",
+            "mqtt://x:1",
+            "mqtts://:1",
+            "mqtts://x:99999",
+            "mqtts://x:0",
+        ] {
             let e = bad.parse::<BrokerUrl>().unwrap_err().to_string();
             assert!(e.contains("mqtts://HOST:PORT"), "{bad}: {e}");
         }

@@ -50,7 +50,9 @@ pub fn submission(req: &SubmitJob, now: Timestamp) -> Result<ValidSubmission, Re
                     "execute_at applies to update and firmware jobs, not get-data; drop it".into(),
                 ));
             }
-            JobSpec::GetData { sections: sections(&req.sections)? }
+            JobSpec::GetData {
+                sections: sections(&req.sections)?,
+            }
         }
         other => {
             return Err(Rejected(format!(
@@ -59,16 +61,22 @@ pub fn submission(req: &SubmitJob, now: Timestamp) -> Result<ValidSubmission, Re
             )));
         }
     };
-    if let Some(deadline) = deadline {
-        if deadline <= instruction_time.max(now) {
-            return Err(Rejected(format!(
-                "deadline {} is not after the instruction time {}; give a later deadline",
-                deadline.to_rfc3339(),
-                instruction_time.max(now).to_rfc3339()
-            )));
-        }
+    if let Some(deadline) = deadline
+        && deadline <= instruction_time.max(now)
+    {
+        return Err(Rejected(format!(
+            "deadline {} is not after the instruction time {}; give a later deadline",
+            deadline.to_rfc3339(),
+            instruction_time.max(now).to_rfc3339()
+        )));
     }
-    Ok(ValidSubmission { serial, spec, instruction_time, execution_time, deadline })
+    Ok(ValidSubmission {
+        serial,
+        spec,
+        instruction_time,
+        execution_time,
+        deadline,
+    })
 }
 
 /// Section names, deduplicated in the order of Fig. 3; none means all of them.
@@ -78,7 +86,10 @@ fn sections(names: &[String]) -> Result<Vec<Section>, Rejected> {
     }
     let mut set = BTreeSet::new();
     for name in names {
-        set.insert(name.parse::<Section>().map_err(|e| Rejected(e.to_string()))?);
+        set.insert(
+            name.parse::<Section>()
+                .map_err(|e| Rejected(e.to_string()))?,
+        );
     }
     Ok(set.into_iter().collect())
 }
@@ -93,14 +104,23 @@ mod tests {
     }
 
     fn ok() -> SubmitJob {
-        SubmitJob { serial: "C1".into(), kind: "get-data".into(), ..Default::default() }
+        SubmitJob {
+            serial: "C1".into(),
+            kind: "get-data".into(),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn a_plain_get_data_reads_every_section_now() {
         let v = submission(&ok(), now()).unwrap();
         assert_eq!(v.serial.as_str(), "C1");
-        assert_eq!(v.spec, JobSpec::GetData { sections: Section::ALL.to_vec() });
+        assert_eq!(
+            v.spec,
+            JobSpec::GetData {
+                sections: Section::ALL.to_vec()
+            }
+        );
         assert_eq!(v.instruction_time, now());
         assert_eq!(v.deadline, None);
     }
@@ -112,7 +132,12 @@ mod tests {
             ..ok()
         };
         let v = submission(&req, now()).unwrap();
-        assert_eq!(v.spec, JobSpec::GetData { sections: vec![Section::Counters, Section::Jams] });
+        assert_eq!(
+            v.spec,
+            JobSpec::GetData {
+                sections: vec![Section::Counters, Section::Jams]
+            }
+        );
     }
 
     #[test]
@@ -123,24 +148,86 @@ mod tests {
             ..ok()
         };
         let v = submission(&req, now()).unwrap();
-        assert_eq!(v.instruction_time, chrono::Utc.with_ymd_and_hms(2026, 11, 26, 10, 0, 0).unwrap());
+        assert_eq!(
+            v.instruction_time,
+            chrono::Utc
+                .with_ymd_and_hms(2026, 11, 26, 10, 0, 0)
+                .unwrap()
+        );
         assert!(v.deadline.is_some());
     }
 
     #[test]
     fn every_field_is_checked() {
         let cases: Vec<(SubmitJob, &str)> = vec![
-            (SubmitJob { serial: "".into(), ..ok() }, "serial is empty"),
-            (SubmitJob { serial: "C/1".into(), ..ok() }, "contains '/'"),
-            (SubmitJob { serial: "x".repeat(65), ..ok() }, "at most 64"),
-            (SubmitJob { kind: "reboot".into(), ..ok() }, "job kind \"reboot\" is not known"),
-            (SubmitJob { kind: "".into(), ..ok() }, "is not known"),
-            (SubmitJob { sections: vec!["toner".into()], ..ok() }, "section \"toner\""),
-            (SubmitJob { at: Some("tomorrow".into()), ..ok() }, "at \"tomorrow\" is not an RFC 3339"),
-            (SubmitJob { deadline: Some("x".into()), ..ok() }, "deadline \"x\""),
-            (SubmitJob { execute_at: Some("2026-11-27T00:00:00Z".into()), ..ok() }, "execute_at applies"),
             (
-                SubmitJob { deadline: Some("2026-11-26T08:00:00Z".into()), ..ok() },
+                SubmitJob {
+                    serial: "".into(),
+                    ..ok()
+                },
+                "serial is empty",
+            ),
+            (
+                SubmitJob {
+                    serial: "C/1".into(),
+                    ..ok()
+                },
+                "contains '/'",
+            ),
+            (
+                SubmitJob {
+                    serial: "x".repeat(65),
+                    ..ok()
+                },
+                "at most 64",
+            ),
+            (
+                SubmitJob {
+                    kind: "reboot".into(),
+                    ..ok()
+                },
+                "job kind \"reboot\" is not known",
+            ),
+            (
+                SubmitJob {
+                    kind: "".into(),
+                    ..ok()
+                },
+                "is not known",
+            ),
+            (
+                SubmitJob {
+                    sections: vec!["toner".into()],
+                    ..ok()
+                },
+                "section \"toner\"",
+            ),
+            (
+                SubmitJob {
+                    at: Some("tomorrow".into()),
+                    ..ok()
+                },
+                "at \"tomorrow\" is not an RFC 3339",
+            ),
+            (
+                SubmitJob {
+                    deadline: Some("x".into()),
+                    ..ok()
+                },
+                "deadline \"x\"",
+            ),
+            (
+                SubmitJob {
+                    execute_at: Some("2026-11-27T00:00:00Z".into()),
+                    ..ok()
+                },
+                "execute_at applies",
+            ),
+            (
+                SubmitJob {
+                    deadline: Some("2026-11-26T08:00:00Z".into()),
+                    ..ok()
+                },
                 "is not after the instruction time",
             ),
             (
@@ -154,7 +241,10 @@ mod tests {
         ];
         for (req, want) in cases {
             let err = submission(&req, now()).unwrap_err().to_string();
-            assert!(err.contains(want), "{req:?}: {err:?} should contain {want:?}");
+            assert!(
+                err.contains(want),
+                "{req:?}: {err:?} should contain {want:?}"
+            );
         }
     }
 }

@@ -27,7 +27,12 @@ pub struct ClientConn<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
     pub fn new(io: S, max_packet_bytes: usize) -> Self {
-        Self { io, buf: BytesMut::with_capacity(4096), out: BytesMut::with_capacity(4096), max_packet_bytes }
+        Self {
+            io,
+            buf: BytesMut::with_capacity(4096),
+            out: BytesMut::with_capacity(4096),
+            max_packet_bytes,
+        }
     }
 
     pub fn io(&self) -> &S {
@@ -43,21 +48,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
                     Ok(packet) => return Ok(Some(packet)),
                     Err(protocol::Error::InsufficientBytes(_)) => {}
                     Err(protocol::Error::PayloadSizeLimitExceeded(_)) => {
-                        return Err(ConnError::TooLarge { max: self.max_packet_bytes });
+                        return Err(ConnError::TooLarge {
+                            max: self.max_packet_bytes,
+                        });
                     }
                     Err(e) => return Err(ConnError::Malformed(e)),
                 }
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() { Ok(None) } else { Err(ConnError::ClosedMidPacket) };
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ConnError::ClosedMidPacket)
+                };
             }
         }
     }
 
     /// Encodes packets for the client and flushes them in one write.
-    pub async fn write_packets(&mut self, packets: impl IntoIterator<Item = Packet>) -> Result<(), ConnError> {
+    pub async fn write_packets(
+        &mut self,
+        packets: impl IntoIterator<Item = Packet>,
+    ) -> Result<(), ConnError> {
         for packet in packets {
-            V4.write(packet, &mut self.out).map_err(ConnError::Malformed)?;
+            V4.write(packet, &mut self.out)
+                .map_err(ConnError::Malformed)?;
         }
         if !self.out.is_empty() {
             self.io.write_all(&self.out).await?;

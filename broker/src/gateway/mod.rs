@@ -47,7 +47,12 @@ pub struct Gateway {
 const GRACE: Duration = Duration::from_secs(5);
 
 impl Gateway {
-    pub fn new(settings: GatewaySettings, tls: Arc<rustls::ServerConfig>, router: Arc<Broker>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        settings: GatewaySettings,
+        tls: Arc<rustls::ServerConfig>,
+        router: Arc<Broker>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Gateway {
             admission: Arc::new(Semaphore::new(settings.max_clients)),
             handshakes: Arc::new(Semaphore::new(settings.max_handshakes)),
@@ -93,7 +98,12 @@ impl Gateway {
         }
     }
 
-    async fn serve_conn(self: Arc<Self>, tcp: TcpStream, permit: tokio::sync::OwnedSemaphorePermit, stop: CancellationToken) {
+    async fn serve_conn(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        stop: CancellationToken,
+    ) {
         // Alarms must not wait on Nagle and delayed ACKs.
         let _ = tcp.set_nodelay(true);
         let tls = match timeout(self.settings.handshake_timeout, self.tls.accept(tcp)).await {

@@ -27,15 +27,26 @@ pub enum SessionError {
     #[error("connect refused: {0}")]
     Refused(&'static str),
     #[error("{action:?} on {topic:?} denied: {reason}")]
-    Acl { action: Action, topic: String, reason: &'static str },
+    Acl {
+        action: Action,
+        topic: String,
+        reason: &'static str,
+    },
     #[error("keepalive expired")]
     KeepaliveExpired,
     #[error("second CONNECT on an open session")]
     SecondConnect,
+    /// Boxed: rumqttd's error carries a whole router event (over 800 bytes).
     #[error("router link: {0}")]
-    Link(#[from] rumqttd::local::LinkError),
+    Link(Box<rumqttd::local::LinkError>),
     #[error(transparent)]
     Conn(#[from] ConnError),
+}
+
+impl From<rumqttd::local::LinkError> for SessionError {
+    fn from(e: rumqttd::local::LinkError) -> Self {
+        SessionError::Link(Box::new(e))
+    }
 }
 
 /// A client that sets keepalive 0 still gets a bound on how long it may stay silent.
@@ -65,20 +76,50 @@ where
     }
     // Admission below rumqttd's own limit: over it rumqttd panics (rumqtt #991).
     let Ok(_permit) = gw.admission.clone().try_acquire_owned() else {
-        warn!(max_clients = gw.settings.max_clients, "connect refused: broker full");
-        return refuse(&mut conn, &gw, ConnectReturnCode::ServiceUnavailable, "broker full").await;
+        warn!(
+            max_clients = gw.settings.max_clients,
+            "connect refused: broker full"
+        );
+        return refuse(
+            &mut conn,
+            &gw,
+            ConnectReturnCode::ServiceUnavailable,
+            "broker full",
+        )
+        .await;
     };
     let router = gw.router.clone();
     let client_id = connect.client_id.clone();
-    let (link_tx, link_rx) = match tokio::task::spawn_blocking(move || router.link(&client_id)).await {
+    let (link_tx, link_rx) = match tokio::task::spawn_blocking(move || {
+        router.link(&client_id).map_err(Box::new)
+    })
+    .await
+    {
         Ok(Ok(link)) => link,
         Ok(Err(e)) => {
             warn!(error = %e, "router refused the session");
-            return refuse(&mut conn, &gw, ConnectReturnCode::ServiceUnavailable, "router refused").await;
+            return refuse(
+                &mut conn,
+                &gw,
+                ConnectReturnCode::ServiceUnavailable,
+                "router refused",
+            )
+            .await;
         }
-        Err(_) => return refuse(&mut conn, &gw, ConnectReturnCode::ServiceUnavailable, "router gone").await,
+        Err(_) => {
+            return refuse(
+                &mut conn,
+                &gw,
+                ConnectReturnCode::ServiceUnavailable,
+                "router gone",
+            )
+            .await;
+        }
     };
-    let connack = ConnAck { session_present: false, code: ConnectReturnCode::Success };
+    let connack = ConnAck {
+        session_present: false,
+        code: ConnectReturnCode::Success,
+    };
     conn.write_packets([Packet::ConnAck(connack, None)]).await?;
     Metrics::inc(&gw.metrics.sessions_started);
     Metrics::inc(&gw.metrics.sessions_active);
@@ -89,10 +130,23 @@ where
         // MQTT 3.1.1 §3.1.2.10: one and a half keepalive periods of silence end the session.
         secs => Duration::from_millis(u64::from(secs) * 1500),
     };
-    let mut bridge = Bridge { who: &who, gw: &gw, link_tx, link_rx };
+    let mut bridge = Bridge {
+        who: &who,
+        gw: &gw,
+        link_tx,
+        link_rx,
+    };
     let result = bridge.run(&mut conn, keepalive, &stop).await;
     // Whatever ended the session, the router must forget it; a dropped link alone is not noticed.
-    let _ = bridge.link_tx.send(Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection }, None)).await;
+    let _ = bridge
+        .link_tx
+        .send(Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        ))
+        .await;
     Metrics::dec(&gw.metrics.sessions_active);
     conn.shutdown().await;
     result
@@ -105,7 +159,15 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     reason: &'static str,
 ) -> Result<(), SessionError> {
     Metrics::inc(&gw.metrics.connect_refused);
-    let _ = conn.write_packets([Packet::ConnAck(ConnAck { session_present: false, code }, None)]).await;
+    let _ = conn
+        .write_packets([Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code,
+            },
+            None,
+        )])
+        .await;
     conn.shutdown().await;
     Err(SessionError::Refused(reason))
 }
@@ -133,7 +195,7 @@ impl Bridge<'_> {
                     let Some(packet) = packet? else { return Ok(()) };
                     deadline = Instant::now() + keepalive;
                     let leaving = matches!(packet, Packet::Disconnect(..));
-                    self.from_client(packet).await?;
+                    self.check_and_forward(packet).await?;
                     if leaving {
                         return Ok(());
                     }
@@ -141,14 +203,14 @@ impl Bridge<'_> {
                 notification = self.link_rx.next() => {
                     // The router drops a session's link when another session takes its client id.
                     let Some(first) = notification? else { continue };
-                    self.to_client(conn, first).await?;
+                    self.deliver(conn, first).await?;
                 }
             }
         }
     }
 
     /// Checks a client packet against the ACL and hands it to the router.
-    async fn from_client(&mut self, packet: Packet) -> Result<(), SessionError> {
+    async fn check_and_forward(&mut self, packet: Packet) -> Result<(), SessionError> {
         match &packet {
             Packet::Publish(publish, _) => {
                 let topic = String::from_utf8_lossy(&publish.topic);
@@ -178,13 +240,17 @@ impl Bridge<'_> {
                 Metrics::inc(&self.gw.metrics.acl_violations);
                 Span::current().record("topic", topic);
                 warn!(identity = %self.who, ?action, topic, reason, "acl violation");
-                Err(SessionError::Acl { action, topic: topic.to_owned(), reason })
+                Err(SessionError::Acl {
+                    action,
+                    topic: topic.to_owned(),
+                    reason,
+                })
             }
         }
     }
 
     /// Encodes what the router has for this client (everything queued, in one write).
-    async fn to_client<S: AsyncRead + AsyncWrite + Unpin>(
+    async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut ClientConn<S>,
         first: Notification,

@@ -1,0 +1,355 @@
+//! The broker's own logic: one more client of the router (DESIGN D1–D3).
+//!
+//! The router glue feeds the core every message on `dev/+/up/+` and `host/+/req` as an
+//! [`Inbound`]; the gateway's ACL guarantees that the topic names the real sender, so the topic is
+//! the sender's identity. The core handles a whole batch in one redb transaction (group commit),
+//! and only after that commit returns the [`Outbound`] messages to publish: retained orders and
+//! views first, then the acks and replies that tell senders their messages are durable.
+//!
+//! Modules: `device` handles `dev/{serial}/up/{kind}`, `host` handles `host/{host}/req`,
+//! [`views`] builds the retained messages, and `run` is the task that batches.
+
+mod device;
+mod host;
+mod run;
+pub mod views;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use protocol::device::{Ack, AckBatch, AckOutcome, DeviceState};
+use protocol::host::{HostReply, HostResponse};
+use protocol::topic::Topic;
+use protocol::{Envelope, HostId, MsgId, Serial, Timestamp, topic};
+use tracing::{error, info, warn};
+
+use crate::jobs;
+use crate::store::{DeviceRecord, Store, StoreError, Txn};
+
+pub use run::run;
+
+/// A message the router delivered to the core.
+pub struct Inbound {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+}
+
+/// A message the core wants published. An empty retained payload deletes the retained message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outbound {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CoreSettings {
+    /// The "managing server" column of Fig. 9.
+    pub server_name: String,
+    /// The largest CBOR payload the core decodes; larger ones are refused before parsing.
+    pub max_payload_bytes: usize,
+    /// How long succeeded and canceled jobs stay in the default list.
+    pub finished_visible: std::time::Duration,
+    /// Test fault: commit, but never publish acks or replies, to simulate a crash between commit
+    /// and ack.
+    pub hold_acks: bool,
+}
+
+/// The core's state: the store, its settings, and counters.
+pub struct Core {
+    store: Store,
+    settings: CoreSettings,
+    commits: AtomicU64,
+    held_acks_logged: AtomicBool,
+    /// Jobs whose record was found corrupt by `expire`, so the error is logged once, not every second.
+    corrupt_logged: Mutex<HashSet<u64>>,
+}
+
+/// What one batch will publish once its transaction has committed.
+#[derive(Default)]
+struct Pending {
+    /// Acks per device, in the order the messages arrived.
+    acks: BTreeMap<Serial, Vec<Ack>>,
+    /// Replies to hosts, already encoded.
+    replies: Vec<Outbound>,
+    /// Jobs created in this batch: their orders go out if they are open.
+    new_orders: BTreeSet<u64>,
+    /// Jobs that ended in this batch: their retained orders are cleared.
+    ended: BTreeSet<u64>,
+    /// Jobs whose views changed.
+    views: BTreeSet<u64>,
+    /// Devices whose record was written in this batch (state message).
+    states: BTreeSet<Serial>,
+    /// Devices heard from in this batch: their last-seen time moves.
+    seen: BTreeSet<Serial>,
+}
+
+impl Pending {
+    fn ack(&mut self, serial: &Serial, id: MsgId, outcome: AckOutcome) {
+        self.acks
+            .entry(serial.clone())
+            .or_default()
+            .push(Ack { id, outcome });
+    }
+
+    fn reply(
+        &mut self,
+        host: &HostId,
+        reply_to: MsgId,
+        reply: HostReply,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let payload = Envelope::new(0, now, HostResponse { reply_to, reply })
+            .to_cbor()
+            .map_err(|e| StoreError::Encode {
+                table: "(reply)",
+                key: format!("host:{host} #{reply_to}"),
+                reason: e.to_string(),
+            })?;
+        self.replies.push(Outbound {
+            topic: topic::host_resp(host),
+            payload,
+            retain: false,
+        });
+        Ok(())
+    }
+}
+
+impl Core {
+    /// Opens (creates) `data_dir/chukei.redb`.
+    pub fn open(data_dir: &Path, settings: CoreSettings) -> Result<Core, StoreError> {
+        Ok(Core {
+            store: Store::open(data_dir)?,
+            settings,
+            commits: AtomicU64::new(0),
+            held_acks_logged: AtomicBool::new(false),
+            corrupt_logged: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn settings(&self) -> &CoreSettings {
+        &self.settings
+    }
+
+    /// How many transactions have committed since [`Core::open`]; with group commit, fewer than
+    /// the messages handled.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Everything that must be retained in the router, rebuilt from redb: rumqttd keeps retained
+    /// messages only in memory, so this runs before any client is accepted. The orders of open
+    /// jobs, the views of every job with a valid serial, and every device's state.
+    pub fn startup_publications(&self) -> Result<Vec<Outbound>, StoreError> {
+        let txn = self.store.begin()?;
+        let mut out = Vec::new();
+        for n in txn.job_numbers()? {
+            let record = match skip_corrupt(txn.job(n))? {
+                Some(Some(record)) => record,
+                _ => continue,
+            };
+            if record.is_open() {
+                out.extend(views::order(&record)?);
+            }
+            if let Some(v) = skip_corrupt(views::job_views(&txn, n, &record))? {
+                out.extend(v);
+            }
+        }
+        for serial in txn.device_serials()? {
+            if let Some(Some(record)) = skip_corrupt(txn.device(&serial))? {
+                out.extend(views::device_views(&serial, &record)?);
+            }
+        }
+        txn.commit()?;
+        Ok(out)
+    }
+
+    /// Handles a batch of inbound messages in one redb write transaction (group commit), then
+    /// returns the messages to publish. Nothing is returned, so no ack is sent, unless the commit
+    /// succeeded. A message that cannot be decoded or is refused is answered and skipped; the rest
+    /// of the batch proceeds.
+    pub fn handle_batch(
+        &self,
+        batch: Vec<Inbound>,
+        now: Timestamp,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut txn = self.store.begin()?;
+        let mut pending = Pending::default();
+        for msg in &batch {
+            match Topic::parse(&msg.topic) {
+                Ok(Topic::DevUp { serial, kind }) => device::handle(
+                    self,
+                    &mut txn,
+                    &mut pending,
+                    &serial,
+                    kind,
+                    &msg.topic,
+                    &msg.payload,
+                    now,
+                )?,
+                Ok(Topic::HostReq { host }) => host::handle(
+                    self,
+                    &mut txn,
+                    &mut pending,
+                    &host,
+                    &msg.topic,
+                    &msg.payload,
+                    now,
+                )?,
+                Ok(_) | Err(_) => {
+                    warn!(topic = %msg.topic, "core ignores a message on a topic it does not serve")
+                }
+            }
+        }
+        let (mut out, answers) = self.finish(&mut txn, pending, now)?;
+        if txn.commit()? {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.settings.hold_acks {
+            if !answers.is_empty() && !self.held_acks_logged.swap(true, Ordering::Relaxed) {
+                warn!("holding acks (test fault injection)");
+            }
+        } else {
+            out.extend(answers);
+        }
+        Ok(out)
+    }
+
+    /// Marks jobs whose deadline has passed as timed out and clears their retained orders, in one
+    /// transaction. Costs no commit when nothing is due.
+    pub fn expire(&self, now: Timestamp) -> Result<Vec<Outbound>, StoreError> {
+        let mut txn = self.store.begin()?;
+        let due = txn.due_jobs(now)?;
+        if due.is_empty() {
+            txn.commit()?;
+            return Ok(Vec::new());
+        }
+        let mut pending = Pending::default();
+        for n in due {
+            match jobs::time_out(&mut txn, n, now) {
+                Ok(Some(record)) => {
+                    info!(serial = %record.view.serial, job = %record.view.id, status = %record.view.status, "job timed out");
+                    pending.views.insert(n);
+                    pending.ended.insert(n);
+                }
+                Ok(None) => {}
+                Err(e) if e.is_corrupt_record() => {
+                    let first = self
+                        .corrupt_logged
+                        .lock()
+                        .map(|mut s| s.insert(n))
+                        .unwrap_or(true);
+                    if first {
+                        error!(job = %crate::store::job_id(n), error = %e, "cannot time out a job whose record is corrupt");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (out, _) = self.finish(&mut txn, pending, now)?;
+        if txn.commit()? {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(out)
+    }
+
+    /// Moves last-seen times, then builds what the batch publishes: (retained orders and views,
+    /// acks and replies). Runs inside the transaction, before the commit, so it sees the batch's
+    /// writes; the caller returns nothing if the commit fails.
+    fn finish(
+        &self,
+        txn: &mut Txn,
+        mut p: Pending,
+        now: Timestamp,
+    ) -> Result<(Vec<Outbound>, Vec<Outbound>), StoreError> {
+        for serial in std::mem::take(&mut p.seen) {
+            if p.states.contains(&serial) {
+                continue;
+            }
+            let Some(existing) = skip_corrupt(txn.device(&serial))? else {
+                continue;
+            };
+            let record = match existing {
+                Some(record) => DeviceRecord {
+                    last_seen: now,
+                    ..record
+                },
+                None => DeviceRecord {
+                    state: DeviceState::default(),
+                    last_seen: now,
+                },
+            };
+            txn.put_device(&serial, &record)?;
+            p.states.insert(serial);
+        }
+
+        let mut out = Vec::new();
+        let jobs: BTreeSet<u64> = p
+            .new_orders
+            .iter()
+            .chain(&p.ended)
+            .chain(&p.views)
+            .copied()
+            .collect();
+        for n in jobs {
+            let Some(Some(record)) = skip_corrupt(txn.job(n))? else {
+                continue;
+            };
+            if p.new_orders.contains(&n) && record.is_open() {
+                out.extend(views::order(&record)?);
+            }
+            if p.ended.contains(&n) {
+                out.extend(views::cleared_order(&record));
+            }
+            if p.views.contains(&n)
+                && let Some(v) = skip_corrupt(views::job_views(txn, n, &record))?
+            {
+                out.extend(v);
+            }
+        }
+        for serial in &p.states {
+            if let Some(Some(record)) = skip_corrupt(txn.device(serial))? {
+                out.extend(views::device_views(serial, &record)?);
+            }
+        }
+
+        let mut answers = Vec::with_capacity(p.acks.len() + p.replies.len());
+        for (serial, acks) in p.acks {
+            let payload = Envelope::new(0, now, AckBatch { acks })
+                .to_cbor()
+                .map_err(|e| StoreError::Encode {
+                    table: "(ack)",
+                    key: serial.to_string(),
+                    reason: e.to_string(),
+                })?;
+            answers.push(Outbound {
+                topic: topic::dev_ack(&serial),
+                payload,
+                retain: false,
+            });
+        }
+        answers.extend(p.replies);
+        Ok((out, answers))
+    }
+}
+
+/// Views are a cache: a record that no longer decodes is logged and left out rather than stopping
+/// the batch (or the broker's startup). `Ok(None)` means it was skipped.
+fn skip_corrupt<T>(result: Result<T, StoreError>) -> Result<Option<T>, StoreError> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_corrupt_record() => {
+            error!(error = %e, "skipping a corrupt record");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}

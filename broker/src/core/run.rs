@@ -1,0 +1,97 @@
+//! The core's task: group commit (DESIGN D3).
+//!
+//! While one batch is being committed (an fsync), the messages that arrive queue up in the
+//! channel; the next batch takes all of them at once. So under load a commit covers many
+//! messages, and durability does not cap throughput; when idle, a lone message commits at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+
+use super::{Core, Inbound, Outbound};
+use crate::store::StoreError;
+
+/// Most messages in one transaction: bounds the time a batch holds the writer and the size of
+/// what it publishes afterwards.
+pub const MAX_BATCH: usize = 512;
+
+/// How often deadlines are checked.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+
+/// Receives [`Inbound`] messages, handles whatever is queued as one batch on a blocking thread
+/// (redb blocks), sends each [`Outbound`] after the commit, and expires deadlines about once a
+/// second. Returns when `stop` is cancelled, `inbound` closes or `outbound`'s receiver is gone.
+///
+/// A batch that fails to commit is logged and dropped: nothing was acked, so its senders resend.
+/// An I/O error is returned instead, since redb refuses every later write until it is reopened.
+pub async fn run(
+    core: Arc<Core>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    outbound: mpsc::Sender<Outbound>,
+    stop: CancellationToken,
+) -> Result<(), StoreError> {
+    let mut expire = tokio::time::interval(EXPIRE_EVERY);
+    expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let work = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            msg = inbound.recv() => {
+                let Some(first) = msg else { return Ok(()) };
+                let mut batch = Vec::with_capacity(16);
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match inbound.try_recv() {
+                        Ok(msg) => batch.push(msg),
+                        Err(_) => break,
+                    }
+                }
+                Work::Batch(batch)
+            }
+            _ = expire.tick() => Work::Expire,
+        };
+        let core = Arc::clone(&core);
+        let result = task::spawn_blocking(move || {
+            let now = chrono::Utc::now();
+            match work {
+                Work::Batch(batch) => {
+                    let len = batch.len();
+                    let out = core.handle_batch(batch, now);
+                    debug!(messages = len, "batch handled");
+                    out
+                }
+                Work::Expire => core.expire(now),
+            }
+        })
+        .await;
+        let out = match result {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) if e.is_fatal() => {
+                error!(error = %e, "store failed; stopping the core");
+                return Err(e);
+            }
+            Ok(Err(e)) => {
+                error!(error = %e, "batch not committed; its senders will resend");
+                continue;
+            }
+            Err(e) => {
+                error!(error = %e, "batch handler panicked; its senders will resend");
+                continue;
+            }
+        };
+        for msg in out {
+            if outbound.send(msg).await.is_err() {
+                debug!("router gone; core stopping");
+                return Ok(());
+            }
+        }
+    }
+}
+
+enum Work {
+    Batch(Vec<Inbound>),
+    Expire,
+}

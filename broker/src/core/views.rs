@@ -1,0 +1,117 @@
+//! The retained messages the core publishes: job orders for devices, and the views hosts and
+//! integrators read, in CBOR (`fleet/…`) and plain JSON (`json/fleet/…`, DESIGN D4).
+//!
+//! All of them are a cache of redb (DESIGN D2): built from committed records, republished at startup.
+
+use protocol::device::DeviceState;
+use protocol::job::JobDetail;
+use protocol::{Envelope, JobId, Serial, Timestamp, topic};
+use serde::Serialize;
+
+use super::Outbound;
+use crate::store::{DeviceRecord, JobRecord, StoreError, Txn};
+
+/// The JSON mirror of `fleet/{serial}/state`.
+#[derive(Debug, Serialize)]
+pub struct DeviceStateJson<'a> {
+    pub serial: &'a str,
+    pub site: &'a str,
+    pub model: &'a str,
+    pub firmware: &'a str,
+    pub last_seen: Timestamp,
+}
+
+fn encode_error(what: &str, key: impl std::fmt::Display, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Encode {
+        table: "(published view)",
+        key: format!("{what} {key}"),
+        reason: e.to_string(),
+    }
+}
+
+fn retained(topic: String, payload: Vec<u8>) -> Outbound {
+    Outbound {
+        topic,
+        payload,
+        retain: true,
+    }
+}
+
+/// The retained order on `dev/{serial}/jobs/{job}`, if the job has one.
+pub fn order(record: &JobRecord) -> Result<Option<Outbound>, StoreError> {
+    let Some(order) = &record.order else {
+        return Ok(None);
+    };
+    let payload = Envelope::new(0, record.view.submitted_at, order.clone())
+        .to_cbor()
+        .map_err(|e| encode_error("order", &order.job, e))?;
+    Ok(Some(retained(
+        topic::dev_job(&order.serial, &order.job),
+        payload,
+    )))
+}
+
+/// An empty retained payload on `dev/{serial}/jobs/{job}`: rumqttd deletes the retained order, so
+/// a device that connects later is not handed a job that has ended.
+pub fn cleared_order(record: &JobRecord) -> Option<Outbound> {
+    let order = record.order.as_ref()?;
+    Some(retained(
+        topic::dev_job(&order.serial, &order.job),
+        Vec::new(),
+    ))
+}
+
+/// `fleet/{serial}/jobs/{job}` (CBOR `Envelope<JobView>`) and `json/fleet/{serial}/jobs/{job}`
+/// (JSON `JobDetail`). None for a job whose serial cannot name a topic (a rejected submission with
+/// a bad serial): it is still in the list and `jobs show`.
+pub fn job_views(txn: &Txn, n: u64, record: &JobRecord) -> Result<Vec<Outbound>, StoreError> {
+    let (Ok(serial), Ok(job)) = (
+        Serial::parse(&record.view.serial),
+        JobId::parse(&record.view.id),
+    ) else {
+        return Ok(Vec::new());
+    };
+    let detail = detail(txn, n, record)?;
+    let cbor = Envelope::new(0, record.view.updated_at, record.view.clone())
+        .to_cbor()
+        .map_err(|e| encode_error("job view", &job, e))?;
+    let json = serde_json::to_vec(&detail).map_err(|e| encode_error("job view", &job, e))?;
+    Ok(vec![
+        retained(topic::fleet_job(&serial, &job), cbor),
+        retained(topic::json_fleet_job(&serial, &job), json),
+    ])
+}
+
+/// A job with its timeline and collected data.
+pub fn detail(txn: &Txn, n: u64, record: &JobRecord) -> Result<JobDetail, StoreError> {
+    Ok(JobDetail {
+        view: record.view.clone(),
+        timeline: txn.events(n)?,
+        data: txn.report(n)?,
+    })
+}
+
+/// `fleet/{serial}/state` (CBOR `Envelope<DeviceState>`, `at` = when the broker last heard from
+/// the device) and `json/fleet/{serial}/state`.
+pub fn device_views(serial: &Serial, record: &DeviceRecord) -> Result<Vec<Outbound>, StoreError> {
+    let DeviceState {
+        site,
+        model,
+        firmware,
+    } = &record.state;
+    let cbor = Envelope::new(0, record.last_seen, record.state.clone())
+        .to_cbor()
+        .map_err(|e| encode_error("device state", serial, e))?;
+    let json = serde_json::to_vec(&DeviceStateJson {
+        serial: serial.as_str(),
+        site,
+        model,
+        firmware,
+        last_seen: record.last_seen,
+    })
+    .map_err(|e| encode_error("device state", serial, e))?;
+    Ok(vec![
+        retained(topic::fleet_state(serial), cbor),
+        retained(topic::json_fleet_state(serial), json),
+    ])
+}

@@ -1,0 +1,665 @@
+//! The broker's durable state: jobs, their timelines, what devices reported, the dedupe journal and
+//! the devices' last announced state, in one redb file `DATA_DIR/chukei.redb` (DESIGN D2).
+//!
+//! Everything goes through one narrow pair of types: [`Store`] opens the file and begins
+//! transactions, [`Txn`] reads and writes typed records. Nothing else in the broker names a redb
+//! table, so a clustered backend (NATS JetStream, DESIGN §6) can replace this module alone.
+//!
+//! Records are CBOR. Anything read back from disk is decoded without `unwrap`: a record that does
+//! not decode is a [`StoreError::Corrupt`] naming its table and key.
+
+mod records;
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+
+use protocol::data::DeviceData;
+use protocol::job::JobEvent;
+use protocol::{JobId, MsgId, Serial, Timestamp};
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use records::{DeviceRecord, JobRecord, JournalEntry, JournalOutcome};
+
+/// The store's file inside the data directory.
+pub const FILE_NAME: &str = "chukei.redb";
+
+/// Job number → [`JobRecord`]. Keyed by number rather than id so that "newest first" is a reverse scan.
+const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+/// (job number, sequence) → [`JobEvent`]: the timeline of `jobs show`.
+const JOB_EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("job_events");
+/// Job number → [`DeviceData`]: what the device collected for the job.
+const REPORTS: TableDefinition<u64, &[u8]> = TableDefinition::new("reports");
+/// (sender, msg id) → [`JournalEntry`]. The sender is an identity's text, `device:C1` or `host:svc`.
+const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("journal");
+/// Serial → [`DeviceRecord`].
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// Counters (`next_job`).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// (serial, job number) of every open job: the orders to republish at startup, the jobs whose
+/// site a device's first state fills in.
+const OPEN_BY_SERIAL: TableDefinition<(&str, u64), ()> = TableDefinition::new("open_by_serial");
+/// (deadline in Unix milliseconds, job number) of every open job with a deadline, so expiry is a
+/// range scan rather than a walk over every job once a second.
+const OPEN_DEADLINES: TableDefinition<(i64, u64), ()> = TableDefinition::new("open_deadlines");
+
+const NEXT_JOB: &str = "next_job";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the data directory {}: {source}", .path.display())]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open the store {}: {source} (is another broker using the same data directory?)",
+        .path.display()
+    )]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("store failed to {op}: {source}")]
+    Backend {
+        op: &'static str,
+        source: redb::Error,
+    },
+    #[error("corrupt record in table {table}, key {key}: {reason}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("cannot encode a record for table {table}, key {key}: {reason}")]
+    Encode {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// A single record is bad; the store itself works. Callers may skip the record and go on.
+    pub fn is_corrupt_record(&self) -> bool {
+        matches!(self, StoreError::Corrupt { .. })
+    }
+
+    /// redb refuses every further write after an I/O error until the file is reopened, so the only
+    /// useful reaction is to stop the broker and let it be restarted.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Backend {
+                source: redb::Error::Io(_) | redb::Error::PreviousIo,
+                ..
+            }
+        )
+    }
+}
+
+fn backend<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::Backend {
+        op,
+        source: e.into(),
+    }
+}
+
+fn encode<T: Serialize>(
+    table: &'static str,
+    key: impl Display,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(256);
+    ciborium::into_writer(value, &mut out).map_err(|e| StoreError::Encode {
+        table,
+        key: key.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(out)
+}
+
+fn decode<T: DeserializeOwned>(
+    table: &'static str,
+    key: impl Display,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    ciborium::from_reader(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// The job id the broker gives its `n`th job: `J-000001`, `J-000002`, …
+pub fn job_id(n: u64) -> JobId {
+    // Cannot fail: "J-" and decimal digits are all allowed, and a u64 has at most 20 digits.
+    JobId::parse(&format!("J-{n:06}")).expect("J-<digits> is a valid job id")
+}
+
+/// The number behind a job id the broker gave, or `None` for text it never gives out.
+/// `J-1` and `J-000001` both give 1: callers compare the stored id to tell them apart.
+pub fn job_number(id: &str) -> Option<u64> {
+    let digits = id.strip_prefix("J-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The redb file. Cheap to share behind an `Arc`; redb serializes writers itself.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens `data_dir/chukei.redb`, creating the directory, the file and every table if needed.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let path = data_dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let store = Store { db, path };
+        // Create every table up front so that reads never meet a missing table.
+        let txn = store
+            .db
+            .begin_write()
+            .map_err(backend("begin a transaction"))?;
+        {
+            let op = "create the tables";
+            txn.open_table(JOBS).map_err(backend(op))?;
+            txn.open_table(JOB_EVENTS).map_err(backend(op))?;
+            txn.open_table(REPORTS).map_err(backend(op))?;
+            txn.open_table(JOURNAL).map_err(backend(op))?;
+            txn.open_table(DEVICES).map_err(backend(op))?;
+            txn.open_table(META).map_err(backend(op))?;
+            txn.open_table(OPEN_BY_SERIAL).map_err(backend(op))?;
+            txn.open_table(OPEN_DEADLINES).map_err(backend(op))?;
+        }
+        txn.commit().map_err(backend("commit"))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Begins the one write transaction; blocks while another is open. Reads go through it too:
+    /// every reader in the broker is part of a batch that may write.
+    pub fn begin(&self) -> Result<Txn, StoreError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(backend("begin a transaction"))?;
+        Ok(Txn { txn, dirty: false })
+    }
+}
+
+/// A write transaction with typed access to every table. Dropped without [`Txn::commit`], it
+/// aborts and leaves no trace.
+pub struct Txn {
+    txn: WriteTransaction,
+    dirty: bool,
+}
+
+impl Txn {
+    /// Commits (fsync, redb's default durability) if anything was written, else just aborts.
+    /// Returns whether a commit happened.
+    pub fn commit(self) -> Result<bool, StoreError> {
+        if !self.dirty {
+            self.txn.abort().map_err(backend("abort"))?;
+            return Ok(false);
+        }
+        self.txn.commit().map_err(backend("commit"))?;
+        Ok(true)
+    }
+
+    /// Whether anything has been written in this transaction.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Allocates the next job number (1, 2, …).
+    pub fn next_job_number(&mut self) -> Result<u64, StoreError> {
+        let op = "allocate a job number";
+        let mut meta = self.txn.open_table(META).map_err(backend(op))?;
+        let last = meta
+            .get(NEXT_JOB)
+            .map_err(backend(op))?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        let n = last + 1;
+        meta.insert(NEXT_JOB, n).map_err(backend(op))?;
+        self.dirty = true;
+        Ok(n)
+    }
+
+    pub fn job(&self, n: u64) -> Result<Option<JobRecord>, StoreError> {
+        let table = self.txn.open_table(JOBS).map_err(backend("read a job"))?;
+        let guard = table.get(n).map_err(backend("read a job"))?;
+        guard
+            .map(|g| decode("jobs", job_id(n), g.value()))
+            .transpose()
+    }
+
+    /// Writes a job and keeps the open-job indexes in step with it.
+    pub fn put_job(&mut self, n: u64, record: &JobRecord) -> Result<(), StoreError> {
+        let op = "write a job";
+        let bytes = encode("jobs", job_id(n), record)?;
+        self.txn
+            .open_table(JOBS)
+            .map_err(backend(op))?
+            .insert(n, bytes.as_slice())
+            .map_err(backend(op))?;
+        if let Some(order) = &record.order {
+            let serial_key = (order.serial.as_str(), n);
+            let deadline_key = order.deadline.map(|d| (d.timestamp_millis(), n));
+            let mut by_serial = self.txn.open_table(OPEN_BY_SERIAL).map_err(backend(op))?;
+            let mut deadlines = self.txn.open_table(OPEN_DEADLINES).map_err(backend(op))?;
+            if record.is_open() {
+                by_serial.insert(serial_key, ()).map_err(backend(op))?;
+                if let Some(key) = deadline_key {
+                    deadlines.insert(key, ()).map_err(backend(op))?;
+                }
+            } else {
+                by_serial.remove(serial_key).map_err(backend(op))?;
+                if let Some(key) = deadline_key {
+                    deadlines.remove(key).map_err(backend(op))?;
+                }
+            }
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Every job `keep` accepts, newest first.
+    pub fn jobs_newest_first(
+        &self,
+        mut keep: impl FnMut(&JobRecord) -> bool,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let op = "list jobs";
+        let table = self.txn.open_table(JOBS).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend(op))?.rev() {
+            let (k, v) = entry.map_err(backend(op))?;
+            let record: JobRecord = decode("jobs", job_id(k.value()), v.value())?;
+            if keep(&record) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every job number, oldest first.
+    pub fn job_numbers(&self) -> Result<Vec<u64>, StoreError> {
+        let op = "list jobs";
+        let table = self.txn.open_table(JOBS).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend(op))? {
+            out.push(entry.map_err(backend(op))?.0.value());
+        }
+        Ok(out)
+    }
+
+    /// Appends one step to a job's timeline.
+    pub fn push_event(&mut self, n: u64, event: &JobEvent) -> Result<(), StoreError> {
+        let op = "write a job event";
+        let mut table = self.txn.open_table(JOB_EVENTS).map_err(backend(op))?;
+        let last = match table
+            .range((n, 0)..=(n, u32::MAX))
+            .map_err(backend(op))?
+            .next_back()
+        {
+            Some(entry) => Some(entry.map_err(backend(op))?.0.value().1),
+            None => None,
+        };
+        let seq = last.map_or(0, |s| s.saturating_add(1));
+        let bytes = encode("job_events", format_args!("{} #{seq}", job_id(n)), event)?;
+        table
+            .insert((n, seq), bytes.as_slice())
+            .map_err(backend(op))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    pub fn events(&self, n: u64) -> Result<Vec<JobEvent>, StoreError> {
+        let op = "read job events";
+        let table = self.txn.open_table(JOB_EVENTS).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table.range((n, 0)..=(n, u32::MAX)).map_err(backend(op))? {
+            let (k, v) = entry.map_err(backend(op))?;
+            let seq = k.value().1;
+            out.push(decode(
+                "job_events",
+                format_args!("{} #{seq}", job_id(n)),
+                v.value(),
+            )?);
+        }
+        Ok(out)
+    }
+
+    pub fn report(&self, n: u64) -> Result<Option<DeviceData>, StoreError> {
+        let table = self
+            .txn
+            .open_table(REPORTS)
+            .map_err(backend("read a report"))?;
+        let guard = table.get(n).map_err(backend("read a report"))?;
+        guard
+            .map(|g| decode("reports", job_id(n), g.value()))
+            .transpose()
+    }
+
+    pub fn put_report(&mut self, n: u64, data: &DeviceData) -> Result<(), StoreError> {
+        let op = "write a report";
+        let bytes = encode("reports", job_id(n), data)?;
+        self.txn
+            .open_table(REPORTS)
+            .map_err(backend(op))?
+            .insert(n, bytes.as_slice())
+            .map_err(backend(op))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// What was done with `sender`'s message `id`, if it was stored before.
+    pub fn journal(&self, sender: &str, id: MsgId) -> Result<Option<JournalEntry>, StoreError> {
+        let table = self
+            .txn
+            .open_table(JOURNAL)
+            .map_err(backend("read the journal"))?;
+        let guard = table
+            .get((sender, id))
+            .map_err(backend("read the journal"))?;
+        guard
+            .map(|g| decode("journal", format_args!("{sender} #{id}"), g.value()))
+            .transpose()
+    }
+
+    pub fn put_journal(
+        &mut self,
+        sender: &str,
+        id: MsgId,
+        entry: &JournalEntry,
+    ) -> Result<(), StoreError> {
+        let op = "write the journal";
+        let bytes = encode("journal", format_args!("{sender} #{id}"), entry)?;
+        self.txn
+            .open_table(JOURNAL)
+            .map_err(backend(op))?
+            .insert((sender, id), bytes.as_slice())
+            .map_err(backend(op))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    pub fn device(&self, serial: &Serial) -> Result<Option<DeviceRecord>, StoreError> {
+        let table = self
+            .txn
+            .open_table(DEVICES)
+            .map_err(backend("read a device"))?;
+        let guard = table
+            .get(serial.as_str())
+            .map_err(backend("read a device"))?;
+        guard
+            .map(|g| decode("devices", serial, g.value()))
+            .transpose()
+    }
+
+    pub fn put_device(&mut self, serial: &Serial, record: &DeviceRecord) -> Result<(), StoreError> {
+        let op = "write a device";
+        let bytes = encode("devices", serial, record)?;
+        self.txn
+            .open_table(DEVICES)
+            .map_err(backend(op))?
+            .insert(serial.as_str(), bytes.as_slice())
+            .map_err(backend(op))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Every known serial, in order. A key that is not a valid serial is reported as corrupt.
+    pub fn device_serials(&self) -> Result<Vec<Serial>, StoreError> {
+        let op = "list devices";
+        let table = self.txn.open_table(DEVICES).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend(op))? {
+            let (k, _) = entry.map_err(backend(op))?;
+            let key = k.value();
+            let serial = Serial::parse(key).map_err(|e| StoreError::Corrupt {
+                table: "devices",
+                key: format!("{key:?}"),
+                reason: e.to_string(),
+            })?;
+            out.push(serial);
+        }
+        Ok(out)
+    }
+
+    /// Numbers of every job that has not ended, oldest first.
+    pub fn open_jobs(&self) -> Result<Vec<u64>, StoreError> {
+        let op = "list open jobs";
+        let table = self.txn.open_table(OPEN_BY_SERIAL).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend(op))? {
+            out.push(entry.map_err(backend(op))?.0.value().1);
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Numbers of the open jobs addressed to `serial`, oldest first.
+    pub fn open_jobs_of(&self, serial: &Serial) -> Result<Vec<u64>, StoreError> {
+        let op = "list a device's open jobs";
+        let table = self.txn.open_table(OPEN_BY_SERIAL).map_err(backend(op))?;
+        let s = serial.as_str();
+        let mut out = Vec::new();
+        for entry in table.range((s, 0)..=(s, u64::MAX)).map_err(backend(op))? {
+            out.push(entry.map_err(backend(op))?.0.value().1);
+        }
+        Ok(out)
+    }
+
+    /// Numbers of the open jobs whose deadline is at or before `now`.
+    pub fn due_jobs(&self, now: Timestamp) -> Result<Vec<u64>, StoreError> {
+        let op = "list due jobs";
+        let table = self.txn.open_table(OPEN_DEADLINES).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table
+            .range(..=(now.timestamp_millis(), u64::MAX))
+            .map_err(backend(op))?
+        {
+            out.push(entry.map_err(backend(op))?.0.value().1);
+        }
+        Ok(out)
+    }
+
+    /// Test hook: overwrites a job's bytes as they are on disk, to exercise corruption handling.
+    #[cfg(test)]
+    pub(crate) fn put_raw_job(&mut self, n: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.txn
+            .open_table(JOBS)
+            .map_err(backend("write"))?
+            .insert(n, bytes)
+            .map_err(backend("write"))?;
+        self.dirty = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use protocol::job::{JobOrder, JobSpec, JobStatus, JobView};
+
+    fn at(h: u32) -> Timestamp {
+        chrono::Utc.with_ymd_and_hms(2026, 11, 26, h, 0, 0).unwrap()
+    }
+
+    fn record(n: u64, serial: &str, status: JobStatus, deadline: Option<Timestamp>) -> JobRecord {
+        let id = job_id(n);
+        let serial = Serial::parse(serial).unwrap();
+        JobRecord {
+            view: JobView {
+                id: id.to_string(),
+                serial: serial.to_string(),
+                site: String::new(),
+                instruction: "GET DATA".into(),
+                data_type: "counters".into(),
+                server: "relay".into(),
+                host: "svc".into(),
+                instruction_time: Some(at(9)),
+                execution_time: None,
+                status,
+                submitted_at: at(9),
+                updated_at: at(9),
+                reason: None,
+            },
+            order: Some(JobOrder {
+                job: id,
+                serial,
+                spec: JobSpec::GetData { sections: vec![] },
+                instruction_time: at(9),
+                execution_time: None,
+                deadline,
+            }),
+            ended_at: None,
+        }
+    }
+
+    #[test]
+    fn job_ids_and_numbers() {
+        assert_eq!(job_id(1).as_str(), "J-000001");
+        assert_eq!(job_id(1234567).as_str(), "J-1234567");
+        assert_eq!(job_number("J-000042"), Some(42));
+        assert_eq!(job_number("J-1234567"), Some(1234567));
+        for bad in ["J-", "J-1x", "K-1", "J--1", "", "J-+1"] {
+            assert_eq!(job_number(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening_and_counter_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut txn = store.begin().unwrap();
+            assert_eq!(txn.next_job_number().unwrap(), 1);
+            assert_eq!(txn.next_job_number().unwrap(), 2);
+            txn.put_job(2, &record(2, "C1", JobStatus::Queued, None))
+                .unwrap();
+            txn.push_event(
+                2,
+                &JobEvent {
+                    at: at(9),
+                    status: JobStatus::Queued,
+                    note: None,
+                },
+            )
+            .unwrap();
+            txn.push_event(
+                2,
+                &JobEvent {
+                    at: at(10),
+                    status: JobStatus::Delivered,
+                    note: None,
+                },
+            )
+            .unwrap();
+            assert!(txn.commit().unwrap());
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        assert_eq!(txn.next_job_number().unwrap(), 3);
+        assert_eq!(
+            txn.job(2).unwrap().unwrap(),
+            record(2, "C1", JobStatus::Queued, None)
+        );
+        assert_eq!(txn.job(1).unwrap(), None);
+        let statuses: Vec<_> = txn
+            .events(2)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.status)
+            .collect();
+        assert_eq!(statuses, [JobStatus::Queued, JobStatus::Delivered]);
+        assert!(txn.events(1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn open_job_indexes_follow_the_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        txn.put_job(1, &record(1, "C1", JobStatus::Queued, Some(at(10))))
+            .unwrap();
+        txn.put_job(2, &record(2, "C2", JobStatus::Queued, Some(at(12))))
+            .unwrap();
+        txn.put_job(3, &record(3, "C1", JobStatus::InProgress, None))
+            .unwrap();
+        let c1 = Serial::parse("C1").unwrap();
+        assert_eq!(txn.open_jobs().unwrap(), [1, 2, 3]);
+        assert_eq!(txn.open_jobs_of(&c1).unwrap(), [1, 3]);
+        assert_eq!(txn.due_jobs(at(11)).unwrap(), [1]);
+        assert_eq!(txn.due_jobs(at(12)).unwrap(), [1, 2]);
+
+        txn.put_job(1, &record(1, "C1", JobStatus::Succeeded, Some(at(10))))
+            .unwrap();
+        assert_eq!(txn.open_jobs().unwrap(), [2, 3]);
+        assert_eq!(txn.open_jobs_of(&c1).unwrap(), [3]);
+        assert!(txn.due_jobs(at(11)).unwrap().is_empty());
+        let newest: Vec<_> = txn
+            .jobs_newest_first(|_| true)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.view.id)
+            .collect();
+        assert_eq!(newest, ["J-000003", "J-000002", "J-000001"]);
+    }
+
+    #[test]
+    fn a_corrupt_record_names_its_table_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        txn.put_raw_job(7, &[0xff, 0x00]).unwrap();
+        let err = txn.job(7).unwrap_err();
+        assert!(err.is_corrupt_record());
+        let text = err.to_string();
+        assert!(
+            text.contains("table jobs") && text.contains("J-000007"),
+            "{text}"
+        );
+        assert!(txn.jobs_newest_first(|_| true).is_err());
+    }
+
+    #[test]
+    fn a_transaction_that_wrote_nothing_does_not_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let txn = store.begin().unwrap();
+        assert!(txn.job(1).unwrap().is_none());
+        assert!(!txn.commit().unwrap());
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_directory_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path())
+            .err()
+            .expect("second open must fail")
+            .to_string();
+        assert!(
+            err.contains("chukei.redb") && err.contains("another broker"),
+            "{err}"
+        );
+    }
+}

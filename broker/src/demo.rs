@@ -1,13 +1,217 @@
-//! `broker demo`: written once the agents' libraries land.
+//! `broker demo`: the whole system in one process, for a first look. A fresh CA and data folder
+//! in a temporary directory, the broker, N simulated copiers (the device agent's fleet) and a
+//! service-desk host that asks every copier for its counters — the seed's Fig. 2, N times over.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::Context;
+use device_agent::cli::FleetArgs;
+use device_agent::config::{FileConfig, FleetSettings};
+use host_agent::{ConnectOptions, HostClient};
+use protocol::data::Section;
+use protocol::host::{HostReply, SubmitJob};
+use protocol::job::{JobStatus, JobView};
+use protocol::url::BrokerUrl;
+use protocol::{HostId, Role};
 use tokio_util::sync::CancellationToken;
 
-pub async fn run(
-    _devices: usize,
-    _once: bool,
-    _stop: CancellationToken,
-) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("demo not built yet")
+use crate::config::BrokerConfig;
+
+const HOST: &str = "service-desk";
+const INTEGRATOR: &str = "crm";
+const PREFIX: &str = "COPIER";
+/// How long `--once` waits for every job to end before it gives up.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        (1..=2000).contains(&devices),
+        "--devices {devices}: use 1 to 2000 for the demo"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("chukei-demo-")
+        .tempdir()
+        .context("creating a temporary folder")?;
+    let pki_dir = dir.path().join("pki");
+    pki::init(&pki_dir, &[])?;
+    let (host_cert, host_key) = pki::issue_to_dir(&pki_dir, Role::Host, HOST)?;
+    pki::issue_to_dir(&pki_dir, Role::Integrator, INTEGRATOR)?;
+    println!("chukei demo in {}", dir.path().display());
+
+    // The broker, on a free port of loopback.
+    let cfg = BrokerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().join("broker-data"),
+        pki_dir: pki_dir.clone(),
+        server_name: "demo-relay".into(),
+        ..BrokerConfig::default()
+    };
+    let listener = crate::bind(&cfg).await?;
+    let addr = listener.local_addr()?;
+    let url: BrokerUrl = format!("mqtts://127.0.0.1:{}", addr.port()).parse()?;
+    let broker = tokio::spawn(crate::run(
+        cfg,
+        listener,
+        None,
+        crate::Faults::default(),
+        stop.clone(),
+    ));
+    println!("broker listening on {url}");
+
+    // The simulated copiers.
+    let fleet = FleetSettings::merge(
+        FileConfig::default(),
+        FleetArgs {
+            count: Some(u32::try_from(devices)?),
+            pki_dir: Some(pki_dir.clone()),
+            broker: Some(url.clone()),
+            data_dir: Some(dir.path().join("fleet-data")),
+            prefix: Some(PREFIX.into()),
+            site: Some("Demo Customer, 3F".into()),
+            ..FleetArgs::default()
+        },
+    )?;
+    let serials = fleet.serials()?;
+    let fleet_task = tokio::spawn(device_agent::run_fleet(fleet, stop.clone()));
+
+    // The service desk: one GET DATA job per copier.
+    let pem = |p: &std::path::Path| pki::read_pem_file(p);
+    let tls = pki::client_config(
+        &pem(&pki_dir.join(pki::CA_CERT))?,
+        &pem(&host_cert)?,
+        &pem(&host_key)?,
+    )?;
+    // A session suffix, so a `host-agent` run by the user with the same certificate does not take
+    // this session over.
+    let opts = ConnectOptions {
+        client_id: Some(format!("{HOST}:demo")),
+        ..ConnectOptions::default()
+    };
+    let host = HostClient::connect_with(&url, tls, HostId::parse(HOST)?, opts)
+        .await
+        .context("connecting the host")?;
+    let sections = [Section::Counters, Section::Identification, Section::Jams];
+    let mut jobs = Vec::new();
+    for serial in &serials {
+        let req = SubmitJob {
+            serial: serial.to_string(),
+            kind: "get-data".into(),
+            sections: sections.iter().map(|s| s.to_string()).collect(),
+            ..SubmitJob::default()
+        };
+        match host.submit(req).await? {
+            HostReply::Submitted { job } => jobs.push(job.id),
+            other => anyhow::bail!("the broker refused a demo job: {other:?}"),
+        }
+    }
+    println!("submitted {} GET DATA jobs\n", jobs.len());
+
+    let outcome = follow(&host, &jobs, &stop).await?;
+    print_counters(&host, &jobs).await?;
+
+    let code = if once {
+        match outcome {
+            Some(true) => ExitCode::SUCCESS,
+            Some(false) => {
+                println!("\nsome jobs did not end normally");
+                ExitCode::FAILURE
+            }
+            None => {
+                println!("\nnot every job ended within {PATIENCE:?}");
+                ExitCode::FAILURE
+            }
+        }
+    } else {
+        let d = dir.path().display();
+        println!("\nAn integrator can watch the JSON views with:\n");
+        println!(
+            "  mosquitto_sub -h 127.0.0.1 -p {} --cafile {d}/pki/ca.pem --cert {d}/pki/integrator/{INTEGRATOR}.pem --key {d}/pki/integrator/{INTEGRATOR}.key -i {INTEGRATOR} -t 'json/fleet/#' -v\n",
+            addr.port()
+        );
+        println!("and submit more jobs with:\n");
+        println!(
+            "  cargo run --bin host-agent -- --broker {url} --ca {d}/pki/ca.pem --cert {d}/pki/host/{HOST}.pem --key {d}/pki/host/{HOST}.key jobs submit --serial {PREFIX}-00001 --kind get-data\n"
+        );
+        println!("Serving until Ctrl-C.");
+        stop.cancelled().await;
+        ExitCode::SUCCESS
+    };
+    host.disconnect().await;
+    stop.cancel();
+    let _ = fleet_task.await;
+    if let Ok(Err(e)) = broker.await {
+        eprintln!("broker: {e}");
+    }
+    Ok(code)
+}
+
+/// Prints the job list each time it changes, until every job has ended. `Some(all_succeeded)`,
+/// or `None` when patience or the user ran out first.
+async fn follow(
+    host: &HostClient,
+    jobs: &[String],
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<bool>> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut last = String::new();
+    loop {
+        let views: Vec<JobView> = host
+            .list(true)
+            .await?
+            .into_iter()
+            .filter(|v| jobs.contains(&v.id))
+            .collect();
+        let table = host_agent::render_table(&views);
+        if table != last {
+            println!("{table}");
+            last = table;
+        }
+        if views.len() == jobs.len() && views.iter().all(|v| v.status.is_terminal()) {
+            return Ok(Some(views.iter().all(|v| v.status == JobStatus::Succeeded)));
+        }
+        tokio::select! {
+            () = stop.cancelled() => return Ok(None),
+            () = tokio::time::sleep_until(deadline) => return Ok(None),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// The counters every copier sent, and the fleet's totals.
+async fn print_counters(host: &HostClient, jobs: &[String]) -> anyhow::Result<()> {
+    const COLUMNS: [&str; 5] = ["total", "copy", "print", "scan", "fax"];
+    println!("\nCounters collected:");
+    println!(
+        "{:<14}{}",
+        "SERIAL",
+        COLUMNS.map(|c| format!("{c:>10}")).join("")
+    );
+    let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
+    for job in jobs {
+        let detail = host.show(job).await?;
+        let counters = detail.data.as_ref().and_then(|d| d.get(&Section::Counters));
+        let Some(counters) = counters else {
+            println!(
+                "{:<14}  (no data: {})",
+                detail.view.serial, detail.view.status
+            );
+            continue;
+        };
+        let cells = COLUMNS.map(|c| {
+            let v = counters.get(c).and_then(|v| v.as_int()).unwrap_or(0);
+            *sums.entry(c).or_default() += v;
+            format!("{v:>10}")
+        });
+        println!("{:<14}{}", detail.view.serial, cells.join(""));
+    }
+    println!(
+        "{:<14}{}",
+        "FLEET",
+        COLUMNS
+            .map(|c| format!("{:>10}", sums.get(c).unwrap_or(&0)))
+            .join("")
+    );
+    Ok(())
 }

@@ -215,11 +215,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            rt.block_on(broker::demo::run(
-                args.devices,
-                args.once,
-                shutdown_on_signal(),
-            ))
+            rt.block_on(async move {
+                broker::demo::run(args.devices, args.once, shutdown_on_signal()).await
+            })
         }
     }
 }

@@ -151,7 +151,7 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", host_agent::error_text(&e));
             ExitCode::from(2)
         }
     }

@@ -1,1 +1,126 @@
+//! The service company's side of chukei (the seed's host computer, 21): submit jobs for devices
+//! behind firewalls, list them as in Fig. 9, show one, and watch them change. All business rules
+//! live in the broker; this crate only asks and shows.
+//!
+//! - [`cli`]: the command line (clap); each command's doc comment is its help.
+//! - [`config`]: `--config` TOML merged with the flags (flags win).
+//! - [`tls`]: the host's certificate; its CN is the host id.
+//! - [`client`]: [`HostClient`], one MQTT session and the request/response exchange (S222).
+//!   The broker's `demo` uses it directly.
+//! - [`table`]: the human forms: the Fig. 9 table, a job's detail, a `watch` line.
+//! - [`commands`]: one file per command.
 
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod config;
+pub mod table;
+pub mod tls;
+
+pub use client::{ConnectOptions, HostClient, HostError};
+pub use table::render_table;
+
+use anyhow::Context as _;
+
+use crate::cli::{Command, JobsCommand};
+use crate::config::Settings;
+
+/// Runs one command. stdout carries only the command's output; errors are returned, for `main`
+/// to print and turn into an exit status with [`exit_code`].
+pub async fn run(settings: Settings, command: Command) -> anyhow::Result<()> {
+    let tls = tls::load(&settings.ca, &settings.cert, &settings.key)
+        .context("loading the host's TLS files")?;
+    let mut stdout = std::io::stdout();
+    match command {
+        Command::Jobs(cmd) => {
+            let opts = ConnectOptions {
+                client_id: Some(commands::watch::client_id(&tls.host, "cli")),
+                timeout: settings.timeout,
+                ..ConnectOptions::default()
+            };
+            let client =
+                HostClient::connect_with(&settings.broker, tls.config, tls.host, opts).await?;
+            let result = match cmd {
+                JobsCommand::Submit(args) => {
+                    commands::submit::run(&client, args, &mut stdout).await
+                }
+                JobsCommand::List(args) => commands::list::run(&client, args, &mut stdout).await,
+                JobsCommand::Show(args) => commands::show::run(&client, args, &mut stdout).await,
+            };
+            client.disconnect().await;
+            result
+        }
+        Command::Watch(args) => commands::watch::run(&settings, tls, args, &mut stdout).await,
+    }
+}
+
+/// The error as one line: the anyhow chain, as `{:#}` prints it, minus any cause whose text the
+/// line already holds. Many errors here and in `pki` quote their source in their own message
+/// ("could not read x.pem: No such file…") and also return it as `source()`, so a plain `{:#}`
+/// would say the same thing two or three times.
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// The exit status for an error from [`run`]: 1 when the broker answered and said no (a job
+/// rejected, an unknown job), 2 for everything else (usage, connection, TLS, timeout).
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    let refused = err.downcast_ref::<commands::Refusal>().is_some()
+        || err
+            .downcast_ref::<HostError>()
+            .is_some_and(HostError::is_refusal);
+    if refused { 1 } else { 2 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_exit_1_and_everything_else_2() {
+        let rejected = anyhow::Error::new(commands::Refusal("job J-1 rejected: bad serial".into()));
+        assert_eq!(exit_code(&rejected), 1);
+        let unknown = anyhow::Error::new(HostError::Refused {
+            reason: "no job J-9".into(),
+        })
+        .context("showing job J-9");
+        assert_eq!(exit_code(&unknown), 1, "context must not hide the refusal");
+        let timeout = anyhow::Error::new(HostError::Timeout {
+            broker: "mqtts://localhost:1".parse().unwrap(),
+            what: "list",
+            secs: 1,
+            tries: 1,
+            down: String::new(),
+        });
+        assert_eq!(exit_code(&timeout), 2);
+        assert_eq!(exit_code(&anyhow::anyhow!("could not read x.pem")), 2);
+    }
+
+    #[test]
+    fn error_text_keeps_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("could not read x.pem: {source}")]
+        struct Read {
+            source: std::io::Error,
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let err = anyhow::Error::new(Read { source: io }).context("loading the host's TLS files");
+        assert_eq!(
+            error_text(&err),
+            "loading the host's TLS files: could not read x.pem: no such file"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_text(&plain), "outer: inner");
+    }
+}

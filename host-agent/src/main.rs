@@ -1,1 +1,45 @@
-fn main() {}
+//! `host-agent`: parses flags, loads config, starts tracing and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use host_agent::cli::Cli;
+use host_agent::config::Settings;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Logs go to stderr, warnings only unless RUST_LOG says otherwise, so stdout carries nothing
+    // but the command's output (a job id, a table, JSON).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .init();
+
+    let settings = match Settings::resolve(&cli.connect) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(host_agent::run(settings, cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", host_agent::error_text(&e));
+            ExitCode::from(host_agent::exit_code(&e))
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! One command per file, as in mini-redis `src/cmd/`: each takes its parsed arguments and a
+//! session, asks the broker, and prints the answer. Business rules stay in the broker; these
+//! only ask and show.
+
+pub mod list;
+pub mod show;
+pub mod submit;
+pub mod watch;
+
+/// The broker answered and said no: a rejected job. `host-agent` exits 1 for it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);

@@ -16,8 +16,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Adds one and returns the new count.
+    pub fn inc(counter: &AtomicU64) -> u64 {
+        counter.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     pub fn dec(counter: &AtomicU64) {

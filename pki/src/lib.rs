@@ -18,6 +18,9 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
+/// Re-exported so callers of [`Ca::issue_valid`] need no `time` dependency of their own.
+pub use time::{Duration as ValidityDuration, OffsetDateTime};
+
 pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
 pub const SERVER_CERT: &str = "server.pem";
@@ -153,8 +156,26 @@ impl Ca {
         &self.ca_pem
     }
 
-    /// Mints a client certificate for `id` in `role`: CN = id, OU = role.
+    /// Mints a client certificate for `id` in `role`: CN = id, OU = role, valid for five years.
     pub fn issue(&self, role: Role, id: &str) -> Result<Issued, PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        self.issue_valid(
+            role,
+            id,
+            now - time::Duration::days(1),
+            now + time::Duration::days(LEAF_DAYS),
+        )
+    }
+
+    /// Mints a client certificate valid from `not_before` to `not_after`: for short-lived
+    /// credentials, and for tests that need an expired one.
+    pub fn issue_valid(
+        &self,
+        role: Role,
+        id: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<Issued, PkiError> {
         let identity = Identity::new(role, id)?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -165,7 +186,8 @@ impl Ca {
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        validity(&mut params, LEAF_DAYS);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),

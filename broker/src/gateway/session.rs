@@ -237,9 +237,9 @@ impl Bridge<'_> {
         match acl::check(self.who, action, topic) {
             Decision::Allow => Ok(()),
             Decision::Deny(reason) => {
-                Metrics::inc(&self.gw.metrics.acl_violations);
+                let total = Metrics::inc(&self.gw.metrics.acl_violations);
                 Span::current().record("topic", topic);
-                warn!(identity = %self.who, ?action, topic, reason, "acl violation");
+                warn!(identity = %self.who, ?action, topic, reason, total, "acl violation");
                 Err(SessionError::Acl {
                     action,
                     topic: topic.to_owned(),

@@ -1,1 +1,68 @@
-fn main() {}
+//! `device-agent`: parses flags, loads the configuration, starts logging and hands over to the
+//! library. Everything else lives in `device_agent`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use device_agent::cli::{Cli, Command};
+use device_agent::config::{FleetSettings, RunSettings};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Exit status for a bad command line or configuration (EX_USAGE), as distinct from a failure
+/// while running.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal; logs captured to a file stay greppable.
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+
+    enum Job {
+        Run(RunSettings),
+        Fleet(FleetSettings),
+    }
+    let job = match cli.command {
+        Command::Run(args) => RunSettings::resolve(args).map(Job::Run),
+        Command::Fleet(args) => FleetSettings::resolve(args).map(Job::Fleet),
+    };
+    let job = match job {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("device-agent: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|rt| {
+            rt.block_on(async {
+                let stop = CancellationToken::new();
+                device_agent::signal::cancel_on_signal(stop.clone());
+                match job {
+                    Job::Run(s) => device_agent::run(s, stop)
+                        .await
+                        .context("running the device agent"),
+                    Job::Fleet(s) => device_agent::run_fleet(s, stop)
+                        .await
+                        .context("running the fleet"),
+                }
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("device-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

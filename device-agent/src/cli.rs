@@ -1,0 +1,194 @@
+//! The command line. Every flag is an `Option`: given, it wins over the config file (see
+//! [`crate::config`]), so a fleet shares one file and a technician overrides one value for the moment.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use protocol::Serial;
+use protocol::url::BrokerUrl;
+
+const AFTER_HELP: &str = "\
+Examples:
+  device-agent run --broker mqtts://relay.example.com:8883 --serial C123 \\
+      --ca pki/ca.pem --cert pki/device/C123.pem --key pki/device/C123.key --data-dir /var/lib/chukei
+  device-agent fleet --count 1000 --pki-dir pki --broker mqtts://localhost:8883 --data-dir /tmp/fleet
+
+Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=device_agent=debug) for more or less.";
+
+/// chukei's device agent: connects a copier to the relay through outbound connections only, takes
+/// the jobs addressed to its serial, runs them and reports back; every report stays on disk until
+/// the relay confirms it. `fleet` runs many simulated copiers in one process.
+#[derive(Debug, Parser)]
+#[command(name = "device-agent", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent of one device until SIGINT or SIGTERM; reconnects by itself when the relay is away.
+    ///
+    /// The device behind the agent is, for now, the simulated copier (tune it under [sim] in the
+    /// config file); a backend for real machines plugs in behind the same `Device` trait.
+    #[command(
+        after_help = "Example:\n  device-agent run --config /etc/chukei/device-agent.toml --site \"Osaka HQ 3F\""
+    )]
+    Run(RunArgs),
+    /// Simulate COUNT copiers in one process, each with its own certificate minted from the CA in --pki-dir.
+    #[command(
+        after_help = "Example:\n  device-agent fleet --count 500 --pki-dir pki --broker mqtts://localhost:8883 --data-dir /tmp/fleet --ready-file /tmp/fleet/ready.json"
+    )]
+    Fleet(FleetArgs),
+}
+
+/// Flags of `device-agent run`.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// The relay to connect to. Overrides `broker` in the config file.
+    #[arg(long, value_name = "mqtts://HOST:PORT")]
+    pub broker: Option<BrokerUrl>,
+    /// The CA certificate (PEM) the relay's certificate must chain to. Overrides `ca`.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This device's certificate (PEM); its CN must be --serial. Overrides `cert`.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert (PEM). Overrides `key`.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// This device's serial: 1 to 64 ASCII letters, digits or -; must equal the certificate's CN.
+    /// Overrides `serial`.
+    #[arg(long, value_name = "SERIAL")]
+    pub serial: Option<Serial>,
+    /// Where the agent keeps its outbox (agent.redb): messages not yet confirmed by the relay and
+    /// jobs already done. Keep it across restarts. Overrides `data_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The installation site shown in the host's job list (Fig. 9), e.g. "Osaka HQ 3F". Overrides `site`.
+    #[arg(long, value_name = "TEXT")]
+    pub site: Option<String>,
+    /// A TOML config file; see config/device-agent.toml for every key. Flags win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Written ({"serial":"…"}) once the agent is connected and subscribed, for scripts and tests
+    /// that must wait for it.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Flags of `device-agent fleet`.
+#[derive(Debug, Args, Default)]
+pub struct FleetArgs {
+    /// How many copiers to simulate. Overrides `fleet.count`.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u32>,
+    /// The PKI directory holding ca.pem and ca.key (made by `broker pki init`); each copier's
+    /// certificate is minted from it in memory. Overrides `fleet.pki_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub pki_dir: Option<PathBuf>,
+    /// The relay to connect to. Overrides `broker`.
+    #[arg(long, value_name = "mqtts://HOST:PORT")]
+    pub broker: Option<BrokerUrl>,
+    /// Where the fleet keeps its one outbox file (agent.redb), keyed by serial. Overrides `data_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Serials are PREFIX-00000, PREFIX-00001, … (default SIM). Overrides `fleet.prefix`.
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: Option<String>,
+    /// The installation site every simulated copier reports. Overrides `site`.
+    #[arg(long, value_name = "TEXT")]
+    pub site: Option<String>,
+    /// Written ({"devices":N}) once every copier is connected and subscribed.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+    /// A TOML config file; see config/device-agent.toml for every key. Flags win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_parser_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_parses_every_flag() {
+        let cli = Cli::try_parse_from([
+            "device-agent",
+            "run",
+            "--broker",
+            "mqtts://relay:8883",
+            "--ca",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "c.key",
+            "--serial",
+            "C1",
+            "--data-dir",
+            "d",
+            "--site",
+            "Osaka",
+            "--config",
+            "a.toml",
+            "--ready-file",
+            "r.json",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.broker.unwrap().port, 8883);
+        assert_eq!(a.serial.unwrap().as_str(), "C1");
+        assert_eq!(a.site.as_deref(), Some("Osaka"));
+        assert_eq!(a.ready_file.unwrap(), PathBuf::from("r.json"));
+    }
+
+    #[test]
+    fn fleet_parses_every_flag() {
+        let cli = Cli::try_parse_from([
+            "device-agent",
+            "fleet",
+            "--count",
+            "20",
+            "--pki-dir",
+            "pki",
+            "--broker",
+            "mqtts://localhost:1",
+            "--data-dir",
+            "d",
+            "--prefix",
+            "LAB",
+            "--site",
+            "lab",
+            "--ready-file",
+            "r",
+            "--config",
+            "c",
+        ])
+        .unwrap();
+        let Command::Fleet(a) = cli.command else {
+            panic!("not fleet")
+        };
+        assert_eq!(a.count, Some(20));
+        assert_eq!(a.prefix.as_deref(), Some("LAB"));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_advice() {
+        let e =
+            Cli::try_parse_from(["device-agent", "run", "--broker", "localhost:8883"]).unwrap_err();
+        assert!(e.to_string().contains("mqtts://HOST:PORT"), "{e}");
+        let e = Cli::try_parse_from(["device-agent", "run", "--serial", "C/1"]).unwrap_err();
+        assert!(e.to_string().contains("ASCII letters"), "{e}");
+        assert!(Cli::try_parse_from(["device-agent", "fleet", "--count", "many"]).is_err());
+        assert!(Cli::try_parse_from(["device-agent", "run", "--bogus"]).is_err());
+    }
+}

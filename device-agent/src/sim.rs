@@ -1,0 +1,399 @@
+//! A simulated copier, for the demo, the tests and the fleet simulator.
+//!
+//! Its counters are a function of the time since it started: `pages = base + elapsed × rate`, so
+//! they grow while it runs without a background task per device (a fleet holds thousands). Every
+//! constant that makes one copier differ from another — its age, its mix of paper sizes and
+//! functions, its options — is drawn from a random generator seeded by the serial, so a given
+//! serial always looks the same and two serials look different.
+
+use std::time::{Duration, Instant};
+
+use chrono::SecondsFormat;
+
+use protocol::data::{DeviceData, Section, SectionData, Value};
+use protocol::device::DeviceState;
+use protocol::{Serial, Timestamp};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::device::{Device, DeviceError};
+
+/// Pages a simulated copier prints per minute unless configured otherwise.
+pub const DEFAULT_PAGES_PER_MINUTE: f64 = 30.0;
+/// The firmware a simulated copier reports unless configured otherwise.
+pub const DEFAULT_FIRMWARE: &str = "1.0.0";
+
+const MODELS: [&str; 4] = [
+    "SimCopier C-300",
+    "SimCopier C-450",
+    "SimCopier C-600",
+    "SimCopier P-7000",
+];
+const JAM_LOCATIONS: [&str; 6] = [
+    "tray 1 feed",
+    "tray 2 feed",
+    "registration",
+    "fuser exit",
+    "duplex unit",
+    "ADF",
+];
+const SC_CODES: [&str; 4] = [
+    "SC-321 laser unit",
+    "SC-542 fuser thermistor",
+    "SC-670 engine",
+    "SC-899 software",
+];
+const OPTIONS: [&str; 4] = ["ADF", "finisher", "fax board", "large capacity tray"];
+/// Pages between periodic maintenance visits, and the drum's life.
+const PM_INTERVAL: i64 = 60_000;
+const DRUM_LIFE: i64 = 120_000;
+/// Roughly one paper jam every this many pages, one service call every this many.
+const PAGES_PER_JAM: i64 = 4_000;
+const PAGES_PER_SC: i64 = 150_000;
+
+/// What can be tuned about the simulated copiers (the `[sim]` table of the config file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimSettings {
+    /// None: each copier picks one of a few models from its serial.
+    pub model: Option<String>,
+    pub firmware: String,
+    pub pages_per_minute: f64,
+}
+
+impl Default for SimSettings {
+    fn default() -> Self {
+        Self {
+            model: None,
+            firmware: DEFAULT_FIRMWARE.to_owned(),
+            pages_per_minute: DEFAULT_PAGES_PER_MINUTE,
+        }
+    }
+}
+
+/// The fixed traits of one simulated copier, drawn from its serial.
+#[derive(Debug, Clone)]
+struct Profile {
+    base_pages: i64,
+    base_scans: i64,
+    /// Percentages: copy, print (fax is the rest); a4, a3 (letter is the rest); duplex; scans per page.
+    copy_pct: i64,
+    print_pct: i64,
+    a4_pct: i64,
+    a3_pct: i64,
+    duplex_pct: i64,
+    scan_pct: i64,
+    options: Vec<&'static str>,
+    option_serial: u32,
+    speed_dials: i64,
+    density: i64,
+}
+
+impl Profile {
+    fn draw(rng: &mut StdRng) -> Profile {
+        let copy_pct = rng.gen_range(20..50);
+        let print_pct = rng.gen_range(30..(95 - copy_pct));
+        let a4_pct = rng.gen_range(60..85);
+        let a3_pct = rng.gen_range(5..(100 - a4_pct));
+        let options = OPTIONS
+            .iter()
+            .copied()
+            .filter(|_| rng.gen_bool(0.5))
+            .collect();
+        Profile {
+            base_pages: rng.gen_range(1_000..400_000),
+            base_scans: rng.gen_range(100..50_000),
+            copy_pct,
+            print_pct,
+            a4_pct,
+            a3_pct,
+            duplex_pct: rng.gen_range(10..60),
+            scan_pct: rng.gen_range(5..30),
+            options,
+            option_serial: rng.gen_range(100_000..999_999),
+            speed_dials: rng.gen_range(0..100),
+            density: rng.gen_range(-3..=3),
+        }
+    }
+}
+
+/// A copier that exists only in memory.
+#[derive(Debug, Clone)]
+pub struct SimCopier {
+    serial: Serial,
+    model: String,
+    firmware: String,
+    pages_per_minute: f64,
+    profile: Profile,
+    started: Instant,
+    started_at: Timestamp,
+}
+
+/// FNV-1a: a stable hash of the serial, so a serial's profile does not change between builds
+/// (std's hasher is allowed to).
+fn seed_of(serial: &Serial) -> u64 {
+    serial.as_str().bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// `whole × pct / 100`, in integers so the parts of a counter add up exactly.
+fn share(whole: i64, pct: i64) -> i64 {
+    whole * pct / 100
+}
+
+impl SimCopier {
+    pub fn new(serial: &Serial, settings: &SimSettings) -> SimCopier {
+        let mut rng = StdRng::seed_from_u64(seed_of(serial));
+        let profile = Profile::draw(&mut rng);
+        let model = settings
+            .model
+            .clone()
+            .unwrap_or_else(|| MODELS[rng.gen_range(0..MODELS.len())].to_owned());
+        SimCopier {
+            serial: serial.clone(),
+            model,
+            firmware: settings.firmware.clone(),
+            pages_per_minute: settings.pages_per_minute.max(0.0),
+            profile,
+            started: Instant::now(),
+            started_at: chrono::Utc::now(),
+        }
+    }
+
+    /// Pages printed `elapsed` after the simulation started.
+    fn pages_at(&self, elapsed: Duration) -> i64 {
+        // Truncation is the point: whole pages only. The float cannot overflow i64 in any
+        // realistic run (it would take ~10^13 years at 1,000 pages a minute).
+        self.profile.base_pages + (elapsed.as_secs_f64() * self.pages_per_minute / 60.0) as i64
+    }
+
+    /// Every section of the copier's data as it stands `elapsed` after the start. Pure, so tests
+    /// can look into the future without waiting for it.
+    pub fn snapshot(&self, elapsed: Duration) -> DeviceData {
+        let now = self.started_at + chrono::Duration::from_std(elapsed).unwrap_or_default();
+        Section::ALL
+            .into_iter()
+            .map(|s| (s, self.section(s, elapsed, now)))
+            .collect()
+    }
+
+    fn section(&self, section: Section, elapsed: Duration, now: Timestamp) -> SectionData {
+        let p = &self.profile;
+        let pages = self.pages_at(elapsed);
+        let jams = pages / PAGES_PER_JAM;
+        let scs = pages / PAGES_PER_SC;
+        // Last events placed in the past in proportion to how long ago the counter last ticked over.
+        let ago = |every: i64| {
+            chrono::Duration::minutes((pages % every) / self.pages_per_minute.max(1.0) as i64)
+        };
+        let mut out = SectionData::new();
+        let mut put = |k: &str, v: Value| {
+            out.insert(k.to_owned(), v);
+        };
+        match section {
+            Section::Counters => {
+                let copy = share(pages, p.copy_pct);
+                let print = share(pages, p.print_pct);
+                let a4 = share(pages, p.a4_pct);
+                let a3 = share(pages, p.a3_pct);
+                let duplex = share(pages, p.duplex_pct);
+                let scan = p.base_scans + share(pages, p.scan_pct);
+                put("total", pages.into());
+                put("sheets", (pages - duplex / 2).into());
+                put("a4", a4.into());
+                put("a3", a3.into());
+                put("letter", (pages - a4 - a3).into());
+                put("copy", copy.into());
+                put("print", print.into());
+                put("fax", (pages - copy - print).into());
+                put("scan", scan.into());
+                put("duplex", duplex.into());
+                put("simplex", (pages - duplex).into());
+                put("adf", (scan + share(copy, 60)).into());
+                put("pm", (pages % PM_INTERVAL).into());
+                put("drum", (pages % DRUM_LIFE).into());
+            }
+            Section::Identification => {
+                put("serial", self.serial.as_str().into());
+                put("model", self.model.as_str().into());
+                put("rom_version", self.firmware.as_str().into());
+                put("options", p.options.join(",").into());
+                put("option_serials", format!("OPT-{}", p.option_serial).into());
+                put("option_rom_version", "2.3.1".into());
+            }
+            Section::Calls => {
+                let last = now - ago(PM_INTERVAL / 4);
+                put("call_count", (pages / (PM_INTERVAL / 4)).into());
+                put(
+                    "last_call_at",
+                    last.to_rfc3339_opts(SecondsFormat::Secs, true).into(),
+                );
+                put(
+                    "last_call_total",
+                    (pages - pages % (PM_INTERVAL / 4)).into(),
+                );
+                put("last_call_content", "periodic counter report".into());
+            }
+            Section::CallSettings => {
+                put("every_counts", (PM_INTERVAL / 4).into());
+                put("at_times", "monthly day 1 02:00".into());
+                put("interval_minutes", 15.into());
+            }
+            Section::Jams => {
+                put("jam_count", jams.into());
+                put("sc_count", scs.into());
+                let spot = usize::try_from(jams).unwrap_or(0) % JAM_LOCATIONS.len();
+                put("last_jam_location", JAM_LOCATIONS[spot].into());
+                put(
+                    "last_jam_at",
+                    (now - ago(PAGES_PER_JAM))
+                        .to_rfc3339_opts(SecondsFormat::Secs, true)
+                        .into(),
+                );
+                let code = usize::try_from(scs).unwrap_or(0) % SC_CODES.len();
+                put("last_sc", if scs > 0 { SC_CODES[code] } else { "" }.into());
+                let history: Vec<&str> = (0..jams.min(3))
+                    .map(|i| {
+                        JAM_LOCATIONS
+                            [(spot + JAM_LOCATIONS.len() - i as usize) % JAM_LOCATIONS.len()]
+                    })
+                    .collect();
+                put("history", history.join(";").into());
+            }
+            Section::Adjustment => {
+                put("image_density", p.density.into());
+                put("registration_lead_mm_x10", (p.density * 2).into());
+                put("fax_resolution", "fine".into());
+                put("fax_ecm", true.into());
+                put("remote_diagnosis", true.into());
+            }
+            Section::Comms => {
+                put("comm_count", (pages / 500).into());
+                put(
+                    "last_comm_at",
+                    (now - ago(500))
+                        .to_rfc3339_opts(SecondsFormat::Secs, true)
+                        .into(),
+                );
+                put("last_comm_result", "ok".into());
+                put("speed_dials", p.speed_dials.into());
+            }
+            Section::Settings => {
+                put("host_selection", "relay".into());
+                // The identification password is never sent in clear (Fig. 3); say only whether one is set.
+                put("password_set", true.into());
+                put("pages_per_minute", (self.pages_per_minute as i64).into());
+            }
+        }
+        out
+    }
+}
+
+impl Device for SimCopier {
+    fn state(&self) -> DeviceState {
+        DeviceState {
+            site: String::new(),
+            model: self.model.clone(),
+            firmware: self.firmware.clone(),
+        }
+    }
+
+    fn read(&mut self, sections: &[Section]) -> Result<DeviceData, DeviceError> {
+        let elapsed = self.started.elapsed();
+        let now = chrono::Utc::now();
+        Ok(sections
+            .iter()
+            .map(|&s| (s, self.section(s, elapsed, now)))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copier(serial: &str) -> SimCopier {
+        SimCopier::new(&Serial::parse(serial).unwrap(), &SimSettings::default())
+    }
+
+    fn int(data: &DeviceData, section: Section, key: &str) -> i64 {
+        data[&section][key]
+            .as_int()
+            .unwrap_or_else(|| panic!("{section}.{key} is not a number"))
+    }
+
+    #[test]
+    fn counters_grow_while_the_copier_runs() {
+        let c = copier("C1");
+        let before = c.snapshot(Duration::ZERO);
+        let after = c.snapshot(Duration::from_secs(600));
+        let grown =
+            int(&after, Section::Counters, "total") - int(&before, Section::Counters, "total");
+        assert_eq!(grown, 300, "10 minutes at 30 pages a minute");
+        for key in ["sheets", "a4", "copy", "print", "scan", "duplex", "adf"] {
+            assert!(
+                int(&after, Section::Counters, key) > int(&before, Section::Counters, key),
+                "{key} did not grow"
+            );
+        }
+    }
+
+    #[test]
+    fn counters_add_up() {
+        let data = copier("C7").snapshot(Duration::from_secs(3600));
+        let n = |k| int(&data, Section::Counters, k);
+        assert_eq!(n("a4") + n("a3") + n("letter"), n("total"));
+        assert_eq!(n("copy") + n("print") + n("fax"), n("total"));
+        assert_eq!(n("duplex") + n("simplex"), n("total"));
+        assert!(n("sheets") <= n("total"));
+        assert!(n("pm") < PM_INTERVAL && n("drum") < DRUM_LIFE);
+    }
+
+    #[test]
+    fn every_section_is_filled() {
+        let mut c = copier("C1");
+        let data = c.read(&Section::ALL).unwrap();
+        for s in Section::ALL {
+            assert!(
+                data.get(&s).is_some_and(|d| !d.is_empty()),
+                "section {s} is empty"
+            );
+        }
+        assert_eq!(data[&Section::Identification]["serial"], Value::from("C1"));
+        for key in [
+            "total", "sheets", "a4", "a3", "letter", "copy", "print", "fax", "scan", "duplex",
+            "adf", "pm", "drum",
+        ] {
+            assert!(
+                data[&Section::Counters].contains_key(key),
+                "counters lack {key}"
+            );
+        }
+        for key in ["jam_count", "sc_count", "last_jam_location"] {
+            assert!(data[&Section::Jams].contains_key(key), "jams lack {key}");
+        }
+    }
+
+    #[test]
+    fn read_returns_only_what_was_asked() {
+        let mut c = copier("C1");
+        let data = c.read(&[Section::Jams]).unwrap();
+        assert_eq!(
+            data.keys().copied().collect::<Vec<_>>(),
+            vec![Section::Jams]
+        );
+    }
+
+    #[test]
+    fn serials_differ_and_a_serial_is_stable() {
+        let total = |s| {
+            int(
+                &copier(s).snapshot(Duration::ZERO),
+                Section::Counters,
+                "total",
+            )
+        };
+        assert_eq!(total("SIM-00001"), total("SIM-00001"));
+        assert_ne!(total("SIM-00001"), total("SIM-00002"));
+    }
+}

@@ -145,7 +145,10 @@ impl Gateway {
             Ok(()) => debug!("session ended"),
             Err(e @ session::SessionError::Acl { .. }) => info!(error = %e, "session closed"),
             Err(session::SessionError::Conn(e)) => {
-                Metrics::inc(&self.metrics.bad_packets);
+                // A reset or EOF is a network event; only a broken packet counts as bad input.
+                if !matches!(e, ConnError::Io(_)) {
+                    Metrics::inc(&self.metrics.bad_packets);
+                }
                 info!(error = %e, "session closed")
             }
             Err(e) => info!(error = %e, "session closed"),

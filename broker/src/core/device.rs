@@ -110,7 +110,7 @@ fn job_update(
             status,
             ended,
         } => {
-            info!(serial = %serial, job = %job, status = %status, "job update stored");
+            p.applied.push((serial.clone(), job, status));
             p.views.insert(n);
             if ended {
                 p.ended.insert(n);

@@ -24,8 +24,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use protocol::device::{Ack, AckBatch, AckOutcome, DeviceState};
 use protocol::host::{HostReply, HostResponse};
+use protocol::job::JobStatus;
 use protocol::topic::Topic;
-use protocol::{Envelope, HostId, MsgId, Serial, Timestamp, topic};
+use protocol::{Envelope, HostId, JobId, MsgId, Serial, Timestamp, topic};
 use tracing::{error, info, warn};
 
 use crate::jobs;
@@ -87,6 +88,8 @@ struct Pending {
     states: BTreeSet<Serial>,
     /// Devices heard from in this batch: their last-seen time moves.
     seen: BTreeSet<Serial>,
+    /// Job updates applied in this batch, logged once the commit has made them true.
+    applied: Vec<(Serial, JobId, JobStatus)>,
 }
 
 impl Pending {
@@ -209,9 +212,14 @@ impl Core {
                 }
             }
         }
+        let applied = std::mem::take(&mut pending.applied);
         let (mut out, answers) = self.finish(&mut txn, pending, now)?;
         if txn.commit()? {
             self.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        // Logged after the commit, so the line means "durable": tests and operators rely on it.
+        for (serial, job, status) in applied {
+            info!(serial = %serial, job = %job, status = %status, "job update stored");
         }
         if self.settings.hold_acks {
             if !answers.is_empty() && !self.held_acks_logged.swap(true, Ordering::Relaxed) {

@@ -1,0 +1,176 @@
+//! Starting the real `broker run`.
+
+use std::ffi::{OsStr, OsString};
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+
+use tokio::process::Command;
+
+use crate::process::SEE_BELOW;
+use crate::{Proc, TestEnv, bin, deadline};
+
+/// How to start a broker. Defaults: this test's CA, `<root>/broker-data`, `127.0.0.1:0`.
+pub struct BrokerBuilder<'a> {
+    env: &'a TestEnv,
+    listen: Option<SocketAddr>,
+    data_dir: PathBuf,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+}
+
+impl<'a> BrokerBuilder<'a> {
+    pub(crate) fn new(env: &'a TestEnv) -> Self {
+        BrokerBuilder {
+            env,
+            listen: None,
+            data_dir: env.path("broker-data"),
+            args: Vec::new(),
+            envs: Vec::new(),
+        }
+    }
+
+    /// Listen on this address rather than an ephemeral port: how a restarted broker comes back
+    /// where its devices expect it.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// The redb data directory. The default is the same for every broker of a test, so a
+    /// restarted broker finds what the previous one stored.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = dir.into();
+        self
+    }
+
+    /// One more argument to `broker run`, e.g. `--max-payload-bytes`.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// An environment variable for the broker, e.g. `CHUKEI_TEST_HOLD_ACKS=1`.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Starts the broker and waits for its ready file, which says where it listens.
+    pub async fn start(self) -> Broker {
+        let n = self.env.next_start();
+        let ready = self.env.path(format!("broker-{n}.ready.json"));
+        let listen = self
+            .listen
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let mut cmd = Command::new(bin("broker"));
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--pki-dir")
+            .arg(self.env.pki().dir())
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)));
+        let mut proc = Proc::spawn(
+            format!("broker#{n}"),
+            cmd,
+            self.env.path(format!("broker-{n}.log")),
+        );
+        let text = proc.wait_for_ready_file(&ready, deadline()).await;
+        let addr = parse_ready(&text).unwrap_or_else(|e| {
+            panic!(
+                "{}'s ready file {} is not valid: {e}\n{text}{SEE_BELOW}",
+                proc.name(),
+                ready.display()
+            )
+        });
+        if let Some(want) = self.listen {
+            assert_eq!(
+                addr,
+                want,
+                "{} was asked to listen on {want} but reports {addr}",
+                proc.name()
+            );
+        }
+        Broker { proc, addr }
+    }
+}
+
+/// `{"listen":"127.0.0.1:PORT"}`.
+fn parse_ready(text: &str) -> Result<SocketAddr, String> {
+    let json: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let listen = json
+        .get("listen")
+        .and_then(|v| v.as_str())
+        .ok_or("no \"listen\" string")?;
+    listen
+        .parse()
+        .map_err(|e| format!("\"listen\": {listen:?}: {e}"))
+}
+
+/// A running broker. Derefs to its [`Proc`] for logs, `kill9` and `stop`.
+pub struct Broker {
+    proc: Proc,
+    addr: SocketAddr,
+}
+
+impl Broker {
+    /// Where the gateway listens (MQTT over TLS).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `mqtts://127.0.0.1:PORT`, as the agents take it.
+    pub fn url(&self) -> String {
+        format!("mqtts://{}", self.addr)
+    }
+}
+
+impl Deref for Broker {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl DerefMut for Broker {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ready;
+
+    #[test]
+    fn ready_file_is_read() {
+        assert_eq!(
+            parse_ready(r#"{"listen":"127.0.0.1:4242"}"#)
+                .unwrap()
+                .port(),
+            4242
+        );
+        assert!(parse_ready(r#"{"listen":"#).is_err());
+        assert!(parse_ready(r#"{"port":1}"#).is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! Starting the real `device-agent run` and `device-agent fleet`.
+
+use std::ffi::{OsStr, OsString};
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use protocol::Role;
+use tokio::process::Command;
+
+use crate::{Broker, Proc, TestEnv, bin, deadline};
+
+/// How to start one device agent. Its data directory (`<root>/device-{serial}`) is the same for
+/// every start, so a restarted agent finds its outbox.
+pub struct DeviceBuilder<'a> {
+    env: &'a TestEnv,
+    serial: String,
+    site: Option<String>,
+    data_dir: PathBuf,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+}
+
+impl<'a> DeviceBuilder<'a> {
+    pub(crate) fn new(env: &'a TestEnv, serial: &str) -> Self {
+        DeviceBuilder {
+            env,
+            serial: serial.to_owned(),
+            site: None,
+            data_dir: env.path(format!("device-{serial}")),
+            args: Vec::new(),
+            envs: Vec::new(),
+        }
+    }
+
+    /// The installation site the device reports (Fig. 9).
+    pub fn site(mut self, site: &str) -> Self {
+        self.site = Some(site.to_owned());
+        self
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Starts the agent and waits until it is connected and subscribed (its ready file).
+    pub async fn start(self, broker: &Broker) -> Device {
+        let n = self.env.next_start();
+        let certs = self.env.certs(Role::Device, &self.serial);
+        let ready = self.env.path(format!("device-{}-{n}.ready", self.serial));
+        let mut cmd = Command::new(bin("device-agent"));
+        cmd.arg("run")
+            .arg("--broker")
+            .arg(broker.url())
+            .arg("--ca")
+            .arg(&certs.ca)
+            .arg("--cert")
+            .arg(&certs.cert)
+            .arg("--key")
+            .arg(&certs.key)
+            .arg("--serial")
+            .arg(&self.serial)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--ready-file")
+            .arg(&ready);
+        if let Some(site) = &self.site {
+            cmd.arg("--site").arg(site);
+        }
+        cmd.args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)));
+        let name = format!("device {}#{n}", self.serial);
+        let log = self.env.path(format!("device-{}-{n}.log", self.serial));
+        let mut proc = Proc::spawn(name, cmd, log);
+        proc.wait_for_ready_file(&ready, deadline()).await;
+        Device {
+            proc,
+            serial: self.serial,
+        }
+    }
+}
+
+/// A running device agent. Derefs to its [`Proc`].
+pub struct Device {
+    proc: Proc,
+    serial: String,
+}
+
+impl Device {
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+}
+
+impl Deref for Device {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl DerefMut for Device {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+/// How to start a fleet simulator: `count` devices `PREFIX-00000…`, their certificates minted
+/// from this test's CA.
+pub struct FleetBuilder<'a> {
+    env: &'a TestEnv,
+    count: usize,
+    prefix: String,
+    args: Vec<OsString>,
+}
+
+impl<'a> FleetBuilder<'a> {
+    pub(crate) fn new(env: &'a TestEnv, count: usize) -> Self {
+        FleetBuilder {
+            env,
+            count,
+            prefix: "SIM".to_owned(),
+            args: Vec::new(),
+        }
+    }
+
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_owned();
+        self
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Starts the fleet and waits until every device is connected (its ready file). A fleet takes
+    /// longer than one device to come up, so the deadline grows with its size.
+    pub async fn start(self, broker: &Broker) -> Fleet {
+        let n = self.env.next_start();
+        let ready = self.env.path(format!("fleet-{n}.ready"));
+        let mut cmd = Command::new(bin("device-agent"));
+        cmd.arg("fleet")
+            .arg("--count")
+            .arg(self.count.to_string())
+            .arg("--pki-dir")
+            .arg(self.env.pki().dir())
+            .arg("--broker")
+            .arg(broker.url())
+            .arg("--data-dir")
+            .arg(self.env.path(format!("fleet-{n}")))
+            .arg("--prefix")
+            .arg(&self.prefix)
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(&self.args);
+        let mut proc = Proc::spawn(
+            format!("fleet#{n}"),
+            cmd,
+            self.env.path(format!("fleet-{n}.log")),
+        );
+        let within = deadline() + Duration::from_millis(20 * self.count as u64);
+        proc.wait_for_ready_file(&ready, within).await;
+        Fleet {
+            proc,
+            prefix: self.prefix,
+            count: self.count,
+        }
+    }
+}
+
+/// A running fleet simulator. Derefs to its [`Proc`].
+pub struct Fleet {
+    proc: Proc,
+    prefix: String,
+    count: usize,
+}
+
+impl Fleet {
+    /// The serial of the `i`th simulated device: `SIM-00000`, `SIM-00001`…
+    pub fn serial(&self, i: usize) -> String {
+        assert!(
+            i < self.count,
+            "the fleet has {} devices, not {}",
+            self.count,
+            i + 1
+        );
+        format!("{}-{i:05}", self.prefix)
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
+impl Deref for Fleet {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl DerefMut for Fleet {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}

@@ -1,0 +1,174 @@
+//! Driving the real `host-agent` CLI, as a service desk would.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::process::Command;
+
+use crate::{CertPaths, TestEnv, bin, deadline, poll_until};
+
+/// `host-agent --broker URL --ca --cert --key …` as one host.
+pub struct Host {
+    id: String,
+    url: String,
+    certs: CertPaths,
+    cwd: PathBuf,
+}
+
+/// What one `host-agent` run printed.
+pub struct RunOutput {
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RunOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+}
+
+impl fmt::Display for RunOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "command: {}\nstatus: {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.command, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Host {
+    pub(crate) fn new(env: &TestEnv, id: &str, certs: CertPaths, url: String) -> Host {
+        Host {
+            id: id.to_owned(),
+            url,
+            certs,
+            cwd: env.root().to_owned(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs `host-agent` with the connection flags and then `args`; never panics on the exit
+    /// status (a test of a rejection wants the failure), only if it hangs past the deadline.
+    pub async fn run<I, S>(&self, args: I) -> RunOutput
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(bin("host-agent"));
+        cmd.current_dir(&self.cwd)
+            .env("NO_COLOR", "1")
+            .arg("--broker")
+            .arg(&self.url)
+            .arg("--ca")
+            .arg(&self.certs.ca)
+            .arg("--cert")
+            .arg(&self.certs.cert)
+            .arg("--key")
+            .arg(&self.certs.key)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let command = format!("{:?}", cmd.as_std());
+        let out = match tokio::time::timeout(deadline(), cmd.output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => panic!("could not run {command}: {e}"),
+            Err(_) => panic!("{command} did not finish within {:?}", deadline()),
+        };
+        RunOutput {
+            command,
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs `args`, panics unless it succeeds; returns stdout.
+    pub async fn run_ok<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.run(args).await;
+        assert!(out.success(), "host-agent failed\n{out}");
+        out.stdout
+    }
+
+    /// `jobs submit ARGS…`: returns the job id, which is all the command prints.
+    pub async fn submit(&self, args: &[&str]) -> String {
+        let mut full = vec!["jobs", "submit"];
+        full.extend_from_slice(args);
+        let out = self.run(&full).await;
+        assert!(out.success(), "submission was refused\n{out}");
+        let id = out.stdout.trim();
+        assert!(
+            !id.is_empty() && !id.contains(char::is_whitespace),
+            "`jobs submit` must print the job id alone\n{out}"
+        );
+        id.to_owned()
+    }
+
+    /// `jobs submit --serial SERIAL --kind get-data`: returns the job id.
+    pub async fn submit_get_data(&self, serial: &str) -> String {
+        self.submit(&["--serial", serial, "--kind", "get-data"])
+            .await
+    }
+
+    /// `jobs show ID --json`, parsed.
+    pub async fn show_json(&self, id: &str) -> Value {
+        let out = self.run(["jobs", "show", id, "--json"]).await;
+        assert!(out.success(), "`jobs show {id} --json` failed\n{out}");
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("`jobs show --json` did not print JSON: {e}\n{out}"))
+    }
+
+    /// `jobs list --json [--all]`, parsed: one object per job.
+    pub async fn list_json(&self, all: bool) -> Vec<Value> {
+        let mut args = vec!["jobs", "list", "--json"];
+        if all {
+            args.push("--all");
+        }
+        let out = self.run(&args).await;
+        assert!(out.success(), "`jobs list` failed\n{out}");
+        match serde_json::from_str::<Value>(&out.stdout) {
+            Ok(Value::Array(jobs)) => jobs,
+            Ok(other) => panic!("`jobs list --json` must print an array of jobs, got {other}"),
+            Err(e) => panic!("`jobs list --json` did not print JSON: {e}\n{out}"),
+        }
+    }
+
+    /// Polls `jobs show ID --json` until the job's status is `status`; returns the last detail.
+    /// Fails early if the job reaches a different end state.
+    pub async fn wait_for_status(&self, id: &str, status: &str, within: Duration) -> Value {
+        const ENDS: [&str; 5] = ["succeeded", "failed", "rejected", "canceled", "timed-out"];
+        let what = format!("job {id} with status {status:?}");
+        let result = poll_until(&what, within, || async {
+            let out = self.run(["jobs", "show", id, "--json"]).await;
+            if !out.success() {
+                return Err(format!("`jobs show` failed: {}", out.stderr.trim()));
+            }
+            let detail: Value = serde_json::from_str(&out.stdout)
+                .map_err(|e| format!("not JSON ({e}): {}", out.stdout))?;
+            match detail.get("status").and_then(Value::as_str) {
+                Some(s) if s == status => Ok(Ok(detail)),
+                Some(s) if ENDS.contains(&s) => Ok(Err(detail)),
+                _ => Err(detail.to_string()),
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok(detail)) => detail,
+            Ok(Err(detail)) => panic!("{what}: the job ended otherwise:\n{detail:#}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

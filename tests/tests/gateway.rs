@@ -279,3 +279,40 @@ async fn foreign_certificate_is_refused() {
     let job = host.submit_get_data("C1").await;
     host.wait_for_status(&job, "succeeded", deadline()).await;
 }
+
+#[tokio::test]
+async fn expired_certificate_is_refused() {
+    let env = TestEnv::new("expired_certificate_is_refused");
+    let broker = env.broker().start().await;
+    // Issued by the broker's own CA, so only its dates are wrong.
+    let now = pki::OffsetDateTime::now_utc();
+    let day = pki::ValidityDuration::days(1);
+    let ca = pki::Ca::load(env.pki().dir()).expect("the test CA loads");
+    let expired = ca
+        .issue_valid(Role::Device, "C1", now - day * 10, now - day)
+        .expect("an expired certificate can be minted");
+    let certs = harness::CertPaths {
+        ca: env.pki().ca(),
+        cert: env.path("expired-C1.pem"),
+        key: env.path("expired-C1.key"),
+    };
+    std::fs::write(&certs.cert, &expired.cert_pem).expect("write cert");
+    std::fs::write(&certs.key, &expired.key_pem).expect("write key");
+
+    let refused = env
+        .mqtt(Role::Device, "C1")
+        .with_cert(&certs)
+        .connect(&broker)
+        .await;
+    assert!(refused.is_err(), "an expired certificate got a CONNACK");
+    // rustls names the reason ("certificate expired …") in the gateway's log line.
+    broker.wait_for_log("expired", deadline()).await;
+
+    // The same identity with a valid certificate is still served.
+    let valid = env.mqtt(Role::Device, "C1").connect(&broker).await;
+    assert!(
+        valid.is_ok(),
+        "a valid certificate was refused: {:?}",
+        valid.err()
+    );
+}

@@ -70,6 +70,7 @@ impl Reporter {
             status,
             note,
             data,
+            errors: Default::default(),
         };
         self.send(UpKind::Job, update, finished).await
     }

@@ -416,6 +416,10 @@ fn request_name(req: &HostRequest) -> &'static str {
         HostRequest::Submit(_) => "submit",
         HostRequest::List { .. } => "list",
         HostRequest::Show { .. } => "show",
+        HostRequest::Cancel { .. } => "cancel",
+        HostRequest::UploadBegin { .. } => "upload-begin",
+        HostRequest::UploadChunk { .. } => "upload-chunk",
+        HostRequest::Artifacts => "artifacts",
     }
 }
 
@@ -426,6 +430,9 @@ fn reply_name(reply: &HostReply) -> &'static str {
         HostReply::Jobs { .. } => "jobs",
         HostReply::Job { .. } => "job",
         HostReply::Error { .. } => "error",
+        HostReply::Canceled { .. } => "canceled",
+        HostReply::Upload { .. } => "upload",
+        HostReply::Artifacts { .. } => "artifacts",
     }
 }
 

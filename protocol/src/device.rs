@@ -2,6 +2,8 @@
 //! `dev/{serial}/ack`. Each device message is wrapped in an [`crate::Envelope`] whose id the
 //! broker acknowledges once it is durable.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::MsgId;
@@ -18,9 +20,13 @@ pub struct JobUpdate {
     /// Why it failed, or what the device noticed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
-    /// The collected data, with `succeeded` of a get-data job.
+    /// The collected data, with `succeeded` of a get-data job; the applied values of an update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<DeviceData>,
+    /// Per-key reasons a device refused values of an update-data job ("adjustment.density" →
+    /// "12 is out of range 1..=9"); with `failed`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors: BTreeMap<String, String>,
 }
 
 impl JobUpdate {
@@ -35,6 +41,22 @@ impl JobUpdate {
                 | JobStatus::Failed
         )
     }
+}
+
+/// Update-data with `merge: broker`, S212: the device's current values of the job's sections
+/// (`up/merge`, through the outbox). The broker answers with [`Merged`] on
+/// `dev/{serial}/merged/{job}`, retained until the job ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeRequest {
+    pub job: JobId,
+    pub current: DeviceData,
+}
+
+/// S213–S215: the device's current data with the host's values merged in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Merged {
+    pub job: JobId,
+    pub data: DeviceData,
 }
 
 /// The device announces itself (`up/state`) when its session starts.

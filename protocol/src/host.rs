@@ -3,9 +3,13 @@
 //! A host resends a request until a reply with its msg id arrives (S222). Submissions are
 //! deduplicated by (host, msg id): a resent submission gets the same job back, never a second job.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::MsgId;
+use crate::artifact::{ArtifactInfo, Chunk};
+use crate::data::Value;
 use crate::job::{JobDetail, JobView};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,6 +24,27 @@ pub enum HostRequest {
     Show {
         job: String,
     },
+    /// Withdraw a job: a queued one always; a started one only where the device can still stop
+    /// safely (a firmware job that is downloaded but not yet being written); else refused.
+    Cancel {
+        job: String,
+    },
+    /// Start (or resume) an artifact upload. The reply says which chunks the relay already holds.
+    UploadBegin {
+        /// SHA-256 of the whole artifact, 64 lowercase hex digits.
+        artifact: String,
+        version: String,
+        size: u64,
+        chunk_size: u32,
+        /// The publisher's ed25519 signature over `artifact::signed_message`, hex.
+        signature: String,
+    },
+    /// One chunk of an upload; the last one completes it once the digest checks out.
+    UploadChunk {
+        chunk: Chunk,
+    },
+    /// The artifacts the relay holds.
+    Artifacts,
 }
 
 /// A job as the host typed it. Deliberately loose (strings): the broker validates every field
@@ -37,9 +62,36 @@ pub struct SubmitJob {
     /// Execution time (RFC 3339), for updates.
     #[serde(default)]
     pub execute_at: Option<String>,
-    /// Deadline (RFC 3339).
+    /// Deadline (RFC 3339); absent means the broker's default.
     #[serde(default)]
     pub deadline: Option<String>,
+    /// Attempts at the risky step (firmware write); absent means the broker's default.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// update-data: "section.name" → new value, e.g. "adjustment.density" → 5.
+    #[serde(default)]
+    pub values: BTreeMap<String, Value>,
+    /// update-data: "broker" (default) or "device": where the values are merged.
+    #[serde(default)]
+    pub merge: Option<String>,
+    /// firmware: the artifact's id (SHA-256 hex) or its version.
+    #[serde(default)]
+    pub artifact: Option<String>,
+    /// set-schedule: "persistent" or "periodic".
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// set-schedule: periodic check-in interval.
+    #[serde(default)]
+    pub interval_secs: Option<u64>,
+    /// set-schedule: calendar times, e.g. "daily:22:00" (see `schedule::Calendar`).
+    #[serde(default)]
+    pub calendar: Vec<String>,
+    /// set-schedule: "power-on", "operator-action".
+    #[serde(default)]
+    pub moments: Vec<String>,
+    /// set-schedule: "count:total/1000", "fault:SC-541".
+    #[serde(default)]
+    pub conditions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +118,17 @@ pub enum HostReply {
     },
     Job {
         job: Box<JobDetail>,
+    },
+    /// The job was withdrawn.
+    Canceled {
+        job: JobView,
+    },
+    /// Where an upload stands (after UploadBegin and each UploadChunk).
+    Upload {
+        artifact: ArtifactInfo,
+    },
+    Artifacts {
+        artifacts: Vec<ArtifactInfo>,
     },
     /// The request itself could not be served (unknown job, undecodable request…).
     Error {

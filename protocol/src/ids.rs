@@ -27,6 +27,8 @@ pub enum IdError {
     },
     #[error("role {0:?} is not known: use device, host or integrator")]
     BadRole(String),
+    #[error("artifact id {0:?} is not a SHA-256 digest: use 64 lowercase hex digits")]
+    BadArtifact(String),
 }
 
 fn check_id(what: &'static str, value: &str) -> Result<(), IdError> {

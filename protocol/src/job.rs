@@ -7,8 +7,10 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
+use crate::artifact::ArtifactRef;
 use crate::data::{DeviceData, Section};
 use crate::ids::{JobId, Serial};
+use crate::schedule::Schedule;
 
 /// What a job asks the device to do. Tagged by `kind` on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -16,6 +18,24 @@ use crate::ids::{JobId, Serial};
 pub enum JobSpec {
     /// Fig. 2: send the listed sections of the device's data.
     GetData { sections: Vec<Section> },
+    /// Fig. 4: set named values. With `merge: broker` the device sends its current data of these
+    /// sections (S212), the broker merges the new values into it (S213) and returns the merged set
+    /// (S215); with `merge: device` the device merges itself (【0083】).
+    UpdateData { values: DeviceData, merge: MergeAt },
+    /// Fig. 6 (ISW): download the artifact at the instruction time, write it at the execution
+    /// time with the relay session suspended, verify, switch A/B slots, health-check.
+    Firmware { artifact: ArtifactRef },
+    /// Claims 15, 38: change when the device reaches the relay.
+    SetSchedule { schedule: Schedule },
+}
+
+/// Where an update-data job's values are merged into the device's current data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MergeAt {
+    #[default]
+    Broker,
+    Device,
 }
 
 impl JobSpec {
@@ -23,6 +43,9 @@ impl JobSpec {
     pub fn kind_name(&self) -> &'static str {
         match self {
             JobSpec::GetData { .. } => "get-data",
+            JobSpec::UpdateData { .. } => "update-data",
+            JobSpec::Firmware { .. } => "firmware",
+            JobSpec::SetSchedule { .. } => "set-schedule",
         }
     }
 
@@ -30,6 +53,9 @@ impl JobSpec {
     pub fn instruction(&self) -> &'static str {
         match self {
             JobSpec::GetData { .. } => "GET DATA",
+            JobSpec::UpdateData { .. } => "UPDATE DATA",
+            JobSpec::Firmware { .. } => "UPDATE ISW",
+            JobSpec::SetSchedule { .. } => "SET SCHEDULE",
         }
     }
 
@@ -41,12 +67,19 @@ impl JobSpec {
                 .map(|s| s.as_str())
                 .collect::<Vec<_>>()
                 .join(","),
+            JobSpec::UpdateData { values, .. } => values
+                .keys()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            JobSpec::Firmware { artifact } => format!("ISW {}", artifact.version),
+            JobSpec::SetSchedule { schedule } => format!("schedule ({})", schedule.mode),
         }
     }
 }
 
 /// The job kinds this build knows, for error messages and `--help`.
-pub const KNOWN_KINDS: &[&str] = &["get-data"];
+pub const KNOWN_KINDS: &[&str] = &["get-data", "update-data", "firmware", "set-schedule"];
 
 /// The retained message on `dev/{serial}/jobs/{job}`: everything the device needs to run the job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +93,13 @@ pub struct JobOrder {
     pub execution_time: Option<Timestamp>,
     /// After this the broker marks the job timed out if it has not ended.
     pub deadline: Option<Timestamp>,
+    /// How many times the device may try the job's risky step (a firmware write) before it fails.
+    #[serde(default = "one")]
+    pub max_attempts: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A job's state. Moves only forward (see [`JobStatus::can_move_to`]); a repeated event is harmless.

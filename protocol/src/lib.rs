@@ -6,12 +6,14 @@
 //! can be tested as a pure function.
 
 pub mod acl;
+pub mod artifact;
 pub mod data;
 pub mod device;
 pub mod envelope;
 pub mod host;
 pub mod ids;
 pub mod job;
+pub mod schedule;
 pub mod topic;
 pub mod url;
 pub mod validate;

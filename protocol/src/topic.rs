@@ -3,7 +3,9 @@
 //! ```text
 //! dev/{serial}/jobs/{job}          broker → device   retained job order, emptied when the job ends
 //! dev/{serial}/ack                 broker → device   end-to-end acks of what the device sent
-//! dev/{serial}/up/{kind}           device → broker   job updates, device state
+//! dev/{serial}/up/{kind}           device → broker   job updates, device state, merge, fetch
+//! dev/{serial}/merged/{job}        broker → device   retained merged data of an update-data job
+//! dev/{serial}/blob/{artifact}     broker → device   firmware chunks the device asked for
 //! host/{host}/req                  host → broker     submit, list, show
 //! host/{host}/resp                 broker → host     replies, keyed by the request's msg id
 //! fleet/{serial}/jobs/{job}        broker → hosts    retained job view (CBOR)
@@ -14,6 +16,7 @@
 
 use std::fmt;
 
+use crate::artifact::ArtifactId;
 use crate::ids::{HostId, IdError, JobId, Serial};
 
 /// What a device publishes under `dev/{serial}/up/{kind}`. Unknown kinds are refused by the ACL,
@@ -24,15 +27,21 @@ pub enum UpKind {
     Job,
     /// The device announces itself: site, model, firmware ([`crate::device::DeviceState`]).
     State,
+    /// Update-data merged at the broker: the device's current values ([`crate::device::MergeRequest`]).
+    Merge,
+    /// Firmware download: chunks the device still needs ([`crate::artifact::FetchRequest`]).
+    Fetch,
 }
 
 impl UpKind {
-    pub const ALL: [UpKind; 2] = [UpKind::Job, UpKind::State];
+    pub const ALL: [UpKind; 4] = [UpKind::Job, UpKind::State, UpKind::Merge, UpKind::Fetch];
 
     pub fn as_str(self) -> &'static str {
         match self {
             UpKind::Job => "job",
             UpKind::State => "state",
+            UpKind::Merge => "merge",
+            UpKind::Fetch => "fetch",
         }
     }
 
@@ -44,15 +53,45 @@ impl UpKind {
 /// A concrete topic (no wildcards), parsed into its parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topic {
-    DevJob { serial: Serial, job: JobId },
-    DevAck { serial: Serial },
-    DevUp { serial: Serial, kind: UpKind },
-    HostReq { host: HostId },
-    HostResp { host: HostId },
-    FleetJob { serial: Serial, job: JobId },
-    FleetState { serial: Serial },
-    JsonFleetJob { serial: Serial, job: JobId },
-    JsonFleetState { serial: Serial },
+    DevJob {
+        serial: Serial,
+        job: JobId,
+    },
+    DevAck {
+        serial: Serial,
+    },
+    DevUp {
+        serial: Serial,
+        kind: UpKind,
+    },
+    DevMerged {
+        serial: Serial,
+        job: JobId,
+    },
+    DevBlob {
+        serial: Serial,
+        artifact: ArtifactId,
+    },
+    HostReq {
+        host: HostId,
+    },
+    HostResp {
+        host: HostId,
+    },
+    FleetJob {
+        serial: Serial,
+        job: JobId,
+    },
+    FleetState {
+        serial: Serial,
+    },
+    JsonFleetJob {
+        serial: Serial,
+        job: JobId,
+    },
+    JsonFleetState {
+        serial: Serial,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +125,14 @@ impl Topic {
                 },
                 None => return Err(TopicError::Unknown(topic.to_owned())),
             },
+            ["dev", s, "merged", j] => Topic::DevMerged {
+                serial: serial(s)?,
+                job: job(j)?,
+            },
+            ["dev", s, "blob", a] => Topic::DevBlob {
+                serial: serial(s)?,
+                artifact: ArtifactId::parse(a).map_err(bad)?,
+            },
             ["host", h, "req"] => Topic::HostReq { host: host(h)? },
             ["host", h, "resp"] => Topic::HostResp { host: host(h)? },
             ["fleet", s, "jobs", j] => Topic::FleetJob {
@@ -110,6 +157,8 @@ impl fmt::Display for Topic {
             Topic::DevJob { serial, job } => write!(f, "dev/{serial}/jobs/{job}"),
             Topic::DevAck { serial } => write!(f, "dev/{serial}/ack"),
             Topic::DevUp { serial, kind } => write!(f, "dev/{serial}/up/{}", kind.as_str()),
+            Topic::DevMerged { serial, job } => write!(f, "dev/{serial}/merged/{job}"),
+            Topic::DevBlob { serial, artifact } => write!(f, "dev/{serial}/blob/{artifact}"),
             Topic::HostReq { host } => write!(f, "host/{host}/req"),
             Topic::HostResp { host } => write!(f, "host/{host}/resp"),
             Topic::FleetJob { serial, job } => write!(f, "fleet/{serial}/jobs/{job}"),
@@ -138,6 +187,20 @@ pub fn dev_up(serial: &Serial, kind: UpKind) -> String {
     Topic::DevUp {
         serial: serial.clone(),
         kind,
+    }
+    .to_string()
+}
+pub fn dev_merged(serial: &Serial, job: &JobId) -> String {
+    Topic::DevMerged {
+        serial: serial.clone(),
+        job: job.clone(),
+    }
+    .to_string()
+}
+pub fn dev_blob(serial: &Serial, artifact: &ArtifactId) -> String {
+    Topic::DevBlob {
+        serial: serial.clone(),
+        artifact: artifact.clone(),
     }
     .to_string()
 }

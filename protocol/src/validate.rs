@@ -5,19 +5,39 @@
 use std::collections::BTreeSet;
 
 use crate::Timestamp;
-use crate::data::Section;
+use crate::data::{DeviceData, Section};
 use crate::host::SubmitJob;
 use crate::ids::Serial;
-use crate::job::{JobSpec, KNOWN_KINDS};
+use crate::job::{JobSpec, KNOWN_KINDS, MergeAt};
+use crate::schedule::{Schedule, SessionMode};
+
+/// Most attempts a job may ask for.
+pub const MAX_ATTEMPTS: u32 = 10;
+/// Most values one update-data job may set.
+pub const MAX_VALUES: usize = 256;
 
 /// A submission that passed every check.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidSubmission {
     pub serial: Serial,
-    pub spec: JobSpec,
+    pub spec: SpecDraft,
     pub instruction_time: Timestamp,
     pub execution_time: Option<Timestamp>,
+    /// `None`: the broker applies its default.
     pub deadline: Option<Timestamp>,
+    /// `None`: the broker applies its default.
+    pub max_attempts: Option<u32>,
+}
+
+/// A valid job spec, or a firmware job whose artifact the broker still has to look up (only it
+/// knows which artifacts it holds).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpecDraft {
+    Ready(JobSpec),
+    /// `artifact` is an artifact id (SHA-256 hex) or a version.
+    Firmware {
+        artifact: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,10 +70,24 @@ pub fn submission(req: &SubmitJob, now: Timestamp) -> Result<ValidSubmission, Re
                     "execute_at applies to update and firmware jobs, not get-data; drop it".into(),
                 ));
             }
-            JobSpec::GetData {
+            SpecDraft::Ready(JobSpec::GetData {
                 sections: sections(&req.sections)?,
-            }
+            })
         }
+        "update-data" => SpecDraft::Ready(update_data(req)?),
+        "firmware" => match req.artifact.as_deref() {
+            Some(a) if !a.trim().is_empty() => SpecDraft::Firmware {
+                artifact: a.trim().to_owned(),
+            },
+            _ => {
+                return Err(Rejected(
+                    "a firmware job needs an artifact (its id or version); upload one with `host-agent artifacts upload`".into(),
+                ));
+            }
+        },
+        "set-schedule" => SpecDraft::Ready(JobSpec::SetSchedule {
+            schedule: schedule(req)?,
+        }),
         other => {
             return Err(Rejected(format!(
                 "job kind {other:?} is not known: use one of {}",
@@ -61,6 +95,22 @@ pub fn submission(req: &SubmitJob, now: Timestamp) -> Result<ValidSubmission, Re
             )));
         }
     };
+    if let Some(exec) = execution_time
+        && exec < instruction_time
+    {
+        return Err(Rejected(format!(
+            "execute_at {} is before the instruction time {}; the device must fetch before it applies",
+            exec.to_rfc3339(),
+            instruction_time.to_rfc3339()
+        )));
+    }
+    if let Some(n) = req.max_attempts
+        && !(1..=MAX_ATTEMPTS).contains(&n)
+    {
+        return Err(Rejected(format!(
+            "max_attempts {n} is out of range: use 1 to {MAX_ATTEMPTS}"
+        )));
+    }
     if let Some(deadline) = deadline
         && deadline <= instruction_time.max(now)
     {
@@ -76,7 +126,88 @@ pub fn submission(req: &SubmitJob, now: Timestamp) -> Result<ValidSubmission, Re
         instruction_time,
         execution_time,
         deadline,
+        max_attempts: req.max_attempts,
     })
+}
+
+/// Values are named `section.name`; the section must be known, the name non-empty.
+fn update_data(req: &SubmitJob) -> Result<JobSpec, Rejected> {
+    if req.values.is_empty() {
+        return Err(Rejected(
+            "an update-data job needs at least one value: give --set SECTION.NAME=VALUE".into(),
+        ));
+    }
+    if req.values.len() > MAX_VALUES {
+        return Err(Rejected(format!(
+            "{} values in one job; split it into jobs of at most {MAX_VALUES}",
+            req.values.len()
+        )));
+    }
+    let mut values = DeviceData::new();
+    for (key, value) in &req.values {
+        let (section, name) = key
+            .split_once('.')
+            .filter(|(_, n)| !n.is_empty())
+            .ok_or_else(|| {
+                Rejected(format!(
+                    "value name {key:?} is not SECTION.NAME (e.g. adjustment.density)"
+                ))
+            })?;
+        let section: Section = section
+            .parse()
+            .map_err(|e: crate::data::UnknownSection| Rejected(format!("value {key:?}: {e}")))?;
+        values
+            .entry(section)
+            .or_default()
+            .insert(name.to_owned(), value.clone());
+    }
+    let merge = match req.merge.as_deref() {
+        None | Some("broker") => MergeAt::Broker,
+        Some("device") => MergeAt::Device,
+        Some(other) => {
+            return Err(Rejected(format!(
+                "merge {other:?} is not known: use broker or device"
+            )));
+        }
+    };
+    Ok(JobSpec::UpdateData { values, merge })
+}
+
+fn schedule(req: &SubmitJob) -> Result<Schedule, Rejected> {
+    let mode = match req.mode.as_deref() {
+        None => {
+            if req.interval_secs.is_some() || !req.calendar.is_empty() {
+                SessionMode::Periodic
+            } else {
+                SessionMode::Persistent
+            }
+        }
+        Some(m) => m.parse().map_err(Rejected)?,
+    };
+    let schedule = Schedule {
+        mode,
+        interval_secs: req.interval_secs,
+        calendar: req
+            .calendar
+            .iter()
+            .map(|c| c.parse())
+            .collect::<Result<_, _>>()
+            .map_err(Rejected)?,
+        moments: req
+            .moments
+            .iter()
+            .map(|m| m.parse())
+            .collect::<Result<_, _>>()
+            .map_err(Rejected)?,
+        conditions: req
+            .conditions
+            .iter()
+            .map(|c| c.parse())
+            .collect::<Result<_, _>>()
+            .map_err(Rejected)?,
+    };
+    schedule.check().map_err(Rejected)?;
+    Ok(schedule)
 }
 
 /// Section names, deduplicated in the order of Fig. 3; none means all of them.
@@ -97,6 +228,7 @@ fn sections(names: &[String]) -> Result<Vec<Section>, Rejected> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::Value;
     use chrono::TimeZone;
 
     fn now() -> Timestamp {
@@ -117,9 +249,9 @@ mod tests {
         assert_eq!(v.serial.as_str(), "C1");
         assert_eq!(
             v.spec,
-            JobSpec::GetData {
+            SpecDraft::Ready(JobSpec::GetData {
                 sections: Section::ALL.to_vec()
-            }
+            })
         );
         assert_eq!(v.instruction_time, now());
         assert_eq!(v.deadline, None);
@@ -134,10 +266,72 @@ mod tests {
         let v = submission(&req, now()).unwrap();
         assert_eq!(
             v.spec,
-            JobSpec::GetData {
+            SpecDraft::Ready(JobSpec::GetData {
                 sections: vec![Section::Counters, Section::Jams]
+            })
+        );
+    }
+
+    #[test]
+    fn update_data_values_are_grouped_by_section() {
+        let mut req = SubmitJob {
+            kind: "update-data".into(),
+            ..ok()
+        };
+        req.values
+            .insert("adjustment.density".into(), Value::Int(5));
+        req.values
+            .insert("call-settings.every_counts".into(), Value::Int(1000));
+        let v = submission(&req, now()).unwrap();
+        let SpecDraft::Ready(JobSpec::UpdateData { values, merge }) = v.spec else {
+            panic!("{:?}", v.spec)
+        };
+        assert_eq!(merge, MergeAt::Broker);
+        assert_eq!(values[&Section::Adjustment]["density"], Value::Int(5));
+        assert_eq!(
+            values[&Section::CallSettings]["every_counts"],
+            Value::Int(1000)
+        );
+        req.merge = Some("device".into());
+        let v = submission(&req, now()).unwrap();
+        assert!(matches!(
+            v.spec,
+            SpecDraft::Ready(JobSpec::UpdateData {
+                merge: MergeAt::Device,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn firmware_and_schedule_submissions() {
+        let req = SubmitJob {
+            kind: "firmware".into(),
+            artifact: Some("2.0.0".into()),
+            execute_at: Some("2026-11-26T22:00:00Z".into()),
+            max_attempts: Some(3),
+            ..ok()
+        };
+        let v = submission(&req, now()).unwrap();
+        assert_eq!(
+            v.spec,
+            SpecDraft::Firmware {
+                artifact: "2.0.0".into()
             }
         );
+        assert_eq!(v.max_attempts, Some(3));
+        let req = SubmitJob {
+            kind: "set-schedule".into(),
+            interval_secs: Some(900),
+            calendar: vec!["daily:22:00".into()],
+            ..ok()
+        };
+        let v = submission(&req, now()).unwrap();
+        let SpecDraft::Ready(JobSpec::SetSchedule { schedule }) = v.spec else {
+            panic!()
+        };
+        assert_eq!(schedule.mode, crate::schedule::SessionMode::Periodic);
+        assert_eq!(schedule.interval_secs, Some(900));
     }
 
     #[test]
@@ -155,6 +349,15 @@ mod tests {
                 .unwrap()
         );
         assert!(v.deadline.is_some());
+    }
+
+    fn with_value(kind: &str, key: &str) -> SubmitJob {
+        let mut req = SubmitJob {
+            kind: kind.into(),
+            ..ok()
+        };
+        req.values.insert(key.into(), Value::Int(1));
+        req
     }
 
     #[test]
@@ -237,6 +440,81 @@ mod tests {
                     ..ok()
                 },
                 "is not after the instruction time",
+            ),
+            (
+                SubmitJob {
+                    kind: "update-data".into(),
+                    ..ok()
+                },
+                "needs at least one value",
+            ),
+            (with_value("update-data", "density"), "is not SECTION.NAME"),
+            (
+                with_value("update-data", "toner.level"),
+                "section \"toner\"",
+            ),
+            (
+                SubmitJob {
+                    merge: Some("cloud".into()),
+                    ..with_value("update-data", "adjustment.x")
+                },
+                "merge \"cloud\"",
+            ),
+            (
+                SubmitJob {
+                    kind: "firmware".into(),
+                    ..ok()
+                },
+                "needs an artifact",
+            ),
+            (
+                SubmitJob {
+                    kind: "firmware".into(),
+                    artifact: Some("1.0".into()),
+                    at: Some("2026-11-26T12:00:00Z".into()),
+                    execute_at: Some("2026-11-26T11:00:00Z".into()),
+                    ..ok()
+                },
+                "is before the instruction time",
+            ),
+            (
+                SubmitJob {
+                    max_attempts: Some(0),
+                    ..ok()
+                },
+                "max_attempts 0",
+            ),
+            (
+                SubmitJob {
+                    kind: "set-schedule".into(),
+                    mode: Some("periodic".into()),
+                    ..ok()
+                },
+                "never connect",
+            ),
+            (
+                SubmitJob {
+                    kind: "set-schedule".into(),
+                    interval_secs: Some(0),
+                    ..ok()
+                },
+                "out of range",
+            ),
+            (
+                SubmitJob {
+                    kind: "set-schedule".into(),
+                    calendar: vec!["yearly:1".into()],
+                    ..ok()
+                },
+                "calendar time",
+            ),
+            (
+                SubmitJob {
+                    kind: "set-schedule".into(),
+                    moments: vec!["reboot".into()],
+                    ..ok()
+                },
+                "moment \"reboot\"",
             ),
         ];
         for (req, want) in cases {

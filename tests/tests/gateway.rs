@@ -87,6 +87,7 @@ async fn device_cannot_reach_other_devices_topics() {
 
     // Writing B2's result on B2's topic.
     let forged = JobUpdate {
+        errors: Default::default(),
         job: b2_job.clone(),
         status: JobStatus::Succeeded,
         note: None,
@@ -227,6 +228,7 @@ async fn malformed_and_oversized_payloads_are_refused() {
     // Over --max-payload-bytes, under the packet limit.
     let unknown = JobId::parse("J-0").expect("a valid job id");
     let big = JobUpdate {
+        errors: Default::default(),
         job: unknown.clone(),
         status: JobStatus::Failed,
         note: Some("x".repeat(8000)),

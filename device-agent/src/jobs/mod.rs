@@ -131,18 +131,22 @@ pub struct JobCtx<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Job {
     GetData(GetData),
+    /// A kind this agent cannot run: the job fails with a reason the host can act on.
+    Unsupported(&'static str),
 }
 
 impl Job {
     pub fn from_spec(spec: &JobSpec) -> Job {
         match spec {
             JobSpec::GetData { sections } => Job::GetData(GetData::new(sections.clone())),
+            other => Job::Unsupported(other.kind_name()),
         }
     }
 
     pub fn kind_name(&self) -> &'static str {
         match self {
             Job::GetData(_) => "get-data",
+            Job::Unsupported(kind) => kind,
         }
     }
 
@@ -150,6 +154,9 @@ impl Job {
     pub async fn run(self, ctx: &JobCtx<'_>) -> Outcome {
         match self {
             Job::GetData(job) => job.run(ctx).await,
+            Job::Unsupported(kind) => Outcome::failed(format!(
+                "this device agent does not run {kind} jobs; upgrade it"
+            )),
         }
     }
 }

@@ -41,6 +41,7 @@ pub fn into_submission(args: SubmitArgs) -> SubmitJob {
         at: args.at,
         execute_at: args.execute_at,
         deadline: args.deadline,
+        ..SubmitJob::default()
     }
 }
 

@@ -5,8 +5,6 @@ use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 
-use tokio::process::Command;
-
 use crate::process::SEE_BELOW;
 use crate::{Proc, TestEnv, bin, deadline};
 
@@ -17,6 +15,7 @@ pub struct BrokerBuilder<'a> {
     data_dir: PathBuf,
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
+    netns: Option<String>,
 }
 
 impl<'a> BrokerBuilder<'a> {
@@ -27,7 +26,15 @@ impl<'a> BrokerBuilder<'a> {
             data_dir: env.path("broker-data"),
             args: Vec::new(),
             envs: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// Run the broker inside network namespace `ns`, listening on all its addresses (an
+    /// ephemeral port unless [`BrokerBuilder::listen`] says otherwise).
+    pub fn netns(mut self, ns: &crate::netns::Ns) -> Self {
+        self.netns = Some(ns.name.clone());
+        self
     }
 
     /// Listen on this address rather than an ephemeral port: how a restarted broker comes back
@@ -71,10 +78,15 @@ impl<'a> BrokerBuilder<'a> {
     pub async fn start(self) -> Broker {
         let n = self.env.next_start();
         let ready = self.env.path(format!("broker-{n}.ready.json"));
+        let any = if self.netns.is_some() {
+            "0.0.0.0:0"
+        } else {
+            "127.0.0.1:0"
+        };
         let listen = self
             .listen
-            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
-        let mut cmd = Command::new(bin("broker"));
+            .map_or_else(|| any.to_owned(), |a| a.to_string());
+        let mut cmd = crate::netns::command_in(self.netns.as_deref(), &bin("broker"));
         cmd.arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -142,6 +154,11 @@ impl Broker {
     /// `mqtts://127.0.0.1:PORT`, as the agents take it.
     pub fn url(&self) -> String {
         format!("mqtts://{}", self.addr)
+    }
+
+    /// `mqtts://IP:PORT`: the broker's port at another of its addresses (a namespace's view).
+    pub fn url_at(&self, ip: std::net::Ipv4Addr) -> String {
+        format!("mqtts://{ip}:{}", self.addr.port())
     }
 }
 

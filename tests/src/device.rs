@@ -19,6 +19,8 @@ pub struct DeviceBuilder<'a> {
     data_dir: PathBuf,
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
+    netns: Option<String>,
+    urls: Vec<String>,
 }
 
 impl<'a> DeviceBuilder<'a> {
@@ -30,7 +32,24 @@ impl<'a> DeviceBuilder<'a> {
             data_dir: env.path(format!("device-{serial}")),
             args: Vec::new(),
             envs: Vec::new(),
+            netns: None,
+            urls: Vec::new(),
         }
+    }
+
+    /// Run the agent inside network namespace `ns`, reaching the relay at `url` (its address as
+    /// seen from that namespace) instead of the broker's loopback address.
+    pub fn netns(mut self, ns: &crate::netns::Ns, url: String) -> Self {
+        self.netns = Some(ns.name.clone());
+        self.urls = vec![url];
+        self
+    }
+
+    /// Relay URLs in order of preference, each passed as `--broker` (failover), instead of
+    /// the broker given to `start`.
+    pub fn brokers(mut self, urls: &[String]) -> Self {
+        self.urls = urls.to_vec();
+        self
     }
 
     /// The installation site the device reports (Fig. 9).
@@ -55,11 +74,15 @@ impl<'a> DeviceBuilder<'a> {
         let n = self.env.next_start();
         let certs = self.env.certs(Role::Device, &self.serial);
         let ready = self.env.path(format!("device-{}-{n}.ready", self.serial));
-        let mut cmd = Command::new(bin("device-agent"));
-        cmd.arg("run")
-            .arg("--broker")
-            .arg(broker.url())
-            .arg("--ca")
+        let mut cmd = crate::netns::command_in(self.netns.as_deref(), &bin("device-agent"));
+        cmd.arg("run");
+        if self.urls.is_empty() {
+            cmd.arg("--broker").arg(broker.url());
+        }
+        for url in &self.urls {
+            cmd.arg("--broker").arg(url);
+        }
+        cmd.arg("--ca")
             .arg(&certs.ca)
             .arg("--cert")
             .arg(&certs.cert)

@@ -7,7 +7,6 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::process::Command;
 
 use crate::{CertPaths, TestEnv, bin, deadline, poll_until};
 
@@ -17,6 +16,7 @@ pub struct Host {
     url: String,
     certs: CertPaths,
     cwd: PathBuf,
+    netns: Option<String>,
 }
 
 /// What one `host-agent` run printed.
@@ -44,12 +44,19 @@ impl fmt::Display for RunOutput {
 }
 
 impl Host {
-    pub(crate) fn new(env: &TestEnv, id: &str, certs: CertPaths, url: String) -> Host {
+    pub(crate) fn new(
+        env: &TestEnv,
+        id: &str,
+        certs: CertPaths,
+        url: String,
+        netns: Option<String>,
+    ) -> Host {
         Host {
             id: id.to_owned(),
             url,
             certs,
             cwd: env.root().to_owned(),
+            netns,
         }
     }
 
@@ -64,7 +71,7 @@ impl Host {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = Command::new(bin("host-agent"));
+        let mut cmd = crate::netns::command_in(self.netns.as_deref(), &bin("host-agent"));
         cmd.current_dir(&self.cwd)
             .env("NO_COLOR", "1")
             .arg("--broker")

@@ -33,6 +33,7 @@ mod broker;
 mod device;
 mod host;
 pub mod mqtt;
+pub mod netns;
 mod process;
 
 use std::ffi::OsStr;
@@ -164,14 +165,13 @@ pub struct Pki {
 }
 
 impl Pki {
-    fn init(dir: PathBuf) -> Pki {
-        run_sync(
-            Command::new(bin("broker"))
-                .arg("pki")
-                .arg("init")
-                .arg("--dir")
-                .arg(&dir),
-        );
+    fn init(dir: PathBuf, sans: &[String]) -> Pki {
+        let mut cmd = Command::new(bin("broker"));
+        cmd.arg("pki").arg("init").arg("--dir").arg(&dir);
+        for san in sans {
+            cmd.arg("--san").arg(san);
+        }
+        run_sync(&mut cmd);
         Pki { dir }
     }
 
@@ -244,12 +244,18 @@ pub struct TestEnv {
 impl TestEnv {
     /// `name` is the test's name; it prefixes the temporary directory so a kept one is findable.
     pub fn new(name: &str) -> TestEnv {
+        TestEnv::with_sans(name, &[])
+    }
+
+    /// Like [`TestEnv::new`], with more names in the relay's server certificate: the addresses
+    /// a relay in a network namespace is reached by.
+    pub fn with_sans(name: &str, sans: &[String]) -> TestEnv {
         let dir = tempfile::Builder::new()
             .prefix(&format!("chukei-{name}-"))
             .tempdir()
             .unwrap_or_else(|e| panic!("could not create a temporary directory: {e}"));
         let root = dir.path().to_owned();
-        let pki = Pki::init(root.join("pki"));
+        let pki = Pki::init(root.join("pki"), sans);
         TestEnv {
             name: name.to_owned(),
             dir: Some(dir),
@@ -280,7 +286,7 @@ impl TestEnv {
 
     /// Another, unrelated CA in `<root>/<name>`: its certificates must not get anyone in.
     pub fn other_ca(&self, name: &str) -> Pki {
-        Pki::init(self.path(name))
+        Pki::init(self.path(name), &[])
     }
 
     /// A certificate from the broker's CA, issued on first use.
@@ -310,7 +316,18 @@ impl TestEnv {
 
     /// The `host-agent` CLI as host `id`, talking to `broker`.
     pub fn host(&self, id: &str, broker: &Broker) -> Host {
-        Host::new(self, id, self.certs(Role::Host, id), broker.url())
+        Host::new(self, id, self.certs(Role::Host, id), broker.url(), None)
+    }
+
+    /// The `host-agent` CLI run inside network namespace `ns`, reaching the relay at `url`.
+    pub fn host_in(&self, id: &str, url: String, ns: &netns::Ns) -> Host {
+        Host::new(
+            self,
+            id,
+            self.certs(Role::Host, id),
+            url,
+            Some(ns.name.clone()),
+        )
     }
 
     /// An in-process MQTT client over TLS with `role`/`id`'s certificate; client id `id` unless

@@ -40,7 +40,7 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `cmd` with its output captured to `log_path` and to memory.
-    pub(crate) fn spawn(name: String, mut cmd: Command, log_path: PathBuf) -> Proc {
+    pub fn spawn(name: String, mut cmd: Command, log_path: PathBuf) -> Proc {
         // Colour codes would split `field=value` in tracing's output; the pump strips them too.
         cmd.env("NO_COLOR", "1")
             .stdin(Stdio::null())

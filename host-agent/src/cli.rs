@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use protocol::data::Value;
 use protocol::url::BrokerUrl;
 
 const EXAMPLES: &str = "\
@@ -17,10 +18,18 @@ Examples:
   host-agent --config config/host-agent.toml jobs show J-000001
   host-agent --config config/host-agent.toml watch --json
 
-Exit status: 0 done, 1 the broker said no (job rejected, unknown job), 2 usage, connection, TLS or timeout error.";
+  # Firmware: a publisher key once, then upload and submit
+  host-agent keys generate --out keys
+  host-agent --config config/host-agent.toml artifacts upload fw-2.1.bin \\
+      --version 2.1 --signing-key keys/publisher.key
+  host-agent --config config/host-agent.toml jobs submit --serial C123 \\
+      --kind firmware --artifact 2.1
+
+Exit status: 0 done, 1 the broker said no (job rejected, unknown job, cancel refused, upload
+refused), 2 usage, file, connection, TLS or timeout error.";
 
 /// The service company's side of chukei: submit jobs for devices behind firewalls, list them
-/// (the job list of Fig. 9), look at one, and watch them change.
+/// (the job list of Fig. 9), look at one, and watch them change; publish signed firmware.
 ///
 /// The host id is the CN of the certificate given with --cert; issue one with
 /// `broker pki issue --role host --id NAME`.
@@ -60,50 +69,172 @@ pub struct ConnectArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Submit, list and show jobs.
+    /// Submit, list, show and cancel jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
     /// Print one line per job change, across the fleet, until Ctrl-C.
     Watch(WatchArgs),
+    /// Upload and list firmware artifacts (the images firmware jobs install).
+    #[command(subcommand)]
+    Artifacts(ArtifactsCommand),
+    /// Make the publisher key pair that signs firmware. Works offline.
+    #[command(subcommand)]
+    Keys(KeysCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
-    Submit(SubmitArgs),
+    // Boxed: its many flags would make every other command as large.
+    Submit(Box<SubmitArgs>),
     List(ListArgs),
     Show(ShowArgs),
+    Cancel(CancelArgs),
 }
+
+const SUBMIT_EXAMPLES: &str = "\
+Examples:
+  # get-data: read sections now, or at 02:00 Tokyo time
+  host-agent … jobs submit --serial C123 --kind get-data --sections counters,jams
+  host-agent … jobs submit --serial C123 --kind get-data --at 2026-11-27T02:00:00+09:00
+
+  # update-data: set values; the relay merges them into the device's current data
+  host-agent … jobs submit --serial C123 --kind update-data \\
+      --set adjustment.density=6 --set adjustment.toner_save=true \\
+      --set call-settings.at=22:30
+  # …or let the device merge them itself
+  host-agent … jobs submit --serial C123 --kind update-data \\
+      --set adjustment.density=6 --merge device
+
+  # firmware: download now, write tonight at 02:00 UTC, try the write up to 2 times
+  host-agent … jobs submit --serial C123 --kind firmware --artifact 2.1 \\
+      --execute-at 2026-11-27T02:00:00Z --max-attempts 2
+
+  # set-schedule: check in every 15 minutes and on Sundays at 02:00 UTC, and at power-on
+  host-agent … jobs submit --serial C123 --kind set-schedule --mode periodic \\
+      --interval-secs 900 --calendar 'weekly:sun 02:00' --moment power-on \\
+      --condition count:total/1000
+  # …back to an always-connected session
+  host-agent … jobs submit --serial C123 --kind set-schedule --mode persistent";
 
 /// Submit a job for one device. Prints the new job id alone on stdout; follow it with
 /// `jobs show ID` or `watch`.
 ///
-/// The broker checks the job (serial, kind, sections, times): if it refuses it, the job is
-/// recorded as rejected with the reason, the reason is printed and host-agent exits 1.
-#[derive(Debug, Clone, Args)]
-#[command(after_help = "\
-Examples:
-  host-agent … jobs submit --serial C123 --kind get-data --sections counters,jams
-  host-agent … jobs submit --serial C123 --kind get-data --at 2026-11-27T02:00:00+09:00")]
+/// Kinds: get-data (read sections of the device's data), update-data (set values),
+/// firmware (install an uploaded artifact), set-schedule (change when the device reaches the
+/// relay). Each kind reads only its own flags below.
+///
+/// The broker checks the job (serial, kind, values, artifact, times): if it refuses it, the job
+/// is recorded as rejected with the reason, the reason is printed and host-agent exits 1.
+#[derive(Debug, Clone, Default, Args)]
+#[command(after_help = SUBMIT_EXAMPLES)]
 pub struct SubmitArgs {
     /// The target device's serial (the CN of its certificate).
     #[arg(long, value_name = "SERIAL")]
     pub serial: String,
-    /// What to do: get-data (send the listed sections of the device's data).
+    /// What to do: get-data, update-data, firmware or set-schedule.
     #[arg(long, value_name = "KIND")]
     pub kind: String,
-    /// For get-data, the sections to send: counters, identification, calls, call-settings,
-    /// jams, adjustment, comms, settings. Default: all of them.
-    #[arg(long, value_name = "NAME,…", value_delimiter = ',')]
-    pub sections: Vec<String>,
     /// Instruction time (RFC 3339): the device runs the job not before then. Default: now.
     #[arg(long, value_name = "RFC3339")]
     pub at: Option<String>,
-    /// Execution time (RFC 3339): for updates, when to apply what was fetched.
+    /// Execution time (RFC 3339): for firmware, when to write the downloaded image (a
+    /// maintenance window); the job waits as `staged` until then. Default: right after the
+    /// download.
     #[arg(long, value_name = "RFC3339")]
     pub execute_at: Option<String>,
-    /// Deadline (RFC 3339): the job times out if it has not ended by then.
+    /// Deadline (RFC 3339): the job times out if it has not ended by then. Default: the
+    /// broker's (7 days).
     #[arg(long, value_name = "RFC3339")]
     pub deadline: Option<String>,
+
+    /// The sections to send: counters, identification, calls, call-settings,
+    /// jams, adjustment, comms, settings. Default: all of them.
+    #[arg(
+        long,
+        value_name = "NAME,…",
+        value_delimiter = ',',
+        help_heading = "get-data"
+    )]
+    pub sections: Vec<String>,
+
+    /// One value to set, as SECTION.NAME=VALUE (repeat for more). VALUE is an
+    /// integer if it reads as one, true or false as a boolean, else text; wrap it in double
+    /// quotes to send digits as text (--set 'settings.code="0042"').
+    #[arg(long = "set", value_name = "SECTION.NAME=VALUE", value_parser = parse_set, help_heading = "update-data")]
+    pub set: Vec<(String, Value)>,
+    /// Where the values are merged into the device's current data: broker (the
+    /// relay merges and sends the device the full merged set; the default) or device.
+    #[arg(long, value_name = "broker|device", help_heading = "update-data")]
+    pub merge: Option<String>,
+
+    /// The artifact to install, by id (the SHA-256 `artifacts upload` printed) or by
+    /// version (the latest complete upload with that version).
+    #[arg(long, value_name = "ID|VERSION", help_heading = "firmware")]
+    pub artifact: Option<String>,
+    /// How many times the device may try to write the image before the job fails.
+    /// Default: the broker's (3).
+    #[arg(long, value_name = "N", help_heading = "firmware")]
+    pub max_attempts: Option<u32>,
+
+    /// Persistent (always connected) or periodic (connect, drain, disconnect).
+    /// Default: periodic if --interval-secs or --calendar is given, else persistent.
+    #[arg(
+        long,
+        value_name = "persistent|periodic",
+        help_heading = "set-schedule"
+    )]
+    pub mode: Option<String>,
+    /// Check in every N seconds (periodic mode).
+    #[arg(long, value_name = "N", help_heading = "set-schedule")]
+    pub interval_secs: Option<u64>,
+    /// Also check in at a calendar time, UTC (repeat for more): hourly:MM,
+    /// daily:HH:MM, weekly:DAY HH:MM (mon…sun) or monthly:DD HH:MM (01…28).
+    #[arg(long = "calendar", value_name = "SPEC", help_heading = "set-schedule")]
+    pub calendar: Vec<String>,
+    /// Also check in at a moment (repeat for more): power-on or operator-action.
+    #[arg(long = "moment", value_name = "MOMENT", help_heading = "set-schedule")]
+    pub moments: Vec<String>,
+    /// Also check in when a condition holds (repeat for more):
+    /// count:COUNTER/EVERY (a counters value passes a multiple of EVERY, e.g. count:total/1000)
+    /// or fault:CODE (e.g. fault:SC-541).
+    #[arg(long = "condition", value_name = "COND", help_heading = "set-schedule")]
+    pub conditions: Vec<String>,
+}
+
+/// Reads `SECTION.NAME=VALUE`. Only the shape is checked here; whether the name exists and the
+/// value fits is for the broker (names) and the device (types and ranges) to say.
+pub fn parse_set(arg: &str) -> Result<(String, Value), String> {
+    let Some((name, value)) = arg.split_once('=') else {
+        return Err(format!(
+            "{arg:?} is not SECTION.NAME=VALUE; write e.g. --set adjustment.density=6"
+        ));
+    };
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(format!(
+            "{arg:?} has no name before '='; write e.g. --set adjustment.density=6"
+        ));
+    }
+    Ok((name.to_owned(), typed_value(value)))
+}
+
+/// The value's type, from its text: an integer, then `true`/`false`, else text. Text in double
+/// quotes is text without them, so digits can be sent as text.
+pub fn typed_value(text: &str) -> Value {
+    if let Some(inner) = text
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+    {
+        return Value::Text(inner.to_owned());
+    }
+    if let Ok(n) = text.parse::<i64>() {
+        return Value::Int(n);
+    }
+    match text {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => Value::Text(text.to_owned()),
+    }
 }
 
 /// List jobs as in Fig. 9: ID, serial, site, instruction, data type, server, host, instruction
@@ -118,7 +249,8 @@ pub struct ListArgs {
     pub json: bool,
 }
 
-/// Show one job: status, the Fig. 9 fields, its timeline and the data it collected.
+/// Show one job: status, the Fig. 9 fields, why it failed (one line per refused value), its
+/// timeline and the data it collected or applied.
 #[derive(Debug, Clone, Args)]
 pub struct ShowArgs {
     /// The job id that `jobs submit` printed, e.g. J-000001.
@@ -129,12 +261,99 @@ pub struct ShowArgs {
     pub json: bool,
 }
 
+/// Withdraw a job. Prints `canceled ID`.
+///
+/// A job the device has not started (queued or delivered) is always withdrawn, and the device
+/// never runs it; so is a firmware job that is downloaded (staged) but not yet being written.
+/// A job in progress cannot be stopped safely and one that has ended has nothing to cancel: the
+/// broker says so, host-agent prints its reason and exits 1.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Examples:
+  host-agent … jobs cancel J-000042
+  host-agent … jobs list --all     # the job now shows as canceled")]
+pub struct CancelArgs {
+    /// The job id, e.g. J-000042.
+    #[arg(value_name = "ID")]
+    pub id: String,
+}
+
 /// Options of `watch`.
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsCommand {
+    Upload(UploadArgs),
+    List(ArtifactListArgs),
+}
+
+/// Upload a firmware image to the relay, signed with the publisher key. Prints the artifact id
+/// (its SHA-256, 64 hex digits) alone on stdout; a progress bar goes to stderr.
+///
+/// The relay stores artifacts by content and never vouches for them: each device checks the
+/// SHA-256 and the signature with the publisher key it was provisioned with
+/// (`device-agent … --publisher-key publisher.pub`). An interrupted upload resumes where the
+/// relay's copy ends; uploading an artifact the relay already has sends nothing.
+#[derive(Debug, Clone, Args)]
+// `--version` here is the artifact's; host-agent's own is `host-agent --version`.
+#[command(
+    disable_version_flag = true,
+    after_help = "\
+Examples:
+  host-agent keys generate --out keys          # once
+  id=$(host-agent … artifacts upload fw-2.1.bin --version 2.1 --signing-key keys/publisher.key)
+  host-agent … jobs submit --serial C123 --kind firmware --artifact \"$id\"
+  host-agent … artifacts list"
+)]
+pub struct UploadArgs {
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// The version this image is (what `jobs submit --artifact` and the devices' state show).
+    /// The signature covers it.
+    #[arg(long, value_name = "V")]
+    pub version: String,
+    /// The publisher's secret key, as `keys generate` wrote it (publisher.key).
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: PathBuf,
+}
+
+/// List the artifacts the relay holds: ID (its first 12 hex digits), version, size in bytes,
+/// chunks held/total, complete, publisher (host) and upload time (local).
+#[derive(Debug, Clone, Args)]
+pub struct ArtifactListArgs {
+    /// Print a JSON array (full ids, signatures, sizes) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    Generate(KeysGenerateArgs),
+}
+
+/// Make a new ed25519 publisher key pair: DIR/publisher.key (the secret, readable only by you)
+/// and DIR/publisher.pub (the public key, for devices). Needs no connection to the relay.
+///
+/// Sign uploads with the secret (`artifacts upload … --signing-key DIR/publisher.key`) and
+/// provision every device with the public half (`device-agent … --publisher-key
+/// DIR/publisher.pub`): a device refuses firmware whose signature does not verify with it.
+/// An existing key is never overwritten: devices provisioned with it would refuse firmware
+/// signed by a new one.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Examples:
+  host-agent keys generate --out keys
+  device-agent … --publisher-key keys/publisher.pub")]
+pub struct KeysGenerateArgs {
+    /// The directory to write publisher.key and publisher.pub into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 #[cfg(test)]
@@ -238,6 +457,197 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Watch(WatchArgs { json: true })
+        ));
+    }
+
+    fn submit(rest: &[&str]) -> SubmitArgs {
+        let mut args = vec!["jobs", "submit", "--serial", "C123"];
+        args.extend_from_slice(rest);
+        match parse(&args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .command
+        {
+            Command::Jobs(JobsCommand::Submit(s)) => *s,
+            other => panic!("not submit: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn update_data_flags_parse_and_repeat() {
+        let s = submit(&[
+            "--kind",
+            "update-data",
+            "--set",
+            "adjustment.density=6",
+            "--set",
+            "settings.host_url=https://svc.example.com/?a=b",
+            "--merge",
+            "device",
+        ]);
+        assert_eq!(s.kind, "update-data");
+        assert_eq!(
+            s.set,
+            [
+                ("adjustment.density".to_owned(), Value::Int(6)),
+                (
+                    "settings.host_url".to_owned(),
+                    Value::Text("https://svc.example.com/?a=b".into())
+                ),
+            ]
+        );
+        assert_eq!(s.merge.as_deref(), Some("device"));
+        assert_eq!(submit(&["--kind", "update-data"]).set, []);
+    }
+
+    #[test]
+    fn set_values_are_typed_integer_then_boolean_then_text() {
+        let cases = [
+            ("a.b=6", Value::Int(6)),
+            ("a.b=-12", Value::Int(-12)),
+            ("a.b=+3", Value::Int(3)),
+            ("a.b=007", Value::Int(7)),
+            ("a.b=true", Value::Bool(true)),
+            ("a.b=false", Value::Bool(false)),
+            ("a.b=True", Value::Text("True".into())),
+            ("a.b=22:30", Value::Text("22:30".into())),
+            ("a.b=1.5", Value::Text("1.5".into())),
+            (
+                "a.b=99999999999999999999",
+                Value::Text("99999999999999999999".into()),
+            ),
+            ("a.b=", Value::Text(String::new())),
+            ("a.b=x=y", Value::Text("x=y".into())),
+            ("a.b=\"0042\"", Value::Text("0042".into())),
+            ("a.b=\"true\"", Value::Text("true".into())),
+            (" a.b =5", Value::Int(5)),
+        ];
+        for (arg, want) in cases {
+            let (name, value) = parse_set(arg).unwrap_or_else(|e| panic!("{arg}: {e}"));
+            assert_eq!(name, "a.b", "{arg}");
+            assert_eq!(value, want, "{arg}");
+        }
+        for bad in ["adjustment.density", "=5", ""] {
+            assert!(parse_set(bad).is_err(), "{bad:?}");
+        }
+        let e = parse(&[
+            "jobs",
+            "submit",
+            "--serial",
+            "C1",
+            "--kind",
+            "update-data",
+            "--set",
+            "x",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("SECTION.NAME=VALUE"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn firmware_flags_parse() {
+        let s = submit(&[
+            "--kind",
+            "firmware",
+            "--artifact",
+            "2.1",
+            "--execute-at",
+            "2026-11-27T02:00:00Z",
+            "--max-attempts",
+            "2",
+        ]);
+        assert_eq!(s.artifact.as_deref(), Some("2.1"));
+        assert_eq!(s.execute_at.as_deref(), Some("2026-11-27T02:00:00Z"));
+        assert_eq!(s.max_attempts, Some(2));
+        assert!(
+            parse(&[
+                "jobs",
+                "submit",
+                "--serial",
+                "C1",
+                "--kind",
+                "firmware",
+                "--max-attempts",
+                "-1"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn set_schedule_flags_parse_and_repeat() {
+        let s = submit(&[
+            "--kind",
+            "set-schedule",
+            "--mode",
+            "periodic",
+            "--interval-secs",
+            "900",
+            "--calendar",
+            "weekly:sun 02:00",
+            "--calendar",
+            "hourly:05",
+            "--moment",
+            "power-on",
+            "--moment",
+            "operator-action",
+            "--condition",
+            "count:total/1000",
+            "--condition",
+            "fault:SC-541",
+        ]);
+        assert_eq!(s.mode.as_deref(), Some("periodic"));
+        assert_eq!(s.interval_secs, Some(900));
+        assert_eq!(s.calendar, ["weekly:sun 02:00", "hourly:05"]);
+        assert_eq!(s.moments, ["power-on", "operator-action"]);
+        assert_eq!(s.conditions, ["count:total/1000", "fault:SC-541"]);
+    }
+
+    #[test]
+    fn cancel_keys_and_artifacts_parse() {
+        let cli = parse(&["jobs", "cancel", "J-000042"]).unwrap();
+        let Command::Jobs(JobsCommand::Cancel(c)) = cli.command else {
+            panic!("not cancel")
+        };
+        assert_eq!(c.id, "J-000042");
+        assert!(parse(&["jobs", "cancel"]).is_err());
+
+        // keys needs no connection flags at all.
+        let cli = Cli::try_parse_from(["host-agent", "keys", "generate", "--out", "k"]).unwrap();
+        let Command::Keys(KeysCommand::Generate(k)) = cli.command else {
+            panic!("not keys generate")
+        };
+        assert_eq!(k.out, PathBuf::from("k"));
+        assert!(Cli::try_parse_from(["host-agent", "keys", "generate"]).is_err());
+
+        let cli = parse(&[
+            "artifacts",
+            "upload",
+            "fw.bin",
+            "--version",
+            "2.1",
+            "--signing-key",
+            "keys/publisher.key",
+        ])
+        .unwrap();
+        let Command::Artifacts(ArtifactsCommand::Upload(u)) = cli.command else {
+            panic!("not upload")
+        };
+        assert_eq!(
+            (u.file, u.version.as_str(), u.signing_key),
+            (
+                PathBuf::from("fw.bin"),
+                "2.1",
+                PathBuf::from("keys/publisher.key")
+            )
+        );
+        assert!(parse(&["artifacts", "upload", "fw.bin", "--version", "2.1"]).is_err());
+        assert!(parse(&["artifacts", "upload", "fw.bin", "--signing-key", "k"]).is_err());
+
+        let cli = parse(&["artifacts", "list", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Artifacts(ArtifactsCommand::List(ArtifactListArgs { json: true }))
         ));
     }
 

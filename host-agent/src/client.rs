@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use protocol::artifact::{ArtifactId, ArtifactInfo, Chunk};
 use protocol::host::{HostReply, HostRequest, HostResponse, SubmitJob};
 use protocol::job::{JobDetail, JobView};
 use protocol::topic::{self, Topic};
@@ -33,7 +34,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest reply we accept. A `jobs list --all` of a busy fleet or a `jobs show` with a full
 /// data dump is far bigger than rumqttc's 10 KiB default.
 pub const MAX_INCOMING_BYTES: usize = 16 << 20;
-/// The largest request we send; a submission is a few hundred bytes.
+/// The largest request we send: an upload chunk (`artifact::CHUNK_SIZE`, 32 KiB) and its
+/// envelope; a submission is a few hundred bytes.
 const MAX_OUTGOING_BYTES: usize = 1 << 20;
 /// MQTT keepalive: short enough that a dead link is noticed while a request still waits.
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
@@ -344,6 +346,64 @@ impl HostClient {
         }
     }
 
+    /// Withdraws a job; returns its view, now `canceled`. A job in progress or already ended is
+    /// the broker's refusal, with its reason.
+    pub async fn cancel(&self, job: &str) -> Result<JobView, HostError> {
+        match self
+            .request(HostRequest::Cancel {
+                job: job.to_owned(),
+            })
+            .await?
+        {
+            HostReply::Canceled { job } => Ok(job),
+            HostReply::Error { reason } => Err(HostError::Refused { reason }),
+            other => Err(unexpected("cancel", &other)),
+        }
+    }
+
+    /// Starts or resumes an upload; the reply says how many chunks the relay already holds (as
+    /// a contiguous prefix) and whether it has the whole artifact. See [`crate::upload`].
+    pub async fn upload_begin(
+        &self,
+        artifact: &ArtifactId,
+        version: &str,
+        size: u64,
+        chunk_size: u32,
+        signature: &str,
+    ) -> Result<ArtifactInfo, HostError> {
+        let req = HostRequest::UploadBegin {
+            artifact: artifact.to_string(),
+            version: version.to_owned(),
+            size,
+            chunk_size,
+            signature: signature.to_owned(),
+        };
+        match self.request(req).await? {
+            HostReply::Upload { artifact } => Ok(artifact),
+            HostReply::Error { reason } => Err(HostError::Refused { reason }),
+            other => Err(unexpected("upload-begin", &other)),
+        }
+    }
+
+    /// Sends one chunk of an upload. After the last one the relay checks the digest: a mismatch
+    /// is its refusal ("digest mismatch: …; upload again").
+    pub async fn upload_chunk(&self, chunk: Chunk) -> Result<ArtifactInfo, HostError> {
+        match self.request(HostRequest::UploadChunk { chunk }).await? {
+            HostReply::Upload { artifact } => Ok(artifact),
+            HostReply::Error { reason } => Err(HostError::Refused { reason }),
+            other => Err(unexpected("upload-chunk", &other)),
+        }
+    }
+
+    /// The artifacts the relay holds, complete or not.
+    pub async fn artifacts(&self) -> Result<Vec<ArtifactInfo>, HostError> {
+        match self.request(HostRequest::Artifacts).await? {
+            HostReply::Artifacts { artifacts } => Ok(artifacts),
+            HostReply::Error { reason } => Err(HostError::Refused { reason }),
+            other => Err(unexpected("artifacts", &other)),
+        }
+    }
+
     /// Sends DISCONNECT and waits briefly for the driver to finish, so the broker sees a clean
     /// goodbye rather than a dropped socket.
     pub async fn disconnect(mut self) {
@@ -626,6 +686,8 @@ mod tests {
             send(client.submit(SubmitJob::default()));
             send(client.list(true));
             send(client.show("J-1"));
+            send(client.cancel("J-1"));
+            send(client.artifacts());
         }
         let _ = check;
     }

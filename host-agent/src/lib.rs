@@ -1,57 +1,96 @@
 //! The service company's side of chukei (the seed's host computer, 21): submit jobs for devices
-//! behind firewalls, list them as in Fig. 9, show one, and watch them change. All business rules
-//! live in the broker; this crate only asks and shows.
+//! behind firewalls, list them as in Fig. 9, show one, cancel one, watch them change, and
+//! publish signed firmware. All business rules live in the broker; this crate only asks and
+//! shows.
 //!
 //! - [`cli`]: the command line (clap); each command's doc comment is its help.
 //! - [`config`]: `--config` TOML merged with the flags (flags win).
 //! - [`tls`]: the host's certificate; its CN is the host id.
 //! - [`client`]: [`HostClient`], one MQTT session and the request/response exchange (S222).
 //!   The broker's `demo` uses it directly.
-//! - [`table`]: the human forms: the Fig. 9 table, a job's detail, a `watch` line.
+//! - [`table`]: the human forms: the Fig. 9 table, a job's detail, a `watch` line, artifacts.
+//! - [`keys`]: the publisher's ed25519 key pair, which signs firmware (Fig. 6).
+//! - [`upload`]: hashing, signing and the resumable chunked upload of an artifact.
 //! - [`commands`]: one file per command.
 
 pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod keys;
 pub mod table;
 pub mod tls;
+pub mod upload;
 
 pub use client::{ConnectOptions, HostClient, HostError};
 pub use table::render_table;
 
 use anyhow::Context as _;
 
-use crate::cli::{Command, JobsCommand};
+use crate::cli::{ArtifactsCommand, Command, JobsCommand, KeysCommand};
 use crate::config::Settings;
 
 /// Runs one command. stdout carries only the command's output; errors are returned, for `main`
 /// to print and turn into an exit status with [`exit_code`].
 pub async fn run(settings: Settings, command: Command) -> anyhow::Result<()> {
-    let tls = tls::load(&settings.ca, &settings.cert, &settings.key)
-        .context("loading the host's TLS files")?;
     let mut stdout = std::io::stdout();
     match command {
         Command::Jobs(cmd) => {
-            let opts = ConnectOptions {
-                client_id: Some(commands::watch::client_id(&tls.host, "cli")),
-                timeout: settings.timeout,
-                ..ConnectOptions::default()
-            };
-            let client =
-                HostClient::connect_with(&settings.broker, tls.config, tls.host, opts).await?;
+            let client = connect_cli(&settings).await?;
             let result = match cmd {
                 JobsCommand::Submit(args) => {
-                    commands::submit::run(&client, args, &mut stdout).await
+                    commands::submit::run(&client, *args, &mut stdout).await
                 }
                 JobsCommand::List(args) => commands::list::run(&client, args, &mut stdout).await,
                 JobsCommand::Show(args) => commands::show::run(&client, args, &mut stdout).await,
+                JobsCommand::Cancel(args) => {
+                    commands::cancel::run(&client, args, &mut stdout).await
+                }
             };
             client.disconnect().await;
             result
         }
-        Command::Watch(args) => commands::watch::run(&settings, tls, args, &mut stdout).await,
+        Command::Artifacts(ArtifactsCommand::Upload(args)) => {
+            // The file and the key first: a wrong path fails at once, not after connecting.
+            let (bytes, prepared) = commands::artifacts::prepare(&args)?;
+            let client = connect_cli(&settings).await?;
+            let result = commands::artifacts::upload(&client, &bytes, &prepared, &mut stdout).await;
+            client.disconnect().await;
+            result
+        }
+        Command::Artifacts(ArtifactsCommand::List(args)) => {
+            let client = connect_cli(&settings).await?;
+            let result = commands::artifacts::list(&client, args, &mut stdout).await;
+            client.disconnect().await;
+            result
+        }
+        Command::Watch(args) => {
+            let tls = load_tls(&settings)?;
+            commands::watch::run(&settings, tls, args, &mut stdout).await
+        }
+        Command::Keys(cmd) => run_keys(cmd),
     }
+}
+
+/// Runs `keys …`, which needs no relay and so no connection settings.
+pub fn run_keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    commands::keys::run(cmd, &mut std::io::stdout())
+}
+
+fn load_tls(settings: &Settings) -> anyhow::Result<tls::HostTls> {
+    tls::load(&settings.ca, &settings.cert, &settings.key).context("loading the host's TLS files")
+}
+
+/// A command-line session: its own `CN:cli-…` client id, so it never takes over a `watch` or
+/// another command of the same host.
+async fn connect_cli(settings: &Settings) -> anyhow::Result<HostClient> {
+    let tls = load_tls(settings)?;
+    let opts = ConnectOptions {
+        client_id: Some(commands::watch::client_id(&tls.host, "cli")),
+        timeout: settings.timeout,
+        ..ConnectOptions::default()
+    };
+    Ok(HostClient::connect_with(&settings.broker, tls.config, tls.host, opts).await?)
 }
 
 /// The error as one line: the anyhow chain, as `{:#}` prints it, minus any cause whose text the
@@ -76,10 +115,13 @@ pub fn error_text(err: &anyhow::Error) -> String {
 /// The exit status for an error from [`run`]: 1 when the broker answered and said no (a job
 /// rejected, an unknown job), 2 for everything else (usage, connection, TLS, timeout).
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    let refused = err.downcast_ref::<commands::Refusal>().is_some()
-        || err
-            .downcast_ref::<HostError>()
-            .is_some_and(HostError::is_refusal);
+    // Walk the whole chain: a refusal may sit under a wrapper such as `upload::UploadError`.
+    let refused = err.chain().any(|cause| {
+        cause.downcast_ref::<commands::Refusal>().is_some()
+            || cause
+                .downcast_ref::<HostError>()
+                .is_some_and(HostError::is_refusal)
+    });
     if refused { 1 } else { 2 }
 }
 
@@ -96,6 +138,14 @@ mod tests {
         })
         .context("showing job J-9");
         assert_eq!(exit_code(&unknown), 1, "context must not hide the refusal");
+        let mismatch = anyhow::Error::new(upload::UploadError::Host(HostError::Refused {
+            reason: "digest mismatch: the uploaded bytes do not hash to X; upload again".into(),
+        }));
+        assert_eq!(exit_code(&mismatch), 1, "a wrapped refusal is still one");
+        assert_eq!(
+            error_text(&mismatch),
+            "digest mismatch: the uploaded bytes do not hash to X; upload again"
+        );
         let timeout = anyhow::Error::new(HostError::Timeout {
             broker: "mqtts://localhost:1".parse().unwrap(),
             what: "list",

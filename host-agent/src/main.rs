@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use host_agent::cli::Cli;
+use host_agent::cli::{Cli, Command};
 use host_agent::config::Settings;
 use tracing_subscriber::EnvFilter;
 
@@ -18,6 +18,11 @@ fn main() -> ExitCode {
         )
         .init();
 
+    // `keys` works offline: no connection settings are needed or read.
+    let command = match cli.command {
+        Command::Keys(cmd) => return finish(host_agent::run_keys(cmd)),
+        other => other,
+    };
     let settings = match Settings::resolve(&cli.connect) {
         Ok(s) => s,
         Err(e) => {
@@ -35,7 +40,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(host_agent::run(settings, cli.command)) {
+    finish(runtime.block_on(host_agent::run(settings, command)))
+}
+
+/// The error, if any, on stderr as one line, and the exit status for it.
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", host_agent::error_text(&e));

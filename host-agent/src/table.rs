@@ -6,6 +6,7 @@
 use std::fmt::{Display, Write as _};
 
 use chrono::{DateTime, Local, TimeZone, Utc};
+use protocol::artifact::ArtifactInfo;
 use protocol::job::{JobDetail, JobView};
 
 /// The columns of Fig. 9, in its order.
@@ -145,7 +146,14 @@ where
         let _ = writeln!(out, "  {name:<17} {value}");
     }
     if let Some(reason) = &v.reason {
-        let _ = writeln!(out, "  {:<17} {reason}", "reason");
+        // A device that refuses several values gives one reason per key ("refused: a.b: …;
+        // c.d: …"): one line each reads better than one long line.
+        let mut lines = reason_lines(reason).into_iter();
+        let first = lines.next().unwrap_or_default();
+        let _ = writeln!(out, "  {:<17} {first}", "reason");
+        for line in lines {
+            let _ = writeln!(out, "  {:<17} {line}", "");
+        }
     }
     let _ = writeln!(out, "\ntimeline:");
     for e in &job.timeline {
@@ -172,11 +180,25 @@ where
             // One blank line between sections, none after the last.
             out.pop();
         }
-        _ => {
+        // A GET DATA job collects data; the others report what they applied, if anything.
+        _ if v.instruction == "GET DATA" => {
             let _ = writeln!(out, "\ndata: none collected");
+        }
+        _ => {
+            let _ = writeln!(out, "\ndata: none reported");
         }
     }
     out
+}
+
+/// A reason split at `"; "` into its parts, each trimmed: the per-key reasons of a refused
+/// update, or the single line of any other reason.
+pub fn reason_lines(reason: &str) -> Vec<&str> {
+    reason
+        .split("; ")
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .collect()
 }
 
 fn value_text(v: &protocol::data::Value) -> String {
@@ -186,6 +208,69 @@ fn value_text(v: &protocol::data::Value) -> String {
         Value::Int(i) => i.to_string(),
         Value::Text(t) => t.clone(),
     }
+}
+
+/// The columns of `artifacts list`.
+pub const ARTIFACT_COLUMNS: [&str; 7] = [
+    "ID",
+    "VERSION",
+    "SIZE",
+    "CHUNKS",
+    "COMPLETE",
+    "PUBLISHER",
+    "UPLOADED",
+];
+
+/// How many hex digits of an artifact id the table shows: enough to tell artifacts apart and
+/// to find the full id in `artifacts list --json`.
+pub const SHORT_ID: usize = 12;
+
+/// `artifacts list` as a table: the id's first hex digits, version, size in bytes, chunks held
+/// of total, complete yes/no, publisher, upload time (local).
+pub fn render_artifacts(artifacts: &[ArtifactInfo]) -> String {
+    render_artifacts_in(artifacts, &Local)
+}
+
+/// [`render_artifacts`] in a given time zone.
+pub fn render_artifacts_in<Tz: TimeZone>(artifacts: &[ArtifactInfo], tz: &Tz) -> String
+where
+    Tz::Offset: Display,
+{
+    let rows: Vec<[String; 7]> = artifacts
+        .iter()
+        .map(|a| {
+            let r = &a.artifact;
+            let id = r.id.as_str();
+            [
+                id.get(..SHORT_ID).unwrap_or(id).to_owned(),
+                r.version.clone(),
+                r.size.to_string(),
+                format!("{}/{}", a.received, r.chunks()),
+                if a.complete { "yes" } else { "no" }.to_owned(),
+                r.publisher.clone(),
+                time_in(Some(&a.uploaded_at), tz, SHORT),
+            ]
+            .map(|cell| {
+                if cell.is_empty() {
+                    "-".to_owned()
+                } else {
+                    cell
+                }
+            })
+        })
+        .collect();
+    let mut widths = ARTIFACT_COLUMNS.map(|c| c.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    push_row(&mut out, &ARTIFACT_COLUMNS, &widths);
+    for row in &rows {
+        push_row(&mut out, row, &widths);
+    }
+    out
 }
 
 /// One line of `watch`: when, which job, which device, what, and the new status (and why).
@@ -344,6 +429,88 @@ mod tests {
             ..detail
         };
         assert!(render_detail_in(&none, &Utc).contains("data: none collected"));
+        let schedule = JobDetail {
+            view: JobView {
+                instruction: "SET SCHEDULE".into(),
+                ..none.view.clone()
+            },
+            ..none
+        };
+        assert!(render_detail_in(&schedule, &Utc).contains("data: none reported"));
+    }
+
+    #[test]
+    fn a_refused_update_shows_one_line_per_key() {
+        let reason = "refused: adjustment.density: 12 is out of range 1..=9; \
+                      adjustment.colour: unknown setting";
+        let detail = JobDetail {
+            view: JobView {
+                instruction: "UPDATE DATA".into(),
+                data_type: "adjustment".into(),
+                reason: Some(reason.into()),
+                ..view("J-8", "C123", JobStatus::Failed)
+            },
+            timeline: vec![],
+            data: None,
+        };
+        let text = render_detail_in(&detail, &Utc);
+        assert!(
+            text.contains(
+                "  reason            refused: adjustment.density: 12 is out of range 1..=9\n\
+                 \x20                   adjustment.colour: unknown setting\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(reason_lines("timed out"), ["timed out"]);
+        assert_eq!(reason_lines("a; b; "), ["a", "b"]);
+    }
+
+    #[test]
+    fn the_artifact_table_shows_short_ids_chunks_and_completeness() {
+        use protocol::artifact::{ArtifactId, ArtifactRef, CHUNK_SIZE};
+        let info = |digest: u8, version: &str, received: u32, complete: bool| ArtifactInfo {
+            artifact: ArtifactRef {
+                id: ArtifactId::from_digest(&[digest; 32]),
+                version: version.into(),
+                size: 3 * u64::from(CHUNK_SIZE) + 5,
+                chunk_size: CHUNK_SIZE,
+                signature: "00".repeat(64),
+                publisher: "svc".into(),
+            },
+            received,
+            complete,
+            uploaded_at: at(9, 30),
+        };
+        let table = render_artifacts_in(
+            &[info(0xab, "2.1", 4, true), info(0x01, "2.2-rc1", 1, false)],
+            &Utc,
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        for col in ARTIFACT_COLUMNS {
+            assert!(lines[0].contains(col), "header lacks {col}: {table}");
+        }
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "abababababab",
+                "2.1",
+                "98309",
+                "4/4",
+                "yes",
+                "svc",
+                "2026-11-26",
+                "09:30"
+            ],
+            "{table}"
+        );
+        let cells: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(
+            &cells[..5],
+            ["010101010101", "2.2-rc1", "98309", "1/4", "no"]
+        );
+        assert_eq!(render_artifacts_in(&[], &Utc).lines().count(), 1);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use host_agent::{ConnectOptions, HostClient};
+use protocol::artifact::{ArtifactId, ArtifactInfo, ArtifactRef, CHUNK_SIZE};
 use protocol::host::{HostReply, HostRequest, HostResponse};
 use protocol::job::{JobDetail, JobEvent, JobStatus, JobView};
 use protocol::topic::{self, Topic};
@@ -347,6 +348,20 @@ fn plausible() -> Behaviour {
             },
             HostRequest::Show { job } => HostReply::Error {
                 reason: format!("job {job} is not known"),
+            },
+            HostRequest::Cancel { job } if job == "J-000001" => HostReply::Canceled {
+                job: view("J-000001", "C123", JobStatus::Canceled),
+            },
+            HostRequest::Cancel { job } if job == "J-000002" => HostReply::Error {
+                reason: format!("{job} already ended (succeeded); nothing to cancel"),
+            },
+            HostRequest::Cancel { job } => HostReply::Error {
+                reason: format!("{job} is in progress on the device and cannot be stopped safely"),
+            },
+            HostRequest::UploadBegin { .. }
+            | HostRequest::UploadChunk { .. }
+            | HostRequest::Artifacts => HostReply::Error {
+                reason: "no artifact store in this stand-in".into(),
             },
         })
     })
@@ -682,6 +697,468 @@ async fn certificates_from_another_ca_fail_with_exit_2_and_name_the_tls_flags() 
     assert_eq!(out.code, Some(2), "stderr: {}", out.stderr);
     assert!(
         out.stderr.contains("could not connect") && out.stderr.contains("--cert"),
+        "{}",
+        out.stderr
+    );
+}
+
+// ---- cancel, keys and artifacts ----------------------------------------------------------
+
+#[tokio::test]
+async fn cancel_prints_canceled_and_a_refusal_exits_1_with_the_brokers_reason() {
+    let relay = Relay::start(plausible()).await;
+    let out = relay.run(&["jobs", "cancel", "J-000001"]).await;
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert_eq!(out.stdout, "canceled J-000001\n");
+
+    let out = relay.run(&["jobs", "cancel", "J-000002"]).await;
+    assert_eq!(out.code, Some(1), "stderr: {}", out.stderr);
+    assert_eq!(out.stdout, "");
+    assert_eq!(
+        out.stderr,
+        "error: J-000002 already ended (succeeded); nothing to cancel\n"
+    );
+
+    let out = relay.run(&["jobs", "cancel", "J-000003"]).await;
+    assert_eq!(out.code, Some(1), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("in progress on the device"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn every_submit_flag_reaches_the_broker() {
+    let got: Arc<Mutex<Vec<protocol::host::SubmitJob>>> = Arc::default();
+    let record = got.clone();
+    let relay = Relay::start(Arc::new(move |req, _| match req {
+        HostRequest::Submit(s) => {
+            record.lock().unwrap().push(s.clone());
+            Some(HostReply::Submitted {
+                job: view("J-000009", &s.serial, JobStatus::Queued),
+            })
+        }
+        _ => None,
+    }))
+    .await;
+    let out = relay
+        .run(&[
+            "jobs",
+            "submit",
+            "--serial",
+            "C123",
+            "--kind",
+            "update-data",
+            "--set",
+            "adjustment.density=6",
+            "--set",
+            "adjustment.toner_save=false",
+            "--set",
+            "settings.host_url=https://svc.example.com/a=b",
+            "--merge",
+            "device",
+        ])
+        .await;
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert_eq!(out.stdout, "J-000009\n");
+    let out = relay
+        .run(&[
+            "jobs",
+            "submit",
+            "--serial",
+            "C123",
+            "--kind",
+            "set-schedule",
+            "--mode",
+            "periodic",
+            "--interval-secs",
+            "900",
+            "--calendar",
+            "weekly:sun 02:00",
+            "--calendar",
+            "daily:22:00",
+            "--moment",
+            "power-on",
+            "--condition",
+            "count:total/1000",
+        ])
+        .await;
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 2);
+    use protocol::data::Value;
+    assert_eq!(
+        got[0].values,
+        std::collections::BTreeMap::from([
+            ("adjustment.density".to_owned(), Value::Int(6)),
+            ("adjustment.toner_save".to_owned(), Value::Bool(false)),
+            (
+                "settings.host_url".to_owned(),
+                Value::Text("https://svc.example.com/a=b".into())
+            ),
+        ])
+    );
+    assert_eq!(got[0].merge.as_deref(), Some("device"));
+    assert_eq!(got[1].mode.as_deref(), Some("periodic"));
+    assert_eq!(got[1].interval_secs, Some(900));
+    assert_eq!(got[1].calendar, ["weekly:sun 02:00", "daily:22:00"]);
+    assert_eq!(got[1].moments, ["power-on"]);
+    assert_eq!(got[1].conditions, ["count:total/1000"]);
+    // The broker's own check accepts what the CLI sent.
+    for job in &got {
+        protocol::validate::submission(job, Utc::now()).expect("a valid submission");
+    }
+}
+
+/// `host-agent keys generate` without any connection flag.
+fn keys_generate(out: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_host-agent"))
+        .args(["keys", "generate", "--out"])
+        .arg(out)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run host-agent keys generate")
+}
+
+#[test]
+fn keys_generate_works_offline_writes_0600_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("keys");
+    let out = keys_generate(&out_dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = out_dir.join("publisher.key");
+    let public = out_dir.join("publisher.pub");
+    assert!(
+        stdout.contains(&secret.display().to_string())
+            && stdout.contains(&public.display().to_string())
+            && stdout.contains(&format!(
+                "device-agent … --publisher-key {}",
+                public.display()
+            )),
+        "{stdout}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&secret).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    let public_text = std::fs::read_to_string(&public).unwrap();
+    let key = host_agent::keys::load_signing_key(&secret).unwrap();
+    assert_eq!(
+        host_agent::keys::parse_public_key(&public_text).unwrap(),
+        key.verifying_key()
+    );
+
+    let before = std::fs::read(&secret).unwrap();
+    let again = keys_generate(&out_dir);
+    assert_eq!(again.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("already exists"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&secret).unwrap(), before, "key unchanged");
+}
+
+/// A stand-in for the broker's artifact store, keeping to its contract: `received` is the
+/// contiguous prefix held, the last chunk triggers the digest check, a mismatch drops the
+/// chunks and is an Error.
+#[derive(Default)]
+struct Shelf {
+    items: HashMap<String, (ArtifactInfo, Vec<Vec<u8>>)>,
+    /// Every UploadBegin: (artifact, version, size, chunk size, signature).
+    begins: Vec<(String, String, u64, u32, String)>,
+    /// Every chunk index received, resends included.
+    chunks: Vec<u32>,
+    /// Stay silent about this chunk, as if the link were cut while it was on its way.
+    lose: Option<u32>,
+    /// Flip a byte of every stored chunk, as a damaged store would.
+    corrupt: bool,
+}
+
+fn shelf(state: Arc<Mutex<Shelf>>) -> Behaviour {
+    Arc::new(move |req, _| {
+        let mut shelf = state.lock().unwrap();
+        match req {
+            HostRequest::UploadBegin {
+                artifact,
+                version,
+                size,
+                chunk_size,
+                signature,
+            } => {
+                shelf.begins.push((
+                    artifact.clone(),
+                    version.clone(),
+                    *size,
+                    *chunk_size,
+                    signature.clone(),
+                ));
+                let Ok(id) = ArtifactId::parse(artifact) else {
+                    return Some(HostReply::Error {
+                        reason: format!("artifact id {artifact:?} is not SHA-256 hex"),
+                    });
+                };
+                let entry = shelf.items.entry(artifact.clone()).or_insert_with(|| {
+                    let info = ArtifactInfo {
+                        artifact: ArtifactRef {
+                            id,
+                            version: version.clone(),
+                            size: *size,
+                            chunk_size: *chunk_size,
+                            signature: signature.clone(),
+                            publisher: "svc".into(),
+                        },
+                        received: 0,
+                        complete: false,
+                        uploaded_at: Utc::now(),
+                    };
+                    (info, Vec::new())
+                });
+                Some(HostReply::Upload {
+                    artifact: entry.0.clone(),
+                })
+            }
+            HostRequest::UploadChunk { chunk } => {
+                shelf.chunks.push(chunk.index);
+                if shelf.lose == Some(chunk.index) {
+                    return None;
+                }
+                let corrupt = shelf.corrupt;
+                let key = chunk.artifact.to_string();
+                let Some((info, held)) = shelf.items.get_mut(&key) else {
+                    return Some(HostReply::Error {
+                        reason: format!("no upload of {key} begun"),
+                    });
+                };
+                if chunk.index == info.received && !info.complete {
+                    let mut data = chunk.data.clone();
+                    if corrupt {
+                        data[0] ^= 0xff;
+                    }
+                    held.push(data);
+                    info.received += 1;
+                }
+                if info.received == info.artifact.chunks() && !info.complete {
+                    let digest = host_agent::upload::digest(&held.concat());
+                    if digest != info.artifact.id {
+                        shelf.items.remove(&key);
+                        return Some(HostReply::Error {
+                            reason: format!(
+                                "digest mismatch: the uploaded bytes do not hash to {key}; upload again"
+                            ),
+                        });
+                    }
+                    info.complete = true;
+                }
+                Some(HostReply::Upload {
+                    artifact: info.clone(),
+                })
+            }
+            HostRequest::Artifacts => Some(HostReply::Artifacts {
+                artifacts: shelf.items.values().map(|(i, _)| i.clone()).collect(),
+            }),
+            _ => None,
+        }
+    })
+}
+
+/// A keys directory and a firmware file of `chunks` full chunks plus a short last one.
+fn firmware(dir: &Path, chunks: usize) -> (PathBuf, PathBuf, PathBuf, Vec<u8>) {
+    let keys = dir.join("keys");
+    assert!(keys_generate(&keys).status.success());
+    let bytes: Vec<u8> = (0..chunks * CHUNK_SIZE as usize + 100)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let file = dir.join("fw-2.1.bin");
+    std::fs::write(&file, &bytes).unwrap();
+    (
+        file,
+        keys.join("publisher.key"),
+        keys.join("publisher.pub"),
+        bytes,
+    )
+}
+
+#[tokio::test]
+async fn upload_sends_each_chunk_once_signed_and_prints_only_the_id() {
+    let state = Arc::new(Mutex::new(Shelf::default()));
+    let relay = Relay::start(shelf(state.clone())).await;
+    let work = tempfile::tempdir().unwrap();
+    let (file, secret, public, bytes) = firmware(work.path(), 3);
+    let file_arg = file.display().to_string();
+    let key_arg = secret.display().to_string();
+    let upload = [
+        "artifacts",
+        "upload",
+        file_arg.as_str(),
+        "--version",
+        "2.1",
+        "--signing-key",
+        key_arg.as_str(),
+    ];
+
+    let out = relay.run(&upload).await;
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    let id = host_agent::upload::digest(&bytes);
+    assert_eq!(out.stdout, format!("{id}\n"), "the id alone on stdout");
+    {
+        let shelf = state.lock().unwrap();
+        assert_eq!(shelf.chunks, [0, 1, 2, 3], "each chunk once, in order");
+        let (artifact, version, size, chunk_size, signature) = &shelf.begins[0];
+        assert_eq!(
+            (artifact.as_str(), version.as_str(), *size, *chunk_size),
+            (id.as_str(), "2.1", bytes.len() as u64, CHUNK_SIZE)
+        );
+        // What a device provisioned with publisher.pub checks.
+        let public =
+            host_agent::keys::parse_public_key(&std::fs::read_to_string(&public).unwrap()).unwrap();
+        host_agent::keys::verify_artifact(&public, &id, "2.1", signature)
+            .expect("the signature verifies with the public key");
+        assert!(shelf.items[id.as_str()].0.complete);
+    }
+
+    // Again: the relay has it all, so nothing is sent, and the id is printed all the same.
+    let out = relay.run(&upload).await;
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert_eq!(out.stdout, format!("{id}\n"));
+    assert!(out.stderr.contains("nothing sent"), "{}", out.stderr);
+    assert_eq!(state.lock().unwrap().chunks.len(), 4, "no chunk sent twice");
+
+    let out = relay.run(&["artifacts", "list"]).await;
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", out.stdout);
+    assert!(lines[0].starts_with("ID") && lines[0].ends_with("UPLOADED"));
+    let cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        &cells[..6],
+        [
+            &id.as_str()[..12],
+            "2.1",
+            &bytes.len().to_string(),
+            "4/4",
+            "yes",
+            "svc"
+        ],
+        "{}",
+        out.stdout
+    );
+    let out = relay.run(&["artifacts", "list", "--json"]).await;
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
+    assert_eq!(json[0]["id"], id.as_str());
+    assert_eq!(json[0]["complete"], true);
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_resumes_where_the_relays_copy_ends() {
+    let state = Arc::new(Mutex::new(Shelf {
+        lose: Some(2),
+        ..Shelf::default()
+    }));
+    let relay = Relay::start(shelf(state.clone())).await;
+    let work = tempfile::tempdir().unwrap();
+    let (file, secret, _, bytes) = firmware(work.path(), 4);
+    let file_arg = file.display().to_string();
+    let key_arg = secret.display().to_string();
+    let upload = [
+        "--timeout-secs",
+        "2",
+        "artifacts",
+        "upload",
+        file_arg.as_str(),
+        "--version",
+        "2.1",
+        "--signing-key",
+        key_arg.as_str(),
+    ];
+
+    // Chunk 2 never gets an answer: the upload gives up after the timeout.
+    let out = relay.run(&upload).await;
+    assert_eq!(out.code, Some(2), "stderr: {}", out.stderr);
+    assert!(out.stderr.contains("no reply"), "{}", out.stderr);
+    let first_try = state.lock().unwrap().chunks.clone();
+    assert_eq!(&first_try[..3], [0, 1, 2]);
+    assert!(first_try[2..].iter().all(|i| *i == 2), "{first_try:?}");
+
+    // The link is back: the next run starts at chunk 2, never sending 0 or 1 again.
+    state.lock().unwrap().lose = None;
+    let out = relay.run(&upload).await;
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        format!("{}\n", host_agent::upload::digest(&bytes))
+    );
+    assert!(out.stderr.contains("resumed"), "{}", out.stderr);
+    let all = state.lock().unwrap().chunks.clone();
+    assert_eq!(all[first_try.len()..], [2, 3, 4], "{all:?}");
+}
+
+#[tokio::test]
+async fn a_digest_mismatch_exits_1_with_the_relays_reason() {
+    let state = Arc::new(Mutex::new(Shelf {
+        corrupt: true,
+        ..Shelf::default()
+    }));
+    let relay = Relay::start(shelf(state)).await;
+    let work = tempfile::tempdir().unwrap();
+    let (file, secret, _, _) = firmware(work.path(), 1);
+    let out = relay
+        .run(&[
+            "artifacts",
+            "upload",
+            &file.display().to_string(),
+            "--version",
+            "2.1",
+            "--signing-key",
+            &secret.display().to_string(),
+        ])
+        .await;
+    assert_eq!(out.code, Some(1), "stderr: {}", out.stderr);
+    assert_eq!(out.stdout, "", "no id for a refused upload");
+    assert!(
+        out.stderr
+            .starts_with("error: digest mismatch: the uploaded bytes do not hash to")
+            && out.stderr.contains("upload again"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn upload_checks_its_files_before_connecting() {
+    // No broker at all: the missing key must be reported, not a connection failure.
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("fw.bin");
+    std::fs::write(&file, b"image").unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = run({
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_host-agent"));
+        cmd.args(["--broker", &format!("mqtts://127.0.0.1:{closed}")])
+            .args(["--ca", "ca.pem", "--cert", "svc.pem", "--key", "svc.key"])
+            .args(["artifacts", "upload"])
+            .arg(&file)
+            .args(["--version", "1", "--signing-key"])
+            .arg(work.path().join("missing.key"))
+            .stdin(Stdio::null());
+        cmd
+    })
+    .await;
+    assert_eq!(out.code, Some(2), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("missing.key") && out.stderr.contains("keys generate"),
         "{}",
         out.stderr
     );

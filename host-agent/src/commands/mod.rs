@@ -1,7 +1,10 @@
 //! One command per file, as in mini-redis `src/cmd/`: each takes its parsed arguments and a
 //! session, asks the broker, and prints the answer. Business rules stay in the broker; these
-//! only ask and show.
+//! only ask and show. `keys` alone works offline.
 
+pub mod artifacts;
+pub mod cancel;
+pub mod keys;
 pub mod list;
 pub mod show;
 pub mod submit;

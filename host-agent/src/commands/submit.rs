@@ -1,5 +1,7 @@
 //! `jobs submit`: file a job for one device (S101) and print its id.
 
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::io::Write;
 
 use anyhow::Context as _;
@@ -17,7 +19,7 @@ pub async fn run(
     args: SubmitArgs,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let job = into_submission(args);
+    let job = into_submission(args)?;
     let reply = client.submit(job).await.context("submitting the job")?;
     match reply {
         HostReply::Submitted { job } => {
@@ -32,22 +34,44 @@ pub async fn run(
     }
 }
 
-/// The flags, as the wire message. Nothing is checked or dropped here.
-pub fn into_submission(args: SubmitArgs) -> SubmitJob {
-    SubmitJob {
+/// The flags, as the wire message. Nothing is checked or dropped here — a flag that does not
+/// fit the kind is for the broker to refuse — except one thing the map cannot carry: the same
+/// `--set` name twice, which is a usage error rather than a silent "last one wins".
+pub fn into_submission(args: SubmitArgs) -> anyhow::Result<SubmitJob> {
+    let mut values = BTreeMap::new();
+    for (name, value) in args.set {
+        match values.entry(name) {
+            Entry::Vacant(slot) => {
+                slot.insert(value);
+            }
+            Entry::Occupied(slot) => {
+                anyhow::bail!("--set {} is given twice; give each value once", slot.key())
+            }
+        }
+    }
+    Ok(SubmitJob {
         serial: args.serial,
         kind: args.kind,
         sections: args.sections,
         at: args.at,
         execute_at: args.execute_at,
         deadline: args.deadline,
-        ..SubmitJob::default()
-    }
+        max_attempts: args.max_attempts,
+        values,
+        merge: args.merge,
+        artifact: args.artifact,
+        mode: args.mode,
+        interval_secs: args.interval_secs,
+        calendar: args.calendar,
+        moments: args.moments,
+        conditions: args.conditions,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::data::Value;
 
     #[test]
     fn every_flag_reaches_the_submission_unchanged() {
@@ -56,14 +80,62 @@ mod tests {
             kind: "get-dta".into(),
             sections: vec!["counters".into(), "toner".into()],
             at: Some("tomorrow".into()),
-            execute_at: None,
+            execute_at: Some("2026-11-27T02:00:00Z".into()),
             deadline: Some("2026-11-28T00:00:00Z".into()),
+            set: vec![
+                ("adjustment.density".into(), Value::Int(6)),
+                ("adjustment.toner_save".into(), Value::Bool(true)),
+            ],
+            merge: Some("devise".into()),
+            artifact: Some("2.1".into()),
+            max_attempts: Some(0),
+            mode: Some("periodic".into()),
+            interval_secs: Some(900),
+            calendar: vec!["daily:22:00".into()],
+            moments: vec!["power-on".into()],
+            conditions: vec!["count:total/1000".into()],
         };
-        let job = into_submission(args);
-        assert_eq!(job.serial, "c/123");
-        assert_eq!(job.kind, "get-dta");
-        assert_eq!(job.sections, ["counters", "toner"]);
-        assert_eq!(job.at.as_deref(), Some("tomorrow"));
-        assert_eq!(job.deadline.as_deref(), Some("2026-11-28T00:00:00Z"));
+        let job = into_submission(args).unwrap();
+        // Typos and out-of-range numbers pass through: the broker refuses them with a reason.
+        let want = SubmitJob {
+            serial: "c/123".into(),
+            kind: "get-dta".into(),
+            sections: vec!["counters".into(), "toner".into()],
+            at: Some("tomorrow".into()),
+            execute_at: Some("2026-11-27T02:00:00Z".into()),
+            deadline: Some("2026-11-28T00:00:00Z".into()),
+            max_attempts: Some(0),
+            values: BTreeMap::from([
+                ("adjustment.density".into(), Value::Int(6)),
+                ("adjustment.toner_save".into(), Value::Bool(true)),
+            ]),
+            merge: Some("devise".into()),
+            artifact: Some("2.1".into()),
+            mode: Some("periodic".into()),
+            interval_secs: Some(900),
+            calendar: vec!["daily:22:00".into()],
+            moments: vec!["power-on".into()],
+            conditions: vec!["count:total/1000".into()],
+        };
+        assert_eq!(job, want);
+    }
+
+    #[test]
+    fn the_same_value_twice_is_a_usage_error() {
+        let args = SubmitArgs {
+            serial: "C1".into(),
+            kind: "update-data".into(),
+            set: vec![
+                ("adjustment.density".into(), Value::Int(6)),
+                ("adjustment.density".into(), Value::Int(7)),
+            ],
+            ..SubmitArgs::default()
+        };
+        let e = into_submission(args).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--set adjustment.density is given twice"),
+            "{e}"
+        );
     }
 }

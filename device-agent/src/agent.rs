@@ -3,20 +3,28 @@
 //! Three tasks per device:
 //! - the **link** owns rumqttc's `EventLoop`: it polls it, reconnects with backoff when the
 //!   connection drops (rumqttc's `poll` returns the error; retrying is ours) and forwards what
-//!   matters to the session. The event loop is polled by nothing else, so no `select!` ever
-//!   cancels it halfway through a packet;
-//! - the **session** reacts: on every CONNACK it subscribes to the device's jobs and acks,
-//!   announces the device's state and resends everything pending; it hands job orders to the
-//!   worker, publishes what the outbox commits, drops what the relay acks and resends the rest with
-//!   backoff;
+//!   matters to the session. It connects only while the session *wants* a connection; told to go
+//!   offline it lets the session's DISCONNECT out, drops the socket and parks. While connected
+//!   it is never cancelled halfway through a poll, so no packet is ever torn;
+//! - the **session** reacts: on every CONNACK it subscribes to the device's jobs, acks, merged
+//!   data and firmware chunks, announces the device's state and resends everything pending; it
+//!   hands job orders to the worker and what a job asked for to its inbox, publishes what the
+//!   outbox commits, drops what the relay acks and resends the rest with backoff. It decides
+//!   when to be connected: always in a **persistent** session; in a **periodic** one only for a
+//!   check-in (interval, calendar, power-on, operator action, condition) that lasts until the
+//!   jobs are run and the outbox is empty — and never while a firmware write has **suspended**
+//!   relay access (claims 5, 12);
 //! - the **worker** ([`crate::worker`]) runs the jobs, one at a time.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::device::{AckBatch, AckOutcome, DeviceState};
+use protocol::artifact::Chunk;
+use protocol::device::{AckBatch, AckOutcome, DeviceState, Merged};
 use protocol::job::JobOrder;
+use protocol::schedule::{Moment, Schedule};
 use protocol::topic::{self, Topic, UpKind};
 use protocol::url::BrokerUrl;
 use protocol::{Envelope, MsgId, Serial};
@@ -25,14 +33,18 @@ use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, SubAck,
     SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::checkin::{self, Planner, Reason};
 use crate::config::SessionSettings;
 use crate::device::{self, SharedDevice};
+use crate::jobs::set_schedule::describe;
+use crate::jobs::{JobEnv, PublisherKey};
 use crate::outbox::{Outbox, OutboxError, Pending};
+use crate::relay::{self, Control, Incoming, SessionEnds};
 use crate::report::Reporter;
 use crate::worker::{Worker, WorkerMsg};
 
@@ -45,6 +57,10 @@ const INFLIGHT: u16 = 32;
 const FLUSH_RETRY: Duration = Duration::from_millis(20);
 /// How long a clean DISCONNECT may take at shutdown.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+/// How many recent ack outcomes the session remembers.
+const RECENT_ACKS: usize = 64;
+/// How often counters are read when a schedule has a count condition.
+const CONDITION_POLL: Duration = Duration::from_secs(5);
 
 /// Everything one device needs to run.
 pub struct DeviceAgent {
@@ -56,10 +72,18 @@ pub struct DeviceAgent {
     pub device: SharedDevice,
     pub outbox: Outbox,
     pub settings: SessionSettings,
+    /// The device's own directory: firmware downloads (and the simulated copier's files).
+    pub home: PathBuf,
+    /// The schedule from flags and config; one set by a set-schedule job (stored) wins over it.
+    pub schedule: Schedule,
+    /// The key firmware must be signed with; `None` refuses every firmware job.
+    pub publisher: Option<PublisherKey>,
+    /// Counts operator actions (SIGUSR1), which make a periodic device check in.
+    pub operator: Option<watch::Receiver<u64>>,
 }
 
 /// Runs one device until `stop`. Sends its serial on `ready` once, when its first session is
-/// connected and subscribed. Fails only if its pending messages cannot be read at startup.
+/// connected and subscribed. Fails only if its store cannot be read at startup.
 pub async fn run_device(
     agent: DeviceAgent,
     stop: CancellationToken,
@@ -73,39 +97,62 @@ pub async fn run_device(
         device,
         outbox,
         settings,
+        home,
+        schedule,
+        publisher,
+        operator,
     } = agent;
+    let store = outbox.store();
     // Reloaded from disk: what the last run sent but never saw acked goes out on the first connect.
     let reloaded = outbox.pending(&serial).await?;
     if !reloaded.is_empty() {
         info!(serial = %serial, count = reloaded.len(), "pending messages reloaded from the outbox");
     }
+    // A firmware write cut off by a power cut is concluded before the device reconnects.
+    let intent = store.write_intent(&serial).await?;
+    let schedule = match store.schedule(&serial).await? {
+        Some(stored) => {
+            info!(serial = %serial, job = %stored.job, schedule = %describe(&stored.schedule), "schedule in effect, as set by a job");
+            stored.schedule
+        }
+        None => schedule,
+    };
 
     let (client, eventloop) = mqtt_client(&serial, &broker, tls, &settings);
+    let suspended = intent.is_some();
+    let (want_tx, want_rx) = watch::channel(!suspended);
     let (link_tx, link_rx) = mpsc::channel(64);
     let (fresh_tx, fresh_rx) = mpsc::unbounded_channel();
     let (worker_tx, worker_rx) = mpsc::unbounded_channel();
+    let (relay, ends) = relay::pair();
+    let (inbox_tx, inbox) = relay::inbox();
+    let (busy_tx, busy_rx) = watch::channel(0usize);
     let report = Reporter::new(serial.clone(), outbox.clone(), fresh_tx);
 
     let link = tokio::spawn(drive_link(
         eventloop,
         client.clone(),
         link_tx,
+        want_rx,
         serial.clone(),
         broker.clone(),
         settings.clone(),
         stop.clone(),
     ));
-    let worker = tokio::spawn(
-        Worker::new(
-            device.clone(),
-            report.clone(),
-            outbox.clone(),
-            worker_rx,
-            stop.clone(),
-        )
-        .run(),
-    );
+    let env = JobEnv {
+        device: device.clone(),
+        report: report.clone(),
+        relay,
+        store,
+        outbox: outbox.clone(),
+        home,
+        publisher,
+        fetch_timeout: settings.fetch_timeout,
+        stop: stop.clone(),
+    };
+    let worker = tokio::spawn(Worker::new(env, inbox, worker_rx, busy_tx, intent).run());
 
+    let planner = Planner::new(schedule, Instant::now(), chrono::Utc::now());
     let mut session = Session {
         serial,
         site,
@@ -118,14 +165,36 @@ pub async fn run_device(
         link: link_rx,
         fresh: fresh_rx,
         worker: worker_tx,
+        inbox: inbox_tx,
+        ends,
+        want: want_tx,
+        busy: busy_rx,
+        operator,
         ready,
         pending: BTreeMap::new(),
         queue: VecDeque::new(),
+        loose: VecDeque::new(),
         connected: false,
+        subscribed_at: None,
+        disconnect_requested: false,
         state_sent: None,
+        suspended,
+        parked: false,
+        suspend_waiters: Vec::new(),
+        ack_waiters: Vec::new(),
+        recent_acks: VecDeque::new(),
+        planner,
+        checkin: None,
+        last_activity: Instant::now(),
+        next_condition_poll: None,
     };
     for p in reloaded {
         session.add(p);
+    }
+    if session.planner.is_periodic() {
+        // Power-on: a periodic device checks in once when it starts, whatever its moments say,
+        // so it announces itself (and sends what a recovery committed) without waiting a period.
+        session.begin_checkin(Reason::PowerOn);
     }
     session.run(&stop).await;
     drop(session);
@@ -163,6 +232,8 @@ fn mqtt_client(
 enum LinkEvent {
     Connected,
     Disconnected,
+    /// Offline on purpose and not trying to connect.
+    Parked,
     SubAck(SubAck),
     Publish(Publish),
 }
@@ -173,12 +244,14 @@ fn jittered(base: Duration) -> Duration {
     base.mul_f64(rand::thread_rng().gen_range(0.5..1.5))
 }
 
-/// Polls the event loop until `stop`, reconnecting with backoff: reconnect_min doubling to
-/// reconnect_max, jittered.
+/// Polls the event loop until `stop`, while `want` says so, reconnecting with backoff:
+/// reconnect_min doubling to reconnect_max, jittered.
+#[allow(clippy::too_many_arguments)]
 async fn drive_link(
     mut eventloop: EventLoop,
     client: AsyncClient,
     events: mpsc::Sender<LinkEvent>,
+    mut want: watch::Receiver<bool>,
     serial: Serial,
     broker: BrokerUrl,
     settings: SessionSettings,
@@ -188,9 +261,31 @@ async fn drive_link(
     let mut failures: u32 = 0;
     let mut connected = false;
     loop {
-        let polled = tokio::select! {
-            () = stop.cancelled() => break,
-            polled = eventloop.poll() => polled,
+        if !connected && !*want.borrow_and_update() {
+            if events.send(LinkEvent::Parked).await.is_err() {
+                break;
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                r = want.wait_for(|w| *w) => if r.is_err() { break },
+            }
+            backoff = settings.reconnect_min;
+            failures = 0;
+            continue;
+        }
+        let polled = if connected {
+            // Never cancelled while connected: the session closes the connection with a
+            // DISCONNECT, which comes back here as an outgoing event.
+            tokio::select! {
+                () = stop.cancelled() => break,
+                polled = eventloop.poll() => polled,
+            }
+        } else {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = want.changed() => continue,
+                polled = eventloop.poll() => polled,
+            }
         };
         let event = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -201,6 +296,14 @@ async fn drive_link(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Publish(p),
             Ok(Event::Incoming(Packet::SubAck(s))) => LinkEvent::SubAck(s),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                // The session closed the connection on purpose: drop the socket now rather than
+                // wait for the relay to close it.
+                eventloop.clean();
+                connected = false;
+                info!(serial = %serial, "disconnected from broker");
+                LinkEvent::Disconnected
+            }
             Ok(_) => continue,
             Err(e) => {
                 failures += 1;
@@ -223,6 +326,7 @@ async fn drive_link(
                 backoff = (backoff * 2).min(settings.reconnect_max);
                 tokio::select! {
                     () = stop.cancelled() => break,
+                    _ = want.changed() => continue,
                     () = sleep(delay) => continue,
                 }
             }
@@ -256,6 +360,12 @@ struct Inflight {
     queued: bool,
 }
 
+/// A periodic check-in in progress.
+struct CheckIn {
+    reason: Reason,
+    started: Instant,
+}
+
 struct Session {
     serial: Serial,
     site: String,
@@ -269,20 +379,58 @@ struct Session {
     /// Messages the outbox just committed, from the worker and from this session.
     fresh: mpsc::UnboundedReceiver<Pending>,
     worker: mpsc::UnboundedSender<WorkerMsg>,
+    /// Merged data and chunks, for the running job.
+    inbox: mpsc::UnboundedSender<Incoming>,
+    ends: SessionEnds,
+    /// Whether the link should be connected.
+    want: watch::Sender<bool>,
+    /// Jobs queued or running in the worker.
+    busy: watch::Receiver<usize>,
+    operator: Option<watch::Receiver<u64>>,
     ready: Option<mpsc::UnboundedSender<Serial>>,
     pending: BTreeMap<MsgId, Inflight>,
     /// Ids to publish as soon as rumqttc's request channel has room.
     queue: VecDeque<MsgId>,
+    /// Messages outside the outbox (fetches) waiting for room in the request channel.
+    loose: VecDeque<(String, Vec<u8>)>,
     connected: bool,
+    /// When the subscriptions of this connection were granted.
+    subscribed_at: Option<Instant>,
+    /// A DISCONNECT is on its way: publish nothing more on this connection.
+    disconnect_requested: bool,
     /// The last state announced, while it is unacked: a reconnect does not pile up copies.
     state_sent: Option<(MsgId, DeviceState)>,
+    /// A firmware write holds relay access suspended.
+    suspended: bool,
+    /// The link reported it is offline and not trying to connect.
+    parked: bool,
+    suspend_waiters: Vec<oneshot::Sender<()>>,
+    ack_waiters: Vec<(MsgId, oneshot::Sender<AckOutcome>)>,
+    /// The last few acks, for a job that asks after its message was already acked.
+    recent_acks: VecDeque<(MsgId, AckOutcome)>,
+    planner: Planner,
+    checkin: Option<CheckIn>,
+    /// The last time the relay sent something; a check-in ends only after a quiet spell.
+    last_activity: Instant,
+    next_condition_poll: Option<Instant>,
 }
 
 impl Session {
     async fn run(&mut self, stop: &CancellationToken) {
+        let mut busy_alive = true;
+        self.plan_conditions();
+        self.publish_online();
         loop {
             self.flush();
+            self.settle();
             let wake = self.next_wake();
+            let op = self.operator.as_mut();
+            let operator = async move {
+                match op {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => return,
                 event = self.link.recv() => match event {
@@ -290,9 +438,28 @@ impl Session {
                     None => return,
                 },
                 Some(p) = self.fresh.recv() => self.add(p),
-                () = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => self.resend_due(),
+                Some(c) = self.ends.control.recv() => self.on_control(c),
+                changed = self.busy.changed(), if busy_alive => {
+                    busy_alive = changed.is_ok();
+                }
+                alive = operator => {
+                    if alive {
+                        self.on_operator();
+                    } else {
+                        self.operator = None;
+                    }
+                }
+                () = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => self.on_tick().await,
             }
         }
+    }
+
+    fn is_periodic(&self) -> bool {
+        self.planner.is_periodic()
+    }
+
+    fn online(&self) -> bool {
+        self.connected && self.subscribed_at.is_some() && !self.disconnect_requested
     }
 
     async fn on_link(&mut self, event: LinkEvent) {
@@ -300,24 +467,55 @@ impl Session {
             LinkEvent::Connected => self.on_connected().await,
             LinkEvent::Disconnected => {
                 self.connected = false;
+                self.subscribed_at = None;
+                self.disconnect_requested = false;
                 self.queue.clear();
+                self.loose.clear();
                 for m in self.pending.values_mut() {
                     m.queued = false;
                 }
+                self.publish_online();
+            }
+            LinkEvent::Parked => {
+                // Answered in settle(), which also covers a link that had parked already.
+                self.parked = !*self.want.borrow();
             }
             LinkEvent::SubAck(ack) => self.on_suback(&ack),
-            LinkEvent::Publish(p) => self.on_publish(p).await,
+            LinkEvent::Publish(p) => {
+                self.last_activity = Instant::now();
+                self.on_publish(p).await;
+            }
         }
+    }
+
+    /// Tells the worker and jobs whether the relay can be reached, and whether waiting jobs may start.
+    fn publish_online(&self) {
+        let online = self.online();
+        self.ends.online.send_if_modified(|v| {
+            let changed = *v != online;
+            *v = online;
+            changed
+        });
+        let release = !self.is_periodic() || online;
+        self.ends.release.send_if_modified(|v| {
+            let changed = *v != release;
+            *v = release;
+            changed
+        });
     }
 
     async fn on_connected(&mut self) {
         self.connected = true;
+        self.subscribed_at = None;
+        self.disconnect_requested = false;
         info!(serial = %self.serial, broker = %self.broker, pending = self.pending.len(), "connected to broker");
         // Subscribe first: requests leave in order, so the subscriptions are in place before the
         // relay can ack anything we send next.
         let filters = [
             SubscribeFilter::new(topic::dev_jobs_filter(&self.serial), QoS::AtLeastOnce),
             SubscribeFilter::new(topic::dev_ack(&self.serial), QoS::AtLeastOnce),
+            SubscribeFilter::new(topic::dev_merged_filter(&self.serial), QoS::AtLeastOnce),
+            SubscribeFilter::new(topic::dev_blob_filter(&self.serial), QoS::AtLeastOnce),
         ];
         if let Err(e) = self.client.try_subscribe_many(filters) {
             // Only a full request channel can cause this, and a fresh connection has an empty one.
@@ -332,6 +530,7 @@ impl Session {
             m.queued = true;
             self.queue.push_back(*id);
         }
+        self.last_activity = now;
         self.announce_state().await;
     }
 
@@ -363,6 +562,8 @@ impl Session {
             );
             return;
         }
+        self.subscribed_at = Some(Instant::now());
+        self.publish_online();
         if let Some(ready) = self.ready.take() {
             info!(serial = %self.serial, "subscribed; ready for jobs");
             let _ = ready.send(self.serial.clone());
@@ -370,6 +571,7 @@ impl Session {
     }
 
     async fn on_publish(&mut self, p: Publish) {
+        let max = self.settings.max_packet_bytes;
         match Topic::parse(&p.topic) {
             Ok(Topic::DevAck { serial }) if serial == self.serial => self.on_acks(&p).await,
             Ok(Topic::DevJob { serial, job }) if serial == self.serial => {
@@ -379,7 +581,7 @@ impl Session {
                     let _ = self.worker.send(WorkerMsg::Ended(job));
                     return;
                 }
-                match Envelope::<JobOrder>::from_cbor(&p.payload, self.settings.max_packet_bytes) {
+                match Envelope::<JobOrder>::from_cbor(&p.payload, max) {
                     Ok(env) => {
                         let _ = self.worker.send(WorkerMsg::Order {
                             order: env.body,
@@ -388,6 +590,35 @@ impl Session {
                     }
                     Err(e) => {
                         warn!(serial = %self.serial, topic = %p.topic, error = %e, "malformed job order ignored");
+                    }
+                }
+            }
+            Ok(Topic::DevMerged { serial, job }) if serial == self.serial => {
+                if p.payload.is_empty() {
+                    return; // cleared when the job ended
+                }
+                match Envelope::<Merged>::from_cbor(&p.payload, max) {
+                    Ok(env) if env.body.job == job => {
+                        let _ = self.inbox.send(Incoming::Merged(env.body));
+                    }
+                    Ok(_) => {
+                        warn!(serial = %self.serial, topic = %p.topic, "merged data for another job ignored");
+                    }
+                    Err(e) => {
+                        warn!(serial = %self.serial, topic = %p.topic, error = %e, "malformed merged data ignored");
+                    }
+                }
+            }
+            Ok(Topic::DevBlob { serial, artifact }) if serial == self.serial => {
+                match Envelope::<Chunk>::from_cbor(&p.payload, max) {
+                    Ok(env) if env.body.artifact == artifact => {
+                        let _ = self.inbox.send(Incoming::Chunk(env.body));
+                    }
+                    Ok(_) => {
+                        warn!(serial = %self.serial, topic = %p.topic, "chunk of another artifact ignored");
+                    }
+                    Err(e) => {
+                        warn!(serial = %self.serial, topic = %p.topic, error = %e, "malformed chunk ignored");
                     }
                 }
             }
@@ -418,12 +649,212 @@ impl Session {
             };
             info!(serial = %self.serial, msg_id = ack.id, outcome = %outcome, "ack received");
             self.pending.remove(&ack.id);
+            if self.recent_acks.len() == RECENT_ACKS {
+                self.recent_acks.pop_front();
+            }
+            self.recent_acks.push_back((ack.id, ack.outcome.clone()));
+            let mut i = 0;
+            while i < self.ack_waiters.len() {
+                if self.ack_waiters[i].0 == ack.id {
+                    let (_, w) = self.ack_waiters.swap_remove(i);
+                    let _ = w.send(ack.outcome.clone());
+                } else {
+                    i += 1;
+                }
+            }
             done.push(ack.id);
         }
         if let Err(e) = self.outbox.ack(&self.serial, done).await {
             // They stay on disk and are resent after a restart; the relay will answer duplicate.
             warn!(serial = %self.serial, error = %e, "could not remove acked messages from the outbox");
         }
+    }
+
+    fn on_control(&mut self, c: Control) {
+        match c {
+            Control::Publish {
+                topic,
+                payload,
+                reply,
+            } => {
+                let sent = self.online();
+                if sent {
+                    self.loose.push_back((topic, payload));
+                }
+                let _ = reply.send(sent);
+            }
+            Control::WhenAcked { id, reply } => {
+                // What the job committed just before asking may still be in the channel.
+                while let Ok(p) = self.fresh.try_recv() {
+                    self.add(p);
+                }
+                if self.pending.contains_key(&id) {
+                    self.ack_waiters.push((id, reply));
+                } else {
+                    let outcome = self
+                        .recent_acks
+                        .iter()
+                        .rev()
+                        .find(|(acked, _)| *acked == id)
+                        .map_or(AckOutcome::Stored, |(_, o)| o.clone());
+                    let _ = reply.send(outcome);
+                }
+            }
+            Control::Suspend { reply } => {
+                self.suspended = true;
+                self.suspend_waiters.push(reply);
+                // Answered when the link reports it is parked.
+            }
+            Control::Resume => {
+                self.suspended = false;
+                // A periodic device reconnects to send the result, as the seed's S423 does.
+                if self.is_periodic() {
+                    self.begin_checkin(Reason::Job);
+                }
+            }
+            Control::Schedule(schedule) => self.apply_schedule(schedule),
+        }
+    }
+
+    fn apply_schedule(&mut self, schedule: Schedule) {
+        info!(
+            serial = %self.serial, mode = %schedule.mode, interval_secs = schedule.interval_secs,
+            schedule = %describe(&schedule), "schedule applied"
+        );
+        let was_periodic = self.is_periodic();
+        self.planner = Planner::new(schedule, Instant::now(), chrono::Utc::now());
+        self.plan_conditions();
+        if self.is_periodic() {
+            if !was_periodic || self.checkin.is_some() {
+                // The connection in use counts as a check-in: it ends once this job's report is
+                // acked, and the interval counts from now.
+                self.checkin = None;
+                self.begin_checkin(Reason::Job);
+            }
+        } else {
+            self.checkin = None;
+        }
+        self.publish_online();
+    }
+
+    fn on_operator(&mut self) {
+        if self.is_periodic() && self.planner.honours(Moment::OperatorAction) {
+            self.begin_checkin(Reason::OperatorAction);
+        } else {
+            debug!(serial = %self.serial, "operator action: no check-in (not in the schedule's moments)");
+        }
+    }
+
+    fn begin_checkin(&mut self, reason: Reason) {
+        if self.checkin.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        info!(serial = %self.serial, reason = %reason, "periodic check-in");
+        self.planner.started(now);
+        self.checkin = Some(CheckIn {
+            reason,
+            started: now,
+        });
+        self.last_activity = now;
+    }
+
+    /// Whether a periodic check-in has done its work: connected long enough for the relay's
+    /// retained orders to arrive, nothing received for a quiet spell, no job queued or running,
+    /// nothing unacked.
+    fn drained(&self) -> bool {
+        let quiet = self.settings.drain_quiet;
+        let now = Instant::now();
+        self.online()
+            && self
+                .subscribed_at
+                .is_some_and(|at| now.duration_since(at) >= quiet)
+            && now.duration_since(self.last_activity) >= quiet
+            && *self.busy.borrow() == 0
+            && self.pending.is_empty()
+            && self.ack_waiters.is_empty()
+            && self.loose.is_empty()
+    }
+
+    /// Decides whether to be connected, and acts on it.
+    fn settle(&mut self) {
+        if self.is_periodic() && !self.suspended {
+            if self.checkin.is_none() && (*self.busy.borrow() > 0 || !self.ack_waiters.is_empty()) {
+                self.begin_checkin(Reason::Job);
+            }
+            if let Some(c) = &self.checkin
+                && self.drained()
+            {
+                info!(
+                    serial = %self.serial, reason = %c.reason,
+                    duration_ms = c.started.elapsed().as_millis() as u64,
+                    "check-in drained; disconnecting"
+                );
+                self.checkin = None;
+            }
+        }
+        let want = !self.suspended && (!self.is_periodic() || self.checkin.is_some());
+        self.want.send_if_modified(|w| {
+            let changed = *w != want;
+            *w = want;
+            changed
+        });
+        if !want && self.connected && !self.disconnect_requested {
+            // A full request channel is tried again at the next wake.
+            if self.client.try_disconnect().is_ok() {
+                self.disconnect_requested = true;
+                self.publish_online();
+            }
+        }
+        if want {
+            self.parked = false;
+        } else if self.parked && self.suspended {
+            for w in self.suspend_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    /// Timers: resends, the next timed check-in, condition polls.
+    async fn on_tick(&mut self) {
+        self.resend_due();
+        let utc = chrono::Utc::now();
+        if self.checkin.is_none()
+            && let Some((at, reason)) = self.planner.next(utc)
+            && at <= Instant::now()
+        {
+            if let Reason::Calendar(_) = reason {
+                self.planner.calendar_done(utc);
+            }
+            self.begin_checkin(reason);
+        }
+        if let Some(at) = self.next_condition_poll
+            && at <= Instant::now()
+        {
+            self.next_condition_poll = Some(Instant::now() + CONDITION_POLL);
+            let read =
+                device::read_sections(&self.device, vec![protocol::data::Section::Counters]).await;
+            if let Ok(data) = read
+                && let Some(counters) = data.get(&protocol::data::Section::Counters)
+            {
+                let conditions = self.planner.conditions().to_vec();
+                if let Some(fired) = self.planner.marks.check(&conditions, counters)
+                    && self.is_periodic()
+                {
+                    self.begin_checkin(Reason::Condition(fired));
+                }
+            }
+        }
+    }
+
+    fn plan_conditions(&mut self) {
+        let watches = self.is_periodic()
+            && self
+                .planner
+                .conditions()
+                .iter()
+                .any(|c| matches!(c, protocol::schedule::Condition::CountReached { .. }));
+        self.next_condition_poll = watches.then(Instant::now);
     }
 
     /// A message the outbox committed: publish it now if we can.
@@ -464,8 +895,18 @@ impl Session {
 
     /// Publishes queued messages until rumqttc's request channel is full.
     fn flush(&mut self) {
-        if !self.connected {
+        if !self.connected || self.disconnect_requested {
             return;
+        }
+        while let Some((topic, payload)) = self.loose.pop_front() {
+            if let Err(e) =
+                self.client
+                    .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+            {
+                debug!(serial = %self.serial, error = %e, "request channel full; fetch waits");
+                self.loose.push_front((topic, payload));
+                return;
+            }
         }
         while let Some(&id) = self.queue.front() {
             let Some(m) = self.pending.get_mut(&id) else {
@@ -487,19 +928,49 @@ impl Session {
         }
     }
 
-    /// When the session must act without an event: to retry a full channel or to resend.
+    /// When the session must act without an event.
     fn next_wake(&self) -> Option<Instant> {
-        if !self.connected {
-            return None;
+        let now = Instant::now();
+        let mut wakes: Vec<Instant> = Vec::new();
+        if self.connected && !self.disconnect_requested {
+            if !self.queue.is_empty() || !self.loose.is_empty() {
+                wakes.push(now + FLUSH_RETRY);
+            }
+            if let Some(t) = self
+                .pending
+                .values()
+                .filter(|m| !m.queued)
+                .map(|m| m.next_try)
+                .min()
+            {
+                wakes.push(t);
+            }
         }
-        if !self.queue.is_empty() {
-            return Some(Instant::now() + FLUSH_RETRY);
+        let want = !self.suspended && (!self.is_periodic() || self.checkin.is_some());
+        if !want && self.connected && !self.disconnect_requested {
+            wakes.push(now + FLUSH_RETRY); // a DISCONNECT that did not fit yet
         }
-        self.pending
-            .values()
-            .filter(|m| !m.queued)
-            .map(|m| m.next_try)
-            .min()
+        if self.checkin.is_some() {
+            // The end of the quiet spell, when the check-in may be drained. Only worth a timer
+            // when nothing else holds it open: a job's end or an ack wakes the session anyway.
+            if let Some(at) = self.subscribed_at
+                && self.online()
+                && *self.busy.borrow() == 0
+                && self.pending.is_empty()
+                && self.ack_waiters.is_empty()
+                && self.loose.is_empty()
+            {
+                let quiet = self.settings.drain_quiet;
+                let t = (self.last_activity + quiet).max(at + quiet);
+                wakes.push(t.max(now + FLUSH_RETRY));
+            }
+        } else if let Some((at, _)) = self.planner.next(chrono::Utc::now()) {
+            wakes.push(at.min(now + checkin::MAX_NAP));
+        }
+        if let Some(t) = self.next_condition_poll {
+            wakes.push(t);
+        }
+        wakes.into_iter().min()
     }
 }
 

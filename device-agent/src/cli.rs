@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use protocol::Serial;
+use protocol::schedule::SessionMode;
 use protocol::url::BrokerUrl;
 
 const AFTER_HELP: &str = "\
@@ -13,7 +14,8 @@ Examples:
       --ca pki/ca.pem --cert pki/device/C123.pem --key pki/device/C123.key --data-dir /var/lib/chukei
   device-agent fleet --count 1000 --pki-dir pki --broker mqtts://localhost:8883 --data-dir /tmp/fleet
 
-Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=device_agent=debug) for more or less.";
+Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=device_agent=debug) for more or less.
+SIGUSR1 makes a device in a periodic session check in at once (an operator action).";
 
 /// chukei's device agent: connects a copier to the relay through outbound connections only, takes
 /// the jobs addressed to its serial, runs them and reports back; every report stays on disk until
@@ -29,10 +31,11 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent of one device until SIGINT or SIGTERM; reconnects by itself when the relay is away.
     ///
-    /// The device behind the agent is, for now, the simulated copier (tune it under [sim] in the
-    /// config file); a backend for real machines plugs in behind the same `Device` trait.
+    /// The device behind the agent is the simulated copier (tune it under [sim] in the config
+    /// file), or a real machine driven by the commands of an [exec] table (see
+    /// config/exec-hooks/example-device.sh).
     #[command(
-        after_help = "Example:\n  device-agent run --config /etc/chukei/device-agent.toml --site \"Osaka HQ 3F\""
+        after_help = "Examples:\n  device-agent run --config /etc/chukei/device-agent.toml --site \"Osaka HQ 3F\"\n  device-agent run --config agent.toml --publisher-key keys/publisher.pub --session periodic --interval-secs 900"
     )]
     Run(RunArgs),
     /// Simulate COUNT copiers in one process, each with its own certificate minted from the CA in --pki-dir.
@@ -75,6 +78,33 @@ pub struct RunArgs {
     /// that must wait for it.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Flags `run` and `fleet` share.
+#[derive(Debug, Args, Default)]
+pub struct CommonArgs {
+    /// The firmware publisher's public key (publisher.pub of `host-agent keys generate`, 64 hex
+    /// digits). Firmware must carry its signature; without a key every firmware job is refused.
+    /// Overrides `publisher_key`.
+    #[arg(long, value_name = "FILE")]
+    pub publisher_key: Option<PathBuf>,
+    /// persistent: stay connected, jobs arrive at once. periodic: connect on a schedule, run the
+    /// jobs, empty the outbox, disconnect (metered links). Overrides `session.mode`; a schedule
+    /// set by a set-schedule job wins over both.
+    #[arg(long, value_name = "MODE", value_parser = ["persistent", "periodic"])]
+    pub session: Option<String>,
+    /// Periodic session: check in every N seconds. Overrides `session.interval_secs`.
+    #[arg(long, value_name = "N")]
+    pub interval_secs: Option<u64>,
+}
+
+impl CommonArgs {
+    pub fn session_mode(&self) -> Option<SessionMode> {
+        // The parser admitted only the two names.
+        self.session.as_deref().and_then(|s| s.parse().ok())
+    }
 }
 
 /// Flags of `device-agent fleet`.
@@ -105,6 +135,8 @@ pub struct FleetArgs {
     /// A TOML config file; see config/device-agent.toml for every key. Flags win over it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 #[cfg(test)]
@@ -140,6 +172,12 @@ mod tests {
             "a.toml",
             "--ready-file",
             "r.json",
+            "--publisher-key",
+            "keys/publisher.pub",
+            "--session",
+            "periodic",
+            "--interval-secs",
+            "900",
         ])
         .unwrap();
         let Command::Run(a) = cli.command else {
@@ -149,6 +187,12 @@ mod tests {
         assert_eq!(a.serial.unwrap().as_str(), "C1");
         assert_eq!(a.site.as_deref(), Some("Osaka"));
         assert_eq!(a.ready_file.unwrap(), PathBuf::from("r.json"));
+        assert_eq!(
+            a.common.publisher_key.as_deref(),
+            Some(std::path::Path::new("keys/publisher.pub"))
+        );
+        assert_eq!(a.common.session_mode(), Some(SessionMode::Periodic));
+        assert_eq!(a.common.interval_secs, Some(900));
     }
 
     #[test]
@@ -172,6 +216,10 @@ mod tests {
             "r",
             "--config",
             "c",
+            "--publisher-key",
+            "p.pub",
+            "--session",
+            "persistent",
         ])
         .unwrap();
         let Command::Fleet(a) = cli.command else {
@@ -190,5 +238,7 @@ mod tests {
         assert!(e.to_string().contains("ASCII letters"), "{e}");
         assert!(Cli::try_parse_from(["device-agent", "fleet", "--count", "many"]).is_err());
         assert!(Cli::try_parse_from(["device-agent", "run", "--bogus"]).is_err());
+        let e = Cli::try_parse_from(["device-agent", "run", "--session", "sometimes"]).unwrap_err();
+        assert!(e.to_string().contains("periodic"), "{e}");
     }
 }

@@ -6,10 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use protocol::Serial;
+use protocol::schedule::{Calendar, Condition, Moment, Schedule, SessionMode};
 use protocol::url::BrokerUrl;
 use serde::{Deserialize, Deserializer};
 
 use crate::cli::{FleetArgs, RunArgs};
+use crate::exec::ExecSettings;
+use crate::jobs::PublisherKey;
 use crate::sim::{DEFAULT_FIRMWARE, DEFAULT_PAGES_PER_MINUTE, SimSettings};
 
 /// Prefix of simulated serials unless configured otherwise.
@@ -49,12 +52,16 @@ pub struct FileConfig {
     pub serial: Option<Serial>,
     pub data_dir: Option<PathBuf>,
     pub site: Option<String>,
+    /// The firmware publisher's public key file (64 hex digits).
+    pub publisher_key: Option<PathBuf>,
     #[serde(default)]
     pub session: SessionConfig,
     #[serde(default)]
     pub sim: SimConfig,
     #[serde(default)]
     pub fleet: FleetConfig,
+    /// `run` only: drive a real device through commands instead of the simulated copier.
+    pub exec: Option<ExecConfig>,
 }
 
 /// `[session]`: how the agent keeps its connection and resends what the relay has not confirmed.
@@ -68,6 +75,22 @@ pub struct SessionConfig {
     pub resend_min_secs: u64,
     pub resend_max_secs: u64,
     pub max_packet_bytes: usize,
+    /// A firmware download asks again for chunks that have not come after this long.
+    pub fetch_timeout_secs: u64,
+    /// A periodic check-in ends after this long without news from the relay (and with no job
+    /// running and nothing unacked).
+    pub drain_quiet_ms: u64,
+    /// persistent (stay connected) or periodic (connect on the schedule, drain, disconnect).
+    pub mode: SessionMode,
+    /// Periodic: check in every this many seconds.
+    pub interval_secs: Option<u64>,
+    /// Periodic: also check in at these times (UTC): `hourly:MM`, `daily:HH:MM`,
+    /// `weekly:DAY HH:MM`, `monthly:DD HH:MM`.
+    pub calendar: Vec<String>,
+    /// Periodic: also check in at these moments (`power-on`, `operator-action` = SIGUSR1).
+    pub moments: Option<Vec<String>>,
+    /// Periodic: also check in when these hold (`count:COUNTER/EVERY`, `fault:CODE`).
+    pub conditions: Vec<String>,
 }
 
 impl Default for SessionConfig {
@@ -80,6 +103,13 @@ impl Default for SessionConfig {
             resend_min_secs: 2,
             resend_max_secs: 60,
             max_packet_bytes: 1 << 20,
+            fetch_timeout_secs: 10,
+            drain_quiet_ms: 1000,
+            mode: SessionMode::Persistent,
+            interval_secs: None,
+            calendar: Vec::new(),
+            moments: None,
+            conditions: Vec::new(),
         }
     }
 }
@@ -91,6 +121,26 @@ pub struct SimConfig {
     pub model: Option<String>,
     pub firmware: Option<String>,
     pub pages_per_minute: Option<f64>,
+    /// How long writing a firmware image takes.
+    pub write_delay_ms: Option<u64>,
+    /// Versions whose health check fails (forcing a rollback).
+    #[serde(default)]
+    pub fail_health_check_versions: Vec<String>,
+    /// The first N image writes fail their read-back.
+    pub fail_writes: Option<u32>,
+}
+
+/// `[exec]`: the hooks of a real device (see [`crate::exec`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    pub get_data: Vec<String>,
+    pub apply: Option<Vec<String>>,
+    pub write_image: Option<Vec<String>>,
+    pub switch_slot: Option<Vec<String>>,
+    pub health_check: Option<Vec<String>>,
+    pub timeout_secs: Option<u64>,
+    pub write_timeout_secs: Option<u64>,
 }
 
 /// `[fleet]`: only `device-agent fleet` reads these.
@@ -139,6 +189,8 @@ pub struct SessionSettings {
     pub resend_min: Duration,
     pub resend_max: Duration,
     pub max_packet_bytes: usize,
+    pub fetch_timeout: Duration,
+    pub drain_quiet: Duration,
 }
 
 impl Default for SessionSettings {
@@ -173,6 +225,11 @@ impl SessionSettings {
                 c.max_packet_bytes
             )));
         }
+        if c.fetch_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "session.fetch_timeout_secs = 0: use 1 or more".to_owned(),
+            ));
+        }
         Ok(SessionSettings {
             keepalive: secs(c.keepalive_secs),
             connect_timeout: secs(c.connect_timeout_secs.max(1)),
@@ -181,8 +238,99 @@ impl SessionSettings {
             resend_min: secs(c.resend_min_secs),
             resend_max: secs(c.resend_max_secs),
             max_packet_bytes: c.max_packet_bytes,
+            fetch_timeout: secs(c.fetch_timeout_secs),
+            drain_quiet: Duration::from_millis(c.drain_quiet_ms),
         })
     }
+}
+
+/// The schedule the agent starts with: flags over `[session]`. (A schedule set by a job, kept in
+/// the agent's store, wins over both at run time.)
+fn schedule(
+    c: &SessionConfig,
+    mode: Option<SessionMode>,
+    interval_secs: Option<u64>,
+) -> Result<Schedule, ConfigError> {
+    let bad = |key: &str, e: String| ConfigError::Invalid(format!("session.{key}: {e}"));
+    let mode = mode.unwrap_or(c.mode);
+    let interval_secs = interval_secs.or(c.interval_secs);
+    if mode == SessionMode::Persistent && interval_secs.is_some() {
+        return Err(ConfigError::Invalid(
+            "an interval only applies to a periodic session: add --session periodic (or session.mode = \"periodic\")".to_owned(),
+        ));
+    }
+    let calendar = c
+        .calendar
+        .iter()
+        .map(|s| s.parse::<Calendar>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("calendar", e))?;
+    let moments = match &c.moments {
+        Some(list) => list
+            .iter()
+            .map(|s| s.parse::<Moment>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("moments", e))?,
+        None => vec![Moment::PowerOn, Moment::OperatorAction],
+    };
+    let conditions = c
+        .conditions
+        .iter()
+        .map(|s| s.parse::<Condition>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("conditions", e))?;
+    let schedule = Schedule {
+        mode,
+        interval_secs,
+        calendar,
+        moments,
+        conditions,
+    };
+    schedule.check().map_err(|e| {
+        ConfigError::Invalid(format!(
+            "{e}; for a periodic session pass --interval-secs N or set session.interval_secs or session.calendar"
+        ))
+    })?;
+    Ok(schedule)
+}
+
+fn publisher_key(path: Option<&Path>) -> Result<Option<PublisherKey>, ConfigError> {
+    path.map(|p| PublisherKey::load(p).map_err(ConfigError::Invalid))
+        .transpose()
+}
+
+fn exec_settings(c: &ExecConfig) -> Result<ExecSettings, ConfigError> {
+    let check = |name: &str, hook: &Option<Vec<String>>| match hook {
+        Some(h) if h.is_empty() => Err(ConfigError::Invalid(format!(
+            "exec.{name} is empty: give the command as [\"program\", \"arg\", …]"
+        ))),
+        _ => Ok(()),
+    };
+    check("get_data", &Some(c.get_data.clone()))?;
+    for (name, hook) in [
+        ("apply", &c.apply),
+        ("write_image", &c.write_image),
+        ("switch_slot", &c.switch_slot),
+        ("health_check", &c.health_check),
+    ] {
+        check(name, hook)?;
+    }
+    let firmware = [&c.write_image, &c.switch_slot, &c.health_check];
+    if firmware.iter().any(|h| h.is_some()) && firmware.iter().any(|h| h.is_none()) {
+        return Err(ConfigError::Invalid(
+            "exec: firmware updates need all of write_image, switch_slot and health_check (or none)"
+                .to_owned(),
+        ));
+    }
+    Ok(ExecSettings {
+        get_data: c.get_data.clone(),
+        apply: c.apply.clone(),
+        write_image: c.write_image.clone(),
+        switch_slot: c.switch_slot.clone(),
+        health_check: c.health_check.clone(),
+        timeout: Duration::from_secs(c.timeout_secs.unwrap_or(60).max(1)),
+        write_timeout: Duration::from_secs(c.write_timeout_secs.unwrap_or(1800).max(1)),
+    })
 }
 
 fn sim_settings(c: &SimConfig) -> Result<SimSettings, ConfigError> {
@@ -199,6 +347,9 @@ fn sim_settings(c: &SimConfig) -> Result<SimSettings, ConfigError> {
             .clone()
             .unwrap_or_else(|| DEFAULT_FIRMWARE.to_owned()),
         pages_per_minute,
+        write_delay: Duration::from_millis(c.write_delay_ms.unwrap_or(0)),
+        fail_health_check_versions: c.fail_health_check_versions.clone(),
+        fail_writes: c.fail_writes.unwrap_or(0),
     })
 }
 
@@ -224,6 +375,11 @@ pub struct RunSettings {
     pub ready_file: Option<PathBuf>,
     pub session: SessionSettings,
     pub sim: SimSettings,
+    /// The schedule from flags and config.
+    pub schedule: Schedule,
+    pub publisher_key: Option<PublisherKey>,
+    /// Hooks of a real device; `None`: the simulated copier.
+    pub exec: Option<ExecSettings>,
 }
 
 impl RunSettings {
@@ -265,6 +421,19 @@ impl RunSettings {
             ready_file: args.ready_file,
             session: SessionSettings::from_config(&file.session)?,
             sim: sim_settings(&file.sim)?,
+            schedule: schedule(
+                &file.session,
+                args.common.session_mode(),
+                args.common.interval_secs,
+            )?,
+            publisher_key: publisher_key(
+                args.common
+                    .publisher_key
+                    .clone()
+                    .or(file.publisher_key.clone())
+                    .as_deref(),
+            )?,
+            exec: file.exec.as_ref().map(exec_settings).transpose()?,
         })
     }
 
@@ -287,6 +456,8 @@ pub struct FleetSettings {
     pub connect_spread: Duration,
     pub session: SessionSettings,
     pub sim: SimSettings,
+    pub schedule: Schedule,
+    pub publisher_key: Option<PublisherKey>,
 }
 
 /// Most copiers one fleet process simulates: each holds a socket, and a process may hold at most
@@ -352,11 +523,28 @@ impl FleetSettings {
             connect_spread: Duration::from_millis(spread_ms),
             session: SessionSettings::from_config(&file.session)?,
             sim: sim_settings(&file.sim)?,
+            schedule: schedule(
+                &file.session,
+                args.common.session_mode(),
+                args.common.interval_secs,
+            )?,
+            publisher_key: publisher_key(
+                args.common
+                    .publisher_key
+                    .clone()
+                    .or(file.publisher_key.clone())
+                    .as_deref(),
+            )?,
         })
     }
 
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join(STORE_FILE)
+    }
+
+    /// Each simulated copier's own directory (downloads, slots, settings).
+    pub fn home_of(&self, serial: &Serial) -> PathBuf {
+        self.data_dir.join("devices").join(serial.as_str())
     }
 
     /// The serials of the fleet, in order: `{prefix}-00000`, `{prefix}-00001` … `{prefix}-{count-1}`.
@@ -531,6 +719,74 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("prefix"), "{e}");
+    }
+
+    #[test]
+    fn schedule_exec_firmware_and_sim_keys_are_read() {
+        let text = format!(
+            "{FULL}\n{}",
+            r#"
+            [exec]
+            get_data = ["/opt/dev.sh", "get_data"]
+            apply = ["/opt/dev.sh", "apply"]
+            timeout_secs = 5
+            "#
+        )
+        .replace(
+            "keepalive_secs = 60",
+            "keepalive_secs = 60\nmode = \"periodic\"\ninterval_secs = 600\ncalendar = [\"daily:02:00\"]\nconditions = [\"count:total/1000\"]\nfetch_timeout_secs = 3",
+        )
+        .replace(
+            "pages_per_minute = 10.0",
+            "pages_per_minute = 10.0\nwrite_delay_ms = 250\nfail_health_check_versions = [\"9.9\"]\nfail_writes = 2",
+        );
+        let s = RunSettings::merge(parse(&text).unwrap(), RunArgs::default()).unwrap();
+        assert_eq!(s.schedule.mode, SessionMode::Periodic);
+        assert_eq!(s.schedule.interval_secs, Some(600));
+        assert_eq!(s.schedule.calendar[0].to_string(), "daily:02:00");
+        assert_eq!(
+            s.schedule.moments,
+            [Moment::PowerOn, Moment::OperatorAction],
+            "moments default to both"
+        );
+        assert_eq!(s.session.fetch_timeout, Duration::from_secs(3));
+        assert_eq!(s.sim.write_delay, Duration::from_millis(250));
+        assert_eq!(s.sim.fail_health_check_versions, ["9.9"]);
+        assert_eq!(s.sim.fail_writes, 2);
+        let exec = s.exec.unwrap();
+        assert_eq!(exec.get_data, ["/opt/dev.sh", "get_data"]);
+        assert_eq!(exec.timeout, Duration::from_secs(5));
+        assert!(exec.write_image.is_none());
+
+        // The flags win: a persistent session from the command line.
+        let args = RunArgs {
+            common: crate::cli::CommonArgs {
+                session: Some("persistent".into()),
+                ..Default::default()
+            },
+            ..RunArgs::default()
+        };
+        let e = RunSettings::merge(parse(&text).unwrap(), args)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--session periodic"),
+            "an interval with a persistent session: {e}"
+        );
+
+        let bad = text.replace("daily:02:00", "daily:25:00");
+        let e = RunSettings::merge(parse(&bad).unwrap(), RunArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("session.calendar") && e.contains("25:00"), "{e}");
+        let half = text.replace(
+            "timeout_secs = 5",
+            "write_image = [\"/opt/dev.sh\", \"write_image\"]",
+        );
+        let e = RunSettings::merge(parse(&half).unwrap(), RunArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("switch_slot"), "{e}");
     }
 
     #[test]

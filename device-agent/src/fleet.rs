@@ -80,6 +80,7 @@ pub async fn run_fleet(settings: FleetSettings, stop: CancellationToken) -> Resu
     bar.set_message("connecting copiers");
 
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let operator = crate::signal::operator_actions();
     let tasks = TaskTracker::new();
     for (serial, tls) in credentials {
         let agent = DeviceAgent {
@@ -87,9 +88,17 @@ pub async fn run_fleet(settings: FleetSettings, stop: CancellationToken) -> Resu
             site: settings.site.clone(),
             broker: settings.broker.clone(),
             tls,
-            device: device::shared(SimCopier::new(&serial, &settings.sim)),
+            device: device::shared(SimCopier::with_home(
+                &serial,
+                &settings.sim,
+                &settings.home_of(&serial),
+            )),
             outbox: outbox.clone(),
             settings: settings.session.clone(),
+            home: settings.home_of(&serial),
+            schedule: settings.schedule.clone(),
+            publisher: settings.publisher_key.clone(),
+            operator: Some(operator.clone()),
         };
         let delay = settings
             .connect_spread

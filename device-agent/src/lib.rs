@@ -3,23 +3,32 @@
 //! a durable outbox. The same library runs a whole simulated fleet in one process.
 //!
 //! - [`cli`], [`config`]: flags and the TOML file; flags win.
-//! - [`agent`]: one device's session with the relay (connect, subscribe, publish, resend).
-//! - [`worker`], [`jobs`]: which orders to run and when; one file per job kind.
-//! - [`outbox`], [`report`]: every message is committed before it is sent and kept until acked.
-//! - [`device`], [`sim`]: the `Device` trait and the simulated copier.
+//! - [`agent`]: one device's session with the relay (connect, subscribe, publish, resend;
+//!   persistent or periodic, suspended during a firmware write); [`checkin`] plans periodic ones.
+//! - [`worker`], [`jobs`]: which orders to run and when; one file per job kind; [`relay`] is what
+//!   a running job may ask of the session.
+//! - [`outbox`], [`report`], [`store`]: every message is committed before it is sent and kept
+//!   until acked; downloads, write-intents and schedules survive a restart.
+//! - [`device`], [`sim`], [`exec`], [`settings`]: the `Device` trait, the simulated copier, the
+//!   command-driven backend for real machines, and typed settings.
 //! - [`fleet`]: many simulated copiers in one process.
-//! - [`tls`], [`signal`]: the device's certificate check; shutdown.
+//! - [`tls`], [`signal`]: the device's certificate check; shutdown and operator actions.
 
 pub mod agent;
+pub mod checkin;
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod exec;
 pub mod fleet;
 pub mod jobs;
 pub mod outbox;
+pub mod relay;
 pub mod report;
+pub mod settings;
 pub mod signal;
 pub mod sim;
+pub mod store;
 pub mod tls;
 pub mod worker;
 
@@ -32,6 +41,7 @@ use tracing::{error, info};
 
 use crate::agent::{DeviceAgent, run_device};
 use crate::config::RunSettings;
+use crate::exec::ExecDevice;
 use crate::outbox::{Outbox, OutboxError};
 use crate::sim::SimCopier;
 
@@ -86,14 +96,29 @@ pub async fn run(settings: RunSettings, stop: CancellationToken) -> Result<(), A
         serial = %serial, broker = %settings.broker, data_dir = %settings.data_dir.display(),
         "device agent starting"
     );
+    if settings.publisher_key.is_none() {
+        info!(serial = %serial, "no publisher key given (--publisher-key): firmware jobs will be refused");
+    }
+    let home = settings.data_dir.clone();
+    let device = match &settings.exec {
+        Some(hooks) => {
+            info!(serial = %serial, "device driven by exec hooks");
+            device::shared(ExecDevice::new(hooks.clone(), &serial, &home))
+        }
+        None => device::shared(SimCopier::with_home(&serial, &settings.sim, &home)),
+    };
     let agent = DeviceAgent {
         serial: serial.clone(),
         site: settings.site.clone(),
         broker: settings.broker.clone(),
         tls,
-        device: device::shared(SimCopier::new(&serial, &settings.sim)),
+        device,
         outbox,
         settings: settings.session.clone(),
+        home,
+        schedule: settings.schedule.clone(),
+        publisher: settings.publisher_key.clone(),
+        operator: Some(signal::operator_actions()),
     };
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let mut device = tokio::spawn(run_device(agent, stop.clone(), Some(ready_tx)));

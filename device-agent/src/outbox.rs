@@ -200,6 +200,11 @@ impl Outbox {
         .await
     }
 
+    /// The other tables of the same file: downloads, write-intents, schedules.
+    pub fn store(&self) -> crate::store::AgentStore {
+        crate::store::AgentStore::new(self.inner.db.clone())
+    }
+
     /// Whether `job` already finished on `serial` (its final report is committed).
     pub async fn is_finished(&self, serial: &Serial, job: &JobId) -> Result<bool, OutboxError> {
         let db = self.inner.db.clone();
@@ -233,6 +238,7 @@ fn init_tables(db: &Database) -> Result<(), redb::Error> {
         let mut finished = txn.open_table(FINISHED)?;
         let horizon = chrono::Utc::now().timestamp() - REMEMBER_FINISHED_SECS;
         finished.retain(|_, at| at >= horizon)?;
+        crate::store::init(&txn)?;
     }
     txn.commit()?;
     Ok(())

@@ -7,9 +7,16 @@ use protocol::job::JobStatus;
 use protocol::topic::{self, UpKind};
 use protocol::{JobId, MsgId, Serial};
 use serde::Serialize;
+use std::time::Duration;
+
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::error;
 
 use crate::outbox::{Outbox, OutboxError, Pending};
+
+/// Pause between attempts when the outbox cannot commit (disk full, I/O error).
+const STORE_RETRY: Duration = Duration::from_secs(5);
 
 /// One device's way to send. Cheap to clone.
 #[derive(Clone)]
@@ -64,14 +71,61 @@ impl Reporter {
         note: Option<String>,
         data: Option<DeviceData>,
     ) -> Result<MsgId, OutboxError> {
-        let finished = status.is_terminal().then(|| job.clone());
-        let update = JobUpdate {
+        self.update(JobUpdate {
             job: job.clone(),
             status,
             note,
             data,
             errors: Default::default(),
-        };
+        })
+        .await
+    }
+
+    /// Reports a whole [`JobUpdate`] (with per-key `errors`, say). A final status also records the
+    /// job as finished, in the same commit.
+    pub async fn update(&self, update: JobUpdate) -> Result<MsgId, OutboxError> {
+        let finished = update.status.is_terminal().then(|| update.job.clone());
         self.send(UpKind::Job, update, finished).await
+    }
+
+    /// Reports until the store commits it: a report must not be lost. If the store keeps failing,
+    /// it tries again every few seconds until `stop` (then the job runs again after the restart,
+    /// as it never finished). Returns the message id, `None` if it gave up.
+    pub async fn update_until_stored(
+        &self,
+        update: JobUpdate,
+        stop: &CancellationToken,
+    ) -> Option<MsgId> {
+        loop {
+            match self.update(update.clone()).await {
+                Ok(id) => return Some(id),
+                Err(OutboxError::Closed) => return None,
+                Err(e) => {
+                    error!(serial = %self.serial, job = %update.job, status = %update.status, error = %e, "could not store a job report; retrying");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = tokio::time::sleep(STORE_RETRY) => {}
+            }
+        }
+    }
+
+    /// [`Reporter::update_until_stored`] of a plain status and note.
+    pub async fn status_until_stored(
+        &self,
+        job: &JobId,
+        status: JobStatus,
+        note: Option<String>,
+        stop: &CancellationToken,
+    ) -> Option<MsgId> {
+        let update = JobUpdate {
+            job: job.clone(),
+            status,
+            note,
+            data: None,
+            errors: Default::default(),
+        };
+        self.update_until_stored(update, stop).await
     }
 }

@@ -5,21 +5,26 @@
 //! instruction time is still ahead is reported `delivered` and parked on a timer (S108–S109);
 //! the rest queue. The worker runs the queue in order, and while it runs a job and commits the
 //! result it takes no other: later orders wait in its channel.
+//!
+//! A firmware job parks a second time once `staged`, until its execution time; meanwhile other
+//! jobs run. An order the relay empties (canceled, timed out) is dropped if it is still waiting,
+//! and signalled to the job if it is running. In a periodic session, jobs waiting for their
+//! instruction time start only during a check-in. At start, a firmware write that a power cut
+//! interrupted is taken up first, before the session connects.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use protocol::job::{JobOrder, JobStatus};
+use protocol::job::{JobOrder, JobSpec, JobStatus};
 use protocol::{JobId, Serial, Timestamp};
-use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
-use crate::device::SharedDevice;
-use crate::jobs::{self, Gate, Ignored, Job, JobCtx, Known};
-use crate::outbox::{Outbox, OutboxError};
-use crate::report::Reporter;
+use crate::jobs::{self, Gate, Ignored, Job, JobCtx, JobEnv, Known, Phase, Step, download};
+use crate::relay::Inbox;
+use crate::store::WriteIntent;
 
 /// What the session hands the worker.
 #[derive(Debug)]
@@ -33,67 +38,97 @@ pub enum WorkerMsg {
 /// The longest the worker sleeps before looking at the wall clock again, so a clock that is set
 /// while a job waits does not leave it waiting on a stale timer.
 const MAX_NAP: Duration = Duration::from_secs(60);
-/// Pause between attempts when the outbox cannot commit (disk full, I/O error).
-const STORE_RETRY: Duration = Duration::from_secs(5);
+
+/// A job waiting for a time.
+struct Parked {
+    order: JobOrder,
+    /// `Instruction`: not started yet; `Execution`: a staged firmware job.
+    phase: Phase,
+}
 
 pub struct Worker {
-    serial: Serial,
-    device: SharedDevice,
-    report: Reporter,
-    outbox: Outbox,
+    env: JobEnv,
+    inbox: Inbox,
     rx: mpsc::UnboundedReceiver<WorkerMsg>,
-    stop: CancellationToken,
+    /// How many jobs are queued or running, for the session: a periodic check-in lasts until 0.
+    busy: watch::Sender<usize>,
+    /// Whether jobs waiting for their instruction time may start (see [`crate::relay::SessionEnds`]).
+    release: watch::Receiver<bool>,
     /// Waiting, queued or running: a redelivered order for one of these is a duplicate.
     taken: HashSet<JobId>,
-    /// Orders whose instruction time is ahead, by (time, arrival), so equal times keep their order.
-    waiting: BTreeMap<(Timestamp, u64), JobOrder>,
-    ready: VecDeque<JobOrder>,
+    /// Jobs waiting for a time, by (time, arrival), so equal times keep their order.
+    waiting: BTreeMap<(Timestamp, u64), Parked>,
+    ready: VecDeque<(JobOrder, Phase)>,
     arrivals: u64,
+    recover: Option<WriteIntent>,
 }
 
 impl Worker {
+    /// `recover`: the write-intent found at start, if any (the session then starts suspended).
     pub fn new(
-        device: SharedDevice,
-        report: Reporter,
-        outbox: Outbox,
+        env: JobEnv,
+        inbox: Inbox,
         rx: mpsc::UnboundedReceiver<WorkerMsg>,
-        stop: CancellationToken,
+        busy: watch::Sender<usize>,
+        recover: Option<WriteIntent>,
     ) -> Worker {
+        let release = env.relay.release();
         Worker {
-            serial: report.serial().clone(),
-            device,
-            report,
-            outbox,
+            env,
+            inbox,
             rx,
-            stop,
+            busy,
+            release,
             taken: HashSet::new(),
             waiting: BTreeMap::new(),
             ready: VecDeque::new(),
             arrivals: 0,
+            recover,
         }
+    }
+
+    fn serial(&self) -> &Serial {
+        self.env.serial()
+    }
+
+    fn set_busy(&self, running: bool) {
+        self.busy
+            .send_replace(self.ready.len() + usize::from(running));
     }
 
     /// Runs until `stop` or until the session goes away.
     pub async fn run(mut self) {
+        if let Some(intent) = self.recover.take() {
+            self.take_up(intent).await;
+        }
+        let stop = self.env.stop.clone();
+        let mut release_alive = true;
         loop {
-            if let Some(order) = self.ready.pop_front() {
-                let stop = self.stop.clone();
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = self.execute(order) => {}
+            if let Some((order, phase)) = self.ready.pop_front() {
+                self.set_busy(true);
+                if !self.execute(order, phase).await {
+                    return;
                 }
                 continue;
             }
-            let wake = self.waiting.keys().next().map(|(at, _)| {
-                let ahead = (*at - chrono::Utc::now()).to_std().unwrap_or_default();
+            self.set_busy(false);
+            let wake = self.next_release().map(|at| {
+                let ahead = (at - chrono::Utc::now()).to_std().unwrap_or_default();
                 Instant::now() + ahead.min(MAX_NAP)
             });
             tokio::select! {
-                () = self.stop.cancelled() => return,
+                () = stop.cancelled() => return,
                 msg = self.rx.recv() => match msg {
                     Some(msg) => self.handle(msg).await,
                     None => return,
                 },
+                Some(msg) = self.inbox.recv() => self.inbox.stash(msg),
+                changed = self.release.changed(), if release_alive => {
+                    if changed.is_err() {
+                        release_alive = false;
+                    }
+                    self.release_due(chrono::Utc::now());
+                }
                 () = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
                     self.release_due(chrono::Utc::now());
                 }
@@ -101,10 +136,30 @@ impl Worker {
         }
     }
 
+    /// A write-intent was found at start: finish that job before anything else.
+    async fn take_up(&mut self, intent: WriteIntent) {
+        let job = intent.order.job.clone();
+        match self.env.outbox.is_finished(self.serial(), &job).await {
+            Ok(true) => {
+                // The power cut came after the result was committed: only the intent is left.
+                info!(serial = %self.serial(), job = %job, "write-intent of a finished job cleared");
+                if let Err(e) = self.env.store.clear_write_intent(self.serial()).await {
+                    warn!(serial = %self.serial(), error = %e, "could not clear the write-intent");
+                }
+                self.env.relay.resume();
+            }
+            _ => {
+                self.taken.insert(job);
+                self.ready
+                    .push_front((intent.order.clone(), Phase::Recover(Box::new(intent))));
+            }
+        }
+    }
+
     async fn handle(&mut self, msg: WorkerMsg) {
         match msg {
             WorkerMsg::Order { order, in_topic } => self.arrive(order, in_topic).await,
-            WorkerMsg::Ended(job) => self.ended(&job),
+            WorkerMsg::Ended(job) => self.ended(&job).await,
         }
     }
 
@@ -112,12 +167,12 @@ impl Worker {
         if self.taken.contains(job) {
             return Known::Taken;
         }
-        match self.outbox.is_finished(&self.serial, job).await {
+        match self.env.outbox.is_finished(self.serial(), job).await {
             Ok(true) => Known::Finished,
             Ok(false) => Known::New,
             Err(e) => {
                 // Running a job twice is the lesser harm: the relay ignores a second final report.
-                warn!(serial = %self.serial, job = %job, error = %e, "could not check whether the job already ran");
+                warn!(serial = %self.serial(), job = %job, error = %e, "could not check whether the job already ran");
                 Known::New
             }
         }
@@ -126,21 +181,22 @@ impl Worker {
     async fn arrive(&mut self, order: JobOrder, in_topic: JobId) {
         let known = self.known(&in_topic).await;
         let now = chrono::Utc::now();
-        match jobs::gate(&order, &self.serial, &in_topic, known, now) {
+        let serial = self.serial().clone();
+        match jobs::gate(&order, &serial, &in_topic, known, now) {
             Gate::Ignore(why @ (Ignored::ForeignSerial { .. } | Ignored::TopicMismatch { .. })) => {
-                warn!(serial = %self.serial, job = %in_topic, reason = %why.describe(), "job order ignored");
+                warn!(serial = %serial, job = %in_topic, reason = %why.describe(), "job order ignored");
             }
             Gate::Ignore(why) => {
-                debug!(serial = %self.serial, job = %in_topic, reason = %why.describe(), "job order ignored");
+                debug!(serial = %serial, job = %in_topic, reason = %why.describe(), "job order ignored");
             }
             Gate::RunNow => {
-                info!(serial = %self.serial, job = %order.job, kind = %order.spec.kind_name(), "job received");
+                info!(serial = %serial, job = %order.job, kind = %order.spec.kind_name(), "job received");
                 self.taken.insert(order.job.clone());
-                self.ready.push_back(order);
+                self.ready.push_back((order, Phase::Instruction));
             }
             Gate::Wait { until } => {
                 info!(
-                    serial = %self.serial, job = %order.job, kind = %order.spec.kind_name(),
+                    serial = %serial, job = %order.job, kind = %order.spec.kind_name(),
                     instruction_time = %until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "job received"
                 );
                 self.taken.insert(order.job.clone());
@@ -148,83 +204,174 @@ impl Worker {
                     "waiting for its instruction time {}",
                     until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 );
-                self.report_until_stored(&order.job, JobStatus::Delivered, Some(note), None)
+                self.env
+                    .report
+                    .status_until_stored(
+                        &order.job,
+                        JobStatus::Delivered,
+                        Some(note),
+                        &self.env.stop,
+                    )
                     .await;
-                self.arrivals += 1;
-                self.waiting.insert((until, self.arrivals), order);
+                self.park(until, order, Phase::Instruction);
             }
         }
+    }
+
+    fn park(&mut self, until: Timestamp, order: JobOrder, phase: Phase) {
+        self.arrivals += 1;
+        self.waiting
+            .insert((until, self.arrivals), Parked { order, phase });
     }
 
     /// The relay ended a job we still hold (canceled or timed out while it waited): drop it.
-    fn ended(&mut self, job: &JobId) {
-        let before = self.waiting.len() + self.ready.len();
-        self.waiting.retain(|_, o| &o.job != job);
-        self.ready.retain(|o| &o.job != job);
-        if self.waiting.len() + self.ready.len() < before {
-            self.taken.remove(job);
-            info!(serial = %self.serial, job = %job, "job ended by the relay before it ran; dropped");
+    async fn ended(&mut self, job: &JobId) {
+        let mut dropped: Vec<JobOrder> = Vec::new();
+        let keys: Vec<_> = self
+            .waiting
+            .iter()
+            .filter(|(_, p)| &p.order.job == job)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            if let Some(p) = self.waiting.remove(&k) {
+                dropped.push(p.order);
+            }
         }
+        let (gone, kept): (VecDeque<_>, VecDeque<_>) =
+            self.ready.drain(..).partition(|(o, _)| &o.job == job);
+        self.ready = kept;
+        dropped.extend(gone.into_iter().map(|(o, _)| o));
+        let Some(order) = dropped.pop() else {
+            return;
+        };
+        self.taken.remove(job);
+        self.inbox.forget(job);
+        info!(serial = %self.serial(), job = %job, "job dropped: order withdrawn");
+        if let JobSpec::Firmware { artifact } = &order.spec {
+            download::forget(&self.env, &artifact.id).await;
+        }
+    }
+
+    /// When the next waiting job may start, given whether instruction times are honoured now.
+    fn next_release(&self) -> Option<Timestamp> {
+        let open = *self.release.borrow();
+        self.waiting
+            .iter()
+            .find(|(_, p)| open || p.phase == Phase::Execution)
+            .map(|(k, _)| k.0)
     }
 
     fn release_due(&mut self, now: Timestamp) {
-        while let Some(entry) = self.waiting.first_entry() {
-            if entry.key().0 > now {
-                break;
+        let open = *self.release.borrow();
+        let due: Vec<_> = self
+            .waiting
+            .iter()
+            .take_while(|(k, _)| k.0 <= now)
+            .filter(|(_, p)| open || p.phase == Phase::Execution)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in due {
+            if let Some(p) = self.waiting.remove(&k) {
+                self.ready.push_back((p.order, p.phase));
             }
-            self.ready.push_back(entry.remove());
         }
     }
 
-    /// Runs one job: `in-progress`, the work, then the final report, which also marks the job
-    /// finished in the same commit.
-    async fn execute(&mut self, order: JobOrder) {
+    /// Runs one job (or phase of one) to where it ends or parks. While it runs, an emptied order
+    /// for it is passed to it; other messages wait until it is done. False: the agent is stopping.
+    async fn execute(&mut self, order: JobOrder, phase: Phase) -> bool {
         let job = Job::from_spec(&order.spec);
-        info!(serial = %self.serial, job = %order.job, kind = %job.kind_name(), "job started");
-        self.report_until_stored(&order.job, JobStatus::InProgress, None, None)
-            .await;
-        let ctx = JobCtx {
-            job: &order.job,
-            device: &self.device,
-            report: &self.report,
-        };
-        let outcome = job.run(&ctx).await;
-        let status = outcome.status;
-        if let Some(note) = &outcome.note {
-            warn!(serial = %self.serial, job = %order.job, note = %note, "job failed");
-        }
-        self.report_until_stored(&order.job, status, outcome.note, outcome.data)
-            .await;
-        self.taken.remove(&order.job);
-        info!(serial = %self.serial, job = %order.job, status = %status, "job finished");
-    }
-
-    /// A report must not be lost: if the store cannot commit it, try again until it can or we
-    /// are told to stop (then the job runs again after the restart, as it never finished).
-    async fn report_until_stored(
-        &self,
-        job: &JobId,
-        status: JobStatus,
-        note: Option<String>,
-        data: Option<protocol::data::DeviceData>,
-    ) {
-        loop {
-            match self
+        let serial = self.serial().clone();
+        info!(serial = %serial, job = %order.job, kind = %job.kind_name(), phase = ?PhaseName(&phase), "job started");
+        if job.worker_reports_start(&phase) {
+            self.env
                 .report
-                .job(job, status, note.clone(), data.clone())
-                .await
-            {
-                Ok(_) => return,
-                Err(OutboxError::Closed) => return,
-                Err(e) => {
-                    error!(serial = %self.serial, job = %job, status = %status, error = %e, "could not store a job report; retrying");
+                .status_until_stored(&order.job, JobStatus::InProgress, None, &self.env.stop)
+                .await;
+        }
+        let withdrawn = CancellationToken::new();
+        let mut deferred = Vec::new();
+        let step = {
+            let Worker { env, inbox, rx, .. } = self;
+            let env: &JobEnv = env;
+            let mut ctx = JobCtx {
+                order: &order,
+                env,
+                inbox,
+                withdrawn: &withdrawn,
+            };
+            let run = job.run(&mut ctx, phase);
+            tokio::pin!(run);
+            let mut session_alive = true;
+            loop {
+                tokio::select! {
+                    step = &mut run => break Some(step),
+                    () = env.stop.cancelled() => break None,
+                    msg = rx.recv(), if session_alive => match msg {
+                        Some(WorkerMsg::Ended(j)) if j == order.job => withdrawn.cancel(),
+                        Some(other) => deferred.push(other),
+                        None => session_alive = false,
+                    },
                 }
             }
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                () = sleep(STORE_RETRY) => {}
+        };
+        let Some(step) = step else {
+            return false;
+        };
+        let mut parked = false;
+        match step {
+            Step::Done(outcome) => {
+                let status = outcome.status;
+                if let Some(note) = &outcome.note
+                    && status == JobStatus::Failed
+                {
+                    warn!(serial = %serial, job = %order.job, note = %note, "job failed");
+                }
+                self.env
+                    .report
+                    .update_until_stored(outcome.into_update(&order.job), &self.env.stop)
+                    .await;
+                info!(serial = %serial, job = %order.job, status = %status, "job finished");
+            }
+            Step::Reported(status) => {
+                info!(serial = %serial, job = %order.job, status = %status, "job finished");
+            }
+            Step::Park { until } => {
+                info!(
+                    serial = %serial, job = %order.job,
+                    execution_time = %until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    "job waits for its execution time"
+                );
+                self.park(until, order.clone(), Phase::Execution);
+                parked = true;
+            }
+            Step::Dropped if self.env.stop.is_cancelled() => return false,
+            Step::Dropped => {
+                info!(serial = %serial, job = %order.job, "job dropped: order withdrawn");
             }
         }
+        if !parked {
+            self.taken.remove(&order.job);
+            self.inbox.forget(&order.job);
+        }
+        for msg in deferred {
+            self.handle(msg).await;
+        }
+        true
+    }
+}
+
+/// The phase, briefly, for logs.
+struct PhaseName<'a>(&'a Phase);
+
+impl std::fmt::Debug for PhaseName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Phase::Instruction => "instruction",
+            Phase::Execution => "execution",
+            Phase::Recover(_) => "recover",
+        })
     }
 }
 
@@ -232,7 +379,8 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::device::{Device, DeviceError, shared};
-    use crate::outbox::Pending;
+    use crate::outbox::{Outbox, Pending};
+    use crate::report::Reporter;
     use protocol::Envelope;
     use protocol::data::{DeviceData, Section};
     use protocol::device::{DeviceState, JobUpdate};
@@ -260,9 +408,12 @@ mod tests {
         probe: Probe,
         outbox: Outbox,
         stop: CancellationToken,
+        session: crate::relay::SessionEnds,
+        busy: watch::Receiver<usize>,
         _dir: tempfile::TempDir,
     }
 
+    /// A worker in a persistent session (instruction times honoured at once).
     fn rig() -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(&dir.path().join("agent.redb")).unwrap();
@@ -271,13 +422,22 @@ mod tests {
         let probe = Probe::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
-        let worker = Worker::new(
-            shared(probe.clone()),
+        let (relay, session) = crate::relay::pair();
+        session.release.send_replace(true);
+        let (_, inbox) = crate::relay::inbox();
+        let (busy_tx, busy) = watch::channel(0);
+        let env = JobEnv {
+            device: shared(probe.clone()),
             report,
-            outbox.clone(),
-            rx,
-            stop.clone(),
-        );
+            relay,
+            store: outbox.store(),
+            outbox: outbox.clone(),
+            home: dir.path().to_owned(),
+            publisher: None,
+            fetch_timeout: Duration::from_secs(1),
+            stop: stop.clone(),
+        };
+        let worker = Worker::new(env, inbox, rx, busy_tx, None);
         tokio::spawn(worker.run());
         Rig {
             tx,
@@ -285,6 +445,8 @@ mod tests {
             probe,
             outbox,
             stop,
+            session,
+            busy,
             _dir: dir,
         }
     }
@@ -301,6 +463,7 @@ mod tests {
                 instruction_time: at,
                 execution_time: None,
                 deadline: None,
+                max_attempts: 1,
             },
             in_topic: job,
         }
@@ -457,6 +620,33 @@ mod tests {
         );
         let reads = rig.probe.reads.lock().unwrap().len();
         assert_eq!(reads, 1, "only J2 read the device");
+        rig.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn in_a_periodic_session_a_waiting_job_starts_at_the_next_check_in() {
+        let mut rig = rig();
+        rig.session.release.send_replace(false); // between check-ins
+        let at = chrono::Utc::now() + chrono::Duration::milliseconds(300);
+        rig.tx.send(order("C1", "J1", at)).unwrap();
+        assert_eq!(next_update(&mut rig).await.0.status, JobStatus::Delivered);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(
+            rig.sent.try_recv().is_err() && rig.probe.reads.lock().unwrap().is_empty(),
+            "due, but no check-in yet: it must wait"
+        );
+        assert_eq!(
+            *rig.busy.borrow(),
+            0,
+            "a waiting job does not hold a check-in open"
+        );
+        rig.session.release.send_replace(true); // the check-in
+        assert_eq!(next_update(&mut rig).await.0.status, JobStatus::InProgress);
+        assert_eq!(next_update(&mut rig).await.0.status, JobStatus::Succeeded);
+        rig.busy
+            .wait_for(|n| *n == 0)
+            .await
+            .expect("the worker reports itself idle");
         rig.stop.cancel();
     }
 }

@@ -8,7 +8,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{Env, FakeRelay, RelayEvent};
+use protocol::job::JobStatus;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_device-agent");
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -251,4 +254,245 @@ async fn help_teaches_each_subcommand() {
     ] {
         assert!(text.contains(want), "fleet --help lacks {want:?}:\n{text}");
     }
+}
+
+/// Forwards the child's stderr lines (its log) to a channel, so a test can wait for one.
+fn log_lines(child: &mut Child) -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stderr = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn wait_log(log: &mut mpsc::UnboundedReceiver<String>, want: &str) -> String {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match tokio::time::timeout_at(deadline, log.recv()).await {
+            Ok(Some(line)) if line.contains(want) => return line,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the agent exited before logging {want:?}"),
+            Err(_) => panic!("never logged {want:?}"),
+        }
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test]
+async fn bad_firmware_and_session_flags_are_refused_with_advice() {
+    let env = Env::new();
+    let (cert, key) = env.device_cert("C1");
+    let base = |extra: &[&str]| {
+        let mut args = vec![
+            "run".to_owned(),
+            "--broker".into(),
+            "mqtts://127.0.0.1:1".into(),
+            "--ca".into(),
+            s(&env.ca()).into(),
+            "--cert".into(),
+            s(&cert).into(),
+            "--key".into(),
+            s(&key).into(),
+            "--serial".into(),
+            "C1".into(),
+            "--data-dir".into(),
+            s(&env.data_dir()).into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let bad_key = env.dir.path().join("publisher.pub");
+    std::fs::write(&bad_key, "not a key\n").unwrap();
+    let cases: [(Vec<String>, &[&str]); 4] = [
+        (
+            base(&["--publisher-key", "/nonexistent/publisher.pub"]),
+            &["/nonexistent/publisher.pub"],
+        ),
+        (
+            base(&["--publisher-key", s(&bad_key)]),
+            &["expected 64 hex digits", "host-agent keys generate"],
+        ),
+        (base(&["--session", "periodic"]), &["--interval-secs"]),
+        (base(&["--interval-secs", "60"]), &["--session periodic"]),
+    ];
+    for (args, wants) in cases {
+        let out = agent(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        for want in wants {
+            assert!(stderr.contains(want), "{args:?}: want {want:?} in {stderr}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigusr1_makes_a_periodic_device_check_in() {
+    let env = Env::new();
+    let mut relay = FakeRelay::start(&env.pki_dir()).await;
+    let (cert, key) = env.device_cert("C1");
+    let mut child = agent(&[
+        "run",
+        "--broker",
+        &relay.url(),
+        "--ca",
+        s(&env.ca()),
+        "--cert",
+        s(&cert),
+        "--key",
+        s(&key),
+        "--serial",
+        "C1",
+        "--data-dir",
+        s(&env.data_dir()),
+        "--session",
+        "periodic",
+        "--interval-secs",
+        "3600",
+    ])
+    .spawn()
+    .unwrap();
+    let mut log = log_lines(&mut child);
+    wait_log(&mut log, "check-in drained; disconnecting").await;
+    relay
+        .expect("the power-on check-in to end", PATIENCE, |ev| {
+            matches!(ev, RelayEvent::Closed(c) if c == "C1").then_some(())
+        })
+        .await;
+    signal(&child, "-USR1");
+    let line = wait_log(&mut log, "periodic check-in").await;
+    assert!(line.contains("operator-action"), "{line}");
+    relay
+        .expect("a check-in on the operator's action", PATIENCE, |ev| {
+            matches!(ev, RelayEvent::Connected(c) if c == "C1").then_some(())
+        })
+        .await;
+    signal(&child, "-TERM");
+    tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn sigkill_mid_write_leaves_the_old_slot_active_and_the_job_failed() {
+    use ed25519_dalek::{Signer, SigningKey};
+    use protocol::artifact::{ArtifactId, ArtifactRef, signed_message};
+    use protocol::job::JobSpec;
+    use sha2::{Digest, Sha256};
+
+    let env = Env::new();
+    let mut relay = FakeRelay::start(&env.pki_dir()).await;
+    let (cert, key) = env.device_cert("C1");
+    let signing = SigningKey::from_bytes(&[3; 32]);
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let pubkey = env.dir.path().join("publisher.pub");
+    std::fs::write(
+        &pubkey,
+        format!("{}\n", hex(signing.verifying_key().as_bytes())),
+    )
+    .unwrap();
+    let config = env.dir.path().join("agent.toml");
+    std::fs::write(&config, "[sim]\nwrite_delay_ms = 20000\n").unwrap();
+    let bytes = b"firmware 2.0 ".repeat(4000);
+    let id = ArtifactId::from_digest(&Sha256::digest(&bytes).into());
+    relay.serve_artifact(&id, bytes.clone(), 8192);
+    let artifact = ArtifactRef {
+        signature: hex(&signing.sign(&signed_message(&id, "2.0")).to_bytes()),
+        id,
+        version: "2.0".into(),
+        size: bytes.len() as u64,
+        chunk_size: 8192,
+        publisher: "svc".into(),
+    };
+    let (ca, data_dir, url) = (env.ca(), env.data_dir(), relay.url());
+    let args = [
+        "run",
+        "--config",
+        s(&config),
+        "--broker",
+        &url,
+        "--ca",
+        s(&ca),
+        "--cert",
+        s(&cert),
+        "--key",
+        s(&key),
+        "--serial",
+        "C1",
+        "--data-dir",
+        s(&data_dir),
+        "--publisher-key",
+        s(&pubkey),
+    ];
+    let mut child = agent(&args).spawn().unwrap();
+    let mut log = log_lines(&mut child);
+    wait_log(&mut log, "subscribed; ready for jobs").await;
+    relay.publish_order(&common::order("C1", "J1", JobSpec::Firmware { artifact }));
+    wait_log(&mut log, "suspending relay access for firmware write").await;
+    let line = wait_log(&mut log, "firmware write attempt").await;
+    assert!(
+        line.contains("attempt=1") && line.contains("slot=b"),
+        "{line}"
+    );
+    signal(&child, "-KILL"); // a power cut, mid-write
+    child.wait().await.unwrap();
+    assert!(
+        env.data_dir().join("slots/b.img").exists(),
+        "slot b was being written"
+    );
+
+    let mut child = agent(&args).spawn().unwrap();
+    let mut log = log_lines(&mut child);
+    let line = wait_log(&mut log, "interrupted firmware write found").await;
+    assert!(line.contains("job=J1"), "{line}");
+    let line = wait_log(&mut log, "resuming relay access").await;
+    assert!(line.contains("job=J1"), "{line}");
+    let failed = loop {
+        let (_, u) = relay.expect_job_update(PATIENCE).await;
+        if u.status == JobStatus::Failed {
+            break u;
+        }
+    };
+    assert_eq!(
+        failed.note.as_deref(),
+        Some("interrupted during write; slot a still active (version 1.0.0)")
+    );
+    let state = relay
+        .expect("the state after the restart", PATIENCE, |ev| match ev {
+            RelayEvent::Published { topic, payload, .. } if topic == "dev/C1/up/state" => Some(
+                protocol::Envelope::<protocol::device::DeviceState>::from_cbor(payload, 1 << 20)
+                    .unwrap()
+                    .body,
+            ),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        state.firmware, "1.0.0",
+        "the old slot is still the one running"
+    );
+    signal(&child, "-TERM");
+    tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
 }

@@ -6,83 +6,19 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, FakeRelay, RelayEvent, get_data_order, is_topic};
-use device_agent::agent::{DeviceAgent, run_device};
-use device_agent::config::SessionSettings;
-use device_agent::device;
+use common::{
+    AgentOpts, Env, FakeRelay, RelayEvent, Running, get_data_order, is_topic, open_outbox,
+    start_with,
+};
 use device_agent::outbox::Outbox;
-use device_agent::sim::{SimCopier, SimSettings};
 use protocol::device::{AckOutcome, DeviceState};
 use protocol::job::JobStatus;
 use protocol::{Envelope, Serial};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
-/// Fast timings so reconnects and resends happen within a test's patience.
-fn fast() -> SessionSettings {
-    SessionSettings {
-        reconnect_min: Duration::from_millis(200),
-        reconnect_max: Duration::from_millis(800),
-        resend_min: Duration::from_millis(300),
-        resend_max: Duration::from_secs(1),
-        ..SessionSettings::default()
-    }
-}
-
-struct Running {
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-    ready: mpsc::UnboundedReceiver<Serial>,
-}
-
-impl Running {
-    async fn ready(&mut self) {
-        tokio::time::timeout(PATIENCE, self.ready.recv())
-            .await
-            .expect("agent never became ready");
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(PATIENCE, self.task)
-            .await
-            .expect("agent did not stop")
-            .unwrap();
-    }
-}
-
 fn start(env: &Env, relay: &FakeRelay, serial: &str, outbox: &Outbox) -> Running {
-    let (cert, key) = (
-        env.pki_dir().join(format!("device/{serial}.pem")),
-        env.pki_dir().join(format!("device/{serial}.key")),
-    );
-    if !cert.exists() {
-        env.device_cert(serial);
-    }
-    let serial = Serial::parse(serial).unwrap();
-    let tls = device_agent::tls::device_tls(&env.ca(), &cert, &key, &serial).unwrap();
-    let agent = DeviceAgent {
-        serial: serial.clone(),
-        site: "Osaka HQ".into(),
-        broker: relay.url().parse().unwrap(),
-        tls,
-        device: device::shared(SimCopier::new(&serial, &SimSettings::default())),
-        outbox: outbox.clone(),
-        settings: fast(),
-    };
-    let stop = CancellationToken::new();
-    let (ready_tx, ready) = mpsc::unbounded_channel();
-    let s = stop.clone();
-    let task = tokio::spawn(async move { run_device(agent, s, Some(ready_tx)).await.unwrap() });
-    Running { stop, task, ready }
-}
-
-fn open_outbox(env: &Env) -> Outbox {
-    std::fs::create_dir_all(env.data_dir()).unwrap();
-    Outbox::open(&env.data_dir().join("agent.redb")).unwrap()
+    start_with(env, relay, serial, outbox, AgentOpts::default())
 }
 
 async fn wait_until_outbox_empty(outbox: &Outbox, serial: &Serial) {

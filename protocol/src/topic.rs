@@ -241,6 +241,14 @@ pub fn json_fleet_state(serial: &Serial) -> String {
 pub fn dev_jobs_filter(serial: &Serial) -> String {
     format!("dev/{serial}/jobs/+")
 }
+/// The filter a device subscribes to for the merged data of its update-data jobs.
+pub fn dev_merged_filter(serial: &Serial) -> String {
+    format!("dev/{serial}/merged/+")
+}
+/// The filter a device subscribes to for the firmware chunks it asked for.
+pub fn dev_blob_filter(serial: &Serial) -> String {
+    format!("dev/{serial}/blob/+")
+}
 /// The broker core's filter for everything devices send.
 pub const ALL_DEVICE_UP: &str = "dev/+/up/+";
 /// The broker core's filter for every host's requests.
@@ -326,6 +334,8 @@ mod tests {
         assert_eq!(dev_up(&s("C1"), UpKind::Job), "dev/C1/up/job");
         assert_eq!(json_fleet_job(&s("C1"), &j("J1")), "json/fleet/C1/jobs/J1");
         assert_eq!(dev_jobs_filter(&s("C1")), "dev/C1/jobs/+");
+        assert_eq!(dev_merged_filter(&s("C1")), "dev/C1/merged/+");
+        assert_eq!(dev_blob_filter(&s("C1")), "dev/C1/blob/+");
     }
 
     #[test]

@@ -26,8 +26,8 @@ impl GetData {
         &self.sections
     }
 
-    pub async fn run(self, ctx: &JobCtx<'_>) -> Outcome {
-        match device::read_sections(ctx.device, self.sections).await {
+    pub async fn run(self, ctx: &mut JobCtx<'_>) -> Outcome {
+        match device::read_sections(&ctx.env.device, self.sections).await {
             Ok(data) => Outcome::succeeded(Some(data)),
             Err(e) => Outcome::failed(e.to_string()),
         }
@@ -38,13 +38,13 @@ impl GetData {
 mod tests {
     use super::*;
     use crate::device::{Device, DeviceError, shared};
-    use crate::outbox::Outbox;
-    use crate::report::Reporter;
+    use crate::jobs::testkit::{kit, order};
     use crate::sim::{SimCopier, SimSettings};
+    use protocol::Serial;
     use protocol::data::DeviceData;
     use protocol::device::DeviceState;
-    use protocol::job::JobStatus;
-    use protocol::{JobId, Serial};
+    use protocol::job::{JobSpec, JobStatus};
+    use tokio_util::sync::CancellationToken;
 
     struct Broken;
     impl Device for Broken {
@@ -57,26 +57,30 @@ mod tests {
     }
 
     async fn run(device: crate::device::SharedDevice, sections: Vec<Section>) -> Outcome {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(&dir.path().join("agent.redb")).unwrap();
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let report = Reporter::new(Serial::parse("C1").unwrap(), outbox, tx);
-        let job = JobId::parse("J1").unwrap();
-        let ctx = JobCtx {
-            job: &job,
-            device: &device,
-            report: &report,
+        let mut k = kit(device, None);
+        let order = order(JobSpec::GetData {
+            sections: sections.clone(),
+        });
+        let withdrawn = CancellationToken::new();
+        let mut ctx = JobCtx {
+            order: &order,
+            env: &k.env,
+            inbox: &mut k.inbox,
+            withdrawn: &withdrawn,
         };
-        GetData::new(sections).run(&ctx).await
+        GetData::new(sections).run(&mut ctx).await
+    }
+
+    fn sim() -> crate::device::SharedDevice {
+        shared(SimCopier::new(
+            &Serial::parse("C1").unwrap(),
+            &SimSettings::default(),
+        ))
     }
 
     #[tokio::test]
     async fn reads_the_requested_sections() {
-        let device = shared(SimCopier::new(
-            &Serial::parse("C1").unwrap(),
-            &SimSettings::default(),
-        ));
-        let out = run(device, vec![Section::Counters, Section::Jams]).await;
+        let out = run(sim(), vec![Section::Counters, Section::Jams]).await;
         assert_eq!(out.status, JobStatus::Succeeded);
         let data = out.data.unwrap();
         assert_eq!(
@@ -87,11 +91,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_sections_means_all() {
-        let device = shared(SimCopier::new(
-            &Serial::parse("C1").unwrap(),
-            &SimSettings::default(),
-        ));
-        let out = run(device, vec![]).await;
+        let out = run(sim(), vec![]).await;
         assert_eq!(out.data.unwrap().len(), Section::ALL.len());
     }
 

@@ -1,16 +1,32 @@
 //! Jobs on the device side: whether an order that arrived is ours to run and when ([`gate`]), and
 //! how each kind runs (one file per kind, like mini-redis's commands).
 
+pub mod download;
+pub mod firmware;
 pub mod get_data;
+pub mod set_schedule;
+pub mod update_data;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use protocol::data::DeviceData;
+use protocol::device::JobUpdate;
 use protocol::job::{JobOrder, JobSpec, JobStatus};
 use protocol::{JobId, Serial, Timestamp};
+use tokio_util::sync::CancellationToken;
 
 use crate::device::SharedDevice;
+use crate::outbox::Outbox;
+use crate::relay::{Inbox, RelayHandle};
 use crate::report::Reporter;
+use crate::store::{AgentStore, WriteIntent};
 
+pub use firmware::{Firmware, PublisherKey};
 pub use get_data::GetData;
+pub use set_schedule::SetSchedule;
+pub use update_data::UpdateData;
 
 /// What the agent already knows about a job id, from its own memory and its store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +115,8 @@ pub struct Outcome {
     pub status: JobStatus,
     pub note: Option<String>,
     pub data: Option<DeviceData>,
+    /// Per-key refusals of an update-data job ("section.name" → reason).
+    pub errors: BTreeMap<String, String>,
 }
 
 impl Outcome {
@@ -107,6 +125,7 @@ impl Outcome {
             status: JobStatus::Succeeded,
             note: None,
             data,
+            errors: BTreeMap::new(),
         }
     }
 
@@ -115,48 +134,198 @@ impl Outcome {
             status: JobStatus::Failed,
             note: Some(note.into()),
             data: None,
+            errors: BTreeMap::new(),
         }
+    }
+
+    pub fn with_note(mut self, note: impl Into<String>) -> Outcome {
+        self.note = Some(note.into());
+        self
+    }
+
+    /// The report that carries it.
+    pub fn into_update(self, job: &JobId) -> JobUpdate {
+        JobUpdate {
+            job: job.clone(),
+            status: self.status,
+            note: self.note,
+            data: self.data,
+            errors: self.errors,
+        }
+    }
+}
+
+/// Where a run of a job got to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// It ended; the worker reports the outcome.
+    Done(Outcome),
+    /// Firmware downloaded and `staged`: run [`Phase::Execution`] at `until`, taking other jobs
+    /// meanwhile (Fig. 6: the device resumes polling and waits for the execution time, S420).
+    Park { until: Timestamp },
+    /// It ended and already reported its end itself (a firmware job reports before it reconnects).
+    Reported(JobStatus),
+    /// The relay withdrew the order (canceled, timed out) while the job waited for it: nothing to
+    /// report.
+    Dropped,
+}
+
+/// Which part of a job to run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    /// At the instruction time: the whole job, or a firmware job's download.
+    Instruction,
+    /// At the execution time: a staged firmware job's write.
+    Execution,
+    /// At start: a firmware write that a power cut interrupted.
+    Recover(Box<WriteIntent>),
+}
+
+/// What every job of one device may use; lives as long as the worker.
+pub struct JobEnv {
+    pub device: SharedDevice,
+    pub report: Reporter,
+    pub relay: RelayHandle,
+    pub store: AgentStore,
+    pub outbox: Outbox,
+    /// The device's own directory: downloads, and the simulated copier's slots.
+    pub home: PathBuf,
+    /// The key firmware must be signed with; `None` refuses every firmware job.
+    pub publisher: Option<PublisherKey>,
+    /// A download asks again for chunks that have not come after this long.
+    pub fetch_timeout: Duration,
+    pub stop: CancellationToken,
+}
+
+impl JobEnv {
+    pub fn serial(&self) -> &Serial {
+        self.report.serial()
     }
 }
 
 /// What a running job may use.
 pub struct JobCtx<'a> {
-    pub job: &'a JobId,
-    pub device: &'a SharedDevice,
-    /// For kinds that report intermediate steps (an update's `staged`).
-    pub report: &'a Reporter,
+    pub order: &'a JobOrder,
+    pub env: &'a JobEnv,
+    pub inbox: &'a mut Inbox,
+    /// Cancelled when the relay empties the job's order while it runs.
+    pub withdrawn: &'a CancellationToken,
+}
+
+impl JobCtx<'_> {
+    pub fn job(&self) -> &JobId {
+        &self.order.job
+    }
+
+    pub fn serial(&self) -> &Serial {
+        self.env.serial()
+    }
 }
 
 /// A job, by kind. Each kind lives in its own file with its own `run`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Job {
     GetData(GetData),
-    /// A kind this agent cannot run: the job fails with a reason the host can act on.
-    Unsupported(&'static str),
+    UpdateData(UpdateData),
+    Firmware(Firmware),
+    SetSchedule(SetSchedule),
 }
 
 impl Job {
     pub fn from_spec(spec: &JobSpec) -> Job {
         match spec {
             JobSpec::GetData { sections } => Job::GetData(GetData::new(sections.clone())),
-            other => Job::Unsupported(other.kind_name()),
+            JobSpec::UpdateData { values, merge } => {
+                Job::UpdateData(UpdateData::new(values.clone(), *merge))
+            }
+            JobSpec::Firmware { artifact } => Job::Firmware(Firmware::new(artifact.clone())),
+            JobSpec::SetSchedule { schedule } => {
+                Job::SetSchedule(SetSchedule::new(schedule.clone()))
+            }
         }
     }
 
     pub fn kind_name(&self) -> &'static str {
         match self {
             Job::GetData(_) => "get-data",
-            Job::Unsupported(kind) => kind,
+            Job::UpdateData(_) => "update-data",
+            Job::Firmware(_) => "firmware",
+            Job::SetSchedule(_) => "set-schedule",
         }
     }
 
-    /// Runs the job to its end. The caller has reported `in-progress` and reports the outcome.
-    pub async fn run(self, ctx: &JobCtx<'_>) -> Outcome {
+    /// Whether the worker reports `in-progress` before running it. A firmware job reports its
+    /// own steps: `delivered` while it downloads, `staged`, then `in-progress` when it writes.
+    pub fn worker_reports_start(&self, phase: &Phase) -> bool {
+        !matches!(self, Job::Firmware(_)) && *phase == Phase::Instruction
+    }
+
+    /// Runs the job (or the given phase of it).
+    pub async fn run(self, ctx: &mut JobCtx<'_>, phase: Phase) -> Step {
         match self {
-            Job::GetData(job) => job.run(ctx).await,
-            Job::Unsupported(kind) => Outcome::failed(format!(
-                "this device agent does not run {kind} jobs; upgrade it"
-            )),
+            Job::GetData(job) => Step::Done(job.run(ctx).await),
+            Job::UpdateData(job) => job.run(ctx).await,
+            Job::Firmware(job) => job.run(ctx, phase).await,
+            Job::SetSchedule(job) => Step::Done(job.run(ctx).await),
+        }
+    }
+}
+
+/// Helpers for the job kinds' unit tests: a job environment over a temp dir, with a relay
+/// handle whose session side the test plays.
+#[cfg(test)]
+pub(crate) mod testkit {
+    use super::*;
+    use crate::outbox::Pending;
+    use crate::relay::{self, Incoming, SessionEnds};
+    use tokio::sync::mpsc;
+
+    pub struct Kit {
+        pub env: JobEnv,
+        pub inbox: Inbox,
+        pub to_inbox: mpsc::UnboundedSender<Incoming>,
+        pub session: SessionEnds,
+        pub sent: mpsc::UnboundedReceiver<Pending>,
+        pub dir: tempfile::TempDir,
+    }
+
+    pub fn kit(device: SharedDevice, publisher: Option<PublisherKey>) -> Kit {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("agent.redb")).unwrap();
+        let (to_session, sent) = mpsc::unbounded_channel();
+        let report = Reporter::new(Serial::parse("C1").unwrap(), outbox.clone(), to_session);
+        let (relay, session) = relay::pair();
+        let (to_inbox, inbox) = relay::inbox();
+        let env = JobEnv {
+            device,
+            report,
+            relay,
+            store: outbox.store(),
+            outbox,
+            home: dir.path().to_owned(),
+            publisher,
+            fetch_timeout: Duration::from_millis(300),
+            stop: CancellationToken::new(),
+        };
+        Kit {
+            env,
+            inbox,
+            to_inbox,
+            session,
+            sent,
+            dir,
+        }
+    }
+
+    pub fn order(spec: JobSpec) -> JobOrder {
+        JobOrder {
+            job: JobId::parse("J1").unwrap(),
+            serial: Serial::parse("C1").unwrap(),
+            spec,
+            instruction_time: chrono::Utc::now(),
+            execution_time: None,
+            deadline: None,
+            max_attempts: 1,
         }
     }
 }
@@ -181,6 +350,7 @@ mod tests {
             instruction_time: at,
             execution_time: None,
             deadline: None,
+            max_attempts: 1,
         }
     }
 

@@ -5,7 +5,17 @@
 //! constant that makes one copier differ from another — its age, its mix of paper sizes and
 //! functions, its options — is drawn from a random generator seeded by the serial, so a given
 //! serial always looks the same and two serials look different.
+//!
+//! It also takes settings (typed, with ranges: [`crate::settings::SIM_SETTINGS`]) and firmware in
+//! A/B slots ([`slots`]). Given a home directory it keeps both there (`settings.json`, `slots/`),
+//! so what a job changed survives a restart of the agent, as it would on a real machine. A few
+//! knobs make it misbehave on purpose for tests: a slow write, writes that fail their read-back,
+//! versions that fail their health check.
 
+mod slots;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::SecondsFormat;
@@ -16,7 +26,9 @@ use protocol::{Serial, Timestamp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::device::{Device, DeviceError};
+use crate::device::{ApplyError, Device, DeviceError, Slot, Slots};
+use crate::settings::{self, SIM_SETTINGS};
+use slots::{SlotStore, replace_file};
 
 /// Pages a simulated copier prints per minute unless configured otherwise.
 pub const DEFAULT_PAGES_PER_MINUTE: f64 = 30.0;
@@ -56,8 +68,15 @@ const PAGES_PER_SC: i64 = 150_000;
 pub struct SimSettings {
     /// None: each copier picks one of a few models from its serial.
     pub model: Option<String>,
+    /// The factory firmware in slot a, until an update replaces it.
     pub firmware: String,
     pub pages_per_minute: f64,
+    /// How long writing a firmware image takes (a real flash takes minutes).
+    pub write_delay: Duration,
+    /// Firmware versions whose health check fails after the switch, forcing a rollback.
+    pub fail_health_check_versions: Vec<String>,
+    /// The first this many image writes fail their read-back (as a bad flash write would).
+    pub fail_writes: u32,
 }
 
 impl Default for SimSettings {
@@ -66,6 +85,9 @@ impl Default for SimSettings {
             model: None,
             firmware: DEFAULT_FIRMWARE.to_owned(),
             pages_per_minute: DEFAULT_PAGES_PER_MINUTE,
+            write_delay: Duration::ZERO,
+            fail_health_check_versions: Vec::new(),
+            fail_writes: 0,
         }
     }
 }
@@ -111,21 +133,26 @@ impl Profile {
             options,
             option_serial: rng.gen_range(100_000..999_999),
             speed_dials: rng.gen_range(0..100),
-            density: rng.gen_range(-3..=3),
+            density: rng.gen_range(3..=7),
         }
     }
 }
 
-/// A copier that exists only in memory.
-#[derive(Debug, Clone)]
+/// A simulated copier.
 pub struct SimCopier {
     serial: Serial,
     model: String,
-    firmware: String,
     pages_per_minute: f64,
     profile: Profile,
     started: Instant,
     started_at: Timestamp,
+    sim: SimSettings,
+    /// Values set by update-data jobs, over the copier's factory settings ("section.name" → value).
+    values: BTreeMap<String, Value>,
+    /// Where `values` are kept (`HOME/settings.json`); `None`: in memory only.
+    settings_file: Option<PathBuf>,
+    slots: SlotStore,
+    writes: u32,
 }
 
 /// FNV-1a: a stable hash of the serial, so a serial's profile does not change between builds
@@ -142,6 +169,7 @@ fn share(whole: i64, pct: i64) -> i64 {
 }
 
 impl SimCopier {
+    /// A copier that keeps everything in memory (tests).
     pub fn new(serial: &Serial, settings: &SimSettings) -> SimCopier {
         let mut rng = StdRng::seed_from_u64(seed_of(serial));
         let profile = Profile::draw(&mut rng);
@@ -152,12 +180,39 @@ impl SimCopier {
         SimCopier {
             serial: serial.clone(),
             model,
-            firmware: settings.firmware.clone(),
             pages_per_minute: settings.pages_per_minute.max(0.0),
             profile,
             started: Instant::now(),
             started_at: chrono::Utc::now(),
+            sim: settings.clone(),
+            values: BTreeMap::new(),
+            settings_file: None,
+            slots: SlotStore::memory(&settings.firmware),
+            writes: 0,
         }
+    }
+
+    /// A copier that keeps its settings and firmware slots under `home`, which is created when
+    /// first written. Unreadable saved settings are ignored (and replaced at the next update).
+    pub fn with_home(serial: &Serial, settings: &SimSettings, home: &Path) -> SimCopier {
+        let mut copier = SimCopier::new(serial, settings);
+        let file = home.join("settings.json");
+        if let Ok(text) = std::fs::read_to_string(&file)
+            && let Ok(values) = serde_json::from_str::<BTreeMap<String, Value>>(&text)
+        {
+            copier.values = values;
+        }
+        copier.settings_file = Some(file);
+        copier.slots = SlotStore::in_dir(home);
+        copier
+    }
+
+    /// A setting's value: what a job set, else the factory value.
+    fn setting(&self, section: Section, name: &str, factory: Value) -> Value {
+        self.values
+            .get(&settings::key(section, name))
+            .cloned()
+            .unwrap_or(factory)
     }
 
     /// Pages printed `elapsed` after the simulation started.
@@ -214,9 +269,13 @@ impl SimCopier {
                 put("drum", (pages % DRUM_LIFE).into());
             }
             Section::Identification => {
+                let slots = self.slots.slots(&self.sim.firmware);
                 put("serial", self.serial.as_str().into());
                 put("model", self.model.as_str().into());
-                put("rom_version", self.firmware.as_str().into());
+                put("rom_version", slots.active_version().into());
+                put("active_slot", slots.active.as_str().into());
+                put("slot_a", slots.version(Slot::A).unwrap_or("").into());
+                put("slot_b", slots.version(Slot::B).unwrap_or("").into());
                 put("options", p.options.join(",").into());
                 put("option_serials", format!("OPT-{}", p.option_serial).into());
                 put("option_rom_version", "2.3.1".into());
@@ -235,9 +294,16 @@ impl SimCopier {
                 put("last_call_content", "periodic counter report".into());
             }
             Section::CallSettings => {
-                put("every_counts", (PM_INTERVAL / 4).into());
-                put("at_times", "monthly day 1 02:00".into());
-                put("interval_minutes", 15.into());
+                let s = Section::CallSettings;
+                put(
+                    "every_counts",
+                    self.setting(s, "every_counts", (PM_INTERVAL / 4).into()),
+                );
+                put("at", self.setting(s, "at", "02:00".into()));
+                put(
+                    "interval_minutes",
+                    self.setting(s, "interval_minutes", 15.into()),
+                );
             }
             Section::Jams => {
                 put("jam_count", jams.into());
@@ -261,11 +327,18 @@ impl SimCopier {
                 put("history", history.join(";").into());
             }
             Section::Adjustment => {
-                put("image_density", p.density.into());
-                put("registration_lead_mm_x10", (p.density * 2).into());
-                put("fax_resolution", "fine".into());
-                put("fax_ecm", true.into());
-                put("remote_diagnosis", true.into());
+                let s = Section::Adjustment;
+                put("density", self.setting(s, "density", p.density.into()));
+                put("toner_save", self.setting(s, "toner_save", false.into()));
+                put(
+                    "fax_resolution",
+                    self.setting(s, "fax_resolution", "fine".into()),
+                );
+                put("fax_ecm", self.setting(s, "fax_ecm", true.into()));
+                put(
+                    "remote_diagnosis",
+                    self.setting(s, "remote_diagnosis", true.into()),
+                );
             }
             Section::Comms => {
                 put("comm_count", (pages / 500).into());
@@ -279,6 +352,14 @@ impl SimCopier {
                 put("speed_dials", p.speed_dials.into());
             }
             Section::Settings => {
+                put(
+                    "host_url",
+                    self.setting(
+                        Section::Settings,
+                        "host_url",
+                        "mqtts://relay.example.com:8883".into(),
+                    ),
+                );
                 put("host_selection", "relay".into());
                 // The identification password is never sent in clear (Fig. 3); say only whether one is set.
                 put("password_set", true.into());
@@ -294,7 +375,11 @@ impl Device for SimCopier {
         DeviceState {
             site: String::new(),
             model: self.model.clone(),
-            firmware: self.firmware.clone(),
+            firmware: self
+                .slots
+                .slots(&self.sim.firmware)
+                .active_version()
+                .to_owned(),
         }
     }
 
@@ -305,6 +390,73 @@ impl Device for SimCopier {
             .iter()
             .map(|&s| (s, self.section(s, elapsed, now)))
             .collect())
+    }
+
+    fn check(&self, values: &DeviceData) -> BTreeMap<String, String> {
+        settings::check(SIM_SETTINGS, values)
+    }
+
+    fn apply(&mut self, values: &DeviceData) -> Result<(), ApplyError> {
+        let refused = self.check(values);
+        if !refused.is_empty() {
+            return Err(ApplyError::Refused(refused));
+        }
+        let mut next = self.values.clone();
+        for (&section, kv) in values {
+            for (name, v) in kv {
+                next.insert(settings::key(section, name), v.clone());
+            }
+        }
+        if let Some(file) = &self.settings_file {
+            let text = serde_json::to_vec_pretty(&next)
+                .map_err(|e| ApplyError::Failed(DeviceError::Failed(e.to_string())))?;
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    ApplyError::Failed(DeviceError::Failed(format!(
+                        "creating {}: {e}",
+                        dir.display()
+                    )))
+                })?;
+            }
+            replace_file(file, &text).map_err(ApplyError::Failed)?;
+        }
+        self.values = next;
+        Ok(())
+    }
+
+    fn slots(&self) -> Result<Slots, DeviceError> {
+        Ok(self.slots.slots(&self.sim.firmware))
+    }
+
+    fn write_image(&mut self, slot: Slot, image: &Path, version: &str) -> Result<(), DeviceError> {
+        self.writes += 1;
+        let corrupt = self.writes <= self.sim.fail_writes;
+        self.slots
+            .write(slot, image, version, self.sim.write_delay, corrupt)
+    }
+
+    fn image_digest(&mut self, slot: Slot) -> Result<[u8; 32], DeviceError> {
+        self.slots.digest(slot)
+    }
+
+    fn activate(&mut self, slot: Slot) -> Result<(), DeviceError> {
+        self.slots.activate(slot)
+    }
+
+    fn health_check(&mut self) -> Result<(), DeviceError> {
+        let slots = self.slots.slots(&self.sim.firmware);
+        let version = slots.active_version();
+        if self
+            .sim
+            .fail_health_check_versions
+            .iter()
+            .any(|v| v == version)
+        {
+            return Err(DeviceError::Failed(format!(
+                "the engine did not come up on version {version}"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -395,5 +547,83 @@ mod tests {
         };
         assert_eq!(total("SIM-00001"), total("SIM-00001"));
         assert_ne!(total("SIM-00001"), total("SIM-00002"));
+    }
+
+    fn values(pairs: &[(Section, &str, Value)]) -> DeviceData {
+        let mut data = DeviceData::new();
+        for (section, name, v) in pairs {
+            data.entry(*section)
+                .or_default()
+                .insert((*name).to_owned(), v.clone());
+        }
+        data
+    }
+
+    #[test]
+    fn applied_settings_read_back_and_survive_a_restart() {
+        let home = tempfile::tempdir().unwrap();
+        let serial = Serial::parse("C1").unwrap();
+        let mut c = SimCopier::with_home(&serial, &SimSettings::default(), home.path());
+        c.apply(&values(&[
+            (Section::Adjustment, "density", 8.into()),
+            (Section::CallSettings, "at", "03:15".into()),
+        ]))
+        .unwrap();
+        let mut again = SimCopier::with_home(&serial, &SimSettings::default(), home.path());
+        let data = again
+            .read(&[Section::Adjustment, Section::CallSettings])
+            .unwrap();
+        assert_eq!(data[&Section::Adjustment]["density"], Value::Int(8));
+        assert_eq!(data[&Section::CallSettings]["at"], Value::from("03:15"));
+    }
+
+    #[test]
+    fn one_refused_value_means_nothing_is_applied() {
+        let mut c = copier("C1");
+        let before = c.read(&[Section::Adjustment]).unwrap();
+        let Err(ApplyError::Refused(refused)) = c.apply(&values(&[
+            (Section::Adjustment, "toner_save", true.into()),
+            (Section::Adjustment, "density", 12.into()),
+        ])) else {
+            panic!("a density of 12 must be refused")
+        };
+        assert_eq!(
+            refused.get("adjustment.density").map(String::as_str),
+            Some("12 is out of range 1..=9")
+        );
+        assert_eq!(c.read(&[Section::Adjustment]).unwrap(), before);
+    }
+
+    #[test]
+    fn firmware_knobs_fail_writes_and_health_checks_on_purpose() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fw.bin");
+        std::fs::write(&img, b"image 2.0").unwrap();
+        let want: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(b"image 2.0").into()
+        };
+        let sim = SimSettings {
+            fail_writes: 1,
+            fail_health_check_versions: vec!["2.0".into()],
+            ..SimSettings::default()
+        };
+        let mut c = SimCopier::new(&Serial::parse("C1").unwrap(), &sim);
+        assert_eq!(c.state().firmware, DEFAULT_FIRMWARE);
+        c.write_image(Slot::B, &img, "2.0").unwrap();
+        assert_ne!(c.image_digest(Slot::B).unwrap(), want, "first write is bad");
+        c.write_image(Slot::B, &img, "2.0").unwrap();
+        assert_eq!(c.image_digest(Slot::B).unwrap(), want);
+        c.activate(Slot::B).unwrap();
+        assert_eq!(c.state().firmware, "2.0");
+        assert!(c.health_check().is_err());
+        c.activate(Slot::A).unwrap();
+        assert!(c.health_check().is_ok());
+        let id = c.read(&[Section::Identification]).unwrap();
+        assert_eq!(
+            id[&Section::Identification]["active_slot"],
+            Value::from("a")
+        );
+        assert_eq!(id[&Section::Identification]["slot_b"], Value::from("2.0"));
     }
 }

@@ -13,8 +13,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use protocol::device::{Ack, AckBatch, AckOutcome, JobUpdate};
+use device_agent::agent::{DeviceAgent, run_device};
+use device_agent::config::SessionSettings;
+use device_agent::device::{self, SharedDevice};
+use device_agent::jobs::PublisherKey;
+use device_agent::outbox::Outbox;
+use device_agent::sim::{SimCopier, SimSettings};
+use protocol::artifact::{ArtifactId, Chunk, FetchRequest};
+use protocol::data::DeviceData;
+use protocol::device::{Ack, AckBatch, AckOutcome, JobUpdate, MergeRequest, Merged};
 use protocol::job::{JobOrder, JobSpec};
+use protocol::schedule::Schedule;
 use protocol::topic::{self, Topic};
 use protocol::{Envelope, JobId, MsgId, Serial, Timestamp};
 use rumqttc::{
@@ -23,18 +32,24 @@ use rumqttc::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 const MAX: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub enum RelayEvent {
     Connected(String),
+    /// The client's connection ended (a DISCONNECT or a closed socket).
+    Closed(String),
     Subscribed(String, Vec<String>),
     Published {
         client: String,
         topic: String,
         payload: Vec<u8>,
     },
+    /// Chunks of an artifact sent to a client, in answer to a fetch.
+    Served(String, Vec<u32>),
 }
 
 enum Cmd {
@@ -48,6 +63,12 @@ struct State {
     retained: BTreeMap<String, Vec<u8>>,
     seen: HashSet<(String, MsgId)>,
     conns: Vec<(String, mpsc::UnboundedSender<Cmd>)>,
+    /// Artifacts served on fetch: id → (bytes, chunk size).
+    artifacts: BTreeMap<String, (Vec<u8>, u32)>,
+    /// Serve this many more chunks, then drop every connection (a cut link); `None`: no limit.
+    serve_budget: Option<usize>,
+    /// Host values to merge into a device's current values, by job (S213).
+    merges: BTreeMap<String, DeviceData>,
 }
 
 pub struct FakeRelay {
@@ -111,6 +132,35 @@ impl FakeRelay {
                 let _ = tx.send(Cmd::Send(p.clone()));
             }
         }
+    }
+
+    /// Serves fetches for this artifact from now on.
+    pub fn serve_artifact(&self, id: &ArtifactId, bytes: Vec<u8>, chunk_size: u32) {
+        self.state
+            .lock()
+            .unwrap()
+            .artifacts
+            .insert(id.to_string(), (bytes, chunk_size));
+    }
+
+    /// Serves `n` more chunks, then stops answering and cuts the connection shortly after.
+    pub fn cut_after_chunks(&self, n: usize) {
+        self.state.lock().unwrap().serve_budget = Some(n);
+    }
+
+    /// Answers the merge request of `job` with `values` merged over the device's current ones.
+    pub fn merge_for(&self, job: &str, values: DeviceData) {
+        self.state
+            .lock()
+            .unwrap()
+            .merges
+            .insert(job.to_owned(), values);
+    }
+
+    /// Empties a retained order, as the relay does when a job is canceled or ends.
+    pub fn withdraw(&self, serial: &str, job: &str) {
+        let topic = topic::dev_job(&Serial::parse(serial).unwrap(), &JobId::parse(job).unwrap());
+        self.publish(&topic, Vec::new(), true);
     }
 
     pub fn publish_order(&self, order: &JobOrder) {
@@ -208,6 +258,7 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         tokio::select! {
             n = rd.read_buf(&mut buf) => {
                 if !matches!(n, Ok(n) if n > 0) {
+                    let _ = events.send(RelayEvent::Closed(client.clone()));
                     return;
                 }
                 loop {
@@ -226,7 +277,7 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                         Packet::Subscribe(s) => {
                             let codes = s.filters.iter().map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce)).collect();
                             out.push(Packet::SubAck(SubAck::new(s.pkid, codes)));
-                            let prefix = format!("dev/{client}/jobs/");
+                            let prefix = format!("dev/{client}/");
                             let st = state.lock().unwrap();
                             for (topic, payload) in st.retained.range(prefix.clone()..) {
                                 if !topic.starts_with(&prefix) {
@@ -245,6 +296,7 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                                 out.push(Packet::PubAck(PubAck::new(p.pkid)));
                             }
                             let payload = p.payload.to_vec();
+                            let cut = {
                             let mut st = state.lock().unwrap();
                             if st.auto_ack
                                 && let Some(id) = Envelope::peek_id(&payload)
@@ -261,11 +313,68 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                                 ack.pkid = next_pkid();
                                 out.push(Packet::Publish(ack));
                             }
-                            drop(st);
+                            let mut cut = false;
+                            if p.topic.ends_with("/up/fetch")
+                                && let Ok(env) = Envelope::<FetchRequest>::from_cbor(&payload, MAX)
+                                && let Some((bytes, size)) = st.artifacts.get(env.body.artifact.as_str()).cloned()
+                            {
+                                let mut served = Vec::new();
+                                for i in env.body.chunks {
+                                    if let Some(budget) = st.serve_budget.as_mut() {
+                                        if *budget == 0 {
+                                            st.serve_budget = None;
+                                            cut = true;
+                                            break;
+                                        }
+                                        *budget -= 1;
+                                    }
+                                    let start = i as usize * size as usize;
+                                    let end = (start + size as usize).min(bytes.len());
+                                    let chunk = Chunk { artifact: env.body.artifact.clone(), index: i, data: bytes[start..end].to_vec() };
+                                    let body = Envelope::new(0, chrono::Utc::now(), chunk).to_cbor().unwrap();
+                                    let serial = Serial::parse(&client).unwrap();
+                                    let mut c = Publish::new(topic::dev_blob(&serial, &env.body.artifact), QoS::AtLeastOnce, body);
+                                    c.pkid = next_pkid();
+                                    out.push(Packet::Publish(c));
+                                    served.push(i);
+                                }
+                                let _ = events.send(RelayEvent::Served(client.clone(), served));
+                            }
+                            if p.topic.ends_with("/up/merge")
+                                && let Ok(env) = Envelope::<MergeRequest>::from_cbor(&payload, MAX)
+                                && let Some(values) = st.merges.get(env.body.job.as_str()).cloned()
+                            {
+                                let mut data = env.body.current.clone();
+                                for (section, kv) in values {
+                                    data.entry(section).or_default().extend(kv);
+                                }
+                                let merged = Merged { job: env.body.job.clone(), data };
+                                let body = Envelope::new(0, chrono::Utc::now(), merged).to_cbor().unwrap();
+                                let serial = Serial::parse(&client).unwrap();
+                                let t = topic::dev_merged(&serial, &env.body.job);
+                                st.retained.insert(t.clone(), body.clone());
+                                let mut m = Publish::new(t, QoS::AtLeastOnce, body);
+                                m.retain = true;
+                                m.pkid = next_pkid();
+                                out.push(Packet::Publish(m));
+                            }
+                            cut
+                            };
                             let _ = events.send(RelayEvent::Published { client: client.clone(), topic: p.topic.clone(), payload });
+                            if cut {
+                                // The link dies a moment after the last chunk it carried.
+                                let tx = cmd_tx.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(Duration::from_millis(300)).await;
+                                    let _ = tx.send(Cmd::Kill);
+                                });
+                            }
                         }
                         Packet::PingReq => out.push(Packet::PingResp),
-                        Packet::Disconnect => return,
+                        Packet::Disconnect => {
+                            let _ = events.send(RelayEvent::Closed(client.clone()));
+                            return;
+                        }
                         _ => {}
                     }
                 }
@@ -275,7 +384,10 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                     p.pkid = next_pkid();
                     out.push(Packet::Publish(p));
                 }
-                Some(Cmd::Kill) | None => return,
+                Some(Cmd::Kill) | None => {
+                    let _ = events.send(RelayEvent::Closed(client.clone()));
+                    return;
+                }
             },
         }
         let mut bytes = BytesMut::new();
@@ -328,6 +440,20 @@ pub fn get_data_order(serial: &str, job: &str, at: Timestamp) -> JobOrder {
         instruction_time: at,
         execution_time: None,
         deadline: None,
+        max_attempts: 1,
+    }
+}
+
+/// An order for `spec`, due now.
+pub fn order(serial: &str, job: &str, spec: JobSpec) -> JobOrder {
+    JobOrder {
+        job: JobId::parse(job).unwrap(),
+        serial: Serial::parse(serial).unwrap(),
+        spec,
+        instruction_time: chrono::Utc::now(),
+        execution_time: None,
+        deadline: None,
+        max_attempts: 1,
     }
 }
 
@@ -337,4 +463,110 @@ pub fn is_topic(ev: &RelayEvent, want: &str) -> bool {
 
 pub fn parsed(topic: &str) -> Topic {
     Topic::parse(topic).unwrap()
+}
+
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Fast timings so reconnects and resends happen within a test's patience.
+pub fn fast() -> SessionSettings {
+    SessionSettings {
+        reconnect_min: Duration::from_millis(200),
+        reconnect_max: Duration::from_millis(800),
+        resend_min: Duration::from_millis(300),
+        resend_max: Duration::from_secs(1),
+        fetch_timeout: Duration::from_secs(1),
+        drain_quiet: Duration::from_millis(300),
+        ..SessionSettings::default()
+    }
+}
+
+/// An agent running in this process.
+pub struct Running {
+    pub stop: CancellationToken,
+    pub task: JoinHandle<()>,
+    pub ready: mpsc::UnboundedReceiver<Serial>,
+}
+
+impl Running {
+    pub async fn ready(&mut self) {
+        tokio::time::timeout(PATIENCE, self.ready.recv())
+            .await
+            .expect("agent never became ready");
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("agent did not stop")
+            .unwrap();
+    }
+}
+
+/// How to run an agent; the default is a persistent simulated copier without a publisher key.
+pub struct AgentOpts {
+    pub schedule: Schedule,
+    pub publisher: Option<PublisherKey>,
+    pub sim: SimSettings,
+    /// Instead of a simulated copier.
+    pub device: Option<SharedDevice>,
+    pub settings: SessionSettings,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        AgentOpts {
+            schedule: Schedule::default(),
+            publisher: None,
+            sim: SimSettings::default(),
+            device: None,
+            settings: fast(),
+        }
+    }
+}
+
+/// Starts an agent for `serial` whose home is the env's data dir.
+pub fn start_with(
+    env: &Env,
+    relay: &FakeRelay,
+    serial: &str,
+    outbox: &Outbox,
+    opts: AgentOpts,
+) -> Running {
+    let (cert, key) = (
+        env.pki_dir().join(format!("device/{serial}.pem")),
+        env.pki_dir().join(format!("device/{serial}.key")),
+    );
+    if !cert.exists() {
+        env.device_cert(serial);
+    }
+    let serial = Serial::parse(serial).unwrap();
+    let tls = device_agent::tls::device_tls(&env.ca(), &cert, &key, &serial).unwrap();
+    let home = env.data_dir();
+    let device = opts
+        .device
+        .unwrap_or_else(|| device::shared(SimCopier::with_home(&serial, &opts.sim, &home)));
+    let agent = DeviceAgent {
+        serial: serial.clone(),
+        site: "Osaka HQ".into(),
+        broker: relay.url().parse().unwrap(),
+        tls,
+        device,
+        outbox: outbox.clone(),
+        settings: opts.settings,
+        home,
+        schedule: opts.schedule,
+        publisher: opts.publisher,
+        operator: None,
+    };
+    let stop = CancellationToken::new();
+    let (ready_tx, ready) = mpsc::unbounded_channel();
+    let s = stop.clone();
+    let task = tokio::spawn(async move { run_device(agent, s, Some(ready_tx)).await.unwrap() });
+    Running { stop, task, ready }
+}
+
+pub fn open_outbox(env: &Env) -> Outbox {
+    std::fs::create_dir_all(env.data_dir()).unwrap();
+    Outbox::open(&env.data_dir().join("agent.redb")).unwrap()
 }

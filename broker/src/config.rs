@@ -44,6 +44,14 @@ pub struct BrokerConfig {
     /// Succeeded and canceled jobs stay in the default job list this long.
     #[serde(default = "defaults::finished_visible_secs")]
     pub finished_visible_secs: u64,
+    /// A job submitted without a deadline gets one this long after the later of its submission,
+    /// instruction and execution times; past it, the job ends `timed-out`.
+    #[serde(default = "defaults::default_deadline_secs")]
+    pub default_deadline_secs: u64,
+    /// How many times a device may try a job's risky step (a firmware write) when the submission
+    /// does not say.
+    #[serde(default = "defaults::default_max_attempts")]
+    pub default_max_attempts: u32,
 }
 
 mod defaults {
@@ -81,7 +89,16 @@ mod defaults {
     pub fn finished_visible_secs() -> u64 {
         600
     }
+    pub fn default_deadline_secs() -> u64 {
+        7 * 24 * 3600
+    }
+    pub fn default_max_attempts() -> u32 {
+        3
+    }
 }
+
+/// The longest default deadline: ten years, far beyond any job, well inside what time arithmetic holds.
+pub const MAX_DEFAULT_DEADLINE_SECS: u64 = 10 * 366 * 24 * 3600;
 
 impl Default for BrokerConfig {
     fn default() -> Self {
@@ -149,6 +166,20 @@ impl BrokerConfig {
         if self.max_handshakes == 0 {
             return Err(invalid("max_handshakes", &0, "use at least 1"));
         }
+        if !(1..=MAX_DEFAULT_DEADLINE_SECS).contains(&self.default_deadline_secs) {
+            return Err(invalid(
+                "default_deadline_secs",
+                &self.default_deadline_secs,
+                "use 1 to 316224000 (ten years); the default is 604800 (7 days)",
+            ));
+        }
+        if !(1..=protocol::validate::MAX_ATTEMPTS).contains(&self.default_max_attempts) {
+            return Err(invalid(
+                "default_max_attempts",
+                &self.default_max_attempts,
+                "use 1 to 10, the range a submission may ask for",
+            ));
+        }
         Ok(())
     }
 
@@ -191,5 +222,44 @@ mod tests {
         };
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("max_packet_bytes"), "{e}");
+    }
+
+    #[test]
+    fn job_defaults_have_documented_values_and_ranges() {
+        let cfg = BrokerConfig::default();
+        assert_eq!(
+            (cfg.default_deadline_secs, cfg.default_max_attempts),
+            (604_800, 3)
+        );
+        let cases = [
+            (0, 3, Some("default_deadline_secs = 0")),
+            (
+                MAX_DEFAULT_DEADLINE_SECS + 1,
+                3,
+                Some("default_deadline_secs"),
+            ),
+            (60, 0, Some("default_max_attempts = 0")),
+            (60, 11, Some("default_max_attempts = 11")),
+            (1, 1, None),
+            (MAX_DEFAULT_DEADLINE_SECS, 10, None),
+        ];
+        for (deadline, attempts, want) in cases {
+            let cfg = BrokerConfig {
+                default_deadline_secs: deadline,
+                default_max_attempts: attempts,
+                ..Default::default()
+            };
+            match (cfg.validate(), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(want)) => assert!(e.to_string().contains(want), "{e}"),
+                (got, want) => panic!("{deadline} {attempts}: {got:?}, wanted {want:?}"),
+            }
+        }
+        let cfg: BrokerConfig =
+            toml::from_str("default_deadline_secs = 3600\ndefault_max_attempts = 5").unwrap();
+        assert_eq!(
+            (cfg.default_deadline_secs, cfg.default_max_attempts),
+            (3600, 5)
+        );
     }
 }

@@ -101,6 +101,8 @@ pub async fn run(
             server_name: cfg.server_name.clone(),
             max_payload_bytes: cfg.max_payload_bytes,
             finished_visible: std::time::Duration::from_secs(cfg.finished_visible_secs),
+            default_deadline: std::time::Duration::from_secs(cfg.default_deadline_secs),
+            default_max_attempts: cfg.default_max_attempts,
             hold_acks: faults.hold_acks,
         },
     )?);

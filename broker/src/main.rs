@@ -28,7 +28,7 @@ enum Command {
     #[command(subcommand)]
     Pki(PkiCommand),
     /// Run the relay.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a complete demo in a temporary folder: a broker, N simulated copiers and a host that
     /// asks every copier for its counters.
     Demo(DemoArgs),
@@ -104,6 +104,21 @@ struct RunArgs {
     /// Clients admitted at once. Default: 15000
     #[arg(long, value_name = "N")]
     max_clients: Option<usize>,
+    /// TLS handshakes in flight at once. Default: 1024
+    #[arg(long, value_name = "N")]
+    max_handshakes: Option<usize>,
+    /// Succeeded and canceled jobs stay in the default `jobs list` this long; failed ones always
+    /// stay. Default: 600
+    #[arg(long, value_name = "SECS")]
+    finished_visible_secs: Option<u64>,
+    /// Deadline of a job submitted without one, after the later of its submission, instruction
+    /// and execution times; then it ends timed-out. Default: 604800 (7 days)
+    #[arg(long, value_name = "SECS")]
+    default_deadline_secs: Option<u64>,
+    /// Attempts at a job's risky step (a firmware write) when the submission does not say; 1 to
+    /// 10. Default: 3
+    #[arg(long, value_name = "N")]
+    default_max_attempts: Option<u32>,
     /// Write {"listen":"ADDR"} here once the broker accepts clients.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -128,7 +143,11 @@ impl RunArgs {
             connect_timeout_secs,
             max_packet_bytes,
             max_payload_bytes,
-            max_clients
+            max_clients,
+            max_handshakes,
+            finished_visible_secs,
+            default_deadline_secs,
+            default_max_attempts
         );
         cfg.validate()?;
         Ok((cfg, self.ready_file))
@@ -268,6 +287,34 @@ mod tests {
         let (cfg, _) = args.into_config().unwrap();
         assert_eq!(cfg.listen.port(), 0);
         assert_eq!(cfg.max_payload_bytes, 4096);
+    }
+
+    #[test]
+    fn job_default_flags_override_the_config_and_are_validated() {
+        let run = |extra: &[&str]| {
+            let mut argv = vec!["broker", "run"];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not run")
+            };
+            args.into_config()
+        };
+        let (cfg, _) = run(&[
+            "--default-deadline-secs",
+            "120",
+            "--default-max-attempts",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cfg.default_deadline_secs, cfg.default_max_attempts),
+            (120, 5)
+        );
+        let e = run(&["--default-max-attempts", "0"]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("default_max_attempts = 0"),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -1,18 +1,26 @@
 //! `dev/{serial}/up/{kind}`: what devices send. Every message that carries a readable msg id is
 //! answered on `dev/{serial}/ack` once the batch has committed (claims 13–14, DESIGN D3).
+//!
+//! The exception is `up/fetch`: a firmware download's request for chunks is not kept in the
+//! device's outbox (a lost one is simply asked again), so it carries no id and gets no ack — the
+//! chunks are the answer. It writes nothing either, so a batch of fetches costs no commit.
 
-use protocol::device::{AckOutcome, DeviceState, JobUpdate};
+use protocol::artifact::FetchRequest;
+use protocol::device::{AckOutcome, DeviceState, JobUpdate, MergeRequest};
 use protocol::topic::UpKind;
 use protocol::{Envelope, Identity, MsgId, Serial, Timestamp};
 use tracing::{debug, error, info, warn};
 
-use super::{Core, Pending};
+use super::{Core, Done, Pending, views};
+use crate::jobs::firmware::{self, FetchOutcome};
+use crate::jobs::update_data::{self, MergeOutcome};
 use crate::jobs::{self, UpdateOutcome};
 use crate::store::{DeviceRecord, JournalEntry, JournalOutcome, StoreError, Txn};
 
 enum Message {
     Job(JobUpdate),
     State(DeviceState),
+    Merge(MergeRequest),
 }
 
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename these
@@ -34,6 +42,9 @@ pub(super) fn handle(
         UpKind::State => {
             Envelope::<DeviceState>::from_cbor(payload, max).map(|e| (e.id, Message::State(e.body)))
         }
+        UpKind::Merge => Envelope::<MergeRequest>::from_cbor(payload, max)
+            .map(|e| (e.id, Message::Merge(e.body))),
+        UpKind::Fetch => return fetch(core, txn, p, serial, topic, payload, now),
     };
     let (id, message) = match decoded {
         Ok(d) => d,
@@ -81,6 +92,7 @@ fn store(
     let outcome = match message {
         Message::Job(update) => job_update(txn, p, serial, &update, topic, now)?,
         Message::State(state) => state_update(txn, p, serial, state, now)?,
+        Message::Merge(req) => merge_request(txn, p, serial, &req, topic, now)?,
     };
     if outcome == AckOutcome::Stored {
         txn.put_journal(
@@ -110,7 +122,11 @@ fn job_update(
             status,
             ended,
         } => {
-            p.applied.push((serial.clone(), job, status));
+            p.done.push(Done::JobUpdate {
+                serial: serial.clone(),
+                job,
+                status,
+            });
             p.views.insert(n);
             if ended {
                 p.ended.insert(n);
@@ -148,4 +164,92 @@ fn state_update(
     p.views.extend(filled);
     p.states.insert(serial.clone());
     Ok(AckOutcome::Stored)
+}
+
+/// S212–S213: merges the job's values into the device's current data and has the result
+/// published retained. A new request for a job merged before gets the stored result again.
+fn merge_request(
+    txn: &mut Txn,
+    p: &mut Pending,
+    serial: &Serial,
+    req: &MergeRequest,
+    topic: &str,
+    now: Timestamp,
+) -> Result<AckOutcome, StoreError> {
+    match update_data::merge(txn, serial, req, now)? {
+        MergeOutcome::Merged { n, job } => {
+            p.merged.insert(n);
+            p.views.insert(n);
+            p.done.push(Done::Merged {
+                serial: serial.clone(),
+                job,
+            });
+            Ok(AckOutcome::Stored)
+        }
+        MergeOutcome::AlreadyMerged { n, job } => {
+            debug!(serial = %serial, job = %job, "job was merged before; publishing the stored result again");
+            p.merged.insert(n);
+            Ok(AckOutcome::Stored)
+        }
+        MergeOutcome::Refused(reason) => {
+            warn!(serial = %serial, job = %req.job, topic, reason = %reason, "refused merge request");
+            Ok(AckOutcome::Rejected { reason })
+        }
+    }
+}
+
+/// Serves the chunks a device asked for, if it has an open firmware job for that artifact.
+/// Anything else is ignored with a warning: no chunk goes out and nothing is written.
+fn fetch(
+    core: &Core,
+    txn: &mut Txn,
+    p: &mut Pending,
+    serial: &Serial,
+    topic: &str,
+    payload: &[u8],
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let req = match Envelope::<FetchRequest>::from_cbor(payload, core.settings.max_payload_bytes) {
+        Ok(env) => env.body,
+        Err(e) => {
+            warn!(serial = %serial, topic, reason = %e, "refused fetch request");
+            return Ok(());
+        }
+    };
+    let outcome = match firmware::fetch(txn, serial, &req) {
+        Ok(o) => o,
+        Err(e) if e.is_corrupt_record() => {
+            error!(serial = %serial, job = %req.job, artifact = %req.artifact, error = %e, "cannot serve a fetch: a store record is corrupt");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    match outcome {
+        FetchOutcome::Serve {
+            job,
+            chunks,
+            skipped,
+        } => {
+            if !skipped.is_empty() {
+                warn!(serial = %serial, job = %job, artifact = %req.artifact, skipped = ?skipped, "fetch asked for chunks that do not exist or over the per-fetch limit; not served");
+            }
+            if chunks.is_empty() {
+                return Ok(());
+            }
+            let indices: Vec<u32> = chunks.iter().map(|c| c.index).collect();
+            for chunk in chunks {
+                p.blobs.push(views::chunk(serial, chunk, now)?);
+            }
+            p.done.push(Done::ChunksServed {
+                serial: serial.clone(),
+                job,
+                artifact: req.artifact,
+                chunks: indices,
+            });
+        }
+        FetchOutcome::Refused(reason) => {
+            warn!(serial = %serial, job = %req.job, artifact = %req.artifact, reason = %reason, "fetch refused; nothing served");
+        }
+    }
+    Ok(())
 }

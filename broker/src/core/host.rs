@@ -1,14 +1,20 @@
-//! `host/{host}/req`: submit, list, show. Each request is answered on `host/{host}/resp` with
-//! `reply_to` = its msg id, after the batch has committed. A host resends until it has a reply
-//! (S222), so submissions are deduplicated by (host, msg id): a resend gets the same job back.
+//! `host/{host}/req`: submit, list, show, cancel, uploads and the artifact list. Each request is
+//! answered on `host/{host}/resp` with `reply_to` = its msg id, after the batch has committed.
+//!
+//! A host resends until it has a reply (S222), so every request must give the same answer when
+//! resent: submissions and cancels are deduplicated by (host, msg id) in the journal, and upload
+//! steps are idempotent by themselves (a chunk already held is answered, not stored again).
 
+use protocol::artifact::Chunk;
 use protocol::host::{HostReply, HostRequest, SubmitJob};
 use protocol::job::JobStatus;
 use protocol::{Envelope, HostId, Identity, MsgId, Timestamp};
 use tracing::{error, info, warn};
 
-use super::{Core, Pending, views};
+use super::{Core, Done, Pending, views};
 use crate::jobs;
+use crate::jobs::artifacts::{self, BeginOutcome, ChunkOutcome, UploadBegin};
+use crate::jobs::cancel::{self, CancelOutcome};
 use crate::store::{JobRecord, JournalEntry, JournalOutcome, StoreError, Txn, job_id, job_number};
 
 pub(super) fn handle(
@@ -62,21 +68,137 @@ fn answer(
                 jobs: jobs.into_iter().map(|r| r.view).collect(),
             })
         }
-        HostRequest::Show { job } => {
-            let found = match job_number(&job) {
-                Some(n) => txn.job(n)?.filter(|r| r.view.id == job).map(|r| (n, r)),
-                None => None,
+        HostRequest::Show { job } => Ok(match jobs::lookup(txn, &job)? {
+            Some((n, record)) => HostReply::Job {
+                job: Box::new(views::detail(txn, n, &record)?),
+            },
+            None => HostReply::Error {
+                reason: format!("no job {job} (list them with `host-agent jobs list --all`)"),
+            },
+        }),
+        HostRequest::Cancel { job } => cancel(txn, p, host, id, &job, now),
+        HostRequest::UploadBegin {
+            artifact,
+            version,
+            size,
+            chunk_size,
+            signature,
+        } => {
+            let req = UploadBegin {
+                artifact: &artifact,
+                version: &version,
+                size,
+                chunk_size,
+                signature: &signature,
             };
-            Ok(match found {
-                Some((n, record)) => HostReply::Job {
-                    job: Box::new(views::detail(txn, n, &record)?),
-                },
-                None => HostReply::Error {
-                    reason: format!("no job {job} (list them with `host-agent jobs list --all`)"),
-                },
+            Ok(match artifacts::begin(txn, host, &req, now)? {
+                Ok(outcome) => {
+                    let info = outcome.info().clone();
+                    if matches!(outcome, BeginOutcome::Started(_)) || !info.complete {
+                        p.done.push(Done::UploadBegun {
+                            host: host.clone(),
+                            artifact: info.artifact.id.clone(),
+                            version: info.artifact.version.clone(),
+                            received: info.received,
+                            chunks: info.artifact.chunks(),
+                            complete: info.complete,
+                        });
+                    }
+                    HostReply::Upload { artifact: info }
+                }
+                Err(rejected) => {
+                    warn!(host = %host, artifact = %artifact, reason = %rejected, "upload refused");
+                    HostReply::Error { reason: rejected.0 }
+                }
             })
         }
+        HostRequest::UploadChunk { chunk } => upload_chunk(txn, p, host, &chunk, now),
+        HostRequest::Artifacts => Ok(HostReply::Artifacts {
+            artifacts: artifacts::list(txn)?,
+        }),
     }
+}
+
+/// Withdraws a job (see [`cancel`]). Journaled like a submission, so a resend after the job was
+/// canceled gets `Canceled` again rather than "already ended".
+fn cancel(
+    txn: &mut Txn,
+    p: &mut Pending,
+    host: &HostId,
+    id: MsgId,
+    job: &str,
+    now: Timestamp,
+) -> Result<HostReply, StoreError> {
+    let sender = Identity::host(host).to_string();
+    if let Some(entry) = txn.journal(&sender, id)? {
+        let JournalOutcome::Cancel { job } = entry.outcome else {
+            return Ok(HostReply::Error {
+                reason: format!("message {id} was already used for something else"),
+            });
+        };
+        return Ok(match jobs::lookup(txn, job.as_str())? {
+            Some((_, record)) => HostReply::Canceled { job: record.view },
+            None => HostReply::Error {
+                reason: format!("job {job} of this cancel request is missing from the store"),
+            },
+        });
+    }
+    match cancel::cancel(txn, host, job, now)? {
+        CancelOutcome::Canceled { n, record } => {
+            txn.put_journal(
+                &sender,
+                id,
+                &JournalEntry {
+                    at: now,
+                    outcome: JournalOutcome::Cancel { job: job_id(n) },
+                },
+            )?;
+            p.ended.insert(n);
+            p.views.insert(n);
+            p.done.push(Done::Canceled {
+                host: host.clone(),
+                serial: record.view.serial.clone(),
+                job: record.view.id.clone(),
+            });
+            Ok(HostReply::Canceled { job: record.view })
+        }
+        CancelOutcome::Refused(reason) => {
+            warn!(host = %host, job, reason = %reason, "cancel refused");
+            Ok(HostReply::Error { reason })
+        }
+    }
+}
+
+fn upload_chunk(
+    txn: &mut Txn,
+    p: &mut Pending,
+    host: &HostId,
+    chunk: &Chunk,
+    now: Timestamp,
+) -> Result<HostReply, StoreError> {
+    Ok(match artifacts::chunk(txn, chunk, now)? {
+        ChunkOutcome::Progress(info) => HostReply::Upload { artifact: info },
+        ChunkOutcome::Completed(info) => {
+            p.done.push(Done::UploadComplete {
+                host: host.clone(),
+                artifact: info.artifact.id.clone(),
+                version: info.artifact.version.clone(),
+                size: info.artifact.size,
+            });
+            HostReply::Upload { artifact: info }
+        }
+        ChunkOutcome::DigestMismatch { artifact, reason } => {
+            p.done.push(Done::UploadDropped {
+                host: host.clone(),
+                artifact,
+            });
+            HostReply::Error { reason }
+        }
+        ChunkOutcome::Refused(reason) => {
+            warn!(host = %host, artifact = %chunk.artifact, index = chunk.index, reason = %reason, "upload chunk refused");
+            HostReply::Error { reason }
+        }
+    })
 }
 
 fn submit(
@@ -107,7 +229,14 @@ fn submit(
             },
         });
     }
-    let (n, record) = jobs::submit(txn, host, req, &core.settings.server_name, now)?;
+    let (n, record) = jobs::submit(
+        txn,
+        host,
+        req,
+        &core.settings.server_name,
+        &core.defaults(),
+        now,
+    )?;
     txn.put_journal(
         &sender,
         id,

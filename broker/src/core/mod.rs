@@ -6,6 +6,10 @@
 //! and only after that commit returns the [`Outbound`] messages to publish: retained orders and
 //! views first, then the acks and replies that tell senders their messages are durable.
 //!
+//! Besides acks and replies, a batch may publish an update-data job's merged data (retained on
+//! `dev/{serial}/merged/{job}` until the job ends) and the firmware chunks a device fetched (on
+//! `dev/{serial}/blob/{artifact}`, not retained).
+//!
 //! Modules: `device` handles `dev/{serial}/up/{kind}`, `host` handles `host/{host}/req`,
 //! [`views`] builds the retained messages, and `run` is the task that batches.
 
@@ -22,6 +26,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use protocol::artifact::ArtifactId;
 use protocol::device::{Ack, AckBatch, AckOutcome, DeviceState};
 use protocol::host::{HostReply, HostResponse};
 use protocol::job::JobStatus;
@@ -56,6 +61,11 @@ pub struct CoreSettings {
     pub max_payload_bytes: usize,
     /// How long succeeded and canceled jobs stay in the default list.
     pub finished_visible: std::time::Duration,
+    /// The deadline of a job submitted without one, counted from the later of now, its
+    /// instruction time and its execution time.
+    pub default_deadline: std::time::Duration,
+    /// The attempt limit of a job submitted without one.
+    pub default_max_attempts: u32,
     /// Test fault: commit, but never publish acks or replies, to simulate a crash between commit
     /// and ack.
     pub hold_acks: bool,
@@ -88,8 +98,102 @@ struct Pending {
     states: BTreeSet<Serial>,
     /// Devices heard from in this batch: their last-seen time moves.
     seen: BTreeSet<Serial>,
-    /// Job updates applied in this batch, logged once the commit has made them true.
-    applied: Vec<(Serial, JobId, JobStatus)>,
+    /// Update-data jobs whose merged data is (re)published.
+    merged: BTreeSet<u64>,
+    /// Firmware chunks devices fetched, already encoded.
+    blobs: Vec<Outbound>,
+    /// What the batch did, logged once the commit has made it true.
+    done: Vec<Done>,
+}
+
+/// One thing a batch did, for the log. Logged only after the commit, so each line means
+/// "durable" (or, for served chunks, "published"): tests and operators wait on these lines.
+enum Done {
+    JobUpdate {
+        serial: Serial,
+        job: JobId,
+        status: JobStatus,
+    },
+    Merged {
+        serial: Serial,
+        job: JobId,
+    },
+    ChunksServed {
+        serial: Serial,
+        job: JobId,
+        artifact: ArtifactId,
+        chunks: Vec<u32>,
+    },
+    Canceled {
+        host: HostId,
+        serial: String,
+        job: String,
+    },
+    UploadBegun {
+        host: HostId,
+        artifact: ArtifactId,
+        version: String,
+        received: u32,
+        chunks: u32,
+        complete: bool,
+    },
+    UploadComplete {
+        host: HostId,
+        artifact: ArtifactId,
+        version: String,
+        size: u64,
+    },
+    UploadDropped {
+        host: HostId,
+        artifact: ArtifactId,
+    },
+}
+
+impl Done {
+    fn log(self) {
+        match self {
+            Done::JobUpdate {
+                serial,
+                job,
+                status,
+            } => info!(serial = %serial, job = %job, status = %status, "job update stored"),
+            Done::Merged { serial, job } => {
+                info!(serial = %serial, job = %job, "merged at the relay")
+            }
+            Done::ChunksServed {
+                serial,
+                job,
+                artifact,
+                chunks,
+            } => {
+                info!(serial = %serial, job = %job, artifact = %artifact, chunks = ?chunks, "chunks served")
+            }
+            Done::Canceled { host, serial, job } => {
+                info!(host = %host, serial = %serial, job = %job, "job canceled")
+            }
+            Done::UploadBegun {
+                host,
+                artifact,
+                version,
+                received,
+                chunks,
+                complete,
+            } => {
+                info!(host = %host, artifact = %artifact, version = %version, received, chunks, complete, "upload begun")
+            }
+            Done::UploadComplete {
+                host,
+                artifact,
+                version,
+                size,
+            } => {
+                info!(host = %host, artifact = %artifact, version = %version, size, "artifact stored")
+            }
+            Done::UploadDropped { host, artifact } => {
+                warn!(host = %host, artifact = %artifact, "digest mismatch; upload dropped")
+            }
+        }
+    }
 }
 
 impl Pending {
@@ -139,6 +243,14 @@ impl Core {
         &self.settings
     }
 
+    /// What a submission without a deadline or attempt limit gets.
+    pub fn defaults(&self) -> jobs::Defaults {
+        jobs::Defaults {
+            deadline: self.settings.default_deadline,
+            max_attempts: self.settings.default_max_attempts,
+        }
+    }
+
     /// How many transactions have committed since [`Core::open`]; with group commit, fewer than
     /// the messages handled.
     pub fn commits(&self) -> u64 {
@@ -147,7 +259,8 @@ impl Core {
 
     /// Everything that must be retained in the router, rebuilt from redb: rumqttd keeps retained
     /// messages only in memory, so this runs before any client is accepted. The orders of open
-    /// jobs, the views of every job with a valid serial, and every device's state.
+    /// jobs and their merged data, the views of every job with a valid serial, and every device's
+    /// state.
     pub fn startup_publications(&self) -> Result<Vec<Outbound>, StoreError> {
         let txn = self.store.begin()?;
         let mut out = Vec::new();
@@ -158,6 +271,9 @@ impl Core {
             };
             if record.is_open() {
                 out.extend(views::order(&record)?);
+                if let Some(Some(data)) = skip_corrupt(txn.merged(n))? {
+                    out.extend(views::merged(&record, data)?);
+                }
             }
             if let Some(v) = skip_corrupt(views::job_views(&txn, n, &record))? {
                 out.extend(v);
@@ -212,14 +328,14 @@ impl Core {
                 }
             }
         }
-        let applied = std::mem::take(&mut pending.applied);
+        let done = std::mem::take(&mut pending.done);
         let (mut out, answers) = self.finish(&mut txn, pending, now)?;
         if txn.commit()? {
             self.commits.fetch_add(1, Ordering::Relaxed);
         }
-        // Logged after the commit, so the line means "durable": tests and operators rely on it.
-        for (serial, job, status) in applied {
-            info!(serial = %serial, job = %job, status = %status, "job update stored");
+        // Logged after the commit, so each line means "durable": tests and operators rely on it.
+        for d in done {
+            d.log();
         }
         if self.settings.hold_acks {
             if !answers.is_empty() && !self.held_acks_logged.swap(true, Ordering::Relaxed) {
@@ -305,6 +421,7 @@ impl Core {
             .iter()
             .chain(&p.ended)
             .chain(&p.views)
+            .chain(&p.merged)
             .copied()
             .collect();
         for n in jobs {
@@ -314,8 +431,18 @@ impl Core {
             if p.new_orders.contains(&n) && record.is_open() {
                 out.extend(views::order(&record)?);
             }
+            if p.merged.contains(&n)
+                && record.is_open()
+                && let Some(Some(data)) = skip_corrupt(txn.merged(n))?
+            {
+                out.extend(views::merged(&record, data)?);
+            }
             if p.ended.contains(&n) {
                 out.extend(views::cleared_order(&record));
+                // Only jobs that were merged have a retained message there to delete.
+                if let Some(Some(_)) = skip_corrupt(txn.merged(n))? {
+                    out.extend(views::cleared_merged(&record));
+                }
             }
             if p.views.contains(&n)
                 && let Some(v) = skip_corrupt(views::job_views(txn, n, &record))?
@@ -328,6 +455,7 @@ impl Core {
                 out.extend(views::device_views(serial, &record)?);
             }
         }
+        out.extend(p.blobs);
 
         let mut answers = Vec::with_capacity(p.acks.len() + p.replies.len());
         for (serial, acks) in p.acks {

@@ -1,9 +1,12 @@
-//! The retained messages the core publishes: job orders for devices, and the views hosts and
-//! integrators read, in CBOR (`fleet/…`) and plain JSON (`json/fleet/…`, DESIGN D4).
+//! The messages the core publishes: job orders and merged data for devices, firmware chunks, and
+//! the views hosts and integrators read, in CBOR (`fleet/…`) and plain JSON (`json/fleet/…`,
+//! DESIGN D4).
 //!
 //! All of them are a cache of redb (DESIGN D2): built from committed records, republished at startup.
 
-use protocol::device::DeviceState;
+use protocol::artifact::Chunk;
+use protocol::data::DeviceData;
+use protocol::device::{DeviceState, Merged};
 use protocol::job::JobDetail;
 use protocol::{Envelope, JobId, Serial, Timestamp, topic};
 use serde::Serialize;
@@ -59,6 +62,50 @@ pub fn cleared_order(record: &JobRecord) -> Option<Outbound> {
         topic::dev_job(&order.serial, &order.job),
         Vec::new(),
     ))
+}
+
+/// The retained `Envelope<Merged>` on `dev/{serial}/merged/{job}`: what an update-data job's
+/// device applies (S215). Retained so a device that reconnects mid-job still finds it.
+pub fn merged(record: &JobRecord, data: DeviceData) -> Result<Option<Outbound>, StoreError> {
+    let Some(order) = &record.order else {
+        return Ok(None);
+    };
+    let body = Merged {
+        job: order.job.clone(),
+        data,
+    };
+    let payload = Envelope::new(0, record.view.updated_at, body)
+        .to_cbor()
+        .map_err(|e| encode_error("merged data", &order.job, e))?;
+    Ok(Some(retained(
+        topic::dev_merged(&order.serial, &order.job),
+        payload,
+    )))
+}
+
+/// An empty retained payload on `dev/{serial}/merged/{job}`, deleting the merged data of a job
+/// that ended.
+pub fn cleared_merged(record: &JobRecord) -> Option<Outbound> {
+    let order = record.order.as_ref()?;
+    Some(retained(
+        topic::dev_merged(&order.serial, &order.job),
+        Vec::new(),
+    ))
+}
+
+/// One firmware chunk on `dev/{serial}/blob/{artifact}`, not retained: the device asked for it
+/// and is listening; if it missed it, it asks again.
+pub fn chunk(serial: &Serial, chunk: Chunk, at: Timestamp) -> Result<Outbound, StoreError> {
+    let topic = topic::dev_blob(serial, &chunk.artifact);
+    let key = format!("{} #{}", chunk.artifact, chunk.index);
+    let payload = Envelope::new(0, at, chunk)
+        .to_cbor()
+        .map_err(|e| encode_error("chunk", key, e))?;
+    Ok(Outbound {
+        topic,
+        payload,
+        retain: false,
+    })
 }
 
 /// `fleet/{serial}/jobs/{job}` (CBOR `Envelope<JobView>`) and `json/fleet/{serial}/jobs/{job}`

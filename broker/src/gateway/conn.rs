@@ -1,6 +1,12 @@
 //! A client connection's framing: bytes in, MQTT packets out, and back.
+//!
+//! Memory is the budget here (a relay holds ~19,000 mostly idle devices per process), so no large
+//! buffer is kept while a connection is idle: a read that starts with nothing buffered asks for a
+//! few bytes only (that is the read an idle connection sits in), and only a read that filled its
+//! buffer is followed by a large one; the write buffer is released after every flush. A busy
+//! connection pays an allocation per read and per write, small beside the TLS record it carries.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{self, Packet, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -17,21 +23,31 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
 }
 
-/// Owns the socket and its read buffer; the session above sees only packets.
+/// How much a read asks for while data is flowing. A TLS record holds up to 16 KiB of plaintext;
+/// 4 KiB takes dozens of small packets at once and is cheap to allocate for every read.
+const READ_CHUNK: usize = 4096;
+/// How much a read asks for when nothing suggests more data is waiting: what an idle connection
+/// holds while it waits. Big enough for a PINGREQ or a small PUBLISH in one read.
+const IDLE_READ: usize = 64;
+
+/// Owns the socket and its buffers; the session above sees only packets.
 pub struct ClientConn<S> {
     io: S,
     buf: BytesMut,
     out: BytesMut,
     max_packet_bytes: usize,
+    /// The last read filled all the room it had: more is probably waiting.
+    busy: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
     pub fn new(io: S, max_packet_bytes: usize) -> Self {
         Self {
             io,
-            buf: BytesMut::with_capacity(4096),
-            out: BytesMut::with_capacity(4096),
+            buf: BytesMut::new(),
+            out: BytesMut::new(),
             max_packet_bytes,
+            busy: false,
         }
     }
 
@@ -43,19 +59,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
     /// Cancel-safe: bytes read so far stay in the buffer.
     pub async fn read_packet(&mut self) -> Result<Option<Packet>, ConnError> {
         loop {
-            if !self.buf.is_empty() {
-                match V4.read_mut(&mut self.buf, self.max_packet_bytes) {
-                    Ok(packet) => return Ok(Some(packet)),
-                    Err(protocol::Error::InsufficientBytes(_)) => {}
-                    Err(protocol::Error::PayloadSizeLimitExceeded(_)) => {
-                        return Err(ConnError::TooLarge {
-                            max: self.max_packet_bytes,
-                        });
-                    }
-                    Err(e) => return Err(ConnError::Malformed(e)),
-                }
+            if let Some(packet) = self.buffered_packet()? {
+                return Ok(Some(packet));
             }
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            if self.buf.is_empty() {
+                // Nothing partial to keep: drop a large buffer rather than sit on it.
+                self.buf = BytesMut::new();
+            }
+            self.buf.reserve(if self.busy { READ_CHUNK } else { IDLE_READ });
+            let room = self.buf.capacity() - self.buf.len();
+            let n = self.io.read_buf(&mut self.buf).await?;
+            self.busy = n == room;
+            if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
@@ -65,24 +80,158 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
         }
     }
 
+    /// The next packet if a whole one is already buffered; never reads the socket. Lets the
+    /// session hand everything one read brought to the router at once.
+    pub fn buffered_packet(&mut self) -> Result<Option<Packet>, ConnError> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        match V4.read_mut(&mut self.buf, self.max_packet_bytes) {
+            Ok(packet) => Ok(Some(unshare(packet))),
+            Err(protocol::Error::InsufficientBytes(_)) => Ok(None),
+            Err(protocol::Error::PayloadSizeLimitExceeded(_)) => Err(ConnError::TooLarge {
+                max: self.max_packet_bytes,
+            }),
+            Err(e) => Err(ConnError::Malformed(e)),
+        }
+    }
+
+    /// Encodes a packet for the client; [`ClientConn::flush`] sends everything queued.
+    pub fn queue(&mut self, packet: Packet) -> Result<(), ConnError> {
+        V4.write(packet, &mut self.out)
+            .map_err(ConnError::Malformed)?;
+        Ok(())
+    }
+
+    /// Writes what [`ClientConn::queue`] encoded, in one write, and releases the buffer.
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await?;
+            self.out = BytesMut::new();
+            self.io.flush().await?;
+        }
+        Ok(())
+    }
+
     /// Encodes packets for the client and flushes them in one write.
     pub async fn write_packets(
         &mut self,
         packets: impl IntoIterator<Item = Packet>,
     ) -> Result<(), ConnError> {
         for packet in packets {
-            V4.write(packet, &mut self.out)
-                .map_err(ConnError::Malformed)?;
+            self.queue(packet)?;
         }
-        if !self.out.is_empty() {
-            self.io.write_all(&self.out).await?;
-            self.out.clear();
-            self.io.flush().await?;
-        }
-        Ok(())
+        self.flush().await
     }
 
     pub async fn shutdown(&mut self) {
         let _ = self.io.shutdown().await;
+    }
+}
+
+/// A decoded PUBLISH borrows its topic and payload from the read buffer, and the router keeps
+/// publishes in its log long after: a 100-byte message would pin a whole 4 KiB read. Copying them
+/// out keeps the read buffer free to be reused or released, and the log's memory what it counts.
+fn unshare(packet: Packet) -> Packet {
+    match packet {
+        Packet::Publish(mut publish, props) => {
+            publish.topic = Bytes::copy_from_slice(&publish.topic);
+            publish.payload = Bytes::copy_from_slice(&publish.payload);
+            Packet::Publish(publish, props)
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::{PingReq, Publish};
+    use tokio::io::AsyncWriteExt;
+
+    fn encoded(packets: Vec<Packet>) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        for p in packets {
+            V4.write(p, &mut out).unwrap();
+        }
+        out.to_vec()
+    }
+
+    #[tokio::test]
+    async fn one_read_of_many_packets_yields_each_and_holds_no_buffer_when_idle() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let mut conn = ClientConn::new(server, 1024);
+        let mut client = client;
+        let publish = |n: u8| {
+            Packet::Publish(
+                Publish::new(Bytes::from_static(b"dev/A/up/state"), Bytes::from(vec![n; 10]), false),
+                None,
+            )
+        };
+        client
+            .write_all(&encoded(vec![publish(1), publish(2), Packet::PingReq(PingReq)]))
+            .await
+            .unwrap();
+        let Some(Packet::Publish(first, _)) = conn.read_packet().await.unwrap() else {
+            panic!("expected a publish")
+        };
+        assert_eq!(&first.payload[..], &[1; 10]);
+        // The rest came in the same read and is handed out without touching the socket.
+        assert!(matches!(
+            conn.buffered_packet().unwrap(),
+            Some(Packet::Publish(..))
+        ));
+        assert!(matches!(
+            conn.buffered_packet().unwrap(),
+            Some(Packet::PingReq(_))
+        ));
+        assert!(conn.buffered_packet().unwrap().is_none());
+        assert_eq!(conn.buf.len(), 0);
+        // Waiting for the next packet holds a small buffer, not a 4 KiB one.
+        client.write_all(&encoded(vec![Packet::PingReq(PingReq)])).await.unwrap();
+        assert!(matches!(conn.read_packet().await.unwrap(), Some(Packet::PingReq(_))));
+        assert!(!conn.busy);
+        drop(client);
+        assert!(conn.read_packet().await.unwrap().is_none());
+        assert!(conn.buf.capacity() <= IDLE_READ, "{}", conn.buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn closing_mid_packet_is_an_error_and_oversized_packets_are_refused() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut conn = ClientConn::new(server, 16);
+        let bytes = encoded(vec![Packet::Publish(
+            Publish::new(Bytes::from_static(b"t"), Bytes::from(vec![0; 64]), false),
+            None,
+        )]);
+        client.write_all(&bytes).await.unwrap();
+        assert!(matches!(
+            conn.read_packet().await,
+            Err(ConnError::TooLarge { max: 16 })
+        ));
+
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut conn = ClientConn::new(server, 1024);
+        client.write_all(&bytes[..5]).await.unwrap();
+        drop(client);
+        assert!(matches!(
+            conn.read_packet().await,
+            Err(ConnError::ClosedMidPacket)
+        ));
+    }
+
+    #[tokio::test]
+    async fn queued_packets_go_out_in_one_flush_and_the_buffer_is_released() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut conn = ClientConn::new(server, 1024);
+        conn.queue(Packet::PingReq(PingReq)).unwrap();
+        conn.queue(Packet::PingReq(PingReq)).unwrap();
+        conn.flush().await.unwrap();
+        assert_eq!(conn.out.capacity(), 0);
+        let mut got = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(got, [0xc0, 0, 0xc0, 0]);
     }
 }

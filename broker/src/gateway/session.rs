@@ -179,6 +179,9 @@ struct Bridge<'a> {
     link_rx: LinkRx,
 }
 
+/// Most client packets handed to the router on one notification: what one read brought in.
+const MAX_FORWARD_BATCH: usize = 64;
+
 impl Bridge<'_> {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
@@ -186,17 +189,28 @@ impl Bridge<'_> {
         keepalive: Duration,
         stop: &CancellationToken,
     ) -> Result<(), SessionError> {
-        let mut deadline = Instant::now() + keepalive;
+        // Both made once, not per packet: a fresh `cancelled()` registers with the token that
+        // every session shares, and a fresh timer with the runtime's timer wheel.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
+        let mut last_heard = Instant::now();
+        let keepalive_timer = sleep_until(last_heard + keepalive);
+        tokio::pin!(keepalive_timer);
         loop {
             tokio::select! {
-                () = stop.cancelled() => return Ok(()),
-                () = sleep_until(deadline) => return Err(SessionError::KeepaliveExpired),
+                () = &mut stopped => return Ok(()),
+                () = &mut keepalive_timer => {
+                    // Packets only move `last_heard`; the timer catches up when it fires.
+                    let due = last_heard + keepalive;
+                    if Instant::now() >= due {
+                        return Err(SessionError::KeepaliveExpired);
+                    }
+                    keepalive_timer.as_mut().reset(due);
+                }
                 packet = conn.read_packet() => {
                     let Some(packet) = packet? else { return Ok(()) };
-                    deadline = Instant::now() + keepalive;
-                    let leaving = matches!(packet, Packet::Disconnect(..));
-                    self.check_and_forward(packet).await?;
-                    if leaving {
+                    last_heard = Instant::now();
+                    if self.forward(conn, packet).await? {
                         return Ok(());
                     }
                 }
@@ -209,28 +223,69 @@ impl Bridge<'_> {
         }
     }
 
-    /// Checks a client packet against the ACL and hands it to the router.
-    async fn check_and_forward(&mut self, packet: Packet) -> Result<(), SessionError> {
-        match &packet {
+    /// Checks `first` and every whole packet that arrived with it against the ACL and hands them
+    /// to the router with one notification: the router's channel carries one event per batch, not
+    /// per packet (`LinkTx::send` blocks the thread when that channel is full). Returns whether
+    /// the client said DISCONNECT.
+    async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut ClientConn<S>,
+        first: Packet,
+    ) -> Result<bool, SessionError> {
+        let mut held: Option<Packet> = None;
+        let mut next = Some(first);
+        let mut count = 0;
+        let mut leaving = false;
+        let mut failed = None;
+        while let Some(packet) = next {
+            if let Err(e) = self.check_packet(&packet) {
+                failed = Some(e);
+                break;
+            }
+            leaving = matches!(packet, Packet::Disconnect(..));
+            if let Some(previous) = held.replace(packet) {
+                self.link_tx.buffer().push_back(previous);
+            }
+            count += 1;
+            if leaving || count >= MAX_FORWARD_BATCH {
+                break;
+            }
+            next = match conn.buffered_packet() {
+                Ok(p) => p,
+                Err(e) => {
+                    failed = Some(e.into());
+                    None
+                }
+            };
+        }
+        // What came before a violation or a broken packet still goes in, as it would one by one.
+        if let Some(last) = held {
+            self.link_tx.send(last).await?;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(leaving),
+        }
+    }
+
+    /// The ACL check of one client packet.
+    fn check_packet(&self, packet: &Packet) -> Result<(), SessionError> {
+        match packet {
             Packet::Publish(publish, _) => {
                 let topic = String::from_utf8_lossy(&publish.topic);
-                self.check(Action::Publish, &topic)?;
+                self.check(Action::Publish, &topic)
             }
-            Packet::Subscribe(subscribe, _) => {
-                for filter in &subscribe.filters {
-                    self.check(Action::Subscribe, &filter.path)?;
-                }
-            }
-            Packet::Unsubscribe(unsubscribe, _) => {
-                for filter in &unsubscribe.filters {
-                    self.check(Action::Unsubscribe, filter)?;
-                }
-            }
-            Packet::Connect(..) => return Err(SessionError::SecondConnect),
-            _ => {}
+            Packet::Subscribe(subscribe, _) => subscribe
+                .filters
+                .iter()
+                .try_for_each(|f| self.check(Action::Subscribe, &f.path)),
+            Packet::Unsubscribe(unsubscribe, _) => unsubscribe
+                .filters
+                .iter()
+                .try_for_each(|f| self.check(Action::Unsubscribe, f)),
+            Packet::Connect(..) => Err(SessionError::SecondConnect),
+            _ => Ok(()),
         }
-        self.link_tx.send(packet).await?;
-        Ok(())
     }
 
     fn check(&self, action: Action, topic: &str) -> Result<(), SessionError> {
@@ -255,20 +310,20 @@ impl Bridge<'_> {
         conn: &mut ClientConn<S>,
         first: Notification,
     ) -> Result<(), SessionError> {
-        let mut packets = Vec::new();
         let mut unscheduled = false;
         let mut next = Some(first);
         while let Some(notification) = next {
             match notification {
                 Notification::Unschedule => unscheduled = true,
                 n => {
-                    let maybe: Option<Packet> = n.into();
-                    packets.extend(maybe);
+                    if let Some(packet) = Option::<Packet>::from(n) {
+                        conn.queue(packet)?;
+                    }
                 }
             }
             next = self.queued()?;
         }
-        conn.write_packets(packets).await?;
+        conn.flush().await?;
         if unscheduled {
             // The router paused this session because its queue was full; we have drained it.
             self.link_rx.wake().await?;

@@ -1,7 +1,7 @@
 //! GET DATA (Fig. 2): the device sends the listed sections of its data (S111); the broker keeps
 //! them as the job's report, which `jobs show` and the JSON mirror display (S118).
 
-use protocol::data::{DeviceData, Section};
+use protocol::data::Section;
 use protocol::device::JobUpdate;
 
 use super::Staged;
@@ -30,15 +30,6 @@ impl GetData {
         n: u64,
         update: &JobUpdate,
     ) -> Result<Staged, StoreError> {
-        let Some(data) = &update.data else {
-            return Ok(Staged::default());
-        };
-        let mut report: DeviceData = txn.report(n)?.unwrap_or_default();
-        for (section, values) in data {
-            report.insert(*section, values.clone());
-        }
-        Ok(Staged {
-            report: Some(report),
-        })
+        super::stage_report(txn, n, update)
     }
 }

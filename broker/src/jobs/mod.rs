@@ -9,21 +9,31 @@
 //! first write: a caller that skips a message on [`StoreError::is_corrupt_record`] never leaves
 //! half of that message in the transaction.
 
+pub mod artifacts;
+pub mod cancel;
+pub mod firmware;
 pub mod get_data;
+pub mod set_schedule;
+pub mod update_data;
+
+use std::time::Duration;
 
 use protocol::device::JobUpdate;
 use protocol::host::SubmitJob;
 use protocol::job::{JobEvent, JobOrder, JobSpec, JobStatus, JobView};
-use protocol::validate::{self, Rejected, ValidSubmission};
+use protocol::validate::{self, Rejected, SpecDraft, ValidSubmission};
 use protocol::{HostId, JobId, Serial, Timestamp};
 use tracing::warn;
 
 use crate::store::{JobRecord, StoreError, Txn, job_id, job_number};
 
-/// One job kind's behaviour. Later kinds (update-data, firmware, set-schedule, cancel) add an arm.
+/// One job kind's behaviour: a variant per kind, a file per kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobKind {
     GetData(get_data::GetData),
+    UpdateData(update_data::UpdateData),
+    Firmware(firmware::Firmware),
+    SetSchedule(set_schedule::SetSchedule),
 }
 
 impl JobKind {
@@ -32,11 +42,21 @@ impl JobKind {
             JobSpec::GetData { sections } => {
                 JobKind::GetData(get_data::GetData::new(sections.clone()))
             }
+            JobSpec::UpdateData { values, merge } => {
+                JobKind::UpdateData(update_data::UpdateData::new(values.clone(), *merge))
+            }
+            JobSpec::Firmware { artifact } => {
+                JobKind::Firmware(firmware::Firmware::new(artifact.clone()))
+            }
+            JobSpec::SetSchedule { schedule } => {
+                JobKind::SetSchedule(set_schedule::SetSchedule::new(schedule.clone()))
+            }
         }
     }
 
     /// Checks a host's submission before anything is stored (S103). The error text is the reason
-    /// recorded with the rejected job (S104) and sent back to the host.
+    /// recorded with the rejected job (S104) and sent back to the host. A firmware job still has
+    /// to name an artifact the relay holds: see [`firmware::resolve`].
     pub fn validate(req: &SubmitJob, now: Timestamp) -> Result<ValidSubmission, Rejected> {
         validate::submission(req, now)
     }
@@ -46,6 +66,9 @@ impl JobKind {
     fn stage(&self, txn: &Txn, n: u64, update: &JobUpdate) -> Result<Staged, StoreError> {
         match self {
             JobKind::GetData(k) => k.stage(txn, n, update),
+            JobKind::UpdateData(k) => k.stage(txn, n, update),
+            JobKind::Firmware(k) => Ok(k.stage(update)),
+            JobKind::SetSchedule(k) => Ok(k.stage(update)),
         }
     }
 }
@@ -66,6 +89,48 @@ impl Staged {
     }
 }
 
+/// Merges the sections a device sent into job `n`'s report; a section sent again replaces the
+/// earlier copy. Shared by the kinds whose result is data (get-data, update-data).
+fn stage_report(txn: &Txn, n: u64, update: &JobUpdate) -> Result<Staged, StoreError> {
+    let Some(data) = &update.data else {
+        return Ok(Staged::default());
+    };
+    let mut report = txn.report(n)?.unwrap_or_default();
+    for (section, values) in data {
+        report.insert(*section, values.clone());
+    }
+    Ok(Staged {
+        report: Some(report),
+    })
+}
+
+/// What the broker fills in when a submission leaves it out (config `default_deadline_secs`,
+/// `default_max_attempts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Defaults {
+    /// A job without a deadline gets this long after the later of now, its instruction time and
+    /// its execution time: counting from submission would time out a job scheduled for next month.
+    pub deadline: Duration,
+    pub max_attempts: u32,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            deadline: Duration::from_secs(7 * 24 * 3600),
+            max_attempts: 3,
+        }
+    }
+}
+
+/// Finds a job by the id the broker gave it. `J-1` is not `J-000001`: the stored id must match.
+pub fn lookup(txn: &Txn, id: &str) -> Result<Option<(u64, JobRecord)>, StoreError> {
+    let Some(n) = job_number(id) else {
+        return Ok(None);
+    };
+    Ok(txn.job(n)?.filter(|r| r.view.id == id).map(|r| (n, r)))
+}
+
 /// Records a host's submission as a new job: queued if it is valid, rejected with the reason if
 /// not (S104). Either way the job gets an id, so the host can look it up.
 pub fn submit(
@@ -73,13 +138,26 @@ pub fn submit(
     host: &HostId,
     req: &SubmitJob,
     server: &str,
+    defaults: &Defaults,
     now: Timestamp,
 ) -> Result<(u64, JobRecord), StoreError> {
-    let valid = JobKind::validate(req, now);
+    // Validation, then the artifact lookup a firmware job needs: both only read.
+    let valid = match JobKind::validate(req, now) {
+        Ok(v) => {
+            let spec = match &v.spec {
+                SpecDraft::Ready(spec) => Ok(spec.clone()),
+                SpecDraft::Firmware { artifact } => {
+                    firmware::resolve(txn, artifact)?.map(|artifact| JobSpec::Firmware { artifact })
+                }
+            };
+            spec.map(|spec| (v, spec))
+        }
+        Err(e) => Err(e),
+    };
     // The site column is the device's as it last reported it. A damaged device record only costs
     // the site (filled in again by the device's next state), not the job.
     let site = match &valid {
-        Ok(v) => match txn.device(&v.serial) {
+        Ok((v, _)) => match txn.device(&v.serial) {
             Ok(device) => device.map(|d| d.state.site).unwrap_or_default(),
             Err(e) if e.is_corrupt_record() => {
                 warn!(serial = %v.serial, error = %e, "device record is corrupt; submitting without a site");
@@ -92,7 +170,7 @@ pub fn submit(
     let n = txn.next_job_number()?;
     let id = job_id(n);
     let record = match valid {
-        Ok(v) => accepted(id, v, site, host, server, now),
+        Ok((v, spec)) => accepted(id, v, spec, site, host, server, defaults, now),
         Err(Rejected(reason)) => rejected(id, req, host, server, reason, now),
     };
     txn.put_job(n, &record)?;
@@ -108,21 +186,32 @@ pub fn submit(
     Ok((n, record))
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; each argument is a column of the record
 fn accepted(
     id: JobId,
     v: ValidSubmission,
+    spec: JobSpec,
     site: String,
     host: &HostId,
     server: &str,
+    defaults: &Defaults,
     now: Timestamp,
 ) -> JobRecord {
+    let deadline = v.deadline.or_else(|| {
+        let from = now
+            .max(v.instruction_time)
+            .max(v.execution_time.unwrap_or(now));
+        chrono::Duration::from_std(defaults.deadline)
+            .ok()
+            .and_then(|d| from.checked_add_signed(d))
+    });
     JobRecord {
         view: JobView {
             id: id.to_string(),
             serial: v.serial.to_string(),
             site,
-            instruction: v.spec.instruction().to_owned(),
-            data_type: v.spec.data_type(),
+            instruction: spec.instruction().to_owned(),
+            data_type: spec.data_type(),
             server: server.to_owned(),
             host: host.to_string(),
             instruction_time: Some(v.instruction_time),
@@ -135,10 +224,11 @@ fn accepted(
         order: Some(JobOrder {
             job: id,
             serial: v.serial,
-            spec: v.spec,
+            spec,
             instruction_time: v.instruction_time,
             execution_time: v.execution_time,
-            deadline: v.deadline,
+            deadline,
+            max_attempts: v.max_attempts.unwrap_or(defaults.max_attempts),
         }),
         ended_at: None,
     }
@@ -158,14 +248,24 @@ fn rejected(
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&chrono::Utc))
     };
+    // The data-type column as JobSpec::data_type would have shown it.
+    let data_type = match req.kind.as_str() {
+        "update-data" => req.values.keys().cloned().collect::<Vec<_>>().join(","),
+        "firmware" => format!("ISW {}", req.artifact.as_deref().unwrap_or("?")),
+        "set-schedule" => format!("schedule ({})", req.mode.as_deref().unwrap_or("?")),
+        _ => req.sections.join(","),
+    };
     JobRecord {
         view: JobView {
             id: id.to_string(),
             serial: req.serial.clone(),
             site: String::new(),
             // "get-data" → "GET DATA", the way JobSpec::instruction names the known kinds.
-            instruction: req.kind.to_uppercase().replace('-', " "),
-            data_type: req.sections.join(","),
+            instruction: match req.kind.as_str() {
+                "firmware" => "UPDATE ISW".to_owned(),
+                kind => kind.to_uppercase().replace('-', " "),
+            },
+            data_type,
             server: server.to_owned(),
             host: host.to_string(),
             instruction_time: time(&req.at),
@@ -177,6 +277,28 @@ fn rejected(
         },
         order: None,
         ended_at: Some(now),
+    }
+}
+
+/// The reason recorded for a failed job: the device's note, with its per-key refusals
+/// ("adjustment.density: 12 is out of range 1..=9") added unless the note already says them.
+pub fn failure_reason(update: &JobUpdate) -> String {
+    let errors: Vec<String> = update
+        .errors
+        .iter()
+        .map(|(key, why)| format!("{key}: {why}"))
+        .collect();
+    match (&update.note, errors.is_empty()) {
+        (Some(note), true) => note.clone(),
+        (None, true) => "the device reported a failure without a reason".into(),
+        (None, false) => format!("refused: {}", errors.join("; ")),
+        (Some(note), false) => {
+            if errors.iter().all(|e| note.contains(e.as_str())) {
+                note.clone()
+            } else {
+                format!("{note} ({})", errors.join("; "))
+            }
+        }
     }
 }
 
@@ -204,14 +326,7 @@ pub fn apply_update(
     now: Timestamp,
 ) -> Result<UpdateOutcome, StoreError> {
     let job = &update.job;
-    let found = match job_number(job.as_str()) {
-        Some(n) => txn
-            .job(n)?
-            .filter(|r| r.view.id == job.as_str())
-            .map(|r| (n, r)),
-        None => None,
-    };
-    let Some((n, mut record)) = found else {
+    let Some((n, mut record)) = lookup(txn, job.as_str())? else {
         return Ok(UpdateOutcome::Refused(format!(
             "no job {job} on this broker"
         )));
@@ -236,13 +351,11 @@ pub fn apply_update(
     let status = update.status;
     record.view.status = status;
     record.view.updated_at = now;
+    let mut note = update.note.clone();
     if status == JobStatus::Failed {
-        record.view.reason = Some(
-            update
-                .note
-                .clone()
-                .unwrap_or_else(|| "the device reported a failure without a reason".into()),
-        );
+        let reason = failure_reason(update);
+        note = Some(reason.clone());
+        record.view.reason = Some(reason);
     }
     if status.is_terminal() {
         record.ended_at = Some(now);
@@ -254,7 +367,7 @@ pub fn apply_update(
         &JobEvent {
             at: now,
             status,
-            note: update.note.clone(),
+            note,
         },
     )?;
     Ok(UpdateOutcome::Applied {
@@ -361,12 +474,17 @@ mod tests {
             ..Default::default()
         };
         let v = JobKind::validate(&req, at(9, 0)).unwrap();
+        let SpecDraft::Ready(spec) = v.spec.clone() else {
+            panic!("get-data needs no lookup")
+        };
         let mut r = accepted(
             job_id(1),
             v,
+            spec,
             String::new(),
             &HostId::parse("svc").unwrap(),
             "relay",
+            &Defaults::default(),
             at(9, 0),
         );
         r.view.status = status;

@@ -1,6 +1,10 @@
 //! The broker's durable state: jobs, their timelines, what devices reported, the dedupe journal and
 //! the devices' last announced state, in one redb file `DATA_DIR/chukei.redb` (DESIGN D2).
 //!
+//! Firmware artifacts live here too: their metadata ([`ArtifactInfo`]) keyed by id, and their
+//! bytes as chunks keyed by (id, index). The id is the SHA-256 of the bytes, so the same image
+//! uploaded twice is stored once (content-addressed).
+//!
 //! Everything goes through one narrow pair of types: [`Store`] opens the file and begins
 //! transactions, [`Txn`] reads and writes typed records. Nothing else in the broker names a redb
 //! table, so a clustered backend (NATS JetStream, DESIGN §6) can replace this module alone.
@@ -13,6 +17,7 @@ mod records;
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
+use protocol::artifact::{ArtifactId, ArtifactInfo};
 use protocol::data::DeviceData;
 use protocol::job::JobEvent;
 use protocol::{JobId, MsgId, Serial, Timestamp};
@@ -43,6 +48,14 @@ const OPEN_BY_SERIAL: TableDefinition<(&str, u64), ()> = TableDefinition::new("o
 /// (deadline in Unix milliseconds, job number) of every open job with a deadline, so expiry is a
 /// range scan rather than a walk over every job once a second.
 const OPEN_DEADLINES: TableDefinition<(i64, u64), ()> = TableDefinition::new("open_deadlines");
+/// Job number → [`DeviceData`]: an update-data job's values merged into the device's current data
+/// at the relay (S213), what `dev/{serial}/merged/{job}` carries while the job is open.
+const MERGED: TableDefinition<u64, &[u8]> = TableDefinition::new("merged");
+/// Artifact id → [`ArtifactInfo`]: what was announced by `UploadBegin` and how far the upload got.
+const ARTIFACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("artifacts");
+/// (artifact id, chunk index) → the chunk's bytes, raw.
+const ARTIFACT_CHUNKS: TableDefinition<(&str, u32), &[u8]> =
+    TableDefinition::new("artifact_chunks");
 
 const NEXT_JOB: &str = "next_job";
 
@@ -182,6 +195,9 @@ impl Store {
             txn.open_table(META).map_err(backend(op))?;
             txn.open_table(OPEN_BY_SERIAL).map_err(backend(op))?;
             txn.open_table(OPEN_DEADLINES).map_err(backend(op))?;
+            txn.open_table(MERGED).map_err(backend(op))?;
+            txn.open_table(ARTIFACTS).map_err(backend(op))?;
+            txn.open_table(ARTIFACT_CHUNKS).map_err(backend(op))?;
         }
         txn.commit().map_err(backend("commit"))?;
         Ok(store)
@@ -480,6 +496,128 @@ impl Txn {
         Ok(out)
     }
 
+    /// The merged data of update-data job `n`, once the relay has merged it.
+    pub fn merged(&self, n: u64) -> Result<Option<DeviceData>, StoreError> {
+        let op = "read merged data";
+        let table = self.txn.open_table(MERGED).map_err(backend(op))?;
+        let guard = table.get(n).map_err(backend(op))?;
+        guard
+            .map(|g| decode("merged", job_id(n), g.value()))
+            .transpose()
+    }
+
+    pub fn put_merged(&mut self, n: u64, data: &DeviceData) -> Result<(), StoreError> {
+        let op = "write merged data";
+        let bytes = encode("merged", job_id(n), data)?;
+        self.txn
+            .open_table(MERGED)
+            .map_err(backend(op))?
+            .insert(n, bytes.as_slice())
+            .map_err(backend(op))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    pub fn artifact(&self, id: &ArtifactId) -> Result<Option<ArtifactInfo>, StoreError> {
+        let op = "read an artifact";
+        let table = self.txn.open_table(ARTIFACTS).map_err(backend(op))?;
+        let guard = table.get(id.as_str()).map_err(backend(op))?;
+        guard
+            .map(|g| decode("artifacts", id, g.value()))
+            .transpose()
+    }
+
+    pub fn put_artifact(&mut self, info: &ArtifactInfo) -> Result<(), StoreError> {
+        let op = "write an artifact";
+        let id = &info.artifact.id;
+        let bytes = encode("artifacts", id, info)?;
+        self.txn
+            .open_table(ARTIFACTS)
+            .map_err(backend(op))?
+            .insert(id.as_str(), bytes.as_slice())
+            .map_err(backend(op))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Every artifact, in id order.
+    pub fn artifacts(&self) -> Result<Vec<ArtifactInfo>, StoreError> {
+        let op = "list artifacts";
+        let table = self.txn.open_table(ARTIFACTS).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend(op))? {
+            let (k, v) = entry.map_err(backend(op))?;
+            out.push(decode("artifacts", k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Forgets an artifact: its metadata and every chunk held of it.
+    pub fn remove_artifact(&mut self, id: &ArtifactId) -> Result<(), StoreError> {
+        let op = "remove an artifact";
+        self.txn
+            .open_table(ARTIFACTS)
+            .map_err(backend(op))?
+            .remove(id.as_str())
+            .map_err(backend(op))?;
+        self.remove_chunks(id)
+    }
+
+    /// Drops every chunk held of an artifact, keeping its metadata.
+    pub fn remove_chunks(&mut self, id: &ArtifactId) -> Result<(), StoreError> {
+        let op = "remove artifact chunks";
+        let a = id.as_str();
+        self.txn
+            .open_table(ARTIFACT_CHUNKS)
+            .map_err(backend(op))?
+            .retain_in((a, 0)..=(a, u32::MAX), |_, _| false)
+            .map_err(backend(op))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    pub fn chunk(&self, id: &ArtifactId, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let op = "read an artifact chunk";
+        let table = self.txn.open_table(ARTIFACT_CHUNKS).map_err(backend(op))?;
+        let guard = table.get((id.as_str(), index)).map_err(backend(op))?;
+        Ok(guard.map(|g| g.value().to_vec()))
+    }
+
+    pub fn put_chunk(
+        &mut self,
+        id: &ArtifactId,
+        index: u32,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        let op = "write an artifact chunk";
+        self.txn
+            .open_table(ARTIFACT_CHUNKS)
+            .map_err(backend(op))?
+            .insert((id.as_str(), index), data)
+            .map_err(backend(op))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Calls `f` with each chunk held of an artifact, in index order, without holding more than
+    /// one chunk in memory (an artifact may be 256 MiB). Returns how many chunks were visited.
+    pub fn visit_chunks(
+        &self,
+        id: &ArtifactId,
+        mut f: impl FnMut(u32, &[u8]),
+    ) -> Result<u32, StoreError> {
+        let op = "read artifact chunks";
+        let table = self.txn.open_table(ARTIFACT_CHUNKS).map_err(backend(op))?;
+        let a = id.as_str();
+        let mut count = 0u32;
+        for entry in table.range((a, 0)..=(a, u32::MAX)).map_err(backend(op))? {
+            let (k, v) = entry.map_err(backend(op))?;
+            f(k.value().1, v.value());
+            count = count.saturating_add(1);
+        }
+        Ok(count)
+    }
+
     /// Test hook: overwrites a job's bytes as they are on disk, to exercise corruption handling.
     #[cfg(test)]
     pub(crate) fn put_raw_job(&mut self, n: u64, bytes: &[u8]) -> Result<(), StoreError> {
@@ -529,6 +667,7 @@ mod tests {
                 instruction_time: at(9),
                 execution_time: None,
                 deadline,
+                max_attempts: 1,
             }),
             ended_at: None,
         }
@@ -638,6 +777,61 @@ mod tests {
             "{text}"
         );
         assert!(txn.jobs_newest_first(|_| true).is_err());
+    }
+
+    #[test]
+    fn artifact_chunks_are_kept_per_artifact_and_dropped_with_it() {
+        use protocol::artifact::{ArtifactId, ArtifactInfo, ArtifactRef};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (
+            ArtifactId::from_digest(&[1; 32]),
+            ArtifactId::from_digest(&[2; 32]),
+        );
+        let info = |id: &ArtifactId| ArtifactInfo {
+            artifact: ArtifactRef {
+                id: id.clone(),
+                version: "1.0".into(),
+                size: 6,
+                chunk_size: 2,
+                signature: "00".repeat(64),
+                publisher: "svc".into(),
+            },
+            received: 3,
+            complete: true,
+            uploaded_at: at(9),
+        };
+        let mut txn = store.begin().unwrap();
+        for id in [&a, &b] {
+            txn.put_artifact(&info(id)).unwrap();
+            // Out of order on purpose: visits come back in index order.
+            for i in [2u32, 0, 1] {
+                txn.put_chunk(id, i, &[i as u8; 2]).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+
+        let mut txn = store.begin().unwrap();
+        let mut seen = Vec::new();
+        assert_eq!(
+            txn.visit_chunks(&a, |i, d| seen.push((i, d[0]))).unwrap(),
+            3
+        );
+        assert_eq!(seen, [(0, 0), (1, 1), (2, 2)]);
+        assert_eq!(txn.chunk(&b, 1).unwrap(), Some(vec![1, 1]));
+        assert_eq!(txn.artifacts().unwrap(), [info(&a), info(&b)]);
+        txn.remove_artifact(&a).unwrap();
+        txn.commit().unwrap();
+
+        let txn = store.begin().unwrap();
+        assert_eq!(txn.artifact(&a).unwrap(), None);
+        assert_eq!(txn.visit_chunks(&a, |_, _| {}).unwrap(), 0);
+        assert_eq!(
+            txn.visit_chunks(&b, |_, _| {}).unwrap(),
+            3,
+            "b is untouched"
+        );
+        assert_eq!(txn.artifact(&b).unwrap(), Some(info(&b)));
     }
 
     #[test]

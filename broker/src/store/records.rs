@@ -52,4 +52,7 @@ pub enum JournalOutcome {
     /// A host's submission became this job (accepted or recorded as rejected); a resend gets the
     /// same job back.
     Submission { job: JobId },
+    /// A host's cancel request withdrew this job; a resend gets the same answer rather than
+    /// "already ended".
+    Cancel { job: JobId },
 }

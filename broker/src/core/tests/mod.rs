@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 
+mod kinds;
+
 const LIMIT: usize = 65536;
 
 fn t(h: u32, m: u32) -> Timestamp {
@@ -27,6 +29,8 @@ fn settings() -> CoreSettings {
         server_name: "relay-test".into(),
         max_payload_bytes: LIMIT,
         finished_visible: Duration::from_secs(3600),
+        default_deadline: Duration::from_secs(7 * 24 * 3600),
+        default_max_attempts: 3,
         hold_acks: false,
     }
 }
@@ -74,6 +78,7 @@ fn update(s: &str, id: MsgId, j: &str, status: JobStatus, data: Option<DeviceDat
         status,
         note: None,
         data,
+        errors: Default::default(),
     };
     let payload = Envelope::new(id, t(9, 0), body).to_cbor().unwrap();
     Inbound {
@@ -524,6 +529,7 @@ fn malformed_and_oversized_payloads_are_rejected_while_the_batch_goes_on() {
         status: JobStatus::Failed,
         note: Some("x".repeat(70_000)),
         data: None,
+        errors: Default::default(),
     };
     let huge = Inbound {
         topic: dev_job,

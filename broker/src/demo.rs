@@ -9,7 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use device_agent::cli::FleetArgs;
 use device_agent::config::{FileConfig, FleetSettings};
+use device_agent::jobs::PublisherKey;
+use host_agent::upload::{Prepared, upload};
 use host_agent::{ConnectOptions, HostClient};
+use protocol::data::Value;
 use protocol::data::Section;
 use protocol::host::{HostReply, SubmitJob};
 use protocol::job::{JobStatus, JobView};
@@ -51,17 +54,23 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
     let listener = crate::bind(&cfg).await?;
     let addr = listener.local_addr()?;
     let url: BrokerUrl = format!("mqtts://127.0.0.1:{}", addr.port()).parse()?;
+    // The broker stops last, after the copiers have said goodbye, so nobody logs a lost relay.
+    let broker_stop = CancellationToken::new();
     let broker = tokio::spawn(crate::run(
         cfg,
         listener,
         None,
         crate::Faults::default(),
-        stop.clone(),
+        broker_stop.clone(),
     ));
     println!("broker listening on {url}");
 
+    // The firmware publisher's key: the host signs, the copiers are provisioned with the public half.
+    let signing_key = host_agent::keys::generate();
+    host_agent::keys::write_pair(&dir.path().join("publisher"), &signing_key)?;
+
     // The simulated copiers.
-    let fleet = FleetSettings::merge(
+    let mut fleet = FleetSettings::merge(
         FileConfig::default(),
         FleetArgs {
             count: Some(u32::try_from(devices)?),
@@ -73,6 +82,7 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
             ..FleetArgs::default()
         },
     )?;
+    fleet.publisher_key = Some(PublisherKey::from_verifying_key(signing_key.verifying_key()));
     let serials = fleet.serials()?;
     let fleet_task = tokio::spawn(device_agent::run_fleet(fleet, stop.clone()));
 
@@ -101,12 +111,33 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
             sections: sections.iter().map(|s| s.to_string()).collect(),
             ..SubmitJob::default()
         };
-        match host.submit(req).await? {
-            HostReply::Submitted { job } => jobs.push(job.id),
-            other => anyhow::bail!("the broker refused a demo job: {other:?}"),
-        }
+        jobs.push(submitted(host.submit(req).await?)?);
     }
-    println!("submitted {} GET DATA jobs\n", jobs.len());
+    println!("submitted {} GET DATA jobs", jobs.len());
+
+    // Fig. 4 and Fig. 6 on the first copier: new settings merged at the relay, then new firmware.
+    let first = serials[0].to_string();
+    let mut update = SubmitJob { serial: first.clone(), kind: "update-data".into(), ..SubmitJob::default() };
+    update.values.insert("adjustment.density".into(), Value::Int(7));
+    update.values.insert("call-settings.every_counts".into(), Value::Int(5000));
+    jobs.push(submitted(host.submit(update).await?)?);
+    let image = demo_firmware_image(FIRMWARE_VERSION);
+    let prepared = Prepared::new(&image, FIRMWARE_VERSION, &signing_key);
+    let uploaded = upload(&host, &image, &prepared, |_| {}).await.context("uploading the demo firmware")?;
+    println!(
+        "uploaded firmware {FIRMWARE_VERSION} ({} bytes, {} chunks, signed by {HOST}) as artifact {}",
+        uploaded.info.artifact.size,
+        uploaded.info.artifact.chunks(),
+        &uploaded.info.artifact.id.as_str()[..12]
+    );
+    let firmware = SubmitJob {
+        serial: first.clone(),
+        kind: "firmware".into(),
+        artifact: Some(FIRMWARE_VERSION.into()),
+        ..SubmitJob::default()
+    };
+    jobs.push(submitted(host.submit(firmware).await?)?);
+    println!("submitted an UPDATE DATA and an UPDATE ISW job for {first}\n");
 
     let outcome = follow(&host, &jobs, &stop).await?;
     print_counters(&host, &jobs).await?;
@@ -141,10 +172,33 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
     host.disconnect().await;
     stop.cancel();
     let _ = fleet_task.await;
+    broker_stop.cancel();
     if let Ok(Err(e)) = broker.await {
         eprintln!("broker: {e}");
     }
     Ok(code)
+}
+
+const FIRMWARE_VERSION: &str = "2.0.0";
+
+fn submitted(reply: HostReply) -> anyhow::Result<String> {
+    match reply {
+        HostReply::Submitted { job } => Ok(job.id),
+        other => anyhow::bail!("the broker refused a demo job: {other:?}"),
+    }
+}
+
+/// A stand-in firmware image: a header naming the version, then 200 KiB of deterministic bytes.
+fn demo_firmware_image(version: &str) -> Vec<u8> {
+    let mut image = format!("SimCopier ISW {version}\n").into_bytes();
+    let mut x: u32 = 0x2545_f491;
+    image.extend((0..200 * 1024).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x as u8
+    }));
+    image
 }
 
 /// Prints the job list each time it changes, until every job has ended. `Some(all_succeeded)`,
@@ -191,6 +245,9 @@ async fn print_counters(host: &HostClient, jobs: &[String]) -> anyhow::Result<()
     let mut sums: BTreeMap<&str, i64> = BTreeMap::new();
     for job in jobs {
         let detail = host.show(job).await?;
+        if detail.view.instruction != "GET DATA" {
+            continue;
+        }
         let counters = detail.data.as_ref().and_then(|d| d.get(&Section::Counters));
         let Some(counters) = counters else {
             println!(

@@ -135,18 +135,22 @@ where
         gw: &gw,
         link_tx,
         link_rx,
+        client_left: false,
     };
     let result = bridge.run(&mut conn, keepalive, &stop).await;
-    // Whatever ended the session, the router must forget it; a dropped link alone is not noticed.
-    let _ = bridge
-        .link_tx
-        .send(Packet::Disconnect(
-            Disconnect {
-                reason_code: DisconnectReasonCode::NormalDisconnection,
-            },
-            None,
-        ))
-        .await;
+    // Whatever else ended the session, the router must forget it; a dropped link alone is not
+    // noticed. After the client's own DISCONNECT it already has (a second one logs an error).
+    if !bridge.client_left {
+        let _ = bridge
+            .link_tx
+            .send(Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            ))
+            .await;
+    }
     Metrics::dec(&gw.metrics.sessions_active);
     conn.shutdown().await;
     result
@@ -177,6 +181,8 @@ struct Bridge<'a> {
     gw: &'a Gateway,
     link_tx: LinkTx,
     link_rx: LinkRx,
+    /// The client sent DISCONNECT, which the router has already acted on.
+    client_left: bool,
 }
 
 /// Most client packets handed to the router on one notification: what one read brought in.
@@ -211,6 +217,7 @@ impl Bridge<'_> {
                     let Some(packet) = packet? else { return Ok(()) };
                     last_heard = Instant::now();
                     if self.forward(conn, packet).await? {
+                        self.client_left = true;
                         return Ok(());
                     }
                 }

@@ -13,6 +13,11 @@ pub struct BrokerConfig {
     /// Where the gateway listens for MQTT over TLS.
     #[serde(default = "defaults::listen")]
     pub listen: SocketAddr,
+    /// Where the gateway also listens for MQTT over WebSocket over TLS (path `/mqtt`,
+    /// subprotocol `mqtt`), for agents behind proxies that let only HTTPS out. Same
+    /// certificates, identity and ACL as `listen`. Unset: no WebSocket listener.
+    #[serde(default)]
+    pub ws_listen: Option<SocketAddr>,
     /// Holds `chukei.redb`.
     #[serde(default = "defaults::data_dir")]
     pub data_dir: PathBuf,
@@ -52,6 +57,17 @@ pub struct BrokerConfig {
     /// does not say.
     #[serde(default = "defaults::default_max_attempts")]
     pub default_max_attempts: u32,
+    /// Serve Prometheus metrics over plain HTTP on `GET /metrics` here. Unset: no endpoint.
+    /// Put it on loopback or a management network, never on the internet-facing address.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// A device in periodic mode is `overdue` (and raises an alarm) once it is this many
+    /// seconds late for its expected check-in (its interval after its last session ended).
+    #[serde(default = "defaults::overdue_margin_secs")]
+    pub overdue_margin_secs: u64,
+    /// Mail and webhook notifications (`[notify]`, `[notify.mail]`, `[[notify.rules]]`).
+    #[serde(default)]
+    pub notify: crate::notify::NotifyConfig,
 }
 
 mod defaults {
@@ -95,6 +111,9 @@ mod defaults {
     pub fn default_max_attempts() -> u32 {
         3
     }
+    pub fn overdue_margin_secs() -> u64 {
+        300
+    }
 }
 
 /// The longest default deadline: ten years, far beyond any job, well inside what time arithmetic holds.
@@ -119,6 +138,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("{0}")]
+    Notify(String),
     #[error("{key} = {value} is not valid: {why}")]
     Invalid {
         key: &'static str,
@@ -173,6 +194,14 @@ impl BrokerConfig {
                 "use 1 to 316224000 (ten years); the default is 604800 (7 days)",
             ));
         }
+        if self.overdue_margin_secs > MAX_DEFAULT_DEADLINE_SECS {
+            return Err(invalid(
+                "overdue_margin_secs",
+                &self.overdue_margin_secs,
+                "use 0 to 316224000 (ten years); the default is 300",
+            ));
+        }
+        self.notify.check().map_err(ConfigError::Notify)?;
         if !(1..=protocol::validate::MAX_ATTEMPTS).contains(&self.default_max_attempts) {
             return Err(invalid(
                 "default_max_attempts",
@@ -199,6 +228,9 @@ mod tests {
     fn empty_file_gives_defaults_and_unknown_keys_are_refused() {
         let cfg: BrokerConfig = toml::from_str("").unwrap();
         assert_eq!(cfg.listen.port(), 8883);
+        assert_eq!(cfg.ws_listen, None);
+        let cfg: BrokerConfig = toml::from_str("ws_listen = \"0.0.0.0:8443\"").unwrap();
+        assert_eq!(cfg.ws_listen.map(|a| a.port()), Some(8443));
         cfg.validate().unwrap();
         let err = toml::from_str::<BrokerConfig>("listn = \"127.0.0.1:1\"")
             .unwrap_err()

@@ -12,8 +12,8 @@ use device_agent::config::{FileConfig, FleetSettings};
 use device_agent::jobs::PublisherKey;
 use host_agent::upload::{Prepared, upload};
 use host_agent::{ConnectOptions, HostClient};
-use protocol::data::Value;
 use protocol::data::Section;
+use protocol::data::Value;
 use protocol::host::{HostReply, SubmitJob};
 use protocol::job::{JobStatus, JobView};
 use protocol::url::BrokerUrl;
@@ -75,14 +75,16 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
         FleetArgs {
             count: Some(u32::try_from(devices)?),
             pki_dir: Some(pki_dir.clone()),
-            broker: Some(url.clone()),
+            broker: vec![url.clone()],
             data_dir: Some(dir.path().join("fleet-data")),
             prefix: Some(PREFIX.into()),
             site: Some("Demo Customer, 3F".into()),
             ..FleetArgs::default()
         },
     )?;
-    fleet.publisher_key = Some(PublisherKey::from_verifying_key(signing_key.verifying_key()));
+    fleet.publisher_key = Some(PublisherKey::from_verifying_key(
+        signing_key.verifying_key(),
+    ));
     let serials = fleet.serials()?;
     let fleet_task = tokio::spawn(device_agent::run_fleet(fleet, stop.clone()));
 
@@ -117,13 +119,23 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
 
     // Fig. 4 and Fig. 6 on the first copier: new settings merged at the relay, then new firmware.
     let first = serials[0].to_string();
-    let mut update = SubmitJob { serial: first.clone(), kind: "update-data".into(), ..SubmitJob::default() };
-    update.values.insert("adjustment.density".into(), Value::Int(7));
-    update.values.insert("call-settings.every_counts".into(), Value::Int(5000));
+    let mut update = SubmitJob {
+        serial: first.clone(),
+        kind: "update-data".into(),
+        ..SubmitJob::default()
+    };
+    update
+        .values
+        .insert("adjustment.density".into(), Value::Int(7));
+    update
+        .values
+        .insert("call-settings.every_counts".into(), Value::Int(5000));
     jobs.push(submitted(host.submit(update).await?)?);
     let image = demo_firmware_image(FIRMWARE_VERSION);
     let prepared = Prepared::new(&image, FIRMWARE_VERSION, &signing_key);
-    let uploaded = upload(&host, &image, &prepared, |_| {}).await.context("uploading the demo firmware")?;
+    let uploaded = upload(&host, &image, &prepared, |_| {})
+        .await
+        .context("uploading the demo firmware")?;
     println!(
         "uploaded firmware {FIRMWARE_VERSION} ({} bytes, {} chunks, signed by {HOST}) as artifact {}",
         uploaded.info.artifact.size,

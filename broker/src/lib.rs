@@ -7,6 +7,10 @@
 //!   what devices and hosts send to redb ([`store`]) before acknowledging it, and republishes
 //!   jobs and views as retained messages; job kinds live in [`jobs`].
 //!
+//! Emergencies, presence and notifications (Fig. 5, claim 42, S116/S312) are parts of the core
+//! too: [`presence`] carries session starts and ends from the gateway to it, [`notify`] drains
+//! its mail and webhook queue, [`metrics_http`] serves [`telemetry`] to Prometheus.
+//!
 //! `main.rs` only parses flags; [`run`] is the broker.
 
 pub mod config;
@@ -16,8 +20,12 @@ pub mod demo;
 pub mod gateway;
 pub mod jobs;
 pub mod metrics;
+pub mod metrics_http;
+pub mod notify;
+pub mod presence;
 pub mod router;
 pub mod store;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use crate::config::BrokerConfig;
-use crate::core::{Core, CoreSettings};
+use crate::core::{AlertSettings, Core, CoreSettings};
 use crate::gateway::{Gateway, GatewaySettings};
 use crate::metrics::Metrics;
 
@@ -47,6 +55,18 @@ pub enum BrokerError {
         "could not listen on {addr}: {source} (is another broker running there? pick another --listen)"
     )]
     Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "could not listen on {addr} for WebSocket clients: {source} (pick another --ws-listen)"
+    )]
+    BindWs {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("could not listen on {addr} for metrics: {source} (pick another --metrics-listen)")]
+    BindMetrics {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -95,7 +115,7 @@ pub async fn run(
 ) -> Result<(), BrokerError> {
     cfg.validate()?;
     let tls = pki::server_config(&cfg.pki_dir)?;
-    let core = Arc::new(Core::open(
+    let mut core = Core::open(
         &cfg.data_dir,
         CoreSettings {
             server_name: cfg.server_name.clone(),
@@ -105,14 +125,49 @@ pub async fn run(
             default_max_attempts: cfg.default_max_attempts,
             hold_acks: faults.hold_acks,
         },
-    )?);
+    )?;
+    core.configure_alerts(AlertSettings {
+        overdue_margin: std::time::Duration::from_secs(cfg.overdue_margin_secs),
+        notify: cfg.notify.clone(),
+    });
+    // Before any session: a periodic device that was connected when the relay stopped is
+    // expected back within its interval, like one that disconnected.
+    core.presence_startup()?;
+    let core = Arc::new(core);
+    // Built before anything is bound: a wrong password or CA file is a startup error.
+    let senders = notify::Senders::new(&cfg.notify, &cfg.server_name)
+        .map_err(|e| BrokerError::Config(config::ConfigError::Notify(e)))?;
+    notify::log_backlog(&core);
+    let metrics_listener = match cfg.metrics_listen {
+        Some(m) => {
+            let bind_err = |source| BrokerError::BindMetrics { addr: m, source };
+            let l = TcpListener::bind(m).await.map_err(bind_err)?;
+            let bound = l.local_addr().map_err(bind_err)?;
+            Some((l, bound))
+        }
+        None => None,
+    };
     let retained = core.startup_publications()?;
     let republished = retained.len();
     let router = router::start(cfg.max_clients);
     let tasks = TaskTracker::new();
     let (inbound, outbound) =
         core_link::attach(router.clone(), retained, &tasks, stop.clone()).await?;
-    let core_task = tasks.spawn(core::run(core, inbound, outbound, stop.clone()));
+    let (presence_tx, presence_rx) = presence::channel();
+    let core_task = tasks.spawn(core::run(
+        core.clone(),
+        inbound,
+        outbound,
+        presence_rx,
+        stop.clone(),
+    ));
+    tasks.spawn(notify::run_worker(
+        core.clone(),
+        cfg.notify.clone(),
+        senders,
+        core.notify_wake(),
+        stop.clone(),
+    ));
 
     let metrics = Arc::new(Metrics::default());
     let settings = GatewaySettings {
@@ -122,16 +177,41 @@ pub async fn run(
         max_clients: cfg.max_clients,
         max_handshakes: cfg.max_handshakes,
     };
-    let gateway = Arc::new(Gateway::new(settings, tls, router, metrics));
+    let gateway =
+        Arc::new(Gateway::new(settings, tls, router, metrics.clone()).with_presence(presence_tx));
+    let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
+    if let Some((l, _)) = metrics_listener {
+        tasks.spawn(metrics_http::serve(l, metrics, core.clone(), stop.clone()));
+    }
     let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
         addr: cfg.listen,
         source,
     })?;
+    let ws = match cfg.ws_listen {
+        Some(ws_addr) => {
+            let bind_err = |source| BrokerError::BindWs {
+                addr: ws_addr,
+                source,
+            };
+            let ws = TcpListener::bind(ws_addr).await.map_err(bind_err)?;
+            let bound = ws.local_addr().map_err(bind_err)?;
+            Some((ws, bound))
+        }
+        None => None,
+    };
+    let ws_addr = ws.as_ref().map(|(_, a)| *a);
     if let Some(path) = ready_file {
-        write_ready_file(path, addr)?;
+        write_ready_file(path, addr, ws_addr, metrics_addr)?;
+    }
+    if let Some(ws_addr) = ws_addr {
+        info!(addr = %ws_addr, path = protocol::url::DEFAULT_WS_PATH, "websocket listener ready");
     }
     info!(%addr, republished, data_dir = %cfg.data_dir.display(), "broker ready");
+    let ws_task = ws.map(|(ws, _)| tasks.spawn(gateway.clone().run_ws(ws, stop.clone())));
     gateway.run(listener, stop.clone()).await;
+    if let Some(task) = ws_task {
+        let _ = task.await;
+    }
     stop.cancel();
     tasks.close();
     match core_task.await {
@@ -144,13 +224,27 @@ pub async fn run(
     Ok(())
 }
 
-/// Written atomically (temp file + rename) so a reader never sees half of it.
-fn write_ready_file(path: &Path, addr: SocketAddr) -> Result<(), BrokerError> {
+/// Written atomically (temp file + rename) so a reader never sees half of it:
+/// `{"listen":"ADDR"}`, plus `"ws_listen":"ADDR"` when the WebSocket listener is on and
+/// `"metrics_listen":"ADDR"` when the metrics endpoint is.
+fn write_ready_file(
+    path: &Path,
+    addr: SocketAddr,
+    ws_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<(), BrokerError> {
     let err = |source| BrokerError::ReadyFile {
         path: path.to_owned(),
         source,
     };
-    let body = serde_json::json!({ "listen": addr.to_string() }).to_string();
+    let mut body = serde_json::json!({ "listen": addr.to_string() });
+    if let Some(ws) = ws_addr {
+        body["ws_listen"] = serde_json::Value::String(ws.to_string());
+    }
+    if let Some(m) = metrics_addr {
+        body["metrics_listen"] = serde_json::Value::String(m.to_string());
+    }
+    let body = body.to_string();
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, body).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)

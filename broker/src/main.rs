@@ -86,6 +86,10 @@ struct RunArgs {
     /// Address for MQTT over TLS. Port 0 picks a free port (see --ready-file). Default: 127.0.0.1:8883
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Also accept MQTT over WebSocket over TLS here (wss://HOST:PORT/mqtt), for agents whose
+    /// network lets only HTTPS out. Port 0 picks a free port. Default: none
+    #[arg(long, value_name = "ADDR")]
+    ws_listen: Option<SocketAddr>,
     /// The "managing server" name shown in the job list. Default: relay-1
     #[arg(long, value_name = "NAME")]
     server_name: Option<String>,
@@ -119,6 +123,15 @@ struct RunArgs {
     /// 10. Default: 3
     #[arg(long, value_name = "N")]
     default_max_attempts: Option<u32>,
+    /// Serve Prometheus metrics (connections, messages, ACL violations, jobs by status, alarms,
+    /// notification queue, redb commit latency) over plain HTTP at http://ADDR/metrics. Use a
+    /// loopback or management address. Default: none
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// A device in periodic mode becomes overdue, and raises an alarm, once it is this many
+    /// seconds late for its check-in. Default: 300
+    #[arg(long, value_name = "SECS")]
+    overdue_margin_secs: Option<u64>,
     /// Write {"listen":"ADDR"} here once the broker accepts clients.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -147,8 +160,15 @@ impl RunArgs {
             max_handshakes,
             finished_visible_secs,
             default_deadline_secs,
-            default_max_attempts
+            default_max_attempts,
+            overdue_margin_secs
         );
+        if let Some(addr) = self.metrics_listen {
+            cfg.metrics_listen = Some(addr);
+        }
+        if let Some(addr) = self.ws_listen {
+            cfg.ws_listen = Some(addr);
+        }
         cfg.validate()?;
         Ok((cfg, self.ready_file))
     }
@@ -279,6 +299,8 @@ mod tests {
             "127.0.0.1:0",
             "--max-payload-bytes",
             "4096",
+            "--ws-listen",
+            "127.0.0.1:0",
         ])
         .unwrap();
         let Command::Run(args) = cli.command else {
@@ -287,6 +309,7 @@ mod tests {
         let (cfg, _) = args.into_config().unwrap();
         assert_eq!(cfg.listen.port(), 0);
         assert_eq!(cfg.max_payload_bytes, 4096);
+        assert_eq!(cfg.ws_listen.map(|a| a.port()), Some(0));
     }
 
     #[test]

@@ -16,22 +16,23 @@
 //!   relay access (claims 5, 12);
 //! - the **worker** ([`crate::worker`]) runs the jobs, one at a time.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use protocol::artifact::Chunk;
-use protocol::device::{AckBatch, AckOutcome, DeviceState, Merged};
+use protocol::device::{AckBatch, AckOutcome, DeviceState, JobUpdate, Merged};
 use protocol::job::JobOrder;
+use protocol::presence::StateReport;
 use protocol::schedule::{Moment, Schedule};
 use protocol::topic::{self, Topic, UpKind};
-use protocol::url::BrokerUrl;
-use protocol::{Envelope, MsgId, Serial};
+use protocol::{Envelope, JobId, MsgId, Serial};
 use rand::Rng;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, SubAck,
-    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+    SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
@@ -41,11 +42,14 @@ use tracing::{debug, error, info, warn};
 use crate::checkin::{self, Planner, Reason};
 use crate::config::SessionSettings;
 use crate::device::{self, SharedDevice};
+use crate::failover::{self, NO_TARGET, Relays};
+use crate::faults::{self, MonitorSettings};
 use crate::jobs::set_schedule::describe;
 use crate::jobs::{JobEnv, PublisherKey};
 use crate::outbox::{Outbox, OutboxError, Pending};
 use crate::relay::{self, Control, Incoming, SessionEnds};
 use crate::report::Reporter;
+use crate::transport::Endpoint;
 use crate::worker::{Worker, WorkerMsg};
 
 /// Requests the session may queue in rumqttc's channel before it has to wait for the link.
@@ -67,7 +71,9 @@ pub struct DeviceAgent {
     pub serial: Serial,
     /// The installation site announced with the device's state.
     pub site: String,
-    pub broker: BrokerUrl,
+    /// The relays in order of preference (claims 16–17), each with its way there (direct or
+    /// through a proxy, TLS or WebSocket): see [`crate::failover`].
+    pub relays: Vec<Endpoint>,
     pub tls: Arc<rustls::ClientConfig>,
     pub device: SharedDevice,
     pub outbox: Outbox,
@@ -80,6 +86,8 @@ pub struct DeviceAgent {
     pub publisher: Option<PublisherKey>,
     /// Counts operator actions (SIGUSR1), which make a periodic device check in.
     pub operator: Option<watch::Receiver<u64>>,
+    /// Fault handling (Fig. 5) and periodic meter reads, beside the session.
+    pub monitor: MonitorSettings,
 }
 
 /// Runs one device until `stop`. Sends its serial on `ready` once, when its first session is
@@ -92,7 +100,7 @@ pub async fn run_device(
     let DeviceAgent {
         serial,
         site,
-        broker,
+        relays,
         tls,
         device,
         outbox,
@@ -101,7 +109,9 @@ pub async fn run_device(
         schedule,
         publisher,
         operator,
+        monitor,
     } = agent;
+    let relays = Relays::new(relays);
     let store = outbox.store();
     // Reloaded from disk: what the last run sent but never saw acked goes out on the first connect.
     let reloaded = outbox.pending(&serial).await?;
@@ -118,7 +128,8 @@ pub async fn run_device(
         None => schedule,
     };
 
-    let (client, eventloop) = mqtt_client(&serial, &broker, tls, &settings);
+    let (client, eventloop) = mqtt_client(&serial, relays.current(), tls.clone(), &settings);
+    let (idle_tx, idle_rx) = watch::channel(true);
     let suspended = intent.is_some();
     let (want_tx, want_rx) = watch::channel(!suspended);
     let (link_tx, link_rx) = mpsc::channel(64);
@@ -128,6 +139,24 @@ pub async fn run_device(
     let (inbox_tx, inbox) = relay::inbox();
     let (busy_tx, busy_rx) = watch::channel(0usize);
     let report = Reporter::new(serial.clone(), outbox.clone(), fresh_tx);
+    let faults = tokio::spawn(
+        faults::Monitor {
+            serial: serial.clone(),
+            report: report.clone(),
+            relay: relay.clone(),
+            device: device.clone(),
+            settings: monitor.faults,
+        }
+        .run(stop.clone()),
+    );
+    let meter = monitor.counters_every.map(|every| {
+        tokio::spawn(crate::meter::run(
+            device.clone(),
+            report.clone(),
+            every,
+            stop.clone(),
+        ))
+    });
 
     let link = tokio::spawn(drive_link(
         eventloop,
@@ -135,7 +164,11 @@ pub async fn run_device(
         link_tx,
         want_rx,
         serial.clone(),
-        broker.clone(),
+        Route {
+            relays,
+            tls,
+            idle: idle_rx,
+        },
         settings.clone(),
         stop.clone(),
     ));
@@ -156,7 +189,7 @@ pub async fn run_device(
     let mut session = Session {
         serial,
         site,
-        broker,
+        relay: None,
         device,
         outbox,
         report,
@@ -168,6 +201,7 @@ pub async fn run_device(
         inbox: inbox_tx,
         ends,
         want: want_tx,
+        idle: idle_tx,
         busy: busy_rx,
         operator,
         ready,
@@ -183,6 +217,7 @@ pub async fn run_device(
         suspend_waiters: Vec::new(),
         ack_waiters: Vec::new(),
         recent_acks: VecDeque::new(),
+        origins: HashMap::new(),
         planner,
         checkin: None,
         last_activity: Instant::now(),
@@ -198,6 +233,11 @@ pub async fn run_device(
     }
     session.run(&stop).await;
     drop(session);
+    // They only wait on timers and requests: nothing is lost by ending them here.
+    faults.abort();
+    if let Some(meter) = meter {
+        meter.abort();
+    }
     let _ = link.await;
     let _ = worker.await;
     Ok(())
@@ -205,19 +245,11 @@ pub async fn run_device(
 
 fn mqtt_client(
     serial: &Serial,
-    broker: &BrokerUrl,
+    relay: &Endpoint,
     tls: Arc<rustls::ClientConfig>,
     settings: &SessionSettings,
 ) -> (AsyncClient, EventLoop) {
-    // MQTT 3.1.1, client id = serial (the relay checks it against the certificate), clean
-    // session: the outbox, not a broker-side session, is what we rely on (DESIGN D1).
-    let mut opts = MqttOptions::new(serial.as_str(), broker.host.clone(), broker.port);
-    opts.set_keep_alive(settings.keepalive)
-        .set_clean_session(true)
-        .set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes)
-        .set_inflight(INFLIGHT)
-        .set_request_channel_capacity(REQUEST_CAPACITY)
-        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    let opts = mqtt_options(serial, relay, tls, settings);
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
     let mut net = eventloop.network_options();
     net.set_connection_timeout(settings.connect_timeout.as_secs().max(1));
@@ -227,10 +259,37 @@ fn mqtt_client(
     (client, eventloop)
 }
 
+/// rumqttc's options for one relay; rebuilt when the link moves to another.
+fn mqtt_options(
+    serial: &Serial,
+    relay: &Endpoint,
+    tls: Arc<rustls::ClientConfig>,
+    settings: &SessionSettings,
+) -> MqttOptions {
+    // MQTT 3.1.1, client id = serial (the relay checks it against the certificate), clean
+    // session: the outbox, not a broker-side session, is what we rely on (DESIGN D1).
+    let mut opts = relay.mqtt_options(serial.as_str(), tls);
+    opts.set_keep_alive(settings.keepalive)
+        .set_clean_session(true)
+        .set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes)
+        .set_inflight(INFLIGHT)
+        .set_request_channel_capacity(REQUEST_CAPACITY);
+    opts
+}
+
+/// Where the link connects, and what it needs to move between relays.
+struct Route {
+    relays: Relays,
+    tls: Arc<rustls::ClientConfig>,
+    /// The session is idle (no job, nothing unacked): a return to a preferred relay may start.
+    idle: watch::Receiver<bool>,
+}
+
 /// What the link tells the session.
 #[derive(Debug)]
 enum LinkEvent {
-    Connected,
+    /// Connected to this relay.
+    Connected(Endpoint),
     Disconnected,
     /// Offline on purpose and not trying to connect.
     Parked,
@@ -245,7 +304,10 @@ fn jittered(base: Duration) -> Duration {
 }
 
 /// Polls the event loop until `stop`, while `want` says so, reconnecting with backoff:
-/// reconnect_min doubling to reconnect_max, jittered.
+/// reconnect_min doubling to reconnect_max, jittered. With several relays, a failed attempt
+/// moves to the next one at once and the backoff applies only after every relay has failed;
+/// a lost connection starts over from the preferred relay; and while connected to a fallback
+/// relay a [`failover::failback`] task probes the preferred ones (see [`crate::failover`]).
 #[allow(clippy::too_many_arguments)]
 async fn drive_link(
     mut eventloop: EventLoop,
@@ -253,10 +315,27 @@ async fn drive_link(
     events: mpsc::Sender<LinkEvent>,
     mut want: watch::Receiver<bool>,
     serial: Serial,
-    broker: BrokerUrl,
+    route: Route,
     settings: SessionSettings,
     stop: CancellationToken,
 ) {
+    let Route {
+        mut relays,
+        tls,
+        idle,
+    } = route;
+    // Points rumqttc at the relay `relays` names now; used by the next connection attempt.
+    let aim = |eventloop: &mut EventLoop, relays: &Relays| {
+        eventloop.mqtt_options = mqtt_options(&serial, relays.current(), tls.clone(), &settings);
+    };
+    // The preferred relay a failback task found again, to connect to after its DISCONNECT.
+    let target = Arc::new(AtomicUsize::new(NO_TARGET));
+    let mut failback: Option<tokio::task::JoinHandle<()>> = None;
+    let stop_failback = |failback: &mut Option<tokio::task::JoinHandle<()>>| {
+        if let Some(task) = failback.take() {
+            task.abort();
+        }
+    };
     let mut backoff = settings.reconnect_min;
     let mut failures: u32 = 0;
     let mut connected = false;
@@ -271,6 +350,11 @@ async fn drive_link(
             }
             backoff = settings.reconnect_min;
             failures = 0;
+            // Every check-in starts with the preferred relay.
+            if relays.rank() != 0 {
+                relays.restart();
+                aim(&mut eventloop, &relays);
+            }
             continue;
         }
         let polled = if connected {
@@ -292,30 +376,65 @@ async fn drive_link(
                 connected = true;
                 backoff = settings.reconnect_min;
                 failures = 0;
-                LinkEvent::Connected
+                if relays.rank() > 0 && !settings.failback.is_zero() {
+                    target.store(NO_TARGET, Ordering::SeqCst);
+                    failback = Some(tokio::spawn(failover::failback(
+                        serial.clone(),
+                        relays.preferred().to_vec(),
+                        relays.rank(),
+                        tls.clone(),
+                        client.clone(),
+                        idle.clone(),
+                        target.clone(),
+                        settings.failback,
+                        settings.connect_timeout,
+                    )));
+                }
+                LinkEvent::Connected(relays.current().clone())
             }
             Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Publish(p),
             Ok(Event::Incoming(Packet::SubAck(s))) => LinkEvent::SubAck(s),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                // The session closed the connection on purpose: drop the socket now rather than
-                // wait for the relay to close it.
+                // The session (or a failback) closed the connection on purpose: drop the socket
+                // now rather than wait for the relay to close it.
                 eventloop.clean();
                 connected = false;
-                info!(serial = %serial, "disconnected from broker");
+                stop_failback(&mut failback);
+                info!(serial = %serial, relay = %relays.current(), "disconnected from broker");
+                let back = target.swap(NO_TARGET, Ordering::SeqCst);
+                if back != NO_TARGET {
+                    relays.switch_to(back);
+                    aim(&mut eventloop, &relays);
+                }
                 LinkEvent::Disconnected
             }
             Ok(_) => continue,
             Err(e) => {
                 failures += 1;
-                let delay = jittered(backoff).min(settings.reconnect_max);
+                stop_failback(&mut failback);
+                let failed = relays.current().clone();
                 if connected {
-                    warn!(serial = %serial, error = %e, "connection to broker lost; reconnecting");
+                    warn!(serial = %serial, relay = %failed, error = %e, "connection to broker lost; reconnecting");
                 } else if failures == 1 || failures.is_multiple_of(10) {
                     // A fleet of thousands facing a relay that is down would otherwise log
                     // thousands of lines a minute.
-                    warn!(serial = %serial, broker = %broker, error = %e, attempts = failures, "could not connect to broker; retrying");
+                    warn!(serial = %serial, broker = %failed, error = %e, attempts = failures, "could not connect to broker; retrying");
                 } else {
-                    debug!(serial = %serial, error = %e, attempts = failures, "could not connect to broker; retrying");
+                    debug!(serial = %serial, broker = %failed, error = %e, attempts = failures, "could not connect to broker; retrying");
+                }
+                // Where to try next, and whether to wait first.
+                let back_off = if connected {
+                    // A blip is the likeliest cause: after a pause, the preferred relay first.
+                    relays.restart();
+                    true
+                } else {
+                    relays.failed()
+                };
+                if relays.current() != &failed {
+                    aim(&mut eventloop, &relays);
+                    if !back_off {
+                        info!(serial = %serial, from = %failed, relay = %relays.current(), rank = relays.rank(), "relay unreachable; trying the next one");
+                    }
                 }
                 if connected {
                     connected = false;
@@ -323,6 +442,10 @@ async fn drive_link(
                         break;
                     }
                 }
+                if !back_off {
+                    continue;
+                }
+                let delay = jittered(backoff).min(settings.reconnect_max);
                 backoff = (backoff * 2).min(settings.reconnect_max);
                 tokio::select! {
                     () = stop.cancelled() => break,
@@ -335,6 +458,7 @@ async fn drive_link(
             break;
         }
     }
+    stop_failback(&mut failback);
     if connected {
         // Polite, not essential: the relay would notice the closed socket anyway.
         let _ = client.try_disconnect();
@@ -351,9 +475,25 @@ async fn drive_link(
     }
 }
 
+/// Whether a message may go to `relay`: a job's report only to the relay the job came from
+/// (see [`Session::origins`]); everything else anywhere.
+fn deliverable(
+    job: Option<&JobId>,
+    origins: &HashMap<JobId, protocol::url::BrokerUrl>,
+    relay: Option<&Endpoint>,
+) -> bool {
+    match (job, relay) {
+        (Some(job), Some(relay)) => origins.get(job).is_none_or(|from| *from == relay.url),
+        _ => true,
+    }
+}
+
 /// A message the relay has not acked yet.
 struct Inflight {
     msg: Pending,
+    /// The job a report is about: it goes only to the relay that issued the job (see
+    /// [`Session::origins`]).
+    job: Option<JobId>,
     next_try: Instant,
     backoff: Duration,
     /// Already waiting in `queue`, so a resend does not queue it twice.
@@ -369,7 +509,8 @@ struct CheckIn {
 struct Session {
     serial: Serial,
     site: String,
-    broker: BrokerUrl,
+    /// The relay of the current connection (the last one, while offline).
+    relay: Option<Endpoint>,
     device: SharedDevice,
     outbox: Outbox,
     report: Reporter,
@@ -384,6 +525,9 @@ struct Session {
     ends: SessionEnds,
     /// Whether the link should be connected.
     want: watch::Sender<bool>,
+    /// Whether the device is idle — no job queued or running, nothing unacked — so the link may
+    /// move it back to a preferred relay without leaving work behind.
+    idle: watch::Sender<bool>,
     /// Jobs queued or running in the worker.
     busy: watch::Receiver<usize>,
     operator: Option<watch::Receiver<u64>>,
@@ -408,6 +552,11 @@ struct Session {
     ack_waiters: Vec<(MsgId, oneshot::Sender<AckOutcome>)>,
     /// The last few acks, for a job that asks after its message was already acked.
     recent_acks: VecDeque<(MsgId, AckOutcome)>,
+    /// Which relay each job came from. Relays keep separate stores and number their jobs
+    /// independently, so a job's reports are held while the device is on another relay (after a
+    /// failover) and go out when it is back on the one that issued the job: sent elsewhere they
+    /// would be refused, or worse, taken for that relay's job of the same id.
+    origins: HashMap<JobId, protocol::url::BrokerUrl>,
     planner: Planner,
     checkin: Option<CheckIn>,
     /// The last time the relay sent something; a check-in ends only after a quiet spell.
@@ -464,7 +613,10 @@ impl Session {
 
     async fn on_link(&mut self, event: LinkEvent) {
         match event {
-            LinkEvent::Connected => self.on_connected().await,
+            LinkEvent::Connected(relay) => {
+                self.relay = Some(relay);
+                self.on_connected().await
+            }
             LinkEvent::Disconnected => {
                 self.connected = false;
                 self.subscribed_at = None;
@@ -508,7 +660,12 @@ impl Session {
         self.connected = true;
         self.subscribed_at = None;
         self.disconnect_requested = false;
-        info!(serial = %self.serial, broker = %self.broker, pending = self.pending.len(), "connected to broker");
+        let relay = self
+            .relay
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        info!(serial = %self.serial, broker = %relay, pending = self.pending.len(), "connected to broker");
         // Subscribe first: requests leave in order, so the subscriptions are in place before the
         // relay can ack anything we send next.
         let filters = [
@@ -524,12 +681,25 @@ impl Session {
         // Everything pending goes out at once, each with its backoff reset.
         let now = Instant::now();
         self.queue.clear();
+        let (origins, relay) = (&self.origins, self.relay.as_ref());
         for (id, m) in &mut self.pending {
             m.backoff = self.settings.resend_min;
             m.next_try = now + m.backoff;
-            m.queued = true;
-            self.queue.push_back(*id);
+            m.queued = deliverable(m.job.as_ref(), origins, relay);
+            if m.queued {
+                self.queue.push_back(*id);
+            } else {
+                debug!(serial = %self.serial, msg_id = *id, "report held for the relay that issued its job");
+            }
         }
+        // A fatal fault's alarm goes first, ahead of any backlog (Fig. 5, S306).
+        let alarm = topic::dev_up(&self.serial, UpKind::Alarm);
+        let (mut first, rest): (VecDeque<MsgId>, VecDeque<MsgId>) = self
+            .queue
+            .drain(..)
+            .partition(|id| self.pending.get(id).is_some_and(|m| m.msg.topic == alarm));
+        first.extend(rest);
+        self.queue = first;
         self.last_activity = now;
         self.announce_state().await;
     }
@@ -544,7 +714,12 @@ impl Session {
         {
             return; // the same announcement is still pending and was just queued again
         }
-        match self.report.send(UpKind::State, state.clone(), None).await {
+        // With the schedule, so the relay knows when to expect a periodic device back.
+        let report = StateReport {
+            state: state.clone(),
+            schedule: Some(self.planner.schedule().clone()),
+        };
+        match self.report.send(UpKind::State, report, None).await {
             Ok(id) => self.state_sent = Some((id, state)),
             Err(e) => error!(serial = %self.serial, error = %e, "could not store the device state"),
         }
@@ -578,11 +753,19 @@ impl Session {
                 if p.payload.is_empty() {
                     // The relay emptied the retained order: the job ended there.
                     debug!(serial = %self.serial, job = %job, "job cleared by broker");
+                    if self.relay.as_ref().map(|r| &r.url) == self.origins.get(&job) {
+                        self.origins.remove(&job);
+                    }
                     let _ = self.worker.send(WorkerMsg::Ended(job));
                     return;
                 }
                 match Envelope::<JobOrder>::from_cbor(&p.payload, max) {
                     Ok(env) => {
+                        if let Some(relay) = &self.relay {
+                            self.origins
+                                .entry(job.clone())
+                                .or_insert_with(|| relay.url.clone());
+                        }
                         let _ = self.worker.send(WorkerMsg::Order {
                             order: env.body,
                             in_topic: job,
@@ -713,6 +896,14 @@ impl Session {
                 }
             }
             Control::Schedule(schedule) => self.apply_schedule(schedule),
+            Control::FaultSeen(code) => {
+                let watched = self.planner.conditions().iter().any(
+                    |c| matches!(c, protocol::schedule::Condition::FaultSeen { code: w } if *w == code),
+                );
+                if watched && self.is_periodic() {
+                    self.begin_checkin(Reason::Condition(format!("fault:{code}")));
+                }
+            }
         }
     }
 
@@ -771,13 +962,30 @@ impl Session {
                 .is_some_and(|at| now.duration_since(at) >= quiet)
             && now.duration_since(self.last_activity) >= quiet
             && *self.busy.borrow() == 0
-            && self.pending.is_empty()
+            && !self.has_deliverable()
             && self.ack_waiters.is_empty()
             && self.loose.is_empty()
     }
 
+    /// Whether anything unacked may go to the current relay (reports held for another relay
+    /// do not count: they wait for that one).
+    fn has_deliverable(&self) -> bool {
+        let relay = self.relay.as_ref();
+        self.pending
+            .values()
+            .any(|m| deliverable(m.job.as_ref(), &self.origins, relay))
+    }
+
     /// Decides whether to be connected, and acts on it.
     fn settle(&mut self) {
+        // Reports held for a preferred relay do not keep the device here: they are why it goes back.
+        let idle =
+            *self.busy.borrow() == 0 && !self.has_deliverable() && self.ack_waiters.is_empty();
+        self.idle.send_if_modified(|v| {
+            let changed = *v != idle;
+            *v = idle;
+            changed
+        });
         if self.is_periodic() && !self.suspended {
             if self.checkin.is_none() && (*self.busy.borrow() > 0 || !self.ack_waiters.is_empty()) {
                 self.begin_checkin(Reason::Job);
@@ -861,18 +1069,45 @@ impl Session {
     fn add(&mut self, msg: Pending) {
         let id = msg.id;
         let backoff = self.settings.resend_min;
-        let queued = self.connected;
+        let job = self.job_of(&msg);
+        let queued =
+            self.connected && deliverable(job.as_ref(), &self.origins, self.relay.as_ref());
         self.pending.insert(
             id,
             Inflight {
                 msg,
+                job,
                 next_try: Instant::now() + backoff,
                 backoff,
                 queued,
             },
         );
         if queued {
-            self.queue.push_back(id);
+            // An alarm goes ahead of everything but older alarms (Fig. 5, S306).
+            let alarm = topic::dev_up(&self.serial, UpKind::Alarm);
+            let is_alarm = |m: Option<&Inflight>| m.is_some_and(|m| m.msg.topic == alarm);
+            if is_alarm(self.pending.get(&id)) {
+                let at = self
+                    .queue
+                    .iter()
+                    .take_while(|q| is_alarm(self.pending.get(q)))
+                    .count();
+                self.queue.insert(at, id);
+            } else {
+                self.queue.push_back(id);
+            }
+        }
+    }
+
+    /// The job a job report (`up/job`) is about.
+    fn job_of(&self, msg: &Pending) -> Option<JobId> {
+        match Topic::parse(&msg.topic) {
+            Ok(Topic::DevUp {
+                kind: UpKind::Job, ..
+            }) => Envelope::<JobUpdate>::from_cbor(&msg.payload, self.settings.max_packet_bytes)
+                .ok()
+                .map(|e| e.body.job),
+            _ => None,
         }
     }
 
@@ -882,8 +1117,9 @@ impl Session {
             return;
         }
         let now = Instant::now();
+        let (origins, relay) = (&self.origins, self.relay.as_ref());
         for (id, m) in &mut self.pending {
-            if m.next_try <= now && !m.queued {
+            if m.next_try <= now && !m.queued && deliverable(m.job.as_ref(), origins, relay) {
                 m.backoff = (m.backoff * 2).min(self.settings.resend_max);
                 m.next_try = now + m.backoff;
                 m.queued = true;
@@ -956,7 +1192,7 @@ impl Session {
             if let Some(at) = self.subscribed_at
                 && self.online()
                 && *self.busy.borrow() == 0
-                && self.pending.is_empty()
+                && !self.has_deliverable()
                 && self.ack_waiters.is_empty()
                 && self.loose.is_empty()
             {

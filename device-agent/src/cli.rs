@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use protocol::Serial;
+use protocol::proxy::ProxyUrl;
 use protocol::schedule::SessionMode;
 use protocol::url::BrokerUrl;
 
@@ -13,6 +14,12 @@ Examples:
   device-agent run --broker mqtts://relay.example.com:8883 --serial C123 \\
       --ca pki/ca.pem --cert pki/device/C123.pem --key pki/device/C123.key --data-dir /var/lib/chukei
   device-agent fleet --count 1000 --pki-dir pki --broker mqtts://localhost:8883 --data-dir /tmp/fleet
+
+Behind a firewall that lets only HTTPS out through a proxy:
+  device-agent run --config agent.toml --broker wss://relay.example.com:443/mqtt \
+      --proxy http://proxy.corp:3128
+Two relays, the first preferred (failover, and back when it returns):
+  device-agent run --config agent.toml --broker mqtts://relay-1:8883 --broker mqtts://relay-2:8883
 
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=device_agent=debug) for more or less.
 SIGUSR1 makes a device in a periodic session check in at once (an operator action).";
@@ -43,14 +50,46 @@ pub enum Command {
         after_help = "Example:\n  device-agent fleet --count 500 --pki-dir pki --broker mqtts://localhost:8883 --data-dir /tmp/fleet --ready-file /tmp/fleet/ready.json"
     )]
     Fleet(FleetArgs),
+    /// Report a fault to the `device-agent run` that uses --data-dir, as if its device had
+    /// detected it (Fig. 5): for tests, demos, and machines that judge their own faults.
+    ///
+    /// ACTION is raise CODE [DETAIL…] (fatal if CODE is in [faults] fatal), fatal CODE
+    /// [DETAIL…], transient CODE [DETAIL…], jam [LOCATION…] or clear CODE. A fatal fault is sent
+    /// to the relay at once as an alarm; a transient one is only counted in the JAM/SC data.
+    /// The request is a file in DIR/faults/, which the agent reads within [faults] poll_ms
+    /// (250 ms), or at once with --signal.
+    #[command(
+        after_help = "Examples:\n  device-agent fault --data-dir /var/lib/chukei raise SC-541\n  device-agent fault --data-dir /var/lib/chukei fatal SC-901 drum motor locked --signal $(pidof device-agent)\n  device-agent fault --data-dir /var/lib/chukei jam tray 2 feed\n  device-agent fault --data-dir /var/lib/chukei clear SC-541"
+    )]
+    Fault(FaultArgs),
+}
+
+/// Arguments of `device-agent fault`.
+#[derive(Debug, Args, Default)]
+pub struct FaultArgs {
+    /// The data directory of the running agent. Overrides `data_dir` in --config.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The agent's config file, for its `data_dir`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Also send SIGUSR2 to this process id (the agent), so it reads the request at once.
+    #[arg(long, value_name = "PID")]
+    pub signal: Option<u32>,
+    /// raise, fatal, transient, jam or clear, then the code and an optional detail.
+    #[arg(value_name = "ACTION", required = true, num_args = 1.., trailing_var_arg = true)]
+    pub request: Vec<String>,
 }
 
 /// Flags of `device-agent run`.
 #[derive(Debug, Args, Default)]
 pub struct RunArgs {
-    /// The relay to connect to. Overrides `broker` in the config file.
-    #[arg(long, value_name = "mqtts://HOST:PORT")]
-    pub broker: Option<BrokerUrl>,
+    /// The relay: mqtts://HOST:PORT (MQTT over TLS) or wss://HOST:PORT/mqtt (over WebSocket,
+    /// for networks that let only HTTPS out). Repeat it to list fallback relays, most preferred
+    /// first: the agent uses the first it can reach and returns to a preferred one when it
+    /// answers again. Overrides `broker` in the config file.
+    #[arg(long, value_name = "URL")]
+    pub broker: Vec<BrokerUrl>,
     /// The CA certificate (PEM) the relay's certificate must chain to. Overrides `ca`.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
@@ -98,6 +137,17 @@ pub struct CommonArgs {
     /// Periodic session: check in every N seconds. Overrides `session.interval_secs`.
     #[arg(long, value_name = "N")]
     pub interval_secs: Option<u64>,
+    /// Reach the relays through this HTTP proxy (CONNECT tunnel; TLS stays end to end):
+    /// http://HOST:PORT or http://USER:PASSWORD@HOST:PORT. Without it HTTPS_PROXY (or
+    /// ALL_PROXY) is used, as curl does; NO_PROXY lists hosts reached directly either way.
+    /// Overrides `proxy`.
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<ProxyUrl>,
+    /// With several --broker: while on a fallback relay, probe the preferred ones every N
+    /// seconds and return to the first that answers, once no job is running (0: never).
+    /// Overrides `session.failback_secs`; default 30.
+    #[arg(long, value_name = "N")]
+    pub failback_secs: Option<u64>,
 }
 
 impl CommonArgs {
@@ -117,9 +167,10 @@ pub struct FleetArgs {
     /// certificate is minted from it in memory. Overrides `fleet.pki_dir`.
     #[arg(long, value_name = "DIR")]
     pub pki_dir: Option<PathBuf>,
-    /// The relay to connect to. Overrides `broker`.
-    #[arg(long, value_name = "mqtts://HOST:PORT")]
-    pub broker: Option<BrokerUrl>,
+    /// The relay (mqtts://HOST:PORT or wss://HOST:PORT/mqtt); repeat it for fallback relays,
+    /// most preferred first. Overrides `broker`.
+    #[arg(long, value_name = "URL")]
+    pub broker: Vec<BrokerUrl>,
     /// Where the fleet keeps its one outbox file (agent.redb), keyed by serial. Overrides `data_dir`.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -183,7 +234,7 @@ mod tests {
         let Command::Run(a) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(a.broker.unwrap().port, 8883);
+        assert_eq!(a.broker[0].port, 8883);
         assert_eq!(a.serial.unwrap().as_str(), "C1");
         assert_eq!(a.site.as_deref(), Some("Osaka"));
         assert_eq!(a.ready_file.unwrap(), PathBuf::from("r.json"));
@@ -193,6 +244,47 @@ mod tests {
         );
         assert_eq!(a.common.session_mode(), Some(SessionMode::Periodic));
         assert_eq!(a.common.interval_secs, Some(900));
+    }
+
+    #[test]
+    fn several_relays_a_proxy_and_failback_parse() {
+        let cli = Cli::try_parse_from([
+            "device-agent",
+            "run",
+            "--broker",
+            "mqtts://relay-1:8883",
+            "--broker",
+            "wss://relay-2:443/mqtt",
+            "--proxy",
+            "http://bob:pw@proxy:3128",
+            "--failback-secs",
+            "10",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        let urls: Vec<String> = a.broker.iter().map(ToString::to_string).collect();
+        assert_eq!(urls, ["mqtts://relay-1:8883", "wss://relay-2:443/mqtt"]);
+        assert_eq!(a.common.proxy.unwrap().port, 3128);
+        assert_eq!(a.common.failback_secs, Some(10));
+        let e =
+            Cli::try_parse_from(["device-agent", "run", "--proxy", "socks5://p:1"]).unwrap_err();
+        assert!(e.to_string().contains("http://HOST:PORT"), "{e}");
+        let cli = Cli::try_parse_from([
+            "device-agent",
+            "fleet",
+            "--broker",
+            "wss://r/mqtt",
+            "--proxy",
+            "p:1",
+        ])
+        .unwrap();
+        let Command::Fleet(a) = cli.command else {
+            panic!("not fleet")
+        };
+        assert_eq!(a.broker.len(), 1);
+        assert_eq!(a.common.proxy.unwrap().host, "p");
     }
 
     #[test]

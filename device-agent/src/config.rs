@@ -6,14 +6,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use protocol::Serial;
+use protocol::proxy::ProxyUrl;
 use protocol::schedule::{Calendar, Condition, Moment, Schedule, SessionMode};
 use protocol::url::BrokerUrl;
 use serde::{Deserialize, Deserializer};
 
 use crate::cli::{FleetArgs, RunArgs};
 use crate::exec::ExecSettings;
+use crate::faults::MonitorSettings;
 use crate::jobs::PublisherKey;
 use crate::sim::{DEFAULT_FIRMWARE, DEFAULT_PAGES_PER_MINUTE, SimSettings};
+use crate::transport::Endpoint;
 
 /// Prefix of simulated serials unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "SIM";
@@ -44,8 +47,12 @@ pub enum ConfigError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    #[serde(default, deserialize_with = "de_url")]
-    pub broker: Option<BrokerUrl>,
+    /// The relay, or a list of relays in order of preference (failover).
+    #[serde(default, deserialize_with = "de_urls")]
+    pub broker: Vec<BrokerUrl>,
+    /// An HTTP proxy to tunnel through (CONNECT); without it HTTPS_PROXY and NO_PROXY decide.
+    #[serde(default, deserialize_with = "de_proxy")]
+    pub proxy: Option<ProxyUrl>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -62,6 +69,32 @@ pub struct FileConfig {
     pub fleet: FleetConfig,
     /// `run` only: drive a real device through commands instead of the simulated copier.
     pub exec: Option<ExecConfig>,
+    /// Which faults are fatal, and how injected ones are picked up (Fig. 5).
+    #[serde(default)]
+    pub faults: FaultsConfig,
+    /// Reports the agent sends on its own schedule.
+    #[serde(default)]
+    pub report: ReportConfig,
+}
+
+/// `[faults]`: which fault codes are fatal (an alarm at once) and how often `DATA_DIR/faults/`
+/// is looked at for injected ones (`device-agent fault`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultsConfig {
+    /// Fatal codes; every other code is transient (counted, not reported). Default: SC-541,
+    /// SC-542, SC-321, SC-670.
+    pub fatal: Option<Vec<String>>,
+    /// Milliseconds between looks at the fault spool (SIGUSR2 looks at once). Default 250.
+    pub poll_ms: Option<u64>,
+}
+
+/// `[report]`: reports sent without a job.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// Send the counters every N seconds (a meter read for billing). Default: never.
+    pub counters_every_secs: Option<u64>,
 }
 
 /// `[session]`: how the agent keeps its connection and resends what the relay has not confirmed.
@@ -91,6 +124,9 @@ pub struct SessionConfig {
     pub moments: Option<Vec<String>>,
     /// Periodic: also check in when these hold (`count:COUNTER/EVERY`, `fault:CODE`).
     pub conditions: Vec<String>,
+    /// With several relays: while on a fallback, probe the preferred ones this often and return
+    /// to the first that answers (once no job is running). 0 never returns.
+    pub failback_secs: u64,
 }
 
 impl Default for SessionConfig {
@@ -110,6 +146,7 @@ impl Default for SessionConfig {
             calendar: Vec::new(),
             moments: None,
             conditions: Vec::new(),
+            failback_secs: 30,
         }
     }
 }
@@ -128,6 +165,13 @@ pub struct SimConfig {
     pub fail_health_check_versions: Vec<String>,
     /// The first N image writes fail their read-back.
     pub fail_writes: Option<u32>,
+    /// Paper jams per hour of running (transient: counted in the JAM/SC data). Default 0.
+    pub jam_rate_per_hour: Option<f64>,
+    /// Fatal faults (a code of `[faults] fatal`) per hour of running. Default 0.
+    pub fatal_rate_per_hour: Option<f64>,
+    /// A simulated fatal fault clears by itself after this many seconds (a technician came).
+    /// Default: it stays until `device-agent fault … clear CODE`.
+    pub fatal_clear_secs: Option<u64>,
 }
 
 /// `[exec]`: the hooks of a real device (see [`crate::exec`]).
@@ -153,9 +197,46 @@ pub struct FleetConfig {
     pub connect_spread_ms: Option<u64>,
 }
 
-fn de_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BrokerUrl>, D::Error> {
+/// `broker = "URL"` or `broker = ["URL", "URL", …]`.
+fn de_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<BrokerUrl>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let texts = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(t) => vec![t],
+        OneOrMany::Many(ts) => ts,
+    };
+    texts
+        .iter()
+        .map(|t| t.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn de_proxy<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ProxyUrl>, D::Error> {
     let text = String::deserialize(d)?;
     text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// The relays from the flags (all of them, if any is given) or else the file, each with its
+/// proxy: `--proxy` or `proxy`, else the environment's, as curl reads it.
+fn relays(
+    flags: Vec<BrokerUrl>,
+    file: Vec<BrokerUrl>,
+    proxy: Option<ProxyUrl>,
+) -> Result<Vec<Endpoint>, ConfigError> {
+    let urls = if flags.is_empty() { file } else { flags };
+    if urls.is_empty() {
+        return Err(ConfigError::Missing {
+            what: "relay",
+            flag: "--broker mqtts://HOST:PORT",
+            key: "broker",
+        });
+    }
+    Endpoint::resolve(&urls, proxy.as_ref(), |name| std::env::var(name).ok())
+        .map_err(|e| ConfigError::Invalid(e.to_string()))
 }
 
 impl FileConfig {
@@ -191,6 +272,8 @@ pub struct SessionSettings {
     pub max_packet_bytes: usize,
     pub fetch_timeout: Duration,
     pub drain_quiet: Duration,
+    /// How often a device on a fallback relay probes the preferred ones; zero: never.
+    pub failback: Duration,
 }
 
 impl Default for SessionSettings {
@@ -240,6 +323,7 @@ impl SessionSettings {
             max_packet_bytes: c.max_packet_bytes,
             fetch_timeout: secs(c.fetch_timeout_secs),
             drain_quiet: Duration::from_millis(c.drain_quiet_ms),
+            failback: secs(c.failback_secs),
         })
     }
 }
@@ -353,6 +437,55 @@ fn sim_settings(c: &SimConfig) -> Result<SimSettings, ConfigError> {
     })
 }
 
+/// Fault handling and meter reads from `[faults]`, `[report]` and the fault rates of `[sim]`.
+fn monitor_settings(
+    faults: &FaultsConfig,
+    sim: &SimConfig,
+    report: &ReportConfig,
+) -> Result<MonitorSettings, ConfigError> {
+    let mut out = MonitorSettings::default();
+    if let Some(fatal) = &faults.fatal {
+        for code in fatal {
+            protocol::alarm::check_code(code)
+                .map_err(|e| ConfigError::Invalid(format!("faults.fatal: {e}")))?;
+        }
+        out.faults.fatal = fatal.clone();
+    }
+    if let Some(ms) = faults.poll_ms {
+        if ms == 0 {
+            return Err(ConfigError::Invalid(
+                "faults.poll_ms = 0: use 1 or more".to_owned(),
+            ));
+        }
+        out.faults.poll = Duration::from_millis(ms);
+    }
+    for (key, rate) in [
+        ("jam_rate_per_hour", sim.jam_rate_per_hour),
+        ("fatal_rate_per_hour", sim.fatal_rate_per_hour),
+    ] {
+        if let Some(r) = rate
+            && !(0.0..=3_600_000.0).contains(&r)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "sim.{key} = {r} is out of range: use 0 to 3600000"
+            )));
+        }
+    }
+    out.faults.jam_rate_per_hour = sim.jam_rate_per_hour.unwrap_or(0.0);
+    out.faults.fatal_rate_per_hour = sim.fatal_rate_per_hour.unwrap_or(0.0);
+    out.faults.fatal_clear_after = sim.fatal_clear_secs.map(Duration::from_secs);
+    out.counters_every = match report.counters_every_secs {
+        Some(0) => {
+            return Err(ConfigError::Invalid(
+                "report.counters_every_secs = 0: use 1 or more, or leave it out".to_owned(),
+            ));
+        }
+        Some(secs) => Some(Duration::from_secs(secs)),
+        None => None,
+    };
+    Ok(out)
+}
+
 fn required<T>(
     value: Option<T>,
     what: &'static str,
@@ -365,7 +498,8 @@ fn required<T>(
 /// Everything `device-agent run` needs, checked.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
-    pub broker: BrokerUrl,
+    /// The relays in order of preference, each with its way there.
+    pub relays: Vec<Endpoint>,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -380,6 +514,8 @@ pub struct RunSettings {
     pub publisher_key: Option<PublisherKey>,
     /// Hooks of a real device; `None`: the simulated copier.
     pub exec: Option<ExecSettings>,
+    /// Faults (watched in `DATA_DIR/faults/`) and meter reads.
+    pub monitor: MonitorSettings,
 }
 
 impl RunSettings {
@@ -390,12 +526,16 @@ impl RunSettings {
     }
 
     pub fn merge(file: FileConfig, args: RunArgs) -> Result<RunSettings, ConfigError> {
-        Ok(RunSettings {
-            broker: required(
-                args.broker.or(file.broker),
-                "relay",
-                "--broker mqtts://HOST:PORT",
-                "broker",
+        let monitor = monitor_settings(&file.faults, &file.sim, &file.report)?;
+        let mut session = file.session.clone();
+        if let Some(secs) = args.common.failback_secs {
+            session.failback_secs = secs;
+        }
+        let mut run = RunSettings {
+            relays: relays(
+                args.broker,
+                file.broker,
+                args.common.proxy.clone().or(file.proxy),
             )?,
             ca: required(args.ca.or(file.ca), "CA certificate", "--ca FILE", "ca")?,
             cert: required(
@@ -419,7 +559,7 @@ impl RunSettings {
             )?,
             site: args.site.or(file.site).unwrap_or_default(),
             ready_file: args.ready_file,
-            session: SessionSettings::from_config(&file.session)?,
+            session: SessionSettings::from_config(&session)?,
             sim: sim_settings(&file.sim)?,
             schedule: schedule(
                 &file.session,
@@ -434,7 +574,11 @@ impl RunSettings {
                     .as_deref(),
             )?,
             exec: file.exec.as_ref().map(exec_settings).transpose()?,
-        })
+            monitor,
+        };
+        // Injected faults arrive as files in the data directory (`device-agent fault`).
+        run.monitor.faults.spool = Some(run.data_dir.join(crate::faults::SPOOL_DIR));
+        Ok(run)
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -447,7 +591,8 @@ impl RunSettings {
 pub struct FleetSettings {
     pub count: u32,
     pub pki_dir: PathBuf,
-    pub broker: BrokerUrl,
+    /// The relays in order of preference, each with its way there.
+    pub relays: Vec<Endpoint>,
     pub data_dir: PathBuf,
     pub prefix: String,
     pub site: String,
@@ -458,6 +603,8 @@ pub struct FleetSettings {
     pub sim: SimSettings,
     pub schedule: Schedule,
     pub publisher_key: Option<PublisherKey>,
+    /// Faults (injected in-process: [`crate::faults::inject`]) and meter reads.
+    pub monitor: MonitorSettings,
 }
 
 /// Most copiers one fleet process simulates: each holds a socket, and a process may hold at most
@@ -471,6 +618,7 @@ impl FleetSettings {
     }
 
     pub fn merge(file: FileConfig, args: FleetArgs) -> Result<FleetSettings, ConfigError> {
+        let monitor = monitor_settings(&file.faults, &file.sim, &file.report)?;
         let count = required(
             args.count.or(file.fleet.count),
             "fleet size",
@@ -497,6 +645,10 @@ impl FleetSettings {
             .fleet
             .connect_spread_ms
             .unwrap_or_else(|| (u64::from(count) * 2).min(10_000));
+        let mut session = file.session.clone();
+        if let Some(secs) = args.common.failback_secs {
+            session.failback_secs = secs;
+        }
         Ok(FleetSettings {
             count,
             pki_dir: required(
@@ -505,11 +657,10 @@ impl FleetSettings {
                 "--pki-dir DIR",
                 "fleet.pki_dir",
             )?,
-            broker: required(
-                args.broker.or(file.broker),
-                "relay",
-                "--broker mqtts://HOST:PORT",
-                "broker",
+            relays: relays(
+                args.broker,
+                file.broker,
+                args.common.proxy.clone().or(file.proxy),
             )?,
             data_dir: required(
                 args.data_dir.or(file.data_dir),
@@ -521,7 +672,7 @@ impl FleetSettings {
             site: args.site.or(file.site).unwrap_or_default(),
             ready_file: args.ready_file,
             connect_spread: Duration::from_millis(spread_ms),
-            session: SessionSettings::from_config(&file.session)?,
+            session: SessionSettings::from_config(&session)?,
             sim: sim_settings(&file.sim)?,
             schedule: schedule(
                 &file.session,
@@ -535,6 +686,7 @@ impl FleetSettings {
                     .or(file.publisher_key.clone())
                     .as_deref(),
             )?,
+            monitor,
         })
     }
 
@@ -592,7 +744,9 @@ mod tests {
     #[test]
     fn a_full_file_is_read() {
         let s = RunSettings::merge(parse(FULL).unwrap(), RunArgs::default()).unwrap();
-        assert_eq!(s.broker.host, "relay.example.com");
+        assert_eq!(s.relays.len(), 1);
+        assert_eq!(s.relays[0].url.host, "relay.example.com");
+        assert_eq!(s.session.failback, Duration::from_secs(30));
         assert_eq!(s.serial.as_str(), "C1");
         assert_eq!(s.site, "Osaka");
         assert_eq!(s.session.keepalive, Duration::from_secs(60));
@@ -639,13 +793,14 @@ mod tests {
     #[test]
     fn flags_win_over_the_file() {
         let args = RunArgs {
-            broker: Some("mqtts://other:1".parse().unwrap()),
+            broker: vec!["mqtts://other:1".parse().unwrap()],
             serial: Some(Serial::parse("C2").unwrap()),
             site: Some("Kyoto".into()),
             ..RunArgs::default()
         };
         let s = RunSettings::merge(parse(FULL).unwrap(), args).unwrap();
-        assert_eq!((s.broker.host.as_str(), s.broker.port), ("other", 1));
+        let url = &s.relays[0].url;
+        assert_eq!((url.host.as_str(), url.port), ("other", 1));
         assert_eq!(s.serial.as_str(), "C2");
         assert_eq!(s.site, "Kyoto");
         assert_eq!(
@@ -682,7 +837,7 @@ mod tests {
         let args = || FleetArgs {
             count: Some(3),
             pki_dir: Some("pki".into()),
-            broker: Some("mqtts://localhost:1".parse().unwrap()),
+            broker: vec!["mqtts://localhost:1".parse().unwrap()],
             data_dir: Some("d".into()),
             ..FleetArgs::default()
         };
@@ -796,5 +951,53 @@ mod tests {
         RunSettings::merge(file, RunArgs::default()).unwrap();
         let file = FileConfig::load(&path).unwrap();
         FleetSettings::merge(file, FleetArgs::default()).unwrap();
+    }
+
+    #[test]
+    fn several_relays_a_proxy_and_failback_come_from_the_file_or_the_flags() {
+        let text = FULL
+            .replace(
+                "broker = \"mqtts://relay.example.com:8883\"",
+                "broker = [\"mqtts://relay-a:8883\", \"wss://relay-b:443/mqtt\"]\nproxy = \"http://proxy.corp:3128\"",
+            )
+            .replace("keepalive_secs = 60", "keepalive_secs = 60\nfailback_secs = 90");
+        let s = RunSettings::merge(parse(&text).unwrap(), RunArgs::default()).unwrap();
+        let urls: Vec<String> = s.relays.iter().map(|e| e.url.to_string()).collect();
+        assert_eq!(urls, ["mqtts://relay-a:8883", "wss://relay-b:443/mqtt"]);
+        assert!(
+            s.relays
+                .iter()
+                .all(|e| e.proxy.as_ref().is_some_and(|p| p.host == "proxy.corp"))
+        );
+        assert_eq!(s.session.failback, Duration::from_secs(90));
+
+        let args = RunArgs {
+            broker: vec![
+                "mqtts://x:1".parse().unwrap(),
+                "mqtts://y:2".parse().unwrap(),
+                "mqtts://z:3".parse().unwrap(),
+            ],
+            common: crate::cli::CommonArgs {
+                proxy: Some("http://u:p@flagproxy:8080".parse().unwrap()),
+                failback_secs: Some(5),
+                ..Default::default()
+            },
+            ..RunArgs::default()
+        };
+        let s = RunSettings::merge(parse(&text).unwrap(), args).unwrap();
+        let hosts: Vec<&str> = s.relays.iter().map(|e| e.url.host.as_str()).collect();
+        assert_eq!(hosts, ["x", "y", "z"], "the flags replace the file's list");
+        assert_eq!(
+            s.relays[0].proxy.as_ref().map(|p| p.host.as_str()),
+            Some("flagproxy")
+        );
+        assert_eq!(s.session.failback, Duration::from_secs(5));
+
+        let e = parse("proxy = \"socks5://p:1\"").unwrap_err().to_string();
+        assert!(e.contains("http://HOST:PORT"), "{e}");
+        let e = parse("broker = [\"mqtts://a:1\", \"b:2\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wss://HOST:PORT/mqtt"), "{e}");
     }
 }

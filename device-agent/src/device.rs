@@ -148,6 +148,18 @@ pub trait Device: Send + 'static {
     fn health_check(&mut self) -> Result<(), DeviceError> {
         Err(DeviceError::NotSupported("firmware updates"))
     }
+
+    /// A fault was detected (Fig. 5, S301): count it in the JAM/SC data (Fig. 3); a fatal one
+    /// stays active until [`Device::clear_fault`]. The default keeps nothing: a real machine
+    /// keeps its own counts.
+    fn record_fault(&mut self, code: &str, detail: &str, fatal: bool) {
+        let _ = (code, detail, fatal);
+    }
+
+    /// The fault is fixed.
+    fn clear_fault(&mut self, code: &str) {
+        let _ = code;
+    }
 }
 
 /// A device shared between the session (which asks for its state on every connect) and the job

@@ -71,7 +71,8 @@ pub async fn run_fleet(settings: FleetSettings, stop: CancellationToken) -> Resu
     create_data_dir(&settings.data_dir)?;
     let outbox = Outbox::open(&settings.store_path())?;
     let count = settings.count;
-    info!(devices = count, broker = %settings.broker, data_dir = %settings.data_dir.display(), "fleet starting");
+    let relays: Vec<String> = settings.relays.iter().map(ToString::to_string).collect();
+    info!(devices = count, relays = ?relays, data_dir = %settings.data_dir.display(), "fleet starting");
 
     let bar = progress_bar(u64::from(count));
     bar.set_message("minting certificates");
@@ -86,7 +87,7 @@ pub async fn run_fleet(settings: FleetSettings, stop: CancellationToken) -> Resu
         let agent = DeviceAgent {
             serial: serial.clone(),
             site: settings.site.clone(),
-            broker: settings.broker.clone(),
+            relays: settings.relays.clone(),
             tls,
             device: device::shared(SimCopier::with_home(
                 &serial,
@@ -99,6 +100,7 @@ pub async fn run_fleet(settings: FleetSettings, stop: CancellationToken) -> Resu
             schedule: settings.schedule.clone(),
             publisher: settings.publisher_key.clone(),
             operator: Some(operator.clone()),
+            monitor: settings.monitor.clone(),
         };
         let delay = settings
             .connect_spread

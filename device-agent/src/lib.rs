@@ -12,6 +12,8 @@
 //! - [`device`], [`sim`], [`exec`], [`settings`]: the `Device` trait, the simulated copier, the
 //!   command-driven backend for real machines, and typed settings.
 //! - [`fleet`]: many simulated copiers in one process.
+//! - [`transport`], [`failover`]: the way to each relay (TLS or WebSocket, direct or through an
+//!   HTTP proxy) and the ordered list of relays with failover and failback.
 //! - [`tls`], [`signal`]: the device's certificate check; shutdown and operator actions.
 
 pub mod agent;
@@ -20,8 +22,11 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod exec;
+pub mod failover;
+pub mod faults;
 pub mod fleet;
 pub mod jobs;
+pub mod meter;
 pub mod outbox;
 pub mod relay;
 pub mod report;
@@ -30,6 +35,7 @@ pub mod signal;
 pub mod sim;
 pub mod store;
 pub mod tls;
+pub mod transport;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
@@ -92,8 +98,9 @@ pub async fn run(settings: RunSettings, stop: CancellationToken) -> Result<(), A
     create_data_dir(&settings.data_dir)?;
     let outbox = Outbox::open(&settings.store_path())?;
     let serial = settings.serial.clone();
+    let relays: Vec<String> = settings.relays.iter().map(ToString::to_string).collect();
     info!(
-        serial = %serial, broker = %settings.broker, data_dir = %settings.data_dir.display(),
+        serial = %serial, relays = ?relays, data_dir = %settings.data_dir.display(),
         "device agent starting"
     );
     if settings.publisher_key.is_none() {
@@ -110,7 +117,7 @@ pub async fn run(settings: RunSettings, stop: CancellationToken) -> Result<(), A
     let agent = DeviceAgent {
         serial: serial.clone(),
         site: settings.site.clone(),
-        broker: settings.broker.clone(),
+        relays: settings.relays.clone(),
         tls,
         device,
         outbox,
@@ -119,6 +126,7 @@ pub async fn run(settings: RunSettings, stop: CancellationToken) -> Result<(), A
         schedule: settings.schedule.clone(),
         publisher: settings.publisher_key.clone(),
         operator: Some(signal::operator_actions()),
+        monitor: settings.monitor.clone(),
     };
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let mut device = tokio::spawn(run_device(agent, stop.clone(), Some(ready_tx)));

@@ -33,6 +33,19 @@ fn main() -> ExitCode {
     let job = match cli.command {
         Command::Run(args) => RunSettings::resolve(args).map(Job::Run),
         Command::Fleet(args) => FleetSettings::resolve(args).map(Job::Fleet),
+        // Needs no runtime: it writes one file (and maybe sends one signal).
+        Command::Fault(args) => {
+            return match device_agent::faults::request_from_cli(&args) {
+                Ok(path) => {
+                    println!("{}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("device-agent: {e:#}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            };
+        }
     };
     let job = match job {
         Ok(job) => job,

@@ -11,6 +11,7 @@
 //! - receive what the relay sends for the job: merged data of an update, chunks of a download.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use protocol::artifact::Chunk;
 use protocol::data::DeviceData;
@@ -41,6 +42,8 @@ pub enum Control {
     Resume,
     /// A set-schedule job's new schedule, already persisted.
     Schedule(Schedule),
+    /// The device saw this fault code: a periodic schedule's `fault:CODE` condition checks in.
+    FaultSeen(String),
 }
 
 /// The worker's side: cheap to clone.
@@ -49,6 +52,8 @@ pub struct RelayHandle {
     control: mpsc::UnboundedSender<Control>,
     online: watch::Receiver<bool>,
     release: watch::Receiver<bool>,
+    /// Set while a fatal fault's alarm is not yet at the relay (Fig. 5, S305): no job starts.
+    hold: Arc<watch::Sender<bool>>,
 }
 
 /// The session's side of [`pair`].
@@ -71,6 +76,7 @@ pub fn pair() -> (RelayHandle, SessionEnds) {
             control: control_tx,
             online: online_rx,
             release: release_rx,
+            hold: Arc::new(watch::channel(false).0),
         },
         SessionEnds {
             control: control_rx,
@@ -140,6 +146,31 @@ impl RelayHandle {
     /// See [`SessionEnds::release`].
     pub fn release(&self) -> watch::Receiver<bool> {
         self.release.clone()
+    }
+
+    /// Holds back (or lets go) every job that has not started: a fatal fault's alarm goes first
+    /// (Fig. 5, S305, S311).
+    pub fn hold_jobs(&self, on: bool) {
+        self.hold.send_if_modified(|h| {
+            let changed = *h != on;
+            *h = on;
+            changed
+        });
+    }
+
+    /// Waits until jobs may start (at once if they may).
+    pub async fn jobs_released(&self) {
+        let mut hold = self.hold.subscribe();
+        let _ = hold.wait_for(|h| !*h).await;
+    }
+
+    pub fn jobs_held(&self) -> bool {
+        *self.hold.borrow()
+    }
+
+    /// See [`Control::FaultSeen`].
+    pub fn fault_seen(&self, code: String) {
+        let _ = self.control.send(Control::FaultSeen(code));
     }
 }
 

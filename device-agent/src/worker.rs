@@ -104,6 +104,14 @@ impl Worker {
         let stop = self.env.stop.clone();
         let mut release_alive = true;
         loop {
+            if !self.ready.is_empty() && self.env.relay.jobs_held() {
+                // A fatal fault's alarm goes to the relay first (Fig. 5, S305).
+                self.set_busy(true);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = self.env.relay.jobs_released() => {}
+                }
+            }
             if let Some((order, phase)) = self.ready.pop_front() {
                 self.set_busy(true);
                 if !self.execute(order, phase).await {

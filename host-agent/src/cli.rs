@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use protocol::data::Value;
+use protocol::proxy::ProxyUrl;
 use protocol::url::BrokerUrl;
 
 const EXAMPLES: &str = "\
@@ -45,9 +46,16 @@ pub struct Cli {
 /// How to reach the relay. Every flag overrides the same key in --config.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ConnectArgs {
-    /// The relay, as mqtts://HOST:PORT (port 8883 if omitted). Overrides `broker` in --config.
+    /// The relay, as mqtts://HOST:PORT (port 8883 if omitted), or wss://HOST:PORT/mqtt (MQTT
+    /// over WebSocket, for networks that let only HTTPS out). Overrides `broker` in --config.
     #[arg(long, value_name = "URL", global = true, help_heading = "Connection")]
     pub broker: Option<BrokerUrl>,
+    /// Reach the relay through this HTTP proxy (CONNECT tunnel; TLS stays end to end):
+    /// http://HOST:PORT or http://USER:PASSWORD@HOST:PORT. Without it HTTPS_PROXY (or
+    /// ALL_PROXY) is used, as curl does; NO_PROXY lists hosts reached directly either way.
+    /// Overrides `proxy` in --config.
+    #[arg(long, value_name = "URL", global = true, help_heading = "Connection")]
+    pub proxy: Option<ProxyUrl>,
     /// The broker's CA certificate (PEM), e.g. pki/ca.pem. Overrides `ca` in --config.
     #[arg(long, value_name = "FILE", global = true, help_heading = "Connection")]
     pub ca: Option<PathBuf>,
@@ -80,6 +88,81 @@ pub enum Command {
     /// Make the publisher key pair that signs firmware. Works offline.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Emergencies (Fig. 5): list the alarms devices raised, acknowledge one. `watch --alarms`
+    /// follows them live.
+    #[command(subcommand)]
+    Alarms(AlarmsCommand),
+    /// Export data for other systems: meter readings for billing.
+    #[command(subcommand)]
+    Export(ExportCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlarmsCommand {
+    List(AlarmListArgs),
+    Ack(AlarmAckArgs),
+}
+
+/// List alarms: the active ones (raised or in progress), oldest first; with --all, the newest
+/// 1,000 of every alarm, cleared ones included. Columns: ID, serial, site, kind, code, status,
+/// raised (local time), acknowledged by, detail.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Examples:
+  host-agent … alarms list
+  host-agent … alarms list --all --serial C123 --json
+  host-agent … watch --alarms        # live")]
+pub struct AlarmListArgs {
+    /// Also cleared alarms (the newest 1,000).
+    #[arg(long)]
+    pub all: bool,
+    /// Only this device's alarms.
+    #[arg(long, value_name = "SERIAL")]
+    pub serial: Option<String>,
+    /// Print a JSON array of alarm objects instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Acknowledge an alarm: the service desk has seen it. It stays active until the device clears
+/// it; the first host to acknowledge is kept. Prints the alarm's line.
+#[derive(Debug, Clone, Args)]
+pub struct AlarmAckArgs {
+    /// The alarm id, e.g. A-000001.
+    #[arg(value_name = "ID")]
+    pub id: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    Counters(ExportCountersArgs),
+}
+
+/// Meter readings (Fig. 3 counters) for billing, one row per device per reading: every get-data
+/// job that read the counters, and every counters report a device sent on its own schedule.
+/// Columns: serial, site, read_at (UTC), source, then total and every other counter (empty
+/// where a device has no such counter).
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Example:
+  host-agent … export counters --from 2026-11-01T00:00:00Z --to 2026-12-01T00:00:00Z \\
+      --format csv --output november.csv")]
+pub struct ExportCountersArgs {
+    /// Readings taken at or after this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339")]
+    pub from: String,
+    /// Readings taken before this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339")]
+    pub to: String,
+    /// Only this device.
+    #[arg(long, value_name = "SERIAL")]
+    pub serial: Option<String>,
+    /// csv (the default) or json (an array of readings).
+    #[arg(long, value_name = "csv|json", default_value = "csv", value_parser = ["csv", "json"])]
+    pub format: String,
+    /// Write here instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -238,10 +321,12 @@ pub fn typed_value(text: &str) -> Value {
 }
 
 /// List jobs as in Fig. 9: ID, serial, site, instruction, data type, server, host, instruction
-/// and execution time (local time), status. Ended jobs only with --all.
+/// and execution time (local time), status. Succeeded and canceled jobs drop out of it a while
+/// after they end (the broker's finished_visible_secs, 10 minutes by default, as in Fig. 9);
+/// failed, rejected and timed-out ones always stay. --all shows every job.
 #[derive(Debug, Clone, Args)]
 pub struct ListArgs {
-    /// Include ended jobs (succeeded, failed, rejected, canceled, timed out).
+    /// Every job, also the succeeded and canceled ones past the broker's retention.
     #[arg(long)]
     pub all: bool,
     /// Print a JSON array of job objects instead of the table.
@@ -284,6 +369,10 @@ pub struct WatchArgs {
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Watch emergencies instead of jobs: every active alarm at once (they are retained), then
+    /// one line per alarm raised, in progress, acknowledged or cleared.
+    #[arg(long)]
+    pub alarms: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -456,7 +545,18 @@ mod tests {
         let cli = parse(&["watch", "--json"]).unwrap();
         assert!(matches!(
             cli.command,
-            Command::Watch(WatchArgs { json: true })
+            Command::Watch(WatchArgs {
+                json: true,
+                alarms: false
+            })
+        ));
+        let cli = parse(&["watch", "--alarms"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Watch(WatchArgs {
+                json: false,
+                alarms: true
+            })
         ));
     }
 

@@ -1,6 +1,6 @@
 //! Connection settings: a TOML file for what stays the same, flags for the moment. Flags win.
 //!
-//! The file's keys are the flags' names (`broker`, `ca`, `cert`, `key`, `timeout_secs`); an
+//! The file's keys are the flags' names (`broker`, `proxy`, `ca`, `cert`, `key`, `timeout_secs`); an
 //! unknown key is an error, so a typo cannot silently fall back to a default. Relative paths in
 //! the file are read from the file's directory, so one file works from any working directory.
 
@@ -8,6 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use protocol::proxy::{BadProxy, ProxyUrl, proxy_for};
 use protocol::url::BrokerUrl;
 use serde::Deserialize;
 
@@ -19,6 +20,7 @@ use crate::client::DEFAULT_TIMEOUT;
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub broker: Option<String>,
+    pub proxy: Option<String>,
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -42,6 +44,9 @@ pub enum ConfigError {
         path: PathBuf,
         source: protocol::url::BadUrl,
     },
+    /// A bad `proxy` in the file, or a bad HTTPS_PROXY / ALL_PROXY in the environment.
+    #[error("{0}")]
+    BadProxy(BadProxy),
     #[error("config file {}: `timeout_secs` must be at least 1", .path.display())]
     ZeroTimeout { path: PathBuf },
     #[error("no {what} given: pass --{flag} {example}, or set `{flag}` in a --config file")]
@@ -56,6 +61,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub broker: BrokerUrl,
+    /// The HTTP proxy to the relay, if any: the flag, the file, or the environment (curl's way).
+    pub proxy: Option<ProxyUrl>,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -121,6 +128,13 @@ impl Settings {
                 });
             }
         };
+        let proxy = match (&args.proxy, file.proxy) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(text)) => Some(text.parse().map_err(ConfigError::BadProxy)?),
+            (None, None) => None,
+        };
+        let proxy = proxy_for(&broker, proxy.as_ref(), |name| std::env::var(name).ok())
+            .map_err(ConfigError::BadProxy)?;
         let pick = |flag: &Option<PathBuf>, from_file: Option<PathBuf>, what, name, example| {
             flag.clone().or(from_file).ok_or(ConfigError::Missing {
                 what,
@@ -149,6 +163,7 @@ impl Settings {
         };
         Ok(Settings {
             broker,
+            proxy,
             ca,
             cert,
             key,
@@ -258,6 +273,30 @@ mod tests {
             Settings::merge(file, Path::new("h.toml"), &args),
             Err(ConfigError::ZeroTimeout { .. })
         ));
+    }
+
+    #[test]
+    fn a_proxy_comes_from_the_flag_or_the_file() {
+        let text = format!("{FULL}\nproxy = \"http://bob:pw@proxy.corp:3128\"");
+        let file = ConfigFile::parse(&text, Path::new("h.toml")).unwrap();
+        let s = Settings::merge(file, Path::new("h.toml"), &ConnectArgs::default()).unwrap();
+        let p = s.proxy.unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("proxy.corp", 3128));
+        let file = ConfigFile::parse(&text, Path::new("h.toml")).unwrap();
+        let args = ConnectArgs {
+            broker: Some("wss://relay:443/mqtt".parse().unwrap()),
+            proxy: Some("http://flag:1".parse().unwrap()),
+            ..ConnectArgs::default()
+        };
+        let s = Settings::merge(file, Path::new("h.toml"), &args).unwrap();
+        assert_eq!(s.proxy.unwrap().host, "flag");
+        assert!(s.broker.is_websocket());
+        let bad = format!("{FULL}\nproxy = \"socks5://p:1\"");
+        let file = ConfigFile::parse(&bad, Path::new("h.toml")).unwrap();
+        let e = Settings::merge(file, Path::new("h.toml"), &ConnectArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http://HOST:PORT"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod config;
 pub mod keys;
 pub mod table;
 pub mod tls;
+pub mod transport;
 pub mod upload;
 
 pub use client::{ConnectOptions, HostClient, HostError};
@@ -27,7 +28,9 @@ pub use table::render_table;
 
 use anyhow::Context as _;
 
-use crate::cli::{ArtifactsCommand, Command, JobsCommand, KeysCommand};
+use crate::cli::{
+    AlarmsCommand, ArtifactsCommand, Command, ExportCommand, JobsCommand, KeysCommand,
+};
 use crate::config::Settings;
 
 /// Runs one command. stdout carries only the command's output; errors are returned, for `main`
@@ -69,6 +72,23 @@ pub async fn run(settings: Settings, command: Command) -> anyhow::Result<()> {
             commands::watch::run(&settings, tls, args, &mut stdout).await
         }
         Command::Keys(cmd) => run_keys(cmd),
+        Command::Alarms(cmd) => {
+            let client = connect_cli(&settings).await?;
+            let result = match cmd {
+                AlarmsCommand::List(args) => {
+                    commands::alarms::list(&client, args, &mut stdout).await
+                }
+                AlarmsCommand::Ack(args) => commands::alarms::ack(&client, args, &mut stdout).await,
+            };
+            client.disconnect().await;
+            result
+        }
+        Command::Export(ExportCommand::Counters(args)) => {
+            let client = connect_cli(&settings).await?;
+            let result = commands::export::counters(&client, args, &mut stdout).await;
+            client.disconnect().await;
+            result
+        }
     }
 }
 
@@ -88,6 +108,7 @@ async fn connect_cli(settings: &Settings) -> anyhow::Result<HostClient> {
     let opts = ConnectOptions {
         client_id: Some(commands::watch::client_id(&tls.host, "cli")),
         timeout: settings.timeout,
+        proxy: settings.proxy.clone(),
         ..ConnectOptions::default()
     };
     Ok(HostClient::connect_with(&settings.broker, tls.config, tls.host, opts).await?)

@@ -363,6 +363,11 @@ fn plausible() -> Behaviour {
             | HostRequest::Artifacts => HostReply::Error {
                 reason: "no artifact store in this stand-in".into(),
             },
+            HostRequest::Alarms { .. }
+            | HostRequest::AckAlarm { .. }
+            | HostRequest::ExportCounters { .. } => HostReply::Error {
+                reason: "no alarms or readings in this stand-in".into(),
+            },
         })
     })
 }

@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::MsgId;
+use crate::alarm::AlarmView;
 use crate::artifact::{ArtifactInfo, Chunk};
 use crate::data::Value;
 use crate::job::{JobDetail, JobView};
+use crate::meter::CounterReading;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -47,6 +49,27 @@ pub enum HostRequest {
     },
     /// The artifacts the relay holds.
     Artifacts,
+    /// The alarms (Fig. 5): the active ones, or all of them with `all`; of one device with `serial`.
+    Alarms {
+        #[serde(default)]
+        all: bool,
+        #[serde(default)]
+        serial: Option<String>,
+    },
+    /// Acknowledge an alarm (the service desk has seen it); it stays active until it clears.
+    AckAlarm {
+        id: String,
+    },
+    /// Meter readings (Fig. 3 counters) read between `from` and `to` (RFC 3339, `to` excluded),
+    /// oldest first, a page at a time: pass the previous reply's `next` as `after`.
+    ExportCounters {
+        from: String,
+        to: String,
+        #[serde(default)]
+        after: Option<String>,
+        #[serde(default)]
+        serial: Option<String>,
+    },
 }
 
 /// A job as the host typed it. Deliberately loose (strings): the broker validates every field
@@ -131,6 +154,19 @@ pub enum HostReply {
     },
     Artifacts {
         artifacts: Vec<ArtifactInfo>,
+    },
+    Alarms {
+        alarms: Vec<AlarmView>,
+    },
+    /// The alarm as it is after an `ack-alarm`.
+    Alarm {
+        alarm: AlarmView,
+    },
+    /// One page of meter readings; `next` is where the following page starts, `None` at the end.
+    Counters {
+        readings: Vec<CounterReading>,
+        #[serde(default)]
+        next: Option<String>,
     },
     /// The request itself could not be served (unknown job, undecodable request…).
     Error {

@@ -6,6 +6,7 @@
 //! can be tested as a pure function.
 
 pub mod acl;
+pub mod alarm;
 pub mod artifact;
 pub mod data;
 pub mod device;
@@ -13,6 +14,9 @@ pub mod envelope;
 pub mod host;
 pub mod ids;
 pub mod job;
+pub mod meter;
+pub mod presence;
+pub mod proxy;
 pub mod schedule;
 pub mod topic;
 pub mod url;

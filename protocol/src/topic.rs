@@ -9,9 +9,11 @@
 //! host/{host}/req                  host → broker     submit, list, show
 //! host/{host}/resp                 broker → host     replies, keyed by the request's msg id
 //! fleet/{serial}/jobs/{job}        broker → hosts    retained job view (CBOR)
-//! fleet/{serial}/state             broker → hosts    retained device state (CBOR)
+//! fleet/{serial}/state             broker → hosts    retained device state and presence (CBOR)
+//! fleet/{serial}/alarm             broker → hosts    retained active alarms (CBOR); emptied when none
 //! json/fleet/{serial}/jobs/{job}   broker → hosts    the same views in JSON, for integrators
 //! json/fleet/{serial}/state
+//! json/fleet/{serial}/alarm
 //! ```
 
 use std::fmt;
@@ -31,10 +33,21 @@ pub enum UpKind {
     Merge,
     /// Firmware download: chunks the device still needs ([`crate::artifact::FetchRequest`]).
     Fetch,
+    /// A fatal fault raised, in progress or cleared ([`crate::alarm::AlarmReport`], Fig. 5).
+    Alarm,
+    /// A periodic meter read ([`crate::meter::CounterReport`]).
+    Counters,
 }
 
 impl UpKind {
-    pub const ALL: [UpKind; 4] = [UpKind::Job, UpKind::State, UpKind::Merge, UpKind::Fetch];
+    pub const ALL: [UpKind; 6] = [
+        UpKind::Job,
+        UpKind::State,
+        UpKind::Merge,
+        UpKind::Fetch,
+        UpKind::Alarm,
+        UpKind::Counters,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,6 +55,8 @@ impl UpKind {
             UpKind::State => "state",
             UpKind::Merge => "merge",
             UpKind::Fetch => "fetch",
+            UpKind::Alarm => "alarm",
+            UpKind::Counters => "counters",
         }
     }
 
@@ -85,11 +100,17 @@ pub enum Topic {
     FleetState {
         serial: Serial,
     },
+    FleetAlarm {
+        serial: Serial,
+    },
     JsonFleetJob {
         serial: Serial,
         job: JobId,
     },
     JsonFleetState {
+        serial: Serial,
+    },
+    JsonFleetAlarm {
         serial: Serial,
     },
 }
@@ -140,11 +161,13 @@ impl Topic {
                 job: job(j)?,
             },
             ["fleet", s, "state"] => Topic::FleetState { serial: serial(s)? },
+            ["fleet", s, "alarm"] => Topic::FleetAlarm { serial: serial(s)? },
             ["json", "fleet", s, "jobs", j] => Topic::JsonFleetJob {
                 serial: serial(s)?,
                 job: job(j)?,
             },
             ["json", "fleet", s, "state"] => Topic::JsonFleetState { serial: serial(s)? },
+            ["json", "fleet", s, "alarm"] => Topic::JsonFleetAlarm { serial: serial(s)? },
             _ => return Err(TopicError::Unknown(topic.to_owned())),
         };
         Ok(parsed)
@@ -163,8 +186,10 @@ impl fmt::Display for Topic {
             Topic::HostResp { host } => write!(f, "host/{host}/resp"),
             Topic::FleetJob { serial, job } => write!(f, "fleet/{serial}/jobs/{job}"),
             Topic::FleetState { serial } => write!(f, "fleet/{serial}/state"),
+            Topic::FleetAlarm { serial } => write!(f, "fleet/{serial}/alarm"),
             Topic::JsonFleetJob { serial, job } => write!(f, "json/fleet/{serial}/jobs/{job}"),
             Topic::JsonFleetState { serial } => write!(f, "json/fleet/{serial}/state"),
+            Topic::JsonFleetAlarm { serial } => write!(f, "json/fleet/{serial}/alarm"),
         }
     }
 }
@@ -236,6 +261,18 @@ pub fn json_fleet_state(serial: &Serial) -> String {
     }
     .to_string()
 }
+pub fn fleet_alarm(serial: &Serial) -> String {
+    Topic::FleetAlarm {
+        serial: serial.clone(),
+    }
+    .to_string()
+}
+pub fn json_fleet_alarm(serial: &Serial) -> String {
+    Topic::JsonFleetAlarm {
+        serial: serial.clone(),
+    }
+    .to_string()
+}
 
 /// The filter a device subscribes to for its own jobs.
 pub fn dev_jobs_filter(serial: &Serial) -> String {
@@ -257,6 +294,10 @@ pub const ALL_HOST_REQ: &str = "host/+/req";
 pub const ALL_FLEET_JOBS: &str = "fleet/+/jobs/+";
 /// Everything in the JSON mirror, for integrators.
 pub const ALL_JSON: &str = "json/fleet/#";
+/// Every device's active alarms, for `host-agent watch --alarms` and dashboards.
+pub const ALL_FLEET_ALARMS: &str = "fleet/+/alarm";
+/// The same in JSON: what an integrator's `mosquitto_sub` watches for emergencies.
+pub const ALL_JSON_ALARMS: &str = "json/fleet/+/alarm";
 
 /// Checks the MQTT rules for a topic filter: `+` and `#` fill a whole level, `#` only last.
 pub fn is_valid_filter(filter: &str) -> bool {
@@ -320,6 +361,16 @@ mod tests {
                 job: j("J-1"),
             },
             Topic::JsonFleetState { serial: s("C1") },
+            Topic::DevUp {
+                serial: s("C1"),
+                kind: UpKind::Alarm,
+            },
+            Topic::DevUp {
+                serial: s("C1"),
+                kind: UpKind::Counters,
+            },
+            Topic::FleetAlarm { serial: s("C1") },
+            Topic::JsonFleetAlarm { serial: s("C1") },
         ];
         for t in cases {
             let text = t.to_string();
@@ -336,6 +387,10 @@ mod tests {
         assert_eq!(dev_jobs_filter(&s("C1")), "dev/C1/jobs/+");
         assert_eq!(dev_merged_filter(&s("C1")), "dev/C1/merged/+");
         assert_eq!(dev_blob_filter(&s("C1")), "dev/C1/blob/+");
+        assert_eq!(dev_up(&s("C1"), UpKind::Alarm), "dev/C1/up/alarm");
+        assert_eq!(dev_up(&s("C1"), UpKind::Counters), "dev/C1/up/counters");
+        assert_eq!(fleet_alarm(&s("C1")), "fleet/C1/alarm");
+        assert_eq!(json_fleet_alarm(&s("C1")), "json/fleet/C1/alarm");
     }
 
     #[test]

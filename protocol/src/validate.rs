@@ -111,13 +111,19 @@ pub fn submission(req: &SubmitJob, now: Timestamp) -> Result<ValidSubmission, Re
             "max_attempts {n} is out of range: use 1 to {MAX_ATTEMPTS}"
         )));
     }
+    // The deadline must leave room for the work: a job that waits for its execution time
+    // (a firmware write in a maintenance window) could otherwise only time out.
+    let (earliest, which) = match execution_time {
+        Some(exec) if exec > instruction_time.max(now) => (exec, "execution time"),
+        _ => (instruction_time.max(now), "instruction time"),
+    };
     if let Some(deadline) = deadline
-        && deadline <= instruction_time.max(now)
+        && deadline <= earliest
     {
         return Err(Rejected(format!(
-            "deadline {} is not after the instruction time {}; give a later deadline",
+            "deadline {} is not after the {which} {}; give a later deadline",
             deadline.to_rfc3339(),
-            instruction_time.max(now).to_rfc3339()
+            earliest.to_rfc3339()
         )));
     }
     Ok(ValidSubmission {
@@ -476,6 +482,16 @@ mod tests {
                     ..ok()
                 },
                 "is before the instruction time",
+            ),
+            (
+                SubmitJob {
+                    kind: "firmware".into(),
+                    artifact: Some("1.0".into()),
+                    execute_at: Some("2026-11-26T12:00:00Z".into()),
+                    deadline: Some("2026-11-26T11:00:00Z".into()),
+                    ..ok()
+                },
+                "is not after the execution time 2026-11-26T12:00:00+00:00",
             ),
             (
                 SubmitJob {

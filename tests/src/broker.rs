@@ -16,6 +16,7 @@ pub struct BrokerBuilder<'a> {
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
     netns: Option<String>,
+    ws: bool,
 }
 
 impl<'a> BrokerBuilder<'a> {
@@ -27,7 +28,15 @@ impl<'a> BrokerBuilder<'a> {
             args: Vec::new(),
             envs: Vec::new(),
             netns: None,
+            ws: false,
         }
+    }
+
+    /// Also listen for MQTT over WebSocket over TLS (`--ws-listen`, an ephemeral port on the
+    /// same addresses); see [`Broker::ws_url`].
+    pub fn ws(mut self) -> Self {
+        self.ws = true;
+        self
     }
 
     /// Run the broker inside network namespace `ns`, listening on all its addresses (an
@@ -95,8 +104,12 @@ impl<'a> BrokerBuilder<'a> {
             .arg("--listen")
             .arg(&listen)
             .arg("--ready-file")
-            .arg(&ready)
-            .args(&self.args)
+            .arg(&ready);
+        if self.ws {
+            let any_ip = any.split(':').next().unwrap_or("127.0.0.1");
+            cmd.arg("--ws-listen").arg(format!("{any_ip}:0"));
+        }
+        cmd.args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn(
             format!("broker#{n}"),
@@ -104,6 +117,13 @@ impl<'a> BrokerBuilder<'a> {
             self.env.path(format!("broker-{n}.log")),
         );
         let text = proc.wait_for_ready_file(&ready, deadline()).await;
+        let ws_addr = parse_ready_ws(&text);
+        assert_eq!(
+            ws_addr.is_some(),
+            self.ws,
+            "{}'s ready file must name a ws_listen address exactly when asked for one:\n{text}",
+            proc.name()
+        );
         let addr = parse_ready(&text).unwrap_or_else(|e| {
             panic!(
                 "{}'s ready file {} is not valid: {e}\n{text}{SEE_BELOW}",
@@ -119,8 +139,18 @@ impl<'a> BrokerBuilder<'a> {
                 proc.name()
             );
         }
-        Broker { proc, addr }
+        Broker {
+            proc,
+            addr,
+            ws_addr,
+        }
     }
+}
+
+/// `"ws_listen":"IP:PORT"` of the ready file, if there.
+fn parse_ready_ws(text: &str) -> Option<SocketAddr> {
+    let json: serde_json::Value = serde_json::from_str(text).ok()?;
+    json.get("ws_listen")?.as_str()?.parse().ok()
 }
 
 /// `{"listen":"127.0.0.1:PORT"}`.
@@ -139,6 +169,7 @@ fn parse_ready(text: &str) -> Result<SocketAddr, String> {
 pub struct Broker {
     proc: Proc,
     addr: SocketAddr,
+    ws_addr: Option<SocketAddr>,
 }
 
 impl Broker {
@@ -159,6 +190,27 @@ impl Broker {
     /// `mqtts://IP:PORT`: the broker's port at another of its addresses (a namespace's view).
     pub fn url_at(&self, ip: std::net::Ipv4Addr) -> String {
         format!("mqtts://{ip}:{}", self.addr.port())
+    }
+
+    /// The WebSocket listener's port (started with [`BrokerBuilder::ws`]).
+    pub fn ws_port(&self) -> u16 {
+        match self.ws_addr {
+            Some(a) => a.port(),
+            None => panic!(
+                "{} has no WebSocket listener: start it with .ws()",
+                self.proc.name()
+            ),
+        }
+    }
+
+    /// `wss://127.0.0.1:PORT/mqtt`.
+    pub fn ws_url(&self) -> String {
+        format!("wss://127.0.0.1:{}/mqtt", self.ws_port())
+    }
+
+    /// `wss://IP:PORT/mqtt`: the WebSocket listener at another of the broker's addresses.
+    pub fn ws_url_at(&self, ip: std::net::Ipv4Addr) -> String {
+        format!("wss://{ip}:{}/mqtt", self.ws_port())
     }
 }
 

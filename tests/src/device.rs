@@ -2,7 +2,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::ops::{Deref, DerefMut};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use protocol::Role;
@@ -21,6 +21,7 @@ pub struct DeviceBuilder<'a> {
     envs: Vec<(OsString, OsString)>,
     netns: Option<String>,
     urls: Vec<String>,
+    config: Option<String>,
 }
 
 impl<'a> DeviceBuilder<'a> {
@@ -34,7 +35,23 @@ impl<'a> DeviceBuilder<'a> {
             envs: Vec::new(),
             netns: None,
             urls: Vec::new(),
+            config: None,
         }
+    }
+
+    /// A config file for the agent (`--config`), written into the test directory at start.
+    /// The flags the harness passes (broker, certificates, serial, data dir) win over it, so it
+    /// is for what only the file says, e.g. the simulated copier's `[sim]` knobs:
+    /// `.config("[sim]\nwrite_delay_ms = 2000\n")`.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_owned());
+        self
+    }
+
+    /// `--publisher-key FILE`: the public key firmware must be signed with (the `publisher.pub`
+    /// of `host-agent keys generate`).
+    pub fn publisher_key(self, path: impl AsRef<Path>) -> Self {
+        self.arg("--publisher-key").arg(path.as_ref())
     }
 
     /// Run the agent inside network namespace `ns`, reaching the relay at `url` (its address as
@@ -97,6 +114,12 @@ impl<'a> DeviceBuilder<'a> {
         if let Some(site) = &self.site {
             cmd.arg("--site").arg(site);
         }
+        if let Some(toml) = &self.config {
+            let path = self.env.path(format!("device-{}-{n}.toml", self.serial));
+            std::fs::write(&path, toml)
+                .unwrap_or_else(|e| panic!("could not write {}: {e}", path.display()));
+            cmd.arg("--config").arg(path);
+        }
         cmd.args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)));
         let name = format!("device {}#{n}", self.serial);
@@ -106,6 +129,7 @@ impl<'a> DeviceBuilder<'a> {
         Device {
             proc,
             serial: self.serial,
+            data_dir: self.data_dir,
         }
     }
 }
@@ -114,11 +138,17 @@ impl<'a> DeviceBuilder<'a> {
 pub struct Device {
     proc: Proc,
     serial: String,
+    data_dir: PathBuf,
 }
 
 impl Device {
     pub fn serial(&self) -> &str {
         &self.serial
+    }
+
+    /// The agent's `--data-dir`: its outbox, and the simulated copier's settings and slots.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 }
 

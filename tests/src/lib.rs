@@ -35,6 +35,7 @@ mod host;
 pub mod mqtt;
 pub mod netns;
 mod process;
+pub mod tinyproxy;
 
 use std::ffi::OsStr;
 use std::future::Future;
@@ -47,7 +48,7 @@ use protocol::Role;
 
 pub use broker::{Broker, BrokerBuilder};
 pub use device::{Device, DeviceBuilder, Fleet, FleetBuilder};
-pub use host::{Host, RunOutput};
+pub use host::{ENDS, Host, PublisherKeys, RunOutput};
 pub use mqtt::{MqttBuilder, MqttClient};
 pub use process::Proc;
 
@@ -147,6 +148,31 @@ where
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(250));
     }
+}
+
+/// `len` bytes that look random and are the same for the same `seed`: firmware images for
+/// tests (xorshift64*, so no dependency and no two tests sharing bytes by accident).
+pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The timestamp that starts each line of the binaries' logs (tracing's default format,
+/// RFC 3339 in UTC), or `None` for a line without one (the harness's own notes). Both agents
+/// and the broker run on this machine's clock, so times from different logs compare.
+pub fn log_time(line: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let first = line.split_whitespace().next()?;
+    chrono::DateTime::parse_from_rfc3339(first)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
 }
 
 /// A certificate, its key and the CA that the holder trusts, as files.
@@ -317,6 +343,11 @@ impl TestEnv {
     /// The `host-agent` CLI as host `id`, talking to `broker`.
     pub fn host(&self, id: &str, broker: &Broker) -> Host {
         Host::new(self, id, self.certs(Role::Host, id), broker.url(), None)
+    }
+
+    /// The `host-agent` CLI as host `id`, reaching the relay at `url` (e.g. a `wss://` one).
+    pub fn host_at(&self, id: &str, url: String) -> Host {
+        Host::new(self, id, self.certs(Role::Host, id), url, None)
     }
 
     /// The `host-agent` CLI run inside network namespace `ns`, reaching the relay at `url`.

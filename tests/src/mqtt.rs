@@ -200,6 +200,27 @@ impl MqttClient {
         }
     }
 
+    /// Waits for a PUBLISH on `topic`; returns every PUBLISH received until then, that one
+    /// last. A broker delivers the retained messages of one subscription before those of a
+    /// later one, so subscribing to `A` and then to a topic known to hold a retained message
+    /// shows whether `A` holds any: how a test proves a retained message was cleared.
+    pub async fn publishes_until(&mut self, topic: &str, within: Duration) -> Vec<Publish> {
+        let mut seen = Vec::new();
+        let what = format!("a PUBLISH on {topic}");
+        loop {
+            let incoming = self
+                .wait_for(&what, within, |i| matches!(i, Incoming::Publish(_)))
+                .await;
+            if let Incoming::Publish(p) = incoming {
+                let last = p.topic == topic;
+                seen.push(p);
+                if last {
+                    return seen;
+                }
+            }
+        }
+    }
+
     /// Waits for a packet satisfying `pred`, skipping the rest.
     async fn wait_for(
         &mut self,

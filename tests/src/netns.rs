@@ -229,6 +229,88 @@ impl NetBed {
     }
 }
 
+/// A customer's HTTP proxy in its own namespace, between the device's network and the relay:
+/// see [`NetBed::add_proxy`].
+#[derive(Debug, Clone)]
+pub struct ProxyNet {
+    /// The proxy's namespace; its `addr` is its address on the link to the relay.
+    pub ns: Ns,
+    /// The proxy's address as the device sees it (on the device–proxy link).
+    pub addr_for_device: Ipv4Addr,
+    /// The device's address on that link.
+    pub device_addr: Ipv4Addr,
+}
+
+impl NetBed {
+    /// Adds a `proxy` namespace joined to the relay and to the device by links of its own. The
+    /// proxy reaches the relay at the relay's usual address (`relay.addr`, the one in the URLs
+    /// and the server certificate) through a route over its own link, so a device that goes
+    /// through the proxy names the relay exactly as one that goes direct. Nothing is forwarded:
+    /// the proxy only reaches the relay by making connections of its own.
+    pub fn add_proxy(&mut self) -> Result<ProxyNet, String> {
+        let tag = self
+            .relay
+            .name
+            .strip_prefix("chk")
+            .and_then(|t| t.strip_suffix('r'))
+            .ok_or("unexpected relay namespace name")?
+            .to_owned();
+        let [_, a, b, _] = self.relay.addr.octets();
+        let ip = |last: u8| Ipv4Addr::new(10, a, b, last);
+        let name = format!("chk{tag}p");
+        run(&["ip", "netns", "add", &name])?;
+        self.adopt(&name);
+        in_ns(&name, &["ip", "link", "set", "lo", "up"])?;
+        // relay .9 — proxy .10 (10.A.B.8/30); proxy .13 — device .14 (10.A.B.12/30).
+        let (relay_end, proxy_up) = (format!("v{tag}rp"), format!("v{tag}pr"));
+        let (proxy_down, device_end) = (format!("v{tag}pd"), format!("v{tag}dp"));
+        let relay_ns = self.relay.name.clone();
+        let device_ns = self.device.name.clone();
+        veth(&relay_ns, &relay_end, ip(9), &name, &proxy_up, ip(10))?;
+        veth(&name, &proxy_down, ip(13), &device_ns, &device_end, ip(14))?;
+        in_ns(
+            &name,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{}/32", self.relay.addr),
+                "via",
+                &ip(9).to_string(),
+            ],
+        )?;
+        Ok(ProxyNet {
+            ns: Ns {
+                name,
+                addr: ip(10),
+                veth: proxy_up,
+            },
+            addr_for_device: ip(13),
+            device_addr: ip(14),
+        })
+    }
+}
+
+/// A veth pair from `ns_a` to `ns_b`, a /30 between them, both ends up.
+fn veth(
+    ns_a: &str,
+    end_a: &str,
+    ip_a: Ipv4Addr,
+    ns_b: &str,
+    end_b: &str,
+    ip_b: Ipv4Addr,
+) -> Result<(), String> {
+    run(&[
+        "ip", "link", "add", end_a, "netns", ns_a, "type", "veth", "peer", "name", end_b, "netns",
+        ns_b,
+    ])?;
+    for (ns, end, ip) in [(ns_a, end_a, ip_a), (ns_b, end_b, ip_b)] {
+        in_ns(ns, &["ip", "addr", "add", &format!("{ip}/30"), "dev", end])?;
+        in_ns(ns, &["ip", "link", "set", end, "up"])?;
+    }
+    Ok(())
+}
+
 /// The prefix that runs a program inside `ns`: `ip netns exec NS program …`.
 pub fn command_in(ns: Option<&str>, program: &std::path::Path) -> tokio::process::Command {
     match ns {

@@ -205,6 +205,23 @@ impl Proc {
         }
     }
 
+    /// Sends `signal` (a name `kill` knows, e.g. `USR1`) and returns at once.
+    pub fn signal(&self, signal: &str) {
+        let Some(pid) = self.child.id() else {
+            panic!("{} has exited; cannot send SIG{signal}", self.name)
+        };
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("could not run `kill -{signal} {pid}`: {e}"));
+        assert!(
+            sent.success(),
+            "`kill -{signal} {pid}` failed for {}",
+            self.name
+        );
+        self.note(&format!("sent SIG{signal}"));
+    }
+
     /// SIGTERM, then waits for a clean exit under the default deadline; returns the exit status.
     pub async fn stop(&mut self) -> ExitStatus {
         if let Some(pid) = self.child.id() {

@@ -6,7 +6,9 @@
 //! chunks are the answer. It writes nothing either, so a batch of fetches costs no commit.
 
 use protocol::artifact::FetchRequest;
-use protocol::device::{AckOutcome, DeviceState, JobUpdate, MergeRequest};
+use protocol::device::{AckOutcome, JobUpdate, MergeRequest};
+use protocol::job::JobStatus;
+use protocol::presence::StateReport;
 use protocol::topic::UpKind;
 use protocol::{Envelope, Identity, MsgId, Serial, Timestamp};
 use tracing::{debug, error, info, warn};
@@ -19,7 +21,7 @@ use crate::store::{DeviceRecord, JournalEntry, JournalOutcome, StoreError, Txn};
 
 enum Message {
     Job(JobUpdate),
-    State(DeviceState),
+    State(StateReport),
     Merge(MergeRequest),
 }
 
@@ -39,12 +41,17 @@ pub(super) fn handle(
         UpKind::Job => {
             Envelope::<JobUpdate>::from_cbor(payload, max).map(|e| (e.id, Message::Job(e.body)))
         }
+        // Read as the superset this version's agents send: the state plus the schedule.
         UpKind::State => {
-            Envelope::<DeviceState>::from_cbor(payload, max).map(|e| (e.id, Message::State(e.body)))
+            Envelope::<StateReport>::from_cbor(payload, max).map(|e| (e.id, Message::State(e.body)))
         }
         UpKind::Merge => Envelope::<MergeRequest>::from_cbor(payload, max)
             .map(|e| (e.id, Message::Merge(e.body))),
         UpKind::Fetch => return fetch(core, txn, p, serial, topic, payload, now),
+        UpKind::Alarm => return super::alarm::report(core, txn, p, serial, topic, payload, now),
+        UpKind::Counters => {
+            return super::meter::report(core, txn, p, serial, topic, payload, now);
+        }
     };
     let (id, message) = match decoded {
         Ok(d) => d,
@@ -122,6 +129,11 @@ fn job_update(
             status,
             ended,
         } => {
+            if status == JobStatus::Succeeded {
+                // A meter reading for billing; a schedule the relay now expects.
+                super::meter::job_reading(txn, serial, &job, update, now)?;
+                super::presence::learn_from_job(txn, serial, n, p)?;
+            }
             p.done.push(Done::JobUpdate {
                 serial: serial.clone(),
                 job,
@@ -148,9 +160,10 @@ fn state_update(
     txn: &mut Txn,
     p: &mut Pending,
     serial: &Serial,
-    state: DeviceState,
+    report: StateReport,
     now: Timestamp,
 ) -> Result<AckOutcome, StoreError> {
+    let StateReport { state, schedule } = report;
     // fill_site reads before it writes, and put_device only writes: nothing half-done on a corrupt job.
     let filled = jobs::fill_site(txn, serial, &state.site, now)?;
     info!(serial = %serial, site = %state.site, model = %state.model, firmware = %state.firmware, "device state stored");
@@ -163,6 +176,9 @@ fn state_update(
     )?;
     p.views.extend(filled);
     p.states.insert(serial.clone());
+    if let Some(schedule) = &schedule {
+        super::presence::learn(txn, serial, schedule)?;
+    }
     Ok(AckOutcome::Stored)
 }
 

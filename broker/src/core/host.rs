@@ -116,6 +116,14 @@ fn answer(
         HostRequest::Artifacts => Ok(HostReply::Artifacts {
             artifacts: artifacts::list(txn)?,
         }),
+        HostRequest::Alarms { all, serial } => super::alarm::list(txn, all, serial.as_deref()),
+        HostRequest::AckAlarm { id } => super::alarm::ack(txn, p, host, &id, now),
+        HostRequest::ExportCounters {
+            from,
+            to,
+            after,
+            serial,
+        } => super::meter::export(txn, &from, &to, after.as_deref(), serial.as_deref()),
     }
 }
 

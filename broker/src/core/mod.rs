@@ -13,8 +13,12 @@
 //! Modules: `device` handles `dev/{serial}/up/{kind}`, `host` handles `host/{host}/req`,
 //! [`views`] builds the retained messages, and `run` is the task that batches.
 
+mod alarm;
+mod alerts;
 mod device;
 mod host;
+mod meter;
+mod presence;
 mod run;
 pub mod views;
 
@@ -37,6 +41,7 @@ use tracing::{error, info, warn};
 use crate::jobs;
 use crate::store::{DeviceRecord, Store, StoreError, Txn};
 
+pub use alerts::AlertSettings;
 pub use run::run;
 
 /// A message the router delivered to the core.
@@ -79,6 +84,8 @@ pub struct Core {
     held_acks_logged: AtomicBool,
     /// Jobs whose record was found corrupt by `expire`, so the error is logged once, not every second.
     corrupt_logged: Mutex<HashSet<u64>>,
+    /// Alarms, presence and notifications: settings, who is online, counters.
+    alerts: alerts::Alerts,
 }
 
 /// What one batch will publish once its transaction has committed.
@@ -98,6 +105,8 @@ struct Pending {
     states: BTreeSet<Serial>,
     /// Devices heard from in this batch: their last-seen time moves.
     seen: BTreeSet<Serial>,
+    /// Devices whose alarms changed: their retained alarm views are republished.
+    alarms: BTreeSet<String>,
     /// Update-data jobs whose merged data is (re)published.
     merged: BTreeSet<u64>,
     /// Firmware chunks devices fetched, already encoded.
@@ -147,11 +156,13 @@ enum Done {
         host: HostId,
         artifact: ArtifactId,
     },
+    Alarm(alarm::Logged),
 }
 
 impl Done {
-    fn log(self) {
+    fn log(self, core: &Core) {
         match self {
+            Done::Alarm(a) => a.log(core),
             Done::JobUpdate {
                 serial,
                 job,
@@ -236,6 +247,7 @@ impl Core {
             commits: AtomicU64::new(0),
             held_acks_logged: AtomicBool::new(false),
             corrupt_logged: Mutex::new(HashSet::new()),
+            alerts: alerts::Alerts::default(),
         })
     }
 
@@ -281,9 +293,10 @@ impl Core {
         }
         for serial in txn.device_serials()? {
             if let Some(Some(record)) = skip_corrupt(txn.device(&serial))? {
-                out.extend(views::device_views(&serial, &record)?);
+                out.extend(self.state_views(&txn, &serial, &record)?);
             }
         }
+        out.extend(alarm::startup_views(&txn, chrono::Utc::now())?);
         txn.commit()?;
         Ok(out)
     }
@@ -330,12 +343,14 @@ impl Core {
         }
         let done = std::mem::take(&mut pending.done);
         let (mut out, answers) = self.finish(&mut txn, pending, now)?;
+        let started = std::time::Instant::now();
         if txn.commit()? {
             self.commits.fetch_add(1, Ordering::Relaxed);
+            self.count_commit(started.elapsed(), batch.len());
         }
         // Logged after the commit, so each line means "durable": tests and operators rely on it.
         for d in done {
-            d.log();
+            d.log(self);
         }
         if self.settings.hold_acks {
             if !answers.is_empty() && !self.held_acks_logged.swap(true, Ordering::Relaxed) {
@@ -378,9 +393,15 @@ impl Core {
                 Err(e) => return Err(e),
             }
         }
+        let done = std::mem::take(&mut pending.done);
         let (out, _) = self.finish(&mut txn, pending, now)?;
+        let started = std::time::Instant::now();
         if txn.commit()? {
             self.commits.fetch_add(1, Ordering::Relaxed);
+            self.count_commit(started.elapsed(), 0);
+        }
+        for d in done {
+            d.log(self);
         }
         Ok(out)
     }
@@ -438,6 +459,7 @@ impl Core {
                 out.extend(views::merged(&record, data)?);
             }
             if p.ended.contains(&n) {
+                self.notify_job_end(txn, &record, now)?;
                 out.extend(views::cleared_order(&record));
                 // Only jobs that were merged have a retained message there to delete.
                 if let Some(Some(_)) = skip_corrupt(txn.merged(n))? {
@@ -452,8 +474,11 @@ impl Core {
         }
         for serial in &p.states {
             if let Some(Some(record)) = skip_corrupt(txn.device(serial))? {
-                out.extend(views::device_views(serial, &record)?);
+                out.extend(self.state_views(txn, serial, &record)?);
             }
+        }
+        for serial in presence::parse_serials(std::mem::take(&mut p.alarms)) {
+            out.extend(alarm::views(txn, &serial, now)?);
         }
         out.extend(p.blobs);
 

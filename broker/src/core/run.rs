@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
 use super::{Core, Inbound, Outbound};
+use crate::presence::PresenceEvent;
 use crate::store::StoreError;
 
 /// Most messages in one transaction: bounds the time a batch holds the writer and the size of
@@ -26,14 +27,19 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// (redb blocks), sends each [`Outbound`] after the commit, and expires deadlines about once a
 /// second. Returns when `stop` is cancelled, `inbound` closes or `outbound`'s receiver is gone.
 ///
+/// Sessions opening and closing ([`PresenceEvent`]s from the gateway) are recorded the same way,
+/// in their own transactions; the once-a-second tick also looks for overdue devices.
+///
 /// A batch that fails to commit is logged and dropped: nothing was acked, so its senders resend.
 /// An I/O error is returned instead, since redb refuses every later write until it is reopened.
 pub async fn run(
     core: Arc<Core>,
     mut inbound: mpsc::Receiver<Inbound>,
     outbound: mpsc::Sender<Outbound>,
+    mut presence: mpsc::UnboundedReceiver<PresenceEvent>,
     stop: CancellationToken,
 ) -> Result<(), StoreError> {
+    let mut presence_open = true;
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -51,6 +57,19 @@ pub async fn run(
                 }
                 Work::Batch(batch)
             }
+            event = presence.recv(), if presence_open => match event {
+                Some(first) => {
+                    let mut events = vec![first];
+                    while let Ok(e) = presence.try_recv() {
+                        events.push(e);
+                    }
+                    Work::Presence(events)
+                }
+                None => {
+                    presence_open = false;
+                    continue;
+                }
+            },
             _ = expire.tick() => Work::Expire,
         };
         let core = Arc::clone(&core);
@@ -63,7 +82,11 @@ pub async fn run(
                     debug!(messages = len, "batch handled");
                     out
                 }
-                Work::Expire => core.expire(now),
+                Work::Expire => core.expire(now).and_then(|mut out| {
+                    out.extend(core.overdue(now)?);
+                    Ok(out)
+                }),
+                Work::Presence(events) => core.presence_events(events, now),
             }
         })
         .await;
@@ -94,4 +117,5 @@ pub async fn run(
 enum Work {
     Batch(Vec<Inbound>),
     Expire,
+    Presence(Vec<PresenceEvent>),
 }

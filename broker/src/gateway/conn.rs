@@ -66,7 +66,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
                 // Nothing partial to keep: drop a large buffer rather than sit on it.
                 self.buf = BytesMut::new();
             }
-            self.buf.reserve(if self.busy { READ_CHUNK } else { IDLE_READ });
+            self.buf
+                .reserve(if self.busy { READ_CHUNK } else { IDLE_READ });
             let room = self.buf.capacity() - self.buf.len();
             let n = self.io.read_buf(&mut self.buf).await?;
             self.busy = n == room;
@@ -164,12 +165,20 @@ mod tests {
         let mut client = client;
         let publish = |n: u8| {
             Packet::Publish(
-                Publish::new(Bytes::from_static(b"dev/A/up/state"), Bytes::from(vec![n; 10]), false),
+                Publish::new(
+                    Bytes::from_static(b"dev/A/up/state"),
+                    Bytes::from(vec![n; 10]),
+                    false,
+                ),
                 None,
             )
         };
         client
-            .write_all(&encoded(vec![publish(1), publish(2), Packet::PingReq(PingReq)]))
+            .write_all(&encoded(vec![
+                publish(1),
+                publish(2),
+                Packet::PingReq(PingReq),
+            ]))
             .await
             .unwrap();
         let Some(Packet::Publish(first, _)) = conn.read_packet().await.unwrap() else {
@@ -188,8 +197,14 @@ mod tests {
         assert!(conn.buffered_packet().unwrap().is_none());
         assert_eq!(conn.buf.len(), 0);
         // Waiting for the next packet holds a small buffer, not a 4 KiB one.
-        client.write_all(&encoded(vec![Packet::PingReq(PingReq)])).await.unwrap();
-        assert!(matches!(conn.read_packet().await.unwrap(), Some(Packet::PingReq(_))));
+        client
+            .write_all(&encoded(vec![Packet::PingReq(PingReq)]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            conn.read_packet().await.unwrap(),
+            Some(Packet::PingReq(_))
+        ));
         assert!(!conn.busy);
         drop(client);
         assert!(conn.read_packet().await.unwrap().is_none());

@@ -7,13 +7,16 @@
 
 mod conn;
 mod session;
+mod ws;
 
 pub use conn::{ClientConn, ConnError};
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use protocol::Identity;
 use rumqttd::Broker;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
@@ -39,6 +42,8 @@ pub struct Gateway {
     pub tls: TlsAcceptor,
     pub router: Arc<Broker>,
     pub metrics: Arc<Metrics>,
+    /// Where device sessions opening and closing are reported (presence); `None`: nowhere.
+    pub presence: Option<crate::presence::PresenceTx>,
     admission: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
 }
@@ -72,11 +77,29 @@ impl Gateway {
             settings,
             router,
             metrics,
+            presence: None,
         }
     }
 
-    /// Accepts until `stop`, then waits (up to a grace period) for every session to end.
+    /// Reports every device session's start and end to the core (claim 42's presence).
+    pub fn with_presence(mut self, presence: crate::presence::PresenceTx) -> Self {
+        self.presence = Some(presence);
+        self
+    }
+
+    /// Accepts MQTT over TLS until `stop`, then waits (up to a grace period) for every session
+    /// to end.
     pub async fn run(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        self.accept_loop(listener, Listener::Tls, stop).await
+    }
+
+    /// The accept loop of either listener: it only accepts; each handshake runs in its own task.
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        kind: Listener,
+        stop: CancellationToken,
+    ) {
         let tasks = TaskTracker::new();
         loop {
             // Wait for a handshake slot before accepting: excess connections queue in the
@@ -101,10 +124,18 @@ impl Gateway {
             let gw = self.clone();
             let stop = stop.clone();
             let span = info_span!("conn", %peer, identity = field::Empty, topic = field::Empty);
-            tasks.spawn(async move { gw.serve_conn(tcp, permit, stop).await }.instrument(span));
+            tasks.spawn(
+                async move {
+                    match kind {
+                        Listener::Tls => gw.serve_conn(tcp, permit, stop).await,
+                        Listener::Ws => gw.serve_ws(tcp, permit, stop).await,
+                    }
+                }
+                .instrument(span),
+            );
         }
         tasks.close();
-        info!(open = tasks.len(), "gateway stopped accepting");
+        info!(open = tasks.len(), listener = ?kind, "gateway stopped accepting");
         if timeout(GRACE, tasks.wait()).await.is_err() {
             warn!("grace period over; dropping open connections");
         }
@@ -132,29 +163,49 @@ impl Gateway {
             }
         };
         drop(permit);
+        let Some(who) = self.identity(tls.get_ref().1) else {
+            return;
+        };
+        let conn = ClientConn::new(tls, self.settings.max_packet_bytes);
+        self.serve_session(conn, who, stop).await
+    }
+
+    /// The client's identity, from its certificate (DESIGN D5); `None`, counted and logged, if
+    /// it has none we accept.
+    fn identity(&self, tls: &rustls::ServerConnection) -> Option<Identity> {
         let identity = tls
-            .get_ref()
-            .1
             .peer_certificates()
             .and_then(|certs| certs.first())
             .map(|cert| pki::identity_from_der(cert));
-        let who = match identity {
-            Some(Ok(who)) => who,
+        match identity {
+            Some(Ok(who)) => {
+                Span::current().record("identity", field::display(&who));
+                Some(who)
+            }
             Some(Err(e)) => {
                 Metrics::inc(&self.metrics.connect_refused);
                 warn!(error = %e, "client certificate carries no identity");
-                return;
+                None
             }
             None => {
                 Metrics::inc(&self.metrics.connect_refused);
                 warn!("client presented no certificate");
-                return;
+                None
             }
-        };
-        Span::current().record("identity", field::display(&who));
-        let conn = ClientConn::new(tls, self.settings.max_packet_bytes);
+        }
+    }
+
+    /// Runs an authenticated client's session, whatever carries its bytes, and logs how it ended.
+    async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
+        self: Arc<Self>,
+        conn: ClientConn<S>,
+        who: Identity,
+        stop: CancellationToken,
+    ) {
         match session::serve(conn, who, self.clone(), stop).await {
-            Ok(()) => debug!("session ended"),
+            // Info like "session started": a device that closes its session on purpose (a
+            // firmware write, a periodic check-in ending) is seen doing so from the relay's log.
+            Ok(()) => info!("session ended"),
             Err(e @ session::SessionError::Acl { .. }) => info!(error = %e, "session closed"),
             Err(session::SessionError::Conn(e)) => {
                 // A reset or EOF is a network event; only a broken packet counts as bad input.
@@ -166,4 +217,13 @@ impl Gateway {
             Err(e) => info!(error = %e, "session closed"),
         }
     }
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    /// MQTT over TLS.
+    Tls,
+    /// MQTT over WebSocket over TLS ([`ws`]).
+    Ws,
 }

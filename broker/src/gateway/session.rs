@@ -124,6 +124,9 @@ where
     Metrics::inc(&gw.metrics.sessions_started);
     Metrics::inc(&gw.metrics.sessions_active);
     info!(client_id = %connect.client_id, keep_alive = connect.keep_alive, "session started");
+    if let Some(presence) = &gw.presence {
+        presence.session(&who, true);
+    }
 
     let keepalive = match connect.keep_alive {
         0 => MAX_SILENCE,
@@ -140,7 +143,10 @@ where
     let result = bridge.run(&mut conn, keepalive, &stop).await;
     // Whatever else ended the session, the router must forget it; a dropped link alone is not
     // noticed. After the client's own DISCONNECT it already has (a second one logs an error).
-    if !bridge.client_left {
+    // When the whole broker stops, the router goes with it: telling it about every session one
+    // by one (each a blocking send into its 1,000-event channel) held up a stop of 18,000
+    // sessions past the grace period, and every reconnect storm by as long.
+    if !bridge.client_left && !stop.is_cancelled() {
         let _ = bridge
             .link_tx
             .send(Packet::Disconnect(
@@ -152,6 +158,9 @@ where
             .await;
     }
     Metrics::dec(&gw.metrics.sessions_active);
+    if let Some(presence) = &gw.presence {
+        presence.session(&who, false);
+    }
     conn.shutdown().await;
     result
 }

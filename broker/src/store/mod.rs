@@ -12,7 +12,11 @@
 //! Records are CBOR. Anything read back from disk is decoded without `unwrap`: a record that does
 //! not decode is a [`StoreError::Corrupt`] naming its table and key.
 
+mod alarms;
+mod notify;
+mod readings;
 mod records;
+mod stats;
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -25,7 +29,11 @@ use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use alarms::{PresenceRecord, alarm_id, alarm_number};
+pub use notify::{NotifyChannel, QueuedNotification};
+pub use readings::ReadingCursor;
 pub use records::{DeviceRecord, JobRecord, JournalEntry, JournalOutcome};
+pub use stats::StoreStats;
 
 /// The store's file inside the data directory.
 pub const FILE_NAME: &str = "chukei.redb";
@@ -198,6 +206,7 @@ impl Store {
             txn.open_table(MERGED).map_err(backend(op))?;
             txn.open_table(ARTIFACTS).map_err(backend(op))?;
             txn.open_table(ARTIFACT_CHUNKS).map_err(backend(op))?;
+            stats::create_tables(&txn)?;
         }
         txn.commit().map_err(backend("commit"))?;
         Ok(store)

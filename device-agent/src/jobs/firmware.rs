@@ -532,7 +532,7 @@ mod tests {
                         let _ = reply.send(());
                     }
                     Control::Resume => log.push("resume".to_owned()),
-                    Control::Schedule(_) => {}
+                    Control::Schedule(_) | Control::FaultSeen(_) => {}
                 }
             }
             log

@@ -12,6 +12,7 @@
 //! knobs make it misbehave on purpose for tests: a slow write, writes that fail their read-back,
 //! versions that fail their health check.
 
+mod faults;
 mod slots;
 
 use std::collections::BTreeMap;
@@ -153,6 +154,8 @@ pub struct SimCopier {
     settings_file: Option<PathBuf>,
     slots: SlotStore,
     writes: u32,
+    /// Faults reported to it (Fig. 5), added to its JAM/SC data.
+    faults: faults::FaultLog,
 }
 
 /// FNV-1a: a stable hash of the serial, so a serial's profile does not change between builds
@@ -189,6 +192,7 @@ impl SimCopier {
             settings_file: None,
             slots: SlotStore::memory(&settings.firmware),
             writes: 0,
+            faults: faults::FaultLog::default(),
         }
     }
 
@@ -325,6 +329,7 @@ impl SimCopier {
                     })
                     .collect();
                 put("history", history.join(";").into());
+                self.faults.apply(&mut out);
             }
             Section::Adjustment => {
                 let s = Section::Adjustment;
@@ -457,6 +462,14 @@ impl Device for SimCopier {
             )));
         }
         Ok(())
+    }
+
+    fn record_fault(&mut self, code: &str, detail: &str, fatal: bool) {
+        self.faults.record(code, detail, fatal, chrono::Utc::now());
+    }
+
+    fn clear_fault(&mut self, code: &str) {
+        self.faults.clear(code);
     }
 }
 

@@ -549,7 +549,9 @@ pub fn start_with(
     let agent = DeviceAgent {
         serial: serial.clone(),
         site: "Osaka HQ".into(),
-        broker: relay.url().parse().unwrap(),
+        relays: vec![device_agent::transport::Endpoint::direct(
+            relay.url().parse().unwrap(),
+        )],
         tls,
         device,
         outbox: outbox.clone(),
@@ -558,6 +560,7 @@ pub fn start_with(
         schedule: opts.schedule,
         publisher: opts.publisher,
         operator: None,
+        monitor: Default::default(),
     };
     let stop = CancellationToken::new();
     let (ready_tx, ready) = mpsc::unbounded_channel();

@@ -19,7 +19,7 @@ pub async fn run(client: &HostClient, args: ListArgs, out: &mut impl Write) -> a
     write!(out, "{}", render_table(&jobs)).context("writing to stdout")?;
     if jobs.is_empty() && !args.all {
         // On stderr, so that stdout stays the bare table for scripts.
-        eprintln!("no open jobs; `jobs list --all` also shows ended ones");
+        eprintln!("no jobs to show; `jobs list --all` also shows those that succeeded a while ago");
     }
     Ok(())
 }

@@ -2,8 +2,10 @@
 //! session, asks the broker, and prints the answer. Business rules stay in the broker; these
 //! only ask and show. `keys` alone works offline.
 
+pub mod alarms;
 pub mod artifacts;
 pub mod cancel;
+pub mod export;
 pub mod keys;
 pub mod list;
 pub mod show;

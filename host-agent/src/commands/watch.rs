@@ -23,10 +23,15 @@ pub async fn run(
     args: WatchArgs,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
+    if args.alarms {
+        return super::alarms::watch(settings, tls, args.json, out).await;
+    }
     let opts = ConnectOptions {
         client_id: Some(client_id(&tls.host, "watch")),
         watch_jobs: true,
+        watch_alarms: false,
         timeout: settings.timeout,
+        proxy: settings.proxy.clone(),
     };
     let mut client = HostClient::connect_with(&settings.broker, tls.config, tls.host, opts).await?;
     let mut views = client
@@ -87,7 +92,7 @@ impl Seen {
 
 /// Resolves on Ctrl-C or SIGTERM. If a handler cannot be installed, that signal keeps its
 /// default action (the process ends), which is what the user asked for anyway.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

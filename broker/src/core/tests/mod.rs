@@ -1032,7 +1032,13 @@ async fn run_commits_many_messages_in_few_transactions() {
     let (in_tx, in_rx) = mpsc::channel(1024);
     let (out_tx, mut out_rx) = mpsc::channel(1024);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(run(Arc::clone(&core), in_rx, out_tx, stop.clone()));
+    let task = tokio::spawn(run(
+        Arc::clone(&core),
+        in_rx,
+        out_tx,
+        crate::presence::channel().1,
+        stop.clone(),
+    ));
 
     let producer = tokio::spawn(async move {
         for id in 1..=PER_DEVICE {
@@ -1089,7 +1095,13 @@ async fn run_returns_when_inbound_closes() {
     drop(in_tx);
     let result = tokio::time::timeout(
         Duration::from_secs(10),
-        run(core, in_rx, out_tx, CancellationToken::new()),
+        run(
+            core,
+            in_rx,
+            out_tx,
+            crate::presence::channel().1,
+            CancellationToken::new(),
+        ),
     )
     .await
     .expect("run returns once inbound is closed and drained");

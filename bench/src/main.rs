@@ -1,0 +1,346 @@
+//! `bench`: measures chukei side by side with bare rumqttd and Mosquitto (issue 6).
+//!
+//! Every relay runs as its own process on loopback; the load comes from separate load processes
+//! (`bench load`, started by this one), each holding up to a few thousand connections as futures
+//! driven by a handful of tasks, from several 127.0.0.x source addresses. Each scenario prints one
+//! JSON object on stdout. See bench/RESULTS.md for the figures on this machine.
+
+mod client;
+mod fleet;
+mod hist;
+mod mqtt;
+mod procfs;
+mod scenarios;
+mod servers;
+mod tls;
+mod worker;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::fleet::LoadShape;
+use crate::scenarios::{Env, alarm, fanout, idle, pubsub, reports, storm};
+
+/// Measure chukei against bare rumqttd and Mosquitto, one scenario at a time.
+///
+/// Each scenario runs against every target it applies to, one after the other, and prints one
+/// JSON object (parameters, figures per target, ratios, versions, the machine). Scenarios that
+/// need chukei's acks and views (durable-reports, alarm-latency, job-fanout) run on chukei only.
+#[derive(Debug, Parser)]
+#[command(name = "bench", version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// Relays to measure: chukei, rumqttd-tls, rumqttd-plain, mosquitto, or chukei@NAME=PATH for
+    /// another chukei build (e.g. the one before an optimisation) under NAME.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "chukei,rumqttd-tls,rumqttd-plain,mosquitto"
+    )]
+    targets: Vec<String>,
+    /// Keep the working files (CA, data, logs) here instead of a temporary folder.
+    #[arg(long, global = true, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Devices per load process (each process may hold at most 20,000 open files).
+    #[arg(long, global = true, default_value_t = 7_000)]
+    per_process: u32,
+    /// Connection attempts in flight over all load processes.
+    #[arg(long, global = true, default_value_t = 600)]
+    concurrency: usize,
+    /// Extra environment for one target's process, NAME:KEY=VALUE (repeatable), e.g.
+    /// `after-je:LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`.
+    #[arg(long = "env", global = true, value_name = "NAME:KEY=VALUE")]
+    envs: Vec<String>,
+    /// Also append each JSON object, as one line, to this file.
+    #[arg(long, global = true, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Pretty-print the JSON on stdout.
+    #[arg(long, global = true)]
+    pretty: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Ramp N mTLS devices that subscribe and stay idle: memory per connection, connect rate, CPU.
+    IdleConnections {
+        #[arg(long, default_value_t = 18_000)]
+        devices: u32,
+        /// How long to measure idle CPU once all are connected.
+        #[arg(long, default_value_t = 10)]
+        idle_secs: u64,
+        /// Each device publishes its state once per session, as the real agent does.
+        #[arg(long)]
+        announce: bool,
+    },
+    /// N devices connected, the relay restarts: time until all are back and subscribed.
+    ReconnectStorm {
+        #[arg(long, default_value_t = 18_000)]
+        devices: u32,
+        /// Each device publishes its state once per session, as the real agent does.
+        #[arg(long)]
+        announce: bool,
+    },
+    /// K devices send reports through the outbox/ack path: acked reports/s, ack latency, and a
+    /// check after a restart that the store holds every report exactly once (chukei only).
+    DurableReports {
+        #[arg(long, default_value_t = 1_000)]
+        devices: u32,
+        /// Unacked reports per device in the max phase.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+        /// Length of each measured phase.
+        #[arg(long, default_value_t = 15)]
+        secs: u64,
+        /// Total reports/s offered in each paced phase, one phase per rate.
+        #[arg(long, value_delimiter = ',', default_value = "2000,5000,10000,20000")]
+        rates: Vec<f64>,
+    },
+    /// A device's alarm to a host and an integrator under background load: p50/p99 (chukei only).
+    AlarmLatency {
+        /// Idle devices in the background.
+        #[arg(long, default_value_t = 15_000)]
+        idle: u32,
+        /// Devices sending durable reports in the background.
+        #[arg(long, default_value_t = 1_000)]
+        reporters: u32,
+        /// Their total reports/s.
+        #[arg(long, default_value_t = 10_000.0)]
+        report_rate: f64,
+        #[arg(long, default_value_t = 200)]
+        samples: u32,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+    },
+    /// One host submits a job to each of M devices: time until all have it and all have acked
+    /// (chukei only).
+    JobFanout {
+        #[arg(long, default_value_t = 10_000)]
+        devices: u32,
+    },
+    /// QoS 1 publish → subscribe through each relay, same payloads, same TLS.
+    PubsubThroughput {
+        #[arg(long, default_value_t = 10)]
+        devices: u32,
+        /// Messages in flight end to end per device.
+        #[arg(long, default_value_t = 100)]
+        window: usize,
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+    },
+    /// Every scenario at full size (what this machine allows), or tiny with --smoke.
+    All {
+        /// Tiny sizes: checks that the harness works, says nothing about performance.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// A load process; started by bench itself.
+    #[command(hide = true)]
+    Load {
+        #[arg(long)]
+        spec: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(real_main(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Load { spec } = &cli.command {
+        let spec = serde_json::from_str(spec)?;
+        return worker::run(spec).await;
+    }
+    let g = &cli.global;
+    let mut targets = servers::parse_targets(&g.targets)?;
+    servers::apply_env(&mut targets, &g.envs)?;
+    let shape = LoadShape {
+        per_process: g.per_process,
+        concurrency: g.concurrency,
+        ..LoadShape::default()
+    };
+    let env = Env::new(g.dir.as_deref(), shape)?;
+    let emit = |v: Value| -> anyhow::Result<()> {
+        let line = serde_json::to_string(&v)?;
+        if let Some(path) = &g.out {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            writeln!(f, "{line}")?;
+        }
+        let mut out = std::io::stdout().lock();
+        if g.pretty {
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        } else {
+            writeln!(out, "{line}")?;
+        }
+        out.flush()?;
+        Ok(())
+    };
+    match cli.command {
+        Command::IdleConnections {
+            devices,
+            idle_secs,
+            announce,
+        } => emit(idle::run(&env, &targets, devices, idle_secs, announce).await?),
+        Command::ReconnectStorm { devices, announce } => {
+            emit(storm::run(&env, &targets, devices, announce).await?)
+        }
+        Command::DurableReports {
+            devices,
+            window,
+            secs,
+            rates,
+        } => emit(
+            reports::run(
+                &env,
+                &targets,
+                reports::Params {
+                    devices,
+                    window,
+                    secs,
+                    rates,
+                },
+            )
+            .await?,
+        ),
+        Command::AlarmLatency {
+            idle,
+            reporters,
+            report_rate,
+            samples,
+            interval_ms,
+        } => emit(
+            alarm::run(
+                &env,
+                &targets,
+                alarm::Params {
+                    idle,
+                    reporters,
+                    report_rate,
+                    samples,
+                    interval_ms,
+                },
+            )
+            .await?,
+        ),
+        Command::JobFanout { devices } => emit(fanout::run(&env, &targets, devices).await?),
+        Command::PubsubThroughput {
+            devices,
+            window,
+            payload,
+            secs,
+        } => emit(
+            pubsub::run(
+                &env,
+                &targets,
+                pubsub::Params {
+                    devices,
+                    window,
+                    payload,
+                    secs,
+                },
+            )
+            .await?,
+        ),
+        Command::All { smoke } => {
+            let s = |small: u32, full: u32| if smoke { small } else { full };
+            for announce in [false, true] {
+                let idle_secs = if smoke { 1 } else { 10 };
+                emit(idle::run(&env, &targets, s(40, 18_000), idle_secs, announce).await?)?;
+                emit(storm::run(&env, &targets, s(40, 18_000), announce).await?)?;
+            }
+            let secs = if smoke { 2 } else { 15 };
+            emit(
+                reports::run(
+                    &env,
+                    &targets,
+                    reports::Params {
+                        devices: s(10, 1_000),
+                        window: if smoke { 4 } else { 32 },
+                        secs,
+                        rates: if smoke { vec![50.0] } else { vec![2_000.0, 5_000.0, 10_000.0, 20_000.0] },
+                    },
+                )
+                .await?,
+            )?;
+            emit(
+                alarm::run(
+                    &env,
+                    &targets,
+                    alarm::Params {
+                        idle: s(20, 15_000),
+                        reporters: s(10, 1_000),
+                        report_rate: if smoke { 100.0 } else { 10_000.0 },
+                        samples: s(10, 200),
+                        interval_ms: if smoke { 20 } else { 50 },
+                    },
+                )
+                .await?,
+            )?;
+            emit(fanout::run(&env, &targets, s(20, 10_000)).await?)?;
+            emit(
+                pubsub::run(
+                    &env,
+                    &targets,
+                    pubsub::Params {
+                        devices: s(4, 10),
+                        window: if smoke { 10 } else { 100 },
+                        payload: 100,
+                        secs,
+                    },
+                )
+                .await?,
+            )
+        }
+        Command::Load { .. } => unreachable!("handled above"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn targets_parse_including_another_chukei_build() {
+        let t = servers::parse_targets(&["chukei".into(), "chukei@before=/tmp/broker".into()])
+            .unwrap();
+        assert_eq!(t[1].name, "before");
+        assert_eq!(t[1].binary, PathBuf::from("/tmp/broker"));
+        assert!(servers::parse_targets(&["bogus".into()]).is_err());
+    }
+}

@@ -1,0 +1,204 @@
+//! Scenario 4, alarm-latency: a device's alarm to a host subscriber (CBOR view) and to an
+//! integrator on the JSON mirror, while the relay carries background load (idle devices and
+//! devices sending durable reports).
+//!
+//! chukei has no alarm message yet (issue 4). Until it does, the "alarm" is a device state
+//! message: it takes the path an alarm will take, device → gateway → core → redb commit → the
+//! retained view `fleet/S/state` and its JSON mirror `json/fleet/S/state`. Each sample carries a
+//! marker (`alarm-N-`) that reads the same in CBOR and in JSON.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::device::DeviceState;
+use protocol::topic::{self, UpKind};
+use protocol::{Envelope, Role, Serial};
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::{Env, chukei_only, report};
+use crate::client::Conn;
+use crate::fleet::{Fleet, Hist};
+use crate::mqtt::{self, Incoming};
+use crate::procfs::{CpuMeter, r2};
+use crate::servers::{Server, Target};
+use crate::tls::Minter;
+use crate::worker::{Work, now_us};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    pub idle: u32,
+    pub reporters: u32,
+    /// Total background reports/s.
+    pub report_rate: f64,
+    pub samples: u32,
+    pub interval_ms: u64,
+}
+
+pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Value> {
+    let targets = chukei_only(targets);
+    let mut results = Map::new();
+    for target in &targets {
+        eprintln!("bench: alarm-latency: {target}");
+        results.insert(target.name.clone(), one(env, target, p).await?);
+    }
+    Ok(report(
+        "alarm-latency",
+        json!({
+            "idle_devices": p.idle, "reporting_devices": p.reporters,
+            "background_reports_per_s": p.report_rate, "samples": p.samples, "interval_ms": p.interval_ms,
+            "path": "dev/S/up/state → commit → fleet/S/state (host, CBOR) and json/fleet/S/state (integrator, JSON); a stand-in until issue 4 adds alarms",
+        }),
+        &targets,
+        results,
+        Value::Null,
+        "fatal alarm p99 ≤ 20 ms under background load",
+        env,
+    )
+    .await)
+}
+
+type Sends = Arc<Mutex<Vec<u64>>>;
+
+/// Reads views until `stop`, timing each marker against its send time.
+async fn watch(mut conn: Conn, sends: Sends, hist: Arc<Mutex<Hist>>, stop: CancellationToken) {
+    loop {
+        let packet = tokio::select! {
+            () = stop.cancelled() => return,
+            p = conn.read() => p,
+        };
+        let Ok(Some(packet)) = packet else { return };
+        if let Incoming::Publish(p) = packet {
+            if p.qos > 0 {
+                mqtt::puback(&mut conn.wbuf, p.pkid);
+                let _ = conn.flush().await;
+            }
+            if let Some(n) = marker(&p.payload) {
+                let now = now_us();
+                let sent = sends.lock().ok().and_then(|s| s.get(n).copied());
+                if let (Some(sent), Ok(mut h)) = (sent, hist.lock()) {
+                    h.record(now.saturating_sub(sent));
+                }
+            }
+        }
+    }
+}
+
+/// The sample number in `…alarm-N-…`.
+fn marker(payload: &[u8]) -> Option<usize> {
+    let at = payload.windows(6).position(|w| w == b"alarm-")? + 6;
+    let digits: Vec<u8> = payload[at..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
+    let dir = env.run_dir("alarm-latency", target)?;
+    let mut server = Server::start(target, &dir, &env.pki, (p.idle + p.reporters) as usize + 100).await?;
+    let mut idle = Fleet::start(server.endpoint, &env.pki, &dir, "I", p.idle, Work::Idle { announce: false }, &env.shape).await?;
+    let mut reporters = Fleet::start(
+        server.endpoint,
+        &env.pki,
+        &dir,
+        "R",
+        p.reporters,
+        Work::Reports {
+            window: super::reports::PACED_WINDOW,
+            rate_per_device: p.report_rate / f64::from(p.reporters.max(1)),
+            resend_after_ms: super::reports::PACED_RESEND_MS,
+        },
+        &env.shape,
+    )
+    .await?;
+    idle.command("connect").await?;
+    reporters.command("connect").await?;
+    idle.wait_until("idle devices connected", Duration::from_secs(900), |t, _| t.subscribed >= u64::from(p.idle)).await?;
+    reporters
+        .wait_until("reporting devices connected", Duration::from_secs(600), |t, _| t.subscribed >= u64::from(p.reporters))
+        .await?;
+    reporters.command("run").await?;
+
+    let minter = Minter::load(&env.pki)?;
+    let serial = Serial::parse("AL000000")?;
+    let source = std::net::Ipv4Addr::new(127, 0, 0, 20);
+    let dev_tls = minter.client(Role::Device, serial.as_str())?;
+    let host_tls = minter.client(Role::Host, "bench-host")?;
+    let crm_tls = minter.client(Role::Integrator, "bench-crm")?;
+    let mut host = Conn::open(server.endpoint, source, Some(&host_tls), "bench-host:alarm").await?;
+    host.subscribe(&[topic::fleet_state(&serial)]).await?;
+    let mut crm = Conn::open(server.endpoint, source, Some(&crm_tls), "bench-crm").await?;
+    crm.subscribe(&[topic::json_fleet_state(&serial)]).await?;
+    let mut device = Conn::open(server.endpoint, source, Some(&dev_tls), serial.as_str()).await?;
+
+    let sends: Sends = Arc::new(Mutex::new(Vec::new()));
+    let (host_h, crm_h) = (Arc::new(Mutex::new(Hist::default())), Arc::new(Mutex::new(Hist::default())));
+    let stop = CancellationToken::new();
+    let tasks = [
+        tokio::spawn(watch(host, sends.clone(), host_h.clone(), stop.clone())),
+        tokio::spawn(watch(crm, sends.clone(), crm_h.clone(), stop.clone())),
+    ];
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu = CpuMeter::start(server.pid());
+    let r0 = reporters.total();
+    let up = topic::dev_up(&serial, UpKind::State);
+    let mut tick = tokio::time::interval(Duration::from_millis(p.interval_ms));
+    for n in 0..p.samples as usize {
+        tick.tick().await;
+        let state = DeviceState {
+            site: "bench".into(),
+            model: "alarm".into(),
+            firmware: format!("alarm-{n}-fatal"),
+        };
+        let payload = Envelope::new(n as u64 + 1, chrono::Utc::now(), state).to_cbor()?;
+        if let Ok(mut s) = sends.lock() {
+            s.push(now_us());
+        }
+        let pkid = device.next_pkid();
+        mqtt::publish(&mut device.wbuf, up.as_bytes(), 1, pkid, &payload);
+        device.flush().await?;
+        // Drain PUBACKs and acks already here, without waiting.
+        while let Ok(Some(_)) = device.buffered() {}
+        let _ = tokio::time::timeout(Duration::from_millis(1), device.read()).await;
+    }
+    let r1 = reporters.total();
+    let secs = (p.samples as u64 * p.interval_ms) as f64 / 1000.0;
+    let (_, cpu_pct, busy) = cpu.read();
+    // Give the last samples time to arrive.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        let done = |h: &Arc<Mutex<Hist>>| h.lock().map(|h| h.count() >= u64::from(p.samples)).unwrap_or(true);
+        if done(&host_h) && done(&crm_h) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    device.close().await;
+    reporters.command("finish").await?;
+    let rep = reporters.exit().await?;
+    let _ = idle.exit().await?;
+    server.stop().await?;
+    let host_h = host_h.lock().map(|h| h.clone()).unwrap_or_default();
+    let crm_h = crm_h.lock().map(|h| h.clone()).unwrap_or_default();
+    Ok(json!({
+        "host_cbor": host_h.summary_ms(),
+        "integrator_json": crm_h.summary_ms(),
+        "p99_ms": host_h.summary_ms()["p99_ms"],
+        "background_acked_per_s": r2((r1.stored + r1.duplicate - r0.stored - r0.duplicate) as f64 / secs),
+        "background_ack_latency": rep.latency.summary_ms(),
+        "relay_cpu_pct": r2(cpu_pct),
+        "machine_busy_pct": r2(busy),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn markers_read_the_same_in_cbor_and_json() {
+        assert_eq!(super::marker(b"\xa3xfirmwarenalarm-17-fatal"), Some(17));
+        assert_eq!(super::marker(br#"{"firmware":"alarm-3-fatal"}"#), Some(3));
+        assert_eq!(super::marker(b"nothing"), None);
+    }
+}

@@ -1,0 +1,406 @@
+//! Emergencies (Fig. 5) at the relay: `dev/{serial}/up/alarm` from devices, the alarm requests of
+//! hosts, and the retained alarm views.
+//!
+//! Every report is deduplicated by (device, msg id) like any device message and acknowledged only
+//! after the commit (S307–S308). A device has at most one active alarm per fault code: a second
+//! `raised` for a code that is active is the same emergency (a resend after the device restarted,
+//! say), not a new one — so an alarm reaches the dashboards exactly once. `in-progress` moves it
+//! on (S309), `cleared` ends it; a `raised` older than the device's last clear of that code is
+//! history and revives nothing.
+//!
+//! The device's active alarms are retained on `fleet/{serial}/alarm` and its JSON mirror, rebuilt
+//! from redb at startup; when the last one clears, both are deleted (a zero-length payload).
+
+use protocol::alarm::{
+    self, AlarmKind, AlarmReport, AlarmState, AlarmStatus, AlarmView, FaultEvent, OVERDUE_CODE,
+};
+use protocol::device::AckOutcome;
+use protocol::host::HostReply;
+use protocol::{Envelope, HostId, Identity, Serial, Timestamp, topic};
+use tracing::{debug, error, info, warn};
+
+use super::{Core, Done, Outbound, Pending, skip_corrupt};
+use crate::notify::{self, NotifyEvent};
+use crate::store::{JournalEntry, JournalOutcome, StoreError, Txn, alarm_id, alarm_number};
+
+/// Most alarms `alarms list --all` returns.
+pub const MAX_LISTED: usize = 1000;
+
+/// What an alarm step did, logged once the commit has made it durable. Tests and operators wait
+/// on these lines: `alarm raised`, `alarm in progress`, `alarm cleared`, `alarm acknowledged`.
+pub(super) struct Logged {
+    alarm: AlarmView,
+    step: Step,
+}
+
+enum Step {
+    Raised,
+    InProgress,
+    Cleared,
+    Acked,
+}
+
+impl Logged {
+    pub(super) fn log(self, core: &Core) {
+        let a = &self.alarm;
+        match self.step {
+            Step::Raised => {
+                core.alerts
+                    .stats
+                    .alarms_raised
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(serial = %a.serial, alarm = %a.id, code = %a.code, kind = %a.kind, detail = %a.detail, "alarm raised")
+            }
+            Step::InProgress => {
+                info!(serial = %a.serial, alarm = %a.id, code = %a.code, "alarm in progress")
+            }
+            Step::Cleared => {
+                info!(serial = %a.serial, alarm = %a.id, code = %a.code, kind = %a.kind, "alarm cleared")
+            }
+            Step::Acked => {
+                info!(serial = %a.serial, alarm = %a.id, code = %a.code, host = a.acked_by.as_deref().unwrap_or(""), "alarm acknowledged")
+            }
+        }
+    }
+}
+
+fn logged(p: &mut Pending, alarm: &AlarmView, step: Step) {
+    p.alarms.insert(alarm.serial.clone());
+    p.done.push(Done::Alarm(Logged {
+        alarm: alarm.clone(),
+        step,
+    }));
+}
+
+/// The installation site the device last reported; empty if unknown or unreadable (a corrupt
+/// device record must not stop an alarm).
+pub(super) fn site_of(txn: &Txn, serial: &Serial) -> Result<String, StoreError> {
+    Ok(skip_corrupt(txn.device(serial))?
+        .flatten()
+        .map(|d| d.state.site)
+        .unwrap_or_default())
+}
+
+/// Handles one `dev/{serial}/up/alarm` message: decode, dedupe, apply, ack after the commit.
+#[allow(clippy::too_many_arguments)] // the same shape as the other device handlers
+pub(super) fn report(
+    core: &Core,
+    txn: &mut Txn,
+    p: &mut Pending,
+    serial: &Serial,
+    topic: &str,
+    payload: &[u8],
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let env = match Envelope::<AlarmReport>::from_cbor(payload, core.settings.max_payload_bytes) {
+        Ok(env) => env,
+        Err(e) => {
+            let reason = e.to_string();
+            warn!(serial = %serial, topic, reason = %reason, "refused alarm report");
+            if let Some(id) = Envelope::peek_id(payload) {
+                p.ack(serial, id, AckOutcome::Rejected { reason });
+            }
+            return Ok(());
+        }
+    };
+    let id = env.id;
+    let sender = Identity::device(serial).to_string();
+    if txn.journal(&sender, id)?.is_some() {
+        debug!(serial = %serial, msg_id = id, "duplicate alarm report");
+        p.ack(serial, id, AckOutcome::Duplicate);
+        return Ok(());
+    }
+    if let Err(reason) = alarm::check_code(&env.body.code) {
+        warn!(serial = %serial, topic, reason = %reason, "refused alarm report");
+        p.ack(serial, id, AckOutcome::Rejected { reason });
+        return Ok(());
+    }
+    match apply(core, txn, p, serial, &env.body, now) {
+        Ok(()) => {}
+        Err(e) if e.is_corrupt_record() => {
+            error!(serial = %serial, msg_id = id, error = %e, "cannot store an alarm: a store record is corrupt");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    }
+    txn.put_journal(
+        &sender,
+        id,
+        &JournalEntry {
+            at: now,
+            outcome: JournalOutcome::Stored,
+        },
+    )?;
+    p.seen.insert(serial.clone());
+    p.ack(serial, id, AckOutcome::Stored);
+    Ok(())
+}
+
+fn apply(
+    core: &Core,
+    txn: &mut Txn,
+    p: &mut Pending,
+    serial: &Serial,
+    report: &AlarmReport,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let code = report.code.as_str();
+    let active = match txn.active_alarm(serial, code)? {
+        Some(n) => txn.alarm(n)?.map(|a| (n, a)),
+        None => None,
+    };
+    match report.event {
+        FaultEvent::Raised | FaultEvent::InProgress => {
+            let cleared_later = txn
+                .alarm_cleared_at(serial, code)?
+                .is_some_and(|ms| report.at.timestamp_millis() <= ms);
+            if cleared_later && active.is_none() {
+                debug!(serial = %serial, code, "a fault report older than its clear; history only");
+                return Ok(());
+            }
+            match active {
+                Some((n, mut a)) => {
+                    if report.event == FaultEvent::InProgress && a.status == AlarmStatus::Raised {
+                        a.status = AlarmStatus::InProgress;
+                        a.updated_at = now;
+                        txn.put_alarm(n, &a)?;
+                        logged(p, &a, Step::InProgress);
+                    } else {
+                        debug!(serial = %serial, alarm = %a.id, code, event = %report.event, "alarm already active");
+                    }
+                }
+                None => {
+                    let site = super::alarm::site_of(txn, serial)?;
+                    let n = txn.next_alarm_number()?;
+                    let a = AlarmView {
+                        id: alarm_id(n),
+                        serial: serial.to_string(),
+                        site,
+                        kind: AlarmKind::Fault,
+                        code: code.to_owned(),
+                        detail: alarm::clip_detail(&report.detail),
+                        status: match report.event {
+                            FaultEvent::InProgress => AlarmStatus::InProgress,
+                            _ => AlarmStatus::Raised,
+                        },
+                        raised_at: report.at,
+                        received_at: now,
+                        updated_at: now,
+                        cleared_at: None,
+                        acked_by: None,
+                        acked_at: None,
+                        total: report.total,
+                    };
+                    txn.put_alarm(n, &a)?;
+                    let server = core.settings.server_name.clone();
+                    core.notify(
+                        txn,
+                        NotifyEvent::Alarm,
+                        serial.as_str(),
+                        || notify::compose::alarm(&a, &server),
+                        now,
+                    )?;
+                    logged(p, &a, Step::Raised);
+                }
+            }
+        }
+        FaultEvent::Cleared => {
+            let newer = txn
+                .alarm_cleared_at(serial, code)?
+                .is_none_or(|ms| report.at.timestamp_millis() > ms);
+            if newer {
+                txn.put_alarm_cleared_at(serial, code, report.at)?;
+            }
+            match active {
+                Some((n, a)) => {
+                    let a = clear(txn, n, a, now)?;
+                    logged(p, &a, Step::Cleared);
+                }
+                None => debug!(serial = %serial, code, "clear of a fault with no active alarm"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn clear(txn: &mut Txn, n: u64, mut a: AlarmView, now: Timestamp) -> Result<AlarmView, StoreError> {
+    a.status = AlarmStatus::Cleared;
+    a.cleared_at = Some(now);
+    a.updated_at = now;
+    txn.put_alarm(n, &a)?;
+    Ok(a)
+}
+
+/// Raises the relay's own alarm for a device that missed its check-in; returns its number.
+pub(super) fn raise_overdue(
+    core: &Core,
+    txn: &mut Txn,
+    p: &mut Pending,
+    serial: &Serial,
+    detail: String,
+    due: Timestamp,
+    now: Timestamp,
+) -> Result<u64, StoreError> {
+    if let Some(n) = txn.active_alarm(serial, OVERDUE_CODE)? {
+        return Ok(n);
+    }
+    let site = site_of(txn, serial)?;
+    let n = txn.next_alarm_number()?;
+    let a = AlarmView {
+        id: alarm_id(n),
+        serial: serial.to_string(),
+        site,
+        kind: AlarmKind::Overdue,
+        code: OVERDUE_CODE.to_owned(),
+        detail,
+        status: AlarmStatus::Raised,
+        raised_at: due,
+        received_at: now,
+        updated_at: now,
+        cleared_at: None,
+        acked_by: None,
+        acked_at: None,
+        total: None,
+    };
+    txn.put_alarm(n, &a)?;
+    let server = core.settings.server_name.clone();
+    core.notify(
+        txn,
+        NotifyEvent::Overdue,
+        serial.as_str(),
+        || notify::compose::alarm(&a, &server),
+        now,
+    )?;
+    logged(p, &a, Step::Raised);
+    Ok(n)
+}
+
+/// Clears alarm `n` (a device that checked in again clears its overdue alarm).
+pub(super) fn clear_by_number(
+    txn: &mut Txn,
+    p: &mut Pending,
+    n: u64,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    if let Some(a) = txn.alarm(n)?.filter(|a| a.status.is_active()) {
+        let a = clear(txn, n, a, now)?;
+        logged(p, &a, Step::Cleared);
+    }
+    Ok(())
+}
+
+/// `alarms list`: the active alarms (oldest first), or the newest [`MAX_LISTED`] of all.
+pub(super) fn list(txn: &Txn, all: bool, serial: Option<&str>) -> Result<HostReply, StoreError> {
+    let keep = |a: &AlarmView| serial.is_none_or(|s| a.serial == s);
+    let alarms = if all {
+        txn.alarms_newest_first(MAX_LISTED)?
+            .into_iter()
+            .filter(keep)
+            .collect()
+    } else {
+        let numbers = match serial.map(Serial::parse) {
+            Some(Ok(s)) => txn.active_alarms_of(&s)?,
+            Some(Err(e)) => {
+                return Ok(HostReply::Error {
+                    reason: e.to_string(),
+                });
+            }
+            None => txn.active_alarms()?,
+        };
+        let mut out = Vec::with_capacity(numbers.len());
+        for n in numbers {
+            if let Some(Some(a)) = skip_corrupt(txn.alarm(n))? {
+                out.push(a);
+            }
+        }
+        out
+    };
+    Ok(HostReply::Alarms { alarms })
+}
+
+/// `alarms ack ID`: the service desk has seen it. Idempotent: the first host to ack is kept.
+pub(super) fn ack(
+    txn: &mut Txn,
+    p: &mut Pending,
+    host: &HostId,
+    id: &str,
+    now: Timestamp,
+) -> Result<HostReply, StoreError> {
+    let found = match alarm_number(id) {
+        Some(n) => txn.alarm(n)?.filter(|a| a.id == id).map(|a| (n, a)),
+        None => None,
+    };
+    let Some((n, mut a)) = found else {
+        return Ok(HostReply::Error {
+            reason: format!("no alarm {id} (list them with `host-agent alarms list --all`)"),
+        });
+    };
+    if a.acked_by.is_none() {
+        a.acked_by = Some(host.to_string());
+        a.acked_at = Some(now);
+        a.updated_at = now;
+        txn.put_alarm(n, &a)?;
+        logged(p, &a, Step::Acked);
+    }
+    Ok(HostReply::Alarm { alarm: a })
+}
+
+/// The retained views of `serial`'s active alarms, or the deletion of both when it has none.
+pub(super) fn views(
+    txn: &Txn,
+    serial: &Serial,
+    now: Timestamp,
+) -> Result<Vec<Outbound>, StoreError> {
+    let mut alarms = Vec::new();
+    for n in txn.active_alarms_of(serial)? {
+        if let Some(Some(a)) = skip_corrupt(txn.alarm(n))? {
+            alarms.push(a);
+        }
+    }
+    let retained = |topic: String, payload: Vec<u8>| Outbound {
+        topic,
+        payload,
+        retain: true,
+    };
+    if alarms.is_empty() {
+        return Ok(vec![
+            retained(topic::fleet_alarm(serial), Vec::new()),
+            retained(topic::json_fleet_alarm(serial), Vec::new()),
+        ]);
+    }
+    let at = alarms.iter().map(|a| a.updated_at).max().unwrap_or(now);
+    let state = AlarmState {
+        serial: serial.to_string(),
+        alarms,
+    };
+    let encode_err = |e: String| StoreError::Encode {
+        table: "(published view)",
+        key: format!("alarms of {serial}"),
+        reason: e,
+    };
+    let cbor = Envelope::new(0, at, &state)
+        .to_cbor()
+        .map_err(|e| encode_err(e.to_string()))?;
+    let json = serde_json::to_vec(&state).map_err(|e| encode_err(e.to_string()))?;
+    Ok(vec![
+        retained(topic::fleet_alarm(serial), cbor),
+        retained(topic::json_fleet_alarm(serial), json),
+    ])
+}
+
+/// Every device's active alarms, for the retained views republished at startup.
+pub(super) fn startup_views(txn: &Txn, now: Timestamp) -> Result<Vec<Outbound>, StoreError> {
+    let mut serials = std::collections::BTreeSet::new();
+    for n in txn.active_alarms()? {
+        if let Some(Some(a)) = skip_corrupt(txn.alarm(n))?
+            && let Ok(s) = Serial::parse(&a.serial)
+        {
+            serials.insert(s);
+        }
+    }
+    let mut out = Vec::new();
+    for s in serials {
+        out.extend(views(txn, &s, now)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,132 @@
+//! Meter reads for billing (Fig. 3 counters): every get-data job that brought back the
+//! `counters` section and every `dev/{serial}/up/counters` report becomes one reading, kept by
+//! time; `host-agent export counters` pages through them ([`export`]).
+
+use protocol::data::Section;
+use protocol::device::{AckOutcome, JobUpdate};
+use protocol::host::HostReply;
+use protocol::meter::{CounterReading, CounterReport, MAX_READINGS_PER_PAGE};
+use protocol::{Envelope, Identity, JobId, Serial, Timestamp};
+use tracing::{debug, error, info, warn};
+
+use super::{Core, Pending, alarm::site_of};
+use crate::store::{JournalEntry, JournalOutcome, ReadingCursor, StoreError, Txn};
+
+/// Handles one `dev/{serial}/up/counters` report: decode, dedupe, store, ack after the commit.
+pub(super) fn report(
+    core: &Core,
+    txn: &mut Txn,
+    p: &mut Pending,
+    serial: &Serial,
+    topic: &str,
+    payload: &[u8],
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let env = match Envelope::<CounterReport>::from_cbor(payload, core.settings.max_payload_bytes) {
+        Ok(env) => env,
+        Err(e) => {
+            let reason = e.to_string();
+            warn!(serial = %serial, topic, reason = %reason, "refused counters report");
+            if let Some(id) = Envelope::peek_id(payload) {
+                p.ack(serial, id, AckOutcome::Rejected { reason });
+            }
+            return Ok(());
+        }
+    };
+    let id = env.id;
+    let sender = Identity::device(serial).to_string();
+    if txn.journal(&sender, id)?.is_some() {
+        debug!(serial = %serial, msg_id = id, "duplicate counters report");
+        p.ack(serial, id, AckOutcome::Duplicate);
+        return Ok(());
+    }
+    let reading = CounterReading {
+        serial: serial.to_string(),
+        site: site_of(txn, serial)?,
+        read_at: env.body.read_at,
+        source: "report".into(),
+        counters: env.body.counters,
+    };
+    if let Err(e) = txn.put_reading(&reading) {
+        if e.is_corrupt_record() {
+            error!(serial = %serial, msg_id = id, error = %e, "cannot store a reading");
+            return Ok(());
+        }
+        return Err(e);
+    }
+    txn.put_journal(
+        &sender,
+        id,
+        &JournalEntry {
+            at: now,
+            outcome: JournalOutcome::Stored,
+        },
+    )?;
+    info!(serial = %serial, msg_id = id, "counters report stored");
+    p.seen.insert(serial.clone());
+    p.ack(serial, id, AckOutcome::Stored);
+    Ok(())
+}
+
+/// A get-data job's result that carries counters is a reading too (read when it was stored).
+pub(super) fn job_reading(
+    txn: &mut Txn,
+    serial: &Serial,
+    job: &JobId,
+    update: &JobUpdate,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let Some(counters) = update.data.as_ref().and_then(|d| d.get(&Section::Counters)) else {
+        return Ok(());
+    };
+    let reading = CounterReading {
+        serial: serial.to_string(),
+        site: site_of(txn, serial)?,
+        read_at: now,
+        source: format!("job {job}"),
+        counters: counters.clone(),
+    };
+    txn.put_reading(&reading)
+}
+
+fn parse_time(what: &str, text: &str) -> Result<Timestamp, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| {
+            format!("{what} {text:?} is not an RFC 3339 time (e.g. 2026-11-01T00:00:00Z): {e}")
+        })
+}
+
+/// `export counters`: one page of readings with `from <= read_at < to`, oldest first.
+pub(super) fn export(
+    txn: &Txn,
+    from: &str,
+    to: &str,
+    after: Option<&str>,
+    serial: Option<&str>,
+) -> Result<HostReply, StoreError> {
+    let range = parse_time("from", from).and_then(|f| Ok((f, parse_time("to", to)?)));
+    let (from, to) = match range {
+        Ok((f, t)) if f <= t => (f, t),
+        Ok(_) => {
+            return Ok(HostReply::Error {
+                reason: format!("--from {from} is after --to {to}"),
+            });
+        }
+        Err(reason) => return Ok(HostReply::Error { reason }),
+    };
+    let after = match after.map(|a| (a, ReadingCursor::parse(a))) {
+        Some((_, Some(c))) => Some(c),
+        Some((text, None)) => {
+            return Ok(HostReply::Error {
+                reason: format!("{text:?} is not a page cursor this relay gave out"),
+            });
+        }
+        None => None,
+    };
+    let (readings, next) = txn.readings(from, to, after.as_ref(), serial, MAX_READINGS_PER_PAGE)?;
+    Ok(HostReply::Counters {
+        readings,
+        next: next.map(|c| c.to_text()),
+    })
+}

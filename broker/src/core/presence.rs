@@ -1,0 +1,319 @@
+//! Presence at the relay (claim 42's display): online and offline from the gateway's sessions,
+//! last seen, and `overdue` for a device in periodic mode that misses its check-in.
+//!
+//! When a device's last session closes, a device known to be periodic gets a due time: the
+//! close, plus its interval, plus the relay's margin. Once a second the core looks for due times
+//! that passed ([`Core::overdue`], a range scan) and raises an overdue alarm for each; the next
+//! session of the device clears it. The schedule comes from the device's state message and from
+//! each set-schedule job that succeeded. Due times are in redb, so a restarted relay still
+//! notices a device that stayed away; a periodic device that was connected when the relay
+//! stopped is given one from its last-seen time ([`Core::presence_startup`]).
+
+use std::collections::BTreeSet;
+
+use protocol::device::DeviceState;
+use protocol::job::JobSpec;
+use protocol::presence::{Presence, StateView};
+use protocol::schedule::Schedule;
+use protocol::{Envelope, Serial, Timestamp, topic};
+use serde::Serialize;
+use tracing::{error, info, warn};
+
+use super::{Core, Outbound, Pending, alarm, skip_corrupt};
+use crate::presence::PresenceEvent;
+use crate::store::{DeviceRecord, StoreError, Txn};
+
+/// The JSON mirror of `fleet/{serial}/state`: the serial, then the view's fields.
+#[derive(Serialize)]
+struct StateJson<'a> {
+    serial: &'a str,
+    #[serde(flatten)]
+    view: &'a StateView,
+}
+
+fn margin(core: &Core) -> chrono::Duration {
+    chrono::Duration::from_std(core.alerts.settings.overdue_margin).unwrap_or_default()
+}
+
+impl Core {
+    /// Records sessions opening and closing, in one transaction; returns the views to publish.
+    pub fn presence_events(
+        &self,
+        events: Vec<PresenceEvent>,
+        now: Timestamp,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        let mut changed: Vec<(Serial, bool)> = Vec::new();
+        if let Ok(mut online) = self.alerts.online.lock() {
+            for e in events {
+                let count = online.entry(e.serial.clone()).or_insert(0);
+                let was = *count > 0;
+                if e.online {
+                    *count += 1;
+                } else {
+                    *count = count.saturating_sub(1);
+                }
+                let is = *count > 0;
+                if *count == 0 {
+                    online.remove(&e.serial);
+                }
+                if was != is {
+                    changed.push((e.serial, is));
+                }
+            }
+            self.alerts
+                .stats
+                .devices_online
+                .store(online.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if changed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut txn = self.store.begin()?;
+        let mut p = Pending::default();
+        for (serial, online) in changed {
+            match self.presence_edge(&mut txn, &mut p, &serial, online, now) {
+                Ok(()) => {}
+                Err(e) if e.is_corrupt_record() => {
+                    error!(serial = %serial, error = %e, "cannot record presence: a store record is corrupt");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let done = std::mem::take(&mut p.done);
+        let (out, _) = self.finish(&mut txn, p, now)?;
+        let started = std::time::Instant::now();
+        if txn.commit()? {
+            self.count_commit(started.elapsed(), 0);
+        }
+        for d in done {
+            d.log(self);
+        }
+        Ok(out)
+    }
+
+    /// One device went online or offline.
+    fn presence_edge(
+        &self,
+        txn: &mut Txn,
+        p: &mut Pending,
+        serial: &Serial,
+        online: bool,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut record = txn.presence(serial)?.unwrap_or_default();
+        let device = txn.device(serial)?;
+        record.since = Some(now);
+        if online {
+            record.due_by = None;
+            if let Some(n) = record.overdue_alarm.take() {
+                alarm::clear_by_number(txn, p, n, now)?;
+            }
+            info!(serial = %serial, "device online");
+        } else {
+            record.due_by = record
+                .expected_interval()
+                .map(|secs| now + chrono::Duration::seconds(secs as i64) + margin(self));
+            info!(serial = %serial, due_by = ?record.due_by, "device offline");
+        }
+        txn.put_presence(serial, &record)?;
+        let device = match device {
+            Some(d) => DeviceRecord {
+                last_seen: now,
+                ..d
+            },
+            None => DeviceRecord {
+                state: DeviceState::default(),
+                last_seen: now,
+            },
+        };
+        txn.put_device(serial, &device)?;
+        p.states.insert(serial.clone());
+        Ok(())
+    }
+
+    /// Raises an overdue alarm for every periodic device whose check-in is past due; costs no
+    /// commit when none is.
+    pub fn overdue(&self, now: Timestamp) -> Result<Vec<Outbound>, StoreError> {
+        let mut txn = self.store.begin()?;
+        let due = txn.checkins_due(now)?;
+        if due.is_empty() {
+            txn.commit()?;
+            return Ok(Vec::new());
+        }
+        let mut p = Pending::default();
+        for serial in due {
+            if let Err(e) = self.mark_overdue(&mut txn, &mut p, &serial, now) {
+                if !e.is_corrupt_record() {
+                    return Err(e);
+                }
+                error!(serial = %serial, error = %e, "cannot mark a device overdue: a store record is corrupt");
+            }
+        }
+        let done = std::mem::take(&mut p.done);
+        let (out, _) = self.finish(&mut txn, p, now)?;
+        let started = std::time::Instant::now();
+        if txn.commit()? {
+            self.count_commit(started.elapsed(), 0);
+        }
+        for d in done {
+            d.log(self);
+        }
+        Ok(out)
+    }
+
+    fn mark_overdue(
+        &self,
+        txn: &mut Txn,
+        p: &mut Pending,
+        serial: &Serial,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut record = txn.presence(serial)?.unwrap_or_default();
+        let due = record.due_by.unwrap_or(now);
+        record.due_by = None;
+        if self.is_online(serial) {
+            txn.put_presence(serial, &record)?;
+            return Ok(());
+        }
+        let last_seen = txn.device(serial)?.map(|d| d.last_seen);
+        let detail = format!(
+            "no check-in since {}; expected every {} s (margin {} s)",
+            last_seen.map_or_else(
+                || "the relay started".to_owned(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+            record.interval_secs.unwrap_or(0),
+            self.alerts.settings.overdue_margin.as_secs()
+        );
+        warn!(serial = %serial, due_by = %due, "device overdue");
+        let n = alarm::raise_overdue(self, txn, p, serial, detail, due, now)?;
+        record.overdue_alarm = Some(n);
+        record.since = Some(now);
+        txn.put_presence(serial, &record)?;
+        p.states.insert(serial.clone());
+        Ok(())
+    }
+
+    /// At startup, before any session: a periodic device without a due time (it was connected
+    /// when the relay stopped) gets one counted from when it was last seen.
+    pub fn presence_startup(&self) -> Result<usize, StoreError> {
+        let mut txn = self.store.begin()?;
+        let mut set = 0;
+        for serial in txn.presence_serials()? {
+            let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? else {
+                continue;
+            };
+            let Some(secs) = record.expected_interval() else {
+                continue;
+            };
+            if record.due_by.is_some() || record.overdue_alarm.is_some() {
+                continue;
+            }
+            let Some(Some(device)) = skip_corrupt(txn.device(&serial))? else {
+                continue;
+            };
+            record.due_by =
+                Some(device.last_seen + chrono::Duration::seconds(secs as i64) + margin(self));
+            txn.put_presence(&serial, &record)?;
+            set += 1;
+        }
+        txn.commit()?;
+        Ok(set)
+    }
+
+    /// `fleet/{serial}/state` and its JSON mirror: the device's state with its presence.
+    pub(super) fn state_views(
+        &self,
+        txn: &Txn,
+        serial: &Serial,
+        record: &DeviceRecord,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        let presence = skip_corrupt(txn.presence(serial))?
+            .flatten()
+            .unwrap_or_default();
+        let now_online = self.is_online(serial);
+        let view = StateView {
+            state: record.state.clone(),
+            presence: if now_online {
+                Presence::Online
+            } else if presence.overdue_alarm.is_some() {
+                Presence::Overdue
+            } else {
+                Presence::Offline
+            },
+            last_seen: record.last_seen,
+            since: presence.since,
+            mode: presence.mode,
+            interval_secs: presence.interval_secs,
+            due_by: if now_online { None } else { presence.due_by },
+        };
+        let err = |e: String| StoreError::Encode {
+            table: "(published view)",
+            key: format!("device state {serial}"),
+            reason: e,
+        };
+        let cbor = Envelope::new(0, record.last_seen, &view)
+            .to_cbor()
+            .map_err(|e| err(e.to_string()))?;
+        let json = serde_json::to_vec(&StateJson {
+            serial: serial.as_str(),
+            view: &view,
+        })
+        .map_err(|e| err(e.to_string()))?;
+        Ok(vec![
+            Outbound {
+                topic: topic::fleet_state(serial),
+                payload: cbor,
+                retain: true,
+            },
+            Outbound {
+                topic: topic::json_fleet_state(serial),
+                payload: json,
+                retain: true,
+            },
+        ])
+    }
+}
+
+/// Learns a device's schedule (from its state message, or a set-schedule job that succeeded).
+pub(super) fn learn(txn: &mut Txn, serial: &Serial, schedule: &Schedule) -> Result<(), StoreError> {
+    let mut record = txn.presence(serial)?.unwrap_or_default();
+    let (mode, interval) = (Some(schedule.mode), schedule.interval_secs);
+    if record.mode == mode && record.interval_secs == interval {
+        return Ok(());
+    }
+    record.mode = mode;
+    record.interval_secs = interval;
+    if record.expected_interval().is_none() {
+        record.due_by = None;
+    }
+    info!(serial = %serial, mode = %schedule.mode, interval_secs = ?interval, "device schedule learned");
+    txn.put_presence(serial, &record)
+}
+
+/// After a job's update was applied: a set-schedule job that succeeded changes what the relay
+/// expects of the device.
+pub(super) fn learn_from_job(
+    txn: &mut Txn,
+    serial: &Serial,
+    n: u64,
+    p: &mut Pending,
+) -> Result<(), StoreError> {
+    let Some(Some(record)) = skip_corrupt(txn.job(n))? else {
+        return Ok(());
+    };
+    if let Some(JobSpec::SetSchedule { schedule }) = record.order.as_ref().map(|o| &o.spec) {
+        let schedule = schedule.clone();
+        learn(txn, serial, &schedule)?;
+        p.states.insert(serial.clone());
+    }
+    Ok(())
+}
+
+/// Every serial whose view changed in a batch, for [`Core::finish`].
+pub(super) fn parse_serials(names: BTreeSet<String>) -> Vec<Serial> {
+    names
+        .into_iter()
+        .filter_map(|s| Serial::parse(&s).ok())
+        .collect()
+}

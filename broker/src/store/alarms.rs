@@ -1,0 +1,368 @@
+//! Alarms (Fig. 5) and presence: what the relay keeps about emergencies and about when each
+//! device was last reachable.
+//!
+//! - `alarms`: alarm number → [`AlarmView`], every alarm ever raised, cleared ones included;
+//! - `active_alarms`: (serial, code) → alarm number, the alarms not yet cleared: a device's
+//!   current alarm state is a range scan, and a resent or repeated raise finds its alarm;
+//! - `alarm_clears`: (serial, code) → when (device clock, Unix ms) the device last cleared that
+//!   code, so a raise that arrives late (older than the clear) does not revive it;
+//! - `presence`: serial → [`PresenceRecord`], the device's schedule as the relay knows it and its
+//!   overdue alarm;
+//! - `checkin_due`: (due time in Unix ms, serial) for every offline device in periodic mode, so
+//!   finding overdue devices is a range scan, not a walk over the fleet every second.
+
+use protocol::alarm::AlarmView;
+use protocol::schedule::SessionMode;
+use protocol::{Serial, Timestamp};
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{META, StoreError, Txn, backend, decode, encode};
+
+pub(super) const ALARMS: TableDefinition<u64, &[u8]> = TableDefinition::new("alarms");
+pub(super) const ACTIVE_ALARMS: TableDefinition<(&str, &str), u64> =
+    TableDefinition::new("active_alarms");
+pub(super) const ALARM_CLEARS: TableDefinition<(&str, &str), i64> =
+    TableDefinition::new("alarm_clears");
+pub(super) const PRESENCE: TableDefinition<&str, &[u8]> = TableDefinition::new("presence");
+pub(super) const CHECKIN_DUE: TableDefinition<(i64, &str), ()> =
+    TableDefinition::new("checkin_due");
+
+const NEXT_ALARM: &str = "next_alarm";
+
+/// The id the broker gives its `n`th alarm: `A-000001`, …
+pub fn alarm_id(n: u64) -> String {
+    format!("A-{n:06}")
+}
+
+/// The number behind an alarm id, or `None` for text the broker never gives out.
+pub fn alarm_number(id: &str) -> Option<u64> {
+    let digits = id.strip_prefix("A-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// What the relay knows about a device's reachability beyond its last-seen time.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    /// The session mode, from the device's state message or its last set-schedule job.
+    #[serde(default)]
+    pub mode: Option<SessionMode>,
+    /// Periodic: the check-in interval.
+    #[serde(default)]
+    pub interval_secs: Option<u64>,
+    /// When the presence (online, offline, overdue) last changed.
+    #[serde(default)]
+    pub since: Option<Timestamp>,
+    /// Offline and periodic: when the device becomes overdue (mirrors `checkin_due`).
+    #[serde(default)]
+    pub due_by: Option<Timestamp>,
+    /// The active overdue alarm, if any.
+    #[serde(default)]
+    pub overdue_alarm: Option<u64>,
+}
+
+impl PresenceRecord {
+    /// The interval a late check-in is measured against: only periodic devices are expected.
+    pub fn expected_interval(&self) -> Option<u64> {
+        match self.mode {
+            Some(SessionMode::Periodic) => self.interval_secs,
+            _ => None,
+        }
+    }
+}
+
+fn range_of(serial: &str) -> (std::ops::Bound<(&str, &str)>, std::ops::Bound<(&str, &str)>) {
+    // Codes are ASCII (protocol::alarm::check_code), so "\u{7f}" sorts after every one of them.
+    (
+        std::ops::Bound::Included((serial, "")),
+        std::ops::Bound::Included((serial, "\u{7f}")),
+    )
+}
+
+impl Txn {
+    /// Allocates the next alarm number (1, 2, …).
+    pub fn next_alarm_number(&mut self) -> Result<u64, StoreError> {
+        self.next_counter(NEXT_ALARM, "allocate an alarm number")
+    }
+
+    /// Bumps the named counter in `meta` and returns its new value.
+    pub(super) fn next_counter(&mut self, key: &str, op: &'static str) -> Result<u64, StoreError> {
+        let mut meta = self.txn.open_table(META).map_err(backend(op))?;
+        let last = meta
+            .get(key)
+            .map_err(backend(op))?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        let n = last + 1;
+        meta.insert(key, n).map_err(backend(op))?;
+        self.dirty = true;
+        Ok(n)
+    }
+
+    pub fn alarm(&self, n: u64) -> Result<Option<AlarmView>, StoreError> {
+        let op = "read an alarm";
+        let table = self.txn.open_table(ALARMS).map_err(backend(op))?;
+        let guard = table.get(n).map_err(backend(op))?;
+        guard
+            .map(|g| decode("alarms", alarm_id(n), g.value()))
+            .transpose()
+    }
+
+    /// Writes an alarm and keeps the active index in step with its status.
+    pub fn put_alarm(&mut self, n: u64, alarm: &AlarmView) -> Result<(), StoreError> {
+        let op = "write an alarm";
+        let bytes = encode("alarms", alarm_id(n), alarm)?;
+        self.txn
+            .open_table(ALARMS)
+            .map_err(backend(op))?
+            .insert(n, bytes.as_slice())
+            .map_err(backend(op))?;
+        let mut active = self.txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
+        let key = (alarm.serial.as_str(), alarm.code.as_str());
+        if alarm.status.is_active() {
+            active.insert(key, n).map_err(backend(op))?;
+        } else if active.get(key).map_err(backend(op))?.map(|g| g.value()) == Some(n) {
+            active.remove(key).map_err(backend(op))?;
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// The active alarm of `serial` with `code`, if any.
+    pub fn active_alarm(&self, serial: &Serial, code: &str) -> Result<Option<u64>, StoreError> {
+        let op = "read the active alarms";
+        let table = self.txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
+        let guard = table.get((serial.as_str(), code)).map_err(backend(op))?;
+        Ok(guard.map(|g| g.value()))
+    }
+
+    /// The numbers of `serial`'s active alarms, oldest first.
+    pub fn active_alarms_of(&self, serial: &Serial) -> Result<Vec<u64>, StoreError> {
+        let op = "read the active alarms";
+        let table = self.txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table
+            .range(range_of(serial.as_str()))
+            .map_err(backend(op))?
+        {
+            out.push(entry.map_err(backend(op))?.1.value());
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Every active alarm's number, oldest first.
+    pub fn active_alarms(&self) -> Result<Vec<u64>, StoreError> {
+        let op = "read the active alarms";
+        let table = self.txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend(op))? {
+            out.push(entry.map_err(backend(op))?.1.value());
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The newest `limit` alarms, newest first.
+    pub fn alarms_newest_first(&self, limit: usize) -> Result<Vec<AlarmView>, StoreError> {
+        let op = "list alarms";
+        let table = self.txn.open_table(ALARMS).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend(op))?.rev().take(limit) {
+            let (k, v) = entry.map_err(backend(op))?;
+            out.push(decode("alarms", alarm_id(k.value()), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// When the device last cleared `code` (device clock), if it ever did.
+    pub fn alarm_cleared_at(&self, serial: &Serial, code: &str) -> Result<Option<i64>, StoreError> {
+        let op = "read alarm clears";
+        let table = self.txn.open_table(ALARM_CLEARS).map_err(backend(op))?;
+        let guard = table.get((serial.as_str(), code)).map_err(backend(op))?;
+        Ok(guard.map(|g| g.value()))
+    }
+
+    pub fn put_alarm_cleared_at(
+        &mut self,
+        serial: &Serial,
+        code: &str,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let op = "write alarm clears";
+        self.txn
+            .open_table(ALARM_CLEARS)
+            .map_err(backend(op))?
+            .insert((serial.as_str(), code), at.timestamp_millis())
+            .map_err(backend(op))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    pub fn presence(&self, serial: &Serial) -> Result<Option<PresenceRecord>, StoreError> {
+        let op = "read presence";
+        let table = self.txn.open_table(PRESENCE).map_err(backend(op))?;
+        let guard = table.get(serial.as_str()).map_err(backend(op))?;
+        guard
+            .map(|g| decode("presence", serial, g.value()))
+            .transpose()
+    }
+
+    /// Writes a presence record and keeps `checkin_due` in step with its `due_by`.
+    pub fn put_presence(
+        &mut self,
+        serial: &Serial,
+        record: &PresenceRecord,
+    ) -> Result<(), StoreError> {
+        let op = "write presence";
+        let before = self.presence(serial)?.and_then(|r| r.due_by);
+        let bytes = encode("presence", serial, record)?;
+        self.txn
+            .open_table(PRESENCE)
+            .map_err(backend(op))?
+            .insert(serial.as_str(), bytes.as_slice())
+            .map_err(backend(op))?;
+        if before != record.due_by {
+            let mut due = self.txn.open_table(CHECKIN_DUE).map_err(backend(op))?;
+            if let Some(old) = before {
+                due.remove((old.timestamp_millis(), serial.as_str()))
+                    .map_err(backend(op))?;
+            }
+            if let Some(new) = record.due_by {
+                due.insert((new.timestamp_millis(), serial.as_str()), ())
+                    .map_err(backend(op))?;
+            }
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Every serial with a presence record.
+    pub fn presence_serials(&self) -> Result<Vec<Serial>, StoreError> {
+        let op = "list presence";
+        let table = self.txn.open_table(PRESENCE).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend(op))? {
+            let (k, _) = entry.map_err(backend(op))?;
+            let key = k.value();
+            out.push(Serial::parse(key).map_err(|e| StoreError::Corrupt {
+                table: "presence",
+                key: format!("{key:?}"),
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Serials whose check-in was due at or before `now`, earliest first.
+    pub fn checkins_due(&self, now: Timestamp) -> Result<Vec<Serial>, StoreError> {
+        let op = "list due check-ins";
+        let table = self.txn.open_table(CHECKIN_DUE).map_err(backend(op))?;
+        let mut out = Vec::new();
+        let end = (now.timestamp_millis(), "\u{7f}");
+        for entry in table.range(..=end).map_err(backend(op))? {
+            let (k, _) = entry.map_err(backend(op))?;
+            let (_, key) = k.value();
+            out.push(Serial::parse(key).map_err(|e| StoreError::Corrupt {
+                table: "checkin_due",
+                key: format!("{key:?}"),
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use chrono::TimeZone;
+    use protocol::alarm::{AlarmKind, AlarmStatus};
+
+    fn at(m: u32) -> Timestamp {
+        chrono::Utc.with_ymd_and_hms(2026, 11, 26, 9, m, 0).unwrap()
+    }
+
+    fn alarm(serial: &str, code: &str, status: AlarmStatus) -> AlarmView {
+        AlarmView {
+            id: String::new(),
+            serial: serial.into(),
+            site: String::new(),
+            kind: AlarmKind::Fault,
+            code: code.into(),
+            detail: String::new(),
+            status,
+            raised_at: at(0),
+            received_at: at(0),
+            updated_at: at(0),
+            cleared_at: None,
+            acked_by: None,
+            acked_at: None,
+            total: None,
+        }
+    }
+
+    #[test]
+    fn alarm_ids_and_numbers() {
+        assert_eq!(alarm_id(7), "A-000007");
+        assert_eq!(alarm_number("A-000007"), Some(7));
+        for bad in ["A-", "J-1", "A-x", ""] {
+            assert_eq!(alarm_number(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_active_index_follows_the_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        let c1 = Serial::parse("C1").unwrap();
+        let c10 = Serial::parse("C10").unwrap();
+        let a = txn.next_alarm_number().unwrap();
+        let b = txn.next_alarm_number().unwrap();
+        let c = txn.next_alarm_number().unwrap();
+        txn.put_alarm(a, &alarm("C1", "SC-541", AlarmStatus::Raised))
+            .unwrap();
+        txn.put_alarm(b, &alarm("C1", "SC-321", AlarmStatus::InProgress))
+            .unwrap();
+        txn.put_alarm(c, &alarm("C10", "SC-541", AlarmStatus::Raised))
+            .unwrap();
+        assert_eq!(txn.active_alarms_of(&c1).unwrap(), [a, b]);
+        assert_eq!(txn.active_alarms_of(&c10).unwrap(), [c]);
+        assert_eq!(txn.active_alarm(&c1, "SC-541").unwrap(), Some(a));
+        txn.put_alarm(a, &alarm("C1", "SC-541", AlarmStatus::Cleared))
+            .unwrap();
+        assert_eq!(txn.active_alarms_of(&c1).unwrap(), [b]);
+        assert_eq!(txn.active_alarms().unwrap(), [b, c]);
+        assert_eq!(txn.alarms_newest_first(2).unwrap().len(), 2);
+        assert!(txn.commit().unwrap());
+    }
+
+    #[test]
+    fn due_checkins_follow_the_presence_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        let c1 = Serial::parse("C1").unwrap();
+        let mut record = PresenceRecord {
+            mode: Some(SessionMode::Periodic),
+            interval_secs: Some(60),
+            due_by: Some(at(10)),
+            ..PresenceRecord::default()
+        };
+        txn.put_presence(&c1, &record).unwrap();
+        assert!(txn.checkins_due(at(9)).unwrap().is_empty());
+        assert_eq!(txn.checkins_due(at(10)).unwrap(), [c1.clone()]);
+        record.due_by = Some(at(20));
+        txn.put_presence(&c1, &record).unwrap();
+        assert!(txn.checkins_due(at(15)).unwrap().is_empty());
+        record.due_by = None;
+        txn.put_presence(&c1, &record).unwrap();
+        assert!(txn.checkins_due(at(30)).unwrap().is_empty());
+        assert_eq!(txn.presence_serials().unwrap(), [c1]);
+    }
+}

@@ -1,0 +1,87 @@
+//! What the metrics endpoint reports about the store, read in a read transaction so a scrape never
+//! holds up the core's writes; and the creation of the tables this issue added.
+
+use std::collections::BTreeMap;
+
+use protocol::job::JobStatus;
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
+
+use super::alarms::{ACTIVE_ALARMS, ALARM_CLEARS, ALARMS, CHECKIN_DUE, PRESENCE};
+use super::notify::NOTIFY_QUEUE;
+use super::readings::READINGS;
+use super::{DEVICES, JOBS, JobRecord, Store, StoreError, backend};
+
+/// Counts for the Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreStats {
+    /// Jobs per status name; every status is present, zero or not.
+    pub jobs: BTreeMap<&'static str, u64>,
+    /// Job records that did not decode.
+    pub corrupt_jobs: u64,
+    pub alarms_active: u64,
+    pub alarms_total: u64,
+    pub notify_queue: u64,
+    pub devices: u64,
+    pub readings: u64,
+}
+
+/// Creates the tables of alarms, presence, readings and notifications (a write transaction
+/// creates a table on first open; a read transaction does not).
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let op = "create the tables";
+    txn.open_table(ALARMS).map_err(backend(op))?;
+    txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
+    txn.open_table(ALARM_CLEARS).map_err(backend(op))?;
+    txn.open_table(PRESENCE).map_err(backend(op))?;
+    txn.open_table(CHECKIN_DUE).map_err(backend(op))?;
+    txn.open_table(READINGS).map_err(backend(op))?;
+    txn.open_table(NOTIFY_QUEUE).map_err(backend(op))?;
+    Ok(())
+}
+
+impl Store {
+    /// Counts jobs by status, alarms, the notification queue and devices. Reads every job record
+    /// (to learn its status), so it is for a scrape every few seconds, not for a hot path.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let op = "read statistics";
+        let txn = self.db.begin_read().map_err(backend(op))?;
+        let mut stats = StoreStats {
+            jobs: JobStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect(),
+            ..StoreStats::default()
+        };
+        let jobs = txn.open_table(JOBS).map_err(backend(op))?;
+        for entry in jobs.iter().map_err(backend(op))? {
+            let (_, v) = entry.map_err(backend(op))?;
+            match ciborium::from_reader::<JobRecord, _>(v.value()) {
+                Ok(record) => *stats.jobs.entry(record.view.status.as_str()).or_default() += 1,
+                Err(_) => stats.corrupt_jobs += 1,
+            }
+        }
+        stats.alarms_active = txn
+            .open_table(ACTIVE_ALARMS)
+            .map_err(backend(op))?
+            .len()
+            .map_err(backend(op))?;
+        stats.alarms_total = txn
+            .open_table(ALARMS)
+            .map_err(backend(op))?
+            .len()
+            .map_err(backend(op))?;
+        stats.notify_queue = txn
+            .open_table(NOTIFY_QUEUE)
+            .map_err(backend(op))?
+            .len()
+            .map_err(backend(op))?;
+        stats.devices = txn
+            .open_table(DEVICES)
+            .map_err(backend(op))?
+            .len()
+            .map_err(backend(op))?;
+        stats.readings = txn
+            .open_table(READINGS)
+            .map_err(backend(op))?
+            .len()
+            .map_err(backend(op))?;
+        Ok(stats)
+    }
+}

@@ -1,0 +1,141 @@
+//! Meter reads for billing (Fig. 3 counters): `host-agent export counters` gives one CSV row per
+//! device per reading, from get-data jobs and from the reports devices send on their own.
+
+use harness::{TestEnv, deadline, secs};
+use serde_json::Value;
+
+/// The CSV as rows of (header → cell).
+fn parse_csv(text: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
+    let header: Vec<String> = lines
+        .next()
+        .expect("a header line")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    // The cells here hold no commas or quotes (serials, sites without commas, numbers, times).
+    lines
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            assert_eq!(cells.len(), header.len(), "a ragged row: {l}");
+            header
+                .iter()
+                .cloned()
+                .zip(cells.iter().map(|c| (*c).to_owned()))
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent() {
+    let env = TestEnv::new("the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent");
+    let from = (chrono::Utc::now() - chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let broker = env.broker().start().await;
+    let _c1 = env.device("C1").site("Kobe").start(&broker).await;
+    // C2 reads its counters every second on its own (a periodic meter read).
+    let mut c2 = env
+        .device("C2")
+        .site("Osaka")
+        .config("[report]\ncounters_every_secs = 1\n")
+        .start(&broker)
+        .await;
+    let host = env.host("svc", &broker);
+
+    // Two get-data jobs for C1: two readings, with exactly the counters the device sent.
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let job = host
+            .submit(&["--serial", "C1", "--kind", "get-data", "--sections", "counters,jams"])
+            .await;
+        let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
+        sent.push((job, detail["data"]["counters"].clone()));
+    }
+    // A get-data job without the counters is not a reading.
+    let jams_only = host
+        .submit(&["--serial", "C1", "--kind", "get-data", "--sections", "jams"])
+        .await;
+    host.wait_for_status(&jams_only, "succeeded", deadline()).await;
+
+    broker
+        .wait_for_lines("two counters reports from C2", 2, secs(30), |l| {
+            l.contains("counters report stored") && l.contains("serial=C2")
+        })
+        .await;
+    c2.stop().await;
+
+    let to = (chrono::Utc::now() + chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let csv = host
+        .run_ok([
+            "export", "counters", "--from", &from, "--to", &to, "--format", "csv",
+        ])
+        .await;
+    let rows = parse_csv(&csv);
+    // Counted after the export: a report in flight when C2 stopped is stored by now.
+    let reports = broker
+        .lines_matching(|l| l.contains("counters report stored") && l.contains("serial=C2"))
+        .len();
+    assert_eq!(
+        &csv[..csv.find("\r\n").unwrap_or(0)][..34],
+        "serial,site,read_at,source,total,a",
+        "the leading columns, then the counters by name:\n{csv}"
+    );
+
+    let c1_rows: Vec<_> = rows.iter().filter(|r| r["serial"] == "C1").collect();
+    assert_eq!(c1_rows.len(), 2, "one row per get-data reading:\n{csv}");
+    for (job, counters) in &sent {
+        let row = c1_rows
+            .iter()
+            .find(|r| r["source"] == format!("job {job}"))
+            .unwrap_or_else(|| panic!("no row for {job}:\n{csv}"));
+        assert_eq!(row["site"], "Kobe");
+        let counters = counters.as_object().expect("a counters section");
+        for name in ["total", "copy", "print", "fax", "scan", "a4", "duplex"] {
+            assert_eq!(
+                row[name],
+                counters[name].to_string(),
+                "{job}: counter {name} as the device sent it:\n{csv}"
+            );
+        }
+    }
+    let c2_rows: Vec<_> = rows.iter().filter(|r| r["serial"] == "C2").collect();
+    assert_eq!(
+        c2_rows.len(),
+        reports,
+        "one row per periodic report the relay stored:\n{csv}"
+    );
+    let totals: Vec<i64> = c2_rows
+        .iter()
+        .map(|r| r["total"].parse().expect("a number"))
+        .collect();
+    assert!(
+        c2_rows.iter().all(|r| r["source"] == "report" && r["site"] == "Osaka"),
+        "{csv}"
+    );
+    assert!(totals.windows(2).all(|w| w[0] <= w[1]), "counters never go back: {totals:?}");
+
+    // JSON and a window that excludes everything.
+    let json = host
+        .run_ok(["export", "counters", "--from", &from, "--to", &to, "--format", "json"])
+        .await;
+    let all: Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(all.as_array().map(Vec::len), Some(rows.len()));
+    let none = host
+        .run_ok([
+            "export",
+            "counters",
+            "--from",
+            "2001-01-01T00:00:00Z",
+            "--to",
+            "2001-01-02T00:00:00Z",
+        ])
+        .await;
+    assert_eq!(parse_csv(&none).len(), 0, "{none}");
+    let bad = host
+        .run(["export", "counters", "--from", "yesterday", "--to", &to])
+        .await;
+    assert_eq!(bad.status.code(), Some(1), "{bad}");
+    assert!(bad.stderr.contains("RFC 3339"), "{bad}");
+}

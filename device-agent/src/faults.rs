@@ -683,6 +683,84 @@ mod tests {
     }
 
     #[test]
+    fn the_config_sets_fatal_codes_rates_reports_and_the_spool() {
+        use crate::cli::RunArgs;
+        use crate::config::{FileConfig, RunSettings};
+        let args = || RunArgs {
+            broker: vec!["mqtts://relay:8883".parse().unwrap()],
+            ca: Some("ca.pem".into()),
+            cert: Some("c.pem".into()),
+            key: Some("c.key".into()),
+            serial: Some(Serial::parse("C1").unwrap()),
+            data_dir: Some("d".into()),
+            ..RunArgs::default()
+        };
+        let parse = |text: &str| FileConfig::parse(text, Path::new("agent.toml"));
+        let file = parse(
+            "[faults]\nfatal = [\"SC-1\"]\npoll_ms = 100\n[sim]\njam_rate_per_hour = 2.5\nfatal_clear_secs = 9\n[report]\ncounters_every_secs = 60\n",
+        )
+        .unwrap();
+        let run = RunSettings::merge(file, args()).unwrap();
+        let m = &run.monitor;
+        assert_eq!(m.faults.fatal, ["SC-1"]);
+        assert_eq!(m.faults.poll, Duration::from_millis(100));
+        assert_eq!(m.faults.jam_rate_per_hour, 2.5);
+        assert_eq!(m.faults.fatal_clear_after, Some(Duration::from_secs(9)));
+        assert_eq!(m.counters_every, Some(Duration::from_secs(60)));
+        assert_eq!(m.faults.spool, Some(Path::new("d").join(SPOOL_DIR)));
+        let defaults = RunSettings::merge(parse("").unwrap(), args()).unwrap();
+        assert!(defaults.monitor.faults.is_fatal("SC-541"));
+        assert_eq!(defaults.monitor.counters_every, None);
+        for (text, want) in [
+            ("[faults]\nfatal = [\"SC 1\"]\n", "faults.fatal"),
+            ("[faults]\npoll_ms = 0\n", "poll_ms"),
+            ("[sim]\nfatal_rate_per_hour = -1.0\n", "fatal_rate_per_hour"),
+            ("[report]\ncounters_every_secs = 0\n", "counters_every_secs"),
+        ] {
+            let e = RunSettings::merge(parse(text).unwrap(), args())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_fault_command_parses_and_needs_a_data_dir() {
+        use crate::cli::{Cli, Command};
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "device-agent",
+            "fault",
+            "--data-dir",
+            "d",
+            "fatal",
+            "SC-9",
+            "drum",
+            "motor",
+        ])
+        .unwrap();
+        let Command::Fault(args) = cli.command else {
+            panic!("not fault")
+        };
+        assert_eq!(args.request.join(" "), "fatal SC-9 drum motor");
+        let dir = tempfile::tempdir().unwrap();
+        let args = crate::cli::FaultArgs {
+            data_dir: Some(dir.path().to_owned()),
+            request: vec!["clear".into(), "SC-9".into()],
+            ..Default::default()
+        };
+        let path = request_from_cli(&args).unwrap();
+        assert_eq!(std::fs::read_to_string(path).unwrap(), "clear SC-9\n");
+        let e = request_from_cli(&crate::cli::FaultArgs {
+            request: vec!["clear".into(), "SC-9".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("--data-dir"), "{e}");
+        assert!(Cli::try_parse_from(["device-agent", "fault", "--data-dir", "d"]).is_err());
+    }
+
+    #[test]
     fn injecting_into_a_device_not_running_here_says_so() {
         let serial = Serial::parse("NOT-HERE").unwrap();
         let e = inject(&serial, FaultRequest::raise("SC-541")).unwrap_err();

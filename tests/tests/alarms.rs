@@ -73,7 +73,11 @@ async fn a_fatal_fault_reaches_watch_and_mosquitto_sub_and_a_jam_does_not() {
         );
     }
     let alarms = alarms_json(&env.host("svc", &broker), true).await;
-    assert_eq!(alarms.len(), 1, "only the fatal fault is an alarm: {alarms:#?}");
+    assert_eq!(
+        alarms.len(),
+        1,
+        "only the fatal fault is an alarm: {alarms:#?}"
+    );
 
     // The relay takes jobs again (S311), and the device's JAM/SC data counts both faults.
     let data = env.host("svc", &broker).get_data("C1", "jams").await;
@@ -134,7 +138,10 @@ async fn an_alarm_raised_while_the_broker_is_down_arrives_once_it_is_back() {
     let raised = broker.lines_matching(|l| l.contains("alarm raised"));
     assert_eq!(raised.len(), 1, "stored once: {raised:#?}");
     let watched = watch.lines_matching(|l| l.contains("\"status\":\"raised\""));
-    assert!(watched.len() <= 1, "shown raised at most once: {watched:#?}");
+    assert!(
+        watched.len() <= 1,
+        "shown raised at most once: {watched:#?}"
+    );
 }
 
 #[tokio::test]
@@ -151,7 +158,10 @@ async fn a_dashboard_connecting_later_sees_the_alarm_and_a_clear_removes_it() {
     let state: Value = serde_json::from_str(&later)
         .unwrap_or_else(|e| panic!("a dashboard connecting later got no alarm ({e}): {later:?}"));
     assert_eq!(state["alarms"][0]["code"], "SC-901", "{state:#}");
-    assert_eq!(state["alarms"][0]["detail"], "drum motor locked", "{state:#}");
+    assert_eq!(
+        state["alarms"][0]["detail"], "drum motor locked",
+        "{state:#}"
+    );
 
     // It survives a restart of the relay (redb first; retained republished at startup).
     assert!(first.stop().await.success());
@@ -161,7 +171,10 @@ async fn a_dashboard_connecting_later_sees_the_alarm_and_a_clear_removes_it() {
 
     // The desk acknowledges it: still active, now with who saw it.
     let host = env.host("svc", &broker);
-    let id = state["alarms"][0]["id"].as_str().expect("an alarm id").to_owned();
+    let id = state["alarms"][0]["id"]
+        .as_str()
+        .expect("an alarm id")
+        .to_owned();
     let acked = host.run_ok(["alarms", "ack", &id]).await;
     assert!(acked.contains("acked by svc"), "{acked}");
     let active = alarms_json(&host, false).await;
@@ -180,7 +193,10 @@ async fn a_dashboard_connecting_later_sees_the_alarm_and_a_clear_removes_it() {
         })
         .await;
     let gone = retained_now(&env, &broker, "json/fleet/C1/alarm", secs(2)).await;
-    assert!(gone.is_empty(), "a cleared alarm must not be retained: {gone:?}");
+    assert!(
+        gone.is_empty(),
+        "a cleared alarm must not be retained: {gone:?}"
+    );
     assert!(alarms_json(&host, false).await.is_empty());
     let all = alarms_json(&host, true).await;
     assert_eq!(all[0]["status"], "cleared", "{all:#?}");
@@ -188,11 +204,7 @@ async fn a_dashboard_connecting_later_sees_the_alarm_and_a_clear_removes_it() {
 }
 
 /// The `presence` of the JSON state views of `serial` seen so far by `client`, in order.
-async fn next_presence(
-    client: &mut harness::MqttClient,
-    serial: &str,
-    want: &str,
-) -> Value {
+async fn next_presence(client: &mut harness::MqttClient, serial: &str, want: &str) -> Value {
     let topic = format!("json/fleet/{serial}/state");
     let within = secs(30);
     tokio::time::timeout(within, async {
@@ -211,7 +223,8 @@ async fn next_presence(
 
 #[tokio::test]
 async fn a_killed_device_shows_offline_and_a_late_periodic_device_raises_overdue() {
-    let env = TestEnv::new("a_killed_device_shows_offline_and_a_late_periodic_device_raises_overdue");
+    let env =
+        TestEnv::new("a_killed_device_shows_offline_and_a_late_periodic_device_raises_overdue");
     let broker = env
         .broker()
         .args(["--overdue-margin-secs", "1"])
@@ -243,7 +256,10 @@ async fn a_killed_device_shows_offline_and_a_late_periodic_device_raises_overdue
         .start(&broker)
         .await;
     broker
-        .wait_for_log("device schedule learned serial=P1 mode=periodic", deadline())
+        .wait_for_log(
+            "device schedule learned serial=P1 mode=periodic",
+            deadline(),
+        )
         .await;
     p1.kill9().await;
     let overdue = next_presence(&mut crm, "P1", "overdue").await;
@@ -264,10 +280,16 @@ async fn a_killed_device_shows_offline_and_a_late_periodic_device_raises_overdue
         .await;
     next_presence(&mut crm, "P1", "online").await;
     let cleared = crm.next_publish_on("json/fleet/P1/alarm", secs(30)).await;
-    assert!(cleared.payload.is_empty(), "the overdue alarm must clear on check-in");
+    assert!(
+        cleared.payload.is_empty(),
+        "the overdue alarm must clear on check-in"
+    );
     broker
         .wait_for_log("alarm cleared serial=P1", deadline())
         .await;
     let c1_alarms = broker.lines_matching(|l| l.contains("alarm raised serial=C1"));
-    assert!(c1_alarms.is_empty(), "a persistent device is never overdue: {c1_alarms:#?}");
+    assert!(
+        c1_alarms.is_empty(),
+        "a persistent device is never overdue: {c1_alarms:#?}"
+    );
 }

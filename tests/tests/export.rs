@@ -29,7 +29,8 @@ fn parse_csv(text: &str) -> Vec<std::collections::BTreeMap<String, String>> {
 
 #[tokio::test]
 async fn the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent() {
-    let env = TestEnv::new("the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent");
+    let env =
+        TestEnv::new("the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent");
     let from = (chrono::Utc::now() - chrono::Duration::minutes(1))
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let broker = env.broker().start().await;
@@ -47,7 +48,14 @@ async fn the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent
     let mut sent = Vec::new();
     for _ in 0..2 {
         let job = host
-            .submit(&["--serial", "C1", "--kind", "get-data", "--sections", "counters,jams"])
+            .submit(&[
+                "--serial",
+                "C1",
+                "--kind",
+                "get-data",
+                "--sections",
+                "counters,jams",
+            ])
             .await;
         let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
         sent.push((job, detail["data"]["counters"].clone()));
@@ -56,7 +64,8 @@ async fn the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent
     let jams_only = host
         .submit(&["--serial", "C1", "--kind", "get-data", "--sections", "jams"])
         .await;
-    host.wait_for_status(&jams_only, "succeeded", deadline()).await;
+    host.wait_for_status(&jams_only, "succeeded", deadline())
+        .await;
 
     broker
         .wait_for_lines("two counters reports from C2", 2, secs(30), |l| {
@@ -111,14 +120,21 @@ async fn the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent
         .map(|r| r["total"].parse().expect("a number"))
         .collect();
     assert!(
-        c2_rows.iter().all(|r| r["source"] == "report" && r["site"] == "Osaka"),
+        c2_rows
+            .iter()
+            .all(|r| r["source"] == "report" && r["site"] == "Osaka"),
         "{csv}"
     );
-    assert!(totals.windows(2).all(|w| w[0] <= w[1]), "counters never go back: {totals:?}");
+    assert!(
+        totals.windows(2).all(|w| w[0] <= w[1]),
+        "counters never go back: {totals:?}"
+    );
 
     // JSON and a window that excludes everything.
     let json = host
-        .run_ok(["export", "counters", "--from", &from, "--to", &to, "--format", "json"])
+        .run_ok([
+            "export", "counters", "--from", &from, "--to", &to, "--format", "json",
+        ])
         .await;
     let all: Value = serde_json::from_str(&json).expect("JSON");
     assert_eq!(all.as_array().map(Vec::len), Some(rows.len()));

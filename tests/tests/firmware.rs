@@ -28,12 +28,8 @@ struct World {
 
 impl World {
     async fn new(name: &str) -> World {
-        World::with_broker_args(name, &[]).await
-    }
-
-    async fn with_broker_args(name: &str, args: &[&str]) -> World {
         let env = TestEnv::new(name);
-        let broker = env.broker().args(args).start().await;
+        let broker = env.broker().start().await;
         let host = env.host("svc", &broker);
         let keys = host.keys_generate(&env.path("keys")).await;
         World {

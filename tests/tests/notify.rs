@@ -70,7 +70,9 @@ async fn smtp_sink(env: &TestEnv, port: u16) -> Proc {
 
 /// A webhook receiver on `addr`: answers 200 to every request and hands over its body.
 async fn webhook_sink(addr: SocketAddr) -> mpsc::UnboundedReceiver<(String, String)> {
-    let listener = TcpListener::bind(addr).await.expect("bind the webhook sink");
+    let listener = TcpListener::bind(addr)
+        .await
+        .expect("bind the webhook sink");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
@@ -79,13 +81,17 @@ async fn webhook_sink(addr: SocketAddr) -> mpsc::UnboundedReceiver<(String, Stri
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 8192];
                 let (head, body) = loop {
-                    let Ok(n) = stream.read(&mut chunk).await else { return };
+                    let Ok(n) = stream.read(&mut chunk).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
                     buf.extend_from_slice(&chunk[..n]);
                     let text = String::from_utf8_lossy(&buf).into_owned();
-                    let Some(end) = text.find("\r\n\r\n") else { continue };
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
                     let len = text[..end]
                         .lines()
                         .find_map(|l| {
@@ -119,7 +125,8 @@ async fn next_hook(rx: &mut mpsc::UnboundedReceiver<(String, String)>, event: &s
             let (head, body) = rx.recv().await.expect("the webhook sink stopped");
             assert!(head.starts_with("POST /chukei HTTP/1.1"), "{head}");
             assert!(
-                head.to_ascii_lowercase().contains("content-type: application/json"),
+                head.to_ascii_lowercase()
+                    .contains("content-type: application/json"),
                 "{head}"
             );
             let json: Value = serde_json::from_str(&body)
@@ -168,12 +175,7 @@ webhook = "http://127.0.0.1:{hook_port}/chukei"
     .expect("write the broker config");
 
     // Neither the SMTP server nor the webhook receiver is up yet: the notifications wait.
-    let mut first = env
-        .broker()
-        .arg("--config")
-        .arg(&config)
-        .start()
-        .await;
+    let mut first = env.broker().arg("--config").arg(&config).start().await;
     let addr = first.addr();
     let c1 = env.device("C1").site("Kobe").start(&first).await;
     fault(&c1, &["raise", "SC-541"]).await;
@@ -271,7 +273,9 @@ fn metric(text: &str, name: &str) -> f64 {
 async fn a_dead_smtp_server_does_not_slow_an_alarm_and_metrics_show_the_queue() {
     let env = TestEnv::new("a_dead_smtp_server_does_not_slow_an_alarm_and_metrics_show_the_queue");
     // A "mail server" that accepts connections and never says a word.
-    let tarpit = TcpListener::bind("127.0.0.1:0").await.expect("bind the tarpit");
+    let tarpit = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the tarpit");
     let smtp_port = tarpit.local_addr().expect("tarpit address").port();
     tokio::spawn(async move {
         let mut held = Vec::new();
@@ -324,18 +328,27 @@ mail = ["ops@example.com", "oncall@example.com"]
     // The mail is stuck in the tarpit, not lost and not in the way.
     let delivered = broker.lines_matching(|l| l.contains("notification sent"));
     assert!(delivered.is_empty(), "{delivered:#?}");
-    eprintln!("alarm reached watch {} ms after injection, with the SMTP server dead", took.as_millis());
+    eprintln!(
+        "alarm reached watch {} ms after injection, with the SMTP server dead",
+        took.as_millis()
+    );
 
     let text = scrape(metrics_addr).await;
     assert_eq!(metric(&text, "chukei_alarms_active"), 1.0, "{text}");
     assert_eq!(metric(&text, "chukei_notification_queue"), 1.0, "{text}");
     assert!(metric(&text, "chukei_connections_active") >= 2.0, "{text}");
-    assert!(metric(&text, "chukei_redb_commit_seconds_count") >= 1.0, "{text}");
+    assert!(
+        metric(&text, "chukei_redb_commit_seconds_count") >= 1.0,
+        "{text}"
+    );
     assert!(metric(&text, "chukei_messages_total") >= 2.0, "{text}");
     assert_eq!(metric(&text, "chukei_alarms_raised_total"), 1.0, "{text}");
     assert_eq!(metric(&text, "chukei_acl_violations_total"), 0.0, "{text}");
     assert!(text.contains("chukei_jobs{status=\"queued\"} 0"), "{text}");
-    assert!(text.contains("# TYPE chukei_redb_commit_seconds histogram"), "{text}");
+    assert!(
+        text.contains("# TYPE chukei_redb_commit_seconds histogram"),
+        "{text}"
+    );
 
     // A second scrape sees an ACL violation counted.
     let mut rogue = env

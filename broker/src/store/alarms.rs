@@ -74,12 +74,10 @@ impl PresenceRecord {
     }
 }
 
-fn range_of(serial: &str) -> (std::ops::Bound<(&str, &str)>, std::ops::Bound<(&str, &str)>) {
-    // Codes are ASCII (protocol::alarm::check_code), so "\u{7f}" sorts after every one of them.
-    (
-        std::ops::Bound::Included((serial, "")),
-        std::ops::Bound::Included((serial, "\u{7f}")),
-    )
+/// Every key of `serial` in a (serial, code) table. Codes are ASCII
+/// (`protocol::alarm::check_code`), so "\u{7f}" sorts after every one of them.
+fn range_of(serial: &str) -> std::ops::RangeInclusive<(&str, &str)> {
+    (serial, "")..=(serial, "\u{7f}")
 }
 
 impl Txn {
@@ -356,7 +354,7 @@ mod tests {
         };
         txn.put_presence(&c1, &record).unwrap();
         assert!(txn.checkins_due(at(9)).unwrap().is_empty());
-        assert_eq!(txn.checkins_due(at(10)).unwrap(), [c1.clone()]);
+        assert_eq!(txn.checkins_due(at(10)).unwrap(), std::slice::from_ref(&c1));
         record.due_by = Some(at(20));
         txn.put_presence(&c1, &record).unwrap();
         assert!(txn.checkins_due(at(15)).unwrap().is_empty());

@@ -13,6 +13,9 @@ use super::{StoreError, Txn, backend, decode, encode};
 pub(super) const NOTIFY_QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("notify_queue");
 const NEXT_NOTIFICATION: &str = "next_notification";
 
+/// What is due now (with its number), and when the next one is due.
+pub type Due = (Vec<(u64, QueuedNotification)>, Option<Timestamp>);
+
 /// Where a notification goes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "via", rename_all = "kebab-case")]
@@ -62,11 +65,7 @@ impl Txn {
 
     /// Up to `limit` queued notifications due at `now`, oldest first, and the earliest time a
     /// later one is due.
-    pub fn due_notifications(
-        &self,
-        now: Timestamp,
-        limit: usize,
-    ) -> Result<(Vec<(u64, QueuedNotification)>, Option<Timestamp>), StoreError> {
+    pub fn due_notifications(&self, now: Timestamp, limit: usize) -> Result<Due, StoreError> {
         let op = "read the notification queue";
         let table = self.txn.open_table(NOTIFY_QUEUE).map_err(backend(op))?;
         let mut due = Vec::new();

@@ -63,8 +63,11 @@ pub async fn watch_alarms(env: &TestEnv, broker: &Broker, name: &str, json: bool
 /// and in debug mode, so the test can wait for its SUBACK before anything happens.
 pub async fn mosquitto_sub(env: &TestEnv, broker: &Broker, name: &str, filter: &str) -> Proc {
     let crm = env.certs(Role::Integrator, "crm");
-    let mut cmd = Command::new(mosquitto_sub_bin());
-    cmd.args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
+    // Line-buffered: into a pipe, mosquitto_sub's stdio would hold its debug lines back.
+    let mut cmd = Command::new("stdbuf");
+    cmd.arg("-oL")
+        .arg(mosquitto_sub_bin())
+        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
         .arg("--cafile")
         .arg(&crm.ca)
         .arg("--cert")

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 
+mod alarms;
 mod kinds;
 
 const LIMIT: usize = 65536;

@@ -412,6 +412,8 @@ async fn drive_link(
             Err(e) => {
                 failures += 1;
                 stop_failback(&mut failback);
+                // A return the connection did not live to make is void.
+                target.store(NO_TARGET, Ordering::SeqCst);
                 let failed = relays.current().clone();
                 if connected {
                     warn!(serial = %serial, relay = %failed, error = %e, "connection to broker lost; reconnecting");

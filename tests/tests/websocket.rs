@@ -95,6 +95,10 @@ async fn agents_and_a_standard_client_speak_mqtt_over_websocket_with_the_same_id
     broker
         .wait_for_log("websocket listener ready", deadline())
         .await;
+    // A client that connects and says nothing holds only its own task: the handshake (TLS, then
+    // the HTTP upgrade) runs off the accept loop, so everyone below still gets in.
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", broker.ws_port()))
+        .expect("a silent TCP connection to the WebSocket port");
 
     // Both agents over wss:// only.
     let _c1 = env

@@ -45,7 +45,7 @@ async fn one(env: &Env, target: &Target, devices: u32) -> anyhow::Result<Value> 
     let dir = env.run_dir("job-fanout", target)?;
     let n = u64::from(devices);
     let mut server = Server::start(target, &dir, &env.pki, devices as usize + 100).await?;
-    let mut fleet = Fleet::start(server.endpoint, &env.pki, &dir, "F", devices, Work::Jobs { resend_after_ms: 5_000 }, &env.shape).await?;
+    let mut fleet = Fleet::start(server.endpoint, &env.pki, &dir, "F", devices, Work::Jobs { resend_after_ms: super::reports::PACED_RESEND_MS }, &env.shape).await?;
     fleet.command("connect").await?;
     fleet
         .wait_until("devices connected", Duration::from_secs(900), |t, _| t.subscribed >= n)
@@ -76,10 +76,11 @@ async fn one(env: &Env, target: &Target, devices: u32) -> anyhow::Result<Value> 
         let packet = match tokio::time::timeout(Duration::from_secs(1), host.read()).await {
             Ok(p) => p?,
             Err(_) => {
-                // Unanswered for 10 s: resend (the relay deduplicates by msg id).
+                // Unanswered for a minute: resend (the relay deduplicates by msg id). Not sooner:
+                // a slow relay would only get more work.
                 let stale: Vec<(MsgId, u32)> = waiting
                     .iter()
-                    .filter(|(_, (_, at))| at.elapsed() > Duration::from_secs(10))
+                    .filter(|(_, (_, at))| at.elapsed() > Duration::from_secs(60))
                     .map(|(id, (i, _))| (*id, *i))
                     .collect();
                 for (id, i) in stale {

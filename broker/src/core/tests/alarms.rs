@@ -234,7 +234,10 @@ fn presence_follows_sessions_and_a_late_periodic_device_is_overdue_until_it_chec
         .unwrap();
     let view = state_view(&out, "P1");
     assert_eq!(view.presence, Presence::Offline);
-    assert_eq!((view.mode, view.interval_secs), (Some(SessionMode::Periodic), Some(600)));
+    assert_eq!(
+        (view.mode, view.interval_secs),
+        (Some(SessionMode::Periodic), Some(600))
+    );
     // Due: closed at 9:02, every 10 minutes, 1 minute of margin.
     assert_eq!(view.due_by, Some(t(9, 13)));
 
@@ -283,7 +286,10 @@ fn a_periodic_device_connected_at_shutdown_is_expected_back_after_a_restart() {
     assert_eq!(core.presence_startup().unwrap(), 1);
     assert!(core.overdue(t(9, 1)).unwrap().is_empty());
     let out = core.overdue(t(9, 2)).unwrap();
-    assert!(alarm_state(&out, "P1").is_some(), "last seen 9:00 + 60 s + 60 s");
+    assert!(
+        alarm_state(&out, "P1").is_some(),
+        "last seen 9:00 + 60 s + 60 s"
+    );
 }
 
 #[test]
@@ -298,7 +304,13 @@ fn job_ends_queue_their_notices_and_counters_become_readings() {
         .unwrap();
     let j = submitted_job(&out, "svc");
     core.handle_batch(
-        vec![update("C1", 1, &j, JobStatus::Succeeded, Some(counters(4242)))],
+        vec![update(
+            "C1",
+            1,
+            &j,
+            JobStatus::Succeeded,
+            Some(counters(4242)),
+        )],
         t(9, 1),
     )
     .unwrap();
@@ -352,7 +364,10 @@ fn job_ends_queue_their_notices_and_counters_become_readings() {
         HostReply::Error { .. }
     ));
     let out = core
-        .handle_batch(vec![export(Some("x".into()), "2026-11-26T00:00:00Z")], t(10, 0))
+        .handle_batch(
+            vec![export(Some("x".into()), "2026-11-26T00:00:00Z")],
+            t(10, 0),
+        )
         .unwrap();
     assert!(matches!(
         replies(&out, "svc")[0].reply,

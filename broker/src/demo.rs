@@ -14,7 +14,7 @@ use host_agent::upload::{Prepared, upload};
 use host_agent::{ConnectOptions, HostClient};
 use protocol::data::Section;
 use protocol::data::Value;
-use protocol::host::{HostReply, SubmitJob};
+use protocol::host::{HostReply, HostRequest, SubmitJob};
 use protocol::job::{JobStatus, JobView};
 use protocol::url::BrokerUrl;
 use protocol::{HostId, Role};
@@ -153,6 +153,7 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
 
     let outcome = follow(&host, &jobs, &stop).await?;
     print_counters(&host, &jobs).await?;
+    show_emergency(&host, &serials[serials.len() - 1]).await?;
 
     let code = if once {
         match outcome {
@@ -192,6 +193,33 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
 }
 
 const FIRMWARE_VERSION: &str = "2.0.0";
+/// A fatal service call (drive motor failure): Fig. 5's emergency.
+const FATAL_CODE: &str = "SC-541";
+
+/// Fig. 5: one copier detects a fatal fault; the alarm reaches the relay at once (through the
+/// device's outbox) and every host sees it.
+async fn show_emergency(host: &HostClient, serial: &protocol::Serial) -> anyhow::Result<()> {
+    device_agent::faults::inject(serial, device_agent::faults::FaultRequest::raise(FATAL_CODE))
+        .map_err(|e| anyhow::anyhow!("injecting a fault into {serial}: {e}"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = host
+            .request(HostRequest::Alarms { all: false, serial: Some(serial.to_string()) })
+            .await?;
+        if let HostReply::Alarms { alarms } = reply
+            && let Some(alarm) = alarms.iter().find(|a| a.code == FATAL_CODE)
+        {
+            let latency = (alarm.received_at - alarm.raised_at).num_milliseconds();
+            println!(
+                "\nEmergency: {} on {} ({}): {} {:?}, at the relay {latency} ms after the device detected it",
+                alarm.id, alarm.serial, alarm.site, alarm.code, alarm.status
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the injected fault never reached the relay");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 fn submitted(reply: HostReply) -> anyhow::Result<String> {
     match reply {

@@ -199,12 +199,18 @@ const FATAL_CODE: &str = "SC-541";
 /// Fig. 5: one copier detects a fatal fault; the alarm reaches the relay at once (through the
 /// device's outbox) and every host sees it.
 async fn show_emergency(host: &HostClient, serial: &protocol::Serial) -> anyhow::Result<()> {
-    device_agent::faults::inject(serial, device_agent::faults::FaultRequest::raise(FATAL_CODE))
-        .map_err(|e| anyhow::anyhow!("injecting a fault into {serial}: {e}"))?;
+    device_agent::faults::inject(
+        serial,
+        device_agent::faults::FaultRequest::raise(FATAL_CODE),
+    )
+    .map_err(|e| anyhow::anyhow!("injecting a fault into {serial}: {e}"))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let reply = host
-            .request(HostRequest::Alarms { all: false, serial: Some(serial.to_string()) })
+            .request(HostRequest::Alarms {
+                all: false,
+                serial: Some(serial.to_string()),
+            })
             .await?;
         if let HostReply::Alarms { alarms } = reply
             && let Some(alarm) = alarms.iter().find(|a| a.code == FATAL_CODE)
@@ -216,7 +222,10 @@ async fn show_emergency(host: &HostClient, serial: &protocol::Serial) -> anyhow:
             );
             return Ok(());
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the injected fault never reached the relay");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the injected fault never reached the relay"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -103,7 +103,7 @@ impl Fleet {
                             let i = s.index;
                             tx.send_modify(|v| {
                                 if let Some(slot) = v.get_mut(i) {
-                                    *slot = s;
+                                    *slot = *s;
                                 }
                             });
                         }
@@ -121,9 +121,11 @@ impl Fleet {
             readers,
         };
         fleet
-            .wait_until("load processes ready", Duration::from_secs(300), |_, all| {
-                all.iter().all(|s| s.ready)
-            })
+            .wait_until(
+                "load processes ready",
+                Duration::from_secs(300),
+                |_, all| all.iter().all(|s| s.ready),
+            )
             .await?;
         Ok(fleet)
     }
@@ -160,7 +162,10 @@ impl Fleet {
             }
             let left = limit.saturating_sub(started.elapsed());
             if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
-                bail!("{what}: not reached within {limit:?}; load totals: {:?}", self.total());
+                bail!(
+                    "{what}: not reached within {limit:?}; load totals: {:?}",
+                    self.total()
+                );
             }
         }
     }

@@ -49,6 +49,9 @@ impl Histogram {
             return 0;
         }
         let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        if rank == self.count {
+            return self.max;
+        }
         let mut seen = 0;
         for (k, v) in &self.buckets {
             seen += v;
@@ -64,7 +67,7 @@ impl Histogram {
         let ms = |us: u64| (us as f64 / 1000.0 * 100.0).round() / 100.0;
         serde_json::json!({
             "count": self.count,
-            "mean_ms": if self.count == 0 { 0.0 } else { ms(self.sum / self.count) },
+            "mean_ms": self.sum.checked_div(self.count).map(ms).unwrap_or(0.0),
             "p50_ms": ms(self.quantile(0.50)),
             "p90_ms": ms(self.quantile(0.90)),
             "p99_ms": ms(self.quantile(0.99)),

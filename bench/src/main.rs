@@ -287,7 +287,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         devices: s(10, 1_000),
                         window: if smoke { 4 } else { 32 },
                         secs,
-                        rates: if smoke { vec![50.0] } else { vec![2_000.0, 5_000.0, 10_000.0, 20_000.0] },
+                        rates: if smoke {
+                            vec![50.0]
+                        } else {
+                            vec![2_000.0, 5_000.0, 10_000.0, 20_000.0]
+                        },
                     },
                 )
                 .await?,
@@ -337,8 +341,8 @@ mod tests {
 
     #[test]
     fn targets_parse_including_another_chukei_build() {
-        let t = servers::parse_targets(&["chukei".into(), "chukei@before=/tmp/broker".into()])
-            .unwrap();
+        let t =
+            servers::parse_targets(&["chukei".into(), "chukei@before=/tmp/broker".into()]).unwrap();
         assert_eq!(t[1].name, "before");
         assert_eq!(t[1].binary, PathBuf::from("/tmp/broker"));
         assert!(servers::parse_targets(&["bogus".into()]).is_err());

@@ -9,10 +9,17 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// What the load generator reads from a broker.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
-    ConnAck { code: u8 },
-    SubAck { pkid: u16, codes: Vec<u8> },
+    ConnAck {
+        code: u8,
+    },
+    SubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
     Publish(Publish),
-    PubAck { pkid: u16 },
+    PubAck {
+        pkid: u16,
+    },
     PingResp,
     /// Anything else a broker may send that the load generator ignores (UNSUBACK, PUBREC…).
     Other(u8),
@@ -232,7 +239,8 @@ mod tests {
 
     #[test]
     fn acks_decode() {
-        let mut buf = BytesMut::from(&[0x20, 2, 0, 0, 0x90, 3, 0, 1, 1, 0x40, 2, 0, 9, 0xd0, 0][..]);
+        let mut buf =
+            BytesMut::from(&[0x20, 2, 0, 0, 0x90, 3, 0, 1, 1, 0x40, 2, 0, 9, 0xd0, 0][..]);
         assert_eq!(
             decode(&mut buf).unwrap(),
             Some(Incoming::ConnAck { code: 0 })

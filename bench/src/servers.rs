@@ -92,7 +92,10 @@ pub fn parse_targets(list: &[String]) -> anyhow::Result<Vec<Target>> {
                 binary: mosquitto_binary(),
                 env: Vec::new(),
             },
-            other => match other.strip_prefix("chukei@").and_then(|r| r.split_once('=')) {
+            other => match other
+                .strip_prefix("chukei@")
+                .and_then(|r| r.split_once('='))
+            {
                 Some((name, path)) => Target {
                     name: name.to_owned(),
                     kind: Kind::Chukei,
@@ -261,9 +264,13 @@ impl Server {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {} ({})", self.target, self.target.binary.display()))?;
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "starting {} ({})",
+                self.target,
+                self.target.binary.display()
+            )
+        })?;
         self.child = Some(child);
         self.wait_ready(&ready).await
     }
@@ -284,13 +291,19 @@ impl Server {
             }
             let up = match self.target.kind {
                 Kind::Chukei => ready.exists(),
-                _ => tokio::net::TcpStream::connect(self.endpoint.addr).await.is_ok(),
+                _ => tokio::net::TcpStream::connect(self.endpoint.addr)
+                    .await
+                    .is_ok(),
             };
             if up {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{} not ready within 60 s; see {}", self.target, self.log_path().display());
+                bail!(
+                    "{} not ready within 60 s; see {}",
+                    self.target,
+                    self.log_path().display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -176,7 +176,7 @@ pub struct Final {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Line {
-    Status(Status),
+    Status(Box<Status>),
     Final(Box<Final>),
 }
 
@@ -280,7 +280,9 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
                 tick.tick().await;
-                print_line(&Line::Status(ctx.stats.snapshot(ctx.spec.index, true)));
+                print_line(&Line::Status(Box::new(
+                    ctx.stats.snapshot(ctx.spec.index, true),
+                )));
             }
         })
     };
@@ -321,11 +323,7 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         let _ = t.await;
     }
     printer.abort();
-    let (connect, latency) = ctx
-        .hists
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_default();
+    let (connect, latency) = ctx.hists.lock().map(|h| h.clone()).unwrap_or_default();
     print_line(&Line::Final(Box::new(Final {
         status: ctx.stats.snapshot(ctx.spec.index, true),
         connect,
@@ -408,7 +406,8 @@ async fn device(ctx: Arc<Ctx>, i: u32, tls: Option<Arc<ClientConfig>>) {
         };
         let started = Instant::now();
         let attempt = timeout(Duration::from_secs(30), async {
-            let mut conn = Conn::open(ctx.spec.endpoint, source, tls.as_ref(), serial.as_str()).await?;
+            let mut conn =
+                Conn::open(ctx.spec.endpoint, source, tls.as_ref(), serial.as_str()).await?;
             conn.subscribe(&filters).await?;
             anyhow::Ok(conn)
         })
@@ -569,10 +568,13 @@ fn on_phase(ctx: &Ctx, conn: &mut Conn, up: &str, ob: &mut Outbox, phase: Phase,
             }
         }
         (Work::Reports { .. }, Phase::Verify) => verify_more(ctx, conn, up, ob),
-        (Work::PubSub {
-            window,
-            payload_bytes,
-        }, Phase::Run) => {
+        (
+            Work::PubSub {
+                window,
+                payload_bytes,
+            },
+            Phase::Run,
+        ) => {
             while ob.inflight < *window {
                 pubsub_send(conn, up, ob, *payload_bytes);
             }
@@ -669,9 +671,8 @@ fn on_packet(
     phase: Phase,
     paced: bool,
 ) {
-    match packet {
-        Incoming::Publish(p) => on_publish(ctx, conn, up, ack, ob, p),
-        _ => {}
+    if let Incoming::Publish(p) = packet {
+        on_publish(ctx, conn, up, ack, ob, p);
     }
     if let Work::PubSub {
         window,
@@ -747,7 +748,9 @@ fn on_acks(ctx: &Ctx, ob: &mut Outbox, payload: &Bytes, now: u64) {
             }
             if let Pending::Job(_) = pending {
                 inc(&ctx.stats.jobs_acked);
-                ctx.stats.last_job_acked_us.fetch_max(now, Ordering::Relaxed);
+                ctx.stats
+                    .last_job_acked_us
+                    .fetch_max(now, Ordering::Relaxed);
             }
         } else if ob.vout.remove(&ack.id).is_some() {
             dec(&ctx.stats.verify_outstanding);

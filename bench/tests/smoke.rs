@@ -51,7 +51,9 @@ fn run(scenario: &str, all_plain: bool, args: &[&str]) -> Value {
     let v: Value = serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("bench {scenario} printed no JSON ({e}):\n{stdout}\n{stderr}"));
     assert_eq!(v["scenario"], scenario);
-    for key in ["params", "machine", "versions", "results", "goal", "command"] {
+    for key in [
+        "params", "machine", "versions", "results", "goal", "command",
+    ] {
         assert!(!v[key].is_null(), "{scenario}: no {key:?} in {v}");
     }
     assert!(v["machine"]["cores"].as_u64().unwrap_or(0) >= 1);
@@ -72,7 +74,11 @@ fn num(v: &Value, key: &str) -> f64 {
 
 #[test]
 fn idle_connections_connects_every_device_on_every_relay() {
-    let v = run("idle-connections", true, &["--devices", "30", "--idle-secs", "1"]);
+    let v = run(
+        "idle-connections",
+        true,
+        &["--devices", "30", "--idle-secs", "1"],
+    );
     assert!(v["results"].as_object().unwrap().len() >= 3);
     for (name, r) in each_result(&v) {
         assert_eq!(r["connected"], 30, "{name}: {r}");
@@ -97,7 +103,16 @@ fn durable_reports_are_all_acked_and_held_after_a_restart() {
     let v = run(
         "durable-reports",
         false,
-        &["--devices", "8", "--window", "4", "--secs", "1", "--rates", "40,80"],
+        &[
+            "--devices",
+            "8",
+            "--window",
+            "4",
+            "--secs",
+            "1",
+            "--rates",
+            "40,80",
+        ],
     );
     let r = &v["results"]["chukei"];
     assert!(num(r, "max_acked_per_s") > 0.0, "{r}");
@@ -120,8 +135,16 @@ fn alarm_latency_reaches_host_and_integrator() {
         "alarm-latency",
         false,
         &[
-            "--idle", "10", "--reporters", "5", "--report-rate", "50", "--samples", "10",
-            "--interval-ms", "20",
+            "--idle",
+            "10",
+            "--reporters",
+            "5",
+            "--report-rate",
+            "50",
+            "--samples",
+            "10",
+            "--interval-ms",
+            "20",
         ],
     );
     let r = &v["results"]["chukei"];

@@ -68,7 +68,10 @@ fn per_item(heap: i64, rss: i64, n: usize) -> serde_json::Value {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "bench-memory", about = "Heap bytes per idle session, layer by layer")]
+#[command(
+    name = "bench-memory",
+    about = "Heap bytes per idle session, layer by layer"
+)]
 struct Cli {
     /// How many of each to create (the figure is the average).
     #[arg(long, default_value_t = 2_000)]
@@ -131,7 +134,9 @@ fn router_links(n: usize) -> anyhow::Result<serde_json::Value> {
     for i in 0..n {
         let serial = format!("B{i:06}");
         let (mut tx, rx) = broker.link(&serial)?;
-        tx.subscribe(protocol::topic::dev_jobs_filter(&protocol::Serial::parse(&serial)?))?;
+        tx.subscribe(protocol::topic::dev_jobs_filter(&protocol::Serial::parse(
+            &serial,
+        )?))?;
         tx.subscribe(protocol::topic::dev_ack(&protocol::Serial::parse(&serial)?))?;
         keep.push((tx, rx));
     }

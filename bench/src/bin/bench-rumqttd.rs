@@ -12,7 +12,10 @@ use clap::Parser;
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "bench-rumqttd", about = "Bare rumqttd for the chukei benchmark")]
+#[command(
+    name = "bench-rumqttd",
+    about = "Bare rumqttd for the chukei benchmark"
+)]
 struct Cli {
     /// Address of the MQTT v4 listener.
     #[arg(long)]

@@ -87,14 +87,33 @@ async fn watch(mut conn: Conn, sends: Sends, hist: Arc<Mutex<Hist>>, stop: Cance
 /// The sample number in `…alarm-N-…`.
 fn marker(payload: &[u8]) -> Option<usize> {
     let at = payload.windows(6).position(|w| w == b"alarm-")? + 6;
-    let digits: Vec<u8> = payload[at..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
+    let digits: Vec<u8> = payload[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .copied()
+        .collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
 async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     let dir = env.run_dir("alarm-latency", target)?;
-    let mut server = Server::start(target, &dir, &env.pki, (p.idle + p.reporters) as usize + 100).await?;
-    let mut idle = Fleet::start(server.endpoint, &env.pki, &dir, "I", p.idle, Work::Idle { announce: false }, &env.shape).await?;
+    let mut server = Server::start(
+        target,
+        &dir,
+        &env.pki,
+        (p.idle + p.reporters) as usize + 100,
+    )
+    .await?;
+    let mut idle = Fleet::start(
+        server.endpoint,
+        &env.pki,
+        &dir,
+        "I",
+        p.idle,
+        Work::Idle { announce: false },
+        &env.shape,
+    )
+    .await?;
     let mut reporters = Fleet::start(
         server.endpoint,
         &env.pki,
@@ -111,9 +130,18 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     .await?;
     idle.command("connect").await?;
     reporters.command("connect").await?;
-    idle.wait_until("idle devices connected", Duration::from_secs(900), |t, _| t.subscribed >= u64::from(p.idle)).await?;
+    idle.wait_until(
+        "idle devices connected",
+        Duration::from_secs(900),
+        |t, _| t.subscribed >= u64::from(p.idle),
+    )
+    .await?;
     reporters
-        .wait_until("reporting devices connected", Duration::from_secs(600), |t, _| t.subscribed >= u64::from(p.reporters))
+        .wait_until(
+            "reporting devices connected",
+            Duration::from_secs(600),
+            |t, _| t.subscribed >= u64::from(p.reporters),
+        )
         .await?;
     reporters.command("run").await?;
 
@@ -130,7 +158,10 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     let mut device = Conn::open(server.endpoint, source, Some(&dev_tls), serial.as_str()).await?;
 
     let sends: Sends = Arc::new(Mutex::new(Vec::new()));
-    let (host_h, crm_h) = (Arc::new(Mutex::new(Hist::default())), Arc::new(Mutex::new(Hist::default())));
+    let (host_h, crm_h) = (
+        Arc::new(Mutex::new(Hist::default())),
+        Arc::new(Mutex::new(Hist::default())),
+    );
     let stop = CancellationToken::new();
     let tasks = [
         tokio::spawn(watch(host, sends.clone(), host_h.clone(), stop.clone())),
@@ -165,7 +196,11 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     // Give the last samples time to arrive.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while tokio::time::Instant::now() < deadline {
-        let done = |h: &Arc<Mutex<Hist>>| h.lock().map(|h| h.count() >= u64::from(p.samples)).unwrap_or(true);
+        let done = |h: &Arc<Mutex<Hist>>| {
+            h.lock()
+                .map(|h| h.count() >= u64::from(p.samples))
+                .unwrap_or(true)
+        };
         if done(&host_h) && done(&crm_h) {
             break;
         }

@@ -45,10 +45,23 @@ async fn one(env: &Env, target: &Target, devices: u32) -> anyhow::Result<Value> 
     let dir = env.run_dir("job-fanout", target)?;
     let n = u64::from(devices);
     let mut server = Server::start(target, &dir, &env.pki, devices as usize + 100).await?;
-    let mut fleet = Fleet::start(server.endpoint, &env.pki, &dir, "F", devices, Work::Jobs { resend_after_ms: super::reports::PACED_RESEND_MS }, &env.shape).await?;
+    let mut fleet = Fleet::start(
+        server.endpoint,
+        &env.pki,
+        &dir,
+        "F",
+        devices,
+        Work::Jobs {
+            resend_after_ms: super::reports::PACED_RESEND_MS,
+        },
+        &env.shape,
+    )
+    .await?;
     fleet.command("connect").await?;
     fleet
-        .wait_until("devices connected", Duration::from_secs(900), |t, _| t.subscribed >= n)
+        .wait_until("devices connected", Duration::from_secs(900), |t, _| {
+            t.subscribed >= n
+        })
         .await?;
 
     let host_id = HostId::parse("bench-host")?;
@@ -113,9 +126,11 @@ async fn one(env: &Env, target: &Target, devices: u32) -> anyhow::Result<Value> 
         }
     }
     let all = fleet
-        .wait_until("every device has its job and its ack", Duration::from_secs(600), |t, _| {
-            t.jobs_received >= n && t.jobs_acked >= n
-        })
+        .wait_until(
+            "every device has its job and its ack",
+            Duration::from_secs(600),
+            |t, _| t.jobs_received >= n && t.jobs_acked >= n,
+        )
         .await;
     let (cpu_secs, _, busy) = cpu.read();
     let total = fleet.total();

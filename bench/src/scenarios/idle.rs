@@ -25,8 +25,14 @@ pub async fn run(
         results.insert(target.name.clone(), r);
     }
     let mut r = Map::new();
-    r.insert("rss_per_connection_kib".into(), ratios(&results, targets, "rss_per_connection_kib"));
-    r.insert("connect_rate_per_s".into(), ratios(&results, targets, "connect_rate_per_s"));
+    r.insert(
+        "rss_per_connection_kib".into(),
+        ratios(&results, targets, "rss_per_connection_kib"),
+    );
+    r.insert(
+        "connect_rate_per_s".into(),
+        ratios(&results, targets, "connect_rate_per_s"),
+    );
     Ok(report(
         "idle-connections",
         json!({ "devices": devices, "idle_secs": idle_secs, "announce_state_on_connect": announce }),
@@ -50,7 +56,16 @@ async fn one(
     let acked = announce && target.kind == Kind::Chukei;
     let dir = env.run_dir("idle-connections", target)?;
     let mut server = Server::start(target, &dir, &env.pki, devices as usize + 100).await?;
-    let mut fleet = Fleet::start(server.endpoint, &env.pki, &dir, "B", devices, Work::Idle { announce }, &env.shape).await?;
+    let mut fleet = Fleet::start(
+        server.endpoint,
+        &env.pki,
+        &dir,
+        "B",
+        devices,
+        Work::Idle { announce },
+        &env.shape,
+    )
+    .await?;
     settle().await;
     let rss_before = server.rss_kib();
     let cpu = CpuMeter::start(server.pid());
@@ -58,7 +73,8 @@ async fn one(
     fleet.command("connect").await?;
     let waited = fleet
         .wait_until("all devices connected", Duration::from_secs(900), |t, _| {
-            t.subscribed >= u64::from(devices) && (!acked || t.stored + t.duplicate >= u64::from(devices))
+            t.subscribed >= u64::from(devices)
+                && (!acked || t.stored + t.duplicate >= u64::from(devices))
         })
         .await;
     let (ramp_cpu, _, machine_busy) = cpu.read();

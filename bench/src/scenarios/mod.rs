@@ -103,7 +103,12 @@ pub async fn report(
 
 /// `a / b` of a numeric field in two targets' results, when both exist.
 pub fn ratio(results: &Map<String, Value>, field: &str, a: &str, b: &str) -> Value {
-    let get = |t: &str| results.get(t).and_then(|r| r.get(field)).and_then(Value::as_f64);
+    let get = |t: &str| {
+        results
+            .get(t)
+            .and_then(|r| r.get(field))
+            .and_then(Value::as_f64)
+    };
     match (get(a), get(b)) {
         (Some(x), Some(y)) if y > 0.0 => json!(procfs::r2(x / y)),
         _ => Value::Null,

@@ -48,11 +48,25 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     let dir = env.run_dir("pubsub-throughput", target)?;
     let n = u64::from(p.devices);
     let mut server = Server::start(target, &dir, &env.pki, p.devices as usize + 100).await?;
-    let work = Work::PubSub { window: p.window, payload_bytes: p.payload };
-    let mut fleet = Fleet::start(server.endpoint, &env.pki, &dir, "T", p.devices, work, &env.shape).await?;
+    let work = Work::PubSub {
+        window: p.window,
+        payload_bytes: p.payload,
+    };
+    let mut fleet = Fleet::start(
+        server.endpoint,
+        &env.pki,
+        &dir,
+        "T",
+        p.devices,
+        work,
+        &env.shape,
+    )
+    .await?;
     fleet.command("connect").await?;
     fleet
-        .wait_until("devices connected", Duration::from_secs(300), |t, _| t.subscribed >= n)
+        .wait_until("devices connected", Duration::from_secs(300), |t, _| {
+            t.subscribed >= n
+        })
         .await?;
     fleet.command("run").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;

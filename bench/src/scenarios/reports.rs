@@ -66,14 +66,37 @@ async fn one(env: &Env, target: &Target, p: &Params) -> anyhow::Result<Value> {
     let dir = env.run_dir("durable-reports", target)?;
     let n = u64::from(p.devices);
     let fleets_needed = 1 + p.rates.len();
-    let mut server = Server::start(target, &dir, &env.pki, fleets_needed * p.devices as usize + 100).await?;
+    let mut server = Server::start(
+        target,
+        &dir,
+        &env.pki,
+        fleets_needed * p.devices as usize + 100,
+    )
+    .await?;
 
     // Max: closed loop.
-    let work = Work::Reports { window: p.window, rate_per_device: 0.0, resend_after_ms: 5_000 };
-    let mut max_fleet = Fleet::start(server.endpoint, &env.pki, &dir, "R", p.devices, work, &env.shape).await?;
+    let work = Work::Reports {
+        window: p.window,
+        rate_per_device: 0.0,
+        resend_after_ms: 5_000,
+    };
+    let mut max_fleet = Fleet::start(
+        server.endpoint,
+        &env.pki,
+        &dir,
+        "R",
+        p.devices,
+        work,
+        &env.shape,
+    )
+    .await?;
     max_fleet.command("connect").await?;
     max_fleet
-        .wait_until("reporting devices connected", Duration::from_secs(600), |t, _| t.subscribed >= n)
+        .wait_until(
+            "reporting devices connected",
+            Duration::from_secs(600),
+            |t, _| t.subscribed >= n,
+        )
         .await?;
     max_fleet.command("run").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -84,7 +107,9 @@ async fn one(env: &Env, target: &Target, p: &Params) -> anyhow::Result<Value> {
     let s1 = max_fleet.total();
     max_fleet.command("finish").await?;
     max_fleet
-        .wait_until("max phase drained", Duration::from_secs(300), |t, _| t.outstanding == 0)
+        .wait_until("max phase drained", Duration::from_secs(300), |t, _| {
+            t.outstanding == 0
+        })
         .await?;
     let max_rate = (s1.stored + s1.duplicate - s0.stored - s0.duplicate) as f64 / p.secs as f64;
 
@@ -98,10 +123,23 @@ async fn one(env: &Env, target: &Target, p: &Params) -> anyhow::Result<Value> {
             resend_after_ms: PACED_RESEND_MS,
         };
         let prefix = format!("P{i}");
-        let mut fleet = Fleet::start(server.endpoint, &env.pki, &dir, &prefix, p.devices, work, &env.shape).await?;
+        let mut fleet = Fleet::start(
+            server.endpoint,
+            &env.pki,
+            &dir,
+            &prefix,
+            p.devices,
+            work,
+            &env.shape,
+        )
+        .await?;
         fleet.command("connect").await?;
         fleet
-            .wait_until("paced devices connected", Duration::from_secs(600), |t, _| t.subscribed >= n)
+            .wait_until(
+                "paced devices connected",
+                Duration::from_secs(600),
+                |t, _| t.subscribed >= n,
+            )
             .await?;
         fleet.command("run").await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -112,7 +150,9 @@ async fn one(env: &Env, target: &Target, p: &Params) -> anyhow::Result<Value> {
         let q1 = fleet.total();
         fleet.command("finish").await?;
         fleet
-            .wait_until("paced phase drained", Duration::from_secs(300), |t, _| t.outstanding == 0)
+            .wait_until("paced phase drained", Duration::from_secs(300), |t, _| {
+                t.outstanding == 0
+            })
             .await?;
         let acked = (q1.stored + q1.duplicate - q0.stored - q0.duplicate) as f64 / p.secs as f64;
         paced.push((*rate, acked, cpu_pct));
@@ -123,15 +163,21 @@ async fn one(env: &Env, target: &Target, p: &Params) -> anyhow::Result<Value> {
     let (down, up) = server.restart().await?;
     for fleet in fleets.iter_mut() {
         fleet
-            .wait_until("devices back after restart", Duration::from_secs(600), |t, _| t.subscribed >= n)
+            .wait_until(
+                "devices back after restart",
+                Duration::from_secs(600),
+                |t, _| t.subscribed >= n,
+            )
             .await?;
         fleet.command("verify").await?;
     }
     for fleet in &fleets {
         fleet
-            .wait_until("verify resends answered", Duration::from_secs(900), |t, _| {
-                t.verify_sent == t.sent && t.verify_outstanding == 0
-            })
+            .wait_until(
+                "verify resends answered",
+                Duration::from_secs(900),
+                |t, _| t.verify_sent == t.sent && t.verify_outstanding == 0,
+            )
             .await?;
     }
     let mut finals = Vec::new();

@@ -11,7 +11,12 @@ use crate::procfs::{CpuMeter, r2};
 use crate::servers::{Kind, Server, Target};
 use crate::worker::{Work, now_us};
 
-pub async fn run(env: &Env, targets: &[Target], devices: u32, announce: bool) -> anyhow::Result<Value> {
+pub async fn run(
+    env: &Env,
+    targets: &[Target],
+    devices: u32,
+    announce: bool,
+) -> anyhow::Result<Value> {
     let mut results = Map::new();
     for target in targets {
         eprintln!("bench: reconnect-storm: {target}, {devices} devices");
@@ -37,7 +42,16 @@ async fn one(env: &Env, target: &Target, devices: u32, announce: bool) -> anyhow
     let dir = env.run_dir("reconnect-storm", target)?;
     let n = u64::from(devices);
     let mut server = Server::start(target, &dir, &env.pki, devices as usize + 100).await?;
-    let mut fleet = Fleet::start(server.endpoint, &env.pki, &dir, "S", devices, Work::Idle { announce }, &env.shape).await?;
+    let mut fleet = Fleet::start(
+        server.endpoint,
+        &env.pki,
+        &dir,
+        "S",
+        devices,
+        Work::Idle { announce },
+        &env.shape,
+    )
+    .await?;
     fleet.command("connect").await?;
     let first = fleet
         .wait_until("all devices connected", Duration::from_secs(900), |t, _| {

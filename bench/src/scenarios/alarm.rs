@@ -2,15 +2,16 @@
 //! integrator on the JSON mirror, while the relay carries background load (idle devices and
 //! devices sending durable reports).
 //!
-//! chukei has no alarm message yet (issue 4). Until it does, the "alarm" is a device state
-//! message: it takes the path an alarm will take, device → gateway → core → redb commit → the
-//! retained view `fleet/S/state` and its JSON mirror `json/fleet/S/state`. Each sample carries a
-//! marker (`alarm-N-`) that reads the same in CBOR and in JSON.
+//! Each sample is a fatal fault raised on `dev/S/up/alarm` (an `AlarmReport`, through the relay's
+//! commit like any report), timed until it shows in the retained view of active alarms
+//! `fleet/S/alarm` (the host, CBOR) and its mirror `json/fleet/S/alarm` (the integrator, JSON). The
+//! fault code carries a marker (`alarm-N-`) that reads the same in CBOR and in JSON; the previous
+//! sample's fault is cleared right after, so the view stays small.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use protocol::device::DeviceState;
+use protocol::alarm::{AlarmReport, FaultEvent};
 use protocol::topic::{self, UpKind};
 use protocol::{Envelope, Role, Serial};
 use serde_json::{Map, Value, json};
@@ -47,7 +48,7 @@ pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Val
         json!({
             "idle_devices": p.idle, "reporting_devices": p.reporters,
             "background_reports_per_s": p.report_rate, "samples": p.samples, "interval_ms": p.interval_ms,
-            "path": "dev/S/up/state → commit → fleet/S/state (host, CBOR) and json/fleet/S/state (integrator, JSON); a stand-in until issue 4 adds alarms",
+            "path": "dev/S/up/alarm (raised) → commit → fleet/S/alarm (host, CBOR) and json/fleet/S/alarm (integrator, JSON)",
         }),
         &targets,
         results,
@@ -62,6 +63,7 @@ type Sends = Arc<Mutex<Vec<u64>>>;
 
 /// Reads views until `stop`, timing each marker against its send time.
 async fn watch(mut conn: Conn, sends: Sends, hist: Arc<Mutex<Hist>>, stop: CancellationToken) {
+    let mut seen = std::collections::HashSet::new();
     loop {
         let packet = tokio::select! {
             () = stop.cancelled() => return,
@@ -73,8 +75,11 @@ async fn watch(mut conn: Conn, sends: Sends, hist: Arc<Mutex<Hist>>, stop: Cance
                 mqtt::puback(&mut conn.wbuf, p.pkid);
                 let _ = conn.flush().await;
             }
-            if let Some(n) = marker(&p.payload) {
-                let now = now_us();
+            let now = now_us();
+            for n in markers(&p.payload) {
+                if !seen.insert(n) {
+                    continue;
+                }
                 let sent = sends.lock().ok().and_then(|s| s.get(n).copied());
                 if let (Some(sent), Ok(mut h)) = (sent, hist.lock()) {
                     h.record(now.saturating_sub(sent));
@@ -84,15 +89,40 @@ async fn watch(mut conn: Conn, sends: Sends, hist: Arc<Mutex<Hist>>, stop: Cance
     }
 }
 
-/// The sample number in `…alarm-N-…`.
-fn marker(payload: &[u8]) -> Option<usize> {
-    let at = payload.windows(6).position(|w| w == b"alarm-")? + 6;
-    let digits: Vec<u8> = payload[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .copied()
-        .collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
+/// Every sample number `N` in `…alarm-N-…` (a view lists each active alarm).
+fn markers(payload: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut rest = payload;
+    while let Some(at) = rest.windows(6).position(|w| w == b"alarm-") {
+        rest = &rest[at + 6..];
+        let digits: Vec<u8> = rest
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .copied()
+            .collect();
+        if let Some(n) = std::str::from_utf8(&digits)
+            .ok()
+            .and_then(|d| d.parse().ok())
+        {
+            out.push(n);
+        }
+    }
+    out
+}
+
+/// A fatal fault, raised or cleared, with the sample's marker as its code.
+fn fault(n: usize, event: FaultEvent) -> anyhow::Result<Vec<u8>> {
+    let now = chrono::Utc::now();
+    let report = AlarmReport {
+        code: format!("alarm-{n}-fatal"),
+        event,
+        detail: "bench".into(),
+        at: now,
+        total: None,
+    };
+    // Ids: 2n+1 raises sample n, 2n+2 clears it.
+    let id = 2 * n as u64 + if event == FaultEvent::Cleared { 2 } else { 1 };
+    Ok(Envelope::new(id, now, report).to_cbor()?)
 }
 
 async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
@@ -152,9 +182,9 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     let host_tls = minter.client(Role::Host, "bench-host")?;
     let crm_tls = minter.client(Role::Integrator, "bench-crm")?;
     let mut host = Conn::open(server.endpoint, source, Some(&host_tls), "bench-host:alarm").await?;
-    host.subscribe(&[topic::fleet_state(&serial)]).await?;
+    host.subscribe(&[topic::fleet_alarm(&serial)]).await?;
     let mut crm = Conn::open(server.endpoint, source, Some(&crm_tls), "bench-crm").await?;
-    crm.subscribe(&[topic::json_fleet_state(&serial)]).await?;
+    crm.subscribe(&[topic::json_fleet_alarm(&serial)]).await?;
     let mut device = Conn::open(server.endpoint, source, Some(&dev_tls), serial.as_str()).await?;
 
     let sends: Sends = Arc::new(Mutex::new(Vec::new()));
@@ -170,22 +200,23 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu = CpuMeter::start(server.pid());
     let r0 = reporters.total();
-    let up = topic::dev_up(&serial, UpKind::State);
+    let up = topic::dev_up(&serial, UpKind::Alarm);
     let mut tick = tokio::time::interval(Duration::from_millis(p.interval_ms));
     for n in 0..p.samples as usize {
         tick.tick().await;
-        let state = DeviceState {
-            site: "bench".into(),
-            model: "alarm".into(),
-            firmware: format!("alarm-{n}-fatal"),
-        };
-        let payload = Envelope::new(n as u64 + 1, chrono::Utc::now(), state).to_cbor()?;
+        let raise = fault(n, FaultEvent::Raised)?;
         if let Ok(mut s) = sends.lock() {
             s.push(now_us());
         }
         let pkid = device.next_pkid();
-        mqtt::publish(&mut device.wbuf, up.as_bytes(), 1, pkid, &payload);
+        mqtt::publish(&mut device.wbuf, up.as_bytes(), 1, pkid, &raise);
         device.flush().await?;
+        if n > 0 {
+            let clear = fault(n - 1, FaultEvent::Cleared)?;
+            let pkid = device.next_pkid();
+            mqtt::publish(&mut device.wbuf, up.as_bytes(), 1, pkid, &clear);
+            device.flush().await?;
+        }
         // Drain PUBACKs and acks already here, without waiting.
         while let Ok(Some(_)) = device.buffered() {}
         let _ = tokio::time::timeout(Duration::from_millis(1), device.read()).await;
@@ -232,8 +263,11 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
 mod tests {
     #[test]
     fn markers_read_the_same_in_cbor_and_json() {
-        assert_eq!(super::marker(b"\xa3xfirmwarenalarm-17-fatal"), Some(17));
-        assert_eq!(super::marker(br#"{"firmware":"alarm-3-fatal"}"#), Some(3));
-        assert_eq!(super::marker(b"nothing"), None);
+        assert_eq!(super::markers(b"\xa3dcodenalarm-17-fatal"), vec![17]);
+        assert_eq!(
+            super::markers(br#"[{"code":"alarm-3-fatal"},{"code":"alarm-4-fatal"}]"#),
+            vec![3, 4]
+        );
+        assert!(super::markers(b"nothing").is_empty());
     }
 }

@@ -57,7 +57,7 @@ pub(super) fn handle(
         Ok(d) => d,
         Err(e) => {
             let reason = e.to_string();
-            warn!(serial = %serial, topic, reason = %reason, "refused device message");
+            log_refusal(serial, topic, &reason);
             // Acked as rejected so the device stops resending something that will never pass.
             if let Some(id) = Envelope::peek_id(payload) {
                 p.ack(serial, id, AckOutcome::Rejected { reason });
@@ -150,7 +150,7 @@ fn job_update(
             Ok(AckOutcome::Stored)
         }
         UpdateOutcome::Refused(reason) => {
-            warn!(serial = %serial, topic, reason = %reason, "refused device message");
+            log_refusal(serial, topic, &reason);
             Ok(AckOutcome::Rejected { reason })
         }
     }
@@ -268,4 +268,12 @@ fn fetch(
         }
     }
     Ok(())
+}
+
+/// Refusals are logged within a budget: a device can send broken messages as fast as it likes.
+fn log_refusal(serial: &Serial, topic: &str, reason: &str) {
+    static BUDGET: super::log_budget::LogBudget = super::log_budget::LogBudget::new();
+    if let super::log_budget::Verdict::Log { suppressed } = BUDGET.check() {
+        warn!(serial = %serial, topic, reason, suppressed, "refused device message");
+    }
 }

@@ -17,6 +17,7 @@ mod alarm;
 mod alerts;
 mod device;
 mod host;
+mod log_budget;
 mod meter;
 mod presence;
 mod run;

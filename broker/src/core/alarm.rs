@@ -92,24 +92,12 @@ pub(super) fn report(
     payload: &[u8],
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    let env = match Envelope::<AlarmReport>::from_cbor(payload, core.settings.max_payload_bytes) {
-        Ok(env) => env,
-        Err(e) => {
-            let reason = e.to_string();
-            warn!(serial = %serial, topic, reason = %reason, "refused alarm report");
-            if let Some(id) = Envelope::peek_id(payload) {
-                p.ack(serial, id, AckOutcome::Rejected { reason });
-            }
-            return Ok(());
-        }
+    let Some(env) = super::device::decode_new::<AlarmReport>(core, txn, p, serial, topic, payload)?
+    else {
+        return Ok(());
     };
     let id = env.id;
     let sender = Identity::device(serial).to_string();
-    if txn.journal(&sender, id)?.is_some() {
-        debug!(serial = %serial, msg_id = id, "duplicate alarm report");
-        p.ack(serial, id, AckOutcome::Duplicate);
-        return Ok(());
-    }
     if let Err(reason) = alarm::check_code(&env.body.code) {
         warn!(serial = %serial, topic, reason = %reason, "refused alarm report");
         p.ack(serial, id, AckOutcome::Rejected { reason });

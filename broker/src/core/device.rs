@@ -270,6 +270,39 @@ fn fetch(
     Ok(())
 }
 
+/// The common start of every device report handler: decode the envelope (a refusal is logged
+/// and acked `rejected`) and drop a resend of a message already journaled (acked `duplicate`).
+/// `None`: the message is answered; the caller does nothing more.
+pub(super) fn decode_new<T: serde::de::DeserializeOwned>(
+    core: &Core,
+    txn: &mut Txn,
+    p: &mut Pending,
+    serial: &Serial,
+    topic: &str,
+    payload: &[u8],
+) -> Result<Option<Envelope<T>>, StoreError> {
+    let env = match Envelope::<T>::from_cbor(payload, core.settings.max_payload_bytes) {
+        Ok(env) => env,
+        Err(e) => {
+            let reason = e.to_string();
+            log_refusal(serial, topic, &reason);
+            if let Some(id) = Envelope::peek_id(payload) {
+                p.ack(serial, id, AckOutcome::Rejected { reason });
+            }
+            return Ok(None);
+        }
+    };
+    if txn
+        .journal(&Identity::device(serial).to_string(), env.id)?
+        .is_some()
+    {
+        debug!(serial = %serial, topic, msg_id = env.id, "duplicate device message");
+        p.ack(serial, env.id, AckOutcome::Duplicate);
+        return Ok(None);
+    }
+    Ok(Some(env))
+}
+
 /// Refusals are logged within a budget: a device can send broken messages as fast as it likes.
 fn log_refusal(serial: &Serial, topic: &str, reason: &str) {
     static BUDGET: super::log_budget::LogBudget = super::log_budget::LogBudget::new();

@@ -6,8 +6,8 @@ use protocol::data::Section;
 use protocol::device::{AckOutcome, JobUpdate};
 use protocol::host::HostReply;
 use protocol::meter::{CounterReading, CounterReport, MAX_READINGS_PER_PAGE};
-use protocol::{Envelope, Identity, JobId, Serial, Timestamp};
-use tracing::{debug, error, info, warn};
+use protocol::{Identity, JobId, Serial, Timestamp};
+use tracing::{error, info};
 
 use super::{Core, Pending, alarm::site_of};
 use crate::store::{JournalEntry, JournalOutcome, ReadingCursor, StoreError, Txn};
@@ -22,24 +22,13 @@ pub(super) fn report(
     payload: &[u8],
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    let env = match Envelope::<CounterReport>::from_cbor(payload, core.settings.max_payload_bytes) {
-        Ok(env) => env,
-        Err(e) => {
-            let reason = e.to_string();
-            warn!(serial = %serial, topic, reason = %reason, "refused counters report");
-            if let Some(id) = Envelope::peek_id(payload) {
-                p.ack(serial, id, AckOutcome::Rejected { reason });
-            }
-            return Ok(());
-        }
+    let Some(env) =
+        super::device::decode_new::<CounterReport>(core, txn, p, serial, topic, payload)?
+    else {
+        return Ok(());
     };
     let id = env.id;
     let sender = Identity::device(serial).to_string();
-    if txn.journal(&sender, id)?.is_some() {
-        debug!(serial = %serial, msg_id = id, "duplicate counters report");
-        p.ack(serial, id, AckOutcome::Duplicate);
-        return Ok(());
-    }
     let reading = CounterReading {
         serial: serial.to_string(),
         site: site_of(txn, serial)?,

@@ -46,6 +46,38 @@ pub struct BrokerConfig {
     /// TLS handshakes in flight at once; more connections wait in the kernel's backlog.
     #[serde(default = "defaults::max_handshakes")]
     pub max_handshakes: usize,
+    /// QoS 1 PUBLISHes from one client the relay may hold not yet acknowledged to it; one more
+    /// closes that client. An agent waits for each ack (a few in flight at most); only a client
+    /// that never reads its acks reaches this.
+    #[serde(default = "defaults::max_inflight")]
+    pub max_inflight: usize,
+    /// Distinct topic filters one client may hold at once (the same filter twice counts once);
+    /// a SUBSCRIBE past it closes that client. Agents hold a handful.
+    #[serde(default = "defaults::max_subscriptions")]
+    pub max_subscriptions: usize,
+    /// Sessions one certificate identity may hold at once (a host may open several with client
+    /// ids `NAME:suffix`); one more gets CONNACK "not authorized" and is closed.
+    #[serde(default = "defaults::max_connections_per_identity")]
+    pub max_connections_per_identity: usize,
+    /// New connections per second one source address may open, after a burst of
+    /// `connect_burst_per_source`; past it, a connection is closed before its TLS handshake.
+    /// 0: no limit.
+    #[serde(default = "defaults::connect_rate_per_source")]
+    pub connect_rate_per_source: u32,
+    /// New connections one source address may open at once: a site of hundreds of devices
+    /// behind one NAT address all reconnecting after an outage.
+    #[serde(default = "defaults::connect_burst_per_source")]
+    pub connect_burst_per_source: u32,
+    /// Loopback sources (127.0.0.0/8, ::1) skip the per-source rate: a TLS terminator on the
+    /// same host would make every client one source, and benchmarks and tests connect thousands
+    /// of clients from loopback.
+    #[serde(default = "defaults::yes")]
+    pub connect_rate_exempt_loopback: bool,
+    /// A certificate revocation list (PEM, signed by the CA) the relay checks every client
+    /// certificate against; read at start. Unset: PKI_DIR/crl.pem if it exists
+    /// (`broker pki revoke` writes it there).
+    #[serde(default)]
+    pub crl_file: Option<PathBuf>,
     /// Succeeded and canceled jobs stay in the default job list this long.
     #[serde(default = "defaults::finished_visible_secs")]
     pub finished_visible_secs: u64,
@@ -101,6 +133,24 @@ mod defaults {
     }
     pub fn max_handshakes() -> usize {
         1_024
+    }
+    pub fn max_inflight() -> usize {
+        100
+    }
+    pub fn max_subscriptions() -> usize {
+        32
+    }
+    pub fn max_connections_per_identity() -> usize {
+        8
+    }
+    pub fn connect_rate_per_source() -> u32 {
+        50
+    }
+    pub fn connect_burst_per_source() -> u32 {
+        1_000
+    }
+    pub fn yes() -> bool {
+        true
     }
     pub fn finished_visible_secs() -> u64 {
         600
@@ -186,6 +236,34 @@ impl BrokerConfig {
         }
         if self.max_handshakes == 0 {
             return Err(invalid("max_handshakes", &0, "use at least 1"));
+        }
+        if self.max_inflight == 0 {
+            return Err(invalid(
+                "max_inflight",
+                &0,
+                "use at least 1; the default is 100",
+            ));
+        }
+        if self.max_subscriptions == 0 {
+            return Err(invalid(
+                "max_subscriptions",
+                &0,
+                "use at least 1; the default is 32",
+            ));
+        }
+        if self.max_connections_per_identity == 0 {
+            return Err(invalid(
+                "max_connections_per_identity",
+                &0,
+                "use at least 1; the default is 8",
+            ));
+        }
+        if self.connect_rate_per_source > 0 && self.connect_burst_per_source == 0 {
+            return Err(invalid(
+                "connect_burst_per_source",
+                &0,
+                "use at least 1 (or connect_rate_per_source = 0 for no limit); the default is 1000",
+            ));
         }
         if !(1..=MAX_DEFAULT_DEADLINE_SECS).contains(&self.default_deadline_secs) {
             return Err(invalid(

@@ -101,9 +101,12 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
         client_id: Some(format!("{HOST}:demo")),
         ..ConnectOptions::default()
     };
-    let host = HostClient::connect_with(&url, tls, HostId::parse(HOST)?, opts)
+    let host = HostClient::connect_with(&url, tls.clone(), HostId::parse(HOST)?, opts)
         .await
         .context("connecting the host")?;
+    let dashboard_stop = CancellationToken::new();
+    let (dashboard, dashboard_url) =
+        start_dashboard(&url, tls, signing_key.clone(), dashboard_stop.clone()).await?;
     let sections = [Section::Counters, Section::Identification, Section::Jams];
     let mut jobs = Vec::new();
     for serial in &serials {
@@ -178,11 +181,16 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
         println!(
             "  cargo run --bin host-agent -- --broker {url} --ca {d}/pki/ca.pem --cert {d}/pki/host/{HOST}.pem --key {d}/pki/host/{HOST}.key jobs submit --serial {PREFIX}-00001 --kind get-data\n"
         );
+        println!("The service desk's dashboard is at {dashboard_url}\n");
         println!("Serving until Ctrl-C.");
         stop.cancelled().await;
         ExitCode::SUCCESS
     };
     host.disconnect().await;
+    dashboard_stop.cancel();
+    if let Ok(Err(e)) = dashboard.await {
+        eprintln!("dashboard: {e}");
+    }
     stop.cancel();
     let _ = fleet_task.await;
     broker_stop.cancel();
@@ -190,6 +198,52 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
         eprintln!("broker: {e}");
     }
     Ok(code)
+}
+
+/// Where the demo serves the dashboard: the same address as `host-agent dashboard`'s default,
+/// or a free port of loopback when that one is taken.
+const DASHBOARD_LISTEN: &str = host_agent::dashboard::DEFAULT_LISTEN;
+
+/// The service desk's web page, in this process (the broker already links the host agent's
+/// library): its own sessions to the relay, as `host-agent dashboard` would open them, and the
+/// demo's publisher key so its submit form can upload firmware. Prints the URL.
+async fn start_dashboard(
+    url: &BrokerUrl,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    signing_key: host_agent::keys::SigningKey,
+    stop: CancellationToken,
+) -> anyhow::Result<(tokio::task::JoinHandle<std::io::Result<()>>, String)> {
+    let listener = match tokio::net::TcpListener::bind(DASHBOARD_LISTEN).await {
+        Ok(l) => l,
+        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the dashboard to loopback")?,
+    };
+    let addr = listener.local_addr()?;
+    let host = HostId::parse(HOST)?;
+    let opts = ConnectOptions {
+        client_id: Some(format!("{HOST}:dashboard")),
+        ..ConnectOptions::default()
+    };
+    let client = HostClient::connect_with(url, tls.clone(), host.clone(), opts)
+        .await
+        .context("connecting the dashboard")?;
+    let feed = host_agent::dashboard::FeedConfig {
+        broker: url.clone(),
+        proxy: None,
+        tls,
+        host,
+    };
+    let opts = host_agent::dashboard::Options {
+        signing_key: Some(signing_key),
+        ..host_agent::dashboard::Options::default()
+    };
+    let page = host_agent::dashboard::url_for(addr);
+    println!("dashboard: {page} (emergencies, jobs, devices; submit and cancel)");
+    let task = tokio::spawn(host_agent::dashboard::serve(
+        client, feed, listener, opts, stop,
+    ));
+    Ok((task, page))
 }
 
 const FIRMWARE_VERSION: &str = "2.0.0";

@@ -51,6 +51,8 @@ pub enum BrokerError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     CoreLink(#[from] core_link::CoreLinkError),
+    #[error(transparent)]
+    Hub(#[from] gateway::hub::HubError),
     #[error(
         "could not listen on {addr}: {source} (is another broker running there? pick another --listen)"
     )]
@@ -102,6 +104,11 @@ pub async fn bind(cfg: &BrokerConfig) -> Result<TcpListener, BrokerError> {
         })
 }
 
+/// Messages the relay holds for one device before closing its session as too slow. A device
+/// asks for firmware chunks a window at a time and has a few job orders at most, so only a device
+/// that stopped reading gets near it.
+const DEVICE_QUEUE: usize = 1024;
+
 /// Runs the broker on a bound listener until `stop` is cancelled.
 ///
 /// Order matters: the store is opened and every retained job and view is republished into the
@@ -114,7 +121,14 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<(), BrokerError> {
     cfg.validate()?;
-    let tls = pki::server_config(&cfg.pki_dir)?;
+    let crl = pki::load_crl(&cfg.pki_dir, cfg.crl_file.as_deref())?;
+    let tls = pki::server_config_with_crl(&cfg.pki_dir, crl.as_ref())?;
+    match &crl {
+        Some(crl) => {
+            info!(path = %crl.path.display(), revoked = crl.revoked, "certificate revocation list loaded")
+        }
+        None => info!("no certificate revocation list (broker pki revoke writes one)"),
+    }
     let mut core = Core::open(
         &cfg.data_dir,
         CoreSettings {
@@ -151,6 +165,8 @@ pub async fn run(
     let republished = retained.len();
     let router = router::start(cfg.max_clients);
     let tasks = TaskTracker::new();
+    // Before the core republishes: the hub keeps its own copy of the devices' retained orders.
+    let hub = gateway::hub::Hub::attach(router.clone(), DEVICE_QUEUE, &tasks, stop.clone()).await?;
     let (inbound, outbound) =
         core_link::attach(router.clone(), retained, &tasks, stop.clone()).await?;
     let (presence_tx, presence_rx) = presence::channel();
@@ -176,9 +192,18 @@ pub async fn run(
         max_packet_bytes: cfg.max_packet_bytes,
         max_clients: cfg.max_clients,
         max_handshakes: cfg.max_handshakes,
+        max_inflight: cfg.max_inflight,
+        max_subscriptions: cfg.max_subscriptions,
+        max_connections_per_identity: cfg.max_connections_per_identity,
+        connect_rate_per_source: cfg.connect_rate_per_source,
+        connect_burst_per_source: cfg.connect_burst_per_source,
+        connect_rate_exempt_loopback: cfg.connect_rate_exempt_loopback,
     };
-    let gateway =
-        Arc::new(Gateway::new(settings, tls, router, metrics.clone()).with_presence(presence_tx));
+    let gateway = Arc::new(
+        Gateway::new(settings, tls, router, metrics.clone())
+            .with_presence(presence_tx)
+            .with_hub(hub),
+    );
     let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
     if let Some((l, _)) = metrics_listener {
         tasks.spawn(metrics_http::serve(l, metrics, core.clone(), stop.clone()));

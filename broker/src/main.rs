@@ -63,6 +63,29 @@ enum PkiCommand {
         #[arg(long, value_name = "ID")]
         id: String,
     },
+    /// Revoke a client certificate: add it to DIR/crl.pem, the revocation list signed by the CA.
+    /// The relay reads the list when it starts (restart it to apply), and refuses a revoked
+    /// certificate at the TLS handshake.
+    #[command(
+        after_help = "Examples:\n  broker pki revoke --dir pki --id C123\n  broker pki revoke --dir pki --role host --id svc\n  broker pki revoke --dir pki --serial 3A:0F:9C:...\n  broker pki revoke --dir pki --cert lost-laptop.pem\n\nThen restart the relay (`broker run` reads DIR/crl.pem, or --crl-file)."
+    )]
+    Revoke {
+        /// The folder `pki init` created.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The id whose certificate `pki issue` wrote to DIR/ROLE/ID.pem.
+        #[arg(long, value_name = "ID", required_unless_present_any = ["serial", "cert"], conflicts_with_all = ["serial", "cert"])]
+        id: Option<String>,
+        /// With --id, when the same id has certificates in more than one role.
+        #[arg(long, value_parser = parse_role)]
+        role: Option<Role>,
+        /// The certificate's serial number in hex, as `openssl x509 -noout -serial` prints it.
+        #[arg(long, value_name = "HEX", conflicts_with = "cert")]
+        serial: Option<String>,
+        /// The certificate itself (PEM).
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
+    },
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -111,6 +134,33 @@ struct RunArgs {
     /// TLS handshakes in flight at once. Default: 1024
     #[arg(long, value_name = "N")]
     max_handshakes: Option<usize>,
+    /// QoS 1 messages from one client the relay may hold not yet acknowledged to it; one more
+    /// closes that client. Default: 100
+    #[arg(long, value_name = "N")]
+    max_inflight: Option<usize>,
+    /// Distinct topic filters one client may subscribe to; more closes that client. Default: 32
+    #[arg(long, value_name = "N")]
+    max_subscriptions: Option<usize>,
+    /// Sessions one certificate may hold at once (hosts use client ids NAME:suffix for more
+    /// than one); one more is refused at CONNECT. Default: 8
+    #[arg(long, value_name = "N")]
+    max_connections_per_identity: Option<usize>,
+    /// New connections per second one source address may open after its burst; more are
+    /// closed before the TLS handshake. 0: no limit. Default: 50
+    #[arg(long, value_name = "N")]
+    connect_rate_per_source: Option<u32>,
+    /// New connections one source address may open at once (a NATed site reconnecting after
+    /// an outage). Default: 1000
+    #[arg(long, value_name = "N")]
+    connect_burst_per_source: Option<u32>,
+    /// Whether loopback sources (a TLS terminator on this host, benchmarks) skip the
+    /// per-source rate. Default: true
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    connect_rate_exempt_loopback: Option<bool>,
+    /// Certificate revocation list (PEM, signed by the CA) checked at every handshake; read at
+    /// start. Default: PKI_DIR/crl.pem if it exists (written by `broker pki revoke`)
+    #[arg(long, value_name = "FILE")]
+    crl_file: Option<PathBuf>,
     /// Succeeded and canceled jobs stay in the default `jobs list` this long; failed ones always
     /// stay. Default: 600
     #[arg(long, value_name = "SECS")]
@@ -158,6 +208,12 @@ impl RunArgs {
             max_payload_bytes,
             max_clients,
             max_handshakes,
+            max_inflight,
+            max_subscriptions,
+            max_connections_per_identity,
+            connect_rate_per_source,
+            connect_burst_per_source,
+            connect_rate_exempt_loopback,
             finished_visible_secs,
             default_deadline_secs,
             default_max_attempts,
@@ -168,6 +224,9 @@ impl RunArgs {
         }
         if let Some(addr) = self.ws_listen {
             cfg.ws_listen = Some(addr);
+        }
+        if let Some(path) = self.crl_file {
+            cfg.crl_file = Some(path);
         }
         cfg.validate()?;
         Ok((cfg, self.ready_file))
@@ -233,6 +292,49 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let (cert, key) = pki::issue_to_dir(&dir, role, &id)
                 .with_context(|| format!("issuing a {role} certificate for {id:?}"))?;
             println!("{}\n{}", cert.display(), key.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki(PkiCommand::Revoke {
+            dir,
+            id,
+            role,
+            serial,
+            cert,
+        }) => {
+            if role.is_some() && id.is_none() {
+                anyhow::bail!("--role goes with --id; a --serial or --cert names one certificate");
+            }
+            let serial = match (id, serial, cert) {
+                (Some(id), _, _) => {
+                    let path = pki::issued_cert(&dir, role, &id)?;
+                    pki::serial_of_pem(&pki::read_pem_file(&path)?)
+                        .with_context(|| format!("reading {}", path.display()))?
+                }
+                (None, Some(hex), _) => pki::parse_serial(&hex)?,
+                (None, None, Some(path)) => pki::serial_of_pem(&pki::read_pem_file(&path)?)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                (None, None, None) => {
+                    anyhow::bail!("say which certificate: --id, --serial or --cert")
+                }
+            };
+            let done = pki::revoke(&dir, &serial).with_context(|| {
+                format!("revoking a certificate with the CA in {}", dir.display())
+            })?;
+            if done.already {
+                println!(
+                    "serial {} was already revoked in {}",
+                    done.serial,
+                    done.path.display()
+                );
+            } else {
+                println!(
+                    "revoked serial {}: {} now lists {} certificate(s)",
+                    done.serial,
+                    done.path.display(),
+                    done.revoked
+                );
+            }
+            println!("restart the relay to apply it (it reads the list at start)");
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
@@ -338,6 +440,83 @@ mod tests {
             format!("{e:#}").contains("default_max_attempts = 0"),
             "{e:#}"
         );
+    }
+
+    #[test]
+    fn limit_flags_override_the_config_and_are_validated() {
+        let run = |extra: &[&str]| {
+            let mut argv = vec!["broker", "run"];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not run")
+            };
+            args.into_config()
+        };
+        let (cfg, _) = run(&[]).unwrap();
+        assert_eq!(
+            (
+                cfg.max_inflight,
+                cfg.max_subscriptions,
+                cfg.max_connections_per_identity,
+                cfg.connect_rate_per_source,
+                cfg.connect_burst_per_source,
+                cfg.connect_rate_exempt_loopback,
+                cfg.crl_file.clone(),
+            ),
+            (100, 32, 8, 50, 1000, true, None)
+        );
+        let (cfg, _) = run(&[
+            "--max-inflight",
+            "5",
+            "--max-subscriptions",
+            "2",
+            "--max-connections-per-identity",
+            "1",
+            "--connect-rate-per-source",
+            "3",
+            "--connect-burst-per-source",
+            "4",
+            "--connect-rate-exempt-loopback",
+            "false",
+            "--crl-file",
+            "/etc/chukei/crl.pem",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                cfg.max_inflight,
+                cfg.max_subscriptions,
+                cfg.max_connections_per_identity,
+                cfg.connect_rate_per_source,
+                cfg.connect_burst_per_source,
+                cfg.connect_rate_exempt_loopback,
+            ),
+            (5, 2, 1, 3, 4, false)
+        );
+        assert_eq!(cfg.crl_file, Some(PathBuf::from("/etc/chukei/crl.pem")));
+        for bad in [
+            "--max-inflight",
+            "--max-subscriptions",
+            "--max-connections-per-identity",
+        ] {
+            let e = run(&[bad, "0"]).unwrap_err();
+            assert!(format!("{e:#}").contains("use at least 1"), "{bad}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn revoke_takes_exactly_one_certificate() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["broker", "pki", "revoke", "--dir", "pki"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        assert!(parse(&["--id", "C1"]).is_ok());
+        assert!(parse(&["--id", "svc", "--role", "host"]).is_ok());
+        assert!(parse(&["--serial", "3A:0F"]).is_ok());
+        assert!(parse(&["--cert", "x.pem"]).is_ok());
+        assert!(parse(&[]).is_err(), "nothing to revoke");
+        assert!(parse(&["--id", "C1", "--serial", "3A"]).is_err());
     }
 
     #[test]

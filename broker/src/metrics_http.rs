@@ -66,7 +66,8 @@ async fn metrics(State(src): State<Sources>) -> impl IntoResponse {
             None
         }
     };
-    let body = crate::telemetry::render(&src.gateway, src.core.telemetry(), store.as_ref());
+    let mut body = crate::telemetry::render(&src.gateway, src.core.telemetry(), store.as_ref());
+    body.push_str(&src.gateway.render_limits());
     (
         StatusCode::OK,
         [(

@@ -1,16 +1,25 @@
-//! Fuzz targets for everything chukei decodes from untrusted peers. Each is a `#[test]`: on
-//! stable, `cargo test -p chukei-fuzz` runs it over its corpus and a few thousand random inputs;
-//! on nightly, `cargo bolero test` drives the same closure with libFuzzer for as long as you like
-//! (see fuzz/README.md). The property everywhere: no panic, no unbounded allocation, and where the
-//! input is accepted, the answer is consistent.
+//! Fuzz targets for everything chukei decodes from untrusted peers, and its config files. Each is
+//! a `#[test]`: on stable, `cargo test -p chukei-fuzz` runs it over its corpus and a few thousand
+//! random inputs; on nightly, `cargo bolero test` drives the same closure with libFuzzer for as
+//! long as you like (see fuzz/README.md). The property everywhere: no panic, no unbounded
+//! allocation (measured: see [`alloc`]), and where the input is accepted, the answer is consistent.
 
+#[path = "support/alloc.rs"]
+mod alloc;
+#[path = "support/corpus.rs"]
+mod corpus;
+
+use alloc::assert_bounded;
 use bolero::check;
 use bytes::BytesMut;
 use protocol::acl::{self, Action};
+use protocol::alarm::{AlarmReport, AlarmState};
 use protocol::artifact::{Chunk, FetchRequest};
 use protocol::device::{AckBatch, DeviceState, JobUpdate, MergeRequest, Merged};
 use protocol::host::{HostRequest, HostResponse};
 use protocol::job::{JobOrder, JobView};
+use protocol::meter::CounterReport;
+use protocol::presence::{StateReport, StateView};
 use protocol::topic::Topic;
 use protocol::{Envelope, Identity, Role};
 use rumqttd::protocol::Protocol;
@@ -20,20 +29,22 @@ use rumqttd::protocol::v4::V4;
 #[test]
 fn mqtt_packet_decoding() {
     check!().for_each(|bytes: &[u8]| {
-        let mut buf = BytesMut::from(bytes);
-        // Decode packets until the buffer is short or broken, as ClientConn does.
-        for _ in 0..64 {
-            match V4.read_mut(&mut buf, 64 * 1024) {
-                Ok(_) => continue,
-                Err(_) => break,
+        assert_bounded(bytes.len(), || {
+            let mut buf = BytesMut::from(bytes);
+            // Decode packets until the buffer is short or broken, as ClientConn does.
+            for _ in 0..64 {
+                match V4.read_mut(&mut buf, 64 * 1024) {
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
             }
-        }
+        });
     });
 }
 
 /// Valid packets a real client sends, to mutate: random bytes alone rarely get past the fixed
 /// header, and the interesting bugs sit in the variable header and payload.
-fn seed_packets() -> Vec<Vec<u8>> {
+pub(crate) fn seed_packets() -> Vec<Vec<u8>> {
     use rumqttd::protocol::{
         Connect, Filter, Packet, Publish, QoS, RetainForwardRule, Subscribe, Unsubscribe,
     };
@@ -164,13 +175,48 @@ fn acl_decisions() {
         });
 }
 
-/// Topic names parse only when they print back the same.
+/// Topic names parse only when they print back the same. Raw bytes, as a PUBLISH carries them,
+/// so that the corpus can hold real topic names.
 #[test]
 fn topic_parsing() {
-    check!().with_type::<String>().for_each(|topic| {
+    check!().for_each(|bytes: &[u8]| {
+        let Ok(topic) = std::str::from_utf8(bytes) else {
+            return;
+        };
         if let Ok(parsed) = Topic::parse(topic) {
-            assert_eq!(&parsed.to_string(), topic);
+            assert_eq!(parsed.to_string(), topic);
         }
+    });
+}
+
+/// `broker.toml`: whatever an operator writes, parsing and validating end in a config or an
+/// error that names the problem, never a panic.
+#[test]
+fn broker_config_parsing() {
+    check!().for_each(|bytes: &[u8]| {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return;
+        };
+        assert_bounded(bytes.len(), || {
+            if let Ok(cfg) = toml::from_str::<broker::config::BrokerConfig>(text) {
+                let _ = cfg.validate();
+            }
+        });
+    });
+}
+
+/// `device-agent.toml` (every table: session, sim, faults, report, exec, fleet), parsed and
+/// merged into run settings the way `device-agent run --config` does.
+#[test]
+fn device_agent_config_parsing() {
+    check!().for_each(|bytes: &[u8]| {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return;
+        };
+        assert_bounded(bytes.len(), || {
+            let _ =
+                device_agent::config::FileConfig::parse(text, std::path::Path::new("fuzz.toml"));
+        });
     });
 }
 
@@ -178,20 +224,33 @@ fn topic_parsing() {
 #[test]
 fn cbor_envelopes() {
     check!().for_each(|bytes: &[u8]| {
-        const MAX: usize = 64 * 1024;
-        let _ = Envelope::peek_id(bytes);
-        let _ = Envelope::<JobUpdate>::from_cbor(bytes, MAX);
-        let _ = Envelope::<DeviceState>::from_cbor(bytes, MAX);
-        let _ = Envelope::<MergeRequest>::from_cbor(bytes, MAX);
-        let _ = Envelope::<FetchRequest>::from_cbor(bytes, MAX);
-        let _ = Envelope::<HostRequest>::from_cbor(bytes, MAX);
-        let _ = Envelope::<HostResponse>::from_cbor(bytes, MAX);
-        let _ = Envelope::<AckBatch>::from_cbor(bytes, MAX);
-        let _ = Envelope::<JobOrder>::from_cbor(bytes, MAX);
-        let _ = Envelope::<JobView>::from_cbor(bytes, MAX);
-        let _ = Envelope::<Merged>::from_cbor(bytes, MAX);
-        let _ = Envelope::<Chunk>::from_cbor(bytes, MAX);
+        assert_bounded(bytes.len(), || decode_all(bytes));
     });
+}
+
+/// Every decoder the broker and the agents run on a payload from the network.
+pub(crate) fn decode_all(bytes: &[u8]) -> usize {
+    const MAX: usize = 64 * 1024;
+    let mut accepted = 0;
+    let mut ok = |decoded: bool| accepted += usize::from(decoded);
+    let _ = Envelope::peek_id(bytes);
+    ok(Envelope::<JobUpdate>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<DeviceState>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<StateReport>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<AlarmReport>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<CounterReport>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<MergeRequest>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<FetchRequest>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<HostRequest>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<HostResponse>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<AckBatch>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<JobOrder>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<JobView>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<Merged>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<Chunk>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<AlarmState>::from_cbor(bytes, MAX).is_ok());
+    ok(Envelope::<StateView>::from_cbor(bytes, MAX).is_ok());
+    accepted
 }
 
 /// Valid messages survive a CBOR round trip whatever their text fields hold.

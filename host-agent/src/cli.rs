@@ -1,5 +1,6 @@
 //! The command line. Each command's doc comment is its `--help` text.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -95,6 +96,53 @@ pub enum Command {
     /// Export data for other systems: meter readings for billing.
     #[command(subcommand)]
     Export(ExportCommand),
+    // Its help is `DashboardArgs`'s doc comment, long form included.
+    Dashboard(DashboardArgs),
+}
+
+/// Serve the service desk's web page: live emergencies, the job list, devices, submit, cancel.
+///
+/// The host display of the seed's Fig. 5 and Fig. 9, until Ctrl-C. It connects out to the relay over mTLS like every host command, subscribes to the
+/// fleet's job, state and alarm views, and serves locally: it never needs inbound access from
+/// the internet.
+///
+/// Pages: Emergencies (active alarms, device faults first, live, with Acknowledge), Jobs (the
+/// Fig. 9 list, filtered by status or serial; succeeded and canceled jobs leave it after the
+/// relay's retention, as in `jobs list`), Devices (presence, last seen, firmware, counters and a
+/// chart of the total count), Submit (get-data, update-data, firmware, set-schedule) and Cancel.
+/// Open pages update by themselves (Server-Sent Events).
+///
+/// The page's URL is printed alone on stdout. It listens on 127.0.0.1:8080 by default; any
+/// address that is not loopback is refused unless --auth sets a password. The page is plain
+/// HTTP: to serve it beyond this machine, put it behind a TLS reverse proxy.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Examples:
+  # On the service desk's own machine: open http://127.0.0.1:8080/
+  host-agent --config config/host-agent.toml dashboard
+
+  # For the whole office: a password, and firmware uploads signed with the publisher key
+  printf '%s\\n' 'a long passphrase' > dashboard.pw && chmod 600 dashboard.pw
+  host-agent --config config/host-agent.toml dashboard --listen 0.0.0.0:8080 \\
+      --auth dashboard.pw --signing-key keys/publisher.key")]
+pub struct DashboardArgs {
+    /// Where to serve the page, as ADDRESS:PORT. Any address that is not loopback (127.0.0.1,
+    /// ::1) needs --auth. Port 0 picks a free one (the URL on stdout says which).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Require a password: FILE's first line is the password, or an argon2 hash of it
+    /// (`$argon2id$…`). Only its hash is kept in memory; a file keeps it out of `ps` and shell
+    /// history. One login per browser (a session cookie, 12 hours idle).
+    #[arg(long, value_name = "FILE")]
+    pub auth: Option<PathBuf>,
+    /// The publisher's secret key (`keys generate` wrote publisher.key): lets the submit form
+    /// upload and sign a new firmware image. Without it the form installs only artifacts
+    /// already on the relay.
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// Days of meter readings behind each device's chart.
+    #[arg(long, value_name = "N", default_value_t = crate::dashboard::DEFAULT_COUNTER_DAYS, value_parser = clap::value_parser!(u32).range(1..=3660))]
+    pub counter_days: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -749,6 +797,32 @@ mod tests {
             cli.command,
             Command::Artifacts(ArtifactsCommand::List(ArtifactListArgs { json: true }))
         ));
+    }
+
+    #[test]
+    fn dashboard_listens_on_loopback_by_default_and_takes_auth_from_a_file() {
+        let cli = parse(&["dashboard"]).unwrap();
+        let Command::Dashboard(d) = cli.command else {
+            panic!("not dashboard")
+        };
+        assert_eq!(d.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
+        assert_eq!((d.auth, d.signing_key, d.counter_days), (None, None, 30));
+        let cli = parse(&[
+            "dashboard",
+            "--listen",
+            "0.0.0.0:9000",
+            "--auth",
+            "pw.txt",
+            "--signing-key",
+            "keys/publisher.key",
+        ])
+        .unwrap();
+        let Command::Dashboard(d) = cli.command else {
+            panic!("not dashboard")
+        };
+        assert_eq!(d.listen.port(), 9000);
+        assert_eq!(d.auth, Some(PathBuf::from("pw.txt")));
+        assert!(parse(&["dashboard", "--listen", "localhost"]).is_err());
     }
 
     #[test]

@@ -12,11 +12,14 @@
 //! - [`keys`]: the publisher's ed25519 key pair, which signs firmware (Fig. 6).
 //! - [`upload`]: hashing, signing and the resumable chunked upload of an artifact.
 //! - [`commands`]: one file per command.
+//! - [`dashboard`]: `host-agent dashboard`, the service desk's web page (axum, SSE); the
+//!   broker's `demo` serves it too.
 
 pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod dashboard;
 pub mod keys;
 pub mod table;
 pub mod tls;
@@ -70,6 +73,10 @@ pub async fn run(settings: Settings, command: Command) -> anyhow::Result<()> {
         Command::Watch(args) => {
             let tls = load_tls(&settings)?;
             commands::watch::run(&settings, tls, args, &mut stdout).await
+        }
+        Command::Dashboard(args) => {
+            let tls = load_tls(&settings)?;
+            commands::dashboard::run(&settings, tls, args, &mut stdout).await
         }
         Command::Keys(cmd) => run_keys(cmd),
         Command::Alarms(cmd) => {

@@ -12,10 +12,11 @@ use std::sync::Arc;
 
 use protocol::{IdError, Identity, Role};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SerialNumber,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
 /// Re-exported so callers of [`Ca::issue_valid`] need no `time` dependency of their own.
@@ -25,6 +26,9 @@ pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
 pub const SERVER_CERT: &str = "server.pem";
 pub const SERVER_KEY: &str = "server.key";
+/// Where `broker pki revoke` keeps the certificate revocation list, and where the relay looks
+/// for one when none is configured.
+pub const CRL: &str = "crl.pem";
 
 /// How long certificates minted here are valid.
 const CA_DAYS: i64 = 20 * 365;
@@ -50,6 +54,14 @@ pub enum PkiError {
     Rcgen(#[from] rcgen::Error),
     #[error("TLS configuration failed: {0}")]
     Tls(String),
+    #[error("{}: {why}", .path.display())]
+    BadCrl { path: PathBuf, why: String },
+    #[error("{0:?} is not a serial number: give it in hex, e.g. 3A:0F:9C or 3a0f9c")]
+    BadSerial(String),
+    #[error("no certificate for {id:?} in {}; revoke it by --serial (from `openssl x509 -noout -serial -in CERT`) or --cert FILE", .dir.display())]
+    NotIssued { dir: PathBuf, id: String },
+    #[error("{id:?} has certificates as {roles}; say which with --role")]
+    AmbiguousId { id: String, roles: String },
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
@@ -270,8 +282,18 @@ fn roots(ca_pem: &str, path: &Path) -> Result<rustls::RootCertStore, PkiError> {
 }
 
 /// The relay's TLS configuration: its server certificate, and a client certificate signed by
-/// our CA required of everyone. Built once at startup and shared by every handshake.
+/// our CA required of everyone, checked against `PKI_DIR/crl.pem` if there is one.
 pub fn server_config(pki_dir: &Path) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    let crl = load_crl(pki_dir, None)?;
+    server_config_with_crl(pki_dir, crl.as_ref())
+}
+
+/// Like [`server_config`], with the revocation list `crl` (from [`load_crl`]) or none. Built
+/// once at startup and shared by every handshake.
+pub fn server_config_with_crl(
+    pki_dir: &Path,
+    crl: Option<&LoadedCrl>,
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
     let ca_path = pki_dir.join(CA_CERT);
     if !ca_path.exists() {
         return Err(PkiError::NoCa {
@@ -282,9 +304,15 @@ pub fn server_config(pki_dir: &Path) -> Result<Arc<rustls::ServerConfig>, PkiErr
     let roots = Arc::new(roots(&read(&ca_path)?, &ca_path)?);
     let chain = certs(&read(&cert_path)?, &cert_path)?;
     let key = private_key(&read(&key_path)?, &key_path)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| PkiError::Tls(e.to_string()))?;
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider());
+    if let Some(crl) = crl {
+        // Only client certificates are listed (the CA is the trust anchor); the list's
+        // nextUpdate is not enforced, so an old list never locks the whole fleet out.
+        verifier = verifier
+            .with_crls([crl.der.clone()])
+            .only_check_end_entity_revocation();
+    }
+    let verifier = verifier.build().map_err(|e| PkiError::Tls(e.to_string()))?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| PkiError::Tls(e.to_string()))?
@@ -297,6 +325,232 @@ pub fn server_config(pki_dir: &Path) -> Result<Arc<rustls::ServerConfig>, PkiErr
             ))
         })?;
     Ok(Arc::new(config))
+}
+
+/// A revocation list read and checked against the CA, ready for [`server_config_with_crl`].
+#[derive(Debug, Clone)]
+pub struct LoadedCrl {
+    pub path: PathBuf,
+    /// How many certificates it revokes.
+    pub revoked: usize,
+    der: CertificateRevocationListDer<'static>,
+}
+
+/// Reads the revocation list at `configured`, or else at `PKI_DIR/crl.pem` if that exists
+/// (`Ok(None)` if not). A configured file that is missing, unreadable, or not signed by the CA
+/// in `PKI_DIR/ca.pem` is an error: a relay must not start believing it checks revocations
+/// when it does not, nor lock out every client with a list from another CA.
+pub fn load_crl(pki_dir: &Path, configured: Option<&Path>) -> Result<Option<LoadedCrl>, PkiError> {
+    let path = match configured {
+        Some(p) => p.to_owned(),
+        None => {
+            let default = pki_dir.join(CRL);
+            if !default.exists() {
+                return Ok(None);
+            }
+            default
+        }
+    };
+    let der = read_crl_der(&path)?;
+    let bad = |why: String| PkiError::BadCrl {
+        path: path.clone(),
+        why,
+    };
+    let (_, crl) = x509_parser::parse_x509_crl(&der)
+        .map_err(|e| bad(format!("not a certificate revocation list ({e})")))?;
+    let ca_path = pki_dir.join(CA_CERT);
+    let ca_der = certs(&read(&ca_path)?, &ca_path)?.remove(0);
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+        .map_err(|e| PkiError::Tls(format!("CA certificate in {}: {e}", ca_path.display())))?;
+    if crl.issuer().as_raw() != ca.subject().as_raw() {
+        return Err(bad(format!(
+            "issued by \"{}\", not by the CA in {} (\"{}\")",
+            crl.issuer(),
+            ca_path.display(),
+            ca.subject()
+        )));
+    }
+    crl.verify_signature(ca.public_key()).map_err(|e| {
+        bad(format!(
+            "not signed by the CA in {} ({e})",
+            ca_path.display()
+        ))
+    })?;
+    let revoked = crl.iter_revoked_certificates().count();
+    Ok(Some(LoadedCrl {
+        path,
+        revoked,
+        der: CertificateRevocationListDer::from(der),
+    }))
+}
+
+fn read_crl_der(path: &Path) -> Result<Vec<u8>, PkiError> {
+    let pem = read(path)?;
+    rustls_pemfile::crls(&mut pem.as_bytes())
+        .filter_map(Result::ok)
+        .next()
+        .map(|der| der.to_vec())
+        .ok_or_else(|| PkiError::NoPem {
+            path: path.to_owned(),
+            what: "X509 CRL",
+        })
+}
+
+/// The outcome of [`revoke`].
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    /// The serial, as `openssl x509 -serial` prints it (upper-case hex).
+    pub serial: String,
+    /// It was on the list already; the list is unchanged.
+    pub already: bool,
+    /// Certificates the list revokes now.
+    pub revoked: usize,
+    pub path: PathBuf,
+}
+
+/// The serial number of the first certificate in a PEM text.
+pub fn serial_of_pem(cert_pem: &str) -> Result<Vec<u8>, PkiError> {
+    let der = certs(cert_pem, Path::new("<certificate>"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der[0])
+        .map_err(|e| PkiError::NoIdentity(format!("not an X.509 certificate ({e})")))?;
+    Ok(minimal(cert.raw_serial()).to_vec())
+}
+
+/// A serial number given in hex, with or without `:` between bytes (as openssl prints it).
+pub fn parse_serial(text: &str) -> Result<Vec<u8>, PkiError> {
+    let bad = || PkiError::BadSerial(text.to_owned());
+    let hex: String = text.chars().filter(|c| *c != ':').collect();
+    let hex = hex.strip_prefix("0x").unwrap_or(&hex);
+    if hex.is_empty() || hex.len() > 42 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let padded = if hex.len() % 2 == 1 {
+        format!("0{hex}")
+    } else {
+        hex.to_owned()
+    };
+    let bytes = (0..padded.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).map_err(|_| bad()))
+        .collect::<Result<Vec<u8>, _>>()?;
+    Ok(minimal(&bytes).to_vec())
+}
+
+/// A serial without the leading zero bytes DER may add, so that equal serials compare equal.
+fn minimal(serial: &[u8]) -> &[u8] {
+    let start = serial
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(serial.len().saturating_sub(1));
+    &serial[start..]
+}
+
+fn serial_text(serial: &[u8]) -> String {
+    serial
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The certificate `broker pki issue` wrote for `id` (in `role`'s folder, or whichever role's
+/// folder has one).
+pub fn issued_cert(dir: &Path, role: Option<Role>, id: &str) -> Result<PathBuf, PkiError> {
+    let roles: Vec<Role> = role.map_or_else(|| Role::ALL.to_vec(), |r| vec![r]);
+    let found: Vec<(Role, PathBuf)> = roles
+        .into_iter()
+        .map(|r| (r, dir.join(r.as_str()).join(format!("{id}.pem"))))
+        .filter(|(_, p)| p.is_file())
+        .collect();
+    match found.as_slice() {
+        [] => Err(PkiError::NotIssued {
+            dir: dir.to_owned(),
+            id: id.to_owned(),
+        }),
+        [(_, path)] => Ok(path.clone()),
+        many => Err(PkiError::AmbiguousId {
+            id: id.to_owned(),
+            roles: many
+                .iter()
+                .map(|(r, _)| r.as_str())
+                .collect::<Vec<_>>()
+                .join(" and "),
+        }),
+    }
+}
+
+/// Adds `serial` to the CA's revocation list in `dir/crl.pem` (created on first use), signed
+/// by the CA in `dir`, with the next CRL number. Revoking a serial twice changes nothing.
+pub fn revoke(dir: &Path, serial: &[u8]) -> Result<Revocation, PkiError> {
+    let ca = Ca::load(dir)?;
+    let path = dir.join(CRL);
+    let serial = minimal(serial).to_vec();
+    let now = time::OffsetDateTime::now_utc();
+    let mut entries: Vec<RevokedCertParams> = Vec::new();
+    let mut number: u64 = 0;
+    if path.exists() {
+        let der = read_crl_der(&path)?;
+        let bad = |why: String| PkiError::BadCrl {
+            path: path.clone(),
+            why,
+        };
+        let (_, crl) = x509_parser::parse_x509_crl(&der)
+            .map_err(|e| bad(format!("not a certificate revocation list ({e})")))?;
+        number = crl
+            .crl_number()
+            .map(|n| {
+                n.to_bytes_be().iter().fold(0u64, |acc, b| {
+                    acc.saturating_mul(256).saturating_add(u64::from(*b))
+                })
+            })
+            .unwrap_or(0);
+        for entry in crl.iter_revoked_certificates() {
+            let revocation_time =
+                time::OffsetDateTime::from_unix_timestamp(entry.revocation_date.timestamp())
+                    .unwrap_or(now);
+            entries.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(minimal(entry.raw_serial())),
+                revocation_time,
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
+    let already = entries
+        .iter()
+        .any(|e| minimal(e.serial_number.as_ref()) == serial.as_slice());
+    if !already {
+        entries.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&serial),
+            revocation_time: now,
+            reason_code: Some(RevocationReason::Unspecified),
+            invalidity_date: None,
+        });
+        let revoked = entries.len();
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            // Not enforced by the relay; a year, for other tools that read the list.
+            next_update: now + time::Duration::days(365),
+            crl_number: SerialNumber::from(number.saturating_add(1)),
+            issuing_distribution_point: None,
+            revoked_certs: entries,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&ca.issuer)?;
+        write(&path, &crl.pem()?, false)?;
+        return Ok(Revocation {
+            serial: serial_text(&serial),
+            already,
+            revoked,
+            path,
+        });
+    }
+    Ok(Revocation {
+        serial: serial_text(&serial),
+        already,
+        revoked: entries.len(),
+        path,
+    })
 }
 
 /// An agent's TLS configuration: trust only our CA, present our own certificate.
@@ -342,6 +596,101 @@ mod tests {
             .unwrap();
         let ca = read_pem_file(&dir.path().join(CA_CERT)).unwrap();
         client_config(&ca, &issued.cert_pem, &issued.key_pem).unwrap();
+    }
+
+    #[test]
+    fn revoking_appends_to_a_signed_list_the_server_config_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &[]).unwrap();
+        assert!(load_crl(dir.path(), None).unwrap().is_none(), "no list yet");
+        let (c1, _) = issue_to_dir(dir.path(), Role::Device, "C1").unwrap();
+        let (c2, _) = issue_to_dir(dir.path(), Role::Device, "C2").unwrap();
+        let s1 = serial_of_pem(&read_pem_file(&c1).unwrap()).unwrap();
+        let s2 = serial_of_pem(&read_pem_file(&c2).unwrap()).unwrap();
+        assert_ne!(s1, s2);
+
+        let first = revoke(dir.path(), &s1).unwrap();
+        assert_eq!((first.already, first.revoked), (false, 1));
+        assert_eq!(first.path, dir.path().join(CRL));
+        let again = revoke(dir.path(), &s1).unwrap();
+        assert_eq!((again.already, again.revoked), (true, 1));
+        // Given as openssl prints it, with colons.
+        let second = revoke(dir.path(), &parse_serial(&serial_text(&s2)).unwrap()).unwrap();
+        assert_eq!((second.already, second.revoked), (false, 2));
+
+        let der = read_crl_der(&first.path).unwrap();
+        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+        let listed: Vec<Vec<u8>> = crl
+            .iter_revoked_certificates()
+            .map(|e| minimal(e.raw_serial()).to_vec())
+            .collect();
+        assert_eq!(listed, vec![s1, s2]);
+        assert_eq!(crl.crl_number().map(|n| n.to_bytes_be()), Some(vec![2]));
+
+        let loaded = load_crl(dir.path(), None)
+            .unwrap()
+            .expect("crl.pem is found");
+        assert_eq!(loaded.revoked, 2);
+        server_config_with_crl(dir.path(), Some(&loaded)).unwrap();
+        server_config(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_missing_or_foreign_list_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &[]).unwrap();
+        let missing = dir.path().join("nope.pem");
+        let e = load_crl(dir.path(), Some(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope.pem"), "{e}");
+
+        let other = tempfile::tempdir().unwrap();
+        init(other.path(), &[]).unwrap();
+        let (cert, _) = issue_to_dir(other.path(), Role::Device, "X").unwrap();
+        revoke(
+            other.path(),
+            &serial_of_pem(&read_pem_file(&cert).unwrap()).unwrap(),
+        )
+        .unwrap();
+        let foreign = other.path().join(CRL);
+        let e = load_crl(dir.path(), Some(&foreign))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not signed by the CA"), "{e}");
+        assert!(parse_serial("zz").unwrap_err().to_string().contains("hex"));
+    }
+
+    #[test]
+    fn serials_parse_as_openssl_prints_them() {
+        assert_eq!(parse_serial("3A:0F:9C").unwrap(), vec![0x3a, 0x0f, 0x9c]);
+        assert_eq!(parse_serial("00:3a0f9c").unwrap(), vec![0x3a, 0x0f, 0x9c]);
+        assert_eq!(parse_serial("0x1").unwrap(), vec![1]);
+        assert_eq!(parse_serial("abc").unwrap(), vec![0x0a, 0xbc]);
+        for bad in ["", ":", "xyz", &"1".repeat(43)] {
+            assert!(parse_serial(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(serial_text(&[0x3a, 0x0f]), "3A:0F");
+    }
+
+    #[test]
+    fn issued_certificates_are_found_by_id() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &[]).unwrap();
+        issue_to_dir(dir.path(), Role::Device, "C1").unwrap();
+        issue_to_dir(dir.path(), Role::Host, "svc").unwrap();
+        issue_to_dir(dir.path(), Role::Integrator, "svc").unwrap();
+        assert_eq!(
+            issued_cert(dir.path(), None, "C1").unwrap(),
+            dir.path().join("device/C1.pem")
+        );
+        let e = issued_cert(dir.path(), None, "svc")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--role"), "{e}");
+        issued_cert(dir.path(), Some(Role::Host), "svc").unwrap();
+        let e = issued_cert(dir.path(), None, "C9").unwrap_err().to_string();
+        assert!(e.contains("--serial"), "{e}");
     }
 
     #[test]

@@ -139,12 +139,20 @@ impl<'a> BrokerBuilder<'a> {
                 proc.name()
             );
         }
+        let metrics_addr = parse_ready_field(&text, "metrics_listen");
         Broker {
             proc,
             addr,
             ws_addr,
+            metrics_addr,
         }
     }
+}
+
+/// `"KEY":"IP:PORT"` of the ready file, if there.
+fn parse_ready_field(text: &str, key: &str) -> Option<SocketAddr> {
+    let json: serde_json::Value = serde_json::from_str(text).ok()?;
+    json.get(key)?.as_str()?.parse().ok()
 }
 
 /// `"ws_listen":"IP:PORT"` of the ready file, if there.
@@ -170,6 +178,7 @@ pub struct Broker {
     proc: Proc,
     addr: SocketAddr,
     ws_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Broker {
@@ -190,6 +199,16 @@ impl Broker {
     /// `mqtts://IP:PORT`: the broker's port at another of its addresses (a namespace's view).
     pub fn url_at(&self, ip: std::net::Ipv4Addr) -> String {
         format!("mqtts://{ip}:{}", self.addr.port())
+    }
+
+    /// The metrics endpoint (started with `.args(["--metrics-listen", "127.0.0.1:0"])`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr.unwrap_or_else(|| {
+            panic!(
+                "{} has no metrics endpoint: start it with --metrics-listen 127.0.0.1:0",
+                self.proc.name()
+            )
+        })
     }
 
     /// The WebSocket listener's port (started with [`BrokerBuilder::ws`]).

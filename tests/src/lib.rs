@@ -30,10 +30,13 @@
 //! `scripts/test`, which does both.
 
 mod broker;
+pub mod browser;
+pub mod chaos;
 mod device;
 mod host;
 pub mod mqtt;
 pub mod netns;
+pub mod raw;
 mod process;
 pub mod tinyproxy;
 

@@ -49,6 +49,68 @@ pub(super) fn handle(
     p.reply(host, id, reply, now)
 }
 
+/// [`handle`] while the store cannot write: a read is answered if the store can still be read, a
+/// request that would write is answered with `refusal`. Returns whether the request was served.
+#[allow(clippy::too_many_arguments)] // one call site; mirrors `handle`
+pub(super) fn handle_refusing(
+    core: &Core,
+    txn: Option<&mut Txn>,
+    p: &mut Pending,
+    host: &HostId,
+    topic: &str,
+    payload: &[u8],
+    refusal: &str,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    let env = match Envelope::<HostRequest>::from_cbor(payload, core.settings.max_payload_bytes) {
+        Ok(env) => env,
+        Err(e) => {
+            let reason = e.to_string();
+            warn!(host = %host, topic, reason = %reason, "refused host request");
+            let reply_to = Envelope::peek_id(payload).unwrap_or(0);
+            p.reply(host, reply_to, HostReply::Error { reason }, now)?;
+            return Ok(true);
+        }
+    };
+    let id = env.id;
+    let (reply, served) = match txn {
+        Some(txn) if only_reads(&env.body) => match answer(core, txn, p, host, id, env.body, now) {
+            Ok(reply) => (reply, true),
+            Err(e) if e.is_storage() || e.is_corrupt_record() => (
+                HostReply::Error {
+                    reason: format!("{refusal} (reading failed too: {e})"),
+                },
+                false,
+            ),
+            Err(e) => return Err(e),
+        },
+        _ => (
+            HostReply::Error {
+                reason: refusal.to_owned(),
+            },
+            false,
+        ),
+    };
+    p.reply(host, id, reply, now)?;
+    Ok(served)
+}
+
+/// Requests answered from the store without writing to it: still served while it cannot write.
+fn only_reads(request: &HostRequest) -> bool {
+    match request {
+        HostRequest::List { .. }
+        | HostRequest::Show { .. }
+        | HostRequest::Artifacts
+        | HostRequest::Alarms { .. }
+        | HostRequest::ExportCounters { .. } => true,
+        HostRequest::Submit(_)
+        | HostRequest::Cancel { .. }
+        | HostRequest::UploadBegin { .. }
+        | HostRequest::UploadChunk { .. }
+        | HostRequest::AckAlarm { .. } => false,
+    }
+}
+
 fn answer(
     core: &Core,
     txn: &mut Txn,

@@ -21,6 +21,7 @@ mod log_budget;
 mod meter;
 mod presence;
 mod run;
+mod storage;
 pub mod views;
 
 #[cfg(test)]
@@ -35,7 +36,7 @@ use protocol::artifact::ArtifactId;
 use protocol::device::{Ack, AckBatch, AckOutcome, DeviceState};
 use protocol::host::{HostReply, HostResponse};
 use protocol::job::JobStatus;
-use protocol::topic::Topic;
+use protocol::topic::{Topic, UpKind};
 use protocol::{Envelope, HostId, JobId, MsgId, Serial, Timestamp, topic};
 use tracing::{error, info, warn};
 
@@ -87,6 +88,11 @@ pub struct Core {
     corrupt_logged: Mutex<HashSet<u64>>,
     /// Alarms, presence and notifications: settings, who is online, counters.
     alerts: alerts::Alerts,
+    /// Whether the store takes writes (disk full, I/O errors): see [`storage`].
+    storage: storage::StorageHealth,
+    /// Presence changes not yet recorded because the store could not write; recorded, in order,
+    /// once it can.
+    deferred_presence: Mutex<Vec<(Serial, bool)>>,
 }
 
 /// What one batch will publish once its transaction has committed.
@@ -242,14 +248,21 @@ impl Pending {
 impl Core {
     /// Opens (creates) `data_dir/chukei.redb`.
     pub fn open(data_dir: &Path, settings: CoreSettings) -> Result<Core, StoreError> {
-        Ok(Core {
-            store: Store::open(data_dir)?,
+        Ok(Core::with_store(Store::open(data_dir)?, settings))
+    }
+
+    /// A core on a store opened by the caller (a test's failing disk).
+    pub(crate) fn with_store(store: Store, settings: CoreSettings) -> Core {
+        Core {
+            store,
             settings,
             commits: AtomicU64::new(0),
             held_acks_logged: AtomicBool::new(false),
             corrupt_logged: Mutex::new(HashSet::new()),
             alerts: alerts::Alerts::default(),
-        })
+            storage: storage::StorageHealth::default(),
+            deferred_presence: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn settings(&self) -> &CoreSettings {
@@ -306,6 +319,11 @@ impl Core {
     /// returns the messages to publish. Nothing is returned, so no ack is sent, unless the commit
     /// succeeded. A message that cannot be decoded or is refused is answered and skipped; the rest
     /// of the batch proceeds.
+    ///
+    /// While the store cannot write (disk full, an I/O error; see [`storage`]), or when this
+    /// batch's commit fails for that reason, the batch is handled again without writing: reads
+    /// are answered, requests that would write get an error naming the cause, device reports get
+    /// no ack (their agents resend them).
     pub fn handle_batch(
         &self,
         batch: Vec<Inbound>,
@@ -314,9 +332,25 @@ impl Core {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        if self.storage_writable() {
+            match self.handle_batch_stored(&batch, now) {
+                Err(e) if e.is_storage() => self.storage_failed(&e),
+                other => return other,
+            }
+        }
+        self.handle_batch_refusing(&batch, now)
+    }
+
+    /// The normal path of [`Core::handle_batch`]: everything in one transaction, answers after
+    /// the commit.
+    fn handle_batch_stored(
+        &self,
+        batch: &[Inbound],
+        now: Timestamp,
+    ) -> Result<Vec<Outbound>, StoreError> {
         let mut txn = self.store.begin()?;
         let mut pending = Pending::default();
-        for msg in &batch {
+        for msg in batch {
             match Topic::parse(&msg.topic) {
                 Ok(Topic::DevUp { serial, kind }) => device::handle(
                     self,
@@ -363,9 +397,87 @@ impl Core {
         Ok(out)
     }
 
+    /// [`Core::handle_batch`] while the store cannot write: nothing is committed, so nothing is
+    /// acked. Reads and firmware chunk fetches (which write nothing) are served from the store if
+    /// it can still be read; everything else is refused, device reports silently (their agents
+    /// resend), host requests with the reason.
+    fn handle_batch_refusing(
+        &self,
+        batch: &[Inbound],
+        now: Timestamp,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        let refusal = self.storage_refusal();
+        self.storage_reopen();
+        let mut txn = match self.store.begin() {
+            Ok(txn) => Some(txn),
+            Err(e) if e.is_storage() => None,
+            Err(e) => return Err(e),
+        };
+        let mut p = Pending::default();
+        let mut refused = 0u64;
+        for msg in batch {
+            match (Topic::parse(&msg.topic), txn.as_mut()) {
+                (
+                    Ok(Topic::DevUp {
+                        serial,
+                        kind: UpKind::Fetch,
+                    }),
+                    Some(txn),
+                ) => {
+                    match device::handle(
+                        self,
+                        txn,
+                        &mut p,
+                        &serial,
+                        UpKind::Fetch,
+                        &msg.topic,
+                        &msg.payload,
+                        now,
+                    ) {
+                        Err(e) if e.is_storage() => refused += 1,
+                        other => other?,
+                    }
+                }
+                (Ok(Topic::DevUp { .. }), _) => refused += 1,
+                (Ok(Topic::HostReq { host }), txn) => {
+                    if !host::handle_refusing(
+                        self,
+                        txn,
+                        &mut p,
+                        &host,
+                        &msg.topic,
+                        &msg.payload,
+                        &refusal,
+                        now,
+                    )? {
+                        refused += 1;
+                    }
+                }
+                (Ok(_) | Err(_), _) => {
+                    warn!(topic = %msg.topic, "core ignores a message on a topic it does not serve")
+                }
+            }
+        }
+        // Dropped without a commit: aborted, so nothing a read may have touched is kept.
+        drop(txn);
+        self.storage_refused(refused);
+        for d in std::mem::take(&mut p.done) {
+            d.log(self);
+        }
+        let mut out = p.blobs;
+        if !self.settings.hold_acks {
+            out.extend(p.replies);
+        }
+        Ok(out)
+    }
+
     /// Marks jobs whose deadline has passed as timed out and clears their retained orders, in one
-    /// transaction. Costs no commit when nothing is due.
+    /// transaction. Costs no commit when nothing is due. Skipped while the store cannot write: a
+    /// job that passes its deadline meanwhile times out once it can.
     pub fn expire(&self, now: Timestamp) -> Result<Vec<Outbound>, StoreError> {
+        if !self.storage_writable() {
+            return Ok(Vec::new());
+        }
         let mut txn = self.store.begin()?;
         let due = txn.due_jobs(now)?;
         if due.is_empty() {

@@ -23,6 +23,23 @@ use super::{Core, Outbound, Pending, alarm, skip_corrupt};
 use crate::presence::PresenceEvent;
 use crate::store::{DeviceRecord, StoreError, Txn};
 
+/// The most presence changes kept while the store cannot write: two per session, so room for a
+/// large fleet reconnecting several times. Beyond it the oldest are dropped (a device's state
+/// then catches up with its next session).
+const MAX_DEFERRED_PRESENCE: usize = 200_000;
+
+fn bounded(mut changes: Vec<(Serial, bool)>) -> Vec<(Serial, bool)> {
+    if changes.len() > MAX_DEFERRED_PRESENCE {
+        let drop = changes.len() - MAX_DEFERRED_PRESENCE;
+        warn!(
+            dropped = drop,
+            "too many presence changes waiting for the store; oldest dropped"
+        );
+        changes.drain(..drop);
+    }
+    changes
+}
+
 /// The JSON mirror of `fleet/{serial}/state`: the serial, then the view's fields.
 #[derive(Serialize)]
 struct StateJson<'a> {
@@ -37,6 +54,8 @@ fn margin(core: &Core) -> chrono::Duration {
 
 impl Core {
     /// Records sessions opening and closing, in one transaction; returns the views to publish.
+    /// While the store cannot write, the changes are kept in memory and recorded, in order, by
+    /// the first call after it can again (the core's once-a-second tick calls with no events).
     pub fn presence_events(
         &self,
         events: Vec<PresenceEvent>,
@@ -65,12 +84,40 @@ impl Core {
                 .devices_online
                 .store(online.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
+        let mut deferred = self
+            .deferred_presence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !deferred.is_empty() {
+            deferred.append(&mut changed);
+            changed = std::mem::take(&mut *deferred);
+        }
         if changed.is_empty() {
             return Ok(Vec::new());
         }
+        if !self.storage_writable() {
+            *deferred = bounded(changed);
+            return Ok(Vec::new());
+        }
+        match self.record_presence(&changed, now) {
+            Err(e) if e.is_storage() => {
+                self.storage_failed(&e);
+                *deferred = bounded(changed);
+                Ok(Vec::new())
+            }
+            other => other,
+        }
+    }
+
+    /// Records presence changes in one transaction; returns the views to publish.
+    fn record_presence(
+        &self,
+        changed: &[(Serial, bool)],
+        now: Timestamp,
+    ) -> Result<Vec<Outbound>, StoreError> {
         let mut txn = self.store.begin()?;
         let mut p = Pending::default();
-        for (serial, online) in changed {
+        for (serial, online) in changed.iter().cloned() {
             match self.presence_edge(&mut txn, &mut p, &serial, online, now) {
                 Ok(()) => {}
                 Err(e) if e.is_corrupt_record() => {
@@ -132,8 +179,11 @@ impl Core {
     }
 
     /// Raises an overdue alarm for every periodic device whose check-in is past due; costs no
-    /// commit when none is.
+    /// commit when none is. Skipped while the store cannot write.
     pub fn overdue(&self, now: Timestamp) -> Result<Vec<Outbound>, StoreError> {
+        if !self.storage_writable() {
+            return Ok(Vec::new());
+        }
         let mut txn = self.store.begin()?;
         let due = txn.checkins_due(now)?;
         if due.is_empty() {

@@ -31,7 +31,8 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// in their own transactions; the once-a-second tick also looks for overdue devices.
 ///
 /// A batch that fails to commit is logged and dropped: nothing was acked, so its senders resend.
-/// An I/O error is returned instead, since redb refuses every later write until it is reopened.
+/// A store that cannot write (disk full, an I/O error) does not stop the core: it refuses new
+/// work, keeps answering reads and recovers by itself once it can write again (see `storage`).
 pub async fn run(
     core: Arc<Core>,
     mut inbound: mpsc::Receiver<Inbound>,
@@ -72,8 +73,9 @@ pub async fn run(
             },
             _ = expire.tick() => Work::Expire,
         };
-        let core = Arc::clone(&core);
+        let worker = Arc::clone(&core);
         let result = task::spawn_blocking(move || {
+            let core = worker;
             let now = chrono::Utc::now();
             match work {
                 Work::Batch(batch) => {
@@ -82,8 +84,10 @@ pub async fn run(
                     debug!(messages = len, "batch handled");
                     out
                 }
+                // The tick also records presence changes held back while the store could not write.
                 Work::Expire => core.expire(now).and_then(|mut out| {
                     out.extend(core.overdue(now)?);
+                    out.extend(core.presence_events(Vec::new(), now)?);
                     Ok(out)
                 }),
                 Work::Presence(events) => core.presence_events(events, now),
@@ -92,9 +96,11 @@ pub async fn run(
         .await;
         let out = match result {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) if e.is_fatal() => {
-                error!(error = %e, "store failed; stopping the core");
-                return Err(e);
+            Ok(Err(e)) if e.is_storage() => {
+                // Logged once per burst by the core; what failed is retried (deadlines and
+                // overdue checks on the next tick, messages when their senders resend).
+                core.storage_failed(&e);
+                continue;
             }
             Ok(Err(e)) => {
                 error!(error = %e, "batch not committed; its senders will resend");

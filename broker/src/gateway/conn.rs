@@ -38,6 +38,16 @@ pub struct ClientConn<S> {
     max_packet_bytes: usize,
     /// The last read filled all the room it had: more is probably waiting.
     busy: bool,
+    /// QoS and packet id of the PUBLISH last decoded (see [`ClientConn::publish_id`]).
+    publish_id: Option<PublishId>,
+}
+
+/// A client PUBLISH's QoS and packet id. rumqttd's `Publish` keeps both private (its local links
+/// only ever carry QoS 0), so they are read from the packet's bytes before it is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishId {
+    pub qos: u8,
+    pub pkid: u16,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
@@ -48,6 +58,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
             out: BytesMut::new(),
             max_packet_bytes,
             busy: false,
+            publish_id: None,
         }
     }
 
@@ -87,14 +98,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
         if self.buf.is_empty() {
             return Ok(None);
         }
+        let publish_id = peek_publish_id(&self.buf);
         match V4.read_mut(&mut self.buf, self.max_packet_bytes) {
-            Ok(packet) => Ok(Some(unshare(packet))),
+            Ok(packet) => {
+                self.publish_id = publish_id;
+                Ok(Some(unshare(packet)))
+            }
             Err(protocol::Error::InsufficientBytes(_)) => Ok(None),
             Err(protocol::Error::PayloadSizeLimitExceeded(_)) => Err(ConnError::TooLarge {
                 max: self.max_packet_bytes,
             }),
             Err(e) => Err(ConnError::Malformed(e)),
         }
+    }
+
+    /// The QoS and packet id of the PUBLISH just returned by [`ClientConn::read_packet`] or
+    /// [`ClientConn::buffered_packet`]; `None` after any other packet.
+    pub fn publish_id(&self) -> Option<PublishId> {
+        self.publish_id
     }
 
     /// Encodes a packet for the client; [`ClientConn::flush`] sends everything queued.
@@ -128,6 +149,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
     pub async fn shutdown(&mut self) {
         let _ = self.io.shutdown().await;
     }
+}
+
+/// The QoS and packet id of the PUBLISH at the start of `buf`, read from its bytes (MQTT 3.1.1
+/// §3.3: fixed header, remaining length, topic, then the packet id when QoS > 0). `None` for any
+/// other packet or too few bytes; the decoder that runs next judges the packet itself.
+fn peek_publish_id(buf: &[u8]) -> Option<PublishId> {
+    let first = *buf.first()?;
+    if first >> 4 != 3 {
+        return None;
+    }
+    let qos = (first >> 1) & 0b11;
+    // The remaining length: 1–4 bytes, seven bits each, the high bit saying another follows.
+    let mut at = 1;
+    loop {
+        let byte = *buf.get(at)?;
+        at += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        if at > 4 {
+            return None;
+        }
+    }
+    let topic_len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
+    at += 2 + topic_len;
+    let pkid = if qos == 0 {
+        0
+    } else {
+        u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?])
+    };
+    Some(PublishId { qos, pkid })
 }
 
 /// A decoded PUBLISH borrows its topic and payload from the read buffer, and the router keeps
@@ -233,6 +285,44 @@ mod tests {
             conn.read_packet().await,
             Err(ConnError::ClosedMidPacket)
         ));
+    }
+
+    #[tokio::test]
+    async fn the_qos_and_packet_id_of_each_publish_are_known() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut conn = ClientConn::new(server, 1024);
+        let mut out = BytesMut::new();
+        // rumqttd cannot build a QoS 1 publish, so it is written by hand: PUBLISH QoS 1, topic
+        // "a/b", packet id 0x1234, payload "hi"; then a QoS 0 one for contrast.
+        out.extend_from_slice(&[0x32, 9, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'h', b'i']);
+        V4.write(
+            Packet::Publish(
+                Publish::new(Bytes::from_static(b"t"), Bytes::new(), false),
+                None,
+            ),
+            &mut out,
+        )
+        .unwrap();
+        client.write_all(&out).await.unwrap();
+        let Some(Packet::Publish(first, _)) = conn.read_packet().await.unwrap() else {
+            panic!("expected a publish")
+        };
+        assert_eq!(&first.payload[..], b"hi");
+        assert_eq!(
+            conn.publish_id(),
+            Some(PublishId {
+                qos: 1,
+                pkid: 0x1234
+            })
+        );
+        assert!(conn.read_packet().await.unwrap().is_some());
+        assert_eq!(conn.publish_id(), Some(PublishId { qos: 0, pkid: 0 }));
+        assert_eq!(
+            peek_publish_id(&[0xc0, 0]),
+            None,
+            "PINGREQ is not a publish"
+        );
+        assert_eq!(peek_publish_id(&[0x32, 0xff, 0xff, 0xff, 0xff, 0x01]), None);
     }
 
     #[tokio::test]

@@ -6,6 +6,9 @@
 //! socket stalls every client after it; here the accept loop only accepts.
 
 mod conn;
+mod device_session;
+pub mod hub;
+pub mod limits;
 mod session;
 mod ws;
 
@@ -23,7 +26,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, Span, debug, field, info, info_span, warn};
+use tracing::{Instrument, Span, field, info, info_span, warn};
 
 use crate::metrics::Metrics;
 
@@ -34,6 +37,20 @@ pub struct GatewaySettings {
     pub max_packet_bytes: usize,
     pub max_clients: usize,
     pub max_handshakes: usize,
+    /// QoS 1 PUBLISHes from one client the relay may hold unacknowledged to it; one more
+    /// closes that client.
+    pub max_inflight: usize,
+    /// Distinct topic filters one client may hold; a SUBSCRIBE past it closes that client.
+    pub max_subscriptions: usize,
+    /// Sessions one certificate identity may hold at once; one more is refused at CONNECT.
+    pub max_connections_per_identity: usize,
+    /// Connection attempts per second one source address may make (token bucket refill);
+    /// 0: no limit.
+    pub connect_rate_per_source: u32,
+    /// Connection attempts one source address may make at once before the rate applies.
+    pub connect_burst_per_source: u32,
+    /// Loopback sources (a proxy on the same host, benchmarks, tests) skip the rate limit.
+    pub connect_rate_exempt_loopback: bool,
 }
 
 /// What every connection task shares: built once at startup.
@@ -44,8 +61,17 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Where device sessions opening and closing are reported (presence); `None`: nowhere.
     pub presence: Option<crate::presence::PresenceTx>,
+    /// The devices' shared router link; `None`: every device gets a link of its own (the
+    /// design before the hub, kept for side-by-side benchmarks).
+    pub hub: Option<Arc<hub::Hub>>,
     admission: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
+    /// Sessions per certificate identity ([`limits::IdentityCounts`]), for both listeners.
+    identities: Arc<limits::IdentityCounts>,
+    /// New connections per source address, checked before any TLS work.
+    sources: limits::SourceRates,
+    /// Handshake timeouts are logged within this budget: silent sockets cost an attacker nothing.
+    slow_handshakes: limits::LogBudget,
 }
 
 /// How long open sessions get to finish when the broker stops.
@@ -73,17 +99,31 @@ impl Gateway {
         Gateway {
             admission: Arc::new(Semaphore::new(settings.max_clients)),
             handshakes: Arc::new(Semaphore::new(settings.max_handshakes)),
+            identities: limits::IdentityCounts::new(settings.max_connections_per_identity),
+            sources: limits::SourceRates::new(
+                settings.connect_rate_per_source,
+                settings.connect_burst_per_source,
+                settings.connect_rate_exempt_loopback,
+            ),
+            slow_handshakes: limits::LogBudget::new(),
             tls: TlsAcceptor::from(without_tickets(tls)),
             settings,
             router,
             metrics,
             presence: None,
+            hub: None,
         }
     }
 
     /// Reports every device session's start and end to the core (claim 42's presence).
     pub fn with_presence(mut self, presence: crate::presence::PresenceTx) -> Self {
         self.presence = Some(presence);
+        self
+    }
+
+    /// Lets device sessions share the hub's router link (see [`hub`]).
+    pub fn with_hub(mut self, hub: Arc<hub::Hub>) -> Self {
+        self.hub = Some(hub);
         self
     }
 
@@ -121,6 +161,13 @@ impl Gateway {
                 },
             };
             Metrics::inc(&self.metrics.tcp_accepted);
+            if !self.sources.admit(peer.ip()) {
+                // Closed at once, before any TLS work: a flood from one address costs an
+                // accept and a close.
+                self.sources.report_refused(&self.metrics, peer);
+                drop(tcp);
+                continue;
+            }
             let gw = self.clone();
             let stop = stop.clone();
             let span = info_span!("conn", %peer, identity = field::Empty, topic = field::Empty);
@@ -157,8 +204,7 @@ impl Gateway {
                 return;
             }
             Err(_) => {
-                Metrics::inc(&self.metrics.tls_timed_out);
-                debug!("TLS handshake timed out");
+                limits::report_handshake_timeout(&self.metrics, &self.slow_handshakes, "TLS");
                 return;
             }
         };
@@ -202,11 +248,33 @@ impl Gateway {
         who: Identity,
         stop: CancellationToken,
     ) {
-        match session::serve(conn, who, self.clone(), stop).await {
+        // Held until the session ends, whichever path serves it.
+        let place = match self.identities.acquire(&who) {
+            Ok(place) => place,
+            Err(e) => {
+                e.report(&self.metrics, &who);
+                session::refuse_connect(conn, &self, e).await;
+                return;
+            }
+        };
+        let limited = |e: &limits::LimitExceeded| e.report(&self.metrics, &who);
+        let result = session::serve(conn, who.clone(), self.clone(), stop).await;
+        // Given back before the end is logged: once a session is logged as ended, its identity
+        // may open another.
+        drop(place);
+        match result {
             // Info like "session started": a device that closes its session on purpose (a
             // firmware write, a periodic check-in ending) is seen doing so from the relay's log.
             Ok(()) => info!("session ended"),
             Err(e @ session::SessionError::Acl { .. }) => info!(error = %e, "session closed"),
+            Err(session::SessionError::Limit(e)) => limited(&e),
+            Err(session::SessionError::Conn(ConnError::TooLarge { max })) => {
+                Metrics::inc(&self.metrics.bad_packets);
+                limited(&limits::LimitExceeded::new(
+                    limits::Limit::MaxPacketBytes,
+                    format!("sent a packet larger than {max} bytes"),
+                ));
+            }
             Err(session::SessionError::Conn(e)) => {
                 // A reset or EOF is a network event; only a broken packet counts as bad input.
                 if !matches!(e, ConnError::Io(_)) {

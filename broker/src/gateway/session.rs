@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::Identity;
 use protocol::acl::{self, Action, Decision};
+use protocol::{Identity, Role};
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet};
@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info, warn};
 
 use super::Gateway;
-use super::conn::{ClientConn, ConnError};
+use super::conn::{ClientConn, ConnError, PublishId};
+use super::limits::{Inflight, LimitExceeded, Subscriptions};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,17 @@ pub enum SessionError {
     KeepaliveExpired,
     #[error("second CONNECT on an open session")]
     SecondConnect,
+    #[error("taken over by a newer session of the same client id")]
+    TakenOver,
+    #[error("too slow: more than {queued} messages were waiting for it")]
+    TooSlow { queued: usize },
+    #[error("more than {max} subscriptions (max_subscriptions)")]
+    TooManySubscriptions { max: usize },
+    #[error("the device hub has stopped")]
+    HubStopped,
+    /// A limit of [`super::limits`]; the gateway logs and counts it when the session ends.
+    #[error(transparent)]
+    Limit(#[from] LimitExceeded),
     /// Boxed: rumqttd's error carries a whole router event (over 800 bytes).
     #[error("router link: {0}")]
     Link(Box<rumqttd::local::LinkError>),
@@ -88,33 +100,21 @@ where
         )
         .await;
     };
-    let router = gw.router.clone();
-    let client_id = connect.client_id.clone();
-    let (link_tx, link_rx) = match tokio::task::spawn_blocking(move || {
-        router.link(&client_id).map_err(Box::new)
-    })
-    .await
-    {
-        Ok(Ok(link)) => link,
-        Ok(Err(e)) => {
-            warn!(error = %e, "router refused the session");
-            return refuse(
-                &mut conn,
-                &gw,
-                ConnectReturnCode::ServiceUnavailable,
-                "router refused",
-            )
-            .await;
-        }
-        Err(_) => {
-            return refuse(
-                &mut conn,
-                &gw,
-                ConnectReturnCode::ServiceUnavailable,
-                "router gone",
-            )
-            .await;
-        }
+    // Devices share the hub's router link; everyone else gets a link of their own.
+    let route = match gw.hub.clone().filter(|_| who.role() == Role::Device) {
+        Some(hub) => Route::Hub(hub),
+        None => match open_link(&gw, &connect.client_id).await {
+            Ok((link_tx, link_rx)) => Route::Link(link_tx, link_rx),
+            Err(reason) => {
+                return refuse(
+                    &mut conn,
+                    &gw,
+                    ConnectReturnCode::ServiceUnavailable,
+                    reason,
+                )
+                .await;
+            }
+        },
     };
     let connack = ConnAck {
         session_present: false,
@@ -133,36 +133,93 @@ where
         // MQTT 3.1.1 §3.1.2.10: one and a half keepalive periods of silence end the session.
         secs => Duration::from_millis(u64::from(secs) * 1500),
     };
-    let mut bridge = Bridge {
-        who: &who,
-        gw: &gw,
-        link_tx,
-        link_rx,
-        client_left: false,
+    let result = match route {
+        Route::Link(link_tx, link_rx) => {
+            let mut bridge = Bridge {
+                who: &who,
+                gw: &gw,
+                link_tx,
+                link_rx,
+                client_left: false,
+                inflight: Inflight::new(gw.settings.max_inflight),
+                subscriptions: Subscriptions::new(gw.settings.max_subscriptions),
+            };
+            let result = bridge.run(&mut conn, keepalive, &stop).await;
+            // Whatever else ended the session, the router must forget it; a dropped link alone
+            // is not noticed. After the client's own DISCONNECT it already has (a second one
+            // logs an error). When the whole broker stops, the router goes with it: telling it
+            // about every session one by one (each a blocking send into its 1,000-event
+            // channel) held up a stop of 18,000 sessions past the grace period.
+            if !bridge.client_left && !stop.is_cancelled() {
+                let _ = bridge
+                    .link_tx
+                    .send(Packet::Disconnect(
+                        Disconnect {
+                            reason_code: DisconnectReasonCode::NormalDisconnection,
+                        },
+                        None,
+                    ))
+                    .await;
+            }
+            result
+        }
+        Route::Hub(hub) => {
+            super::device_session::run(&mut conn, &who, &gw, &hub, keepalive, &stop).await
+        }
     };
-    let result = bridge.run(&mut conn, keepalive, &stop).await;
-    // Whatever else ended the session, the router must forget it; a dropped link alone is not
-    // noticed. After the client's own DISCONNECT it already has (a second one logs an error).
-    // When the whole broker stops, the router goes with it: telling it about every session one
-    // by one (each a blocking send into its 1,000-event channel) held up a stop of 18,000
-    // sessions past the grace period, and every reconnect storm by as long.
-    if !bridge.client_left && !stop.is_cancelled() {
-        let _ = bridge
-            .link_tx
-            .send(Packet::Disconnect(
-                Disconnect {
-                    reason_code: DisconnectReasonCode::NormalDisconnection,
-                },
-                None,
-            ))
-            .await;
-    }
     Metrics::dec(&gw.metrics.sessions_active);
     if let Some(presence) = &gw.presence {
         presence.session(&who, false);
     }
     conn.shutdown().await;
     result
+}
+
+/// How a session reaches the router.
+enum Route {
+    /// A link of its own (hosts, integrators).
+    Link(LinkTx, LinkRx),
+    /// A place in the devices' shared link (see [`super::hub`]).
+    Hub(Arc<super::hub::Hub>),
+}
+
+/// A router link of the session's own, made off the async threads (rumqttd blocks while the
+/// router registers it). `Err`: why the client is turned away.
+async fn open_link(gw: &Gateway, client_id: &str) -> Result<(LinkTx, LinkRx), &'static str> {
+    let router = gw.router.clone();
+    let client_id = client_id.to_owned();
+    match tokio::task::spawn_blocking(move || router.link(&client_id).map_err(Box::new)).await {
+        Ok(Ok(link)) => Ok(link),
+        Ok(Err(e)) => {
+            warn!(error = %e, "router refused the session");
+            Err("router refused")
+        }
+        Err(_) => Err("router gone"),
+    }
+}
+
+/// Turns a client away before its session starts because of `why` (a limit already reported):
+/// reads its CONNECT (under the connect deadline) and answers CONNACK "server unavailable", a
+/// load condition, so that a client does not take it for a problem with its certificate.
+pub(super) async fn refuse_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: ClientConn<S>,
+    gw: &Gateway,
+    why: LimitExceeded,
+) {
+    if let Ok(Ok(Some(Packet::Connect(..)))) =
+        timeout(gw.settings.connect_timeout, conn.read_packet()).await
+    {
+        let _ = refuse(
+            &mut conn,
+            gw,
+            ConnectReturnCode::ServiceUnavailable,
+            why.limit.key(),
+        )
+        .await;
+    } else {
+        Metrics::inc(&gw.metrics.connect_refused);
+        conn.shutdown().await;
+    }
 }
 
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
@@ -192,6 +249,10 @@ struct Bridge<'a> {
     link_rx: LinkRx,
     /// The client sent DISCONNECT, which the router has already acted on.
     client_left: bool,
+    /// QoS 1 publishes forwarded whose PUBACK the client has not been sent (`max_inflight`).
+    inflight: Inflight,
+    /// Topic filters the client holds (`max_subscriptions`).
+    subscriptions: Subscriptions,
 }
 
 /// Most client packets handed to the router on one notification: what one read brought in.
@@ -254,7 +315,7 @@ impl Bridge<'_> {
         let mut leaving = false;
         let mut failed = None;
         while let Some(packet) = next {
-            if let Err(e) = self.check_packet(&packet) {
+            if let Err(e) = self.check_packet(&packet, conn.publish_id()) {
                 failed = Some(e);
                 break;
             }
@@ -284,8 +345,23 @@ impl Bridge<'_> {
         }
     }
 
-    /// The ACL check of one client packet.
-    fn check_packet(&self, packet: &Packet) -> Result<(), SessionError> {
+    /// The ACL and limit checks of one client packet, in that order: a packet the ACL refuses
+    /// is an ACL violation whatever the counts say.
+    /// `publish`: the QoS and packet id [`ClientConn::publish_id`] gave for this packet.
+    fn check_packet(
+        &mut self,
+        packet: &Packet,
+        publish: Option<PublishId>,
+    ) -> Result<(), SessionError> {
+        self.check_acl(packet)?;
+        match packet {
+            Packet::Publish(..) => self.inflight.publish(publish.map_or(0, |id| id.qos))?,
+            other => self.subscriptions.apply(other)?,
+        }
+        Ok(())
+    }
+
+    fn check_acl(&self, packet: &Packet) -> Result<(), SessionError> {
         match packet {
             Packet::Publish(publish, _) => {
                 let topic = String::from_utf8_lossy(&publish.topic);
@@ -305,19 +381,7 @@ impl Bridge<'_> {
     }
 
     fn check(&self, action: Action, topic: &str) -> Result<(), SessionError> {
-        match acl::check(self.who, action, topic) {
-            Decision::Allow => Ok(()),
-            Decision::Deny(reason) => {
-                let total = Metrics::inc(&self.gw.metrics.acl_violations);
-                Span::current().record("topic", topic);
-                warn!(identity = %self.who, ?action, topic, reason, total, "acl violation");
-                Err(SessionError::Acl {
-                    action,
-                    topic: topic.to_owned(),
-                    reason,
-                })
-            }
-        }
+        check_acl(self.who, &self.gw.metrics, action, topic)
     }
 
     /// Encodes what the router has for this client (everything queued, in one write).
@@ -333,6 +397,7 @@ impl Bridge<'_> {
                 Notification::Unschedule => unscheduled = true,
                 n => {
                     if let Some(packet) = Option::<Packet>::from(n) {
+                        self.inflight.delivered(&packet);
                         conn.queue(packet)?;
                     }
                 }
@@ -355,6 +420,29 @@ impl Bridge<'_> {
             Ok(n) => Ok(n),
             Err(rumqttd::local::LinkError::RecvTimeout(_)) => Ok(None),
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The ACL check of one topic or filter a client named; a denial is counted and logged with the
+/// identity and topic. Every session path calls this, so every violation reads the same.
+pub(super) fn check_acl(
+    who: &Identity,
+    metrics: &Metrics,
+    action: Action,
+    topic: &str,
+) -> Result<(), SessionError> {
+    match acl::check(who, action, topic) {
+        Decision::Allow => Ok(()),
+        Decision::Deny(reason) => {
+            let total = Metrics::inc(&metrics.acl_violations);
+            Span::current().record("topic", topic);
+            warn!(identity = %who, ?action, topic, reason, total, "acl violation");
+            Err(SessionError::Acl {
+                action,
+                topic: topic.to_owned(),
+                reason,
+            })
         }
     }
 }

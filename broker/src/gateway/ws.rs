@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use ws_stream_tungstenite::WsStream;
 
-use super::{ClientConn, Gateway, Listener};
+use super::{ClientConn, Gateway, Listener, limits};
 use crate::metrics::Metrics;
 
 /// The WebSocket subprotocol of MQTT 3.1.1.
@@ -58,8 +58,7 @@ impl Gateway {
                 return;
             }
             Err(_) => {
-                Metrics::inc(&self.metrics.tls_timed_out);
-                debug!("TLS handshake timed out");
+                limits::report_handshake_timeout(&self.metrics, &self.slow_handshakes, "TLS");
                 return;
             }
         };
@@ -79,8 +78,11 @@ impl Gateway {
                 return;
             }
             Err(_) => {
-                Metrics::inc(&self.metrics.tls_timed_out);
-                debug!("websocket upgrade timed out");
+                limits::report_handshake_timeout(
+                    &self.metrics,
+                    &self.slow_handshakes,
+                    "websocket upgrade",
+                );
                 return;
             }
         };

@@ -16,10 +16,14 @@ mod alarms;
 mod notify;
 mod readings;
 mod records;
+mod space;
 mod stats;
+#[cfg(test)]
+pub(crate) mod test_disk;
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use protocol::artifact::{ArtifactId, ArtifactInfo};
 use protocol::data::DeviceData;
@@ -33,6 +37,7 @@ pub use alarms::{PresenceRecord, alarm_id, alarm_number};
 pub use notify::{NotifyChannel, QueuedNotification};
 pub use readings::ReadingCursor;
 pub use records::{DeviceRecord, JobRecord, JournalEntry, JournalOutcome};
+pub use space::{Reading as SpaceReading, Space};
 pub use stats::StoreStats;
 
 /// The store's file inside the data directory.
@@ -87,6 +92,22 @@ pub enum StoreError {
         op: &'static str,
         source: redb::Error,
     },
+    /// Refused before redb was asked to write: committing now could fill the disk, and a failed
+    /// write would stop redb from reading too (see [`Space`]).
+    #[error(
+        "relay storage full: {free} bytes free on the file system of {}, below the {reserve} bytes \
+         kept in reserve; the relay refuses new work until its operator frees space there, and \
+         resumes by itself",
+        .dir.display()
+    )]
+    Full {
+        dir: PathBuf,
+        free: u64,
+        reserve: u64,
+    },
+    /// The database was closed after an I/O error and could not be opened again yet.
+    #[error("the store {} is closed after an I/O error and is being reopened", .path.display())]
+    Closed { path: PathBuf },
     #[error("corrupt record in table {table}, key {key}: {reason}")]
     Corrupt {
         table: &'static str,
@@ -107,16 +128,35 @@ impl StoreError {
         matches!(self, StoreError::Corrupt { .. })
     }
 
-    /// redb refuses every further write after an I/O error until the file is reopened, so the only
-    /// useful reaction is to stop the broker and let it be restarted.
-    pub fn is_fatal(&self) -> bool {
+    /// The store cannot write (disk full, an I/O error, closed to be reopened): nothing of the
+    /// transaction was stored, and the store must be reopened (see [`StoreError::needs_reopen`])
+    /// or given space before it can. The broker keeps running and refuses new work meanwhile.
+    pub fn is_storage(&self) -> bool {
+        matches!(self, StoreError::Full { .. } | StoreError::Closed { .. }) || self.needs_reopen()
+    }
+
+    /// redb refuses every further transaction, reads included, after an I/O error until the file
+    /// is closed and opened again ([`Store::reopen`]).
+    pub fn needs_reopen(&self) -> bool {
         matches!(
             self,
             StoreError::Backend {
                 source: redb::Error::Io(_) | redb::Error::PreviousIo,
                 ..
-            }
+            } | StoreError::Closed { .. }
         )
+    }
+
+    /// Out of space, as opposed to some other I/O failure: the advice differs.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Full { .. } => true,
+            StoreError::Backend {
+                source: redb::Error::Io(e),
+                ..
+            } => e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28),
+            _ => false,
+        }
     }
 }
 
@@ -169,30 +209,100 @@ pub fn job_number(id: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// Opens the database file; a test swaps in one whose writes fail on demand.
+pub(crate) type Opener = dyn Fn(&Path) -> Result<Database, redb::DatabaseError> + Send + Sync;
+
 /// The redb file. Cheap to share behind an `Arc`; redb serializes writers itself.
+///
+/// The database sits behind a lock so that it can be closed and opened again after an I/O error
+/// ([`Store::reopen`]); every transaction begins under the read side, only a reopen takes the
+/// write side.
 pub struct Store {
-    db: Database,
+    db: RwLock<Option<Database>>,
     path: PathBuf,
+    space: Space,
+    opener: Arc<Opener>,
 }
 
 impl Store {
     /// Opens `data_dir/chukei.redb`, creating the directory, the file and every table if needed.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(data_dir, Arc::new(|path: &Path| Database::create(path)))
+    }
+
+    /// [`Store::open`] with another way to open the database file (a test's failing disk).
+    pub(crate) fn open_with(data_dir: &Path, opener: Arc<Opener>) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
             path: data_dir.to_owned(),
             source,
         })?;
         let path = data_dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(|source| StoreError::Open {
+        let db = opener(&path).map_err(|source| StoreError::Open {
             path: path.clone(),
             source,
         })?;
-        let store = Store { db, path };
-        // Create every table up front so that reads never meet a missing table.
-        let txn = store
+        Store::create_tables(&db)?;
+        Ok(Store {
+            db: RwLock::new(Some(db)),
+            path,
+            space: Space::for_dir(data_dir),
+            opener,
+        })
+    }
+
+    /// Closes the database and opens it again: after an I/O error, redb refuses every
+    /// transaction until this is done (opening repairs the file if the failed commit left it
+    /// half-written). Fails while another transaction is still open (the file is still held), or
+    /// if the disk still refuses; the caller tries again later.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self
             .db
-            .begin_write()
-            .map_err(backend("begin a transaction"))?;
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Dropping closes it; with a latched I/O error redb writes nothing more to the file.
+        drop(slot.take());
+        let db = (self.opener)(&self.path).map_err(|source| StoreError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        Store::create_tables(&db)?;
+        *slot = Some(db);
+        Ok(())
+    }
+
+    /// Whether the database is closed (a reopen failed or has not been tried).
+    pub fn is_closed(&self) -> bool {
+        self.db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
+    }
+
+    /// The data directory's free space and reserve.
+    pub fn space(&self) -> &Space {
+        &self.space
+    }
+
+    /// Runs `f` with the open database, or fails with [`StoreError::Closed`].
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let slot = self
+            .db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match slot.as_ref() {
+            Some(db) => f(db),
+            None => Err(StoreError::Closed {
+                path: self.path.clone(),
+            }),
+        }
+    }
+
+    /// Creates every table up front so that reads never meet a missing table.
+    fn create_tables(db: &Database) -> Result<(), StoreError> {
+        let txn = db.begin_write().map_err(backend("begin a transaction"))?;
         {
             let op = "create the tables";
             txn.open_table(JOBS).map_err(backend(op))?;
@@ -209,7 +319,7 @@ impl Store {
             stats::create_tables(&txn)?;
         }
         txn.commit().map_err(backend("commit"))?;
-        Ok(store)
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -219,11 +329,12 @@ impl Store {
     /// Begins the one write transaction; blocks while another is open. Reads go through it too:
     /// every reader in the broker is part of a batch that may write.
     pub fn begin(&self) -> Result<Txn, StoreError> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(backend("begin a transaction"))?;
-        Ok(Txn { txn, dirty: false })
+        let txn = self.with_db(|db| db.begin_write().map_err(backend("begin a transaction")))?;
+        Ok(Txn {
+            txn,
+            dirty: false,
+            space: Some(self.space.clone()),
+        })
     }
 }
 
@@ -232,15 +343,30 @@ impl Store {
 pub struct Txn {
     txn: WriteTransaction,
     dirty: bool,
+    /// Checked before committing; `None` in tests that exercise redb's own I/O errors.
+    space: Option<Space>,
 }
 
 impl Txn {
     /// Commits (fsync, redb's default durability) if anything was written, else just aborts.
-    /// Returns whether a commit happened.
+    /// Returns whether a commit happened. A commit is refused ([`StoreError::Full`], the
+    /// transaction aborted) while the data directory's free space is below its reserve.
     pub fn commit(self) -> Result<bool, StoreError> {
         if !self.dirty {
             self.txn.abort().map_err(backend("abort"))?;
             return Ok(false);
+        }
+        if let Some(r) = self.space.as_ref().and_then(|s| s.read().map(|r| (s, r)))
+            && r.1.is_low()
+        {
+            let (space, reading) = r;
+            let err = StoreError::Full {
+                dir: space.dir().to_owned(),
+                free: reading.free,
+                reserve: reading.reserve,
+            };
+            self.txn.abort().map_err(backend("abort"))?;
+            return Err(err);
         }
         self.txn.commit().map_err(backend("commit"))?;
         Ok(true)
@@ -850,6 +976,64 @@ mod tests {
         let txn = store.begin().unwrap();
         assert!(txn.job(1).unwrap().is_none());
         assert!(!txn.commit().unwrap());
+    }
+
+    #[test]
+    fn a_write_that_fails_for_space_is_not_stored_and_a_reopen_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = test_disk::FillingDisk::default();
+        let store = disk.store(dir.path());
+        let mut txn = store.begin().unwrap();
+        txn.put_job(1, &record(1, "C1", JobStatus::Queued, None))
+            .unwrap();
+        assert!(txn.commit().unwrap());
+
+        disk.set_full(true);
+        let mut txn = store.begin().unwrap();
+        txn.put_job(2, &record(2, "C1", JobStatus::Queued, None))
+            .unwrap();
+        let err = txn.commit().expect_err("the disk is full");
+        assert!(
+            err.is_storage() && err.needs_reopen() && err.is_disk_full(),
+            "{err:?}"
+        );
+        // redb latched the error: even a read fails until the database is opened again.
+        let later = store.begin().and_then(|t| t.job(1));
+        assert!(
+            later.as_ref().is_err_and(StoreError::needs_reopen),
+            "{later:?}"
+        );
+
+        disk.set_full(false);
+        store.reopen().unwrap();
+        assert!(!store.is_closed());
+        let mut txn = store.begin().unwrap();
+        assert_eq!(
+            txn.job(1).unwrap(),
+            Some(record(1, "C1", JobStatus::Queued, None)),
+            "what was committed before survives"
+        );
+        assert_eq!(txn.job(2).unwrap(), None, "the failed commit left nothing");
+        txn.put_job(2, &record(2, "C1", JobStatus::Queued, None))
+            .unwrap();
+        assert!(txn.commit().unwrap(), "writes work again");
+    }
+
+    #[test]
+    fn a_commit_below_the_reserve_is_refused_before_redb_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        txn.put_job(1, &record(1, "C1", JobStatus::Queued, None))
+            .unwrap();
+        // A reserve no file system has: every commit is refused, and the store stays usable.
+        txn.space = Some(Space::with_reserve(dir.path(), u64::MAX));
+        let err = txn.commit().expect_err("below the reserve");
+        assert!(err.is_storage() && err.is_disk_full() && !err.needs_reopen());
+        let text = err.to_string();
+        assert!(text.starts_with("relay storage full"), "{text}");
+        let txn = store.begin().unwrap();
+        assert_eq!(txn.job(1).unwrap(), None, "refused, so not stored");
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl Store {
     /// (to learn its status), so it is for a scrape every few seconds, not for a hot path.
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let op = "read statistics";
-        let txn = self.db.begin_read().map_err(backend(op))?;
+        let txn = self.with_db(|db| db.begin_read().map_err(backend(op)))?;
         let mut stats = StoreStats {
             jobs: JobStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect(),
             ..StoreStats::default()

@@ -5,6 +5,7 @@
 pub mod alarms;
 pub mod artifacts;
 pub mod cancel;
+pub mod dashboard;
 pub mod export;
 pub mod keys;
 pub mod list;

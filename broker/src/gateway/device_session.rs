@@ -1,0 +1,283 @@
+//! A device's MQTT session once CONNECT is accepted: the same ACL as every session, but instead
+//! of a router link of its own, the device's place in the shared [`Hub`].
+//!
+//! The gateway answers what rumqttd would have answered on a device's own link: SUBACK (with the
+//! retained orders the filters match), UNSUBACK, PINGRESP, and PUBACK once a publish is handed to
+//! the router. What the broker sends a device is QoS 0, as before: reliability comes from
+//! retained orders and end-to-end acks, not from MQTT QoS.
+
+use std::time::Duration;
+
+use protocol::Identity;
+use protocol::acl::Action;
+use rumqttd::protocol::{
+    Packet, PubAck, PubAckReason, Publish, QoS, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+    Unsubscribe,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::Gateway;
+use super::conn::{ClientConn, PublishId};
+use super::hub::{Attachment, Detached, Down, Hub, SubscribeError};
+use super::session::{SessionError, check_acl};
+
+/// Most client packets handled before the replies are flushed: what one read brought in.
+const MAX_BATCH: usize = 64;
+
+/// Most queued messages written to the device in one flush.
+const MAX_DELIVER_BATCH: usize = 64;
+
+/// Runs the session until the client leaves, misbehaves, is replaced or the broker stops.
+/// Returns whether the client said DISCONNECT.
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut ClientConn<S>,
+    who: &Identity,
+    gw: &Gateway,
+    hub: &Hub,
+    keepalive: Duration,
+    stop: &CancellationToken,
+) -> Result<(), SessionError> {
+    let attachment = hub.attach_session(who.id());
+    let session = DeviceSession {
+        who,
+        gw,
+        attachment,
+    };
+    session.run(conn, keepalive, stop).await
+}
+
+struct DeviceSession<'a> {
+    who: &'a Identity,
+    gw: &'a Gateway,
+    attachment: Attachment<'a>,
+}
+
+impl DeviceSession<'_> {
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut ClientConn<S>,
+        keepalive: Duration,
+        stop: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
+        let mut last_heard = Instant::now();
+        let keepalive_timer = sleep_until(last_heard + keepalive);
+        tokio::pin!(keepalive_timer);
+        loop {
+            tokio::select! {
+                () = &mut stopped => return Ok(()),
+                () = &mut keepalive_timer => {
+                    let due = last_heard + keepalive;
+                    if Instant::now() >= due {
+                        return Err(SessionError::KeepaliveExpired);
+                    }
+                    keepalive_timer.as_mut().reset(due);
+                }
+                packet = conn.read_packet() => {
+                    let Some(packet) = packet? else { return Ok(()) };
+                    last_heard = Instant::now();
+                    if self.handle_packets(conn, packet).await? {
+                        return Ok(());
+                    }
+                }
+                down = self.attachment.rx.recv_async() => {
+                    let first = match down {
+                        Ok(d) => d,
+                        Err(_) => return Err(detached(self.attachment.detached_reason())),
+                    };
+                    self.deliver(conn, first).await?;
+                }
+            }
+        }
+    }
+
+    /// Handles `first` and every whole packet that arrived with it, then flushes the replies in
+    /// one write. Returns whether the client said DISCONNECT.
+    async fn handle_packets<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut ClientConn<S>,
+        first: Packet,
+    ) -> Result<bool, SessionError> {
+        let mut next = Some(first);
+        let mut count = 0;
+        let mut outcome = Ok(false);
+        while let Some(packet) = next {
+            match self.handle(conn, packet).await {
+                Ok(false) => {}
+                other => {
+                    outcome = other;
+                    break;
+                }
+            }
+            count += 1;
+            if count >= MAX_BATCH {
+                break;
+            }
+            next = match conn.buffered_packet() {
+                Ok(p) => p,
+                Err(e) => {
+                    outcome = Err(e.into());
+                    None
+                }
+            };
+        }
+        // Replies to what was handled before a violation still go out, as they would one by one.
+        conn.flush().await?;
+        outcome
+    }
+
+    /// One client packet; replies are queued on `conn`. Returns whether it was DISCONNECT.
+    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut ClientConn<S>,
+        packet: Packet,
+    ) -> Result<bool, SessionError> {
+        match packet {
+            Packet::Publish(publish, _) => self.publish(conn, publish).await?,
+            Packet::Subscribe(subscribe, _) => self.subscribe(conn, subscribe)?,
+            Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(conn, unsubscribe)?,
+            Packet::PingReq(_) => conn.queue(Packet::PingResp(rumqttd::protocol::PingResp))?,
+            Packet::Disconnect(..) => return Ok(true),
+            Packet::Connect(..) => return Err(SessionError::SecondConnect),
+            // PUBACKs (we send QoS 0, so there are none to expect) and anything else a client
+            // may send that needs no answer.
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut ClientConn<S>,
+        publish: Publish,
+    ) -> Result<(), SessionError> {
+        let topic = String::from_utf8_lossy(&publish.topic);
+        check_acl(self.who, &self.gw.metrics, Action::Publish, &topic)?;
+        let id = conn.publish_id().unwrap_or(PublishId { qos: 0, pkid: 0 });
+        if id.qos > 1 {
+            warn!(topic = %topic, "QoS 2 publish refused: chukei devices publish at QoS 0 or 1");
+            return Err(SessionError::Refused(
+                "QoS 2 is not supported; publish at QoS 1",
+            ));
+        }
+        if !self
+            .attachment
+            .hub()
+            .publish(publish.topic, publish.payload)
+            .await
+        {
+            return Err(SessionError::HubStopped);
+        }
+        if id.qos == 1 {
+            conn.queue(Packet::PubAck(
+                PubAck {
+                    pkid: id.pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ))?;
+        }
+        Ok(())
+    }
+
+    fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut ClientConn<S>,
+        subscribe: Subscribe,
+    ) -> Result<(), SessionError> {
+        for filter in &subscribe.filters {
+            check_acl(self.who, &self.gw.metrics, Action::Subscribe, &filter.path)?;
+        }
+        let return_codes = subscribe
+            .filters
+            .iter()
+            .map(|f| match f.qos {
+                QoS::AtMostOnce => SubscribeReasonCode::QoS0,
+                _ => SubscribeReasonCode::QoS1,
+            })
+            .collect();
+        let filters = subscribe.filters.into_iter().map(|f| f.path);
+        let replay = match self
+            .attachment
+            .subscribe(filters, self.gw.settings.max_subscriptions)
+        {
+            Ok(replay) => replay,
+            Err(SubscribeError::TooMany { max }) => {
+                warn!(
+                    max_subscriptions = max,
+                    "subscription limit exceeded; closing"
+                );
+                return Err(SessionError::TooManySubscriptions { max });
+            }
+            Err(SubscribeError::Detached) => return Err(detached(Detached::TakenOver)),
+        };
+        conn.queue(Packet::SubAck(
+            SubAck {
+                pkid: subscribe.pkid,
+                return_codes,
+            },
+            None,
+        ))?;
+        for publish in replay {
+            conn.queue(Packet::Publish(publish, None))?;
+        }
+        Ok(())
+    }
+
+    fn unsubscribe<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut ClientConn<S>,
+        unsubscribe: Unsubscribe,
+    ) -> Result<(), SessionError> {
+        for filter in &unsubscribe.filters {
+            check_acl(self.who, &self.gw.metrics, Action::Unsubscribe, filter)?;
+        }
+        self.attachment.unsubscribe(&unsubscribe.filters);
+        conn.queue(Packet::UnsubAck(
+            UnsubAck {
+                pkid: unsubscribe.pkid,
+                reasons: Vec::new(),
+            },
+            None,
+        ))?;
+        Ok(())
+    }
+
+    /// Writes `first` and whatever else is already queued for the device, in one flush.
+    async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut ClientConn<S>,
+        first: Down,
+    ) -> Result<(), SessionError> {
+        let mut next = Some(first);
+        let mut count = 0;
+        while let Some(down) = next {
+            match down {
+                Down::Publish(publish) => conn.queue(Packet::Publish(publish, None))?,
+                Down::Detach(why) => {
+                    conn.flush().await?;
+                    return Err(detached(why));
+                }
+            }
+            count += 1;
+            next = if count < MAX_DELIVER_BATCH {
+                self.attachment.rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        conn.flush().await?;
+        Ok(())
+    }
+}
+
+fn detached(why: Detached) -> SessionError {
+    match why {
+        Detached::TakenOver => SessionError::TakenOver,
+        Detached::TooSlow { queued } => SessionError::TooSlow { queued },
+    }
+}

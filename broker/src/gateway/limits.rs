@@ -1,0 +1,639 @@
+//! What one client may cost the relay (issue 8): packets in flight, subscriptions, sessions per
+//! certificate, and new connections per source address. Each check is a small type of its own so
+//! that every session path (the host/integrator path in [`super::session`] and the device path)
+//! applies the very same rule, and each breach is reported the same way: a `warn!` naming the
+//! identity (the connection's span adds the peer) and the limit's config key, and a metric.
+//!
+//! Exceeding a per-session limit closes that client only; nothing here is shared between
+//! clients except the two maps, each behind its own short lock.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use protocol::Identity;
+use rumqttd::protocol::Packet;
+use tracing::warn;
+
+use crate::metrics::Metrics;
+
+/// A TLS (or WebSocket) handshake that did not finish within `handshake_timeout_secs`: counted
+/// in `tls_timed_out` and logged within `budget`, since a client can open silent sockets at will.
+pub fn report_handshake_timeout(metrics: &Metrics, budget: &LogBudget, what: &str) {
+    let total = Metrics::inc(&metrics.tls_timed_out);
+    if let Some(suppressed) = budget.check() {
+        warn!(
+            limit = "handshake_timeout_secs",
+            what,
+            suppressed,
+            total,
+            "limit exceeded: handshake not finished in time, connection closed"
+        );
+    }
+}
+
+/// Which limit was hit; [`Limit::key`] is its name in `broker.toml` (and, with dashes, its flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    MaxPacketBytes,
+    MaxInflight,
+    MaxSubscriptions,
+    MaxConnectionsPerIdentity,
+    ConnectRatePerSource,
+    /// Not a number but a rule: chukei speaks QoS 0 and 1 only (see [`Inflight::publish`]).
+    Qos2,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 6] = [
+        Limit::MaxPacketBytes,
+        Limit::MaxInflight,
+        Limit::MaxSubscriptions,
+        Limit::MaxConnectionsPerIdentity,
+        Limit::ConnectRatePerSource,
+        Limit::Qos2,
+    ];
+
+    /// The config key an operator would raise, as logs and metrics name it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Limit::MaxPacketBytes => "max_packet_bytes",
+            Limit::MaxInflight => "max_inflight",
+            Limit::MaxSubscriptions => "max_subscriptions",
+            Limit::MaxConnectionsPerIdentity => "max_connections_per_identity",
+            Limit::ConnectRatePerSource => "connect_rate_per_source",
+            Limit::Qos2 => "qos2",
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+/// A client went past a limit; the session that sees this closes the client.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{limit} exceeded: {detail}")]
+pub struct LimitExceeded {
+    pub limit: Limit,
+    /// What the client did, in words for the log.
+    pub detail: String,
+}
+
+impl LimitExceeded {
+    pub fn new(limit: Limit, detail: impl Into<String>) -> Self {
+        LimitExceeded {
+            limit,
+            detail: detail.into(),
+        }
+    }
+
+    /// Logs the breach (a warning with the identity and the limit's key; the connection's span
+    /// adds the peer) and counts it. Call once, where the session decides to close.
+    pub fn report(&self, metrics: &Metrics, who: &Identity) {
+        let total = Metrics::inc(metrics.limit(self.limit));
+        warn!(
+            identity = %who,
+            limit = self.limit.key(),
+            detail = %self.detail,
+            total,
+            "limit exceeded: closing the client"
+        );
+    }
+}
+
+/// QoS 1 PUBLISHes a client sent that the relay has not yet acknowledged to it.
+///
+/// Counted up when a PUBLISH goes to the router and down when its PUBACK is written to the
+/// client. The client's own count (sent minus acks received) is never lower, so a client that
+/// honours an inflight window of `max` (rumqttc's default is 100) never trips this; one that
+/// floods without reading its acks does, before the router queues its flood.
+#[derive(Debug)]
+pub struct Inflight {
+    held: usize,
+    max: usize,
+}
+
+impl Inflight {
+    pub fn new(max: usize) -> Self {
+        Inflight { held: 0, max }
+    }
+
+    /// Before a client PUBLISH of QoS `qos` (0, 1 or 2: [`super::ClientConn::publish_id`],
+    /// as rumqttd keeps a publish's QoS private) is forwarded. QoS 2 is refused: chukei's
+    /// messages are QoS 1 with ids of their own, and rumqttd would hold each QoS 2 publish
+    /// until its PUBREL, a queue this count would not see.
+    pub fn publish(&mut self, qos: u8) -> Result<(), LimitExceeded> {
+        match qos {
+            0 => Ok(()),
+            1 if self.held >= self.max => Err(LimitExceeded::new(
+                Limit::MaxInflight,
+                format!(
+                    "more than {} QoS 1 PUBLISHes not yet acknowledged",
+                    self.max
+                ),
+            )),
+            1 => {
+                self.held += 1;
+                Ok(())
+            }
+            _ => Err(LimitExceeded::new(
+                Limit::Qos2,
+                "QoS 2 PUBLISH: chukei accepts QoS 0 and 1 only; publish with QoS 1",
+            )),
+        }
+    }
+
+    /// After a PUBACK for the client was written to it.
+    pub fn acked(&mut self) {
+        self.held = self.held.saturating_sub(1);
+    }
+
+    /// Counts every PUBACK among packets going to the client.
+    pub fn delivered(&mut self, packet: &Packet) {
+        if matches!(packet, Packet::PubAck(..)) {
+            self.acked();
+        }
+    }
+
+    pub fn held(&self) -> usize {
+        self.held
+    }
+}
+
+/// The distinct topic filters one client holds: SUBSCRIBE adds, UNSUBSCRIBE removes, the same
+/// filter twice counts once (MQTT replaces a repeated subscription).
+#[derive(Debug)]
+pub struct Subscriptions {
+    filters: HashSet<String>,
+    max: usize,
+}
+
+impl Subscriptions {
+    pub fn new(max: usize) -> Self {
+        Subscriptions {
+            filters: HashSet::new(),
+            max,
+        }
+    }
+
+    /// Applies a SUBSCRIBE or UNSUBSCRIBE (other packets pass); call after the ACL allowed it,
+    /// before it is forwarded. On `Err` the set is left as it was.
+    pub fn apply(&mut self, packet: &Packet) -> Result<(), LimitExceeded> {
+        match packet {
+            Packet::Subscribe(subscribe, _) => {
+                let new: HashSet<&str> = subscribe
+                    .filters
+                    .iter()
+                    .map(|f| f.path.as_str())
+                    .filter(|f| !self.filters.contains(*f))
+                    .collect();
+                if self.filters.len() + new.len() > self.max {
+                    return Err(LimitExceeded::new(
+                        Limit::MaxSubscriptions,
+                        format!(
+                            "SUBSCRIBE would hold {} topic filters; the limit is {}",
+                            self.filters.len() + new.len(),
+                            self.max
+                        ),
+                    ));
+                }
+                self.filters.extend(new.into_iter().map(str::to_owned));
+                Ok(())
+            }
+            Packet::Unsubscribe(unsubscribe, _) => {
+                for f in &unsubscribe.filters {
+                    self.filters.remove(f);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.filters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+}
+
+/// Sessions per certificate identity, open now. One certificate holding thousands of sessions
+/// (a stolen host key in a loop) would take the admission slots of a whole fleet.
+#[derive(Debug)]
+pub struct IdentityCounts {
+    max: usize,
+    held: Mutex<HashMap<Identity, usize>>,
+}
+
+/// One session's place in [`IdentityCounts`]; dropping it gives the place back.
+#[derive(Debug)]
+pub struct IdentityGuard {
+    counts: Arc<IdentityCounts>,
+    who: Identity,
+}
+
+impl IdentityCounts {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(IdentityCounts {
+            max,
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a place for `who`, held until the guard drops; `Err` if `who` already holds `max`.
+    pub fn acquire(self: &Arc<Self>, who: &Identity) -> Result<IdentityGuard, LimitExceeded> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(who.clone()).or_insert(0);
+        if *n >= self.max {
+            return Err(LimitExceeded::new(
+                Limit::MaxConnectionsPerIdentity,
+                format!(
+                    "this certificate already holds {} sessions; the limit is {}",
+                    *n, self.max
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(IdentityGuard {
+            counts: self.clone(),
+            who: who.clone(),
+        })
+    }
+
+    /// Sessions `who` holds now.
+    pub fn held(&self, who: &Identity) -> usize {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(who).copied().unwrap_or(0)
+    }
+
+    /// Identities holding at least one session (the map's size: it never keeps zeros).
+    pub fn identities(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for IdentityGuard {
+    fn drop(&mut self) {
+        let mut held = self.counts.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.who) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.who);
+            }
+        }
+    }
+}
+
+/// Sources tracked at most. A bucket that has refilled is forgotten (it is the same as a new
+/// one), so only sources that connected within the last `burst / rate` seconds count; past this
+/// many even after forgetting those, a new source is let through untracked: the table's memory
+/// stays bounded (~5 MB), and `max_handshakes` still bounds the work a flood can cause.
+const MAX_SOURCES: usize = 65_536;
+/// The table is swept for refilled buckets when it reaches this size, then when it doubles.
+const FIRST_SWEEP: usize = 1_024;
+/// How often a table that is full of active sources is swept again.
+const SWEEP_FULL_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// New connections per source address: a token bucket per address, refilled at `rate` per
+/// second up to `burst`. IPv6 sources count per /64, what one customer site is given.
+#[derive(Debug)]
+pub struct SourceRates {
+    rate: f64,
+    burst: f64,
+    exempt_loopback: bool,
+    table: Mutex<Table>,
+    log: LogBudget,
+}
+
+#[derive(Debug)]
+struct Table {
+    buckets: HashMap<IpAddr, Bucket>,
+    next_sweep: usize,
+    swept: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl SourceRates {
+    /// `rate` 0: no limit.
+    pub fn new(rate: u32, burst: u32, exempt_loopback: bool) -> Self {
+        SourceRates {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            exempt_loopback,
+            table: Mutex::new(Table {
+                buckets: HashMap::new(),
+                next_sweep: FIRST_SWEEP,
+                swept: None,
+            }),
+            log: LogBudget::new(),
+        }
+    }
+
+    /// Whether a new connection from `ip` may go on to its TLS handshake.
+    pub fn admit(&self, ip: IpAddr) -> bool {
+        self.admit_at(ip, Instant::now())
+    }
+
+    fn admit_at(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.rate <= 0.0 || (self.exempt_loopback && ip.to_canonical().is_loopback()) {
+            return true;
+        }
+        let key = source_key(ip);
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if !table.buckets.contains_key(&key) && table.buckets.len() >= table.next_sweep {
+            // A full table is swept at most once a second: a flood of new sources must not
+            // cost a walk of the whole table per connection.
+            let full = table.buckets.len() >= MAX_SOURCES;
+            if !full
+                || table
+                    .swept
+                    .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_FULL_EVERY)
+            {
+                self.sweep(&mut table, now);
+            }
+            if table.buckets.len() >= MAX_SOURCES {
+                return true;
+            }
+        }
+        let bucket = table.buckets.entry(key).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * self.rate;
+        bucket.tokens = (bucket.tokens + refill).min(self.burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets every source whose bucket would be full again by now.
+    fn sweep(&self, table: &mut Table, now: Instant) {
+        table.buckets.retain(|_, b| {
+            let idle = now.saturating_duration_since(b.at).as_secs_f64();
+            b.tokens + idle * self.rate < self.burst
+        });
+        table.next_sweep = (table.buckets.len() * 2).clamp(FIRST_SWEEP, MAX_SOURCES);
+        table.swept = Some(now);
+    }
+
+    /// Sources tracked now.
+    pub fn tracked(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .buckets
+            .len()
+    }
+
+    /// Logs a refused connection within a per-second budget (a flood must not flood the log)
+    /// and counts it.
+    pub fn report_refused(&self, metrics: &Metrics, peer: std::net::SocketAddr) {
+        let total = Metrics::inc(metrics.limit(Limit::ConnectRatePerSource));
+        if let Some(suppressed) = self.log.check() {
+            warn!(
+                %peer,
+                limit = Limit::ConnectRatePerSource.key(),
+                rate = self.rate,
+                burst = self.burst,
+                suppressed,
+                total,
+                "limit exceeded: connection closed before TLS"
+            );
+        }
+    }
+}
+
+/// IPv4 addresses as they are; IPv6 ones by their /64 (a site's prefix: an attacker holds the
+/// other 2^64 addresses too).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// The first few lines each second are logged, the rest counted and named in the next line
+/// logged (the pattern of the core's log budget, for a peer that can trigger warnings at will).
+#[derive(Debug)]
+pub struct LogBudget {
+    second: AtomicU64,
+    used: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+const LOG_PER_SECOND: u64 = 10;
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        LogBudget::new()
+    }
+}
+
+impl LogBudget {
+    pub const fn new() -> Self {
+        LogBudget {
+            second: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines suppressed since the last one logged)` if this one may be logged.
+    pub fn check(&self) -> Option<u64> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.check_at(now)
+    }
+
+    fn check_at(&self, now: u64) -> Option<u64> {
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < LOG_PER_SECOND {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::Role;
+    use rumqttd::protocol::{
+        Filter, PubAck, PubAckReason, QoS, RetainForwardRule, Subscribe, Unsubscribe,
+    };
+    use std::time::Duration;
+
+    fn subscribe(filters: &[&str]) -> Packet {
+        Packet::Subscribe(
+            Subscribe {
+                pkid: 1,
+                filters: filters
+                    .iter()
+                    .map(|f| Filter {
+                        path: (*f).to_owned(),
+                        qos: QoS::AtLeastOnce,
+                        nolocal: false,
+                        preserve_retain: false,
+                        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+                    })
+                    .collect(),
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn inflight_counts_qos1_until_acked_and_refuses_qos2() {
+        let mut inflight = Inflight::new(2);
+        inflight.publish(1).unwrap();
+        inflight.publish(0).unwrap();
+        inflight.publish(1).unwrap();
+        let e = inflight.publish(1).unwrap_err();
+        assert_eq!(e.limit, Limit::MaxInflight);
+        let ack = Packet::PubAck(
+            PubAck {
+                pkid: 1,
+                reason: PubAckReason::Success,
+            },
+            None,
+        );
+        inflight.delivered(&ack);
+        inflight.delivered(&Packet::PingResp(rumqttd::protocol::PingResp));
+        assert_eq!(inflight.held(), 1);
+        inflight.publish(1).unwrap();
+        assert_eq!(inflight.publish(2).unwrap_err().limit, Limit::Qos2);
+        // An ack we never counted (e.g. for a publish before a reset) does not wrap around.
+        let mut fresh = Inflight::new(1);
+        fresh.acked();
+        assert_eq!(fresh.held(), 0);
+    }
+
+    #[test]
+    fn subscriptions_count_distinct_filters() {
+        let mut subs = Subscriptions::new(3);
+        subs.apply(&subscribe(&["a/1", "a/2"])).unwrap();
+        subs.apply(&subscribe(&["a/1", "a/2", "a/3"])).unwrap();
+        assert_eq!(subs.len(), 3);
+        let e = subs.apply(&subscribe(&["a/4"])).unwrap_err();
+        assert_eq!(e.limit, Limit::MaxSubscriptions);
+        assert_eq!(subs.len(), 3, "a refused SUBSCRIBE adds nothing");
+        subs.apply(&Packet::Unsubscribe(
+            Unsubscribe {
+                pkid: 2,
+                filters: vec!["a/1".into(), "never/held".into()],
+            },
+            None,
+        ))
+        .unwrap();
+        subs.apply(&subscribe(&["a/4"])).unwrap();
+        assert_eq!(subs.len(), 3);
+        // The same new filter twice in one SUBSCRIBE is one filter.
+        let mut subs = Subscriptions::new(1);
+        subs.apply(&subscribe(&["b", "b"])).unwrap();
+    }
+
+    #[test]
+    fn identity_places_are_given_back_on_drop() {
+        let counts = IdentityCounts::new(2);
+        let svc = Identity::new(Role::Host, "svc").unwrap();
+        let other = Identity::new(Role::Device, "svc").unwrap();
+        let a = counts.acquire(&svc).unwrap();
+        let _b = counts.acquire(&svc).unwrap();
+        let e = counts.acquire(&svc).unwrap_err();
+        assert_eq!(e.limit, Limit::MaxConnectionsPerIdentity);
+        // Same id, other role: another identity.
+        let _c = counts.acquire(&other).unwrap();
+        drop(a);
+        assert_eq!(counts.held(&svc), 1);
+        let _d = counts.acquire(&svc).unwrap();
+        drop(_c);
+        assert_eq!(counts.identities(), 1, "zeros are not kept");
+    }
+
+    #[test]
+    fn source_rate_allows_a_burst_then_the_rate() {
+        let rates = SourceRates::new(2, 3, true);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let t0 = Instant::now();
+        let admitted = (0..10).filter(|_| rates.admit_at(ip, t0)).count();
+        assert_eq!(admitted, 3);
+        // Another source is unaffected.
+        assert!(rates.admit_at("192.0.2.8".parse().unwrap(), t0));
+        // Half a second at 2/s: one more.
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(rates.admit_at(ip, t1));
+        assert!(!rates.admit_at(ip, t1));
+        // Loopback is exempt when asked, and limited when not.
+        let lo: IpAddr = "127.0.0.9".parse().unwrap();
+        assert!((0..100).all(|_| rates.admit_at(lo, t0)));
+        let strict = SourceRates::new(1, 1, false);
+        assert!(strict.admit_at(lo, t0));
+        assert!(!strict.admit_at(lo, t0));
+        // An IPv4-mapped IPv6 address is the IPv4 source.
+        assert!(!strict.admit_at("::ffff:127.0.0.9".parse().unwrap(), t0));
+        // Rate 0: no limit.
+        let off = SourceRates::new(0, 1, false);
+        assert!((0..100).all(|_| off.admit_at(ip, t0)));
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64() {
+        let rates = SourceRates::new(1, 1, false);
+        let t0 = Instant::now();
+        assert!(rates.admit_at("2001:db8::1".parse().unwrap(), t0));
+        assert!(!rates.admit_at("2001:db8::ffff:2".parse().unwrap(), t0));
+        assert!(rates.admit_at("2001:db8:0:1::1".parse().unwrap(), t0));
+    }
+
+    #[test]
+    fn the_source_table_forgets_refilled_buckets_and_stays_bounded() {
+        let rates = SourceRates::new(10, 10, false);
+        let t0 = Instant::now();
+        let ip = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+        for n in 0..FIRST_SWEEP as u32 {
+            assert!(rates.admit_at(ip(n), t0));
+        }
+        assert_eq!(rates.tracked(), FIRST_SWEEP);
+        // Two seconds later every bucket is full again: the next new source sweeps them away.
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(rates.admit_at(ip(1_000_000), t1));
+        assert_eq!(rates.tracked(), 1);
+        // A flood of distinct sources, all at once, never grows the table past its cap.
+        for n in 0..(MAX_SOURCES as u32 + 5_000) {
+            rates.admit_at(ip(2_000_000 + n), t1);
+        }
+        assert!(rates.tracked() <= MAX_SOURCES, "{}", rates.tracked());
+    }
+
+    #[test]
+    fn log_budget_cuts_a_flood() {
+        let budget = LogBudget::new();
+        let logged = (0..100).filter(|_| budget.check_at(5).is_some()).count();
+        assert_eq!(logged as u64, LOG_PER_SECOND);
+        assert_eq!(budget.check_at(6), Some(100 - LOG_PER_SECOND));
+    }
+}

@@ -1,0 +1,227 @@
+//! The relay's disk fills up: it refuses new work with an error that names the cause, acks
+//! nothing it could not store, keeps serving reads and recovers by itself once space returns,
+//! without losing anything it acked before (issue 8).
+//!
+//! The broker's data directory is a small tmpfs the test mounts (root only; skipped otherwise).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use broker::store::Store;
+use harness::chaos::{Tmpfs, field, ids_logged};
+use harness::{TestEnv, deadline, poll_until};
+use protocol::{JobId, Role, Serial, topic};
+use serde_json::Value;
+
+/// What the store holds, read from the redb file once the broker has stopped.
+struct Stored {
+    /// Job id → status.
+    jobs: Vec<(String, String)>,
+    /// (serial, read_at) of every reading a device reported on its own.
+    reports: Vec<(String, String)>,
+}
+
+fn read_store(data_dir: &Path, acked: &BTreeSet<(String, u64)>) -> Stored {
+    let store =
+        Store::open(data_dir).unwrap_or_else(|e| panic!("opening the stopped broker's store: {e}"));
+    let txn = store.begin().unwrap_or_else(|e| panic!("{e}"));
+    for (serial, id) in acked {
+        let entry = txn
+            .journal(&format!("device:{serial}"), *id)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            entry.is_some(),
+            "message {id} of {serial} was acked but is not in the store's journal"
+        );
+    }
+    let jobs = txn
+        .jobs_newest_first(|_| true)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|r| (r.view.id, r.view.status.to_string()))
+        .collect();
+    let from = chrono::Utc::now() - chrono::Duration::days(1);
+    let to = chrono::Utc::now() + chrono::Duration::days(1);
+    let (readings, next) = txn
+        .readings(from, to, None, None, 1_000_000)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(next.is_none(), "more readings than one page");
+    let reports = readings
+        .into_iter()
+        .filter(|r| r.source == "report")
+        .map(|r| (r.serial, r.read_at.to_rfc3339()))
+        .collect();
+    Stored { jobs, reports }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let env = TestEnv::new("a_full_disk_refuses_new_work_keeps_reads_and_recovers");
+    let tmpfs = Tmpfs::mount(env.path("small-disk"), "8m").unwrap_or_else(|e| panic!("{e}"));
+    let data_dir = tmpfs.dir().join("broker");
+    let mut broker = env.broker().data_dir(&data_dir).start().await;
+    // D1 reads its counters every second and resends anything queued within two.
+    let mut d1 = env
+        .device("D1")
+        .config(
+            "[report]\ncounters_every_secs = 1\n\
+             [session]\nresend_min_secs = 1\nresend_max_secs = 2\n",
+        )
+        .start(&broker)
+        .await;
+    let host = env.host("svc", &broker);
+
+    // Work done while there is space: a job, and some meter reports acked.
+    let before_job = host.submit_get_data("D1").await;
+    host.wait_for_status(&before_job, "succeeded", deadline())
+        .await;
+    d1.wait_for_lines("3 acks", 3, deadline(), |l| l.contains("ack received"))
+        .await;
+
+    // Fill the disk, leaving less than the relay's reserve (at least 256 KiB).
+    let free_before = tmpfs.available();
+    let filler = tmpfs.fill("filler", 64 * 1024);
+    eprintln!(
+        "filled: {free_before} bytes were free, {} are now",
+        tmpfs.available()
+    );
+    let full_line = broker
+        .wait_for_log("relay storage full: refusing new work", deadline())
+        .await;
+    eprintln!("broker: {full_line}");
+
+    // A submission is refused with the cause, and the CLI says so.
+    let refused = host
+        .run(["jobs", "submit", "--serial", "D1", "--kind", "get-data"])
+        .await;
+    assert!(
+        !refused.success(),
+        "a submission must fail while the disk is full\n{refused}"
+    );
+    assert!(
+        refused.stderr.contains("relay storage full"),
+        "the error must name the cause\n{refused}"
+    );
+
+    // Device reports are not acked: two more readings queued, then no ack for any of them.
+    let queued_now = |d: &harness::Device| {
+        d.lines_matching(|l| l.contains("meter reading queued"))
+            .len()
+    };
+    let acks_now = |d: &harness::Device| d.lines_matching(|l| l.contains("ack received")).len();
+    let q0 = queued_now(&d1);
+    d1.wait_for_lines("two more meter readings", q0 + 2, deadline(), |l| {
+        l.contains("meter reading queued")
+    })
+    .await;
+    let acks_while_full = acks_now(&d1);
+    let q1 = queued_now(&d1);
+    d1.wait_for_lines("three more meter readings", q1 + 3, deadline(), |l| {
+        l.contains("meter reading queued")
+    })
+    .await;
+    assert_eq!(
+        acks_now(&d1),
+        acks_while_full,
+        "the relay acked a report while it could not store it:\n{}",
+        d1.log()
+    );
+
+    // Reads still work: the job list, a job's detail, the retained JSON view.
+    let listed = host.list_json(true).await;
+    assert!(
+        listed.iter().any(|j| j["id"] == before_job.as_str()),
+        "jobs list --all must still show {before_job}: {listed:?}"
+    );
+    let detail = host.show_json(&before_job).await;
+    assert_eq!(detail["status"], "succeeded", "{detail:#}");
+    let view = topic::json_fleet_job(
+        &Serial::parse("D1").unwrap_or_else(|e| panic!("{e}")),
+        &JobId::parse(&before_job).unwrap_or_else(|e| panic!("{e}")),
+    );
+    let mut crm = env
+        .mqtt(Role::Integrator, "crm")
+        .connect(&broker)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    crm.subscribe(&view).await;
+    let retained = crm.next_publish_on(&view, deadline()).await;
+    let json: Value = serde_json::from_slice(&retained.payload)
+        .unwrap_or_else(|e| panic!("{view} is not JSON: {e}"));
+    assert_eq!(json["status"], "succeeded", "{json:#}");
+    crm.disconnect().await;
+    assert!(
+        d1.lines_matching(|l| l.contains("disconnected from broker"))
+            .is_empty(),
+        "the device's connection must stay up:\n{}",
+        d1.log()
+    );
+    // One line for the whole burst, however many messages were refused.
+    let burst_lines = broker.lines_matching(|l| l.contains("relay storage full: refusing"));
+    assert_eq!(burst_lines.len(), 1, "{burst_lines:#?}");
+
+    // Space returns: the relay resumes by itself, stores and acks what it refused.
+    let queued: BTreeSet<(String, u64)> = ids_logged(&[d1.log()], "meter reading queued");
+    std::fs::remove_file(&filler).unwrap_or_else(|e| panic!("removing the filler: {e}"));
+    let resumed = broker
+        .wait_for_log("relay storage writable again", deadline())
+        .await;
+    assert!(
+        field(&resumed, "refused").is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n > 0)),
+        "the recovery line counts what was refused: {resumed}"
+    );
+    poll_until("every queued meter reading acked", deadline(), || async {
+        let acked = ids_logged(&[d1.log()], "ack received");
+        let missing: Vec<_> = queued.difference(&acked).collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("not acked yet: {missing:?}"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let after_job = host.submit_get_data("D1").await;
+    host.wait_for_status(&after_job, "succeeded", deadline())
+        .await;
+
+    // Nothing acked is lost, nothing is stored twice.
+    d1.stop().await;
+    assert!(broker.stop().await.success(), "the broker exits cleanly");
+    let acked: BTreeSet<(String, u64)> = ids_logged(&[d1.log()], "ack received");
+    let stored = read_store(&data_dir, &acked);
+    for job in [&before_job, &after_job] {
+        assert!(
+            stored
+                .jobs
+                .iter()
+                .any(|(id, status)| id == job && status == "succeeded"),
+            "{job} must be stored as succeeded: {:?}",
+            stored.jobs
+        );
+    }
+    let distinct: BTreeSet<_> = stored.reports.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        stored.reports.len(),
+        "a report was stored twice"
+    );
+    let acked_reports = queued.iter().filter(|m| acked.contains(m)).count();
+    assert!(
+        stored.reports.len() >= acked_reports,
+        "{} reports acked, only {} stored",
+        acked_reports,
+        stored.reports.len()
+    );
+}

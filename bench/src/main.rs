@@ -75,7 +75,7 @@ struct Global {
 enum Command {
     /// Ramp N mTLS devices that subscribe and stay idle: memory per connection, connect rate, CPU.
     IdleConnections {
-        #[arg(long, default_value_t = 18_000)]
+        #[arg(long, default_value_t = 19_000)]
         devices: u32,
         /// How long to measure idle CPU once all are connected.
         #[arg(long, default_value_t = 10)]
@@ -86,7 +86,7 @@ enum Command {
     },
     /// N devices connected, the relay restarts: time until all are back and subscribed.
     ReconnectStorm {
-        #[arg(long, default_value_t = 18_000)]
+        #[arg(long, default_value_t = 19_000)]
         devices: u32,
         /// Each device publishes its state once per session, as the real agent does.
         #[arg(long)]
@@ -275,8 +275,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let s = |small: u32, full: u32| if smoke { small } else { full };
             for announce in [false, true] {
                 let idle_secs = if smoke { 1 } else { 10 };
-                emit(idle::run(&env, &targets, s(40, 18_000), idle_secs, announce).await?)?;
-                emit(storm::run(&env, &targets, s(40, 18_000), announce).await?)?;
+                emit(idle::run(&env, &targets, s(40, 19_000), idle_secs, announce).await?)?;
+                emit(storm::run(&env, &targets, s(40, 19_000), announce).await?)?;
             }
             let secs = if smoke { 2 } else { 15 };
             emit(

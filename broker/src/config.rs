@@ -102,6 +102,10 @@ pub struct BrokerConfig {
     pub notify: crate::notify::NotifyConfig,
 }
 
+/// Files the gateway may spend on clients and handshakes together (of the 20,000 a process may
+/// hold on the machines we run on; see `ulimit -Hn`).
+const MAX_FILES_FOR_CLIENTS: usize = 19_800;
+
 mod defaults {
     use super::*;
     pub fn listen() -> SocketAddr {
@@ -224,11 +228,14 @@ impl BrokerConfig {
                 "it must not exceed max_packet_bytes",
             ));
         }
-        if self.max_clients == 0 || self.max_clients > 18_000 {
+        // Every admitted client and every handshake in flight holds a file; the store, the
+        // listeners and the notifier need a few more. A process may hold 20,000 here.
+        if self.max_clients == 0 || self.max_clients + self.max_handshakes > MAX_FILES_FOR_CLIENTS {
             return Err(invalid(
                 "max_clients",
                 &self.max_clients,
-                "use 1 to 18000 (a process may hold 20,000 files)",
+                "max_clients + max_handshakes must be at most 19800 (a process may hold 20,000 \
+                 files; the store and listeners need the rest): lower one of them",
             ));
         }
         if self.handshake_timeout_secs == 0 {

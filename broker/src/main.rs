@@ -328,7 +328,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 println!(
-                    "revoked serial {}: {} now lists {} certificate(s)",
+                    "revoked serial {} ({} now lists {} certificate(s))",
                     done.serial,
                     done.path.display(),
                     done.revoked

@@ -220,37 +220,85 @@ fn device_agent_config_parsing() {
     });
 }
 
-/// Every message decoder on every untrusted payload: errors, never panics.
+/// Every message decoder on every payload: errors, never panics. What the relay decodes from
+/// clients goes through `broker::core::decode` (size cap, then `cbor_guard`), and must stay within
+/// the allocation bound; the agents decode only what the relay sends them, with plain
+/// `Envelope::from_cbor`, which must not panic either.
 #[test]
 fn cbor_envelopes() {
     check!().for_each(|bytes: &[u8]| {
         assert_bounded(bytes.len(), || decode_all(bytes));
+        let _ = decode_unguarded(bytes);
     });
 }
 
-/// Every decoder the broker and the agents run on a payload from the network.
+const MAX: usize = 64 * 1024;
+
+/// The relay's decoding of a client payload, for every message type: how many accepted it.
 pub(crate) fn decode_all(bytes: &[u8]) -> usize {
-    const MAX: usize = 64 * 1024;
+    use broker::core::decode;
     let mut accepted = 0;
     let mut ok = |decoded: bool| accepted += usize::from(decoded);
     let _ = Envelope::peek_id(bytes);
-    ok(Envelope::<JobUpdate>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<DeviceState>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<StateReport>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<AlarmReport>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<CounterReport>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<MergeRequest>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<FetchRequest>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<HostRequest>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<HostResponse>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<AckBatch>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<JobOrder>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<JobView>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<Merged>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<Chunk>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<AlarmState>::from_cbor(bytes, MAX).is_ok());
-    ok(Envelope::<StateView>::from_cbor(bytes, MAX).is_ok());
+    ok(decode::<JobUpdate>(bytes, MAX).is_ok());
+    ok(decode::<DeviceState>(bytes, MAX).is_ok());
+    ok(decode::<StateReport>(bytes, MAX).is_ok());
+    ok(decode::<AlarmReport>(bytes, MAX).is_ok());
+    ok(decode::<CounterReport>(bytes, MAX).is_ok());
+    ok(decode::<MergeRequest>(bytes, MAX).is_ok());
+    ok(decode::<FetchRequest>(bytes, MAX).is_ok());
+    ok(decode::<HostRequest>(bytes, MAX).is_ok());
+    ok(decode::<HostResponse>(bytes, MAX).is_ok());
+    ok(decode::<AckBatch>(bytes, MAX).is_ok());
+    ok(decode::<JobOrder>(bytes, MAX).is_ok());
+    ok(decode::<JobView>(bytes, MAX).is_ok());
+    ok(decode::<Merged>(bytes, MAX).is_ok());
+    ok(decode::<Chunk>(bytes, MAX).is_ok());
+    ok(decode::<AlarmState>(bytes, MAX).is_ok());
+    ok(decode::<StateView>(bytes, MAX).is_ok());
     accepted
+}
+
+/// The agents' decoding of what the relay sends them (no structural guard: the sender is the
+/// relay, authenticated by its certificate).
+fn decode_unguarded(bytes: &[u8]) -> usize {
+    [
+        Envelope::<HostResponse>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<AckBatch>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<JobOrder>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<JobView>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<Merged>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<Chunk>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<AlarmState>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<StateView>::from_cbor(bytes, MAX).is_ok(),
+    ]
+    .into_iter()
+    .filter(|ok| *ok)
+    .count()
+}
+
+/// The input the libFuzzer run found (2026-11-26): maps nested as map keys, each declaring 65,535
+/// entries, held 4 MiB from 19 bytes and 250 MiB from 787. The relay's decode refuses it
+/// before serde preallocates anything.
+#[test]
+fn nested_maps_that_declare_more_than_they_hold_stay_small() {
+    let mut bytes = vec![
+        0xa4, 0x61, b'v', 0x01, 0x62, b'i', b'd', 0x01, 0x62, b'a', b't',
+    ];
+    let at = b"2026-11-26T00:00:00Z";
+    bytes.push(0x60 + at.len() as u8);
+    bytes.extend_from_slice(at);
+    bytes.extend_from_slice(&[0x64, b'b', b'o', b'd', b'y']);
+    for _ in 0..250 {
+        bytes.extend_from_slice(&[0xb9, 0xff, 0xff]);
+    }
+    let accepted = assert_bounded(bytes.len(), || decode_all(&bytes));
+    assert_eq!(accepted, 0);
+    let crash = [
+        0xa1, 0x44, 0x62, 0x6f, 0x64, 0x79, 0xb4, 0x99, 0xb9, 0xb9, 0xb9, 0xb9, 0xb9, 0xb9, 0xb9,
+        0xb9, 0xb9, 0xb9, 0xb9,
+    ];
+    assert_eq!(assert_bounded(crash.len(), || decode_all(&crash)), 0);
 }
 
 /// Valid messages survive a CBOR round trip whatever their text fields hold.

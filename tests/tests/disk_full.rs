@@ -54,6 +54,35 @@ fn read_store(data_dir: &Path, acked: &BTreeSet<(String, u64)>) -> Stored {
     Stored { jobs, reports }
 }
 
+/// (serial, read_at) of every meter report `host-agent export counters --format json` lists: a read
+/// the relay must keep serving while its disk is full.
+async fn exported_reports(host: &harness::Host) -> BTreeSet<(String, String)> {
+    let from = (chrono::Utc::now() - chrono::Duration::days(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let to = (chrono::Utc::now() + chrono::Duration::days(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let json = host
+        .run_ok([
+            "export", "counters", "--from", &from, "--to", &to, "--format", "json",
+        ])
+        .await;
+    let rows: Vec<Value> =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("export is not JSON: {e}\n{json}"));
+    rows.iter()
+        .filter(|r| r["source"] == "report")
+        .map(|r| {
+            let at = r["read_at"].as_str().unwrap_or_default();
+            let at = chrono::DateTime::parse_from_rfc3339(at)
+                .unwrap_or_else(|e| panic!("read_at {at:?}: {e}"))
+                .with_timezone(&chrono::Utc);
+            (
+                r["serial"].as_str().unwrap_or_default().to_owned(),
+                at.to_rfc3339(),
+            )
+        })
+        .collect()
+}
+
 fn is_root() -> bool {
     std::process::Command::new("id")
         .arg("-u")
@@ -88,6 +117,17 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
         .await;
     d1.wait_for_lines("3 acks", 3, deadline(), |l| l.contains("ack received"))
         .await;
+
+    let reports_before = poll_until("a meter report stored", deadline(), || async {
+        let reports = exported_reports(&host).await;
+        if reports.len() >= 2 {
+            Ok(reports)
+        } else {
+            Err(format!("{} stored", reports.len()))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 
     // Fill the disk, leaving less than the relay's reserve (at least 256 KiB).
     let free_before = tmpfs.available();
@@ -146,6 +186,11 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
     );
     let detail = host.show_json(&before_job).await;
     assert_eq!(detail["status"], "succeeded", "{detail:#}");
+    let reports_while_full = exported_reports(&host).await;
+    assert!(
+        reports_while_full.is_superset(&reports_before),
+        "the export while full lost readings"
+    );
     let view = topic::json_fleet_job(
         &Serial::parse("D1").unwrap_or_else(|e| panic!("{e}")),
         &JobId::parse(&before_job).unwrap_or_else(|e| panic!("{e}")),
@@ -211,7 +256,12 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
             stored.jobs
         );
     }
-    let distinct: BTreeSet<_> = stored.reports.iter().collect();
+    let distinct: BTreeSet<(String, String)> = stored.reports.iter().cloned().collect();
+    let lost: Vec<_> = reports_before.difference(&distinct).collect();
+    assert!(
+        lost.is_empty(),
+        "reports stored before the disk filled are gone: {lost:?}"
+    );
     assert_eq!(
         distinct.len(),
         stored.reports.len(),

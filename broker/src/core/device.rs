@@ -39,14 +39,15 @@ pub(super) fn handle(
     let max = core.settings.max_payload_bytes;
     let decoded = match kind {
         UpKind::Job => {
-            Envelope::<JobUpdate>::from_cbor(payload, max).map(|e| (e.id, Message::Job(e.body)))
+            super::decode::<JobUpdate>(payload, max).map(|e| (e.id, Message::Job(e.body)))
         }
         // Read as the superset this version's agents send: the state plus the schedule.
         UpKind::State => {
-            Envelope::<StateReport>::from_cbor(payload, max).map(|e| (e.id, Message::State(e.body)))
+            super::decode::<StateReport>(payload, max).map(|e| (e.id, Message::State(e.body)))
         }
-        UpKind::Merge => Envelope::<MergeRequest>::from_cbor(payload, max)
-            .map(|e| (e.id, Message::Merge(e.body))),
+        UpKind::Merge => {
+            super::decode::<MergeRequest>(payload, max).map(|e| (e.id, Message::Merge(e.body)))
+        }
         UpKind::Fetch => return fetch(core, txn, p, serial, topic, payload, now),
         UpKind::Alarm => return super::alarm::report(core, txn, p, serial, topic, payload, now),
         UpKind::Counters => {
@@ -225,7 +226,7 @@ fn fetch(
     payload: &[u8],
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    let req = match Envelope::<FetchRequest>::from_cbor(payload, core.settings.max_payload_bytes) {
+    let req = match super::decode::<FetchRequest>(payload, core.settings.max_payload_bytes) {
         Ok(env) => env.body,
         Err(e) => {
             warn!(serial = %serial, topic, reason = %e, "refused fetch request");
@@ -281,7 +282,7 @@ pub(super) fn decode_new<T: serde::de::DeserializeOwned>(
     topic: &str,
     payload: &[u8],
 ) -> Result<Option<Envelope<T>>, StoreError> {
-    let env = match Envelope::<T>::from_cbor(payload, core.settings.max_payload_bytes) {
+    let env = match super::decode::<T>(payload, core.settings.max_payload_bytes) {
         Ok(env) => env,
         Err(e) => {
             let reason = e.to_string();

@@ -26,7 +26,7 @@ pub(super) fn handle(
     payload: &[u8],
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    let env = match Envelope::<HostRequest>::from_cbor(payload, core.settings.max_payload_bytes) {
+    let env = match super::decode::<HostRequest>(payload, core.settings.max_payload_bytes) {
         Ok(env) => env,
         Err(e) => {
             let reason = e.to_string();
@@ -62,7 +62,7 @@ pub(super) fn handle_refusing(
     refusal: &str,
     now: Timestamp,
 ) -> Result<bool, StoreError> {
-    let env = match Envelope::<HostRequest>::from_cbor(payload, core.settings.max_payload_bytes) {
+    let env = match super::decode::<HostRequest>(payload, core.settings.max_payload_bytes) {
         Ok(env) => env,
         Err(e) => {
             let reason = e.to_string();

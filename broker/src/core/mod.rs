@@ -15,6 +15,7 @@
 
 mod alarm;
 mod alerts;
+pub mod cbor_guard;
 mod device;
 mod host;
 mod log_budget;
@@ -382,6 +383,7 @@ impl Core {
         if txn.commit()? {
             self.commits.fetch_add(1, Ordering::Relaxed);
             self.count_commit(started.elapsed(), batch.len());
+            self.storage_committed();
         }
         // Logged after the commit, so each line means "durable": tests and operators rely on it.
         for d in done {
@@ -512,6 +514,7 @@ impl Core {
         if txn.commit()? {
             self.commits.fetch_add(1, Ordering::Relaxed);
             self.count_commit(started.elapsed(), 0);
+            self.storage_committed();
         }
         for d in done {
             d.log(self);
@@ -613,6 +616,19 @@ impl Core {
         answers.extend(p.replies);
         Ok((out, answers))
     }
+}
+
+/// Decodes a client's payload: refused over `max` bytes, then checked by [`cbor_guard`] so that no
+/// payload can make serde allocate out of proportion to its length, then decoded. Every message
+/// the core takes from a device or a host goes through here.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    payload: &[u8],
+    max: usize,
+) -> Result<Envelope<T>, protocol::EnvelopeError> {
+    if payload.len() <= max {
+        cbor_guard::check(payload).map_err(protocol::EnvelopeError::Malformed)?;
+    }
+    Envelope::from_cbor(payload, max)
 }
 
 /// Views are a cache: a record that no longer decodes is logged and left out rather than stopping

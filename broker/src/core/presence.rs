@@ -131,6 +131,7 @@ impl Core {
         let started = std::time::Instant::now();
         if txn.commit()? {
             self.count_commit(started.elapsed(), 0);
+            self.storage_committed();
         }
         for d in done {
             d.log(self);
@@ -204,6 +205,7 @@ impl Core {
         let started = std::time::Instant::now();
         if txn.commit()? {
             self.count_commit(started.elapsed(), 0);
+            self.storage_committed();
         }
         for d in done {
             d.log(self);

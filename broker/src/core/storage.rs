@@ -12,24 +12,35 @@
 //!
 //! Recovery is automatic. Before each batch and once a second the core looks at the free space;
 //! once it is ample again (and the database, if an I/O error closed it, has been reopened) the
-//! next batch commits normally and the agents' resends are stored and acked.
+//! next batch tries to commit, and the agents' resends are stored and acked. The burst ends with
+//! the first commit that succeeds; a disk that keeps failing is tried again with a backoff (up to
+//! a minute), not on every message.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Core;
 use crate::store::StoreError;
 
 /// The least time between two attempts to reopen the database: a reopen may repair the file,
-/// which reads all of it.
-/// (No pause in unit tests, which drive the core batch by batch without waiting.)
+/// which reads all of it. (No pause in unit tests, which drive the core batch by batch.)
 const REOPEN_EVERY: Duration = if cfg!(test) {
     Duration::ZERO
 } else {
     Duration::from_secs(1)
 };
+
+/// After a write fails again right after recovering (an I/O error that space does not cure), the
+/// next attempt waits this long, doubling up to [`MAX_BACKOFF`]: a failing disk is tried every
+/// minute, not on every message.
+const FIRST_BACKOFF: Duration = if cfg!(test) {
+    Duration::ZERO
+} else {
+    Duration::from_secs(1)
+};
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub(super) struct StorageHealth {
@@ -40,97 +51,134 @@ pub(super) struct StorageHealth {
 enum State {
     #[default]
     Writable,
-    Refusing(Refusing),
+    /// Refusing work; `retry_at` is when writes may be tried again (once there is space).
+    Refusing {
+        burst: Burst,
+        /// redb latched an I/O error: nothing works until the database is reopened.
+        needs_reopen: bool,
+        last_reopen: Option<Instant>,
+        retry_at: Instant,
+    },
+    /// Writes are tried again; the burst ends with the first commit that succeeds.
+    Probing { burst: Burst },
 }
 
-struct Refusing {
+/// One stretch of refusing, from the first failed commit to the next one that succeeds.
+struct Burst {
     since: Instant,
-    /// Messages refused in this burst.
+    /// Messages refused.
     refused: u64,
+    /// Commits that failed (the first, then each probe that failed again).
+    failures: u32,
     /// What hosts are told.
     reason: String,
-    /// redb latched an I/O error: nothing works until the database is reopened.
-    needs_reopen: bool,
-    last_reopen: Option<Instant>,
 }
 
 impl Core {
-    /// Whether the store takes writes now. While it has been refusing, this is where it recovers:
-    /// the database is reopened if an I/O error closed it, and writing resumes once the disk has
-    /// ample space again.
-    pub(super) fn storage_writable(&self) -> bool {
-        let mut state = self
-            .storage
+    fn storage_state(&self) -> MutexGuard<'_, State> {
+        self.storage
             .state
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let State::Refusing(r) = &mut *state else {
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether to try writing now. While refusing, this is where the core recovers: the database
+    /// is reopened if an I/O error closed it, and writes are tried again once the disk has ample
+    /// space (and any backoff has passed).
+    pub(super) fn storage_writable(&self) -> bool {
+        let mut state = self.storage_state();
+        let State::Refusing {
+            burst,
+            needs_reopen,
+            last_reopen,
+            retry_at,
+        } = &mut *state
+        else {
             return true;
         };
-        if !self.reopen_if_needed(r) {
+        if !self.reopen_if_needed(needs_reopen, last_reopen) || Instant::now() < *retry_at {
             return false;
         }
         // A file system that cannot be asked is taken at its word: the next commit will tell.
-        let ample = self.store.space().read().is_none_or(|s| s.is_ample());
-        if !ample {
+        if !self.store.space().read().is_none_or(|s| s.is_ample()) {
             return false;
         }
-        info!(
-            refused = r.refused,
-            after_secs = r.since.elapsed().as_secs(),
-            "relay storage writable again; accepting new work"
+        let burst = std::mem::replace(
+            burst,
+            Burst {
+                since: Instant::now(),
+                refused: 0,
+                failures: 0,
+                reason: String::new(),
+            },
         );
-        *state = State::Writable;
+        debug!(
+            refused = burst.refused,
+            "trying to write to the store again"
+        );
+        *state = State::Probing { burst };
         true
+    }
+
+    /// A commit succeeded: if it ended a burst of refusals, say so (once).
+    pub(super) fn storage_committed(&self) {
+        let mut state = self.storage_state();
+        if let State::Probing { burst } = &*state {
+            info!(
+                refused = burst.refused,
+                failed_commits = burst.failures,
+                after_secs = burst.since.elapsed().as_secs(),
+                "relay storage writable again; accepting new work"
+            );
+            *state = State::Writable;
+        }
     }
 
     /// Reopens the database if an I/O error closed it, so that reads work again before writes
     /// do (opening repairs the file, which may succeed on a full disk: it rewrites pages the file
     /// already has).
     pub(super) fn storage_reopen(&self) {
-        if let State::Refusing(r) = &mut *self
-            .storage
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        if let State::Refusing {
+            needs_reopen,
+            last_reopen,
+            ..
+        } = &mut *self.storage_state()
         {
-            self.reopen_if_needed(r);
+            self.reopen_if_needed(needs_reopen, last_reopen);
         }
     }
 
     /// Whether the database is open, after reopening it if it needed that (at most once a
     /// second).
-    fn reopen_if_needed(&self, r: &mut Refusing) -> bool {
-        if !r.needs_reopen && !self.store.is_closed() {
+    fn reopen_if_needed(&self, needs_reopen: &mut bool, last: &mut Option<Instant>) -> bool {
+        if !*needs_reopen && !self.store.is_closed() {
             return true;
         }
-        if r.last_reopen.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+        if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
             return false;
         }
-        r.last_reopen = Some(Instant::now());
+        *last = Some(Instant::now());
         match self.store.reopen() {
             Ok(()) => {
                 info!(path = %self.store.path().display(), "store reopened after an I/O error");
-                r.needs_reopen = false;
+                *needs_reopen = false;
                 true
             }
             Err(e) => {
                 // Expected while the disk is still full or another task holds a transaction; the
                 // burst's first line already said what is wrong.
-                tracing::debug!(error = %e, "store not reopened yet");
+                debug!(error = %e, "store not reopened yet");
                 false
             }
         }
     }
 
-    /// Records that a commit failed for lack of storage. Logged once per burst, with the cause.
+    /// Records that a commit failed for lack of storage. Logged once per burst, with the cause; a
+    /// probe that fails again only pushes the next one back.
     pub(super) fn storage_failed(&self, e: &StoreError) {
-        let mut state = self
-            .storage
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match &mut *state {
+        let mut state = self.storage_state();
+        let now = Instant::now();
+        match std::mem::take(&mut *state) {
             State::Writable => {
                 let data_dir = self.store.space().dir().display().to_string();
                 if e.is_disk_full() {
@@ -138,19 +186,46 @@ impl Core {
                 } else {
                     error!(data_dir = %data_dir, error = %e, "relay storage failing: refusing new work until the store can write again; reads continue where the store allows");
                 }
-                *state = State::Refusing(Refusing {
-                    since: Instant::now(),
-                    refused: 0,
-                    reason: refusal(e, &data_dir),
+                *state = State::Refusing {
+                    burst: Burst {
+                        since: now,
+                        refused: 0,
+                        failures: 1,
+                        reason: refusal(e, &data_dir),
+                    },
                     needs_reopen: e.needs_reopen(),
                     last_reopen: None,
-                });
+                    retry_at: now,
+                };
             }
-            State::Refusing(r) => {
-                if e.needs_reopen() && !r.needs_reopen {
+            State::Probing { mut burst } => {
+                burst.failures += 1;
+                let backoff = FIRST_BACKOFF
+                    .saturating_mul(1 << (burst.failures - 2).min(6))
+                    .min(MAX_BACKOFF);
+                debug!(error = %e, failures = burst.failures, retry_in = ?backoff, "store still cannot write");
+                *state = State::Refusing {
+                    burst,
+                    needs_reopen: e.needs_reopen(),
+                    last_reopen: None,
+                    retry_at: now + backoff,
+                };
+            }
+            State::Refusing {
+                burst,
+                needs_reopen,
+                last_reopen,
+                retry_at,
+            } => {
+                if e.needs_reopen() && !needs_reopen {
                     warn!(error = %e, "store needs reopening");
-                    r.needs_reopen = true;
                 }
+                *state = State::Refusing {
+                    burst,
+                    needs_reopen: needs_reopen || e.needs_reopen(),
+                    last_reopen,
+                    retry_at,
+                };
             }
         }
     }
@@ -160,25 +235,16 @@ impl Core {
         if n == 0 {
             return;
         }
-        if let State::Refusing(r) = &mut *self
-            .storage
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        if let State::Refusing { burst, .. } | State::Probing { burst } = &mut *self.storage_state()
         {
-            r.refused += n;
+            burst.refused += n;
         }
     }
 
     /// What a host is told when its request would need a write.
     pub(super) fn storage_refusal(&self) -> String {
-        match &*self
-            .storage
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-        {
-            State::Refusing(r) => r.reason.clone(),
+        match &*self.storage_state() {
+            State::Refusing { burst, .. } | State::Probing { burst } => burst.reason.clone(),
             State::Writable => "relay storage unavailable; try again later".to_owned(),
         }
     }

@@ -17,11 +17,11 @@ use rumqttd::protocol::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use super::Gateway;
 use super::conn::{ClientConn, PublishId};
 use super::hub::{Attachment, Detached, Down, Hub, SubscribeError};
+use super::limits::{Inflight, Limit, LimitExceeded};
 use super::session::{SessionError, check_acl};
 
 /// Most client packets handled before the replies are flushed: what one read brought in.
@@ -158,12 +158,10 @@ impl DeviceSession<'_> {
         let topic = String::from_utf8_lossy(&publish.topic);
         check_acl(self.who, &self.gw.metrics, Action::Publish, &topic)?;
         let id = conn.publish_id().unwrap_or(PublishId { qos: 0, pkid: 0 });
-        if id.qos > 1 {
-            warn!(topic = %topic, "QoS 2 publish refused: chukei devices publish at QoS 0 or 1");
-            return Err(SessionError::Refused(
-                "QoS 2 is not supported; publish at QoS 1",
-            ));
-        }
+        // The gateway acks as soon as the hub has the publish, so the count only ever holds
+        // this batch; what it adds here is the same QoS 2 refusal every session gives.
+        let mut inflight = Inflight::new(self.gw.settings.max_inflight);
+        inflight.publish(id.qos)?;
         if !self
             .attachment
             .hub()
@@ -206,12 +204,14 @@ impl DeviceSession<'_> {
             .subscribe(filters, self.gw.settings.max_subscriptions)
         {
             Ok(replay) => replay,
+            // The hub holds the device's filters (one copy, not two), so it counts them; the
+            // refusal reads like every other session's.
             Err(SubscribeError::TooMany { max }) => {
-                warn!(
-                    max_subscriptions = max,
-                    "subscription limit exceeded; closing"
-                );
-                return Err(SessionError::TooManySubscriptions { max });
+                return Err(LimitExceeded::new(
+                    Limit::MaxSubscriptions,
+                    format!("SUBSCRIBE would hold more than {max} topic filters"),
+                )
+                .into());
             }
             Err(SubscribeError::Detached) => return Err(detached(Detached::TakenOver)),
         };

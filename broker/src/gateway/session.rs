@@ -41,8 +41,6 @@ pub enum SessionError {
     TakenOver,
     #[error("too slow: more than {queued} messages were waiting for it")]
     TooSlow { queued: usize },
-    #[error("more than {max} subscriptions (max_subscriptions)")]
-    TooManySubscriptions { max: usize },
     #[error("the device hub has stopped")]
     HubStopped,
     /// A limit of [`super::limits`]; the gateway logs and counts it when the session ends.

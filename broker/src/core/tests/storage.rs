@@ -108,3 +108,53 @@ fn a_failed_commit_acks_nothing_refuses_writes_and_recovers_when_space_returns()
         "the journal from before the disk filled survived"
     );
 }
+
+#[test]
+fn presence_changes_wait_in_memory_while_the_disk_is_full_and_are_recorded_after() {
+    use crate::presence::PresenceEvent;
+    use protocol::presence::{Presence, StateView};
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = FillingDisk::default();
+    let core = Core::with_store(disk.store(dir.path()), settings());
+    let online = |s: &str| PresenceEvent {
+        serial: serial(s),
+        online: true,
+    };
+
+    disk.set_full(true);
+    // A write that fails puts the core into refusing; the presence change is kept, not lost.
+    assert!(
+        acks(
+            &core
+                .handle_batch(vec![state("C1", 1, "Kobe")], t(9, 0))
+                .unwrap(),
+            "C1"
+        )
+        .is_empty()
+    );
+    assert!(
+        core.presence_events(vec![online("C1")], t(9, 1))
+            .unwrap()
+            .is_empty(),
+        "nothing can be recorded, so nothing is published"
+    );
+
+    disk.set_full(false);
+    // The once-a-second tick records it.
+    let out = core.presence_events(Vec::new(), t(9, 2)).unwrap();
+    let view = find(&out, &topic::fleet_state(&serial("C1")))
+        .map(|o| {
+            Envelope::<StateView>::from_cbor(&o.payload, usize::MAX)
+                .unwrap()
+                .body
+        })
+        .unwrap_or_else(|| panic!("the deferred presence change is recorded: {out:?}"));
+    assert_eq!(view.presence, Presence::Online);
+    assert!(
+        core.presence_events(Vec::new(), t(9, 3))
+            .unwrap()
+            .is_empty(),
+        "recorded once"
+    );
+}

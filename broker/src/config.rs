@@ -56,7 +56,8 @@ pub struct BrokerConfig {
     #[serde(default = "defaults::max_subscriptions")]
     pub max_subscriptions: usize,
     /// Sessions one certificate identity may hold at once (a host may open several with client
-    /// ids `NAME:suffix`); one more gets CONNACK "not authorized" and is closed.
+    /// ids `NAME:suffix`); one more gets CONNACK "server unavailable" (a load condition, not a
+    /// certificate problem) and is closed.
     #[serde(default = "defaults::max_connections_per_identity")]
     pub max_connections_per_identity: usize,
     /// New connections per second one source address may open, after a burst of
@@ -97,6 +98,12 @@ pub struct BrokerConfig {
     /// seconds late for its expected check-in (its interval after its last session ended).
     #[serde(default = "defaults::overdue_margin_secs")]
     pub overdue_margin_secs: u64,
+    /// Bytes the data directory's file system must keep free: below it the relay refuses new
+    /// work (reads go on) and resumes by itself at twice it. Unset: 1% of the file system, at
+    /// least 256 KiB and at most 64 MiB. 0: no reserve (a full disk then fails writes, and reads
+    /// stop until the relay has reopened its store).
+    #[serde(default)]
+    pub min_free_bytes: Option<u64>,
     /// Mail and webhook notifications (`[notify]`, `[notify.mail]`, `[[notify.rules]]`).
     #[serde(default)]
     pub notify: crate::notify::NotifyConfig,

@@ -129,8 +129,18 @@ pub async fn run(
         }
         None => info!("no certificate revocation list (broker pki revoke writes one)"),
     }
-    let mut core = Core::open(
-        &cfg.data_dir,
+    let mut store = store::Store::open(&cfg.data_dir)?;
+    if let Some(bytes) = cfg.min_free_bytes {
+        store = store.keep_free(bytes);
+    }
+    info!(
+        data_dir = %cfg.data_dir.display(),
+        min_free_bytes = store.space().reserve(),
+        automatic = cfg.min_free_bytes.is_none(),
+        "disk reserve: new work is refused while less than min_free_bytes is free"
+    );
+    let mut core = Core::with_store(
+        store,
         CoreSettings {
             server_name: cfg.server_name.clone(),
             max_payload_bytes: cfg.max_payload_bytes,
@@ -139,7 +149,7 @@ pub async fn run(
             default_max_attempts: cfg.default_max_attempts,
             hold_acks: faults.hold_acks,
         },
-    )?;
+    );
     core.configure_alerts(AlertSettings {
         overdue_margin: std::time::Duration::from_secs(cfg.overdue_margin_secs),
         notify: cfg.notify.clone(),

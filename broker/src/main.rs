@@ -182,6 +182,11 @@ struct RunArgs {
     /// seconds late for its check-in. Default: 300
     #[arg(long, value_name = "SECS")]
     overdue_margin_secs: Option<u64>,
+    /// Bytes the data directory's file system must keep free: below it the relay refuses new
+    /// work (reads go on) until space returns. 0: no reserve. Default: 1% of the file system,
+    /// 256 KiB to 64 MiB
+    #[arg(long, value_name = "BYTES")]
+    min_free_bytes: Option<u64>,
     /// Write {"listen":"ADDR"} here once the broker accepts clients.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -227,6 +232,9 @@ impl RunArgs {
         }
         if let Some(path) = self.crl_file {
             cfg.crl_file = Some(path);
+        }
+        if let Some(bytes) = self.min_free_bytes {
+            cfg.min_free_bytes = Some(bytes);
         }
         cfg.validate()?;
         Ok((cfg, self.ready_file))
@@ -403,6 +411,8 @@ mod tests {
             "4096",
             "--ws-listen",
             "127.0.0.1:0",
+            "--min-free-bytes",
+            "1048576",
         ])
         .unwrap();
         let Command::Run(args) = cli.command else {
@@ -412,6 +422,8 @@ mod tests {
         assert_eq!(cfg.listen.port(), 0);
         assert_eq!(cfg.max_payload_bytes, 4096);
         assert_eq!(cfg.ws_listen.map(|a| a.port()), Some(0));
+        assert_eq!(cfg.min_free_bytes, Some(1 << 20));
+        assert_eq!(BrokerConfig::default().min_free_bytes, None, "automatic");
     }
 
     #[test]

@@ -31,8 +31,8 @@ use protocol::topic::{self, Topic, UpKind};
 use protocol::{Envelope, JobId, MsgId, Serial};
 use rand::Rng;
 use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, SubAck,
-    SubscribeFilter, SubscribeReasonCode,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
+    Packet, Publish, QoS, SubAck, SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
@@ -297,6 +297,33 @@ enum LinkEvent {
     Publish(Publish),
 }
 
+/// What a CONNACK refusal from a chukei relay asks of whoever runs this device; `None` for a
+/// failure that is not a refusal. The relay sends "server unavailable" for load (it is full, or
+/// this serial already holds its sessions: a second agent running with the same certificate),
+/// and "not authorized" for a client id that is not the certificate's serial.
+fn refusal_hint(e: &ConnectionError) -> Option<&'static str> {
+    let ConnectionError::ConnectionRefused(code) = e else {
+        return None;
+    };
+    Some(match code {
+        ConnectReturnCode::ServiceUnavailable => {
+            "the relay is full (max_clients) or this serial already holds \
+             max_connections_per_identity sessions: stop any other agent running with this \
+             certificate; the agent keeps retrying, and the relay's log says which"
+        }
+        ConnectReturnCode::NotAuthorized => {
+            "the relay refused this serial for the certificate: the serial must be the \
+             certificate's CN (`broker pki issue --role device --id SERIAL`)"
+        }
+        ConnectReturnCode::Success
+        | ConnectReturnCode::RefusedProtocolVersion
+        | ConnectReturnCode::BadClientId
+        | ConnectReturnCode::BadUserNamePassword => {
+            "a chukei relay never answers this; check that --broker is the chukei relay's address"
+        }
+    })
+}
+
 /// `base` scaled by a random factor in [0.5, 1.5), so a fleet that lost the relay together does
 /// not come back in lockstep.
 fn jittered(base: Duration) -> Duration {
@@ -420,7 +447,14 @@ async fn drive_link(
                 } else if failures == 1 || failures.is_multiple_of(10) {
                     // A fleet of thousands facing a relay that is down would otherwise log
                     // thousands of lines a minute.
-                    warn!(serial = %serial, broker = %failed, error = %e, attempts = failures, "could not connect to broker; retrying");
+                    match refusal_hint(&e) {
+                        Some(hint) => {
+                            warn!(serial = %serial, broker = %failed, error = %e, attempts = failures, hint, "the broker refused the connection; retrying")
+                        }
+                        None => {
+                            warn!(serial = %serial, broker = %failed, error = %e, attempts = failures, "could not connect to broker; retrying")
+                        }
+                    }
                 } else {
                     debug!(serial = %serial, broker = %failed, error = %e, attempts = failures, "could not connect to broker; retrying");
                 }
@@ -1215,6 +1249,24 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_connack_says_what_to_do_for_its_code() {
+        let busy = refusal_hint(&ConnectionError::ConnectionRefused(
+            ConnectReturnCode::ServiceUnavailable,
+        ))
+        .expect("a refusal");
+        assert!(
+            busy.contains("max_connections_per_identity") && busy.contains("max_clients"),
+            "{busy}"
+        );
+        let denied = refusal_hint(&ConnectionError::ConnectionRefused(
+            ConnectReturnCode::NotAuthorized,
+        ))
+        .expect("a refusal");
+        assert!(denied.contains("CN"), "{denied}");
+        assert_eq!(refusal_hint(&ConnectionError::NetworkTimeout), None);
+    }
 
     #[test]
     fn jitter_stays_within_half_to_one_and_a_half() {

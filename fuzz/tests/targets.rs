@@ -220,15 +220,17 @@ fn device_agent_config_parsing() {
     });
 }
 
-/// Every message decoder on every payload: errors, never panics. What the relay decodes from
-/// clients goes through `broker::core::decode` (size cap, then `cbor_guard`), and must stay within
-/// the allocation bound; the agents decode only what the relay sends them, with plain
-/// `Envelope::from_cbor`, which must not panic either.
+/// Every message decoder on every payload: errors, never panics, and stays within the allocation
+/// bound. What the relay decodes from clients goes through `broker::core::decode`; what the agents
+/// decode from the relay (device-agent: orders, merged data, chunks, acks, its own outbox's job
+/// reports; host-agent: replies, job views, alarm and state views) goes through
+/// `Envelope::from_cbor`. Both apply `protocol::cbor_guard` (size cap, then the structural check)
+/// before serde.
 #[test]
 fn cbor_envelopes() {
     check!().for_each(|bytes: &[u8]| {
         assert_bounded(bytes.len(), || decode_all(bytes));
-        let _ = decode_unguarded(bytes);
+        assert_bounded(bytes.len(), || decode_as_agents(bytes));
     });
 }
 
@@ -259,18 +261,21 @@ pub(crate) fn decode_all(bytes: &[u8]) -> usize {
     accepted
 }
 
-/// The agents' decoding of what the relay sends them (no structural guard: the sender is the
-/// relay, authenticated by its certificate).
-fn decode_unguarded(bytes: &[u8]) -> usize {
+/// The agents' decoding of what the relay sends them, each type the way the agent calls it
+/// (`Envelope::from_cbor` with its packet cap): how many accepted it.
+fn decode_as_agents(bytes: &[u8]) -> usize {
     [
+        // host-agent (client.rs, dashboard/feed.rs)
         Envelope::<HostResponse>::from_cbor(bytes, MAX).is_ok(),
-        Envelope::<AckBatch>::from_cbor(bytes, MAX).is_ok(),
-        Envelope::<JobOrder>::from_cbor(bytes, MAX).is_ok(),
         Envelope::<JobView>::from_cbor(bytes, MAX).is_ok(),
-        Envelope::<Merged>::from_cbor(bytes, MAX).is_ok(),
-        Envelope::<Chunk>::from_cbor(bytes, MAX).is_ok(),
         Envelope::<AlarmState>::from_cbor(bytes, MAX).is_ok(),
         Envelope::<StateView>::from_cbor(bytes, MAX).is_ok(),
+        // device-agent (agent.rs)
+        Envelope::<AckBatch>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<JobOrder>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<Merged>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<Chunk>::from_cbor(bytes, MAX).is_ok(),
+        Envelope::<JobUpdate>::from_cbor(bytes, MAX).is_ok(),
     ]
     .into_iter()
     .filter(|ok| *ok)
@@ -278,8 +283,8 @@ fn decode_unguarded(bytes: &[u8]) -> usize {
 }
 
 /// The input the libFuzzer run found (2026-11-26): maps nested as map keys, each declaring 65,535
-/// entries, held 4 MiB from 19 bytes and 250 MiB from 787. The relay's decode refuses it
-/// before serde preallocates anything.
+/// entries, held 4 MiB from 19 bytes and 250 MiB from 787. The relay's and the agents' decoders
+/// refuse it before serde preallocates anything.
 #[test]
 fn nested_maps_that_declare_more_than_they_hold_stay_small() {
     let mut bytes = vec![
@@ -294,11 +299,13 @@ fn nested_maps_that_declare_more_than_they_hold_stay_small() {
     }
     let accepted = assert_bounded(bytes.len(), || decode_all(&bytes));
     assert_eq!(accepted, 0);
+    assert_eq!(assert_bounded(bytes.len(), || decode_as_agents(&bytes)), 0);
     let crash = [
         0xa1, 0x44, 0x62, 0x6f, 0x64, 0x79, 0xb4, 0x99, 0xb9, 0xb9, 0xb9, 0xb9, 0xb9, 0xb9, 0xb9,
         0xb9, 0xb9, 0xb9, 0xb9,
     ];
     assert_eq!(assert_bounded(crash.len(), || decode_all(&crash)), 0);
+    assert_eq!(assert_bounded(crash.len(), || decode_as_agents(&crash)), 0);
 }
 
 /// Valid messages survive a CBOR round trip whatever their text fields hold.

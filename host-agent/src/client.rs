@@ -21,8 +21,8 @@ use protocol::topic::{self, Topic};
 use protocol::url::BrokerUrl;
 use protocol::{Envelope, EnvelopeError, HostId, MsgId, Serial};
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter,
-    SubscribeReasonCode,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS,
+    SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -559,13 +559,38 @@ fn hint(e: &ConnectionError) -> &'static str {
         ConnectionError::Tls(_) => {
             "check that --ca is the broker's CA and that --cert/--key were issued by it (`broker pki issue --role host --id NAME`)"
         }
-        ConnectionError::ConnectionRefused(_) => {
-            "the broker refused this identity; check that --cert is a host certificate issued by the broker's CA"
-        }
+        ConnectionError::ConnectionRefused(code) => refused_hint(*code),
         ConnectionError::NetworkTimeout | ConnectionError::FlushTimeout => {
             "is the broker running and reachable? check --broker"
         }
         _ => "is the broker running? check --broker",
+    }
+}
+
+/// What a CONNACK refusal from a chukei relay means, and what to do about it. The relay sends two
+/// codes: "server unavailable" for load (it is full, or this certificate already holds its
+/// sessions), which says nothing about the certificate, and "not authorized" for a client id that
+/// does not belong to the certificate.
+fn refused_hint(code: ConnectReturnCode) -> &'static str {
+    match code {
+        ConnectReturnCode::ServiceUnavailable => {
+            "the relay is not taking this connection now (server unavailable): either this host \
+             certificate already holds max_connections_per_identity sessions (close other \
+             host-agent processes or dashboards using it, or ask the relay's operator to raise \
+             the limit), or the relay is at max_clients (try again later); the relay's log says \
+             which"
+        }
+        ConnectReturnCode::NotAuthorized => {
+            "the relay refused this client id for this certificate (not authorized): the client \
+             id must be the certificate's CN, or CN:SUFFIX; check that --cert is a host \
+             certificate issued by the broker's CA (`broker pki issue --role host --id NAME`)"
+        }
+        ConnectReturnCode::Success
+        | ConnectReturnCode::RefusedProtocolVersion
+        | ConnectReturnCode::BadClientId
+        | ConnectReturnCode::BadUserNamePassword => {
+            "a chukei relay never answers this; check that --broker is the chukei relay's address"
+        }
     }
 }
 
@@ -833,5 +858,28 @@ mod tests {
                 && text.contains("check --broker"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_refused_connack_says_what_to_do_for_its_code() {
+        let busy = hint(&ConnectionError::ConnectionRefused(
+            ConnectReturnCode::ServiceUnavailable,
+        ));
+        assert!(
+            busy.contains("max_connections_per_identity") && busy.contains("max_clients"),
+            "{busy}"
+        );
+        assert!(!busy.contains("refused this identity"), "{busy}");
+        let denied = hint(&ConnectionError::ConnectionRefused(
+            ConnectReturnCode::NotAuthorized,
+        ));
+        assert!(
+            denied.contains("client id") && denied.contains("--cert"),
+            "{denied}"
+        );
+        let odd = hint(&ConnectionError::ConnectionRefused(
+            ConnectReturnCode::BadUserNamePassword,
+        ));
+        assert!(odd.contains("--broker"), "{odd}");
     }
 }

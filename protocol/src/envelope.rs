@@ -8,7 +8,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::{MsgId, Timestamp};
+use crate::{MsgId, Timestamp, cbor_guard};
 
 /// The envelope version this build writes and the newest it reads.
 pub const VERSION: u16 = 1;
@@ -63,7 +63,9 @@ impl<T: Serialize> Envelope<T> {
 }
 
 impl<T: DeserializeOwned> Envelope<T> {
-    /// Decodes a payload, refusing anything over `max_bytes` before parsing it.
+    /// Decodes a payload: refused over `max_bytes`, then checked by [`cbor_guard`] so that no
+    /// payload can make serde allocate out of proportion to its length, then parsed. Every
+    /// message any chukei binary takes from the network comes through here.
     pub fn from_cbor(bytes: &[u8], max_bytes: usize) -> Result<Self, EnvelopeError> {
         if bytes.len() > max_bytes {
             return Err(EnvelopeError::TooLarge {
@@ -71,6 +73,7 @@ impl<T: DeserializeOwned> Envelope<T> {
                 max: max_bytes,
             });
         }
+        cbor_guard::check(bytes).map_err(EnvelopeError::Malformed)?;
         let env: Envelope<T> =
             ciborium::from_reader(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         if env.v > VERSION {
@@ -82,8 +85,11 @@ impl<T: DeserializeOwned> Envelope<T> {
 
 impl Envelope<()> {
     /// Reads only the message id, so a message whose body is bad can still be acknowledged as
-    /// rejected. `None` when even the envelope head is unreadable.
+    /// rejected. `None` when even the envelope head is unreadable, or [`cbor_guard`] refuses the
+    /// payload (such a payload is not CBOR any chukei sender writes; serde reads the whole map
+    /// even for one field, so it must not see it either).
     pub fn peek_id(bytes: &[u8]) -> Option<MsgId> {
+        cbor_guard::check(bytes).ok()?;
         ciborium::from_reader::<Head, _>(bytes).ok().map(|h| h.id)
     }
 }
@@ -183,6 +189,30 @@ mod tests {
             Err(EnvelopeError::Version(_))
         ));
         assert_eq!(Envelope::peek_id(b"not cbor"), None);
+    }
+
+    #[test]
+    fn payloads_the_guard_refuses_are_malformed_before_serde() {
+        // The envelope head, then a body of maps nested as map keys, each declaring 65,535
+        // entries: the shape the fuzzer found holding 250 MiB in one unguarded decode.
+        let mut bytes = vec![0xa4, 0x61, b'v', 0x01, 0x62, b'i', b'd', 0x05];
+        bytes.extend_from_slice(&[0x62, b'a', b't', 0x74]);
+        bytes.extend_from_slice(b"2026-11-26T00:00:00Z");
+        bytes.extend_from_slice(&[0x64, b'b', b'o', b'd', b'y']);
+        bytes.extend(std::iter::repeat_n([0xb9, 0xff, 0xff], 40).flatten());
+        match Envelope::<Body>::from_cbor(&bytes, 1024) {
+            Err(EnvelopeError::Malformed(why)) => assert!(why.contains("declares 65535"), "{why}"),
+            other => panic!("expected the guard's refusal, got {other:?}"),
+        }
+        assert_eq!(Envelope::peek_id(&bytes), None);
+        // Nesting past the guard's depth, though every length is honest: serde never sees it.
+        let mut deep = bytes[..bytes.len() - 40 * 3].to_vec();
+        deep.extend(std::iter::repeat_n(0x81, cbor_guard::MAX_DEPTH + 1));
+        deep.push(0x00);
+        match Envelope::<Body>::from_cbor(&deep, 1024) {
+            Err(EnvelopeError::Malformed(why)) => assert!(why.contains("deeper"), "{why}"),
+            other => panic!("expected the guard's refusal, got {other:?}"),
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod acl;
 pub mod alarm;
 pub mod artifact;
+pub mod cbor_guard;
 pub mod data;
 pub mod device;
 pub mod envelope;

@@ -15,7 +15,6 @@
 
 mod alarm;
 mod alerts;
-pub mod cbor_guard;
 mod device;
 mod host;
 mod log_budget;
@@ -618,16 +617,14 @@ impl Core {
     }
 }
 
-/// Decodes a client's payload: refused over `max` bytes, then checked by [`cbor_guard`] so that no
-/// payload can make serde allocate out of proportion to its length, then decoded. Every message
-/// the core takes from a device or a host goes through here.
+/// Decodes a client's payload: refused over `max` bytes, then checked by
+/// [`protocol::cbor_guard`] so that no payload can make serde allocate out of proportion to its
+/// length, then decoded ([`Envelope::from_cbor`] does all three, for the agents too). Every
+/// message the core takes from a device or a host goes through here.
 pub fn decode<T: serde::de::DeserializeOwned>(
     payload: &[u8],
     max: usize,
 ) -> Result<Envelope<T>, protocol::EnvelopeError> {
-    if payload.len() <= max {
-        cbor_guard::check(payload).map_err(protocol::EnvelopeError::Malformed)?;
-    }
     Envelope::from_cbor(payload, max)
 }
 

@@ -278,6 +278,13 @@ impl Store {
             .is_none()
     }
 
+    /// Keeps `bytes` free on the data directory's file system instead of the automatic reserve
+    /// (`min_free_bytes`; see [`Space::with_reserve`]).
+    pub fn keep_free(mut self, bytes: u64) -> Store {
+        self.space = Space::with_reserve(self.space.dir(), bytes);
+        self
+    }
+
     /// The data directory's free space and reserve.
     pub fn space(&self) -> &Space {
         &self.space

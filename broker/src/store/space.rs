@@ -44,8 +44,8 @@ impl Reading {
 }
 
 impl Space {
-    /// The reserve is 1% of the file system, at least 256 KiB and at most 64 MiB (256 KiB if the
-    /// file system cannot be asked).
+    /// The automatic reserve: 1% of the file system, at least 256 KiB and at most 64 MiB (256 KiB
+    /// if the file system cannot be asked).
     pub fn for_dir(dir: &Path) -> Space {
         let reserve = match rustix::fs::statvfs(dir) {
             Ok(s) => (s.f_blocks.saturating_mul(s.f_frsize) / 100).clamp(MIN_RESERVE, MAX_RESERVE),
@@ -57,8 +57,9 @@ impl Space {
         }
     }
 
-    /// A fixed reserve (tests).
-    #[cfg(test)]
+    /// A reserve the operator chose (`min_free_bytes`): a disk shared with other data may need
+    /// more than 1% kept free, a small dedicated one less. 0 turns the check off, leaving a full
+    /// disk to the I/O-error path (reads then stop until the store is reopened).
     pub fn with_reserve(dir: &Path, reserve: u64) -> Space {
         Space {
             dir: dir.to_owned(),
@@ -115,5 +116,16 @@ mod tests {
             }
             .is_ample()
         );
+    }
+
+    #[test]
+    fn a_chosen_reserve_replaces_the_automatic_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let huge = Space::with_reserve(dir.path(), u64::MAX);
+        assert_eq!(huge.reserve(), u64::MAX);
+        assert!(huge.read().expect("statvfs answers").is_low());
+        let off = Space::with_reserve(dir.path(), 0);
+        let r = off.read().expect("statvfs answers");
+        assert!(!r.is_low() && r.is_ample());
     }
 }

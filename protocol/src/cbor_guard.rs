@@ -1,14 +1,18 @@
-//! A structural check of every CBOR payload a client sends, before serde sees it.
+//! A structural check of every CBOR payload received from the network, before serde sees it.
 //!
 //! Why: serde preallocates a sequence or map from the length the input *declares* (up to 1 MiB
-//! each), and a buffered enum (`#[serde(tag = …)]`, as [`protocol::host::HostRequest`] is) keeps
+//! each), and a buffered enum (`#[serde(tag = …)]`, as [`crate::host::HostRequest`] is) keeps
 //! every nested level alive at once. The fuzzer found that 787 bytes of maps nested as map keys,
 //! each declaring 65,535 entries, made one decode hold 250 MiB (ciborium stops only at 256
 //! levels). This walk reads every item's header without building anything, and refuses a
 //! payload whose containers declare more items than it has bytes left, that ends before its
 //! items do, or that nests deeper than [`MAX_DEPTH`]. What passes has, across all its containers,
 //! at most one declared item per byte, so what serde preallocates is proportional to the
-//! payload's length, which `max_payload_bytes` caps.
+//! payload's length, which the caller's size cap (`max_payload_bytes`, `max_packet_bytes`) bounds.
+//!
+//! It lives here, not in the relay, because every binary decodes CBOR from the network: the relay
+//! what clients send, the agents what the relay sends them. [`crate::Envelope::from_cbor`] and
+//! [`crate::Envelope::peek_id`] apply it, so no decoder in any binary can skip it.
 //!
 //! It costs one pass over bytes that serde reads anyway; it allocates one small stack.
 
@@ -108,8 +112,8 @@ mod tests {
 
     #[test]
     fn real_messages_pass() {
-        use protocol::host::{HostRequest, SubmitJob};
-        let env = protocol::Envelope::new(
+        use crate::host::{HostRequest, SubmitJob};
+        let env = crate::Envelope::new(
             7,
             chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap(),
             HostRequest::Submit(SubmitJob {

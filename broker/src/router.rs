@@ -14,8 +14,10 @@ use rumqttd::{Broker, Config, RouterConfig};
 pub fn start(max_clients: usize) -> Arc<Broker> {
     let router = RouterConfig {
         max_connections: max_clients + 64,
-        // Per-connection queue of packets the router has not yet handed to the session.
-        max_outgoing_packet_count: 200,
+        // Messages the router hands a link per round before the link must ask for more. Devices
+        // share one link (the gateway's hub), which carries every device's traffic, so it gets
+        // rumqttd's default rather than the 200 that once kept 18,000 per-device links small.
+        max_outgoing_packet_count: 1024,
         // The commit log every publish passes through; segments are reused in a ring.
         max_segment_size: 16 * 1024 * 1024,
         max_segment_count: 8,

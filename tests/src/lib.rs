@@ -36,8 +36,8 @@ mod device;
 mod host;
 pub mod mqtt;
 pub mod netns;
-pub mod raw;
 mod process;
+pub mod raw;
 pub mod tinyproxy;
 
 use std::ffi::OsStr;

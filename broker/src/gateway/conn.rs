@@ -32,7 +32,10 @@ const IDLE_READ: usize = 64;
 
 /// Owns the socket and its buffers; the session above sees only packets.
 pub struct ClientConn<S> {
-    io: S,
+    /// Boxed: a TLS stream is 1.2 KiB, and an async fn keeps its own copy of what it was passed,
+    /// so each layer a connection goes through (listener, session, device session) would hold
+    /// one more in the connection's task.
+    io: Box<S>,
     buf: BytesMut,
     out: BytesMut,
     max_packet_bytes: usize,
@@ -53,7 +56,7 @@ pub struct PublishId {
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
     pub fn new(io: S, max_packet_bytes: usize) -> Self {
         Self {
-            io,
+            io: Box::new(io),
             buf: BytesMut::new(),
             out: BytesMut::new(),
             max_packet_bytes,

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, field, info, info_span, warn};
@@ -194,6 +195,21 @@ impl Gateway {
         permit: tokio::sync::OwnedSemaphorePermit,
         stop: CancellationToken,
     ) {
+        // In its own async fn: the TLS stream it makes (1.2 KiB) would otherwise keep a slot in
+        // this task for the connection's whole life after being moved into the session.
+        let Some((conn, who)) = self.handshake(tcp, permit).await else {
+            return;
+        };
+        self.serve_session(conn, who, stop).await
+    }
+
+    /// The TLS handshake under its deadline and the identity from the client's certificate.
+    /// `None`: counted and logged here.
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Option<(ClientConn<TlsStream<TcpStream>>, Identity)> {
         // Alarms must not wait on Nagle and delayed ACKs.
         let _ = tcp.set_nodelay(true);
         let tls = match timeout(self.settings.handshake_timeout, self.tls.accept(tcp)).await {
@@ -201,19 +217,16 @@ impl Gateway {
             Ok(Err(e)) => {
                 Metrics::inc(&self.metrics.tls_failed);
                 info!(error = %e, "TLS handshake failed");
-                return;
+                return None;
             }
             Err(_) => {
                 limits::report_handshake_timeout(&self.metrics, &self.slow_handshakes, "TLS");
-                return;
+                return None;
             }
         };
         drop(permit);
-        let Some(who) = self.identity(tls.get_ref().1) else {
-            return;
-        };
-        let conn = ClientConn::new(tls, self.settings.max_packet_bytes);
-        self.serve_session(conn, who, stop).await
+        let who = self.identity(tls.get_ref().1)?;
+        Some((ClientConn::new(tls, self.settings.max_packet_bytes), who))
     }
 
     /// The client's identity, from its certificate (DESIGN D5); `None`, counted and logged, if

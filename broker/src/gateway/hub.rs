@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
-use protocol::topic::{ALL_DEVICE, Topic};
+use protocol::topic::ALL_DEVICE;
 
 /// The hub's client id in the router. A space is not allowed in any certificate id, so no client
 /// can take this link over.
@@ -186,42 +186,40 @@ impl Hub {
     /// Routes one message from the router to the session of the serial it names, and keeps the
     /// retained copy.
     fn route(&self, publish: Publish) {
-        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+        // A cheap clone (a reference count) so `publish` can be moved on while `topic` borrows.
+        let topic_bytes = publish.topic.clone();
+        let Ok(topic) = std::str::from_utf8(&topic_bytes) else {
             warn!("device hub: topic is not UTF-8; dropped");
             return;
         };
-        let topic = topic.to_owned();
-        let topic = topic.as_str();
-        let (serial, retained) = match Topic::parse(topic) {
-            Ok(Topic::DevJob { serial, .. } | Topic::DevMerged { serial, .. }) => (serial, true),
-            Ok(
-                Topic::DevAck { serial }
-                | Topic::DevBlob { serial, .. }
-                | Topic::DevUp { serial, .. },
-            ) => (serial, false),
-            _ => {
-                warn!(topic, "device hub: not a device topic; dropped");
-                return;
-            }
+        // Only the core (which builds topics with `protocol::topic`) and ACL-checked devices
+        // publish under `dev/`, so the levels are known good: `dev/{serial}/{kind}[/…]`. Split
+        // rather than parse, without allocating, as this runs for every device message.
+        let mut levels = topic.split('/');
+        let (Some("dev"), Some(serial), Some(kind)) = (levels.next(), levels.next(), levels.next())
+        else {
+            warn!(topic, "device hub: not a device topic; dropped");
+            return;
         };
+        let retained = matches!(kind, "jobs" | "merged");
         let mut state = self.lock();
         if retained {
             if publish.payload.is_empty() {
-                if let Some(topics) = state.retained.get_mut(serial.as_str()) {
+                if let Some(topics) = state.retained.get_mut(serial) {
                     topics.remove(topic);
                     if topics.is_empty() {
-                        state.retained.remove(serial.as_str());
+                        state.retained.remove(serial);
                     }
                 }
             } else {
                 state
                     .retained
-                    .entry(serial.as_str().to_owned())
+                    .entry(serial.to_owned())
                     .or_default()
                     .insert(topic.to_owned(), publish.payload.clone());
             }
         }
-        let Some(entry) = state.sessions.get(serial.as_str()) else {
+        let Some(entry) = state.sessions.get(serial) else {
             return;
         };
         if !entry.filters.iter().any(|f| matches(topic, f)) {
@@ -232,7 +230,7 @@ impl Hub {
             Err(flume::TrySendError::Full(_)) => {
                 warn!(%serial, topic, queued = self.max_queued, "device too slow; closing its session");
                 // Removing the entry drops the sender: the session ends once it has drained.
-                state.sessions.remove(serial.as_str());
+                state.sessions.remove(serial);
             }
             Err(flume::TrySendError::Disconnected(_)) => {}
         }

@@ -6,12 +6,11 @@
 use std::sync::Arc;
 
 use rumqttd::Broker;
-use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, warn};
+use tracing::{error, warn};
 
 use crate::core::{Inbound, Outbound};
 use crate::router;
@@ -72,27 +71,18 @@ async fn pump_in(mut rx: LinkRx, inbound: mpsc::Sender<Inbound>, stop: Cancellat
     loop {
         let next = tokio::select! {
             () = stop.cancelled() => return,
-            n = rx.next() => n,
+            n = router::next_forward(&mut rx) => n,
         };
         match next {
-            Ok(Some(Notification::Forward(fwd))) => {
+            Ok(publish) => {
                 let msg = Inbound {
-                    topic: String::from_utf8_lossy(&fwd.publish.topic).into_owned(),
-                    payload: fwd.publish.payload,
+                    topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                    payload: publish.payload,
                 };
                 if inbound.send(msg).await.is_err() {
                     return;
                 }
             }
-            // The router paused us because our queue was full; ask to be scheduled again.
-            Ok(Some(Notification::Unschedule)) => {
-                if let Err(e) = rx.wake().await {
-                    error!(error = %e, "core link could not wake the router");
-                    return;
-                }
-            }
-            Ok(Some(other)) => debug!(notification = ?other, "core link notification"),
-            Ok(None) => {}
             Err(e) => {
                 if !stop.is_cancelled() {
                     error!(error = %e, "core link closed by the router");

@@ -4,8 +4,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use rumqttd::Notification;
+use rumqttd::local::{LinkError, LinkRx};
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{Broker, Config, RouterConfig};
+use tracing::debug;
 
 /// Starts the router thread and returns the handle links are made from.
 ///
@@ -36,4 +39,18 @@ pub fn publish(topic: &str, payload: Vec<u8>, retain: bool) -> Packet {
         Publish::new(Bytes::from(topic.to_owned()), Bytes::from(payload), retain),
         None,
     )
+}
+
+/// The next publish the router forwards to an internal link (the core's, the device hub's).
+/// When the router pauses the link because its queue was full, asks to be scheduled again: the
+/// queue has been drained by then, as every forward is taken as it comes. Cancel-safe.
+pub async fn next_forward(rx: &mut LinkRx) -> Result<Publish, Box<LinkError>> {
+    loop {
+        match rx.next().await.map_err(Box::new)? {
+            Some(Notification::Forward(fwd)) => return Ok(fwd.publish),
+            Some(Notification::Unschedule) => rx.wake().await.map_err(Box::new)?,
+            Some(other) => debug!(notification = ?other, "internal link notification"),
+            None => {}
+        }
+    }
 }

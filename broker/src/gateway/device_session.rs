@@ -6,8 +6,6 @@
 //! the router. What the broker sends a device is QoS 0, as before: reliability comes from
 //! retained orders and end-to-end acks, not from MQTT QoS.
 
-use std::time::Duration;
-
 use protocol::Identity;
 use protocol::acl::Action;
 use rumqttd::protocol::{
@@ -15,12 +13,12 @@ use rumqttd::protocol::{
     Unsubscribe,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::Gateway;
 use super::conn::{ClientConn, PublishId};
 use super::hub::{Attachment, Detached, Down, Hub, SubscribeError};
+use super::keepalive::Keepalive;
 use super::limits::{Inflight, Limit, LimitExceeded};
 use super::session::{SessionError, check_acl};
 
@@ -37,7 +35,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     who: &Identity,
     gw: &Gateway,
     hub: &Hub,
-    keepalive: Duration,
+    keepalive: &mut Keepalive,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
     let attachment = hub.attach_session(who.id());
@@ -59,27 +57,20 @@ impl DeviceSession<'_> {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         conn: &mut ClientConn<S>,
-        keepalive: Duration,
+        keepalive: &mut Keepalive,
         stop: &CancellationToken,
     ) -> Result<(), SessionError> {
+        // Made once, not per packet: a fresh `cancelled()` registers with the token that every
+        // session shares.
         let stopped = stop.cancelled();
         tokio::pin!(stopped);
-        let mut last_heard = Instant::now();
-        let keepalive_timer = sleep_until(last_heard + keepalive);
-        tokio::pin!(keepalive_timer);
         loop {
             tokio::select! {
                 () = &mut stopped => return Ok(()),
-                () = &mut keepalive_timer => {
-                    let due = last_heard + keepalive;
-                    if Instant::now() >= due {
-                        return Err(SessionError::KeepaliveExpired);
-                    }
-                    keepalive_timer.as_mut().reset(due);
-                }
+                () = keepalive.expired() => return Err(SessionError::KeepaliveExpired),
                 packet = conn.read_packet() => {
                     let Some(packet) = packet? else { return Ok(()) };
-                    last_heard = Instant::now();
+                    keepalive.heard();
                     if self.handle_packets(conn, packet).await? {
                         return Ok(());
                     }

@@ -26,13 +26,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use rumqttd::Broker;
-use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish, matches};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, warn};
+use tracing::{error, warn};
 
 use protocol::topic::ALL_DEVICE;
 
@@ -316,19 +315,10 @@ async fn pump_down(hub: std::sync::Arc<Hub>, mut rx: LinkRx, stop: CancellationT
     loop {
         let next = tokio::select! {
             () = stop.cancelled() => return,
-            n = rx.next() => n,
+            n = crate::router::next_forward(&mut rx) => n,
         };
         match next {
-            Ok(Some(Notification::Forward(fwd))) => hub.route(fwd.publish),
-            // The router paused us because our queue was full; we have drained it.
-            Ok(Some(Notification::Unschedule)) => {
-                if let Err(e) = rx.wake().await {
-                    error!(error = %e, "device hub could not wake the router");
-                    return;
-                }
-            }
-            Ok(Some(other)) => debug!(notification = ?other, "device hub notification"),
-            Ok(None) => {}
+            Ok(publish) => hub.route(publish),
             Err(e) => {
                 if !stop.is_cancelled() {
                     error!(error = %e, "device hub link closed by the router");

@@ -8,6 +8,7 @@
 mod conn;
 mod device_session;
 pub mod hub;
+mod keepalive;
 pub mod limits;
 mod session;
 mod ws;

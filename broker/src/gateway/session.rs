@@ -10,12 +10,13 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info, warn};
 
 use super::Gateway;
 use super::conn::{ClientConn, ConnError, PublishId};
+use super::keepalive::Keepalive;
 use super::limits::{Inflight, LimitExceeded, Subscriptions};
 use crate::metrics::Metrics;
 
@@ -58,9 +59,6 @@ impl From<rumqttd::local::LinkError> for SessionError {
         SessionError::Link(Box::new(e))
     }
 }
-
-/// A client that sets keepalive 0 still gets a bound on how long it may stay silent.
-const MAX_SILENCE: Duration = Duration::from_secs(600);
 
 /// Runs a session on an authenticated TLS connection until the client leaves, misbehaves, or the
 /// broker stops. Every exit path tells the router the session is gone.
@@ -126,11 +124,7 @@ where
         presence.session(&who, true);
     }
 
-    let keepalive = match connect.keep_alive {
-        0 => MAX_SILENCE,
-        // MQTT 3.1.1 §3.1.2.10: one and a half keepalive periods of silence end the session.
-        secs => Duration::from_millis(u64::from(secs) * 1500),
-    };
+    let mut keepalive = Keepalive::new(connect.keep_alive);
     let result = match route {
         Route::Link(link_tx, link_rx) => {
             let mut bridge = Bridge {
@@ -142,7 +136,7 @@ where
                 inflight: Inflight::new(gw.settings.max_inflight),
                 subscriptions: Subscriptions::new(gw.settings.max_subscriptions),
             };
-            let result = bridge.run(&mut conn, keepalive, &stop).await;
+            let result = bridge.run(&mut conn, &mut keepalive, &stop).await;
             // Whatever else ended the session, the router must forget it; a dropped link alone
             // is not noticed. After the client's own DISCONNECT it already has (a second one
             // logs an error). When the whole broker stops, the router goes with it: telling it
@@ -162,7 +156,7 @@ where
             result
         }
         Route::Hub(hub) => {
-            super::device_session::run(&mut conn, &who, &gw, &hub, keepalive, &stop).await
+            super::device_session::run(&mut conn, &who, &gw, &hub, &mut keepalive, &stop).await
         }
     };
     Metrics::dec(&gw.metrics.sessions_active);
@@ -260,30 +254,20 @@ impl Bridge<'_> {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut ClientConn<S>,
-        keepalive: Duration,
+        keepalive: &mut Keepalive,
         stop: &CancellationToken,
     ) -> Result<(), SessionError> {
-        // Both made once, not per packet: a fresh `cancelled()` registers with the token that
-        // every session shares, and a fresh timer with the runtime's timer wheel.
+        // Made once, not per packet: a fresh `cancelled()` registers with the token that every
+        // session shares.
         let stopped = stop.cancelled();
         tokio::pin!(stopped);
-        let mut last_heard = Instant::now();
-        let keepalive_timer = sleep_until(last_heard + keepalive);
-        tokio::pin!(keepalive_timer);
         loop {
             tokio::select! {
                 () = &mut stopped => return Ok(()),
-                () = &mut keepalive_timer => {
-                    // Packets only move `last_heard`; the timer catches up when it fires.
-                    let due = last_heard + keepalive;
-                    if Instant::now() >= due {
-                        return Err(SessionError::KeepaliveExpired);
-                    }
-                    keepalive_timer.as_mut().reset(due);
-                }
+                () = keepalive.expired() => return Err(SessionError::KeepaliveExpired),
                 packet = conn.read_packet() => {
                     let Some(packet) = packet? else { return Ok(()) };
-                    last_heard = Instant::now();
+                    keepalive.heard();
                     if self.forward(conn, packet).await? {
                         self.client_left = true;
                         return Ok(());

@@ -80,8 +80,10 @@ pub async fn run(
             match work {
                 Work::Batch(batch) => {
                     let len = batch.len();
+                    let started = std::time::Instant::now();
                     let out = core.handle_batch(batch, now);
-                    debug!(messages = len, "batch handled");
+                    let took_us = started.elapsed().as_micros() as u64;
+                    debug!(messages = len, took_us, "batch handled");
                     out
                 }
                 // The tick also records presence changes held back while the store could not write.

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
 use crate::core::{Inbound, Outbound};
+use crate::gateway::hub::Hub;
 use crate::router;
 
 /// The core's client id in the router. A space is not allowed in any certificate id, so no
@@ -43,8 +44,13 @@ impl From<Box<rumqttd::local::LinkError>> for CoreLinkError {
 /// Attaches the core, subscribes it, and publishes `retained` (rebuilt from redb) before
 /// returning. The router handles events in order, so these retained messages are in place before
 /// any client the gateway admits later can subscribe.
+///
+/// With a device `hub`, what the core sends devices (`dev/…`) goes to the hub directly instead of
+/// through the router: no one but the device itself may subscribe there (the ACL), and skipping
+/// the router saves two thread hand-offs on every ack's way back (bench/RESULTS.md).
 pub async fn attach(
     broker: Arc<Broker>,
+    hub: Option<Arc<Hub>>,
     retained: Vec<Outbound>,
     tracker: &TaskTracker,
     stop: CancellationToken,
@@ -55,16 +61,50 @@ pub async fn attach(
             .map_err(|_| CoreLinkError::RouterGone)??;
     tx.subscribe(protocol::topic::ALL_DEVICE_UP)?;
     tx.subscribe(protocol::topic::ALL_HOST_REQ)?;
-    for out in retained {
-        tx.send(router::publish(&out.topic, out.payload, out.retain))
-            .await?;
-    }
+    let mut out = Outlet { tx, hub };
+    out.send(retained).await?;
     let (in_tx, in_rx) = mpsc::channel(4096);
     let (out_tx, out_rx) = mpsc::channel(4096);
     tracker.spawn(pump_in(rx, in_tx, stop.clone()));
-    tracker.spawn(pump_out(tx, out_rx, stop));
+    tracker.spawn(pump_out(out, out_rx, stop));
     Ok((in_rx, out_tx))
 }
+
+/// Where the core's messages leave: the device hub for device topics, the router for the rest.
+struct Outlet {
+    tx: LinkTx,
+    hub: Option<Arc<Hub>>,
+}
+
+impl Outlet {
+    /// Sends a batch in order, with one router notification for all that go to the router.
+    async fn send(&mut self, batch: Vec<Outbound>) -> Result<(), rumqttd::local::LinkError> {
+        let mut last = None;
+        for out in batch {
+            match &self.hub {
+                Some(hub) if out.topic.starts_with(DEVICE_PREFIX) => {
+                    hub.deliver(&out.topic, out.payload)
+                }
+                _ => {
+                    let publish = router::publish(&out.topic, out.payload, out.retain);
+                    if let Some(previous) = last.replace(publish) {
+                        self.tx.buffer().push_back(previous);
+                    }
+                }
+            }
+        }
+        if let Some(last) = last {
+            self.tx.send(last).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The level every device topic starts with (`protocol::topic`).
+const DEVICE_PREFIX: &str = "dev/";
+
+/// Most messages the core's outlet takes at once.
+const OUT_BATCH: usize = 512;
 
 /// Router → core: every publish the core is subscribed to.
 async fn pump_in(mut rx: LinkRx, inbound: mpsc::Sender<Inbound>, stop: CancellationToken) {
@@ -93,18 +133,24 @@ async fn pump_in(mut rx: LinkRx, inbound: mpsc::Sender<Inbound>, stop: Cancellat
     }
 }
 
-/// Core → router: acks, replies, retained orders and views, in the order the core produced them.
-async fn pump_out(mut tx: LinkTx, mut outbound: mpsc::Receiver<Outbound>, stop: CancellationToken) {
+/// Core → hub and router: acks, replies, retained orders and views, in the order the core
+/// produced them.
+async fn pump_out(
+    mut out: Outlet,
+    mut outbound: mpsc::Receiver<Outbound>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(OUT_BATCH);
     loop {
-        let out = tokio::select! {
+        let received = tokio::select! {
             () = stop.cancelled() => return,
-            o = outbound.recv() => match o { Some(o) => o, None => return },
+            n = outbound.recv_many(&mut batch, OUT_BATCH) => n,
         };
-        if let Err(e) = tx
-            .send(router::publish(&out.topic, out.payload, out.retain))
-            .await
-        {
-            warn!(topic = %out.topic, error = %e, "could not publish into the router");
+        if received == 0 {
+            return;
+        }
+        if let Err(e) = out.send(std::mem::take(&mut batch)).await {
+            warn!(error = %e, "could not publish into the router");
             return;
         }
     }

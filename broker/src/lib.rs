@@ -177,8 +177,14 @@ pub async fn run(
     let tasks = TaskTracker::new();
     // Before the core republishes: the hub keeps its own copy of the devices' retained orders.
     let hub = gateway::hub::Hub::attach(router.clone(), DEVICE_QUEUE, &tasks, stop.clone()).await?;
-    let (inbound, outbound) =
-        core_link::attach(router.clone(), retained, &tasks, stop.clone()).await?;
+    let (inbound, outbound) = core_link::attach(
+        router.clone(),
+        Some(hub.clone()),
+        retained,
+        &tasks,
+        stop.clone(),
+    )
+    .await?;
     let (presence_tx, presence_rx) = presence::channel();
     let core_task = tasks.spawn(core::run(
         core.clone(),

@@ -9,11 +9,13 @@
 //! each message to the session of the serial it names: a hash lookup instead of a scan.
 //!
 //! Retained orders are the relay's memory of what a device still has to do (DESIGN D2). rumqttd
-//! would replay at most one queue's worth (200) of retained messages to a link that subscribes to
-//! a wildcard, so the hub keeps its own copy of the retained device topics (job orders and merged
-//! data; an empty payload clears one) and replays them to a device when it subscribes. The hub
-//! subscribes before the core republishes the store's retained orders at startup, so it sees every
-//! one of them as it passes.
+//! would replay at most one queue's worth (200–1,024) of retained messages to a link that
+//! subscribes to a wildcard, so the hub keeps its own copy of the retained device topics (job
+//! orders and merged data; an empty payload clears one) and replays them to a device when it
+//! subscribes. The core hands everything it sends devices to the hub directly
+//! ([`Hub::deliver`], from `core_link`), the store's retained orders at startup included, before
+//! the gateway accepts anyone; the router link carries what devices publish, to a device that
+//! subscribed to its own topics.
 //!
 //! Upstream, device publishes go into the router as QoS 0 through one pump: the gateway answers
 //! PUBACK itself once a publish is handed on (what rumqttd's PUBACK meant too: "in the router", not
@@ -174,6 +176,15 @@ impl Hub {
             .send(Publish::new(topic, payload, false))
             .await
             .is_ok()
+    }
+
+    /// A message from the core for a device (`dev/…`), handed over without the router.
+    pub fn deliver(&self, topic: &str, payload: Vec<u8>) {
+        self.route(Publish::new(
+            Bytes::copy_from_slice(topic.as_bytes()),
+            Bytes::from(payload),
+            false,
+        ));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

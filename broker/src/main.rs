@@ -426,16 +426,18 @@ mod tests {
         assert_eq!(BrokerConfig::default().min_free_bytes, None, "automatic");
     }
 
+    /// `broker run EXTRA…` parsed into the configuration it would run with.
+    fn run(extra: &[&str]) -> anyhow::Result<(BrokerConfig, Option<PathBuf>)> {
+        let mut argv = vec!["broker", "run"];
+        argv.extend_from_slice(extra);
+        let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not run")
+        };
+        args.into_config()
+    }
+
     #[test]
     fn job_default_flags_override_the_config_and_are_validated() {
-        let run = |extra: &[&str]| {
-            let mut argv = vec!["broker", "run"];
-            argv.extend_from_slice(extra);
-            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
-                panic!("not run")
-            };
-            args.into_config()
-        };
         let (cfg, _) = run(&[
             "--default-deadline-secs",
             "120",
@@ -456,14 +458,6 @@ mod tests {
 
     #[test]
     fn limit_flags_override_the_config_and_are_validated() {
-        let run = |extra: &[&str]| {
-            let mut argv = vec!["broker", "run"];
-            argv.extend_from_slice(extra);
-            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
-                panic!("not run")
-            };
-            args.into_config()
-        };
         let (cfg, _) = run(&[]).unwrap();
         assert_eq!(
             (

@@ -4,23 +4,20 @@
 //! matches every publish against every link's filters on its single router thread. With a link
 //! per device, a relay of 18,000 devices spent 95–98 % of its CPU matching topics and 40 KiB of
 //! its ~55 KiB per idle device on rumqttd state (bench/RESULTS.md). A device may only subscribe
-//! under `dev/{its serial}/` (the ACL), so one link subscribed to `dev/#`
-//! ([`protocol::topic::ALL_DEVICE`]) carries everything any device can hear, and the hub hands
-//! each message to the session of the serial it names: a hash lookup instead of a scan.
+//! under `dev/{its serial}/` (the ACL), and only the core and the device itself publish there, so
+//! the hub routes device topics itself: the core hands it what it sends devices ([`Hub::deliver`],
+//! from `core_link`), a device's own publish is offered to its session too ([`Hub::publish`]), and
+//! each message goes to the session of the serial it names: a hash lookup instead of a scan.
 //!
-//! Retained orders are the relay's memory of what a device still has to do (DESIGN D2). rumqttd
-//! would replay at most one queue's worth (200–1,024) of retained messages to a link that
-//! subscribes to a wildcard, so the hub keeps its own copy of the retained device topics (job
-//! orders and merged data; an empty payload clears one) and replays them to a device when it
-//! subscribes. The core hands everything it sends devices to the hub directly
-//! ([`Hub::deliver`], from `core_link`), the store's retained orders at startup included, before
-//! the gateway accepts anyone; the router link carries what devices publish, to a device that
-//! subscribed to its own topics.
+//! Retained orders are the relay's memory of what a device still has to do (DESIGN D2). The hub
+//! keeps the retained device topics (job orders and merged data; an empty payload clears one) and
+//! replays them to a device when it subscribes; the core hands it the store's retained orders at
+//! startup, before the gateway accepts anyone.
 //!
-//! Upstream, device publishes go into the router as QoS 0 through one pump: the gateway answers
-//! PUBACK itself once a publish is handed on (what rumqttd's PUBACK meant too: "in the router", not
-//! "stored"); reliability comes from the core's end-to-end acks. Packet ids of different devices
-//! would collide on a shared link at QoS 1.
+//! Upstream, device publishes go into the router as QoS 0 through one pump and its one link: the
+//! gateway answers PUBACK itself once a publish is handed on (what rumqttd's PUBACK meant too: "in
+//! the router", not "stored"); reliability comes from the core's end-to-end acks. Packet ids of
+//! different devices would collide on a shared link at QoS 1. The link subscribes to nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -34,8 +31,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
-
-use protocol::topic::ALL_DEVICE;
 
 /// The hub's client id in the router. A space is not allowed in any certificate id, so no client
 /// can take this link over.
@@ -55,12 +50,6 @@ pub enum HubError {
     Link(Box<rumqttd::local::LinkError>),
     #[error("the router thread is gone")]
     RouterGone,
-}
-
-impl From<rumqttd::local::LinkError> for HubError {
-    fn from(e: rumqttd::local::LinkError) -> Self {
-        HubError::Link(Box::new(e))
-    }
 }
 
 /// Why a device session's downstream ended; the session reports it.
@@ -120,20 +109,18 @@ pub struct Attachment<'a> {
 }
 
 impl Hub {
-    /// Attaches the hub to the router and starts its two pumps. Must run before the core
-    /// republishes retained orders (see the module doc).
+    /// Attaches the hub to the router and starts its upstream pump.
     pub async fn attach(
         router: std::sync::Arc<Broker>,
         max_queued: usize,
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Result<std::sync::Arc<Hub>, HubError> {
-        let (mut tx, rx) =
+        let (tx, rx) =
             tokio::task::spawn_blocking(move || router.link(HUB_CLIENT_ID).map_err(Box::new))
                 .await
                 .map_err(|_| HubError::RouterGone)?
                 .map_err(HubError::Link)?;
-        tx.subscribe(ALL_DEVICE)?;
         let (up_tx, up_rx) = mpsc::channel(UPSTREAM_QUEUE);
         let hub = std::sync::Arc::new(Hub {
             state: Mutex::new(State::default()),
@@ -141,8 +128,7 @@ impl Hub {
             generations: AtomicU64::new(0),
             max_queued,
         });
-        tracker.spawn(pump_down(hub.clone(), rx, stop.clone()));
-        tracker.spawn(pump_up(tx, up_rx, stop));
+        tracker.spawn(pump_up(tx, rx, up_rx, stop));
         Ok(hub)
     }
 
@@ -172,10 +158,10 @@ impl Hub {
     /// Hands a device's publish to the router (as QoS 0; see the module doc). Waits while the
     /// upstream queue is full. `false`: the hub has stopped.
     pub async fn publish(&self, topic: Bytes, payload: Bytes) -> bool {
-        self.upstream
-            .send(Publish::new(topic, payload, false))
-            .await
-            .is_ok()
+        let publish = Publish::new(topic, payload, false);
+        // A device subscribed to its own topics hears its publish, as from any MQTT broker.
+        self.route(publish.clone());
+        self.upstream.send(publish).await.is_ok()
     }
 
     /// A message from the core for a device (`dev/…`), handed over without the router.
@@ -321,27 +307,16 @@ impl Drop for Attachment<'_> {
     }
 }
 
-/// Router → device sessions.
-async fn pump_down(hub: std::sync::Arc<Hub>, mut rx: LinkRx, stop: CancellationToken) {
-    loop {
-        let next = tokio::select! {
-            () = stop.cancelled() => return,
-            n = crate::router::next_forward(&mut rx) => n,
-        };
-        match next {
-            Ok(publish) => hub.route(publish),
-            Err(e) => {
-                if !stop.is_cancelled() {
-                    error!(error = %e, "device hub link closed by the router");
-                }
-                return;
-            }
-        }
-    }
-}
-
 /// Device sessions → router, in batches: one router event per batch, not per publish.
-async fn pump_up(mut tx: LinkTx, mut publishes: mpsc::Receiver<Publish>, stop: CancellationToken) {
+///
+/// `_rx` is held, not read: the link subscribes to nothing and sends QoS 0, so the router has
+/// nothing to tell it, but a dropped receiver would read to rumqttd as a vanished connection.
+async fn pump_up(
+    mut tx: LinkTx,
+    _rx: LinkRx,
+    mut publishes: mpsc::Receiver<Publish>,
+    stop: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(UPSTREAM_BATCH);
     loop {
         let received = tokio::select! {
@@ -410,6 +385,19 @@ mod tests {
         hub.route(publish("dev/B2/ack", b"ack"));
         assert_eq!(received(&a), ["dev/A1/jobs/J-000001"]);
         assert_eq!(received(&b), ["dev/B2/ack"]);
+    }
+
+    #[tokio::test]
+    async fn a_device_subscribed_to_its_own_topic_hears_its_publish() {
+        let hub = hub(16);
+        let a = hub.attach_session("A1");
+        a.subscribe(["dev/A1/up/+".to_owned()], 8).unwrap();
+        hub.publish(
+            Bytes::from_static(b"dev/A1/up/state"),
+            Bytes::from_static(b"x"),
+        )
+        .await;
+        assert_eq!(received(&a), ["dev/A1/up/state"]);
     }
 
     #[test]

@@ -41,33 +41,89 @@ impl From<Box<rumqttd::local::LinkError>> for CoreLinkError {
     }
 }
 
+/// Messages waiting for the core, from the hub and the router together. Its group commit takes
+/// up to `core::run::MAX_BATCH` at once; a full queue makes the senders wait.
+pub const INBOUND_QUEUE: usize = 4096;
+
 /// Attaches the core, subscribes it, and publishes `retained` (rebuilt from redb) before
 /// returning. The router handles events in order, so these retained messages are in place before
-/// any client the gateway admits later can subscribe.
+/// any client the gateway admits later can subscribe. What the router forwards the core goes
+/// into `inbound`.
 ///
-/// With a device `hub`, what the core sends devices (`dev/…`) goes to the hub directly instead of
-/// through the router: no one but the device itself may subscribe there (the ACL), and skipping
-/// the router saves two thread hand-offs on every ack's way back (bench/RESULTS.md).
+/// With a device `hub`, devices never reach the core through the router (the hub hands their
+/// publishes to `inbound` itself), and what the core sends devices (`dev/…`) goes to the hub
+/// directly: no one but the device itself may subscribe there (the ACL), and skipping the router
+/// saves two thread hand-offs each way (bench/RESULTS.md).
 pub async fn attach(
     broker: Arc<Broker>,
     hub: Option<Arc<Hub>>,
     retained: Vec<Outbound>,
+    inbound: mpsc::Sender<Inbound>,
     tracker: &TaskTracker,
     stop: CancellationToken,
-) -> Result<(mpsc::Receiver<Inbound>, mpsc::Sender<Outbound>), CoreLinkError> {
+) -> Result<CoreOutlet, CoreLinkError> {
     let (mut tx, rx) =
         tokio::task::spawn_blocking(move || broker.link(CORE_CLIENT_ID).map_err(Box::new))
             .await
             .map_err(|_| CoreLinkError::RouterGone)??;
-    tx.subscribe(protocol::topic::ALL_DEVICE_UP)?;
+    if hub.is_none() {
+        tx.subscribe(protocol::topic::ALL_DEVICE_UP)?;
+    }
     tx.subscribe(protocol::topic::ALL_HOST_REQ)?;
-    let mut out = Outlet { tx, hub };
+    let mut out = Outlet {
+        tx,
+        hub: hub.clone(),
+    };
     out.send(retained).await?;
-    let (in_tx, in_rx) = mpsc::channel(4096);
     let (out_tx, out_rx) = mpsc::channel(4096);
-    tracker.spawn(pump_in(rx, in_tx, stop.clone()));
+    tracker.spawn(pump_in(rx, inbound, stop.clone()));
     tracker.spawn(pump_out(out, out_rx, stop));
-    Ok((in_rx, out_tx))
+    Ok(CoreOutlet {
+        hub,
+        router: out_tx,
+    })
+}
+
+/// Where the core sends what it publishes after a commit.
+#[derive(Clone)]
+pub struct CoreOutlet {
+    hub: Option<Arc<Hub>>,
+    router: mpsc::Sender<Outbound>,
+}
+
+/// The router's side of the core is gone: the broker is stopping.
+#[derive(Debug, thiserror::Error)]
+#[error("the core's router link has stopped")]
+pub struct OutletClosed;
+
+impl CoreOutlet {
+    /// Everything the core publishes into `router`, nothing to a hub: for the core's own tests.
+    #[cfg(test)]
+    pub fn into_channel(router: mpsc::Sender<Outbound>) -> Self {
+        CoreOutlet { hub: None, router }
+    }
+
+    /// Hands what devices get (`dev/…`) to the hub at once, from whatever thread commits, and
+    /// returns the rest, in order, for [`CoreOutlet::send`]. Without a hub, returns everything.
+    pub fn deliver_to_devices(&self, batch: Vec<Outbound>) -> Vec<Outbound> {
+        let Some(hub) = &self.hub else {
+            return batch;
+        };
+        let mut rest = Vec::new();
+        for out in batch {
+            if out.topic.starts_with(DEVICE_PREFIX) {
+                hub.deliver(&out.topic, out.payload);
+            } else {
+                rest.push(out);
+            }
+        }
+        rest
+    }
+
+    /// Queues one message for the router (or, without a hub, for anyone).
+    pub async fn send(&self, out: Outbound) -> Result<(), OutletClosed> {
+        self.router.send(out).await.map_err(|_| OutletClosed)
+    }
 }
 
 /// Where the core's messages leave: the device hub for device topics, the router for the rest.

@@ -51,8 +51,8 @@ pub enum BrokerError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     CoreLink(#[from] core_link::CoreLinkError),
-    #[error(transparent)]
-    Hub(#[from] gateway::hub::HubError),
+    #[error("could not start the core's thread: {0}")]
+    CoreThread(std::io::Error),
     #[error(
         "could not listen on {addr}: {source} (is another broker running there? pick another --listen)"
     )]
@@ -175,24 +175,21 @@ pub async fn run(
     let republished = retained.len();
     let router = router::start(cfg.max_clients);
     let tasks = TaskTracker::new();
+    let (inbound_tx, inbound) = tokio::sync::mpsc::channel(core_link::INBOUND_QUEUE);
     // Before the core republishes: the hub keeps its own copy of the devices' retained orders.
-    let hub = gateway::hub::Hub::attach(router.clone(), DEVICE_QUEUE, &tasks, stop.clone()).await?;
-    let (inbound, outbound) = core_link::attach(
+    let hub = Arc::new(gateway::hub::Hub::new(inbound_tx.clone(), DEVICE_QUEUE));
+    let outbound = core_link::attach(
         router.clone(),
         Some(hub.clone()),
         retained,
+        inbound_tx,
         &tasks,
         stop.clone(),
     )
     .await?;
     let (presence_tx, presence_rx) = presence::channel();
-    let core_task = tasks.spawn(core::run(
-        core.clone(),
-        inbound,
-        outbound,
-        presence_rx,
-        stop.clone(),
-    ));
+    let core_task = core::spawn(core.clone(), inbound, outbound, presence_rx, stop.clone())
+        .map_err(BrokerError::CoreThread)?;
     tasks.spawn(notify::run_worker(
         core.clone(),
         cfg.notify.clone(),
@@ -257,7 +254,7 @@ pub async fn run(
     tasks.close();
     match core_task.await {
         Ok(Err(e)) => error!(error = %e, "core stopped with an error"),
-        Err(e) => error!(error = %e, "core task panicked"),
+        Err(_) => error!("core thread panicked"),
         Ok(Ok(())) => {}
     }
     tasks.wait().await;

@@ -264,6 +264,8 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(quiet: bool) {
+    use tracing_subscriber::prelude::*;
+
     // rumqttd logs every subscription at info and rustls warns about IP addresses sent as SNI by
     // common clients; neither helps an operator.
     let default = if quiet {
@@ -274,10 +276,20 @@ fn init_tracing(quiet: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
+    // rumqttd opens an error-level span for every publish it routes, formatting the topic each
+    // time; its events still get through, only without that context. The core's views are
+    // publishes, so this was a measurable part of every report's cost (bench/RESULTS.md).
+    let no_router_spans = tracing_subscriber::filter::filter_fn(|meta| {
+        !(meta.is_span() && meta.target().starts_with("rumqttd"))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr)
+                .with_filter(no_router_spans),
+        )
         .init();
 }
 

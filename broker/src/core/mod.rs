@@ -44,9 +44,9 @@ use crate::jobs;
 use crate::store::{DeviceRecord, Store, StoreError, Txn};
 
 pub use alerts::AlertSettings;
-pub use run::run;
+pub use run::{run, spawn};
 
-/// A message the router delivered to the core.
+/// A message for the core: a device's from the hub, a host's from the router.
 pub struct Inbound {
     pub topic: String,
     pub payload: bytes::Bytes,

@@ -14,43 +14,23 @@
 //! replays them to a device when it subscribes; the core hands it the store's retained orders at
 //! startup, before the gateway accepts anyone.
 //!
-//! Upstream, device publishes go into the router as QoS 0 through one pump and its one link: the
-//! gateway answers PUBACK itself once a publish is handed on (what rumqttd's PUBACK meant too: "in
-//! the router", not "stored"); reliability comes from the core's end-to-end acks. Packet ids of
-//! different devices would collide on a shared link at QoS 1. The link subscribes to nothing.
+//! Upstream, a device may publish only on `dev/{its serial}/up/{kind}` (the ACL), and only the core
+//! listens there, so the hub hands device publishes to the core's queue directly, without the
+//! router: a report reaches the core in one hand-off instead of three (session → router thread →
+//! core link → core). The gateway answers PUBACK itself once the core's queue has a publish (what
+//! rumqttd's PUBACK meant too: "accepted", not "stored"); reliability comes from the core's
+//! end-to-end acks. So devices touch the router not at all: it carries hosts and integrators.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use rumqttd::Broker;
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish, matches};
+use rumqttd::protocol::{Publish, matches};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{error, warn};
+use tracing::warn;
 
-/// The hub's client id in the router. A space is not allowed in any certificate id, so no client
-/// can take this link over.
-const HUB_CLIENT_ID: &str = "chukei device hub";
-
-/// Publishes from all devices waiting for the upstream pump. The pump drains them in batches; a
-/// full queue makes the publishing sessions wait (backpressure), never drops.
-const UPSTREAM_QUEUE: usize = 8192;
-
-/// How many publishes the upstream pump hands the router per notification.
-const UPSTREAM_BATCH: usize = 512;
-
-#[derive(Debug, thiserror::Error)]
-pub enum HubError {
-    /// Boxed: rumqttd's error carries a whole router event (over 800 bytes).
-    #[error("could not attach the device hub to the router: {0}")]
-    Link(Box<rumqttd::local::LinkError>),
-    #[error("the router thread is gone")]
-    RouterGone,
-}
+use crate::core::Inbound;
 
 /// Why a device session's downstream ended; the session reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +60,9 @@ pub enum SubscribeError {
 /// The registry of device sessions and the retained device topics.
 pub struct Hub {
     state: Mutex<State>,
-    upstream: mpsc::Sender<Publish>,
+    /// The core's queue. A full queue makes the publishing sessions wait (backpressure), never
+    /// drops.
+    core: mpsc::Sender<Inbound>,
     generations: AtomicU64,
     /// Messages a device may fall behind by before its session is closed.
     max_queued: usize,
@@ -109,27 +91,15 @@ pub struct Attachment<'a> {
 }
 
 impl Hub {
-    /// Attaches the hub to the router and starts its upstream pump.
-    pub async fn attach(
-        router: std::sync::Arc<Broker>,
-        max_queued: usize,
-        tracker: &TaskTracker,
-        stop: CancellationToken,
-    ) -> Result<std::sync::Arc<Hub>, HubError> {
-        let (tx, rx) =
-            tokio::task::spawn_blocking(move || router.link(HUB_CLIENT_ID).map_err(Box::new))
-                .await
-                .map_err(|_| HubError::RouterGone)?
-                .map_err(HubError::Link)?;
-        let (up_tx, up_rx) = mpsc::channel(UPSTREAM_QUEUE);
-        let hub = std::sync::Arc::new(Hub {
+    /// A hub that hands device publishes to `core`; a session more than `max_queued` messages
+    /// behind is cut off.
+    pub fn new(core: mpsc::Sender<Inbound>, max_queued: usize) -> Hub {
+        Hub {
             state: Mutex::new(State::default()),
-            upstream: up_tx,
+            core,
             generations: AtomicU64::new(0),
             max_queued,
-        });
-        tracker.spawn(pump_up(tx, rx, up_rx, stop));
-        Ok(hub)
+        }
     }
 
     /// Registers the session of `serial`; an older session of the same serial is told it was
@@ -155,13 +125,16 @@ impl Hub {
         }
     }
 
-    /// Hands a device's publish to the router (as QoS 0; see the module doc). Waits while the
-    /// upstream queue is full. `false`: the hub has stopped.
+    /// Hands a device's publish to the core (see the module doc). Waits while the core's queue
+    /// is full. `false`: the core has stopped.
     pub async fn publish(&self, topic: Bytes, payload: Bytes) -> bool {
-        let publish = Publish::new(topic, payload, false);
+        let inbound = Inbound {
+            topic: String::from_utf8_lossy(&topic).into_owned(),
+            payload: payload.clone(),
+        };
         // A device subscribed to its own topics hears its publish, as from any MQTT broker.
-        self.route(publish.clone());
-        self.upstream.send(publish).await.is_ok()
+        self.route(Publish::new(topic, payload, false));
+        self.core.send(inbound).await.is_ok()
     }
 
     /// A message from the core for a device (`dev/…`), handed over without the router.
@@ -307,53 +280,12 @@ impl Drop for Attachment<'_> {
     }
 }
 
-/// Device sessions → router, in batches: one router event per batch, not per publish.
-///
-/// `_rx` is held, not read: the link subscribes to nothing and sends QoS 0, so the router has
-/// nothing to tell it, but a dropped receiver would read to rumqttd as a vanished connection.
-async fn pump_up(
-    mut tx: LinkTx,
-    _rx: LinkRx,
-    mut publishes: mpsc::Receiver<Publish>,
-    stop: CancellationToken,
-) {
-    let mut batch = Vec::with_capacity(UPSTREAM_BATCH);
-    loop {
-        let received = tokio::select! {
-            () = stop.cancelled() => return,
-            n = publishes.recv_many(&mut batch, UPSTREAM_BATCH) => n,
-        };
-        if received == 0 {
-            return;
-        }
-        let last = batch.pop();
-        {
-            let mut buffer = tx.buffer();
-            buffer.extend(batch.drain(..).map(|p| Packet::Publish(p, None)));
-        }
-        if let Some(last) = last
-            && let Err(e) = tx.send(Packet::Publish(last, None)).await
-        {
-            if !stop.is_cancelled() {
-                error!(error = %e, "device hub could not publish into the router");
-            }
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn hub(max_queued: usize) -> Hub {
-        let (upstream, _rx) = mpsc::channel(1);
-        Hub {
-            state: Mutex::new(State::default()),
-            upstream,
-            generations: AtomicU64::new(0),
-            max_queued,
-        }
+        Hub::new(mpsc::channel(1).0, max_queued)
     }
 
     fn publish(topic: &str, payload: &[u8]) -> Publish {
@@ -388,16 +320,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_device_subscribed_to_its_own_topic_hears_its_publish() {
-        let hub = hub(16);
+    async fn a_device_publish_reaches_the_core_and_its_own_subscription() {
+        let (core_tx, mut core_rx) = mpsc::channel(4);
+        let hub = Hub::new(core_tx, 16);
         let a = hub.attach_session("A1");
+        let b = hub.attach_session("B2");
         a.subscribe(["dev/A1/up/+".to_owned()], 8).unwrap();
-        hub.publish(
-            Bytes::from_static(b"dev/A1/up/state"),
-            Bytes::from_static(b"x"),
-        )
-        .await;
+        b.subscribe(["dev/B2/up/+".to_owned()], 8).unwrap();
+        assert!(
+            hub.publish(
+                Bytes::from_static(b"dev/A1/up/state"),
+                Bytes::from_static(b"x"),
+            )
+            .await
+        );
         assert_eq!(received(&a), ["dev/A1/up/state"]);
+        assert!(received(&b).is_empty());
+        let inbound = core_rx.try_recv().expect("the core has the publish");
+        assert_eq!(inbound.topic, "dev/A1/up/state");
+        assert_eq!(&inbound.payload[..], b"x");
+        drop(core_rx);
+        assert!(
+            !hub.publish(Bytes::from_static(b"dev/A1/up/state"), Bytes::new())
+                .await,
+            "a stopped core is reported to the session"
+        );
     }
 
     #[test]

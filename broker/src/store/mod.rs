@@ -16,6 +16,7 @@ mod alarms;
 mod notify;
 mod readings;
 mod records;
+mod seen;
 mod space;
 mod stats;
 #[cfg(test)]
@@ -29,7 +30,7 @@ use protocol::artifact::{ArtifactId, ArtifactInfo};
 use protocol::data::DeviceData;
 use protocol::job::JobEvent;
 use protocol::{JobId, MsgId, Serial, Timestamp};
-use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -49,8 +50,11 @@ const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 const JOB_EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("job_events");
 /// Job number → [`DeviceData`]: what the device collected for the job.
 const REPORTS: TableDefinition<u64, &[u8]> = TableDefinition::new("reports");
-/// (sender, msg id) → [`JournalEntry`]. The sender is an identity's text, `device:C1` or `host:svc`.
+/// (sender, msg id) → [`JournalEntry`]. The sender is an identity's text, `host:svc`; devices'
+/// messages have rows here only from relays before [`SEEN`].
 const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("journal");
+/// Serial → the [`seen::SeenWindow`] of the device's stored message ids.
+const SEEN: TableDefinition<&str, &[u8]> = TableDefinition::new("seen_by_device");
 /// Serial → [`DeviceRecord`].
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// Counters (`next_job`).
@@ -167,6 +171,11 @@ fn backend<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreErr
     }
 }
 
+/// The serial of a device sender (`device:C1`), whose messages are deduplicated by window.
+fn device_of(sender: &str) -> Option<&str> {
+    sender.strip_prefix("device:")
+}
+
 fn encode<T: Serialize>(
     table: &'static str,
     key: impl Display,
@@ -222,6 +231,9 @@ pub struct Store {
     path: PathBuf,
     space: Space,
     opener: Arc<Opener>,
+    /// Whether the journal holds rows of device messages (written by a relay before
+    /// [`SEEN`]): only then is a device message not in its window looked up there too.
+    legacy_device_journal: bool,
 }
 
 impl Store {
@@ -242,11 +254,13 @@ impl Store {
             source,
         })?;
         Store::create_tables(&db)?;
+        let legacy_device_journal = Store::has_device_journal_rows(&db)?;
         Ok(Store {
             db: RwLock::new(Some(db)),
             path,
             space: Space::for_dir(data_dir),
             opener,
+            legacy_device_journal,
         })
     }
 
@@ -307,6 +321,16 @@ impl Store {
         }
     }
 
+    fn has_device_journal_rows(db: &Database) -> Result<bool, StoreError> {
+        let op = "read the journal";
+        let txn = db.begin_read().map_err(backend(op))?;
+        let table = txn.open_table(JOURNAL).map_err(backend(op))?;
+        let mut rows = table
+            .range(("device:", 0)..("device;", 0))
+            .map_err(backend(op))?;
+        Ok(rows.next().is_some())
+    }
+
     /// Creates every table up front so that reads never meet a missing table.
     fn create_tables(db: &Database) -> Result<(), StoreError> {
         let txn = db.begin_write().map_err(backend("begin a transaction"))?;
@@ -316,6 +340,7 @@ impl Store {
             txn.open_table(JOB_EVENTS).map_err(backend(op))?;
             txn.open_table(REPORTS).map_err(backend(op))?;
             txn.open_table(JOURNAL).map_err(backend(op))?;
+            txn.open_table(SEEN).map_err(backend(op))?;
             txn.open_table(DEVICES).map_err(backend(op))?;
             txn.open_table(META).map_err(backend(op))?;
             txn.open_table(OPEN_BY_SERIAL).map_err(backend(op))?;
@@ -341,6 +366,7 @@ impl Store {
             txn,
             dirty: false,
             space: Some(self.space.clone()),
+            legacy_device_journal: self.legacy_device_journal,
         })
     }
 }
@@ -352,6 +378,7 @@ pub struct Txn {
     dirty: bool,
     /// Checked before committing; `None` in tests that exercise redb's own I/O errors.
     space: Option<Space>,
+    legacy_device_journal: bool,
 }
 
 impl Txn {
@@ -527,7 +554,23 @@ impl Txn {
     }
 
     /// What was done with `sender`'s message `id`, if it was stored before.
+    /// What the relay did with message `id` of `sender`, if it stored it. A device's messages
+    /// are looked up in its window ([`seen`]), then, for what a relay before windows stored, in
+    /// the row-per-message journal.
     pub fn journal(&self, sender: &str, id: MsgId) -> Result<Option<JournalEntry>, StoreError> {
+        if let Some(serial) = device_of(sender) {
+            if let Some(window) = self.seen_window(serial)?
+                && window.contains(id)
+            {
+                return Ok(Some(JournalEntry {
+                    at: window.at().unwrap_or_default(),
+                    outcome: JournalOutcome::Stored,
+                }));
+            }
+            if !self.legacy_device_journal {
+                return Ok(None);
+            }
+        }
         let table = self
             .txn
             .open_table(JOURNAL)
@@ -540,12 +583,27 @@ impl Txn {
             .transpose()
     }
 
+    /// Records what the relay did with message `id` of `sender`: for a device's stored message,
+    /// in its window; otherwise a row of its own.
     pub fn put_journal(
         &mut self,
         sender: &str,
         id: MsgId,
         entry: &JournalEntry,
     ) -> Result<(), StoreError> {
+        if let Some(serial) = device_of(sender)
+            && entry.outcome == JournalOutcome::Stored
+        {
+            let mut window = self.seen_window(serial)?.unwrap_or_default();
+            window.insert(id, entry.at);
+            self.txn
+                .open_table(SEEN)
+                .map_err(backend("write a device's seen ids"))?
+                .insert(serial, window.encode().as_slice())
+                .map_err(backend("write a device's seen ids"))?;
+            self.dirty = true;
+            return Ok(());
+        }
         let op = "write the journal";
         let bytes = encode("journal", format_args!("{sender} #{id}"), entry)?;
         self.txn
@@ -555,6 +613,21 @@ impl Txn {
             .map_err(backend(op))?;
         self.dirty = true;
         Ok(())
+    }
+
+    fn seen_window(&self, serial: &str) -> Result<Option<seen::SeenWindow>, StoreError> {
+        let op = "read a device's seen ids";
+        let table = self.txn.open_table(SEEN).map_err(backend(op))?;
+        let Some(guard) = table.get(serial).map_err(backend(op))? else {
+            return Ok(None);
+        };
+        seen::SeenWindow::decode(guard.value())
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt {
+                table: "seen_by_device",
+                key: serial.to_owned(),
+                reason: format!("{} bytes, not a seen-ids window", guard.value().len()),
+            })
     }
 
     pub fn device(&self, serial: &Serial) -> Result<Option<DeviceRecord>, StoreError> {
@@ -1055,5 +1128,72 @@ mod tests {
             err.contains("chukei.redb") && err.contains("another broker"),
             "{err}"
         );
+    }
+
+    fn stored_at(t: Timestamp) -> JournalEntry {
+        JournalEntry {
+            at: t,
+            outcome: JournalOutcome::Stored,
+        }
+    }
+
+    #[test]
+    fn device_messages_are_deduplicated_by_window_and_hosts_keep_a_row_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        for id in [1, 2, 3, 5] {
+            txn.put_journal("device:C1", id, &stored_at(at(9))).unwrap();
+        }
+        let submission = JournalEntry {
+            at: at(9),
+            outcome: JournalOutcome::Submission { job: job_id(7) },
+        };
+        txn.put_journal("host:svc", 1, &submission).unwrap();
+        assert!(txn.commit().unwrap());
+
+        let txn = store.begin().unwrap();
+        for id in [1, 2, 3, 5] {
+            assert_eq!(
+                txn.journal("device:C1", id).unwrap(),
+                Some(stored_at(at(9)))
+            );
+        }
+        assert_eq!(txn.journal("device:C1", 4).unwrap(), None);
+        assert_eq!(
+            txn.journal("device:C2", 1).unwrap(),
+            None,
+            "windows are per device"
+        );
+        assert_eq!(txn.journal("host:svc", 1).unwrap(), Some(submission));
+        assert_eq!(txn.journal("host:svc", 2).unwrap(), None);
+        let journal = txn.txn.open_table(JOURNAL).unwrap();
+        assert_eq!(
+            journal.iter().unwrap().count(),
+            1,
+            "only the host's message has a row"
+        );
+    }
+
+    #[test]
+    fn device_rows_written_before_windows_still_count_as_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The journal as a relay before windows left it: a row per device message.
+            let store = Store::open(dir.path()).unwrap();
+            let txn = store.begin().unwrap();
+            let bytes = encode("journal", "device:C1 #7", &stored_at(at(8))).unwrap();
+            txn.txn
+                .open_table(JOURNAL)
+                .unwrap()
+                .insert(("device:C1", 7), bytes.as_slice())
+                .unwrap();
+            txn.txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.legacy_device_journal);
+        let txn = store.begin().unwrap();
+        assert_eq!(txn.journal("device:C1", 7).unwrap(), Some(stored_at(at(8))));
+        assert_eq!(txn.journal("device:C1", 8).unwrap(), None);
     }
 }

@@ -1037,7 +1037,7 @@ async fn run_commits_many_messages_in_few_transactions() {
     let task = tokio::spawn(run(
         Arc::clone(&core),
         in_rx,
-        out_tx,
+        crate::core_link::CoreOutlet::into_channel(out_tx),
         crate::presence::channel().1,
         stop.clone(),
     ));
@@ -1100,7 +1100,7 @@ async fn run_returns_when_inbound_closes() {
         run(
             core,
             in_rx,
-            out_tx,
+            crate::core_link::CoreOutlet::into_channel(out_tx),
             crate::presence::channel().1,
             CancellationToken::new(),
         ),

@@ -96,8 +96,10 @@ impl DeviceSession<'_> {
         let mut next = Some(first);
         let mut count = 0;
         let mut outcome = Ok(false);
+        // This read's publishes, handed to the hub together once the read is handled.
+        let mut up = Vec::new();
         while let Some(packet) = next {
-            match self.handle(conn, packet).await {
+            match self.handle(conn, packet, &mut up) {
                 Ok(false) => {}
                 other => {
                     outcome = other;
@@ -116,19 +118,25 @@ impl DeviceSession<'_> {
                 }
             };
         }
-        // Replies to what was handled before a violation still go out, as they would one by one.
+        // What was handled before a violation still goes on, and its replies out, as they would
+        // one by one. The PUBACKs queued above leave only after the core's queue has the publishes.
+        if !up.is_empty() && !self.attachment.hub().publish_all(up).await {
+            return Err(SessionError::HubStopped);
+        }
         conn.flush().await?;
         outcome
     }
 
-    /// One client packet; replies are queued on `conn`. Returns whether it was DISCONNECT.
-    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    /// One client packet; replies are queued on `conn`, a publish allowed on is added to `up`.
+    /// Returns whether it was DISCONNECT.
+    fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         conn: &mut ClientConn<S>,
         packet: Packet,
+        up: &mut Vec<Publish>,
     ) -> Result<bool, SessionError> {
         match packet {
-            Packet::Publish(publish, _) => self.publish(conn, publish).await?,
+            Packet::Publish(publish, _) => self.publish(conn, publish, up)?,
             Packet::Subscribe(subscribe, _) => self.subscribe(conn, subscribe)?,
             Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(conn, unsubscribe)?,
             Packet::PingReq(_) => conn.queue(Packet::PingResp(rumqttd::protocol::PingResp))?,
@@ -141,10 +149,11 @@ impl DeviceSession<'_> {
         Ok(false)
     }
 
-    async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
+    fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         conn: &mut ClientConn<S>,
         publish: Publish,
+        up: &mut Vec<Publish>,
     ) -> Result<(), SessionError> {
         let topic = String::from_utf8_lossy(&publish.topic);
         check_acl(self.who, &self.gw.metrics, Action::Publish, &topic)?;
@@ -153,14 +162,7 @@ impl DeviceSession<'_> {
         // this batch; what it adds here is the same QoS 2 refusal every session gives.
         let mut inflight = Inflight::new(self.gw.settings.max_inflight);
         inflight.publish(id.qos)?;
-        if !self
-            .attachment
-            .hub()
-            .publish(publish.topic, publish.payload)
-            .await
-        {
-            return Err(SessionError::HubStopped);
-        }
+        up.push(publish);
         if id.qos == 1 {
             conn.queue(Packet::PubAck(
                 PubAck {

@@ -125,16 +125,22 @@ impl Hub {
         }
     }
 
-    /// Hands a device's publish to the core (see the module doc). Waits while the core's queue
-    /// is full. `false`: the core has stopped.
-    pub async fn publish(&self, topic: Bytes, payload: Bytes) -> bool {
-        let inbound = Inbound {
-            topic: String::from_utf8_lossy(&topic).into_owned(),
-            payload: payload.clone(),
+    /// Hands a device's publishes to the core (see the module doc), together: they stay next to
+    /// each other in the core's queue, so they are likely to share a commit, and the session
+    /// waits for room once rather than per publish. `false`: the core has stopped.
+    pub async fn publish_all(&self, publishes: Vec<Publish>) -> bool {
+        let Ok(permits) = self.core.reserve_many(publishes.len()).await else {
+            return false;
         };
-        // A device subscribed to its own topics hears its publish, as from any MQTT broker.
-        self.route(Publish::new(topic, payload, false));
-        self.core.send(inbound).await.is_ok()
+        for (permit, publish) in permits.zip(publishes) {
+            permit.send(Inbound {
+                topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                payload: publish.payload.clone(),
+            });
+            // A device subscribed to its own topics hears its publish, as from any MQTT broker.
+            self.route(publish);
+        }
+        true
     }
 
     /// A message from the core for a device (`dev/…`), handed over without the router.
@@ -328,11 +334,8 @@ mod tests {
         a.subscribe(["dev/A1/up/+".to_owned()], 8).unwrap();
         b.subscribe(["dev/B2/up/+".to_owned()], 8).unwrap();
         assert!(
-            hub.publish(
-                Bytes::from_static(b"dev/A1/up/state"),
-                Bytes::from_static(b"x"),
-            )
-            .await
+            hub.publish_all(vec![publish("dev/A1/up/state", b"x")])
+                .await
         );
         assert_eq!(received(&a), ["dev/A1/up/state"]);
         assert!(received(&b).is_empty());
@@ -341,8 +344,7 @@ mod tests {
         assert_eq!(&inbound.payload[..], b"x");
         drop(core_rx);
         assert!(
-            !hub.publish(Bytes::from_static(b"dev/A1/up/state"), Bytes::new())
-                .await,
+            !hub.publish_all(vec![publish("dev/A1/up/state", b"")]).await,
             "a stopped core is reported to the session"
         );
     }

@@ -499,11 +499,7 @@ async fn session(
     };
     let mut send_tick = tokio::time::interval(paced.unwrap_or(Duration::from_secs(3600)));
     send_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // Spread paced senders over the period instead of all at once.
-    if let Some(p) = paced {
-        let offset = rand::thread_rng().gen_range(0..p.as_micros().max(1) as u64);
-        send_tick.reset_after(Duration::from_micros(offset));
-    }
+    spread(&mut send_tick, paced);
     let mut resend_tick = tokio::time::interval(Duration::from_millis(500));
     let mut current = *phase.borrow();
     on_phase(ctx, &mut conn, &up_topic, ob, current, paced.is_some());
@@ -522,6 +518,11 @@ async fn session(
                 }
                 if next != current {
                     current = next;
+                    if current == Phase::Run {
+                        // The tick was not polled before Run: with `Delay` every device's next
+                        // tick would fire at once now and keep that phase, one burst per period.
+                        spread(&mut send_tick, paced);
+                    }
                     on_phase(ctx, &mut conn, &up_topic, ob, current, paced.is_some());
                 }
             }
@@ -560,6 +561,15 @@ async fn session(
 }
 
 /// What a device does when the orchestrator moves to `phase`.
+/// Spreads paced senders over the period instead of all at once: the next tick comes after a
+/// random part of it.
+fn spread(tick: &mut tokio::time::Interval, paced: Option<Duration>) {
+    if let Some(p) = paced {
+        let offset = rand::thread_rng().gen_range(0..p.as_micros().max(1) as u64);
+        tick.reset_after(Duration::from_micros(offset));
+    }
+}
+
 fn on_phase(ctx: &Ctx, conn: &mut Conn, up: &str, ob: &mut Outbox, phase: Phase, paced: bool) {
     match (&ctx.spec.work, phase) {
         (Work::Reports { window, .. }, Phase::Run) if !paced => {

@@ -288,8 +288,6 @@ pub fn dev_blob_filter(serial: &Serial) -> String {
 }
 /// The broker core's filter for everything devices send.
 pub const ALL_DEVICE_UP: &str = "dev/+/up/+";
-/// Every device topic, both ways: the filter of the gateway's shared device link.
-pub const ALL_DEVICE: &str = "dev/#";
 /// The broker core's filter for every host's requests.
 pub const ALL_HOST_REQ: &str = "host/+/req";
 /// Every job view, for `host-agent watch` and dashboards.

@@ -2,8 +2,8 @@
 //! of a router link of its own, the device's place in the shared [`Hub`].
 //!
 //! The gateway answers what rumqttd would have answered on a device's own link: SUBACK (with the
-//! retained orders the filters match), UNSUBACK, PINGRESP, and PUBACK once a publish is handed to
-//! the router. What the broker sends a device is QoS 0, as before: reliability comes from
+//! retained orders the filters match), UNSUBACK, PINGRESP, and PUBACK once a publish is in the
+//! core's queue. What the broker sends a device is QoS 0, as before: reliability comes from
 //! retained orders and end-to-end acks, not from MQTT QoS.
 
 use protocol::Identity;

@@ -1,4 +1,4 @@
-//! Every device session shares one router link: the hub.
+//! Device sessions do not use the router: the hub routes their traffic.
 //!
 //! rumqttd gives each link its own buffers (about 40 KiB, fixed by constants inside rumqttd) and
 //! matches every publish against every link's filters on its single router thread. With a link
@@ -6,7 +6,7 @@
 //! its ~55 KiB per idle device on rumqttd state (bench/RESULTS.md). A device may only subscribe
 //! under `dev/{its serial}/` (the ACL), and only the core and the device itself publish there, so
 //! the hub routes device topics itself: the core hands it what it sends devices ([`Hub::deliver`],
-//! from `core_link`), a device's own publish is offered to its session too ([`Hub::publish`]), and
+//! from `core_link`), a device's own publish is offered to its session too ([`Hub::publish_all`]), and
 //! each message goes to the session of the serial it names: a hash lookup instead of a scan.
 //!
 //! Retained orders are the relay's memory of what a device still has to do (DESIGN D2). The hub

@@ -63,8 +63,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Where device sessions opening and closing are reported (presence); `None`: nowhere.
     pub presence: Option<crate::presence::PresenceTx>,
-    /// The devices' shared router link; `None`: every device gets a link of its own (the
-    /// design before the hub, kept for side-by-side benchmarks).
+    /// Where device sessions go instead of the router; `None`: every device gets a router link of
+    /// its own (the design before the hub, kept for side-by-side benchmarks).
     pub hub: Option<Arc<hub::Hub>>,
     admission: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
@@ -123,7 +123,7 @@ impl Gateway {
         self
     }
 
-    /// Lets device sessions share the hub's router link (see [`hub`]).
+    /// Lets device sessions go through the hub instead of the router (see [`hub`]).
     pub fn with_hub(mut self, hub: Arc<hub::Hub>) -> Self {
         self.hub = Some(hub);
         self

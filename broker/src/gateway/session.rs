@@ -42,7 +42,7 @@ pub enum SessionError {
     TakenOver,
     #[error("too slow: more than {queued} messages were waiting for it")]
     TooSlow { queued: usize },
-    #[error("the device hub has stopped")]
+    #[error("the relay's core has stopped taking device messages")]
     HubStopped,
     /// A limit of [`super::limits`]; the gateway logs and counts it when the session ends.
     #[error(transparent)]
@@ -96,7 +96,7 @@ where
         )
         .await;
     };
-    // Devices share the hub's router link; everyone else gets a link of their own.
+    // Devices go through the hub; everyone else gets a router link of their own.
     let route = match gw.hub.clone().filter(|_| who.role() == Role::Device) {
         Some(hub) => Route::Hub(hub),
         None => match open_link(&gw, &connect.client_id).await {
@@ -171,7 +171,7 @@ where
 enum Route {
     /// A link of its own (hosts, integrators).
     Link(LinkTx, LinkRx),
-    /// A place in the devices' shared link (see [`super::hub`]).
+    /// A place in the device hub (see [`super::hub`]).
     Hub(Arc<super::hub::Hub>),
 }
 

@@ -4,10 +4,10 @@
 //! channel; the next batch takes all of them at once. So under load a commit covers many
 //! messages, and durability does not cap throughput; when idle, a lone message commits at once.
 //!
-//! The core has an OS thread of its own and handles each batch on it, in line. Handing every
-//! batch to tokio's blocking pool and back cost two thread wake-ups per batch, and on a busy host
-//! each wake-up can wait milliseconds for a CPU: in a paced run of 1,000 devices the core sat idle
-//! for 3–12 ms between batches while reports queued (bench/RESULTS.md).
+//! The core is the store's single writer and blocks on every commit, so it has an OS thread of
+//! its own and handles each batch on it, in line, rather than handing every batch to tokio's
+//! blocking pool and back (two thread wake-ups per batch, and a pool thread the async workers
+//! never needed). Acks leave from this thread straight after the commit.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;

@@ -128,6 +128,9 @@ impl Hub {
     /// Hands a device's publishes to the core (see the module doc), together: they stay next to
     /// each other in the core's queue, so they are likely to share a commit, and the session
     /// waits for room once rather than per publish. `false`: the core has stopped.
+    ///
+    /// A session passes at most one read's worth (64 packets), far below the queue's capacity:
+    /// `reserve_many` refuses more than the capacity outright, as if the core had stopped.
     pub async fn publish_all(&self, publishes: Vec<Publish>) -> bool {
         let Ok(permits) = self.core.reserve_many(publishes.len()).await else {
             return false;

@@ -70,18 +70,16 @@ pub async fn attach(
         tx.subscribe(protocol::topic::ALL_DEVICE_UP)?;
     }
     tx.subscribe(protocol::topic::ALL_HOST_REQ)?;
-    let mut out = Outlet {
-        tx,
-        hub: hub.clone(),
-    };
-    out.send(retained).await?;
     let (out_tx, out_rx) = mpsc::channel(4096);
-    tracker.spawn(pump_in(rx, inbound, stop.clone()));
-    tracker.spawn(pump_out(out, out_rx, stop));
-    Ok(CoreOutlet {
+    let outlet = CoreOutlet {
         hub,
         router: out_tx,
-    })
+    };
+    let mut out = Outlet { tx };
+    out.send(outlet.deliver_to_devices(retained)).await?;
+    tracker.spawn(pump_in(rx, inbound, stop.clone()));
+    tracker.spawn(pump_out(out, out_rx, stop));
+    Ok(outlet)
 }
 
 /// Where the core sends what it publishes after a commit.
@@ -126,27 +124,20 @@ impl CoreOutlet {
     }
 }
 
-/// Where the core's messages leave: the device hub for device topics, the router for the rest.
+/// The core's router link: what is left once [`CoreOutlet::deliver_to_devices`] has taken what
+/// devices get.
 struct Outlet {
     tx: LinkTx,
-    hub: Option<Arc<Hub>>,
 }
 
 impl Outlet {
-    /// Sends a batch in order, with one router notification for all that go to the router.
+    /// Sends a batch in order, with one router notification for all of it.
     async fn send(&mut self, batch: Vec<Outbound>) -> Result<(), rumqttd::local::LinkError> {
         let mut last = None;
         for out in batch {
-            match &self.hub {
-                Some(hub) if out.topic.starts_with(DEVICE_PREFIX) => {
-                    hub.deliver(&out.topic, out.payload)
-                }
-                _ => {
-                    let publish = router::publish(&out.topic, out.payload, out.retain);
-                    if let Some(previous) = last.replace(publish) {
-                        self.tx.buffer().push_back(previous);
-                    }
-                }
+            let publish = router::publish(&out.topic, out.payload, out.retain);
+            if let Some(previous) = last.replace(publish) {
+                self.tx.buffer().push_back(previous);
             }
         }
         if let Some(last) = last {
@@ -189,7 +180,7 @@ async fn pump_in(mut rx: LinkRx, inbound: mpsc::Sender<Inbound>, stop: Cancellat
     }
 }
 
-/// Core → hub and router: acks, replies, retained orders and views, in the order the core
+/// Core → router: host replies, fleet views and their mirrors, in the order the core
 /// produced them.
 async fn pump_out(
     mut out: Outlet,

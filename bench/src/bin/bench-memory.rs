@@ -95,11 +95,14 @@ fn main() -> anyhow::Result<()> {
     no_tickets.send_tls13_tickets = 0;
     no_tickets.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     let tls_default = tls_sessions(&pki_dir, server, cli.n.min(2_000))?;
-    let tls_gateway = tls_sessions(&pki_dir, Arc::new(no_tickets), cli.n.min(2_000))?;
+    let no_tickets = Arc::new(no_tickets);
+    let tls_gateway = tls_sessions(&pki_dir, no_tickets.clone(), cli.n.min(2_000))?;
+    let tls_unbuffered = unbuffered_sessions(&pki_dir, no_tickets, cli.n.min(2_000))?;
     let out = serde_json::json!({
         "rumqttd_local_link": links,
         "rustls_server_session_default": tls_default,
         "rustls_server_session_no_tickets": tls_gateway,
+        "rustls_unbuffered_server_session_no_tickets": tls_unbuffered,
         "sizes": {
             "rumqttd_packet": std::mem::size_of::<rumqttd::protocol::Packet>(),
             "rumqttd_notification": std::mem::size_of::<rumqttd::Notification>(),
@@ -218,5 +221,80 @@ fn handshake(
     while s.wants_write() {
         s.write_tls(&mut pipe)?;
     }
+    Ok(s)
+}
+
+/// As [`tls_sessions`], with rustls' unbuffered server connection: the caller owns the buffers.
+fn unbuffered_sessions(
+    pki_dir: &std::path::Path,
+    server: Arc<rustls::ServerConfig>,
+    n: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let ca = pki::Ca::load(pki_dir)?;
+    let issued = ca.issue(protocol::Role::Device, "B000001")?;
+    let client = pki::client_config(ca.ca_pem(), &issued.cert_pem, &issued.key_pem)?;
+    let mut keep = Vec::with_capacity(n);
+    keep.push(unbuffered_handshake(&server, &client)?);
+    let (before, rss_before) = (live(), rss());
+    for _ in 0..n {
+        keep.push(unbuffered_handshake(&server, &client)?);
+    }
+    Ok(per_item(live() - before, rss() - rss_before, n))
+}
+
+fn unbuffered_handshake(
+    server: &Arc<rustls::ServerConfig>,
+    client: &Arc<rustls::ClientConfig>,
+) -> anyhow::Result<rustls::server::UnbufferedServerConnection> {
+    use rustls::unbuffered::ConnectionState;
+    let mut s = rustls::server::UnbufferedServerConnection::new(server.clone())?;
+    let mut c = ClientConnection::new(client.clone(), ServerName::try_from("localhost")?)?;
+    let mut incoming: Vec<u8> = Vec::new();
+    let mut outgoing = vec![0u8; 16 * 1024];
+    let mut out_len = 0;
+    let mut sent_app = false;
+    for _ in 0..40 {
+        while c.wants_write() {
+            c.write_tls(&mut incoming)?;
+        }
+        let status = s.process_tls_records(&mut incoming);
+        let discard = status.discard;
+        match status.state? {
+            ConnectionState::EncodeTlsData(mut e) => {
+                out_len += e
+                    .encode(&mut outgoing[out_len..])
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            }
+            ConnectionState::TransmitTlsData(t) => {
+                c.read_tls(&mut &outgoing[..out_len])?;
+                c.process_new_packets()?;
+                out_len = 0;
+                t.done();
+            }
+            ConnectionState::ReadTraffic(mut r) => {
+                while let Some(rec) = r.next_record() {
+                    let _ = rec?;
+                }
+            }
+            ConnectionState::WriteTraffic(mut w) => {
+                if !sent_app {
+                    c.writer().write_all(&[0x10; 40])?;
+                    let n = w
+                        .encrypt(&[0x20, 2, 0, 0], &mut outgoing)
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    c.read_tls(&mut &outgoing[..n])?;
+                    c.process_new_packets()?;
+                    sent_app = true;
+                } else {
+                    incoming.drain(..discard);
+                    break;
+                }
+            }
+            ConnectionState::BlockedHandshake => {}
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+        incoming.drain(..discard);
+    }
+    anyhow::ensure!(sent_app, "handshake did not finish");
     Ok(s)
 }

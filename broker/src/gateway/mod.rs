@@ -11,6 +11,7 @@ pub mod hub;
 mod keepalive;
 pub mod limits;
 mod session;
+mod tls;
 mod ws;
 
 pub use conn::{ClientConn, ConnError};
@@ -24,8 +25,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, field, info, info_span, warn};
@@ -58,7 +57,8 @@ pub struct GatewaySettings {
 /// What every connection task shares: built once at startup.
 pub struct Gateway {
     pub settings: GatewaySettings,
-    pub tls: TlsAcceptor,
+    /// The server's TLS configuration, without session tickets ([`without_tickets`]).
+    pub tls: Arc<rustls::ServerConfig>,
     pub router: Arc<Broker>,
     pub metrics: Arc<Metrics>,
     /// Where device sessions opening and closing are reported (presence); `None`: nowhere.
@@ -108,7 +108,7 @@ impl Gateway {
                 settings.connect_rate_exempt_loopback,
             ),
             slow_handshakes: limits::LogBudget::new(),
-            tls: TlsAcceptor::from(without_tickets(tls)),
+            tls: without_tickets(tls),
             settings,
             router,
             metrics,
@@ -196,7 +196,7 @@ impl Gateway {
         permit: tokio::sync::OwnedSemaphorePermit,
         stop: CancellationToken,
     ) {
-        // In its own async fn: the TLS stream it makes (1.2 KiB) would otherwise keep a slot in
+        // In its own async fn: the TLS connection it makes (1.2 KiB) would otherwise keep a slot in
         // this task for the connection's whole life after being moved into the session.
         let Some((conn, who)) = self.handshake(tcp, permit).await else {
             return;
@@ -210,10 +210,11 @@ impl Gateway {
         &self,
         tcp: TcpStream,
         permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> Option<(ClientConn<TlsStream<TcpStream>>, Identity)> {
+    ) -> Option<(ClientConn<tls::TlsConn>, Identity)> {
         // Alarms must not wait on Nagle and delayed ACKs.
         let _ = tcp.set_nodelay(true);
-        let tls = match timeout(self.settings.handshake_timeout, self.tls.accept(tcp)).await {
+        let accept = tls::accept(tcp, self.tls.clone());
+        let tls = match timeout(self.settings.handshake_timeout, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 Metrics::inc(&self.metrics.tls_failed);
@@ -226,13 +227,13 @@ impl Gateway {
             }
         };
         drop(permit);
-        let who = self.identity(tls.get_ref().1)?;
+        let who = self.identity(&tls)?;
         Some((ClientConn::new(tls, self.settings.max_packet_bytes), who))
     }
 
     /// The client's identity, from its certificate (DESIGN D5); `None`, counted and logged, if
     /// it has none we accept.
-    fn identity(&self, tls: &rustls::ServerConnection) -> Option<Identity> {
+    fn identity(&self, tls: &tls::TlsConn) -> Option<Identity> {
         let identity = tls
             .peer_certificates()
             .and_then(|certs| certs.first())

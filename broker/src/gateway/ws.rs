@@ -50,7 +50,7 @@ impl Gateway {
         // One deadline for TLS and the HTTP upgrade together: a client that stalls in either
         // holds a handshake slot no longer than a plain TLS client may.
         let deadline = Instant::now() + self.settings.handshake_timeout;
-        let tls = match timeout_at(deadline, self.tls.accept(tcp)).await {
+        let tls = match timeout_at(deadline, super::tls::accept(tcp, self.tls.clone())).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 Metrics::inc(&self.metrics.tls_failed);
@@ -62,7 +62,7 @@ impl Gateway {
                 return;
             }
         };
-        let Some(who) = self.identity(tls.get_ref().1) else {
+        let Some(who) = self.identity(&tls) else {
             return;
         };
         let config = ws_config(self.settings.max_packet_bytes);

@@ -71,7 +71,9 @@ impl DeviceSession<'_> {
                 packet = conn.read_packet() => {
                     let Some(packet) = packet? else { return Ok(()) };
                     keepalive.heard();
-                    if self.handle_packets(conn, packet).await? {
+                    // Boxed, like `deliver` below: the task of an idle device (most of them)
+                    // then holds only what waiting takes, not room for handling a batch.
+                    if Box::pin(self.handle_packets(conn, packet)).await? {
                         return Ok(());
                     }
                 }
@@ -80,7 +82,7 @@ impl DeviceSession<'_> {
                         Ok(d) => d,
                         Err(_) => return Err(detached(self.attachment.detached_reason())),
                     };
-                    self.deliver(conn, first).await?;
+                    Box::pin(self.deliver(conn, first)).await?;
                 }
             }
         }

@@ -126,34 +126,19 @@ where
 
     let mut keepalive = Keepalive::new(connect.keep_alive);
     let result = match route {
+        // Boxed: a host's bridge is far larger than a device's session, and every device's
+        // task would otherwise keep room for one.
         Route::Link(link_tx, link_rx) => {
-            let mut bridge = Bridge {
-                who: &who,
-                gw: &gw,
+            Box::pin(bridge(
+                &mut conn,
+                &who,
+                &gw,
                 link_tx,
                 link_rx,
-                client_left: false,
-                inflight: Inflight::new(gw.settings.max_inflight),
-                subscriptions: Subscriptions::new(gw.settings.max_subscriptions),
-            };
-            let result = bridge.run(&mut conn, &mut keepalive, &stop).await;
-            // Whatever else ended the session, the router must forget it; a dropped link alone
-            // is not noticed. After the client's own DISCONNECT it already has (a second one
-            // logs an error). When the whole broker stops, the router goes with it: telling it
-            // about every session one by one (each a blocking send into its 1,000-event
-            // channel) held up a stop of 18,000 sessions past the grace period.
-            if !bridge.client_left && !stop.is_cancelled() {
-                let _ = bridge
-                    .link_tx
-                    .send(Packet::Disconnect(
-                        Disconnect {
-                            reason_code: DisconnectReasonCode::NormalDisconnection,
-                        },
-                        None,
-                    ))
-                    .await;
-            }
-            result
+                &mut keepalive,
+                &stop,
+            ))
+            .await
         }
         Route::Hub(hub) => {
             super::device_session::run(&mut conn, &who, &gw, &hub, &mut keepalive, &stop).await
@@ -164,6 +149,45 @@ where
         presence.session(&who, false);
     }
     conn.shutdown().await;
+    result
+}
+
+/// Runs a session over a router link of its own until it ends, then tells the router.
+async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut ClientConn<S>,
+    who: &Identity,
+    gw: &Gateway,
+    link_tx: LinkTx,
+    link_rx: LinkRx,
+    keepalive: &mut Keepalive,
+    stop: &CancellationToken,
+) -> Result<(), SessionError> {
+    let mut bridge = Bridge {
+        who,
+        gw,
+        link_tx,
+        link_rx,
+        client_left: false,
+        inflight: Inflight::new(gw.settings.max_inflight),
+        subscriptions: Subscriptions::new(gw.settings.max_subscriptions),
+    };
+    let result = bridge.run(conn, keepalive, stop).await;
+    // Whatever else ended the session, the router must forget it; a dropped link alone
+    // is not noticed. After the client's own DISCONNECT it already has (a second one
+    // logs an error). When the whole broker stops, the router goes with it: telling it
+    // about every session one by one (each a blocking send into its 1,000-event
+    // channel) held up a stop of 18,000 sessions past the grace period.
+    if !bridge.client_left && !stop.is_cancelled() {
+        let _ = bridge
+            .link_tx
+            .send(Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            ))
+            .await;
+    }
     result
 }
 

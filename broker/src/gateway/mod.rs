@@ -173,20 +173,29 @@ impl Gateway {
             let gw = self.clone();
             let stop = stop.clone();
             let span = info_span!("conn", %peer, identity = field::Empty, topic = field::Empty);
-            tasks.spawn(
-                async move {
-                    match kind {
-                        Listener::Tls => gw.serve_conn(tcp, permit, stop).await,
-                        Listener::Ws => gw.serve_ws(tcp, permit, stop).await,
-                    }
-                }
-                .instrument(span),
-            );
+            tasks.spawn(gw.serve(kind, tcp, permit, stop).instrument(span));
         }
         tasks.close();
         info!(open = tasks.len(), listener = ?kind, "gateway stopped accepting");
         if timeout(GRACE, tasks.wait()).await.is_err() {
             warn!("grace period over; dropping open connections");
+        }
+    }
+
+    /// A connection's task, from its handshake to the end of its session. Every connection
+    /// holds one for its whole life, so its size is memory per device.
+    async fn serve(
+        self: Arc<Self>,
+        kind: Listener,
+        tcp: TcpStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        stop: CancellationToken,
+    ) {
+        match kind {
+            Listener::Tls => self.serve_conn(tcp, permit, stop).await,
+            // Boxed: a WebSocket session's future is several times a TLS one's (tungstenite's
+            // stream state), and a task is as large as the largest thing it may await.
+            Listener::Ws => Box::pin(self.serve_ws(tcp, permit, stop)).await,
         }
     }
 
@@ -309,4 +318,31 @@ enum Listener {
     Tls,
     /// MQTT over WebSocket over TLS ([`ws`]).
     Ws,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what a function's call returns (here: an async fn's future), without calling it.
+    fn returned_size<A, B, C, D, E, R>(_: impl FnOnce(A, B, C, D, E) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every connection holds its task for its whole life, and a task is as large as the largest
+    /// future it may await: a WebSocket session (11 KiB) awaited in line made every idle TLS
+    /// device's task 11 KiB, half of the relay's memory per device (bench/RESULTS.md, "Memory").
+    #[test]
+    fn a_connection_task_stays_small_whatever_else_a_connection_may_become() {
+        let task = returned_size(Gateway::serve);
+        assert!(task <= 4096, "a connection's task future is {task} bytes");
+        // The reason it is boxed: were it in line, the assertion above would fail.
+        let ws = returned_size(|gw: Arc<Gateway>, tcp, permit, stop, (): ()| {
+            gw.serve_ws(tcp, permit, stop)
+        });
+        assert!(
+            ws > 4096,
+            "the WebSocket session is {ws} bytes: boxing it may no longer be needed"
+        );
+    }
 }

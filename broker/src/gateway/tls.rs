@@ -576,6 +576,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_handshake_message_that_never_ends_is_refused_without_buffering_it_all() {
+        let pki = pki();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A ClientHello that claims 16 MB, sent as full handshake records for as long as the
+        // server reads them.
+        let flood = async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            let mut sent = 0usize;
+            let mut first = true;
+            while sent < 64 * 1024 * 1024 {
+                let mut record = vec![22, 3, 1, 0x40, 0];
+                let mut body = vec![0u8; 16 * 1024];
+                if first {
+                    body[..4].copy_from_slice(&[1, 0xff, 0xff, 0x00]);
+                    first = false;
+                }
+                record.extend_from_slice(&body);
+                if tcp.write_all(&record).await.is_err() {
+                    break;
+                }
+                sent += record.len();
+            }
+            sent
+        };
+        let server_config = pki.server.clone();
+        let served = async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accept(tcp, server_config).await
+        };
+        let (refused, sent) = tokio::join!(served, flood);
+        let err = refused
+            .err()
+            .expect("an endless handshake message is refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        // More than the kernel buffers on loopback, had the server kept reading.
+        assert!(
+            sent < 64 * 1024 * 1024,
+            "the server stopped reading: {sent} bytes went out"
+        );
+    }
+
+    #[tokio::test]
     async fn bad_peers_are_refused_with_the_reason() {
         let pki = pki();
         // Not TLS at all.

@@ -22,6 +22,7 @@ mod stats;
 #[cfg(test)]
 pub(crate) mod test_disk;
 
+use std::cell::RefCell;
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -367,6 +368,7 @@ impl Store {
             dirty: false,
             space: Some(self.space.clone()),
             legacy_device_journal: self.legacy_device_journal,
+            last_window: RefCell::new(None),
         })
     }
 }
@@ -379,6 +381,11 @@ pub struct Txn {
     /// Checked before committing; `None` in tests that exercise redb's own I/O errors.
     space: Option<Space>,
     legacy_device_journal: bool,
+    /// The seen-ids window last read or written in this transaction, by serial: a stored
+    /// message's dedupe check ([`Txn::journal`]) and its record ([`Txn::put_journal`]) need the
+    /// same row one after the other. `put_journal` is the only writer of that table, and keeps
+    /// this current.
+    last_window: RefCell<Option<(String, Option<seen::SeenWindow>)>>,
 }
 
 impl Txn {
@@ -602,6 +609,7 @@ impl Txn {
                 .insert(serial, window.encode().as_slice())
                 .map_err(backend("write a device's seen ids"))?;
             self.dirty = true;
+            *self.last_window.get_mut() = Some((serial.to_owned(), Some(window)));
             return Ok(());
         }
         let op = "write the journal";
@@ -616,6 +624,17 @@ impl Txn {
     }
 
     fn seen_window(&self, serial: &str) -> Result<Option<seen::SeenWindow>, StoreError> {
+        if let Some((last, window)) = &*self.last_window.borrow()
+            && last == serial
+        {
+            return Ok(window.clone());
+        }
+        let window = self.read_seen_window(serial)?;
+        *self.last_window.borrow_mut() = Some((serial.to_owned(), window.clone()));
+        Ok(window)
+    }
+
+    fn read_seen_window(&self, serial: &str) -> Result<Option<seen::SeenWindow>, StoreError> {
         let op = "read a device's seen ids";
         let table = self.txn.open_table(SEEN).map_err(backend(op))?;
         let Some(guard) = table.get(serial).map_err(backend(op))? else {
@@ -1134,6 +1153,52 @@ mod tests {
         JournalEntry {
             at: t,
             outcome: JournalOutcome::Stored,
+        }
+    }
+
+    #[test]
+    fn devices_interleaved_in_one_transaction_each_see_their_own_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        // As a batch does: check, then record, for messages of devices taking turns.
+        for (sender, id) in [
+            ("device:A1", 1),
+            ("device:B1", 1),
+            ("device:A1", 2),
+            ("device:B1", 7),
+        ] {
+            assert_eq!(txn.journal(sender, id).unwrap(), None, "{sender} #{id}");
+            txn.put_journal(sender, id, &stored_at(at(9))).unwrap();
+            assert!(txn.journal(sender, id).unwrap().is_some(), "{sender} #{id}");
+        }
+        assert_eq!(
+            txn.journal("device:A1", 7).unwrap(),
+            None,
+            "B1's id is not A1's"
+        );
+        assert_eq!(
+            txn.journal("device:B1", 2).unwrap(),
+            None,
+            "A1's id is not B1's"
+        );
+        assert!(txn.commit().unwrap());
+
+        // What the transaction wrote is what the next one reads from the table.
+        let txn = store.begin().unwrap();
+        for (sender, id, stored) in [
+            ("device:A1", 1, true),
+            ("device:A1", 2, true),
+            ("device:A1", 7, false),
+            ("device:B1", 1, true),
+            ("device:B1", 7, true),
+            ("device:B1", 2, false),
+        ] {
+            assert_eq!(
+                txn.journal(sender, id).unwrap().is_some(),
+                stored,
+                "{sender} #{id}"
+            );
         }
     }
 

@@ -146,19 +146,12 @@ impl TlsConn {
     fn take_in(&mut self, read: &mut [u8]) -> io::Result<()> {
         if self.incoming.is_empty() {
             // The usual case: whole records, decrypted where they landed.
-            let step = advance(&mut self.tls, read, &mut self.plain, &mut self.outgoing)?;
-            self.peer_closed |= step.peer_closed;
+            let step = self.advance_or_alert(read)?;
             self.incoming.extend_from_slice(&read[step.consumed..]);
         } else {
             self.incoming.extend_from_slice(read);
             let mut incoming = std::mem::take(&mut self.incoming);
-            let step = advance(
-                &mut self.tls,
-                &mut incoming,
-                &mut self.plain,
-                &mut self.outgoing,
-            )?;
-            self.peer_closed |= step.peer_closed;
+            let step = self.advance_or_alert(&mut incoming)?;
             incoming.drain(..step.consumed);
             self.incoming = compact(incoming);
         }
@@ -166,6 +159,21 @@ impl TlsConn {
             return Err(too_much_incoming());
         }
         Ok(())
+    }
+
+    /// [`advance`] over `buf`; on an error, the alert rustls queued for the peer is queued for
+    /// the socket (the caller sends it, best effort, before it reports the error).
+    fn advance_or_alert(&mut self, buf: &mut [u8]) -> io::Result<Step> {
+        match advance(&mut self.tls, buf, &mut self.plain, &mut self.outgoing) {
+            Ok(step) => {
+                self.peer_closed |= step.peer_closed;
+                Ok(step)
+            }
+            Err(e) => {
+                queued_alert(&mut self.tls, buf, &mut self.outgoing);
+                Err(e)
+            }
+        }
     }
 
     /// Brings rustls to the state where it encrypts application data and hands that to `f`.
@@ -242,7 +250,11 @@ impl AsyncRead for TlsConn {
                 this.eof = true;
                 continue;
             }
-            this.take_in(read.filled_mut())?;
+            if let Err(e) = this.take_in(read.filled_mut()) {
+                // The alert saying why, if the socket takes it now; the connection is over.
+                let _ = this.poll_send(cx);
+                return Poll::Ready(Err(e));
+            }
             // Anything rustls answered on its own (an alert, a key update) goes out now; a full
             // socket keeps it queued for the next write or flush.
             if this.queued_out() > 0
@@ -490,7 +502,8 @@ mod tests {
         let issued = ca.issue(protocol::Role::Device, "TLS0001").unwrap();
         let client = pki::client_config(ca.ca_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
         Pki {
-            server: pki::server_config(dir.path()).unwrap(),
+            // As the gateway runs it: no session tickets, so nothing follows the handshake.
+            server: crate::gateway::without_tickets(pki::server_config(dir.path()).unwrap()),
             client,
             ca_pem: ca.ca_pem().to_owned(),
             _dir: dir,
@@ -561,6 +574,24 @@ mod tests {
         assert_eq!(server.read_to_end(&mut rest).await.unwrap(), 0);
         server.shutdown().await.unwrap();
         assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_tampered_record_is_refused_and_the_client_told_why() {
+        let pki = pki();
+        let (server, client) = pair(pki.server.clone(), pki.client.clone()).await;
+        let (mut server, mut client) = (server.unwrap(), client.unwrap());
+        // An application-data record whose ciphertext and tag are not what the keys make,
+        // written under the client's TLS layer.
+        let mut record = vec![23, 3, 3, 0, 40];
+        record.extend_from_slice(&[0x5a; 40]);
+        client.get_mut().0.write_all(&record).await.unwrap();
+        let mut buf = [0u8; 8];
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        drop(server);
+        let err = client.read(&mut buf).await.unwrap_err();
+        assert!(err.to_string().contains("BadRecordMac"), "{err}");
     }
 
     #[tokio::test]

@@ -94,10 +94,11 @@ fn main() -> anyhow::Result<()> {
     let mut no_tickets = (*server).clone();
     no_tickets.send_tls13_tickets = 0;
     no_tickets.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    let tls_default = tls_sessions(&pki_dir, server, cli.n.min(2_000))?;
+    let tls_default = tls_sessions(&pki_dir, server, cli.n.min(2_000), handshake)?;
     let no_tickets = Arc::new(no_tickets);
-    let tls_gateway = tls_sessions(&pki_dir, no_tickets.clone(), cli.n.min(2_000))?;
-    let tls_unbuffered = unbuffered_sessions(&pki_dir, no_tickets, cli.n.min(2_000))?;
+    let tls_gateway = tls_sessions(&pki_dir, no_tickets.clone(), cli.n.min(2_000), handshake)?;
+    let tls_unbuffered =
+        tls_sessions(&pki_dir, no_tickets, cli.n.min(2_000), unbuffered_handshake)?;
     let out = serde_json::json!({
         "rumqttd_local_link": links,
         "rustls_server_session_default": tls_default,
@@ -158,12 +159,13 @@ fn settle_router(broker: &Broker) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Heap bytes per server-side rustls connection after an mTLS handshake and one small record
-/// each way, the client side dropped.
-fn tls_sessions(
+/// Heap bytes per server-side rustls connection that `handshake` leaves after an mTLS handshake
+/// and one small record each way, the client side dropped.
+fn tls_sessions<C>(
     pki_dir: &std::path::Path,
     server: Arc<rustls::ServerConfig>,
     n: usize,
+    handshake: fn(&Arc<rustls::ServerConfig>, &Arc<rustls::ClientConfig>) -> anyhow::Result<C>,
 ) -> anyhow::Result<serde_json::Value> {
     let ca = pki::Ca::load(pki_dir)?;
     let issued = ca.issue(protocol::Role::Device, "B000001")?;
@@ -224,24 +226,7 @@ fn handshake(
     Ok(s)
 }
 
-/// As [`tls_sessions`], with rustls' unbuffered server connection: the caller owns the buffers.
-fn unbuffered_sessions(
-    pki_dir: &std::path::Path,
-    server: Arc<rustls::ServerConfig>,
-    n: usize,
-) -> anyhow::Result<serde_json::Value> {
-    let ca = pki::Ca::load(pki_dir)?;
-    let issued = ca.issue(protocol::Role::Device, "B000001")?;
-    let client = pki::client_config(ca.ca_pem(), &issued.cert_pem, &issued.key_pem)?;
-    let mut keep = Vec::with_capacity(n);
-    keep.push(unbuffered_handshake(&server, &client)?);
-    let (before, rss_before) = (live(), rss());
-    for _ in 0..n {
-        keep.push(unbuffered_handshake(&server, &client)?);
-    }
-    Ok(per_item(live() - before, rss() - rss_before, n))
-}
-
+/// As [`handshake`], with rustls' unbuffered server connection: the caller owns the buffers.
 fn unbuffered_handshake(
     server: &Arc<rustls::ServerConfig>,
     client: &Arc<rustls::ClientConfig>,

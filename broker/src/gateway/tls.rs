@@ -510,24 +510,33 @@ mod tests {
         }
     }
 
+    /// The server side of one loopback connection, accepted with `server`, and what `peer`
+    /// (given the address to connect to) made of its side, run together.
+    async fn accept_from<F: std::future::Future>(
+        server: Arc<ServerConfig>,
+        peer: impl FnOnce(std::net::SocketAddr) -> F,
+    ) -> (io::Result<TlsConn>, F::Output) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = peer(listener.local_addr().unwrap());
+        let served = async move {
+            let (tcp, _) = listener.accept().await?;
+            accept(tcp, server).await
+        };
+        tokio::join!(served, peer)
+    }
+
     /// A real client over loopback TCP and the server side of the same connection.
     async fn pair(
         server: Arc<ServerConfig>,
         client: Arc<rustls::ClientConfig>,
     ) -> (io::Result<TlsConn>, io::Result<TlsStream<TcpStream>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connect = async move {
+        accept_from(server, |addr| async move {
             let tcp = TcpStream::connect(addr).await?;
             TlsConnector::from(client)
                 .connect(ServerName::try_from("localhost").unwrap(), tcp)
                 .await
-        };
-        let accept = async move {
-            let (tcp, _) = listener.accept().await?;
-            accept(tcp, server).await
-        };
-        tokio::join!(accept, connect)
+        })
+        .await
     }
 
     fn holds_no_buffer(conn: &TlsConn) -> bool {
@@ -609,11 +618,9 @@ mod tests {
     #[tokio::test]
     async fn a_handshake_message_that_never_ends_is_refused_without_buffering_it_all() {
         let pki = pki();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         // A ClientHello that claims 16 MB, sent as full handshake records for as long as the
         // server reads them.
-        let flood = async move {
+        let flood = |addr| async move {
             let mut tcp = TcpStream::connect(addr).await.unwrap();
             let mut sent = 0usize;
             let mut first = true;
@@ -632,12 +639,7 @@ mod tests {
             }
             sent
         };
-        let server_config = pki.server.clone();
-        let served = async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accept(tcp, server_config).await
-        };
-        let (refused, sent) = tokio::join!(served, flood);
+        let (refused, sent) = accept_from(pki.server.clone(), flood).await;
         let err = refused
             .err()
             .expect("an endless handshake message is refused");
@@ -653,9 +655,7 @@ mod tests {
     async fn bad_peers_are_refused_with_the_reason() {
         let pki = pki();
         // Not TLS at all.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let junk = async move {
+        let junk = |addr| async move {
             let mut tcp = TcpStream::connect(addr).await.unwrap();
             tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                 .await
@@ -663,12 +663,7 @@ mod tests {
             let mut answer = Vec::new();
             let _ = tcp.read_to_end(&mut answer).await;
         };
-        let server_config = pki.server.clone();
-        let served = async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accept(tcp, server_config).await
-        };
-        let (refused, ()) = tokio::join!(served, junk);
+        let (refused, ()) = accept_from(pki.server.clone(), junk).await;
         let err = refused.err().expect("plain HTTP is not a TLS client");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
 

@@ -609,7 +609,11 @@ impl Txn {
                 .insert(serial, window.encode().as_slice())
                 .map_err(backend("write a device's seen ids"))?;
             self.dirty = true;
-            *self.last_window.get_mut() = Some((serial.to_owned(), Some(window)));
+            // `seen_window` above left this serial's entry; it now holds the new window.
+            match self.last_window.get_mut() {
+                Some((last, cached)) if last == serial => *cached = Some(window),
+                slot => *slot = Some((serial.to_owned(), Some(window))),
+            }
             return Ok(());
         }
         let op = "write the journal";

@@ -51,9 +51,30 @@ pub fn artifacts_dir() -> PathBuf {
     dir
 }
 
+impl Drop for Browser {
+    /// Chromium's helper processes outlive a killed browser and go on writing to the profile, which
+    /// then survives its `TempDir`: the whole process group is killed, and the browser reaped,
+    /// before the profile is removed (fields drop after this).
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let group = format!("-{pid}");
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &group])
+                .status();
+        }
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < end {
+            match self.child.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Ok(Some(_)) | Err(_) => break,
+            }
+        }
+    }
+}
+
 /// One headless Chromium with one page open, and a DevTools session on that page.
 pub struct Browser {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     next_id: u64,
     _profile: tempfile::TempDir,
@@ -93,6 +114,8 @@ impl Browser {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(true)
+            // Its own process group, so that dropping the browser ends its helpers too.
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("could not start {}: {e}", bin.display()));
 
@@ -136,7 +159,7 @@ impl Browser {
             .await
             .unwrap_or_else(|e| panic!("could not open the DevTools WebSocket {ws_url}: {e}"));
         let mut browser = Browser {
-            _child: child,
+            child,
             ws,
             next_id: 0,
             _profile: profile,

@@ -83,6 +83,16 @@ impl<'a> BrokerBuilder<'a> {
         self
     }
 
+    /// Also logs what `directive` enables (e.g. `broker::core::meter=debug`: a line per counters
+    /// report), on top of the broker's default filter, for a test that reads those lines.
+    pub fn log_also(self, directive: &str) -> Self {
+        // The broker's default filter is `init_tracing`'s in broker/src/main.rs.
+        self.env(
+            "RUST_LOG",
+            format!("info,rumqttd=warn,rustls=error,{directive}"),
+        )
+    }
+
     /// Starts the broker and waits for its ready file, which says where it listens.
     pub async fn start(self) -> Broker {
         let n = self.env.next_start();

@@ -48,11 +48,18 @@ impl Proc {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // The binaries' default filters are part of what we test ("acl violation" must be logged
-        // by default); an inherited RUST_LOG would change them. CHUKEI_TEST_LOG overrides on purpose.
+        // by default); an inherited RUST_LOG would change them, one the test sets is meant.
+        // CHUKEI_TEST_LOG overrides both on purpose.
+        let set_by_test = cmd.as_std().get_envs().any(|(k, _)| k == "RUST_LOG");
         match std::env::var_os("CHUKEI_TEST_LOG") {
-            Some(filter) => cmd.env("RUST_LOG", filter),
-            None => cmd.env_remove("RUST_LOG"),
-        };
+            Some(filter) => {
+                cmd.env("RUST_LOG", filter);
+            }
+            None if !set_by_test => {
+                cmd.env_remove("RUST_LOG");
+            }
+            None => {}
+        }
         let shown = format!("{:?}", cmd.as_std());
         let mut child = cmd
             .spawn()

@@ -47,6 +47,8 @@ async fn resent_result_after_broker_sigkill_is_stored_once() {
         .broker()
         .listen(addr)
         .env("CHUKEI_TEST_HOLD_ACKS", "1")
+        // Every state report C1 sends is committed, a repeat too (logged at debug).
+        .log_also("broker::core::device=debug")
         .start()
         .await;
     // Views are published after the commit (DESIGN D2) and the fault holds back only acks and

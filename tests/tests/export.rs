@@ -33,7 +33,12 @@ async fn the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent
         TestEnv::new("the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent");
     let from = (chrono::Utc::now() - chrono::Duration::minutes(1))
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let broker = env.broker().start().await;
+    // A line per stored counters report (debug), counted below.
+    let broker = env
+        .broker()
+        .log_also("broker::core::meter=debug")
+        .start()
+        .await;
     let _c1 = env.device("C1").site("Kobe").start(&broker).await;
     // C2 reads its counters every second on its own (a periodic meter read).
     let mut c2 = env

@@ -6,7 +6,7 @@
 //! chunks are the answer. It writes nothing either, so a batch of fetches costs no commit.
 
 use protocol::artifact::FetchRequest;
-use protocol::device::{AckOutcome, JobUpdate, MergeRequest};
+use protocol::device::{AckOutcome, DeviceState, JobUpdate, MergeRequest};
 use protocol::job::JobStatus;
 use protocol::presence::StateReport;
 use protocol::topic::UpKind;
@@ -167,14 +167,23 @@ fn state_update(
     let StateReport { state, schedule } = report;
     // fill_site reads before it writes, and put_device only writes: nothing half-done on a corrupt job.
     let filled = jobs::fill_site(txn, serial, &state.site, now)?;
-    info!(serial = %serial, site = %state.site, model = %state.model, firmware = %state.firmware, "device state stored");
-    txn.put_device(
-        serial,
-        &DeviceRecord {
-            state,
-            last_seen: now,
-        },
-    )?;
+    let record = DeviceRecord {
+        state,
+        last_seen: now,
+    };
+    let changed = txn.put_device_state(serial, &record)?;
+    // A device announces its state at every session start, and a fleet reconnects often: the
+    // operator's log shows a first announcement, new firmware or another site, not each repeat.
+    let DeviceState {
+        site,
+        model,
+        firmware,
+    } = &record.state;
+    if changed {
+        info!(serial = %serial, site = %site, model = %model, firmware = %firmware, "device state stored");
+    } else {
+        debug!(serial = %serial, site = %site, model = %model, firmware = %firmware, "device state stored (unchanged)");
+    }
     p.views.extend(filled);
     p.states.insert(serial.clone());
     if let Some(schedule) = &schedule {

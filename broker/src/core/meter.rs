@@ -7,7 +7,7 @@ use protocol::device::{AckOutcome, JobUpdate};
 use protocol::host::HostReply;
 use protocol::meter::{CounterReading, CounterReport, MAX_READINGS_PER_PAGE};
 use protocol::{Identity, JobId, Serial, Timestamp};
-use tracing::{error, info};
+use tracing::{debug, error};
 
 use super::{Core, Pending, alarm::site_of};
 use crate::store::{JournalEntry, JournalOutcome, ReadingCursor, StoreError, Txn};
@@ -51,7 +51,8 @@ pub(super) fn report(
             outcome: JournalOutcome::Stored,
         },
     )?;
-    info!(serial = %serial, msg_id = id, "counters report stored");
+    // Routine telemetry, a line per report and device: at debug, as a repeated state report.
+    debug!(serial = %serial, msg_id = id, "counters report stored");
     p.seen.insert(serial.clone());
     p.ack(serial, id, AckOutcome::Stored);
     Ok(())

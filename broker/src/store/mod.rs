@@ -667,15 +667,40 @@ impl Txn {
     }
 
     pub fn put_device(&mut self, serial: &Serial, record: &DeviceRecord) -> Result<(), StoreError> {
+        self.insert_device(serial, record, |_| ())
+    }
+
+    /// Writes the device's record and says whether it brings a state (site, model, firmware) the
+    /// record it replaces did not have, a device's first record included. A replaced record that
+    /// cannot be read counts as changed: it is overwritten either way.
+    pub fn put_device_state(
+        &mut self,
+        serial: &Serial,
+        record: &DeviceRecord,
+    ) -> Result<bool, StoreError> {
+        self.insert_device(serial, record, |replaced| {
+            replaced
+                .and_then(|bytes| decode::<DeviceRecord>("devices", serial, bytes).ok())
+                .is_none_or(|old| old.state != record.state)
+        })
+    }
+
+    /// Inserts the record; `replaced` sees the bytes it replaces while redb still lends them.
+    fn insert_device<T>(
+        &mut self,
+        serial: &Serial,
+        record: &DeviceRecord,
+        replaced: impl FnOnce(Option<&[u8]>) -> T,
+    ) -> Result<T, StoreError> {
         let op = "write a device";
         let bytes = encode("devices", serial, record)?;
-        self.txn
-            .open_table(DEVICES)
-            .map_err(backend(op))?
+        let mut table = self.txn.open_table(DEVICES).map_err(backend(op))?;
+        let old = table
             .insert(serial.as_str(), bytes.as_slice())
             .map_err(backend(op))?;
+        let seen = replaced(old.as_ref().map(|g| g.value()));
         self.dirty = true;
-        Ok(())
+        Ok(seen)
     }
 
     /// Every known serial, in order. A key that is not a valid serial is reported as corrupt.
@@ -1204,6 +1229,53 @@ mod tests {
                 "{sender} #{id}"
             );
         }
+    }
+
+    #[test]
+    fn a_device_state_counts_as_changed_when_first_seen_or_different_not_when_repeated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let serial = Serial::parse("S1").unwrap();
+        let state = |firmware: &str| DeviceRecord {
+            state: protocol::device::DeviceState {
+                site: "Osaka".into(),
+                model: "MX-1".into(),
+                firmware: firmware.into(),
+            },
+            last_seen: at(9),
+        };
+        let mut txn = store.begin().unwrap();
+        assert!(
+            txn.put_device_state(&serial, &state("1.0")).unwrap(),
+            "first"
+        );
+        let later = DeviceRecord {
+            last_seen: at(10),
+            ..state("1.0")
+        };
+        assert!(
+            !txn.put_device_state(&serial, &later).unwrap(),
+            "only last_seen differs"
+        );
+        assert!(
+            txn.put_device_state(&serial, &state("2.0")).unwrap(),
+            "new firmware"
+        );
+        assert!(txn.commit().unwrap());
+
+        let mut txn = store.begin().unwrap();
+        assert_eq!(txn.device(&serial).unwrap(), Some(state("2.0")));
+        // A record that cannot be read is replaced, and the new state is news.
+        txn.txn
+            .open_table(DEVICES)
+            .unwrap()
+            .insert(serial.as_str(), b"\xff\x00".as_slice())
+            .unwrap();
+        assert!(
+            txn.put_device_state(&serial, &state("2.0")).unwrap(),
+            "over a corrupt row"
+        );
+        assert_eq!(txn.device(&serial).unwrap(), Some(state("2.0")));
     }
 
     #[test]

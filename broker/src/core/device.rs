@@ -165,25 +165,37 @@ fn state_update(
     now: Timestamp,
 ) -> Result<AckOutcome, StoreError> {
     let StateReport { state, schedule } = report;
-    // fill_site reads before it writes, and put_device only writes: nothing half-done on a corrupt job.
-    let filled = jobs::fill_site(txn, serial, &state.site, now)?;
-    let record = DeviceRecord {
-        state,
-        last_seen: now,
+    // What the device announced last. A repeat is not news in the log, and a site it had already
+    // announced is on every job submitted since (an unreadable record is overwritten below).
+    let before = match txn.device_state(serial) {
+        Ok(before) => before,
+        Err(e) if e.is_corrupt_record() => None,
+        Err(e) => return Err(e),
     };
-    let changed = txn.put_device_state(serial, &record)?;
-    // A device announces its state at every session start, and a fleet reconnects often: the
-    // operator's log shows a first announcement, new firmware or another site, not each repeat.
+    let changed = before.as_ref() != Some(&state);
+    // fill_site reads before it writes, and put_device only writes: nothing half-done on a corrupt job.
+    let filled = if before.is_some_and(|b| b.site == state.site) {
+        Vec::new()
+    } else {
+        jobs::fill_site(txn, serial, &state.site, now)?
+    };
     let DeviceState {
         site,
         model,
         firmware,
-    } = &record.state;
+    } = &state;
     if changed {
         info!(serial = %serial, site = %site, model = %model, firmware = %firmware, "device state stored");
     } else {
         debug!(serial = %serial, site = %site, model = %model, firmware = %firmware, "device state stored (unchanged)");
     }
+    txn.put_device(
+        serial,
+        &DeviceRecord {
+            state,
+            last_seen: now,
+        },
+    )?;
     p.views.extend(filled);
     p.states.insert(serial.clone());
     if let Some(schedule) = &schedule {

@@ -29,6 +29,7 @@ use std::sync::{Arc, RwLock};
 
 use protocol::artifact::{ArtifactId, ArtifactInfo};
 use protocol::data::DeviceData;
+use protocol::device::DeviceState;
 use protocol::job::JobEvent;
 use protocol::{JobId, MsgId, Serial, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
@@ -38,6 +39,7 @@ use serde::de::DeserializeOwned;
 pub use alarms::{PresenceRecord, alarm_id, alarm_number};
 pub use notify::{NotifyChannel, QueuedNotification};
 pub use readings::ReadingCursor;
+use records::StoredState;
 pub use records::{DeviceRecord, JobRecord, JournalEntry, JournalOutcome};
 pub use space::{Reading as SpaceReading, Space};
 pub use stats::StoreStats;
@@ -666,41 +668,27 @@ impl Txn {
             .transpose()
     }
 
+    /// The state the device last announced (site, model, firmware), without the rest of its
+    /// record: every state report is compared with it, and its timestamp need not be parsed.
+    pub fn device_state(&self, serial: &Serial) -> Result<Option<DeviceState>, StoreError> {
+        let op = "read a device's state";
+        let table = self.txn.open_table(DEVICES).map_err(backend(op))?;
+        let guard = table.get(serial.as_str()).map_err(backend(op))?;
+        guard
+            .map(|g| decode::<StoredState>("devices", serial, g.value()).map(|s| s.state))
+            .transpose()
+    }
+
     pub fn put_device(&mut self, serial: &Serial, record: &DeviceRecord) -> Result<(), StoreError> {
-        self.insert_device(serial, record, |_| ())
-    }
-
-    /// Writes the device's record and says whether it brings a state (site, model, firmware) the
-    /// record it replaces did not have, a device's first record included. A replaced record that
-    /// cannot be read counts as changed: it is overwritten either way.
-    pub fn put_device_state(
-        &mut self,
-        serial: &Serial,
-        record: &DeviceRecord,
-    ) -> Result<bool, StoreError> {
-        self.insert_device(serial, record, |replaced| {
-            replaced
-                .and_then(|bytes| decode::<DeviceRecord>("devices", serial, bytes).ok())
-                .is_none_or(|old| old.state != record.state)
-        })
-    }
-
-    /// Inserts the record; `replaced` sees the bytes it replaces while redb still lends them.
-    fn insert_device<T>(
-        &mut self,
-        serial: &Serial,
-        record: &DeviceRecord,
-        replaced: impl FnOnce(Option<&[u8]>) -> T,
-    ) -> Result<T, StoreError> {
         let op = "write a device";
         let bytes = encode("devices", serial, record)?;
-        let mut table = self.txn.open_table(DEVICES).map_err(backend(op))?;
-        let old = table
+        self.txn
+            .open_table(DEVICES)
+            .map_err(backend(op))?
             .insert(serial.as_str(), bytes.as_slice())
             .map_err(backend(op))?;
-        let seen = replaced(old.as_ref().map(|g| g.value()));
         self.dirty = true;
-        Ok(seen)
+        Ok(())
     }
 
     /// Every known serial, in order. A key that is not a valid serial is reported as corrupt.
@@ -879,6 +867,22 @@ impl Txn {
             count = count.saturating_add(1);
         }
         Ok(count)
+    }
+
+    /// Test hook: overwrites a device's bytes as they are on disk, to exercise corruption handling.
+    #[cfg(test)]
+    pub(crate) fn put_raw_device(
+        &mut self,
+        serial: &Serial,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        self.txn
+            .open_table(DEVICES)
+            .map_err(backend("write"))?
+            .insert(serial.as_str(), bytes)
+            .map_err(backend("write"))?;
+        self.dirty = true;
+        Ok(())
     }
 
     /// Test hook: overwrites a job's bytes as they are on disk, to exercise corruption handling.
@@ -1232,50 +1236,32 @@ mod tests {
     }
 
     #[test]
-    fn a_device_state_counts_as_changed_when_first_seen_or_different_not_when_repeated() {
+    fn a_device_state_is_read_without_its_record_and_a_damaged_row_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let serial = Serial::parse("S1").unwrap();
-        let state = |firmware: &str| DeviceRecord {
-            state: protocol::device::DeviceState {
-                site: "Osaka".into(),
-                model: "MX-1".into(),
-                firmware: firmware.into(),
-            },
-            last_seen: at(9),
+        let state = DeviceState {
+            site: "Osaka".into(),
+            model: "MX-1".into(),
+            firmware: "1.0".into(),
         };
         let mut txn = store.begin().unwrap();
-        assert!(
-            txn.put_device_state(&serial, &state("1.0")).unwrap(),
-            "first"
-        );
-        let later = DeviceRecord {
-            last_seen: at(10),
-            ..state("1.0")
-        };
-        assert!(
-            !txn.put_device_state(&serial, &later).unwrap(),
-            "only last_seen differs"
-        );
-        assert!(
-            txn.put_device_state(&serial, &state("2.0")).unwrap(),
-            "new firmware"
-        );
+        assert_eq!(txn.device_state(&serial).unwrap(), None);
+        txn.put_device(
+            &serial,
+            &DeviceRecord {
+                state: state.clone(),
+                last_seen: at(9),
+            },
+        )
+        .unwrap();
         assert!(txn.commit().unwrap());
 
         let mut txn = store.begin().unwrap();
-        assert_eq!(txn.device(&serial).unwrap(), Some(state("2.0")));
-        // A record that cannot be read is replaced, and the new state is news.
-        txn.txn
-            .open_table(DEVICES)
-            .unwrap()
-            .insert(serial.as_str(), b"\xff\x00".as_slice())
-            .unwrap();
-        assert!(
-            txn.put_device_state(&serial, &state("2.0")).unwrap(),
-            "over a corrupt row"
-        );
-        assert_eq!(txn.device(&serial).unwrap(), Some(state("2.0")));
+        assert_eq!(txn.device_state(&serial).unwrap(), Some(state));
+        txn.put_raw_device(&serial, &[0xff, 0x00]).unwrap();
+        let err = txn.device_state(&serial).unwrap_err();
+        assert!(err.is_corrupt_record(), "{err}");
     }
 
     #[test]

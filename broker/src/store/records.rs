@@ -35,6 +35,13 @@ pub struct DeviceRecord {
     pub last_seen: Timestamp,
 }
 
+/// The state of a device record alone (`Txn::device_state`): the rest is skipped, not parsed.
+#[derive(Deserialize)]
+pub(super) struct StoredState {
+    #[serde(default)]
+    pub state: DeviceState,
+}
+
 /// What the broker did with a message it stored, keyed by (sender, msg id): the dedupe journal of
 /// DESIGN D3. Only messages that changed (or deliberately did not change) the store are journaled;
 /// a refused one is judged again when resent, which gives the same answer.

@@ -887,6 +887,47 @@ fn device_state_fills_in_the_site_of_earlier_jobs() {
 }
 
 #[test]
+fn a_repeated_site_skips_the_fill_but_a_damaged_device_record_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(&dir);
+    core.handle_batch(vec![state("C1", 1, "Osaka 3F")], t(9, 0))
+        .unwrap();
+    // Submitted while the device's record cannot be read: the job has no site...
+    {
+        let mut txn = core.store.begin().unwrap();
+        txn.put_raw_device(&serial("C1"), b"\xa1\x61x").unwrap();
+        txn.commit().unwrap();
+    }
+    core.handle_batch(vec![submit("svc", 1, get_data("C1"))], t(9, 1))
+        .unwrap();
+    assert_eq!(detail(&core, "J-000001").view.site, "");
+    // ...until the device repeats the site it had announced before the damage.
+    let out = core
+        .handle_batch(vec![state("C1", 2, "Osaka 3F")], t(9, 2))
+        .unwrap();
+    assert_eq!(view(&out, "C1", "J-000001").site, "Osaka 3F");
+
+    // A job submitted now takes the site at once; repeating it changes no job.
+    core.handle_batch(vec![submit("svc", 2, get_data("C1"))], t(9, 3))
+        .unwrap();
+    assert_eq!(detail(&core, "J-000002").view.site, "Osaka 3F");
+    let out = core
+        .handle_batch(vec![state("C1", 3, "Osaka 3F")], t(9, 4))
+        .unwrap();
+    assert_eq!(
+        acks(&out, "C1"),
+        [Ack {
+            id: 3,
+            outcome: AckOutcome::Stored
+        }]
+    );
+    assert!(
+        find(&out, &topic::fleet_job(&serial("C1"), &job("J-000002"))).is_none(),
+        "no job view: nothing about the job changed"
+    );
+}
+
+#[test]
 fn held_acks_are_committed_and_a_restart_answers_the_resend_as_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     {

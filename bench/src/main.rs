@@ -24,6 +24,7 @@ use serde_json::Value;
 
 use crate::fleet::LoadShape;
 use crate::scenarios::{Env, alarm, fanout, idle, pubsub, reports, storm};
+use crate::worker::ReportKind;
 
 /// Measure chukei against bare rumqttd and Mosquitto, one scenario at a time.
 ///
@@ -106,6 +107,10 @@ enum Command {
         /// Total reports/s offered in each paced phase, one phase per rate.
         #[arg(long, value_delimiter = ',', default_value = "2000,5000,10000,20000")]
         rates: Vec<f64>,
+        /// What each report is: a state announcement with new firmware (rewrites the device's
+        /// record and view) or a counters reading (appends a row to the readings table).
+        #[arg(long, value_enum, default_value_t = ReportKind::State)]
+        report: ReportKind,
     },
     /// A device's alarm to a host and an integrator under background load: p50/p99 (chukei only).
     AlarmLatency {
@@ -219,6 +224,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             window,
             secs,
             rates,
+            report,
         } => emit(
             reports::run(
                 &env,
@@ -228,6 +234,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     window,
                     secs,
                     rates,
+                    report,
                 },
             )
             .await?,
@@ -279,23 +286,26 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 emit(storm::run(&env, &targets, s(40, 19_000), announce).await?)?;
             }
             let secs = if smoke { 2 } else { 15 };
-            emit(
-                reports::run(
-                    &env,
-                    &targets,
-                    reports::Params {
-                        devices: s(10, 1_000),
-                        window: if smoke { 4 } else { 32 },
-                        secs,
-                        rates: if smoke {
-                            vec![50.0]
-                        } else {
-                            vec![2_000.0, 5_000.0, 10_000.0, 20_000.0]
+            for report in [ReportKind::State, ReportKind::Counters] {
+                emit(
+                    reports::run(
+                        &env,
+                        &targets,
+                        reports::Params {
+                            devices: s(10, 1_000),
+                            window: if smoke { 4 } else { 32 },
+                            secs,
+                            rates: if smoke {
+                                vec![50.0]
+                            } else {
+                                vec![2_000.0, 5_000.0, 10_000.0, 20_000.0]
+                            },
+                            report,
                         },
-                    },
-                )
-                .await?,
-            )?;
+                    )
+                    .await?,
+                )?;
+            }
             emit(
                 alarm::run(
                     &env,

@@ -19,8 +19,10 @@ use anyhow::Context;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use protocol::data::{SectionData, Value};
 use protocol::device::{AckBatch, AckOutcome, DeviceState, JobUpdate};
 use protocol::job::JobStatus;
+use protocol::meter::CounterReport;
 use protocol::topic::{self, Topic, UpKind};
 use protocol::{Envelope, JobId, MsgId, Role, Serial};
 use rand::Rng;
@@ -60,13 +62,16 @@ pub enum Work {
     /// Subscribe to its job and ack topics and stay silent; with `announce`, first publish the
     /// device's state once per session, as the real agent does (`up/state`, acked by chukei).
     Idle { announce: bool },
-    /// Send reports (`up/state` envelopes) through the outbox/ack path: each message keeps its id
+    /// Send reports (`up/state` or `up/counters` envelopes) through the outbox/ack path: each message keeps its id
     /// until the relay acks it and is resent (same id) after `resend_after_ms` or a reconnect.
     /// `rate_per_device` 0 means closed loop: keep `window` unacked at all times.
     Reports {
         window: usize,
         rate_per_device: f64,
         resend_after_ms: u64,
+        /// What each report is; a state announcement unless asked otherwise.
+        #[serde(default)]
+        report: ReportKind,
     },
     /// Take job orders: on each new order, report `delivered` through the outbox/ack path.
     Jobs { resend_after_ms: u64 },
@@ -74,6 +79,29 @@ pub enum Work {
     /// messages in flight end to end: a new one goes out when one comes back, so the rate is what
     /// the relay delivers, not what it buffers.
     PubSub { window: usize, payload_bytes: usize },
+}
+
+/// The message a durable report is: both go through the device's outbox and the relay's dedupe
+/// and ack, but they are stored differently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReportKind {
+    /// `up/state`, a new firmware string each time: the device record is rewritten and its
+    /// state view published (what the real agent sends when its state changes).
+    #[default]
+    State,
+    /// `up/counters`, a meter reading: a row appended to the readings table (what a real fleet
+    /// sends most, on each device's schedule).
+    Counters,
+}
+
+impl ReportKind {
+    fn up_kind(self) -> UpKind {
+        match self {
+            ReportKind::State => UpKind::State,
+            ReportKind::Counters => UpKind::Counters,
+        }
+    }
 }
 
 pub fn serial_of(prefix: &str, i: u32) -> String {
@@ -464,6 +492,7 @@ async fn session(
 ) -> End {
     let up_topic = match ctx.spec.work {
         Work::Jobs { .. } => topic::dev_up(serial, UpKind::Job),
+        Work::Reports { report, .. } => topic::dev_up(serial, report.up_kind()),
         _ => topic::dev_up(serial, UpKind::State),
     };
     let ack_topic = topic::dev_ack(serial);
@@ -474,7 +503,7 @@ async fn session(
     }
     let vresend: Vec<(MsgId, Pending)> = ob.vout.iter().map(|(k, v)| (*k, v.1.clone())).collect();
     for (id, p) in vresend {
-        publish_envelope(&mut conn, &up_topic, id, &p);
+        publish_envelope(ctx, &mut conn, &up_topic, id, &p);
     }
     ob.inflight = 0;
     if let Work::Idle { announce: true } = ctx.spec.work
@@ -600,7 +629,7 @@ fn verify_more(ctx: &Ctx, conn: &mut Conn, up: &str, ob: &mut Outbox) {
     while ob.vout.len() < VERIFY_WINDOW && ob.vnext < ob.next_id {
         let id = ob.vnext;
         ob.vnext += 1;
-        publish_envelope(conn, up, id, &Pending::Report);
+        publish_envelope(ctx, conn, up, id, &Pending::Report);
         ob.vout.insert(id, (now_us(), Pending::Report));
         inc(&ctx.stats.verify_sent);
         inc(&ctx.stats.verify_outstanding);
@@ -610,7 +639,7 @@ fn verify_more(ctx: &Ctx, conn: &mut Conn, up: &str, ob: &mut Outbox) {
 fn send_new(ctx: &Ctx, conn: &mut Conn, up: &str, ob: &mut Outbox, p: Pending) {
     let id = ob.next_id;
     ob.next_id += 1;
-    publish_envelope(conn, up, id, &p);
+    publish_envelope(ctx, conn, up, id, &p);
     let now = now_us();
     ob.out.insert(id, (now, now, p));
     inc(&ctx.stats.sent);
@@ -621,15 +650,22 @@ fn resend_one(ctx: &Ctx, conn: &mut Conn, up: &str, ob: &mut Outbox, id: MsgId) 
     if let Some(entry) = ob.out.get_mut(&id) {
         entry.1 = now_us();
         let p = entry.2.clone();
-        publish_envelope(conn, up, id, &p);
+        publish_envelope(ctx, conn, up, id, &p);
         inc(&ctx.stats.resent);
     }
 }
 
 /// The same bytes for the same id every time (but the send time), like the agent's outbox.
-fn publish_envelope(conn: &mut Conn, up: &str, id: MsgId, p: &Pending) {
+fn publish_envelope(ctx: &Ctx, conn: &mut Conn, up: &str, id: MsgId, p: &Pending) {
     let now = chrono::Utc::now();
+    let report = match ctx.spec.work {
+        Work::Reports { report, .. } => report,
+        _ => ReportKind::State,
+    };
     let payload = match p {
+        Pending::Report if report == ReportKind::Counters => {
+            Envelope::new(id, now, counter_report(id, now)).to_cbor()
+        }
         Pending::Report => Envelope::new(
             id,
             now,
@@ -658,6 +694,24 @@ fn publish_envelope(conn: &mut Conn, up: &str, id: MsgId, p: &Pending) {
         let pkid = conn.next_pkid();
         mqtt::publish(&mut conn.wbuf, up.as_bytes(), 1, pkid, &payload);
     }
+}
+
+/// A copier's meter read as the agent sends it: a total and a few counters by paper size and
+/// function, derived from the id so that a resend carries the same counters.
+fn counter_report(id: MsgId, read_at: chrono::DateTime<chrono::Utc>) -> CounterReport {
+    let total = i64::try_from(id).unwrap_or(i64::MAX);
+    let counters: SectionData = [
+        ("total", total),
+        ("a4", total / 2),
+        ("a3", total / 4),
+        ("copy", total / 3),
+        ("print", total - total / 3),
+        ("color", total / 5),
+    ]
+    .into_iter()
+    .map(|(name, n)| (name.to_owned(), Value::Int(n)))
+    .collect();
+    CounterReport { read_at, counters }
 }
 
 fn pubsub_send(conn: &mut Conn, up: &str, ob: &mut Outbox, payload_bytes: usize) {

@@ -100,6 +100,17 @@ fn reconnect_storm_brings_every_device_back() {
 
 #[test]
 fn durable_reports_are_all_acked_and_held_after_a_restart() {
+    durable_reports("state");
+}
+
+#[test]
+fn durable_counters_reports_are_all_acked_and_held_after_a_restart() {
+    durable_reports("counters");
+}
+
+/// Every report of the kind is acked `stored` (a rejected one fails the check) and after the
+/// restart every id comes back `duplicate`.
+fn durable_reports(report: &str) {
     let v = run(
         "durable-reports",
         false,
@@ -112,8 +123,11 @@ fn durable_reports_are_all_acked_and_held_after_a_restart() {
             "1",
             "--rates",
             "40,80",
+            "--report",
+            report,
         ],
     );
+    assert_eq!(v["params"]["report"], report, "{}", v["params"]);
     let r = &v["results"]["chukei"];
     assert!(num(r, "max_acked_per_s") > 0.0, "{r}");
     let paced = r["paced"].as_array().unwrap();
@@ -126,6 +140,7 @@ fn durable_reports_are_all_acked_and_held_after_a_restart() {
     assert_eq!(check["held_after_restart"].as_u64(), Some(sent));
     for phase in check["phases"].as_array().unwrap() {
         assert_eq!(phase["missing_after_restart"], 0, "{phase}");
+        assert_eq!(phase["rejected"], 0, "{phase}");
     }
 }
 

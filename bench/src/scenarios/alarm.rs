@@ -24,7 +24,7 @@ use crate::mqtt::{self, Incoming};
 use crate::procfs::{CpuMeter, r2};
 use crate::servers::{Server, Target};
 use crate::tls::Minter;
-use crate::worker::{Work, now_us};
+use crate::worker::{ReportKind, Work, now_us};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Params {
@@ -154,6 +154,7 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
             window: super::reports::PACED_WINDOW,
             rate_per_device: p.report_rate / f64::from(p.reporters.max(1)),
             resend_after_ms: super::reports::PACED_RESEND_MS,
+            report: ReportKind::State,
         },
         &env.shape,
     )

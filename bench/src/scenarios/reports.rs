@@ -21,7 +21,7 @@ use super::{Env, chukei_only, report};
 use crate::fleet::Fleet;
 use crate::procfs::{CpuMeter, r2};
 use crate::servers::{Server, Target};
-use crate::worker::{Final, Work};
+use crate::worker::{Final, ReportKind, Work};
 
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -30,6 +30,7 @@ pub struct Params {
     pub secs: u64,
     /// Total reports/s offered in each paced phase.
     pub rates: Vec<f64>,
+    pub report: ReportKind,
 }
 
 pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Value> {
@@ -43,7 +44,11 @@ pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Val
         "durable-reports",
         json!({
             "devices": p.devices, "window": p.window, "secs": p.secs, "paced_rates": p.rates,
-            "message": "Envelope<DeviceState> on dev/S/up/state, QoS 1, acked on dev/S/ack after the commit",
+            "report": p.report,
+            "message": match p.report {
+                ReportKind::State => "Envelope<DeviceState> on dev/S/up/state, QoS 1, acked on dev/S/ack after the commit",
+                ReportKind::Counters => "Envelope<CounterReport> (6 counters) on dev/S/up/counters, QoS 1, acked on dev/S/ack after the commit",
+            },
         }),
         &targets,
         results,
@@ -79,6 +84,7 @@ async fn one(env: &Env, target: &Target, p: &Params) -> anyhow::Result<Value> {
         window: p.window,
         rate_per_device: 0.0,
         resend_after_ms: 5_000,
+        report: p.report,
     };
     let mut max_fleet = Fleet::start(
         server.endpoint,
@@ -121,6 +127,7 @@ async fn one(env: &Env, target: &Target, p: &Params) -> anyhow::Result<Value> {
             window: PACED_WINDOW,
             rate_per_device: rate / f64::from(p.devices),
             resend_after_ms: PACED_RESEND_MS,
+            report: p.report,
         };
         let prefix = format!("P{i}");
         let mut fleet = Fleet::start(

@@ -75,9 +75,9 @@ fn logged(p: &mut Pending, alarm: &AlarmView, step: Step) {
 /// The installation site the device last reported; empty if unknown or unreadable (a corrupt
 /// device record must not stop an alarm).
 pub(super) fn site_of(txn: &Txn, serial: &Serial) -> Result<String, StoreError> {
-    Ok(skip_corrupt(txn.device(serial))?
+    Ok(skip_corrupt(txn.device_state(serial))?
         .flatten()
-        .map(|d| d.state.site)
+        .map(|state| state.site)
         .unwrap_or_default())
 }
 

@@ -167,11 +167,7 @@ fn state_update(
     let StateReport { state, schedule } = report;
     // What the device announced last. A repeat is not news in the log, and a site it had already
     // announced is on every job submitted since (an unreadable record is overwritten below).
-    let before = match txn.device_state(serial) {
-        Ok(before) => before,
-        Err(e) if e.is_corrupt_record() => None,
-        Err(e) => return Err(e),
-    };
+    let before = super::skip_corrupt(txn.device_state(serial))?.flatten();
     let changed = before.as_ref() != Some(&state);
     // fill_site reads before it writes, and put_device only writes: nothing half-done on a corrupt job.
     let filled = if before.is_some_and(|b| b.site == state.site) {

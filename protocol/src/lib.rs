@@ -19,11 +19,13 @@ pub mod meter;
 pub mod presence;
 pub mod proxy;
 pub mod schedule;
+pub mod shown;
 pub mod topic;
 pub mod url;
 pub mod validate;
 
 pub use envelope::{Envelope, EnvelopeError};
+pub use shown::{Shown, ShownBytes};
 pub use ids::{HostId, IdError, Identity, JobId, MsgId, Role, Serial};
 
 /// Wall-clock time on the wire: always UTC (DESIGN D6). Serialized as RFC 3339.

@@ -858,6 +858,14 @@ impl Session {
         };
         let mut done = Vec::with_capacity(batch.acks.len());
         for ack in batch.acks {
+            if let Some(inc) = ack.inc
+                && self.pending.get(&ack.id).is_none_or(|m| m.msg.inc != inc)
+            {
+                // Meant for a message this numbering never sent (an earlier store of this
+                // device's, before it was wiped): deleting ours under that id would lose it.
+                debug!(serial = %self.serial, msg_id = ack.id, inc, "ack of another outbox ignored");
+                continue;
+            }
             let outcome = match &ack.outcome {
                 AckOutcome::Stored => "stored",
                 AckOutcome::Duplicate => "duplicate",

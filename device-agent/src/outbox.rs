@@ -8,6 +8,11 @@
 //! connection and this agent's own restart, and since the broker deduplicates by (serial, id) a
 //! resend never stores anything twice.
 //!
+//! Each serial's numbering has an **incarnation**: a random number chosen when this file first
+//! numbers a message of that serial, carried in every envelope. A device whose store is lost (a
+//! replaced board, a reflash, a wiped disk) counts from 1 again under a new incarnation, so the
+//! relay serves it as a new sender instead of answering "duplicate" to all it sends.
+//!
 //! One file holds every serial, keyed by serial, because the fleet simulator runs thousands of
 //! devices in one process and a process may hold only so many open files. Writes go to one writer
 //! thread that groups whatever has queued up into a single transaction: one fsync for a burst of
@@ -17,13 +22,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::thread;
 
-use protocol::{Envelope, EnvelopeError, JobId, MsgId, Serial};
+use protocol::{Envelope, EnvelopeError, Incarnation, JobId, MsgId, Serial};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 /// serial → the id the next message of that serial gets. Ids start at 1 (0 is the broker's own).
 const NEXT_ID: TableDefinition<&str, u64> = TableDefinition::new("next_msg_id");
+/// serial → the incarnation of its numbering (never 0, which means "none").
+const INCARNATION: TableDefinition<&str, u64> = TableDefinition::new("incarnation");
 /// (serial, msg id) → (topic, the encoded envelope). The bytes are kept as sent, so a resend is
 /// byte-for-byte the original.
 const PENDING: TableDefinition<(&str, u64), (&str, &[u8])> = TableDefinition::new("pending");
@@ -58,12 +65,15 @@ fn store_err(e: impl std::fmt::Display) -> OutboxError {
 /// A committed message waiting for its ack.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pending {
+    /// The incarnation of the numbering that gave `id` (0 for a message numbered before
+    /// incarnations existed).
+    pub inc: Incarnation,
     pub id: MsgId,
     pub topic: String,
     pub payload: Vec<u8>,
 }
 
-type Encoder = Box<dyn FnOnce(MsgId) -> Result<Vec<u8>, EnvelopeError> + Send>;
+type Encoder = Box<dyn FnOnce(Incarnation, MsgId) -> Result<Vec<u8>, EnvelopeError> + Send>;
 
 enum Op {
     Enqueue {
@@ -151,7 +161,8 @@ impl Outbox {
         finished: Option<JobId>,
     ) -> Result<Pending, OutboxError> {
         let at = chrono::Utc::now();
-        let encode: Encoder = Box::new(move |id| Envelope::new(id, at, body).to_cbor());
+        let encode: Encoder =
+            Box::new(move |inc, id| Envelope::from_outbox(inc, id, at, body).to_cbor());
         let (reply, answer) = oneshot::channel();
         self.send(Op::Enqueue {
             serial: serial.clone(),
@@ -190,6 +201,8 @@ impl Outbox {
                 let (k, v) = row.map_err(store_err)?;
                 let (topic, payload) = v.value();
                 out.push(Pending {
+                    // Read back from the envelope itself: what it was sent with is what counts.
+                    inc: Envelope::peek_seq(payload).map_or(0, |seq| seq.inc),
                     id: k.value().1,
                     topic: topic.to_owned(),
                     payload: payload.to_vec(),
@@ -234,6 +247,7 @@ fn init_tables(db: &Database) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
         txn.open_table(NEXT_ID)?;
+        txn.open_table(INCARNATION)?;
         txn.open_table(PENDING)?;
         let mut finished = txn.open_table(FINISHED)?;
         let horizon = chrono::Utc::now().timestamp() - REMEMBER_FINISHED_SECS;
@@ -242,6 +256,17 @@ fn init_tables(db: &Database) -> Result<(), redb::Error> {
     }
     txn.commit()?;
     Ok(())
+}
+
+/// A fresh incarnation: random, so that no two stores of one serial are likely ever to share one,
+/// whatever happened to the first; never 0, which means "none".
+fn new_incarnation() -> Incarnation {
+    loop {
+        let inc: Incarnation = rand::random();
+        if inc != 0 {
+            return inc;
+        }
+    }
 }
 
 /// Replies owed once the batch's transaction has committed.
@@ -294,6 +319,7 @@ fn apply_batch(db: &Database, batch: Vec<Op>) -> Result<Vec<Reply>, (OutboxError
         let txn = db.begin_write().map_err(store_err)?;
         {
             let mut next_ids = txn.open_table(NEXT_ID).map_err(store_err)?;
+            let mut incarnations = txn.open_table(INCARNATION).map_err(store_err)?;
             let mut pending = txn.open_table(PENDING).map_err(store_err)?;
             let mut finished = txn.open_table(FINISHED).map_err(store_err)?;
             let now = chrono::Utc::now().timestamp();
@@ -311,7 +337,19 @@ fn apply_batch(db: &Database, batch: Vec<Op>) -> Result<Vec<Reply>, (OutboxError
                             .get(key)
                             .map_err(store_err)?
                             .map_or(1, |v| v.value());
-                        match encode(id) {
+                        let known = incarnations
+                            .get(key)
+                            .map_err(store_err)?
+                            .map(|inc| inc.value());
+                        let inc = match known {
+                            Some(inc) => inc,
+                            None => {
+                                let inc = new_incarnation();
+                                incarnations.insert(key, inc).map_err(store_err)?;
+                                inc
+                            }
+                        };
+                        match encode(inc, id) {
                             Ok(payload) => {
                                 next_ids.insert(key, id + 1).map_err(store_err)?;
                                 pending
@@ -324,7 +362,12 @@ fn apply_batch(db: &Database, batch: Vec<Op>) -> Result<Vec<Reply>, (OutboxError
                                 }
                                 replies.push(Reply::Enqueued(
                                     reply,
-                                    Ok(Pending { id, topic, payload }),
+                                    Ok(Pending {
+                                        inc,
+                                        id,
+                                        topic,
+                                        payload,
+                                    }),
                                 ));
                             }
                             Err(e) => replies.push(Reply::Enqueued(
@@ -417,6 +460,41 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(c.id, 3, "ids never repeat across restarts");
+        assert_eq!(
+            (a.inc, b.inc),
+            (c.inc, c.inc),
+            "one numbering, one incarnation, across restarts"
+        );
+        assert_ne!(c.inc, 0);
+        let env: Envelope<DeviceState> = Envelope::from_cbor(&c.payload, 1 << 20).unwrap();
+        assert_eq!(env.seq(), protocol::Seq { inc: c.inc, id: 3 });
+    }
+
+    #[tokio::test]
+    async fn a_store_created_anew_numbers_under_a_new_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        let c1 = serial("C1");
+        let first = Outbox::open(&dir.path().join("a.redb")).unwrap();
+        let old = first
+            .enqueue(&c1, "dev/C1/up/state".into(), state("a"), None)
+            .await
+            .unwrap();
+        let other = first
+            .enqueue(&serial("C2"), "dev/C2/up/state".into(), state("a"), None)
+            .await
+            .unwrap();
+        assert_ne!(
+            old.inc, other.inc,
+            "each serial of a fleet numbers on its own"
+        );
+        // The board is replaced: an empty store, ids from 1 again, but not the same numbering.
+        let wiped = Outbox::open(&dir.path().join("b.redb")).unwrap();
+        let new = wiped
+            .enqueue(&c1, "dev/C1/up/state".into(), state("a"), None)
+            .await
+            .unwrap();
+        assert_eq!((old.id, new.id), (1, 1));
+        assert_ne!(old.inc, new.inc);
     }
 
     #[tokio::test]

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::MsgId;
 use crate::data::DeviceData;
 use crate::ids::JobId;
 use crate::job::JobStatus;
+use crate::{Incarnation, MsgId, Seq};
 
 /// A job's progress as the device reports it (`up/job`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +76,21 @@ pub struct DeviceState {
 pub struct Ack {
     pub id: MsgId,
     pub outcome: AckOutcome,
+    /// The incarnation the acked message named, so an agent that started a new outbox ignores
+    /// an ack meant for its old one. Absent when the message named none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inc: Option<Incarnation>,
+}
+
+impl Ack {
+    /// The ack of the message at `seq`.
+    pub fn of(seq: Seq, outcome: AckOutcome) -> Ack {
+        Ack {
+            id: seq.id,
+            outcome,
+            inc: (seq.inc != 0).then_some(seq.inc),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

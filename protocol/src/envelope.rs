@@ -4,11 +4,17 @@
 //! version is refused with a clear reason. The envelope's `id` is the sender's message number
 //! (DESIGN D3): the receiver can read it with [`Envelope::peek_id`] even when the body is bad, so
 //! a rejection can still be acknowledged and the sender can stop resending.
+//!
+//! A device's ids count up from 1 in its outbox, and a device can lose its outbox (a replaced
+//! board, a reflash, a wiped disk) and start again from 1. So a device message also names its
+//! outbox: `inc`, the outbox's **incarnation**, a random number the agent chose when the outbox
+//! was created. The relay deduplicates by (serial, incarnation, id), so a device that starts over
+//! is a new sender, not a replay of the old one.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::{MsgId, Timestamp, cbor_guard};
+use crate::{Incarnation, MsgId, Timestamp, cbor_guard};
 
 /// The envelope version this build writes and the newest it reads.
 pub const VERSION: u16 = 1;
@@ -22,6 +28,10 @@ pub struct Envelope<T> {
     /// When the sender created the message (UTC).
     pub at: Timestamp,
     pub body: T,
+    /// The incarnation of the device outbox that numbered this message; absent from hosts, the
+    /// relay, and agents older than incarnations (their messages share incarnation 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inc: Option<Incarnation>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +51,16 @@ pub enum EnvelopeError {
 #[derive(Deserialize)]
 struct Head {
     id: MsgId,
+    #[serde(default)]
+    inc: Option<Incarnation>,
+}
+
+/// Where a message sits in its sender's numbering: which outbox numbered it, and its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Seq {
+    /// 0 when the sender named no incarnation.
+    pub inc: Incarnation,
+    pub id: MsgId,
 }
 
 impl<T> Envelope<T> {
@@ -50,6 +70,23 @@ impl<T> Envelope<T> {
             id,
             at,
             body,
+            inc: None,
+        }
+    }
+
+    /// A message numbered `id` by the device outbox of incarnation `inc`.
+    pub fn from_outbox(inc: Incarnation, id: MsgId, at: Timestamp, body: T) -> Self {
+        Self {
+            inc: Some(inc),
+            ..Self::new(id, at, body)
+        }
+    }
+
+    /// The message's place in its sender's numbering.
+    pub fn seq(&self) -> Seq {
+        Seq {
+            inc: self.inc.unwrap_or(0),
+            id: self.id,
         }
     }
 }
@@ -89,8 +126,16 @@ impl Envelope<()> {
     /// payload (such a payload is not CBOR any chukei sender writes; serde reads the whole map
     /// even for one field, so it must not see it either).
     pub fn peek_id(bytes: &[u8]) -> Option<MsgId> {
+        Self::peek_seq(bytes).map(|seq| seq.id)
+    }
+
+    /// [`Envelope::peek_id`] with the incarnation: what a rejection's ack must name.
+    pub fn peek_seq(bytes: &[u8]) -> Option<Seq> {
         cbor_guard::check(bytes).ok()?;
-        ciborium::from_reader::<Head, _>(bytes).ok().map(|h| h.id)
+        ciborium::from_reader::<Head, _>(bytes).ok().map(|h| Seq {
+            inc: h.inc.unwrap_or(0),
+            id: h.id,
+        })
     }
 }
 
@@ -226,5 +271,41 @@ mod tests {
             .unwrap();
         assert!(Envelope::<Body>::from_cbor(&bytes, 1024).is_err());
         assert_eq!(Envelope::peek_id(&bytes), Some(42));
+        let from_outbox = Envelope::from_outbox(0xfeed, 43, at(), Wrong { zzz: true })
+            .to_cbor()
+            .unwrap();
+        assert_eq!(
+            Envelope::peek_seq(&from_outbox),
+            Some(Seq {
+                inc: 0xfeed,
+                id: 43
+            })
+        );
+    }
+
+    #[test]
+    fn the_incarnation_travels_and_an_envelope_without_one_reads_as_zero() {
+        let body = Body {
+            a: 1,
+            b: "x".into(),
+        };
+        let with = Envelope::from_outbox(0xdead_beef, 9, at(), &body)
+            .to_cbor()
+            .unwrap();
+        let back: Envelope<Body> = Envelope::from_cbor(&with, 1024).unwrap();
+        assert_eq!(
+            back.seq(),
+            Seq {
+                inc: 0xdead_beef,
+                id: 9
+            }
+        );
+        let without = Envelope::new(9, at(), &body).to_cbor().unwrap();
+        assert!(
+            without.len() < with.len(),
+            "no field written when there is none"
+        );
+        let back: Envelope<Body> = Envelope::from_cbor(&without, 1024).unwrap();
+        assert_eq!(back.seq(), Seq { inc: 0, id: 9 });
     }
 }

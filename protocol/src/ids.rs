@@ -117,6 +117,11 @@ id_type!(
 /// deduplicates by (sender, msg id), so a resend never stores anything twice (DESIGN D3).
 pub type MsgId = u64;
 
+/// Which outbox of a device numbered a message: chosen at random when the outbox is created, so
+/// a device that lost its outbox and counts from 1 again is told apart from a replay. 0 means
+/// "none named" (agents older than incarnations).
+pub type Incarnation = u64;
+
 /// What a certificate lets its holder be. Carried in the certificate subject (OU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

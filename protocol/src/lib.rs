@@ -24,9 +24,9 @@ pub mod topic;
 pub mod url;
 pub mod validate;
 
-pub use envelope::{Envelope, EnvelopeError};
+pub use envelope::{Envelope, EnvelopeError, Seq};
+pub use ids::{HostId, IdError, Identity, Incarnation, JobId, MsgId, Role, Serial};
 pub use shown::{Shown, ShownBytes};
-pub use ids::{HostId, IdError, Identity, JobId, MsgId, Role, Serial};
 
 /// Wall-clock time on the wire: always UTC (DESIGN D6). Serialized as RFC 3339.
 pub type Timestamp = chrono::DateTime<chrono::Utc>;

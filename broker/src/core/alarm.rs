@@ -16,12 +16,12 @@ use protocol::alarm::{
 };
 use protocol::device::AckOutcome;
 use protocol::host::HostReply;
-use protocol::{Envelope, HostId, Identity, Serial, Timestamp, topic};
+use protocol::{Envelope, HostId, Serial, Timestamp, topic};
 use tracing::{debug, error, info, warn};
 
 use super::{Core, Done, Outbound, Pending, skip_corrupt};
 use crate::notify::{self, NotifyEvent};
-use crate::store::{JournalEntry, JournalOutcome, StoreError, Txn, alarm_id, alarm_number};
+use crate::store::{StoreError, Txn, alarm_id, alarm_number};
 
 /// Most alarms `alarms list --all` returns.
 pub const MAX_LISTED: usize = 1000;
@@ -96,11 +96,11 @@ pub(super) fn report(
     else {
         return Ok(());
     };
-    let id = env.id;
-    let sender = Identity::device(serial).to_string();
+    let seq = env.seq();
+    let id = seq.id;
     if let Err(reason) = alarm::check_code(&env.body.code) {
         warn!(serial = %serial, topic, reason = %reason, "refused alarm report");
-        p.ack(serial, id, AckOutcome::Rejected { reason });
+        p.ack(serial, seq, AckOutcome::Rejected { reason });
         return Ok(());
     }
     match apply(core, txn, p, serial, &env.body, now) {
@@ -111,16 +111,9 @@ pub(super) fn report(
         }
         Err(e) => return Err(e),
     }
-    txn.put_journal(
-        &sender,
-        id,
-        &JournalEntry {
-            at: now,
-            outcome: JournalOutcome::Stored,
-        },
-    )?;
+    super::device::record_stored(txn, serial, seq, now)?;
     p.seen.insert(serial.clone());
-    p.ack(serial, id, AckOutcome::Stored);
+    p.ack(serial, seq, AckOutcome::Stored);
     Ok(())
 }
 

@@ -10,13 +10,14 @@ use protocol::device::{AckOutcome, DeviceState, JobUpdate, MergeRequest};
 use protocol::job::JobStatus;
 use protocol::presence::StateReport;
 use protocol::topic::UpKind;
-use protocol::{Envelope, Identity, MsgId, Serial, Timestamp};
+use protocol::{Envelope, Seq, Serial, Timestamp};
 use tracing::{debug, error, info, warn};
 
 use super::{Core, Done, Pending, views};
 use crate::jobs::firmware::{self, FetchOutcome};
 use crate::jobs::update_data::{self, MergeOutcome};
 use crate::jobs::{self, UpdateOutcome};
+use crate::store::seen::Placed;
 use crate::store::{DeviceRecord, JournalEntry, JournalOutcome, StoreError, Txn};
 
 enum Message {
@@ -39,14 +40,14 @@ pub(super) fn handle(
     let max = core.settings.max_payload_bytes;
     let decoded = match kind {
         UpKind::Job => {
-            super::decode::<JobUpdate>(payload, max).map(|e| (e.id, Message::Job(e.body)))
+            super::decode::<JobUpdate>(payload, max).map(|e| (e.seq(), Message::Job(e.body)))
         }
         // Read as the superset this version's agents send: the state plus the schedule.
         UpKind::State => {
-            super::decode::<StateReport>(payload, max).map(|e| (e.id, Message::State(e.body)))
+            super::decode::<StateReport>(payload, max).map(|e| (e.seq(), Message::State(e.body)))
         }
         UpKind::Merge => {
-            super::decode::<MergeRequest>(payload, max).map(|e| (e.id, Message::Merge(e.body)))
+            super::decode::<MergeRequest>(payload, max).map(|e| (e.seq(), Message::Merge(e.body)))
         }
         UpKind::Fetch => return fetch(core, txn, p, serial, topic, payload, now),
         UpKind::Alarm => return super::alarm::report(core, txn, p, serial, topic, payload, now),
@@ -54,28 +55,28 @@ pub(super) fn handle(
             return super::meter::report(core, txn, p, serial, topic, payload, now);
         }
     };
-    let (id, message) = match decoded {
+    let (seq, message) = match decoded {
         Ok(d) => d,
         Err(e) => {
             let reason = e.to_string();
             log_refusal(serial, topic, &reason);
             // Acked as rejected so the device stops resending something that will never pass.
-            if let Some(id) = Envelope::peek_id(payload) {
-                p.ack(serial, id, AckOutcome::Rejected { reason });
+            if let Some(seq) = Envelope::peek_seq(payload) {
+                p.ack(serial, seq, AckOutcome::Rejected { reason });
             }
             return Ok(());
         }
     };
-    match store(txn, p, serial, id, message, topic, now) {
+    match store(txn, p, serial, seq, message, topic, now) {
         Ok(outcome) => {
             p.seen.insert(serial.clone());
-            p.ack(serial, id, outcome);
+            p.ack(serial, seq, outcome);
             Ok(())
         }
         Err(e) if e.is_corrupt_record() => {
             // Nothing of this message was written (see `jobs`); no ack, so the device resends it
             // later, perhaps after the record has been repaired.
-            error!(serial = %serial, topic, msg_id = id, error = %e, "cannot handle device message: a store record is corrupt");
+            error!(serial = %serial, topic, msg_id = seq.id, error = %e, "cannot handle device message: a store record is corrupt");
             Ok(())
         }
         Err(e) => Err(e),
@@ -87,15 +88,13 @@ fn store(
     txn: &mut Txn,
     p: &mut Pending,
     serial: &Serial,
-    id: MsgId,
+    seq: Seq,
     message: Message,
     topic: &str,
     now: Timestamp,
 ) -> Result<AckOutcome, StoreError> {
-    let sender = Identity::device(serial).to_string();
-    if txn.journal(&sender, id)?.is_some() {
-        debug!(serial = %serial, msg_id = id, "duplicate device message");
-        return Ok(AckOutcome::Duplicate);
+    if let Some(answer) = handled_before(txn, serial, seq, topic)? {
+        return Ok(answer);
     }
     let outcome = match message {
         Message::Job(update) => job_update(txn, p, serial, &update, topic, now)?,
@@ -103,16 +102,75 @@ fn store(
         Message::Merge(req) => merge_request(txn, p, serial, &req, topic, now)?,
     };
     if outcome == AckOutcome::Stored {
-        txn.put_journal(
-            &sender,
-            id,
-            &JournalEntry {
-                at: now,
-                outcome: JournalOutcome::Stored,
-            },
-        )?;
+        record_stored(txn, serial, seq, now)?;
     }
     Ok(outcome)
+}
+
+/// The answer to a device message the relay handled before: `duplicate` if it stored it, the
+/// same refusal if it refused it. `None` for a message it has not handled.
+fn handled_before(
+    txn: &Txn,
+    serial: &Serial,
+    seq: Seq,
+    topic: &str,
+) -> Result<Option<AckOutcome>, StoreError> {
+    let Some(entry) = txn.device_journal(serial.as_str(), seq)? else {
+        return Ok(None);
+    };
+    debug!(serial = %serial, topic, msg_id = seq.id, inc = seq.inc, "device message handled before");
+    Ok(Some(match entry.outcome {
+        JournalOutcome::Refused { reason } => AckOutcome::Rejected { reason },
+        _ => AckOutcome::Duplicate,
+    }))
+}
+
+/// Records that the device message at `seq` was stored, in its outbox's window.
+pub(super) fn record_stored(
+    txn: &mut Txn,
+    serial: &Serial,
+    seq: Seq,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let entry = JournalEntry {
+        at: now,
+        outcome: JournalOutcome::Stored,
+    };
+    if txn.put_device_journal(serial.as_str(), seq, &entry)? == Placed::Beyond {
+        log_far_ahead(serial, seq);
+    }
+    Ok(())
+}
+
+/// Records that the device message at `seq` was refused for good, so that its resend (its ack
+/// lost) is refused again rather than handled anew or called a duplicate, and so that its
+/// outbox's window moves past it.
+pub(super) fn record_refused(
+    txn: &mut Txn,
+    serial: &Serial,
+    seq: Seq,
+    reason: &str,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let entry = JournalEntry {
+        at: now,
+        outcome: JournalOutcome::Refused {
+            reason: reason.to_owned(),
+        },
+    };
+    if txn.put_device_journal(serial.as_str(), seq, &entry)? == Placed::Beyond {
+        log_far_ahead(serial, seq);
+    }
+    Ok(())
+}
+
+/// An id far ahead of what its outbox sent before: stored exactly, but worth a line, since a
+/// device that sends in order never does this (a forged id, or an agent that lost count).
+fn log_far_ahead(serial: &Serial, seq: Seq) {
+    static BUDGET: super::log_budget::LogBudget = super::log_budget::LogBudget::new();
+    if let super::log_budget::Verdict::Log { suppressed } = BUDGET.check() {
+        warn!(serial = %serial, msg_id = seq.id, inc = seq.inc, suppressed, "device message id far ahead of its outbox's earlier ids; kept in a journal row of its own");
+    }
 }
 
 fn job_update(
@@ -304,18 +362,14 @@ pub(super) fn decode_new<T: serde::de::DeserializeOwned>(
         Err(e) => {
             let reason = e.to_string();
             log_refusal(serial, topic, &reason);
-            if let Some(id) = Envelope::peek_id(payload) {
-                p.ack(serial, id, AckOutcome::Rejected { reason });
+            if let Some(seq) = Envelope::peek_seq(payload) {
+                p.ack(serial, seq, AckOutcome::Rejected { reason });
             }
             return Ok(None);
         }
     };
-    if txn
-        .journal(&Identity::device(serial).to_string(), env.id)?
-        .is_some()
-    {
-        debug!(serial = %serial, topic, msg_id = env.id, "duplicate device message");
-        p.ack(serial, env.id, AckOutcome::Duplicate);
+    if let Some(answer) = handled_before(txn, serial, env.seq(), topic)? {
+        p.ack(serial, env.seq(), answer);
         return Ok(None);
     }
     Ok(Some(env))

@@ -6,11 +6,11 @@ use protocol::data::Section;
 use protocol::device::{AckOutcome, JobUpdate};
 use protocol::host::HostReply;
 use protocol::meter::{CounterReading, CounterReport, MAX_READINGS_PER_PAGE};
-use protocol::{Identity, JobId, Serial, Timestamp};
+use protocol::{JobId, Serial, Timestamp};
 use tracing::{debug, error};
 
 use super::{Core, Pending, alarm::site_of};
-use crate::store::{JournalEntry, JournalOutcome, ReadingCursor, StoreError, Txn};
+use crate::store::{ReadingCursor, StoreError, Txn};
 
 /// Handles one `dev/{serial}/up/counters` report: decode, dedupe, store, ack after the commit.
 pub(super) fn report(
@@ -27,8 +27,8 @@ pub(super) fn report(
     else {
         return Ok(());
     };
-    let id = env.id;
-    let sender = Identity::device(serial).to_string();
+    let seq = env.seq();
+    let id = seq.id;
     let reading = CounterReading {
         serial: serial.to_string(),
         site: site_of(txn, serial)?,
@@ -43,18 +43,11 @@ pub(super) fn report(
         }
         return Err(e);
     }
-    txn.put_journal(
-        &sender,
-        id,
-        &JournalEntry {
-            at: now,
-            outcome: JournalOutcome::Stored,
-        },
-    )?;
+    super::device::record_stored(txn, serial, seq, now)?;
     // Routine telemetry, a line per report and device: at debug, as a repeated state report.
     debug!(serial = %serial, msg_id = id, "counters report stored");
     p.seen.insert(serial.clone());
-    p.ack(serial, id, AckOutcome::Stored);
+    p.ack(serial, seq, AckOutcome::Stored);
     Ok(())
 }
 

@@ -37,7 +37,7 @@ use protocol::device::{Ack, AckBatch, AckOutcome, DeviceState};
 use protocol::host::{HostReply, HostResponse};
 use protocol::job::JobStatus;
 use protocol::topic::{Topic, UpKind};
-use protocol::{Envelope, HostId, JobId, MsgId, Serial, Timestamp, topic};
+use protocol::{Envelope, HostId, JobId, MsgId, Seq, Serial, Timestamp, topic};
 use tracing::{error, info, warn};
 
 use crate::jobs;
@@ -215,11 +215,13 @@ impl Done {
 }
 
 impl Pending {
-    fn ack(&mut self, serial: &Serial, id: MsgId, outcome: AckOutcome) {
+    /// Answers the device message at `seq`. A refusal is also journaled when the batch finishes
+    /// ([`Core::finish`]), so every refusal is remembered, whichever handler made it.
+    fn ack(&mut self, serial: &Serial, seq: Seq, outcome: AckOutcome) {
         self.acks
             .entry(serial.clone())
             .or_default()
-            .push(Ack { id, outcome });
+            .push(Ack::of(seq, outcome));
     }
 
     fn reply(
@@ -596,6 +598,18 @@ impl Core {
             out.extend(alarm::views(txn, &serial, now)?);
         }
         out.extend(p.blobs);
+
+        for (serial, acks) in &p.acks {
+            for ack in acks {
+                if let AckOutcome::Rejected { reason } = &ack.outcome {
+                    let seq = Seq {
+                        inc: ack.inc.unwrap_or(0),
+                        id: ack.id,
+                    };
+                    device::record_refused(txn, serial, seq, reason, now)?;
+                }
+            }
+        }
 
         let mut answers = Vec::with_capacity(p.acks.len() + p.replies.len());
         for (serial, acks) in p.acks {

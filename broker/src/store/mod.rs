@@ -16,7 +16,7 @@ mod alarms;
 mod notify;
 mod readings;
 mod records;
-mod seen;
+pub mod seen;
 mod space;
 mod stats;
 #[cfg(test)]
@@ -31,7 +31,7 @@ use protocol::artifact::{ArtifactId, ArtifactInfo};
 use protocol::data::DeviceData;
 use protocol::device::DeviceState;
 use protocol::job::JobEvent;
-use protocol::{JobId, MsgId, Serial, Timestamp};
+use protocol::{JobId, MsgId, Seq, Serial, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -174,9 +174,11 @@ fn backend<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreErr
     }
 }
 
-/// The serial of a device sender (`device:C1`), whose messages are deduplicated by window.
-fn device_of(sender: &str) -> Option<&str> {
-    sender.strip_prefix("device:")
+/// The journal's sender key for the rows of a device outbox's window (refusals, ids too far
+/// ahead). Not `device:…`, the key of the rows relays before windows wrote (see
+/// [`Store::has_device_journal_rows`]), so these never make every lookup fall back to rows.
+fn device_row_key(serial: &str, inc: protocol::Incarnation) -> String {
+    format!("devseq:{serial}#{inc:016x}")
 }
 
 fn encode<T: Serialize>(
@@ -383,11 +385,11 @@ pub struct Txn {
     /// Checked before committing; `None` in tests that exercise redb's own I/O errors.
     space: Option<Space>,
     legacy_device_journal: bool,
-    /// The seen-ids window last read or written in this transaction, by serial: a stored
-    /// message's dedupe check ([`Txn::journal`]) and its record ([`Txn::put_journal`]) need the
-    /// same row one after the other. `put_journal` is the only writer of that table, and keeps
-    /// this current.
-    last_window: RefCell<Option<(String, Option<seen::SeenWindow>)>>,
+    /// The seen-ids windows last read or written in this transaction, by serial: a stored
+    /// message's dedupe check ([`Txn::device_journal`]) and its record
+    /// ([`Txn::put_device_journal`]) need the same row one after the other.
+    /// `put_device_journal` is the only writer of that table, and keeps this current.
+    last_window: RefCell<Option<(String, Option<seen::SeenSet>)>>,
 }
 
 impl Txn {
@@ -562,24 +564,90 @@ impl Txn {
         Ok(())
     }
 
-    /// What was done with `sender`'s message `id`, if it was stored before.
-    /// What the relay did with message `id` of `sender`, if it stored it. A device's messages
-    /// are looked up in its window ([`seen`]), then, for what a relay before windows stored, in
-    /// the row-per-message journal.
+    /// What the relay did with host `sender`'s message `id`, if it handled it: a row per message,
+    /// so a resend gets its original answer.
     pub fn journal(&self, sender: &str, id: MsgId) -> Result<Option<JournalEntry>, StoreError> {
-        if let Some(serial) = device_of(sender) {
-            if let Some(window) = self.seen_window(serial)?
-                && window.contains(id)
-            {
+        self.journal_row(sender, id)
+    }
+
+    /// Records what the relay did with host `sender`'s message `id`.
+    pub fn put_journal(
+        &mut self,
+        sender: &str,
+        id: MsgId,
+        entry: &JournalEntry,
+    ) -> Result<(), StoreError> {
+        self.put_journal_row(sender, id, entry)
+    }
+
+    /// What the relay did with the device message at `seq` of `serial`, if it handled it: found
+    /// in the window of the outbox that numbered it ([`seen`]), in a row of its own if the window
+    /// says it has any, and for what a relay before windows stored, in the row-per-message
+    /// journal. `Stored` only for a message the relay really stored.
+    pub fn device_journal(
+        &self,
+        serial: &str,
+        seq: Seq,
+    ) -> Result<Option<JournalEntry>, StoreError> {
+        let set = self.seen_set(serial)?;
+        if let Some(window) = set.as_ref().and_then(|set| set.get(seq.inc)) {
+            let row = if window.has_rows() {
+                self.journal_row(&device_row_key(serial, seq.inc), seq.id)?
+            } else {
+                None
+            };
+            if row.is_some() {
+                return Ok(row);
+            }
+            if window.contains(seq.id) {
                 return Ok(Some(JournalEntry {
                     at: window.at().unwrap_or_default(),
                     outcome: JournalOutcome::Stored,
                 }));
             }
-            if !self.legacy_device_journal {
-                return Ok(None);
-            }
         }
+        if seq.inc == 0 && self.legacy_device_journal {
+            return self.journal_row(&format!("device:{serial}"), seq.id);
+        }
+        Ok(None)
+    }
+
+    /// Records that the device message at `seq` of `serial` was handled: stored, or refused for
+    /// good (`entry` says which). The window of its outbox moves; what the window cannot say
+    /// exactly (a refusal, whose resend must be refused again, not called a duplicate; an id too
+    /// far ahead for the window) also gets a row of its own. Returns where the window put it.
+    pub fn put_device_journal(
+        &mut self,
+        serial: &str,
+        seq: Seq,
+        entry: &JournalEntry,
+    ) -> Result<seen::Placed, StoreError> {
+        let op = "write a device's seen ids";
+        let mut set = self.seen_set(serial)?.unwrap_or_default();
+        let window = set.window_for(seq.inc, seq.id);
+        let placed = window.insert(seq.id, entry.at);
+        let row = placed == seen::Placed::Beyond || entry.outcome != JournalOutcome::Stored;
+        if row {
+            window.mark_rows();
+        }
+        self.txn
+            .open_table(SEEN)
+            .map_err(backend(op))?
+            .insert(serial, set.encode().as_slice())
+            .map_err(backend(op))?;
+        self.dirty = true;
+        if row {
+            self.put_journal_row(&device_row_key(serial, seq.inc), seq.id, entry)?;
+        }
+        // `seen_set` above left this serial's entry; it now holds the new set.
+        match self.last_window.get_mut() {
+            Some((last, cached)) if last == serial => *cached = Some(set),
+            slot => *slot = Some((serial.to_owned(), Some(set))),
+        }
+        Ok(placed)
+    }
+
+    fn journal_row(&self, sender: &str, id: MsgId) -> Result<Option<JournalEntry>, StoreError> {
         let table = self
             .txn
             .open_table(JOURNAL)
@@ -592,32 +660,12 @@ impl Txn {
             .transpose()
     }
 
-    /// Records what the relay did with message `id` of `sender`: for a device's stored message,
-    /// in its window; otherwise a row of its own.
-    pub fn put_journal(
+    fn put_journal_row(
         &mut self,
         sender: &str,
         id: MsgId,
         entry: &JournalEntry,
     ) -> Result<(), StoreError> {
-        if let Some(serial) = device_of(sender)
-            && entry.outcome == JournalOutcome::Stored
-        {
-            let mut window = self.seen_window(serial)?.unwrap_or_default();
-            window.insert(id, entry.at);
-            self.txn
-                .open_table(SEEN)
-                .map_err(backend("write a device's seen ids"))?
-                .insert(serial, window.encode().as_slice())
-                .map_err(backend("write a device's seen ids"))?;
-            self.dirty = true;
-            // `seen_window` above left this serial's entry; it now holds the new window.
-            match self.last_window.get_mut() {
-                Some((last, cached)) if last == serial => *cached = Some(window),
-                slot => *slot = Some((serial.to_owned(), Some(window))),
-            }
-            return Ok(());
-        }
         let op = "write the journal";
         let bytes = encode("journal", format_args!("{sender} #{id}"), entry)?;
         self.txn
@@ -629,29 +677,32 @@ impl Txn {
         Ok(())
     }
 
-    fn seen_window(&self, serial: &str) -> Result<Option<seen::SeenWindow>, StoreError> {
-        if let Some((last, window)) = &*self.last_window.borrow()
+    fn seen_set(&self, serial: &str) -> Result<Option<seen::SeenSet>, StoreError> {
+        if let Some((last, set)) = &*self.last_window.borrow()
             && last == serial
         {
-            return Ok(window.clone());
+            return Ok(set.clone());
         }
-        let window = self.read_seen_window(serial)?;
-        *self.last_window.borrow_mut() = Some((serial.to_owned(), window.clone()));
-        Ok(window)
+        let set = self.read_seen_set(serial)?;
+        *self.last_window.borrow_mut() = Some((serial.to_owned(), set.clone()));
+        Ok(set)
     }
 
-    fn read_seen_window(&self, serial: &str) -> Result<Option<seen::SeenWindow>, StoreError> {
+    fn read_seen_set(&self, serial: &str) -> Result<Option<seen::SeenSet>, StoreError> {
         let op = "read a device's seen ids";
         let table = self.txn.open_table(SEEN).map_err(backend(op))?;
         let Some(guard) = table.get(serial).map_err(backend(op))? else {
             return Ok(None);
         };
-        seen::SeenWindow::decode(guard.value())
+        seen::SeenSet::decode(guard.value())
             .map(Some)
             .ok_or_else(|| StoreError::Corrupt {
                 table: "seen_by_device",
                 key: serial.to_owned(),
-                reason: format!("{} bytes, not a seen-ids window", guard.value().len()),
+                reason: format!(
+                    "{} bytes, not a set of seen-ids windows",
+                    guard.value().len()
+                ),
             })
     }
 
@@ -1182,6 +1233,10 @@ mod tests {
         );
     }
 
+    fn seq(id: MsgId) -> Seq {
+        Seq { inc: 0, id }
+    }
+
     fn stored_at(t: Timestamp) -> JournalEntry {
         JournalEntry {
             at: t,
@@ -1195,23 +1250,26 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut txn = store.begin().unwrap();
         // As a batch does: check, then record, for messages of devices taking turns.
-        for (sender, id) in [
-            ("device:A1", 1),
-            ("device:B1", 1),
-            ("device:A1", 2),
-            ("device:B1", 7),
-        ] {
-            assert_eq!(txn.journal(sender, id).unwrap(), None, "{sender} #{id}");
-            txn.put_journal(sender, id, &stored_at(at(9))).unwrap();
-            assert!(txn.journal(sender, id).unwrap().is_some(), "{sender} #{id}");
+        for (serial, id) in [("A1", 1), ("B1", 1), ("A1", 2), ("B1", 7)] {
+            assert_eq!(
+                txn.device_journal(serial, seq(id)).unwrap(),
+                None,
+                "{serial} #{id}"
+            );
+            txn.put_device_journal(serial, seq(id), &stored_at(at(9)))
+                .unwrap();
+            assert!(
+                txn.device_journal(serial, seq(id)).unwrap().is_some(),
+                "{serial} #{id}"
+            );
         }
         assert_eq!(
-            txn.journal("device:A1", 7).unwrap(),
+            txn.device_journal("A1", seq(7)).unwrap(),
             None,
             "B1's id is not A1's"
         );
         assert_eq!(
-            txn.journal("device:B1", 2).unwrap(),
+            txn.device_journal("B1", seq(2)).unwrap(),
             None,
             "A1's id is not B1's"
         );
@@ -1219,18 +1277,18 @@ mod tests {
 
         // What the transaction wrote is what the next one reads from the table.
         let txn = store.begin().unwrap();
-        for (sender, id, stored) in [
-            ("device:A1", 1, true),
-            ("device:A1", 2, true),
-            ("device:A1", 7, false),
-            ("device:B1", 1, true),
-            ("device:B1", 7, true),
-            ("device:B1", 2, false),
+        for (serial, id, stored) in [
+            ("A1", 1, true),
+            ("A1", 2, true),
+            ("A1", 7, false),
+            ("B1", 1, true),
+            ("B1", 7, true),
+            ("B1", 2, false),
         ] {
             assert_eq!(
-                txn.journal(sender, id).unwrap().is_some(),
+                txn.device_journal(serial, seq(id)).unwrap().is_some(),
                 stored,
-                "{sender} #{id}"
+                "{serial} #{id}"
             );
         }
     }
@@ -1270,7 +1328,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut txn = store.begin().unwrap();
         for id in [1, 2, 3, 5] {
-            txn.put_journal("device:C1", id, &stored_at(at(9))).unwrap();
+            txn.put_device_journal("C1", seq(id), &stored_at(at(9)))
+                .unwrap();
         }
         let submission = JournalEntry {
             at: at(9),
@@ -1282,13 +1341,13 @@ mod tests {
         let txn = store.begin().unwrap();
         for id in [1, 2, 3, 5] {
             assert_eq!(
-                txn.journal("device:C1", id).unwrap(),
+                txn.device_journal("C1", seq(id)).unwrap(),
                 Some(stored_at(at(9)))
             );
         }
-        assert_eq!(txn.journal("device:C1", 4).unwrap(), None);
+        assert_eq!(txn.device_journal("C1", seq(4)).unwrap(), None);
         assert_eq!(
-            txn.journal("device:C2", 1).unwrap(),
+            txn.device_journal("C2", seq(1)).unwrap(),
             None,
             "windows are per device"
         );
@@ -1320,7 +1379,107 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert!(store.legacy_device_journal);
         let txn = store.begin().unwrap();
-        assert_eq!(txn.journal("device:C1", 7).unwrap(), Some(stored_at(at(8))));
-        assert_eq!(txn.journal("device:C1", 8).unwrap(), None);
+        assert_eq!(
+            txn.device_journal("C1", seq(7)).unwrap(),
+            Some(stored_at(at(8)))
+        );
+        assert_eq!(txn.device_journal("C1", seq(8)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_forged_id_far_ahead_makes_no_real_report_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let inc = 0x5eed;
+        let at_inc = |id| Seq { inc, id };
+        let mut txn = store.begin().unwrap();
+        txn.put_device_journal("C1", at_inc(1), &stored_at(at(9)))
+            .unwrap();
+        let placed = txn
+            .put_device_journal("C1", at_inc(u64::MAX), &stored_at(at(9)))
+            .unwrap();
+        assert_eq!(placed, seen::Placed::Beyond);
+        assert!(txn.commit().unwrap());
+
+        let mut txn = store.begin().unwrap();
+        assert_eq!(
+            txn.device_journal("C1", at_inc(u64::MAX)).unwrap(),
+            Some(stored_at(at(9))),
+            "the forged id itself was stored, in a row: its resend is a duplicate"
+        );
+        for id in 2..2000 {
+            assert_eq!(
+                txn.device_journal("C1", at_inc(id)).unwrap(),
+                None,
+                "#{id} was never stored"
+            );
+            txn.put_device_journal("C1", at_inc(id), &stored_at(at(10)))
+                .unwrap();
+        }
+        assert_eq!(
+            txn.device_journal("C1", at_inc(1999)).unwrap(),
+            Some(stored_at(at(10)))
+        );
+    }
+
+    #[test]
+    fn a_device_that_starts_over_with_a_new_outbox_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (old, new) = (0x1, 0x2);
+        let mut txn = store.begin().unwrap();
+        for id in 1..=700 {
+            txn.put_device_journal("C1", Seq { inc: old, id }, &stored_at(at(9)))
+                .unwrap();
+        }
+        assert!(txn.commit().unwrap());
+        let mut txn = store.begin().unwrap();
+        // A wiped agent: a new outbox, ids from 1 again.
+        for id in 1..=3 {
+            assert_eq!(
+                txn.device_journal("C1", Seq { inc: new, id }).unwrap(),
+                None
+            );
+            txn.put_device_journal("C1", Seq { inc: new, id }, &stored_at(at(10)))
+                .unwrap();
+        }
+        assert!(
+            txn.device_journal("C1", Seq { inc: old, id: 700 })
+                .unwrap()
+                .is_some(),
+            "the old outbox's late resend is still a duplicate"
+        );
+    }
+
+    #[test]
+    fn a_refused_message_is_refused_again_never_called_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let refused = JournalEntry {
+            at: at(9),
+            outcome: JournalOutcome::Refused {
+                reason: "counter total is -999".into(),
+            },
+        };
+        let mut txn = store.begin().unwrap();
+        txn.put_device_journal("C1", seq(1), &refused).unwrap();
+        txn.put_device_journal("C1", seq(2), &stored_at(at(9)))
+            .unwrap();
+        assert!(txn.commit().unwrap());
+        let txn = store.begin().unwrap();
+        assert_eq!(txn.device_journal("C1", seq(1)).unwrap(), Some(refused));
+        assert_eq!(
+            txn.device_journal("C1", seq(2)).unwrap(),
+            Some(stored_at(at(9))),
+            "the refusal moved the window on: the next id is deduplicated as before"
+        );
+        assert!(!store.legacy_device_journal);
+        drop(txn);
+        let path = dir.path().to_owned();
+        drop(store);
+        assert!(
+            !Store::open(&path).unwrap().legacy_device_journal,
+            "a refusal's row is not a row of a relay before windows"
+        );
     }
 }

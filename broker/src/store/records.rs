@@ -56,6 +56,8 @@ pub struct JournalEntry {
 pub enum JournalOutcome {
     /// A device message was committed (or was a harmless repeat).
     Stored,
+    /// A device message was refused for good; a resend is refused again with the same reason.
+    Refused { reason: String },
     /// A host's submission became this job (accepted or recorded as rejected); a resend gets the
     /// same job back.
     Submission { job: JobId },

@@ -176,6 +176,7 @@ impl FakeRelay {
             .map(|&id| Ack {
                 id,
                 outcome: outcome.clone(),
+                inc: None,
             })
             .collect();
         let payload = Envelope::new(0, chrono::Utc::now(), AckBatch { acks })
@@ -306,7 +307,7 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                                 } else {
                                     AckOutcome::Duplicate
                                 };
-                                let batch = AckBatch { acks: vec![Ack { id, outcome }] };
+                                let batch = AckBatch { acks: vec![Ack { id, outcome, inc: None }] };
                                 let body = Envelope::new(0, chrono::Utc::now(), batch).to_cbor().unwrap();
                                 let serial = Serial::parse(&client).unwrap();
                                 let mut ack = Publish::new(topic::dev_ack(&serial), QoS::AtLeastOnce, body);

@@ -124,12 +124,14 @@ fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
                                 Ack {
                                     id: 7,
                                     outcome: AckOutcome::Stored,
+                                    inc: Some(0x1234),
                                 },
                                 Ack {
                                     id: 8,
                                     outcome: AckOutcome::Rejected {
                                         reason: "bad".into(),
                                     },
+                                    inc: None,
                                 },
                             ],
                         },

@@ -315,6 +315,7 @@ fn device_update_flow_stores_status_and_data() {
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 1,
             outcome: AckOutcome::Stored
         }]
@@ -348,6 +349,7 @@ fn device_update_flow_stores_status_and_data() {
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 3,
             outcome: AckOutcome::Stored
         }]
@@ -418,6 +420,7 @@ fn resent_update_is_acked_duplicate_and_stored_once() {
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 7,
             outcome: AckOutcome::Duplicate
         }]
@@ -436,6 +439,7 @@ fn resent_update_is_acked_duplicate_and_stored_once() {
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 8,
             outcome: AckOutcome::Stored
         }]
@@ -468,15 +472,7 @@ fn device_cannot_report_on_a_job_it_was_not_given() {
             t(9, 1),
         )
         .unwrap();
-    let reasons = |s| -> Vec<String> {
-        acks(&out, s)
-            .into_iter()
-            .map(|a| match a.outcome {
-                AckOutcome::Rejected { reason } => reason,
-                other => panic!("{other:?}"),
-            })
-            .collect()
-    };
+    let reasons = |s| reasons_in(&out, s);
     let c2 = reasons("C2");
     assert_eq!(c2[0], "job J-000001 is not addressed to C2");
     assert!(c2[1].contains("no job J-000099"), "{c2:?}");
@@ -488,20 +484,41 @@ fn device_cannot_report_on_a_job_it_was_not_given() {
         (d.view.status, d.timeline.len(), d.data),
         (JobStatus::Queued, 1, None)
     );
-    // Rejections are not journaled: the same id, once valid, is judged on its own.
+    // A refusal is remembered: the same message again (its ack lost) is refused again with the
+    // same reason — never handled anew, never called a duplicate of something stored.
     let out = core
         .handle_batch(
             vec![update("C1", 3, "J-000001", JobStatus::Delivered, None)],
             t(9, 2),
         )
         .unwrap();
+    assert_eq!(reasons_in(&out, "C1"), [c1[0].clone()]);
+    assert_eq!(detail(&core, "J-000001").view.status, JobStatus::Queued);
+    // And the refused ids do not hold the device's window back: the next ids are served.
+    let out = core
+        .handle_batch(
+            vec![update("C1", 5, "J-000001", JobStatus::Delivered, None)],
+            t(9, 3),
+        )
+        .unwrap();
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
-            id: 3,
+            inc: None,
+            id: 5,
             outcome: AckOutcome::Stored
         }]
     );
+}
+
+fn reasons_in(out: &[Outbound], serial: &str) -> Vec<String> {
+    acks(out, serial)
+        .into_iter()
+        .map(|a| match a.outcome {
+            AckOutcome::Rejected { reason } => reason,
+            other => panic!("{other:?}"),
+        })
+        .collect()
 }
 
 #[test]
@@ -556,6 +573,7 @@ fn malformed_and_oversized_payloads_are_rejected_while_the_batch_goes_on() {
     assert_eq!(
         a[2],
         Ack {
+            inc: None,
             id: 9,
             outcome: AckOutcome::Stored
         }
@@ -729,6 +747,7 @@ fn jobs_past_their_deadline_time_out() {
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 1,
             outcome: AckOutcome::Stored
         }]
@@ -852,6 +871,7 @@ fn device_state_fills_in_the_site_of_earlier_jobs() {
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 1,
             outcome: AckOutcome::Stored
         }]
@@ -880,6 +900,7 @@ fn device_state_fills_in_the_site_of_earlier_jobs() {
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 1,
             outcome: AckOutcome::Duplicate
         }]
@@ -917,6 +938,7 @@ fn a_repeated_site_skips_the_fill_but_a_damaged_device_record_does_not() {
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 3,
             outcome: AckOutcome::Stored
         }]
@@ -978,6 +1000,7 @@ fn held_acks_are_committed_and_a_restart_answers_the_resend_as_duplicate() {
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 4,
             outcome: AckOutcome::Duplicate
         }]
@@ -1028,6 +1051,7 @@ fn a_corrupt_job_record_costs_only_its_own_messages() {
     assert_eq!(
         acks(&out, "C2"),
         [Ack {
+            inc: None,
             id: 1,
             outcome: AckOutcome::Stored
         }]

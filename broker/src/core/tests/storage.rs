@@ -27,6 +27,7 @@ fn a_failed_commit_acks_nothing_refuses_writes_and_recovers_when_space_returns()
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 1,
             outcome: AckOutcome::Stored
         }]
@@ -80,6 +81,7 @@ fn a_failed_commit_acks_nothing_refuses_writes_and_recovers_when_space_returns()
     assert_eq!(
         acks(&out, "C1"),
         [Ack {
+            inc: None,
             id: 2,
             outcome: AckOutcome::Stored
         }]
@@ -102,6 +104,7 @@ fn a_failed_commit_acks_nothing_refuses_writes_and_recovers_when_space_returns()
     assert_eq!(
         acks(&again, "C1"),
         [Ack {
+            inc: None,
             id: 1,
             outcome: AckOutcome::Duplicate
         }],

@@ -9,27 +9,53 @@
 
 use std::fmt;
 
-/// A peer-chosen string for a log field: `%Shown(&topic)` or `tracing::field::display(Shown(…))`.
+/// A peer-chosen value for a log field: `%Shown(&topic)`, or any `Display` whose text may carry
+/// what a peer sent (a decode error quoting the payload, say): `%Shown(&error)`.
 #[derive(Debug, Clone, Copy)]
-pub struct Shown<'a>(pub &'a str);
+pub struct Shown<T>(pub T);
 
-impl Shown<'_> {
+impl Shown<&str> {
     /// Characters of the value a log line keeps; enough for any name a real client uses.
     pub const MAX_CHARS: usize = 120;
 }
 
-impl fmt::Display for Shown<'_> {
+impl<T: fmt::Display> fmt::Display for Shown<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut chars = self.0.char_indices();
-        for (_, c) in chars.by_ref().take(Self::MAX_CHARS) {
-            if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
-                write!(f, "{}", c.escape_debug())?;
-            } else {
-                fmt::Write::write_char(f, c)?;
-            }
+        let mut out = Escaped {
+            f,
+            kept: 0,
+            left_out: 0,
+        };
+        fmt::Write::write_fmt(&mut out, format_args!("{}", self.0))?;
+        let left_out = out.left_out;
+        if left_out > 0 {
+            write!(f, "…(+{left_out} bytes)")?;
         }
-        if let Some((at, _)) = chars.next() {
-            write!(f, "…(+{} bytes)", self.0.len() - at)?;
+        Ok(())
+    }
+}
+
+/// Writes what it is given with control characters escaped, up to [`Shown::MAX_CHARS`]
+/// characters, and counts the bytes past that.
+struct Escaped<'a, 'b> {
+    f: &'a mut fmt::Formatter<'b>,
+    kept: usize,
+    left_out: usize,
+}
+
+impl fmt::Write for Escaped<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for (at, c) in s.char_indices() {
+            if self.kept == Shown::MAX_CHARS {
+                self.left_out += s.len() - at;
+                return Ok(());
+            }
+            self.kept += 1;
+            if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+                write!(self.f, "{}", c.escape_debug())?;
+            } else {
+                self.f.write_char(c)?;
+            }
         }
         Ok(())
     }
@@ -43,7 +69,7 @@ impl fmt::Display for ShownBytes<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let cut = self.0.len().min(Shown::MAX_CHARS * 4);
         let text = String::from_utf8_lossy(&self.0[..cut]);
-        let shown = Shown(&text);
+        let shown = Shown(text.as_ref());
         if cut < self.0.len() {
             // Count what was left out in bytes of the original, not of the lossy copy.
             let kept: String = text.chars().take(Shown::MAX_CHARS).collect();
@@ -92,6 +118,14 @@ mod tests {
         let shown = Shown(&site).to_string();
         assert!(shown.starts_with(&"大阪".repeat(60)));
         assert!(shown.ends_with(&format!("…(+{} bytes)", 80 * 3)));
+    }
+
+    #[test]
+    fn any_display_is_shown_the_same_way() {
+        let error = format!("unknown variant `{}\nFORGED`", "v".repeat(500));
+        let shown = Shown(&error).to_string();
+        assert!(!shown.contains('\n') && shown.ends_with("bytes)"), "{shown}");
+        assert_eq!(Shown(42).to_string(), "42");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
-use crate::data::SectionData;
+use crate::data::{SectionData, Value};
 
 /// `dev/{serial}/up/counters`: the device's counters, read on its own schedule (the seed's
 /// periodic call), sent through the outbox like every report.
@@ -35,5 +35,38 @@ pub struct CounterReading {
     pub counters: SectionData,
 }
 
+/// Checks a counters section before it becomes a meter reading: a counter counts pages, so it is
+/// a whole number from 0 up. (The wire has no floats for it: a value that is not a boolean, an
+/// integer or a string is refused when the message is decoded, so NaN and infinities never get
+/// here.) The error names the counter and says what is wrong, for the device's log.
+pub fn check_counters(counters: &SectionData) -> Result<(), String> {
+    for (name, value) in counters {
+        if let Value::Int(n) = value
+            && *n < 0
+        {
+            return Err(format!(
+                "counter {name:?} is {n}: counters are whole numbers from 0 up"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Most readings one export reply carries; the host asks for the rest from the reply's `next`.
 pub const MAX_READINGS_PER_PAGE: usize = 500;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negative_counters_are_refused_with_the_counter_named() {
+        let mut counters = SectionData::new();
+        counters.insert("total".into(), Value::Int(1200));
+        counters.insert("model".into(), Value::from("C300"));
+        assert_eq!(check_counters(&counters), Ok(()));
+        counters.insert("duplex".into(), Value::Int(-999));
+        let why = check_counters(&counters).unwrap_err();
+        assert!(why.contains("\"duplex\" is -999"), "{why}");
+    }
+}

@@ -124,7 +124,10 @@ mod tests {
     fn any_display_is_shown_the_same_way() {
         let error = format!("unknown variant `{}\nFORGED`", "v".repeat(500));
         let shown = Shown(&error).to_string();
-        assert!(!shown.contains('\n') && shown.ends_with("bytes)"), "{shown}");
+        assert!(
+            !shown.contains('\n') && shown.ends_with("bytes)"),
+            "{shown}"
+        );
         assert_eq!(Shown(42).to_string(), "42");
     }
 

@@ -10,7 +10,7 @@ use protocol::device::{AckOutcome, DeviceState, JobUpdate, MergeRequest};
 use protocol::job::JobStatus;
 use protocol::presence::StateReport;
 use protocol::topic::UpKind;
-use protocol::{Envelope, Seq, Serial, Timestamp};
+use protocol::{Envelope, Seq, Serial, Shown, Timestamp};
 use tracing::{debug, error, info, warn};
 
 use super::{Core, Done, Pending, views};
@@ -239,9 +239,9 @@ fn state_update(
         firmware,
     } = &state;
     if changed {
-        info!(serial = %serial, site = %site, model = %model, firmware = %firmware, "device state stored");
+        info!(serial = %serial, site = %Shown(site), model = %Shown(model), firmware = %Shown(firmware), "device state stored");
     } else {
-        debug!(serial = %serial, site = %site, model = %model, firmware = %firmware, "device state stored (unchanged)");
+        debug!(serial = %serial, site = %Shown(site), model = %Shown(model), firmware = %Shown(firmware), "device state stored (unchanged)");
     }
     txn.put_device(
         serial,
@@ -284,7 +284,7 @@ fn merge_request(
             Ok(AckOutcome::Stored)
         }
         MergeOutcome::Refused(reason) => {
-            warn!(serial = %serial, job = %req.job, topic, reason = %reason, "refused merge request");
+            warn!(serial = %serial, job = %req.job, topic, reason = %Shown(&reason), "refused merge request");
             Ok(AckOutcome::Rejected { reason })
         }
     }
@@ -304,7 +304,7 @@ fn fetch(
     let req = match super::decode::<FetchRequest>(payload, core.settings.max_payload_bytes) {
         Ok(env) => env.body,
         Err(e) => {
-            warn!(serial = %serial, topic, reason = %e, "refused fetch request");
+            warn!(serial = %serial, topic, reason = %Shown(&e), "refused fetch request");
             return Ok(());
         }
     };
@@ -340,7 +340,7 @@ fn fetch(
             });
         }
         FetchOutcome::Refused(reason) => {
-            warn!(serial = %serial, job = %req.job, artifact = %req.artifact, reason = %reason, "fetch refused; nothing served");
+            warn!(serial = %serial, job = %req.job, artifact = %req.artifact, reason = %Shown(&reason), "fetch refused; nothing served");
         }
     }
     Ok(())
@@ -376,9 +376,9 @@ pub(super) fn decode_new<T: serde::de::DeserializeOwned>(
 }
 
 /// Refusals are logged within a budget: a device can send broken messages as fast as it likes.
-fn log_refusal(serial: &Serial, topic: &str, reason: &str) {
+pub(super) fn log_refusal(serial: &Serial, topic: &str, reason: &str) {
     static BUDGET: super::log_budget::LogBudget = super::log_budget::LogBudget::new();
     if let super::log_budget::Verdict::Log { suppressed } = BUDGET.check() {
-        warn!(serial = %serial, topic, reason, suppressed, "refused device message");
+        warn!(serial = %serial, topic, reason = %Shown(reason), suppressed, "refused device message");
     }
 }

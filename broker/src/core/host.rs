@@ -8,7 +8,7 @@
 use protocol::artifact::Chunk;
 use protocol::host::{HostReply, HostRequest, SubmitJob};
 use protocol::job::JobStatus;
-use protocol::{Envelope, HostId, Identity, MsgId, Timestamp};
+use protocol::{Envelope, HostId, Identity, MsgId, Shown, Timestamp};
 use tracing::{error, info, warn};
 
 use super::{Core, Done, Pending, views};
@@ -30,7 +30,7 @@ pub(super) fn handle(
         Ok(env) => env,
         Err(e) => {
             let reason = e.to_string();
-            warn!(host = %host, topic, reason = %reason, "refused host request");
+            warn!(host = %host, topic, reason = %Shown(&reason), "refused host request");
             let reply_to = Envelope::peek_id(payload).unwrap_or(0);
             return p.reply(host, reply_to, HostReply::Error { reason }, now);
         }
@@ -66,7 +66,7 @@ pub(super) fn handle_refusing(
         Ok(env) => env,
         Err(e) => {
             let reason = e.to_string();
-            warn!(host = %host, topic, reason = %reason, "refused host request");
+            warn!(host = %host, topic, reason = %Shown(&reason), "refused host request");
             let reply_to = Envelope::peek_id(payload).unwrap_or(0);
             p.reply(host, reply_to, HostReply::Error { reason }, now)?;
             return Ok(true);
@@ -169,7 +169,7 @@ fn answer(
                     HostReply::Upload { artifact: info }
                 }
                 Err(rejected) => {
-                    warn!(host = %host, artifact = %artifact, reason = %rejected, "upload refused");
+                    warn!(host = %host, artifact = %artifact, reason = %Shown(&rejected), "upload refused");
                     HostReply::Error { reason: rejected.0 }
                 }
             })
@@ -233,7 +233,7 @@ fn cancel(
             Ok(HostReply::Canceled { job: record.view })
         }
         CancelOutcome::Refused(reason) => {
-            warn!(host = %host, job, reason = %reason, "cancel refused");
+            warn!(host = %host, job = %Shown(job), reason = %Shown(&reason), "cancel refused");
             Ok(HostReply::Error { reason })
         }
     }
@@ -265,7 +265,7 @@ fn upload_chunk(
             HostReply::Error { reason }
         }
         ChunkOutcome::Refused(reason) => {
-            warn!(host = %host, artifact = %chunk.artifact, index = chunk.index, reason = %reason, "upload chunk refused");
+            warn!(host = %host, artifact = %chunk.artifact, index = chunk.index, reason = %Shown(&reason), "upload chunk refused");
             HostReply::Error { reason }
         }
     })
@@ -321,7 +321,7 @@ fn submit(
     match &view.reason {
         None => info!(host = %host, job = %view.id, serial = %view.serial, "job submitted"),
         Some(reason) => {
-            warn!(host = %host, job = %view.id, serial = %view.serial, reason = %reason, "submission rejected")
+            warn!(host = %host, job = %view.id, serial = %view.serial, reason = %Shown(&reason), "submission rejected")
         }
     }
     Ok(submission_reply(record))

@@ -5,9 +5,9 @@
 use protocol::data::Section;
 use protocol::device::{AckOutcome, JobUpdate};
 use protocol::host::HostReply;
-use protocol::meter::{CounterReading, CounterReport, MAX_READINGS_PER_PAGE};
-use protocol::{JobId, Serial, Timestamp};
-use tracing::{debug, error};
+use protocol::meter::{self, CounterReading, CounterReport, MAX_READINGS_PER_PAGE};
+use protocol::{JobId, Serial, Shown, Timestamp};
+use tracing::{debug, error, warn};
 
 use super::{Core, Pending, alarm::site_of};
 use crate::store::{ReadingCursor, StoreError, Txn};
@@ -29,6 +29,11 @@ pub(super) fn report(
     };
     let seq = env.seq();
     let id = seq.id;
+    if let Err(reason) = meter::check_counters(&env.body.counters) {
+        super::device::log_refusal(serial, topic, &reason);
+        p.ack(serial, seq, AckOutcome::Rejected { reason });
+        return Ok(());
+    }
     let reading = CounterReading {
         serial: serial.to_string(),
         site: site_of(txn, serial)?,
@@ -62,6 +67,12 @@ pub(super) fn job_reading(
     let Some(counters) = update.data.as_ref().and_then(|d| d.get(&Section::Counters)) else {
         return Ok(());
     };
+    // The job's result is the device's answer and is kept as it came; only billing must not
+    // count what cannot be a meter reading.
+    if let Err(reason) = meter::check_counters(counters) {
+        warn!(serial = %serial, job = %job, reason = %Shown(&reason), "job result's counters are not a meter reading; none recorded");
+        return Ok(());
+    }
     let reading = CounterReading {
         serial: serial.to_string(),
         site: site_of(txn, serial)?,

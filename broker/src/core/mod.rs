@@ -37,7 +37,7 @@ use protocol::device::{Ack, AckBatch, AckOutcome, DeviceState};
 use protocol::host::{HostReply, HostResponse};
 use protocol::job::JobStatus;
 use protocol::topic::{Topic, UpKind};
-use protocol::{Envelope, HostId, JobId, MsgId, Seq, Serial, Timestamp, topic};
+use protocol::{Envelope, HostId, JobId, MsgId, Seq, Serial, Shown, Timestamp, topic};
 use tracing::{error, info, warn};
 
 use crate::jobs;
@@ -197,7 +197,7 @@ impl Done {
                 chunks,
                 complete,
             } => {
-                info!(host = %host, artifact = %artifact, version = %version, received, chunks, complete, "upload begun")
+                info!(host = %host, artifact = %artifact, version = %Shown(&version), received, chunks, complete, "upload begun")
             }
             Done::UploadComplete {
                 host,
@@ -205,7 +205,7 @@ impl Done {
                 version,
                 size,
             } => {
-                info!(host = %host, artifact = %artifact, version = %version, size, "artifact stored")
+                info!(host = %host, artifact = %artifact, version = %Shown(&version), size, "artifact stored")
             }
             Done::UploadDropped { host, artifact } => {
                 warn!(host = %host, artifact = %artifact, "digest mismatch; upload dropped")
@@ -374,7 +374,7 @@ impl Core {
                     now,
                 )?,
                 Ok(_) | Err(_) => {
-                    warn!(topic = %msg.topic, "core ignores a message on a topic it does not serve")
+                    warn!(topic = %Shown(&msg.topic), "core ignores a message on a topic it does not serve")
                 }
             }
         }
@@ -457,7 +457,7 @@ impl Core {
                     }
                 }
                 (Ok(_) | Err(_), _) => {
-                    warn!(topic = %msg.topic, "core ignores a message on a topic it does not serve")
+                    warn!(topic = %Shown(&msg.topic), "core ignores a message on a topic it does not serve")
                 }
             }
         }

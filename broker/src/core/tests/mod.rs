@@ -18,6 +18,7 @@ use super::*;
 
 mod alarms;
 mod kinds;
+mod meter;
 mod storage;
 
 const LIMIT: usize = 65536;

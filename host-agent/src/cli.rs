@@ -66,7 +66,8 @@ pub struct ConnectArgs {
     /// This host's private key (PEM). Overrides `key` in --config.
     #[arg(long, value_name = "FILE", global = true, help_heading = "Connection")]
     pub key: Option<PathBuf>,
-    /// A TOML file with broker, ca, cert, key and timeout_secs (see config/host-agent.toml).
+    /// A TOML file with broker, ca, cert, key, timeout_secs and the dashboard's allowed_hosts
+    /// (see config/host-agent.toml).
     /// Relative paths in it are read from the file's own directory.
     #[arg(long, value_name = "FILE", global = true, help_heading = "Connection")]
     pub config: Option<PathBuf>,

@@ -327,6 +327,13 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/host-agent.toml");
         let file = ConfigFile::load(&path).unwrap();
         assert!(file.broker.is_some() && file.ca.is_some() && file.timeout_secs.is_some());
+        // Its commented-out example of the dashboard's names holds too.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("# allowed_hosts = ", "allowed_hosts = ");
+        let file = ConfigFile::parse(&text, &path).unwrap();
+        let s = Settings::merge(file, &path, &ConnectArgs::default()).unwrap();
+        assert!(!s.allowed_hosts.is_empty());
     }
 
     #[test]

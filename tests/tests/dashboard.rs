@@ -693,14 +693,21 @@ async fn a_page_under_another_name_or_a_form_from_another_origin_is_refused() {
         "the refusal says which flag admits a name of one's own:\n{}",
         r.body
     );
-    assert!(!r.head.to_ascii_lowercase().contains("set-cookie"), "{}", r.head);
+    assert!(
+        !r.head.to_ascii_lowercase().contains("set-cookie"),
+        "{}",
+        r.head
+    );
     assert!(!r.body.contains("csrf"), "{}", r.body);
     for path in ["/submit", "/events", "/login", "/static/dashboard.js"] {
         assert_eq!(get_as(&base, &evil, path).await.status, 421, "{path}");
     }
     // The same port under another loopback name of the machine's, or no name at all.
     for host in [
-        format!("127.0.0.1:{}", port.parse::<u16>().expect("a port number") ^ 1),
+        format!(
+            "127.0.0.1:{}",
+            port.parse::<u16>().expect("a port number") ^ 1
+        ),
         "127.0.0.1".to_owned(),
     ] {
         assert_eq!(get_as(&base, &host, "/").await.status, 421, "Host: {host}");
@@ -723,7 +730,14 @@ async fn a_page_under_another_name_or_a_form_from_another_origin_is_refused() {
     let host = format!("127.0.0.1:{port}");
     let (cookie, form) = session_as(&base, &host).await;
     for origin in [format!("http://{evil}"), "null".to_owned()] {
-        let r = post_as(&base, &host, &format!("Origin: {origin}\r\n"), &cookie, &form).await;
+        let r = post_as(
+            &base,
+            &host,
+            &format!("Origin: {origin}\r\n"),
+            &cookie,
+            &form,
+        )
+        .await;
         assert_eq!(r.status, 403, "Origin: {origin}\n{}", r.body);
         assert!(r.body.contains("Origin"), "{}", r.body);
     }
@@ -735,13 +749,21 @@ async fn a_page_under_another_name_or_a_form_from_another_origin_is_refused() {
     }
 
     // A name of one's own (a reverse proxy's, say) is admitted with --allowed-host.
-    let (_dash2, base2) =
-        dashboard_named(&env, &broker, "dashboard2", &["--allowed-host", "dash.example"]).await;
+    let (_dash2, base2) = dashboard_named(
+        &env,
+        &broker,
+        "dashboard2",
+        &["--allowed-host", "dash.example"],
+    )
+    .await;
     let port2 = base2.rsplit(':').next().expect("a port");
     for host in [format!("dash.example:{port2}"), "DASH.example".to_owned()] {
         assert_eq!(get_as(&base2, &host, "/").await.status, 200, "Host: {host}");
     }
-    assert_eq!(get_as(&base2, "dash.example.evil:80", "/").await.status, 421);
+    assert_eq!(
+        get_as(&base2, "dash.example.evil:80", "/").await.status,
+        421
+    );
     assert_eq!(get_as(&base2, &evil, "/").await.status, 421);
     // Behind a TLS proxy the browser's origin is the proxy's https one.
     let (cookie, form) = session_as(&base2, "dash.example").await;
@@ -749,7 +771,12 @@ async fn a_page_under_another_name_or_a_form_from_another_origin_is_refused() {
     let r = post_as(&base2, "dash.example", extra, &cookie, &form).await;
     assert_eq!(r.status, 409, "the proxy's own origin:\n{}", r.body);
     let extra = "Origin: https://dash.example.evil\r\n";
-    assert_eq!(post_as(&base2, "dash.example", extra, &cookie, &form).await.status, 403);
+    assert_eq!(
+        post_as(&base2, "dash.example", extra, &cookie, &form)
+            .await
+            .status,
+        403
+    );
 }
 
 #[tokio::test]

@@ -183,7 +183,14 @@ async fn device_chosen_names_stay_in_their_cells_and_never_become_formulas() {
     let mut c1 = env.device("C1").site(SITE).start(&broker).await;
     let host = env.host("svc", &broker);
     let job = host
-        .submit(&["--serial", "C1", "--kind", "get-data", "--sections", "counters"])
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "get-data",
+            "--sections",
+            "counters",
+        ])
         .await;
     host.wait_for_status(&job, "succeeded", deadline()).await;
     c1.stop().await;
@@ -239,7 +246,11 @@ async fn device_chosen_names_stay_in_their_cells_and_never_become_formulas() {
                 .collect()
         })
         .collect();
-    assert_eq!(rows.len(), 3, "a header and two readings, nothing stray:\n{text}");
+    assert_eq!(
+        rows.len(),
+        3,
+        "a header and two readings, nothing stray:\n{text}"
+    );
     let header = &rows[0];
     for name in ["'=1+1", "'@SUM(A1)", "a,b\nc", "note"] {
         assert!(header.iter().any(|h| h == name), "{name:?} in {header:?}");

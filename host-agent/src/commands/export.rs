@@ -212,8 +212,17 @@ mod tests {
         assert_eq!(
             header,
             [
-                "serial", "site", "read_at", "source", "total", "'\tx", "'+cmd", "'=1+1",
-                "'@SUM(A1)", "a,b\nc", "ok"
+                "serial",
+                "site",
+                "read_at",
+                "source",
+                "total",
+                "'\tx",
+                "'+cmd",
+                "'=1+1",
+                "'@SUM(A1)",
+                "a,b\nc",
+                "ok"
             ],
             "{csv}"
         );

@@ -362,7 +362,10 @@ mod tests {
         let visitor = sessions.create();
         assert_eq!(sessions.held(), 0, "a visitor is not stored");
         let again = sessions.find(&with_cookie(&visitor.id)).unwrap();
-        assert_eq!((again.id.as_str(), again.csrf.as_str()), (visitor.id.as_str(), visitor.csrf.as_str()));
+        assert_eq!(
+            (again.id.as_str(), again.csrf.as_str()),
+            (visitor.id.as_str(), visitor.csrf.as_str())
+        );
         assert!(again.authenticated, "no password: everyone is in");
         let other = sessions.create();
         assert_ne!(other.csrf, visitor.csrf);

@@ -216,7 +216,12 @@ impl AllowedHosts {
                     .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
             });
         };
-        for named in uri.authority().map(|a| a.as_str()).into_iter().chain([host]) {
+        for named in uri
+            .authority()
+            .map(|a| a.as_str())
+            .into_iter()
+            .chain([host])
+        {
             if !self.allows(named, HTTP_PORT) {
                 return Err(Refusal::Host {
                     named: Some(named.to_owned()),
@@ -518,10 +523,19 @@ mod tests {
             origin: "null".into(),
         });
         assert_eq!(status, StatusCode::FORBIDDEN);
-        assert!(text.contains("Origin") && text.contains("--allowed-host"), "{text}");
+        assert!(
+            text.contains("Origin") && text.contains("--allowed-host"),
+            "{text}"
+        );
         assert!("dash.example".parse::<AllowedHost>().is_ok());
         assert!("[::1]:8080".parse::<AllowedHost>().is_ok());
-        for bad in ["http://dash.example", "dash.example/x", "", "a b", "*.example"] {
+        for bad in [
+            "http://dash.example",
+            "dash.example/x",
+            "",
+            "a b",
+            "*.example",
+        ] {
             let e = bad.parse::<AllowedHost>().unwrap_err().to_string();
             assert!(e.contains("NAME:PORT"), "{e}");
         }

@@ -20,8 +20,8 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use super::auth::{self, Session, Sessions};
-use super::html::{self, Frame, JobFilter, Page, SubmitForm};
 use super::hosts::{self, AllowedHosts};
+use super::html::{self, Frame, JobFilter, Page, SubmitForm};
 use super::model::Model;
 use super::{sse, submit};
 use crate::client::{HostClient, HostError, unexpected};

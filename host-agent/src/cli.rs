@@ -66,7 +66,8 @@ pub struct ConnectArgs {
     /// This host's private key (PEM). Overrides `key` in --config.
     #[arg(long, value_name = "FILE", global = true, help_heading = "Connection")]
     pub key: Option<PathBuf>,
-    /// A TOML file with broker, ca, cert, key and timeout_secs (see config/host-agent.toml).
+    /// A TOML file with broker, ca, cert, key, timeout_secs and the dashboard's allowed_hosts
+    /// (see config/host-agent.toml).
     /// Relative paths in it are read from the file's own directory.
     #[arg(long, value_name = "FILE", global = true, help_heading = "Connection")]
     pub config: Option<PathBuf>,
@@ -113,8 +114,9 @@ pub enum Command {
 /// Open pages update by themselves (Server-Sent Events).
 ///
 /// The page's URL is printed alone on stdout. It listens on 127.0.0.1:8080 by default; any
-/// address that is not loopback is refused unless --auth sets a password. The page is plain
-/// HTTP: to serve it beyond this machine, put it behind a TLS reverse proxy.
+/// address that is not loopback is refused unless --auth sets a password. It answers only to
+/// its own address (see --allowed-host). The page is plain HTTP: to serve it beyond this
+/// machine, put it behind a TLS reverse proxy.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "\
 Examples:
@@ -124,7 +126,11 @@ Examples:
   # For the whole office: a password, and firmware uploads signed with the publisher key
   printf '%s\\n' 'a long passphrase' > dashboard.pw && chmod 600 dashboard.pw
   host-agent --config config/host-agent.toml dashboard --listen 0.0.0.0:8080 \\
-      --auth dashboard.pw --signing-key keys/publisher.key")]
+      --auth dashboard.pw --signing-key keys/publisher.key
+
+  # Behind a TLS reverse proxy at https://dash.example.com/
+  host-agent --config config/host-agent.toml dashboard --auth dashboard.pw \\
+      --allowed-host dash.example.com")]
 pub struct DashboardArgs {
     /// Where to serve the page, as ADDRESS:PORT. Any address that is not loopback (127.0.0.1,
     /// ::1) needs --auth. Port 0 picks a free one (the URL on stdout says which).
@@ -143,6 +149,14 @@ pub struct DashboardArgs {
     /// Days of meter readings behind each device's chart.
     #[arg(long, value_name = "N", default_value_t = crate::dashboard::DEFAULT_COUNTER_DAYS, value_parser = clap::value_parser!(u32).range(1..=3660))]
     pub counter_days: u32,
+    /// Also answer to this name (any port), or NAME:PORT (that port only): a reverse proxy's
+    /// name, or this machine's. Repeatable. Without it the page answers only to its listening
+    /// address (and localhost, 127.0.0.1 and [::1] at the listening port when that is
+    /// loopback), and refuses other names (421) and forms from other origins (403), so that a
+    /// web page cannot reach it by pointing its own name at this machine (DNS rebinding).
+    /// Replaces `allowed_hosts` in --config.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<crate::dashboard::AllowedHost>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -822,7 +836,23 @@ mod tests {
         };
         assert_eq!(d.listen.port(), 9000);
         assert_eq!(d.auth, Some(PathBuf::from("pw.txt")));
+        assert!(d.allowed_hosts.is_empty());
         assert!(parse(&["dashboard", "--listen", "localhost"]).is_err());
+        let cli = parse(&[
+            "dashboard",
+            "--allowed-host",
+            "dash.example.com",
+            "--allowed-host",
+            "office-pc:8080",
+        ])
+        .unwrap();
+        let Command::Dashboard(d) = cli.command else {
+            panic!("not dashboard")
+        };
+        let names: Vec<String> = d.allowed_hosts.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["dash.example.com", "office-pc:8080"]);
+        let e = parse(&["dashboard", "--allowed-host", "http://x/"]).unwrap_err();
+        assert!(e.to_string().contains("NAME:PORT"), "{e}");
     }
 
     #[test]

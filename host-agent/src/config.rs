@@ -1,6 +1,7 @@
 //! Connection settings: a TOML file for what stays the same, flags for the moment. Flags win.
 //!
-//! The file's keys are the flags' names (`broker`, `proxy`, `ca`, `cert`, `key`, `timeout_secs`); an
+//! The file's keys are the flags' names (`broker`, `proxy`, `ca`, `cert`, `key`, `timeout_secs`,
+//! and the dashboard's `allowed_hosts`, the list of its `--allowed-host`); an
 //! unknown key is an error, so a typo cannot silently fall back to a default. Relative paths in
 //! the file are read from the file's directory, so one file works from any working directory.
 
@@ -14,6 +15,7 @@ use serde::Deserialize;
 
 use crate::cli::ConnectArgs;
 use crate::client::DEFAULT_TIMEOUT;
+use crate::dashboard::{AllowedHost, hosts::BadAllowedHost};
 
 /// The `--config` file, as written.
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -25,6 +27,8 @@ pub struct ConfigFile {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub timeout_secs: Option<u64>,
+    /// `dashboard`: names it answers to besides its listening address.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +53,11 @@ pub enum ConfigError {
     BadProxy(BadProxy),
     #[error("config file {}: `timeout_secs` must be at least 1", .path.display())]
     ZeroTimeout { path: PathBuf },
+    #[error("config file {}: `allowed_hosts`: {source}", .path.display())]
+    BadAllowedHost {
+        path: PathBuf,
+        source: BadAllowedHost,
+    },
     #[error("no {what} given: pass --{flag} {example}, or set `{flag}` in a --config file")]
     Missing {
         what: &'static str,
@@ -67,6 +76,8 @@ pub struct Settings {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub timeout: Duration,
+    /// The file's `allowed_hosts` (the dashboard's `--allowed-host`, given, replaces them).
+    pub allowed_hosts: Vec<AllowedHost>,
 }
 
 impl ConfigFile {
@@ -161,6 +172,17 @@ impl Settings {
             (None, Some(secs)) => Duration::from_secs(secs),
             (None, None) => DEFAULT_TIMEOUT,
         };
+        let allowed_hosts = file
+            .allowed_hosts
+            .unwrap_or_default()
+            .iter()
+            .map(|name| {
+                name.parse().map_err(|source| ConfigError::BadAllowedHost {
+                    path: path.to_owned(),
+                    source,
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Settings {
             broker,
             proxy,
@@ -168,6 +190,7 @@ impl Settings {
             cert,
             key,
             timeout,
+            allowed_hosts,
         })
     }
 }
@@ -304,6 +327,31 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/host-agent.toml");
         let file = ConfigFile::load(&path).unwrap();
         assert!(file.broker.is_some() && file.ca.is_some() && file.timeout_secs.is_some());
+        // Its commented-out example of the dashboard's names holds too.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("# allowed_hosts = ", "allowed_hosts = ");
+        let file = ConfigFile::parse(&text, &path).unwrap();
+        let s = Settings::merge(file, &path, &ConnectArgs::default()).unwrap();
+        assert!(!s.allowed_hosts.is_empty());
+    }
+
+    #[test]
+    fn allowed_hosts_are_read_and_checked() {
+        let text = format!("{FULL}\nallowed_hosts = [\"dash.example.com\", \"office-pc:8080\"]");
+        let file = ConfigFile::parse(&text, Path::new("h.toml")).unwrap();
+        let s = Settings::merge(file, Path::new("h.toml"), &ConnectArgs::default()).unwrap();
+        let names: Vec<String> = s.allowed_hosts.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["dash.example.com", "office-pc:8080"]);
+        let bad = format!("{FULL}\nallowed_hosts = [\"https://dash.example.com/\"]");
+        let file = ConfigFile::parse(&bad, Path::new("h.toml")).unwrap();
+        let e = Settings::merge(file, Path::new("h.toml"), &ConnectArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("h.toml") && e.contains("allowed_hosts") && e.contains("NAME:PORT"),
+            "{e}"
+        );
     }
 
     #[test]

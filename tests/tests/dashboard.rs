@@ -21,9 +21,19 @@ const HOSTILE_ESCAPED: &str = "&lt;script&gt;alert(1)&lt;/script&gt;";
 /// `host-agent dashboard --listen 127.0.0.1:0 EXTRA…` as host `svc`; returns the process and
 /// the base URL it printed, once the page says the relay is connected.
 async fn dashboard(env: &TestEnv, broker: &Broker, extra: &[&str]) -> (Proc, String) {
+    dashboard_named(env, broker, "dashboard", extra).await
+}
+
+/// [`dashboard`], logging to `<name>.log`, for a test that runs more than one.
+async fn dashboard_named(
+    env: &TestEnv,
+    broker: &Broker,
+    name: &str,
+    extra: &[&str],
+) -> (Proc, String) {
     let mut args = vec!["dashboard", "--listen", "127.0.0.1:0"];
     args.extend_from_slice(extra);
-    let proc = env.host("svc", broker).spawn("dashboard", &args);
+    let proc = env.host("svc", broker).spawn(name, &args);
     let line = proc
         .wait_for_line("the dashboard's URL on stdout", deadline(), |l| {
             l.trim_start().starts_with("http://127.0.0.1:")
@@ -572,12 +582,200 @@ async fn a_password_guards_the_dashboard_and_other_addresses_need_one() {
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.body.contains("Log out"), "{}", r.body);
     let csrf = r.csrf();
+
+    // Strangers without a cookie, more of them than the dashboard keeps sessions for, do not
+    // displace the logged-in session: its cookie and its forms' token still hold.
+    let mut stranger = Web::new(&base);
+    for _ in 0..1100 {
+        stranger.cookie = None;
+        assert_eq!(stranger.get("/login").await.status, StatusCode::OK);
+    }
+    let r = web.get("/").await;
+    assert_eq!(r.status, StatusCode::OK, "still logged in: {}", r.body);
+    assert_eq!(r.csrf(), csrf);
+
     let r = web.post("/logout", &[("csrf", &csrf)]).await;
     assert_eq!(r.status, StatusCode::SEE_OTHER);
     assert_eq!(
         web.get("/").await.status,
         StatusCode::SEE_OTHER,
         "logged out"
+    );
+}
+
+/// One HTTP/1.1 exchange over a plain TCP connection, written byte for byte as given: the way to
+/// send the `Host` and `Origin` a browser on another site would send, which an HTTP client
+/// library fills in by itself.
+struct RawReply {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+async fn raw_http(base: &str, request: &str) -> RawReply {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = base.trim_start_matches("http://");
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(request.as_bytes()).await?;
+        let mut bytes = Vec::new();
+        tcp.read_to_end(&mut bytes).await?;
+        Ok::<_, std::io::Error>(bytes)
+    };
+    let bytes = tokio::time::timeout(deadline(), exchange)
+        .await
+        .expect("the dashboard answers within the deadline")
+        .expect("an HTTP exchange with the dashboard");
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    RawReply {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+/// `GET PATH` with `Host: HOST`, the connection closed after the answer.
+async fn get_as(base: &str, host: &str, path: &str) -> RawReply {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    raw_http(base, &req).await
+}
+
+/// A form POST with `Host: HOST`, the extra header lines `extra` (each ending in CRLF), a
+/// session cookie and the form's fields.
+async fn post_as(base: &str, host: &str, extra: &str, cookie: &str, body: &str) -> RawReply {
+    let req = format!(
+        "POST /alarms/A-000001/ack HTTP/1.1\r\nHost: {host}\r\n{extra}Cookie: {cookie}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    raw_http(base, &req).await
+}
+
+/// A session as a browser at `http://HOST/` gets one: its cookie, and the form body
+/// `csrf=TOKEN` of its first form.
+async fn session_as(base: &str, host: &str) -> (String, String) {
+    let page = get_as(base, host, "/submit").await;
+    assert_eq!(page.status, 200, "Host: {host}\n{}", page.body);
+    let cookie = page
+        .head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("set-cookie"))
+        .and_then(|(_, v)| v.trim().split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let marker = "name=\"csrf\" value=\"";
+    let at = page.body.find(marker).expect("a CSRF token") + marker.len();
+    (cookie, format!("csrf={}", &page.body[at..at + 64]))
+}
+
+#[tokio::test]
+async fn a_page_under_another_name_or_a_form_from_another_origin_is_refused() {
+    let env = TestEnv::new("dashboard_rebinding");
+    let broker = env.broker().start().await;
+    let (_dash, base) = dashboard(&env, &broker, &[]).await;
+    let port = base.rsplit(':').next().expect("a port").to_owned();
+
+    // DNS rebinding: a page on rebind.attacker.example, whose name now resolves to 127.0.0.1.
+    // The browser sends the attacker's name as Host: no page, no cookie, no CSRF token.
+    let evil = format!("rebind.attacker.example:{port}");
+    let r = get_as(&base, &evil, "/").await;
+    assert_eq!(r.status, 421, "a foreign Host:\n{}\n\n{}", r.head, r.body);
+    assert!(
+        r.body.contains("--allowed-host") && r.body.contains("allowed_hosts"),
+        "the refusal says which flag admits a name of one's own:\n{}",
+        r.body
+    );
+    assert!(
+        !r.head.to_ascii_lowercase().contains("set-cookie"),
+        "{}",
+        r.head
+    );
+    assert!(!r.body.contains("csrf"), "{}", r.body);
+    for path in ["/submit", "/events", "/login", "/static/dashboard.js"] {
+        assert_eq!(get_as(&base, &evil, path).await.status, 421, "{path}");
+    }
+    // The same port under another loopback name of the machine's, or no name at all.
+    for host in [
+        format!(
+            "127.0.0.1:{}",
+            port.parse::<u16>().expect("a port number") ^ 1
+        ),
+        "127.0.0.1".to_owned(),
+    ] {
+        assert_eq!(get_as(&base, &host, "/").await.status, 421, "Host: {host}");
+    }
+    let r = raw_http(&base, "GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(r.status, 421, "no Host at all:\n{}", r.body);
+    // A request line naming the attacker's site, whatever the Host line says.
+    let req = format!(
+        "GET http://{evil}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_http(&base, &req).await.status, 421);
+
+    // The names of loopback, at the listening port, are this dashboard's.
+    for host in ["127.0.0.1", "localhost", "LocalHost", "[::1]"] {
+        let r = get_as(&base, &format!("{host}:{port}"), "/").await;
+        assert_eq!(r.status, 200, "Host: {host}:{port}\n{}", r.body);
+    }
+
+    // A form from another origin is refused even with the session's cookie and token.
+    let host = format!("127.0.0.1:{port}");
+    let (cookie, form) = session_as(&base, &host).await;
+    for origin in [format!("http://{evil}"), "null".to_owned()] {
+        let r = post_as(
+            &base,
+            &host,
+            &format!("Origin: {origin}\r\n"),
+            &cookie,
+            &form,
+        )
+        .await;
+        assert_eq!(r.status, 403, "Origin: {origin}\n{}", r.body);
+        assert!(r.body.contains("Origin"), "{}", r.body);
+    }
+    // The dashboard's own origin, and no Origin (a client that is not a browser), pass this
+    // check: the relay then answers that there is no such alarm.
+    for extra in [format!("Origin: http://{host}\r\n"), String::new()] {
+        let r = post_as(&base, &host, &extra, &cookie, &form).await;
+        assert_eq!(r.status, 409, "{extra:?}\n{}", r.body);
+    }
+
+    // A name of one's own (a reverse proxy's, say) is admitted with --allowed-host.
+    let (_dash2, base2) = dashboard_named(
+        &env,
+        &broker,
+        "dashboard2",
+        &["--allowed-host", "dash.example"],
+    )
+    .await;
+    let port2 = base2.rsplit(':').next().expect("a port");
+    for host in [format!("dash.example:{port2}"), "DASH.example".to_owned()] {
+        assert_eq!(get_as(&base2, &host, "/").await.status, 200, "Host: {host}");
+    }
+    assert_eq!(
+        get_as(&base2, "dash.example.evil:80", "/").await.status,
+        421
+    );
+    assert_eq!(get_as(&base2, &evil, "/").await.status, 421);
+    // Behind a TLS proxy the browser's origin is the proxy's https one.
+    let (cookie, form) = session_as(&base2, "dash.example").await;
+    let extra = "Origin: https://dash.example\r\n";
+    let r = post_as(&base2, "dash.example", extra, &cookie, &form).await;
+    assert_eq!(r.status, 409, "the proxy's own origin:\n{}", r.body);
+    let extra = "Origin: https://dash.example.evil\r\n";
+    assert_eq!(
+        post_as(&base2, "dash.example", extra, &cookie, &form)
+            .await
+            .status,
+        403
     );
 }
 

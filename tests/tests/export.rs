@@ -1,7 +1,12 @@
 //! Meter reads for billing (Fig. 3 counters): `host-agent export counters` gives one CSV row per
 //! device per reading, from get-data jobs and from the reports devices send on their own.
 
+use harness::mqtt::envelope;
 use harness::{TestEnv, deadline, secs};
+use protocol::data::Value as DataValue;
+use protocol::meter::CounterReport;
+use protocol::topic::{self, UpKind};
+use protocol::{Role, Serial};
 use serde_json::Value;
 
 /// The CSV as rows of (header → cell).
@@ -159,4 +164,111 @@ async fn the_csv_export_has_one_row_per_reading_with_the_counters_that_were_sent
         .await;
     assert_eq!(bad.status.code(), Some(1), "{bad}");
     assert!(bad.stderr.contains("RFC 3339"), "{bad}");
+}
+
+/// A device chooses its site and its counters' names; a billing spreadsheet must show them as
+/// text in their own cells: no extra column or row, no live formula.
+#[tokio::test]
+async fn device_chosen_names_stay_in_their_cells_and_never_become_formulas() {
+    const SITE: &str = "=HYPERLINK(\"http://evil.example/\",\"Osaka\")";
+    let env = TestEnv::new("device_chosen_names_stay_in_their_cells");
+    let from = (chrono::Utc::now() - chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let broker = env
+        .broker()
+        .log_also("broker::core::meter=debug")
+        .start()
+        .await;
+    // The real agent reports the site; a get-data job stores a reading under it.
+    let mut c1 = env.device("C1").site(SITE).start(&broker).await;
+    let host = env.host("svc", &broker);
+    let job = host
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "get-data",
+            "--sections",
+            "counters",
+        ])
+        .await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+    c1.stop().await;
+
+    // Then C1's certificate sends a meter report with names of its own choosing.
+    let serial = Serial::parse("C1").expect("a serial");
+    let client = env
+        .mqtt(Role::Device, "C1")
+        .connect(&broker)
+        .await
+        .expect("C1's certificate connects");
+    let counters = [
+        ("total", DataValue::Int(7)),
+        ("a,b\nc", DataValue::Int(1)),
+        ("=1+1", DataValue::Int(2)),
+        ("@SUM(A1)", DataValue::Int(3)),
+        ("note", DataValue::Text("-1+2".into())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let report = CounterReport {
+        read_at: chrono::Utc::now(),
+        counters,
+    };
+    // An id the agent's own outbox has not used, or the relay would take it for a resend.
+    client
+        .publish(
+            &topic::dev_up(&serial, UpKind::Counters),
+            envelope(1 << 40, &report),
+        )
+        .await;
+    broker
+        .wait_for_lines("the hostile counters report", 1, secs(30), |l| {
+            l.contains("counters report stored") && l.contains("msg_id=1099511627776")
+        })
+        .await;
+
+    let to = (chrono::Utc::now() + chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let text = host
+        .run_ok(["export", "counters", "--from", &from, "--to", &to])
+        .await;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(text.as_bytes());
+    let rows: Vec<Vec<String>> = reader
+        .records()
+        .map(|r| {
+            r.unwrap_or_else(|e| panic!("a ragged or broken CSV ({e}):\n{text}"))
+                .iter()
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        rows.len(),
+        3,
+        "a header and two readings, nothing stray:\n{text}"
+    );
+    let header = &rows[0];
+    for name in ["'=1+1", "'@SUM(A1)", "a,b\nc", "note"] {
+        assert!(header.iter().any(|h| h == name), "{name:?} in {header:?}");
+    }
+    let column = |name: &str| header.iter().position(|h| h == name).expect("a column");
+    let hostile = rows
+        .iter()
+        .find(|r| r[column("total")] == "7")
+        .unwrap_or_else(|| panic!("the report's row:\n{text}"));
+    assert_eq!(hostile[column("'=1+1")], "2", "a number stays a number");
+    assert_eq!(hostile[column("note")], "'-1+2");
+    for row in &rows[1..] {
+        assert_eq!(row[column("site")], format!("'{SITE}"), "{text}");
+    }
+    for cell in rows.iter().flatten() {
+        assert!(
+            !cell.starts_with(['=', '+', '-', '@', '\t', '\r']),
+            "a live formula: {cell:?}\n{text}"
+        );
+    }
 }

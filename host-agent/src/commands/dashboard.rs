@@ -77,10 +77,17 @@ pub async fn run(
         super::watch::shutdown_signal().await;
         on_signal.cancel();
     });
+    // The flag, if given, replaces the file's list, as every flag does.
+    let allowed_hosts = if args.allowed_hosts.is_empty() {
+        settings.allowed_hosts.clone()
+    } else {
+        args.allowed_hosts
+    };
     let opts = Options {
         password,
         signing_key,
         counter_days: args.counter_days,
+        allowed_hosts,
     };
     dashboard::serve(client, feed, listener, opts, stop)
         .await

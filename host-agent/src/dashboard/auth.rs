@@ -5,10 +5,17 @@
 //!   password never appears on the command line (where `ps` would show it). One login gives a
 //!   session cookie (random 256-bit id, `HttpOnly`, `SameSite=Strict`); the password is checked
 //!   once per login, not on every request, because argon2 is deliberately slow. Without `--auth`
-//!   (loopback only) every visitor gets a session at once.
-//! - **CSRF**: each session has a random token; every form carries it in a hidden `csrf` field
-//!   and every POST is refused (403) unless it matches. `SameSite=Strict` already keeps other
-//!   sites' forms from carrying the cookie; the token is the second lock.
+//!   (loopback only) every visitor may use the page at once.
+//! - **Visitors hold no server-side state.** Only a login makes a session the server keeps
+//!   (at most [`MAX_SESSIONS`], the least recently used dropped first), so no number of
+//!   strangers opening pages without a cookie can push a logged-in session out. A visitor
+//!   (before the login, or anyone when no password is set) gets a random id in the same cookie
+//!   and a CSRF token derived from it: HMAC-SHA-256 under a key made at each start, so a token
+//!   cannot be made up for an id, and nothing needs storing.
+//! - **CSRF**: every form carries the session's (or the visitor's) token in a hidden `csrf`
+//!   field and every POST is refused (403) unless it matches. `SameSite=Strict` already keeps
+//!   other sites' forms from carrying the cookie, and [`super::hosts`] refuses pages under other
+//!   names and forms from other origins; the token is the third lock.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,14 +26,19 @@ use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use axum::http::{HeaderMap, header};
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "chukei_dashboard";
 /// How long a session lasts without being used.
 pub const SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
-/// Sessions kept at most; past it the least recently used one is dropped. Bounds the memory a
-/// script opening page after page without a cookie can take.
-const MAX_SESSIONS: usize = 1024;
+/// Logged-in sessions kept at most; past it the least recently used one is dropped. Only a
+/// correct password makes one, so this bounds what many logins leave, and strangers cannot
+/// reach it.
+pub const MAX_SESSIONS: usize = 1024;
+/// Mixed into a visitor's CSRF token, so the key signs nothing else by accident.
+const CSRF_CONTEXT: &[u8] = b"chukei dashboard visitor csrf\0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -109,7 +121,7 @@ impl PasswordHashString {
     }
 }
 
-/// One browser's session.
+/// One browser's session, or a visitor's (see the module's doc).
 #[derive(Debug, Clone)]
 pub struct Session {
     pub id: String,
@@ -118,15 +130,16 @@ pub struct Session {
     pub authenticated: bool,
 }
 
+/// A logged-in session, as the server keeps it.
 struct Entry {
     csrf: String,
-    authenticated: bool,
     last_used: Instant,
 }
 
-/// The sessions and the password, if any.
+/// The logged-in sessions, the password, if any, and the key of visitors' tokens.
 pub struct Sessions {
     password: Option<PasswordHashString>,
+    visitor_key: [u8; 32],
     map: Mutex<HashMap<String, Entry>>,
 }
 
@@ -134,6 +147,7 @@ impl Sessions {
     pub fn new(password: Option<PasswordHashString>) -> Sessions {
         Sessions {
             password,
+            visitor_key: rand::random(),
             map: Mutex::new(HashMap::new()),
         }
     }
@@ -152,35 +166,64 @@ impl Sessions {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The session the request's cookie names, if it is live; touching it keeps it alive.
+    /// The session the request's cookie names: a live logged-in session (touching it keeps it
+    /// alive), else the visitor of that id if it is one of ours in form. `None` without a
+    /// usable cookie.
     pub fn find(&self, headers: &HeaderMap) -> Option<Session> {
         let id = cookie(headers, COOKIE)?;
-        let mut map = self.lock();
-        let entry = map.get_mut(id)?;
-        if entry.last_used.elapsed() > SESSION_IDLE {
-            map.remove(id);
-            return None;
+        {
+            let mut map = self.lock();
+            if let Some(entry) = map.get_mut(id) {
+                if entry.last_used.elapsed() <= SESSION_IDLE {
+                    entry.last_used = Instant::now();
+                    return Some(Session {
+                        id: id.to_owned(),
+                        csrf: entry.csrf.clone(),
+                        authenticated: true,
+                    });
+                }
+                map.remove(id);
+            }
         }
-        entry.last_used = Instant::now();
-        Some(Session {
-            id: id.to_owned(),
-            csrf: entry.csrf.clone(),
-            authenticated: entry.authenticated,
-        })
+        is_token(id).then(|| self.visitor(id.to_owned()))
     }
 
-    /// A new session: authenticated at once when no password is required.
+    /// A new visitor (nothing is stored): allowed in at once when no password is required.
     pub fn create(&self) -> Session {
-        self.create_with(!self.required())
+        self.visitor(random_token())
     }
 
-    fn create_with(&self, authenticated: bool) -> Session {
+    fn visitor(&self, id: String) -> Session {
+        let csrf = self.visitor_csrf(&id);
+        Session {
+            id,
+            csrf,
+            authenticated: !self.required(),
+        }
+    }
+
+    /// HMAC-SHA-256 of the visitor's id under this run's key, as hex.
+    fn visitor_csrf(&self, id: &str) -> String {
+        // HMAC takes a key of any length; a 32-byte one cannot be refused.
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.visitor_key) else {
+            unreachable!("HMAC accepts keys of every length")
+        };
+        mac.update(CSRF_CONTEXT);
+        mac.update(id.as_bytes());
+        crate::keys::to_hex(&mac.finalize().into_bytes())
+    }
+
+    /// After a good password: a *new* session id (so an id planted before the login is
+    /// worthless), kept by the server; the old one is dropped. Past [`MAX_SESSIONS`] the least
+    /// recently used logged-in session goes.
+    pub fn login(&self, old: &Session) -> Session {
         let session = Session {
             id: random_token(),
             csrf: random_token(),
-            authenticated,
+            authenticated: true,
         };
         let mut map = self.lock();
+        map.remove(&old.id);
         map.retain(|_, e| e.last_used.elapsed() <= SESSION_IDLE);
         if map.len() >= MAX_SESSIONS
             && let Some(oldest) = map
@@ -194,23 +237,26 @@ impl Sessions {
             session.id.clone(),
             Entry {
                 csrf: session.csrf.clone(),
-                authenticated,
                 last_used: Instant::now(),
             },
         );
         session
     }
 
-    /// After a good password: a *new* session id (so an id planted before the login is
-    /// worthless), authenticated; the old one is dropped.
-    pub fn login(&self, old: &Session) -> Session {
-        self.lock().remove(&old.id);
-        self.create_with(true)
-    }
-
     pub fn logout(&self, session: &Session) {
         self.lock().remove(&session.id);
     }
+
+    /// Logged-in sessions held now.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Whether `id` has the form of the ids this module makes: 64 lower-case hex digits.
+fn is_token(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// `Set-Cookie` for `session`.
@@ -298,14 +344,67 @@ mod tests {
         let logged = sessions.login(&anon);
         assert!(logged.authenticated);
         assert_ne!(logged.id, anon.id);
+        let before = sessions.find(&headers).unwrap();
         assert!(
-            sessions.find(&headers).is_none(),
-            "the pre-login id is void"
+            !before.authenticated && before.csrf != logged.csrf,
+            "the pre-login id stays a stranger's"
         );
         assert!(csrf_ok(&logged, Some(&logged.csrf)));
         assert!(!csrf_ok(&logged, Some(&anon.csrf)));
         assert!(!csrf_ok(&logged, None));
         assert!(!csrf_ok(&logged, Some("")));
         assert!(Sessions::new(None).create().authenticated);
+    }
+
+    #[test]
+    fn a_visitors_token_belongs_to_its_id_and_to_this_run() {
+        let sessions = Sessions::new(None);
+        let visitor = sessions.create();
+        assert_eq!(sessions.held(), 0, "a visitor is not stored");
+        let again = sessions.find(&with_cookie(&visitor.id)).unwrap();
+        assert_eq!(
+            (again.id.as_str(), again.csrf.as_str()),
+            (visitor.id.as_str(), visitor.csrf.as_str())
+        );
+        assert!(again.authenticated, "no password: everyone is in");
+        let other = sessions.create();
+        assert_ne!(other.csrf, visitor.csrf);
+        assert!(!csrf_ok(&other, Some(&visitor.csrf)));
+        let restarted = Sessions::new(None);
+        assert_ne!(
+            restarted.find(&with_cookie(&visitor.id)).unwrap().csrf,
+            visitor.csrf,
+            "a token from before a restart is void"
+        );
+        for bad in ["", "abc", &"G".repeat(64), &visitor.id.to_uppercase()] {
+            assert!(sessions.find(&with_cookie(bad)).is_none(), "{bad:?}");
+        }
+    }
+
+    fn with_cookie(id: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{COOKIE}={id}")).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn anonymous_visitors_never_displace_a_logged_in_session() {
+        let sessions = Sessions::new(Some(PasswordHashString::hash("pw").unwrap()));
+        let logged = sessions.login(&sessions.create());
+        // A script opening page after page without a cookie, as the session layer serves it.
+        for _ in 0..1100 {
+            assert!(sessions.find(&HeaderMap::new()).is_none());
+            let visitor = sessions.create();
+            assert!(!visitor.authenticated);
+        }
+        assert_eq!(sessions.held(), 1, "visitors leave nothing behind");
+        let found = sessions
+            .find(&with_cookie(&logged.id))
+            .expect("the logged-in session outlives any number of anonymous visitors");
+        assert!(found.authenticated);
+        assert_eq!(found.csrf, logged.csrf, "and its forms' token still holds");
     }
 }

@@ -11,16 +11,20 @@
 //! - [`html`] and [`chart`]: server-rendered HTML (maud: every value escaped) and the SVG chart.
 //! - [`sse`]: the live stream (Server-Sent Events).
 //! - [`auth`]: password (argon2 hash), session cookie and CSRF tokens.
+//! - [`hosts`]: the names the dashboard answers to and the origins its forms may come from
+//!   (against DNS rebinding).
 //! - [`submit`]: the submit form, read into the wire message `jobs submit` sends.
 //!
 //! Decisions: plain server-rendered HTML with one small script and one stylesheet, both compiled
 //! into the binary (no CDN, nothing to build at run time), and a Content-Security-Policy that
 //! allows nothing else. Times are shown in UTC. Loopback by default; any other address needs
-//! `--auth`. The page is plain HTTP: beyond loopback, put it behind a TLS reverse proxy.
+//! `--auth`. Every request must name the dashboard by its own address or an `--allowed-host`
+//! name, so a page on another site cannot reach it by rebinding its name to this machine. The page is plain HTTP: beyond loopback, put it behind a TLS reverse proxy.
 
 pub mod auth;
 pub mod chart;
 pub mod feed;
+pub mod hosts;
 pub mod html;
 pub mod model;
 pub mod routes;
@@ -36,6 +40,7 @@ use tracing::info;
 
 pub use auth::PasswordHashString;
 pub use feed::FeedConfig;
+pub use hosts::{AllowedHost, AllowedHosts};
 pub use model::Model;
 
 use crate::client::HostClient;
@@ -55,6 +60,8 @@ pub struct Options {
     pub signing_key: Option<SigningKey>,
     /// Days of meter readings behind the charts; 0 means [`DEFAULT_COUNTER_DAYS`].
     pub counter_days: u32,
+    /// Names the dashboard answers to besides its listening address (`--allowed-host`).
+    pub allowed_hosts: Vec<AllowedHost>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +92,7 @@ pub async fn serve(
     opts: Options,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    let listen = listener.local_addr()?;
     let model = Arc::new(Model::new());
     let feed_task = tokio::spawn(feed::run(feed, model.clone(), stop.clone()));
     let app = Arc::new(routes::App {
@@ -98,11 +106,12 @@ pub async fn serve(
             opts.counter_days
         },
         stop: stop.clone(),
+        allowed: Arc::new(AllowedHosts::new(listen, opts.allowed_hosts)),
     });
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "dashboard serving");
-    }
-    let result = axum::serve(listener, routes::router(app))
+    info!(addr = %listen, "dashboard serving");
+    // The peer's address, for the log line of a refused request.
+    let service = routes::router(app).into_make_service_with_connect_info::<SocketAddr>();
+    let result = axum::serve(listener, service)
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .await;
     stop.cancel();

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use super::auth::{self, Session, Sessions};
+use super::hosts::{self, AllowedHosts};
 use super::html::{self, Frame, JobFilter, Page, SubmitForm};
 use super::model::Model;
 use super::{sse, submit};
@@ -51,6 +52,8 @@ pub struct App {
     pub counter_days: u32,
     /// Ends the live streams at shutdown.
     pub stop: tokio_util::sync::CancellationToken,
+    /// The names requests must use, and the origins forms must come from.
+    pub allowed: Arc<AllowedHosts>,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -85,6 +88,11 @@ pub fn router(app: Arc<App>) -> Router {
             }),
         )
         .layer(middleware::from_fn_with_state(app.clone(), session_layer))
+        // Outermost: a request under a foreign name gets nothing, not even a cookie.
+        .layer(middleware::from_fn_with_state(
+            app.allowed.clone(),
+            hosts::guard,
+        ))
         .with_state(app)
 }
 
@@ -125,9 +133,12 @@ async fn session_layer(State(app): State<Arc<App>>, mut req: Request, next: Next
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // `same-origin`, not `no-referrer`: under `no-referrer` a browser sends `Origin: null` with
+    // the page's own forms, which the origin check (`hosts`) must refuse. Other sites still get
+    // no `Referer`, so no dashboard URL leaks through a link.
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     resp

@@ -100,6 +100,11 @@ impl Core {
         Ok(())
     }
 
+    /// Queues the alarm notifications whose coalescing window has closed (stub).
+    pub fn notify_due(&self, _now: Timestamp) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// S116: the end notice of a job, OK or NG, to whoever asked for it.
     pub(super) fn notify_job_end(
         &self,

@@ -265,6 +265,7 @@ impl NotifyConfig {
             for channel in channels {
                 txn.push_notification(&QueuedNotification {
                     created_at: now,
+                    serial: serial.to_owned(),
                     event: event.as_str().to_owned(),
                     channel,
                     subject: message.subject.clone(),

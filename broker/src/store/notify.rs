@@ -30,6 +30,9 @@ pub enum NotifyChannel {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueuedNotification {
     pub created_at: Timestamp,
+    /// The device the event concerns, so the worker can serve devices in turn.
+    #[serde(default)]
+    pub serial: String,
     /// What happened: `job-succeeded`, `job-failed`, `alarm`, `overdue`.
     pub event: String,
     pub channel: NotifyChannel,
@@ -129,6 +132,7 @@ mod tests {
     fn item(minute: u32) -> QueuedNotification {
         QueuedNotification {
             created_at: chrono::Utc.with_ymd_and_hms(2026, 11, 26, 9, 0, 0).unwrap(),
+            serial: "C1".into(),
             event: "alarm".into(),
             channel: NotifyChannel::Mail {
                 to: vec!["a@example.com".into()],
@@ -171,5 +175,27 @@ mod tests {
         );
         txn.remove_notification(1).unwrap();
         assert_eq!(txn.notification_count().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_device_with_a_long_queue_does_not_delay_another_devices_notification() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        for _ in 0..100 {
+            txn.push_notification(&item(1)).unwrap();
+        }
+        let late = QueuedNotification {
+            serial: "C2".into(),
+            ..item(2)
+        };
+        let c2 = txn.push_notification(&late).unwrap();
+        let (due, _) = txn.due_notifications(item(5).next_at, 16).unwrap();
+        assert_eq!(due.len(), 16);
+        assert_eq!(
+            due.iter().position(|(n, _)| *n == c2),
+            Some(1),
+            "C2's only notification is served right after C1's oldest, not after all 100"
+        );
     }
 }

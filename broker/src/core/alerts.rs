@@ -7,11 +7,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use protocol::alarm::{AlarmKind, AlarmView};
 use protocol::job::JobStatus;
 use protocol::{Serial, Timestamp};
 use tokio::sync::Notify;
 
 use super::Core;
+use super::alarm_limit::{AlarmLimiter, AlarmLimits};
 use crate::notify::{self, NotifyConfig, NotifyEvent};
 use crate::store::{JobRecord, Store, StoreError, Txn};
 use crate::telemetry::CoreStats;
@@ -23,6 +25,8 @@ pub struct AlertSettings {
     pub overdue_margin: Duration,
     /// Mail and webhook rules.
     pub notify: NotifyConfig,
+    /// What one device may make the relay hold and send in alarms.
+    pub alarm_limits: AlarmLimits,
 }
 
 impl Default for AlertSettings {
@@ -30,6 +34,7 @@ impl Default for AlertSettings {
         AlertSettings {
             overdue_margin: Duration::from_secs(300),
             notify: NotifyConfig::default(),
+            alarm_limits: AlarmLimits::default(),
         }
     }
 }
@@ -43,6 +48,8 @@ pub(super) struct Alerts {
     /// Wakes the notification worker when something was queued.
     pub(super) wake: Arc<Notify>,
     pub(super) stats: CoreStats,
+    /// Each device's burst and rate of new alarms.
+    pub(super) limiter: AlarmLimiter,
 }
 
 impl Core {
@@ -100,8 +107,78 @@ impl Core {
         Ok(())
     }
 
-    /// Queues the alarm notifications whose coalescing window has closed (stub).
-    pub fn notify_due(&self, _now: Timestamp) -> Result<(), StoreError> {
+    /// The notifications of a new alarm `n`. A device's faults are coalesced: the first opens a
+    /// digest that closes `notify.coalesce_secs` later, and every fault until then joins it, so a
+    /// burst is one mail and one webhook call per rule ([`Core::notify_due`] sends it). An
+    /// overdue device is notified at once (the relay raises that alarm once per missed check-in).
+    pub(super) fn notify_alarm(
+        &self,
+        txn: &mut Txn,
+        n: u64,
+        alarm: &AlarmView,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let event = match alarm.kind {
+            AlarmKind::Fault => NotifyEvent::Alarm,
+            AlarmKind::Overdue => NotifyEvent::Overdue,
+        };
+        let rules = &self.alerts.settings.notify;
+        if !rules.rules.iter().any(|r| r.on.contains(&event)) {
+            return Ok(());
+        }
+        if event == NotifyEvent::Overdue || rules.coalesce_secs == 0 {
+            let server = self.settings.server_name.clone();
+            return self.notify(
+                txn,
+                event,
+                &alarm.serial,
+                || notify::compose::alarm(alarm, &server),
+                now,
+            );
+        }
+        let window = chrono::Duration::seconds(rules.coalesce_secs as i64);
+        txn.digest_alarm(&alarm.serial, n, now + window)?;
+        Ok(())
+    }
+
+    /// Queues one notification per rule and channel for each device whose coalescing window has
+    /// closed, listing the alarms it raised in it, and wakes the worker. The core's tick calls it
+    /// every second; costs no commit when no window has closed. Skipped while the store cannot
+    /// write: the digests wait in redb.
+    pub fn notify_due(&self, now: Timestamp) -> Result<(), StoreError> {
+        if !self.storage_writable() {
+            return Ok(());
+        }
+        let mut txn = self.store.begin()?;
+        let due = txn.take_due_digests(now)?;
+        if due.is_empty() {
+            txn.commit()?;
+            return Ok(());
+        }
+        let server = self.settings.server_name.clone();
+        let rules = &self.alerts.settings.notify;
+        let mut queued = 0;
+        for (serial, digest) in due {
+            let mut alarms = Vec::with_capacity(digest.alarms.len());
+            for n in digest.alarms {
+                if let Some(Some(a)) = super::skip_corrupt(txn.alarm(n))? {
+                    alarms.push(super::alarm::shown(a));
+                }
+            }
+            let message = match (alarms.as_slice(), digest.more) {
+                ([], 0) => continue,
+                ([one], 0) => notify::compose::alarm(one, &server),
+                (many, more) => notify::compose::alarms(&serial, many, more, &server),
+            };
+            queued += rules.enqueue(&mut txn, NotifyEvent::Alarm, &serial, &message, now)?;
+        }
+        let started = std::time::Instant::now();
+        if txn.commit()? {
+            self.count_commit(started.elapsed(), 0);
+        }
+        if queued > 0 {
+            self.alerts.wake.notify_one();
+        }
         Ok(())
     }
 

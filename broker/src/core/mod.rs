@@ -14,11 +14,13 @@
 //! [`views`] builds the retained messages, and `run` is the task that batches.
 
 mod alarm;
+mod alarm_limit;
 mod alerts;
 mod device;
 mod host;
 mod log_budget;
 mod meter;
+mod overflow;
 mod presence;
 mod run;
 mod storage;
@@ -43,6 +45,7 @@ use tracing::{error, info, warn};
 use crate::jobs;
 use crate::store::{DeviceRecord, Store, StoreError, Txn};
 
+pub use alarm_limit::AlarmLimits;
 pub use alerts::AlertSettings;
 pub use run::{run, spawn};
 

@@ -65,6 +65,7 @@ fn with_rules(dir: &tempfile::TempDir, rules: &str) -> Core {
     core.configure_alerts(AlertSettings {
         overdue_margin: Duration::from_secs(60),
         notify,
+        ..AlertSettings::default()
     });
     core
 }
@@ -90,7 +91,11 @@ fn a_fatal_alarm_is_stored_once_retained_progressed_and_cleared() {
     assert_eq!((a.id.as_str(), a.code.as_str()), ("A-000001", "SC-541"));
     assert_eq!((a.status, a.total), (AlarmStatus::Raised, Some(1234)));
     assert_eq!((a.raised_at, a.received_at), (t(9, 0), t(9, 1)));
-    assert_eq!(queue_len(&core), 1, "the webhook is queued with the alarm");
+    assert_eq!(queue_len(&core), 0, "its webhook waits for the coalescing window");
+    core.notify_due(t(9, 1)).unwrap();
+    assert_eq!(queue_len(&core), 0);
+    core.notify_due(t(9, 1) + chrono::Duration::seconds(5)).unwrap();
+    assert_eq!(queue_len(&core), 1, "the webhook is queued once the window closes");
 
     // A resend is a duplicate; a new report of the same active code is the same emergency.
     let out = core.handle_batch(vec![raise()], t(9, 2)).unwrap();
@@ -107,13 +112,12 @@ fn a_fatal_alarm_is_stored_once_retained_progressed_and_cleared() {
     let state = alarm_state(&out, "C1").unwrap();
     assert_eq!(state.alarms[0].status, AlarmStatus::InProgress);
 
-    // Cleared: the retained views are deleted; a raise older than the clear revives nothing.
+    // Cleared: the retained views are deleted; the raise resent afterwards revives nothing.
     let clear = alarm_msg("C1", 4, "SC-541", FaultEvent::Cleared, t(9, 5));
     let out = core.handle_batch(vec![clear], t(9, 5)).unwrap();
     assert_eq!(alarm_state(&out, "C1"), None);
-    let stale = alarm_msg("C1", 5, "SC-541", FaultEvent::Raised, t(9, 4));
-    let out = core.handle_batch(vec![stale], t(9, 6)).unwrap();
-    assert_eq!(acks(&out, "C1")[0].outcome, AckOutcome::Stored);
+    let out = core.handle_batch(vec![raise()], t(9, 6)).unwrap();
+    assert_eq!(acks(&out, "C1")[0].outcome, AckOutcome::Duplicate);
     assert!(find(&out, "fleet/C1/alarm").is_none(), "nothing changed");
     assert!(alarms(&core, false).is_empty());
     let all = alarms(&core, true);
@@ -282,6 +286,7 @@ fn a_periodic_device_connected_at_shutdown_is_expected_back_after_a_restart() {
     core.configure_alerts(AlertSettings {
         overdue_margin: Duration::from_secs(60),
         notify: NotifyConfig::default(),
+        ..AlertSettings::default()
     });
     assert_eq!(core.presence_startup().unwrap(), 1);
     assert!(core.overdue(t(9, 1)).unwrap().is_empty());

@@ -325,7 +325,11 @@ mail = ["ops@example.com", "oncall@example.com"]
         took < secs(3),
         "the alarm took {took:?} to reach the desk with a dead mail server"
     );
-    // The mail is stuck in the tarpit, not lost and not in the way.
+    // The mail is stuck in the tarpit, not lost and not in the way (queued once the alarm's
+    // coalescing window closed).
+    broker
+        .wait_for_log("alarm notifications queued", deadline())
+        .await;
     let delivered = broker.lines_matching(|l| l.contains("notification sent"));
     assert!(delivered.is_empty(), "{delivered:#?}");
     eprintln!(

@@ -198,7 +198,7 @@ fn apply(
                     txn.put_alarm(n, &a)?;
                     logged(p, &a, Step::InProgress);
                 } else {
-                    debug!(serial = %serial, alarm = %a.id, code, event = %report.event, "alarm already active");
+                    debug!(serial = %serial, alarm = %a.id, code = %Shown(code), event = %report.event, "alarm already active");
                 }
             }
             None => {
@@ -215,7 +215,7 @@ fn apply(
                     let a = clear(txn, n, a, now)?;
                     logged(p, &a, Step::Cleared);
                 }
-                None => debug!(serial = %serial, code, "clear of a fault with no active alarm"),
+                None => debug!(serial = %serial, code = %Shown(code), "clear of a fault with no active alarm"),
             }
             super::overflow::forget(txn, p, serial, code, now)?;
         }

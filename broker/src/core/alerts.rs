@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use protocol::alarm::{AlarmKind, AlarmView};
 use protocol::job::JobStatus;
-use protocol::{Serial, Timestamp};
+use protocol::{Serial, Shown, Timestamp};
 use tokio::sync::Notify;
+use tracing::info;
 
 use super::Core;
 use super::alarm_limit::{AlarmLimiter, AlarmLimits};
@@ -158,6 +159,7 @@ impl Core {
         let server = self.settings.server_name.clone();
         let rules = &self.alerts.settings.notify;
         let mut queued = 0;
+        let mut logs = Vec::new();
         for (serial, digest) in due {
             let mut alarms = Vec::with_capacity(digest.alarms.len());
             for n in digest.alarms {
@@ -170,11 +172,17 @@ impl Core {
                 ([one], 0) => notify::compose::alarm(one, &server),
                 (many, more) => notify::compose::alarms(&serial, many, more, &server),
             };
-            queued += rules.enqueue(&mut txn, NotifyEvent::Alarm, &serial, &message, now)?;
+            let n = rules.enqueue(&mut txn, NotifyEvent::Alarm, &serial, &message, now)?;
+            logs.push((serial, alarms.len() as u64 + digest.more, n));
+            queued += n;
         }
         let started = std::time::Instant::now();
         if txn.commit()? {
             self.count_commit(started.elapsed(), 0);
+        }
+        // One line per device per coalescing window at most.
+        for (serial, alarms, notifications) in logs {
+            info!(serial = %Shown(&serial), alarms, notifications, "alarm notifications queued");
         }
         if queued > 0 {
             self.alerts.wake.notify_one();

@@ -448,8 +448,14 @@ mod tests {
             (64, 16, 12, 5)
         );
         for (text, want) in [
-            ("max_active_alarms_per_device = 0", "max_active_alarms_per_device = 0"),
-            ("max_active_alarms_per_device = 1001", "max_active_alarms_per_device"),
+            (
+                "max_active_alarms_per_device = 0",
+                "max_active_alarms_per_device = 0",
+            ),
+            (
+                "max_active_alarms_per_device = 1001",
+                "max_active_alarms_per_device",
+            ),
             ("alarm_burst_per_device = 0", "alarm_burst_per_device = 0"),
             ("[notify]\ncoalesce_secs = 3601", "coalesce_secs"),
         ] {
@@ -458,7 +464,8 @@ mod tests {
             assert!(e.contains(want), "{text}: {e}");
         }
         let cfg: BrokerConfig =
-            toml::from_str("alarms_per_minute_per_device = 0\n[notify]\ncoalesce_secs = 0").unwrap();
+            toml::from_str("alarms_per_minute_per_device = 0\n[notify]\ncoalesce_secs = 0")
+                .unwrap();
         cfg.validate().unwrap();
     }
 }

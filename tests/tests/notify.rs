@@ -410,7 +410,12 @@ webhook = "http://127.0.0.1:{hook_port}/chukei"
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("no webhook for C2 within 60 s ({} for C9)", flood_hooks.len()));
+    .unwrap_or_else(|_| {
+        panic!(
+            "no webhook for C2 within 60 s ({} for C9)",
+            flood_hooks.len()
+        )
+    });
     assert_eq!(c2_hook["alarm"]["code"], "SC-541", "{c2_hook:#}");
     assert!(
         flood_hooks.len() <= 1,

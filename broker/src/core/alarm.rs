@@ -215,7 +215,9 @@ fn apply(
                     let a = clear(txn, n, a, now)?;
                     logged(p, &a, Step::Cleared);
                 }
-                None => debug!(serial = %serial, code = %Shown(code), "clear of a fault with no active alarm"),
+                None => {
+                    debug!(serial = %serial, code = %Shown(code), "clear of a fault with no active alarm")
+                }
             }
             super::overflow::forget(txn, p, serial, code, now)?;
         }
@@ -283,7 +285,12 @@ fn raise(
     Ok(())
 }
 
-pub(super) fn clear(txn: &mut Txn, n: u64, mut a: AlarmView, now: Timestamp) -> Result<AlarmView, StoreError> {
+pub(super) fn clear(
+    txn: &mut Txn,
+    n: u64,
+    mut a: AlarmView,
+    now: Timestamp,
+) -> Result<AlarmView, StoreError> {
     a.status = AlarmStatus::Cleared;
     a.cleared_at = Some(now);
     a.updated_at = now;

@@ -148,7 +148,10 @@ mod tests {
         let c2 = Serial::parse("C2").unwrap();
         let taken = (0..10).filter(|_| l.take(&limits, &c1, at(0))).count();
         assert_eq!(taken, 3, "the burst");
-        assert!(l.take(&limits, &c2, at(0)), "another device has its own bucket");
+        assert!(
+            l.take(&limits, &c2, at(0)),
+            "another device has its own bucket"
+        );
         assert!(!l.take(&limits, &c1, at(4)), "12 a minute: one every 5 s");
         assert!(l.take(&limits, &c1, at(5)));
         assert!(!l.take(&limits, &c1, at(5)));
@@ -158,7 +161,10 @@ mod tests {
             per_minute: 0,
             ..limits
         };
-        assert!((0..100).all(|_| l.take(&open, &c1, at(3600))), "0: no rate limit");
+        assert!(
+            (0..100).all(|_| l.take(&open, &c1, at(3600))),
+            "0: no rate limit"
+        );
     }
 
     #[test]
@@ -170,7 +176,10 @@ mod tests {
         assert!(l.refused(&limits, &c1, at(0)));
         assert!(!l.refused(&limits, &c1, at(0)));
         assert!(!l.refused(&limits, &c1, at(0)));
-        assert!(l.take(&limits, &c1, at(0)), "a refusal for the cap costs no token");
+        assert!(
+            l.take(&limits, &c1, at(0)),
+            "a refusal for the cap costs no token"
+        );
         assert_eq!(l.accepted(&c1), Some(3));
         assert_eq!(l.accepted(&c1), None);
         assert!(l.refused(&limits, &c1, at(0)), "a new burst");

@@ -211,7 +211,9 @@ mod tests {
         let d = detail(&r);
         assert!(d.starts_with("2 alarm reports refused since 2026-"), "{d}");
         assert!(d.ends_with("Codes: SC-1, SC-2"), "{d}");
-        r.codes = (0..64).map(|i| format!("{}-{i:02}", "X".repeat(29))).collect();
+        r.codes = (0..64)
+            .map(|i| format!("{}-{i:02}", "X".repeat(29)))
+            .collect();
         r.untracked = 10;
         let d = detail(&r);
         assert!(d.len() <= alarm::MAX_DETAIL_LEN, "{}", d.len());

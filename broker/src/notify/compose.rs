@@ -265,11 +265,16 @@ mod tests {
         let list: Vec<AlarmView> = (0..10).map(|i| a(i, &format!("SC-{i}"))).collect();
         let m = alarms("C123", &list, 5, "relay-1");
         assert!(
-            m.subject.starts_with("[chukei] EMERGENCY 15 alarms on C123 (Osaka  Bcc"),
+            m.subject
+                .starts_with("[chukei] EMERGENCY 15 alarms on C123 (Osaka  Bcc"),
             "{}",
             m.subject
         );
-        assert!(m.subject.ends_with("SC-7, …") && !m.subject.contains('\n'), "{}", m.subject);
+        assert!(
+            m.subject.ends_with("SC-7, …") && !m.subject.contains('\n'),
+            "{}",
+            m.subject
+        );
         for want in ["A-000000  SC-0  raised", "A-000009  SC-9", "… and 5 more"] {
             assert!(m.text.contains(want), "{want}: {}", m.text);
         }

@@ -178,7 +178,11 @@ impl Txn {
     }
 
     /// How many active alarms `serial` has, not counting those with a code in `except`.
-    pub fn active_alarm_count(&self, serial: &Serial, except: &[&str]) -> Result<usize, StoreError> {
+    pub fn active_alarm_count(
+        &self,
+        serial: &Serial,
+        except: &[&str],
+    ) -> Result<usize, StoreError> {
         let op = "count the active alarms";
         let table = self.txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
         let mut n = 0;

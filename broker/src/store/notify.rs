@@ -179,7 +179,9 @@ impl Txn {
             digest.more += 1;
         }
         let bytes = encode("alarm_digests", serial, &digest)?;
-        table.insert(serial, bytes.as_slice()).map_err(backend(op))?;
+        table
+            .insert(serial, bytes.as_slice())
+            .map_err(backend(op))?;
         if opened {
             self.txn
                 .open_table(DIGEST_DUE)
@@ -298,7 +300,10 @@ mod tests {
         let mut txn = store.begin().unwrap();
         let at = |m| item(m).next_at;
         assert!(txn.digest_alarm("C1", 1, at(5)).unwrap());
-        assert!(!txn.digest_alarm("C1", 2, at(9)).unwrap(), "joins the open one");
+        assert!(
+            !txn.digest_alarm("C1", 2, at(9)).unwrap(),
+            "joins the open one"
+        );
         assert!(txn.digest_alarm("C2", 3, at(7)).unwrap());
         for n in 0..200 {
             txn.digest_alarm("C1", 10 + n, at(5)).unwrap();
@@ -311,7 +316,10 @@ mod tests {
         assert_eq!(&digest.alarms[..3], &[1, 2, 10]);
         assert_eq!(digest.alarms.len(), MAX_DIGEST_ALARMS);
         assert_eq!(digest.more, 202 - MAX_DIGEST_ALARMS as u64);
-        assert!(txn.take_due_digests(at(5)).unwrap().is_empty(), "taken once");
+        assert!(
+            txn.take_due_digests(at(5)).unwrap().is_empty(),
+            "taken once"
+        );
         assert!(txn.digest_alarm("C1", 500, at(20)).unwrap(), "a new window");
         let due = txn.take_due_digests(at(30)).unwrap();
         let serials: Vec<&str> = due.iter().map(|(s, _)| s.as_str()).collect();

@@ -165,8 +165,11 @@ pub async fn flood_alarms(
         model: "MX-1".into(),
         firmware: "1.0".into(),
     };
-    dev.publish(&protocol::topic::dev_up(&s, UpKind::State), envelope(1, &state))
-        .await;
+    dev.publish(
+        &protocol::topic::dev_up(&s, UpKind::State),
+        envelope(1, &state),
+    )
+    .await;
     let up = protocol::topic::dev_up(&s, UpKind::Alarm);
     for i in 0..codes {
         let report = AlarmReport {

@@ -91,11 +91,20 @@ fn a_fatal_alarm_is_stored_once_retained_progressed_and_cleared() {
     assert_eq!((a.id.as_str(), a.code.as_str()), ("A-000001", "SC-541"));
     assert_eq!((a.status, a.total), (AlarmStatus::Raised, Some(1234)));
     assert_eq!((a.raised_at, a.received_at), (t(9, 0), t(9, 1)));
-    assert_eq!(queue_len(&core), 0, "its webhook waits for the coalescing window");
+    assert_eq!(
+        queue_len(&core),
+        0,
+        "its webhook waits for the coalescing window"
+    );
     core.notify_due(t(9, 1)).unwrap();
     assert_eq!(queue_len(&core), 0);
-    core.notify_due(t(9, 1) + chrono::Duration::seconds(5)).unwrap();
-    assert_eq!(queue_len(&core), 1, "the webhook is queued once the window closes");
+    core.notify_due(t(9, 1) + chrono::Duration::seconds(5))
+        .unwrap();
+    assert_eq!(
+        queue_len(&core),
+        1,
+        "the webhook is queued once the window closes"
+    );
 
     // A resend is a duplicate; a new report of the same active code is the same emergency.
     let out = core.handle_batch(vec![raise()], t(9, 2)).unwrap();
@@ -420,7 +429,13 @@ fn one_device_holds_at_most_its_cap_of_active_alarms_and_its_views_stay_small() 
     for i in 0..100u32 {
         // Ten seconds apart: well within any rate, so only the cap can refuse them.
         let at = start + chrono::Duration::seconds(10 * i64::from(i));
-        let mut msg = alarm_msg("C1", 100 + u64::from(i), &format!("SC-{i:03}"), FaultEvent::Raised, at);
+        let mut msg = alarm_msg(
+            "C1",
+            100 + u64::from(i),
+            &format!("SC-{i:03}"),
+            FaultEvent::Raised,
+            at,
+        );
         let mut report: Envelope<AlarmReport> = Envelope::from_cbor(&msg.payload, LIMIT).unwrap();
         report.body.detail = "d".repeat(5_000);
         msg.payload = report.to_cbor().unwrap().into();
@@ -442,10 +457,22 @@ fn one_device_holds_at_most_its_cap_of_active_alarms_and_its_views_stay_small() 
     );
     let state = alarm_state(&last, "C1").expect("active alarms");
     assert_eq!(state.alarms.len(), 65, "64 alarms and one overflow alarm");
-    let overflow = state.alarms.iter().find(|a| a.code == "overflow").expect("an overflow alarm");
-    assert!(overflow.detail.contains("36") && overflow.detail.contains("SC-064"), "{}", overflow.detail);
+    let overflow = state
+        .alarms
+        .iter()
+        .find(|a| a.code == "overflow")
+        .expect("an overflow alarm");
+    assert!(
+        overflow.detail.contains("36") && overflow.detail.contains("SC-064"),
+        "{}",
+        overflow.detail
+    );
     for a in &state.alarms {
-        assert!(a.site.len() <= 128, "the site is cut in the view: {}", a.site.len());
+        assert!(
+            a.site.len() <= 128,
+            "the site is cut in the view: {}",
+            a.site.len()
+        );
         assert!(a.detail.len() <= 512);
     }
     assert!(
@@ -470,7 +497,15 @@ fn one_device_holds_at_most_its_cap_of_active_alarms_and_its_views_stay_small() 
     let overflow = state.alarms.iter().find(|a| a.code == "overflow").unwrap();
     assert!(!overflow.detail.contains("SC-064"), "{}", overflow.detail);
     let clears: Vec<Inbound> = (0..100u32)
-        .map(|i| alarm_msg("C1", 600 + u64::from(i), &format!("SC-{i:03}"), FaultEvent::Cleared, t(11, 1)))
+        .map(|i| {
+            alarm_msg(
+                "C1",
+                600 + u64::from(i),
+                &format!("SC-{i:03}"),
+                FaultEvent::Cleared,
+                t(11, 1),
+            )
+        })
         .collect();
     let out = core.handle_batch(clears, t(11, 1)).unwrap();
     assert_eq!(alarm_state(&out, "C1"), None, "{:?}", alarms(&core, false));
@@ -484,13 +519,25 @@ fn a_burst_of_new_codes_is_rate_limited_and_notified_once_per_device() {
         "[[rules]]\non = \"alarm\"\nwebhook = \"http://127.0.0.1:9/x\"\n",
     );
     let burst: Vec<Inbound> = (0..300u32)
-        .map(|i| alarm_msg("C1", 1 + u64::from(i), &format!("E-{i:03}"), FaultEvent::Raised, t(9, 0)))
+        .map(|i| {
+            alarm_msg(
+                "C1",
+                1 + u64::from(i),
+                &format!("E-{i:03}"),
+                FaultEvent::Raised,
+                t(9, 0),
+            )
+        })
         .collect();
     let out = core.handle_batch(burst, t(9, 0)).unwrap();
     let (stored, rejected) = acked_outcomes(&out, "C1");
     assert_eq!(stored, 16, "the default burst of new alarms per device");
     assert_eq!(rejected.len(), 284, "every refused alarm is answered");
-    assert!(rejected[0].contains("alarms_per_minute_per_device"), "{}", rejected[0]);
+    assert!(
+        rejected[0].contains("alarms_per_minute_per_device"),
+        "{}",
+        rejected[0]
+    );
     let state = alarm_state(&out, "C1").unwrap();
     assert_eq!(state.alarms.len(), 17, "16 alarms and the overflow alarm");
     // Another device's alarm in the same second is taken at once.
@@ -507,13 +554,29 @@ fn a_burst_of_new_codes_is_rate_limited_and_notified_once_per_device() {
     core.notify_due(t(9, 2)).unwrap();
     let txn = core.store().begin().unwrap();
     let (queued, _) = txn.due_notifications(t(9, 2), 100).unwrap();
-    assert_eq!(queued.len(), 2, "one per device: {:#?}", queued.iter().map(|(_, q)| &q.subject).collect::<Vec<_>>());
-    let c1 = queued.iter().find(|(_, q)| q.subject.contains("C1")).expect("C1's notification");
+    assert_eq!(
+        queued.len(),
+        2,
+        "one per device: {:#?}",
+        queued.iter().map(|(_, q)| &q.subject).collect::<Vec<_>>()
+    );
+    let c1 = queued
+        .iter()
+        .find(|(_, q)| q.subject.contains("C1"))
+        .expect("C1's notification");
     for code in ["E-000", "E-015", "overflow", "E-999"] {
-        assert!(c1.1.text.contains(code), "{code} missing in:\n{}", c1.1.text);
+        assert!(
+            c1.1.text.contains(code),
+            "{code} missing in:\n{}",
+            c1.1.text
+        );
     }
     let json: serde_json::Value = serde_json::from_str(&c1.1.json).unwrap();
-    assert_eq!(json["alarms"].as_array().map(Vec::len), Some(18), "{json:#}");
+    assert_eq!(
+        json["alarms"].as_array().map(Vec::len),
+        Some(18),
+        "{json:#}"
+    );
 }
 
 #[test]
@@ -522,28 +585,46 @@ fn a_clear_dated_far_in_the_future_does_not_hide_later_faults() {
     let core = open(&dir);
     let far = chrono::Utc.with_ymd_and_hms(9999, 1, 1, 0, 0, 0).unwrap();
     let out = core
-        .handle_batch(vec![alarm_msg("C1", 1, "SC-541", FaultEvent::Raised, t(9, 0))], t(9, 0))
+        .handle_batch(
+            vec![alarm_msg("C1", 1, "SC-541", FaultEvent::Raised, t(9, 0))],
+            t(9, 0),
+        )
         .unwrap();
     assert!(alarm_state(&out, "C1").is_some());
     // A device whose clock is wrong clears it "in 9999".
     let out = core
-        .handle_batch(vec![alarm_msg("C1", 2, "SC-541", FaultEvent::Cleared, far)], t(9, 1))
+        .handle_batch(
+            vec![alarm_msg("C1", 2, "SC-541", FaultEvent::Cleared, far)],
+            t(9, 1),
+        )
         .unwrap();
     assert_eq!(alarm_state(&out, "C1"), None);
     // The fault comes back: it is an alarm again, whatever the device's clock said before.
     let out = core
-        .handle_batch(vec![alarm_msg("C1", 3, "SC-541", FaultEvent::Raised, t(9, 2))], t(9, 2))
+        .handle_batch(
+            vec![alarm_msg("C1", 3, "SC-541", FaultEvent::Raised, t(9, 2))],
+            t(9, 2),
+        )
         .unwrap();
     assert_eq!(acks(&out, "C1")[0].outcome, AckOutcome::Stored);
     let state = alarm_state(&out, "C1").expect("the fault is shown again");
     assert_eq!(state.alarms[0].received_at, t(9, 2));
     // And a clock stuck in the past does not hide a fault after a correct clear either.
-    core.handle_batch(vec![alarm_msg("C1", 4, "SC-541", FaultEvent::Cleared, t(9, 3))], t(9, 3))
-        .unwrap();
+    core.handle_batch(
+        vec![alarm_msg("C1", 4, "SC-541", FaultEvent::Cleared, t(9, 3))],
+        t(9, 3),
+    )
+    .unwrap();
     let epoch = chrono::Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0).unwrap();
     let out = core
-        .handle_batch(vec![alarm_msg("C1", 5, "SC-541", FaultEvent::Raised, epoch)], t(9, 4))
+        .handle_batch(
+            vec![alarm_msg("C1", 5, "SC-541", FaultEvent::Raised, epoch)],
+            t(9, 4),
+        )
         .unwrap();
-    assert!(alarm_state(&out, "C1").is_some(), "a fault with a 1970 time is still a fault");
+    assert!(
+        alarm_state(&out, "C1").is_some(),
+        "a fault with a 1970 time is still a fault"
+    );
     assert_eq!(alarms(&core, false).len(), 1);
 }

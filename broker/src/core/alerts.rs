@@ -51,6 +51,8 @@ pub(super) struct Alerts {
     pub(super) stats: CoreStats,
     /// Each device's burst and rate of new alarms.
     pub(super) limiter: AlarmLimiter,
+    /// When each device's alarm view last went out.
+    pub(super) view_pace: super::view_pace::ViewPace,
 }
 
 impl Core {
@@ -188,6 +190,22 @@ impl Core {
             self.alerts.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// The alarm views owed to devices whose changes came faster than one view a second
+    /// ([`super::view_pace`]), built from the store as it stands now. The core's tick calls it.
+    pub fn alarm_views_due(&self, now: Timestamp) -> Result<Vec<super::Outbound>, StoreError> {
+        let due = self.alerts.view_pace.due(now);
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.store.begin()?;
+        let mut out = Vec::new();
+        for serial in super::presence::parse_serials(due.into_iter().collect()) {
+            out.extend(super::alarm::views(&txn, &serial, now)?);
+        }
+        txn.commit()?;
+        Ok(out)
     }
 
     /// S116: the end notice of a job, OK or NG, to whoever asked for it.

@@ -24,6 +24,7 @@ mod overflow;
 mod presence;
 mod run;
 mod storage;
+mod view_pace;
 pub mod views;
 
 #[cfg(test)]
@@ -596,7 +597,9 @@ impl Core {
             }
         }
         for serial in presence::parse_serials(std::mem::take(&mut p.alarms)) {
-            out.extend(alarm::views(txn, &serial, now)?);
+            if self.alerts.view_pace.now_or_later(serial.as_str(), now) {
+                out.extend(alarm::views(txn, &serial, now)?);
+            }
         }
         out.extend(p.blobs);
 

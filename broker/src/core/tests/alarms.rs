@@ -628,3 +628,57 @@ fn a_clear_dated_far_in_the_future_does_not_hide_later_faults() {
     );
     assert_eq!(alarms(&core, false).len(), 1);
 }
+
+#[test]
+fn a_device_toggling_a_refused_code_gets_its_view_republished_at_most_once_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = open(&dir);
+    core.configure_alerts(AlertSettings {
+        alarm_limits: crate::core::AlarmLimits {
+            max_active: 2,
+            ..Default::default()
+        },
+        ..AlertSettings::default()
+    });
+    for (i, code) in ["A", "B", "C"].into_iter().enumerate() {
+        let at = t(9, i as u32);
+        core.handle_batch(
+            vec![alarm_msg("C1", i as u64 + 1, code, FaultEvent::Raised, at)],
+            at,
+        )
+        .unwrap();
+    }
+    // At the cap, C is refused; clearing and raising it again changes the overflow alarm's list
+    // every time. Each message in a batch of its own, all within one second.
+    let now = t(10, 0);
+    let mut published = 0;
+    for i in 0..20u64 {
+        let event = if i % 2 == 0 {
+            FaultEvent::Cleared
+        } else {
+            FaultEvent::Raised
+        };
+        let out = core
+            .handle_batch(vec![alarm_msg("C1", 100 + i, "C", event, now)], now)
+            .unwrap();
+        published += usize::from(find(&out, "fleet/C1/alarm").is_some());
+    }
+    assert!(
+        published <= 1,
+        "the view went out {published} times within a second"
+    );
+    // The last change goes out at the next tick, as the device's alarms now stand.
+    assert!(core.alarm_views_due(now).unwrap().is_empty(), "not yet");
+    let out = core
+        .alarm_views_due(now + chrono::Duration::seconds(1))
+        .unwrap();
+    let state = alarm_state(&out, "C1").expect("the deferred view");
+    let overflow = state.alarms.iter().find(|a| a.code == "overflow").unwrap();
+    assert!(overflow.detail.ends_with("Codes: C"), "{}", overflow.detail);
+    assert!(
+        core.alarm_views_due(now + chrono::Duration::seconds(5))
+            .unwrap()
+            .is_empty(),
+        "sent once"
+    );
+}

@@ -98,6 +98,18 @@ pub struct BrokerConfig {
     /// seconds late for its expected check-in (its interval after its last session ended).
     #[serde(default = "defaults::overdue_margin_secs")]
     pub overdue_margin_secs: u64,
+    /// Active alarms one device may hold (the relay's own overdue and overflow alarms aside).
+    /// A new fault code past it is refused (acked `rejected`) and listed in the device's
+    /// overflow alarm, so every view, list and notification of one device stays bounded.
+    #[serde(default = "defaults::max_active_alarms_per_device")]
+    pub max_active_alarms_per_device: usize,
+    /// New alarms one device may raise at once; past it, `alarms_per_minute_per_device`.
+    #[serde(default = "defaults::alarm_burst_per_device")]
+    pub alarm_burst_per_device: u32,
+    /// New alarms one device may raise per minute after its burst; more are refused and listed
+    /// in its overflow alarm. 0: no rate limit (the cap still holds).
+    #[serde(default = "defaults::alarms_per_minute_per_device")]
+    pub alarms_per_minute_per_device: u32,
     /// Bytes the data directory's file system must keep free: below it the relay refuses new
     /// work (reads go on) and resumes by itself at twice it. Unset: 1% of the file system, at
     /// least 256 KiB and at most 64 MiB. 0: no reserve (a full disk then fails writes, and reads
@@ -175,7 +187,20 @@ mod defaults {
     pub fn overdue_margin_secs() -> u64 {
         300
     }
+    pub fn max_active_alarms_per_device() -> usize {
+        64
+    }
+    pub fn alarm_burst_per_device() -> u32 {
+        16
+    }
+    pub fn alarms_per_minute_per_device() -> u32 {
+        12
+    }
 }
+
+/// The highest `max_active_alarms_per_device`: a thousand alarms of at most ~1.2 KiB each keep a
+/// device's view near a megabyte, far below what hosts accept (16 MiB).
+pub const MAX_ACTIVE_ALARMS_PER_DEVICE: usize = 1000;
 
 /// The longest default deadline: ten years, far beyond any job, well inside what time arithmetic holds.
 pub const MAX_DEFAULT_DEADLINE_SECS: u64 = 10 * 366 * 24 * 3600;
@@ -293,6 +318,20 @@ impl BrokerConfig {
                 "use 0 to 316224000 (ten years); the default is 300",
             ));
         }
+        if !(1..=MAX_ACTIVE_ALARMS_PER_DEVICE).contains(&self.max_active_alarms_per_device) {
+            return Err(invalid(
+                "max_active_alarms_per_device",
+                &self.max_active_alarms_per_device,
+                "use 1 to 1000; the default is 64",
+            ));
+        }
+        if self.alarm_burst_per_device == 0 {
+            return Err(invalid(
+                "alarm_burst_per_device",
+                &0,
+                "use at least 1; the default is 16",
+            ));
+        }
         self.notify.check().map_err(ConfigError::Notify)?;
         if !(1..=protocol::validate::MAX_ATTEMPTS).contains(&self.default_max_attempts) {
             return Err(invalid(
@@ -309,6 +348,15 @@ impl BrokerConfig {
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_secs)
+    }
+
+    /// What one device may make the relay hold and send in alarms.
+    pub fn alarm_limits(&self) -> crate::core::AlarmLimits {
+        crate::core::AlarmLimits {
+            max_active: self.max_active_alarms_per_device,
+            burst: self.alarm_burst_per_device,
+            per_minute: self.alarms_per_minute_per_device,
+        }
     }
 }
 
@@ -385,5 +433,39 @@ mod tests {
             (cfg.default_deadline_secs, cfg.default_max_attempts),
             (3600, 5)
         );
+    }
+
+    #[test]
+    fn alarm_limits_have_documented_defaults_and_ranges() {
+        let cfg = BrokerConfig::default();
+        assert_eq!(
+            (
+                cfg.max_active_alarms_per_device,
+                cfg.alarm_burst_per_device,
+                cfg.alarms_per_minute_per_device,
+                cfg.notify.coalesce_secs
+            ),
+            (64, 16, 12, 5)
+        );
+        for (text, want) in [
+            (
+                "max_active_alarms_per_device = 0",
+                "max_active_alarms_per_device = 0",
+            ),
+            (
+                "max_active_alarms_per_device = 1001",
+                "max_active_alarms_per_device",
+            ),
+            ("alarm_burst_per_device = 0", "alarm_burst_per_device = 0"),
+            ("[notify]\ncoalesce_secs = 3601", "coalesce_secs"),
+        ] {
+            let cfg: BrokerConfig = toml::from_str(text).unwrap();
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let cfg: BrokerConfig =
+            toml::from_str("alarms_per_minute_per_device = 0\n[notify]\ncoalesce_secs = 0")
+                .unwrap();
+        cfg.validate().unwrap();
     }
 }

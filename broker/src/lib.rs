@@ -153,6 +153,7 @@ pub async fn run(
     core.configure_alerts(AlertSettings {
         overdue_margin: std::time::Duration::from_secs(cfg.overdue_margin_secs),
         notify: cfg.notify.clone(),
+        alarm_limits: cfg.alarm_limits(),
     });
     // Before any session: a periodic device that was connected when the relay stopped is
     // expected back within its interval, like one that disconnected.

@@ -182,6 +182,18 @@ struct RunArgs {
     /// seconds late for its check-in. Default: 300
     #[arg(long, value_name = "SECS")]
     overdue_margin_secs: Option<u64>,
+    /// Active alarms one device may hold; a new code past it is refused and listed in the
+    /// device's overflow alarm. 1 to 1000. Default: 64
+    #[arg(long, value_name = "N")]
+    max_active_alarms_per_device: Option<usize>,
+    /// New alarms one device may raise at once, before alarms_per_minute_per_device applies.
+    /// Default: 16
+    #[arg(long, value_name = "N")]
+    alarm_burst_per_device: Option<u32>,
+    /// New alarms one device may raise per minute after its burst; more are refused and listed
+    /// in its overflow alarm. 0: no rate limit. Default: 12
+    #[arg(long, value_name = "N")]
+    alarms_per_minute_per_device: Option<u32>,
     /// Bytes the data directory's file system must keep free: below it the relay refuses new
     /// work (reads go on) until space returns. 0: no reserve. Default: 1% of the file system,
     /// 256 KiB to 64 MiB
@@ -222,7 +234,10 @@ impl RunArgs {
             finished_visible_secs,
             default_deadline_secs,
             default_max_attempts,
-            overdue_margin_secs
+            overdue_margin_secs,
+            max_active_alarms_per_device,
+            alarm_burst_per_device,
+            alarms_per_minute_per_device
         );
         if let Some(addr) = self.metrics_listen {
             cfg.metrics_listen = Some(addr);
@@ -519,6 +534,33 @@ mod tests {
         ] {
             let e = run(&[bad, "0"]).unwrap_err();
             assert!(format!("{e:#}").contains("use at least 1"), "{bad}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn alarm_limit_flags_override_the_config_and_are_validated() {
+        let (cfg, _) = run(&[]).unwrap();
+        assert_eq!(cfg.alarm_limits(), broker::core::AlarmLimits::default());
+        let (cfg, _) = run(&[
+            "--max-active-alarms-per-device",
+            "8",
+            "--alarm-burst-per-device",
+            "2",
+            "--alarms-per-minute-per-device",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg.alarm_limits(),
+            broker::core::AlarmLimits {
+                max_active: 8,
+                burst: 2,
+                per_minute: 0
+            }
+        );
+        for bad in ["--max-active-alarms-per-device", "--alarm-burst-per-device"] {
+            let e = run(&[bad, "0"]).unwrap_err();
+            assert!(format!("{e:#}").contains("use "), "{bad}: {e:#}");
         }
     }
 

@@ -27,6 +27,10 @@ pub struct CoreStats {
     commit_micros: AtomicU64,
     /// Alarms raised since the start (faults and overdue).
     pub alarms_raised: AtomicU64,
+    /// New alarms refused because their device had `max_active_alarms_per_device` active.
+    pub alarms_refused_max_active: AtomicU64,
+    /// New alarms refused because their device raised them too fast.
+    pub alarms_refused_rate: AtomicU64,
     pub notify_sent: AtomicU64,
     pub notify_failed: AtomicU64,
     /// Devices with an open session now.
@@ -129,6 +133,18 @@ pub fn render(gw: &Metrics, core: &CoreStats, store: Option<&StoreStats>) -> Str
         "Alarms raised since the broker started (faults and overdue devices).",
         get(&core.alarms_raised),
     );
+    let _ = writeln!(
+        out,
+        "# HELP chukei_alarms_refused_total New alarms refused by a per-device limit (listed in the device's overflow alarm).\n# TYPE chukei_alarms_refused_total counter\nchukei_alarms_refused_total{{limit=\"max_active_alarms_per_device\"}} {}\nchukei_alarms_refused_total{{limit=\"alarms_per_minute_per_device\"}} {}",
+        get(&core.alarms_refused_max_active),
+        get(&core.alarms_refused_rate)
+    );
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
     metric(
         "chukei_notifications_sent_total",
         "counter",
@@ -231,6 +247,7 @@ mod tests {
             "chukei_redb_commit_seconds_bucket{le=\"+Inf\"} 3\n",
             "chukei_redb_commit_seconds_count 3\n",
             "chukei_acl_violations_total 1\n",
+            "chukei_alarms_refused_total{limit=\"max_active_alarms_per_device\"} 0\n",
             "chukei_jobs{status=\"queued\"} 4\n",
             "chukei_notification_queue 2\n",
             "# TYPE chukei_connections_active gauge\n",

@@ -24,9 +24,15 @@ use crate::Timestamp;
 pub const MAX_CODE_LEN: usize = 32;
 /// Longest free-text detail accepted; longer ones are cut, not refused.
 pub const MAX_DETAIL_LEN: usize = 512;
+/// Longest installation site an alarm carries (bytes). A device's state may name a longer one;
+/// every alarm view, list and notification repeats the site, so it is cut there.
+pub const MAX_SITE_LEN: usize = 128;
 
 /// The code of the alarm the relay raises for a device that missed its check-in.
 pub const OVERDUE_CODE: &str = "overdue";
+/// The code of the alarm the relay raises for a device whose alarms it refused (too many active
+/// at once, or raised too fast); its detail lists the refused codes.
+pub const OVERFLOW_CODE: &str = "overflow";
 
 /// What happened to a fault, as the device reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -91,16 +97,38 @@ pub fn check_code(code: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Cuts a detail text to [`MAX_DETAIL_LEN`] bytes, on a character boundary.
-pub fn clip_detail(detail: &str) -> String {
-    if detail.len() <= MAX_DETAIL_LEN {
-        return detail.to_owned();
+/// Checks a fault code a device reports: [`check_code`], and not one of the codes the relay
+/// raises itself ([`OVERDUE_CODE`], [`OVERFLOW_CODE`]), which a device must not mix with.
+pub fn check_device_code(code: &str) -> Result<(), String> {
+    check_code(code)?;
+    if code == OVERDUE_CODE || code == OVERFLOW_CODE {
+        return Err(format!(
+            "fault code {code:?} is the relay's own; use another code"
+        ));
     }
-    let mut end = MAX_DETAIL_LEN;
-    while !detail.is_char_boundary(end) {
+    Ok(())
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+pub fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    detail[..end].to_owned()
+    &text[..end]
+}
+
+/// Cuts a detail text to [`MAX_DETAIL_LEN`] bytes, on a character boundary.
+pub fn clip_detail(detail: &str) -> String {
+    clip(detail, MAX_DETAIL_LEN).to_owned()
+}
+
+/// Cuts a site to [`MAX_SITE_LEN`] bytes, on a character boundary.
+pub fn clip_site(site: &str) -> String {
+    clip(site, MAX_SITE_LEN).to_owned()
 }
 
 /// Where an alarm came from.
@@ -210,6 +238,17 @@ mod tests {
         for bad in ["", "SC 541", "SC/541", "ü", &"x".repeat(33)] {
             assert!(check_code(bad).is_err(), "{bad:?}");
         }
+        assert!(check_device_code("SC-541").is_ok());
+        for own in [OVERDUE_CODE, OVERFLOW_CODE] {
+            assert!(check_device_code(own).unwrap_err().contains("relay's own"));
+        }
+    }
+
+    #[test]
+    fn sites_are_clipped_on_a_char_boundary() {
+        assert_eq!(clip_site("Osaka 3F"), "Osaka 3F");
+        let clipped = clip_site(&"大阪".repeat(100));
+        assert!(clipped.len() <= MAX_SITE_LEN && clipped.chars().all(|c| c == '大' || c == '阪'));
     }
 
     #[test]

@@ -293,3 +293,46 @@ async fn a_killed_device_shows_offline_and_a_late_periodic_device_raises_overdue
         "a persistent device is never overdue: {c1_alarms:#?}"
     );
 }
+
+#[tokio::test]
+async fn a_device_flooding_distinct_codes_is_capped_and_every_host_can_still_list_alarms() {
+    let env = TestEnv::new(
+        "a_device_flooding_distinct_codes_is_capped_and_every_host_can_still_list_alarms",
+    );
+    let broker = env.broker().start().await;
+    // A 60 KB site and 300 distinct codes: unbounded, an 18 MB alarm view.
+    let acks = emergency::flood_alarms(&env, &broker, "C9", 60_000, 300).await;
+    assert!(acks.stored <= 64, "stored {} of 300", acks.stored);
+    assert_eq!(acks.stored + acks.rejected.len(), 300);
+    assert!(
+        acks.rejected.iter().all(|r| r.contains("overflow alarm")),
+        "each refusal says where the alarm went: {:?}",
+        acks.rejected.first()
+    );
+
+    // Every host can still list the alarms; the device's are bounded.
+    let host = env.host("svc", &broker);
+    let listed = alarms_json(&host, false).await;
+    assert!(listed.len() <= 65, "{} alarms listed", listed.len());
+    let overflow = listed
+        .iter()
+        .find(|a| a["code"] == "overflow")
+        .expect("an overflow alarm says that more were refused");
+    assert_eq!(overflow["serial"], "C9", "{overflow:#}");
+    let view = retained_now(&env, &broker, "json/fleet/C9/alarm", secs(5)).await;
+    assert!(
+        !view.is_empty() && view.len() < 128 * 1024,
+        "the retained view is {} bytes",
+        view.len()
+    );
+
+    // A real device's alarm still gets through, and the refusals were logged once, not 280 times.
+    let c1 = env.device("C1").site("Kobe").start(&broker).await;
+    fault(&c1, &["raise", "SC-541"]).await;
+    broker.wait_for_log("alarm in progress", deadline()).await;
+    let refusals = broker.lines_matching(|l| l.contains("alarm limit reached"));
+    assert!(
+        (1..=3).contains(&refusals.len()),
+        "refusals are logged once per burst: {refusals:#?}"
+    );
+}

@@ -325,7 +325,11 @@ mail = ["ops@example.com", "oncall@example.com"]
         took < secs(3),
         "the alarm took {took:?} to reach the desk with a dead mail server"
     );
-    // The mail is stuck in the tarpit, not lost and not in the way.
+    // The mail is stuck in the tarpit, not lost and not in the way (queued once the alarm's
+    // coalescing window closed).
+    broker
+        .wait_for_log("alarm notifications queued", deadline())
+        .await;
     let delivered = broker.lines_matching(|l| l.contains("notification sent"));
     assert!(delivered.is_empty(), "{delivered:#?}");
     eprintln!(
@@ -360,4 +364,72 @@ mail = ["ops@example.com", "oncall@example.com"]
     rogue.expect_closed(deadline()).await;
     let text = scrape(metrics_addr).await;
     assert_eq!(metric(&text, "chukei_acl_violations_total"), 1.0, "{text}");
+}
+
+#[tokio::test]
+async fn a_flooding_device_gets_one_webhook_per_burst_and_does_not_delay_another_devices_alarm() {
+    let env = TestEnv::new(
+        "a_flooding_device_gets_one_webhook_per_burst_and_does_not_delay_another_devices_alarm",
+    );
+    let [hook_port] = free_ports::<1>();
+    let mut hooks = webhook_sink(SocketAddr::from(([127, 0, 0, 1], hook_port))).await;
+    let config = env.path("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[notify]
+retry_min_secs = 1
+retry_max_secs = 1
+
+[[notify.rules]]
+on = "alarm"
+webhook = "http://127.0.0.1:{hook_port}/chukei"
+"#
+        ),
+    )
+    .expect("write the broker config");
+    let broker = env.broker().arg("--config").arg(&config).start().await;
+
+    // One device raises 300 distinct codes at once; then a real copier has a real fault.
+    let acks = emergency::flood_alarms(&env, &broker, "C9", 100, 300).await;
+    assert_eq!(acks.stored + acks.rejected.len(), 300);
+    let c2 = env.device("C2").site("Kobe").start(&broker).await;
+    fault(&c2, &["raise", "SC-541"]).await;
+
+    // C2's webhook arrives with at most one of C9's before it, and C9's lists its codes.
+    let mut flood_hooks = Vec::new();
+    let c2_hook = tokio::time::timeout(secs(60), async {
+        loop {
+            let (_, body) = hooks.recv().await.expect("the webhook sink stopped");
+            let json: Value = serde_json::from_str(&body).expect("JSON");
+            if json["alarm"]["serial"] == "C2" {
+                return json;
+            }
+            flood_hooks.push(json);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no webhook for C2 within 60 s ({} for C9)",
+            flood_hooks.len()
+        )
+    });
+    assert_eq!(c2_hook["alarm"]["code"], "SC-541", "{c2_hook:#}");
+    assert!(
+        flood_hooks.len() <= 1,
+        "{} webhooks for the flooding device went first",
+        flood_hooks.len()
+    );
+    let flood = match flood_hooks.pop() {
+        Some(h) => h,
+        None => next_hook(&mut hooks, "alarm").await,
+    };
+    assert_eq!(flood["serial"], "C9", "{flood:#}");
+    let codes = flood["alarms"].as_array().map(Vec::len).unwrap_or(0);
+    assert!(
+        (2..=65).contains(&codes),
+        "one webhook lists the burst's alarms: {flood:#}"
+    );
 }

@@ -5,22 +5,34 @@
 //! after the commit (S307–S308). A device has at most one active alarm per fault code: a second
 //! `raised` for a code that is active is the same emergency (a resend after the device restarted,
 //! say), not a new one — so an alarm reaches the dashboards exactly once. `in-progress` moves it
-//! on (S309), `cleared` ends it; a `raised` older than the device's last clear of that code is
-//! history and revives nothing.
+//! on (S309), `cleared` ends it.
+//!
+//! Events are ordered by the relay's receipt, never by the device's clock: the agent sends a
+//! fault's reports in order and the relay answers each in order, so the last one received is the
+//! device's latest word. (Comparing device times let one `cleared` dated 9999 hide every later
+//! fault of that code.) The device's `at` is kept as `raised_at`, for people to read.
+//!
+//! One device cannot make the relay hold or send without bound ([`super::alarm_limit`]): at most
+//! `max_active_alarms_per_device` active alarms, new ones at most a burst and then a rate. A new
+//! alarm past either is acked `rejected` with the reason and listed in the device's overflow
+//! alarm ([`super::overflow`]), so the service desk still sees it; sites are cut to
+//! [`alarm::MAX_SITE_LEN`] and details to [`alarm::MAX_DETAIL_LEN`], so a device's view stays
+//! well under 128 KiB.
 //!
 //! The device's active alarms are retained on `fleet/{serial}/alarm` and its JSON mirror, rebuilt
 //! from redb at startup; when the last one clears, both are deleted (a zero-length payload).
 
 use protocol::alarm::{
     self, AlarmKind, AlarmReport, AlarmState, AlarmStatus, AlarmView, FaultEvent, OVERDUE_CODE,
+    OVERFLOW_CODE,
 };
 use protocol::device::AckOutcome;
 use protocol::host::HostReply;
-use protocol::{Envelope, HostId, Serial, Timestamp, topic};
+use protocol::{Envelope, HostId, Serial, Shown, Timestamp, topic};
 use tracing::{debug, error, info, warn};
 
+use super::alarm_limit::Limit;
 use super::{Core, Done, Outbound, Pending, skip_corrupt};
-use crate::notify::{self, NotifyEvent};
 use crate::store::{StoreError, Txn, alarm_id, alarm_number};
 
 /// Most alarms `alarms list --all` returns.
@@ -49,19 +61,27 @@ impl Logged {
                     .stats
                     .alarms_raised
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                warn!(serial = %a.serial, alarm = %a.id, code = %a.code, kind = %a.kind, detail = %a.detail, "alarm raised")
+                warn!(serial = %a.serial, alarm = %a.id, code = %Shown(&a.code), kind = %a.kind, detail = %Shown(&a.detail), "alarm raised")
             }
             Step::InProgress => {
-                info!(serial = %a.serial, alarm = %a.id, code = %a.code, "alarm in progress")
+                info!(serial = %a.serial, alarm = %a.id, code = %Shown(&a.code), "alarm in progress")
             }
             Step::Cleared => {
-                info!(serial = %a.serial, alarm = %a.id, code = %a.code, kind = %a.kind, "alarm cleared")
+                info!(serial = %a.serial, alarm = %a.id, code = %Shown(&a.code), kind = %a.kind, "alarm cleared")
             }
             Step::Acked => {
-                info!(serial = %a.serial, alarm = %a.id, code = %a.code, host = a.acked_by.as_deref().unwrap_or(""), "alarm acknowledged")
+                info!(serial = %a.serial, alarm = %a.id, code = %Shown(&a.code), host = a.acked_by.as_deref().unwrap_or(""), "alarm acknowledged")
             }
         }
     }
+}
+
+pub(super) fn logged_raised(p: &mut Pending, alarm: &AlarmView) {
+    logged(p, alarm, Step::Raised);
+}
+
+pub(super) fn logged_cleared(p: &mut Pending, alarm: &AlarmView) {
+    logged(p, alarm, Step::Cleared);
 }
 
 fn logged(p: &mut Pending, alarm: &AlarmView, step: Step) {
@@ -72,13 +92,33 @@ fn logged(p: &mut Pending, alarm: &AlarmView, step: Step) {
     }));
 }
 
-/// The installation site the device last reported; empty if unknown or unreadable (a corrupt
-/// device record must not stop an alarm).
+/// The installation site the device last reported, cut to [`alarm::MAX_SITE_LEN`]; empty if
+/// unknown or unreadable (a corrupt device record must not stop an alarm).
 pub(super) fn site_of(txn: &Txn, serial: &Serial) -> Result<String, StoreError> {
     Ok(skip_corrupt(txn.device_state(serial))?
         .flatten()
-        .map(|state| state.site)
+        .map(|state| alarm::clip_site(&state.site))
         .unwrap_or_default())
+}
+
+/// An alarm as views, lists and notifications show it: site and detail within their limits,
+/// whatever an older relay stored.
+pub(super) fn shown(mut a: AlarmView) -> AlarmView {
+    if a.site.len() > alarm::MAX_SITE_LEN {
+        a.site = alarm::clip_site(&a.site);
+    }
+    if a.detail.len() > alarm::MAX_DETAIL_LEN {
+        a.detail = alarm::clip_detail(&a.detail);
+    }
+    a
+}
+
+/// Refusals of alarm reports a device can send at will are logged within a budget.
+fn log_refused_report(serial: &Serial, topic: &str, reason: &str) {
+    static BUDGET: super::log_budget::LogBudget = super::log_budget::LogBudget::new();
+    if let super::log_budget::Verdict::Log { suppressed } = BUDGET.check() {
+        warn!(serial = %serial, topic = %Shown(topic), reason = %Shown(reason), suppressed, "refused alarm report");
+    }
 }
 
 /// Handles one `dev/{serial}/up/alarm` message: decode, dedupe, apply, ack after the commit.
@@ -98,13 +138,19 @@ pub(super) fn report(
     };
     let seq = env.seq();
     let id = seq.id;
-    if let Err(reason) = alarm::check_code(&env.body.code) {
-        warn!(serial = %serial, topic, reason = %reason, "refused alarm report");
+    if let Err(reason) = alarm::check_device_code(&env.body.code) {
+        log_refused_report(serial, topic, &reason);
         p.ack(serial, seq, AckOutcome::Rejected { reason });
         return Ok(());
     }
     match apply(core, txn, p, serial, &env.body, now) {
-        Ok(()) => {}
+        Ok(Applied::Stored) => {}
+        Ok(Applied::Refused(reason)) => {
+            // Journaled like every refusal (`Core::finish`): a resend of this message, its ack
+            // lost, is refused again; a new report of the code is judged anew.
+            p.ack(serial, seq, AckOutcome::Rejected { reason });
+            return Ok(());
+        }
         Err(e) if e.is_corrupt_record() => {
             error!(serial = %serial, msg_id = id, error = %e, "cannot store an alarm: a store record is corrupt");
             return Ok(());
@@ -117,6 +163,13 @@ pub(super) fn report(
     Ok(())
 }
 
+/// What became of an alarm report.
+enum Applied {
+    Stored,
+    /// Refused by a limit, with the reason for the device; listed in its overflow alarm.
+    Refused(String),
+}
+
 fn apply(
     core: &Core,
     txn: &mut Txn,
@@ -124,87 +177,114 @@ fn apply(
     serial: &Serial,
     report: &AlarmReport,
     now: Timestamp,
-) -> Result<(), StoreError> {
+) -> Result<Applied, StoreError> {
     let code = report.code.as_str();
     let active = match txn.active_alarm(serial, code)? {
         Some(n) => txn.alarm(n)?.map(|a| (n, a)),
         None => None,
     };
     match report.event {
-        FaultEvent::Raised | FaultEvent::InProgress => {
-            let cleared_later = txn
-                .alarm_cleared_at(serial, code)?
-                .is_some_and(|ms| report.at.timestamp_millis() <= ms);
-            if cleared_later && active.is_none() {
-                debug!(serial = %serial, code, "a fault report older than its clear; history only");
-                return Ok(());
-            }
-            match active {
-                Some((n, mut a)) => {
-                    if report.event == FaultEvent::InProgress && a.status == AlarmStatus::Raised {
-                        a.status = AlarmStatus::InProgress;
-                        a.updated_at = now;
-                        txn.put_alarm(n, &a)?;
-                        logged(p, &a, Step::InProgress);
-                    } else {
-                        debug!(serial = %serial, alarm = %a.id, code, event = %report.event, "alarm already active");
-                    }
-                }
-                None => {
-                    let site = super::alarm::site_of(txn, serial)?;
-                    let n = txn.next_alarm_number()?;
-                    let a = AlarmView {
-                        id: alarm_id(n),
-                        serial: serial.to_string(),
-                        site,
-                        kind: AlarmKind::Fault,
-                        code: code.to_owned(),
-                        detail: alarm::clip_detail(&report.detail),
-                        status: match report.event {
-                            FaultEvent::InProgress => AlarmStatus::InProgress,
-                            _ => AlarmStatus::Raised,
-                        },
-                        raised_at: report.at,
-                        received_at: now,
-                        updated_at: now,
-                        cleared_at: None,
-                        acked_by: None,
-                        acked_at: None,
-                        total: report.total,
-                    };
+        FaultEvent::Raised | FaultEvent::InProgress => match active {
+            Some((n, mut a)) => {
+                if report.event == FaultEvent::InProgress && a.status == AlarmStatus::Raised {
+                    a.status = AlarmStatus::InProgress;
+                    a.updated_at = now;
                     txn.put_alarm(n, &a)?;
-                    let server = core.settings.server_name.clone();
-                    core.notify(
-                        txn,
-                        NotifyEvent::Alarm,
-                        serial.as_str(),
-                        || notify::compose::alarm(&a, &server),
-                        now,
-                    )?;
-                    logged(p, &a, Step::Raised);
+                    logged(p, &a, Step::InProgress);
+                } else {
+                    debug!(serial = %serial, alarm = %a.id, code = %Shown(code), event = %report.event, "alarm already active");
                 }
             }
-        }
-        FaultEvent::Cleared => {
-            let newer = txn
-                .alarm_cleared_at(serial, code)?
-                .is_none_or(|ms| report.at.timestamp_millis() > ms);
-            if newer {
-                txn.put_alarm_cleared_at(serial, code, report.at)?;
+            None => {
+                if let Some(limit) = over_limit(core, txn, serial, now)? {
+                    let reason = super::overflow::fold(core, txn, p, serial, code, limit, now)?;
+                    return Ok(Applied::Refused(reason));
+                }
+                raise(core, txn, p, serial, report, now)?;
             }
+        },
+        FaultEvent::Cleared => {
             match active {
                 Some((n, a)) => {
                     let a = clear(txn, n, a, now)?;
                     logged(p, &a, Step::Cleared);
                 }
-                None => debug!(serial = %serial, code, "clear of a fault with no active alarm"),
+                None => {
+                    debug!(serial = %serial, code = %Shown(code), "clear of a fault with no active alarm")
+                }
             }
+            super::overflow::forget(txn, p, serial, code, now)?;
         }
+    }
+    Ok(Applied::Stored)
+}
+
+/// Which limit a new alarm of `serial` would break, if any: its active alarms first (which costs
+/// no token), then its rate.
+fn over_limit(
+    core: &Core,
+    txn: &Txn,
+    serial: &Serial,
+    now: Timestamp,
+) -> Result<Option<Limit>, StoreError> {
+    let limits = &core.alerts.settings.alarm_limits;
+    let active = txn.active_alarm_count(serial, &[OVERDUE_CODE, OVERFLOW_CODE])?;
+    if active >= limits.max_active {
+        return Ok(Some(Limit::MaxActive));
+    }
+    if !core.alerts.limiter.take(limits, serial, now) {
+        return Ok(Some(Limit::Rate));
+    }
+    Ok(None)
+}
+
+/// A new alarm for a fault the device reported.
+fn raise(
+    core: &Core,
+    txn: &mut Txn,
+    p: &mut Pending,
+    serial: &Serial,
+    report: &AlarmReport,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let site = site_of(txn, serial)?;
+    let n = txn.next_alarm_number()?;
+    let a = AlarmView {
+        id: alarm_id(n),
+        serial: serial.to_string(),
+        site,
+        kind: AlarmKind::Fault,
+        code: report.code.clone(),
+        detail: alarm::clip_detail(&report.detail),
+        status: match report.event {
+            FaultEvent::InProgress => AlarmStatus::InProgress,
+            _ => AlarmStatus::Raised,
+        },
+        raised_at: report.at,
+        received_at: now,
+        updated_at: now,
+        cleared_at: None,
+        acked_by: None,
+        acked_at: None,
+        total: report.total,
+    };
+    txn.put_alarm(n, &a)?;
+    core.notify_alarm(txn, n, &a, now)?;
+    logged(p, &a, Step::Raised);
+    // A code that was refused before and is raised now is no longer the overflow alarm's.
+    super::overflow::forget(txn, p, serial, &a.code, now)?;
+    if let Some(refused) = core.alerts.limiter.accepted(serial) {
+        info!(serial = %serial, refused, "alarm limit: this device's new alarms are taken again");
     }
     Ok(())
 }
 
-fn clear(txn: &mut Txn, n: u64, mut a: AlarmView, now: Timestamp) -> Result<AlarmView, StoreError> {
+pub(super) fn clear(
+    txn: &mut Txn,
+    n: u64,
+    mut a: AlarmView,
+    now: Timestamp,
+) -> Result<AlarmView, StoreError> {
     a.status = AlarmStatus::Cleared;
     a.cleared_at = Some(now);
     a.updated_at = now;
@@ -244,14 +324,7 @@ pub(super) fn raise_overdue(
         total: None,
     };
     txn.put_alarm(n, &a)?;
-    let server = core.settings.server_name.clone();
-    core.notify(
-        txn,
-        NotifyEvent::Overdue,
-        serial.as_str(),
-        || notify::compose::alarm(&a, &server),
-        now,
-    )?;
+    core.notify_alarm(txn, n, &a, now)?;
     logged(p, &a, Step::Raised);
     Ok(n)
 }
@@ -296,6 +369,7 @@ pub(super) fn list(txn: &Txn, all: bool, serial: Option<&str>) -> Result<HostRep
         }
         out
     };
+    let alarms = alarms.into_iter().map(shown).collect();
     Ok(HostReply::Alarms { alarms })
 }
 
@@ -335,7 +409,7 @@ pub(super) fn views(
     let mut alarms = Vec::new();
     for n in txn.active_alarms_of(serial)? {
         if let Some(Some(a)) = skip_corrupt(txn.alarm(n))? {
-            alarms.push(a);
+            alarms.push(shown(a));
         }
     }
     let retained = |topic: String, payload: Vec<u8>| Outbound {

@@ -7,11 +7,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use protocol::alarm::{AlarmKind, AlarmView};
 use protocol::job::JobStatus;
-use protocol::{Serial, Timestamp};
+use protocol::{Serial, Shown, Timestamp};
 use tokio::sync::Notify;
+use tracing::info;
 
 use super::Core;
+use super::alarm_limit::{AlarmLimiter, AlarmLimits};
 use crate::notify::{self, NotifyConfig, NotifyEvent};
 use crate::store::{JobRecord, Store, StoreError, Txn};
 use crate::telemetry::CoreStats;
@@ -23,6 +26,8 @@ pub struct AlertSettings {
     pub overdue_margin: Duration,
     /// Mail and webhook rules.
     pub notify: NotifyConfig,
+    /// What one device may make the relay hold and send in alarms.
+    pub alarm_limits: AlarmLimits,
 }
 
 impl Default for AlertSettings {
@@ -30,6 +35,7 @@ impl Default for AlertSettings {
         AlertSettings {
             overdue_margin: Duration::from_secs(300),
             notify: NotifyConfig::default(),
+            alarm_limits: AlarmLimits::default(),
         }
     }
 }
@@ -43,6 +49,10 @@ pub(super) struct Alerts {
     /// Wakes the notification worker when something was queued.
     pub(super) wake: Arc<Notify>,
     pub(super) stats: CoreStats,
+    /// Each device's burst and rate of new alarms.
+    pub(super) limiter: AlarmLimiter,
+    /// When each device's alarm view last went out.
+    pub(super) view_pace: super::view_pace::ViewPace,
 }
 
 impl Core {
@@ -98,6 +108,104 @@ impl Core {
             self.alerts.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// The notifications of a new alarm `n`. A device's faults are coalesced: the first opens a
+    /// digest that closes `notify.coalesce_secs` later, and every fault until then joins it, so a
+    /// burst is one mail and one webhook call per rule ([`Core::notify_due`] sends it). An
+    /// overdue device is notified at once (the relay raises that alarm once per missed check-in).
+    pub(super) fn notify_alarm(
+        &self,
+        txn: &mut Txn,
+        n: u64,
+        alarm: &AlarmView,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let event = match alarm.kind {
+            AlarmKind::Fault => NotifyEvent::Alarm,
+            AlarmKind::Overdue => NotifyEvent::Overdue,
+        };
+        let rules = &self.alerts.settings.notify;
+        if !rules.rules.iter().any(|r| r.on.contains(&event)) {
+            return Ok(());
+        }
+        if event == NotifyEvent::Overdue || rules.coalesce_secs == 0 {
+            let server = self.settings.server_name.clone();
+            return self.notify(
+                txn,
+                event,
+                &alarm.serial,
+                || notify::compose::alarm(alarm, &server),
+                now,
+            );
+        }
+        let window = chrono::Duration::seconds(rules.coalesce_secs as i64);
+        txn.digest_alarm(&alarm.serial, n, now + window)?;
+        Ok(())
+    }
+
+    /// Queues one notification per rule and channel for each device whose coalescing window has
+    /// closed, listing the alarms it raised in it, and wakes the worker. The core's tick calls it
+    /// every second; costs no commit when no window has closed. Skipped while the store cannot
+    /// write: the digests wait in redb.
+    pub fn notify_due(&self, now: Timestamp) -> Result<(), StoreError> {
+        if !self.storage_writable() {
+            return Ok(());
+        }
+        let mut txn = self.store.begin()?;
+        let due = txn.take_due_digests(now)?;
+        if due.is_empty() {
+            txn.commit()?;
+            return Ok(());
+        }
+        let server = self.settings.server_name.clone();
+        let rules = &self.alerts.settings.notify;
+        let mut queued = 0;
+        let mut logs = Vec::new();
+        for (serial, digest) in due {
+            let mut alarms = Vec::with_capacity(digest.alarms.len());
+            for n in digest.alarms {
+                if let Some(Some(a)) = super::skip_corrupt(txn.alarm(n))? {
+                    alarms.push(super::alarm::shown(a));
+                }
+            }
+            let message = match (alarms.as_slice(), digest.more) {
+                ([], 0) => continue,
+                ([one], 0) => notify::compose::alarm(one, &server),
+                (many, more) => notify::compose::alarms(&serial, many, more, &server),
+            };
+            let n = rules.enqueue(&mut txn, NotifyEvent::Alarm, &serial, &message, now)?;
+            logs.push((serial, alarms.len() as u64 + digest.more, n));
+            queued += n;
+        }
+        let started = std::time::Instant::now();
+        if txn.commit()? {
+            self.count_commit(started.elapsed(), 0);
+        }
+        // One line per device per coalescing window at most.
+        for (serial, alarms, notifications) in logs {
+            info!(serial = %Shown(&serial), alarms, notifications, "alarm notifications queued");
+        }
+        if queued > 0 {
+            self.alerts.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The alarm views owed to devices whose changes came faster than one view a second
+    /// ([`super::view_pace`]), built from the store as it stands now. The core's tick calls it.
+    pub fn alarm_views_due(&self, now: Timestamp) -> Result<Vec<super::Outbound>, StoreError> {
+        let due = self.alerts.view_pace.due(now);
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.store.begin()?;
+        let mut out = Vec::new();
+        for serial in super::presence::parse_serials(due.into_iter().collect()) {
+            out.extend(super::alarm::views(&txn, &serial, now)?);
+        }
+        txn.commit()?;
+        Ok(out)
     }
 
     /// S116: the end notice of a job, OK or NG, to whoever asked for it.

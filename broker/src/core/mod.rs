@@ -14,14 +14,17 @@
 //! [`views`] builds the retained messages, and `run` is the task that batches.
 
 mod alarm;
+mod alarm_limit;
 mod alerts;
 mod device;
 mod host;
 mod log_budget;
 mod meter;
+mod overflow;
 mod presence;
 mod run;
 mod storage;
+mod view_pace;
 pub mod views;
 
 #[cfg(test)]
@@ -43,6 +46,7 @@ use tracing::{error, info, warn};
 use crate::jobs;
 use crate::store::{DeviceRecord, Store, StoreError, Txn};
 
+pub use alarm_limit::AlarmLimits;
 pub use alerts::AlertSettings;
 pub use run::{run, spawn};
 
@@ -595,7 +599,9 @@ impl Core {
             }
         }
         for serial in presence::parse_serials(std::mem::take(&mut p.alarms)) {
-            out.extend(alarm::views(txn, &serial, now)?);
+            if self.alerts.view_pace.now_or_later(serial.as_str(), now) {
+                out.extend(alarm::views(txn, &serial, now)?);
+            }
         }
         out.extend(p.blobs);
 

@@ -61,7 +61,9 @@ pub fn spawn(
 /// after the commit, from this thread.
 ///
 /// Sessions opening and closing ([`PresenceEvent`]s from the gateway) are recorded the same way,
-/// in their own transactions; the once-a-second tick also looks for overdue devices.
+/// in their own transactions; the once-a-second tick also looks for overdue devices, queues the
+/// alarm notifications whose coalescing window has closed, and sends the alarm views held back
+/// by the one-view-a-second pace.
 ///
 /// A batch that fails to commit is logged and dropped: nothing was acked, so its senders resend.
 /// A store that cannot write (disk full, an I/O error) does not stop the core: it refuses new
@@ -120,6 +122,8 @@ pub async fn run(
                 // The tick also records presence changes held back while the store could not write.
                 Work::Expire => core.expire(now).and_then(|mut out| {
                     out.extend(core.overdue(now)?);
+                    core.notify_due(now)?;
+                    out.extend(core.alarm_views_due(now)?);
                     out.extend(core.presence_events(Vec::new(), now)?);
                     Ok(out)
                 }),

@@ -29,13 +29,91 @@ fn at_site(site: &str) -> String {
     }
 }
 
+/// A subject line: a device's site or code must not start a header of its own.
+fn one_line(text: String) -> String {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect()
+    } else {
+        text
+    }
+}
+
+/// Codes a digest's subject names before "…".
+const SUBJECT_CODES: usize = 8;
+
+/// A device's alarms raised within one coalescing window (more than one): one mail listing them,
+/// and a webhook body `{"event": "alarm", "server", "serial", "alarms": […], "more": N}`, where
+/// `more` counts alarms of the burst not listed.
+pub fn alarms(serial: &str, alarms: &[AlarmView], more: u64, server: &str) -> Message {
+    let total = alarms.len() as u64 + more;
+    let site = alarms.first().map(|a| a.site.as_str()).unwrap_or("");
+    let mut codes: Vec<&str> = alarms
+        .iter()
+        .take(SUBJECT_CODES)
+        .map(|a| a.code.as_str())
+        .collect();
+    if total > codes.len() as u64 {
+        codes.push("…");
+    }
+    let subject = one_line(format!(
+        "[chukei] EMERGENCY {total} alarms on {serial}{}: {}",
+        at_site(site),
+        codes.join(", ")
+    ));
+    let mut text = String::new();
+    let _ = writeln!(text, "{subject}");
+    let _ = writeln!(text);
+    let _ = writeln!(text, "Device:    {serial}");
+    if !site.is_empty() {
+        let _ = writeln!(text, "Site:      {site}");
+    }
+    let _ = writeln!(text, "Relay:     {server}");
+    let _ = writeln!(text);
+    for a in alarms {
+        let _ = write!(
+            text,
+            "{}  {}  {}  raised {}",
+            a.id,
+            a.code,
+            a.status,
+            rfc3339(a.raised_at)
+        );
+        if !a.detail.is_empty() {
+            let _ = write!(text, "  {}", a.detail);
+        }
+        let _ = writeln!(text);
+    }
+    if more > 0 {
+        let _ = writeln!(text, "… and {more} more");
+    }
+    let _ = writeln!(text);
+    let _ = writeln!(
+        text,
+        "See them with: host-agent alarms list --serial {serial}"
+    );
+    let body = json!({
+        "event": NotifyEvent::Alarm.as_str(),
+        "server": server,
+        "serial": serial,
+        "alarms": alarms,
+        "more": more,
+    });
+    Message {
+        subject,
+        text,
+        json: body.to_string(),
+    }
+}
+
 /// A fatal alarm or an overdue device (S312): the device, its site, the code and what it means.
 pub fn alarm(alarm: &AlarmView, server: &str) -> Message {
     let event = match alarm.kind {
         AlarmKind::Fault => NotifyEvent::Alarm,
         AlarmKind::Overdue => NotifyEvent::Overdue,
     };
-    let subject = match alarm.kind {
+    let subject = one_line(match alarm.kind {
         AlarmKind::Fault => format!(
             "[chukei] EMERGENCY {} on {}{}",
             alarm.code,
@@ -47,7 +125,7 @@ pub fn alarm(alarm: &AlarmView, server: &str) -> Message {
             alarm.serial,
             at_site(&alarm.site)
         ),
-    };
+    });
     let mut text = String::new();
     let _ = writeln!(text, "{subject}");
     let _ = writeln!(text);
@@ -87,7 +165,7 @@ pub fn job(view: &JobView, event: NotifyEvent, server: &str) -> Message {
         NotifyEvent::JobSucceeded => "ended OK",
         _ => "ended NG",
     };
-    let subject = format!(
+    let subject = one_line(format!(
         "[chukei] job {} {} on {}{}: {} {}",
         view.id,
         view.instruction,
@@ -95,7 +173,7 @@ pub fn job(view: &JobView, event: NotifyEvent, server: &str) -> Message {
         at_site(&view.site),
         outcome,
         view.status
-    );
+    ));
     let mut text = String::new();
     let _ = writeln!(text, "{subject}");
     let _ = writeln!(text);
@@ -164,6 +242,47 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&m.json).unwrap();
         assert_eq!(json["event"], "alarm");
         assert_eq!(json["alarm"]["serial"], "C123");
+    }
+
+    #[test]
+    fn a_burst_is_one_message_listing_its_alarms() {
+        let a = |n: u32, code: &str| AlarmView {
+            id: format!("A-{n:06}"),
+            serial: "C123".into(),
+            site: "Osaka\r\nBcc: x@example.com".into(),
+            kind: AlarmKind::Fault,
+            code: code.into(),
+            detail: "motor".into(),
+            status: AlarmStatus::Raised,
+            raised_at: at(),
+            received_at: at(),
+            updated_at: at(),
+            cleared_at: None,
+            acked_by: None,
+            acked_at: None,
+            total: None,
+        };
+        let list: Vec<AlarmView> = (0..10).map(|i| a(i, &format!("SC-{i}"))).collect();
+        let m = alarms("C123", &list, 5, "relay-1");
+        assert!(
+            m.subject
+                .starts_with("[chukei] EMERGENCY 15 alarms on C123 (Osaka  Bcc"),
+            "{}",
+            m.subject
+        );
+        assert!(
+            m.subject.ends_with("SC-7, …") && !m.subject.contains('\n'),
+            "{}",
+            m.subject
+        );
+        for want in ["A-000000  SC-0  raised", "A-000009  SC-9", "… and 5 more"] {
+            assert!(m.text.contains(want), "{want}: {}", m.text);
+        }
+        let json: serde_json::Value = serde_json::from_str(&m.json).unwrap();
+        assert_eq!(json["event"], "alarm");
+        assert_eq!(json["serial"], "C123");
+        assert_eq!(json["alarms"].as_array().map(Vec::len), Some(10));
+        assert_eq!(json["more"], 5);
     }
 
     #[test]

@@ -33,6 +33,9 @@ use crate::store::{NotifyChannel, QueuedNotification, StoreError, Txn};
 
 pub use compose::Message;
 
+/// The longest coalescing window: an hour; an emergency mail must not wait longer.
+pub const MAX_COALESCE_SECS: u64 = 3600;
+
 /// What a rule reacts to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -84,6 +87,10 @@ pub struct NotifyConfig {
     /// One delivery (an SMTP exchange, an HTTP request) may take this long.
     #[serde(default = "defaults::timeout_secs")]
     pub timeout_secs: u64,
+    /// A device's alarms within this many seconds of its first are sent as one mail or webhook
+    /// call listing them all. 0: one per alarm, at once.
+    #[serde(default = "defaults::coalesce_secs")]
+    pub coalesce_secs: u64,
 }
 
 impl Default for NotifyConfig {
@@ -95,6 +102,7 @@ impl Default for NotifyConfig {
             retry_max_secs: defaults::retry_max_secs(),
             max_attempts: defaults::max_attempts(),
             timeout_secs: defaults::timeout_secs(),
+            coalesce_secs: defaults::coalesce_secs(),
         }
     }
 }
@@ -111,6 +119,9 @@ mod defaults {
     }
     pub fn timeout_secs() -> u64 {
         20
+    }
+    pub fn coalesce_secs() -> u64 {
+        5
     }
     pub fn smtp_port() -> u16 {
         587
@@ -196,6 +207,12 @@ impl NotifyConfig {
         if self.max_attempts == 0 || self.timeout_secs == 0 {
             return Err("notify.max_attempts and notify.timeout_secs must be at least 1".into());
         }
+        if self.coalesce_secs > MAX_COALESCE_SECS {
+            return Err(format!(
+                "notify.coalesce_secs = {}: use 0 to {MAX_COALESCE_SECS}; the default is 5",
+                self.coalesce_secs
+            ));
+        }
         if let Some(mail) = &self.mail {
             mail::check_config(mail)?;
         }
@@ -265,6 +282,7 @@ impl NotifyConfig {
             for channel in channels {
                 txn.push_notification(&QueuedNotification {
                     created_at: now,
+                    serial: serial.to_owned(),
                     event: event.as_str().to_owned(),
                     channel,
                     subject: message.subject.clone(),

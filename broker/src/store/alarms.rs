@@ -4,8 +4,8 @@
 //! - `alarms`: alarm number → [`AlarmView`], every alarm ever raised, cleared ones included;
 //! - `active_alarms`: (serial, code) → alarm number, the alarms not yet cleared: a device's
 //!   current alarm state is a range scan, and a resent or repeated raise finds its alarm;
-//! - `alarm_clears`: (serial, code) → when (device clock, Unix ms) the device last cleared that
-//!   code, so a raise that arrives late (older than the clear) does not revive it;
+//! - `alarm_overflow`: serial → [`OverflowRecord`], the alarms the relay refused a device (over
+//!   its cap or its rate) and the overflow alarm that lists them;
 //! - `presence`: serial → [`PresenceRecord`], the device's schedule as the relay knows it and its
 //!   overdue alarm;
 //! - `checkin_due`: (due time in Unix ms, serial) for every offline device in periodic mode, so
@@ -22,8 +22,12 @@ use super::{META, StoreError, Txn, backend, decode, encode};
 pub(super) const ALARMS: TableDefinition<u64, &[u8]> = TableDefinition::new("alarms");
 pub(super) const ACTIVE_ALARMS: TableDefinition<(&str, &str), u64> =
     TableDefinition::new("active_alarms");
+/// Once the device's clock decided whether a raise was older than a clear; no longer read
+/// (alarm events are ordered by the relay's receipt), and deleted when the store opens.
 pub(super) const ALARM_CLEARS: TableDefinition<(&str, &str), i64> =
     TableDefinition::new("alarm_clears");
+pub(super) const ALARM_OVERFLOW: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("alarm_overflow");
 pub(super) const PRESENCE: TableDefinition<&str, &[u8]> = TableDefinition::new("presence");
 pub(super) const CHECKIN_DUE: TableDefinition<(i64, &str), ()> =
     TableDefinition::new("checkin_due");
@@ -42,6 +46,27 @@ pub fn alarm_number(id: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+/// The most refused codes an overflow record names; more are only counted (`untracked`).
+pub const MAX_OVERFLOW_CODES: usize = 64;
+
+/// Alarms the relay refused one device, and the overflow alarm that shows them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OverflowRecord {
+    /// The number of the device's overflow alarm.
+    pub alarm: u64,
+    /// The distinct codes refused and not cleared since (at most [`MAX_OVERFLOW_CODES`]).
+    #[serde(default)]
+    pub codes: Vec<String>,
+    /// Refused codes beyond those named.
+    #[serde(default)]
+    pub untracked: u64,
+    /// Refused reports in all (resends and repeats included).
+    #[serde(default)]
+    pub refused: u64,
+    /// When the first was refused.
+    pub since: Timestamp,
 }
 
 /// What the relay knows about a device's reachability beyond its last-seen time.
@@ -152,6 +177,27 @@ impl Txn {
         Ok(out)
     }
 
+    /// How many active alarms `serial` has, not counting those with a code in `except`.
+    pub fn active_alarm_count(
+        &self,
+        serial: &Serial,
+        except: &[&str],
+    ) -> Result<usize, StoreError> {
+        let op = "count the active alarms";
+        let table = self.txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
+        let mut n = 0;
+        for entry in table
+            .range(range_of(serial.as_str()))
+            .map_err(backend(op))?
+        {
+            let (k, _) = entry.map_err(backend(op))?;
+            if !except.contains(&k.value().1) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Every active alarm's number, oldest first.
     pub fn active_alarms(&self) -> Result<Vec<u64>, StoreError> {
         let op = "read the active alarms";
@@ -176,26 +222,35 @@ impl Txn {
         Ok(out)
     }
 
-    /// When the device last cleared `code` (device clock), if it ever did.
-    pub fn alarm_cleared_at(&self, serial: &Serial, code: &str) -> Result<Option<i64>, StoreError> {
-        let op = "read alarm clears";
-        let table = self.txn.open_table(ALARM_CLEARS).map_err(backend(op))?;
-        let guard = table.get((serial.as_str(), code)).map_err(backend(op))?;
-        Ok(guard.map(|g| g.value()))
+    /// The alarms the relay refused `serial`, if it has an overflow alarm.
+    pub fn alarm_overflow(&self, serial: &Serial) -> Result<Option<OverflowRecord>, StoreError> {
+        let op = "read alarm overflow";
+        let table = self.txn.open_table(ALARM_OVERFLOW).map_err(backend(op))?;
+        let guard = table.get(serial.as_str()).map_err(backend(op))?;
+        guard
+            .map(|g| decode("alarm_overflow", serial, g.value()))
+            .transpose()
     }
 
-    pub fn put_alarm_cleared_at(
+    /// Writes (`Some`) or removes (`None`) the overflow record of `serial`.
+    pub fn put_alarm_overflow(
         &mut self,
         serial: &Serial,
-        code: &str,
-        at: Timestamp,
+        record: Option<&OverflowRecord>,
     ) -> Result<(), StoreError> {
-        let op = "write alarm clears";
-        self.txn
-            .open_table(ALARM_CLEARS)
-            .map_err(backend(op))?
-            .insert((serial.as_str(), code), at.timestamp_millis())
-            .map_err(backend(op))?;
+        let op = "write alarm overflow";
+        let mut table = self.txn.open_table(ALARM_OVERFLOW).map_err(backend(op))?;
+        match record {
+            Some(r) => {
+                let bytes = encode("alarm_overflow", serial, r)?;
+                table
+                    .insert(serial.as_str(), bytes.as_slice())
+                    .map_err(backend(op))?;
+            }
+            None => {
+                table.remove(serial.as_str()).map_err(backend(op))?;
+            }
+        }
         self.dirty = true;
         Ok(())
     }

@@ -36,8 +36,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use alarms::{PresenceRecord, alarm_id, alarm_number};
-pub use notify::{NotifyChannel, QueuedNotification};
+pub use alarms::{MAX_OVERFLOW_CODES, OverflowRecord, PresenceRecord, alarm_id, alarm_number};
+pub use notify::{AlarmDigest, MAX_DIGEST_ALARMS, NotifyChannel, QueuedNotification};
 pub use readings::ReadingCursor;
 use records::StoredState;
 pub use records::{DeviceRecord, JobRecord, JournalEntry, JournalOutcome};

@@ -3,6 +3,16 @@
 //! it (a job's end, an alarm), so a notification exists exactly when its event does; the
 //! notification worker removes it once the mail or webhook has been delivered, or given up on.
 //! Being in redb, the queue survives a broker restart.
+//!
+//! Alarm notifications are coalesced first: `alarm_digests` maps a serial to the [`AlarmDigest`]
+//! of its alarms raised within the coalescing window, and `digest_due` ((due time in Unix ms,
+//! serial)) finds the digests whose window has closed with a range scan. The core turns each into
+//! one notification per rule and channel, listing every alarm of the burst.
+//!
+//! The worker takes what is due **device by device** ([`Txn::due_notifications`]): one device's
+//! backlog never stands in front of another device's notification.
+
+use std::collections::{HashMap, VecDeque};
 
 use protocol::Timestamp;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -11,7 +21,27 @@ use serde::{Deserialize, Serialize};
 use super::{StoreError, Txn, backend, decode, encode};
 
 pub(super) const NOTIFY_QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("notify_queue");
+pub(super) const ALARM_DIGESTS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("alarm_digests");
+pub(super) const DIGEST_DUE: TableDefinition<(i64, &str), ()> = TableDefinition::new("digest_due");
 const NEXT_NOTIFICATION: &str = "next_notification";
+
+/// The most alarms one digest names; more are only counted (`more`). A device holds at most
+/// `max_active_alarms_per_device` active alarms, so this is reached only by one that raises and
+/// clears many within one window.
+pub const MAX_DIGEST_ALARMS: usize = 100;
+
+/// A device's alarms raised within one coalescing window, to be notified as one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlarmDigest {
+    /// When the window closes (mirrors `digest_due`).
+    pub due_at: Timestamp,
+    /// Alarm numbers, oldest first (at most [`MAX_DIGEST_ALARMS`]).
+    pub alarms: Vec<u64>,
+    /// Alarms beyond those named.
+    #[serde(default)]
+    pub more: u64,
+}
 
 /// What is due now (with its number), and when the next one is due.
 pub type Due = (Vec<(u64, QueuedNotification)>, Option<Timestamp>);
@@ -30,6 +60,9 @@ pub enum NotifyChannel {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueuedNotification {
     pub created_at: Timestamp,
+    /// The device the event concerns, so the worker can serve devices in turn.
+    #[serde(default)]
+    pub serial: String,
     /// What happened: `job-succeeded`, `job-failed`, `alarm`, `overdue`.
     pub event: String,
     pub channel: NotifyChannel,
@@ -63,24 +96,139 @@ impl Txn {
         Ok(n)
     }
 
-    /// Up to `limit` queued notifications due at `now`, oldest first, and the earliest time a
-    /// later one is due.
+    /// Up to `limit` queued notifications due at `now`, and the earliest time one left out is
+    /// due. Devices are served in turn: the oldest due notification of each device (the device
+    /// whose oldest is oldest first), then the second of each, and so on, so a device with a
+    /// long backlog delays another device's notification by one delivery at most.
     pub fn due_notifications(&self, now: Timestamp, limit: usize) -> Result<Due, StoreError> {
         let op = "read the notification queue";
         let table = self.txn.open_table(NOTIFY_QUEUE).map_err(backend(op))?;
-        let mut due = Vec::new();
+        // Per device, in the order of each device's oldest due notification; at most `limit`
+        // kept per device, so this holds at most devices × limit items.
+        let mut order: Vec<String> = Vec::new();
+        let mut per_device: HashMap<String, VecDeque<(u64, QueuedNotification)>> = HashMap::new();
         let mut later: Option<Timestamp> = None;
+        let mut note_later = |at: Timestamp| {
+            let at = at.max(now);
+            later = Some(later.map_or(at, |l: Timestamp| l.min(at)));
+        };
         for entry in table.iter().map_err(backend(op))? {
             let (k, v) = entry.map_err(backend(op))?;
             let item: QueuedNotification = decode("notify_queue", k.value(), v.value())?;
-            if item.next_at <= now && due.len() < limit {
-                due.push((k.value(), item));
+            if item.next_at > now {
+                note_later(item.next_at);
+                continue;
+            }
+            let queue = per_device.entry(item.serial.clone()).or_insert_with(|| {
+                order.push(item.serial.clone());
+                VecDeque::new()
+            });
+            if queue.len() < limit {
+                queue.push_back((k.value(), item));
             } else {
-                let at = item.next_at.max(now);
-                later = Some(later.map_or(at, |l| l.min(at)));
+                note_later(item.next_at);
             }
         }
+        let mut due = Vec::with_capacity(limit.min(64));
+        'rounds: loop {
+            let mut took = false;
+            for serial in &order {
+                if due.len() == limit {
+                    break 'rounds;
+                }
+                if let Some(item) = per_device.get_mut(serial).and_then(VecDeque::pop_front) {
+                    due.push(item);
+                    took = true;
+                }
+            }
+            if !took {
+                break;
+            }
+        }
+        // Whatever was due and not taken is due still: the worker comes back at once.
+        if per_device.values().any(|q| !q.is_empty()) {
+            note_later(now);
+        }
         Ok((due, later))
+    }
+
+    /// Adds alarm `n` of `serial` to its open digest, or opens one that closes at `due_at`.
+    /// Returns whether a digest was opened.
+    pub fn digest_alarm(
+        &mut self,
+        serial: &str,
+        n: u64,
+        due_at: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let op = "coalesce an alarm notification";
+        let mut table = self.txn.open_table(ALARM_DIGESTS).map_err(backend(op))?;
+        let existing = table
+            .get(serial)
+            .map_err(backend(op))?
+            .map(|g| decode::<AlarmDigest>("alarm_digests", serial, g.value()))
+            .transpose()?;
+        let opened = existing.is_none();
+        let mut digest = existing.unwrap_or(AlarmDigest {
+            due_at,
+            alarms: Vec::new(),
+            more: 0,
+        });
+        if digest.alarms.len() < MAX_DIGEST_ALARMS {
+            digest.alarms.push(n);
+        } else {
+            digest.more += 1;
+        }
+        let bytes = encode("alarm_digests", serial, &digest)?;
+        table
+            .insert(serial, bytes.as_slice())
+            .map_err(backend(op))?;
+        if opened {
+            self.txn
+                .open_table(DIGEST_DUE)
+                .map_err(backend(op))?
+                .insert((digest.due_at.timestamp_millis(), serial), ())
+                .map_err(backend(op))?;
+        }
+        self.dirty = true;
+        Ok(opened)
+    }
+
+    /// Removes and returns every digest whose window closed at or before `now`, earliest first.
+    pub fn take_due_digests(
+        &mut self,
+        now: Timestamp,
+    ) -> Result<Vec<(String, AlarmDigest)>, StoreError> {
+        let op = "read the alarm digests";
+        let mut due_table = self.txn.open_table(DIGEST_DUE).map_err(backend(op))?;
+        let end = (now.timestamp_millis(), "\u{7f}");
+        let mut keys = Vec::new();
+        for entry in due_table.range(..=end).map_err(backend(op))? {
+            let (k, _) = entry.map_err(backend(op))?;
+            let (at, serial) = k.value();
+            keys.push((at, serial.to_owned()));
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        for (at, serial) in &keys {
+            due_table
+                .remove((*at, serial.as_str()))
+                .map_err(backend(op))?;
+        }
+        drop(due_table);
+        let mut table = self.txn.open_table(ALARM_DIGESTS).map_err(backend(op))?;
+        let mut out = Vec::with_capacity(keys.len());
+        for (_, serial) in keys {
+            let removed = table.remove(serial.as_str()).map_err(backend(op))?;
+            if let Some(g) = removed {
+                out.push((
+                    serial.clone(),
+                    decode("alarm_digests", serial.as_str(), g.value())?,
+                ));
+            }
+        }
+        self.dirty = true;
+        Ok(out)
     }
 
     /// Rewrites a queued notification (after a failed attempt).
@@ -129,6 +277,7 @@ mod tests {
     fn item(minute: u32) -> QueuedNotification {
         QueuedNotification {
             created_at: chrono::Utc.with_ymd_and_hms(2026, 11, 26, 9, 0, 0).unwrap(),
+            serial: "C1".into(),
             event: "alarm".into(),
             channel: NotifyChannel::Mail {
                 to: vec!["a@example.com".into()],
@@ -142,6 +291,39 @@ mod tests {
                 .unwrap(),
             last_error: None,
         }
+    }
+
+    #[test]
+    fn a_burst_of_alarms_is_one_digest_until_its_window_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        let at = |m| item(m).next_at;
+        assert!(txn.digest_alarm("C1", 1, at(5)).unwrap());
+        assert!(
+            !txn.digest_alarm("C1", 2, at(9)).unwrap(),
+            "joins the open one"
+        );
+        assert!(txn.digest_alarm("C2", 3, at(7)).unwrap());
+        for n in 0..200 {
+            txn.digest_alarm("C1", 10 + n, at(5)).unwrap();
+        }
+        assert!(txn.take_due_digests(at(4)).unwrap().is_empty());
+        let due = txn.take_due_digests(at(5)).unwrap();
+        assert_eq!(due.len(), 1);
+        let (serial, digest) = &due[0];
+        assert_eq!(serial, "C1");
+        assert_eq!(&digest.alarms[..3], &[1, 2, 10]);
+        assert_eq!(digest.alarms.len(), MAX_DIGEST_ALARMS);
+        assert_eq!(digest.more, 202 - MAX_DIGEST_ALARMS as u64);
+        assert!(
+            txn.take_due_digests(at(5)).unwrap().is_empty(),
+            "taken once"
+        );
+        assert!(txn.digest_alarm("C1", 500, at(20)).unwrap(), "a new window");
+        let due = txn.take_due_digests(at(30)).unwrap();
+        let serials: Vec<&str> = due.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(serials, ["C2", "C1"]);
     }
 
     #[test]
@@ -171,5 +353,27 @@ mod tests {
         );
         txn.remove_notification(1).unwrap();
         assert_eq!(txn.notification_count().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_device_with_a_long_queue_does_not_delay_another_devices_notification() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut txn = store.begin().unwrap();
+        for _ in 0..100 {
+            txn.push_notification(&item(1)).unwrap();
+        }
+        let late = QueuedNotification {
+            serial: "C2".into(),
+            ..item(2)
+        };
+        let c2 = txn.push_notification(&late).unwrap();
+        let (due, _) = txn.due_notifications(item(5).next_at, 16).unwrap();
+        assert_eq!(due.len(), 16);
+        assert_eq!(
+            due.iter().position(|(n, _)| *n == c2),
+            Some(1),
+            "C2's only notification is served right after C1's oldest, not after all 100"
+        );
     }
 }

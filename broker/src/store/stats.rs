@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use protocol::job::JobStatus;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-use super::alarms::{ACTIVE_ALARMS, ALARM_CLEARS, ALARMS, CHECKIN_DUE, PRESENCE};
-use super::notify::NOTIFY_QUEUE;
+use super::alarms::{ACTIVE_ALARMS, ALARM_CLEARS, ALARM_OVERFLOW, ALARMS, CHECKIN_DUE, PRESENCE};
+use super::notify::{ALARM_DIGESTS, DIGEST_DUE, NOTIFY_QUEUE};
 use super::readings::READINGS;
 use super::{DEVICES, JOBS, JobRecord, Store, StoreError, backend};
 
@@ -31,11 +31,16 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     let op = "create the tables";
     txn.open_table(ALARMS).map_err(backend(op))?;
     txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
-    txn.open_table(ALARM_CLEARS).map_err(backend(op))?;
+    txn.open_table(ALARM_OVERFLOW).map_err(backend(op))?;
+    // Alarm events are ordered by the relay's receipt now, never by a device's clock: the
+    // device-clock clear times a store may still hold are dropped.
+    txn.delete_table(ALARM_CLEARS).map_err(backend(op))?;
     txn.open_table(PRESENCE).map_err(backend(op))?;
     txn.open_table(CHECKIN_DUE).map_err(backend(op))?;
     txn.open_table(READINGS).map_err(backend(op))?;
     txn.open_table(NOTIFY_QUEUE).map_err(backend(op))?;
+    txn.open_table(ALARM_DIGESTS).map_err(backend(op))?;
+    txn.open_table(DIGEST_DUE).map_err(backend(op))?;
     Ok(())
 }
 

@@ -130,3 +130,74 @@ pub fn payloads(proc: &Proc, topic: &str) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str(&l[prefix.len()..]).ok())
         .collect()
 }
+
+/// What a flood of alarm reports from one device got back.
+pub struct FloodAcks {
+    pub stored: usize,
+    pub rejected: Vec<String>,
+}
+
+/// A device (its own certificate, raw MQTT, no agent) that announces a `site` of the given length
+/// and then raises `codes` distinct fault codes as fast as it can; returns once every report has
+/// been answered on `dev/{serial}/ack`.
+pub async fn flood_alarms(
+    env: &TestEnv,
+    broker: &Broker,
+    serial: &str,
+    site_len: usize,
+    codes: usize,
+) -> FloodAcks {
+    use harness::mqtt::{envelope, open};
+    use protocol::alarm::{AlarmReport, FaultEvent};
+    use protocol::device::{AckBatch, AckOutcome, DeviceState};
+    use protocol::topic::UpKind;
+
+    let s = protocol::Serial::parse(serial).expect("a test serial");
+    let mut dev = env
+        .mqtt(Role::Device, serial)
+        .connect(broker)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ack_topic = protocol::topic::dev_ack(&s);
+    dev.subscribe_and_wait(&ack_topic).await;
+    let state = DeviceState {
+        site: "S".repeat(site_len),
+        model: "MX-1".into(),
+        firmware: "1.0".into(),
+    };
+    dev.publish(
+        &protocol::topic::dev_up(&s, UpKind::State),
+        envelope(1, &state),
+    )
+    .await;
+    let up = protocol::topic::dev_up(&s, UpKind::Alarm);
+    for i in 0..codes {
+        let report = AlarmReport {
+            code: format!("F-{i:04}"),
+            event: FaultEvent::Raised,
+            detail: "flood".into(),
+            at: chrono::Utc::now(),
+            total: None,
+        };
+        dev.publish(&up, envelope(2 + i as u64, &report)).await;
+    }
+    let mut answered = std::collections::BTreeSet::new();
+    let mut acks = FloodAcks {
+        stored: 0,
+        rejected: Vec::new(),
+    };
+    while answered.len() < codes + 1 {
+        let p = dev.next_publish_on(&ack_topic, harness::secs(60)).await;
+        for ack in open::<AckBatch>(&p).body.acks {
+            if !answered.insert(ack.id) || ack.id == 1 {
+                continue;
+            }
+            match ack.outcome {
+                AckOutcome::Stored | AckOutcome::Duplicate => acks.stored += 1,
+                AckOutcome::Rejected { reason } => acks.rejected.push(reason),
+            }
+        }
+    }
+    dev.disconnect().await;
+    acks
+}

@@ -65,6 +65,7 @@ fn with_rules(dir: &tempfile::TempDir, rules: &str) -> Core {
     core.configure_alerts(AlertSettings {
         overdue_margin: Duration::from_secs(60),
         notify,
+        ..AlertSettings::default()
     });
     core
 }
@@ -90,7 +91,20 @@ fn a_fatal_alarm_is_stored_once_retained_progressed_and_cleared() {
     assert_eq!((a.id.as_str(), a.code.as_str()), ("A-000001", "SC-541"));
     assert_eq!((a.status, a.total), (AlarmStatus::Raised, Some(1234)));
     assert_eq!((a.raised_at, a.received_at), (t(9, 0), t(9, 1)));
-    assert_eq!(queue_len(&core), 1, "the webhook is queued with the alarm");
+    assert_eq!(
+        queue_len(&core),
+        0,
+        "its webhook waits for the coalescing window"
+    );
+    core.notify_due(t(9, 1)).unwrap();
+    assert_eq!(queue_len(&core), 0);
+    core.notify_due(t(9, 1) + chrono::Duration::seconds(5))
+        .unwrap();
+    assert_eq!(
+        queue_len(&core),
+        1,
+        "the webhook is queued once the window closes"
+    );
 
     // A resend is a duplicate; a new report of the same active code is the same emergency.
     let out = core.handle_batch(vec![raise()], t(9, 2)).unwrap();
@@ -107,13 +121,12 @@ fn a_fatal_alarm_is_stored_once_retained_progressed_and_cleared() {
     let state = alarm_state(&out, "C1").unwrap();
     assert_eq!(state.alarms[0].status, AlarmStatus::InProgress);
 
-    // Cleared: the retained views are deleted; a raise older than the clear revives nothing.
+    // Cleared: the retained views are deleted; the raise resent afterwards revives nothing.
     let clear = alarm_msg("C1", 4, "SC-541", FaultEvent::Cleared, t(9, 5));
     let out = core.handle_batch(vec![clear], t(9, 5)).unwrap();
     assert_eq!(alarm_state(&out, "C1"), None);
-    let stale = alarm_msg("C1", 5, "SC-541", FaultEvent::Raised, t(9, 4));
-    let out = core.handle_batch(vec![stale], t(9, 6)).unwrap();
-    assert_eq!(acks(&out, "C1")[0].outcome, AckOutcome::Stored);
+    let out = core.handle_batch(vec![raise()], t(9, 6)).unwrap();
+    assert_eq!(acks(&out, "C1")[0].outcome, AckOutcome::Duplicate);
     assert!(find(&out, "fleet/C1/alarm").is_none(), "nothing changed");
     assert!(alarms(&core, false).is_empty());
     let all = alarms(&core, true);
@@ -282,6 +295,7 @@ fn a_periodic_device_connected_at_shutdown_is_expected_back_after_a_restart() {
     core.configure_alerts(AlertSettings {
         overdue_margin: Duration::from_secs(60),
         notify: NotifyConfig::default(),
+        ..AlertSettings::default()
     });
     assert_eq!(core.presence_startup().unwrap(), 1);
     assert!(core.overdue(t(9, 1)).unwrap().is_empty());
@@ -373,4 +387,298 @@ fn job_ends_queue_their_notices_and_counters_become_readings() {
         replies(&out, "svc")[0].reply,
         HostReply::Error { .. }
     ));
+}
+
+fn acked_outcomes(out: &[Outbound], s: &str) -> (usize, Vec<String>) {
+    let mut stored = 0;
+    let mut rejected = Vec::new();
+    for a in acks(out, s) {
+        match a.outcome {
+            AckOutcome::Stored => stored += 1,
+            AckOutcome::Rejected { reason } => rejected.push(reason),
+            AckOutcome::Duplicate => panic!("no duplicates here"),
+        }
+    }
+    (stored, rejected)
+}
+
+fn view_bytes(out: &[Outbound], s: &str) -> usize {
+    find(out, &topic::json_fleet_alarm(&serial(s)))
+        .map(|o| o.payload.len())
+        .unwrap_or(0)
+        .max(
+            find(out, &topic::fleet_alarm(&serial(s)))
+                .map(|o| o.payload.len())
+                .unwrap_or(0),
+        )
+}
+
+#[test]
+fn one_device_holds_at_most_its_cap_of_active_alarms_and_its_views_stay_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(&dir);
+    // The largest site a state message can carry, and the longest detail an alarm keeps.
+    let site = "S".repeat(60_000);
+    core.handle_batch(vec![state("C1", 1, &site)], t(9, 0))
+        .unwrap();
+    let start = t(9, 0);
+    let mut stored = 0;
+    let mut rejected = Vec::new();
+    let mut last = Vec::new();
+    let mut largest_view = 0;
+    for i in 0..100u32 {
+        // Ten seconds apart: well within any rate, so only the cap can refuse them.
+        let at = start + chrono::Duration::seconds(10 * i64::from(i));
+        let mut msg = alarm_msg(
+            "C1",
+            100 + u64::from(i),
+            &format!("SC-{i:03}"),
+            FaultEvent::Raised,
+            at,
+        );
+        let mut report: Envelope<AlarmReport> = Envelope::from_cbor(&msg.payload, LIMIT).unwrap();
+        report.body.detail = "d".repeat(5_000);
+        msg.payload = report.to_cbor().unwrap().into();
+        let out = core.handle_batch(vec![msg], at).unwrap();
+        let (s, r) = acked_outcomes(&out, "C1");
+        stored += s;
+        rejected.extend(r);
+        largest_view = largest_view.max(view_bytes(&out, "C1"));
+        if find(&out, "fleet/C1/alarm").is_some() {
+            last = out;
+        }
+    }
+    assert_eq!(stored, 64, "the default cap of active alarms per device");
+    assert_eq!(rejected.len(), 36);
+    assert!(
+        rejected[0].contains("max_active_alarms_per_device") && rejected[0].contains("A-0000"),
+        "the reason names the limit and the overflow alarm: {}",
+        rejected[0]
+    );
+    let state = alarm_state(&last, "C1").expect("active alarms");
+    assert_eq!(state.alarms.len(), 65, "64 alarms and one overflow alarm");
+    let overflow = state
+        .alarms
+        .iter()
+        .find(|a| a.code == "overflow")
+        .expect("an overflow alarm");
+    assert!(
+        overflow.detail.contains("36") && overflow.detail.contains("SC-064"),
+        "{}",
+        overflow.detail
+    );
+    for a in &state.alarms {
+        assert!(
+            a.site.len() <= 128,
+            "the site is cut in the view: {}",
+            a.site.len()
+        );
+        assert!(a.detail.len() <= 512);
+    }
+    assert!(
+        largest_view < 128 * 1024,
+        "one device's alarm view is bounded, got {largest_view} bytes"
+    );
+    // `alarms list` answers within what a host accepts.
+    let listed = alarms(&core, false);
+    assert_eq!(listed.len(), 65);
+    assert!(serde_json::to_vec(&listed).unwrap().len() < 128 * 1024);
+
+    // Another device is not affected.
+    let other = alarm_msg("C2", 1, "SC-541", FaultEvent::Raised, t(10, 0));
+    let out = core.handle_batch(vec![other], t(10, 0)).unwrap();
+    assert_eq!(acks(&out, "C2")[0].outcome, AckOutcome::Stored);
+
+    // A refused code the device clears leaves the overflow list; once everything the device
+    // raised has cleared, the overflow alarm clears too and the views are deleted.
+    let clear = alarm_msg("C1", 500, "SC-064", FaultEvent::Cleared, t(11, 0));
+    let out = core.handle_batch(vec![clear], t(11, 0)).unwrap();
+    let state = alarm_state(&out, "C1").unwrap();
+    let overflow = state.alarms.iter().find(|a| a.code == "overflow").unwrap();
+    assert!(!overflow.detail.contains("SC-064"), "{}", overflow.detail);
+    let clears: Vec<Inbound> = (0..100u32)
+        .map(|i| {
+            alarm_msg(
+                "C1",
+                600 + u64::from(i),
+                &format!("SC-{i:03}"),
+                FaultEvent::Cleared,
+                t(11, 1),
+            )
+        })
+        .collect();
+    let out = core.handle_batch(clears, t(11, 1)).unwrap();
+    assert_eq!(alarm_state(&out, "C1"), None, "{:?}", alarms(&core, false));
+}
+
+#[test]
+fn a_burst_of_new_codes_is_rate_limited_and_notified_once_per_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = with_rules(
+        &dir,
+        "[[rules]]\non = \"alarm\"\nwebhook = \"http://127.0.0.1:9/x\"\n",
+    );
+    let burst: Vec<Inbound> = (0..300u32)
+        .map(|i| {
+            alarm_msg(
+                "C1",
+                1 + u64::from(i),
+                &format!("E-{i:03}"),
+                FaultEvent::Raised,
+                t(9, 0),
+            )
+        })
+        .collect();
+    let out = core.handle_batch(burst, t(9, 0)).unwrap();
+    let (stored, rejected) = acked_outcomes(&out, "C1");
+    assert_eq!(stored, 16, "the default burst of new alarms per device");
+    assert_eq!(rejected.len(), 284, "every refused alarm is answered");
+    assert!(
+        rejected[0].contains("alarms_per_minute_per_device"),
+        "{}",
+        rejected[0]
+    );
+    let state = alarm_state(&out, "C1").unwrap();
+    assert_eq!(state.alarms.len(), 17, "16 alarms and the overflow alarm");
+    // Another device's alarm in the same second is taken at once.
+    let other = alarm_msg("C2", 1, "SC-541", FaultEvent::Raised, t(9, 0));
+    let out = core.handle_batch(vec![other], t(9, 0)).unwrap();
+    assert_eq!(acks(&out, "C2")[0].outcome, AckOutcome::Stored);
+
+    // The burst refills: a minute later the device may raise again.
+    let later = alarm_msg("C1", 1000, "E-999", FaultEvent::Raised, t(9, 1));
+    let out = core.handle_batch(vec![later], t(9, 1)).unwrap();
+    assert_eq!(acks(&out, "C1")[0].outcome, AckOutcome::Stored);
+
+    // One notification per device for the burst, listing its codes, once the window closes.
+    core.notify_due(t(9, 2)).unwrap();
+    let txn = core.store().begin().unwrap();
+    let (queued, _) = txn.due_notifications(t(9, 2), 100).unwrap();
+    assert_eq!(
+        queued.len(),
+        2,
+        "one per device: {:#?}",
+        queued.iter().map(|(_, q)| &q.subject).collect::<Vec<_>>()
+    );
+    let c1 = queued
+        .iter()
+        .find(|(_, q)| q.subject.contains("C1"))
+        .expect("C1's notification");
+    for code in ["E-000", "E-015", "overflow", "E-999"] {
+        assert!(
+            c1.1.text.contains(code),
+            "{code} missing in:\n{}",
+            c1.1.text
+        );
+    }
+    let json: serde_json::Value = serde_json::from_str(&c1.1.json).unwrap();
+    assert_eq!(
+        json["alarms"].as_array().map(Vec::len),
+        Some(18),
+        "{json:#}"
+    );
+}
+
+#[test]
+fn a_clear_dated_far_in_the_future_does_not_hide_later_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(&dir);
+    let far = chrono::Utc.with_ymd_and_hms(9999, 1, 1, 0, 0, 0).unwrap();
+    let out = core
+        .handle_batch(
+            vec![alarm_msg("C1", 1, "SC-541", FaultEvent::Raised, t(9, 0))],
+            t(9, 0),
+        )
+        .unwrap();
+    assert!(alarm_state(&out, "C1").is_some());
+    // A device whose clock is wrong clears it "in 9999".
+    let out = core
+        .handle_batch(
+            vec![alarm_msg("C1", 2, "SC-541", FaultEvent::Cleared, far)],
+            t(9, 1),
+        )
+        .unwrap();
+    assert_eq!(alarm_state(&out, "C1"), None);
+    // The fault comes back: it is an alarm again, whatever the device's clock said before.
+    let out = core
+        .handle_batch(
+            vec![alarm_msg("C1", 3, "SC-541", FaultEvent::Raised, t(9, 2))],
+            t(9, 2),
+        )
+        .unwrap();
+    assert_eq!(acks(&out, "C1")[0].outcome, AckOutcome::Stored);
+    let state = alarm_state(&out, "C1").expect("the fault is shown again");
+    assert_eq!(state.alarms[0].received_at, t(9, 2));
+    // And a clock stuck in the past does not hide a fault after a correct clear either.
+    core.handle_batch(
+        vec![alarm_msg("C1", 4, "SC-541", FaultEvent::Cleared, t(9, 3))],
+        t(9, 3),
+    )
+    .unwrap();
+    let epoch = chrono::Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0).unwrap();
+    let out = core
+        .handle_batch(
+            vec![alarm_msg("C1", 5, "SC-541", FaultEvent::Raised, epoch)],
+            t(9, 4),
+        )
+        .unwrap();
+    assert!(
+        alarm_state(&out, "C1").is_some(),
+        "a fault with a 1970 time is still a fault"
+    );
+    assert_eq!(alarms(&core, false).len(), 1);
+}
+
+#[test]
+fn a_device_toggling_a_refused_code_gets_its_view_republished_at_most_once_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = open(&dir);
+    core.configure_alerts(AlertSettings {
+        alarm_limits: crate::core::AlarmLimits {
+            max_active: 2,
+            ..Default::default()
+        },
+        ..AlertSettings::default()
+    });
+    for (i, code) in ["A", "B", "C"].into_iter().enumerate() {
+        let at = t(9, i as u32);
+        core.handle_batch(
+            vec![alarm_msg("C1", i as u64 + 1, code, FaultEvent::Raised, at)],
+            at,
+        )
+        .unwrap();
+    }
+    // At the cap, C is refused; clearing and raising it again changes the overflow alarm's list
+    // every time. Each message in a batch of its own, all within one second.
+    let now = t(10, 0);
+    let mut published = 0;
+    for i in 0..20u64 {
+        let event = if i % 2 == 0 {
+            FaultEvent::Cleared
+        } else {
+            FaultEvent::Raised
+        };
+        let out = core
+            .handle_batch(vec![alarm_msg("C1", 100 + i, "C", event, now)], now)
+            .unwrap();
+        published += usize::from(find(&out, "fleet/C1/alarm").is_some());
+    }
+    assert!(
+        published <= 1,
+        "the view went out {published} times within a second"
+    );
+    // The last change goes out at the next tick, as the device's alarms now stand.
+    assert!(core.alarm_views_due(now).unwrap().is_empty(), "not yet");
+    let out = core
+        .alarm_views_due(now + chrono::Duration::seconds(1))
+        .unwrap();
+    let state = alarm_state(&out, "C1").expect("the deferred view");
+    let overflow = state.alarms.iter().find(|a| a.code == "overflow").unwrap();
+    assert!(overflow.detail.ends_with("Codes: C"), "{}", overflow.detail);
+    assert!(
+        core.alarm_views_due(now + chrono::Duration::seconds(5))
+            .unwrap()
+            .is_empty(),
+        "sent once"
+    );
 }

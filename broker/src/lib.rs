@@ -11,12 +11,12 @@
 //! too: [`presence`] carries session starts and ends from the gateway to it, [`notify`] drains
 //! its mail and webhook queue, [`metrics_http`] serves [`telemetry`] to Prometheus.
 //!
-//! `main.rs` only parses flags; [`run`] is the broker.
+//! The `broker` command (crate `chukei-broker-cli`) only parses flags; [`run`] is the broker. This
+//! library links neither agent: the command's `demo` does.
 
 pub mod config;
 pub mod core;
 pub mod core_link;
-pub mod demo;
 pub mod gateway;
 pub mod jobs;
 pub mod metrics;

@@ -20,7 +20,7 @@ use protocol::url::BrokerUrl;
 use protocol::{HostId, Role};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::BrokerConfig;
+use broker::config::BrokerConfig;
 
 const HOST: &str = "service-desk";
 const INTEGRATOR: &str = "crm";
@@ -51,16 +51,16 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
         server_name: "demo-relay".into(),
         ..BrokerConfig::default()
     };
-    let listener = crate::bind(&cfg).await?;
+    let listener = broker::bind(&cfg).await?;
     let addr = listener.local_addr()?;
     let url: BrokerUrl = format!("mqtts://127.0.0.1:{}", addr.port()).parse()?;
     // The broker stops last, after the copiers have said goodbye, so nobody logs a lost relay.
     let broker_stop = CancellationToken::new();
-    let broker = tokio::spawn(crate::run(
+    let broker = tokio::spawn(broker::run(
         cfg,
         listener,
         None,
-        crate::Faults::default(),
+        broker::Faults::default(),
         broker_stop.clone(),
     ));
     println!("broker listening on {url}");

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod demo;
+
 use anyhow::Context;
 use broker::config::BrokerConfig;
 use clap::{Args, Parser, Subcommand};
@@ -391,9 +393,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            rt.block_on(async move {
-                broker::demo::run(args.devices, args.once, shutdown_on_signal()).await
-            })
+            rt.block_on(
+                async move { demo::run(args.devices, args.once, shutdown_on_signal()).await },
+            )
         }
     }
 }

@@ -26,9 +26,20 @@ struct Sources {
     core: Arc<Core>,
 }
 
+/// What one scraper may hold of the endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// A request's headers must have arrived this long after the connection opened (or after
+    /// the previous response on it).
+    pub header_timeout: std::time::Duration,
+    /// Connections held at once.
+    pub max_connections: usize,
+}
+
 /// Serves `/metrics` on `listener` until `stop`.
 pub async fn serve(
     listener: TcpListener,
+    _limits: HttpLimits,
     gateway: Arc<Metrics>,
     core: Arc<Core>,
     stop: CancellationToken,

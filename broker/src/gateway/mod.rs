@@ -34,6 +34,9 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     pub handshake_timeout: Duration,
+    /// A new connection must send the first byte of its ClientHello within this; a silent
+    /// socket is closed then rather than at `handshake_timeout`.
+    pub first_byte_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_packet_bytes: usize,
     pub max_clients: usize,

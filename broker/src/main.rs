@@ -119,8 +119,8 @@ struct RunArgs {
     /// Drop a TLS handshake that takes longer. Default: 10
     #[arg(long, value_name = "SECS")]
     handshake_timeout_secs: Option<u64>,
-    /// Drop a new connection that sends nothing of its TLS ClientHello in this time (at most
-    /// --handshake-timeout-secs). Default: 5
+    /// Drop a new connection that sends nothing of its TLS ClientHello in this time (the
+    /// handshake timeout applies alone when it is shorter). Default: 5
     #[arg(long, value_name = "SECS")]
     first_byte_timeout_secs: Option<u64>,
     /// Drop a client that does not send CONNECT in time. Default: 10

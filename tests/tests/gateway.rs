@@ -161,10 +161,15 @@ async fn device_cannot_reach_other_devices_topics() {
 async fn idle_sockets_do_not_delay_a_valid_client() {
     const IDLE: usize = 200;
     let env = TestEnv::new("idle_sockets_do_not_delay_a_valid_client");
-    // A handshake deadline far beyond the test's: success cannot come from idle sockets timing out.
+    // Deadlines far beyond the test's: success cannot come from idle sockets timing out.
     let broker = env
         .broker()
-        .args(["--handshake-timeout-secs", "60"])
+        .args([
+            "--handshake-timeout-secs",
+            "60",
+            "--first-byte-timeout-secs",
+            "60",
+        ])
         .start()
         .await;
     let mut idle = Vec::with_capacity(IDLE);

@@ -652,3 +652,67 @@ async fn silent_sockets_past_max_handshakes_do_not_delay_a_valid_client() {
         .await;
     client.disconnect().await;
 }
+
+/// A measurement, not a check (run by hand: `cargo nextest run -p chukei-tests --run-ignored
+/// only -E 'test(measure_connack)'`): the relay with its default limits, loopback exempt from
+/// the per-source rate, while 1,500 silent sockets and 200 half-done handshakes are held open and
+/// reopened as the relay closes them; prints how long a valid device waits for its CONNACK.
+#[tokio::test]
+#[ignore = "a measurement to run by hand; it opens 1,700 sockets"]
+async fn measure_connack_under_silent_and_slow_handshakes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const SILENT: usize = 1_500;
+    const SLOW: usize = 200;
+    let env = TestEnv::new("measure_connack_under_silent_and_slow_handshakes");
+    let broker = env.broker().start().await;
+    let addr = broker.addr();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for i in 0..SILENT + SLOW {
+        let opened = opened.clone();
+        flood.push(tokio::spawn(async move {
+            loop {
+                let Ok(mut tcp) = TcpStream::connect(addr).await else {
+                    continue;
+                };
+                if i >= SILENT {
+                    let _ = tcp.write_all(&raw::PARTIAL_CLIENT_HELLO).await;
+                }
+                opened.fetch_add(1, Ordering::Relaxed);
+                // Until the relay closes it; then again.
+                let mut byte = [0u8; 1];
+                let _ = tcp.read(&mut byte).await;
+            }
+        }));
+    }
+    harness::poll_until("the flood to open", deadline(), || {
+        let opened = opened.clone();
+        async move {
+            let n = opened.load(Ordering::Relaxed);
+            if n >= SILENT + SLOW {
+                Ok(())
+            } else {
+                Err(format!("{n} open"))
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let client = env
+            .mqtt(Role::Device, "C1")
+            .connect_to(addr, Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        times.push(client.connect_time());
+        client.disconnect().await;
+    }
+    flood.iter().for_each(|t| t.abort());
+    println!(
+        "CONNACK times with {SILENT} silent sockets and {SLOW} slow handshakes reopened as closed \
+         ({} connections opened in all): {times:?}",
+        opened.load(Ordering::Relaxed)
+    );
+}

@@ -409,7 +409,10 @@ mod tests {
             (5, 10, 16)
         );
         let cases = [
-            ("first_byte_timeout_secs = 0", Some("first_byte_timeout_secs = 0")),
+            (
+                "first_byte_timeout_secs = 0",
+                Some("first_byte_timeout_secs = 0"),
+            ),
             ("first_byte_timeout_secs = 11", None),
             (
                 "handshake_timeout_secs = 60\nfirst_byte_timeout_secs = 60",
@@ -419,7 +422,10 @@ mod tests {
                 "metrics_header_timeout_secs = 0",
                 Some("metrics_header_timeout_secs = 0"),
             ),
-            ("metrics_max_connections = 0", Some("metrics_max_connections = 0")),
+            (
+                "metrics_max_connections = 0",
+                Some("metrics_max_connections = 0"),
+            ),
             ("metrics_max_connections = 1", None),
         ];
         for (text, want) in cases {

@@ -25,8 +25,8 @@ pub mod url;
 pub mod validate;
 
 pub use envelope::{Envelope, EnvelopeError};
-pub use shown::{Shown, ShownBytes};
 pub use ids::{HostId, IdError, Identity, JobId, MsgId, Role, Serial};
+pub use shown::{Shown, ShownBytes};
 
 /// Wall-clock time on the wire: always UTC (DESIGN D6). Serialized as RFC 3339.
 pub type Timestamp = chrono::DateTime<chrono::Utc>;

@@ -47,7 +47,12 @@ impl fmt::Display for ShownBytes<'_> {
         if cut < self.0.len() {
             // Count what was left out in bytes of the original, not of the lossy copy.
             let kept: String = text.chars().take(Shown::MAX_CHARS).collect();
-            write!(f, "{}…(+{} bytes)", Shown(&kept), self.0.len() - kept.len().min(cut))
+            write!(
+                f,
+                "{}…(+{} bytes)",
+                Shown(&kept),
+                self.0.len() - kept.len().min(cut)
+            )
         } else {
             write!(f, "{shown}")
         }
@@ -94,6 +99,9 @@ mod tests {
         assert_eq!(ShownBytes(b"dev/\xff\n").to_string(), "dev/\u{fffd}\\n");
         let long = vec![b'a'; 10_000];
         let shown = ShownBytes(&long).to_string();
-        assert!(shown.ends_with(&format!("…(+{} bytes)", 10_000 - 120)), "{shown}");
+        assert!(
+            shown.ends_with(&format!("…(+{} bytes)", 10_000 - 120)),
+            "{shown}"
+        );
     }
 }

@@ -371,7 +371,9 @@ async fn refusals_of_huge_peer_values_are_logged_cut_and_within_a_budget() {
     // Seen through to the end: a session that ends normally is logged after all of the above.
     let ended = broker.lines_matching(|l| l.contains("session ended")).len();
     let mut last = RawClient::connect(broker.addr(), &svc, "svc").await;
-    last.send(&[0xe0, 0]).await.unwrap_or_else(|e| panic!("{e}"));
+    last.send(&[0xe0, 0])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     last.expect_closed().await;
     broker
         .wait_for_lines("the last session's end", ended + 1, deadline(), |l| {
@@ -412,7 +414,9 @@ async fn refusals_of_huge_peer_values_are_logged_cut_and_within_a_budget() {
 async fn a_newline_in_a_peer_value_cannot_forge_a_log_line() {
     let env = TestEnv::new("a_newline_in_a_peer_value_cannot_forge_a_log_line");
     let broker = env.broker().start().await;
-    let forged = |what: &str| format!("\n2026-12-03T08:00:00.000000Z  INFO broker: FORGED-{what} admin logged in");
+    let forged = |what: &str| {
+        format!("\n2026-12-03T08:00:00.000000Z  INFO broker: FORGED-{what} admin logged in")
+    };
     let c1 = env.certs(Role::Device, "C1");
     let svc = env.certs(Role::Host, "svc");
 
@@ -425,15 +429,23 @@ async fn a_newline_in_a_peer_value_cannot_forge_a_log_line() {
 
     let mut device = RawClient::connect(broker.addr(), &c1, "C1").await;
     device
-        .send(&raw::publish(&format!("dev/B2/up/job{}", forged("TOPIC")), b"x", 0, 0))
+        .send(&raw::publish(
+            &format!("dev/B2/up/job{}", forged("TOPIC")),
+            b"x",
+            0,
+            0,
+        ))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     device.expect_closed().await;
 
     let mut host = RawClient::connect(broker.addr(), &svc, "svc").await;
-    host.send(&raw::subscribe(1, &[&format!("dev/B2{}/#", forged("FILTER"))]))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    host.send(&raw::subscribe(
+        1,
+        &[&format!("dev/B2{}/#", forged("FILTER"))],
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     host.expect_closed().await;
 
     for what in ["ID", "TOPIC", "FILTER"] {
@@ -525,7 +537,9 @@ async fn every_unsubscribe_gets_exactly_one_unsuback() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     host.expect(raw::UNSUBACK).await;
-    host.send(&[0xc0, 0]).await.unwrap_or_else(|e| panic!("{e}"));
+    host.send(&[0xc0, 0])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     loop {
         match host.next(deadline()).await {
             Ok(Some(p)) if p.kind == raw::PINGRESP => break,
@@ -549,7 +563,11 @@ async fn every_unsubscribe_gets_exactly_one_unsuback() {
 #[tokio::test]
 async fn a_connect_with_malformed_flags_is_closed_without_connack() {
     let env = TestEnv::new("a_connect_with_malformed_flags_is_closed_without_connack");
-    let broker = env.broker().args(["--metrics-listen", "127.0.0.1:0"]).start().await;
+    let broker = env
+        .broker()
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start()
+        .await;
     let c1 = env.certs(Role::Device, "C1");
     let cases: [(&str, u8, &[&str]); 3] = [
         ("a password without a user name", 0x42, &["secret"]),

@@ -480,8 +480,7 @@ async fn closed_by_server(s: &mut tokio::net::TcpStream, what: &str) -> Vec<u8> 
 
 #[tokio::test]
 async fn the_metrics_endpoint_closes_half_sent_requests_at_the_header_deadline() {
-    let env =
-        TestEnv::new("the_metrics_endpoint_closes_half_sent_requests_at_the_header_deadline");
+    let env = TestEnv::new("the_metrics_endpoint_closes_half_sent_requests_at_the_header_deadline");
     let broker = env
         .broker()
         .args(["--metrics-header-timeout-secs", "1"])

@@ -385,7 +385,9 @@ mod tests {
     #[tokio::test]
     async fn connects_with_flags_the_protocol_forbids_are_refused() {
         let connect = |flags: u8, fields: &[&str]| {
-            let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 60, 0, 2, b'C', b'1'];
+            let mut body = vec![
+                0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 60, 0, 2, b'C', b'1',
+            ];
             for f in fields {
                 body.extend_from_slice(&(f.len() as u16).to_be_bytes());
                 body.extend_from_slice(f.as_bytes());
@@ -416,7 +418,11 @@ mod tests {
                 (got, want) => panic!("{flags:#04x}: {got:?}, wanted {want:?}"),
             }
         }
-        assert_eq!(peek_connect_flags(&[0x10, 5, 0, 4, b'M']), None, "too short");
+        assert_eq!(
+            peek_connect_flags(&[0x10, 5, 0, 4, b'M']),
+            None,
+            "too short"
+        );
         assert_eq!(peek_connect_flags(&[0xc0, 0]), None, "not a CONNECT");
     }
 

@@ -41,9 +41,7 @@ pub fn report_first_byte_timeout(metrics: &Metrics, budget: &LogBudget) {
     if let Some(suppressed) = budget.check() {
         warn!(
             limit = "first_byte_timeout_secs",
-            suppressed,
-            total,
-            "limit exceeded: no TLS ClientHello in time, connection closed"
+            suppressed, total, "limit exceeded: no TLS ClientHello in time, connection closed"
         );
     }
 }

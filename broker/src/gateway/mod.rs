@@ -228,7 +228,12 @@ impl Gateway {
         }
     }
 
-    async fn serve_conn(self: Arc<Self>, tcp: TcpStream, slot: slots::Slot, stop: CancellationToken) {
+    async fn serve_conn(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        slot: slots::Slot,
+        stop: CancellationToken,
+    ) {
         // In its own async fn: the TLS connection it makes (1.2 KiB) would otherwise keep a slot in
         // this task for the connection's whole life after being moved into the session.
         let Some((conn, who)) = self.handshake(tcp, slot).await else {
@@ -427,9 +432,8 @@ mod tests {
         let task = returned_size(Gateway::serve);
         assert!(task <= 4096, "a connection's task future is {task} bytes");
         // The reason it is boxed: were it in line, the assertion above would fail.
-        let ws = returned_size(|gw: Arc<Gateway>, tcp, slot, stop, (): ()| {
-            gw.serve_ws(tcp, slot, stop)
-        });
+        let ws =
+            returned_size(|gw: Arc<Gateway>, tcp, slot, stop, (): ()| gw.serve_ws(tcp, slot, stop));
         assert!(
             ws > 4096,
             "the WebSocket session is {ws} bytes: boxing it may no longer be needed"

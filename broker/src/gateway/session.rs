@@ -92,8 +92,7 @@ where
         if let Some(suppressed) = gw.logs.connect_refused.check() {
             warn!(
                 max_clients = gw.settings.max_clients,
-                suppressed,
-                "connect refused: broker full"
+                suppressed, "connect refused: broker full"
             );
         }
         return refuse(

@@ -177,7 +177,10 @@ mod tests {
         assert_eq!(slots.silent(), 1);
         let answer = slots.ask_oldest_silent().unwrap();
         drop(fourth);
-        assert!(answer.await.is_err(), "a slot dropped unanswered gave itself up");
+        assert!(
+            answer.await.is_err(),
+            "a slot dropped unanswered gave itself up"
+        );
         assert!(
             slots.ask_oldest_silent().is_none(),
             "nothing silent is left: a new connection must wait"

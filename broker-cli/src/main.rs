@@ -121,6 +121,10 @@ struct RunArgs {
     /// Drop a TLS handshake that takes longer. Default: 10
     #[arg(long, value_name = "SECS")]
     handshake_timeout_secs: Option<u64>,
+    /// Drop a new connection that sends nothing of its TLS ClientHello in this time (the
+    /// handshake timeout applies alone when it is shorter). Default: 5
+    #[arg(long, value_name = "SECS")]
+    first_byte_timeout_secs: Option<u64>,
     /// Drop a client that does not send CONNECT in time. Default: 10
     #[arg(long, value_name = "SECS")]
     connect_timeout_secs: Option<u64>,
@@ -180,6 +184,13 @@ struct RunArgs {
     /// loopback or management address. Default: none
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Close a metrics connection whose request headers have not all arrived in this time.
+    /// Default: 10
+    #[arg(long, value_name = "SECS")]
+    metrics_header_timeout_secs: Option<u64>,
+    /// Connections the metrics endpoint holds at once; more are closed at once. Default: 16
+    #[arg(long, value_name = "N")]
+    metrics_max_connections: Option<usize>,
     /// A device in periodic mode becomes overdue, and raises an alarm, once it is this many
     /// seconds late for its check-in. Default: 300
     #[arg(long, value_name = "SECS")]
@@ -222,6 +233,7 @@ impl RunArgs {
             listen,
             server_name,
             handshake_timeout_secs,
+            first_byte_timeout_secs,
             connect_timeout_secs,
             max_packet_bytes,
             max_payload_bytes,
@@ -236,6 +248,8 @@ impl RunArgs {
             finished_visible_secs,
             default_deadline_secs,
             default_max_attempts,
+            metrics_header_timeout_secs,
+            metrics_max_connections,
             overdue_margin_secs,
             max_active_alarms_per_device,
             alarm_burst_per_device,

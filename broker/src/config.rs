@@ -30,6 +30,11 @@ pub struct BrokerConfig {
     /// A TLS handshake that takes longer is dropped; it never holds up anyone else.
     #[serde(default = "defaults::handshake_timeout_secs")]
     pub handshake_timeout_secs: u64,
+    /// A new connection must send the first byte of its TLS ClientHello within this time; a
+    /// real client sends it at once. Silent sockets then free their handshake slot long before
+    /// `handshake_timeout_secs` (which alone applies when it is the shorter).
+    #[serde(default = "defaults::first_byte_timeout_secs")]
+    pub first_byte_timeout_secs: u64,
     /// A client that finished TLS must send CONNECT within this time.
     #[serde(default = "defaults::connect_timeout_secs")]
     pub connect_timeout_secs: u64,
@@ -94,6 +99,14 @@ pub struct BrokerConfig {
     /// Put it on loopback or a management network, never on the internet-facing address.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// A metrics request whose headers have not all arrived this long after the connection
+    /// opened (or after the previous response) is closed.
+    #[serde(default = "defaults::metrics_header_timeout_secs")]
+    pub metrics_header_timeout_secs: u64,
+    /// Connections the metrics endpoint holds at once; one more is closed at once. Its files
+    /// come out of the same process limit as the clients'.
+    #[serde(default = "defaults::metrics_max_connections")]
+    pub metrics_max_connections: usize,
     /// A device in periodic mode is `overdue` (and raises an alarm) once it is this many
     /// seconds late for its expected check-in (its interval after its last session ended).
     #[serde(default = "defaults::overdue_margin_secs")]
@@ -144,6 +157,15 @@ mod defaults {
     }
     pub fn connect_timeout_secs() -> u64 {
         10
+    }
+    pub fn first_byte_timeout_secs() -> u64 {
+        5
+    }
+    pub fn metrics_header_timeout_secs() -> u64 {
+        10
+    }
+    pub fn metrics_max_connections() -> usize {
+        16
     }
     pub fn max_packet_bytes() -> usize {
         256 * 1024
@@ -273,6 +295,27 @@ impl BrokerConfig {
         if self.handshake_timeout_secs == 0 {
             return Err(invalid("handshake_timeout_secs", &0, "use at least 1"));
         }
+        if self.first_byte_timeout_secs == 0 {
+            return Err(invalid(
+                "first_byte_timeout_secs",
+                &0,
+                "use at least 1; the default is 5",
+            ));
+        }
+        if self.metrics_header_timeout_secs == 0 {
+            return Err(invalid(
+                "metrics_header_timeout_secs",
+                &0,
+                "use at least 1; the default is 10",
+            ));
+        }
+        if self.metrics_max_connections == 0 {
+            return Err(invalid(
+                "metrics_max_connections",
+                &0,
+                "use at least 1; the default is 16",
+            ));
+        }
         if self.max_handshakes == 0 {
             return Err(invalid("max_handshakes", &0, "use at least 1"));
         }
@@ -349,6 +392,12 @@ impl BrokerConfig {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_secs)
     }
+    pub fn first_byte_timeout(&self) -> Duration {
+        Duration::from_secs(self.first_byte_timeout_secs)
+    }
+    pub fn metrics_header_timeout(&self) -> Duration {
+        Duration::from_secs(self.metrics_header_timeout_secs)
+    }
 
     /// What one device may make the relay hold and send in alarms.
     pub fn alarm_limits(&self) -> crate::core::AlarmLimits {
@@ -394,6 +443,47 @@ mod tests {
         };
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("max_packet_bytes"), "{e}");
+    }
+
+    #[test]
+    fn handshake_and_metrics_deadlines_are_checked() {
+        let cfg = BrokerConfig::default();
+        assert_eq!(
+            (
+                cfg.first_byte_timeout_secs,
+                cfg.metrics_header_timeout_secs,
+                cfg.metrics_max_connections
+            ),
+            (5, 10, 16)
+        );
+        let cases = [
+            (
+                "first_byte_timeout_secs = 0",
+                Some("first_byte_timeout_secs = 0"),
+            ),
+            ("first_byte_timeout_secs = 11", None),
+            (
+                "handshake_timeout_secs = 60\nfirst_byte_timeout_secs = 60",
+                None,
+            ),
+            (
+                "metrics_header_timeout_secs = 0",
+                Some("metrics_header_timeout_secs = 0"),
+            ),
+            (
+                "metrics_max_connections = 0",
+                Some("metrics_max_connections = 0"),
+            ),
+            ("metrics_max_connections = 1", None),
+        ];
+        for (text, want) in cases {
+            let cfg: BrokerConfig = toml::from_str(text).unwrap();
+            match (cfg.validate(), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(want)) => assert!(e.to_string().contains(want), "{e}"),
+                (got, want) => panic!("{text}: {got:?}, wanted {want:?}"),
+            }
+        }
     }
 
     #[test]

@@ -202,6 +202,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let settings = GatewaySettings {
         handshake_timeout: cfg.handshake_timeout(),
+        first_byte_timeout: cfg.first_byte_timeout(),
         connect_timeout: cfg.connect_timeout(),
         max_packet_bytes: cfg.max_packet_bytes,
         max_clients: cfg.max_clients,
@@ -220,7 +221,17 @@ pub async fn run(
     );
     let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
     if let Some((l, _)) = metrics_listener {
-        tasks.spawn(metrics_http::serve(l, metrics, core.clone(), stop.clone()));
+        let limits = metrics_http::HttpLimits {
+            header_timeout: cfg.metrics_header_timeout(),
+            max_connections: cfg.metrics_max_connections,
+        };
+        tasks.spawn(metrics_http::serve(
+            l,
+            limits,
+            metrics,
+            core.clone(),
+            stop.clone(),
+        ));
     }
     let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
         addr: cfg.listen,

@@ -11,6 +11,13 @@ pub struct Metrics {
     pub tcp_accepted: AtomicU64,
     pub tls_failed: AtomicU64,
     pub tls_timed_out: AtomicU64,
+    /// Silent connections closed to give their handshake slot to a new one.
+    pub handshakes_shed: AtomicU64,
+    /// Metrics-endpoint connections closed at once: `metrics_max_connections` were open.
+    pub metrics_http_refused: AtomicU64,
+    /// Metrics-endpoint connections closed because a request's headers did not all arrive within
+    /// `metrics_header_timeout_secs`.
+    pub metrics_http_timed_out: AtomicU64,
     pub connect_refused: AtomicU64,
     pub sessions_started: AtomicU64,
     pub sessions_active: AtomicU64,

@@ -4,6 +4,11 @@
 //! Gateway counters come from [`Metrics`], the core's from [`crate::telemetry::CoreStats`], and
 //! job, alarm and queue counts from a read transaction of the store, taken on a blocking thread
 //! so a scrape never waits on (or holds up) the core's writes.
+//!
+//! Its sockets come out of the same file limit as the relay's clients, so whoever reaches the
+//! port may hold only a few ([`HttpLimits::max_connections`]; one more is closed at once) and
+//! only briefly: a request's headers must all arrive within [`HttpLimits::header_timeout`] of
+//! the connection opening (or of the previous response), else the connection is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,12 +18,28 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use tokio::net::TcpListener;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
 
 use crate::core::Core;
+use crate::gateway::limits::LogBudget;
 use crate::metrics::Metrics;
+
+/// What one scraper may hold of the endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// A request's headers must have arrived this long after the connection opened (or after
+    /// the previous response on it).
+    pub header_timeout: std::time::Duration,
+    /// Connections held at once.
+    pub max_connections: usize,
+}
 
 #[derive(Clone)]
 struct Sources {
@@ -26,9 +47,18 @@ struct Sources {
     core: Arc<Core>,
 }
 
+/// The endpoint's refusals, each logged within a budget of its own (anyone who reaches the port
+/// can cause them at will) and counted.
+#[derive(Default)]
+struct Refusals {
+    full: LogBudget,
+    slow: LogBudget,
+}
+
 /// Serves `/metrics` on `listener` until `stop`.
 pub async fn serve(
     listener: TcpListener,
+    limits: HttpLimits,
     gateway: Arc<Metrics>,
     core: Arc<Core>,
     stop: CancellationToken,
@@ -42,13 +72,92 @@ pub async fn serve(
             "/",
             get(|| async { "chukei broker: metrics at /metrics\n" }),
         )
-        .with_state(Sources { gateway, core });
+        .with_state(Sources {
+            gateway: gateway.clone(),
+            core,
+        });
+    let places = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = Arc::new(Refusals::default());
+    let tasks = TaskTracker::new();
     info!(%addr, "metrics endpoint ready");
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        warn!(error = %e, "metrics endpoint stopped");
+    loop {
+        let tcp = tokio::select! {
+            () = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    warn!(error = %e, "metrics endpoint: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            // Closed at once: a full endpoint costs an accept and a close, and holds no file.
+            let total = Metrics::inc(&gateway.metrics_http_refused);
+            if let Some(suppressed) = refusals.full.check() {
+                warn!(
+                    limit = "metrics_max_connections",
+                    max = limits.max_connections,
+                    suppressed,
+                    total,
+                    "limit exceeded: metrics endpoint connection closed"
+                );
+            }
+            drop(tcp);
+            continue;
+        };
+        tasks.spawn(serve_connection(
+            tcp,
+            place,
+            app.clone(),
+            limits,
+            gateway.clone(),
+            refusals.clone(),
+            stop.clone(),
+        ));
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// One connection, until the client closes it, its headers come too slowly, or the broker stops.
+async fn serve_connection(
+    tcp: TcpStream,
+    _place: OwnedSemaphorePermit,
+    app: Router,
+    limits: HttpLimits,
+    gateway: Arc<Metrics>,
+    refusals: Arc<Refusals>,
+    stop: CancellationToken,
+) {
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    match result {
+        Ok(()) => {}
+        Err(e) if e.is_timeout() => {
+            let total = Metrics::inc(&gateway.metrics_http_timed_out);
+            if let Some(suppressed) = refusals.slow.check() {
+                warn!(
+                    limit = "metrics_header_timeout_secs",
+                    suppressed,
+                    total,
+                    "limit exceeded: metrics request headers not received in time, connection closed"
+                );
+            }
+        }
+        Err(e) => debug!(error = %e, "metrics endpoint connection ended"),
     }
 }
 

@@ -98,6 +98,24 @@ pub fn render(gw: &Metrics, core: &CoreStats, store: Option<&StoreStats>) -> Str
         get(&gw.tls_timed_out),
     );
     metric(
+        "chukei_handshakes_shed_total",
+        "counter",
+        "Silent connections closed to give their handshake slot to a new one (max_handshakes).",
+        get(&gw.handshakes_shed),
+    );
+    metric(
+        "chukei_metrics_http_refused_total",
+        "counter",
+        "Metrics-endpoint connections closed at once (metrics_max_connections).",
+        get(&gw.metrics_http_refused),
+    );
+    metric(
+        "chukei_metrics_http_timed_out_total",
+        "counter",
+        "Metrics-endpoint connections closed for slow request headers (metrics_header_timeout_secs).",
+        get(&gw.metrics_http_timed_out),
+    );
+    metric(
         "chukei_connect_refused_total",
         "counter",
         "Clients refused at CONNECT (identity, client id, broker full).",

@@ -39,6 +39,18 @@ pub struct Incoming {
     pub body: Vec<u8>,
 }
 
+impl Incoming {
+    /// A PUBLISH's topic (lossy UTF-8); `None` for any other packet.
+    pub fn topic(&self) -> Option<String> {
+        if self.kind != PUBLISH || self.body.len() < 2 {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([self.body[0], self.body[1]]));
+        let topic = self.body.get(2..2 + len)?;
+        Some(String::from_utf8_lossy(topic).into_owned())
+    }
+}
+
 /// A TLS connection to the broker that speaks MQTT only as far as a test writes it.
 pub struct RawClient {
     name: String,
@@ -273,12 +285,26 @@ fn string(out: &mut Vec<u8>, s: &str) {
 
 /// CONNECT (MQTT 3.1.1, clean session).
 pub fn connect(client_id: &str, keep_alive: u16) -> Vec<u8> {
+    connect_full(client_id, keep_alive, 0x02, &[])
+}
+
+/// CONNECT with the connect flags byte as given (MQTT 3.1.1 §3.1.2.3: 0x80 user name, 0x40
+/// password, 0x02 clean session, 0x01 reserved), followed by `fields` (will topic and message,
+/// user name, password: whichever the flags announce, in that order).
+pub fn connect_with_flags(client_id: &str, flags: u8, fields: &[&str]) -> Vec<u8> {
+    connect_full(client_id, 60, flags, fields)
+}
+
+fn connect_full(client_id: &str, keep_alive: u16, flags: u8, fields: &[&str]) -> Vec<u8> {
     let mut body = Vec::new();
     string(&mut body, "MQTT");
     body.push(4);
-    body.push(0x02);
+    body.push(flags);
     body.extend_from_slice(&keep_alive.to_be_bytes());
     string(&mut body, client_id);
+    for f in fields {
+        string(&mut body, f);
+    }
     packet(0x10, &body)
 }
 
@@ -292,6 +318,17 @@ pub fn publish(topic: &str, payload: &[u8], qos: u8, pkid: u16) -> Vec<u8> {
     body.extend_from_slice(payload);
     packet(0x30 | (qos << 1), &body)
 }
+
+/// PUBLISH at `qos` with the retain flag set.
+pub fn publish_retained(topic: &str, payload: &[u8], qos: u8, pkid: u16) -> Vec<u8> {
+    let mut bytes = publish(topic, payload, qos, pkid);
+    bytes[0] |= 0x01;
+    bytes
+}
+
+/// The start of a TLS handshake that never finishes: a handshake record header announcing a
+/// 512-byte ClientHello, and its first few bytes. A slow client, not a silent one.
+pub const PARTIAL_CLIENT_HELLO: [u8; 9] = [22, 3, 1, 2, 0, 1, 0, 1, 252];
 
 /// SUBSCRIBE to every filter at QoS 1.
 pub fn subscribe(pkid: u16, filters: &[&str]) -> Vec<u8> {

@@ -249,3 +249,27 @@ async fn an_integrator_certificate_is_read_only() {
 
     reader.ping().await;
 }
+
+/// Client ids are checked per role, so one name may be a host's and an integrator's id at once;
+/// in the router they must not meet: an integrator whose certificate is named like a host, using
+/// that name as its client id, neither evicts the host's session nor is evicted by it.
+#[tokio::test]
+async fn an_integrator_named_like_a_host_cannot_take_the_hosts_session() {
+    let env = TestEnv::new("an_integrator_named_like_a_host_cannot_take_the_hosts_session");
+    let broker = env.broker().start().await;
+    let host_cert = env.certs(Role::Host, "svc");
+    let integrator_cert = env.certs(Role::Integrator, "svc");
+    let mut host = RawClient::connect(broker.addr(), &host_cert, "svc").await;
+    host.publish_acked("host/svc/req", b"x", 1).await;
+
+    let mut integrator = RawClient::connect(broker.addr(), &integrator_cert, "svc").await;
+    integrator.ping().await;
+    // The host's session still reaches the router: its publish is acknowledged.
+    host.publish_acked("host/svc/req", b"x", 2).await;
+    host.ping().await;
+    // And the other way round: a host session opened later leaves the integrator's alone.
+    let mut again = RawClient::connect(broker.addr(), &host_cert, "svc:two").await;
+    again.ping().await;
+    assert_eq!(integrator.subscribe_acked(1, &["fleet/#"]).await, [1]);
+    integrator.ping().await;
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 use harness::raw::{self, PUBACK, RawClient, SERVER_UNAVAILABLE};
 use harness::{Broker, TestEnv, deadline, secs};
 use protocol::{JobId, Role, Serial, topic};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const METRICS: [&str; 2] = ["--metrics-listen", "127.0.0.1:0"];
 
@@ -408,4 +408,153 @@ async fn a_silent_socket_is_closed_at_the_handshake_deadline() {
     assert_eq!(raw::sample(&text, "chukei_tls_timed_out_total"), 1);
     // The valid session outlives the silent socket.
     valid.ping().await;
+}
+
+#[tokio::test]
+async fn a_socket_silent_past_the_first_byte_deadline_is_closed_and_a_slow_handshake_is_not() {
+    let env = TestEnv::new(
+        "a_socket_silent_past_the_first_byte_deadline_is_closed_and_a_slow_handshake_is_not",
+    );
+    // The whole handshake may take an hour; its first byte must come within a second.
+    let broker = env
+        .broker()
+        .args([
+            "--first-byte-timeout-secs",
+            "1",
+            "--handshake-timeout-secs",
+            "3600",
+        ])
+        .args(METRICS)
+        .start()
+        .await;
+    let mut slow = raw::tcp(broker.addr(), None).await;
+    slow.write_all(&raw::PARTIAL_CLIENT_HELLO)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut silent = raw::tcp(broker.addr(), None).await;
+
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(deadline(), silent.read(&mut byte))
+        .await
+        .expect("the silent socket is still open long after the first-byte deadline");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the broker sent something to a socket that never spoke: {read:?}"
+    );
+    // The slow handshake, older than the silent socket, had sent its first byte: still open.
+    match slow.try_read(&mut byte) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the slow handshake was closed: {other:?}"),
+    }
+    broker
+        .wait_for_line("the first-byte timeout", deadline(), |l| {
+            l.contains("limit exceeded") && l.contains("first_byte_timeout_secs")
+        })
+        .await;
+    let text = raw::scrape(broker.metrics_addr()).await;
+    assert_eq!(raw::sample(&text, "chukei_tls_timed_out_total"), 1);
+    let svc = env.certs(Role::Host, "svc");
+    RawClient::connect(broker.addr(), &svc, "svc")
+        .await
+        .ping()
+        .await;
+}
+
+/// A request to the metrics endpoint whose headers never end.
+async fn half_sent_request(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut s = raw::tcp(addr, None).await;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("writing to the metrics endpoint: {e}"));
+    s
+}
+
+/// Waits until the metrics endpoint closes `s` (end of stream or reset); returns what it sent.
+async fn closed_by_server(s: &mut tokio::net::TcpStream, what: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    match tokio::time::timeout(deadline(), s.read_to_end(&mut got)).await {
+        Ok(_) => got,
+        Err(_) => panic!("{what}: still open after {:?}", deadline()),
+    }
+}
+
+#[tokio::test]
+async fn the_metrics_endpoint_closes_half_sent_requests_at_the_header_deadline() {
+    let env = TestEnv::new("the_metrics_endpoint_closes_half_sent_requests_at_the_header_deadline");
+    let broker = env
+        .broker()
+        .args(["--metrics-header-timeout-secs", "1"])
+        .args(METRICS)
+        .start()
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(half_sent_request(broker.metrics_addr()).await);
+    }
+    for (i, s) in held.iter_mut().enumerate() {
+        closed_by_server(s, &format!("half-sent request {i}")).await;
+    }
+    // A whole request is answered as before.
+    let text = raw::scrape(broker.metrics_addr()).await;
+    assert!(text.contains("chukei_tls_failed_total"), "{text}");
+}
+
+#[tokio::test]
+async fn the_metrics_endpoint_holds_at_most_metrics_max_connections() {
+    const MAX: usize = 4;
+    let env = TestEnv::new("the_metrics_endpoint_holds_at_most_metrics_max_connections");
+    let broker = env
+        .broker()
+        .args([
+            "--metrics-max-connections",
+            &MAX.to_string(),
+            "--metrics-header-timeout-secs",
+            "3600",
+        ])
+        .args(METRICS)
+        .start()
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..MAX {
+        held.push(half_sent_request(broker.metrics_addr()).await);
+    }
+    // One more, even a whole request, is closed without an answer.
+    let mut extra = half_sent_request(broker.metrics_addr()).await;
+    let _ = extra.write_all(b"\r\n").await;
+    let answer = closed_by_server(&mut extra, "a connection past the cap").await;
+    assert!(
+        answer.is_empty(),
+        "a connection past the cap was answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    broker
+        .wait_for_line("the refusal", deadline(), |l| {
+            l.contains("limit exceeded") && l.contains("metrics_max_connections")
+        })
+        .await;
+    // The held ones are still open; once one closes, a scrape gets its place.
+    let mut probe = [0u8; 1];
+    for (i, s) in held.iter().enumerate() {
+        match s.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("held connection {i} was closed: {other:?}"),
+        }
+    }
+    drop(held.pop());
+    let addr = broker.metrics_addr();
+    harness::poll_until("a scrape once a place is free", deadline(), || async move {
+        let mut s = raw::tcp(addr, None).await;
+        let _ = s
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+            .await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        if out.contains("chukei_tls_failed_total") {
+            Ok(())
+        } else {
+            Err(format!("answered: {out:?}"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 }

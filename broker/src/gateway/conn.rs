@@ -19,6 +19,9 @@ pub enum ConnError {
     Malformed(protocol::Error),
     #[error("packet is larger than the limit of {max} bytes")]
     TooLarge { max: usize },
+    /// MQTT 3.1.1 §3.1.4: a CONNECT that breaks the protocol is closed without a CONNACK.
+    #[error("malformed CONNECT: {0}")]
+    BadConnect(&'static str),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -102,8 +105,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
             return Ok(None);
         }
         let publish_id = peek_publish_id(&self.buf);
+        let connect_flags = peek_connect_flags(&self.buf);
         match V4.read_mut(&mut self.buf, self.max_packet_bytes) {
             Ok(packet) => {
+                if let Packet::Connect(..) = packet
+                    && let Some(why) = connect_flags.and_then(connect_flags_problem)
+                {
+                    return Err(ConnError::BadConnect(why));
+                }
                 self.publish_id = publish_id;
                 Ok(Some(unshare(packet)))
             }
@@ -183,6 +192,51 @@ fn peek_publish_id(buf: &[u8]) -> Option<PublishId> {
         u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?])
     };
     Some(PublishId { qos, pkid })
+}
+
+/// The connect flags of the CONNECT at the start of `buf` (MQTT 3.1.1 §3.1.2.3: after the fixed
+/// header, the protocol name and the protocol level). rumqttd's decoder does not keep them, and
+/// lets through some combinations the protocol forbids ([`connect_flags_problem`]). `None` for any
+/// other packet or too few bytes.
+fn peek_connect_flags(buf: &[u8]) -> Option<u8> {
+    if *buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let mut at = 1;
+    loop {
+        let byte = *buf.get(at)?;
+        at += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        if at > 4 {
+            return None;
+        }
+    }
+    let name_len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
+    // The protocol name, then the level byte, then the flags.
+    buf.get(at + 2 + name_len + 1).copied()
+}
+
+/// What is wrong with a CONNECT's flags, by MQTT 3.1.1 (each a "MUST close the connection").
+fn connect_flags_problem(flags: u8) -> Option<&'static str> {
+    const RESERVED: u8 = 0x01;
+    const WILL: u8 = 0x04;
+    const WILL_QOS: u8 = 0x18;
+    const WILL_RETAIN: u8 = 0x20;
+    const PASSWORD: u8 = 0x40;
+    const USERNAME: u8 = 0x80;
+    if flags & RESERVED != 0 {
+        Some("the reserved connect flag is set (MQTT 3.1.1 §3.1.2.3)")
+    } else if flags & PASSWORD != 0 && flags & USERNAME == 0 {
+        Some("a password without a user name (MQTT 3.1.1 §3.1.2.9)")
+    } else if flags & WILL == 0 && flags & (WILL_QOS | WILL_RETAIN) != 0 {
+        Some("a will QoS or retain flag without a will (MQTT 3.1.1 §3.1.2.6)")
+    } else if flags & WILL_QOS == WILL_QOS {
+        Some("will QoS 3 (MQTT 3.1.1 §3.1.2.6)")
+    } else {
+        None
+    }
 }
 
 /// A decoded PUBLISH borrows its topic and payload from the read buffer, and the router keeps
@@ -326,6 +380,50 @@ mod tests {
             "PINGREQ is not a publish"
         );
         assert_eq!(peek_publish_id(&[0x32, 0xff, 0xff, 0xff, 0xff, 0x01]), None);
+    }
+
+    #[tokio::test]
+    async fn connects_with_flags_the_protocol_forbids_are_refused() {
+        let connect = |flags: u8, fields: &[&str]| {
+            let mut body = vec![
+                0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 60, 0, 2, b'C', b'1',
+            ];
+            for f in fields {
+                body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+                body.extend_from_slice(f.as_bytes());
+            }
+            let mut out = vec![0x10, body.len() as u8];
+            out.extend_from_slice(&body);
+            out
+        };
+        let cases: [(u8, &[&str], Option<&str>); 6] = [
+            (0x02, &[], None),
+            (0xc2, &["user", "secret"], None),
+            (0x82, &["user"], None),
+            (0x42, &["secret"], Some("password without a user name")),
+            (0x03, &[], Some("reserved")),
+            (0x1e, &["will/topic", "bye"], Some("will QoS 3")),
+        ];
+        for (flags, fields, want) in cases {
+            let (mut client, server) = tokio::io::duplex(1024);
+            let mut conn = ClientConn::new(server, 1024);
+            client.write_all(&connect(flags, fields)).await.unwrap();
+            match (conn.read_packet().await, want) {
+                (Ok(Some(Packet::Connect(..))), None) => {}
+                (Err(ConnError::BadConnect(why)), Some(want)) => {
+                    assert!(why.contains(want), "{flags:#04x}: {why}")
+                }
+                // rumqttd's decoder refuses this one itself.
+                (Err(ConnError::Malformed(_)), Some("will QoS 3")) => {}
+                (got, want) => panic!("{flags:#04x}: {got:?}, wanted {want:?}"),
+            }
+        }
+        assert_eq!(
+            peek_connect_flags(&[0x10, 5, 0, 4, b'M']),
+            None,
+            "too short"
+        );
+        assert_eq!(peek_connect_flags(&[0xc0, 0]), None, "not a CONNECT");
     }
 
     #[tokio::test]

@@ -158,12 +158,15 @@ impl DeviceSession<'_> {
         up: &mut Vec<Publish>,
     ) -> Result<(), SessionError> {
         let topic = String::from_utf8_lossy(&publish.topic);
-        check_acl(self.who, &self.gw.metrics, Action::Publish, &topic)?;
+        check_acl(self.who, self.gw, Action::Publish, &topic)?;
         let id = conn.publish_id().unwrap_or(PublishId { qos: 0, pkid: 0 });
         // The gateway acks as soon as the hub has the publish, so the count only ever holds
         // this batch; what it adds here is the same QoS 2 refusal every session gives.
         let mut inflight = Inflight::new(self.gw.settings.max_inflight);
         inflight.publish(id.qos)?;
+        // Nothing a client publishes is retained (the router's path clears it too).
+        let mut publish = publish;
+        publish.retain = false;
         up.push(publish);
         if id.qos == 1 {
             conn.queue(Packet::PubAck(
@@ -183,7 +186,7 @@ impl DeviceSession<'_> {
         subscribe: Subscribe,
     ) -> Result<(), SessionError> {
         for filter in &subscribe.filters {
-            check_acl(self.who, &self.gw.metrics, Action::Subscribe, &filter.path)?;
+            check_acl(self.who, self.gw, Action::Subscribe, &filter.path)?;
         }
         let return_codes = subscribe
             .filters
@@ -229,7 +232,7 @@ impl DeviceSession<'_> {
         unsubscribe: Unsubscribe,
     ) -> Result<(), SessionError> {
         for filter in &unsubscribe.filters {
-            check_acl(self.who, &self.gw.metrics, Action::Unsubscribe, filter)?;
+            check_acl(self.who, self.gw, Action::Unsubscribe, filter)?;
         }
         self.attachment.unsubscribe(&unsubscribe.filters);
         conn.queue(Packet::UnsubAck(

@@ -176,7 +176,7 @@ impl Hub {
         let mut levels = topic.split('/');
         let (Some("dev"), Some(serial), Some(kind)) = (levels.next(), levels.next(), levels.next())
         else {
-            warn!(topic, "device hub: not a device topic; dropped");
+            warn!(topic = %protocol::Shown(topic), "device hub: not a device topic; dropped");
             return;
         };
         let retained = matches!(kind, "jobs" | "merged");
@@ -206,7 +206,7 @@ impl Hub {
         match entry.tx.try_send(Down::Publish(publish)) {
             Ok(()) => {}
             Err(flume::TrySendError::Full(_)) => {
-                warn!(%serial, topic, queued = self.max_queued, "device too slow; closing its session");
+                warn!(%serial, topic = %protocol::Shown(topic), queued = self.max_queued, "device too slow; closing its session");
                 // Removing the entry drops the sender: the session ends once it has drained.
                 state.sessions.remove(serial);
             }

@@ -34,6 +34,67 @@ pub fn report_handshake_timeout(metrics: &Metrics, budget: &LogBudget, what: &st
     }
 }
 
+/// A connection that sent nothing within `first_byte_timeout_secs`: counted with the handshake
+/// timeouts (`tls_timed_out`) and logged within `budget`.
+pub fn report_first_byte_timeout(metrics: &Metrics, budget: &LogBudget) {
+    let total = Metrics::inc(&metrics.tls_timed_out);
+    if let Some(suppressed) = budget.check() {
+        warn!(
+            limit = "first_byte_timeout_secs",
+            suppressed, total, "limit exceeded: no TLS ClientHello in time, connection closed"
+        );
+    }
+}
+
+/// Every handshake slot was taken, so the oldest connection that had not yet sent a byte was
+/// closed to make room for a new one: counted in `handshakes_shed`, logged within `budget`.
+pub fn report_shed(metrics: &Metrics, budget: &LogBudget, max_handshakes: usize) {
+    let total = Metrics::inc(&metrics.handshakes_shed);
+    if let Some(suppressed) = budget.check() {
+        warn!(
+            limit = "max_handshakes",
+            max_handshakes,
+            suppressed,
+            total,
+            "limit exceeded: every handshake slot taken; the oldest silent connection was shed"
+        );
+    }
+}
+
+/// One log budget for each kind of refusal a peer can repeat at will, so that a flood of one kind
+/// neither fills the log nor hides the others. Each refusal is still counted in full.
+#[derive(Debug, Default)]
+pub struct RefusalLogs {
+    /// TLS handshakes that failed (a foreign, expired or revoked certificate, not TLS at all).
+    pub tls_failed: LogBudget,
+    /// Handshakes past `handshake_timeout_secs`.
+    pub handshake_timeout: LogBudget,
+    /// Connections silent past `first_byte_timeout_secs`.
+    pub first_byte: LogBudget,
+    /// Silent connections shed for a new one (`max_handshakes`).
+    pub shed: LogBudget,
+    /// Certificates without an identity we accept.
+    pub no_identity: LogBudget,
+    /// WebSocket upgrades refused.
+    pub ws_refused: LogBudget,
+    /// CONNECTs refused (client id, broker full).
+    pub connect_refused: LogBudget,
+    /// ACL violations.
+    pub acl: LogBudget,
+    /// Sessions closed for breaking the protocol (a malformed packet, no CONNECT, a second one).
+    pub bad_client: LogBudget,
+    /// Per-client limits, one budget each, in the order of [`Limit::ALL`].
+    limits: [LogBudget; Limit::ALL.len()],
+}
+
+impl RefusalLogs {
+    /// The budget of `limit`'s "limit exceeded" lines.
+    pub fn limit(&self, limit: Limit) -> &LogBudget {
+        let i = Limit::ALL.iter().position(|l| *l == limit).unwrap_or(0);
+        &self.limits[i]
+    }
+}
+
 /// Which limit was hit; [`Limit::key`] is its name in `broker.toml` (and, with dashes, its flag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -92,17 +153,21 @@ impl LimitExceeded {
         }
     }
 
-    /// Logs the breach (a warning with the identity and the limit's key; the connection's span
-    /// adds the peer) and counts it. Call once, where the session decides to close.
-    pub fn report(&self, metrics: &Metrics, who: &Identity) {
+    /// Logs the breach within the limit's budget (a warning with the identity and the limit's
+    /// key; the connection's span adds the peer) and counts it. Call once, where the session
+    /// decides to close.
+    pub fn report(&self, metrics: &Metrics, logs: &RefusalLogs, who: &Identity) {
         let total = Metrics::inc(metrics.limit(self.limit));
-        warn!(
-            identity = %who,
-            limit = self.limit.key(),
-            detail = %self.detail,
-            total,
-            "limit exceeded: closing the client"
-        );
+        if let Some(suppressed) = logs.limit(self.limit).check() {
+            warn!(
+                identity = %who,
+                limit = self.limit.key(),
+                detail = %self.detail,
+                suppressed,
+                total,
+                "limit exceeded: closing the client"
+            );
+        }
     }
 }
 

@@ -11,6 +11,7 @@ pub mod hub;
 mod keepalive;
 pub mod limits;
 mod session;
+mod slots;
 mod tls;
 mod ws;
 
@@ -19,12 +20,12 @@ pub use conn::{ClientConn, ConnError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::Identity;
+use protocol::{Identity, Shown};
 use rumqttd::Broker;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, field, info, info_span, warn};
@@ -34,6 +35,9 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     pub handshake_timeout: Duration,
+    /// A new connection must send the first byte of its ClientHello within this; a silent
+    /// socket is closed then rather than at `handshake_timeout`.
+    pub first_byte_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_packet_bytes: usize,
     pub max_clients: usize,
@@ -67,13 +71,14 @@ pub struct Gateway {
     /// its own (the design before the hub, kept for side-by-side benchmarks).
     pub hub: Option<Arc<hub::Hub>>,
     admission: Arc<Semaphore>,
-    handshakes: Arc<Semaphore>,
+    /// `max_handshakes` slots; a silent connection's may be taken back ([`slots`]).
+    handshakes: Arc<slots::HandshakeSlots>,
     /// Sessions per certificate identity ([`limits::IdentityCounts`]), for both listeners.
     identities: Arc<limits::IdentityCounts>,
     /// New connections per source address, checked before any TLS work.
     sources: limits::SourceRates,
-    /// Handshake timeouts are logged within this budget: silent sockets cost an attacker nothing.
-    slow_handshakes: limits::LogBudget,
+    /// Every kind of refusal a peer can repeat at will is logged within a budget of its own.
+    logs: limits::RefusalLogs,
 }
 
 /// How long open sessions get to finish when the broker stops.
@@ -100,14 +105,14 @@ impl Gateway {
     ) -> Self {
         Gateway {
             admission: Arc::new(Semaphore::new(settings.max_clients)),
-            handshakes: Arc::new(Semaphore::new(settings.max_handshakes)),
+            handshakes: slots::HandshakeSlots::new(settings.max_handshakes),
             identities: limits::IdentityCounts::new(settings.max_connections_per_identity),
             sources: limits::SourceRates::new(
                 settings.connect_rate_per_source,
                 settings.connect_burst_per_source,
                 settings.connect_rate_exempt_loopback,
             ),
-            slow_handshakes: limits::LogBudget::new(),
+            logs: limits::RefusalLogs::default(),
             tls: without_tickets(tls),
             settings,
             router,
@@ -144,12 +149,6 @@ impl Gateway {
     ) {
         let tasks = TaskTracker::new();
         loop {
-            // Wait for a handshake slot before accepting: excess connections queue in the
-            // kernel's backlog instead of costing us memory and file descriptors.
-            let permit = tokio::select! {
-                () = stop.cancelled() => break,
-                p = self.handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
             let (tcp, peer) = tokio::select! {
                 () = stop.cancelled() => break,
                 r = listener.accept() => match r {
@@ -170,15 +169,45 @@ impl Gateway {
                 drop(tcp);
                 continue;
             }
+            let Some(slot) = self.slot(&stop).await else {
+                break;
+            };
             let gw = self.clone();
             let stop = stop.clone();
             let span = info_span!("conn", %peer, identity = field::Empty, topic = field::Empty);
-            tasks.spawn(gw.serve(kind, tcp, permit, stop).instrument(span));
+            tasks.spawn(gw.serve(kind, tcp, slot, stop).instrument(span));
         }
         tasks.close();
         info!(open = tasks.len(), listener = ?kind, "gateway stopped accepting");
         if timeout(GRACE, tasks.wait()).await.is_err() {
             warn!("grace period over; dropping open connections");
+        }
+    }
+
+    /// A handshake slot for a connection just accepted; `None` if the gateway stops first. With
+    /// every slot taken, the connection that has been silent longest makes room ([`slots`]); if
+    /// every one has started its handshake, this one waits for a slot (and the connections after
+    /// it in the kernel's backlog, costing us nothing).
+    async fn slot(&self, stop: &CancellationToken) -> Option<slots::Slot> {
+        loop {
+            if let Some(slot) = self.handshakes.try_take() {
+                return Some(slot);
+            }
+            let Some(answer) = self.handshakes.ask_oldest_silent() else {
+                break;
+            };
+            let gave_up = tokio::select! {
+                () = stop.cancelled() => return None,
+                a = answer => a.unwrap_or(true),
+            };
+            if gave_up {
+                limits::report_shed(&self.metrics, &self.logs.shed, self.settings.max_handshakes);
+                break;
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => None,
+            slot = self.handshakes.take() => Some(slot),
         }
     }
 
@@ -188,26 +217,26 @@ impl Gateway {
         self: Arc<Self>,
         kind: Listener,
         tcp: TcpStream,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        slot: slots::Slot,
         stop: CancellationToken,
     ) {
         match kind {
-            Listener::Tls => self.serve_conn(tcp, permit, stop).await,
+            Listener::Tls => self.serve_conn(tcp, slot, stop).await,
             // Boxed: a WebSocket session's future is several times a TLS one's (tungstenite's
             // stream state), and a task is as large as the largest thing it may await.
-            Listener::Ws => Box::pin(self.serve_ws(tcp, permit, stop)).await,
+            Listener::Ws => Box::pin(self.serve_ws(tcp, slot, stop)).await,
         }
     }
 
     async fn serve_conn(
         self: Arc<Self>,
         tcp: TcpStream,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        slot: slots::Slot,
         stop: CancellationToken,
     ) {
         // In its own async fn: the TLS connection it makes (1.2 KiB) would otherwise keep a slot in
         // this task for the connection's whole life after being moved into the session.
-        let Some((conn, who)) = self.handshake(tcp, permit).await else {
+        let Some((conn, who)) = self.handshake(tcp, slot).await else {
             return;
         };
         self.serve_session(conn, who, stop).await
@@ -218,26 +247,82 @@ impl Gateway {
     async fn handshake(
         &self,
         tcp: TcpStream,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        mut slot: slots::Slot,
     ) -> Option<(ClientConn<tls::TlsConn>, Identity)> {
         // Alarms must not wait on Nagle and delayed ACKs.
         let _ = tcp.set_nodelay(true);
-        let accept = tls::accept(tcp, self.tls.clone());
-        let tls = match timeout(self.settings.handshake_timeout, accept).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                Metrics::inc(&self.metrics.tls_failed);
-                info!(error = %e, "TLS handshake failed");
-                return None;
-            }
-            Err(_) => {
-                limits::report_handshake_timeout(&self.metrics, &self.slow_handshakes, "TLS");
-                return None;
-            }
-        };
-        drop(permit);
+        let deadline = Instant::now() + self.settings.handshake_timeout;
+        if !self.first_byte(&tcp, &mut slot, deadline).await {
+            return None;
+        }
+        let tls = self.tls_accept(tcp, deadline).await?;
+        drop(slot);
         let who = self.identity(&tls)?;
         Some((ClientConn::new(tls, self.settings.max_packet_bytes), who))
+    }
+
+    /// Waits for a new connection's first byte (what a client sends first is its ClientHello, at
+    /// once). `false`: the connection must close — it gave its slot to a newer one (reported
+    /// where that was asked), or it sent nothing by the first-byte deadline or by `deadline`,
+    /// whichever is sooner (reported here). A connection closed before a byte goes on, so that
+    /// the TLS handshake reports it as it always has.
+    async fn first_byte(&self, tcp: &TcpStream, slot: &mut slots::Slot, deadline: Instant) -> bool {
+        let first_byte = Instant::now() + self.settings.first_byte_timeout;
+        let until = first_byte.min(deadline);
+        let mut probe = [0u8; 1];
+        let read = tokio::select! {
+            ask = slot.asked() => {
+                // A byte may have arrived before this task had a chance to see it.
+                let spoke = slots::has_bytes(tcp);
+                let _ = ask.send(!spoke);
+                if !spoke {
+                    return false;
+                }
+                Ok(Ok(1))
+            }
+            r = timeout_at(until, tcp.peek(&mut probe)) => r,
+        };
+        match read {
+            Ok(_) => {
+                slot.spoke();
+                true
+            }
+            Err(_) if first_byte < deadline => {
+                limits::report_first_byte_timeout(&self.metrics, &self.logs.first_byte);
+                false
+            }
+            Err(_) => {
+                limits::report_handshake_timeout(
+                    &self.metrics,
+                    &self.logs.handshake_timeout,
+                    "TLS",
+                );
+                false
+            }
+        }
+    }
+
+    /// The TLS handshake, by `deadline`; `None`: counted and logged (within their budgets).
+    async fn tls_accept(&self, tcp: TcpStream, deadline: Instant) -> Option<tls::TlsConn> {
+        match timeout_at(deadline, tls::accept(tcp, self.tls.clone())).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err(e)) => {
+                Metrics::inc(&self.metrics.tls_failed);
+                if let Some(suppressed) = self.logs.tls_failed.check() {
+                    // rustls' reasons are its own words, but a failed read may quote the peer.
+                    info!(error = %Shown(&e.to_string()), suppressed, "TLS handshake failed");
+                }
+                None
+            }
+            Err(_) => {
+                limits::report_handshake_timeout(
+                    &self.metrics,
+                    &self.logs.handshake_timeout,
+                    "TLS",
+                );
+                None
+            }
+        }
     }
 
     /// The client's identity, from its certificate (DESIGN D5); `None`, counted and logged, if
@@ -254,12 +339,16 @@ impl Gateway {
             }
             Some(Err(e)) => {
                 Metrics::inc(&self.metrics.connect_refused);
-                warn!(error = %e, "client certificate carries no identity");
+                if let Some(suppressed) = self.logs.no_identity.check() {
+                    warn!(error = %Shown(&e.to_string()), suppressed, "client certificate carries no identity");
+                }
                 None
             }
             None => {
                 Metrics::inc(&self.metrics.connect_refused);
-                warn!("client presented no certificate");
+                if let Some(suppressed) = self.logs.no_identity.check() {
+                    warn!(suppressed, "client presented no certificate");
+                }
                 None
             }
         }
@@ -276,35 +365,41 @@ impl Gateway {
         let place = match self.identities.acquire(&who) {
             Ok(place) => place,
             Err(e) => {
-                e.report(&self.metrics, &who);
+                e.report(&self.metrics, &self.logs, &who);
                 session::refuse_connect(conn, &self, e).await;
                 return;
             }
         };
-        let limited = |e: &limits::LimitExceeded| e.report(&self.metrics, &who);
+        let limited = |e: &limits::LimitExceeded| e.report(&self.metrics, &self.logs, &who);
         let result = session::serve(conn, who.clone(), self.clone(), stop).await;
         // Given back before the end is logged: once a session is logged as ended, its identity
         // may open another.
         drop(place);
+        use session::SessionError as E;
         match result {
             // Info like "session started": a device that closes its session on purpose (a
             // firmware write, a periodic check-in ending) is seen doing so from the relay's log.
             Ok(()) => info!("session ended"),
-            Err(e @ session::SessionError::Acl { .. }) => info!(error = %e, "session closed"),
-            Err(session::SessionError::Limit(e)) => limited(&e),
-            Err(session::SessionError::Conn(ConnError::TooLarge { max })) => {
+            // Logged (within their budgets) where they were refused; one line each is enough.
+            Err(E::Acl { .. } | E::Refused(_)) => {}
+            Err(E::Limit(e)) => limited(&e),
+            Err(E::Conn(ConnError::TooLarge { max })) => {
                 Metrics::inc(&self.metrics.bad_packets);
                 limited(&limits::LimitExceeded::new(
                     limits::Limit::MaxPacketBytes,
                     format!("sent a packet larger than {max} bytes"),
                 ));
             }
-            Err(session::SessionError::Conn(e)) => {
-                // A reset or EOF is a network event; only a broken packet counts as bad input.
-                if !matches!(e, ConnError::Io(_)) {
+            // A reset or EOF is a network event, logged like any end of a session.
+            Err(e @ E::Conn(ConnError::Io(_))) => info!(error = %e, "session closed"),
+            // Breaking the protocol is something a client can repeat at will.
+            Err(e @ (E::Conn(_) | E::NotConnect | E::SecondConnect | E::ConnectTimeout(_))) => {
+                if matches!(e, E::Conn(_)) {
                     Metrics::inc(&self.metrics.bad_packets);
                 }
-                info!(error = %e, "session closed")
+                if let Some(suppressed) = self.logs.bad_client.check() {
+                    info!(error = %e, suppressed, "session closed");
+                }
             }
             Err(e) => info!(error = %e, "session closed"),
         }
@@ -337,9 +432,8 @@ mod tests {
         let task = returned_size(Gateway::serve);
         assert!(task <= 4096, "a connection's task future is {task} bytes");
         // The reason it is boxed: were it in line, the assertion above would fail.
-        let ws = returned_size(|gw: Arc<Gateway>, tcp, permit, stop, (): ()| {
-            gw.serve_ws(tcp, permit, stop)
-        });
+        let ws =
+            returned_size(|gw: Arc<Gateway>, tcp, slot, stop, (): ()| gw.serve_ws(tcp, slot, stop));
         assert!(
             ws > 4096,
             "the WebSocket session is {ws} bytes: boxing it may no longer be needed"

@@ -5,14 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::acl::{self, Action, Decision};
-use protocol::{Identity, Role};
+use protocol::{Identity, Role, Shown};
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet};
+use rumqttd::protocol::{
+    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet, UnsubAck,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
-use tracing::{Span, debug, info, warn};
+use tracing::{Span, debug, field, info, warn};
 
 use super::Gateway;
 use super::conn::{ClientConn, ConnError, PublishId};
@@ -28,7 +30,8 @@ pub enum SessionError {
     NotConnect,
     #[error("connect refused: {0}")]
     Refused(&'static str),
-    #[error("{action:?} on {topic:?} denied: {reason}")]
+    /// `topic` as a log shows it ([`Shown`]): cut short, control characters escaped.
+    #[error("{action:?} on {topic} denied: {reason}")]
     Acl {
         action: Action,
         topic: String,
@@ -79,15 +82,19 @@ where
         Ok(Err(e)) => return Err(e.into()),
     };
     if let Decision::Deny(reason) = acl::check_client_id(&who, &connect.client_id) {
-        warn!(client_id = %connect.client_id, reason, "connect refused");
+        if let Some(suppressed) = gw.logs.connect_refused.check() {
+            warn!(client_id = %Shown(&connect.client_id), reason, suppressed, "connect refused");
+        }
         return refuse(&mut conn, &gw, ConnectReturnCode::NotAuthorized, reason).await;
     }
     // Admission below rumqttd's own limit: over it rumqttd panics (rumqtt #991).
     let Ok(_permit) = gw.admission.clone().try_acquire_owned() else {
-        warn!(
-            max_clients = gw.settings.max_clients,
-            "connect refused: broker full"
-        );
+        if let Some(suppressed) = gw.logs.connect_refused.check() {
+            warn!(
+                max_clients = gw.settings.max_clients,
+                suppressed, "connect refused: broker full"
+            );
+        }
         return refuse(
             &mut conn,
             &gw,
@@ -99,7 +106,7 @@ where
     // Devices go through the hub; everyone else gets a router link of their own.
     let route = match gw.hub.clone().filter(|_| who.role() == Role::Device) {
         Some(hub) => Route::Hub(hub),
-        None => match open_link(&gw, &connect.client_id).await {
+        None => match open_link(&gw, &router_client_id(&who, &connect.client_id)).await {
             Ok((link_tx, link_rx)) => Route::Link(link_tx, link_rx),
             Err(reason) => {
                 return refuse(
@@ -119,7 +126,7 @@ where
     conn.write_packets([Packet::ConnAck(connack, None)]).await?;
     Metrics::inc(&gw.metrics.sessions_started);
     Metrics::inc(&gw.metrics.sessions_active);
-    info!(client_id = %connect.client_id, keep_alive = connect.keep_alive, "session started");
+    info!(client_id = %Shown(&connect.client_id), keep_alive = connect.keep_alive, "session started");
     if let Some(presence) = &gw.presence {
         presence.session(&who, true);
     }
@@ -197,6 +204,16 @@ enum Route {
     Link(LinkTx, LinkRx),
     /// A place in the device hub (see [`super::hub`]).
     Hub(Arc<super::hub::Hub>),
+}
+
+/// The session's client id in the router: the MQTT client id after its role (`host svc:watch`).
+/// Client ids are checked per role (the certificate's CN, or CN:SUFFIX), so one name may be a
+/// host's and an integrator's at once; the router keys sessions by client id alone, and would let
+/// one take the other's over. No id holds a space, so role and client id cannot run together, and
+/// no role is `chukei`, so no session can be the core's (`chukei core`). (rumqttd refuses `/`,
+/// `+`, `#` and `$` in a client id.)
+fn router_client_id(who: &Identity, client_id: &str) -> String {
+    format!("{} {client_id}", who.role())
 }
 
 /// A router link of the session's own, made off the async threads (rumqttd blocks while the
@@ -320,10 +337,21 @@ impl Bridge<'_> {
         let mut count = 0;
         let mut leaving = false;
         let mut failed = None;
-        while let Some(packet) = next {
+        // UNSUBACKs are the gateway's to send (see `unsuback`), after the router has the
+        // UNSUBSCRIBEs.
+        let mut unsubacks = Vec::new();
+        while let Some(mut packet) = next {
             if let Err(e) = self.check_packet(&packet, conn.publish_id()) {
                 failed = Some(e);
                 break;
+            }
+            match &mut packet {
+                // Nothing a client publishes is kept: on `host/…` (the only topic a client may
+                // publish on through the router) nothing is retained, and a retained request
+                // would be replayed to the host's every later session.
+                Packet::Publish(publish, _) => publish.retain = false,
+                Packet::Unsubscribe(unsubscribe, _) => unsubacks.push(unsuback(unsubscribe.pkid)),
+                _ => {}
             }
             leaving = matches!(packet, Packet::Disconnect(..));
             if let Some(previous) = held.replace(packet) {
@@ -344,6 +372,9 @@ impl Bridge<'_> {
         // What came before a violation or a broken packet still goes in, as it would one by one.
         if let Some(last) = held {
             self.link_tx.send(last).await?;
+        }
+        if !unsubacks.is_empty() && failed.is_none() {
+            conn.write_packets(unsubacks).await?;
         }
         match failed {
             Some(e) => Err(e),
@@ -387,7 +418,7 @@ impl Bridge<'_> {
     }
 
     fn check(&self, action: Action, topic: &str) -> Result<(), SessionError> {
-        check_acl(self.who, &self.gw.metrics, action, topic)
+        check_acl(self.who, self.gw, action, topic)
     }
 
     /// Encodes what the router has for this client (everything queued, in one write).
@@ -401,12 +432,15 @@ impl Bridge<'_> {
         while let Some(notification) = next {
             match notification {
                 Notification::Unschedule => unscheduled = true,
-                n => {
-                    if let Some(packet) = Option::<Packet>::from(n) {
+                n => match Option::<Packet>::from(n) {
+                    // Already answered by the gateway (see `unsuback`).
+                    Some(Packet::UnsubAck(..)) => {}
+                    Some(packet) => {
                         self.inflight.delivered(&packet);
                         conn.queue(packet)?;
                     }
-                }
+                    None => {}
+                },
             }
             next = self.queued()?;
         }
@@ -430,23 +464,41 @@ impl Bridge<'_> {
     }
 }
 
-/// The ACL check of one topic or filter a client named; a denial is counted and logged with the
-/// identity and topic. Every session path calls this, so every violation reads the same.
+/// The one UNSUBACK an UNSUBSCRIBE gets (MQTT 3.1.1 §3.10.4), whatever the client held. The
+/// router answers only for filters the client held, once per filter: nothing for a filter never
+/// subscribed, two for two. So the gateway answers every UNSUBSCRIBE itself, once the router has
+/// it, and drops the router's own.
+fn unsuback(pkid: u16) -> Packet {
+    Packet::UnsubAck(
+        UnsubAck {
+            pkid,
+            reasons: Vec::new(),
+        },
+        None,
+    )
+}
+
+/// The ACL check of one topic or filter a client named; a denial is counted and logged (within
+/// its budget) with the identity and topic. Every session path calls this, so every violation
+/// reads the same. The topic is the client's: logged and kept only as [`Shown`] makes it.
 pub(super) fn check_acl(
     who: &Identity,
-    metrics: &Metrics,
+    gw: &Gateway,
     action: Action,
     topic: &str,
 ) -> Result<(), SessionError> {
     match acl::check(who, action, topic) {
         Decision::Allow => Ok(()),
         Decision::Deny(reason) => {
-            let total = Metrics::inc(&metrics.acl_violations);
-            Span::current().record("topic", topic);
-            warn!(identity = %who, ?action, topic, reason, total, "acl violation");
+            let total = Metrics::inc(&gw.metrics.acl_violations);
+            let shown = Shown(topic).to_string();
+            Span::current().record("topic", field::display(&shown));
+            if let Some(suppressed) = gw.logs.acl.check() {
+                warn!(identity = %who, ?action, topic = %shown, reason, suppressed, total, "acl violation");
+            }
             Err(SessionError::Acl {
                 action,
-                topic: topic.to_owned(),
+                topic: shown,
                 reason,
             })
         }

@@ -14,14 +14,15 @@ use async_tungstenite::tokio::accept_hdr_async_with_config;
 use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use async_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
+use protocol::Shown;
 use protocol::url::DEFAULT_WS_PATH;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use ws_stream_tungstenite::WsStream;
 
+use super::slots::Slot;
 use super::{ClientConn, Gateway, Listener, limits};
 use crate::metrics::Metrics;
 
@@ -43,24 +44,18 @@ impl Gateway {
     pub(super) async fn serve_ws(
         self: Arc<Self>,
         tcp: TcpStream,
-        permit: OwnedSemaphorePermit,
+        mut slot: Slot,
         stop: CancellationToken,
     ) {
         let _ = tcp.set_nodelay(true);
         // One deadline for TLS and the HTTP upgrade together: a client that stalls in either
         // holds a handshake slot no longer than a plain TLS client may.
         let deadline = Instant::now() + self.settings.handshake_timeout;
-        let tls = match timeout_at(deadline, super::tls::accept(tcp, self.tls.clone())).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                Metrics::inc(&self.metrics.tls_failed);
-                info!(error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                limits::report_handshake_timeout(&self.metrics, &self.slow_handshakes, "TLS");
-                return;
-            }
+        if !self.first_byte(&tcp, &mut slot, deadline).await {
+            return;
+        }
+        let Some(tls) = self.tls_accept(tcp, deadline).await else {
+            return;
         };
         let Some(who) = self.identity(&tls) else {
             return;
@@ -74,19 +69,22 @@ impl Gateway {
             Ok(Ok(ws)) => ws,
             Ok(Err(e)) => {
                 Metrics::inc(&self.metrics.connect_refused);
-                info!(error = %e, "websocket upgrade refused");
+                if let Some(suppressed) = self.logs.ws_refused.check() {
+                    // tungstenite's error may quote what the client sent (a header name).
+                    info!(error = %Shown(&e.to_string()), suppressed, "websocket upgrade refused");
+                }
                 return;
             }
             Err(_) => {
                 limits::report_handshake_timeout(
                     &self.metrics,
-                    &self.slow_handshakes,
+                    &self.logs.handshake_timeout,
                     "websocket upgrade",
                 );
                 return;
             }
         };
-        drop(permit);
+        drop(slot);
         debug!("websocket upgraded");
         let conn = ClientConn::new(WsStream::new(ws), self.settings.max_packet_bytes);
         self.serve_session(conn, who, stop).await

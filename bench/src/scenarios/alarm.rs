@@ -5,8 +5,13 @@
 //! Each sample is a fatal fault raised on `dev/S/up/alarm` (an `AlarmReport`, through the relay's
 //! commit like any report), timed until it shows in the retained view of active alarms
 //! `fleet/S/alarm` (the host, CBOR) and its mirror `json/fleet/S/alarm` (the integrator, JSON). The
-//! fault code carries a marker (`alarm-N-`) that reads the same in CBOR and in JSON; the previous
-//! sample's fault is cleared right after, so the view stays small.
+//! fault code carries a marker (`alarm-N-`) that reads the same in CBOR and in JSON.
+//!
+//! Faults come from many devices in turn, as they do in a fleet: the relay limits what one device
+//! may raise (a burst, then `alarms_per_minute_per_device`) and sends one device's view at most once
+//! a second, so one device raising a fault every few milliseconds would measure those limits, not
+//! the path. Each device raises its next fault only after `DEVICE_REST_MS`, and clears its previous
+//! one as it does, so every view stays small.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,6 +53,7 @@ pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Val
         json!({
             "idle_devices": p.idle, "reporting_devices": p.reporters,
             "background_reports_per_s": p.report_rate, "samples": p.samples, "interval_ms": p.interval_ms,
+            "alarm_devices": alarm_devices(&p), "device_rest_ms": DEVICE_REST_MS,
             "path": "dev/S/up/alarm (raised) → commit → fleet/S/alarm (host, CBOR) and json/fleet/S/alarm (integrator, JSON)",
         }),
         &targets,
@@ -60,6 +66,16 @@ pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Val
 }
 
 type Sends = Arc<Mutex<Vec<u64>>>;
+
+/// How long a device rests between two of its faults: beyond the default rate of 12 new alarms a
+/// minute per device, and beyond its view's once-a-second pace.
+const DEVICE_REST_MS: u64 = 5_500;
+
+/// Devices the faults rotate over, so that each rests [`DEVICE_REST_MS`] between two of them.
+fn alarm_devices(p: &Params) -> usize {
+    let needed = DEVICE_REST_MS.div_ceil(p.interval_ms.max(1)) as usize;
+    needed.clamp(1, p.samples.max(1) as usize)
+}
 
 /// Reads views until `stop`, timing each marker against its send time.
 async fn watch(mut conn: Conn, sends: Sends, hist: Arc<Mutex<Hist>>, stop: CancellationToken) {
@@ -110,8 +126,9 @@ fn markers(payload: &[u8]) -> Vec<usize> {
     out
 }
 
-/// A fatal fault, raised or cleared, with the sample's marker as its code.
-fn fault(n: usize, event: FaultEvent) -> anyhow::Result<Vec<u8>> {
+/// A fatal fault, raised or cleared, with the sample's marker as its code, numbered `id` by its
+/// device.
+fn fault(n: usize, id: u64, event: FaultEvent) -> anyhow::Result<Vec<u8>> {
     let now = chrono::Utc::now();
     let report = AlarmReport {
         code: format!("alarm-{n}-fatal"),
@@ -120,8 +137,6 @@ fn fault(n: usize, event: FaultEvent) -> anyhow::Result<Vec<u8>> {
         at: now,
         total: None,
     };
-    // Ids: 2n+1 raises sample n, 2n+2 clears it.
-    let id = 2 * n as u64 + if event == FaultEvent::Cleared { 2 } else { 1 };
     Ok(Envelope::new(id, now, report).to_cbor()?)
 }
 
@@ -177,17 +192,22 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     reporters.command("run").await?;
 
     let minter = Minter::load(&env.pki)?;
-    let serial = Serial::parse("AL000000")?;
     let source = std::net::Ipv4Addr::new(127, 0, 0, 20);
-    let dev_tls = minter.client(Role::Device, serial.as_str())?;
     let host_tls = minter.client(Role::Host, "bench-host")?;
     let crm_tls = minter.client(Role::Integrator, "bench-crm")?;
     let mut host = Conn::open(server.endpoint, source, Some(&host_tls), "bench-host:alarm").await?;
-    host.subscribe(&[topic::fleet_alarm(&serial)]).await?;
+    host.subscribe(&[topic::ALL_FLEET_ALARMS.to_owned()])
+        .await?;
     let mut crm = Conn::open(server.endpoint, source, Some(&crm_tls), "bench-crm").await?;
-    crm.subscribe(&[topic::json_fleet_alarm(&serial)]).await?;
-    let mut device = Conn::open(server.endpoint, source, Some(&dev_tls), serial.as_str()).await?;
-
+    crm.subscribe(&[topic::ALL_JSON_ALARMS.to_owned()]).await?;
+    // Each alarm device numbers its own messages, 1, 2, 3, … as an agent's outbox does.
+    let mut devices = Vec::new();
+    for d in 0..alarm_devices(&p) {
+        let serial = Serial::parse(&format!("AL{d:06}"))?;
+        let tls = minter.client(Role::Device, serial.as_str())?;
+        let conn = Conn::open(server.endpoint, source, Some(&tls), serial.as_str()).await?;
+        devices.push((serial, conn, 0u64));
+    }
     let sends: Sends = Arc::new(Mutex::new(Vec::new()));
     let (host_h, crm_h) = (
         Arc::new(Mutex::new(Hist::default())),
@@ -201,19 +221,23 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu = CpuMeter::start(server.pid());
     let r0 = reporters.total();
-    let up = topic::dev_up(&serial, UpKind::Alarm);
     let mut tick = tokio::time::interval(Duration::from_millis(p.interval_ms));
+    let rotation = devices.len();
     for n in 0..p.samples as usize {
         tick.tick().await;
-        let raise = fault(n, FaultEvent::Raised)?;
+        let (serial, device, last_id) = &mut devices[n % rotation];
+        let up = topic::dev_up(serial, UpKind::Alarm);
+        *last_id += 1;
+        let raise = fault(n, *last_id, FaultEvent::Raised)?;
         if let Ok(mut s) = sends.lock() {
             s.push(now_us());
         }
         let pkid = device.next_pkid();
         mqtt::publish(&mut device.wbuf, up.as_bytes(), 1, pkid, &raise);
         device.flush().await?;
-        if n > 0 {
-            let clear = fault(n - 1, FaultEvent::Cleared)?;
+        if n >= rotation {
+            *last_id += 1;
+            let clear = fault(n - rotation, *last_id, FaultEvent::Cleared)?;
             let pkid = device.next_pkid();
             mqtt::publish(&mut device.wbuf, up.as_bytes(), 1, pkid, &clear);
             device.flush().await?;
@@ -242,7 +266,9 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     for t in tasks {
         let _ = t.await;
     }
-    device.close().await;
+    for (_, device, _) in devices {
+        device.close().await;
+    }
     reporters.command("finish").await?;
     let rep = reporters.exit().await?;
     let _ = idle.exit().await?;

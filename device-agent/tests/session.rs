@@ -197,6 +197,33 @@ async fn a_rejected_message_is_dropped_not_resent() {
 }
 
 #[tokio::test]
+async fn an_ack_meant_for_another_outbox_deletes_nothing() {
+    let env = Env::new();
+    let mut relay = FakeRelay::start(&env.pki_dir()).await;
+    relay.set_auto_ack(false);
+    let c1 = Serial::parse("C1").unwrap();
+    let outbox = open_outbox(&env);
+    let mut agent = start(&env, &relay, "C1", &outbox);
+    agent.ready().await;
+    let state = |ev: &RelayEvent| match ev {
+        RelayEvent::Published { topic, payload, .. } if topic == "dev/C1/up/state" => {
+            Envelope::peek_seq(payload)
+        }
+        _ => None,
+    };
+    let seq = relay.expect("the state", PATIENCE, state).await;
+    assert_ne!(seq.inc, 0, "the agent names its outbox's incarnation");
+    // An ack for the same id of an earlier outbox of this device (one that was wiped).
+    relay.ack_for_outbox(&c1, seq.inc ^ 1, seq.id, AckOutcome::Stored);
+    let again = relay.expect("the state resent", PATIENCE, state).await;
+    assert_eq!(again, seq, "still pending, so resent as it was");
+    assert_eq!(outbox.pending(&c1).await.unwrap().len(), 1);
+    relay.ack_for_outbox(&c1, seq.inc, seq.id, AckOutcome::Stored);
+    wait_until_outbox_empty(&outbox, &c1).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
 async fn after_a_lost_connection_the_agent_reconnects_and_does_not_rerun_finished_jobs() {
     let env = Env::new();
     let mut relay = FakeRelay::start(&env.pki_dir()).await;

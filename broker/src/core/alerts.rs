@@ -61,10 +61,6 @@ impl Core {
         self.alerts.settings = settings;
     }
 
-    pub fn alert_settings(&self) -> &AlertSettings {
-        &self.alerts.settings
-    }
-
     /// The store, for the notification worker and the metrics endpoint.
     pub fn store(&self) -> &Store {
         &self.store

@@ -37,35 +37,22 @@ pub(super) fn handle(
     payload: &[u8],
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    let max = core.settings.max_payload_bytes;
     let decoded = match kind {
-        UpKind::Job => {
-            super::decode::<JobUpdate>(payload, max).map(|e| (e.seq(), Message::Job(e.body)))
-        }
+        UpKind::Job => decode_new::<JobUpdate>(core, txn, p, serial, topic, payload)?
+            .map(|e| (e.seq(), Message::Job(e.body))),
         // Read as the superset this version's agents send: the state plus the schedule.
-        UpKind::State => {
-            super::decode::<StateReport>(payload, max).map(|e| (e.seq(), Message::State(e.body)))
-        }
-        UpKind::Merge => {
-            super::decode::<MergeRequest>(payload, max).map(|e| (e.seq(), Message::Merge(e.body)))
-        }
+        UpKind::State => decode_new::<StateReport>(core, txn, p, serial, topic, payload)?
+            .map(|e| (e.seq(), Message::State(e.body))),
+        UpKind::Merge => decode_new::<MergeRequest>(core, txn, p, serial, topic, payload)?
+            .map(|e| (e.seq(), Message::Merge(e.body))),
         UpKind::Fetch => return fetch(core, txn, p, serial, topic, payload, now),
         UpKind::Alarm => return super::alarm::report(core, txn, p, serial, topic, payload, now),
         UpKind::Counters => {
             return super::meter::report(core, txn, p, serial, topic, payload, now);
         }
     };
-    let (seq, message) = match decoded {
-        Ok(d) => d,
-        Err(e) => {
-            let reason = e.to_string();
-            log_refusal(serial, topic, &reason);
-            // Acked as rejected so the device stops resending something that will never pass.
-            if let Some(seq) = Envelope::peek_seq(payload) {
-                p.ack(serial, seq, AckOutcome::Rejected { reason });
-            }
-            return Ok(());
-        }
+    let Some((seq, message)) = decoded else {
+        return Ok(());
     };
     match store(txn, p, serial, seq, message, topic, now) {
         Ok(outcome) => {
@@ -83,7 +70,7 @@ pub(super) fn handle(
     }
 }
 
-/// Dedupes, applies and journals one decoded message; returns the ack's outcome.
+/// Applies and journals one decoded, new message; returns the ack's outcome.
 fn store(
     txn: &mut Txn,
     p: &mut Pending,
@@ -93,9 +80,6 @@ fn store(
     topic: &str,
     now: Timestamp,
 ) -> Result<AckOutcome, StoreError> {
-    if let Some(answer) = handled_before(txn, serial, seq, topic)? {
-        return Ok(answer);
-    }
     let outcome = match message {
         Message::Job(update) => job_update(txn, p, serial, &update, topic, now)?,
         Message::State(state) => state_update(txn, p, serial, state, now)?,
@@ -346,8 +330,8 @@ fn fetch(
     Ok(())
 }
 
-/// The common start of every device report handler: decode the envelope (a refusal is logged
-/// and acked `rejected`) and drop a resend of a message already journaled (acked `duplicate`).
+/// The common start of every device message handler: decode the envelope (a refusal is logged
+/// and acked `rejected`) and answer a message handled before (`duplicate`, or the same refusal).
 /// `None`: the message is answered; the caller does nothing more.
 pub(super) fn decode_new<T: serde::de::DeserializeOwned>(
     core: &Core,
@@ -369,6 +353,8 @@ pub(super) fn decode_new<T: serde::de::DeserializeOwned>(
         }
     };
     if let Some(answer) = handled_before(txn, serial, env.seq(), topic)? {
+        // A resend still says the device is there.
+        p.seen.insert(serial.clone());
         p.ack(serial, env.seq(), answer);
         return Ok(None);
     }

@@ -8,14 +8,14 @@
 use protocol::artifact::Chunk;
 use protocol::host::{HostReply, HostRequest, SubmitJob};
 use protocol::job::JobStatus;
-use protocol::{Envelope, HostId, Identity, MsgId, Shown, Timestamp};
+use protocol::{Envelope, HostId, Identity, JobId, MsgId, Shown, Timestamp};
 use tracing::{error, info, warn};
 
 use super::{Core, Done, Pending, views};
 use crate::jobs;
 use crate::jobs::artifacts::{self, BeginOutcome, ChunkOutcome, UploadBegin};
 use crate::jobs::cancel::{self, CancelOutcome};
-use crate::store::{JobRecord, JournalEntry, JournalOutcome, StoreError, Txn, job_id, job_number};
+use crate::store::{JobRecord, JournalEntry, JournalOutcome, StoreError, Txn, job_id};
 
 pub(super) fn handle(
     core: &Core,
@@ -200,18 +200,12 @@ fn cancel(
     now: Timestamp,
 ) -> Result<HostReply, StoreError> {
     let sender = Identity::host(host).to_string();
-    if let Some(entry) = txn.journal(&sender, id)? {
-        let JournalOutcome::Cancel { job } = entry.outcome else {
-            return Ok(HostReply::Error {
-                reason: format!("message {id} was already used for something else"),
-            });
-        };
-        return Ok(match jobs::lookup(txn, job.as_str())? {
-            Some((_, record)) => HostReply::Canceled { job: record.view },
-            None => HostReply::Error {
-                reason: format!("job {job} of this cancel request is missing from the store"),
-            },
-        });
+    let replayed = replay(txn, &sender, id, |outcome| match outcome {
+        JournalOutcome::Cancel { job } => Some(job),
+        _ => None,
+    })?;
+    if let Some(answer) = replayed {
+        return Ok(answer.map_or_else(|e| e, |record| HostReply::Canceled { job: record.view }));
     }
     match cancel::cancel(txn, host, job, now)? {
         CancelOutcome::Canceled { n, record } => {
@@ -281,23 +275,15 @@ fn submit(
     now: Timestamp,
 ) -> Result<HostReply, StoreError> {
     let sender = Identity::host(host).to_string();
-    if let Some(entry) = txn.journal(&sender, id)? {
-        let JournalOutcome::Submission { job } = entry.outcome else {
-            return Ok(HostReply::Error {
-                reason: format!("message {id} was already used for something else"),
-            });
-        };
-        let record = match job_number(job.as_str()) {
-            Some(n) => txn.job(n)?,
-            None => None,
-        };
-        info!(host = %host, job = %job, msg_id = id, "resent submission answered with its job");
-        return Ok(match record {
-            Some(record) => submission_reply(record),
-            None => HostReply::Error {
-                reason: format!("job {job} of this submission is missing from the store"),
-            },
-        });
+    let replayed = replay(txn, &sender, id, |outcome| match outcome {
+        JournalOutcome::Submission { job } => Some(job),
+        _ => None,
+    })?;
+    if let Some(answer) = replayed {
+        if let Ok(record) = &answer {
+            info!(host = %host, job = %record.view.id, msg_id = id, "resent submission answered with its job");
+        }
+        return Ok(answer.map_or_else(|e| e, submission_reply));
     }
     let (n, record) = jobs::submit(
         txn,
@@ -325,6 +311,32 @@ fn submit(
         }
     }
     Ok(submission_reply(record))
+}
+
+/// The answer to a host's request the relay has handled before: the job record its first sending
+/// made or touched (`job_of` reads it from the journal entry), so a resend gets the same job and
+/// never does anything twice. `None` for a request not seen before; `Some(Err(reply))` when the id
+/// was used for another kind of request, or the job is gone.
+fn replay(
+    txn: &Txn,
+    sender: &str,
+    id: MsgId,
+    job_of: impl Fn(JournalOutcome) -> Option<JobId>,
+) -> Result<Option<Result<JobRecord, HostReply>>, StoreError> {
+    let Some(entry) = txn.journal(sender, id)? else {
+        return Ok(None);
+    };
+    let Some(job) = job_of(entry.outcome) else {
+        return Ok(Some(Err(HostReply::Error {
+            reason: format!("message {id} was already used for something else"),
+        })));
+    };
+    Ok(Some(match jobs::lookup(txn, job.as_str())? {
+        Some((_, record)) => Ok(record),
+        None => Err(HostReply::Error {
+            reason: format!("job {job} of this request is missing from the store"),
+        }),
+    }))
 }
 
 fn submission_reply(record: JobRecord) -> HostReply {

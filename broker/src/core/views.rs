@@ -6,23 +6,12 @@
 
 use protocol::artifact::Chunk;
 use protocol::data::DeviceData;
-use protocol::device::{DeviceState, Merged};
+use protocol::device::Merged;
 use protocol::job::JobDetail;
 use protocol::{Envelope, JobId, Serial, Timestamp, topic};
-use serde::Serialize;
 
 use super::Outbound;
-use crate::store::{DeviceRecord, JobRecord, StoreError, Txn};
-
-/// The JSON mirror of `fleet/{serial}/state`.
-#[derive(Debug, Serialize)]
-pub struct DeviceStateJson<'a> {
-    pub serial: &'a str,
-    pub site: &'a str,
-    pub model: &'a str,
-    pub firmware: &'a str,
-    pub last_seen: Timestamp,
-}
+use crate::store::{JobRecord, StoreError, Txn};
 
 fn encode_error(what: &str, key: impl std::fmt::Display, e: impl std::fmt::Display) -> StoreError {
     StoreError::Encode {
@@ -136,29 +125,4 @@ pub fn detail(txn: &Txn, n: u64, record: &JobRecord) -> Result<JobDetail, StoreE
         timeline: txn.events(n)?,
         data: txn.report(n)?,
     })
-}
-
-/// `fleet/{serial}/state` (CBOR `Envelope<DeviceState>`, `at` = when the broker last heard from
-/// the device) and `json/fleet/{serial}/state`.
-pub fn device_views(serial: &Serial, record: &DeviceRecord) -> Result<Vec<Outbound>, StoreError> {
-    let DeviceState {
-        site,
-        model,
-        firmware,
-    } = &record.state;
-    let cbor = Envelope::new(0, record.last_seen, record.state.clone())
-        .to_cbor()
-        .map_err(|e| encode_error("device state", serial, e))?;
-    let json = serde_json::to_vec(&DeviceStateJson {
-        serial: serial.as_str(),
-        site,
-        model,
-        firmware,
-        last_seen: record.last_seen,
-    })
-    .map_err(|e| encode_error("device state", serial, e))?;
-    Ok(vec![
-        retained(topic::fleet_state(serial), cbor),
-        retained(topic::json_fleet_state(serial), json),
-    ])
 }

@@ -42,8 +42,8 @@ impl JobKind {
             JobSpec::GetData { sections } => {
                 JobKind::GetData(get_data::GetData::new(sections.clone()))
             }
-            JobSpec::UpdateData { values, merge } => {
-                JobKind::UpdateData(update_data::UpdateData::new(values.clone(), *merge))
+            JobSpec::UpdateData { values, .. } => {
+                JobKind::UpdateData(update_data::UpdateData::new(values.clone()))
             }
             JobSpec::Firmware { artifact } => {
                 JobKind::Firmware(firmware::Firmware::new(artifact.clone()))

@@ -21,20 +21,15 @@ pub const MERGED_NOTE: &str = "merged at the relay";
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpdateData {
     values: DeviceData,
-    merge: MergeAt,
 }
 
 impl UpdateData {
-    pub fn new(values: DeviceData, merge: MergeAt) -> UpdateData {
-        UpdateData { values, merge }
+    pub fn new(values: DeviceData) -> UpdateData {
+        UpdateData { values }
     }
 
     pub fn values(&self) -> &DeviceData {
         &self.values
-    }
-
-    pub fn merge_at(&self) -> MergeAt {
-        self.merge
     }
 
     /// S213: the device's current data of the job's sections with the host's values laid over it.
@@ -117,7 +112,7 @@ pub fn merge(
             job: job.clone(),
         });
     }
-    let merged = UpdateData::new(values.clone(), *merge).merge_into(&req.current);
+    let merged = UpdateData::new(values.clone()).merge_into(&req.current);
 
     // Reads are done; from here on only writes.
     txn.put_merged(n, &merged)?;
@@ -162,9 +157,7 @@ mod tests {
                     Section::CallSettings,
                     section(&[("every_counts", Value::Int(500))]),
                 ),
-            ]),
-            MergeAt::Broker,
-        );
+            ]));
         let current = DeviceData::from([
             (
                 Section::Adjustment,

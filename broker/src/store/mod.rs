@@ -417,11 +417,6 @@ impl Txn {
         Ok(true)
     }
 
-    /// Whether anything has been written in this transaction.
-    pub fn is_dirty(&self) -> bool {
-        self.dirty
-    }
-
     /// Allocates the next job number (1, 2, …).
     pub fn next_job_number(&mut self) -> Result<u64, StoreError> {
         let op = "allocate a job number";

@@ -170,6 +170,19 @@ impl FakeRelay {
         self.publish(&topic::dev_job(&order.serial, &order.job), payload, true);
     }
 
+    /// Acks message `id` as meant for the outbox of incarnation `inc`.
+    pub fn ack_for_outbox(&self, serial: &Serial, inc: u64, id: MsgId, outcome: AckOutcome) {
+        let acks = vec![Ack {
+            id,
+            outcome,
+            inc: Some(inc),
+        }];
+        let payload = Envelope::new(0, chrono::Utc::now(), AckBatch { acks })
+            .to_cbor()
+            .unwrap();
+        self.publish(&topic::dev_ack(serial), payload, false);
+    }
+
     pub fn ack(&self, serial: &Serial, ids: &[MsgId], outcome: AckOutcome) {
         let acks = ids
             .iter()

@@ -1,4 +1,4 @@
-//! `bench`: measures chukei side by side with bare rumqttd and Mosquitto (issue 6).
+//! `bench`: measures chukei side by side with bare rumqttd and Mosquitto (`bench/RESULTS.md`).
 //!
 //! Every relay runs as its own process on loopback; the load comes from separate load processes
 //! (`bench load`, started by this one), each holding up to a few thousand connections as futures

@@ -1,7 +1,8 @@
-//! Attaches the job core to the router as one more local link (DESIGN D1): the core hears what
-//! devices and hosts publish, and its replies, acks and retained views go out through the router
-//! like anyone else's messages. The core itself never sees a socket, so an uplink to a parent
-//! relay can later be one more source of `Inbound`.
+//! Attaches the job core to the router as one more local link (docs/decisions.md, D1): the core
+//! hears what hosts publish, and its replies and retained views go out through the router like
+//! anyone else's messages. Devices use the hub instead, both ways (see [`attach`]; D7). The core
+//! itself never sees a socket, so an uplink to a parent relay can later be one more source of
+//! `Inbound`.
 
 use std::sync::Arc;
 

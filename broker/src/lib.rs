@@ -1,7 +1,8 @@
 //! chukei's relay. A client's path through it:
 //!
 //! - [`gateway`]: TCP accept, TLS under a deadline, identity from the client certificate, the ACL
-//!   check of every packet ([`protocol::acl`]), and a local link into the router per session;
+//!   check of every packet ([`protocol::acl`]); a device's session is a place in the hub
+//!   ([`gateway::hub`]), a host's or integrator's a local link into the router;
 //! - [`router`]: the embedded rumqttd router, which routes and keeps retained messages in memory;
 //! - [`core_link`] and [`core`]: the broker's own logic, one more router client, which commits
 //!   what devices and hosts send to redb ([`store`]) before acknowledging it, and republishes
@@ -112,7 +113,8 @@ const DEVICE_QUEUE: usize = 1024;
 /// Runs the broker on a bound listener until `stop` is cancelled.
 ///
 /// Order matters: the store is opened and every retained job and view is republished into the
-/// router before the gateway accepts anyone (DESIGN D2); only then is `ready_file` written.
+/// router before the gateway accepts anyone (docs/decisions.md, D2); only then is `ready_file`
+/// written.
 pub async fn run(
     cfg: BrokerConfig,
     listener: TcpListener,

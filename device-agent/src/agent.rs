@@ -266,8 +266,8 @@ fn mqtt_options(
     tls: Arc<rustls::ClientConfig>,
     settings: &SessionSettings,
 ) -> MqttOptions {
-    // MQTT 3.1.1, client id = serial (the relay checks it against the certificate), clean
-    // session: the outbox, not a broker-side session, is what we rely on (DESIGN D1).
+    // MQTT 3.1.1, client id = serial (the relay checks it against the certificate), clean session:
+    // the outbox, not a broker-side session, is what we rely on (docs/decisions.md, D2, D3).
     let mut opts = relay.mqtt_options(serial.as_str(), tls);
     opts.set_keep_alive(settings.keepalive)
         .set_clean_session(true)

@@ -1,4 +1,4 @@
-//! chukei's device agent (DESIGN §5): the program that runs beside a copier, connects out to the
+//! chukei's device agent: the program that runs beside a copier, connects out to the
 //! relay, takes the jobs addressed to its serial, runs them one at a time and reports back through
 //! a durable outbox. The same library runs a whole simulated fleet in one process.
 //!

@@ -1,9 +1,9 @@
 //! The agent's durable store (`DATA_DIR/agent.redb`): the outbox of messages not yet acknowledged
 //! by the broker, each serial's message counter, and the jobs already finished.
 //!
-//! Why an outbox (claims 13–14, DESIGN D3): an MQTT PUBACK only says the broker's router took the
-//! packet, not that anything is durable. So every message gets the next id of its serial, is
-//! committed here, and only then published; it stays until the broker acks that id on
+//! Why an outbox (claims 13–14; docs/decisions.md, D3): an MQTT PUBACK only says the broker's
+//! router took the packet, not that anything is durable. So every message gets the next id of its
+//! serial, is committed here, and only then published; it stays until the broker acks that id on
 //! `dev/{serial}/ack` after its own commit. A message therefore survives a broker crash, a lost
 //! connection and this agent's own restart, and since the broker deduplicates by (serial, id) a
 //! resend never stores anything twice.

@@ -1,8 +1,8 @@
-//! How a device reaches one relay: MQTT over TLS or over WebSocket over TLS, directly or through
-//! an HTTP proxy's `CONNECT` tunnel (DESIGN §5). rumqttc makes the connection itself (its
-//! `websocket` and `proxy` features, with our rustls configuration and client certificate); this
-//! module says which, and has a probe of its own that checks a relay is back without opening an
-//! MQTT session there (see [`crate::failover`]).
+//! How a device reaches one relay: MQTT over TLS or over WebSocket over TLS, directly or through an
+//! HTTP proxy's `CONNECT` tunnel, whichever the customer's network lets out. rumqttc makes the
+//! connection itself (its `websocket` and `proxy` features, with our rustls configuration and
+//! client certificate); this module says which, and has a probe of its own that checks a relay is
+//! back without opening an MQTT session there (see [`crate::failover`]).
 
 use std::fmt;
 use std::sync::Arc;

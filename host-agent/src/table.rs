@@ -1,7 +1,7 @@
 //! The job list of Fig. 9, as a plain-text table, and the other human forms of a job.
 //!
-//! Times travel in UTC (DESIGN D6) and are shown in the viewer's local time. Every function
-//! here has an `_in` twin that takes the time zone, so tests can pin it.
+//! Times travel in UTC (docs/decisions.md, D6) and are shown in the viewer's local time. Every
+//! function here has an `_in` twin that takes the time zone, so tests can pin it.
 
 use std::fmt::{Display, Write as _};
 

@@ -1,7 +1,7 @@
 //! The host's TLS identity: the broker's CA, our certificate and key, and the host id the
-//! certificate names. The id is the certificate's CN (DESIGN D5): it is what the gateway checks
-//! the MQTT client id and every topic against, so we read it from the certificate instead of
-//! asking for it on the command line.
+//! certificate names. The id is the certificate's CN (docs/decisions.md, D5): it is what the
+//! gateway checks the MQTT client id and every topic against, so we read it from the certificate
+//! instead of asking for it on the command line.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

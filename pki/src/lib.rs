@@ -1,5 +1,5 @@
-//! chukei's identity layer (DESIGN D5): a CA, the relay's server certificate, one client
-//! certificate per device, host and integrator — CN = id, OU = role — and the rustls
+//! chukei's identity layer (docs/decisions.md, D5): a CA, the relay's server certificate, one
+//! client certificate per device, host and integrator — CN = id, OU = role — and the rustls
 //! configurations built from them.
 //!
 //! Every part of chukei builds its TLS here, with the `ring` provider passed explicitly: several

@@ -1,5 +1,6 @@
 //! Who may subscribe and publish where: a pure function the gateway calls for every SUBSCRIBE,
-//! UNSUBSCRIBE and PUBLISH a client sends. rumqttd has no authorization of its own (DESIGN D1).
+//! UNSUBSCRIBE and PUBLISH a client sends. rumqttd has no authorization of its own
+//! (docs/decisions.md, D1).
 //!
 //! - A device touches nothing outside `dev/{its serial}/`, and publishes only `dev/{serial}/up/{kind}`.
 //! - A host publishes only `host/{its id}/req`; it subscribes to `host/{its id}/…` and the read-only

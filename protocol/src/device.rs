@@ -71,7 +71,7 @@ pub struct DeviceState {
     pub firmware: String,
 }
 
-/// The broker's end-to-end acknowledgement of one message (claims 13–14, DESIGN D3).
+/// The broker's end-to-end acknowledgement of one message (claims 13–14; docs/decisions.md, D3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ack {
     pub id: MsgId,

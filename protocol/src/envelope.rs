@@ -1,9 +1,9 @@
-//! The versioned CBOR envelope every message travels in (DESIGN D4).
+//! The versioned CBOR envelope every message travels in (docs/decisions.md, D4).
 //!
 //! Unknown fields are ignored on decode so that old and new agents interoperate; a newer major
 //! version is refused with a clear reason. The envelope's `id` is the sender's message number
-//! (DESIGN D3): the receiver can read it with [`Envelope::peek_id`] even when the body is bad, so
-//! a rejection can still be acknowledged and the sender can stop resending.
+//! (docs/decisions.md, D3): the receiver can read it with [`Envelope::peek_id`] even when the body
+//! is bad, so a rejection can still be acknowledged and the sender can stop resending.
 //!
 //! A device's ids count up from 1 in its outbox, and a device can lose its outbox (a replaced
 //! board, a reflash, a wiped disk) and start again from 1. So a device message also names its

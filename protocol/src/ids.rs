@@ -114,7 +114,8 @@ id_type!(
 );
 
 /// A sender's message number. Each agent numbers what it sends from its durable outbox; the broker
-/// deduplicates by (sender, msg id), so a resend never stores anything twice (DESIGN D3).
+/// deduplicates by (sender, msg id), so a resend never stores anything twice (docs/decisions.md,
+/// D3).
 pub type MsgId = u64;
 
 /// Which outbox of a device numbered a message: chosen at random when the outbox is created, so

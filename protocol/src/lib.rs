@@ -28,5 +28,5 @@ pub use envelope::{Envelope, EnvelopeError, Seq};
 pub use ids::{HostId, IdError, Identity, Incarnation, JobId, MsgId, Role, Serial};
 pub use shown::{Shown, ShownBytes};
 
-/// Wall-clock time on the wire: always UTC (DESIGN D6). Serialized as RFC 3339.
+/// Wall-clock time on the wire: always UTC (docs/decisions.md, D6). Serialized as RFC 3339.
 pub type Timestamp = chrono::DateTime<chrono::Utc>;

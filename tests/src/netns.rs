@@ -1,7 +1,7 @@
-//! A test bed of network namespaces (issue: reachability). Each test gets its own: a `relay`
-//! namespace for the broker, and a `device` and a `host` namespace, each joined to the relay by a
-//! veth pair on private addresses chosen here, never routed anywhere else. Firewalls are real
-//! nftables rulesets inside the namespaces; a link is cut with `ip link set … down`.
+//! A test bed of network namespaces, for `tests/tests/reachability.rs`. Each test gets its own: a
+//! `relay` namespace for the broker, and a `device` and a `host` namespace, each joined to the
+//! relay by a veth pair on private addresses chosen here, never routed anywhere else. Firewalls are
+//! real nftables rulesets inside the namespaces; a link is cut with `ip link set … down`.
 //!
 //! Namespaces need root. [`NetBed::create`] returns `Err` with the reason when it cannot build
 //! one, so a test can skip with a message on a developer machine (CI runs as root).

@@ -1,4 +1,4 @@
-//! Certificates against the real broker (issue 8): a revoked certificate is refused at the TLS
+//! Certificates against the real broker: a revoked certificate is refused at the TLS
 //! handshake, and each role stays in its lane — a host certificate cannot act as a device, a
 //! device certificate cannot act as a host, an integrator certificate is read-only.
 //! Expired and foreign-CA certificates are tested in `gateway.rs`.

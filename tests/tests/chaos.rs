@@ -1,4 +1,4 @@
-//! Chaos (issue 8): fifty simulated copiers in five fleet processes run GET DATA and UPDATE DATA
+//! Chaos: fifty simulated copiers in five fleet processes run GET DATA and UPDATE DATA
 //! jobs a host submits through the real CLI, and send a meter reading every two seconds, while the
 //! test kills the broker with SIGKILL at random moments (restarting it on the same data directory
 //! and port) and kills whole fleet processes (restarting them on their outboxes).

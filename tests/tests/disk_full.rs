@@ -1,6 +1,6 @@
 //! The relay's disk fills up: it refuses new work with an error that names the cause, acks
 //! nothing it could not store, keeps serving reads and recovers by itself once space returns,
-//! without losing anything it acked before (issue 8).
+//! without losing anything it acked before.
 //!
 //! The broker's data directory is a small tmpfs the test mounts (root only; skipped otherwise).
 

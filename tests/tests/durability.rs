@@ -1,5 +1,5 @@
 //! What survives a crash: redb is the truth, retained messages and acks are rebuilt from it
-//! (DESIGN D2, D3; the seed's claims 13–14).
+//! (docs/decisions.md, D2 and D3; the seed's claims 13–14).
 
 use harness::mqtt::open;
 use harness::{TestEnv, deadline};
@@ -51,9 +51,10 @@ async fn resent_result_after_broker_sigkill_is_stored_once() {
         .log_also("broker::core::device=debug")
         .start()
         .await;
-    // Views are published after the commit (DESIGN D2) and the fault holds back only acks and
-    // replies, so a succeeded view is the sign that the result is durable. (The "job update
-    // stored" log line is written inside the transaction, before the commit: not enough alone.)
+    // Views are published after the commit (docs/decisions.md, D2) and the fault holds back only
+    // acks and replies, so a succeeded view is the sign that the result is durable. (The "job
+    // update stored" log line is written inside the transaction, before the commit: not enough
+    // alone.)
     let (c1_serial, job_id) = (serial("C1"), JobId::parse(&job).expect("a valid job id"));
     let view = topic::json_fleet_job(&c1_serial, &job_id);
     let mut watch = env

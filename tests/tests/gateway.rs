@@ -1,5 +1,6 @@
 //! The gateway in front of the router: identity, ACL, limits and handshakes under load
-//! (DESIGN D1, D5). Hostile clients are played by the harness's in-process MQTT client.
+//! (docs/decisions.md, D1 and D5). Hostile clients are played by the harness's in-process MQTT
+//! client.
 
 use std::time::{Duration, Instant};
 

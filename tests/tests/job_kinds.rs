@@ -1,4 +1,4 @@
-//! Every job kind but firmware, end to end (issue 3): update-data merged at the relay (the seed's
+//! Every job kind but firmware, end to end: update-data merged at the relay (the seed's
 //! Fig. 4) or on the device, refused values, set-schedule changing how often a periodic device
 //! checks in, cancel, deadlines and the retention of the job list (Fig. 9).
 

@@ -1,4 +1,4 @@
-//! Resource limits (issue 8), each against the real broker: exceeding one closes that client —
+//! Resource limits, each against the real broker: exceeding one closes that client —
 //! and only that client — with a logged reason naming the limit, and moves its metric
 //! (`chukei_limit_exceeded_total{limit="KEY"}`). Misbehaving clients are played by the raw
 //! MQTT-over-TLS client, which writes exactly the bytes a test wants in one go.

@@ -1,5 +1,5 @@
-//! The JSON mirror is for integrators with ordinary MQTT tools (DESIGN D4): here, the real
-//! `mosquitto_sub`, with an integrator certificate.
+//! The JSON mirror is for integrators with ordinary MQTT tools (docs/decisions.md, D4): here, the
+//! real `mosquitto_sub`, with an integrator certificate.
 
 use std::process::Stdio;
 

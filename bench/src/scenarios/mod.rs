@@ -1,5 +1,6 @@
-//! The scenarios of issue 6. Each runs against every target it applies to, one after the other
-//! (each relay gets the machine to itself), and returns one JSON object.
+//! The benchmark's scenarios (their figures: `bench/RESULTS.md`). Each runs against every target it
+//! applies to, one after the other (each relay gets the machine to itself), and returns one JSON
+//! object.
 
 pub mod alarm;
 pub mod fanout;

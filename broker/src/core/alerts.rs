@@ -1,6 +1,6 @@
-//! The core's part in emergencies, presence and notifications (issue 4): its settings, the live
-//! state that is not in redb (which devices have a session open now), the wake-up of the
-//! notification worker, and its counters.
+//! The core's part in emergencies, presence and notifications (Fig. 5, claim 42, S116/S312): its
+//! settings, the live state that is not in redb (which devices have a session open now), the
+//! wake-up of the notification worker, and its counters.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

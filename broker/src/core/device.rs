@@ -1,5 +1,6 @@
 //! `dev/{serial}/up/{kind}`: what devices send. Every message that carries a readable msg id is
-//! answered on `dev/{serial}/ack` once the batch has committed (claims 13–14, DESIGN D3).
+//! answered on `dev/{serial}/ack` once the batch has committed (claims 13–14; docs/decisions.md,
+//! D3).
 //!
 //! The exception is `up/fetch`: a firmware download's request for chunks is not kept in the
 //! device's outbox (a lost one is simply asked again), so it carries no id and gets no ack — the

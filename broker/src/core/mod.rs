@@ -1,6 +1,6 @@
-//! The broker's own logic: one more client of the router (DESIGN D1–D3).
+//! The broker's own logic: one more client of the router (docs/decisions.md, D1–D3).
 //!
-//! The router glue feeds the core every message on `dev/+/up/+` and `host/+/req` as an
+//! The device hub and the router feed the core every message on `dev/+/up/+` and `host/+/req` as an
 //! [`Inbound`]; the gateway's ACL guarantees that the topic names the real sender, so the topic is
 //! the sender's identity. The core handles a whole batch in one redb transaction (group commit),
 //! and only after that commit returns the [`Outbound`] messages to publish: retained orders and

@@ -1,4 +1,4 @@
-//! The core's thread: group commit (DESIGN D3).
+//! The core's thread: group commit (docs/decisions.md, D8).
 //!
 //! While one batch is being committed (an fsync), the messages that arrive queue up in the
 //! channel; the next batch takes all of them at once. So under load a commit covers many

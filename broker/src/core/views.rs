@@ -1,8 +1,9 @@
 //! The messages the core publishes: job orders and merged data for devices, firmware chunks, and
 //! the views hosts and integrators read, in CBOR (`fleet/…`) and plain JSON (`json/fleet/…`,
-//! DESIGN D4).
+//! docs/decisions.md, D4).
 //!
-//! All of them are a cache of redb (DESIGN D2): built from committed records, republished at startup.
+//! All of them are a cache of redb (docs/decisions.md, D2): built from committed records,
+//! republished at startup.
 
 use protocol::artifact::Chunk;
 use protocol::data::DeviceData;

@@ -1,5 +1,6 @@
 //! The broker's durable state: jobs, their timelines, what devices reported, the dedupe journal and
-//! the devices' last announced state, in one redb file `DATA_DIR/chukei.redb` (DESIGN D2).
+//! the devices' last announced state, in one redb file `DATA_DIR/chukei.redb` (docs/decisions.md,
+//! D2).
 //!
 //! Firmware artifacts live here too: their metadata ([`ArtifactInfo`]) keyed by id, and their
 //! bytes as chunks keyed by (id, index). The id is the SHA-256 of the bytes, so the same image
@@ -7,7 +8,8 @@
 //!
 //! Everything goes through one narrow pair of types: [`Store`] opens the file and begins
 //! transactions, [`Txn`] reads and writes typed records. Nothing else in the broker names a redb
-//! table, so a clustered backend (NATS JetStream, DESIGN §6) can replace this module alone.
+//! table, so another backend (a replicated database for a cluster of relays, say) could replace
+//! this module alone (docs/decisions.md, D14).
 //!
 //! Records are CBOR. Anything read back from disk is decoded without `unwrap`: a record that does
 //! not decode is a [`StoreError::Corrupt`] naming its table and key.

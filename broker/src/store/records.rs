@@ -42,9 +42,10 @@ pub(super) struct StoredState {
     pub state: DeviceState,
 }
 
-/// What the broker did with a message it stored, keyed by (sender, msg id): the dedupe journal of
-/// DESIGN D3. Only messages that changed (or deliberately did not change) the store are journaled;
-/// a refused one is judged again when resent, which gives the same answer.
+/// What the broker did with a message it handled, keyed by (sender, msg id): the dedupe journal
+/// that gives a resend its original answer (docs/decisions.md, D3). Hosts get a row per request;
+/// a device message gets a row only where its outbox's window ([`super::seen`]) cannot say it
+/// exactly: an id far ahead of the window, or a refusal (D9).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JournalEntry {
     pub at: Timestamp,

@@ -1,5 +1,6 @@
 //! What the metrics endpoint reports about the store, read in a read transaction so a scrape never
-//! holds up the core's writes; and the creation of the tables this issue added.
+//! holds up the core's writes; and the creation of the alarm, presence, meter-reading and
+//! notification tables.
 
 use std::collections::BTreeMap;
 

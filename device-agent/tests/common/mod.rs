@@ -1,7 +1,7 @@
 //! A small stand-in for the relay, enough to exercise one agent's session from the outside: mTLS
-//! with the project's PKI, CONNECT/SUBSCRIBE/PUBLISH/PING over MQTT 3.1.1, retained job orders,
-//! and the end-to-end acks of DESIGN D3 (with dedupe by message id). The test steers it: it can
-//! stop acking, publish orders, drop every connection. The real broker's end-to-end tests live
+//! with the project's PKI, CONNECT/SUBSCRIBE/PUBLISH/PING over MQTT 3.1.1, retained job orders, and
+//! the end-to-end acks of docs/decisions.md, D3 (with dedupe by message id). The test steers it: it
+//! can stop acking, publish orders, drop every connection. The real broker's end-to-end tests live
 //! in /tests; these pin the agent's own behaviour.
 
 #![allow(dead_code)]

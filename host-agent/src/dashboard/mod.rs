@@ -1,5 +1,5 @@
-//! `host-agent dashboard`: the service desk's web page (issue 7; the seed's host display of
-//! claim 42, S117/S118/S312). The host agent connects *out* to the relay over mTLS like any
+//! `host-agent dashboard`: the service desk's web page (the seed's host display of claim 42,
+//! S117/S118/S312). The host agent connects *out* to the relay over mTLS like any
 //! host and serves the page locally, so it never needs inbound access from the internet.
 //!
 //! One job per module:

@@ -1,4 +1,4 @@
-//! Emergencies, presence, notifications and meter readings in the core (issue 4), driven through
+//! Emergencies, presence, notifications and meter readings in the core, driven through
 //! `handle_batch`, `presence_events` and `overdue` against real redb files.
 
 use protocol::alarm::{AlarmReport, AlarmState, AlarmStatus, FaultEvent};

@@ -1,4 +1,4 @@
-//! The job kinds of issue 3 through the core: update-data with the relay-side merge, artifact
+//! The job kinds beyond get-data through the core: update-data with the relay-side merge, artifact
 //! uploads, firmware submissions and fetches, cancel, defaults and retention. Same harness as the
 //! parent module: real redb in a temp dir, payloads built from the protocol types.
 

@@ -1,5 +1,6 @@
-//! The embedded rumqttd router. It routes; it is not the front door (DESIGN D1): no listener of
-//! rumqttd's is ever started, every session reaches it through a local link made by the gateway.
+//! The embedded rumqttd router. It routes; it is not the front door (docs/decisions.md, D1): no
+//! listener of rumqttd's is ever started; every host and integrator session reaches it through a
+//! local link made by the gateway, device sessions not at all (the hub, D7).
 
 use std::sync::Arc;
 

@@ -9,7 +9,7 @@
 //! from `core_link`), a device's own publish is offered to its session too ([`Hub::publish_all`]), and
 //! each message goes to the session of the serial it names: a hash lookup instead of a scan.
 //!
-//! Retained orders are the relay's memory of what a device still has to do (DESIGN D2). The hub
+//! Retained orders are the relay's memory of what a device still has to do (docs/decisions.md, D2). The hub
 //! keeps the retained device topics (job orders and merged data; an empty payload clears one) and
 //! replays them to a device when it subscribes; the core hands it the store's retained orders at
 //! startup, before the gateway accepts anyone.

@@ -1,4 +1,4 @@
-//! What one client may cost the relay (issue 8): packets in flight, subscriptions, sessions per
+//! What one client may cost the relay: packets in flight, subscriptions, sessions per
 //! certificate, and new connections per source address. Each check is a small type of its own so
 //! that every session path (the host/integrator path in [`super::session`] and the device path)
 //! applies the very same rule, and each breach is reported the same way: a `warn!` naming the

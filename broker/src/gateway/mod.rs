@@ -1,4 +1,4 @@
-//! The front door (DESIGN D1): accepts TCP, runs each TLS handshake concurrently under a
+//! The front door (docs/decisions.md, D1): accepts TCP, runs each TLS handshake concurrently under a
 //! deadline, takes the client's identity from its certificate, and runs its MQTT session with
 //! every packet checked before anything reaches the router.
 //!
@@ -325,7 +325,7 @@ impl Gateway {
         }
     }
 
-    /// The client's identity, from its certificate (DESIGN D5); `None`, counted and logged, if
+    /// The client's identity, from its certificate (docs/decisions.md, D5); `None`, counted and logged, if
     /// it has none we accept.
     fn identity(&self, tls: &tls::TlsConn) -> Option<Identity> {
         let identity = tls

@@ -1,5 +1,5 @@
 //! MQTT over WebSocket over TLS, for customer networks whose proxy or firewall lets nothing out
-//! but HTTPS (DESIGN D1, §5). The same front door as MQTT over TLS: the handshake — TLS, then the
+//! but HTTPS (docs/decisions.md, D1). The same front door as MQTT over TLS: the handshake — TLS, then the
 //! HTTP upgrade — runs in the connection's own task under one deadline, never in the accept loop
 //! (rumqttd's own WebSocket listener upgrades inline in its accept loop); the identity comes from
 //! the same client certificate; and the session above sees only packets, because binary

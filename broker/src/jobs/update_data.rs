@@ -147,17 +147,16 @@ mod tests {
 
     #[test]
     fn host_values_win_and_only_the_jobs_sections_are_returned() {
-        let job = UpdateData::new(
-            DeviceData::from([
-                (
-                    Section::Adjustment,
-                    section(&[("density", Value::Int(7)), ("new_key", Value::Bool(true))]),
-                ),
-                (
-                    Section::CallSettings,
-                    section(&[("every_counts", Value::Int(500))]),
-                ),
-            ]));
+        let job = UpdateData::new(DeviceData::from([
+            (
+                Section::Adjustment,
+                section(&[("density", Value::Int(7)), ("new_key", Value::Bool(true))]),
+            ),
+            (
+                Section::CallSettings,
+                section(&[("every_counts", Value::Int(500))]),
+            ),
+        ]));
         let current = DeviceData::from([
             (
                 Section::Adjustment,

@@ -17,15 +17,15 @@
 
 pub mod config;
 pub mod core;
-pub mod core_link;
 pub mod gateway;
 pub mod jobs;
+pub mod log_budget;
 pub mod metrics;
 pub mod metrics_http;
 pub mod notify;
-pub mod presence;
 pub mod router;
 pub mod store;
+pub mod switch;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -51,7 +51,7 @@ pub enum BrokerError {
     #[error("opening the store: {0}")]
     Store(#[from] store::StoreError),
     #[error(transparent)]
-    CoreLink(#[from] core_link::CoreLinkError),
+    CoreLink(#[from] switch::router_link::CoreLinkError),
     #[error("could not start the core's thread: {0}")]
     CoreThread(std::io::Error),
     #[error(
@@ -178,10 +178,10 @@ pub async fn run(
     let republished = retained.len();
     let router = router::start(cfg.max_clients);
     let tasks = TaskTracker::new();
-    let (inbound_tx, inbound) = tokio::sync::mpsc::channel(core_link::INBOUND_QUEUE);
+    let (inbound_tx, inbound) = tokio::sync::mpsc::channel(switch::router_link::INBOUND_QUEUE);
     // Before the core republishes: the hub keeps its own copy of the devices' retained orders.
-    let hub = Arc::new(gateway::hub::Hub::new(inbound_tx.clone(), DEVICE_QUEUE));
-    let outbound = core_link::attach(
+    let hub = Arc::new(switch::hub::Hub::new(inbound_tx.clone(), DEVICE_QUEUE));
+    let outbound = switch::router_link::attach(
         router.clone(),
         Some(hub.clone()),
         retained,
@@ -190,7 +190,7 @@ pub async fn run(
         stop.clone(),
     )
     .await?;
-    let (presence_tx, presence_rx) = presence::channel();
+    let (presence_tx, presence_rx) = switch::presence::channel();
     let core_task = core::spawn(core.clone(), inbound, outbound, presence_rx, stop.clone())
         .map_err(BrokerError::CoreThread)?;
     tasks.spawn(notify::run_worker(

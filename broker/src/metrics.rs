@@ -4,8 +4,6 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::gateway::limits::Limit;
-
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub tcp_accepted: AtomicU64,
@@ -64,6 +62,47 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+/// Which limit was hit; [`Limit::key`] is its name in `broker.toml` (and, with dashes, its flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    MaxPacketBytes,
+    MaxInflight,
+    MaxSubscriptions,
+    MaxConnectionsPerIdentity,
+    ConnectRatePerSource,
+    /// Not a number but a rule: chukei speaks QoS 0 and 1 only (the gateway refuses QoS 2 publishes).
+    Qos2,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 6] = [
+        Limit::MaxPacketBytes,
+        Limit::MaxInflight,
+        Limit::MaxSubscriptions,
+        Limit::MaxConnectionsPerIdentity,
+        Limit::ConnectRatePerSource,
+        Limit::Qos2,
+    ];
+
+    /// The config key an operator would raise, as logs and metrics name it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Limit::MaxPacketBytes => "max_packet_bytes",
+            Limit::MaxInflight => "max_inflight",
+            Limit::MaxSubscriptions => "max_subscriptions",
+            Limit::MaxConnectionsPerIdentity => "max_connections_per_identity",
+            Limit::ConnectRatePerSource => "connect_rate_per_source",
+            Limit::Qos2 => "qos2",
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
     }
 }
 

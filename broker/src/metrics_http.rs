@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::core::Core;
-use crate::gateway::limits::LogBudget;
+use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 
 /// What one scraper may hold of the endpoint.

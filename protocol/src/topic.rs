@@ -287,6 +287,12 @@ pub fn dev_blob_filter(serial: &Serial) -> String {
     format!("dev/{serial}/blob/+")
 }
 /// The broker core's filter for everything devices send.
+/// Whether `topic` is one of the topics only a device's own session reads (`dev/…`): its jobs,
+/// acks, merged data and firmware chunks.
+pub fn is_device_topic(topic: &str) -> bool {
+    topic.starts_with("dev/")
+}
+
 pub const ALL_DEVICE_UP: &str = "dev/+/up/+";
 /// The broker core's filter for every host's requests.
 pub const ALL_HOST_REQ: &str = "host/+/req";

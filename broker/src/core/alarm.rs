@@ -31,8 +31,10 @@ use protocol::host::HostReply;
 use protocol::{Envelope, HostId, Serial, Shown, Timestamp, topic};
 use tracing::{debug, error, info, warn};
 
+use super::CORE_LOG_PER_SECOND;
 use super::alarm_limit::Limit;
 use super::{Core, Done, Outbound, Pending, skip_corrupt};
+use crate::log_budget::LogBudget;
 use crate::store::{StoreError, Txn, alarm_id, alarm_number};
 
 /// Most alarms `alarms list --all` returns.
@@ -115,8 +117,8 @@ pub(super) fn shown(mut a: AlarmView) -> AlarmView {
 
 /// Refusals of alarm reports a device can send at will are logged within a budget.
 fn log_refused_report(serial: &Serial, topic: &str, reason: &str) {
-    static BUDGET: super::log_budget::LogBudget = super::log_budget::LogBudget::new();
-    if let super::log_budget::Verdict::Log { suppressed } = BUDGET.check() {
+    static BUDGET: LogBudget = LogBudget::per_second(CORE_LOG_PER_SECOND);
+    if let Some(suppressed) = BUDGET.check() {
         warn!(serial = %serial, topic = %Shown(topic), reason = %Shown(reason), suppressed, "refused alarm report");
     }
 }

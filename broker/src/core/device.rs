@@ -14,10 +14,12 @@ use protocol::topic::UpKind;
 use protocol::{Envelope, Seq, Serial, Shown, Timestamp};
 use tracing::{debug, error, info, warn};
 
+use super::CORE_LOG_PER_SECOND;
 use super::{Core, Done, Pending, views};
 use crate::jobs::firmware::{self, FetchOutcome};
 use crate::jobs::update_data::{self, MergeOutcome};
 use crate::jobs::{self, UpdateOutcome};
+use crate::log_budget::LogBudget;
 use crate::store::seen::Placed;
 use crate::store::{DeviceRecord, JournalEntry, JournalOutcome, StoreError, Txn};
 
@@ -152,8 +154,8 @@ pub(super) fn record_refused(
 /// An id far ahead of what its outbox sent before: stored exactly, but worth a line, since a
 /// device that sends in order never does this (a forged id, or an agent that lost count).
 fn log_far_ahead(serial: &Serial, seq: Seq) {
-    static BUDGET: super::log_budget::LogBudget = super::log_budget::LogBudget::new();
-    if let super::log_budget::Verdict::Log { suppressed } = BUDGET.check() {
+    static BUDGET: LogBudget = LogBudget::per_second(CORE_LOG_PER_SECOND);
+    if let Some(suppressed) = BUDGET.check() {
         warn!(serial = %serial, msg_id = seq.id, inc = seq.inc, suppressed, "device message id far ahead of its outbox's earlier ids; kept in a journal row of its own");
     }
 }
@@ -364,8 +366,8 @@ pub(super) fn decode_new<T: serde::de::DeserializeOwned>(
 
 /// Refusals are logged within a budget: a device can send broken messages as fast as it likes.
 pub(super) fn log_refusal(serial: &Serial, topic: &str, reason: &str) {
-    static BUDGET: super::log_budget::LogBudget = super::log_budget::LogBudget::new();
-    if let super::log_budget::Verdict::Log { suppressed } = BUDGET.check() {
+    static BUDGET: LogBudget = LogBudget::per_second(CORE_LOG_PER_SECOND);
+    if let Some(suppressed) = BUDGET.check() {
         warn!(serial = %serial, topic, reason = %Shown(reason), suppressed, "refused device message");
     }
 }

@@ -18,7 +18,6 @@ mod alarm_limit;
 mod alerts;
 mod device;
 mod host;
-mod log_budget;
 mod meter;
 mod overflow;
 mod presence;
@@ -48,7 +47,11 @@ use crate::store::{DeviceRecord, Store, StoreError, Txn};
 
 pub use alarm_limit::AlarmLimits;
 pub use alerts::AlertSettings;
-pub use run::{run, spawn};
+pub use presence::PresenceEvent;
+
+/// Lines a second each kind of device refusal the core logs (see [`crate::log_budget`]).
+const CORE_LOG_PER_SECOND: u64 = 20;
+pub use run::{Outlet, OutletClosed, run, spawn};
 
 /// A message for the core: a device's from the hub, a host's from the router.
 pub struct Inbound {

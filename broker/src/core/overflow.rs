@@ -16,8 +16,10 @@ use protocol::alarm::{self, AlarmKind, AlarmStatus, AlarmView, OVERDUE_CODE, OVE
 use protocol::{Serial, Shown, Timestamp};
 use tracing::warn;
 
+use super::CORE_LOG_PER_SECOND;
 use super::alarm_limit::Limit;
 use super::{Core, Pending};
+use crate::log_budget::LogBudget;
 use crate::store::{MAX_OVERFLOW_CODES, OverflowRecord, StoreError, Txn, alarm_id};
 
 /// Records a refused new alarm of `serial` with `code` in its overflow alarm (raising that alarm
@@ -188,8 +190,8 @@ fn detail(r: &OverflowRecord) -> String {
 /// The start of a burst of refusals, once per burst and within a log budget (many devices may
 /// start one at once).
 fn log_burst_start(serial: &Serial, code: &str, limit: Limit, overflow: &str) {
-    static BUDGET: super::log_budget::LogBudget = super::log_budget::LogBudget::new();
-    if let super::log_budget::Verdict::Log { suppressed } = BUDGET.check() {
+    static BUDGET: LogBudget = LogBudget::per_second(CORE_LOG_PER_SECOND);
+    if let Some(suppressed) = BUDGET.check() {
         warn!(serial = %serial, code = %Shown(code), limit = limit.key(), overflow, suppressed, "alarm limit reached: this device's new alarms are refused and listed in its overflow alarm");
     }
 }

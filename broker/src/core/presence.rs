@@ -20,8 +20,15 @@ use serde::Serialize;
 use tracing::{error, info, warn};
 
 use super::{Core, Outbound, Pending, alarm, skip_corrupt};
-use crate::presence::PresenceEvent;
 use crate::store::{DeviceRecord, StoreError, Txn};
+
+/// A device's session opened (`online`) or closed: the relay's own observation, from the
+/// gateway, never the device's word.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEvent {
+    pub serial: Serial,
+    pub online: bool,
+}
 
 /// The most presence changes kept while the store cannot write: two per session, so room for a
 /// large fleet reconnecting several times. Beyond it the oldest are dropped (a device's state

@@ -17,14 +17,29 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
-use super::{Core, Inbound};
-use crate::core_link::CoreOutlet;
-use crate::presence::PresenceEvent;
+use super::{Core, Inbound, Outbound, PresenceEvent};
 use crate::store::StoreError;
 
 /// Most messages in one transaction: bounds the time a batch holds the writer and the size of
 /// what it publishes afterwards.
 pub const MAX_BATCH: usize = 512;
+
+/// Where what the core publishes goes once a commit has made it true. The core decides what is
+/// sent; the relay's switch decides the route (a device's own session, the router, later an uplink
+/// or a bus), so the core knows nothing of sessions, the router or the gateway.
+pub trait Outlet {
+    /// Takes everything one commit (or tick) publishes, in order. Called on the core's thread right
+    /// after the commit: what devices get can leave from here at once.
+    fn publish(
+        &self,
+        batch: Vec<Outbound>,
+    ) -> impl std::future::Future<Output = Result<(), OutletClosed>> + Send;
+}
+
+/// The outlet's far side is gone: the relay is stopping.
+#[derive(Debug, thiserror::Error)]
+#[error("the core's outlet has closed")]
+pub struct OutletClosed;
 
 /// How often deadlines are checked.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
@@ -35,7 +50,7 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 pub fn spawn(
     core: Arc<Core>,
     inbound: mpsc::Receiver<Inbound>,
-    outbound: CoreOutlet,
+    outbound: impl Outlet + Send + 'static,
     presence: mpsc::UnboundedReceiver<PresenceEvent>,
     stop: CancellationToken,
 ) -> std::io::Result<oneshot::Receiver<Result<(), StoreError>>> {
@@ -57,8 +72,8 @@ pub fn spawn(
 /// cancelled, `inbound` closes or `outbound`'s router side is gone.
 ///
 /// Batches are handled in line (redb blocks), so this future needs an executor of its own:
-/// [`spawn`] gives it one. What devices get (acks, orders) is handed to the device hub right
-/// after the commit, from this thread.
+/// [`spawn`] gives it one. What a batch publishes goes to `outbound` right after the commit, from
+/// this thread (what devices get, acks and orders, leaves from here at once).
 ///
 /// Sessions opening and closing ([`PresenceEvent`]s from the gateway) are recorded the same way,
 /// in their own transactions; the once-a-second tick also looks for overdue devices, queues the
@@ -71,7 +86,7 @@ pub fn spawn(
 pub async fn run(
     core: Arc<Core>,
     mut inbound: mpsc::Receiver<Inbound>,
-    outbound: CoreOutlet,
+    outbound: impl Outlet,
     mut presence: mpsc::UnboundedReceiver<PresenceEvent>,
     stop: CancellationToken,
 ) -> Result<(), StoreError> {
@@ -110,7 +125,7 @@ pub async fn run(
         };
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let now = chrono::Utc::now();
-            let out = match work {
+            match work {
                 Work::Batch(batch) => {
                     let len = batch.len();
                     let started = std::time::Instant::now();
@@ -128,8 +143,7 @@ pub async fn run(
                     Ok(out)
                 }),
                 Work::Presence(events) => core.presence_events(events, now),
-            };
-            out.map(|out| outbound.deliver_to_devices(out))
+            }
         }));
         let out = match result {
             Ok(Ok(out)) => out,
@@ -148,11 +162,9 @@ pub async fn run(
                 continue;
             }
         };
-        for msg in out {
-            if outbound.send(msg).await.is_err() {
-                debug!("router gone; core stopping");
-                return Ok(());
-            }
+        if outbound.publish(out).await.is_err() {
+            debug!("outlet gone; core stopping");
+            return Ok(());
         }
     }
 }

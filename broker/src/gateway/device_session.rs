@@ -17,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Gateway;
 use super::conn::{ClientConn, PublishId};
-use super::hub::{Attachment, Detached, Down, Hub, SubscribeError};
 use super::keepalive::Keepalive;
 use super::limits::{Inflight, Limit, LimitExceeded};
 use super::session::{SessionError, check_acl};
+use crate::switch::hub::{Attachment, Detached, Down, Hub, SubscribeError};
 
 /// Most client packets handled before the replies are flushed: what one read brought in.
 const MAX_BATCH: usize = 64;

@@ -9,9 +9,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use protocol::Identity;
 use rumqttd::protocol::Packet;
@@ -95,46 +94,8 @@ impl RefusalLogs {
     }
 }
 
-/// Which limit was hit; [`Limit::key`] is its name in `broker.toml` (and, with dashes, its flag).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    MaxPacketBytes,
-    MaxInflight,
-    MaxSubscriptions,
-    MaxConnectionsPerIdentity,
-    ConnectRatePerSource,
-    /// Not a number but a rule: chukei speaks QoS 0 and 1 only (see [`Inflight::publish`]).
-    Qos2,
-}
-
-impl Limit {
-    pub const ALL: [Limit; 6] = [
-        Limit::MaxPacketBytes,
-        Limit::MaxInflight,
-        Limit::MaxSubscriptions,
-        Limit::MaxConnectionsPerIdentity,
-        Limit::ConnectRatePerSource,
-        Limit::Qos2,
-    ];
-
-    /// The config key an operator would raise, as logs and metrics name it.
-    pub fn key(self) -> &'static str {
-        match self {
-            Limit::MaxPacketBytes => "max_packet_bytes",
-            Limit::MaxInflight => "max_inflight",
-            Limit::MaxSubscriptions => "max_subscriptions",
-            Limit::MaxConnectionsPerIdentity => "max_connections_per_identity",
-            Limit::ConnectRatePerSource => "connect_rate_per_source",
-            Limit::Qos2 => "qos2",
-        }
-    }
-}
-
-impl std::fmt::Display for Limit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.key())
-    }
-}
+pub use crate::log_budget::LogBudget;
+pub use crate::metrics::Limit;
 
 /// A client went past a limit; the session that sees this closes the client.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -496,53 +457,6 @@ fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The first few lines each second are logged, the rest counted and named in the next line
-/// logged (the pattern of the core's log budget, for a peer that can trigger warnings at will).
-#[derive(Debug)]
-pub struct LogBudget {
-    second: AtomicU64,
-    used: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-const LOG_PER_SECOND: u64 = 10;
-
-impl Default for LogBudget {
-    fn default() -> Self {
-        LogBudget::new()
-    }
-}
-
-impl LogBudget {
-    pub const fn new() -> Self {
-        LogBudget {
-            second: AtomicU64::new(0),
-            used: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines suppressed since the last one logged)` if this one may be logged.
-    pub fn check(&self) -> Option<u64> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.check_at(now)
-    }
-
-    fn check_at(&self, now: u64) -> Option<u64> {
-        if self.second.swap(now, Ordering::Relaxed) != now {
-            self.used.store(0, Ordering::Relaxed);
-        }
-        if self.used.fetch_add(1, Ordering::Relaxed) < LOG_PER_SECOND {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,13 +606,5 @@ mod tests {
             rates.admit_at(ip(2_000_000 + n), t1);
         }
         assert!(rates.tracked() <= MAX_SOURCES, "{}", rates.tracked());
-    }
-
-    #[test]
-    fn log_budget_cuts_a_flood() {
-        let budget = LogBudget::new();
-        let logged = (0..100).filter(|_| budget.check_at(5).is_some()).count();
-        assert_eq!(logged as u64, LOG_PER_SECOND);
-        assert_eq!(budget.check_at(6), Some(100 - LOG_PER_SECOND));
     }
 }

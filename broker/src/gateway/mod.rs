@@ -7,7 +7,6 @@
 
 mod conn;
 mod device_session;
-pub mod hub;
 mod keepalive;
 pub mod limits;
 mod session;
@@ -66,10 +65,10 @@ pub struct Gateway {
     pub router: Arc<Broker>,
     pub metrics: Arc<Metrics>,
     /// Where device sessions opening and closing are reported (presence); `None`: nowhere.
-    pub presence: Option<crate::presence::PresenceTx>,
+    pub presence: Option<crate::switch::presence::PresenceTx>,
     /// Where device sessions go instead of the router; `None`: every device gets a router link of
     /// its own (the design before the hub, kept for side-by-side benchmarks).
-    pub hub: Option<Arc<hub::Hub>>,
+    pub hub: Option<Arc<crate::switch::hub::Hub>>,
     admission: Arc<Semaphore>,
     /// `max_handshakes` slots; a silent connection's may be taken back ([`slots`]).
     handshakes: Arc<slots::HandshakeSlots>,
@@ -123,13 +122,13 @@ impl Gateway {
     }
 
     /// Reports every device session's start and end to the core (claim 42's presence).
-    pub fn with_presence(mut self, presence: crate::presence::PresenceTx) -> Self {
+    pub fn with_presence(mut self, presence: crate::switch::presence::PresenceTx) -> Self {
         self.presence = Some(presence);
         self
     }
 
-    /// Lets device sessions go through the hub instead of the router (see [`hub`]).
-    pub fn with_hub(mut self, hub: Arc<hub::Hub>) -> Self {
+    /// Lets device sessions go through the hub instead of the router (see [`crate::switch::hub`]).
+    pub fn with_hub(mut self, hub: Arc<crate::switch::hub::Hub>) -> Self {
         self.hub = Some(hub);
         self
     }

@@ -202,8 +202,8 @@ async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(
 enum Route {
     /// A link of its own (hosts, integrators).
     Link(LinkTx, LinkRx),
-    /// A place in the device hub (see [`super::hub`]).
-    Hub(Arc<super::hub::Hub>),
+    /// A place in the device hub (see [`crate::switch::hub`]).
+    Hub(Arc<crate::switch::hub::Hub>),
 }
 
 /// The session's client id in the router: the MQTT client id after its role (`host svc:watch`).

@@ -561,10 +561,38 @@ impl Txn {
         Ok(())
     }
 
-    /// What the relay did with host `sender`'s message `id`, if it handled it: a row per message,
-    /// so a resend gets its original answer.
+    /// What the relay did with message `id` of `sender` (`host:H`, `device:S`), if it handled it.
+    /// A host's messages have a row each, so a resend gets its original answer; a device's are
+    /// looked up in every outbox of its that the relay knows ([`Txn::device_journal_any`]).
     pub fn journal(&self, sender: &str, id: MsgId) -> Result<Option<JournalEntry>, StoreError> {
-        self.journal_row(sender, id)
+        match sender.strip_prefix("device:") {
+            Some(serial) => self.device_journal_any(serial, id),
+            None => self.journal_row(sender, id),
+        }
+    }
+
+    /// What the relay did with message `id` of `serial`, in whichever of the device's outboxes
+    /// numbered it: for readers that know a device's message ids but not its incarnations (an
+    /// operator's check, a test reading a stopped relay's store). The relay itself dedupes with
+    /// [`Txn::device_journal`], which knows the incarnation.
+    pub fn device_journal_any(
+        &self,
+        serial: &str,
+        id: MsgId,
+    ) -> Result<Option<JournalEntry>, StoreError> {
+        let mut incarnations = self
+            .seen_set(serial)?
+            .map(|set| set.incarnations())
+            .unwrap_or_default();
+        if !incarnations.contains(&0) {
+            incarnations.push(0);
+        }
+        for inc in incarnations {
+            if let Some(entry) = self.device_journal(serial, Seq { inc, id })? {
+                return Ok(Some(entry));
+            }
+        }
+        Ok(None)
     }
 
     /// Records what the relay did with host `sender`'s message `id`.
@@ -1446,6 +1474,10 @@ mod tests {
                 .is_some(),
             "the old outbox's late resend is still a duplicate"
         );
+        // A reader that knows ids, not incarnations, finds each in the outbox that stored it.
+        assert!(txn.journal("device:C1", 700).unwrap().is_some());
+        assert!(txn.journal("device:C1", 3).unwrap().is_some());
+        assert_eq!(txn.journal("device:C1", 701).unwrap(), None);
     }
 
     #[test]

@@ -213,6 +213,11 @@ pub struct SeenSet {
 }
 
 impl SeenSet {
+    /// The incarnations with a window, most recently used first.
+    pub fn incarnations(&self) -> Vec<Incarnation> {
+        self.windows.iter().map(|(inc, _)| *inc).collect()
+    }
+
     pub fn get(&self, inc: Incarnation) -> Option<&SeenWindow> {
         self.windows.iter().find(|(i, _)| *i == inc).map(|(_, w)| w)
     }

@@ -7,8 +7,8 @@ use protocol::presence::{Presence, StateReport, StateView};
 use protocol::schedule::{Schedule, SessionMode};
 
 use super::*;
+use crate::core::PresenceEvent;
 use crate::notify::NotifyConfig;
-use crate::presence::PresenceEvent;
 
 fn alarm_msg(s: &str, id: MsgId, code: &str, event: FaultEvent, at: Timestamp) -> Inbound {
     let body = AlarmReport {

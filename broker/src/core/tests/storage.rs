@@ -114,7 +114,7 @@ fn a_failed_commit_acks_nothing_refuses_writes_and_recovers_when_space_returns()
 
 #[test]
 fn presence_changes_wait_in_memory_while_the_disk_is_full_and_are_recorded_after() {
-    use crate::presence::PresenceEvent;
+    use crate::core::PresenceEvent;
     use protocol::presence::{Presence, StateView};
 
     let dir = tempfile::tempdir().unwrap();

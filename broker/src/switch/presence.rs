@@ -1,4 +1,5 @@
-//! How the gateway tells the core that a device's session opened or closed (claim 42's display).
+//! The presence route: how the gateway tells the core that a device's session opened or closed
+//! (claim 42's display).
 //!
 //! Presence is the relay's own observation, never the device's word: the gateway knows when a
 //! device's authenticated MQTT session starts and ends, whatever ended it (DISCONNECT, a reset, a
@@ -8,15 +9,10 @@
 //! to open or close; an event is a few dozen bytes and there are two per session.
 
 use protocol::{Identity, Role, Serial};
+
+use crate::core::PresenceEvent;
 use tokio::sync::mpsc;
 use tracing::debug;
-
-/// A device's session opened (`online`) or closed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PresenceEvent {
-    pub serial: Serial,
-    pub online: bool,
-}
 
 /// The gateway's end. Cheap to clone.
 #[derive(Debug, Clone)]

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
-use crate::core::{Inbound, Outbound};
-use crate::gateway::hub::Hub;
+use super::hub::Hub;
+use crate::core::{Inbound, Outbound, Outlet, OutletClosed};
 use crate::router;
 
 /// The core's client id in the router. A space is not allowed in any certificate id, so no
@@ -76,7 +76,7 @@ pub async fn attach(
         hub,
         router: out_tx,
     };
-    let mut out = Outlet { tx };
+    let mut out = RouterOut { tx };
     out.send(outlet.deliver_to_devices(retained)).await?;
     tracker.spawn(pump_in(rx, inbound, stop.clone()));
     tracker.spawn(pump_out(out, out_rx, stop));
@@ -90,27 +90,16 @@ pub struct CoreOutlet {
     router: mpsc::Sender<Outbound>,
 }
 
-/// The router's side of the core is gone: the broker is stopping.
-#[derive(Debug, thiserror::Error)]
-#[error("the core's router link has stopped")]
-pub struct OutletClosed;
-
 impl CoreOutlet {
-    /// Everything the core publishes into `router`, nothing to a hub: for the core's own tests.
-    #[cfg(test)]
-    pub fn into_channel(router: mpsc::Sender<Outbound>) -> Self {
-        CoreOutlet { hub: None, router }
-    }
-
     /// Hands what devices get (`dev/…`) to the hub at once, from whatever thread commits, and
-    /// returns the rest, in order, for [`CoreOutlet::send`]. Without a hub, returns everything.
+    /// returns the rest, in order, for the router. Without a hub, returns everything.
     pub fn deliver_to_devices(&self, batch: Vec<Outbound>) -> Vec<Outbound> {
         let Some(hub) = &self.hub else {
             return batch;
         };
         let mut rest = Vec::new();
         for out in batch {
-            if out.topic.starts_with(DEVICE_PREFIX) {
+            if protocol::topic::is_device_topic(&out.topic) {
                 hub.deliver(&out.topic, out.payload);
             } else {
                 rest.push(out);
@@ -118,20 +107,25 @@ impl CoreOutlet {
         }
         rest
     }
+}
 
-    /// Queues one message for the router (or, without a hub, for anyone).
-    pub async fn send(&self, out: Outbound) -> Result<(), OutletClosed> {
-        self.router.send(out).await.map_err(|_| OutletClosed)
+impl Outlet for CoreOutlet {
+    /// What devices get goes to the hub at once; the rest queues for the router, in order.
+    async fn publish(&self, batch: Vec<Outbound>) -> Result<(), OutletClosed> {
+        for out in self.deliver_to_devices(batch) {
+            self.router.send(out).await.map_err(|_| OutletClosed)?;
+        }
+        Ok(())
     }
 }
 
 /// The core's router link: what is left once [`CoreOutlet::deliver_to_devices`] has taken what
 /// devices get.
-struct Outlet {
+struct RouterOut {
     tx: LinkTx,
 }
 
-impl Outlet {
+impl RouterOut {
     /// Sends a batch in order, with one router notification for all of it.
     async fn send(&mut self, batch: Vec<Outbound>) -> Result<(), rumqttd::local::LinkError> {
         let mut last = None;
@@ -147,9 +141,6 @@ impl Outlet {
         Ok(())
     }
 }
-
-/// The level every device topic starts with (`protocol::topic`).
-const DEVICE_PREFIX: &str = "dev/";
 
 /// Most messages the core's outlet takes at once.
 const OUT_BATCH: usize = 512;
@@ -184,7 +175,7 @@ async fn pump_in(mut rx: LinkRx, inbound: mpsc::Sender<Inbound>, stop: Cancellat
 /// Core → router: host replies, fleet views and their mirrors, in the order the core
 /// produced them.
 async fn pump_out(
-    mut out: Outlet,
+    mut out: RouterOut,
     mut outbound: mpsc::Receiver<Outbound>,
     stop: CancellationToken,
 ) {

@@ -164,7 +164,7 @@ pub async fn run(
     // Built before anything is bound: a wrong password or CA file is a startup error.
     let senders = notify::Senders::new(&cfg.notify, &cfg.server_name)
         .map_err(|e| BrokerError::Config(config::ConfigError::Notify(e)))?;
-    notify::log_backlog(&core);
+    notify::log_backlog(core.store());
     let metrics_listener = match cfg.metrics_listen {
         Some(m) => {
             let bind_err = |source| BrokerError::BindMetrics { addr: m, source };
@@ -194,7 +194,8 @@ pub async fn run(
     let core_task = core::spawn(core.clone(), inbound, outbound, presence_rx, stop.clone())
         .map_err(BrokerError::CoreThread)?;
     tasks.spawn(notify::run_worker(
-        core.clone(),
+        core.shared_store(),
+        core.shared_stats(),
         cfg.notify.clone(),
         senders,
         core.notify_wake(),

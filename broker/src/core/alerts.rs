@@ -48,7 +48,7 @@ pub(super) struct Alerts {
     pub(super) online: Mutex<HashMap<Serial, u32>>,
     /// Wakes the notification worker when something was queued.
     pub(super) wake: Arc<Notify>,
-    pub(super) stats: CoreStats,
+    pub(super) stats: Arc<CoreStats>,
     /// Each device's burst and rate of new alarms.
     pub(super) limiter: AlarmLimiter,
     /// When each device's alarm view last went out.
@@ -61,9 +61,19 @@ impl Core {
         self.alerts.settings = settings;
     }
 
-    /// The store, for the notification worker and the metrics endpoint.
+    /// The store, for the metrics endpoint.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The store, shared: the notification worker reads its queue there, without the core.
+    pub fn shared_store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    /// The core's counters, shared with the notification worker.
+    pub fn shared_stats(&self) -> Arc<CoreStats> {
+        self.alerts.stats.clone()
     }
 
     /// The core's counters, for the metrics endpoint.

@@ -31,6 +31,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -87,7 +88,7 @@ pub struct CoreSettings {
 
 /// The core's state: the store, its settings, and counters.
 pub struct Core {
-    store: Store,
+    store: Arc<Store>,
     settings: CoreSettings,
     commits: AtomicU64,
     held_acks_logged: AtomicBool,
@@ -263,7 +264,7 @@ impl Core {
     /// A core on a store opened by the caller (a test's failing disk).
     pub(crate) fn with_store(store: Store, settings: CoreSettings) -> Core {
         Core {
-            store,
+            store: Arc::new(store),
             settings,
             commits: AtomicU64::new(0),
             held_acks_logged: AtomicBool::new(false),

@@ -28,8 +28,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::core::Core;
-use crate::store::{NotifyChannel, QueuedNotification, StoreError, Txn};
+use crate::store::{NotifyChannel, QueuedNotification, Store, StoreError, Txn};
+use crate::telemetry::CoreStats;
 
 pub use compose::Message;
 
@@ -346,7 +346,8 @@ fn describe(channel: &NotifyChannel) -> String {
 /// timeout), removes what was delivered, reschedules the rest with backoff. Woken by the core
 /// (`wake`) when it queues something, else by the earliest retry.
 pub async fn run_worker(
-    core: Arc<Core>,
+    store: Arc<Store>,
+    stats: Arc<CoreStats>,
     cfg: NotifyConfig,
     senders: Senders,
     wake: Arc<Notify>,
@@ -356,9 +357,9 @@ pub async fn run_worker(
     let timeout = Duration::from_secs(cfg.timeout_secs);
     loop {
         let now = chrono::Utc::now();
-        let c = core.clone();
+        let s = store.clone();
         let taken = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-            let txn = c.store().begin()?;
+            let txn = s.begin()?;
             let due = txn.due_notifications(now, BATCH)?;
             txn.commit()?;
             Ok(due)
@@ -394,7 +395,7 @@ pub async fn run_worker(
                     Err(e) => error!(error = %e, "a notification delivery panicked"),
                 }
             }
-            record(&core, &cfg, outcomes).await;
+            record(&store, &stats, &cfg, outcomes).await;
             continue; // more may be due
         }
         let nap = later
@@ -411,7 +412,8 @@ pub async fn run_worker(
 
 /// Writes what became of each delivery: removed when sent or given up on, else rescheduled.
 async fn record(
-    core: &Arc<Core>,
+    store: &Arc<Store>,
+    stats: &CoreStats,
     cfg: &NotifyConfig,
     outcomes: Vec<(u64, QueuedNotification, Result<(), String>)>,
 ) {
@@ -458,9 +460,9 @@ async fn record(
             }
         }
     }
-    let c = core.clone();
+    let s = store.clone();
     let written = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-        let mut txn = c.store().begin()?;
+        let mut txn = s.begin()?;
         for (n, item) in writes {
             match item {
                 None => txn.remove_notification(n)?,
@@ -474,7 +476,7 @@ async fn record(
     match written {
         Ok(Ok(())) => {
             for log in logs {
-                log.emit(core);
+                log.emit(stats);
             }
         }
         // Not recorded: a delivered one may be sent again, which beats losing one.
@@ -508,8 +510,7 @@ enum Log {
 }
 
 impl Log {
-    fn emit(self, core: &Core) {
-        let stats = core.telemetry();
+    fn emit(self, stats: &CoreStats) {
         match self {
             Log::Sent {
                 n,
@@ -552,8 +553,8 @@ impl Log {
 }
 
 /// Logs, at startup, how many notifications a previous run left in the queue.
-pub fn log_backlog(core: &Core) {
-    match core.store().begin().and_then(|txn| {
+pub fn log_backlog(store: &Store) {
+    match store.begin().and_then(|txn| {
         let n = txn.notification_count()?;
         txn.commit()?;
         Ok(n)

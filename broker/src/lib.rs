@@ -1,16 +1,18 @@
-//! chukei's relay. A client's path through it:
+//! chukei's relay, in layers, each using only the ones after it:
 //!
-//! - [`gateway`]: TCP accept, TLS under a deadline, identity from the client certificate, the ACL
-//!   check of every packet ([`protocol::acl`]); a device's session is a place in the hub
-//!   ([`gateway::hub`]), a host's or integrator's a local link into the router;
-//! - [`router`]: the embedded rumqttd router, which routes and keeps retained messages in memory;
-//! - [`core_link`] and [`core`]: the broker's own logic, one more router client, which commits
-//!   what devices and hosts send to redb ([`store`]) before acknowledging it, and republishes
-//!   jobs and views as retained messages; job kinds live in [`jobs`].
+//! - [`gateway`]: TCP accept, TLS under a deadline, WebSocket, identity from the client
+//!   certificate, the ACL check of every packet ([`protocol::acl`]) and per-client limits;
+//! - [`switch`]: every route a message can take — a device's session is a place in the hub
+//!   ([`switch::hub`]), a host's or integrator's a local link into the [`router`] (the embedded
+//!   rumqttd router, which routes and keeps retained messages in memory), the core's queue, its
+//!   outlet ([`switch::router_link`]) and presence ([`switch::presence`]);
+//! - [`core`]: the broker's own logic, which commits what devices and hosts send to redb
+//!   ([`store`]) before acknowledging it, and returns the orders, views, acks and replies to
+//!   publish; job kinds live in [`jobs`].
 //!
 //! Emergencies, presence and notifications (Fig. 5, claim 42, S116/S312) are parts of the core
-//! too: [`presence`] carries session starts and ends from the gateway to it, [`notify`] drains
-//! its mail and webhook queue, [`metrics_http`] serves [`telemetry`] to Prometheus.
+//! too; [`notify`] drains its mail and webhook queue from the store, [`metrics_http`] serves
+//! [`telemetry`] to Prometheus.
 //!
 //! The `broker` command (crate `chukei-broker-cli`) only parses flags; [`run`] is the broker. This
 //! library links neither agent: the command's `demo` does.
@@ -183,7 +185,7 @@ pub async fn run(
     let hub = Arc::new(switch::hub::Hub::new(inbound_tx.clone(), DEVICE_QUEUE));
     let outbound = switch::router_link::attach(
         router.clone(),
-        Some(hub.clone()),
+        hub.clone(),
         retained,
         inbound_tx,
         &tasks,
@@ -218,9 +220,8 @@ pub async fn run(
         connect_rate_exempt_loopback: cfg.connect_rate_exempt_loopback,
     };
     let gateway = Arc::new(
-        Gateway::new(settings, tls, router, metrics.clone())
-            .with_presence(presence_tx)
-            .with_hub(hub),
+        Gateway::new(settings, tls, router, hub.clone(), metrics.clone())
+            .with_presence(presence_tx),
     );
     let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
     if let Some((l, _)) = metrics_listener {

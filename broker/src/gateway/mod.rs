@@ -66,9 +66,9 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Where device sessions opening and closing are reported (presence); `None`: nowhere.
     pub presence: Option<crate::switch::presence::PresenceTx>,
-    /// Where device sessions go instead of the router; `None`: every device gets a router link of
-    /// its own (the design before the hub, kept for side-by-side benchmarks).
-    pub hub: Option<Arc<crate::switch::hub::Hub>>,
+    /// Where device sessions go: every device's session is a place in the hub, never a router
+    /// link.
+    pub hub: Arc<crate::switch::hub::Hub>,
     admission: Arc<Semaphore>,
     /// `max_handshakes` slots; a silent connection's may be taken back ([`slots`]).
     handshakes: Arc<slots::HandshakeSlots>,
@@ -100,6 +100,7 @@ impl Gateway {
         settings: GatewaySettings,
         tls: Arc<rustls::ServerConfig>,
         router: Arc<Broker>,
+        hub: Arc<crate::switch::hub::Hub>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Gateway {
@@ -117,19 +118,13 @@ impl Gateway {
             router,
             metrics,
             presence: None,
-            hub: None,
+            hub,
         }
     }
 
     /// Reports every device session's start and end to the core (claim 42's presence).
     pub fn with_presence(mut self, presence: crate::switch::presence::PresenceTx) -> Self {
         self.presence = Some(presence);
-        self
-    }
-
-    /// Lets device sessions go through the hub instead of the router (see [`crate::switch::hub`]).
-    pub fn with_hub(mut self, hub: Arc<crate::switch::hub::Hub>) -> Self {
-        self.hub = Some(hub);
         self
     }
 

@@ -104,7 +104,7 @@ where
         .await;
     };
     // Devices go through the hub; everyone else gets a router link of their own.
-    let route = match gw.hub.clone().filter(|_| who.role() == Role::Device) {
+    let route = match (who.role() == Role::Device).then(|| gw.hub.clone()) {
         Some(hub) => Route::Hub(hub),
         None => match open_link(&gw, &router_client_id(&who, &connect.client_id)).await {
             Ok((link_tx, link_rx)) => Route::Link(link_tx, link_rx),

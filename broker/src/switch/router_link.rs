@@ -51,13 +51,13 @@ pub const INBOUND_QUEUE: usize = 4096;
 /// any client the gateway admits later can subscribe. What the router forwards the core goes
 /// into `inbound`.
 ///
-/// With a device `hub`, devices never reach the core through the router (the hub hands their
+/// Devices never reach the core through the router (the hub hands their
 /// publishes to `inbound` itself), and what the core sends devices (`dev/…`) goes to the hub
 /// directly: no one but the device itself may subscribe there (the ACL), and skipping the router
 /// saves two thread hand-offs each way (bench/RESULTS.md).
 pub async fn attach(
     broker: Arc<Broker>,
-    hub: Option<Arc<Hub>>,
+    hub: Arc<Hub>,
     retained: Vec<Outbound>,
     inbound: mpsc::Sender<Inbound>,
     tracker: &TaskTracker,
@@ -67,9 +67,6 @@ pub async fn attach(
         tokio::task::spawn_blocking(move || broker.link(CORE_CLIENT_ID).map_err(Box::new))
             .await
             .map_err(|_| CoreLinkError::RouterGone)??;
-    if hub.is_none() {
-        tx.subscribe(protocol::topic::ALL_DEVICE_UP)?;
-    }
     tx.subscribe(protocol::topic::ALL_HOST_REQ)?;
     let (out_tx, out_rx) = mpsc::channel(4096);
     let outlet = CoreOutlet {
@@ -86,17 +83,15 @@ pub async fn attach(
 /// Where the core sends what it publishes after a commit.
 #[derive(Clone)]
 pub struct CoreOutlet {
-    hub: Option<Arc<Hub>>,
+    hub: Arc<Hub>,
     router: mpsc::Sender<Outbound>,
 }
 
 impl CoreOutlet {
     /// Hands what devices get (`dev/…`) to the hub at once, from whatever thread commits, and
-    /// returns the rest, in order, for the router. Without a hub, returns everything.
+    /// returns the rest, in order, for the router.
     pub fn deliver_to_devices(&self, batch: Vec<Outbound>) -> Vec<Outbound> {
-        let Some(hub) = &self.hub else {
-            return batch;
-        };
+        let hub = &self.hub;
         let mut rest = Vec::new();
         for out in batch {
             if protocol::topic::is_device_topic(&out.topic) {

@@ -123,6 +123,35 @@ fn log_refused_report(serial: &Serial, topic: &str, reason: &str) {
     }
 }
 
+/// Alarm number `n` of `serial`, just raised, as every kind of alarm starts: the device's site,
+/// no detail, nobody's acknowledgement yet.
+pub(super) fn new_alarm(
+    txn: &Txn,
+    n: u64,
+    serial: &Serial,
+    kind: AlarmKind,
+    code: &str,
+    raised_at: Timestamp,
+    now: Timestamp,
+) -> Result<AlarmView, StoreError> {
+    Ok(AlarmView {
+        id: alarm_id(n),
+        serial: serial.to_string(),
+        site: site_of(txn, serial)?,
+        kind,
+        code: code.to_owned(),
+        detail: String::new(),
+        status: AlarmStatus::Raised,
+        raised_at,
+        received_at: now,
+        updated_at: now,
+        cleared_at: None,
+        acked_by: None,
+        acked_at: None,
+        total: None,
+    })
+}
+
 /// Handles one `dev/{serial}/up/alarm` message: decode, dedupe, apply, ack after the commit.
 #[allow(clippy::too_many_arguments)] // the same shape as the other device handlers
 pub(super) fn report(
@@ -249,26 +278,15 @@ fn raise(
     report: &AlarmReport,
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    let site = site_of(txn, serial)?;
     let n = txn.next_alarm_number()?;
     let a = AlarmView {
-        id: alarm_id(n),
-        serial: serial.to_string(),
-        site,
-        kind: AlarmKind::Fault,
-        code: report.code.clone(),
         detail: alarm::clip_detail(&report.detail),
         status: match report.event {
             FaultEvent::InProgress => AlarmStatus::InProgress,
             _ => AlarmStatus::Raised,
         },
-        raised_at: report.at,
-        received_at: now,
-        updated_at: now,
-        cleared_at: None,
-        acked_by: None,
-        acked_at: None,
         total: report.total,
+        ..new_alarm(txn, n, serial, AlarmKind::Fault, &report.code, report.at, now)?
     };
     txn.put_alarm(n, &a)?;
     core.notify_alarm(txn, n, &a, now)?;
@@ -307,23 +325,10 @@ pub(super) fn raise_overdue(
     if let Some(n) = txn.active_alarm(serial, OVERDUE_CODE)? {
         return Ok(n);
     }
-    let site = site_of(txn, serial)?;
     let n = txn.next_alarm_number()?;
     let a = AlarmView {
-        id: alarm_id(n),
-        serial: serial.to_string(),
-        site,
-        kind: AlarmKind::Overdue,
-        code: OVERDUE_CODE.to_owned(),
         detail,
-        status: AlarmStatus::Raised,
-        raised_at: due,
-        received_at: now,
-        updated_at: now,
-        cleared_at: None,
-        acked_by: None,
-        acked_at: None,
-        total: None,
+        ..new_alarm(txn, n, serial, AlarmKind::Overdue, OVERDUE_CODE, due, now)?
     };
     txn.put_alarm(n, &a)?;
     core.notify_alarm(txn, n, &a, now)?;

@@ -45,22 +45,15 @@ pub(super) fn fold(
         Some((r, a)) => (r, a, false),
         None => {
             let n = txn.next_alarm_number()?;
-            let view = AlarmView {
-                id: alarm_id(n),
-                serial: serial.to_string(),
-                site: super::alarm::site_of(txn, serial)?,
-                kind: AlarmKind::Fault,
-                code: OVERFLOW_CODE.to_owned(),
-                detail: String::new(),
-                status: AlarmStatus::Raised,
-                raised_at: now,
-                received_at: now,
-                updated_at: now,
-                cleared_at: None,
-                acked_by: None,
-                acked_at: None,
-                total: None,
-            };
+            let view = super::alarm::new_alarm(
+                txn,
+                n,
+                serial,
+                AlarmKind::Fault,
+                OVERFLOW_CODE,
+                now,
+                now,
+            )?;
             let record = OverflowRecord {
                 alarm: n,
                 codes: Vec::new(),

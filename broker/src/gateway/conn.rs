@@ -172,18 +172,7 @@ fn peek_publish_id(buf: &[u8]) -> Option<PublishId> {
         return None;
     }
     let qos = (first >> 1) & 0b11;
-    // The remaining length: 1–4 bytes, seven bits each, the high bit saying another follows.
-    let mut at = 1;
-    loop {
-        let byte = *buf.get(at)?;
-        at += 1;
-        if byte & 0x80 == 0 {
-            break;
-        }
-        if at > 4 {
-            return None;
-        }
-    }
+    let mut at = variable_header_at(buf)?;
     let topic_len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
     at += 2 + topic_len;
     let pkid = if qos == 0 {
@@ -194,6 +183,23 @@ fn peek_publish_id(buf: &[u8]) -> Option<PublishId> {
     Some(PublishId { qos, pkid })
 }
 
+/// Where the variable header of the packet at the start of `buf` begins: after the first byte and
+/// the remaining length (1–4 bytes, seven bits each, the high bit saying another follows).
+/// `None` if `buf` ends first or the length runs past four bytes.
+fn variable_header_at(buf: &[u8]) -> Option<usize> {
+    let mut at = 1;
+    loop {
+        let byte = *buf.get(at)?;
+        at += 1;
+        if byte & 0x80 == 0 {
+            return Some(at);
+        }
+        if at > 4 {
+            return None;
+        }
+    }
+}
+
 /// The connect flags of the CONNECT at the start of `buf` (MQTT 3.1.1 §3.1.2.3: after the fixed
 /// header, the protocol name and the protocol level). rumqttd's decoder does not keep them, and
 /// lets through some combinations the protocol forbids ([`connect_flags_problem`]). `None` for any
@@ -202,17 +208,7 @@ fn peek_connect_flags(buf: &[u8]) -> Option<u8> {
     if *buf.first()? >> 4 != 1 {
         return None;
     }
-    let mut at = 1;
-    loop {
-        let byte = *buf.get(at)?;
-        at += 1;
-        if byte & 0x80 == 0 {
-            break;
-        }
-        if at > 4 {
-            return None;
-        }
-    }
+    let at = variable_header_at(buf)?;
     let name_len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
     // The protocol name, then the level byte, then the flags.
     buf.get(at + 2 + name_len + 1).copied()

@@ -286,7 +286,15 @@ fn raise(
             _ => AlarmStatus::Raised,
         },
         total: report.total,
-        ..new_alarm(txn, n, serial, AlarmKind::Fault, &report.code, report.at, now)?
+        ..new_alarm(
+            txn,
+            n,
+            serial,
+            AlarmKind::Fault,
+            &report.code,
+            report.at,
+            now,
+        )?
     };
     txn.put_alarm(n, &a)?;
     core.notify_alarm(txn, n, &a, now)?;

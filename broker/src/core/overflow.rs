@@ -12,7 +12,7 @@
 //! overflow alarm clears once the list is empty and either every refused code was named or the
 //! device has no other active alarm left.
 
-use protocol::alarm::{self, AlarmKind, AlarmStatus, AlarmView, OVERDUE_CODE, OVERFLOW_CODE};
+use protocol::alarm::{self, AlarmKind, OVERDUE_CODE, OVERFLOW_CODE};
 use protocol::{Serial, Shown, Timestamp};
 use tracing::warn;
 
@@ -20,7 +20,7 @@ use super::CORE_LOG_PER_SECOND;
 use super::alarm_limit::Limit;
 use super::{Core, Pending};
 use crate::log_budget::LogBudget;
-use crate::store::{MAX_OVERFLOW_CODES, OverflowRecord, StoreError, Txn, alarm_id};
+use crate::store::{MAX_OVERFLOW_CODES, OverflowRecord, StoreError, Txn};
 
 /// Records a refused new alarm of `serial` with `code` in its overflow alarm (raising that alarm
 /// if it is not active); returns the reason the device is told.
@@ -45,15 +45,8 @@ pub(super) fn fold(
         Some((r, a)) => (r, a, false),
         None => {
             let n = txn.next_alarm_number()?;
-            let view = super::alarm::new_alarm(
-                txn,
-                n,
-                serial,
-                AlarmKind::Fault,
-                OVERFLOW_CODE,
-                now,
-                now,
-            )?;
+            let view =
+                super::alarm::new_alarm(txn, n, serial, AlarmKind::Fault, OVERFLOW_CODE, now, now)?;
             let record = OverflowRecord {
                 alarm: n,
                 codes: Vec::new(),

@@ -42,6 +42,20 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The installation site (`--site`, `site`), within what the relay accepts: a longer one would
+/// have every state announcement refused.
+fn site(given: Option<String>) -> Result<String, ConfigError> {
+    let site = given.unwrap_or_default();
+    if site.len() > protocol::device::MAX_SITE_BYTES {
+        return Err(ConfigError::Invalid(format!(
+            "--site (site) is {} bytes; the relay accepts at most {}",
+            site.len(),
+            protocol::device::MAX_SITE_BYTES
+        )));
+    }
+    Ok(site)
+}
+
 /// The config file, as written. Every key is optional here; [`RunSettings::resolve`] and
 /// [`FleetSettings::resolve`] say which ones a subcommand needs.
 #[derive(Debug, Default, Deserialize)]
@@ -557,7 +571,7 @@ impl RunSettings {
                 "--data-dir DIR",
                 "data_dir",
             )?,
-            site: args.site.or(file.site).unwrap_or_default(),
+            site: site(args.site.or(file.site))?,
             ready_file: args.ready_file,
             session: SessionSettings::from_config(&session)?,
             sim: sim_settings(&file.sim)?,
@@ -669,7 +683,7 @@ impl FleetSettings {
                 "data_dir",
             )?,
             prefix,
-            site: args.site.or(file.site).unwrap_or_default(),
+            site: site(args.site.or(file.site))?,
             ready_file: args.ready_file,
             connect_spread: Duration::from_millis(spread_ms),
             session: SessionSettings::from_config(&session)?,
@@ -788,6 +802,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("keepalive_secs"), "{e}");
+        let long = FULL.replace(
+            "site = \"Osaka\"",
+            &format!("site = \"{}\"", "x".repeat(300)),
+        );
+        assert_ne!(long, FULL);
+        let e = RunSettings::merge(parse(&long).unwrap(), RunArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--site") && e.contains("at most 256"), "{e}");
     }
 
     #[test]

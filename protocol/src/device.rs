@@ -71,6 +71,33 @@ pub struct DeviceState {
     pub firmware: String,
 }
 
+/// Longest installation site a device may announce, in bytes: the site is repeated in every job
+/// and alarm of the device, in lists hosts read whole, so one device must not be able to make
+/// them huge. Real sites ("Osaka HQ, 3F, copy room B") are a few dozen.
+pub const MAX_SITE_BYTES: usize = 256;
+/// Longest model name or firmware version a device may announce, in bytes.
+pub const MAX_MODEL_BYTES: usize = 128;
+
+impl DeviceState {
+    /// Checks what a device announces before the relay stores it (and the agent before it
+    /// starts): each field within its length. The error names the field and its limit.
+    pub fn check(&self) -> Result<(), String> {
+        for (field, value, max) in [
+            ("site", &self.site, MAX_SITE_BYTES),
+            ("model", &self.model, MAX_MODEL_BYTES),
+            ("firmware", &self.firmware, MAX_MODEL_BYTES),
+        ] {
+            if value.len() > max {
+                return Err(format!(
+                    "{field} is {} bytes, over the limit of {max}; shorten it in the agent's configuration",
+                    value.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The broker's end-to-end acknowledgement of one message (claims 13–14; docs/decisions.md, D3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ack {

@@ -1,5 +1,5 @@
 //! What a device chooses (its site, model, firmware, a broken payload) reaches the relay's log
-//! escaped and cut short: a newline cannot forge a log line, 60 KB cannot fill the disk.
+//! escaped and cut short: a newline cannot forge a log line, 30 KB cannot fill the disk.
 
 use harness::mqtt::envelope;
 use harness::{TestEnv, deadline};
@@ -26,15 +26,14 @@ async fn a_device_cannot_forge_or_flood_the_relays_log() {
         .unwrap_or_else(|e| panic!("{e}"));
     device.subscribe_and_wait(&topic::dev_ack(&c1)).await;
 
-    let huge = "x".repeat(30_000);
-    let state = |id: u64, site: String| {
+    let state = |id: u64, site: String, firmware: String| {
         envelope(
             id,
             StateReport {
                 state: DeviceState {
                     site,
                     model: format!("M\r\n{FORGED}"),
-                    firmware: huge.clone(),
+                    firmware,
                 },
                 schedule: None,
             },
@@ -45,11 +44,15 @@ async fn a_device_cannot_forge_or_flood_the_relays_log() {
     // Two sites, alternating: every message is a change, logged at info.
     for id in 1..=20 {
         let site = if id % 2 == 0 { "a" } else { "b" };
-        device
-            .publish(&up, state(id, format!("{site}\n{FORGED}{huge}")))
-            .await;
+        let site = format!("{site}\n{FORGED}{}", "x".repeat(100));
+        device.publish(&up, state(id, site, "1.0".into())).await;
         device.next_publish_on(&acks, deadline()).await;
     }
+    // 30 KB of firmware version: refused (its length is in the reason, not its text).
+    device
+        .publish(&up, state(22, "a".into(), "x".repeat(30_000)))
+        .await;
+    device.next_publish_on(&acks, deadline()).await;
     // A payload that fails to decode: serde's error quotes what the device sent.
     device
         .publish(&up, envelope(21, format!("\n{FORGED}")))

@@ -210,6 +210,14 @@ fn state_update(
     now: Timestamp,
 ) -> Result<AckOutcome, StoreError> {
     let StateReport { state, schedule } = report;
+    if let Err(reason) = state.check() {
+        log_refusal(
+            serial,
+            &protocol::topic::dev_up(serial, UpKind::State),
+            &reason,
+        );
+        return Ok(AckOutcome::Rejected { reason });
+    }
     // What the device announced last. A repeat is not news in the log, and a site it had already
     // announced is on every job submitted since (an unreadable record is overwritten below).
     let before = super::skip_corrupt(txn.device_state(serial))?.flatten();

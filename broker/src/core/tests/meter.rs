@@ -77,3 +77,29 @@ fn a_negative_counter_is_refused_with_its_name_and_never_exported() {
         .collect();
     assert_eq!(totals, [Value::Int(12)], "only the real reading is billed");
 }
+
+#[test]
+fn a_state_whose_site_is_too_long_is_refused_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(&dir);
+    let out = core
+        .handle_batch(
+            vec![
+                state("C1", 1, &"x".repeat(60_000)),
+                state("C1", 2, "Osaka HQ"),
+            ],
+            t(9, 0),
+        )
+        .unwrap();
+    let acks = acks(&out, "C1");
+    match &acks[0].outcome {
+        AckOutcome::Rejected { reason } => {
+            assert!(reason.starts_with("site is 60000 bytes"), "{reason}")
+        }
+        other => panic!("a 60 KB site must be refused, got {other:?}"),
+    }
+    assert_eq!(acks[1].outcome, AckOutcome::Stored);
+    let txn = core.store().begin().unwrap();
+    let stored = txn.device_state(&serial("C1")).unwrap().unwrap();
+    assert_eq!(stored.site, "Osaka HQ", "only the valid state was stored");
+}

@@ -303,13 +303,12 @@ fn submit(
     )?;
     p.new_orders.insert(n);
     p.views.insert(n);
-    let view = &record.view;
-    match &view.reason {
-        None => info!(host = %host, job = %view.id, serial = %view.serial, "job submitted"),
-        Some(reason) => {
-            warn!(host = %host, job = %view.id, serial = %view.serial, reason = %Shown(&reason), "submission rejected")
-        }
-    }
+    p.done.push(Done::Submitted {
+        host: host.clone(),
+        serial: record.view.serial.clone(),
+        job: record.view.id.clone(),
+        rejected: record.view.reason.clone(),
+    });
     Ok(submission_reply(record))
 }
 

@@ -153,6 +153,13 @@ enum Done {
         serial: String,
         job: String,
     },
+    /// A submission became a job: queued, or recorded as rejected with its reason.
+    Submitted {
+        host: HostId,
+        serial: String,
+        job: String,
+        rejected: Option<String>,
+    },
     UploadBegun {
         host: HostId,
         artifact: ArtifactId,
@@ -196,6 +203,20 @@ impl Done {
             }
             Done::Canceled { host, serial, job } => {
                 info!(host = %host, serial = %serial, job = %job, "job canceled")
+            }
+            Done::Submitted {
+                host,
+                serial,
+                job,
+                rejected: None,
+            } => info!(host = %host, job = %job, serial = %Shown(&serial), "job submitted"),
+            Done::Submitted {
+                host,
+                serial,
+                job,
+                rejected: Some(reason),
+            } => {
+                warn!(host = %host, job = %job, serial = %Shown(&serial), reason = %Shown(&reason), "submission rejected")
             }
             Done::UploadBegun {
                 host,

@@ -11,7 +11,7 @@ use protocol::schedule::{Calendar, Condition, Moment, Schedule, SessionMode};
 use protocol::url::BrokerUrl;
 use serde::{Deserialize, Deserializer};
 
-use crate::cli::{FleetArgs, RunArgs};
+use crate::cli::{CommonArgs, FleetArgs, RunArgs};
 use crate::exec::ExecSettings;
 use crate::faults::MonitorSettings;
 use crate::jobs::PublisherKey;
@@ -509,6 +509,83 @@ fn required<T>(
     value.ok_or(ConfigError::Missing { what, flag, key })
 }
 
+/// The flags `run` and `fleet` both take.
+struct SharedFlags {
+    broker: Vec<BrokerUrl>,
+    data_dir: Option<PathBuf>,
+    site: Option<String>,
+    ready_file: Option<PathBuf>,
+    common: CommonArgs,
+}
+
+/// Moves the flags `run` and `fleet` both take out of either's arguments: [`RunArgs`] and
+/// [`FleetArgs`] name them alike.
+macro_rules! shared_flags {
+    ($args:ident) => {
+        SharedFlags {
+            broker: $args.broker,
+            data_dir: $args.data_dir,
+            site: $args.site,
+            ready_file: $args.ready_file,
+            common: $args.common,
+        }
+    };
+}
+
+/// What `run` and `fleet` both need, merged the same way for both: a flag, when given, wins
+/// over the file.
+struct Shared {
+    relays: Vec<Endpoint>,
+    data_dir: PathBuf,
+    site: String,
+    ready_file: Option<PathBuf>,
+    session: SessionSettings,
+    sim: SimSettings,
+    schedule: Schedule,
+    publisher_key: Option<PublisherKey>,
+    monitor: MonitorSettings,
+}
+
+impl Shared {
+    fn merge(file: &FileConfig, flags: SharedFlags) -> Result<Shared, ConfigError> {
+        let monitor = monitor_settings(&file.faults, &file.sim, &file.report)?;
+        let mut session = file.session.clone();
+        if let Some(secs) = flags.common.failback_secs {
+            session.failback_secs = secs;
+        }
+        Ok(Shared {
+            relays: relays(
+                flags.broker,
+                file.broker.clone(),
+                flags.common.proxy.clone().or(file.proxy.clone()),
+            )?,
+            data_dir: required(
+                flags.data_dir.or(file.data_dir.clone()),
+                "data directory",
+                "--data-dir DIR",
+                "data_dir",
+            )?,
+            site: site(flags.site.or(file.site.clone()))?,
+            ready_file: flags.ready_file,
+            session: SessionSettings::from_config(&session)?,
+            sim: sim_settings(&file.sim)?,
+            schedule: schedule(
+                &file.session,
+                flags.common.session_mode(),
+                flags.common.interval_secs,
+            )?,
+            publisher_key: publisher_key(
+                flags
+                    .common
+                    .publisher_key
+                    .or(file.publisher_key.clone())
+                    .as_deref(),
+            )?,
+            monitor,
+        })
+    }
+}
+
 /// Everything `device-agent run` needs, checked.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -540,17 +617,11 @@ impl RunSettings {
     }
 
     pub fn merge(file: FileConfig, args: RunArgs) -> Result<RunSettings, ConfigError> {
-        let monitor = monitor_settings(&file.faults, &file.sim, &file.report)?;
-        let mut session = file.session.clone();
-        if let Some(secs) = args.common.failback_secs {
-            session.failback_secs = secs;
-        }
-        let mut run = RunSettings {
-            relays: relays(
-                args.broker,
-                file.broker,
-                args.common.proxy.clone().or(file.proxy),
-            )?,
+        let mut shared = Shared::merge(&file, shared_flags!(args))?;
+        // Injected faults arrive as files in the data directory (`device-agent fault`).
+        shared.monitor.faults.spool = Some(shared.data_dir.join(crate::faults::SPOOL_DIR));
+        Ok(RunSettings {
+            relays: shared.relays,
             ca: required(args.ca.or(file.ca), "CA certificate", "--ca FILE", "ca")?,
             cert: required(
                 args.cert.or(file.cert),
@@ -565,34 +636,16 @@ impl RunSettings {
                 "--serial SERIAL",
                 "serial",
             )?,
-            data_dir: required(
-                args.data_dir.or(file.data_dir),
-                "data directory",
-                "--data-dir DIR",
-                "data_dir",
-            )?,
-            site: site(args.site.or(file.site))?,
-            ready_file: args.ready_file,
-            session: SessionSettings::from_config(&session)?,
-            sim: sim_settings(&file.sim)?,
-            schedule: schedule(
-                &file.session,
-                args.common.session_mode(),
-                args.common.interval_secs,
-            )?,
-            publisher_key: publisher_key(
-                args.common
-                    .publisher_key
-                    .clone()
-                    .or(file.publisher_key.clone())
-                    .as_deref(),
-            )?,
+            data_dir: shared.data_dir,
+            site: shared.site,
+            ready_file: shared.ready_file,
+            session: shared.session,
+            sim: shared.sim,
+            schedule: shared.schedule,
+            publisher_key: shared.publisher_key,
             exec: file.exec.as_ref().map(exec_settings).transpose()?,
-            monitor,
-        };
-        // Injected faults arrive as files in the data directory (`device-agent fault`).
-        run.monitor.faults.spool = Some(run.data_dir.join(crate::faults::SPOOL_DIR));
-        Ok(run)
+            monitor: shared.monitor,
+        })
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -632,7 +685,6 @@ impl FleetSettings {
     }
 
     pub fn merge(file: FileConfig, args: FleetArgs) -> Result<FleetSettings, ConfigError> {
-        let monitor = monitor_settings(&file.faults, &file.sim, &file.report)?;
         let count = required(
             args.count.or(file.fleet.count),
             "fleet size",
@@ -646,7 +698,7 @@ impl FleetSettings {
         }
         let prefix = args
             .prefix
-            .or(file.fleet.prefix)
+            .or(file.fleet.prefix.clone())
             .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
         // The longest serial this prefix makes must itself be a valid serial.
         Serial::parse(&serial_for(&prefix, count - 1)).map_err(|e| {
@@ -659,48 +711,27 @@ impl FleetSettings {
             .fleet
             .connect_spread_ms
             .unwrap_or_else(|| (u64::from(count) * 2).min(10_000));
-        let mut session = file.session.clone();
-        if let Some(secs) = args.common.failback_secs {
-            session.failback_secs = secs;
-        }
+        let pki_dir = required(
+            args.pki_dir.or(file.fleet.pki_dir.clone()),
+            "PKI directory",
+            "--pki-dir DIR",
+            "fleet.pki_dir",
+        )?;
+        let shared = Shared::merge(&file, shared_flags!(args))?;
         Ok(FleetSettings {
             count,
-            pki_dir: required(
-                args.pki_dir.or(file.fleet.pki_dir),
-                "PKI directory",
-                "--pki-dir DIR",
-                "fleet.pki_dir",
-            )?,
-            relays: relays(
-                args.broker,
-                file.broker,
-                args.common.proxy.clone().or(file.proxy),
-            )?,
-            data_dir: required(
-                args.data_dir.or(file.data_dir),
-                "data directory",
-                "--data-dir DIR",
-                "data_dir",
-            )?,
+            pki_dir,
+            relays: shared.relays,
+            data_dir: shared.data_dir,
             prefix,
-            site: site(args.site.or(file.site))?,
-            ready_file: args.ready_file,
+            site: shared.site,
+            ready_file: shared.ready_file,
             connect_spread: Duration::from_millis(spread_ms),
-            session: SessionSettings::from_config(&session)?,
-            sim: sim_settings(&file.sim)?,
-            schedule: schedule(
-                &file.session,
-                args.common.session_mode(),
-                args.common.interval_secs,
-            )?,
-            publisher_key: publisher_key(
-                args.common
-                    .publisher_key
-                    .clone()
-                    .or(file.publisher_key.clone())
-                    .as_deref(),
-            )?,
-            monitor,
+            session: shared.session,
+            sim: shared.sim,
+            schedule: shared.schedule,
+            publisher_key: shared.publisher_key,
+            monitor: shared.monitor,
         })
     }
 

@@ -1,17 +1,17 @@
-//! How a device reaches one relay: MQTT over TLS or over WebSocket over TLS, directly or through an
-//! HTTP proxy's `CONNECT` tunnel, whichever the customer's network lets out. rumqttc makes the
-//! connection itself (its `websocket` and `proxy` features, with our rustls configuration and
-//! client certificate); this module says which, and has a probe of its own that checks a relay is
-//! back without opening an MQTT session there (see [`crate::failover`]).
+//! How a device reaches one relay: MQTT over TLS or over WebSocket over TLS, directly or through
+//! an HTTP proxy's `CONNECT` tunnel. rumqttc makes the connection itself, with the
+//! options the host agent uses too ([`link::mqtt_options`]); this module pairs each relay with its
+//! proxy, and has a probe of its own that checks a relay is back without opening an MQTT session
+//! there (see [`crate::failover`]).
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::proxy::{BadProxy, ProxyUrl, proxy_for};
-use protocol::url::{BrokerUrl, Scheme};
+use protocol::url::BrokerUrl;
+use rumqttc::MqttOptions;
 use rumqttc::tokio_rustls::TlsConnector;
-use rumqttc::{MqttOptions, Proxy, ProxyAuth, ProxyType, TlsConfiguration, Transport};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -48,39 +48,10 @@ impl Endpoint {
             .collect()
     }
 
-    /// rumqttc's options for this endpoint: transport, address and proxy. The caller adds
-    /// keepalive, limits and the rest.
+    /// rumqttc's options for this endpoint: transport, address and proxy (see [`link`]). The
+    /// caller adds keepalive, limits and the rest.
     pub fn mqtt_options(&self, client_id: &str, tls: Arc<rustls::ClientConfig>) -> MqttOptions {
-        let tls = TlsConfiguration::Rustls(tls);
-        let mut opts = match self.url.scheme {
-            Scheme::Mqtts => {
-                let mut o = MqttOptions::new(client_id, self.url.host.clone(), self.url.port);
-                o.set_transport(Transport::tls_with_config(tls));
-                o
-            }
-            // rumqttc takes a WebSocket relay's whole URL as its address, and asks for
-            // subprotocol `mqtt` itself.
-            Scheme::Wss => {
-                let mut o = MqttOptions::new(client_id, self.url.to_string(), self.url.port);
-                o.set_transport(Transport::wss_with_config(tls));
-                o
-            }
-        };
-        if let Some(proxy) = &self.proxy {
-            opts.set_proxy(Proxy {
-                ty: ProxyType::Http,
-                auth: match &proxy.credentials {
-                    Some((username, password)) => ProxyAuth::Basic {
-                        username: username.clone(),
-                        password: password.clone(),
-                    },
-                    None => ProxyAuth::None,
-                },
-                addr: proxy.host.clone(),
-                port: proxy.port,
-            });
-        }
-        opts
+        link::mqtt_options(client_id, &self.url, self.proxy.as_ref(), tls)
     }
 }
 
@@ -206,6 +177,7 @@ fn base64(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttc::{ProxyAuth, Transport};
     use tokio::io::{AsyncBufReadExt, BufReader};
     use tokio::net::TcpListener;
 

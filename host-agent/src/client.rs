@@ -186,8 +186,7 @@ impl HostClient {
         opts: ConnectOptions,
     ) -> Result<HostClient, HostError> {
         let client_id = opts.client_id.clone().unwrap_or_else(|| host.to_string());
-        let mut mqtt_opts =
-            crate::transport::mqtt_options(&client_id, broker, opts.proxy.as_ref(), tls);
+        let mut mqtt_opts = link::mqtt_options(&client_id, broker, opts.proxy.as_ref(), tls);
         mqtt_opts
             .set_keep_alive(KEEP_ALIVE)
             .set_clean_session(true)

@@ -6,7 +6,8 @@
 //! - [`cli`]: the command line (clap); each command's doc comment is its help.
 //! - [`config`]: `--config` TOML merged with the flags (flags win).
 //! - [`tls`]: the host's certificate; its CN is the host id.
-//! - [`client`]: [`HostClient`], one MQTT session and the request/response exchange (S222).
+//! - [`client`]: [`HostClient`], one MQTT session and the request/response exchange (S222),
+//!   reaching the relay as the device agent does ([`link::mqtt_options`]).
 //!   The broker's `demo` uses it directly.
 //! - [`table`]: the human forms: the Fig. 9 table, a job's detail, a `watch` line, artifacts.
 //! - [`keys`]: the publisher's ed25519 key pair, which signs firmware (Fig. 6).
@@ -23,7 +24,6 @@ pub mod dashboard;
 pub mod keys;
 pub mod table;
 pub mod tls;
-pub mod transport;
 pub mod upload;
 
 pub use client::{ConnectOptions, HostClient, HostError};

@@ -43,12 +43,7 @@ pub struct FeedConfig {
 /// Runs until `stop`: keeps the session up and the model current.
 pub async fn run(cfg: FeedConfig, model: Arc<Model>, stop: CancellationToken) {
     let client_id = crate::commands::watch::client_id(&cfg.host, "dashboard-feed");
-    let mut opts = crate::transport::mqtt_options(
-        &client_id,
-        &cfg.broker,
-        cfg.proxy.as_ref(),
-        cfg.tls.clone(),
-    );
+    let mut opts = link::mqtt_options(&client_id, &cfg.broker, cfg.proxy.as_ref(), cfg.tls.clone());
     opts.set_keep_alive(KEEP_ALIVE)
         .set_clean_session(true)
         .set_max_packet_size(MAX_INCOMING_BYTES, 64 * 1024);

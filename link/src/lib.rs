@@ -1,7 +1,13 @@
-//! How a host reaches the relay: MQTT over TLS (`mqtts://`) or over WebSocket over TLS
-//! (`wss://…/mqtt`), directly or through an HTTP proxy's `CONNECT` tunnel. rumqttc does the
-//! connecting (its `websocket` and `proxy` features) with our rustls configuration; which proxy,
-//! if any, is decided as curl decides it ([`protocol::proxy`]).
+//! How an agent reaches a relay: MQTT over TLS (`mqtts://`) or over WebSocket over TLS
+//! (`wss://…/mqtt`), directly or through an HTTP proxy's `CONNECT` tunnel.
+//!
+//! rumqttc makes the connection itself (its `websocket` and `proxy` features, with our rustls
+//! configuration and client certificate); this crate only says which, so that the device agent
+//! and the host agent build their options the same way. Which proxy, if any, is decided by the
+//! caller ([`protocol::proxy`], as curl decides it).
+//!
+//! A crate of its own because neither shared crate may hold it: `protocol` stays free of I/O and
+//! of rumqttc, and `pki` holds certificates and TLS configurations, not MQTT.
 
 use std::sync::Arc;
 
@@ -24,7 +30,8 @@ pub fn mqtt_options(
             o.set_transport(Transport::tls_with_config(tls));
             o
         }
-        // rumqttc takes a WebSocket relay's whole URL as its address.
+        // rumqttc takes a WebSocket relay's whole URL as its address, and asks for subprotocol
+        // `mqtt` itself.
         Scheme::Wss => {
             let mut o = MqttOptions::new(client_id, broker.to_string(), broker.port);
             o.set_transport(Transport::wss_with_config(tls));

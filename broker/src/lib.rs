@@ -6,7 +6,7 @@
 //!   ([`switch::hub`]), a host's or integrator's a local link into the [`router`] (the embedded
 //!   rumqttd router, which routes and keeps retained messages in memory), the core's queue, its
 //!   outlet ([`switch::router_link`]) and presence ([`switch::presence`]);
-//! - [`core`]: the broker's own logic, which commits what devices and hosts send to redb
+//! - [`core`]: the broker's own logic, which commits what devices and hosts send to the store
 //!   ([`store`]) before acknowledging it, and returns the orders, views, acks and replies to
 //!   publish; job kinds live in [`jobs`].
 //!
@@ -133,7 +133,7 @@ pub async fn run(
         }
         None => info!("no certificate revocation list (broker pki revoke writes one)"),
     }
-    let mut store = store::Store::open(&cfg.data_dir)?;
+    let mut store = store::RedbStore::open(&cfg.data_dir)?;
     if let Some(bytes) = cfg.min_free_bytes {
         store = store.keep_free(bytes);
     }
@@ -144,7 +144,7 @@ pub async fn run(
         "disk reserve: new work is refused while less than min_free_bytes is free"
     );
     let mut core = Core::with_store(
-        store,
+        Arc::new(store),
         CoreSettings {
             server_name: cfg.server_name.clone(),
             max_payload_bytes: cfg.max_payload_bytes,

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use broker::store::Store;
+use broker::store::{RedbStore, Store};
 use harness::chaos::{FleetSpec, Rng, acks_logged, ids_logged, start_broker};
 use harness::{ENDS, Proc, TestEnv, deadline, poll_until, secs};
 
@@ -69,8 +69,8 @@ fn audit(
     acked_reports: &BTreeMap<String, usize>,
     submitted: &[String],
 ) -> Audit {
-    let store =
-        Store::open(data_dir).unwrap_or_else(|e| panic!("opening the stopped broker's store: {e}"));
+    let store = RedbStore::open(data_dir)
+        .unwrap_or_else(|e| panic!("opening the stopped broker's store: {e}"));
     let txn = store.begin().unwrap_or_else(|e| panic!("{e}"));
     let mut a = Audit::default();
     for (serial, id) in acked {
@@ -82,7 +82,7 @@ fn audit(
         }
     }
     let jobs = txn
-        .jobs_newest_first(|_| true)
+        .jobs_newest_first(&mut |_| true)
         .unwrap_or_else(|e| panic!("{e}"));
     a.jobs = jobs.len();
     let ids: BTreeSet<&str> = jobs.iter().map(|r| r.view.id.as_str()).collect();

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use broker::store::Store;
+use broker::store::{RedbStore, Store};
 use harness::chaos::{Tmpfs, field, ids_logged};
 use harness::{TestEnv, deadline, poll_until};
 use protocol::{JobId, Role, Serial, topic};
@@ -22,8 +22,8 @@ struct Stored {
 }
 
 fn read_store(data_dir: &Path, acked: &BTreeSet<(String, u64)>) -> Stored {
-    let store =
-        Store::open(data_dir).unwrap_or_else(|e| panic!("opening the stopped broker's store: {e}"));
+    let store = RedbStore::open(data_dir)
+        .unwrap_or_else(|e| panic!("opening the stopped broker's store: {e}"));
     let txn = store.begin().unwrap_or_else(|e| panic!("{e}"));
     for (serial, id) in acked {
         let entry = txn
@@ -35,7 +35,7 @@ fn read_store(data_dir: &Path, acked: &BTreeSet<(String, u64)>) -> Stored {
         );
     }
     let jobs = txn
-        .jobs_newest_first(|_| true)
+        .jobs_newest_first(&mut |_| true)
         .unwrap_or_else(|e| panic!("{e}"))
         .into_iter()
         .map(|r| (r.view.id, r.view.status.to_string()))

@@ -96,7 +96,7 @@ fn logged(p: &mut Pending, alarm: &AlarmView, step: Step) {
 
 /// The installation site the device last reported, cut to [`alarm::MAX_SITE_LEN`]; empty if
 /// unknown or unreadable (a corrupt device record must not stop an alarm).
-pub(super) fn site_of(txn: &Txn, serial: &Serial) -> Result<String, StoreError> {
+pub(super) fn site_of(txn: &dyn Txn, serial: &Serial) -> Result<String, StoreError> {
     Ok(skip_corrupt(txn.device_state(serial))?
         .flatten()
         .map(|state| alarm::clip_site(&state.site))
@@ -126,7 +126,7 @@ fn log_refused_report(serial: &Serial, topic: &str, reason: &str) {
 /// Alarm number `n` of `serial`, just raised, as every kind of alarm starts: the device's site,
 /// no detail, nobody's acknowledgement yet.
 pub(super) fn new_alarm(
-    txn: &Txn,
+    txn: &dyn Txn,
     n: u64,
     serial: &Serial,
     kind: AlarmKind,
@@ -156,7 +156,7 @@ pub(super) fn new_alarm(
 #[allow(clippy::too_many_arguments)] // the same shape as the other device handlers
 pub(super) fn report(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     topic: &str,
@@ -203,7 +203,7 @@ enum Applied {
 
 fn apply(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     report: &AlarmReport,
@@ -254,7 +254,7 @@ fn apply(
 /// no token), then its rate.
 fn over_limit(
     core: &Core,
-    txn: &Txn,
+    txn: &dyn Txn,
     serial: &Serial,
     now: Timestamp,
 ) -> Result<Option<Limit>, StoreError> {
@@ -272,7 +272,7 @@ fn over_limit(
 /// A new alarm for a fault the device reported.
 fn raise(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     report: &AlarmReport,
@@ -308,7 +308,7 @@ fn raise(
 }
 
 pub(super) fn clear(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     n: u64,
     mut a: AlarmView,
     now: Timestamp,
@@ -323,7 +323,7 @@ pub(super) fn clear(
 /// Raises the relay's own alarm for a device that missed its check-in; returns its number.
 pub(super) fn raise_overdue(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     detail: String,
@@ -346,7 +346,7 @@ pub(super) fn raise_overdue(
 
 /// Clears alarm `n` (a device that checked in again clears its overdue alarm).
 pub(super) fn clear_by_number(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     n: u64,
     now: Timestamp,
@@ -359,7 +359,11 @@ pub(super) fn clear_by_number(
 }
 
 /// `alarms list`: the active alarms (oldest first), or the newest [`MAX_LISTED`] of all.
-pub(super) fn list(txn: &Txn, all: bool, serial: Option<&str>) -> Result<HostReply, StoreError> {
+pub(super) fn list(
+    txn: &dyn Txn,
+    all: bool,
+    serial: Option<&str>,
+) -> Result<HostReply, StoreError> {
     let keep = |a: &AlarmView| serial.is_none_or(|s| a.serial == s);
     let alarms = if all {
         txn.alarms_newest_first(MAX_LISTED)?
@@ -390,7 +394,7 @@ pub(super) fn list(txn: &Txn, all: bool, serial: Option<&str>) -> Result<HostRep
 
 /// `alarms ack ID`: the service desk has seen it. Idempotent: the first host to ack is kept.
 pub(super) fn ack(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     host: &HostId,
     id: &str,
@@ -417,7 +421,7 @@ pub(super) fn ack(
 
 /// The retained views of `serial`'s active alarms, or the deletion of both when it has none.
 pub(super) fn views(
-    txn: &Txn,
+    txn: &dyn Txn,
     serial: &Serial,
     now: Timestamp,
 ) -> Result<Vec<Outbound>, StoreError> {
@@ -459,7 +463,7 @@ pub(super) fn views(
 }
 
 /// Every device's active alarms, for the retained views republished at startup.
-pub(super) fn startup_views(txn: &Txn, now: Timestamp) -> Result<Vec<Outbound>, StoreError> {
+pub(super) fn startup_views(txn: &dyn Txn, now: Timestamp) -> Result<Vec<Outbound>, StoreError> {
     let mut serials = std::collections::BTreeSet::new();
     for n in txn.active_alarms()? {
         if let Some(Some(a)) = skip_corrupt(txn.alarm(n))?

@@ -62,12 +62,12 @@ impl Core {
     }
 
     /// The store, for the metrics endpoint.
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
     }
 
     /// The store, shared: the notification worker reads its queue there, without the core.
-    pub fn shared_store(&self) -> Arc<Store> {
+    pub fn shared_store(&self) -> Arc<dyn Store> {
         self.store.clone()
     }
 
@@ -99,7 +99,7 @@ impl Core {
     /// will find them once the transaction has committed).
     pub(super) fn notify(
         &self,
-        txn: &mut Txn,
+        txn: &mut dyn Txn,
         event: NotifyEvent,
         serial: &str,
         message: impl FnOnce() -> notify::Message,
@@ -122,7 +122,7 @@ impl Core {
     /// overdue device is notified at once (the relay raises that alarm once per missed check-in).
     pub(super) fn notify_alarm(
         &self,
-        txn: &mut Txn,
+        txn: &mut dyn Txn,
         n: u64,
         alarm: &AlarmView,
         now: Timestamp,
@@ -180,7 +180,7 @@ impl Core {
                 ([one], 0) => notify::compose::alarm(one, &server),
                 (many, more) => notify::compose::alarms(&serial, many, more, &server),
             };
-            let n = rules.enqueue(&mut txn, NotifyEvent::Alarm, &serial, &message, now)?;
+            let n = rules.enqueue(&mut *txn, NotifyEvent::Alarm, &serial, &message, now)?;
             logs.push((serial, alarms.len() as u64 + digest.more, n));
             queued += n;
         }
@@ -208,7 +208,7 @@ impl Core {
         let txn = self.store.begin()?;
         let mut out = Vec::new();
         for serial in super::presence::parse_serials(due.into_iter().collect()) {
-            out.extend(super::alarm::views(&txn, &serial, now)?);
+            out.extend(super::alarm::views(&*txn, &serial, now)?);
         }
         txn.commit()?;
         Ok(out)
@@ -217,7 +217,7 @@ impl Core {
     /// S116: the end notice of a job, OK or NG, to whoever asked for it.
     pub(super) fn notify_job_end(
         &self,
-        txn: &mut Txn,
+        txn: &mut dyn Txn,
         record: &JobRecord,
         now: Timestamp,
     ) -> Result<(), StoreError> {

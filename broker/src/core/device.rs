@@ -32,7 +32,7 @@ enum Message {
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename these
 pub(super) fn handle(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     kind: UpKind,
@@ -75,7 +75,7 @@ pub(super) fn handle(
 
 /// Applies and journals one decoded, new message; returns the ack's outcome.
 fn store(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     seq: Seq,
@@ -97,7 +97,7 @@ fn store(
 /// The answer to a device message the relay handled before: `duplicate` if it stored it, the
 /// same refusal if it refused it. `None` for a message it has not handled.
 fn handled_before(
-    txn: &Txn,
+    txn: &dyn Txn,
     serial: &Serial,
     seq: Seq,
     topic: &str,
@@ -114,7 +114,7 @@ fn handled_before(
 
 /// Records that the device message at `seq` was stored, in its outbox's window.
 pub(super) fn record_stored(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     serial: &Serial,
     seq: Seq,
     now: Timestamp,
@@ -133,7 +133,7 @@ pub(super) fn record_stored(
 /// lost) is refused again rather than handled anew or called a duplicate, and so that its
 /// outbox's window moves past it.
 pub(super) fn record_refused(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     serial: &Serial,
     seq: Seq,
     reason: &str,
@@ -161,7 +161,7 @@ fn log_far_ahead(serial: &Serial, seq: Seq) {
 }
 
 fn job_update(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     update: &JobUpdate,
@@ -203,7 +203,7 @@ fn job_update(
 }
 
 fn state_update(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     report: StateReport,
@@ -256,7 +256,7 @@ fn state_update(
 /// S212–S213: merges the job's values into the device's current data and has the result
 /// published retained. A new request for a job merged before gets the stored result again.
 fn merge_request(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     req: &MergeRequest,
@@ -289,7 +289,7 @@ fn merge_request(
 /// Anything else is ignored with a warning: no chunk goes out and nothing is written.
 fn fetch(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     topic: &str,
@@ -346,7 +346,7 @@ fn fetch(
 /// `None`: the message is answered; the caller does nothing more.
 pub(super) fn decode_new<T: serde::de::DeserializeOwned>(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     topic: &str,

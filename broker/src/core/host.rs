@@ -19,7 +19,7 @@ use crate::store::{JobRecord, JournalEntry, JournalOutcome, StoreError, Txn, job
 
 pub(super) fn handle(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     host: &HostId,
     topic: &str,
@@ -54,7 +54,7 @@ pub(super) fn handle(
 #[allow(clippy::too_many_arguments)] // one call site; mirrors `handle`
 pub(super) fn handle_refusing(
     core: &Core,
-    txn: Option<&mut Txn>,
+    txn: Option<&mut dyn Txn>,
     p: &mut Pending,
     host: &HostId,
     topic: &str,
@@ -113,7 +113,7 @@ fn only_reads(request: &HostRequest) -> bool {
 
 fn answer(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     host: &HostId,
     id: MsgId,
@@ -125,7 +125,7 @@ fn answer(
         HostRequest::List { all } => {
             let visible = core.settings.finished_visible;
             let jobs =
-                txn.jobs_newest_first(|r| all || jobs::listed_by_default(r, now, visible))?;
+                txn.jobs_newest_first(&mut |r| all || jobs::listed_by_default(r, now, visible))?;
             Ok(HostReply::Jobs {
                 jobs: jobs.into_iter().map(|r| r.view).collect(),
             })
@@ -192,7 +192,7 @@ fn answer(
 /// Withdraws a job (see [`cancel`]). Journaled like a submission, so a resend after the job was
 /// canceled gets `Canceled` again rather than "already ended".
 fn cancel(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     host: &HostId,
     id: MsgId,
@@ -234,7 +234,7 @@ fn cancel(
 }
 
 fn upload_chunk(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     host: &HostId,
     chunk: &Chunk,
@@ -267,7 +267,7 @@ fn upload_chunk(
 
 fn submit(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     host: &HostId,
     id: MsgId,
@@ -317,7 +317,7 @@ fn submit(
 /// never does anything twice. `None` for a request not seen before; `Some(Err(reply))` when the id
 /// was used for another kind of request, or the job is gone.
 fn replay(
-    txn: &Txn,
+    txn: &dyn Txn,
     sender: &str,
     id: MsgId,
     job_of: impl Fn(JournalOutcome) -> Option<JobId>,

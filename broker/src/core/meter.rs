@@ -15,7 +15,7 @@ use crate::store::{ReadingCursor, StoreError, Txn};
 /// Handles one `dev/{serial}/up/counters` report: decode, dedupe, store, ack after the commit.
 pub(super) fn report(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     topic: &str,
@@ -58,7 +58,7 @@ pub(super) fn report(
 
 /// A get-data job's result that carries counters is a reading too (read when it was stored).
 pub(super) fn job_reading(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     serial: &Serial,
     job: &JobId,
     update: &JobUpdate,
@@ -93,7 +93,7 @@ fn parse_time(what: &str, text: &str) -> Result<Timestamp, String> {
 
 /// `export counters`: one page of readings with `from <= read_at < to`, oldest first.
 pub(super) fn export(
-    txn: &Txn,
+    txn: &dyn Txn,
     from: &str,
     to: &str,
     after: Option<&str>,

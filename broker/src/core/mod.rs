@@ -30,7 +30,6 @@ pub mod views;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -88,7 +87,7 @@ pub struct CoreSettings {
 
 /// The core's state: the store, its settings, and counters.
 pub struct Core {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     settings: CoreSettings,
     commits: AtomicU64,
     held_acks_logged: AtomicBool,
@@ -277,15 +276,11 @@ impl Pending {
 }
 
 impl Core {
-    /// Opens (creates) `data_dir/chukei.redb`.
-    pub fn open(data_dir: &Path, settings: CoreSettings) -> Result<Core, StoreError> {
-        Ok(Core::with_store(Store::open(data_dir)?, settings))
-    }
-
-    /// A core on a store opened by the caller (a test's failing disk).
-    pub(crate) fn with_store(store: Store, settings: CoreSettings) -> Core {
+    /// A core on an open store: the embedded redb file, or any other backend of
+    /// [`crate::store::interface`].
+    pub fn with_store(store: Arc<dyn Store>, settings: CoreSettings) -> Core {
         Core {
-            store: Arc::new(store),
+            store,
             settings,
             commits: AtomicU64::new(0),
             held_acks_logged: AtomicBool::new(false),
@@ -308,7 +303,7 @@ impl Core {
         }
     }
 
-    /// How many transactions have committed since [`Core::open`]; with group commit, fewer than
+    /// How many transactions have committed since [`Core::with_store`]; with group commit, fewer than
     /// the messages handled.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
@@ -332,16 +327,16 @@ impl Core {
                     out.extend(views::merged(&record, data)?);
                 }
             }
-            if let Some(v) = skip_corrupt(views::job_views(&txn, n, &record))? {
+            if let Some(v) = skip_corrupt(views::job_views(&*txn, n, &record))? {
                 out.extend(v);
             }
         }
         for serial in txn.device_serials()? {
             if let Some(Some(record)) = skip_corrupt(txn.device(&serial))? {
-                out.extend(self.state_views(&txn, &serial, &record)?);
+                out.extend(self.state_views(&*txn, &serial, &record)?);
             }
         }
-        out.extend(alarm::startup_views(&txn, chrono::Utc::now())?);
+        out.extend(alarm::startup_views(&*txn, chrono::Utc::now())?);
         txn.commit()?;
         Ok(out)
     }
@@ -385,7 +380,7 @@ impl Core {
             match Topic::parse(&msg.topic) {
                 Ok(Topic::DevUp { serial, kind }) => device::handle(
                     self,
-                    &mut txn,
+                    &mut *txn,
                     &mut pending,
                     &serial,
                     kind,
@@ -395,7 +390,7 @@ impl Core {
                 )?,
                 Ok(Topic::HostReq { host }) => host::handle(
                     self,
-                    &mut txn,
+                    &mut *txn,
                     &mut pending,
                     &host,
                     &msg.topic,
@@ -408,7 +403,7 @@ impl Core {
             }
         }
         let done = std::mem::take(&mut pending.done);
-        let (mut out, answers) = self.finish(&mut txn, pending, now)?;
+        let (mut out, answers) = self.finish(&mut *txn, pending, now)?;
         let started = std::time::Instant::now();
         if txn.commit()? {
             self.commits.fetch_add(1, Ordering::Relaxed);
@@ -448,7 +443,10 @@ impl Core {
         let mut p = Pending::default();
         let mut refused = 0u64;
         for msg in batch {
-            match (Topic::parse(&msg.topic), txn.as_mut()) {
+            match (
+                Topic::parse(&msg.topic),
+                txn.as_mut().map(|t| &mut **t as &mut dyn Txn),
+            ) {
                 (
                     Ok(Topic::DevUp {
                         serial,
@@ -518,7 +516,7 @@ impl Core {
         }
         let mut pending = Pending::default();
         for n in due {
-            match jobs::time_out(&mut txn, n, now) {
+            match jobs::time_out(&mut *txn, n, now) {
                 Ok(Some(record)) => {
                     info!(serial = %record.view.serial, job = %record.view.id, status = %record.view.status, "job timed out");
                     pending.views.insert(n);
@@ -539,7 +537,7 @@ impl Core {
             }
         }
         let done = std::mem::take(&mut pending.done);
-        let (out, _) = self.finish(&mut txn, pending, now)?;
+        let (out, _) = self.finish(&mut *txn, pending, now)?;
         let started = std::time::Instant::now();
         if txn.commit()? {
             self.commits.fetch_add(1, Ordering::Relaxed);
@@ -557,7 +555,7 @@ impl Core {
     /// writes; the caller returns nothing if the commit fails.
     fn finish(
         &self,
-        txn: &mut Txn,
+        txn: &mut dyn Txn,
         mut p: Pending,
         now: Timestamp,
     ) -> Result<(Vec<Outbound>, Vec<Outbound>), StoreError> {

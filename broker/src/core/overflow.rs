@@ -26,7 +26,7 @@ use crate::store::{MAX_OVERFLOW_CODES, OverflowRecord, StoreError, Txn};
 /// if it is not active); returns the reason the device is told.
 pub(super) fn fold(
     core: &Core,
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     code: &str,
@@ -110,7 +110,7 @@ pub(super) fn fold(
 /// `code` of `serial` was cleared, or raised and taken: it leaves the overflow list; the overflow
 /// alarm clears once nothing it stands for is left.
 pub(super) fn forget(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
     code: &str,

@@ -125,7 +125,7 @@ impl Core {
         let mut txn = self.store.begin()?;
         let mut p = Pending::default();
         for (serial, online) in changed.iter().cloned() {
-            match self.presence_edge(&mut txn, &mut p, &serial, online, now) {
+            match self.presence_edge(&mut *txn, &mut p, &serial, online, now) {
                 Ok(()) => {}
                 Err(e) if e.is_corrupt_record() => {
                     error!(serial = %serial, error = %e, "cannot record presence: a store record is corrupt");
@@ -134,7 +134,7 @@ impl Core {
             }
         }
         let done = std::mem::take(&mut p.done);
-        let (out, _) = self.finish(&mut txn, p, now)?;
+        let (out, _) = self.finish(&mut *txn, p, now)?;
         let started = std::time::Instant::now();
         if txn.commit()? {
             self.count_commit(started.elapsed(), 0);
@@ -149,7 +149,7 @@ impl Core {
     /// One device went online or offline.
     fn presence_edge(
         &self,
-        txn: &mut Txn,
+        txn: &mut dyn Txn,
         p: &mut Pending,
         serial: &Serial,
         online: bool,
@@ -200,7 +200,7 @@ impl Core {
         }
         let mut p = Pending::default();
         for serial in due {
-            if let Err(e) = self.mark_overdue(&mut txn, &mut p, &serial, now) {
+            if let Err(e) = self.mark_overdue(&mut *txn, &mut p, &serial, now) {
                 if !e.is_corrupt_record() {
                     return Err(e);
                 }
@@ -208,7 +208,7 @@ impl Core {
             }
         }
         let done = std::mem::take(&mut p.done);
-        let (out, _) = self.finish(&mut txn, p, now)?;
+        let (out, _) = self.finish(&mut *txn, p, now)?;
         let started = std::time::Instant::now();
         if txn.commit()? {
             self.count_commit(started.elapsed(), 0);
@@ -222,7 +222,7 @@ impl Core {
 
     fn mark_overdue(
         &self,
-        txn: &mut Txn,
+        txn: &mut dyn Txn,
         p: &mut Pending,
         serial: &Serial,
         now: Timestamp,
@@ -283,7 +283,7 @@ impl Core {
     /// `fleet/{serial}/state` and its JSON mirror: the device's state with its presence.
     pub(super) fn state_views(
         &self,
-        txn: &Txn,
+        txn: &dyn Txn,
         serial: &Serial,
         record: &DeviceRecord,
     ) -> Result<Vec<Outbound>, StoreError> {
@@ -335,7 +335,11 @@ impl Core {
 }
 
 /// Learns a device's schedule (from its state message, or a set-schedule job that succeeded).
-pub(super) fn learn(txn: &mut Txn, serial: &Serial, schedule: &Schedule) -> Result<(), StoreError> {
+pub(super) fn learn(
+    txn: &mut dyn Txn,
+    serial: &Serial,
+    schedule: &Schedule,
+) -> Result<(), StoreError> {
     let mut record = txn.presence(serial)?.unwrap_or_default();
     let (mode, interval) = (Some(schedule.mode), schedule.interval_secs);
     if record.mode == mode && record.interval_secs == interval {
@@ -353,7 +357,7 @@ pub(super) fn learn(txn: &mut Txn, serial: &Serial, schedule: &Schedule) -> Resu
 /// After a job's update was applied: a set-schedule job that succeeded changes what the relay
 /// expects of the device.
 pub(super) fn learn_from_job(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     serial: &Serial,
     n: u64,
     p: &mut Pending,

@@ -100,7 +100,12 @@ impl Core {
             return false;
         }
         // A file system that cannot be asked is taken at its word: the next commit will tell.
-        if !self.store.space().read().is_none_or(|s| s.is_ample()) {
+        if !self
+            .store
+            .space()
+            .and_then(|space| space.read())
+            .is_none_or(|s| s.is_ample())
+        {
             return false;
         }
         let burst = std::mem::replace(
@@ -160,7 +165,7 @@ impl Core {
         *last = Some(Instant::now());
         match self.store.reopen() {
             Ok(()) => {
-                info!(path = %self.store.path().display(), "store reopened after an I/O error");
+                info!(store = %self.store.location(), "store reopened after an I/O error");
                 *needs_reopen = false;
                 true
             }
@@ -180,7 +185,10 @@ impl Core {
         let now = Instant::now();
         match std::mem::take(&mut *state) {
             State::Writable => {
-                let data_dir = self.store.space().dir().display().to_string();
+                let data_dir = self
+                    .store
+                    .space()
+                    .map_or_else(|| self.store.location(), |s| s.dir().display().to_string());
                 if e.is_disk_full() {
                     error!(data_dir = %data_dir, error = %e, "relay storage full: refusing new work (device reports stay unacked in their outboxes, host submissions get an error) until space returns; reads continue");
                 } else {

@@ -101,7 +101,7 @@ pub fn chunk(serial: &Serial, chunk: Chunk, at: Timestamp) -> Result<Outbound, S
 /// `fleet/{serial}/jobs/{job}` (CBOR `Envelope<JobView>`) and `json/fleet/{serial}/jobs/{job}`
 /// (JSON `JobDetail`). None for a job whose serial cannot name a topic (a rejected submission with
 /// a bad serial): it is still in the list and `jobs show`.
-pub fn job_views(txn: &Txn, n: u64, record: &JobRecord) -> Result<Vec<Outbound>, StoreError> {
+pub fn job_views(txn: &dyn Txn, n: u64, record: &JobRecord) -> Result<Vec<Outbound>, StoreError> {
     let (Ok(serial), Ok(job)) = (
         Serial::parse(&record.view.serial),
         JobId::parse(&record.view.id),
@@ -120,7 +120,7 @@ pub fn job_views(txn: &Txn, n: u64, record: &JobRecord) -> Result<Vec<Outbound>,
 }
 
 /// A job with its timeline and collected data.
-pub fn detail(txn: &Txn, n: u64, record: &JobRecord) -> Result<JobDetail, StoreError> {
+pub fn detail(txn: &dyn Txn, n: u64, record: &JobRecord) -> Result<JobDetail, StoreError> {
     Ok(JobDetail {
         view: record.view.clone(),
         timeline: txn.events(n)?,

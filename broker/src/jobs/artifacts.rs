@@ -51,7 +51,7 @@ impl BeginOutcome {
 
 /// Starts or resumes an upload. `Err` is the reason for the host's error reply.
 pub fn begin(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     host: &HostId,
     req: &UploadBegin<'_>,
     now: Timestamp,
@@ -182,7 +182,7 @@ pub enum ChunkOutcome {
 }
 
 /// Stores one chunk of an upload that was begun. Chunks are taken in order only.
-pub fn chunk(txn: &mut Txn, chunk: &Chunk, now: Timestamp) -> Result<ChunkOutcome, StoreError> {
+pub fn chunk(txn: &mut dyn Txn, chunk: &Chunk, now: Timestamp) -> Result<ChunkOutcome, StoreError> {
     let id = &chunk.artifact;
     let index = chunk.index;
     let Some(mut info) = txn.artifact(id)? else {
@@ -226,7 +226,7 @@ pub fn chunk(txn: &mut Txn, chunk: &Chunk, now: Timestamp) -> Result<ChunkOutcom
     }
     // The last chunk: hash everything held, in order (this transaction sees its own writes).
     let mut hasher = Sha256::new();
-    let held = txn.visit_chunks(id, |_, data| hasher.update(data))?;
+    let held = txn.visit_chunks(id, &mut |_, data| hasher.update(data))?;
     let digest: [u8; 32] = hasher.finalize().into();
     if held != count || digest != id.digest() {
         txn.remove_artifact(id)?;
@@ -244,7 +244,7 @@ pub fn chunk(txn: &mut Txn, chunk: &Chunk, now: Timestamp) -> Result<ChunkOutcom
 }
 
 /// Every artifact, newest first.
-pub fn list(txn: &Txn) -> Result<Vec<ArtifactInfo>, StoreError> {
+pub fn list(txn: &dyn Txn) -> Result<Vec<ArtifactInfo>, StoreError> {
     let mut all = txn.artifacts()?;
     all.sort_by_key(|a| std::cmp::Reverse(a.uploaded_at));
     Ok(all)

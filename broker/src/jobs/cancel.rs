@@ -25,7 +25,7 @@ pub enum CancelOutcome {
 
 /// Cancels job `id` on behalf of `host`.
 pub fn cancel(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     host: &HostId,
     id: &str,
     now: Timestamp,

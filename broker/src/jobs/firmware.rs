@@ -40,7 +40,7 @@ impl Firmware {
 
 /// Finds the artifact a firmware submission names: an id (64 hex digits) or a version, which
 /// picks the newest complete upload with that version. `Err` is the reason the job is rejected.
-pub fn resolve(txn: &Txn, name: &str) -> Result<Result<ArtifactRef, Rejected>, StoreError> {
+pub fn resolve(txn: &dyn Txn, name: &str) -> Result<Result<ArtifactRef, Rejected>, StoreError> {
     let upload_hint =
         "upload it with `host-agent artifacts upload FILE --version V --signing-key KEY`";
     if let Ok(id) = ArtifactId::parse(name) {
@@ -85,7 +85,11 @@ pub enum FetchOutcome {
 
 /// Serves a fetch only for an open firmware job of `serial` whose artifact is the one asked for:
 /// a device may download only what it was told to install.
-pub fn fetch(txn: &Txn, serial: &Serial, req: &FetchRequest) -> Result<FetchOutcome, StoreError> {
+pub fn fetch(
+    txn: &dyn Txn,
+    serial: &Serial,
+    req: &FetchRequest,
+) -> Result<FetchOutcome, StoreError> {
     let job = &req.job;
     let Some((_, record)) = super::lookup(txn, job.as_str())? else {
         return Ok(FetchOutcome::Refused(format!(

@@ -26,7 +26,7 @@ impl GetData {
     /// the payload limit already bounds the size.
     pub(super) fn stage(
         &self,
-        txn: &Txn,
+        txn: &dyn Txn,
         n: u64,
         update: &JobUpdate,
     ) -> Result<Staged, StoreError> {

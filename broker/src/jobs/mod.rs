@@ -63,7 +63,7 @@ impl JobKind {
 
     /// Reads what this kind needs to store `update` (and nothing else). Split from
     /// [`Staged::write`] so that every read, and so every corrupt record, comes before a write.
-    fn stage(&self, txn: &Txn, n: u64, update: &JobUpdate) -> Result<Staged, StoreError> {
+    fn stage(&self, txn: &dyn Txn, n: u64, update: &JobUpdate) -> Result<Staged, StoreError> {
         match self {
             JobKind::GetData(k) => k.stage(txn, n, update),
             JobKind::UpdateData(k) => k.stage(txn, n, update),
@@ -81,7 +81,7 @@ pub(crate) struct Staged {
 }
 
 impl Staged {
-    fn write(self, txn: &mut Txn, n: u64) -> Result<(), StoreError> {
+    fn write(self, txn: &mut dyn Txn, n: u64) -> Result<(), StoreError> {
         if let Some(report) = &self.report {
             txn.put_report(n, report)?;
         }
@@ -91,7 +91,7 @@ impl Staged {
 
 /// Merges the sections a device sent into job `n`'s report; a section sent again replaces the
 /// earlier copy. Shared by the kinds whose result is data (get-data, update-data).
-fn stage_report(txn: &Txn, n: u64, update: &JobUpdate) -> Result<Staged, StoreError> {
+fn stage_report(txn: &dyn Txn, n: u64, update: &JobUpdate) -> Result<Staged, StoreError> {
     let Some(data) = &update.data else {
         return Ok(Staged::default());
     };
@@ -124,7 +124,7 @@ impl Default for Defaults {
 }
 
 /// Finds a job by the id the broker gave it. `J-1` is not `J-000001`: the stored id must match.
-pub fn lookup(txn: &Txn, id: &str) -> Result<Option<(u64, JobRecord)>, StoreError> {
+pub fn lookup(txn: &dyn Txn, id: &str) -> Result<Option<(u64, JobRecord)>, StoreError> {
     let Some(n) = job_number(id) else {
         return Ok(None);
     };
@@ -134,7 +134,7 @@ pub fn lookup(txn: &Txn, id: &str) -> Result<Option<(u64, JobRecord)>, StoreErro
 /// Records a host's submission as a new job: queued if it is valid, rejected with the reason if
 /// not (S104). Either way the job gets an id, so the host can look it up.
 pub fn submit(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     host: &HostId,
     req: &SubmitJob,
     server: &str,
@@ -320,7 +320,7 @@ pub enum UpdateOutcome {
 
 /// Applies a device's report about one of its jobs.
 pub fn apply_update(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     serial: &Serial,
     update: &JobUpdate,
     now: Timestamp,
@@ -380,7 +380,11 @@ pub fn apply_update(
 
 /// Marks job `n` timed out if it is still open. Returns the record as it now is, or `None` if the
 /// job had already ended (or does not exist).
-pub fn time_out(txn: &mut Txn, n: u64, now: Timestamp) -> Result<Option<JobRecord>, StoreError> {
+pub fn time_out(
+    txn: &mut dyn Txn,
+    n: u64,
+    now: Timestamp,
+) -> Result<Option<JobRecord>, StoreError> {
     let Some(mut record) = txn.job(n)? else {
         return Ok(None);
     };
@@ -414,7 +418,7 @@ pub fn time_out(txn: &mut Txn, n: u64, now: Timestamp) -> Result<Option<JobRecor
 /// Fills in the site of `serial`'s open jobs that were submitted before the device ever said where
 /// it is. Returns the numbers of the jobs changed.
 pub fn fill_site(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     serial: &Serial,
     site: &str,
     now: Timestamp,

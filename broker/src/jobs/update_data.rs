@@ -50,7 +50,7 @@ impl UpdateData {
     /// The applied sections a `succeeded` carries become the job's report.
     pub(super) fn stage(
         &self,
-        txn: &Txn,
+        txn: &dyn Txn,
         n: u64,
         update: &JobUpdate,
     ) -> Result<Staged, StoreError> {
@@ -73,7 +73,7 @@ pub enum MergeOutcome {
 /// Handles `MergeRequest` from `serial`: checks that the job is an open update-data job with
 /// `merge: broker` addressed to `serial`, then merges and stores the result with a job event.
 pub fn merge(
-    txn: &mut Txn,
+    txn: &mut dyn Txn,
     serial: &Serial,
     req: &MergeRequest,
     now: Timestamp,

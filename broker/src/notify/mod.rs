@@ -2,7 +2,7 @@
 //! a job ends OK or NG, when a device raises a fatal alarm, and when a device is overdue.
 //!
 //! Rules are in the broker's config (`[[notify.rules]]`). When an event happens, the core writes
-//! one [`QueuedNotification`] per rule and channel into redb **in the same transaction as the
+//! one [`QueuedNotification`] per rule and channel into the store **in the same transaction as the
 //! event**, so a notification exists exactly when its event does and survives a restart. A
 //! separate worker ([`run_worker`]) drains the queue: it sends, removes what was delivered, and
 //! retries the rest with exponential backoff. It never runs inside the core's commit path, so a
@@ -259,7 +259,7 @@ impl NotifyConfig {
     /// Returns how many were queued.
     pub fn enqueue(
         &self,
-        txn: &mut Txn,
+        txn: &mut dyn Txn,
         event: NotifyEvent,
         serial: &str,
         message: &Message,
@@ -346,7 +346,7 @@ fn describe(channel: &NotifyChannel) -> String {
 /// timeout), removes what was delivered, reschedules the rest with backoff. Woken by the core
 /// (`wake`) when it queues something, else by the earliest retry.
 pub async fn run_worker(
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     stats: Arc<CoreStats>,
     cfg: NotifyConfig,
     senders: Senders,
@@ -412,7 +412,7 @@ pub async fn run_worker(
 
 /// Writes what became of each delivery: removed when sent or given up on, else rescheduled.
 async fn record(
-    store: &Arc<Store>,
+    store: &Arc<dyn Store>,
     stats: &CoreStats,
     cfg: &NotifyConfig,
     outcomes: Vec<(u64, QueuedNotification, Result<(), String>)>,
@@ -553,7 +553,7 @@ impl Log {
 }
 
 /// Logs, at startup, how many notifications a previous run left in the queue.
-pub fn log_backlog(store: &Store) {
+pub fn log_backlog(store: &dyn Store) {
     match store.begin().and_then(|txn| {
         let n = txn.notification_count()?;
         txn.commit()?;

@@ -3,6 +3,7 @@
 
 use protocol::device::DeviceState;
 use protocol::job::{JobOrder, JobView};
+use protocol::schedule::SessionMode;
 use protocol::{JobId, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +38,7 @@ pub struct DeviceRecord {
 
 /// The state of a device record alone (`Txn::device_state`): the rest is skipped, not parsed.
 #[derive(Deserialize)]
-pub(super) struct StoredState {
+pub(crate) struct StoredState {
     #[serde(default)]
     pub state: DeviceState,
 }
@@ -65,4 +66,146 @@ pub enum JournalOutcome {
     /// A host's cancel request withdrew this job; a resend gets the same answer rather than
     /// "already ended".
     Cancel { job: JobId },
+}
+
+/// The id the broker gives its `n`th alarm: `A-000001`, …
+pub fn alarm_id(n: u64) -> String {
+    format!("A-{n:06}")
+}
+
+/// The number behind an alarm id, or `None` for text the broker never gives out.
+pub fn alarm_number(id: &str) -> Option<u64> {
+    let digits = id.strip_prefix("A-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The most refused codes an overflow record names; more are only counted (`untracked`).
+pub const MAX_OVERFLOW_CODES: usize = 64;
+
+/// Alarms the relay refused one device, and the overflow alarm that shows them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OverflowRecord {
+    /// The number of the device's overflow alarm.
+    pub alarm: u64,
+    /// The distinct codes refused and not cleared since (at most [`MAX_OVERFLOW_CODES`]).
+    #[serde(default)]
+    pub codes: Vec<String>,
+    /// Refused codes beyond those named.
+    #[serde(default)]
+    pub untracked: u64,
+    /// Refused reports in all (resends and repeats included).
+    #[serde(default)]
+    pub refused: u64,
+    /// When the first was refused.
+    pub since: Timestamp,
+}
+
+/// What the relay knows about a device's reachability beyond its last-seen time.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    /// The session mode, from the device's state message or its last set-schedule job.
+    #[serde(default)]
+    pub mode: Option<SessionMode>,
+    /// Periodic: the check-in interval.
+    #[serde(default)]
+    pub interval_secs: Option<u64>,
+    /// When the presence (online, offline, overdue) last changed.
+    #[serde(default)]
+    pub since: Option<Timestamp>,
+    /// Offline and periodic: when the device becomes overdue (mirrors `checkin_due`).
+    #[serde(default)]
+    pub due_by: Option<Timestamp>,
+    /// The active overdue alarm, if any.
+    #[serde(default)]
+    pub overdue_alarm: Option<u64>,
+}
+
+impl PresenceRecord {
+    /// The interval a late check-in is measured against: only periodic devices are expected.
+    pub fn expected_interval(&self) -> Option<u64> {
+        match self.mode {
+            Some(SessionMode::Periodic) => self.interval_secs,
+            _ => None,
+        }
+    }
+}
+
+/// The most alarms one digest names; more are only counted (`more`). A device holds at most
+/// `max_active_alarms_per_device` active alarms, so this is reached only by one that raises and
+/// clears many within one window.
+pub const MAX_DIGEST_ALARMS: usize = 100;
+
+/// A device's alarms raised within one coalescing window, to be notified as one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlarmDigest {
+    /// When the window closes (mirrors `digest_due`).
+    pub due_at: Timestamp,
+    /// Alarm numbers, oldest first (at most [`MAX_DIGEST_ALARMS`]).
+    pub alarms: Vec<u64>,
+    /// Alarms beyond those named.
+    #[serde(default)]
+    pub more: u64,
+}
+
+/// What is due now (with its number), and when the next one is due.
+pub type Due = (Vec<(u64, QueuedNotification)>, Option<Timestamp>);
+
+/// Where a notification goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "via", rename_all = "kebab-case")]
+pub enum NotifyChannel {
+    /// One mail to all of these addresses.
+    Mail { to: Vec<String> },
+    /// An HTTP POST of the JSON body.
+    Webhook { url: String },
+}
+
+/// One mail or webhook call waiting to be delivered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuedNotification {
+    pub created_at: Timestamp,
+    /// The device the event concerns, so the worker can serve devices in turn.
+    #[serde(default)]
+    pub serial: String,
+    /// What happened: `job-succeeded`, `job-failed`, `alarm`, `overdue`.
+    pub event: String,
+    pub channel: NotifyChannel,
+    /// The mail's subject line.
+    pub subject: String,
+    /// The mail's text.
+    pub text: String,
+    /// The webhook's JSON body.
+    pub json: String,
+    /// Attempts made so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Not before this time (backoff after a failure).
+    pub next_at: Timestamp,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// Where a page of an export stops: the key of its last reading, as text for the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadingCursor {
+    pub at_ms: i64,
+    pub serial: String,
+    pub n: u64,
+}
+
+impl ReadingCursor {
+    pub fn to_text(&self) -> String {
+        format!("{}/{}/{}", self.at_ms, self.serial, self.n)
+    }
+
+    pub fn parse(text: &str) -> Option<ReadingCursor> {
+        let mut parts = text.splitn(3, '/');
+        let at_ms = parts.next()?.parse().ok()?;
+        let serial = parts.next()?.to_owned();
+        let n = parts.next()?.parse().ok()?;
+        Some(ReadingCursor { at_ms, serial, n })
+    }
 }

@@ -4,7 +4,7 @@
 //! Presence is the relay's own observation, never the device's word: the gateway knows when a
 //! device's authenticated MQTT session starts and ends, whatever ended it (DISCONNECT, a reset, a
 //! keepalive that ran out). Each such moment is one [`PresenceEvent`] on an unbounded channel to
-//! the core's task, which records it in redb with the device's last-seen time and republishes the
+//! the core's task, which records it in the store with the device's last-seen time and republishes the
 //! retained `fleet/{serial}/state` view. Unbounded because a session must never wait on the core
 //! to open or close; an event is a few dozen bytes and there are two per session.
 

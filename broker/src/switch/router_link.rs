@@ -46,7 +46,7 @@ impl From<Box<rumqttd::local::LinkError>> for CoreLinkError {
 /// up to `core::run::MAX_BATCH` at once; a full queue makes the senders wait.
 pub const INBOUND_QUEUE: usize = 4096;
 
-/// Attaches the core, subscribes it, and publishes `retained` (rebuilt from redb) before
+/// Attaches the core, subscribes it, and publishes `retained` (rebuilt from the store) before
 /// returning. The router handles events in order, so these retained messages are in place before
 /// any client the gateway admits later can subscribe. What the router forwards the core goes
 /// into `inbound`.

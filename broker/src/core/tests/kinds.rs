@@ -974,15 +974,14 @@ fn cancel_withdraws_waiting_jobs_and_refuses_started_or_ended_ones() {
 #[test]
 fn submissions_without_deadline_or_attempts_get_the_configured_defaults() {
     let dir = tempfile::tempdir().unwrap();
-    let core = Core::open(
-        dir.path(),
+    let core = open_with(
+        &dir,
         CoreSettings {
             default_deadline: Duration::from_secs(3600),
             default_max_attempts: 4,
             ..settings()
         },
-    )
-    .unwrap();
+    );
     let img = Image::new(100, 11, "2.0", 1024);
     img.upload(&core, 100, t(8, 0));
     let later = SubmitJob {

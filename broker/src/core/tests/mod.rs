@@ -1,5 +1,7 @@
-//! The core driven through `handle_batch`, `expire` and `run` against real redb files in temp
-//! directories, with payloads built from the protocol types, as the router would deliver them.
+//! The core driven through `handle_batch`, `expire` and `run` on the test store
+//! (`crate::store::testing`: real redb files in temp directories by default, any backend of the
+//! store's interface otherwise), with payloads built from the protocol types, as the router would
+//! deliver them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,8 +40,13 @@ fn settings() -> CoreSettings {
     }
 }
 
+/// A core on the test store in `dir` (`crate::store::testing`: the backend the suite runs on).
 fn open(dir: &tempfile::TempDir) -> Core {
-    Core::open(dir.path(), settings()).unwrap()
+    open_with(dir, settings())
+}
+
+fn open_with(dir: &tempfile::TempDir, settings: CoreSettings) -> Core {
+    Core::with_store(crate::store::testing::open(dir.path()), settings)
 }
 
 fn serial(s: &str) -> Serial {
@@ -954,14 +961,13 @@ fn a_repeated_site_skips_the_fill_but_a_damaged_device_record_does_not() {
 fn held_acks_are_committed_and_a_restart_answers_the_resend_as_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let core = Core::open(
-            dir.path(),
+        let core = open_with(
+            &dir,
             CoreSettings {
                 hold_acks: true,
                 ..settings()
             },
-        )
-        .unwrap();
+        );
         let out = core
             .handle_batch(vec![submit("svc", 1, get_data("C1"))], t(9, 0))
             .unwrap();

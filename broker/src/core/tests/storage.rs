@@ -16,7 +16,7 @@ fn reply_to(out: &[Outbound], h: &str, id: MsgId) -> HostReply {
 fn a_failed_commit_acks_nothing_refuses_writes_and_recovers_when_space_returns() {
     let dir = tempfile::tempdir().unwrap();
     let disk = FillingDisk::default();
-    let core = Core::with_store(disk.store(dir.path()), settings());
+    let core = Core::with_store(Arc::new(disk.store(dir.path())), settings());
 
     let out = core
         .handle_batch(
@@ -119,7 +119,7 @@ fn presence_changes_wait_in_memory_while_the_disk_is_full_and_are_recorded_after
 
     let dir = tempfile::tempdir().unwrap();
     let disk = FillingDisk::default();
-    let core = Core::with_store(disk.store(dir.path()), settings());
+    let core = Core::with_store(Arc::new(disk.store(dir.path())), settings());
     let online = |s: &str| PresenceEvent {
         serial: serial(s),
         online: true,

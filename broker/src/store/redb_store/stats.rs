@@ -2,29 +2,14 @@
 //! holds up the core's writes; and the creation of the alarm, presence, meter-reading and
 //! notification tables.
 
-use std::collections::BTreeMap;
-
 use protocol::job::JobStatus;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::alarms::{ACTIVE_ALARMS, ALARM_CLEARS, ALARM_OVERFLOW, ALARMS, CHECKIN_DUE, PRESENCE};
 use super::notify::{ALARM_DIGESTS, DIGEST_DUE, NOTIFY_QUEUE};
 use super::readings::READINGS;
-use super::{DEVICES, JOBS, JobRecord, Store, StoreError, backend};
-
-/// Counts for the Prometheus endpoint.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct StoreStats {
-    /// Jobs per status name; every status is present, zero or not.
-    pub jobs: BTreeMap<&'static str, u64>,
-    /// Job records that did not decode.
-    pub corrupt_jobs: u64,
-    pub alarms_active: u64,
-    pub alarms_total: u64,
-    pub notify_queue: u64,
-    pub devices: u64,
-    pub readings: u64,
-}
+use super::{DEVICES, JOBS, RedbStore, backend};
+use crate::store::{JobRecord, StoreError, StoreStats};
 
 /// Creates the tables of alarms, presence, readings and notifications (a write transaction
 /// creates a table on first open; a read transaction does not).
@@ -45,7 +30,7 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-impl Store {
+impl RedbStore {
     /// Counts jobs by status, alarms, the notification queue and devices. Reads every job record
     /// (to learn its status), so it is for a scrape every few seconds, not for a hot path.
     pub fn stats(&self) -> Result<StoreStats, StoreError> {

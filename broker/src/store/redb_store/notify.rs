@@ -16,9 +16,12 @@ use std::collections::{HashMap, VecDeque};
 
 use protocol::Timestamp;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::{Deserialize, Serialize};
 
-use super::{StoreError, Txn, backend, decode, encode};
+use super::{RedbTxn, backend};
+use crate::store::{
+    AlarmDigest, Due, MAX_DIGEST_ALARMS, NotificationTables, QueuedNotification, StoreError,
+    decode, encode,
+};
 
 pub(super) const NOTIFY_QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("notify_queue");
 pub(super) const ALARM_DIGESTS: TableDefinition<&str, &[u8]> =
@@ -26,64 +29,8 @@ pub(super) const ALARM_DIGESTS: TableDefinition<&str, &[u8]> =
 pub(super) const DIGEST_DUE: TableDefinition<(i64, &str), ()> = TableDefinition::new("digest_due");
 const NEXT_NOTIFICATION: &str = "next_notification";
 
-/// The most alarms one digest names; more are only counted (`more`). A device holds at most
-/// `max_active_alarms_per_device` active alarms, so this is reached only by one that raises and
-/// clears many within one window.
-pub const MAX_DIGEST_ALARMS: usize = 100;
-
-/// A device's alarms raised within one coalescing window, to be notified as one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AlarmDigest {
-    /// When the window closes (mirrors `digest_due`).
-    pub due_at: Timestamp,
-    /// Alarm numbers, oldest first (at most [`MAX_DIGEST_ALARMS`]).
-    pub alarms: Vec<u64>,
-    /// Alarms beyond those named.
-    #[serde(default)]
-    pub more: u64,
-}
-
-/// What is due now (with its number), and when the next one is due.
-pub type Due = (Vec<(u64, QueuedNotification)>, Option<Timestamp>);
-
-/// Where a notification goes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "via", rename_all = "kebab-case")]
-pub enum NotifyChannel {
-    /// One mail to all of these addresses.
-    Mail { to: Vec<String> },
-    /// An HTTP POST of the JSON body.
-    Webhook { url: String },
-}
-
-/// One mail or webhook call waiting to be delivered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QueuedNotification {
-    pub created_at: Timestamp,
-    /// The device the event concerns, so the worker can serve devices in turn.
-    #[serde(default)]
-    pub serial: String,
-    /// What happened: `job-succeeded`, `job-failed`, `alarm`, `overdue`.
-    pub event: String,
-    pub channel: NotifyChannel,
-    /// The mail's subject line.
-    pub subject: String,
-    /// The mail's text.
-    pub text: String,
-    /// The webhook's JSON body.
-    pub json: String,
-    /// Attempts made so far.
-    #[serde(default)]
-    pub attempts: u32,
-    /// Not before this time (backoff after a failure).
-    pub next_at: Timestamp,
-    #[serde(default)]
-    pub last_error: Option<String>,
-}
-
-impl Txn {
-    /// Queues a notification; returns its number.
-    pub fn push_notification(&mut self, item: &QueuedNotification) -> Result<u64, StoreError> {
+impl NotificationTables for RedbTxn {
+    fn push_notification(&mut self, item: &QueuedNotification) -> Result<u64, StoreError> {
         let op = "queue a notification";
         let n = self.next_counter(NEXT_NOTIFICATION, op)?;
         let bytes = encode("notify_queue", n, item)?;
@@ -96,11 +43,7 @@ impl Txn {
         Ok(n)
     }
 
-    /// Up to `limit` queued notifications due at `now`, and the earliest time one left out is
-    /// due. Devices are served in turn: the oldest due notification of each device (the device
-    /// whose oldest is oldest first), then the second of each, and so on, so a device with a
-    /// long backlog delays another device's notification by one delivery at most.
-    pub fn due_notifications(&self, now: Timestamp, limit: usize) -> Result<Due, StoreError> {
+    fn due_notifications(&self, now: Timestamp, limit: usize) -> Result<Due, StoreError> {
         let op = "read the notification queue";
         let table = self.txn.open_table(NOTIFY_QUEUE).map_err(backend(op))?;
         // Per device, in the order of each device's oldest due notification; at most `limit`
@@ -152,9 +95,7 @@ impl Txn {
         Ok((due, later))
     }
 
-    /// Adds alarm `n` of `serial` to its open digest, or opens one that closes at `due_at`.
-    /// Returns whether a digest was opened.
-    pub fn digest_alarm(
+    fn digest_alarm(
         &mut self,
         serial: &str,
         n: u64,
@@ -193,8 +134,7 @@ impl Txn {
         Ok(opened)
     }
 
-    /// Removes and returns every digest whose window closed at or before `now`, earliest first.
-    pub fn take_due_digests(
+    fn take_due_digests(
         &mut self,
         now: Timestamp,
     ) -> Result<Vec<(String, AlarmDigest)>, StoreError> {
@@ -231,12 +171,7 @@ impl Txn {
         Ok(out)
     }
 
-    /// Rewrites a queued notification (after a failed attempt).
-    pub fn put_notification(
-        &mut self,
-        n: u64,
-        item: &QueuedNotification,
-    ) -> Result<(), StoreError> {
+    fn put_notification(&mut self, n: u64, item: &QueuedNotification) -> Result<(), StoreError> {
         let op = "write a notification";
         let bytes = encode("notify_queue", n, item)?;
         self.txn
@@ -248,8 +183,7 @@ impl Txn {
         Ok(())
     }
 
-    /// Removes a notification (delivered, or given up on).
-    pub fn remove_notification(&mut self, n: u64) -> Result<(), StoreError> {
+    fn remove_notification(&mut self, n: u64) -> Result<(), StoreError> {
         let op = "remove a notification";
         self.txn
             .open_table(NOTIFY_QUEUE)
@@ -260,8 +194,7 @@ impl Txn {
         Ok(())
     }
 
-    /// How many notifications wait.
-    pub fn notification_count(&self) -> Result<u64, StoreError> {
+    fn notification_count(&self) -> Result<u64, StoreError> {
         let op = "count the notification queue";
         let table = self.txn.open_table(NOTIFY_QUEUE).map_err(backend(op))?;
         table.len().map_err(backend(op))
@@ -270,8 +203,8 @@ impl Txn {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::store::Store;
+    use crate::store::*;
     use chrono::TimeZone;
 
     fn item(minute: u32) -> QueuedNotification {
@@ -296,7 +229,7 @@ mod tests {
     #[test]
     fn a_burst_of_alarms_is_one_digest_until_its_window_closes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
         let mut txn = store.begin().unwrap();
         let at = |m| item(m).next_at;
         assert!(txn.digest_alarm("C1", 1, at(5)).unwrap());
@@ -331,14 +264,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let now = item(5).next_at;
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = RedbStore::open(dir.path()).unwrap();
             let mut txn = store.begin().unwrap();
             txn.push_notification(&item(1)).unwrap();
             txn.push_notification(&item(9)).unwrap();
             txn.push_notification(&item(3)).unwrap();
             txn.commit().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
         let mut txn = store.begin().unwrap();
         assert_eq!(txn.notification_count().unwrap(), 3);
         let (due, later) = txn.due_notifications(now, 10).unwrap();
@@ -358,7 +291,7 @@ mod tests {
     #[test]
     fn a_device_with_a_long_queue_does_not_delay_another_devices_notification() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
         let mut txn = store.begin().unwrap();
         for _ in 0..100 {
             txn.push_notification(&item(1)).unwrap();

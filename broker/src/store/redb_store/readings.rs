@@ -6,37 +6,15 @@ use protocol::Timestamp;
 use protocol::meter::CounterReading;
 use redb::{ReadableTable, TableDefinition};
 
-use super::{StoreError, Txn, backend, decode, encode};
+use super::{RedbTxn, backend};
+use crate::store::{ReadingCursor, ReadingTables, StoreError, decode, encode};
 
 pub(super) const READINGS: TableDefinition<(i64, &str, u64), &[u8]> =
     TableDefinition::new("readings");
 const NEXT_READING: &str = "next_reading";
 
-/// Where a page of an export stops: the key of its last reading, as text for the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadingCursor {
-    pub at_ms: i64,
-    pub serial: String,
-    pub n: u64,
-}
-
-impl ReadingCursor {
-    pub fn to_text(&self) -> String {
-        format!("{}/{}/{}", self.at_ms, self.serial, self.n)
-    }
-
-    pub fn parse(text: &str) -> Option<ReadingCursor> {
-        let mut parts = text.splitn(3, '/');
-        let at_ms = parts.next()?.parse().ok()?;
-        let serial = parts.next()?.to_owned();
-        let n = parts.next()?.parse().ok()?;
-        Some(ReadingCursor { at_ms, serial, n })
-    }
-}
-
-impl Txn {
-    /// Stores one reading.
-    pub fn put_reading(&mut self, reading: &CounterReading) -> Result<(), StoreError> {
+impl ReadingTables for RedbTxn {
+    fn put_reading(&mut self, reading: &CounterReading) -> Result<(), StoreError> {
         let op = "write a reading";
         let n = self.next_counter(NEXT_READING, op)?;
         let at = reading.read_at.timestamp_millis();
@@ -50,10 +28,7 @@ impl Txn {
         Ok(())
     }
 
-    /// Readings with `from <= read_at < to`, oldest first, after `after` (exclusive), at most
-    /// `limit` of them; `serial` keeps only one device's. Returns them and the cursor of the last
-    /// one if the page is full (there may be more).
-    pub fn readings(
+    fn readings(
         &self,
         from: Timestamp,
         to: Timestamp,
@@ -96,6 +71,7 @@ impl Txn {
 mod tests {
     use super::*;
     use crate::store::Store;
+    use crate::store::*;
     use chrono::TimeZone;
     use protocol::data::{SectionData, Value};
 
@@ -116,7 +92,7 @@ mod tests {
     #[test]
     fn readings_come_back_by_time_range_a_page_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
         let mut txn = store.begin().unwrap();
         for (s, m, t) in [("C2", 1, 10), ("C1", 1, 20), ("C1", 2, 30), ("C1", 5, 40)] {
             txn.put_reading(&reading(s, m, t)).unwrap();

@@ -12,12 +12,14 @@
 //!   finding overdue devices is a range scan, not a walk over the fleet every second.
 
 use protocol::alarm::AlarmView;
-use protocol::schedule::SessionMode;
 use protocol::{Serial, Timestamp};
 use redb::{ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
 
-use super::{META, StoreError, Txn, backend, decode, encode};
+use super::{META, RedbTxn, backend};
+use crate::store::{
+    AlarmTables, OverflowRecord, PresenceRecord, PresenceTables, StoreError, alarm_id, decode,
+    encode,
+};
 
 pub(super) const ALARMS: TableDefinition<u64, &[u8]> = TableDefinition::new("alarms");
 pub(super) const ACTIVE_ALARMS: TableDefinition<(&str, &str), u64> =
@@ -34,98 +36,18 @@ pub(super) const CHECKIN_DUE: TableDefinition<(i64, &str), ()> =
 
 const NEXT_ALARM: &str = "next_alarm";
 
-/// The id the broker gives its `n`th alarm: `A-000001`, …
-pub fn alarm_id(n: u64) -> String {
-    format!("A-{n:06}")
-}
-
-/// The number behind an alarm id, or `None` for text the broker never gives out.
-pub fn alarm_number(id: &str) -> Option<u64> {
-    let digits = id.strip_prefix("A-")?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
-
-/// The most refused codes an overflow record names; more are only counted (`untracked`).
-pub const MAX_OVERFLOW_CODES: usize = 64;
-
-/// Alarms the relay refused one device, and the overflow alarm that shows them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OverflowRecord {
-    /// The number of the device's overflow alarm.
-    pub alarm: u64,
-    /// The distinct codes refused and not cleared since (at most [`MAX_OVERFLOW_CODES`]).
-    #[serde(default)]
-    pub codes: Vec<String>,
-    /// Refused codes beyond those named.
-    #[serde(default)]
-    pub untracked: u64,
-    /// Refused reports in all (resends and repeats included).
-    #[serde(default)]
-    pub refused: u64,
-    /// When the first was refused.
-    pub since: Timestamp,
-}
-
-/// What the relay knows about a device's reachability beyond its last-seen time.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct PresenceRecord {
-    /// The session mode, from the device's state message or its last set-schedule job.
-    #[serde(default)]
-    pub mode: Option<SessionMode>,
-    /// Periodic: the check-in interval.
-    #[serde(default)]
-    pub interval_secs: Option<u64>,
-    /// When the presence (online, offline, overdue) last changed.
-    #[serde(default)]
-    pub since: Option<Timestamp>,
-    /// Offline and periodic: when the device becomes overdue (mirrors `checkin_due`).
-    #[serde(default)]
-    pub due_by: Option<Timestamp>,
-    /// The active overdue alarm, if any.
-    #[serde(default)]
-    pub overdue_alarm: Option<u64>,
-}
-
-impl PresenceRecord {
-    /// The interval a late check-in is measured against: only periodic devices are expected.
-    pub fn expected_interval(&self) -> Option<u64> {
-        match self.mode {
-            Some(SessionMode::Periodic) => self.interval_secs,
-            _ => None,
-        }
-    }
-}
-
 /// Every key of `serial` in a (serial, code) table. Codes are ASCII
 /// (`protocol::alarm::check_code`), so "\u{7f}" sorts after every one of them.
 fn range_of(serial: &str) -> std::ops::RangeInclusive<(&str, &str)> {
     (serial, "")..=(serial, "\u{7f}")
 }
 
-impl Txn {
-    /// Allocates the next alarm number (1, 2, …).
-    pub fn next_alarm_number(&mut self) -> Result<u64, StoreError> {
+impl AlarmTables for RedbTxn {
+    fn next_alarm_number(&mut self) -> Result<u64, StoreError> {
         self.next_counter(NEXT_ALARM, "allocate an alarm number")
     }
 
-    /// Bumps the named counter in `meta` and returns its new value.
-    pub(super) fn next_counter(&mut self, key: &str, op: &'static str) -> Result<u64, StoreError> {
-        let mut meta = self.txn.open_table(META).map_err(backend(op))?;
-        let last = meta
-            .get(key)
-            .map_err(backend(op))?
-            .map(|g| g.value())
-            .unwrap_or(0);
-        let n = last + 1;
-        meta.insert(key, n).map_err(backend(op))?;
-        self.dirty = true;
-        Ok(n)
-    }
-
-    pub fn alarm(&self, n: u64) -> Result<Option<AlarmView>, StoreError> {
+    fn alarm(&self, n: u64) -> Result<Option<AlarmView>, StoreError> {
         let op = "read an alarm";
         let table = self.txn.open_table(ALARMS).map_err(backend(op))?;
         let guard = table.get(n).map_err(backend(op))?;
@@ -134,8 +56,7 @@ impl Txn {
             .transpose()
     }
 
-    /// Writes an alarm and keeps the active index in step with its status.
-    pub fn put_alarm(&mut self, n: u64, alarm: &AlarmView) -> Result<(), StoreError> {
+    fn put_alarm(&mut self, n: u64, alarm: &AlarmView) -> Result<(), StoreError> {
         let op = "write an alarm";
         let bytes = encode("alarms", alarm_id(n), alarm)?;
         self.txn
@@ -154,16 +75,14 @@ impl Txn {
         Ok(())
     }
 
-    /// The active alarm of `serial` with `code`, if any.
-    pub fn active_alarm(&self, serial: &Serial, code: &str) -> Result<Option<u64>, StoreError> {
+    fn active_alarm(&self, serial: &Serial, code: &str) -> Result<Option<u64>, StoreError> {
         let op = "read the active alarms";
         let table = self.txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
         let guard = table.get((serial.as_str(), code)).map_err(backend(op))?;
         Ok(guard.map(|g| g.value()))
     }
 
-    /// The numbers of `serial`'s active alarms, oldest first.
-    pub fn active_alarms_of(&self, serial: &Serial) -> Result<Vec<u64>, StoreError> {
+    fn active_alarms_of(&self, serial: &Serial) -> Result<Vec<u64>, StoreError> {
         let op = "read the active alarms";
         let table = self.txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
         let mut out = Vec::new();
@@ -177,12 +96,7 @@ impl Txn {
         Ok(out)
     }
 
-    /// How many active alarms `serial` has, not counting those with a code in `except`.
-    pub fn active_alarm_count(
-        &self,
-        serial: &Serial,
-        except: &[&str],
-    ) -> Result<usize, StoreError> {
+    fn active_alarm_count(&self, serial: &Serial, except: &[&str]) -> Result<usize, StoreError> {
         let op = "count the active alarms";
         let table = self.txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
         let mut n = 0;
@@ -198,8 +112,7 @@ impl Txn {
         Ok(n)
     }
 
-    /// Every active alarm's number, oldest first.
-    pub fn active_alarms(&self) -> Result<Vec<u64>, StoreError> {
+    fn active_alarms(&self) -> Result<Vec<u64>, StoreError> {
         let op = "read the active alarms";
         let table = self.txn.open_table(ACTIVE_ALARMS).map_err(backend(op))?;
         let mut out = Vec::new();
@@ -210,8 +123,7 @@ impl Txn {
         Ok(out)
     }
 
-    /// The newest `limit` alarms, newest first.
-    pub fn alarms_newest_first(&self, limit: usize) -> Result<Vec<AlarmView>, StoreError> {
+    fn alarms_newest_first(&self, limit: usize) -> Result<Vec<AlarmView>, StoreError> {
         let op = "list alarms";
         let table = self.txn.open_table(ALARMS).map_err(backend(op))?;
         let mut out = Vec::new();
@@ -222,8 +134,7 @@ impl Txn {
         Ok(out)
     }
 
-    /// The alarms the relay refused `serial`, if it has an overflow alarm.
-    pub fn alarm_overflow(&self, serial: &Serial) -> Result<Option<OverflowRecord>, StoreError> {
+    fn alarm_overflow(&self, serial: &Serial) -> Result<Option<OverflowRecord>, StoreError> {
         let op = "read alarm overflow";
         let table = self.txn.open_table(ALARM_OVERFLOW).map_err(backend(op))?;
         let guard = table.get(serial.as_str()).map_err(backend(op))?;
@@ -232,8 +143,7 @@ impl Txn {
             .transpose()
     }
 
-    /// Writes (`Some`) or removes (`None`) the overflow record of `serial`.
-    pub fn put_alarm_overflow(
+    fn put_alarm_overflow(
         &mut self,
         serial: &Serial,
         record: Option<&OverflowRecord>,
@@ -254,8 +164,26 @@ impl Txn {
         self.dirty = true;
         Ok(())
     }
+}
 
-    pub fn presence(&self, serial: &Serial) -> Result<Option<PresenceRecord>, StoreError> {
+impl RedbTxn {
+    /// Bumps the named counter in `meta` and returns its new value.
+    pub(super) fn next_counter(&mut self, key: &str, op: &'static str) -> Result<u64, StoreError> {
+        let mut meta = self.txn.open_table(META).map_err(backend(op))?;
+        let last = meta
+            .get(key)
+            .map_err(backend(op))?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        let n = last + 1;
+        meta.insert(key, n).map_err(backend(op))?;
+        self.dirty = true;
+        Ok(n)
+    }
+}
+
+impl PresenceTables for RedbTxn {
+    fn presence(&self, serial: &Serial) -> Result<Option<PresenceRecord>, StoreError> {
         let op = "read presence";
         let table = self.txn.open_table(PRESENCE).map_err(backend(op))?;
         let guard = table.get(serial.as_str()).map_err(backend(op))?;
@@ -264,12 +192,7 @@ impl Txn {
             .transpose()
     }
 
-    /// Writes a presence record and keeps `checkin_due` in step with its `due_by`.
-    pub fn put_presence(
-        &mut self,
-        serial: &Serial,
-        record: &PresenceRecord,
-    ) -> Result<(), StoreError> {
+    fn put_presence(&mut self, serial: &Serial, record: &PresenceRecord) -> Result<(), StoreError> {
         let op = "write presence";
         let before = self.presence(serial)?.and_then(|r| r.due_by);
         let bytes = encode("presence", serial, record)?;
@@ -293,8 +216,7 @@ impl Txn {
         Ok(())
     }
 
-    /// Every serial with a presence record.
-    pub fn presence_serials(&self) -> Result<Vec<Serial>, StoreError> {
+    fn presence_serials(&self) -> Result<Vec<Serial>, StoreError> {
         let op = "list presence";
         let table = self.txn.open_table(PRESENCE).map_err(backend(op))?;
         let mut out = Vec::new();
@@ -310,8 +232,7 @@ impl Txn {
         Ok(out)
     }
 
-    /// Serials whose check-in was due at or before `now`, earliest first.
-    pub fn checkins_due(&self, now: Timestamp) -> Result<Vec<Serial>, StoreError> {
+    fn checkins_due(&self, now: Timestamp) -> Result<Vec<Serial>, StoreError> {
         let op = "list due check-ins";
         let table = self.txn.open_table(CHECKIN_DUE).map_err(backend(op))?;
         let mut out = Vec::new();
@@ -333,8 +254,10 @@ impl Txn {
 mod tests {
     use super::*;
     use crate::store::Store;
+    use crate::store::*;
     use chrono::TimeZone;
     use protocol::alarm::{AlarmKind, AlarmStatus};
+    use protocol::schedule::SessionMode;
 
     fn at(m: u32) -> Timestamp {
         chrono::Utc.with_ymd_and_hms(2026, 11, 26, 9, m, 0).unwrap()
@@ -371,7 +294,7 @@ mod tests {
     #[test]
     fn the_active_index_follows_the_status() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
         let mut txn = store.begin().unwrap();
         let c1 = Serial::parse("C1").unwrap();
         let c10 = Serial::parse("C10").unwrap();
@@ -398,7 +321,7 @@ mod tests {
     #[test]
     fn due_checkins_follow_the_presence_record() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
         let mut txn = store.begin().unwrap();
         let c1 = Serial::parse("C1").unwrap();
         let mut record = PresenceRecord {

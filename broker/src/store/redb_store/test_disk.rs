@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use super::Store;
+use super::RedbStore;
 
 /// A backend over shared memory whose writes fail with ENOSPC while `full` is set: a disk
 /// that fills up under redb and empties again.
@@ -61,9 +61,9 @@ impl redb::StorageBackend for FillingDisk {
 
 impl FillingDisk {
     /// A store on this disk, reopened on it too.
-    pub fn store(&self, data_dir: &Path) -> Store {
+    pub fn store(&self, data_dir: &Path) -> RedbStore {
         let backing = self.clone();
-        Store::open_with(
+        RedbStore::open_with(
             data_dir,
             Arc::new(move |_: &Path| redb::Builder::new().create_with_backend(backing.clone())),
         )

@@ -12,12 +12,13 @@
 //!
 //! Emergencies, presence and notifications (Fig. 5, claim 42, S116/S312) are parts of the core
 //! too; [`notify`] drains its mail and webhook queue from the store, [`metrics_http`] serves
-//! [`telemetry`] to Prometheus.
+//! [`telemetry`] to Prometheus, [`control`] answers `broker backup` on a Unix socket.
 //!
 //! The `broker` command (crate `chukei-broker-cli`) only parses flags; [`run`] is the broker. This
 //! library links neither agent: the command's `demo` does.
 
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod gateway;
 pub mod jobs;
@@ -201,6 +202,11 @@ pub async fn run(
         cfg.notify.clone(),
         senders,
         core.notify_wake(),
+        stop.clone(),
+    ));
+    tasks.spawn(control::serve(
+        control::socket_path(&cfg.data_dir),
+        core.shared_store(),
         stop.clone(),
     ));
 

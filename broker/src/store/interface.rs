@@ -8,6 +8,7 @@
 //! traits; the core's tests take the store through [`Store`] only, so the same suite runs on it.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use protocol::alarm::AlarmView;
 use protocol::artifact::{ArtifactId, ArtifactInfo};
@@ -47,6 +48,11 @@ pub trait Store: Send + Sync {
 
     /// Where the store is, for logs: a file's path, a database's address.
     fn location(&self) -> String;
+
+    /// Writes a consistent copy of everything committed so far to `out` while the relay keeps
+    /// running: every message acked before the call is in it, and no commit is half in it.
+    /// Returns the bytes written. What a restore brings back (`broker restore`).
+    fn backup(&self, out: &Path) -> Result<u64, StoreError>;
 }
 
 /// One transaction: every table's reads and writes, then [`Txn::commit`].

@@ -75,6 +75,19 @@ pub enum StoreError {
     /// The database was closed after an I/O error and could not be opened again yet.
     #[error("the store {} is closed after an I/O error and is being reopened", .path.display())]
     Closed { path: PathBuf },
+    #[error("cannot write the backup {}: {source}", .path.display())]
+    Backup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} already holds a store: restore into an empty data directory, or move that file \
+         aside first",
+        .path.display()
+    )]
+    RestoreTarget { path: PathBuf },
+    #[error("{} is not a backup of a chukei relay: {reason}", .path.display())]
+    NotABackup { path: PathBuf, reason: String },
     #[error("corrupt record in table {table}, key {key}: {reason}")]
     Corrupt {
         table: &'static str,

@@ -6,6 +6,7 @@
 //! not decode is a [`StoreError::Corrupt`] naming its table and key.
 
 mod alarms;
+mod backup;
 mod notify;
 mod readings;
 mod stats;
@@ -255,6 +256,10 @@ impl Store for RedbStore {
 
     fn location(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn backup(&self, out: &Path) -> Result<u64, StoreError> {
+        RedbStore::backup(self, out)
     }
 }
 
@@ -830,7 +835,12 @@ mod tests {
         chrono::Utc.with_ymd_and_hms(2026, 11, 26, h, 0, 0).unwrap()
     }
 
-    fn record(n: u64, serial: &str, status: JobStatus, deadline: Option<Timestamp>) -> JobRecord {
+    pub(super) fn record(
+        n: u64,
+        serial: &str,
+        status: JobStatus,
+        deadline: Option<Timestamp>,
+    ) -> JobRecord {
         let id = job_id(n);
         let serial = Serial::parse(serial).unwrap();
         JobRecord {

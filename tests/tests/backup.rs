@@ -33,12 +33,11 @@ fn text(path: &Path) -> &str {
         .unwrap_or_else(|| panic!("{} is not UTF-8", path.display()))
 }
 
-/// (job id, status) of every job in a stopped relay's store, and which of `acked` its journal
-/// lacks.
-fn read_store(
-    data_dir: &Path,
-    acked: &BTreeSet<(String, u64)>,
-) -> (Vec<(String, String)>, Vec<(String, u64)>) {
+/// (job id, status) of every job in a store.
+type Jobs = Vec<(String, String)>;
+
+/// Every job in a stopped relay's store, and which of `acked` (serial, msg id) its journal lacks.
+fn read_store(data_dir: &Path, acked: &BTreeSet<(String, u64)>) -> (Jobs, Vec<(String, u64)>) {
     let store =
         RedbStore::open(data_dir).unwrap_or_else(|e| panic!("opening {}: {e}", data_dir.display()));
     let txn = store.begin().unwrap_or_else(|e| panic!("{e}"));

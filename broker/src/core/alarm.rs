@@ -29,12 +29,10 @@ use protocol::alarm::{
 use protocol::device::AckOutcome;
 use protocol::host::HostReply;
 use protocol::{Envelope, HostId, Serial, Shown, Timestamp, topic};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
-use super::CORE_LOG_PER_SECOND;
 use super::alarm_limit::Limit;
 use super::{Core, Done, Outbound, Pending, skip_corrupt};
-use crate::log_budget::LogBudget;
 use crate::store::{StoreError, Txn, alarm_id, alarm_number};
 
 /// Most alarms `alarms list --all` returns.
@@ -115,14 +113,6 @@ pub(super) fn shown(mut a: AlarmView) -> AlarmView {
     a
 }
 
-/// Refusals of alarm reports a device can send at will are logged within a budget.
-fn log_refused_report(serial: &Serial, topic: &str, reason: &str) {
-    static BUDGET: LogBudget = LogBudget::per_second(CORE_LOG_PER_SECOND);
-    if let Some(suppressed) = BUDGET.check() {
-        warn!(serial = %serial, topic = %Shown(topic), reason = %Shown(reason), suppressed, "refused alarm report");
-    }
-}
-
 /// Alarm number `n` of `serial`, just raised, as every kind of alarm starts: the device's site,
 /// no detail, nobody's acknowledgement yet.
 pub(super) fn new_alarm(
@@ -152,46 +142,22 @@ pub(super) fn new_alarm(
     })
 }
 
-/// Handles one `dev/{serial}/up/alarm` message: decode, dedupe, apply, ack after the commit.
-#[allow(clippy::too_many_arguments)] // the same shape as the other device handlers
-pub(super) fn report(
+/// Stores one new `dev/{serial}/up/alarm` report, already decoded, checked and found new by
+/// [`super::device::handle`]; returns the ack's outcome.
+pub(super) fn store(
     core: &Core,
     txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
-    topic: &str,
-    payload: &[u8],
+    report: &AlarmReport,
     now: Timestamp,
-) -> Result<(), StoreError> {
-    let Some(env) = super::device::decode_new::<AlarmReport>(core, txn, p, serial, topic, payload)?
-    else {
-        return Ok(());
-    };
-    let seq = env.seq();
-    let id = seq.id;
-    if let Err(reason) = alarm::check_device_code(&env.body.code) {
-        log_refused_report(serial, topic, &reason);
-        p.ack(serial, seq, AckOutcome::Rejected { reason });
-        return Ok(());
-    }
-    match apply(core, txn, p, serial, &env.body, now) {
-        Ok(Applied::Stored) => {}
-        Ok(Applied::Refused(reason)) => {
-            // Journaled like every refusal (`Core::finish`): a resend of this message, its ack
-            // lost, is refused again; a new report of the code is judged anew.
-            p.ack(serial, seq, AckOutcome::Rejected { reason });
-            return Ok(());
-        }
-        Err(e) if e.is_corrupt_record() => {
-            error!(serial = %serial, msg_id = id, error = %e, "cannot store an alarm: a store record is corrupt");
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    }
-    super::device::record_stored(txn, serial, seq, now)?;
-    p.seen.insert(serial.clone());
-    p.ack(serial, seq, AckOutcome::Stored);
-    Ok(())
+) -> Result<AckOutcome, StoreError> {
+    Ok(match apply(core, txn, p, serial, report, now)? {
+        Applied::Stored => AckOutcome::Stored,
+        // Journaled like every refusal (`Core::finish`): a resend of this message, its ack lost,
+        // is refused again; a new report of the code is judged anew.
+        Applied::Refused(reason) => AckOutcome::Rejected { reason },
+    })
 }
 
 /// What became of an alarm report.

@@ -6,9 +6,11 @@
 //! device's outbox (a lost one is simply asked again), so it carries no id and gets no ack — the
 //! chunks are the answer. It writes nothing either, so a batch of fetches costs no commit.
 
+use protocol::alarm::AlarmReport;
 use protocol::artifact::FetchRequest;
 use protocol::device::{AckOutcome, DeviceState, JobUpdate, MergeRequest};
 use protocol::job::JobStatus;
+use protocol::meter::CounterReport;
 use protocol::presence::StateReport;
 use protocol::topic::UpKind;
 use protocol::{Envelope, Seq, Serial, Shown, Timestamp};
@@ -27,37 +29,51 @@ enum Message {
     Job(JobUpdate),
     State(StateReport),
     Merge(MergeRequest),
+    Alarm(AlarmReport),
+    Counters(CounterReport),
 }
 
-#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename these
+/// One message a device sent on `dev/{serial}/up/{kind}`, as every handler of the core reads it.
+#[derive(Clone, Copy)]
+pub(super) struct FromDevice<'a> {
+    pub serial: &'a Serial,
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+}
+
 pub(super) fn handle(
     core: &Core,
     txn: &mut dyn Txn,
     p: &mut Pending,
-    serial: &Serial,
     kind: UpKind,
-    topic: &str,
-    payload: &[u8],
+    msg: FromDevice<'_>,
     now: Timestamp,
 ) -> Result<(), StoreError> {
+    let FromDevice { serial, topic, .. } = msg;
     let decoded = match kind {
-        UpKind::Job => decode_new::<JobUpdate>(core, txn, p, serial, topic, payload)?
-            .map(|e| (e.seq(), Message::Job(e.body))),
-        // Read as the superset this version's agents send: the state plus the schedule.
-        UpKind::State => decode_new::<StateReport>(core, txn, p, serial, topic, payload)?
-            .map(|e| (e.seq(), Message::State(e.body))),
-        UpKind::Merge => decode_new::<MergeRequest>(core, txn, p, serial, topic, payload)?
-            .map(|e| (e.seq(), Message::Merge(e.body))),
-        UpKind::Fetch => return fetch(core, txn, p, serial, topic, payload, now),
-        UpKind::Alarm => return super::alarm::report(core, txn, p, serial, topic, payload, now),
-        UpKind::Counters => {
-            return super::meter::report(core, txn, p, serial, topic, payload, now);
+        UpKind::Job => {
+            decode_new::<JobUpdate>(core, txn, p, msg)?.map(|e| (e.seq(), Message::Job(e.body)))
         }
+        // Read as the superset this version's agents send: the state plus the schedule.
+        UpKind::State => {
+            decode_new::<StateReport>(core, txn, p, msg)?.map(|e| (e.seq(), Message::State(e.body)))
+        }
+        UpKind::Merge => decode_new::<MergeRequest>(core, txn, p, msg)?
+            .map(|e| (e.seq(), Message::Merge(e.body))),
+        UpKind::Alarm => decode_checked::<AlarmReport>(core, txn, p, msg, |report| {
+            protocol::alarm::check_device_code(&report.code)
+        })?
+        .map(|e| (e.seq(), Message::Alarm(e.body))),
+        UpKind::Counters => decode_checked::<CounterReport>(core, txn, p, msg, |report| {
+            protocol::meter::check_counters(&report.counters)
+        })?
+        .map(|e| (e.seq(), Message::Counters(e.body))),
+        UpKind::Fetch => return fetch(core, txn, p, msg, now),
     };
     let Some((seq, message)) = decoded else {
         return Ok(());
     };
-    match store(txn, p, serial, seq, message, topic, now) {
+    match store(core, txn, p, serial, seq, message, topic, now) {
         Ok(outcome) => {
             p.seen.insert(serial.clone());
             p.ack(serial, seq, outcome);
@@ -74,7 +90,9 @@ pub(super) fn handle(
 }
 
 /// Applies and journals one decoded, new message; returns the ack's outcome.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename these
 fn store(
+    core: &Core,
     txn: &mut dyn Txn,
     p: &mut Pending,
     serial: &Serial,
@@ -87,6 +105,8 @@ fn store(
         Message::Job(update) => job_update(txn, p, serial, &update, topic, now)?,
         Message::State(state) => state_update(txn, p, serial, state, now)?,
         Message::Merge(req) => merge_request(txn, p, serial, &req, topic, now)?,
+        Message::Alarm(report) => super::alarm::store(core, txn, p, serial, &report, now)?,
+        Message::Counters(report) => super::meter::store(txn, serial, seq, report)?,
     };
     if outcome == AckOutcome::Stored {
         record_stored(txn, serial, seq, now)?;
@@ -291,11 +311,14 @@ fn fetch(
     core: &Core,
     txn: &mut dyn Txn,
     p: &mut Pending,
-    serial: &Serial,
-    topic: &str,
-    payload: &[u8],
+    msg: FromDevice<'_>,
     now: Timestamp,
 ) -> Result<(), StoreError> {
+    let FromDevice {
+        serial,
+        topic,
+        payload,
+    } = msg;
     let req = match super::decode::<FetchRequest>(payload, core.settings.max_payload_bytes) {
         Ok(env) => env.body,
         Err(e) => {
@@ -348,10 +371,13 @@ pub(super) fn decode_new<T: serde::de::DeserializeOwned>(
     core: &Core,
     txn: &mut dyn Txn,
     p: &mut Pending,
-    serial: &Serial,
-    topic: &str,
-    payload: &[u8],
+    msg: FromDevice<'_>,
 ) -> Result<Option<Envelope<T>>, StoreError> {
+    let FromDevice {
+        serial,
+        topic,
+        payload,
+    } = msg;
     let env = match super::decode::<T>(payload, core.settings.max_payload_bytes) {
         Ok(env) => env,
         Err(e) => {
@@ -367,6 +393,26 @@ pub(super) fn decode_new<T: serde::de::DeserializeOwned>(
         // A resend still says the device is there.
         p.seen.insert(serial.clone());
         p.ack(serial, env.seq(), answer);
+        return Ok(None);
+    }
+    Ok(Some(env))
+}
+
+/// [`decode_new`], then `check` on the body: a message that fails it is refused for good (logged
+/// within the budget, acked `rejected` with the reason), as a broken one is.
+fn decode_checked<T: serde::de::DeserializeOwned>(
+    core: &Core,
+    txn: &mut dyn Txn,
+    p: &mut Pending,
+    msg: FromDevice<'_>,
+    check: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<Option<Envelope<T>>, StoreError> {
+    let Some(env) = decode_new::<T>(core, txn, p, msg)? else {
+        return Ok(None);
+    };
+    if let Err(reason) = check(&env.body) {
+        log_refusal(msg.serial, msg.topic, &reason);
+        p.ack(msg.serial, env.seq(), AckOutcome::Rejected { reason });
         return Ok(None);
     }
     Ok(Some(env))

@@ -199,8 +199,7 @@ fn cancel(
     job: &str,
     now: Timestamp,
 ) -> Result<HostReply, StoreError> {
-    let sender = Identity::host(host).to_string();
-    let replayed = replay(txn, &sender, id, |outcome| match outcome {
+    let replayed = replay(txn, host, id, |outcome| match outcome {
         JournalOutcome::Cancel { job } => Some(job),
         _ => None,
     })?;
@@ -209,13 +208,12 @@ fn cancel(
     }
     match cancel::cancel(txn, host, job, now)? {
         CancelOutcome::Canceled { n, record } => {
-            txn.put_journal(
-                &sender,
+            remember(
+                txn,
+                host,
                 id,
-                &JournalEntry {
-                    at: now,
-                    outcome: JournalOutcome::Cancel { job: job_id(n) },
-                },
+                JournalOutcome::Cancel { job: job_id(n) },
+                now,
             )?;
             p.ended.insert(n);
             p.views.insert(n);
@@ -274,8 +272,7 @@ fn submit(
     req: &SubmitJob,
     now: Timestamp,
 ) -> Result<HostReply, StoreError> {
-    let sender = Identity::host(host).to_string();
-    let replayed = replay(txn, &sender, id, |outcome| match outcome {
+    let replayed = replay(txn, host, id, |outcome| match outcome {
         JournalOutcome::Submission { job } => Some(job),
         _ => None,
     })?;
@@ -293,13 +290,12 @@ fn submit(
         &core.defaults(),
         now,
     )?;
-    txn.put_journal(
-        &sender,
+    remember(
+        txn,
+        host,
         id,
-        &JournalEntry {
-            at: now,
-            outcome: JournalOutcome::Submission { job: job_id(n) },
-        },
+        JournalOutcome::Submission { job: job_id(n) },
+        now,
     )?;
     p.new_orders.insert(n);
     p.views.insert(n);
@@ -312,17 +308,31 @@ fn submit(
     Ok(submission_reply(record))
 }
 
+/// Journals what the host's request `id` did, so that its resend (the answer lost) gets the same
+/// answer from [`replay`] instead of being done again.
+fn remember(
+    txn: &mut dyn Txn,
+    host: &HostId,
+    id: MsgId,
+    outcome: JournalOutcome,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let sender = Identity::host(host).to_string();
+    txn.put_journal(&sender, id, &JournalEntry { at: now, outcome })
+}
+
 /// The answer to a host's request the relay has handled before: the job record its first sending
 /// made or touched (`job_of` reads it from the journal entry), so a resend gets the same job and
 /// never does anything twice. `None` for a request not seen before; `Some(Err(reply))` when the id
 /// was used for another kind of request, or the job is gone.
 fn replay(
     txn: &dyn Txn,
-    sender: &str,
+    host: &HostId,
     id: MsgId,
     job_of: impl Fn(JournalOutcome) -> Option<JobId>,
 ) -> Result<Option<Result<JobRecord, HostReply>>, StoreError> {
-    let Some(entry) = txn.journal(sender, id)? else {
+    let sender = Identity::host(host).to_string();
+    let Some(entry) = txn.journal(&sender, id)? else {
         return Ok(None);
     };
     let Some(job) = job_of(entry.outcome) else {

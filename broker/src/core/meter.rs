@@ -6,54 +6,31 @@ use protocol::data::Section;
 use protocol::device::{AckOutcome, JobUpdate};
 use protocol::host::HostReply;
 use protocol::meter::{self, CounterReading, CounterReport, MAX_READINGS_PER_PAGE};
-use protocol::{JobId, Serial, Shown, Timestamp};
-use tracing::{debug, error, warn};
+use protocol::{JobId, Seq, Serial, Shown, Timestamp};
+use tracing::{debug, warn};
 
-use super::{Core, Pending, alarm::site_of};
+use super::alarm::site_of;
 use crate::store::{ReadingCursor, StoreError, Txn};
 
-/// Handles one `dev/{serial}/up/counters` report: decode, dedupe, store, ack after the commit.
-pub(super) fn report(
-    core: &Core,
+/// Stores one new `dev/{serial}/up/counters` report, already decoded, checked and found new by
+/// [`super::device::handle`], as a reading.
+pub(super) fn store(
     txn: &mut dyn Txn,
-    p: &mut Pending,
     serial: &Serial,
-    topic: &str,
-    payload: &[u8],
-    now: Timestamp,
-) -> Result<(), StoreError> {
-    let Some(env) =
-        super::device::decode_new::<CounterReport>(core, txn, p, serial, topic, payload)?
-    else {
-        return Ok(());
-    };
-    let seq = env.seq();
-    let id = seq.id;
-    if let Err(reason) = meter::check_counters(&env.body.counters) {
-        super::device::log_refusal(serial, topic, &reason);
-        p.ack(serial, seq, AckOutcome::Rejected { reason });
-        return Ok(());
-    }
+    seq: Seq,
+    report: CounterReport,
+) -> Result<AckOutcome, StoreError> {
     let reading = CounterReading {
         serial: serial.to_string(),
         site: site_of(txn, serial)?,
-        read_at: env.body.read_at,
+        read_at: report.read_at,
         source: "report".into(),
-        counters: env.body.counters,
+        counters: report.counters,
     };
-    if let Err(e) = txn.put_reading(&reading) {
-        if e.is_corrupt_record() {
-            error!(serial = %serial, msg_id = id, error = %e, "cannot store a reading");
-            return Ok(());
-        }
-        return Err(e);
-    }
-    super::device::record_stored(txn, serial, seq, now)?;
+    txn.put_reading(&reading)?;
     // Routine telemetry, a line per report and device: at debug, as a repeated state report.
-    debug!(serial = %serial, msg_id = id, "counters report stored");
-    p.seen.insert(serial.clone());
-    p.ack(serial, seq, AckOutcome::Stored);
-    Ok(())
+    debug!(serial = %serial, msg_id = seq.id, "counters report stored");
+    Ok(AckOutcome::Stored)
 }
 
 /// A get-data job's result that carries counters is a reading too (read when it was stored).

@@ -382,10 +382,12 @@ impl Core {
                     self,
                     &mut *txn,
                     &mut pending,
-                    &serial,
                     kind,
-                    &msg.topic,
-                    &msg.payload,
+                    device::FromDevice {
+                        serial: &serial,
+                        topic: &msg.topic,
+                        payload: &msg.payload,
+                    },
                     now,
                 )?,
                 Ok(Topic::HostReq { host }) => host::handle(
@@ -458,10 +460,12 @@ impl Core {
                         self,
                         txn,
                         &mut p,
-                        &serial,
                         UpKind::Fetch,
-                        &msg.topic,
-                        &msg.payload,
+                        device::FromDevice {
+                            serial: &serial,
+                            topic: &msg.topic,
+                            payload: &msg.payload,
+                        },
                         now,
                     ) {
                         Err(e) if e.is_storage() => refused += 1,

@@ -20,6 +20,7 @@ use super::conn::{ClientConn, PublishId};
 use super::keepalive::Keepalive;
 use super::limits::{Inflight, Limit, LimitExceeded};
 use super::session::{SessionError, check_acl};
+use super::session_loop::{Side, drive};
 use crate::switch::hub::{Attachment, Detached, Down, Hub, SubscribeError};
 
 /// Most client packets handled before the replies are flushed: what one read brought in.
@@ -39,12 +40,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
     let attachment = hub.attach_session(who.id());
-    let session = DeviceSession {
+    let mut session = DeviceSession {
         who,
         gw,
         attachment,
     };
-    session.run(conn, keepalive, stop).await
+    drive(conn, &mut session, keepalive, stop).await.map(|_| ())
 }
 
 struct DeviceSession<'a> {
@@ -53,41 +54,36 @@ struct DeviceSession<'a> {
     attachment: Attachment<'a>,
 }
 
-impl DeviceSession<'_> {
-    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
-        &self,
+impl Side for DeviceSession<'_> {
+    type Down = Down;
+
+    async fn on_packet<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
         conn: &mut ClientConn<S>,
-        keepalive: &mut Keepalive,
-        stop: &CancellationToken,
-    ) -> Result<(), SessionError> {
-        // Made once, not per packet: a fresh `cancelled()` registers with the token that every
-        // session shares.
-        let stopped = stop.cancelled();
-        tokio::pin!(stopped);
-        loop {
-            tokio::select! {
-                () = &mut stopped => return Ok(()),
-                () = keepalive.expired() => return Err(SessionError::KeepaliveExpired),
-                packet = conn.read_packet() => {
-                    let Some(packet) = packet? else { return Ok(()) };
-                    keepalive.heard();
-                    // Boxed, like `deliver` below: the task of an idle device (most of them)
-                    // then holds only what waiting takes, not room for handling a batch.
-                    if Box::pin(self.handle_packets(conn, packet)).await? {
-                        return Ok(());
-                    }
-                }
-                down = self.attachment.rx.recv_async() => {
-                    let first = match down {
-                        Ok(d) => d,
-                        Err(_) => return Err(detached(self.attachment.detached_reason())),
-                    };
-                    Box::pin(self.deliver(conn, first)).await?;
-                }
-            }
+        first: Packet,
+    ) -> Result<bool, SessionError> {
+        // Boxed, like `send_down` below: the task of an idle device (most of them) then holds
+        // only what waiting takes, not room for handling a batch.
+        Box::pin(self.handle_packets(conn, first)).await
+    }
+
+    async fn next_down(&mut self) -> Result<Option<Down>, SessionError> {
+        match self.attachment.rx.recv_async().await {
+            Ok(down) => Ok(Some(down)),
+            Err(_) => Err(detached(self.attachment.detached_reason())),
         }
     }
 
+    async fn send_down<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut ClientConn<S>,
+        first: Down,
+    ) -> Result<(), SessionError> {
+        Box::pin(self.deliver(conn, first)).await
+    }
+}
+
+impl DeviceSession<'_> {
     /// Handles `first` and every whole packet that arrived with it, then flushes the replies in
     /// one write. Returns whether the client said DISCONNECT.
     async fn handle_packets<S: AsyncRead + AsyncWrite + Unpin>(

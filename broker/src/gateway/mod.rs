@@ -10,6 +10,7 @@ mod device_session;
 mod keepalive;
 pub mod limits;
 mod session;
+mod session_loop;
 mod slots;
 mod tls;
 mod ws;

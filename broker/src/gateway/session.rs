@@ -20,6 +20,7 @@ use super::Gateway;
 use super::conn::{ClientConn, ConnError, PublishId};
 use super::keepalive::Keepalive;
 use super::limits::{Inflight, LimitExceeded, Subscriptions};
+use super::session_loop::{Side, drive};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -174,17 +175,17 @@ async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(
         gw,
         link_tx,
         link_rx,
-        client_left: false,
         inflight: Inflight::new(gw.settings.max_inflight),
         subscriptions: Subscriptions::new(gw.settings.max_subscriptions),
     };
-    let result = bridge.run(conn, keepalive, stop).await;
+    let result = drive(conn, &mut bridge, keepalive, stop).await;
+    let client_left = matches!(result, Ok(true));
     // Whatever else ended the session, the router must forget it; a dropped link alone
     // is not noticed. After the client's own DISCONNECT it already has (a second one
     // logs an error). When the whole broker stops, the router goes with it: telling it
     // about every session one by one (each a blocking send into its 1,000-event
     // channel) held up a stop of 18,000 sessions past the grace period.
-    if !bridge.client_left && !stop.is_cancelled() {
+    if !client_left && !stop.is_cancelled() {
         let _ = bridge
             .link_tx
             .send(Packet::Disconnect(
@@ -195,7 +196,7 @@ async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(
             ))
             .await;
     }
-    result
+    result.map(|_| ())
 }
 
 /// How a session reaches the router.
@@ -280,8 +281,6 @@ struct Bridge<'a> {
     gw: &'a Gateway,
     link_tx: LinkTx,
     link_rx: LinkRx,
-    /// The client sent DISCONNECT, which the router has already acted on.
-    client_left: bool,
     /// QoS 1 publishes forwarded whose PUBACK the client has not been sent (`max_inflight`).
     inflight: Inflight,
     /// Topic filters the client holds (`max_subscriptions`).
@@ -291,38 +290,32 @@ struct Bridge<'a> {
 /// Most client packets handed to the router on one notification: what one read brought in.
 const MAX_FORWARD_BATCH: usize = 64;
 
-impl Bridge<'_> {
-    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+impl Side for Bridge<'_> {
+    type Down = Notification;
+
+    async fn on_packet<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut ClientConn<S>,
-        keepalive: &mut Keepalive,
-        stop: &CancellationToken,
-    ) -> Result<(), SessionError> {
-        // Made once, not per packet: a fresh `cancelled()` registers with the token that every
-        // session shares.
-        let stopped = stop.cancelled();
-        tokio::pin!(stopped);
-        loop {
-            tokio::select! {
-                () = &mut stopped => return Ok(()),
-                () = keepalive.expired() => return Err(SessionError::KeepaliveExpired),
-                packet = conn.read_packet() => {
-                    let Some(packet) = packet? else { return Ok(()) };
-                    keepalive.heard();
-                    if self.forward(conn, packet).await? {
-                        self.client_left = true;
-                        return Ok(());
-                    }
-                }
-                notification = self.link_rx.next() => {
-                    // The router drops a session's link when another session takes its client id.
-                    let Some(first) = notification? else { continue };
-                    self.deliver(conn, first).await?;
-                }
-            }
-        }
+        first: Packet,
+    ) -> Result<bool, SessionError> {
+        self.forward(conn, first).await
     }
 
+    async fn next_down(&mut self) -> Result<Option<Notification>, SessionError> {
+        // `None`: the router dropped the link because another session took its client id.
+        Ok(self.link_rx.next().await?)
+    }
+
+    async fn send_down<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut ClientConn<S>,
+        first: Notification,
+    ) -> Result<(), SessionError> {
+        self.deliver(conn, first).await
+    }
+}
+
+impl Bridge<'_> {
     /// Checks `first` and every whole packet that arrived with it against the ACL and hands them
     /// to the router with one notification: the router's channel carries one event per batch, not
     /// per packet (`LinkTx::send` blocks the thread when that channel is full). Returns whether

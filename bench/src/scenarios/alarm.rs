@@ -146,7 +146,8 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
         target,
         &dir,
         &env.pki,
-        (p.idle + p.reporters) as usize + 100,
+        // The devices whose faults are timed connect too, one after another.
+        (p.idle + p.reporters) as usize + alarm_devices(&p) + 100,
     )
     .await?;
     let mut idle = Fleet::start(

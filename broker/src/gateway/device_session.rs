@@ -6,6 +6,8 @@
 //! core's queue. What the broker sends a device is QoS 0, as before: reliability comes from
 //! retained orders and end-to-end acks, not from MQTT QoS.
 
+use std::future::Future;
+
 use protocol::Identity;
 use protocol::acl::Action;
 use rumqttd::protocol::{
@@ -54,32 +56,37 @@ struct DeviceSession<'a> {
     attachment: Attachment<'a>,
 }
 
+// Each handler returns its future without an `async fn` around it: the loop holds that future
+// inline in every device's task, and an `async fn` would keep room for its arguments (a whole
+// packet) there. Boxed instead, a device's task (most of them idle) holds only what waiting
+// takes, not room for handling a batch.
 impl Side for DeviceSession<'_> {
     type Down = Down;
 
-    async fn on_packet<S: AsyncRead + AsyncWrite + Unpin>(
+    fn on_packet<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut ClientConn<S>,
         first: Packet,
-    ) -> Result<bool, SessionError> {
-        // Boxed, like `send_down` below: the task of an idle device (most of them) then holds
-        // only what waiting takes, not room for handling a batch.
-        Box::pin(self.handle_packets(conn, first)).await
+    ) -> impl Future<Output = Result<bool, SessionError>> {
+        Box::pin(self.handle_packets(conn, first))
     }
 
-    async fn next_down(&mut self) -> Result<Option<Down>, SessionError> {
-        match self.attachment.rx.recv_async().await {
-            Ok(down) => Ok(Some(down)),
-            Err(_) => Err(detached(self.attachment.detached_reason())),
+    fn next_down(&mut self) -> impl Future<Output = Result<Option<Down>, SessionError>> {
+        let attachment = &self.attachment;
+        async move {
+            match attachment.rx.recv_async().await {
+                Ok(down) => Ok(Some(down)),
+                Err(_) => Err(detached(attachment.detached_reason())),
+            }
         }
     }
 
-    async fn send_down<S: AsyncRead + AsyncWrite + Unpin>(
+    fn send_down<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut ClientConn<S>,
         first: Down,
-    ) -> Result<(), SessionError> {
-        Box::pin(self.deliver(conn, first)).await
+    ) -> impl Future<Output = Result<(), SessionError>> {
+        Box::pin(self.deliver(conn, first))
     }
 }
 

@@ -10,6 +10,7 @@ use anyhow::Context;
 use broker::config::BrokerConfig;
 use clap::{Args, Parser, Subcommand};
 use protocol::Role;
+use protocol::log_format::LogFormat;
 use tokio_util::sync::CancellationToken;
 
 /// The chukei relay: devices and hosts behind firewalls both connect OUT to it.
@@ -239,6 +240,15 @@ struct RunArgs {
     /// 256 KiB to 64 MiB
     #[arg(long, value_name = "BYTES")]
     min_free_bytes: Option<u64>,
+    /// Tell systemd when the relay is ready (after the retained orders are republished) and
+    /// ping its watchdog: for a Type=notify unit (deploy/systemd/chukei-broker.service).
+    /// Default: off
+    #[arg(long)]
+    systemd_notify: bool,
+    /// text, or json: one JSON object per line with the same fields, for log shippers.
+    /// Default: text
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<LogFormat>,
     /// Write {"listen":"ADDR"} here once the broker accepts clients.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -294,6 +304,10 @@ impl RunArgs {
         if let Some(bytes) = self.min_free_bytes {
             cfg.min_free_bytes = Some(bytes);
         }
+        if let Some(format) = self.log_format {
+            cfg.log_format = format;
+        }
+        cfg.systemd_notify |= self.systemd_notify;
         cfg.validate()?;
         Ok((cfg, self.ready_file))
     }
@@ -311,8 +325,21 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(matches!(cli.command, Command::Demo(_)));
-    match real_main(cli) {
+    let result = match cli.command {
+        // `run` takes its log format from its flags and config file: read them first.
+        Command::Run(args) => args
+            .into_config()
+            .context("reading the configuration")
+            .and_then(|(cfg, ready_file)| {
+                init_tracing(false, cfg.log_format);
+                run_relay(cfg, ready_file)
+            }),
+        command => {
+            init_tracing(matches!(command, Command::Demo(_)), LogFormat::Text);
+            real_main(command)
+        }
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", host_agent::error_text(&e));
@@ -321,7 +348,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(quiet: bool) {
+fn init_tracing(quiet: bool, format: LogFormat) {
     use tracing_subscriber::prelude::*;
 
     // rumqttd logs every subscription at info and rustls warns about IP addresses sent as SNI by
@@ -340,19 +367,37 @@ fn init_tracing(quiet: bool) {
     let no_router_spans = tracing_subscriber::filter::filter_fn(|meta| {
         !(meta.is_span() && meta.target().starts_with("rumqttd"))
     });
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Text => layer.with_ansi(ansi).boxed(),
+        LogFormat::Json => layer.json().flatten_event(true).boxed(),
+    };
     tracing_subscriber::registry()
         .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(ansi)
-                .with_writer(std::io::stderr)
-                .with_filter(no_router_spans),
-        )
+        .with(layer.with_filter(no_router_spans))
         .init();
 }
 
-fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+/// `broker run`: the relay until SIGINT or SIGTERM.
+fn run_relay(cfg: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        let stop = shutdown_on_signal();
+        let listener = broker::bind(&cfg).await?;
+        broker::run(
+            cfg,
+            listener,
+            ready_file.as_deref(),
+            broker::Faults::from_env(),
+            stop,
+        )
+        .await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn real_main(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Pki(PkiCommand::Init { dir, sans }) => {
             pki::init(&dir, &sans)
                 .with_context(|| format!("creating a CA in {}", dir.display()))?;
@@ -417,20 +462,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run(args) => {
             let (cfg, ready_file) = args.into_config().context("reading the configuration")?;
-            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            rt.block_on(async move {
-                let stop = shutdown_on_signal();
-                let listener = broker::bind(&cfg).await?;
-                broker::run(
-                    cfg,
-                    listener,
-                    ready_file.as_deref(),
-                    broker::Faults::from_env(),
-                    stop,
-                )
-                .await?;
-                Ok(ExitCode::SUCCESS)
-            })
+            run_relay(cfg, ready_file)
         }
         Command::Backup { data_dir, out } => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

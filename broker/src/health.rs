@@ -7,7 +7,7 @@
 //! core is not refusing new work after a failed commit), the data directory is writable, and its
 //! disk has more free than the reserve (`min_free_bytes`, [`crate::store::Space`]), below which
 //! every commit is refused. Each failing check has its own reason, so an operator reading the
-//! 503 knows what to fix.
+//! 503 knows what to fix (docs/decisions.md, D17).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

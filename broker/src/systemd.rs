@@ -5,7 +5,7 @@
 //! unit sets `WatchdogSec=`, `WATCHDOG=1` at half the interval systemd gives in `WATCHDOG_USEC`.
 //!
 //! The datagrams are sent by the `sd-notify` crate; without `NOTIFY_SOCKET` (not started by
-//! systemd) each call does nothing.
+//! systemd) each call does nothing (docs/decisions.md, D18).
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! The relay retains every view, so each (re)connection brings the whole picture again, except
 //! the alarm views deleted meanwhile (a device's last alarm cleared): after each subscription the
 //! relay's list of active alarms (through the [`HostClient`]) says which kept ones to drop, so
-//! the page keeps its list across a reconnect instead of emptying it.
+//! the page keeps its list across a reconnect instead of emptying it (docs/decisions.md, D19).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn the_emergency_line_writes_the_status_as_the_lists_do() {
-        let at = chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap();
+        let at = protocol::Timestamp::from_timestamp(1_790_000_000, 0).unwrap();
         let alarm = AlarmView {
             id: "A-000001".into(),
             serial: "COPIER-00007".into(),
@@ -400,7 +400,7 @@ mod tests {
             detail: String::new(),
             status: AlarmStatus::InProgress,
             raised_at: at,
-            received_at: at + chrono::Duration::milliseconds(12),
+            received_at: at + Duration::from_millis(12),
             updated_at: at,
             cleared_at: None,
             acked_by: None,

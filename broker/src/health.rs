@@ -40,8 +40,7 @@ impl Health {
         match self.phase.load(Ordering::Acquire) {
             STARTING => {
                 return Err(
-                    "starting: not accepting connections yet (republishing retained orders)"
-                        .into(),
+                    "starting: not accepting connections yet (republishing retained orders)".into(),
                 );
             }
             STOPPING => return Err("stopping: not accepting connections".into()),

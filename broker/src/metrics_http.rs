@@ -78,7 +78,9 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route(
             "/",
-            get(|| async { "chukei broker: metrics at /metrics, health at /healthz and /readyz\n" }),
+            get(|| async {
+                "chukei broker: metrics at /metrics, health at /healthz and /readyz\n"
+            }),
         )
         .with_state(Sources {
             gateway: gateway.clone(),

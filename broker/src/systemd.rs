@@ -42,7 +42,10 @@ pub async fn watchdog(stop: CancellationToken) {
         return;
     };
     let every = (timeout / 2).max(Duration::from_millis(1));
-    info!(every_ms = every.as_millis() as u64, "systemd watchdog: pinging");
+    info!(
+        every_ms = every.as_millis() as u64,
+        "systemd watchdog: pinging"
+    );
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {

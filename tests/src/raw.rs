@@ -370,9 +370,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("writing to {addr}: {e}"));
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("writing to {addr}: {e}"));
     let mut out = String::new();
     tokio::time::timeout(deadline(), s.read_to_string(&mut out))
         .await

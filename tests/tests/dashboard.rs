@@ -981,7 +981,10 @@ async fn the_alarm_list_stays_on_the_page_while_the_dashboard_reconnects() {
     let _broker = env.broker().listen(addr).start().await;
     loop {
         let (name, data) = events.next().await;
-        log.push(format!("{name}: {}", data.chars().take(60).collect::<String>()));
+        log.push(format!(
+            "{name}: {}",
+            data.chars().take(60).collect::<String>()
+        ));
         match (name.as_str(), data.as_str()) {
             ("link", "down") => went_down = true,
             ("link", "up") if went_down => back_up = true,

@@ -257,7 +257,11 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let (status, body) = raw::http_get(broker.metrics_addr(), "/readyz").await;
-    assert_eq!((status, body.trim()), (200, r#"{"ready":true}"#), "ready again");
+    assert_eq!(
+        (status, body.trim()),
+        (200, r#"{"ready":true}"#),
+        "ready again"
+    );
     let after_job = host.submit_get_data("D1").await;
     host.wait_for_status(&after_job, "succeeded", deadline())
         .await;

@@ -289,7 +289,11 @@ async fn without_from_and_to_every_reading_is_exported() {
         .connect(&broker)
         .await
         .expect("C1's certificate connects");
-    let times = ["1971-02-03T04:05:06Z", "2026-11-01T00:00:00Z", "2199-12-31T23:00:00Z"];
+    let times = [
+        "1971-02-03T04:05:06Z",
+        "2026-11-01T00:00:00Z",
+        "2199-12-31T23:00:00Z",
+    ];
     for (i, at) in times.iter().enumerate() {
         let report = CounterReport {
             read_at: chrono::DateTime::parse_from_rfc3339(at)

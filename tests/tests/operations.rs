@@ -11,8 +11,9 @@ use tokio::net::UnixDatagram;
 /// `GET path` on the broker's metrics listener: status and body as JSON.
 async fn get_json(broker: &harness::Broker, path: &str) -> (u16, Value) {
     let (status, body) = raw::http_get(broker.metrics_addr(), path).await;
-    let json = serde_json::from_str(&body)
-        .unwrap_or_else(|e| panic!("{path} answered {status} with a body that is not JSON ({e}): {body}"));
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| {
+        panic!("{path} answered {status} with a body that is not JSON ({e}): {body}")
+    });
     (status, json)
 }
 
@@ -25,7 +26,11 @@ async fn a_started_relay_is_healthy_and_ready() {
         .start()
         .await;
     let (status, body) = get_json(&broker, "/healthz").await;
-    assert_eq!((status, &body["healthy"]), (200, &Value::Bool(true)), "{body}");
+    assert_eq!(
+        (status, &body["healthy"]),
+        (200, &Value::Bool(true)),
+        "{body}"
+    );
     let (status, body) = get_json(&broker, "/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, serde_json::json!({ "ready": true }));
@@ -77,8 +82,8 @@ async fn receive_until(socket: &UnixDatagram, what: &str, pred: impl Fn(&str) ->
 async fn systemd_hears_ready_watchdog_pings_and_stopping() {
     let env = TestEnv::new("systemd_hears_ready_watchdog_pings_and_stopping");
     let path = env.path("notify.sock");
-    let socket = UnixDatagram::bind(&path)
-        .unwrap_or_else(|e| panic!("binding {}: {e}", path.display()));
+    let socket =
+        UnixDatagram::bind(&path).unwrap_or_else(|e| panic!("binding {}: {e}", path.display()));
     // A job for a device that is offline: its order is retained, and republished at start.
     let mut first = env.broker().start().await;
     env.host("svc", &first).submit_get_data("D9").await;
@@ -112,7 +117,9 @@ async fn systemd_hears_ready_watchdog_pings_and_stopping() {
 
 /// The lines of a process's log it wrote itself (not the harness's own).
 fn own_lines(log: &str) -> Vec<&str> {
-    log.lines().filter(|l| !l.starts_with("[harness]")).collect()
+    log.lines()
+        .filter(|l| !l.starts_with("[harness]"))
+        .collect()
 }
 
 /// Each line one JSON object with the fields every log line has; returns them.
@@ -162,8 +169,8 @@ fn unit_with_built_binaries(dir: &Path, name: &str) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy/systemd")
         .join(name);
-    let text = std::fs::read_to_string(&src)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", src.display()));
+    let text =
+        std::fs::read_to_string(&src).unwrap_or_else(|e| panic!("reading {}: {e}", src.display()));
     let mut text = text;
     for b in ["broker", "device-agent"] {
         text = text.replace(
@@ -214,7 +221,9 @@ async fn the_unit_files_pass_systemd_analyze_verify_and_their_flags_exist() {
         .output()
         .await
     else {
-        eprintln!("skipped systemd-analyze verify: systemd-analyze is not installed (Debian package systemd)");
+        eprintln!(
+            "skipped systemd-analyze verify: systemd-analyze is not installed (Debian package systemd)"
+        );
         return;
     };
     assert!(found.status.success());

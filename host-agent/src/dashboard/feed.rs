@@ -133,7 +133,9 @@ async fn end_resync(model: Arc<Model>, client: Arc<HostClient>) {
             model.end_resync(&active);
         }
         Ok(other) => warn!(error = %unexpected("alarms", &other), "dashboard: no alarm list"),
-        Err(e) => warn!(error = %e, "dashboard: could not ask the relay for its active alarms; alarms kept from before the reconnect stay until the next one"),
+        Err(e) => {
+            warn!(error = %e, "dashboard: could not ask the relay for its active alarms; alarms kept from before the reconnect stay until the next one")
+        }
     }
 }
 

@@ -97,12 +97,7 @@ pub async fn serve(
     let listen = listener.local_addr()?;
     let model = Arc::new(Model::new());
     let client = Arc::new(client);
-    let feed_task = tokio::spawn(feed::run(
-        feed,
-        model.clone(),
-        client.clone(),
-        stop.clone(),
-    ));
+    let feed_task = tokio::spawn(feed::run(feed, model.clone(), client.clone(), stop.clone()));
     let app = Arc::new(routes::App {
         model,
         client,

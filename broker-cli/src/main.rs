@@ -208,8 +208,9 @@ struct RunArgs {
     #[arg(long, value_name = "N")]
     default_max_attempts: Option<u32>,
     /// Serve Prometheus metrics (connections, messages, ACL violations, jobs by status, alarms,
-    /// notification queue, redb commit latency) over plain HTTP at http://ADDR/metrics. Use a
-    /// loopback or management address. Default: none
+    /// notification queue, redb commit latency) over plain HTTP at http://ADDR/metrics, and
+    /// health checks at /healthz (alive) and /readyz (200 when ready for clients, else 503 with
+    /// the reason). Use a loopback or management address. Default: none
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
     /// Close a metrics connection whose request headers have not all arrived in this time.

@@ -573,6 +573,30 @@ mod tests {
     }
 
     #[test]
+    fn systemd_notify_and_the_log_format_come_from_the_file_or_a_flag() {
+        let (cfg, _) = run(&[]).unwrap();
+        assert_eq!(
+            (cfg.systemd_notify, cfg.log_format),
+            (false, LogFormat::Text)
+        );
+        let (cfg, _) = run(&["--systemd-notify", "--log-format", "json"]).unwrap();
+        assert_eq!(
+            (cfg.systemd_notify, cfg.log_format),
+            (true, LogFormat::Json)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "systemd_notify = true\nlog_format = \"json\"\n").unwrap();
+        let (cfg, _) = run(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            (cfg.systemd_notify, cfg.log_format),
+            (true, LogFormat::Json)
+        );
+        let e = Cli::try_parse_from(["broker", "run", "--log-format", "xml"]).unwrap_err();
+        assert!(e.to_string().contains("use text or json"), "{e}");
+    }
+
+    #[test]
     fn job_default_flags_override_the_config_and_are_validated() {
         let (cfg, _) = run(&[
             "--default-deadline-secs",

@@ -79,3 +79,51 @@ impl Health {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::core::CoreSettings;
+    use crate::store::RedbStore;
+
+    fn open_core(dir: &std::path::Path, reserve: u64) -> Core {
+        let store = RedbStore::open(dir).unwrap().keep_free(reserve);
+        Core::with_store(
+            Arc::new(store),
+            CoreSettings {
+                server_name: "relay-test".into(),
+                max_payload_bytes: 65536,
+                finished_visible: Duration::from_secs(600),
+                default_deadline: Duration::from_secs(3600),
+                default_max_attempts: 3,
+                hold_acks: false,
+            },
+        )
+    }
+
+    #[test]
+    fn ready_only_while_accepting_and_above_the_reserve() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = open_core(dir.path(), 0);
+        let health = Health::default();
+        let e = health.readiness(&core).unwrap_err();
+        assert!(e.starts_with("starting"), "{e}");
+        health.set_accepting();
+        assert_eq!(health.readiness(&core), Ok(()));
+        health.set_stopping();
+        let e = health.readiness(&core).unwrap_err();
+        assert!(e.starts_with("stopping"), "{e}");
+
+        let full = tempfile::tempdir().unwrap();
+        let core = open_core(full.path(), u64::MAX);
+        health.set_accepting();
+        let e = health.readiness(&core).unwrap_err();
+        assert!(
+            e.contains("disk reserve reached") && e.contains("min_free_bytes"),
+            "{e}"
+        );
+    }
+}

@@ -58,14 +58,14 @@ mod tests {
         struct C {
             log_format: LogFormat,
         }
-        let c: C = toml_like(r#"{"log_format":"json"}"#);
+        let c: C = from_json(r#"{"log_format":"json"}"#);
         assert_eq!(c.log_format, LogFormat::Json);
         for f in [LogFormat::Text, LogFormat::Json] {
             assert_eq!(f.to_string().parse::<LogFormat>(), Ok(f));
         }
     }
 
-    fn toml_like<T: serde::de::DeserializeOwned>(json: &str) -> T {
+    fn from_json<T: serde::de::DeserializeOwned>(json: &str) -> T {
         serde_json::from_str(json).unwrap()
     }
 }

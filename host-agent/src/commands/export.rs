@@ -147,6 +147,14 @@ pub fn to_csv(readings: &[CounterReading]) -> Result<Vec<u8>, csv::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_range_is_valid_rfc3339_and_holds_any_reading() {
+        let earliest = chrono::DateTime::parse_from_rfc3339(EARLIEST).unwrap();
+        let latest = chrono::DateTime::parse_from_rfc3339(LATEST).unwrap();
+        let now = chrono::Utc::now();
+        assert!(earliest < chrono::DateTime::UNIX_EPOCH && now < latest);
+    }
     use protocol::data::SectionData;
 
     fn reading(serial: &str, site: &str, counters: &[(&str, Value)]) -> CounterReading {

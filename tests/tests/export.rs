@@ -196,12 +196,7 @@ async fn device_chosen_names_stay_in_their_cells_and_never_become_formulas() {
     c1.stop().await;
 
     // Then C1's certificate sends a meter report with names of its own choosing.
-    let serial = Serial::parse("C1").expect("a serial");
-    let client = env
-        .mqtt(Role::Device, "C1")
-        .connect(&broker)
-        .await
-        .expect("C1's certificate connects");
+    let (serial, client) = device_c1(&env, &broker).await;
     let counters = [
         ("total", DataValue::Int(7)),
         ("a,b\nc", DataValue::Int(1)),
@@ -283,12 +278,7 @@ async fn without_from_and_to_every_reading_is_exported() {
         .log_also("broker::core::meter=debug")
         .start()
         .await;
-    let serial = Serial::parse("C1").expect("a serial");
-    let client = env
-        .mqtt(Role::Device, "C1")
-        .connect(&broker)
-        .await
-        .expect("C1's certificate connects");
+    let (serial, client) = device_c1(&env, &broker).await;
     let times = [
         "1971-02-03T04:05:06Z",
         "2026-11-01T00:00:00Z",
@@ -355,4 +345,15 @@ async fn host_export(env: &TestEnv, broker: &harness::Broker, extra: &[&str]) ->
     let mut args = vec!["export", "counters"];
     args.extend_from_slice(extra);
     env.host("svc", broker).run_ok(args).await
+}
+
+/// An MQTT session with device C1's certificate, to send reports the real agent would not.
+async fn device_c1(env: &TestEnv, broker: &harness::Broker) -> (Serial, harness::MqttClient) {
+    let serial = Serial::parse("C1").expect("a serial");
+    let client = env
+        .mqtt(Role::Device, "C1")
+        .connect(broker)
+        .await
+        .expect("C1's certificate connects");
+    (serial, client)
 }

@@ -326,21 +326,11 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        // `run` takes its log format from its flags and config file: read them first.
-        Command::Run(args) => args
-            .into_config()
-            .context("reading the configuration")
-            .and_then(|(cfg, ready_file)| {
-                init_tracing(false, cfg.log_format);
-                run_relay(cfg, ready_file)
-            }),
-        command => {
-            init_tracing(matches!(command, Command::Demo(_)), LogFormat::Text);
-            real_main(command)
-        }
-    };
-    match result {
+    // `run` starts logging once its flags and config file have said in which format.
+    if !matches!(cli.command, Command::Run(_)) {
+        init_tracing(matches!(cli.command, Command::Demo(_)), LogFormat::Text);
+    }
+    match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", host_agent::error_text(&e));
@@ -379,26 +369,8 @@ fn init_tracing(quiet: bool, format: LogFormat) {
         .init();
 }
 
-/// `broker run`: the relay until SIGINT or SIGTERM.
-fn run_relay(cfg: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    rt.block_on(async move {
-        let stop = shutdown_on_signal();
-        let listener = broker::bind(&cfg).await?;
-        broker::run(
-            cfg,
-            listener,
-            ready_file.as_deref(),
-            broker::Faults::from_env(),
-            stop,
-        )
-        .await?;
-        Ok(ExitCode::SUCCESS)
-    })
-}
-
-fn real_main(command: Command) -> anyhow::Result<ExitCode> {
-    match command {
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
         Command::Pki(PkiCommand::Init { dir, sans }) => {
             pki::init(&dir, &sans)
                 .with_context(|| format!("creating a CA in {}", dir.display()))?;
@@ -463,7 +435,21 @@ fn real_main(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Run(args) => {
             let (cfg, ready_file) = args.into_config().context("reading the configuration")?;
-            run_relay(cfg, ready_file)
+            init_tracing(false, cfg.log_format);
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            rt.block_on(async move {
+                let stop = shutdown_on_signal();
+                let listener = broker::bind(&cfg).await?;
+                broker::run(
+                    cfg,
+                    listener,
+                    ready_file.as_deref(),
+                    broker::Faults::from_env(),
+                    stop,
+                )
+                .await?;
+                Ok(ExitCode::SUCCESS)
+            })
         }
         Command::Backup { data_dir, out } => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -72,6 +72,10 @@ pub async fn run(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = BACKOFF_MIN;
+                // A list asked for in an earlier session must not judge this one's views.
+                if let Some(old) = resync.take() {
+                    old.abort();
+                }
                 model.begin_resync();
                 let subs = filters
                     .iter()
@@ -90,9 +94,6 @@ pub async fn run(
                 } else {
                     info!(host = %cfg.host, broker = %cfg.broker, "dashboard subscribed to the fleet views");
                     model.set_linked(true);
-                    if let Some(old) = resync.take() {
-                        old.abort();
-                    }
                     resync = Some(tokio::spawn(end_resync(model.clone(), client.clone())));
                 }
             }

@@ -12,6 +12,7 @@ use device_agent::config::{FileConfig, FleetSettings};
 use device_agent::jobs::PublisherKey;
 use host_agent::upload::{Prepared, upload};
 use host_agent::{ConnectOptions, HostClient};
+use protocol::alarm::AlarmView;
 use protocol::data::Section;
 use protocol::data::Value;
 use protocol::host::{HostReply, HostRequest, SubmitJob};
@@ -269,11 +270,7 @@ async fn show_emergency(host: &HostClient, serial: &protocol::Serial) -> anyhow:
         if let HostReply::Alarms { alarms } = reply
             && let Some(alarm) = alarms.iter().find(|a| a.code == FATAL_CODE)
         {
-            let latency = (alarm.received_at - alarm.raised_at).num_milliseconds();
-            println!(
-                "\nEmergency: {} on {} ({}): {} {:?}, at the relay {latency} ms after the device detected it",
-                alarm.id, alarm.serial, alarm.site, alarm.code, alarm.status
-            );
+            println!("\n{}", emergency_line(alarm));
             return Ok(());
         }
         anyhow::ensure!(
@@ -282,6 +279,16 @@ async fn show_emergency(host: &HostClient, serial: &protocol::Serial) -> anyhow:
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The demo's line for an alarm: its status as `alarms` and the job list write statuses
+/// (`in-progress`), never Rust's name for it.
+fn emergency_line(alarm: &AlarmView) -> String {
+    let latency = (alarm.received_at - alarm.raised_at).num_milliseconds();
+    format!(
+        "Emergency: {} on {} ({}): {} {}, at the relay {latency} ms after the device detected it",
+        alarm.id, alarm.serial, alarm.site, alarm.code, alarm.status
+    )
 }
 
 fn submitted(reply: HostReply) -> anyhow::Result<String> {
@@ -374,4 +381,39 @@ async fn print_counters(host: &HostClient, jobs: &[String]) -> anyhow::Result<()
             .join("")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::alarm::{AlarmKind, AlarmStatus};
+
+    #[test]
+    fn the_emergency_line_writes_the_status_as_the_lists_do() {
+        let at = protocol::Timestamp::from_timestamp(1_790_000_000, 0).unwrap();
+        let alarm = AlarmView {
+            id: "A-000001".into(),
+            serial: "COPIER-00007".into(),
+            site: "Osaka".into(),
+            kind: AlarmKind::Fault,
+            code: FATAL_CODE.into(),
+            detail: String::new(),
+            status: AlarmStatus::InProgress,
+            raised_at: at,
+            received_at: at + Duration::from_millis(12),
+            updated_at: at,
+            cleared_at: None,
+            acked_by: None,
+            acked_at: None,
+            total: None,
+        };
+        let line = emergency_line(&alarm);
+        assert_eq!(
+            line,
+            format!(
+                "Emergency: A-000001 on COPIER-00007 (Osaka): {FATAL_CODE} in-progress, at the relay 12 ms after the device detected it"
+            )
+        );
+        assert!(!line.contains("InProgress"), "{line}");
+    }
 }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use broker::config::BrokerConfig;
 use clap::{Args, Parser, Subcommand};
 use protocol::Role;
+use protocol::log_format::LogFormat;
 use tokio_util::sync::CancellationToken;
 
 /// The chukei relay: devices and hosts behind firewalls both connect OUT to it.
@@ -207,8 +208,9 @@ struct RunArgs {
     #[arg(long, value_name = "N")]
     default_max_attempts: Option<u32>,
     /// Serve Prometheus metrics (connections, messages, ACL violations, jobs by status, alarms,
-    /// notification queue, redb commit latency) over plain HTTP at http://ADDR/metrics. Use a
-    /// loopback or management address. Default: none
+    /// notification queue, redb commit latency) over plain HTTP at http://ADDR/metrics, and
+    /// health checks at /healthz (alive) and /readyz (200 when ready for clients, else 503 with
+    /// the reason). Use a loopback or management address. Default: none
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
     /// Close a metrics connection whose request headers have not all arrived in this time.
@@ -239,6 +241,15 @@ struct RunArgs {
     /// 256 KiB to 64 MiB
     #[arg(long, value_name = "BYTES")]
     min_free_bytes: Option<u64>,
+    /// Tell systemd when the relay is ready (after the retained orders are republished) and
+    /// ping its watchdog: for a Type=notify unit (deploy/systemd/chukei-broker.service).
+    /// Default: off
+    #[arg(long)]
+    systemd_notify: bool,
+    /// text, or json: one JSON object per line with the same fields, for log shippers.
+    /// Default: text
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<LogFormat>,
     /// Write {"listen":"ADDR"} here once the broker accepts clients.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -294,6 +305,10 @@ impl RunArgs {
         if let Some(bytes) = self.min_free_bytes {
             cfg.min_free_bytes = Some(bytes);
         }
+        if let Some(format) = self.log_format {
+            cfg.log_format = format;
+        }
+        cfg.systemd_notify |= self.systemd_notify;
         cfg.validate()?;
         Ok((cfg, self.ready_file))
     }
@@ -311,7 +326,10 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(matches!(cli.command, Command::Demo(_)));
+    // `run` starts logging once its flags and config file have said in which format.
+    if !matches!(cli.command, Command::Run(_)) {
+        init_tracing(matches!(cli.command, Command::Demo(_)), LogFormat::Text);
+    }
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -321,7 +339,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(quiet: bool) {
+fn init_tracing(quiet: bool, format: LogFormat) {
     use tracing_subscriber::prelude::*;
 
     // rumqttd logs every subscription at info and rustls warns about IP addresses sent as SNI by
@@ -340,14 +358,14 @@ fn init_tracing(quiet: bool) {
     let no_router_spans = tracing_subscriber::filter::filter_fn(|meta| {
         !(meta.is_span() && meta.target().starts_with("rumqttd"))
     });
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Text => layer.with_ansi(ansi).boxed(),
+        LogFormat::Json => layer.json().flatten_event(true).boxed(),
+    };
     tracing_subscriber::registry()
         .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(ansi)
-                .with_writer(std::io::stderr)
-                .with_filter(no_router_spans),
-        )
+        .with(layer.with_filter(no_router_spans))
         .init();
 }
 
@@ -417,6 +435,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run(args) => {
             let (cfg, ready_file) = args.into_config().context("reading the configuration")?;
+            init_tracing(false, cfg.log_format);
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async move {
                 let stop = shutdown_on_signal();
@@ -537,6 +556,30 @@ mod tests {
             panic!("not run")
         };
         args.into_config()
+    }
+
+    #[test]
+    fn systemd_notify_and_the_log_format_come_from_the_file_or_a_flag() {
+        let (cfg, _) = run(&[]).unwrap();
+        assert_eq!(
+            (cfg.systemd_notify, cfg.log_format),
+            (false, LogFormat::Text)
+        );
+        let (cfg, _) = run(&["--systemd-notify", "--log-format", "json"]).unwrap();
+        assert_eq!(
+            (cfg.systemd_notify, cfg.log_format),
+            (true, LogFormat::Json)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "systemd_notify = true\nlog_format = \"json\"\n").unwrap();
+        let (cfg, _) = run(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            (cfg.systemd_notify, cfg.log_format),
+            (true, LogFormat::Json)
+        );
+        let e = Cli::try_parse_from(["broker", "run", "--log-format", "xml"]).unwrap_err();
+        assert!(e.to_string().contains("use text or json"), "{e}");
     }
 
     #[test]

@@ -129,6 +129,15 @@ pub struct BrokerConfig {
     /// stop until the relay has reopened its store).
     #[serde(default)]
     pub min_free_bytes: Option<u64>,
+    /// Tell systemd when the relay is ready (`READY=1`, after the retained orders are
+    /// republished), when it stops, and ping its watchdog (`WatchdogSec=`): for `Type=notify`
+    /// units (deploy/systemd/chukei-broker.service).
+    #[serde(default)]
+    pub systemd_notify: bool,
+    /// `text` (the default) or `json`: one JSON object per line, for log shippers. Read by the
+    /// `broker` command, which sets up logging.
+    #[serde(default)]
+    pub log_format: protocol::log_format::LogFormat,
     /// Mail and webhook notifications (`[notify]`, `[notify.mail]`, `[[notify.rules]]`).
     #[serde(default)]
     pub notify: crate::notify::NotifyConfig,

@@ -12,7 +12,8 @@
 //!
 //! Emergencies, presence and notifications (Fig. 5, claim 42, S116/S312) are parts of the core
 //! too; [`notify`] drains its mail and webhook queue from the store, [`metrics_http`] serves
-//! [`telemetry`] to Prometheus, [`control`] answers `broker backup` on a Unix socket.
+//! [`telemetry`] to Prometheus and answers health checks ([`health`]), [`control`] answers
+//! `broker backup` on a Unix socket, [`systemd`] tells a `Type=notify` unit when the relay is ready.
 //!
 //! The `broker` command (crate `chukei-broker-cli`) only parses flags; [`run`] is the broker. This
 //! library links neither agent: the command's `demo` does.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod gateway;
+pub mod health;
 pub mod jobs;
 pub mod log_budget;
 pub mod metrics;
@@ -29,6 +31,7 @@ pub mod notify;
 pub mod router;
 pub mod store;
 pub mod switch;
+pub mod systemd;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -211,6 +214,7 @@ pub async fn run(
     ));
 
     let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(crate::health::Health::default());
     let settings = GatewaySettings {
         handshake_timeout: cfg.handshake_timeout(),
         first_byte_timeout: cfg.first_byte_timeout(),
@@ -240,6 +244,7 @@ pub async fn run(
             limits,
             metrics,
             core.clone(),
+            health.clone(),
             stop.clone(),
         ));
     }
@@ -267,8 +272,18 @@ pub async fn run(
         info!(addr = %ws_addr, path = protocol::url::DEFAULT_WS_PATH, "websocket listener ready");
     }
     info!(%addr, republished, data_dir = %cfg.data_dir.display(), "broker ready");
+    health.set_accepting();
+    if cfg.systemd_notify {
+        systemd::check_socket();
+        systemd::ready(republished);
+        tasks.spawn(systemd::watchdog(stop.clone()));
+    }
     let ws_task = ws.map(|(ws, _)| tasks.spawn(gateway.clone().run_ws(ws, stop.clone())));
     gateway.run(listener, stop.clone()).await;
+    health.set_stopping();
+    if cfg.systemd_notify {
+        systemd::stopping();
+    }
     if let Some(task) = ws_task {
         let _ = task.await;
     }

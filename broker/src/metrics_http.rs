@@ -1,5 +1,8 @@
-//! `broker run --metrics-listen ADDR`: Prometheus text on `GET /metrics` (plain HTTP: put it on a
-//! loopback or management address, never on the internet-facing one).
+//! `broker run --metrics-listen ADDR`: Prometheus text on `GET /metrics`, and the health checks
+//! of load balancers and supervisors: `GET /healthz` (200 while the process serves) and
+//! `GET /readyz` (200 `{"ready":true}` when the relay should be sent clients, else 503
+//! `{"ready":false,"reason":"…"}`; [`crate::health`]). Plain HTTP: put it on a loopback or
+//! management address, never on the internet-facing one.
 //!
 //! Gateway counters come from [`Metrics`], the core's from [`crate::telemetry::CoreStats`], and
 //! job, alarm and queue counts from a read transaction of the store, taken on a blocking thread
@@ -28,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::core::Core;
+use crate::health::Health;
 use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 
@@ -45,6 +49,7 @@ pub struct HttpLimits {
 struct Sources {
     gateway: Arc<Metrics>,
     core: Arc<Core>,
+    health: Arc<Health>,
 }
 
 /// The endpoint's refusals, each logged within a budget of its own (anyone who reaches the port
@@ -55,12 +60,13 @@ struct Refusals {
     slow: LogBudget,
 }
 
-/// Serves `/metrics` on `listener` until `stop`.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `stop`.
 pub async fn serve(
     listener: TcpListener,
     limits: HttpLimits,
     gateway: Arc<Metrics>,
     core: Arc<Core>,
+    health: Arc<Health>,
     stop: CancellationToken,
 ) {
     let addr = listener
@@ -68,13 +74,18 @@ pub async fn serve(
         .map_or_else(|_| "?".to_owned(), |a: SocketAddr| a.to_string());
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route(
             "/",
-            get(|| async { "chukei broker: metrics at /metrics\n" }),
+            get(|| async {
+                "chukei broker: metrics at /metrics, health at /healthz and /readyz\n"
+            }),
         )
         .with_state(Sources {
             gateway: gateway.clone(),
             core,
+            health,
         });
     let places = Arc::new(Semaphore::new(limits.max_connections));
     let refusals = Arc::new(Refusals::default());
@@ -159,6 +170,34 @@ async fn serve_connection(
         }
         Err(e) => debug!(error = %e, "metrics endpoint connection ended"),
     }
+}
+
+/// The process serves: answering is the whole check.
+async fn healthz() -> impl IntoResponse {
+    json(StatusCode::OK, serde_json::json!({ "healthy": true }))
+}
+
+/// Whether to send the relay clients ([`Health::readiness`]).
+async fn readyz(State(src): State<Sources>) -> impl IntoResponse {
+    let (health, core) = (src.health.clone(), src.core.clone());
+    let verdict = tokio::task::spawn_blocking(move || health.readiness(&core))
+        .await
+        .unwrap_or_else(|e| Err(format!("readiness check failed: {e}")));
+    match verdict {
+        Ok(()) => json(StatusCode::OK, serde_json::json!({ "ready": true })),
+        Err(reason) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "ready": false, "reason": reason }),
+        ),
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> impl IntoResponse {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
 }
 
 async fn metrics(State(src): State<Sources>) -> impl IntoResponse {

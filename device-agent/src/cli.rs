@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use protocol::Serial;
+use protocol::log_format::LogFormat;
 use protocol::proxy::ProxyUrl;
 use protocol::schedule::SessionMode;
 use protocol::url::BrokerUrl;
@@ -148,6 +149,10 @@ pub struct CommonArgs {
     /// Overrides `session.failback_secs`; default 30.
     #[arg(long, value_name = "N")]
     pub failback_secs: Option<u64>,
+    /// text, or json: one JSON object per line with the same fields, for log shippers.
+    /// Overrides `log_format`; default text.
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<LogFormat>,
 }
 
 impl CommonArgs {

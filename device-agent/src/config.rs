@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use protocol::Serial;
+use protocol::log_format::LogFormat;
 use protocol::proxy::ProxyUrl;
 use protocol::schedule::{Calendar, Condition, Moment, Schedule, SessionMode};
 use protocol::url::BrokerUrl;
@@ -89,6 +90,8 @@ pub struct FileConfig {
     /// Reports the agent sends on its own schedule.
     #[serde(default)]
     pub report: ReportConfig,
+    /// `text` (the default) or `json`: one JSON object per line, for log shippers.
+    pub log_format: Option<LogFormat>,
 }
 
 /// `[faults]`: which fault codes are fatal (an alarm at once) and how often `DATA_DIR/faults/`
@@ -544,6 +547,7 @@ struct Shared {
     schedule: Schedule,
     publisher_key: Option<PublisherKey>,
     monitor: MonitorSettings,
+    log_format: LogFormat,
 }
 
 impl Shared {
@@ -582,6 +586,11 @@ impl Shared {
                     .as_deref(),
             )?,
             monitor,
+            log_format: flags
+                .common
+                .log_format
+                .or(file.log_format)
+                .unwrap_or_default(),
         })
     }
 }
@@ -607,6 +616,8 @@ pub struct RunSettings {
     pub exec: Option<ExecSettings>,
     /// Faults (watched in `DATA_DIR/faults/`) and meter reads.
     pub monitor: MonitorSettings,
+    /// How the agent's log lines are written.
+    pub log_format: LogFormat,
 }
 
 impl RunSettings {
@@ -645,6 +656,7 @@ impl RunSettings {
             publisher_key: shared.publisher_key,
             exec: file.exec.as_ref().map(exec_settings).transpose()?,
             monitor: shared.monitor,
+            log_format: shared.log_format,
         })
     }
 
@@ -672,6 +684,8 @@ pub struct FleetSettings {
     pub publisher_key: Option<PublisherKey>,
     /// Faults (injected in-process: [`crate::faults::inject`]) and meter reads.
     pub monitor: MonitorSettings,
+    /// How the fleet's log lines are written.
+    pub log_format: LogFormat,
 }
 
 /// Most copiers one fleet process simulates: each holds a socket, and a process may hold at most
@@ -732,6 +746,7 @@ impl FleetSettings {
             schedule: shared.schedule,
             publisher_key: shared.publisher_key,
             monitor: shared.monitor,
+            log_format: shared.log_format,
         })
     }
 

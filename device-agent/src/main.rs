@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use device_agent::cli::{Cli, Command};
 use device_agent::config::{FleetSettings, RunSettings};
+use protocol::log_format::LogFormat;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -17,14 +18,6 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal; logs captured to a file stay greppable.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
 
     enum Job {
         Run(RunSettings),
@@ -54,6 +47,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Once the settings are read: the log format may come from the config file.
+    init_tracing(match &job {
+        Job::Run(s) => s.log_format,
+        Job::Fleet(s) => s.log_format,
+    });
 
     let result = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
@@ -77,5 +75,19 @@ fn main() -> ExitCode {
             eprintln!("device-agent: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr, `info` and up unless RUST_LOG says otherwise.
+fn init_tracing(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        );
+    match format {
+        // Colours only for a person at a terminal; logs captured to a file stay greppable.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }

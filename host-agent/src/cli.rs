@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use protocol::data::Value;
+use protocol::log_format::LogFormat;
 use protocol::proxy::ProxyUrl;
 use protocol::url::BrokerUrl;
 
@@ -75,6 +76,10 @@ pub struct ConnectArgs {
     /// until then. Default 15. Overrides `timeout_secs` in --config.
     #[arg(long, value_name = "N", global = true, help_heading = "Connection", value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_secs: Option<u64>,
+    /// text, or json: one JSON object per line with the same fields, for log shippers (the
+    /// dashboard's log above all). Default text. Overrides `log_format` in --config.
+    #[arg(long, value_name = "text|json", global = true)]
+    pub log_format: Option<LogFormat>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,19 +208,20 @@ pub enum ExportCommand {
 /// Meter readings (Fig. 3 counters) for billing, one row per device per reading: every get-data
 /// job that read the counters, and every counters report a device sent on its own schedule.
 /// Columns: serial, site, read_at (UTC), source, then total and every other counter (empty
-/// where a device has no such counter).
+/// where a device has no such counter). Without --from and --to, every reading the relay holds.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "\
-Example:
+Examples:
+  host-agent … export counters --format csv --output all.csv
   host-agent … export counters --from 2026-11-01T00:00:00Z --to 2026-12-01T00:00:00Z \\
       --format csv --output november.csv")]
 pub struct ExportCountersArgs {
-    /// Readings taken at or after this time (RFC 3339).
+    /// Readings taken at or after this time (RFC 3339). Default: the earliest.
     #[arg(long, value_name = "RFC3339")]
-    pub from: String,
-    /// Readings taken before this time (RFC 3339).
+    pub from: Option<String>,
+    /// Readings taken before this time (RFC 3339). Default: no end.
     #[arg(long, value_name = "RFC3339")]
-    pub to: String,
+    pub to: Option<String>,
     /// Only this device.
     #[arg(long, value_name = "SERIAL")]
     pub serial: Option<String>,

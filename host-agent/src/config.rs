@@ -1,7 +1,7 @@
 //! Connection settings: a TOML file for what stays the same, flags for the moment. Flags win.
 //!
 //! The file's keys are the flags' names (`broker`, `proxy`, `ca`, `cert`, `key`, `timeout_secs`,
-//! and the dashboard's `allowed_hosts`, the list of its `--allowed-host`); an
+//! `log_format`, and the dashboard's `allowed_hosts`, the list of its `--allowed-host`); an
 //! unknown key is an error, so a typo cannot silently fall back to a default. Relative paths in
 //! the file are read from the file's directory, so one file works from any working directory.
 
@@ -9,6 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use protocol::log_format::LogFormat;
 use protocol::proxy::{BadProxy, ProxyUrl, proxy_for};
 use protocol::url::BrokerUrl;
 use serde::Deserialize;
@@ -29,6 +30,8 @@ pub struct ConfigFile {
     pub timeout_secs: Option<u64>,
     /// `dashboard`: names it answers to besides its listening address.
     pub allowed_hosts: Option<Vec<String>>,
+    /// `text` (the default) or `json`: one JSON object per line, for log shippers.
+    pub log_format: Option<LogFormat>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// The file's `allowed_hosts` (the dashboard's `--allowed-host`, given, replaces them).
     pub allowed_hosts: Vec<AllowedHost>,
+    /// How log lines are written (`--log-format`, else the file's `log_format`).
+    pub log_format: LogFormat,
 }
 
 impl ConfigFile {
@@ -191,6 +196,7 @@ impl Settings {
             key,
             timeout,
             allowed_hosts,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod envelope;
 pub mod host;
 pub mod ids;
 pub mod job;
+pub mod log_format;
 pub mod meter;
 pub mod presence;
 pub mod proxy;

@@ -348,20 +348,42 @@ pub fn unsubscribe(pkid: u16, filters: &[&str]) -> Vec<u8> {
     packet(0xa2, &body)
 }
 
-/// The broker's Prometheus text (`GET /metrics` over plain HTTP).
+/// The broker's Prometheus text (`GET /metrics` over plain HTTP), the response's head included.
 pub async fn scrape(addr: SocketAddr) -> String {
+    get(addr, "/metrics").await
+}
+
+/// `GET path` over plain HTTP/1.1 on a fresh connection: the whole response, head and body.
+async fn get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr)
         .await
-        .unwrap_or_else(|e| panic!("connecting to the metrics endpoint {addr}: {e}"));
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap_or_else(|e| panic!("writing to the metrics endpoint: {e}"));
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("writing to {addr}: {e}"));
     let mut out = String::new();
     tokio::time::timeout(deadline(), s.read_to_string(&mut out))
         .await
-        .unwrap_or_else(|_| panic!("no answer from the metrics endpoint {addr}"))
-        .unwrap_or_else(|e| panic!("reading the metrics endpoint: {e}"));
+        .unwrap_or_else(|_| panic!("no answer from {addr}{path}"))
+        .unwrap_or_else(|e| panic!("reading {addr}{path}: {e}"));
     out
+}
+
+/// `GET path` over plain HTTP/1.1 (the metrics listener's `/healthz`, `/readyz`): the status
+/// code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let out = get(addr, path).await;
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response from {addr}{path}:\n{out}"));
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or_else(String::new, |(_, b)| b.to_owned());
+    (status, body)
 }
 
 /// The value of one sample (`name` with its labels, e.g. `x_total{limit="a"}`) in `text`.

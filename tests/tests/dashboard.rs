@@ -896,3 +896,181 @@ async fn an_injected_fatal_fault_appears_on_the_open_emergencies_page_without_a_
         "the Jobs page must not reload"
     );
 }
+
+/// A page's live stream (`GET /events`), read event by event as the page's script would.
+struct Events {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl Events {
+    async fn open(base: &str) -> Events {
+        let resp = reqwest::Client::new()
+            .get(format!("{base}/events"))
+            .send()
+            .await
+            .expect("the dashboard answers /events");
+        assert_eq!(resp.status(), StatusCode::OK);
+        Events {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event's name and data (its `data:` lines joined); keep-alive comments skipped.
+    async fn next(&mut self) -> (String, String) {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut name = String::new();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push(v.strip_prefix(' ').unwrap_or(v));
+                    }
+                }
+                if !name.is_empty() {
+                    return (name, data.join("\n"));
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(deadline(), self.resp.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("no event within the deadline; pending: {}", self.buf))
+                .unwrap_or_else(|e| panic!("reading /events: {e}"))
+                .unwrap_or_else(|| panic!("/events ended"));
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+/// The alarm count an `alarms` event carries.
+fn alarm_count(data: &str) -> usize {
+    let marker = "data-count=\"";
+    let start = data
+        .find(marker)
+        .unwrap_or_else(|| panic!("no data-count in the alarms event: {data}"))
+        + marker.len();
+    data[start..]
+        .split('"')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a bad data-count: {data}"))
+}
+
+#[tokio::test]
+async fn the_alarm_list_stays_on_the_page_while_the_dashboard_reconnects() {
+    let env = TestEnv::new("dashboard_alarms_across_reconnect");
+    let mut broker = env.broker().start().await;
+    let addr = broker.addr();
+    let c1 = env.device("C1").start(&broker).await;
+    let (_dash, base) = dashboard(&env, &broker, &[]).await;
+    fault(&c1, &["raise", "SC-541"]).await;
+    Web::new(&base)
+        .wait_for("/", "data-alarm-code=\"SC-541\"")
+        .await;
+
+    // An open page's stream: it starts with the link and the one alarm.
+    let mut events = Events::open(&base).await;
+    let mut log = Vec::new();
+    let (mut went_down, mut back_up) = (false, false);
+    // The relay restarts where it was: the dashboard's feed loses its session and makes a new one.
+    assert!(broker.stop().await.success());
+    let _broker = env.broker().listen(addr).start().await;
+    loop {
+        let (name, data) = events.next().await;
+        log.push(format!(
+            "{name}: {}",
+            data.chars().take(60).collect::<String>()
+        ));
+        match (name.as_str(), data.as_str()) {
+            ("link", "down") => went_down = true,
+            ("link", "up") if went_down => back_up = true,
+            ("alarms", data) => {
+                let n = alarm_count(data);
+                assert_eq!(
+                    n,
+                    1,
+                    "the page was sent {n} alarms; it must keep SC-541 throughout:\n{}",
+                    log.join("\n")
+                );
+                // The relay's retained view again, after the feed's new session: done.
+                if back_up {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        Web::new(&base)
+            .get("/")
+            .await
+            .body
+            .contains("data-alarm-code=\"SC-541\""),
+        "still on the page after the reconnect"
+    );
+}
+
+#[tokio::test]
+async fn wrong_passwords_from_one_address_are_refused_for_a_minute() {
+    let env = TestEnv::new("dashboard_login_rate_limit");
+    let broker = env.broker().start().await;
+    let pw = env.path("dashboard.pw");
+    std::fs::write(&pw, "open sesame\n").expect("write the password file");
+    let (dash, base) = dashboard(
+        &env,
+        &broker,
+        &["--auth", &pw.to_string_lossy(), "--log-format", "json"],
+    )
+    .await;
+
+    let mut web = Web::new(&base);
+    let csrf = web.get("/login").await.csrf();
+    for i in 1..=5 {
+        let r = web
+            .post("/login", &[("csrf", &csrf), ("password", "guess")])
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "wrong password {i}");
+    }
+    // The sixth attempt is refused before the password is looked at: even the right one.
+    let r = web
+        .post("/login", &[("csrf", &csrf), ("password", "open sesame")])
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    let retry: u64 = r
+        .headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a Retry-After in seconds: {:?}", r.headers));
+    assert!((1..=60).contains(&retry), "Retry-After: {retry}");
+
+    // Another source address is not locked out (loopback has them all: 127.0.0.2).
+    let mut other = Web {
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+            .timeout(deadline())
+            .build()
+            .expect("an HTTP client"),
+        base: base.clone(),
+        cookie: None,
+    };
+    let csrf = other.get("/login").await.csrf();
+    let r = other
+        .post("/login", &[("csrf", &csrf), ("password", "open sesame")])
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+
+    // The lockout is logged once, as JSON with the source (--log-format json).
+    let line = dash
+        .wait_for_log("too many wrong passwords", deadline())
+        .await;
+    let json: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    assert_eq!(json["level"], "WARN", "{line}");
+    assert_eq!(json["source"], "127.0.0.1", "{line}");
+}

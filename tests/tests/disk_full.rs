@@ -9,7 +9,7 @@ use std::path::Path;
 
 use broker::store::{RedbStore, Store};
 use harness::chaos::{Tmpfs, field, ids_logged};
-use harness::{TestEnv, deadline, poll_until};
+use harness::{TestEnv, deadline, poll_until, raw};
 use protocol::{JobId, Role, Serial, topic};
 use serde_json::Value;
 
@@ -99,7 +99,12 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
     let env = TestEnv::new("a_full_disk_refuses_new_work_keeps_reads_and_recovers");
     let tmpfs = Tmpfs::mount(env.path("small-disk"), "8m").unwrap_or_else(|e| panic!("{e}"));
     let data_dir = tmpfs.dir().join("broker");
-    let mut broker = env.broker().data_dir(&data_dir).start().await;
+    let mut broker = env
+        .broker()
+        .data_dir(&data_dir)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start()
+        .await;
     // D1 reads its counters every second and resends anything queued within two.
     let mut d1 = env
         .device("D1")
@@ -140,6 +145,20 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
         .wait_for_log("relay storage full: refusing new work", deadline())
         .await;
     eprintln!("broker: {full_line}");
+
+    // A load balancer polling /readyz takes the relay out, with the reason; it is still alive.
+    let (status, body) = raw::http_get(broker.metrics_addr(), "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let readyz: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(readyz["ready"], false, "{body}");
+    assert!(
+        readyz["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("relay storage full") || r.contains("disk reserve")),
+        "{body}"
+    );
+    let (status, _) = raw::http_get(broker.metrics_addr(), "/healthz").await;
+    assert_eq!(status, 200);
 
     // A submission is refused with the cause, and the CLI says so.
     let refused = host
@@ -237,6 +256,12 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
+    let (status, body) = raw::http_get(broker.metrics_addr(), "/readyz").await;
+    assert_eq!(
+        (status, body.trim()),
+        (200, r#"{"ready":true}"#),
+        "ready again"
+    );
     let after_job = host.submit_get_data("D1").await;
     host.wait_for_status(&after_job, "succeeded", deadline())
         .await;

@@ -196,12 +196,7 @@ async fn device_chosen_names_stay_in_their_cells_and_never_become_formulas() {
     c1.stop().await;
 
     // Then C1's certificate sends a meter report with names of its own choosing.
-    let serial = Serial::parse("C1").expect("a serial");
-    let client = env
-        .mqtt(Role::Device, "C1")
-        .connect(&broker)
-        .await
-        .expect("C1's certificate connects");
+    let (serial, client) = device_c1(&env, &broker).await;
     let counters = [
         ("total", DataValue::Int(7)),
         ("a,b\nc", DataValue::Int(1)),
@@ -271,4 +266,94 @@ async fn device_chosen_names_stay_in_their_cells_and_never_become_formulas() {
             "a live formula: {cell:?}\n{text}"
         );
     }
+}
+
+/// `export counters` with neither `--from` nor `--to` exports every reading, however old or far
+/// ahead a device's clock put it; each flag alone narrows from its side.
+#[tokio::test]
+async fn without_from_and_to_every_reading_is_exported() {
+    let env = TestEnv::new("without_from_and_to_every_reading_is_exported");
+    let broker = env
+        .broker()
+        .log_also("broker::core::meter=debug")
+        .start()
+        .await;
+    let (serial, client) = device_c1(&env, &broker).await;
+    let times = [
+        "1971-02-03T04:05:06Z",
+        "2026-11-01T00:00:00Z",
+        "2199-12-31T23:00:00Z",
+    ];
+    for (i, at) in times.iter().enumerate() {
+        let report = CounterReport {
+            read_at: chrono::DateTime::parse_from_rfc3339(at)
+                .expect("a time")
+                .with_timezone(&chrono::Utc),
+            counters: [("total".to_owned(), DataValue::Int(i as i64 + 1))]
+                .into_iter()
+                .collect(),
+        };
+        client
+            .publish(
+                &topic::dev_up(&serial, UpKind::Counters),
+                envelope(i as u64 + 1, &report),
+            )
+            .await;
+    }
+    broker
+        .wait_for_lines("three counters reports", 3, secs(30), |l| {
+            l.contains("counters report stored")
+        })
+        .await;
+
+    let read_ats = |json: &str| -> Vec<String> {
+        let rows: Value = serde_json::from_str(json).expect("JSON");
+        rows.as_array()
+            .expect("an array")
+            .iter()
+            .map(|r| {
+                let at = r["read_at"].as_str().expect("read_at");
+                chrono::DateTime::parse_from_rfc3339(at)
+                    .expect("RFC 3339")
+                    .with_timezone(&chrono::Utc)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            })
+            .collect()
+    };
+    let all = host_export(&env, &broker, &["--format", "json"]).await;
+    assert_eq!(read_ats(&all), times, "every reading, oldest first");
+    let csv = host_export(&env, &broker, &[]).await;
+    assert_eq!(parse_csv(&csv).len(), 3, "{csv}");
+    let since = host_export(
+        &env,
+        &broker,
+        &["--from", "2000-01-01T00:00:00Z", "--format", "json"],
+    )
+    .await;
+    assert_eq!(read_ats(&since), times[1..], "--from alone");
+    let until = host_export(
+        &env,
+        &broker,
+        &["--to", "2000-01-01T00:00:00Z", "--format", "json"],
+    )
+    .await;
+    assert_eq!(read_ats(&until), times[..1], "--to alone");
+}
+
+/// `host-agent export counters EXTRA…` as host `svc`: its stdout.
+async fn host_export(env: &TestEnv, broker: &harness::Broker, extra: &[&str]) -> String {
+    let mut args = vec!["export", "counters"];
+    args.extend_from_slice(extra);
+    env.host("svc", broker).run_ok(args).await
+}
+
+/// An MQTT session with device C1's certificate, to send reports the real agent would not.
+async fn device_c1(env: &TestEnv, broker: &harness::Broker) -> (Serial, harness::MqttClient) {
+    let serial = Serial::parse("C1").expect("a serial");
+    let client = env
+        .mqtt(Role::Device, "C1")
+        .connect(broker)
+        .await
+        .expect("C1's certificate connects");
+    (serial, client)
 }

@@ -249,6 +249,15 @@ impl Core {
         }
     }
 
+    /// Why the store takes no new work right now, or `None` while it writes: what `/readyz`
+    /// reports (the same text hosts are told).
+    pub fn storage_problem(&self) -> Option<String> {
+        match &*self.storage_state() {
+            State::Refusing { burst, .. } => Some(burst.reason.clone()),
+            State::Probing { .. } | State::Writable => None,
+        }
+    }
+
     /// What a host is told when its request would need a write.
     pub(super) fn storage_refusal(&self) -> String {
         match &*self.storage_state() {

@@ -18,13 +18,21 @@ use crate::client::{HostClient, HostError, unexpected};
 /// The columns that come first, in this order; every other counter follows, sorted by name.
 pub const LEADING: [&str; 5] = ["serial", "site", "read_at", "source", "total"];
 
+/// `--from` when not given: the earliest time RFC 3339 can write, so every reading is at or
+/// after it. The relay's request keeps both bounds (a relay of any release answers it).
+pub const EARLIEST: &str = "0000-01-01T00:00:00Z";
+/// `--to` when not given: past the latest time RFC 3339 can write (the bound is excluded).
+pub const LATEST: &str = "9999-12-31T23:59:59.999Z";
+
 /// Runs `export counters`: to `--output FILE` (written whole, then renamed into place) or stdout.
 pub async fn counters(
     client: &HostClient,
     args: ExportCountersArgs,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let readings = fetch_all(client, &args.from, &args.to, args.serial.clone())
+    let from = args.from.as_deref().unwrap_or(EARLIEST);
+    let to = args.to.as_deref().unwrap_or(LATEST);
+    let readings = fetch_all(client, from, to, args.serial.clone())
         .await
         .context("exporting counters")?;
     let text = match args.format.as_str() {
@@ -139,6 +147,14 @@ pub fn to_csv(readings: &[CounterReading]) -> Result<Vec<u8>, csv::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_range_is_valid_rfc3339_and_holds_any_reading() {
+        let earliest = chrono::DateTime::parse_from_rfc3339(EARLIEST).unwrap();
+        let latest = chrono::DateTime::parse_from_rfc3339(LATEST).unwrap();
+        let now = chrono::Utc::now();
+        assert!(earliest < chrono::DateTime::UNIX_EPOCH && now < latest);
+    }
     use protocol::data::SectionData;
 
     fn reading(serial: &str, site: &str, counters: &[(&str, Value)]) -> CounterReading {

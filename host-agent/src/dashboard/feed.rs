@@ -4,14 +4,17 @@
 //! A session of its own (client id `HOST:dashboard-feed-…`), apart from the [`HostClient`] that
 //! carries requests, because `HostClient` routes job views and alarms but not device state; the
 //! loop is the same shape as its driver: subscribe after every CONNACK, back off after a failure.
-//! The relay retains every view, so each (re)connection brings the whole picture again.
-//!
-//! [`HostClient`]: crate::HostClient
+//! The relay retains every view, so each (re)connection brings the whole picture again, except
+//! the alarm views deleted meanwhile (a device's last alarm cleared): after each subscription the
+//! relay's list of active alarms (through the [`HostClient`]) says which kept ones to drop, so
+//! the page keeps its list across a reconnect instead of emptying it (docs/decisions.md, D19).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::alarm::AlarmState;
+use protocol::host::{HostReply, HostRequest};
 use protocol::presence::StateView;
 use protocol::proxy::ProxyUrl;
 use protocol::topic::{self, Topic};
@@ -22,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::model::Model;
-use crate::client::MAX_INCOMING_BYTES;
+use crate::client::{HostClient, MAX_INCOMING_BYTES, unexpected};
 
 /// Every device's state view. `protocol::topic` has constants for the job and alarm filters
 /// only; this is the same tree (`fleet/{serial}/state`, topics.md), with the serial wildcarded.
@@ -40,8 +43,14 @@ pub struct FeedConfig {
     pub host: HostId,
 }
 
-/// Runs until `stop`: keeps the session up and the model current.
-pub async fn run(cfg: FeedConfig, model: Arc<Model>, stop: CancellationToken) {
+/// Runs until `stop`: keeps the session up and the model current. `client` asks the relay for
+/// its active alarms after each subscription.
+pub async fn run(
+    cfg: FeedConfig,
+    model: Arc<Model>,
+    client: Arc<HostClient>,
+    stop: CancellationToken,
+) {
     let client_id = crate::commands::watch::client_id(&cfg.host, "dashboard-feed");
     let mut opts = link::mqtt_options(&client_id, &cfg.broker, cfg.proxy.as_ref(), cfg.tls.clone());
     opts.set_keep_alive(KEEP_ALIVE)
@@ -54,6 +63,7 @@ pub async fn run(cfg: FeedConfig, model: Arc<Model>, stop: CancellationToken) {
         topic::ALL_FLEET_ALARMS,
     ];
     let mut backoff = BACKOFF_MIN;
+    let mut resync: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let event = tokio::select! {
             () = stop.cancelled() => break,
@@ -62,7 +72,11 @@ pub async fn run(cfg: FeedConfig, model: Arc<Model>, stop: CancellationToken) {
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = BACKOFF_MIN;
-                model.reset_alarms();
+                // A list asked for in an earlier session must not judge this one's views.
+                if let Some(old) = resync.take() {
+                    old.abort();
+                }
+                model.begin_resync();
                 let subs = filters
                     .iter()
                     .map(|f| SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce));
@@ -80,6 +94,7 @@ pub async fn run(cfg: FeedConfig, model: Arc<Model>, stop: CancellationToken) {
                 } else {
                     info!(host = %cfg.host, broker = %cfg.broker, "dashboard subscribed to the fleet views");
                     model.set_linked(true);
+                    resync = Some(tokio::spawn(end_resync(model.clone(), client.clone())));
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => apply(&model, &p.topic, &p.payload),
@@ -95,8 +110,34 @@ pub async fn run(cfg: FeedConfig, model: Arc<Model>, stop: CancellationToken) {
             }
         }
     }
+    if let Some(task) = resync {
+        task.abort();
+    }
     let _ = mqtt.try_disconnect();
     model.set_linked(false);
+}
+
+/// Asks the relay which devices have an active alarm and drops the kept views of the others
+/// ([`Model::end_resync`]). On failure the kept views stay until the next session.
+async fn end_resync(model: Arc<Model>, client: Arc<HostClient>) {
+    let req = HostRequest::Alarms {
+        all: false,
+        serial: None,
+    };
+    match client.request(req).await {
+        Ok(HostReply::Alarms { alarms }) => {
+            let active: BTreeSet<String> = alarms
+                .into_iter()
+                .filter(|a| a.status.is_active())
+                .map(|a| a.serial)
+                .collect();
+            model.end_resync(&active);
+        }
+        Ok(other) => warn!(error = %unexpected("alarms", &other), "dashboard: no alarm list"),
+        Err(e) => {
+            warn!(error = %e, "dashboard: could not ask the relay for its active alarms; alarms kept from before the reconnect stay until the next one")
+        }
+    }
 }
 
 /// Decodes one view into the model. Undecodable payloads are logged and skipped: one bad

@@ -14,6 +14,7 @@
 //! - [`hosts`]: the names the dashboard answers to and the origins its forms may come from
 //!   (against DNS rebinding).
 //! - [`submit`]: the submit form, read into the wire message `jobs submit` sends.
+//! - [`throttle`]: failed logins per source address (429 with `Retry-After` past five a minute).
 //!
 //! Decisions: plain server-rendered HTML with one small script and one stylesheet, both compiled
 //! into the binary (no CDN, nothing to build at run time), and a Content-Security-Policy that
@@ -30,6 +31,7 @@ pub mod model;
 pub mod routes;
 pub mod sse;
 pub mod submit;
+pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -94,11 +96,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listen = listener.local_addr()?;
     let model = Arc::new(Model::new());
-    let feed_task = tokio::spawn(feed::run(feed, model.clone(), stop.clone()));
+    let client = Arc::new(client);
+    let feed_task = tokio::spawn(feed::run(feed, model.clone(), client.clone(), stop.clone()));
     let app = Arc::new(routes::App {
         model,
         client,
         sessions: auth::Sessions::new(opts.password),
+        logins: throttle::LoginThrottle::default(),
         signing_key: opts.signing_key,
         counter_days: if opts.counter_days == 0 {
             DEFAULT_COUNTER_DAYS

@@ -7,7 +7,7 @@
 //! the relay's `finished_visible_secs`; a job view on `fleet/+/jobs/+` only tells open pages to
 //! fetch their table again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
 use protocol::alarm::{AlarmKind, AlarmState, AlarmView};
@@ -36,6 +36,9 @@ pub struct Model {
 #[derive(Default)]
 struct Inner {
     alarms: BTreeMap<String, Vec<AlarmView>>,
+    /// Devices whose alarm view arrived since the feed's latest session began: the others are
+    /// what the page showed before it, kept until the relay says whether they still hold.
+    refreshed: BTreeSet<String>,
     devices: BTreeMap<String, StateView>,
     linked: bool,
 }
@@ -73,6 +76,7 @@ impl Model {
     pub fn set_alarms(&self, serial: &str, state: Option<AlarmState>) {
         {
             let mut inner = self.lock();
+            inner.refreshed.insert(serial.to_owned());
             match state {
                 Some(s) if !s.alarms.is_empty() => {
                     inner.alarms.insert(serial.to_owned(), s.alarms);
@@ -85,12 +89,31 @@ impl Model {
         self.notify(Change::Alarms);
     }
 
-    /// Forgets every alarm: called on each new MQTT session, before the relay sends the retained
-    /// ones again, so an alarm that cleared while we were away (its retained message deleted, so
-    /// never sent to us) does not linger.
-    pub fn reset_alarms(&self) {
-        self.lock().alarms.clear();
-        self.notify(Change::Alarms);
+    /// A new session to the relay began: the relay sends every retained alarm view again, but
+    /// not the ones deleted meanwhile (a device's last alarm cleared while we were away). The
+    /// list stays as it is (a page never shows "no alarms" only because the feed reconnected);
+    /// [`Model::end_resync`] then drops what the relay no longer holds.
+    pub fn begin_resync(&self) {
+        self.lock().refreshed.clear();
+    }
+
+    /// The relay's own list of devices with an active alarm, asked for after the new session
+    /// subscribed: a device kept from before the session, not refreshed since and not in it, has
+    /// no alarm any more. A view that arrived during the session is newer than the list's
+    /// absence and stays.
+    pub fn end_resync(&self, active: &BTreeSet<String>) {
+        let dropped = {
+            let mut inner = self.lock();
+            let Inner {
+                alarms, refreshed, ..
+            } = &mut *inner;
+            let before = alarms.len();
+            alarms.retain(|serial, _| refreshed.contains(serial) || active.contains(serial));
+            alarms.len() != before
+        };
+        if dropped {
+            self.notify(Change::Alarms);
+        }
     }
 
     /// A device's state and presence as retained on `fleet/{serial}/state`.
@@ -214,7 +237,36 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), Change::Alarms);
         let ids: Vec<String> = m.active_alarms().into_iter().map(|a| a.id).collect();
         assert_eq!(ids, ["A-2", "A-1"], "C2's last alarm cleared");
-        m.reset_alarms();
-        assert!(m.active_alarms().is_empty());
+    }
+
+    #[test]
+    fn a_reconnect_keeps_the_list_and_drops_only_what_the_relay_no_longer_holds() {
+        let m = Model::new();
+        let state = |serial: &str, id: &str| {
+            Some(AlarmState {
+                serial: serial.into(),
+                alarms: vec![alarm(id, serial, AlarmKind::Fault, 1, false)],
+            })
+        };
+        m.set_alarms("C1", state("C1", "A-1"));
+        m.set_alarms("C2", state("C2", "A-2"));
+        m.set_alarms("C3", state("C3", "A-3"));
+        let mut rx = m.subscribe();
+        m.begin_resync();
+        assert_eq!(m.active_alarms().len(), 3, "nothing forgotten on reconnect");
+        assert!(rx.try_recv().is_err(), "the page is not told of a change");
+        // C1's view comes again; C3 raised a new one, and the relay's list (asked for before
+        // C3's arrived) names C1 only. C2 cleared while the feed was away.
+        m.set_alarms("C1", state("C1", "A-1"));
+        m.set_alarms("C3", state("C3", "A-4"));
+        m.end_resync(&BTreeSet::from(["C1".to_owned()]));
+        let mut ids: Vec<String> = m.active_alarms().into_iter().map(|a| a.id).collect();
+        ids.sort();
+        assert_eq!(ids, ["A-1", "A-4"]);
+        // A device the list still names keeps its old view until the relay sends a new one.
+        m.set_alarms("C4", state("C4", "A-5"));
+        m.begin_resync();
+        m.end_resync(&BTreeSet::from(["C4".to_owned()]));
+        assert_eq!(m.active_alarms().len(), 1);
     }
 }

@@ -3,9 +3,11 @@
 //! read the [`Model`]; rendering is [`super::html`]'s.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Multipart, Path, Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -23,7 +25,8 @@ use super::auth::{self, Session, Sessions};
 use super::hosts::{self, AllowedHosts};
 use super::html::{self, Frame, JobFilter, Page, SubmitForm};
 use super::model::Model;
-use super::{sse, submit};
+use super::throttle::LoginThrottle;
+use super::{sse, submit, throttle};
 use crate::client::{HostClient, HostError, unexpected};
 use crate::keys::SigningKey;
 use crate::upload::{self, Prepared};
@@ -43,8 +46,10 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 /// What every handler shares.
 pub struct App {
     pub model: Arc<Model>,
-    pub client: HostClient,
+    pub client: Arc<HostClient>,
     pub sessions: Sessions,
+    /// Failed logins per source address.
+    pub logins: LoginThrottle,
     /// Signs images uploaded through the submit form; without it the form offers only
     /// artifacts already on the relay.
     pub signing_key: Option<SigningKey>,
@@ -582,6 +587,7 @@ struct LoginForm {
 async fn login_post(
     State(app): State<Arc<App>>,
     Extension(s): Extension<Session>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Form(f): Form<LoginForm>,
 ) -> Response {
     if !auth::csrf_ok(&s, f.csrf.as_deref()) {
@@ -590,15 +596,30 @@ async fn login_post(
     let Some(hash) = app.sessions.password().cloned() else {
         return Redirect::to("/").into_response();
     };
+    // Before the password is checked: a locked-out source costs no argon2 hash.
+    if let Err(wait) = app.logins.check(peer.ip(), Instant::now()) {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs.to_string())],
+            format!("too many failed logins from this address: try again in {secs} s\n"),
+        )
+            .into_response();
+    }
     let password = f.password.unwrap_or_default();
     // argon2 is slow on purpose; keep it off the async threads.
     let good = tokio::task::spawn_blocking(move || hash.verify(&password))
         .await
         .unwrap_or(false);
     if !good {
-        warn!("dashboard: wrong password");
+        if app.logins.failed(peer.ip(), Instant::now()) {
+            warn!(source = %peer.ip(), max = throttle::MAX_FAILURES, "dashboard: too many wrong passwords; logins from this address refused for a minute");
+        } else {
+            warn!("dashboard: wrong password");
+        }
         return (StatusCode::UNAUTHORIZED, login_page(&app, &s, true)).into_response();
     }
+    app.logins.succeeded(peer.ip());
     let fresh = app.sessions.login(&s);
     let mut resp = Redirect::to("/").into_response();
     add_cookie(&mut resp, &auth::set_cookie(&fresh));

@@ -63,19 +63,22 @@ impl From<rumqttd::local::LinkError> for SessionError {
     }
 }
 
-/// Runs a session on an authenticated TLS connection until the client leaves, misbehaves, or the
-/// broker stops. Every exit path tells the router the session is gone.
+/// Runs a session on an authenticated TLS connection until the client leaves, misbehaves, the
+/// broker stops (`stop`) or the session is closed alone (`session`, a child of `stop`: its
+/// certificate was revoked). Every exit path tells the router the session is gone.
 pub async fn serve<S>(
     mut conn: ClientConn<S>,
     who: Identity,
     gw: Arc<Gateway>,
-    stop: CancellationToken,
+    stop: &CancellationToken,
+    session: &CancellationToken,
 ) -> Result<(), SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let connect = match timeout(gw.settings.connect_timeout, conn.read_packet()).await {
-        Err(_) => return Err(SessionError::ConnectTimeout(gw.settings.connect_timeout)),
+    let connect_timeout = gw.settings().connect_timeout;
+    let connect = match timeout(connect_timeout, conn.read_packet()).await {
+        Err(_) => return Err(SessionError::ConnectTimeout(connect_timeout)),
         Ok(Ok(Some(Packet::Connect(connect, ..)))) => connect,
         Ok(Ok(None)) => return Ok(()),
         Ok(Ok(Some(_))) => return Err(SessionError::NotConnect),
@@ -91,7 +94,7 @@ where
     let Ok(_permit) = gw.admission.clone().try_acquire_owned() else {
         if let Some(suppressed) = gw.logs.connect_refused.check() {
             warn!(
-                max_clients = gw.settings.max_clients,
+                max_clients = gw.settings().max_clients,
                 suppressed, "connect refused: broker full"
             );
         }
@@ -143,12 +146,13 @@ where
                 link_tx,
                 link_rx,
                 &mut keepalive,
-                &stop,
+                stop,
+                session,
             ))
             .await
         }
         Route::Hub(hub) => {
-            super::device_session::run(&mut conn, &who, &gw, &hub, &mut keepalive, &stop).await
+            super::device_session::run(&mut conn, &who, &gw, &hub, &mut keepalive, session).await
         }
     };
     Metrics::dec(&gw.metrics.sessions_active);
@@ -168,17 +172,19 @@ async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(
     link_rx: LinkRx,
     keepalive: &mut Keepalive,
     stop: &CancellationToken,
+    session: &CancellationToken,
 ) -> Result<(), SessionError> {
+    let settings = gw.settings();
     let mut bridge = Bridge {
         who,
         gw,
         link_tx,
         link_rx,
         client_left: false,
-        inflight: Inflight::new(gw.settings.max_inflight),
-        subscriptions: Subscriptions::new(gw.settings.max_subscriptions),
+        inflight: Inflight::new(settings.max_inflight),
+        subscriptions: Subscriptions::new(settings.max_subscriptions),
     };
-    let result = bridge.run(conn, keepalive, stop).await;
+    let result = bridge.run(conn, keepalive, session).await;
     // Whatever else ended the session, the router must forget it; a dropped link alone
     // is not noticed. After the client's own DISCONNECT it already has (a second one
     // logs an error). When the whole broker stops, the router goes with it: telling it
@@ -240,7 +246,7 @@ pub(super) async fn refuse_connect<S: AsyncRead + AsyncWrite + Unpin>(
     why: LimitExceeded,
 ) {
     if let Ok(Ok(Some(Packet::Connect(..)))) =
-        timeout(gw.settings.connect_timeout, conn.read_packet()).await
+        timeout(gw.settings().connect_timeout, conn.read_packet()).await
     {
         let _ = refuse(
             &mut conn,

@@ -63,6 +63,7 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
         None,
         broker::Faults::default(),
         broker_stop.clone(),
+        None,
     ));
     println!("broker listening on {url}");
 

@@ -49,6 +49,18 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Ask a running relay to read its configuration again (the same as `kill -HUP PID`): the
+    /// revocation list, limits and notification rules apply at once, and open sessions of a
+    /// certificate revoked since are closed. A configuration with an error is refused with its
+    /// reason in the relay's log, and the running one kept.
+    #[command(
+        after_help = "Example:\n  broker pki revoke --dir pki --id C123\n  broker reload --pid-file /run/chukei/broker.pid"
+    )]
+    Reload {
+        /// The file the relay wrote its process id to (its --pid-file, or pid_file in its config).
+        #[arg(long, value_name = "FILE")]
+        pid_file: PathBuf,
+    },
     /// Make an empty data directory hold the store saved by `broker backup`, then start a relay
     /// on it with `broker run --data-dir DIR`. Refused if DIR already has a store.
     #[command(
@@ -94,10 +106,10 @@ enum PkiCommand {
         id: String,
     },
     /// Revoke a client certificate: add it to DIR/crl.pem, the revocation list signed by the CA.
-    /// The relay reads the list when it starts (restart it to apply), and refuses a revoked
-    /// certificate at the TLS handshake.
+    /// The relay reads the list at start and on a reload (`broker reload`, or SIGHUP), then
+    /// closes the certificate's open sessions and refuses it at every handshake.
     #[command(
-        after_help = "Examples:\n  broker pki revoke --dir pki --id C123\n  broker pki revoke --dir pki --role host --id svc\n  broker pki revoke --dir pki --serial 3A:0F:9C:...\n  broker pki revoke --dir pki --cert lost-laptop.pem\n\nThen restart the relay (`broker run` reads DIR/crl.pem, or --crl-file)."
+        after_help = "Examples:\n  broker pki revoke --dir pki --id C123\n  broker pki revoke --dir pki --role host --id svc\n  broker pki revoke --dir pki --serial 3A:0F:9C:...\n  broker pki revoke --dir pki --cert lost-laptop.pem\n\nThen reload the relay: broker reload --pid-file FILE (or kill -HUP its pid)."
     )]
     Revoke {
         /// The folder `pki init` created.
@@ -122,7 +134,7 @@ fn parse_role(s: &str) -> Result<Role, String> {
     s.parse::<Role>().map_err(|e| e.to_string())
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 #[command(
     after_help = "Example:\n  broker run --pki-dir pki --data-dir data --listen 0.0.0.0:8883\n\nEvery flag overrides the same key of --config; see config/broker.toml."
 )]
@@ -250,6 +262,10 @@ struct RunArgs {
     /// Default: text
     #[arg(long, value_name = "text|json")]
     log_format: Option<LogFormat>,
+    /// Write the relay's process id here once it is ready, for `broker reload --pid-file FILE`.
+    /// Default: none
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
     /// Write {"listen":"ADDR"} here once the broker accepts clients.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -309,6 +325,9 @@ impl RunArgs {
             cfg.log_format = format;
         }
         cfg.systemd_notify |= self.systemd_notify;
+        if let Some(path) = self.pid_file {
+            cfg.pid_file = Some(path);
+        }
         cfg.validate()?;
         Ok((cfg, self.ready_file))
     }
@@ -430,15 +449,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     done.revoked
                 );
             }
-            println!("restart the relay to apply it (it reads the list at start)");
+            println!(
+                "reload the relay to apply it: broker reload --pid-file FILE (or kill -HUP its pid)"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
-            let (cfg, ready_file) = args.into_config().context("reading the configuration")?;
+            let (cfg, ready_file) = args
+                .clone()
+                .into_config()
+                .context("reading the configuration")?;
             init_tracing(false, cfg.log_format);
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async move {
                 let stop = shutdown_on_signal();
+                // Before anything else: SIGHUP's default action ends the process.
+                let reload = reload_on_signal(*args)?;
                 let listener = broker::bind(&cfg).await?;
                 broker::run(
                     cfg,
@@ -446,10 +472,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     ready_file.as_deref(),
                     broker::Faults::from_env(),
                     stop,
+                    Some(reload),
                 )
                 .await?;
                 Ok(ExitCode::SUCCESS)
             })
+        }
+        Command::Reload { pid_file } => {
+            let pid = send_hangup(&pid_file)?;
+            println!(
+                "asked the relay (pid {pid}) to reload its configuration; its log says what it applied or why it refused"
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Backup { data_dir, out } => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -491,6 +525,50 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             )
         }
     }
+}
+
+/// Reload requests from SIGHUP; each reads the config file again and applies the same flags.
+fn reload_on_signal(args: RunArgs) -> anyhow::Result<broker::reload::Reload> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    let (tx, requests) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            // Full: a reload is already due, and it will read the file as it is now.
+            let _ = tx.try_send(());
+        }
+    });
+    let load = move || {
+        args.clone()
+            .into_config()
+            .map(|(cfg, _)| cfg)
+            .map_err(|e| format!("{e:#}"))
+    };
+    Ok(broker::reload::Reload {
+        load: Box::new(load),
+        requests,
+    })
+}
+
+/// Sends SIGHUP to the process whose id `pid_file` holds; returns the id.
+fn send_hangup(pid_file: &std::path::Path) -> anyhow::Result<i32> {
+    let text = std::fs::read_to_string(pid_file).with_context(|| {
+        format!(
+            "reading {} (is the relay running with --pid-file?)",
+            pid_file.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .with_context(|| format!("{} does not hold a process id", pid_file.display()))?;
+    let target = rustix::process::Pid::from_raw(pid)
+        .with_context(|| format!("{} does not hold a process id", pid_file.display()))?;
+    rustix::process::kill_process(target, rustix::process::Signal::HUP)
+        .with_context(|| format!("signalling the relay (pid {pid}); is it still running?"))?;
+    Ok(pid)
 }
 
 /// One token for the whole process, cancelled by SIGINT or SIGTERM.

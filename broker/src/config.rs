@@ -138,6 +138,10 @@ pub struct BrokerConfig {
     /// `broker` command, which sets up logging.
     #[serde(default)]
     pub log_format: protocol::log_format::LogFormat,
+    /// Write the relay's process id here once it is ready (removed when it stops), for
+    /// `broker reload --pid-file FILE` and scripts that send it SIGHUP. Unset: no file.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
     /// Mail and webhook notifications (`[notify]`, `[notify.mail]`, `[[notify.rules]]`).
     #[serde(default)]
     pub notify: crate::notify::NotifyConfig,
@@ -406,6 +410,33 @@ impl BrokerConfig {
     }
     pub fn metrics_header_timeout(&self) -> Duration {
         Duration::from_secs(self.metrics_header_timeout_secs)
+    }
+
+    /// The gateway's part of the configuration.
+    pub fn gateway_settings(&self) -> crate::gateway::GatewaySettings {
+        crate::gateway::GatewaySettings {
+            handshake_timeout: self.handshake_timeout(),
+            first_byte_timeout: self.first_byte_timeout(),
+            connect_timeout: self.connect_timeout(),
+            max_packet_bytes: self.max_packet_bytes,
+            max_clients: self.max_clients,
+            max_handshakes: self.max_handshakes,
+            max_inflight: self.max_inflight,
+            max_subscriptions: self.max_subscriptions,
+            max_connections_per_identity: self.max_connections_per_identity,
+            connect_rate_per_source: self.connect_rate_per_source,
+            connect_burst_per_source: self.connect_burst_per_source,
+            connect_rate_exempt_loopback: self.connect_rate_exempt_loopback,
+        }
+    }
+
+    /// The core's alarm, presence and notification settings.
+    pub fn alert_settings(&self) -> crate::core::AlertSettings {
+        crate::core::AlertSettings {
+            overdue_margin: Duration::from_secs(self.overdue_margin_secs),
+            notify: self.notify.clone(),
+            alarm_limits: self.alarm_limits(),
+        }
     }
 
     /// What one device may make the relay hold and send in alarms.

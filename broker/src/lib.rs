@@ -28,6 +28,7 @@ pub mod log_budget;
 pub mod metrics;
 pub mod metrics_http;
 pub mod notify;
+pub mod reload;
 pub mod router;
 pub mod store;
 pub mod switch;
@@ -44,8 +45,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use crate::config::BrokerConfig;
-use crate::core::{AlertSettings, Core, CoreSettings};
-use crate::gateway::{Gateway, GatewaySettings};
+use crate::core::{Core, CoreSettings};
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,11 @@ pub enum BrokerError {
     #[error("could not listen on {addr} for metrics: {source} (pick another --metrics-listen)")]
     BindMetrics {
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("could not write the pid file {}: {source}", .path.display())]
+    PidFile {
+        path: PathBuf,
         source: std::io::Error,
     },
     #[error("could not write the ready file {}: {source}", .path.display())]
@@ -116,17 +122,19 @@ pub async fn bind(cfg: &BrokerConfig) -> Result<TcpListener, BrokerError> {
 /// that stopped reading gets near it.
 const DEVICE_QUEUE: usize = 1024;
 
-/// Runs the broker on a bound listener until `stop` is cancelled.
+/// Runs the broker on a bound listener until `stop` is cancelled; `reload`, if given, asks it
+/// to read its configuration again ([`reload`]).
 ///
 /// Order matters: the store is opened and every retained job and view is republished into the
-/// router before the gateway accepts anyone (docs/decisions.md, D2); only then is `ready_file`
-/// written.
+/// router before the gateway accepts anyone (docs/decisions.md, D2); only then are `ready_file`
+/// and the pid file written.
 pub async fn run(
     cfg: BrokerConfig,
     listener: TcpListener,
     ready_file: Option<&Path>,
     faults: Faults,
     stop: CancellationToken,
+    reload: Option<reload::Reload>,
 ) -> Result<(), BrokerError> {
     cfg.validate()?;
     let crl = pki::load_crl(&cfg.pki_dir, cfg.crl_file.as_deref())?;
@@ -147,7 +155,7 @@ pub async fn run(
         automatic = cfg.min_free_bytes.is_none(),
         "disk reserve: new work is refused while less than min_free_bytes is free"
     );
-    let mut core = Core::with_store(
+    let core = Core::with_store(
         Arc::new(store),
         CoreSettings {
             server_name: cfg.server_name.clone(),
@@ -158,11 +166,7 @@ pub async fn run(
             hold_acks: faults.hold_acks,
         },
     );
-    core.configure_alerts(AlertSettings {
-        overdue_margin: std::time::Duration::from_secs(cfg.overdue_margin_secs),
-        notify: cfg.notify.clone(),
-        alarm_limits: cfg.alarm_limits(),
-    });
+    core.configure_alerts(cfg.alert_settings());
     // Before any session: a periodic device that was connected when the relay stopped is
     // expected back within its interval, like one that disconnected.
     core.presence_startup()?;
@@ -170,6 +174,11 @@ pub async fn run(
     // Built before anything is bound: a wrong password or CA file is a startup error.
     let senders = notify::Senders::new(&cfg.notify, &cfg.server_name)
         .map_err(|e| BrokerError::Config(config::ConfigError::Notify(e)))?;
+    let (notify_settings, notify_settings_rx) =
+        tokio::sync::watch::channel(notify::WorkerSettings {
+            cfg: cfg.notify.clone(),
+            senders: Arc::new(senders),
+        });
     notify::log_backlog(core.store());
     let metrics_listener = match cfg.metrics_listen {
         Some(m) => {
@@ -202,8 +211,7 @@ pub async fn run(
     tasks.spawn(notify::run_worker(
         core.shared_store(),
         core.shared_stats(),
-        cfg.notify.clone(),
-        senders,
+        notify_settings_rx,
         core.notify_wake(),
         stop.clone(),
     ));
@@ -215,23 +223,20 @@ pub async fn run(
 
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(crate::health::Health::default());
-    let settings = GatewaySettings {
-        handshake_timeout: cfg.handshake_timeout(),
-        first_byte_timeout: cfg.first_byte_timeout(),
-        connect_timeout: cfg.connect_timeout(),
-        max_packet_bytes: cfg.max_packet_bytes,
-        max_clients: cfg.max_clients,
-        max_handshakes: cfg.max_handshakes,
-        max_inflight: cfg.max_inflight,
-        max_subscriptions: cfg.max_subscriptions,
-        max_connections_per_identity: cfg.max_connections_per_identity,
-        connect_rate_per_source: cfg.connect_rate_per_source,
-        connect_burst_per_source: cfg.connect_burst_per_source,
-        connect_rate_exempt_loopback: cfg.connect_rate_exempt_loopback,
-    };
+    let revoked = crl
+        .as_ref()
+        .map(|c| c.revoked_serials())
+        .unwrap_or_default();
     let gateway = Arc::new(
-        Gateway::new(settings, tls, router, hub.clone(), metrics.clone())
-            .with_presence(presence_tx),
+        Gateway::new(
+            cfg.gateway_settings(),
+            tls,
+            revoked,
+            router,
+            hub.clone(),
+            metrics.clone(),
+        )
+        .with_presence(presence_tx),
     );
     let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
     if let Some((l, _)) = metrics_listener {
@@ -242,7 +247,7 @@ pub async fn run(
         tasks.spawn(metrics_http::serve(
             l,
             limits,
-            metrics,
+            metrics.clone(),
             core.clone(),
             health.clone(),
             stop.clone(),
@@ -265,9 +270,20 @@ pub async fn run(
         None => None,
     };
     let ws_addr = ws.as_ref().map(|(_, a)| *a);
+    if let Some(reload) = reload {
+        let reloader = reload::Reloader::new(
+            cfg.clone(),
+            gateway.clone(),
+            core.clone(),
+            notify_settings,
+            metrics.clone(),
+        );
+        tasks.spawn(reloader.serve(reload, stop.clone()));
+    }
     if let Some(path) = ready_file {
         write_ready_file(path, addr, ws_addr, metrics_addr)?;
     }
+    let pid_file = cfg.pid_file.as_deref().map(PidFile::write).transpose()?;
     if let Some(ws_addr) = ws_addr {
         info!(addr = %ws_addr, path = protocol::url::DEFAULT_WS_PATH, "websocket listener ready");
     }
@@ -295,8 +311,36 @@ pub async fn run(
         Ok(Ok(())) => {}
     }
     tasks.wait().await;
+    drop(pid_file);
     info!("broker stopped");
     Ok(())
+}
+
+/// `pid_file`: the relay's process id, written once it is ready, removed when it stops (if it
+/// still holds ours).
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: &Path) -> Result<PidFile, BrokerError> {
+        let err = |source| BrokerError::PidFile {
+            path: path.to_owned(),
+            source,
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{}\n", std::process::id())).map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)?;
+        Ok(PidFile(path.to_owned()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let ours = std::fs::read_to_string(&self.0)
+            .is_ok_and(|s| s.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
 }
 
 /// Written atomically (temp file + rename) so a reader never sees half of it:

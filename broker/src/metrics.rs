@@ -20,6 +20,14 @@ pub struct Metrics {
     pub sessions_started: AtomicU64,
     pub sessions_active: AtomicU64,
     pub acl_violations: AtomicU64,
+    /// Open sessions closed because a reload found their certificate revoked.
+    pub sessions_revoked: AtomicU64,
+    /// Connections closed right after their handshake: the certificate is revoked by the list
+    /// now in force, or expired (a resumed handshake does not check either).
+    pub cert_refused: AtomicU64,
+    /// Configuration reloads applied, and refused (the old configuration kept).
+    pub reloads: AtomicU64,
+    pub reloads_failed: AtomicU64,
     pub bad_packets: AtomicU64,
     /// Clients closed (or, for the connect rate, sockets refused) per limit, in the order of
     /// [`Limit::ALL`].
@@ -30,6 +38,10 @@ impl Metrics {
     /// Adds one and returns the new count.
     pub fn inc(counter: &AtomicU64) -> u64 {
         counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn dec(counter: &AtomicU64) {

@@ -128,6 +128,30 @@ pub fn render(gw: &Metrics, core: &CoreStats, store: Option<&StoreStats>) -> Str
         get(&gw.acl_violations),
     );
     metric(
+        "chukei_sessions_revoked_total",
+        "counter",
+        "Open sessions closed because a reload found their certificate revoked.",
+        get(&gw.sessions_revoked),
+    );
+    metric(
+        "chukei_cert_refused_total",
+        "counter",
+        "Connections closed after the handshake: certificate revoked by the list in force, or expired.",
+        get(&gw.cert_refused),
+    );
+    metric(
+        "chukei_config_reloads_total",
+        "counter",
+        "Configuration reloads applied (SIGHUP, broker reload).",
+        get(&gw.reloads),
+    );
+    metric(
+        "chukei_config_reload_failures_total",
+        "counter",
+        "Configuration reloads refused; the running configuration was kept.",
+        get(&gw.reloads_failed),
+    );
+    metric(
         "chukei_bad_packets_total",
         "counter",
         "Connections closed for a malformed MQTT packet.",

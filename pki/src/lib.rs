@@ -220,8 +220,16 @@ pub fn issue_to_dir(dir: &Path, role: Role, id: &str) -> Result<(PathBuf, PathBu
 
 /// Reads the role (OU) and id (CN) a certificate was issued for.
 pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
+    identity_of(&parse_cert(der)?)
+}
+
+fn parse_cert(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| PkiError::NoIdentity(format!("not an X.509 certificate ({e})")))?;
+    Ok(cert)
+}
+
+fn identity_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<Identity, PkiError> {
     let subject = cert.subject();
     let missing = |what: &str| PkiError::NoIdentity(format!("no {what} in the subject"));
     let cn = subject
@@ -236,6 +244,35 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
         .ok_or_else(|| missing("OU (role)"))?;
     let role: Role = ou.parse()?;
     Ok(Identity::new(role, cn)?)
+}
+
+/// What the relay needs of a client's certificate after a handshake, read in one parse: who it
+/// is, its serial (to check against the revocation list, for a resumed session too, whose
+/// certificate rustls did not verify again) and when it expires.
+#[derive(Debug, Clone)]
+pub struct PeerCert {
+    pub identity: Identity,
+    /// Without leading zero bytes, as [`LoadedCrl::revoked_serials`] lists them.
+    pub serial: Vec<u8>,
+    /// `notAfter`, in seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+impl PeerCert {
+    /// The serial as `openssl x509 -serial` prints it, for logs.
+    pub fn serial_text(&self) -> String {
+        serial_text(&self.serial)
+    }
+}
+
+/// Reads a client certificate's identity, serial and expiry ([`PeerCert`]).
+pub fn peer_cert(der: &[u8]) -> Result<PeerCert, PkiError> {
+    let cert = parse_cert(der)?;
+    Ok(PeerCert {
+        identity: identity_of(&cert)?,
+        serial: minimal(cert.raw_serial()).to_vec(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
 }
 
 /// Like [`identity_from_der`], for the first certificate in a PEM text.
@@ -334,6 +371,20 @@ pub struct LoadedCrl {
     /// How many certificates it revokes.
     pub revoked: usize,
     der: CertificateRevocationListDer<'static>,
+}
+
+impl LoadedCrl {
+    /// The serials the list revokes, without leading zero bytes (as [`PeerCert::serial`]).
+    pub fn revoked_serials(&self) -> std::collections::HashSet<Vec<u8>> {
+        match x509_parser::parse_x509_crl(&self.der) {
+            Ok((_, crl)) => crl
+                .iter_revoked_certificates()
+                .map(|e| minimal(e.raw_serial()).to_vec())
+                .collect(),
+            // Parsed when it was loaded; cannot fail now.
+            Err(_) => std::collections::HashSet::new(),
+        }
+    }
 }
 
 /// Reads the revocation list at `configured`, or else at `PKI_DIR/crl.pem` if that exists
@@ -445,7 +496,8 @@ fn minimal(serial: &[u8]) -> &[u8] {
     &serial[start..]
 }
 
-fn serial_text(serial: &[u8]) -> String {
+/// A serial as `openssl x509 -serial` prints it (`3A:0F:9C`).
+pub fn serial_text(serial: &[u8]) -> String {
     serial
         .iter()
         .map(|b| format!("{b:02X}"))

@@ -224,7 +224,8 @@ fn over_limit(
     serial: &Serial,
     now: Timestamp,
 ) -> Result<Option<Limit>, StoreError> {
-    let limits = &core.alerts.settings.alarm_limits;
+    let settings = core.alerts.settings();
+    let limits = &settings.alarm_limits;
     let active = txn.active_alarm_count(serial, &[OVERDUE_CODE, OVERFLOW_CODE])?;
     if active >= limits.max_active {
         return Ok(Some(Limit::MaxActive));

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use protocol::alarm::{AlarmKind, AlarmView};
@@ -42,7 +42,8 @@ impl Default for AlertSettings {
 
 #[derive(Default)]
 pub(super) struct Alerts {
-    pub(super) settings: AlertSettings,
+    /// Read where needed, never held across a batch's steps: a reload replaces it.
+    settings: RwLock<Arc<AlertSettings>>,
     /// Open sessions per device. A count, not a flag: a reconnecting device's new session may
     /// start before the router has ended its old one.
     pub(super) online: Mutex<HashMap<Serial, u32>>,
@@ -55,10 +56,26 @@ pub(super) struct Alerts {
     pub(super) view_pace: super::view_pace::ViewPace,
 }
 
+impl Alerts {
+    /// The settings in force now.
+    pub(super) fn settings(&self) -> Arc<AlertSettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 impl Core {
-    /// Sets the overdue margin and the notification rules; call before the core runs.
-    pub fn configure_alerts(&mut self, settings: AlertSettings) {
-        self.alerts.settings = settings;
+    /// Sets the overdue margin, the notification rules and the alarm limits. Called at start,
+    /// and by a reload while the core runs: what the next message or tick checks uses the new
+    /// settings; notifications already queued keep where they were going.
+    pub fn configure_alerts(&self, settings: AlertSettings) {
+        *self
+            .alerts
+            .settings
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
     }
 
     /// The store, for the metrics endpoint.
@@ -105,7 +122,8 @@ impl Core {
         message: impl FnOnce() -> notify::Message,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let rules = &self.alerts.settings.notify;
+        let settings = self.alerts.settings();
+        let rules = &settings.notify;
         if !rules.rules.iter().any(|r| r.on.contains(&event)) {
             return Ok(());
         }
@@ -131,7 +149,8 @@ impl Core {
             AlarmKind::Fault => NotifyEvent::Alarm,
             AlarmKind::Overdue => NotifyEvent::Overdue,
         };
-        let rules = &self.alerts.settings.notify;
+        let settings = self.alerts.settings();
+        let rules = &settings.notify;
         if !rules.rules.iter().any(|r| r.on.contains(&event)) {
             return Ok(());
         }
@@ -165,7 +184,8 @@ impl Core {
             return Ok(());
         }
         let server = self.settings.server_name.clone();
-        let rules = &self.alerts.settings.notify;
+        let settings = self.alerts.settings();
+        let rules = &settings.notify;
         let mut queued = 0;
         let mut logs = Vec::new();
         for (serial, digest) in due {

@@ -79,7 +79,8 @@ pub(super) fn fold(
         super::alarm::logged_raised(p, &view);
     }
 
-    let limits = &core.alerts.settings.alarm_limits;
+    let settings = core.alerts.settings();
+    let limits = &settings.alarm_limits;
     let stats = &core.alerts.stats;
     match limit {
         Limit::MaxActive => &stats.alarms_refused_max_active,

@@ -56,7 +56,7 @@ struct StateJson<'a> {
 }
 
 fn margin(core: &Core) -> chrono::Duration {
-    chrono::Duration::from_std(core.alerts.settings.overdue_margin).unwrap_or_default()
+    chrono::Duration::from_std(core.alerts.settings().overdue_margin).unwrap_or_default()
 }
 
 impl Core {
@@ -242,7 +242,7 @@ impl Core {
                 |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             ),
             record.interval_secs.unwrap_or(0),
-            self.alerts.settings.overdue_margin.as_secs()
+            self.alerts.settings().overdue_margin.as_secs()
         );
         warn!(serial = %serial, due_by = %due, "device overdue");
         let n = alarm::raise_overdue(self, txn, p, serial, detail, due, now)?;

@@ -165,7 +165,7 @@ impl DeviceSession<'_> {
         let id = conn.publish_id().unwrap_or(PublishId { qos: 0, pkid: 0 });
         // The gateway acks as soon as the hub has the publish, so the count only ever holds
         // this batch; what it adds here is the same QoS 2 refusal every session gives.
-        let mut inflight = Inflight::new(self.gw.settings.max_inflight);
+        let mut inflight = Inflight::new(self.gw.settings().max_inflight);
         inflight.publish(id.qos)?;
         // Nothing a client publishes is retained (the router's path clears it too).
         let mut publish = publish;
@@ -202,7 +202,7 @@ impl DeviceSession<'_> {
         let filters = subscribe.filters.into_iter().map(|f| f.path);
         let replay = match self
             .attachment
-            .subscribe(filters, self.gw.settings.max_subscriptions)
+            .subscribe(filters, self.gw.settings().max_subscriptions)
         {
             Ok(replay) => replay,
             // The hub holds the device's filters (one copy, not two), so it counts them; the

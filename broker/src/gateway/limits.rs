@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -254,7 +255,8 @@ impl Subscriptions {
 /// (a stolen host key in a loop) would take the admission slots of a whole fleet.
 #[derive(Debug)]
 pub struct IdentityCounts {
-    max: usize,
+    /// A reload may change it; sessions already open stay.
+    max: AtomicUsize,
     held: Mutex<HashMap<Identity, usize>>,
 }
 
@@ -268,7 +270,7 @@ pub struct IdentityGuard {
 impl IdentityCounts {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(IdentityCounts {
-            max,
+            max: AtomicUsize::new(max),
             held: Mutex::new(HashMap::new()),
         })
     }
@@ -277,12 +279,13 @@ impl IdentityCounts {
     pub fn acquire(self: &Arc<Self>, who: &Identity) -> Result<IdentityGuard, LimitExceeded> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let n = held.entry(who.clone()).or_insert(0);
-        if *n >= self.max {
+        let max = self.max.load(Ordering::Relaxed);
+        if *n >= max {
             return Err(LimitExceeded::new(
                 Limit::MaxConnectionsPerIdentity,
                 format!(
                     "this certificate already holds {} sessions; the limit is {}",
-                    *n, self.max
+                    *n, max
                 ),
             ));
         }
@@ -291,6 +294,11 @@ impl IdentityCounts {
             counts: self.clone(),
             who: who.clone(),
         })
+    }
+
+    /// A new limit (a reload): identities over it keep their sessions but open no more.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// Sessions `who` holds now.
@@ -331,9 +339,10 @@ const SWEEP_FULL_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// second up to `burst`. IPv6 sources count per /64, what one customer site is given.
 #[derive(Debug)]
 pub struct SourceRates {
-    rate: f64,
-    burst: f64,
-    exempt_loopback: bool,
+    /// Per second; 0: no limit. Atomics: a reload may change all three ([`SourceRates::set`]).
+    rate: AtomicU32,
+    burst: AtomicU32,
+    exempt_loopback: AtomicBool,
     table: Mutex<Table>,
     log: LogBudget,
 }
@@ -355,9 +364,9 @@ impl SourceRates {
     /// `rate` 0: no limit.
     pub fn new(rate: u32, burst: u32, exempt_loopback: bool) -> Self {
         SourceRates {
-            rate: f64::from(rate),
-            burst: f64::from(burst.max(1)),
-            exempt_loopback,
+            rate: AtomicU32::new(rate),
+            burst: AtomicU32::new(burst.max(1)),
+            exempt_loopback: AtomicBool::new(exempt_loopback),
             table: Mutex::new(Table {
                 buckets: HashMap::new(),
                 next_sweep: FIRST_SWEEP,
@@ -367,13 +376,33 @@ impl SourceRates {
         }
     }
 
+    /// New values (a reload); buckets already filled keep their tokens, capped at the new burst
+    /// on their next connection.
+    pub fn set(&self, rate: u32, burst: u32, exempt_loopback: bool) {
+        self.rate.store(rate, Ordering::Relaxed);
+        self.burst.store(burst.max(1), Ordering::Relaxed);
+        self.exempt_loopback
+            .store(exempt_loopback, Ordering::Relaxed);
+    }
+
+    fn rate(&self) -> f64 {
+        f64::from(self.rate.load(Ordering::Relaxed))
+    }
+
+    fn burst(&self) -> f64 {
+        f64::from(self.burst.load(Ordering::Relaxed))
+    }
+
     /// Whether a new connection from `ip` may go on to its TLS handshake.
     pub fn admit(&self, ip: IpAddr) -> bool {
         self.admit_at(ip, Instant::now())
     }
 
     fn admit_at(&self, ip: IpAddr, now: Instant) -> bool {
-        if self.rate <= 0.0 || (self.exempt_loopback && ip.to_canonical().is_loopback()) {
+        let (rate, burst) = (self.rate(), self.burst());
+        if rate <= 0.0
+            || (self.exempt_loopback.load(Ordering::Relaxed) && ip.to_canonical().is_loopback())
+        {
             return true;
         }
         let key = source_key(ip);
@@ -387,18 +416,18 @@ impl SourceRates {
                     .swept
                     .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_FULL_EVERY)
             {
-                self.sweep(&mut table, now);
+                Self::sweep(&mut table, now, rate, burst);
             }
             if table.buckets.len() >= MAX_SOURCES {
                 return true;
             }
         }
         let bucket = table.buckets.entry(key).or_insert(Bucket {
-            tokens: self.burst,
+            tokens: burst,
             at: now,
         });
-        let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * self.rate;
-        bucket.tokens = (bucket.tokens + refill).min(self.burst);
+        let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * rate;
+        bucket.tokens = (bucket.tokens + refill).min(burst);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
@@ -409,10 +438,10 @@ impl SourceRates {
     }
 
     /// Forgets every source whose bucket would be full again by now.
-    fn sweep(&self, table: &mut Table, now: Instant) {
+    fn sweep(table: &mut Table, now: Instant, rate: f64, burst: f64) {
         table.buckets.retain(|_, b| {
             let idle = now.saturating_duration_since(b.at).as_secs_f64();
-            b.tokens + idle * self.rate < self.burst
+            b.tokens + idle * rate < burst
         });
         table.next_sweep = (table.buckets.len() * 2).clamp(FIRST_SWEEP, MAX_SOURCES);
         table.swept = Some(now);
@@ -435,8 +464,8 @@ impl SourceRates {
             warn!(
                 %peer,
                 limit = Limit::ConnectRatePerSource.key(),
-                rate = self.rate,
-                burst = self.burst,
+                rate = self.rate(),
+                burst = self.burst(),
                 suppressed,
                 total,
                 "limit exceeded: connection closed before TLS"

@@ -9,6 +9,7 @@ mod conn;
 mod device_session;
 mod keepalive;
 pub mod limits;
+pub mod revocation;
 mod session;
 mod session_loop;
 mod slots;
@@ -17,10 +18,10 @@ mod ws;
 
 pub use conn::{ClientConn, ConnError};
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use protocol::{Identity, Shown};
+use protocol::Shown;
 use rumqttd::Broker;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,11 +59,15 @@ pub struct GatewaySettings {
     pub connect_rate_exempt_loopback: bool,
 }
 
-/// What every connection task shares: built once at startup.
+/// What every connection task shares: built once at startup; a reload replaces its settings
+/// ([`Gateway::set_settings`]) and its TLS configuration ([`Gateway::set_tls`]).
 pub struct Gateway {
-    pub settings: GatewaySettings,
-    /// The server's TLS configuration, without session tickets ([`without_tickets`]).
-    pub tls: Arc<rustls::ServerConfig>,
+    settings: RwLock<Arc<GatewaySettings>>,
+    /// The server's TLS configuration, without session tickets ([`without_tickets`]), and the
+    /// revocation list it checks.
+    tls: revocation::CurrentTls,
+    /// Open sessions by certificate serial: a reload closes those of a revoked certificate.
+    sessions: Arc<revocation::OpenSessions>,
     pub router: Arc<Broker>,
     pub metrics: Arc<Metrics>,
     /// Where device sessions opening and closing are reported (presence); `None`: nowhere.
@@ -97,9 +102,11 @@ fn without_tickets(tls: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> 
 }
 
 impl Gateway {
+    /// `tls` checks the revocation list `revoked` was read from (both from [`pki::load_crl`]).
     pub fn new(
         settings: GatewaySettings,
         tls: Arc<rustls::ServerConfig>,
+        revoked: std::collections::HashSet<Vec<u8>>,
         router: Arc<Broker>,
         hub: Arc<crate::switch::hub::Hub>,
         metrics: Arc<Metrics>,
@@ -114,13 +121,59 @@ impl Gateway {
                 settings.connect_rate_exempt_loopback,
             ),
             logs: limits::RefusalLogs::default(),
-            tls: without_tickets(tls),
-            settings,
+            tls: revocation::CurrentTls::new(revocation::TlsState::new(
+                without_tickets(tls),
+                revoked,
+            )),
+            sessions: Arc::default(),
+            settings: RwLock::new(Arc::new(settings)),
             router,
             metrics,
             presence: None,
             hub,
         }
+    }
+
+    /// The settings now (a reload may change them; a session reads them as it needs them).
+    pub fn settings(&self) -> Arc<GatewaySettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies reloaded settings. `max_clients` and `max_handshakes` size what the gateway
+    /// built at startup and keep their values; every other setting applies to the next
+    /// connection, packet or session that checks it.
+    pub fn set_settings(&self, new: GatewaySettings) {
+        let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        let new = GatewaySettings {
+            max_clients: settings.max_clients,
+            max_handshakes: settings.max_handshakes,
+            ..new
+        };
+        self.identities.set_max(new.max_connections_per_identity);
+        self.sources.set(
+            new.connect_rate_per_source,
+            new.connect_burst_per_source,
+            new.connect_rate_exempt_loopback,
+        );
+        *settings = Arc::new(new);
+    }
+
+    /// Replaces the TLS configuration and the revocation list (a reload), then closes every
+    /// open session whose certificate the new list revokes; returns how many it closed. New
+    /// handshakes use the new configuration; sessions of other certificates go on.
+    pub fn set_tls(
+        &self,
+        tls: Arc<rustls::ServerConfig>,
+        revoked: std::collections::HashSet<Vec<u8>>,
+    ) -> usize {
+        self.tls
+            .set(revocation::TlsState::new(without_tickets(tls), revoked));
+        let closed = self.sessions.close(&self.tls.get());
+        Metrics::add(&self.metrics.sessions_revoked, closed as u64);
+        closed
     }
 
     /// Reports every device session's start and end to the core (claim 42's presence).
@@ -196,7 +249,11 @@ impl Gateway {
                 a = answer => a.unwrap_or(true),
             };
             if gave_up {
-                limits::report_shed(&self.metrics, &self.logs.shed, self.settings.max_handshakes);
+                limits::report_shed(
+                    &self.metrics,
+                    &self.logs.shed,
+                    self.settings().max_handshakes,
+                );
                 break;
             }
         }
@@ -243,17 +300,18 @@ impl Gateway {
         &self,
         tcp: TcpStream,
         mut slot: slots::Slot,
-    ) -> Option<(ClientConn<tls::TlsConn>, Identity)> {
+    ) -> Option<(ClientConn<tls::TlsConn>, pki::PeerCert)> {
         // Alarms must not wait on Nagle and delayed ACKs.
         let _ = tcp.set_nodelay(true);
-        let deadline = Instant::now() + self.settings.handshake_timeout;
+        let settings = self.settings();
+        let deadline = Instant::now() + settings.handshake_timeout;
         if !self.first_byte(&tcp, &mut slot, deadline).await {
             return None;
         }
         let tls = self.tls_accept(tcp, deadline).await?;
         drop(slot);
         let who = self.identity(&tls)?;
-        Some((ClientConn::new(tls, self.settings.max_packet_bytes), who))
+        Some((ClientConn::new(tls, settings.max_packet_bytes), who))
     }
 
     /// Waits for a new connection's first byte (what a client sends first is its ClientHello, at
@@ -262,7 +320,7 @@ impl Gateway {
     /// whichever is sooner (reported here). A connection closed before a byte goes on, so that
     /// the TLS handshake reports it as it always has.
     async fn first_byte(&self, tcp: &TcpStream, slot: &mut slots::Slot, deadline: Instant) -> bool {
-        let first_byte = Instant::now() + self.settings.first_byte_timeout;
+        let first_byte = Instant::now() + self.settings().first_byte_timeout;
         let until = first_byte.min(deadline);
         let mut probe = [0u8; 1];
         let read = tokio::select! {
@@ -299,7 +357,8 @@ impl Gateway {
 
     /// The TLS handshake, by `deadline`; `None`: counted and logged (within their budgets).
     async fn tls_accept(&self, tcp: TcpStream, deadline: Instant) -> Option<tls::TlsConn> {
-        match timeout_at(deadline, tls::accept(tcp, self.tls.clone())).await {
+        let config = self.tls.get().config.clone();
+        match timeout_at(deadline, tls::accept(tcp, config)).await {
             Ok(Ok(tls)) => Some(tls),
             Ok(Err(e)) => {
                 Metrics::inc(&self.metrics.tls_failed);
@@ -320,17 +379,17 @@ impl Gateway {
         }
     }
 
-    /// The client's identity, from its certificate (docs/decisions.md, D5); `None`, counted and logged, if
-    /// it has none we accept.
-    fn identity(&self, tls: &tls::TlsConn) -> Option<Identity> {
+    /// The client's identity, from its certificate (docs/decisions.md, D5), with the
+    /// certificate's serial and expiry; `None`, counted and logged, if it has none we accept.
+    fn identity(&self, tls: &tls::TlsConn) -> Option<pki::PeerCert> {
         let identity = tls
             .peer_certificates()
             .and_then(|certs| certs.first())
-            .map(|cert| pki::identity_from_der(cert));
+            .map(|cert| pki::peer_cert(cert));
         match identity {
-            Some(Ok(who)) => {
-                Span::current().record("identity", field::display(&who));
-                Some(who)
+            Some(Ok(peer)) => {
+                Span::current().record("identity", field::display(&peer.identity));
+                Some(peer)
             }
             Some(Err(e)) => {
                 Metrics::inc(&self.metrics.connect_refused);
@@ -352,10 +411,22 @@ impl Gateway {
     /// Runs an authenticated client's session, whatever carries its bytes, and logs how it ended.
     async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
         self: Arc<Self>,
-        conn: ClientConn<S>,
-        who: Identity,
+        mut conn: ClientConn<S>,
+        peer: pki::PeerCert,
         stop: CancellationToken,
     ) {
+        // Registered before the revocation list is checked: a reload that swaps the list
+        // between the two finds this session and closes it ([`revocation`]).
+        let open = self.sessions.open(&peer.serial, &stop);
+        if let Err(why) = self.still_valid(&peer) {
+            Metrics::inc(&self.metrics.cert_refused);
+            if let Some(suppressed) = self.logs.tls_failed.check() {
+                warn!(serial = %peer.serial_text(), why, suppressed, "certificate refused after the handshake; connection closed");
+            }
+            conn.shutdown().await;
+            return;
+        }
+        let who = peer.identity.clone();
         // Held until the session ends, whichever path serves it.
         let place = match self.identities.acquire(&who) {
             Ok(place) => place,
@@ -366,12 +437,17 @@ impl Gateway {
             }
         };
         let limited = |e: &limits::LimitExceeded| e.report(&self.metrics, &self.logs, &who);
-        let result = session::serve(conn, who.clone(), self.clone(), stop).await;
+        let result = session::serve(conn, who.clone(), self.clone(), &stop, open.token()).await;
+        let revoked = open.token().is_cancelled() && !stop.is_cancelled();
+        drop(open);
         // Given back before the end is logged: once a session is logged as ended, its identity
         // may open another.
         drop(place);
         use session::SessionError as E;
         match result {
+            Ok(()) if revoked => {
+                warn!(serial = %peer.serial_text(), "session closed: its certificate was revoked (reload)")
+            }
             // Info like "session started": a device that closes its session on purpose (a
             // firmware write, a periodic check-in ending) is seen doing so from the relay's log.
             Ok(()) => info!("session ended"),
@@ -398,6 +474,24 @@ impl Gateway {
             }
             Err(e) => info!(error = %e, "session closed"),
         }
+    }
+}
+
+impl Gateway {
+    /// Whether a certificate that passed the handshake may still open a session: not revoked by
+    /// the list now in force, and not expired. A full handshake has checked both already, but
+    /// the list may have changed since, and a resumed handshake checks neither.
+    fn still_valid(&self, peer: &pki::PeerCert) -> Result<(), &'static str> {
+        if self.tls.get().is_revoked(&peer.serial) {
+            return Err("revoked");
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if peer.not_after < now {
+            return Err("expired");
+        }
+        Ok(())
     }
 }
 

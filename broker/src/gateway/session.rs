@@ -64,19 +64,22 @@ impl From<rumqttd::local::LinkError> for SessionError {
     }
 }
 
-/// Runs a session on an authenticated TLS connection until the client leaves, misbehaves, or the
-/// broker stops. Every exit path tells the router the session is gone.
+/// Runs a session on an authenticated TLS connection until the client leaves, misbehaves, the
+/// broker stops (`stop`) or the session is closed alone (`session`, a child of `stop`: its
+/// certificate was revoked). Every exit path tells the router the session is gone.
 pub async fn serve<S>(
     mut conn: ClientConn<S>,
     who: Identity,
     gw: Arc<Gateway>,
-    stop: CancellationToken,
+    stop: &CancellationToken,
+    session: &CancellationToken,
 ) -> Result<(), SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let connect = match timeout(gw.settings.connect_timeout, conn.read_packet()).await {
-        Err(_) => return Err(SessionError::ConnectTimeout(gw.settings.connect_timeout)),
+    let connect_timeout = gw.settings().connect_timeout;
+    let connect = match timeout(connect_timeout, conn.read_packet()).await {
+        Err(_) => return Err(SessionError::ConnectTimeout(connect_timeout)),
         Ok(Ok(Some(Packet::Connect(connect, ..)))) => connect,
         Ok(Ok(None)) => return Ok(()),
         Ok(Ok(Some(_))) => return Err(SessionError::NotConnect),
@@ -92,7 +95,7 @@ where
     let Ok(_permit) = gw.admission.clone().try_acquire_owned() else {
         if let Some(suppressed) = gw.logs.connect_refused.check() {
             warn!(
-                max_clients = gw.settings.max_clients,
+                max_clients = gw.settings().max_clients,
                 suppressed, "connect refused: broker full"
             );
         }
@@ -144,12 +147,13 @@ where
                 link_tx,
                 link_rx,
                 &mut keepalive,
-                &stop,
+                stop,
+                session,
             ))
             .await
         }
         Route::Hub(hub) => {
-            super::device_session::run(&mut conn, &who, &gw, &hub, &mut keepalive, &stop).await
+            super::device_session::run(&mut conn, &who, &gw, &hub, &mut keepalive, session).await
         }
     };
     Metrics::dec(&gw.metrics.sessions_active);
@@ -161,6 +165,7 @@ where
 }
 
 /// Runs a session over a router link of its own until it ends, then tells the router.
+#[allow(clippy::too_many_arguments)] // one call site; `stop` (the relay's) and `session` (this one's) differ
 async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut ClientConn<S>,
     who: &Identity,
@@ -169,16 +174,18 @@ async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(
     link_rx: LinkRx,
     keepalive: &mut Keepalive,
     stop: &CancellationToken,
+    session: &CancellationToken,
 ) -> Result<(), SessionError> {
+    let settings = gw.settings();
     let mut bridge = Bridge {
         who,
         gw,
         link_tx,
         link_rx,
-        inflight: Inflight::new(gw.settings.max_inflight),
-        subscriptions: Subscriptions::new(gw.settings.max_subscriptions),
+        inflight: Inflight::new(settings.max_inflight),
+        subscriptions: Subscriptions::new(settings.max_subscriptions),
     };
-    let result = drive(conn, &mut bridge, keepalive, stop).await;
+    let result = drive(conn, &mut bridge, keepalive, session).await;
     let client_left = matches!(result, Ok(true));
     // Whatever else ended the session, the router must forget it; a dropped link alone
     // is not noticed. After the client's own DISCONNECT it already has (a second one
@@ -241,7 +248,7 @@ pub(super) async fn refuse_connect<S: AsyncRead + AsyncWrite + Unpin>(
     why: LimitExceeded,
 ) {
     if let Ok(Ok(Some(Packet::Connect(..)))) =
-        timeout(gw.settings.connect_timeout, conn.read_packet()).await
+        timeout(gw.settings().connect_timeout, conn.read_packet()).await
     {
         let _ = refuse(
             &mut conn,

@@ -50,7 +50,8 @@ impl Gateway {
         let _ = tcp.set_nodelay(true);
         // One deadline for TLS and the HTTP upgrade together: a client that stalls in either
         // holds a handshake slot no longer than a plain TLS client may.
-        let deadline = Instant::now() + self.settings.handshake_timeout;
+        let settings = self.settings();
+        let deadline = Instant::now() + settings.handshake_timeout;
         if !self.first_byte(&tcp, &mut slot, deadline).await {
             return;
         }
@@ -60,7 +61,7 @@ impl Gateway {
         let Some(who) = self.identity(&tls) else {
             return;
         };
-        let config = ws_config(self.settings.max_packet_bytes);
+        let config = ws_config(settings.max_packet_bytes);
         let upgraded = timeout_at(
             deadline,
             accept_hdr_async_with_config(tls, check_upgrade, Some(config)),
@@ -86,7 +87,7 @@ impl Gateway {
         };
         drop(slot);
         debug!("websocket upgraded");
-        let conn = ClientConn::new(WsStream::new(ws), self.settings.max_packet_bytes);
+        let conn = ClientConn::new(WsStream::new(ws), settings.max_packet_bytes);
         self.serve_session(conn, who, stop).await
     }
 }

@@ -342,20 +342,27 @@ fn describe(channel: &NotifyChannel) -> String {
     }
 }
 
+/// What the worker delivers with; a reload sends a new one ([`run_worker`]'s `settings`).
+#[derive(Clone)]
+pub struct WorkerSettings {
+    pub cfg: NotifyConfig,
+    pub senders: Arc<Senders>,
+}
+
 /// Drains the queue until `stop`: sends what is due (several at once, each under the delivery
 /// timeout), removes what was delivered, reschedules the rest with backoff. Woken by the core
-/// (`wake`) when it queues something, else by the earliest retry.
+/// (`wake`) when it queues something, else by the earliest retry. Each round takes the latest
+/// `settings` (a reload may have replaced the mail server, timeouts or retries).
 pub async fn run_worker(
     store: Arc<dyn Store>,
     stats: Arc<CoreStats>,
-    cfg: NotifyConfig,
-    senders: Senders,
+    settings: tokio::sync::watch::Receiver<WorkerSettings>,
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let senders = Arc::new(senders);
-    let timeout = Duration::from_secs(cfg.timeout_secs);
     loop {
+        let WorkerSettings { cfg, senders } = settings.borrow().clone();
+        let timeout = Duration::from_secs(cfg.timeout_secs);
         let now = chrono::Utc::now();
         let s = store.clone();
         let taken = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {

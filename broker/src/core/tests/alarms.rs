@@ -59,7 +59,7 @@ fn alarms(core: &Core, all: bool) -> Vec<protocol::alarm::AlarmView> {
 }
 
 fn with_rules(dir: &tempfile::TempDir, rules: &str) -> Core {
-    let mut core = open(dir);
+    let core = open(dir);
     let notify: NotifyConfig = toml::from_str(rules).unwrap();
     notify.check().unwrap();
     core.configure_alerts(AlertSettings {
@@ -291,7 +291,7 @@ fn a_periodic_device_connected_at_shutdown_is_expected_back_after_a_restart() {
         core.handle_batch(vec![periodic_state("P1", 1, 60)], t(9, 0))
             .unwrap();
     }
-    let mut core = open(&dir);
+    let core = open(&dir);
     core.configure_alerts(AlertSettings {
         overdue_margin: Duration::from_secs(60),
         notify: NotifyConfig::default(),
@@ -632,7 +632,7 @@ fn a_clear_dated_far_in_the_future_does_not_hide_later_faults() {
 #[test]
 fn a_device_toggling_a_refused_code_gets_its_view_republished_at_most_once_a_second() {
     let dir = tempfile::tempdir().unwrap();
-    let mut core = open(&dir);
+    let core = open(&dir);
     core.configure_alerts(AlertSettings {
         alarm_limits: crate::core::AlarmLimits {
             max_active: 2,

@@ -34,6 +34,7 @@ pub use records::{
     MAX_OVERFLOW_CODES, NotifyChannel, OverflowRecord, PresenceRecord, QueuedNotification,
     ReadingCursor, alarm_id, alarm_number,
 };
+pub use redb_store::format::{FORMAT_VERSION, force_version};
 #[cfg(test)]
 pub(crate) use redb_store::test_disk;
 pub use redb_store::{FILE_NAME, RedbStore, RedbTxn};
@@ -71,6 +72,18 @@ pub enum StoreError {
         dir: PathBuf,
         free: u64,
         reserve: u64,
+    },
+    /// Written by a newer release: its records may mean something else, so it is not opened.
+    #[error(
+        "the store {} has format version {found}, newer than this release reads ({supported}): \
+         run the release that wrote it, or restore a backup made by this release into an empty \
+         data directory (`broker restore --from FILE --data-dir DIR`)",
+        .path.display()
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u64,
+        supported: u64,
     },
     /// The database was closed after an I/O error and could not be opened again yet.
     #[error("the store {} is closed after an I/O error and is being reopened", .path.display())]

@@ -7,6 +7,7 @@
 
 mod alarms;
 mod backup;
+pub mod format;
 mod notify;
 mod readings;
 mod stats;
@@ -114,7 +115,11 @@ impl RedbStore {
             path: path.clone(),
             source,
         })?;
+        // Read before anything is created: a newer release's file is refused untouched.
+        let found = format::found(&db)?;
+        format::refuse_newer(&path, found)?;
         RedbStore::create_tables(&db)?;
+        format::upgrade(&db, &path, found)?;
         let legacy_device_journal = RedbStore::has_device_journal_rows(&db)?;
         Ok(RedbStore {
             db: RwLock::new(Some(db)),

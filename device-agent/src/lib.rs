@@ -25,6 +25,7 @@ pub mod exec;
 pub mod failover;
 pub mod faults;
 pub mod fleet;
+pub mod format;
 pub mod jobs;
 pub mod meter;
 pub mod outbox;

@@ -50,6 +50,18 @@ pub enum OutboxError {
         .path.display()
     )]
     Open { path: PathBuf, reason: String },
+    /// Written by a newer device-agent: its records may mean something else, so it is not opened.
+    #[error(
+        "the agent's store {} has format version {found}, newer than this device-agent reads \
+         ({supported}): run the newer device-agent that wrote it, or move the data directory aside \
+         and start this one with an empty one (the old file keeps its unsent reports)",
+        .path.display()
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u64,
+        supported: u64,
+    },
     #[error("the agent's store failed: {0}")]
     Store(String),
     #[error("could not encode a message: {0}")]
@@ -128,8 +140,11 @@ impl Outbox {
             }
             Err(e) => return Err(open_err(e.to_string())),
         };
+        // Read before anything is written: a newer agent's file is refused untouched.
+        let found = crate::format::found(&db).map_err(|e| open_err(e.to_string()))?;
+        crate::format::refuse_newer(path, found)?;
         let db = Arc::new(db);
-        init_tables(&db).map_err(|e| open_err(e.to_string()))?;
+        init_tables(&db, path, found).map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
         let writer = thread::Builder::new()
@@ -243,9 +258,10 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Creates the tables so readers never meet a missing one, and prunes old finished jobs.
-fn init_tables(db: &Database) -> Result<(), redb::Error> {
+fn init_tables(db: &Database, path: &Path, found: Option<u64>) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
+        crate::format::record(&txn, path, found)?;
         txn.open_table(NEXT_ID)?;
         txn.open_table(INCARNATION)?;
         txn.open_table(PENDING)?;

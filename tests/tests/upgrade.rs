@@ -7,6 +7,7 @@ use std::process::Command;
 
 use broker::store::{FORMAT_VERSION, force_version};
 use harness::{TestEnv, bin, deadline};
+use protocol::Role;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/store-v1/chukei.redb")
@@ -67,4 +68,41 @@ async fn a_store_of_a_newer_format_is_refused_with_what_to_do() {
             "attempt {attempt}: the error names the version and the way out:\n{stderr}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_agent_store_of_a_newer_format_is_refused_with_what_to_do() {
+    let env = TestEnv::new("an_agent_store_of_a_newer_format_is_refused_with_what_to_do");
+    let certs = env.certs(Role::Device, "C1");
+    let data = env.path("agent-newer");
+    std::fs::create_dir_all(&data).expect("create the data dir");
+    let newer = device_agent::format::FORMAT_VERSION + 1;
+    device_agent::format::force_version(&data.join("agent.redb"), newer)
+        .expect("mark the agent's store newer");
+    let out = Command::new(bin("device-agent"))
+        .args([
+            "run",
+            "--broker",
+            "mqtts://127.0.0.1:9",
+            "--serial",
+            "C1",
+            "--ca",
+        ])
+        .arg(env.pki().dir().join("ca.pem"))
+        .arg("--cert")
+        .arg(&certs.cert)
+        .arg("--key")
+        .arg(&certs.key)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run the device agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "opened a newer store:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("format version {newer}"))
+            && stderr.contains("newer device-agent"),
+        "the error names the version and the way out:\n{stderr}"
+    );
 }

@@ -17,12 +17,12 @@ use rumqttd::protocol::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use super::Gateway;
 use super::conn::{ClientConn, PublishId};
 use super::keepalive::Keepalive;
 use super::limits::{Inflight, Limit, LimitExceeded};
 use super::session::{SessionError, check_acl};
 use super::session_loop::{Side, drive};
+use super::{Gateway, GatewaySettings};
 use crate::switch::hub::{Attachment, Detached, Down, Hub, SubscribeError};
 
 /// Most client packets handled before the replies are flushed: what one read brought in.
@@ -103,8 +103,11 @@ impl DeviceSession<'_> {
         let mut outcome = Ok(false);
         // This read's publishes, handed to the hub together once the read is handled.
         let mut up = Vec::new();
+        // Once per read, not per packet: a reload may replace them, and reading them is shared
+        // by every session.
+        let limits = self.gw.settings();
         while let Some(packet) = next {
-            match self.handle(conn, packet, &mut up) {
+            match self.handle(conn, packet, &mut up, &limits) {
                 Ok(false) => {}
                 other => {
                     outcome = other;
@@ -139,10 +142,13 @@ impl DeviceSession<'_> {
         conn: &mut ClientConn<S>,
         packet: Packet,
         up: &mut Vec<Publish>,
+        limits: &GatewaySettings,
     ) -> Result<bool, SessionError> {
         match packet {
-            Packet::Publish(publish, _) => self.publish(conn, publish, up)?,
-            Packet::Subscribe(subscribe, _) => self.subscribe(conn, subscribe)?,
+            Packet::Publish(publish, _) => self.publish(conn, publish, up, limits.max_inflight)?,
+            Packet::Subscribe(subscribe, _) => {
+                self.subscribe(conn, subscribe, limits.max_subscriptions)?
+            }
             Packet::Unsubscribe(unsubscribe, _) => self.unsubscribe(conn, unsubscribe)?,
             Packet::PingReq(_) => conn.queue(Packet::PingResp(rumqttd::protocol::PingResp))?,
             Packet::Disconnect(..) => return Ok(true),
@@ -159,13 +165,14 @@ impl DeviceSession<'_> {
         conn: &mut ClientConn<S>,
         publish: Publish,
         up: &mut Vec<Publish>,
+        max_inflight: usize,
     ) -> Result<(), SessionError> {
         let topic = String::from_utf8_lossy(&publish.topic);
         check_acl(self.who, self.gw, Action::Publish, &topic)?;
         let id = conn.publish_id().unwrap_or(PublishId { qos: 0, pkid: 0 });
         // The gateway acks as soon as the hub has the publish, so the count only ever holds
         // this batch; what it adds here is the same QoS 2 refusal every session gives.
-        let mut inflight = Inflight::new(self.gw.settings().max_inflight);
+        let mut inflight = Inflight::new(max_inflight);
         inflight.publish(id.qos)?;
         // Nothing a client publishes is retained (the router's path clears it too).
         let mut publish = publish;
@@ -187,6 +194,7 @@ impl DeviceSession<'_> {
         &self,
         conn: &mut ClientConn<S>,
         subscribe: Subscribe,
+        max_subscriptions: usize,
     ) -> Result<(), SessionError> {
         for filter in &subscribe.filters {
             check_acl(self.who, self.gw, Action::Subscribe, &filter.path)?;
@@ -200,10 +208,7 @@ impl DeviceSession<'_> {
             })
             .collect();
         let filters = subscribe.filters.into_iter().map(|f| f.path);
-        let replay = match self
-            .attachment
-            .subscribe(filters, self.gw.settings().max_subscriptions)
-        {
+        let replay = match self.attachment.subscribe(filters, max_subscriptions) {
             Ok(replay) => replay,
             // The hub holds the device's filters (one copy, not two), so it counts them; the
             // refusal reads like every other session's.

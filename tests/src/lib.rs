@@ -244,6 +244,38 @@ impl Pki {
 }
 
 /// Runs a short command to completion; panics with everything it printed if it fails.
+/// Runs `broker ARGS…` to its end — a `pki` or `reload` command, or a `broker run` expected to
+/// refuse to start — and returns what it printed; the caller judges the exit status.
+pub fn broker_command<I, S>(args: I) -> RunOutput
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = Command::new(bin("broker"));
+    cmd.args(args).env("NO_COLOR", "1");
+    let command = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {command}: {e}"));
+    RunOutput {
+        command,
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// [`broker_command`] that must succeed; returns its stdout.
+pub fn broker_ok<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = broker_command(args);
+    assert!(out.success(), "{out}");
+    out.stdout
+}
+
 fn run_sync(cmd: &mut Command) -> std::process::Output {
     let shown = format!("{cmd:?}");
     let out = cmd
@@ -306,6 +338,22 @@ impl TestEnv {
     /// A path inside the test's directory.
     pub fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.root.join(rel)
+    }
+
+    /// Runs `broker run` on this test's PKI and `data_dir` (on an ephemeral port, with `extra`
+    /// flags) to its end: for a start that must be refused.
+    pub fn broker_refused_start(&self, data_dir: &Path, extra: &[&OsStr]) -> RunOutput {
+        let mut args = vec![
+            OsStr::new("run"),
+            OsStr::new("--listen"),
+            OsStr::new("127.0.0.1:0"),
+            OsStr::new("--pki-dir"),
+            self.pki.dir().as_os_str(),
+            OsStr::new("--data-dir"),
+            data_dir.as_os_str(),
+        ];
+        args.extend_from_slice(extra);
+        broker_command(args)
     }
 
     /// The CA the broker trusts.

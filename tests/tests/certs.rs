@@ -3,30 +3,23 @@
 //! device certificate cannot act as a host, an integrator certificate is read-only.
 //! Expired and foreign-CA certificates are tested in `gateway.rs`.
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Command;
 
 use harness::raw::{self, NOT_AUTHORIZED, RawClient};
-use harness::{Broker, TestEnv, bin, deadline};
+use harness::{Broker, TestEnv, broker_ok, deadline};
 use protocol::Role;
 
 /// `broker pki revoke --dir DIR ARGS…`; panics with its output if it fails. Returns stdout.
 fn revoke(pki: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin("broker"))
-        .args(["pki", "revoke", "--dir"])
-        .arg(pki)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("running broker pki revoke: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "broker pki revoke {args:?} failed ({})\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let mut all = vec![
+        OsStr::new("pki"),
+        OsStr::new("revoke"),
+        OsStr::new("--dir"),
+        pki.as_os_str(),
+    ];
+    all.extend(args.iter().map(OsStr::new));
+    broker_ok(all)
 }
 
 /// Waits for the broker to log an ACL violation by `identity` on `topic`.
@@ -102,18 +95,12 @@ async fn a_list_given_by_crl_file_is_used_and_a_missing_one_stops_the_start() {
     std::fs::rename(env.pki().dir().join("crl.pem"), &list).expect("move the list");
 
     let missing = env.path("no-such-crl.pem");
-    let out = Command::new(bin("broker"))
-        .args(["run", "--listen", "127.0.0.1:0", "--pki-dir"])
-        .arg(env.pki().dir())
-        .arg("--data-dir")
-        .arg(env.path("data-missing"))
-        .arg("--crl-file")
-        .arg(&missing)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run the broker");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started without its CRL:\n{stderr}");
+    let out = env.broker_refused_start(
+        &env.path("data-missing"),
+        &[OsStr::new("--crl-file"), missing.as_os_str()],
+    );
+    let stderr = &out.stderr;
+    assert!(!out.success(), "started without its CRL:\n{stderr}");
     assert!(
         stderr.contains("no-such-crl.pem"),
         "the error names the file:\n{stderr}"

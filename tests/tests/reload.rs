@@ -4,28 +4,10 @@
 //! one kept.
 
 use std::path::Path;
-use std::process::Command;
 
 use harness::raw::{self, RawClient};
-use harness::{TestEnv, bin, deadline};
+use harness::{TestEnv, broker_ok, deadline};
 use protocol::Role;
-
-/// Runs `broker ARGS…`; panics with its output if it fails. Returns stdout.
-fn broker_cmd(args: &[&str]) -> String {
-    let out = Command::new(bin("broker"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("running broker {args:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "broker {args:?} failed ({})\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -49,7 +31,7 @@ async fn a_reload_closes_the_revoked_session_and_keeps_every_other() {
     one.ping().await;
     two.ping().await;
 
-    broker_cmd(&[
+    broker_ok([
         "pki",
         "revoke",
         "--dir",
@@ -59,7 +41,7 @@ async fn a_reload_closes_the_revoked_session_and_keeps_every_other() {
     ]);
     // Revoked on disk only: the running relay has not read the list yet.
     one.ping().await;
-    let out = broker_cmd(&["reload", "--pid-file", path_str(&pid_file)]);
+    let out = broker_ok(["reload", "--pid-file", path_str(&pid_file)]);
     assert!(out.contains("asked the relay"), "{out}");
 
     // C1's open session is closed by the relay; C2's goes on.
@@ -110,7 +92,7 @@ async fn a_configuration_with_an_error_is_refused_and_the_running_one_kept() {
     let mut two = RawClient::connect(broker.addr(), &c2, "C2").await;
 
     std::fs::write(&config, "max_inflight = \"many\"\n").expect("break the config");
-    broker_cmd(&["reload", "--pid-file", path_str(&pid_file)]);
+    broker_ok(["reload", "--pid-file", path_str(&pid_file)]);
     broker
         .wait_for_log(
             "reload refused; the running configuration is kept",

@@ -49,17 +49,10 @@ async fn a_store_of_a_newer_format_is_refused_with_what_to_do() {
     force_version(&data, FORMAT_VERSION + 1).expect("mark the store newer");
     // Twice: the first refusal left the store's version as it was, not upgraded or rewritten.
     for attempt in 1..=2 {
-        let out = Command::new(bin("broker"))
-            .args(["run", "--listen", "127.0.0.1:0", "--pki-dir"])
-            .arg(env.pki().dir())
-            .arg("--data-dir")
-            .arg(&data)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("run the broker");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let out = env.broker_refused_start(&data, &[]);
+        let stderr = &out.stderr;
         assert!(
-            !out.status.success(),
+            !out.success(),
             "attempt {attempt} opened a newer store:\n{stderr}"
         );
         assert!(

@@ -203,6 +203,16 @@ struct RunArgs {
     /// per-source rate. Default: true
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
     connect_rate_exempt_loopback: Option<bool>,
+    /// Send TLS session tickets, so that a reconnecting client (after a relay restart too)
+    /// resumes instead of doing a full handshake; keys in DATA_DIR/tls-ticket-keys. Default: true
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    tls_tickets: Option<bool>,
+    /// A ticket opens this long after its key stopped sealing (at most 604800). Default: 86400
+    #[arg(long, value_name = "SECS")]
+    tls_ticket_lifetime_secs: Option<u64>,
+    /// A new ticket key takes over this often. Default: 3600
+    #[arg(long, value_name = "SECS")]
+    tls_ticket_rotation_secs: Option<u64>,
     /// Certificate revocation list (PEM, signed by the CA) checked at every handshake; read at
     /// start. Default: PKI_DIR/crl.pem if it exists (written by `broker pki revoke`)
     #[arg(long, value_name = "FILE")]
@@ -307,7 +317,10 @@ impl RunArgs {
             overdue_margin_secs,
             max_active_alarms_per_device,
             alarm_burst_per_device,
-            alarms_per_minute_per_device
+            alarms_per_minute_per_device,
+            tls_tickets,
+            tls_ticket_lifetime_secs,
+            tls_ticket_rotation_secs
         );
         if let Some(addr) = self.metrics_listen {
             cfg.metrics_listen = Some(addr);

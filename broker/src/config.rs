@@ -84,6 +84,23 @@ pub struct BrokerConfig {
     /// (`broker pki revoke` writes it there).
     #[serde(default)]
     pub crl_file: Option<PathBuf>,
+    /// Send TLS 1.3 session tickets, so that a client reconnecting (after a relay restart too)
+    /// resumes instead of doing a full handshake. The keys that seal them are kept in
+    /// DATA_DIR/tls-ticket-keys (mode 0600). A resumed session keeps the identity of the
+    /// certificate it began with, which is checked against the revocation list and its expiry
+    /// like any other. Read at start.
+    #[serde(default = "defaults::yes")]
+    pub tls_tickets: bool,
+    /// A ticket opens this long after its key stopped sealing new ones (at most 604800, TLS
+    /// 1.3's limit); also the lifetime clients are told. A device away longer does one full
+    /// handshake.
+    #[serde(default = "defaults::tls_ticket_lifetime_secs")]
+    pub tls_ticket_lifetime_secs: u64,
+    /// A new ticket key takes over this often; a key and what it sealed are erased
+    /// `tls_ticket_lifetime_secs` after it stopped sealing, which bounds what a stolen key file
+    /// can open.
+    #[serde(default = "defaults::tls_ticket_rotation_secs")]
+    pub tls_ticket_rotation_secs: u64,
     /// Succeeded and canceled jobs stay in the default job list this long.
     #[serde(default = "defaults::finished_visible_secs")]
     pub finished_visible_secs: u64,
@@ -164,6 +181,12 @@ mod defaults {
     }
     pub fn server_name() -> String {
         "relay-1".into()
+    }
+    pub fn tls_ticket_lifetime_secs() -> u64 {
+        24 * 3600
+    }
+    pub fn tls_ticket_rotation_secs() -> u64 {
+        3600
     }
     pub fn handshake_timeout_secs() -> u64 {
         10
@@ -308,6 +331,21 @@ impl BrokerConfig {
         if self.handshake_timeout_secs == 0 {
             return Err(invalid("handshake_timeout_secs", &0, "use at least 1"));
         }
+        let max_lifetime = crate::gateway::tickets::MAX_LIFETIME_SECS;
+        if !(1..=max_lifetime).contains(&self.tls_ticket_lifetime_secs) {
+            return Err(invalid(
+                "tls_ticket_lifetime_secs",
+                &self.tls_ticket_lifetime_secs,
+                "use 1 to 604800 (7 days, TLS 1.3's limit); the default is 86400",
+            ));
+        }
+        if self.tls_ticket_rotation_secs == 0 {
+            return Err(invalid(
+                "tls_ticket_rotation_secs",
+                &0,
+                "use at least 1; the default is 3600",
+            ));
+        }
         if self.first_byte_timeout_secs == 0 {
             return Err(invalid(
                 "first_byte_timeout_secs",
@@ -413,6 +451,15 @@ impl BrokerConfig {
     }
 
     /// The gateway's part of the configuration.
+    /// How ticket keys seal and open; `None`: no tickets (`tls_tickets = false`).
+    pub fn ticket_settings(&self) -> Option<crate::gateway::tickets::TicketSettings> {
+        self.tls_tickets
+            .then(|| crate::gateway::tickets::TicketSettings {
+                lifetime: Duration::from_secs(self.tls_ticket_lifetime_secs),
+                rotation: Duration::from_secs(self.tls_ticket_rotation_secs),
+            })
+    }
+
     pub fn gateway_settings(&self) -> crate::gateway::GatewaySettings {
         crate::gateway::GatewaySettings {
             handshake_timeout: self.handshake_timeout(),

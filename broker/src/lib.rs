@@ -58,6 +58,8 @@ pub enum BrokerError {
     #[error("opening the store: {0}")]
     Store(#[from] store::StoreError),
     #[error(transparent)]
+    TicketKeys(#[from] gateway::tickets::TicketKeyError),
+    #[error(transparent)]
     CoreLink(#[from] switch::router_link::CoreLinkError),
     #[error("could not start the core's thread: {0}")]
     CoreThread(std::io::Error),
@@ -155,6 +157,10 @@ pub async fn run(
         automatic = cfg.min_free_bytes.is_none(),
         "disk reserve: new work is refused while less than min_free_bytes is free"
     );
+    let tickets = match cfg.ticket_settings() {
+        Some(settings) => Some(gateway::tickets::Ticketer::open(&cfg.data_dir, settings)?),
+        None => None,
+    };
     let core = Core::with_store(
         Arc::new(store),
         CoreSettings {
@@ -215,6 +221,9 @@ pub async fn run(
         core.notify_wake(),
         stop.clone(),
     ));
+    if let Some(t) = &tickets {
+        tasks.spawn(t.clone().rotate_until(stop.clone()));
+    }
     tasks.spawn(control::serve(
         control::socket_path(&cfg.data_dir),
         core.shared_store(),
@@ -232,6 +241,7 @@ pub async fn run(
             cfg.gateway_settings(),
             tls,
             revoked,
+            tickets.clone(),
             router,
             hub.clone(),
             metrics.clone(),

@@ -17,13 +17,18 @@ pub struct Metrics {
     /// `metrics_header_timeout_secs`.
     pub metrics_http_timed_out: AtomicU64,
     pub connect_refused: AtomicU64,
+    /// TLS handshakes completed in full (certificates and signatures), and resumed with a
+    /// session ticket.
+    pub tls_full: AtomicU64,
+    pub tls_resumed: AtomicU64,
     pub sessions_started: AtomicU64,
     pub sessions_active: AtomicU64,
     pub acl_violations: AtomicU64,
     /// Open sessions closed because a reload found their certificate revoked.
     pub sessions_revoked: AtomicU64,
     /// Connections closed right after their handshake: the certificate is revoked by the list
-    /// now in force, or expired (a resumed handshake does not check either).
+    /// now in force, or expired (a resumed handshake checks neither itself: its certificate
+    /// comes from the ticket).
     pub cert_refused: AtomicU64,
     /// Configuration reloads applied, and refused (the old configuration kept).
     pub reloads: AtomicU64,

@@ -169,7 +169,10 @@ macro_rules! restart_only_keys {
             metrics_header_timeout_secs,
             metrics_max_connections,
             min_free_bytes,
-            pid_file
+            pid_file,
+            tls_tickets,
+            tls_ticket_lifetime_secs,
+            tls_ticket_rotation_secs
         )
     };
 }

@@ -116,6 +116,18 @@ pub fn render(gw: &Metrics, core: &CoreStats, store: Option<&StoreStats>) -> Str
         get(&gw.metrics_http_timed_out),
     );
     metric(
+        "chukei_tls_full_handshakes_total",
+        "counter",
+        "TLS handshakes completed in full (certificate chains and signatures).",
+        get(&gw.tls_full),
+    );
+    metric(
+        "chukei_tls_resumed_total",
+        "counter",
+        "TLS handshakes resumed with a session ticket (tls_tickets).",
+        get(&gw.tls_resumed),
+    );
+    metric(
         "chukei_connect_refused_total",
         "counter",
         "Clients refused at CONNECT (identity, client id, broker full).",

@@ -605,7 +605,14 @@ pub fn revoke(dir: &Path, serial: &[u8]) -> Result<Revocation, PkiError> {
     })
 }
 
-/// An agent's TLS configuration: trust only our CA, present our own certificate.
+/// Relays one client configuration keeps session tickets for. An agent knows a relay or a few
+/// fallbacks; rustls' default of 256 would reserve room for 256 in every device of a fleet
+/// simulator. The tickets are what lets a client reconnecting through the same configuration
+/// (rumqttc reconnecting, or a relay restart) resume instead of doing a full handshake.
+const RESUMPTION_CACHE: usize = 4;
+
+/// An agent's TLS configuration: trust only our CA, present our own certificate. Share it
+/// across reconnects: its session tickets live in it.
 pub fn client_config(
     ca_pem: &str,
     cert_pem: &str,
@@ -614,12 +621,13 @@ pub fn client_config(
     let roots = roots(ca_pem, Path::new("<CA>"))?;
     let chain = certs(cert_pem, Path::new("<certificate>"))?;
     let key = private_key(key_pem, Path::new("<key>"))?;
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| PkiError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| PkiError::Tls(format!("client certificate: {e}")))?;
+    config.resumption = rustls::client::Resumption::in_memory_sessions(RESUMPTION_CACHE);
     Ok(Arc::new(config))
 }
 

@@ -62,6 +62,16 @@ fn read_pem(path: &Path) -> String {
     pki::read_pem_file(path).unwrap_or_else(|e| panic!("reading test certificate: {e}"))
 }
 
+/// The TLS client configuration of `certs` (its session tickets live in it).
+pub fn client_config(certs: &CertPaths) -> Arc<rustls::ClientConfig> {
+    pki::client_config(
+        &read_pem(&certs.ca),
+        &read_pem(&certs.cert),
+        &read_pem(&certs.key),
+    )
+    .unwrap_or_else(|e| panic!("building a TLS client config from {certs:?}: {e}"))
+}
+
 impl RawClient {
     /// TCP and TLS only, from `source` if given (another 127.0.0.x address is another source to
     /// the broker). `Err` says why the broker would not finish the handshake.
@@ -70,23 +80,29 @@ impl RawClient {
         certs: &CertPaths,
         source: Option<IpAddr>,
     ) -> Result<RawClient, String> {
-        let config = pki::client_config(
-            &read_pem(&certs.ca),
-            &read_pem(&certs.cert),
-            &read_pem(&certs.key),
-        )
-        .unwrap_or_else(|e| panic!("building a TLS client config from {certs:?}: {e}"));
+        let mut c = RawClient::tls_with(addr, &client_config(certs), source).await?;
+        c.name = format!("raw client {}", certs.cert.display());
+        Ok(c)
+    }
+
+    /// Like [`RawClient::tls_from`] with a TLS configuration the caller keeps: a second
+    /// connection with the same one offers the session ticket the first received.
+    pub async fn tls_with(
+        addr: SocketAddr,
+        config: &Arc<rustls::ClientConfig>,
+        source: Option<IpAddr>,
+    ) -> Result<RawClient, String> {
         let tcp = tcp_from(addr, source).await?;
         let name = ServerName::IpAddress(addr.ip().into());
         let tls = tokio::time::timeout(
             deadline(),
-            TlsConnector::from(Arc::<rustls::ClientConfig>::clone(&config)).connect(name, tcp),
+            TlsConnector::from(Arc::clone(config)).connect(name, tcp),
         )
         .await
         .map_err(|_| format!("no TLS handshake with {addr} within {:?}", deadline()))?
         .map_err(|e| format!("TLS handshake with {addr} failed: {e}"))?;
         Ok(RawClient {
-            name: format!("raw client {}", certs.cert.display()),
+            name: "raw client".to_owned(),
             tls,
             buf: Vec::new(),
         })
@@ -99,7 +115,14 @@ impl RawClient {
         certs: &CertPaths,
         client_id: &str,
     ) -> Result<(RawClient, u8), String> {
-        let mut c = RawClient::tls_from(addr, certs, None).await?;
+        let c = RawClient::tls_from(addr, certs, None).await?;
+        c.mqtt_connect(client_id).await
+    }
+
+    /// CONNECT as `client_id` on this TLS connection, and the CONNACK's return code (`Err` if
+    /// the connection closed first).
+    pub async fn mqtt_connect(self, client_id: &str) -> Result<(RawClient, u8), String> {
+        let mut c = self;
         c.name = format!("raw client {client_id:?}");
         c.send(&connect(client_id, 60)).await?;
         match c.next(deadline()).await? {

@@ -13,6 +13,7 @@ pub mod revocation;
 mod session;
 mod session_loop;
 mod slots;
+pub mod tickets;
 mod tls;
 mod ws;
 
@@ -63,9 +64,10 @@ pub struct GatewaySettings {
 /// ([`Gateway::set_settings`]) and its TLS configuration ([`Gateway::set_tls`]).
 pub struct Gateway {
     settings: RwLock<Arc<GatewaySettings>>,
-    /// The server's TLS configuration, without session tickets ([`without_tickets`]), and the
-    /// revocation list it checks.
+    /// The server's TLS configuration ([`with_tickets`]) and the revocation list it checks.
     tls: revocation::CurrentTls,
+    /// Seals session tickets; `None`: none are sent.
+    tickets: Option<Arc<tickets::Ticketer>>,
     /// Open sessions by certificate serial: a reload closes those of a revoked certificate.
     sessions: Arc<revocation::OpenSessions>,
     pub router: Arc<Broker>,
@@ -89,24 +91,36 @@ pub struct Gateway {
 /// How long open sessions get to finish when the broker stops.
 const GRACE: Duration = Duration::from_secs(5);
 
-/// The server configuration without TLS 1.3 session tickets. rustls sends two per handshake by
-/// default and keeps a 256-entry resumption cache: at fleet scale (~19,000 devices per relay) a
-/// reconnecting device almost never finds its entry, and a relay restart voids them all, yet
-/// every handshake would pay two ticket encryptions, two more records and a cache entry holding
-/// the client's certificate chain.
-fn without_tickets(tls: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+/// The server configuration with stateless session tickets sealed by `tickets`, or with none.
+///
+/// Never rustls' default: a 256-entry in-memory cache that a fleet of ~19,000 devices per relay
+/// almost never hits and a restart voids, holding each client's chain (docs/decisions.md, D11).
+/// Stateless tickets hold nothing on the relay, and their keys outlive a restart. One ticket per
+/// handshake: a device holds one connection, and each resumption brings it a fresh ticket.
+fn with_tickets(
+    tls: Arc<rustls::ServerConfig>,
+    tickets: Option<&Arc<tickets::Ticketer>>,
+) -> Arc<rustls::ServerConfig> {
     let mut config = (*tls).clone();
-    config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    match tickets {
+        Some(t) => {
+            config.ticketer = t.clone();
+            config.send_tls13_tickets = 1;
+        }
+        None => config.send_tls13_tickets = 0,
+    }
     Arc::new(config)
 }
 
 impl Gateway {
-    /// `tls` checks the revocation list `revoked` was read from (both from [`pki::load_crl`]).
+    /// `tls` checks the revocation list `revoked` was read from (both from [`pki::load_crl`]);
+    /// `tickets`, if given, seals session tickets.
     pub fn new(
         settings: GatewaySettings,
         tls: Arc<rustls::ServerConfig>,
         revoked: std::collections::HashSet<Vec<u8>>,
+        tickets: Option<Arc<tickets::Ticketer>>,
         router: Arc<Broker>,
         hub: Arc<crate::switch::hub::Hub>,
         metrics: Arc<Metrics>,
@@ -122,9 +136,10 @@ impl Gateway {
             ),
             logs: limits::RefusalLogs::default(),
             tls: revocation::CurrentTls::new(revocation::TlsState::new(
-                without_tickets(tls),
+                with_tickets(tls, tickets.as_ref()),
                 revoked,
             )),
+            tickets,
             sessions: Arc::default(),
             settings: RwLock::new(Arc::new(settings)),
             router,
@@ -169,8 +184,10 @@ impl Gateway {
         tls: Arc<rustls::ServerConfig>,
         revoked: std::collections::HashSet<Vec<u8>>,
     ) -> usize {
-        self.tls
-            .set(revocation::TlsState::new(without_tickets(tls), revoked));
+        self.tls.set(revocation::TlsState::new(
+            with_tickets(tls, self.tickets.as_ref()),
+            revoked,
+        ));
         let closed = self.sessions.close(&self.tls.get());
         Metrics::add(&self.metrics.sessions_revoked, closed as u64);
         closed
@@ -359,7 +376,15 @@ impl Gateway {
     async fn tls_accept(&self, tcp: TcpStream, deadline: Instant) -> Option<tls::TlsConn> {
         let config = self.tls.get().config.clone();
         match timeout_at(deadline, tls::accept(tcp, config)).await {
-            Ok(Ok(tls)) => Some(tls),
+            Ok(Ok(tls)) => {
+                let counter = if tls.resumed() {
+                    &self.metrics.tls_resumed
+                } else {
+                    &self.metrics.tls_full
+                };
+                Metrics::inc(counter);
+                Some(tls)
+            }
             Ok(Err(e)) => {
                 Metrics::inc(&self.metrics.tls_failed);
                 if let Some(suppressed) = self.logs.tls_failed.check() {
@@ -480,7 +505,8 @@ impl Gateway {
 impl Gateway {
     /// Whether a certificate that passed the handshake may still open a session: not revoked by
     /// the list now in force, and not expired. A full handshake has checked both already, but
-    /// the list may have changed since, and a resumed handshake checks neither.
+    /// the list may have changed since, and a resumed handshake checks neither (its certificate
+    /// comes out of the session ticket, sealed by the relay when the session began).
     fn still_valid(&self, peer: &pki::PeerCert) -> Result<(), &'static str> {
         if self.tls.get().is_revoked(&peer.serial) {
             return Err("revoked");

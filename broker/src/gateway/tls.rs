@@ -124,6 +124,11 @@ impl TlsConn {
         self.tls.peer_certificates()
     }
 
+    /// Whether the handshake resumed a session from a ticket (so verified no certificate).
+    pub fn resumed(&self) -> bool {
+        self.tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
     fn queued_out(&self) -> usize {
         self.outgoing.len() - self.out_at
     }
@@ -502,8 +507,11 @@ mod tests {
         let issued = ca.issue(protocol::Role::Device, "TLS0001").unwrap();
         let client = pki::client_config(ca.ca_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
         Pki {
-            // As the gateway runs it: no session tickets, so nothing follows the handshake.
-            server: crate::gateway::without_tickets(pki::server_config(dir.path()).unwrap()),
+            // As the gateway runs it: a session ticket follows the handshake.
+            server: crate::gateway::with_tickets(
+                pki::server_config(dir.path()).unwrap(),
+                Some(&crate::gateway::tickets::Ticketer::open(dir.path(), TICKETS).unwrap()),
+            ),
             client,
             ca_pem: ca.ca_pem().to_owned(),
             _dir: dir,
@@ -537,6 +545,55 @@ mod tests {
                 .await
         })
         .await
+    }
+
+    const TICKETS: crate::gateway::tickets::TicketSettings =
+        crate::gateway::tickets::TicketSettings {
+            lifetime: std::time::Duration::from_secs(3600),
+            rotation: std::time::Duration::from_secs(3600),
+        };
+
+    /// One byte from the server read by the client: the ticket sent after the handshake is
+    /// taken on the way.
+    async fn exchange_a_byte(server: &mut TlsConn, client: &mut TlsStream<TcpStream>) {
+        server.write_all(b"x").await.unwrap();
+        server.flush().await.unwrap();
+        let mut b = [0u8; 1];
+        client.read_exact(&mut b).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_back_with_its_ticket_resumes_with_the_same_certificate() {
+        let pki = pki();
+        let (server, client) = pair(pki.server.clone(), pki.client.clone()).await;
+        let (mut server, mut client) = (server.unwrap(), client.unwrap());
+        assert!(!server.resumed(), "the first handshake is a full one");
+        exchange_a_byte(&mut server, &mut client).await;
+        let first = server.peer_certificates().unwrap().to_vec();
+        drop((server, client));
+
+        let (server, client) = pair(pki.server.clone(), pki.client.clone()).await;
+        let (mut server, mut client) = (server.unwrap(), client.unwrap());
+        assert!(server.resumed(), "the second handshake resumes");
+        assert_eq!(
+            server.peer_certificates().unwrap(),
+            &first[..],
+            "a resumed session carries the certificate it began with"
+        );
+        exchange_a_byte(&mut server, &mut client).await;
+        assert!(
+            holds_no_buffer(&server),
+            "a resumed session holds nothing either"
+        );
+
+        // A server whose keys are not the ones that sealed the ticket does a full handshake.
+        let other = tempfile::tempdir().unwrap();
+        let stranger = crate::gateway::with_tickets(
+            pki::server_config(pki._dir.path()).unwrap(),
+            Some(&crate::gateway::tickets::Ticketer::open(other.path(), TICKETS).unwrap()),
+        );
+        let (server, _client) = pair(stranger, pki.client.clone()).await;
+        assert!(!server.unwrap().resumed());
     }
 
     fn holds_no_buffer(conn: &TlsConn) -> bool {

@@ -1,0 +1,147 @@
+//! TLS session resumption across a relay restart, with the real relay and the real device agent:
+//! the agent comes back to the restarted relay with a session ticket (no full handshake), and a
+//! certificate revoked while it was away is refused even though its handshake resumed.
+
+use harness::raw;
+use harness::{TestEnv, broker_ok, deadline};
+
+#[tokio::test]
+async fn an_agent_resumes_after_a_relay_restart_and_a_revoked_certificate_is_refused_on_resumption()
+{
+    let env = TestEnv::new(
+        "an_agent_resumes_after_a_relay_restart_and_a_revoked_certificate_is_refused_on_resumption",
+    );
+    let data_dir = env.path("relay");
+    let relay = |addr| {
+        let env = &env;
+        let data_dir = data_dir.clone();
+        async move {
+            let mut b = env
+                .broker()
+                .data_dir(&data_dir)
+                .args(["--metrics-listen", "127.0.0.1:0"]);
+            if let Some(addr) = addr {
+                b = b.listen(addr);
+            }
+            b.start().await
+        }
+    };
+    let mut broker = relay(None).await;
+    let addr = broker.addr();
+    let device = env.device("C1").start(&broker).await;
+    device.wait_for_log("connected to broker", deadline()).await;
+    let first = raw::scrape(broker.metrics_addr()).await;
+    assert_eq!(raw::sample(&first, "chukei_tls_resumed_total"), 0);
+    assert!(raw::sample(&first, "chukei_tls_full_handshakes_total") >= 1);
+    let key_file = data_dir.join("tls-ticket-keys");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the ticket keys are the relay's alone");
+    }
+
+    // Restart: the agent comes back with the ticket the first relay sealed.
+    broker.stop().await;
+    let mut broker = relay(Some(addr)).await;
+    device
+        .wait_for_lines("connected twice", 2, deadline(), |l| {
+            l.contains("connected to broker")
+        })
+        .await;
+    let metrics = raw::scrape(broker.metrics_addr()).await;
+    assert_eq!(
+        (
+            raw::sample(&metrics, "chukei_tls_resumed_total"),
+            raw::sample(&metrics, "chukei_tls_full_handshakes_total")
+        ),
+        (1, 0),
+        "the agent resumed instead of a full handshake"
+    );
+
+    // Revoked while the relay is down: the agent's ticket still resumes a handshake, and the
+    // certificate inside it is refused.
+    broker.stop().await;
+    let pki_dir = env.pki().dir().to_str().expect("utf-8 path").to_owned();
+    broker_ok(["pki", "revoke", "--dir", &pki_dir, "--id", "C1"]);
+    let broker = relay(Some(addr)).await;
+    broker
+        .wait_for_line("refused as revoked", deadline(), |l| {
+            l.contains("certificate refused after the handshake") && l.contains("revoked")
+        })
+        .await;
+    let metrics = raw::scrape(broker.metrics_addr()).await;
+    assert!(raw::sample(&metrics, "chukei_cert_refused_total") >= 1);
+    assert!(
+        raw::sample(&metrics, "chukei_tls_resumed_total") >= 1,
+        "the refused handshake was a resumed one:\n{metrics}"
+    );
+    assert_eq!(raw::sample(&metrics, "chukei_sessions_started_total"), 0);
+}
+
+#[tokio::test]
+async fn a_certificate_that_expired_since_its_ticket_was_sealed_is_refused_on_resumption() {
+    use harness::raw::RawClient;
+    let env = TestEnv::new(
+        "a_certificate_that_expired_since_its_ticket_was_sealed_is_refused_on_resumption",
+    );
+    let broker = env
+        .broker()
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start()
+        .await;
+    // Valid for a few seconds from now.
+    let now = pki::OffsetDateTime::now_utc();
+    let not_after = now + pki::ValidityDuration::seconds(3);
+    let ca = pki::Ca::load(env.pki().dir()).expect("the test CA loads");
+    let issued = ca
+        .issue_valid(
+            protocol::Role::Device,
+            "C1",
+            now - pki::ValidityDuration::days(1),
+            not_after,
+        )
+        .expect("a short-lived certificate can be minted");
+    let certs = harness::CertPaths {
+        ca: env.pki().ca(),
+        cert: env.path("short-C1.pem"),
+        key: env.path("short-C1.key"),
+    };
+    std::fs::write(&certs.cert, &issued.cert_pem).expect("write cert");
+    std::fs::write(&certs.key, &issued.key_pem).expect("write key");
+    let config = raw::client_config(&certs);
+
+    let tls = RawClient::tls_with(broker.addr(), &config, None)
+        .await
+        .unwrap();
+    let (mut first, code) = tls.mqtt_connect("C1").await.unwrap();
+    assert_eq!(code, 0, "accepted while valid");
+    first.ping().await; // the ticket that followed the handshake is read on the way
+    drop(first);
+
+    // The certificate's expiry is a time on the wall clock: wait for it to pass.
+    let expired_at = std::time::SystemTime::UNIX_EPOCH
+        + std::time::Duration::from_secs(u64::try_from(not_after.unix_timestamp()).unwrap() + 1);
+    if let Ok(left) = expired_at.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+
+    let tls = RawClient::tls_with(broker.addr(), &config, None)
+        .await
+        .unwrap();
+    let refused = tls.mqtt_connect("C1").await;
+    assert!(
+        refused.is_err(),
+        "an expired certificate got a CONNACK on resumption"
+    );
+    broker
+        .wait_for_line("refused as expired", deadline(), |l| {
+            l.contains("certificate refused after the handshake") && l.contains("expired")
+        })
+        .await;
+    let metrics = raw::scrape(broker.metrics_addr()).await;
+    assert_eq!(
+        raw::sample(&metrics, "chukei_tls_resumed_total"),
+        1,
+        "the expired certificate came back in a resumed handshake"
+    );
+}

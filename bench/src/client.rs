@@ -37,6 +37,8 @@ pub struct Conn {
     pkid: u16,
     /// Publishes that arrived before the SUBACK (retained messages may).
     early: Vec<Publish>,
+    /// The TLS handshake resumed a session from a ticket.
+    pub resumed: bool,
 }
 
 impl Conn {
@@ -53,6 +55,7 @@ impl Conn {
             .with_context(|| format!("binding to {source}"))?;
         let tcp = socket.connect(endpoint.addr).await.context("TCP connect")?;
         tcp.set_nodelay(true)?;
+        let mut resumed = false;
         let io: Box<dyn Io> = match (endpoint.tls, tls) {
             (true, Some(config)) => {
                 let name = ServerName::try_from("localhost").expect("a valid DNS name");
@@ -60,6 +63,8 @@ impl Conn {
                     .connect(name, tcp)
                     .await
                     .context("TLS handshake")?;
+                resumed =
+                    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
                 Box::new(stream)
             }
             (true, None) => bail!("a TLS endpoint needs a client certificate"),
@@ -71,6 +76,7 @@ impl Conn {
             wbuf: BytesMut::with_capacity(256),
             pkid: 0,
             early: Vec::new(),
+            resumed,
         };
         mqtt::connect(&mut conn.wbuf, client_id, KEEP_ALIVE_SECS);
         conn.flush().await?;

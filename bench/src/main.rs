@@ -64,6 +64,10 @@ struct Global {
     /// `after-je:LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`.
     #[arg(long = "env", global = true, value_name = "NAME:KEY=VALUE")]
     envs: Vec<String>,
+    /// An extra `broker run` argument for one chukei target, NAME:ARG (repeatable), e.g.
+    /// `--targets chukei,chukei@no-tickets=target/release/broker --arg no-tickets:--tls-tickets=false`.
+    #[arg(long = "arg", global = true, value_name = "NAME:ARG")]
+    args: Vec<String>,
     /// Also append each JSON object, as one line, to this file.
     #[arg(long, global = true, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -186,6 +190,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
     let g = &cli.global;
     let mut targets = servers::parse_targets(&g.targets)?;
     servers::apply_env(&mut targets, &g.envs)?;
+    servers::apply_args(&mut targets, &g.args)?;
     let shape = LoadShape {
         per_process: g.per_process,
         concurrency: g.concurrency,

@@ -32,6 +32,9 @@ pub struct Target {
     /// Extra environment for the relay process (`--env NAME:KEY=VALUE`), e.g. LD_PRELOAD to try
     /// another allocator without a rebuild.
     pub env: Vec<(String, String)>,
+    /// Extra arguments for a chukei relay's `broker run` (`--arg NAME:ARG`), e.g.
+    /// `--tls-tickets=false` to measure without session resumption beside the default.
+    pub args: Vec<String>,
 }
 
 impl fmt::Display for Target {
@@ -73,24 +76,28 @@ pub fn parse_targets(list: &[String]) -> anyhow::Result<Vec<Target>> {
                 kind: Kind::Chukei,
                 binary: sibling("broker"),
                 env: Vec::new(),
+                args: Vec::new(),
             },
             "rumqttd-tls" => Target {
                 name: item.clone(),
                 kind: Kind::RumqttdTls,
                 binary: sibling("bench-rumqttd"),
                 env: Vec::new(),
+                args: Vec::new(),
             },
             "rumqttd-plain" => Target {
                 name: item.clone(),
                 kind: Kind::RumqttdPlain,
                 binary: sibling("bench-rumqttd"),
                 env: Vec::new(),
+                args: Vec::new(),
             },
             "mosquitto" => Target {
                 name: item.clone(),
                 kind: Kind::Mosquitto,
                 binary: mosquitto_binary(),
                 env: Vec::new(),
+                args: Vec::new(),
             },
             other => match other
                 .strip_prefix("chukei@")
@@ -101,6 +108,7 @@ pub fn parse_targets(list: &[String]) -> anyhow::Result<Vec<Target>> {
                     kind: Kind::Chukei,
                     binary: PathBuf::from(path),
                     env: Vec::new(),
+                    args: Vec::new(),
                 },
                 None => bail!(
                     "unknown target {other:?}: use chukei, rumqttd-tls, rumqttd-plain, mosquitto or chukei@NAME=PATH"
@@ -125,6 +133,23 @@ pub fn apply_env(targets: &mut [Target], settings: &[String]) -> anyhow::Result<
             bail!("--env {s:?}: no target named {name:?}");
         };
         t.env.push((k.to_owned(), v.to_owned()));
+    }
+    Ok(())
+}
+
+/// Applies `NAME:ARG` extra `broker run` arguments to the chukei targets they name.
+pub fn apply_args(targets: &mut [Target], args: &[String]) -> anyhow::Result<()> {
+    for a in args {
+        let Some((name, arg)) = a.split_once(':') else {
+            bail!("--arg {a:?}: use NAME:ARG, e.g. no-tickets:--tls-tickets=false");
+        };
+        let Some(t) = targets.iter_mut().find(|t| t.name == name) else {
+            bail!("--arg {a:?}: no target named {name:?}");
+        };
+        if t.kind != Kind::Chukei {
+            bail!("--arg {a:?}: only a chukei target takes broker arguments");
+        }
+        t.args.push(arg.to_owned());
     }
     Ok(())
 }
@@ -242,7 +267,8 @@ impl Server {
                     // job-fanout's host keeps up to 2,000 submissions in flight, more than a
                     // host's default window of 100.
                     .arg("--max-inflight")
-                    .arg("4096");
+                    .arg("4096")
+                    .args(&self.target.args);
                 // The broker's own default log filter is part of what we measure; BENCH_RUST_LOG
                 // changes it on purpose.
                 match std::env::var_os("BENCH_RUST_LOG") {

@@ -41,11 +41,14 @@ impl Minter {
             .context("reading a minted certificate")?;
         let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())
             .context("reading a minted key")?;
-        let config = ClientConfig::builder_with_provider(self.provider.clone())
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoServerVerification(self.provider.clone())))
             .with_client_auth_cert(chain, key)?;
+        // As the agents keep them (pki::client_config): a device offers the ticket its last
+        // session received, and a relay that sends none leaves nothing to offer.
+        config.resumption = rustls::client::Resumption::in_memory_sessions(4);
         Ok(Arc::new(config))
     }
 }

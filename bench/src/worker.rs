@@ -136,6 +136,7 @@ impl Phase {
 struct Stats {
     subscribed: AtomicU64,
     connects: AtomicU64,
+    resumed: AtomicU64,
     connect_failures: AtomicU64,
     disconnects: AtomicU64,
     last_subscribed_us: AtomicU64,
@@ -166,6 +167,9 @@ pub struct Status {
     pub ready: bool,
     pub subscribed: u64,
     pub connects: u64,
+    /// Connections whose TLS handshake resumed a session (a ticket from an earlier one).
+    #[serde(default)]
+    pub resumed: u64,
     pub connect_failures: u64,
     pub disconnects: u64,
     pub last_subscribed_us: u64,
@@ -216,6 +220,7 @@ impl Stats {
             ready,
             subscribed: g(&self.subscribed),
             connects: g(&self.connects),
+            resumed: g(&self.resumed),
             connect_failures: g(&self.connect_failures),
             disconnects: g(&self.disconnects),
             last_subscribed_us: g(&self.last_subscribed_us),
@@ -449,6 +454,9 @@ async fn device(ctx: Arc<Ctx>, i: u32, tls: Option<Arc<ClientConfig>>) {
                     h.0.record(started.elapsed().as_micros() as u64);
                 }
                 inc(&ctx.stats.connects);
+                if conn.resumed {
+                    inc(&ctx.stats.resumed);
+                }
                 inc(&ctx.stats.subscribed);
                 ctx.stats
                     .last_subscribed_us

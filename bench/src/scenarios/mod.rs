@@ -80,6 +80,9 @@ pub async fn report(
         for (k, val) in &t.env {
             v.push_str(&format!(" ({k}={val})"));
         }
+        for a in &t.args {
+            v.push_str(&format!(" ({a})"));
+        }
         versions.insert(t.name.clone(), Value::String(v));
     }
     json!({

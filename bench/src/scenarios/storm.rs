@@ -89,6 +89,8 @@ async fn one(env: &Env, target: &Target, devices: u32, announce: bool) -> anyhow
         "reconnect_rate_per_s": r2(devices as f64 / from_ready.max(1e-6)),
         "all_announced_and_acked_after_ready_secs": announced,
         "cpu_secs": r2(cpu_secs),
+        "relay_cpu_us_per_reconnect": r2(cpu_secs * 1e6 / devices.max(1) as f64),
+        "reconnects_resumed": total.resumed,
         "machine_busy_pct": r2(machine_busy),
         "connect_failures": fin.status.connect_failures,
         "connect_latency": fin.connect.summary_ms(),

@@ -308,6 +308,20 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The relay's provider: TLS 1.3's AES-128-GCM-SHA256 suite first, chosen whatever the client
+/// prefers ([`server_config_with_crl`] sets `ignore_client_order`). rustls' default puts
+/// AES-256-GCM-SHA384 first, whose key schedule runs SHA-384 in software (no CPU has SHA-512
+/// instructions here), while SHA-256 runs on the CPU's SHA extensions: the handshake's hashing
+/// was 8 % of the relay's CPU in a reconnect storm (bench/RESULTS.md). Both suites are TLS 1.3's
+/// own; AES-128 is its mandatory one.
+fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
+}
+
 fn roots(ca_pem: &str, path: &Path) -> Result<rustls::RootCertStore, PkiError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs(ca_pem, path)? {
@@ -350,7 +364,7 @@ pub fn server_config_with_crl(
             .only_check_end_entity_revocation();
     }
     let verifier = verifier.build().map_err(|e| PkiError::Tls(e.to_string()))?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(server_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| PkiError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
@@ -361,6 +375,7 @@ pub fn server_config_with_crl(
                 cert_path.display()
             ))
         })?;
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 

@@ -6,6 +6,8 @@
 //! - A host publishes only `host/{its id}/req`; it subscribes to `host/{its id}/…` and the read-only
 //!   views `fleet/…` and `json/fleet/…`.
 //! - An integrator only subscribes to the read-only views.
+//! - A child relay publishes only `relay/{its id}/up/{kind}` and subscribes under `relay/{its id}/`;
+//!   which devices it may speak for is the parent's `[[relays]]` assignment, checked per message.
 //!
 //! A wildcard may never stand in for the level that names the owner: `dev/+/jobs/+` is refused
 //! even though it would match the device's own jobs.
@@ -81,6 +83,8 @@ fn check_publish(who: &Identity, topic: &str) -> Decision {
         (Role::Host, Topic::HostReq { host }) if host.as_str() == who.id() => Decision::Allow,
         (Role::Host, _) => Decision::Deny("a host publishes only on host/{own id}/req"),
         (Role::Integrator, _) => Decision::Deny("integrators are read-only"),
+        (Role::Relay, Topic::RelayUp { relay }) if relay.as_str() == who.id() => Decision::Allow,
+        (Role::Relay, _) => Decision::Deny("a relay publishes only on relay/{own id}/up/batch"),
     }
 }
 
@@ -107,6 +111,8 @@ fn check_filter(who: &Identity, filter: &str) -> Decision {
         Role::Integrator => {
             Decision::Deny("an integrator subscribes only under fleet/ and json/fleet/")
         }
+        Role::Relay if owned_prefix("relay") => Decision::Allow,
+        Role::Relay => Decision::Deny("a relay subscribes only under relay/{own id}/"),
     }
 }
 
@@ -123,6 +129,9 @@ mod tests {
     }
     fn integrator() -> Identity {
         Identity::new(Role::Integrator, "crm").unwrap()
+    }
+    fn relay(id: &str) -> Identity {
+        Identity::new(Role::Relay, id).unwrap()
     }
 
     #[test]
@@ -190,6 +199,20 @@ mod tests {
             (integrator(), Publish, "host/crm/req", false),
             (integrator(), Subscribe, "json/fleet/+/alarm", true),
             (integrator(), Publish, "json/fleet/A1/alarm", false),
+            // relay: its own batches up, its own acks and orders down; never a device's topics
+            (relay("R1"), Publish, "relay/R1/up/batch", true),
+            (relay("R1"), Publish, "relay/R2/up/batch", false),
+            (relay("R1"), Publish, "relay/R1/ack", false),
+            (relay("R1"), Publish, "dev/A1/up/state", false),
+            (relay("R1"), Publish, "host/R1/req", false),
+            (relay("R1"), Subscribe, "relay/R1/ack", true),
+            (relay("R1"), Subscribe, "relay/R1/#", true),
+            (relay("R1"), Subscribe, "relay/R2/ack", false),
+            (relay("R1"), Subscribe, "relay/+/ack", false),
+            (relay("R1"), Subscribe, "dev/A1/jobs/+", false),
+            (relay("R1"), Subscribe, "fleet/#", false),
+            (dev("R1"), Publish, "relay/R1/up/batch", false),
+            (host("R1"), Publish, "relay/R1/up/batch", false),
             // malformed filters and names
             (dev("A1"), Subscribe, "dev/A1/#/x", false),
             (dev("A1"), Publish, "dev/A1/up/+", false),
@@ -213,5 +236,7 @@ mod tests {
         assert!(!check_client_id(&host("svc"), "svc-2").is_allowed());
         assert!(!check_client_id(&host("svc"), "svcx:1").is_allowed());
         assert!(!check_client_id(&host("svc"), "svc:a/b").is_allowed());
+        assert!(check_client_id(&relay("R1"), "R1").is_allowed());
+        assert!(!check_client_id(&relay("R1"), "R1:x").is_allowed());
     }
 }

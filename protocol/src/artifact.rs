@@ -129,7 +129,7 @@ pub struct Chunk {
 }
 
 /// CBOR byte strings rather than arrays of integers: half the size on the wire.
-mod serde_bytes_compat {
+pub(crate) mod serde_bytes_compat {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {

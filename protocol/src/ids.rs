@@ -25,7 +25,7 @@ pub enum IdError {
         value: String,
         bad: char,
     },
-    #[error("role {0:?} is not known: use device, host or integrator")]
+    #[error("role {0:?} is not known: use device, host, integrator or relay")]
     BadRole(String),
     #[error("artifact id {0:?} is not a SHA-256 digest: use 64 lowercase hex digits")]
     BadArtifact(String),
@@ -108,6 +108,11 @@ id_type!(
     "host id"
 );
 id_type!(
+    /// A child relay (`broker run --relay-id`). The CN of its relay certificate.
+    RelayId,
+    "relay id"
+);
+id_type!(
     /// A job, named by the broker when it accepts a submission.
     JobId,
     "job id"
@@ -130,16 +135,19 @@ pub enum Role {
     Device,
     Host,
     Integrator,
+    /// A child relay towards its parent: it forwards what its devices send and takes their jobs.
+    Relay,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Device, Role::Host, Role::Integrator];
+    pub const ALL: [Role; 4] = [Role::Device, Role::Host, Role::Integrator, Role::Relay];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Device => "device",
             Role::Host => "host",
             Role::Integrator => "integrator",
+            Role::Relay => "relay",
         }
     }
 }
@@ -157,6 +165,7 @@ impl FromStr for Role {
             "device" => Ok(Role::Device),
             "host" => Ok(Role::Host),
             "integrator" => Ok(Role::Integrator),
+            "relay" => Ok(Role::Relay),
             other => Err(IdError::BadRole(other.to_owned())),
         }
     }

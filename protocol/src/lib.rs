@@ -19,6 +19,7 @@ pub mod log_format;
 pub mod meter;
 pub mod presence;
 pub mod proxy;
+pub mod relay;
 pub mod schedule;
 pub mod shown;
 pub mod topic;
@@ -26,7 +27,7 @@ pub mod url;
 pub mod validate;
 
 pub use envelope::{Envelope, EnvelopeError, Seq};
-pub use ids::{HostId, IdError, Identity, Incarnation, JobId, MsgId, Role, Serial};
+pub use ids::{HostId, IdError, Identity, Incarnation, JobId, MsgId, RelayId, Role, Serial};
 pub use shown::{Shown, ShownBytes};
 
 /// Wall-clock time on the wire: always UTC (docs/decisions.md, D6). Serialized as RFC 3339.

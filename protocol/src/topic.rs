@@ -11,6 +11,8 @@
 //! fleet/{serial}/jobs/{job}        broker → hosts    retained job view (CBOR)
 //! fleet/{serial}/state             broker → hosts    retained device state and presence (CBOR)
 //! fleet/{serial}/alarm             broker → hosts    retained active alarms (CBOR); emptied when none
+//! relay/{relay}/up/batch           child → parent    what the child's devices sent, many at once
+//! relay/{relay}/ack                parent → child    a batch is committed at the parent
 //! json/fleet/{serial}/jobs/{job}   broker → hosts    the same views in JSON, for integrators
 //! json/fleet/{serial}/state
 //! json/fleet/{serial}/alarm
@@ -19,7 +21,7 @@
 use std::fmt;
 
 use crate::artifact::ArtifactId;
-use crate::ids::{HostId, IdError, JobId, Serial};
+use crate::ids::{HostId, IdError, JobId, RelayId, Serial};
 
 /// What a device publishes under `dev/{serial}/up/{kind}`. Unknown kinds are refused by the ACL,
 /// so a topic typo in an agent is a clear error rather than a message nobody reads.
@@ -113,6 +115,12 @@ pub enum Topic {
     JsonFleetAlarm {
         serial: Serial,
     },
+    RelayUp {
+        relay: RelayId,
+    },
+    RelayAck {
+        relay: RelayId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,6 +141,7 @@ impl Topic {
         let serial = |s: &str| Serial::parse(s).map_err(bad);
         let job = |s: &str| JobId::parse(s).map_err(bad);
         let host = |s: &str| HostId::parse(s).map_err(bad);
+        let relay = |s: &str| RelayId::parse(s).map_err(bad);
         let parsed = match levels.as_slice() {
             ["dev", s, "jobs", j] => Topic::DevJob {
                 serial: serial(s)?,
@@ -168,6 +177,8 @@ impl Topic {
             },
             ["json", "fleet", s, "state"] => Topic::JsonFleetState { serial: serial(s)? },
             ["json", "fleet", s, "alarm"] => Topic::JsonFleetAlarm { serial: serial(s)? },
+            ["relay", r, "up", "batch"] => Topic::RelayUp { relay: relay(r)? },
+            ["relay", r, "ack"] => Topic::RelayAck { relay: relay(r)? },
             _ => return Err(TopicError::Unknown(topic.to_owned())),
         };
         Ok(parsed)
@@ -190,6 +201,8 @@ impl fmt::Display for Topic {
             Topic::JsonFleetJob { serial, job } => write!(f, "json/fleet/{serial}/jobs/{job}"),
             Topic::JsonFleetState { serial } => write!(f, "json/fleet/{serial}/state"),
             Topic::JsonFleetAlarm { serial } => write!(f, "json/fleet/{serial}/alarm"),
+            Topic::RelayUp { relay } => write!(f, "relay/{relay}/up/batch"),
+            Topic::RelayAck { relay } => write!(f, "relay/{relay}/ack"),
         }
     }
 }
@@ -273,6 +286,21 @@ pub fn json_fleet_alarm(serial: &Serial) -> String {
     }
     .to_string()
 }
+
+pub fn relay_up(relay: &RelayId) -> String {
+    Topic::RelayUp {
+        relay: relay.clone(),
+    }
+    .to_string()
+}
+pub fn relay_ack(relay: &RelayId) -> String {
+    Topic::RelayAck {
+        relay: relay.clone(),
+    }
+    .to_string()
+}
+/// The parent's filter for every child relay's batches.
+pub const ALL_RELAY_UP: &str = "relay/+/up/batch";
 
 /// The filter a device subscribes to for its own jobs.
 pub fn dev_jobs_filter(serial: &Serial) -> String {

@@ -91,19 +91,25 @@ enum PkiCommand {
     /// Issue a client certificate: DIR/{role}/{id}.pem and .key. The id is the certificate's CN
     /// and the only MQTT client id it may connect with; the role decides what it may touch.
     #[command(
-        after_help = "Examples:\n  broker pki issue --dir pki --role device --id C123\n  broker pki issue --dir pki --role host --id svc\n  broker pki issue --dir pki --role integrator --id crm"
+        after_help = "Examples:\n  broker pki issue --dir pki --role device --id C123\n  broker pki issue --dir pki --role host --id svc\n  broker pki issue --dir pki --role integrator --id crm\n  broker pki issue --dir pki --role relay --id R1 --san child1.customer.example\n\nA child relay needs only ca.pem, relay/R1.pem and relay/R1.key (and crl.pem if any) in its\nown PKI folder, never ca.key."
     )]
     Issue {
         /// The folder `pki init` created.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        /// device (a copier: its own topics only), host (submits jobs, reads the views) or
-        /// integrator (reads the views only).
+        /// device (a copier: its own topics only), host (submits jobs, reads the views),
+        /// integrator (reads the views only) or relay (a child relay: its certificate towards its
+        /// parent and towards its devices).
         #[arg(long, value_parser = parse_role)]
         role: Role,
-        /// The serial (device) or name (host, integrator): 1 to 64 ASCII letters, digits or -.
+        /// The serial (device) or name (host, integrator, relay): 1 to 64 ASCII letters, digits
+        /// or -.
         #[arg(long, value_name = "ID")]
         id: String,
+        /// For a relay: a DNS name or IP address its devices reach it by (repeatable); localhost
+        /// and 127.0.0.1 are always included.
+        #[arg(long, value_name = "NAME")]
+        san: Vec<String>,
     },
     /// Revoke a client certificate: add it to DIR/crl.pem, the revocation list signed by the CA.
     /// The relay reads the list at start and on a reload (`broker reload`, or SIGHUP), then
@@ -203,6 +209,23 @@ struct RunArgs {
     /// per-source rate. Default: true
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
     connect_rate_exempt_loopback: Option<bool>,
+    /// Run as the child relay with this id: serve devices with PKI_DIR/relay/ID.pem (`broker pki
+    /// issue --role relay --id ID`) and, with --parent, forward what they send to the parent
+    #[arg(long, value_name = "ID")]
+    relay_id: Option<protocol::RelayId>,
+    /// The parent relay this child connects out to, e.g. mqtts://parent.example.com:8883
+    #[arg(long, value_name = "URL")]
+    parent: Option<protocol::url::BrokerUrl>,
+    /// A child forwards at most this many device messages in one upstream message. Default: 500
+    #[arg(long, value_name = "N")]
+    uplink_batch_max_items: Option<usize>,
+    /// ... and at most this many bytes of them. Default: 131072
+    #[arg(long, value_name = "BYTES")]
+    uplink_batch_max_bytes: Option<usize>,
+    /// A child waits this long for more before it sends a batch that is not full; alarms never
+    /// wait. Default: 200
+    #[arg(long, value_name = "MS")]
+    uplink_batch_delay_ms: Option<u64>,
     /// Send TLS session tickets, so that a reconnecting client (after a relay restart too)
     /// resumes instead of doing a full handshake; keys in DATA_DIR/tls-ticket-keys. Default: true
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
@@ -320,8 +343,17 @@ impl RunArgs {
             alarms_per_minute_per_device,
             tls_tickets,
             tls_ticket_lifetime_secs,
-            tls_ticket_rotation_secs
+            tls_ticket_rotation_secs,
+            uplink_batch_max_items,
+            uplink_batch_max_bytes,
+            uplink_batch_delay_ms
         );
+        if let Some(id) = self.relay_id {
+            cfg.relay_id = Some(id);
+        }
+        if let Some(url) = self.parent {
+            cfg.parent = Some(url);
+        }
         if let Some(addr) = self.metrics_listen {
             cfg.metrics_listen = Some(addr);
         }
@@ -416,9 +448,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Pki(PkiCommand::Issue { dir, role, id }) => {
-            let (cert, key) = pki::issue_to_dir(&dir, role, &id)
-                .with_context(|| format!("issuing a {role} certificate for {id:?}"))?;
+        Command::Pki(PkiCommand::Issue { dir, role, id, san }) => {
+            if !san.is_empty() && role != Role::Relay {
+                anyhow::bail!(
+                    "--san names a relay's addresses; a {role} certificate names no address (use --role relay)"
+                );
+            }
+            let issued = match role {
+                Role::Relay => pki::issue_relay_to_dir(&dir, &id, &san),
+                _ => pki::issue_to_dir(&dir, role, &id),
+            };
+            let (cert, key) =
+                issued.with_context(|| format!("issuing a {role} certificate for {id:?}"))?;
             println!("{}\n{}", cert.display(), key.display());
             Ok(ExitCode::SUCCESS)
         }

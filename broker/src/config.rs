@@ -162,6 +162,39 @@ pub struct BrokerConfig {
     /// Mail and webhook notifications (`[notify]`, `[notify.mail]`, `[[notify.rules]]`).
     #[serde(default)]
     pub notify: crate::notify::NotifyConfig,
+    /// This relay is a child relay with this id: it serves its devices with PKI_DIR/relay/ID.pem
+    /// (`broker pki issue --role relay`) and, with `parent`, forwards what they send. Unset: a
+    /// relay of its own (or a parent).
+    #[serde(default)]
+    pub relay_id: Option<protocol::RelayId>,
+    /// The parent relay this child connects out to (`mqtts://HOST:PORT` or `wss://HOST/mqtt`),
+    /// with its relay certificate. Needs `relay_id`.
+    #[serde(default, deserialize_with = "parent_url")]
+    pub parent: Option<protocol::url::BrokerUrl>,
+    /// A child forwards at most this many device messages in one upstream message.
+    #[serde(default = "defaults::uplink_batch_max_items")]
+    pub uplink_batch_max_items: usize,
+    /// ... and at most this many bytes of them (keep it under the parent's max_packet_bytes).
+    #[serde(default = "defaults::uplink_batch_max_bytes")]
+    pub uplink_batch_max_bytes: usize,
+    /// A child waits this long for more messages before it sends a batch that is not full.
+    /// Alarms never wait: a batch holding one goes at once.
+    #[serde(default = "defaults::uplink_batch_delay_ms")]
+    pub uplink_batch_delay_ms: u64,
+    /// At a parent: the child relays and the devices each may speak for (`[[relays]]`, `id` and
+    /// `serials`, glob patterns such as "OSAKA-*"). A message a child forwards for any other
+    /// serial is refused and counted.
+    #[serde(default)]
+    pub relays: Vec<crate::relays::RelayAssignment>,
+}
+
+/// `parent = "mqtts://…"`, checked as the agents check their `--broker`.
+fn parent_url<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<protocol::url::BrokerUrl>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| s.parse().map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// Files the gateway may spend on clients and handshakes together (of the 20,000 a process may
@@ -181,6 +214,15 @@ mod defaults {
     }
     pub fn server_name() -> String {
         "relay-1".into()
+    }
+    pub fn uplink_batch_max_items() -> usize {
+        500
+    }
+    pub fn uplink_batch_max_bytes() -> usize {
+        128 * 1024
+    }
+    pub fn uplink_batch_delay_ms() -> u64 {
+        200
     }
     pub fn tls_ticket_lifetime_secs() -> u64 {
         24 * 3600
@@ -284,6 +326,8 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Notify(String),
+    #[error(transparent)]
+    Relays(#[from] crate::relays::AssignmentError),
     #[error("{key} = {value} is not valid: {why}")]
     Invalid {
         key: &'static str,
@@ -331,6 +375,28 @@ impl BrokerConfig {
         if self.handshake_timeout_secs == 0 {
             return Err(invalid("handshake_timeout_secs", &0, "use at least 1"));
         }
+        if self.parent.is_some() && self.relay_id.is_none() {
+            return Err(invalid(
+                "parent",
+                &"set",
+                "a child relay needs its relay_id (--relay-id), the id of its relay certificate",
+            ));
+        }
+        if self.uplink_batch_max_items == 0 {
+            return Err(invalid(
+                "uplink_batch_max_items",
+                &0,
+                "use at least 1; the default is 500",
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.uplink_batch_max_bytes) {
+            return Err(invalid(
+                "uplink_batch_max_bytes",
+                &self.uplink_batch_max_bytes,
+                "use 1024 to 16777216, under the parent's max_packet_bytes; the default is 131072",
+            ));
+        }
+        crate::relays::Assignments::new(&self.relays).map_err(ConfigError::Relays)?;
         let max_lifetime = crate::gateway::tickets::MAX_LIFETIME_SECS;
         if !(1..=max_lifetime).contains(&self.tls_ticket_lifetime_secs) {
             return Err(invalid(
@@ -451,6 +517,14 @@ impl BrokerConfig {
     }
 
     /// The gateway's part of the configuration.
+    /// What the core does as a child relay and as a parent.
+    pub fn relay_settings(&self) -> Result<crate::core::relay::RelaySettings, ConfigError> {
+        Ok(crate::core::relay::RelaySettings {
+            forward_to_parent: self.parent.is_some(),
+            assignments: crate::relays::Assignments::new(&self.relays)?,
+        })
+    }
+
     /// How ticket keys seal and open; `None`: no tickets (`tls_tickets = false`).
     pub fn ticket_settings(&self) -> Option<crate::gateway::tickets::TicketSettings> {
         self.tls_tickets

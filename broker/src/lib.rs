@@ -28,6 +28,7 @@ pub mod log_budget;
 pub mod metrics;
 pub mod metrics_http;
 pub mod notify;
+pub mod relays;
 pub mod reload;
 pub mod router;
 pub mod store;
@@ -140,7 +141,8 @@ pub async fn run(
 ) -> Result<(), BrokerError> {
     cfg.validate()?;
     let crl = pki::load_crl(&cfg.pki_dir, cfg.crl_file.as_deref())?;
-    let tls = pki::server_config_with_crl(&cfg.pki_dir, crl.as_ref())?;
+    let relay_id = cfg.relay_id.as_ref().map(|r| r.as_str());
+    let tls = pki::server_config_as(&cfg.pki_dir, crl.as_ref(), relay_id)?;
     match &crl {
         Some(crl) => {
             info!(path = %crl.path.display(), revoked = crl.revoked, "certificate revocation list loaded")
@@ -173,6 +175,7 @@ pub async fn run(
         },
     );
     core.configure_alerts(cfg.alert_settings());
+    core.configure_relays(cfg.relay_settings()?);
     // Before any session: a periodic device that was connected when the relay stopped is
     // expected back within its interval, like one that disconnected.
     core.presence_startup()?;
@@ -223,6 +226,30 @@ pub async fn run(
     ));
     if let Some(t) = &tickets {
         tasks.spawn(t.clone().rotate_until(stop.clone()));
+    }
+    if let (Some(relay), Some(parent)) = (&cfg.relay_id, &cfg.parent) {
+        let (cert, key) = pki::relay_cert_paths(&cfg.pki_dir, relay.as_str());
+        let tls = pki::client_config(
+            &pki::read_pem_file(&cfg.pki_dir.join(pki::CA_CERT))?,
+            &pki::read_pem_file(&cert)?,
+            &pki::read_pem_file(&key)?,
+        )?;
+        let settings = relays::uplink::UplinkSettings {
+            relay: relay.clone(),
+            parent: parent.clone(),
+            tls,
+            max_items: cfg.uplink_batch_max_items,
+            max_bytes: cfg.uplink_batch_max_bytes,
+            delay: std::time::Duration::from_millis(cfg.uplink_batch_delay_ms),
+            ack_timeout: std::time::Duration::from_secs(30),
+        };
+        tasks.spawn(relays::uplink::run(
+            settings,
+            core.shared_store(),
+            core.shared_stats(),
+            core.uplink_wake(),
+            stop.clone(),
+        ));
     }
     tasks.spawn(control::serve(
         control::socket_path(&cfg.data_dir),

@@ -126,7 +126,11 @@ impl Reloader {
         let old = &self.running;
         // The PKI folder is one of the restart-only keys; the list in it is read again.
         let crl = pki::load_crl(&old.pki_dir, new.crl_file.as_deref())?;
-        let tls = pki::server_config_with_crl(&old.pki_dir, crl.as_ref())?;
+        let tls = pki::server_config_as(
+            &old.pki_dir,
+            crl.as_ref(),
+            old.relay_id.as_ref().map(|r| r.as_str()),
+        )?;
         let senders = Senders::new(&new.notify, &old.server_name).map_err(ReloadError::Notify)?;
 
         let revoked = crl
@@ -137,6 +141,7 @@ impl Reloader {
         self.gateway.set_settings(new.gateway_settings());
         let sessions_closed = self.gateway.set_tls(tls, revoked);
         self.core.configure_alerts(new.alert_settings());
+        self.core.configure_relays(new.relay_settings()?);
         self.notify.send_replace(WorkerSettings {
             cfg: new.notify.clone(),
             senders: Arc::new(senders),
@@ -172,7 +177,12 @@ macro_rules! restart_only_keys {
             pid_file,
             tls_tickets,
             tls_ticket_lifetime_secs,
-            tls_ticket_rotation_secs
+            tls_ticket_rotation_secs,
+            relay_id,
+            parent,
+            uplink_batch_max_items,
+            uplink_batch_max_bytes,
+            uplink_batch_delay_ms
         )
     };
 }

@@ -35,6 +35,14 @@ pub struct CoreStats {
     pub notify_failed: AtomicU64,
     /// Devices with an open session now.
     pub devices_online: AtomicU64,
+    /// At a parent: messages child relays forwarded, stored (or found duplicate), and refused.
+    pub relay_items_stored: AtomicU64,
+    pub relay_items_refused: AtomicU64,
+    /// At a child: messages the parent has acked, and those waiting for it.
+    pub uplink_acked: AtomicU64,
+    pub uplink_waiting: AtomicU64,
+    /// At a child: whether its uplink to the parent is connected (0 or 1).
+    pub uplink_connected: AtomicU64,
 }
 
 impl CoreStats {
@@ -168,6 +176,36 @@ pub fn render(gw: &Metrics, core: &CoreStats, store: Option<&StoreStats>) -> Str
         "counter",
         "Connections closed for a malformed MQTT packet.",
         get(&gw.bad_packets),
+    );
+    metric(
+        "chukei_relay_items_total",
+        "counter",
+        "At a parent: device messages child relays forwarded that were stored or found duplicate.",
+        get(&core.relay_items_stored),
+    );
+    metric(
+        "chukei_relay_items_refused_total",
+        "counter",
+        "At a parent: forwarded messages refused (a serial the child is not assigned, an unknown child).",
+        get(&core.relay_items_refused),
+    );
+    metric(
+        "chukei_uplink_acked_total",
+        "counter",
+        "At a child: device messages the parent relay has committed.",
+        get(&core.uplink_acked),
+    );
+    metric(
+        "chukei_uplink_waiting",
+        "gauge",
+        "At a child: device messages waiting for the parent relay.",
+        get(&core.uplink_waiting),
+    );
+    metric(
+        "chukei_uplink_connected",
+        "gauge",
+        "At a child: 1 while the uplink to the parent relay is connected.",
+        get(&core.uplink_connected),
     );
     metric(
         "chukei_devices_online",

@@ -60,6 +60,8 @@ pub enum PkiError {
     BadSerial(String),
     #[error("no certificate for {id:?} in {}; revoke it by --serial (from `openssl x509 -noout -serial -in CERT`) or --cert FILE", .dir.display())]
     NotIssued { dir: PathBuf, id: String },
+    #[error("no relay certificate {}: issue one where the CA is (`broker pki issue --dir PKI --role relay --id {id} --san NAME`) and copy {id}.pem and {id}.key into {}", .path.display(), .path.parent().map(|p| p.display().to_string()).unwrap_or_default())]
+    NoRelayCert { path: PathBuf, id: String },
     #[error("{id:?} has certificates as {roles}; say which with --role")]
     AmbiguousId { id: String, roles: String },
 }
@@ -188,15 +190,48 @@ impl Ca {
         not_before: time::OffsetDateTime,
         not_after: time::OffsetDateTime,
     ) -> Result<Issued, PkiError> {
+        self.issue_with(role, id, &[], not_before, not_after)
+    }
+
+    /// Mints a relay certificate for `id`: the child relay's client certificate towards its
+    /// parent and its server certificate towards its devices, so it names localhost, 127.0.0.1
+    /// and every `sans` (DNS names or IP addresses), as `init`'s server certificate does.
+    pub fn issue_relay(&self, id: &str, sans: &[String]) -> Result<Issued, PkiError> {
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        names.extend(sans.iter().cloned());
+        let now = time::OffsetDateTime::now_utc();
+        self.issue_with(
+            Role::Relay,
+            id,
+            &names,
+            now - time::Duration::days(1),
+            now + time::Duration::days(LEAF_DAYS),
+        )
+    }
+
+    /// A certificate for `id` in `role`; with `sans` it also serves TLS under those names.
+    fn issue_with(
+        &self,
+        role: Role,
+        id: &str,
+        sans: &[String],
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<Issued, PkiError> {
         let identity = Identity::new(role, id)?;
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut params = CertificateParams::new(sans.to_vec())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, identity.id());
         dn.push(DnType::OrganizationalUnitName, role.as_str());
         dn.push(DnType::OrganizationName, "chukei");
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if !sans.is_empty() {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = not_before;
         params.not_after = not_after;
@@ -208,9 +243,41 @@ impl Ca {
     }
 }
 
-/// Mints a client certificate into `dir/{role}/{id}.pem` and `.key`; returns both paths.
+/// Mints a client certificate into `dir/{role}/{id}.pem` and `.key`; returns both paths. A relay
+/// certificate names localhost and 127.0.0.1 only: use [`issue_relay_to_dir`] to give its names.
 pub fn issue_to_dir(dir: &Path, role: Role, id: &str) -> Result<(PathBuf, PathBuf), PkiError> {
+    if role == Role::Relay {
+        return issue_relay_to_dir(dir, id, &[]);
+    }
     let issued = Ca::load(dir)?.issue(role, id)?;
+    write_issued(dir, role, id, &issued)
+}
+
+/// Mints a relay certificate ([`Ca::issue_relay`]) into `dir/relay/{id}.pem` and `.key`.
+pub fn issue_relay_to_dir(
+    dir: &Path,
+    id: &str,
+    sans: &[String],
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    let issued = Ca::load(dir)?.issue_relay(id, sans)?;
+    write_issued(dir, Role::Relay, id, &issued)
+}
+
+/// Where a relay's certificate and key are in a PKI folder (`pki issue --role relay`).
+pub fn relay_cert_paths(dir: &Path, id: &str) -> (PathBuf, PathBuf) {
+    let base = dir.join(Role::Relay.as_str());
+    (
+        base.join(format!("{id}.pem")),
+        base.join(format!("{id}.key")),
+    )
+}
+
+fn write_issued(
+    dir: &Path,
+    role: Role,
+    id: &str,
+    issued: &Issued,
+) -> Result<(PathBuf, PathBuf), PkiError> {
     let cert = dir.join(role.as_str()).join(format!("{id}.pem"));
     let key = dir.join(role.as_str()).join(format!("{id}.key"));
     write(&key, &issued.key_pem, true)?;
@@ -345,13 +412,35 @@ pub fn server_config_with_crl(
     pki_dir: &Path,
     crl: Option<&LoadedCrl>,
 ) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    server_config_as(pki_dir, crl, None)
+}
+
+/// Like [`server_config_with_crl`]; a child relay (`relay`: its id) serves its devices with its
+/// relay certificate (`PKI_DIR/relay/{id}.pem`) instead of `server.pem`.
+pub fn server_config_as(
+    pki_dir: &Path,
+    crl: Option<&LoadedCrl>,
+    relay: Option<&str>,
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
     let ca_path = pki_dir.join(CA_CERT);
     if !ca_path.exists() {
         return Err(PkiError::NoCa {
             dir: pki_dir.to_owned(),
         });
     }
-    let (cert_path, key_path) = (pki_dir.join(SERVER_CERT), pki_dir.join(SERVER_KEY));
+    let (cert_path, key_path) = match relay {
+        Some(id) => {
+            let (cert, key) = relay_cert_paths(pki_dir, id);
+            if !cert.exists() {
+                return Err(PkiError::NoRelayCert {
+                    path: cert,
+                    id: id.to_owned(),
+                });
+            }
+            (cert, key)
+        }
+        None => (pki_dir.join(SERVER_CERT), pki_dir.join(SERVER_KEY)),
+    };
     let roots = Arc::new(roots(&read(&ca_path)?, &ca_path)?);
     let chain = certs(&read(&cert_path)?, &cert_path)?;
     let key = private_key(&read(&key_path)?, &key_path)?;
@@ -671,6 +760,39 @@ mod tests {
             .unwrap();
         let ca = read_pem_file(&dir.path().join(CA_CERT)).unwrap();
         client_config(&ca, &issued.cert_pem, &issued.key_pem).unwrap();
+    }
+
+    #[test]
+    fn a_relay_certificate_serves_under_its_names_and_authenticates_as_a_client() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &[]).unwrap();
+        let e = server_config_as(dir.path(), None, Some("R1")).unwrap_err();
+        assert!(e.to_string().contains("--role relay --id R1"), "{e}");
+
+        let (cert, _) = issue_relay_to_dir(dir.path(), "R1", &["child1.example".into()]).unwrap();
+        assert_eq!(cert, relay_cert_paths(dir.path(), "R1").0);
+        let pem = read_pem_file(&cert).unwrap();
+        let der = certs(&pem, &cert).unwrap().remove(0);
+        let parsed = parse_cert(&der).unwrap();
+        let sans: Vec<String> = parsed
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert!(
+            sans.iter().any(|n| n.contains("child1.example")),
+            "{sans:?}"
+        );
+        assert!(sans.iter().any(|n| n.contains("localhost")), "{sans:?}");
+        let eku = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        let id = identity_from_pem(&pem).unwrap();
+        assert_eq!((id.role(), id.id()), (Role::Relay, "R1"));
+        server_config_as(dir.path(), None, Some("R1")).unwrap();
     }
 
     #[test]

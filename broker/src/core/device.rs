@@ -75,6 +75,9 @@ pub(super) fn handle(
     };
     match store(core, txn, p, serial, seq, message, topic, now) {
         Ok(outcome) => {
+            if outcome == AckOutcome::Stored {
+                super::relay::forward(core, txn, kind, msg)?;
+            }
             p.seen.insert(serial.clone());
             p.ack(serial, seq, outcome);
             Ok(())

@@ -21,6 +21,7 @@ mod host;
 mod meter;
 mod overflow;
 mod presence;
+pub mod relay;
 mod run;
 mod storage;
 mod view_pace;
@@ -100,6 +101,13 @@ pub struct Core {
     /// Presence changes not yet recorded because the store could not write; recorded, in order,
     /// once it can.
     deferred_presence: Mutex<Vec<(Serial, bool)>>,
+    /// What the core does as a child relay and as a parent ([`relay`]).
+    relays: std::sync::RwLock<Arc<relay::RelaySettings>>,
+    /// Set when a batch queued something for the parent; the uplink is woken after the commit.
+    uplink_queued: AtomicBool,
+    uplink_wake: Arc<tokio::sync::Notify>,
+    /// Children this parent has heard from since it started.
+    children: Mutex<std::collections::HashMap<protocol::RelayId, relay::ChildStatus>>,
 }
 
 /// What one batch will publish once its transaction has committed.
@@ -288,6 +296,10 @@ impl Core {
             alerts: alerts::Alerts::default(),
             storage: storage::StorageHealth::default(),
             deferred_presence: Mutex::new(Vec::new()),
+            relays: Default::default(),
+            uplink_queued: AtomicBool::new(false),
+            uplink_wake: Default::default(),
+            children: Default::default(),
         }
     }
 
@@ -399,6 +411,9 @@ impl Core {
                     &msg.payload,
                     now,
                 )?,
+                Ok(Topic::RelayUp { relay }) => {
+                    relay::handle_batch(self, &mut *txn, &mut pending, &relay, &msg.payload, now)?
+                }
                 Ok(_) | Err(_) => {
                     warn!(topic = %Shown(&msg.topic), "core ignores a message on a topic it does not serve")
                 }
@@ -411,6 +426,9 @@ impl Core {
             self.commits.fetch_add(1, Ordering::Relaxed);
             self.count_commit(started.elapsed(), batch.len());
             self.storage_committed();
+        }
+        if self.uplink_queued.swap(false, Ordering::Relaxed) {
+            self.uplink_wake.notify_one();
         }
         // Logged after the commit, so each line means "durable": tests and operators rely on it.
         for d in done {
@@ -472,7 +490,8 @@ impl Core {
                         other => other?,
                     }
                 }
-                (Ok(Topic::DevUp { .. }), _) => refused += 1,
+                // Not acked: devices and children resend.
+                (Ok(Topic::DevUp { .. } | Topic::RelayUp { .. }), _) => refused += 1,
                 (Ok(Topic::HostReq { host }), txn) => {
                     if !host::handle_refusing(
                         self,

@@ -16,6 +16,8 @@ use protocol::data::DeviceData;
 use protocol::device::DeviceState;
 use protocol::job::JobEvent;
 use protocol::meter::CounterReading;
+use protocol::relay::UplinkItem;
+use protocol::topic::UpKind;
 use protocol::{MsgId, Seq, Serial, Timestamp};
 
 use super::records::{
@@ -65,6 +67,7 @@ pub trait Txn:
     + ReadingTables
     + NotificationTables
     + ArtifactTables
+    + UplinkTables
     + Send
 {
     /// Makes every write of the transaction durable if it wrote anything (else just ends it), and
@@ -307,6 +310,35 @@ pub trait NotificationTables {
 
     /// How many notifications wait.
     fn notification_count(&self) -> Result<u64, StoreError>;
+}
+
+/// A child relay's outbox towards its parent: every device message it stored and forwards, in
+/// the order it stored them, until the parent has committed them (`relays::uplink`).
+pub trait UplinkTables {
+    /// Queues what `serial` sent on `dev/{serial}/up/{kind}`, as it sent it; returns its number
+    /// (increasing).
+    fn push_uplink(
+        &mut self,
+        serial: &Serial,
+        kind: UpKind,
+        payload: &[u8],
+    ) -> Result<u64, StoreError>;
+
+    /// The queued messages numbered after `after`, oldest first: at most `max_items`, and no
+    /// more than `max_bytes` of payload unless the first alone is larger (it comes alone).
+    fn uplink_after(
+        &self,
+        after: u64,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<UplinkItem>, StoreError>;
+
+    /// Forgets every queued message numbered up to `upto` (the parent committed them); returns
+    /// how many.
+    fn remove_uplink_upto(&mut self, upto: u64) -> Result<u64, StoreError>;
+
+    /// How many messages wait for the parent.
+    fn uplink_count(&self) -> Result<u64, StoreError>;
 }
 
 /// Meter readings (counters) for billing exports, by time.

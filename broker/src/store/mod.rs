@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 
 pub use interface::{
     AlarmTables, ArtifactTables, DeviceTables, JobTables, JournalTables, NotificationTables,
-    PresenceTables, ReadingTables, Store, StoreStats, Txn,
+    PresenceTables, ReadingTables, Store, StoreStats, Txn, UplinkTables,
 };
 pub use records::{
     AlarmDigest, DeviceRecord, Due, JobRecord, JournalEntry, JournalOutcome, MAX_DIGEST_ALARMS,

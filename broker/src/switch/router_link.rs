@@ -68,6 +68,7 @@ pub async fn attach(
             .await
             .map_err(|_| CoreLinkError::RouterGone)??;
     tx.subscribe(protocol::topic::ALL_HOST_REQ)?;
+    tx.subscribe(protocol::topic::ALL_RELAY_UP)?;
     let (out_tx, out_rx) = mpsc::channel(4096);
     let outlet = CoreOutlet {
         hub,

@@ -13,6 +13,7 @@ mod readings;
 mod stats;
 #[cfg(test)]
 pub(crate) mod test_disk;
+mod uplink;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};

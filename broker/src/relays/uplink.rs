@@ -1,0 +1,330 @@
+//! A child relay's uplink: it connects **out** to its parent with its relay certificate, as a
+//! device does, and forwards the device messages the core queued (`UplinkTables`) in batches on
+//! `relay/{id}/up/batch`, until the parent acks each batch on `relay/{id}/ack` after its commit.
+//!
+//! One batch is in flight at a time, taken from the head of the queue: the parent applies a
+//! device's messages in the order the child stored them (an alarm raised, then cleared), and an
+//! ack for `upto` means every queued item up to it is committed there. A batch waits up to
+//! `delay` to fill (count and bytes bound it), except one holding an alarm, which goes at once.
+//! A batch not acked in time, or cut off by a lost connection, is sent again from the head; the
+//! parent deduplicates each item by the device's own message id, so a resend stores nothing twice.
+//! While the parent cannot be reached the child goes on serving its devices; the queue waits on
+//! its disk.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use protocol::relay::{BatchAck, UplinkBatch};
+use protocol::topic::{self, UpKind};
+use protocol::url::BrokerUrl;
+use protocol::{Envelope, RelayId};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::store::{Store, StoreError};
+use crate::telemetry::CoreStats;
+
+/// How a child reaches its parent and how it batches.
+#[derive(Clone)]
+pub struct UplinkSettings {
+    pub relay: RelayId,
+    pub parent: BrokerUrl,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub max_items: usize,
+    pub max_bytes: usize,
+    pub delay: Duration,
+    /// A batch not acked within this is sent again.
+    pub ack_timeout: Duration,
+}
+
+/// Largest ack a child decodes.
+const MAX_ACK_BYTES: usize = 1024 * 1024;
+/// Waits between connection attempts: from the first to the last, doubling.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_LAST: Duration = Duration::from_secs(30);
+
+/// Runs the uplink until `stop`. `wake` is notified when the core queued something.
+pub async fn run(
+    settings: UplinkSettings,
+    store: Arc<dyn Store>,
+    stats: Arc<CoreStats>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut opts = link::mqtt_options(
+        settings.relay.as_str(),
+        &settings.parent,
+        None,
+        settings.tls.clone(),
+    );
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(true);
+    let room = settings.max_bytes + 64 * 1024;
+    opts.set_max_packet_size(room, room);
+    let (client, eventloop) = AsyncClient::new(opts, 16);
+    let (acks_tx, acks) = mpsc::channel(16);
+    let (up_tx, up) = watch::channel(Link::default());
+    info!(relay = %settings.relay, parent = %settings.parent, "uplink to the parent relay starting");
+    let driver = tokio::spawn(drive(
+        eventloop,
+        client.clone(),
+        settings.relay.clone(),
+        acks_tx,
+        up_tx,
+        stats.clone(),
+        stop.clone(),
+    ));
+    let forwarder = Forwarder {
+        settings,
+        store,
+        stats,
+        client,
+    };
+    forwarder.run(acks, up, wake, stop.clone()).await;
+    stop.cancel();
+    let _ = driver.await;
+}
+
+/// Whether the uplink may send, and which connection it is on (a new number for each).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Link {
+    up: bool,
+    generation: u64,
+}
+
+/// Drives rumqttc's connection: subscribes to the acks on every CONNACK, hands acks to the
+/// forwarder, says when the link is up (subscribed) or down, and reconnects with backoff.
+async fn drive(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    relay: RelayId,
+    acks: mpsc::Sender<BatchAck>,
+    up: watch::Sender<Link>,
+    stats: Arc<CoreStats>,
+    stop: CancellationToken,
+) {
+    let ack_topic = topic::relay_ack(&relay);
+    let mut retry = RETRY_FIRST;
+    let mut lost_logged = false;
+    loop {
+        let polled = tokio::select! {
+            _ = stop.cancelled() => return,
+            polled = eventloop.poll() => polled,
+        };
+        match polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                retry = RETRY_FIRST;
+                lost_logged = false;
+                stats.uplink_connected.store(1, Ordering::Relaxed);
+                info!(relay = %relay, "uplink connected to the parent relay");
+                if let Err(e) = client.try_subscribe(ack_topic.clone(), QoS::AtLeastOnce) {
+                    warn!(relay = %relay, error = %e, "could not subscribe to the parent's acks");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                // Subscribed: batches may go (their acks will come back).
+                up.send_modify(|l| {
+                    l.up = true;
+                    l.generation += 1;
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
+                match Envelope::<BatchAck>::from_cbor(&p.payload, MAX_ACK_BYTES) {
+                    Ok(env) => {
+                        if acks.send(env.body).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(relay = %relay, error = %e, "unreadable ack from the parent relay")
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                stats.uplink_connected.store(0, Ordering::Relaxed);
+                up.send_if_modified(|l| std::mem::replace(&mut l.up, false));
+                if !lost_logged {
+                    warn!(relay = %relay, error = %e, retry_in = ?retry, "uplink to the parent relay down; the child keeps serving its devices and queues what they send");
+                    lost_logged = true;
+                } else {
+                    debug!(relay = %relay, error = %e, "uplink still down");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(RETRY_LAST);
+            }
+        }
+    }
+}
+
+struct Forwarder {
+    settings: UplinkSettings,
+    store: Arc<dyn Store>,
+    stats: Arc<CoreStats>,
+    client: AsyncClient,
+}
+
+/// What the forwarder waits for next.
+enum Woken {
+    Stop,
+    Ack(BatchAck),
+    /// The connection was made again: what was in flight is sent again.
+    Reconnected,
+    TimedOut,
+}
+
+impl Forwarder {
+    async fn run(
+        self,
+        mut acks: mpsc::Receiver<BatchAck>,
+        mut up: watch::Receiver<Link>,
+        wake: Arc<Notify>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            // Connected and subscribed before anything is sent.
+            let link = *up.borrow_and_update();
+            if !link.up {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = up.changed() => if r.is_err() { return },
+                }
+                continue;
+            }
+            let Some(batch) = self.next_batch(&wake, &stop).await else {
+                return;
+            };
+            let Some(last) = batch.items.last().map(|i| i.seq) else {
+                continue;
+            };
+            let first = batch.items[0].seq;
+            let count = batch.items.len();
+            let payload = match Envelope::new(first, chrono::Utc::now(), batch).to_cbor() {
+                Ok(p) => p,
+                Err(e) => {
+                    error!(relay = %self.settings.relay, error = %e, "could not encode a batch for the parent relay");
+                    return;
+                }
+            };
+            let topic = topic::relay_up(&self.settings.relay);
+            if let Err(e) = self
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+            {
+                warn!(relay = %self.settings.relay, error = %e, "could not queue a batch for the parent relay");
+                return;
+            }
+            debug!(relay = %self.settings.relay, first, last, count, "batch sent to the parent relay");
+            let deadline = tokio::time::Instant::now() + self.settings.ack_timeout;
+            loop {
+                let woken = tokio::select! {
+                    _ = stop.cancelled() => Woken::Stop,
+                    ack = acks.recv() => ack.map_or(Woken::Stop, Woken::Ack),
+                    r = up.changed() => match r {
+                        Err(_) => Woken::Stop,
+                        // Down, or up again on a new connection: sent again from the head once up.
+                        Ok(()) if *up.borrow() != link => Woken::Reconnected,
+                        Ok(()) => continue,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => Woken::TimedOut,
+                };
+                match woken {
+                    Woken::Stop => return,
+                    Woken::Ack(ack) => {
+                        let done = ack.upto >= last;
+                        if !self.acked(ack, &stop).await {
+                            return;
+                        }
+                        if done {
+                            break;
+                        }
+                    }
+                    Woken::Reconnected => break,
+                    Woken::TimedOut => {
+                        warn!(relay = %self.settings.relay, first, last, timeout = ?self.settings.ack_timeout, "the parent relay did not ack a batch in time; sending it again");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next batch from the head of the queue, once it is full, holds an alarm, or has
+    /// waited `delay`; `None` when the uplink stops.
+    async fn next_batch(&self, wake: &Notify, stop: &CancellationToken) -> Option<UplinkBatch> {
+        let mut deadline = None;
+        loop {
+            let items = match self.read_head() {
+                Ok(items) => items,
+                Err(e) => {
+                    warn!(relay = %self.settings.relay, error = %e, "could not read the queue for the parent relay; trying again");
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
+            };
+            let now = tokio::time::Instant::now();
+            if !items.is_empty() {
+                let full = items.len() >= self.settings.max_items
+                    || items.iter().map(|i| i.payload.len()).sum::<usize>() * 10
+                        >= self.settings.max_bytes * 9;
+                let alarm = items.iter().any(|i| i.up_kind() == Some(UpKind::Alarm));
+                let due = *deadline.get_or_insert(now + self.settings.delay);
+                if full || alarm || now >= due {
+                    return Some(UplinkBatch { items });
+                }
+            }
+            let until = deadline.unwrap_or(now + Duration::from_secs(3600));
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    fn read_head(&self) -> Result<Vec<protocol::relay::UplinkItem>, StoreError> {
+        let txn = self.store.begin()?;
+        let items = txn.uplink_after(0, self.settings.max_items, self.settings.max_bytes)?;
+        let waiting = txn.uplink_count()?;
+        self.stats.uplink_waiting.store(waiting, Ordering::Relaxed);
+        Ok(items)
+    }
+
+    /// Forgets what the parent committed; `false` when the uplink stops first.
+    async fn acked(&self, ack: BatchAck, stop: &CancellationToken) -> bool {
+        for r in &ack.refused {
+            warn!(relay = %self.settings.relay, serial = %r.serial, seq = r.seq, reason = %r.reason, "the parent relay refused a forwarded message; dropped");
+        }
+        loop {
+            let removed = self.store.begin().and_then(|mut txn| {
+                let n = txn.remove_uplink_upto(ack.upto)?;
+                txn.commit()?;
+                Ok(n)
+            });
+            match removed {
+                Ok(n) => {
+                    self.stats.uplink_acked.fetch_add(n, Ordering::Relaxed);
+                    debug!(relay = %self.settings.relay, upto = ack.upto, removed = n, "parent relay acked");
+                    return true;
+                }
+                Err(e) => {
+                    warn!(relay = %self.settings.relay, error = %e, "could not forget what the parent acked; trying again (a resend would be a duplicate there)");
+                    tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! A child relay's outbox towards its parent: `uplink` maps an increasing number to an
+//! [`UplinkItem`] (the device's own payload, as it sent it). The core adds to it in the same
+//! transaction that stores the device's message, so a message the child acked is either in its
+//! own tables and the outbox or nowhere; the uplink removes items once the parent has acked them.
+
+use protocol::Serial;
+use protocol::relay::UplinkItem;
+use protocol::topic::UpKind;
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use super::{RedbTxn, backend};
+use crate::store::{StoreError, UplinkTables, decode, encode};
+
+pub(super) const UPLINK: TableDefinition<u64, &[u8]> = TableDefinition::new("uplink");
+const NEXT_UPLINK: &str = "next_uplink";
+
+impl UplinkTables for RedbTxn {
+    fn push_uplink(
+        &mut self,
+        serial: &Serial,
+        kind: UpKind,
+        payload: &[u8],
+    ) -> Result<u64, StoreError> {
+        let op = "queue a message for the parent relay";
+        let seq = self.next_counter(NEXT_UPLINK, op)?;
+        let item = UplinkItem {
+            seq,
+            serial: serial.clone(),
+            kind: kind.as_str().to_owned(),
+            payload: payload.to_vec(),
+        };
+        let bytes = encode("uplink", seq, &item)?;
+        self.txn
+            .open_table(UPLINK)
+            .map_err(backend(op))?
+            .insert(seq, bytes.as_slice())
+            .map_err(backend(op))?;
+        self.dirty = true;
+        Ok(seq)
+    }
+
+    fn uplink_after(
+        &self,
+        after: u64,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<UplinkItem>, StoreError> {
+        let op = "read the queue for the parent relay";
+        let table = self.txn.open_table(UPLINK).map_err(backend(op))?;
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        for entry in table
+            .range(after.saturating_add(1)..)
+            .map_err(backend(op))?
+        {
+            let (k, v) = entry.map_err(backend(op))?;
+            let item: UplinkItem = decode("uplink", k.value(), v.value())?;
+            bytes += item.payload.len();
+            if !items.is_empty() && bytes > max_bytes {
+                break;
+            }
+            items.push(item);
+            if items.len() >= max_items {
+                break;
+            }
+        }
+        Ok(items)
+    }
+
+    fn remove_uplink_upto(&mut self, upto: u64) -> Result<u64, StoreError> {
+        let op = "forget messages the parent relay committed";
+        let mut table = self.txn.open_table(UPLINK).map_err(backend(op))?;
+        let mut removed = 0;
+        // `extract_from_if` would do, but a plain range delete keeps this readable.
+        let keys: Vec<u64> = table
+            .range(..=upto)
+            .map_err(backend(op))?
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()
+            .map_err(backend(op))?;
+        for k in keys {
+            table.remove(k).map_err(backend(op))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            self.dirty = true;
+        }
+        Ok(removed)
+    }
+
+    fn uplink_count(&self) -> Result<u64, StoreError> {
+        let op = "count the queue for the parent relay";
+        let table = self.txn.open_table(UPLINK).map_err(backend(op))?;
+        table.len().map_err(backend(op))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{RedbStore, Store};
+    use protocol::Serial;
+    use protocol::topic::UpKind;
+
+    #[test]
+    fn the_queue_keeps_order_bounds_batches_and_forgets_what_was_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let c1 = Serial::parse("C1").unwrap();
+        let mut txn = store.begin().unwrap();
+        for i in 0..5u8 {
+            let seq = txn.push_uplink(&c1, UpKind::Counters, &[i; 100]).unwrap();
+            assert_eq!(seq, u64::from(i) + 1);
+        }
+        txn.commit().unwrap();
+
+        let txn = store.begin().unwrap();
+        let by_count = txn.uplink_after(0, 2, 1 << 20).unwrap();
+        assert_eq!(by_count.iter().map(|i| i.seq).collect::<Vec<_>>(), [1, 2]);
+        let by_bytes = txn.uplink_after(1, 10, 250).unwrap();
+        assert_eq!(by_bytes.iter().map(|i| i.seq).collect::<Vec<_>>(), [2, 3]);
+        let alone = txn.uplink_after(0, 10, 10).unwrap();
+        assert_eq!(
+            alone.len(),
+            1,
+            "one item larger than the byte bound still goes"
+        );
+        assert_eq!(alone[0].payload, [0u8; 100]);
+        drop(txn);
+
+        let mut txn = store.begin().unwrap();
+        assert_eq!(txn.remove_uplink_upto(3).unwrap(), 3);
+        txn.commit().unwrap();
+        let mut txn = store.begin().unwrap();
+        assert_eq!(txn.uplink_count().unwrap(), 2);
+        let next = txn.push_uplink(&c1, UpKind::Alarm, b"x").unwrap();
+        assert_eq!(next, 6, "numbers keep increasing after removals");
+    }
+}

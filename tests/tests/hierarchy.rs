@@ -1,0 +1,168 @@
+//! Child and parent relays with real processes: a device connected to a child relay; what it
+//! sends reaches the parent through the child's uplink (stored and acked at the child first),
+//! keeps flowing into the child's disk while the parent is down, arrives exactly once when the
+//! parent is back, and a serial the parent did not assign to the child is refused there.
+
+mod emergency;
+
+use emergency::fault;
+use harness::raw;
+use harness::{Broker, TestEnv, deadline};
+
+const PARENT_CONFIG: &str = "[[relays]]\nid = \"R1\"\nserials = [\"C*\"]\n";
+
+async fn parent(env: &TestEnv, addr: Option<std::net::SocketAddr>) -> Broker {
+    let mut b = env
+        .broker()
+        .data_dir(env.path("parent"))
+        .arg("--config")
+        .arg(env.path("parent.toml"))
+        .args(["--server-name", "parent", "--metrics-listen", "127.0.0.1:0"])
+        .log_also("broker::core::meter=debug");
+    if let Some(addr) = addr {
+        b = b.listen(addr);
+    }
+    b.start().await
+}
+
+fn stored_counters(relay: &Broker, serial: &str) -> usize {
+    relay
+        .lines_matching(|l| {
+            l.contains("counters report stored") && l.contains(&format!("serial={serial}"))
+        })
+        .len()
+}
+
+#[tokio::test]
+async fn reports_climb_from_child_to_parent_exactly_once_across_a_parent_outage() {
+    let env =
+        TestEnv::new("reports_climb_from_child_to_parent_exactly_once_across_a_parent_outage");
+    std::fs::write(env.path("parent.toml"), PARENT_CONFIG).unwrap();
+    pki::issue_relay_to_dir(env.pki().dir(), "R1", &[]).unwrap();
+    let mut parent_relay = parent(&env, None).await;
+    let parent_addr = parent_relay.addr();
+    let child = env
+        .broker()
+        .data_dir(env.path("child"))
+        .args(["--relay-id", "R1", "--parent", &parent_relay.url()])
+        .args(["--server-name", "R1", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--uplink-batch-delay-ms", "50"])
+        .log_also("broker::core::meter=debug")
+        .start()
+        .await;
+    child
+        .wait_for_log("uplink connected to the parent relay", deadline())
+        .await;
+
+    // C1 reads its counters every second, through the child.
+    let mut c1 = env
+        .device("C1")
+        .config("[report]\ncounters_every_secs = 1\n")
+        .start(&child)
+        .await;
+    parent_relay
+        .wait_for_lines("C1's counters at the parent", 2, deadline(), |l| {
+            l.contains("counters report stored") && l.contains("serial=C1")
+        })
+        .await;
+    // An alarm goes up too (and does not wait for a batch to fill).
+    fault(&c1, &["raise", "SC-541"]).await;
+    parent_relay
+        .wait_for_line("C1's alarm at the parent", deadline(), |l| {
+            l.contains("alarm raised") && l.contains("serial=C1") && l.contains("SC-541")
+        })
+        .await;
+
+    // The parent goes away; the child keeps taking C1's reports onto its disk.
+    parent_relay.stop().await;
+    let before = stored_counters(&child, "C1");
+    child
+        .wait_for_lines(
+            "C1's counters at the child while the parent is down",
+            before + 3,
+            deadline(),
+            |l| l.contains("counters report stored") && l.contains("serial=C1"),
+        )
+        .await;
+    let waiting = raw::scrape(child.metrics_addr()).await;
+    assert_eq!(raw::sample(&waiting, "chukei_uplink_connected"), 0);
+
+    // Back: everything the child stored arrives, each report once.
+    let parent_relay = parent(&env, Some(parent_addr)).await;
+    c1.stop().await;
+    let at_child = env.host("svc", &child);
+    let at_parent = env.host("svc", &parent_relay);
+    let export = ["export", "counters", "--serial", "C1", "--format", "csv"];
+    let until = tokio::time::Instant::now() + deadline();
+    let (child_rows, parent_rows) = loop {
+        let child_rows = readings(&at_child.run_ok(export).await);
+        let parent_rows = readings(&at_parent.run_ok(export).await);
+        if !child_rows.is_empty() && child_rows.len() == parent_rows.len() {
+            break (child_rows, parent_rows);
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the parent has {} of the child's {} readings; child log:\n{}",
+            parent_rows.len(),
+            child_rows.len(),
+            child.tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(
+        child_rows.len() >= before + 3,
+        "reports taken during the outage are in"
+    );
+    // Exactly once: the same readings, none twice.
+    let unique: std::collections::BTreeSet<_> = parent_rows.iter().collect();
+    assert_eq!(
+        unique.len(),
+        parent_rows.len(),
+        "a reading stored twice at the parent"
+    );
+    assert_eq!(child_rows, parent_rows);
+    let metrics = raw::scrape(child.metrics_addr()).await;
+    assert_eq!(raw::sample(&metrics, "chukei_uplink_connected"), 1);
+    let alarms = at_parent.run_ok(["alarms", "list", "--json"]).await;
+    assert!(alarms.contains("SC-541"), "{alarms}");
+}
+
+/// The data rows of a counters CSV export, sorted, without the header.
+fn readings(csv: &str) -> Vec<String> {
+    let mut rows: Vec<String> = csv.lines().skip(1).map(str::to_owned).collect();
+    rows.sort();
+    rows
+}
+
+#[tokio::test]
+async fn a_child_cannot_speak_for_a_device_it_is_not_assigned() {
+    let env = TestEnv::new("a_child_cannot_speak_for_a_device_it_is_not_assigned");
+    std::fs::write(env.path("parent.toml"), PARENT_CONFIG).unwrap();
+    pki::issue_relay_to_dir(env.pki().dir(), "R1", &[]).unwrap();
+    let parent_relay = parent(&env, None).await;
+    let child = env
+        .broker()
+        .data_dir(env.path("child"))
+        .args(["--relay-id", "R1", "--parent", &parent_relay.url()])
+        .args(["--uplink-batch-delay-ms", "50"])
+        .start()
+        .await;
+    // X9 is served by the child (the child's own ACL lets any device in), but the parent's
+    // [[relays]] gives R1 only C*.
+    let _x9 = env.device("X9").start(&child).await;
+    parent_relay
+        .wait_for_line("X9 refused at the parent", deadline(), |l| {
+            l.contains("refused a message a child relay forwarded")
+                && l.contains("relay=R1")
+                && l.contains("serial=X9")
+        })
+        .await;
+    child
+        .wait_for_line("the child told why", deadline(), |l| {
+            l.contains("the parent relay refused a forwarded message") && l.contains("X9")
+        })
+        .await;
+    let metrics = raw::scrape(parent_relay.metrics_addr()).await;
+    assert!(raw::sample(&metrics, "chukei_relay_items_refused_total") >= 1);
+    assert_eq!(raw::sample(&metrics, "chukei_relay_items_total"), 0);
+}

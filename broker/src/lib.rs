@@ -243,13 +243,7 @@ pub async fn run(
             delay: std::time::Duration::from_millis(cfg.uplink_batch_delay_ms),
             ack_timeout: std::time::Duration::from_secs(30),
         };
-        tasks.spawn(relays::uplink::run(
-            settings,
-            core.shared_store(),
-            core.shared_stats(),
-            core.uplink_wake(),
-            stop.clone(),
-        ));
+        tasks.spawn(relays::uplink::run(settings, core.clone(), stop.clone()));
     }
     tasks.spawn(control::serve(
         control::socket_path(&cfg.data_dir),

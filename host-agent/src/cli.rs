@@ -102,6 +102,9 @@ pub enum Command {
     /// Export data for other systems: meter readings for billing.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Child relays (at a parent relay): which are connected, and their devices.
+    #[command(subcommand)]
+    Relays(RelaysCommand),
     // Its help is `DashboardArgs`'s doc comment, long form included.
     Dashboard(DashboardArgs),
 }
@@ -485,6 +488,22 @@ pub struct UploadArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ArtifactListArgs {
     /// Print a JSON array (full ids, signatures, sizes) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RelaysCommand {
+    List(RelayListArgs),
+}
+
+/// List the child relays of this (parent) relay: each configured in its [[relays]] and any other
+/// that connected, whether it is connected and since when, its devices online (and unreachable
+/// while it is away), the devices it has forwarded for and its last batch.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  host-agent … relays list\n  host-agent … relays list --json")]
+pub struct RelayListArgs {
+    /// Print a JSON array instead of the table.
     #[arg(long)]
     pub json: bool,
 }

@@ -442,6 +442,15 @@ impl HostClient {
         }
     }
 
+    /// The child relays, as this relay sees them.
+    pub async fn relays(&self) -> Result<Vec<protocol::relay::RelayView>, HostError> {
+        match self.request(HostRequest::Relays).await? {
+            HostReply::Relays { relays } => Ok(relays),
+            HostReply::Error { reason } => Err(HostError::Refused { reason }),
+            other => Err(unexpected("relays", &other)),
+        }
+    }
+
     /// Sends DISCONNECT and waits briefly for the driver to finish, so the broker sees a clean
     /// goodbye rather than a dropped socket.
     pub async fn disconnect(mut self) {
@@ -521,6 +530,7 @@ fn request_name(req: &HostRequest) -> &'static str {
         HostRequest::Alarms { .. } => "alarms",
         HostRequest::AckAlarm { .. } => "ack-alarm",
         HostRequest::ExportCounters { .. } => "export-counters",
+        HostRequest::Relays => "relays",
     }
 }
 
@@ -537,6 +547,7 @@ fn reply_name(reply: &HostReply) -> &'static str {
         HostReply::Alarms { .. } => "alarms",
         HostReply::Alarm { .. } => "alarm",
         HostReply::Counters { .. } => "counters",
+        HostReply::Relays { .. } => "relays",
     }
 }
 

@@ -33,6 +33,7 @@ use anyhow::Context as _;
 
 use crate::cli::{
     AlarmsCommand, ArtifactsCommand, Command, ExportCommand, JobsCommand, KeysCommand,
+    RelaysCommand,
 };
 use crate::config::Settings;
 
@@ -61,6 +62,12 @@ pub async fn run(settings: Settings, command: Command) -> anyhow::Result<()> {
             let (bytes, prepared) = commands::artifacts::prepare(&args)?;
             let client = connect_cli(&settings).await?;
             let result = commands::artifacts::upload(&client, &bytes, &prepared, &mut stdout).await;
+            client.disconnect().await;
+            result
+        }
+        Command::Relays(RelaysCommand::List(args)) => {
+            let client = connect_cli(&settings).await?;
+            let result = commands::relays::list(&client, args, &mut stdout).await;
             client.disconnect().await;
             result
         }

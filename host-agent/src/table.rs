@@ -273,6 +273,67 @@ where
     out
 }
 
+/// The columns of `relays list`.
+pub const RELAY_COLUMNS: [&str; 8] = [
+    "RELAY",
+    "STATUS",
+    "SINCE",
+    "ONLINE",
+    "UNREACHABLE",
+    "SERVED",
+    "LAST BATCH",
+    "SERIALS",
+];
+
+/// `relays list` as a table (times local).
+pub fn render_relays(relays: &[protocol::relay::RelayView]) -> String {
+    render_relays_in(relays, &Local)
+}
+
+/// [`render_relays`] in a given time zone.
+pub fn render_relays_in<Tz: TimeZone>(relays: &[protocol::relay::RelayView], tz: &Tz) -> String
+where
+    Tz::Offset: Display,
+{
+    let rows: Vec<[String; 8]> = relays
+        .iter()
+        .map(|r| {
+            let status = match (r.configured, r.connected) {
+                (true, true) => "connected",
+                (true, false) => "disconnected",
+                (false, true) => "connected, not in [[relays]]",
+                (false, false) => "not in [[relays]]",
+            };
+            [
+                r.id.clone(),
+                status.to_owned(),
+                time_in(r.since.as_ref(), tz, SHORT),
+                r.devices_online.to_string(),
+                r.devices_unreachable.to_string(),
+                r.devices_served.to_string(),
+                time_in(r.last_batch.as_ref(), tz, SHORT),
+                if r.serials.is_empty() {
+                    "-".to_owned()
+                } else {
+                    r.serials.join(",")
+                },
+            ]
+        })
+        .collect();
+    let mut widths = RELAY_COLUMNS.map(|c| c.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    push_row(&mut out, &RELAY_COLUMNS, &widths);
+    for row in &rows {
+        push_row(&mut out, row, &widths);
+    }
+    out
+}
+
 /// One line of `watch`: when, which job, which device, what, and the new status (and why).
 pub fn watch_line(view: &JobView) -> String {
     watch_line_in(view, &Local)

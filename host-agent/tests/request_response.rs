@@ -365,6 +365,7 @@ fn plausible() -> Behaviour {
             },
             HostRequest::Alarms { .. }
             | HostRequest::AckAlarm { .. }
+            | HostRequest::Relays
             | HostRequest::ExportCounters { .. } => HostReply::Error {
                 reason: "no alarms or readings in this stand-in".into(),
             },

@@ -83,8 +83,14 @@ fn check_publish(who: &Identity, topic: &str) -> Decision {
         (Role::Host, Topic::HostReq { host }) if host.as_str() == who.id() => Decision::Allow,
         (Role::Host, _) => Decision::Deny("a host publishes only on host/{own id}/req"),
         (Role::Integrator, _) => Decision::Deny("integrators are read-only"),
-        (Role::Relay, Topic::RelayUp { relay }) if relay.as_str() == who.id() => Decision::Allow,
-        (Role::Relay, _) => Decision::Deny("a relay publishes only on relay/{own id}/up/batch"),
+        (Role::Relay, Topic::RelayUp { relay } | Topic::RelayPresence { relay })
+            if relay.as_str() == who.id() =>
+        {
+            Decision::Allow
+        }
+        (Role::Relay, _) => {
+            Decision::Deny("a relay publishes only on relay/{own id}/up/batch and …/up/presence")
+        }
     }
 }
 
@@ -202,6 +208,9 @@ mod tests {
             // relay: its own batches up, its own acks and orders down; never a device's topics
             (relay("R1"), Publish, "relay/R1/up/batch", true),
             (relay("R1"), Publish, "relay/R2/up/batch", false),
+            (relay("R1"), Publish, "relay/R1/up/presence", true),
+            (relay("R1"), Publish, "relay/R2/up/presence", false),
+            (relay("R1"), Publish, "relay/R1/up/bogus", false),
             (relay("R1"), Publish, "relay/R1/ack", false),
             (relay("R1"), Publish, "dev/A1/up/state", false),
             (relay("R1"), Publish, "host/R1/req", false),

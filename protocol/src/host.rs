@@ -60,6 +60,8 @@ pub enum HostRequest {
     AckAlarm {
         id: String,
     },
+    /// The child relays: configured ones and any that connected, with their presence.
+    Relays,
     /// Meter readings (Fig. 3 counters) read between `from` and `to` (RFC 3339, `to` excluded),
     /// oldest first, a page at a time: pass the previous reply's `next` as `after`.
     ExportCounters {
@@ -167,6 +169,9 @@ pub enum HostReply {
         readings: Vec<CounterReading>,
         #[serde(default)]
         next: Option<String>,
+    },
+    Relays {
+        relays: Vec<crate::relay::RelayView>,
     },
     /// The request itself could not be served (unknown job, undecodable request…).
     Error {

@@ -38,6 +38,9 @@ pub enum Presence {
     Offline,
     /// A periodic device missed its expected check-in by more than the relay's margin.
     Overdue,
+    /// Last seen online through a child relay whose own connection is lost: the device may well
+    /// be online there, but this relay cannot reach it now.
+    Unreachable,
 }
 
 impl Presence {
@@ -46,6 +49,7 @@ impl Presence {
             Presence::Online => "online",
             Presence::Offline => "offline",
             Presence::Overdue => "overdue",
+            Presence::Unreachable => "unreachable",
         }
     }
 }
@@ -78,6 +82,10 @@ pub struct StateView {
     /// Periodic and offline: when the device becomes overdue if it has not checked in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub due_by: Option<Timestamp>,
+    /// The child relay the device is on (online) or was last on (unreachable); none when it is
+    /// connected to this relay itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
 }
 
 #[cfg(test)]
@@ -126,6 +134,7 @@ mod tests {
             mode: Some(SessionMode::Periodic),
             interval_secs: Some(60),
             due_by: None,
+            relay: None,
         };
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["site"], "Kobe");

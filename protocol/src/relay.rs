@@ -55,6 +55,45 @@ pub struct RefusedItem {
     pub reason: String,
 }
 
+/// Which of a child's devices have a session open there, on `relay/{id}/up/presence`: the whole
+/// set (`full`) each time the child connects, then what changed. Not queued on the child's disk:
+/// a set sent on every connection supersedes whatever was lost.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChildPresence {
+    pub full: bool,
+    #[serde(default)]
+    pub online: Vec<Serial>,
+    #[serde(default)]
+    pub offline: Vec<Serial>,
+}
+
+/// A child relay as its parent sees it (`relays list`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayView {
+    pub id: String,
+    /// Named in the parent's `[[relays]]` (a child that is not is refused).
+    pub configured: bool,
+    /// The serial patterns it may speak for.
+    #[serde(default)]
+    pub serials: Vec<String>,
+    /// Its own session with the parent is open.
+    pub connected: bool,
+    /// When it last connected or disconnected (since the parent started).
+    #[serde(default)]
+    pub since: Option<crate::Timestamp>,
+    /// Devices with a session open at it now (as it last said).
+    pub devices_online: u64,
+    /// Devices that were online at it when its session was lost.
+    #[serde(default)]
+    pub devices_unreachable: u64,
+    /// Devices it has forwarded messages for since the parent started.
+    pub devices_served: u64,
+    /// Messages it has forwarded since the parent started, and when the last batch came.
+    pub forwarded: u64,
+    #[serde(default)]
+    pub last_batch: Option<crate::Timestamp>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

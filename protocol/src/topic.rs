@@ -12,6 +12,7 @@
 //! fleet/{serial}/state             broker → hosts    retained device state and presence (CBOR)
 //! fleet/{serial}/alarm             broker → hosts    retained active alarms (CBOR); emptied when none
 //! relay/{relay}/up/batch           child → parent    what the child's devices sent, many at once
+//! relay/{relay}/up/presence        child → parent    which of its devices are online there
 //! relay/{relay}/ack                parent → child    a batch is committed at the parent
 //! json/fleet/{serial}/jobs/{job}   broker → hosts    the same views in JSON, for integrators
 //! json/fleet/{serial}/state
@@ -118,6 +119,9 @@ pub enum Topic {
     RelayUp {
         relay: RelayId,
     },
+    RelayPresence {
+        relay: RelayId,
+    },
     RelayAck {
         relay: RelayId,
     },
@@ -178,6 +182,7 @@ impl Topic {
             ["json", "fleet", s, "state"] => Topic::JsonFleetState { serial: serial(s)? },
             ["json", "fleet", s, "alarm"] => Topic::JsonFleetAlarm { serial: serial(s)? },
             ["relay", r, "up", "batch"] => Topic::RelayUp { relay: relay(r)? },
+            ["relay", r, "up", "presence"] => Topic::RelayPresence { relay: relay(r)? },
             ["relay", r, "ack"] => Topic::RelayAck { relay: relay(r)? },
             _ => return Err(TopicError::Unknown(topic.to_owned())),
         };
@@ -202,6 +207,7 @@ impl fmt::Display for Topic {
             Topic::JsonFleetState { serial } => write!(f, "json/fleet/{serial}/state"),
             Topic::JsonFleetAlarm { serial } => write!(f, "json/fleet/{serial}/alarm"),
             Topic::RelayUp { relay } => write!(f, "relay/{relay}/up/batch"),
+            Topic::RelayPresence { relay } => write!(f, "relay/{relay}/up/presence"),
             Topic::RelayAck { relay } => write!(f, "relay/{relay}/ack"),
         }
     }
@@ -299,8 +305,14 @@ pub fn relay_ack(relay: &RelayId) -> String {
     }
     .to_string()
 }
-/// The parent's filter for every child relay's batches.
-pub const ALL_RELAY_UP: &str = "relay/+/up/batch";
+pub fn relay_presence(relay: &RelayId) -> String {
+    Topic::RelayPresence {
+        relay: relay.clone(),
+    }
+    .to_string()
+}
+/// The parent's filter for everything child relays send (batches, presence).
+pub const ALL_RELAY_UP: &str = "relay/+/up/+";
 
 /// The filter a device subscribes to for its own jobs.
 pub fn dev_jobs_filter(serial: &Serial) -> String {

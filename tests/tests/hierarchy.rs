@@ -166,3 +166,94 @@ async fn a_child_cannot_speak_for_a_device_it_is_not_assigned() {
     assert!(raw::sample(&metrics, "chukei_relay_items_refused_total") >= 1);
     assert_eq!(raw::sample(&metrics, "chukei_relay_items_total"), 0);
 }
+
+/// The `json/fleet/{serial}/state` views `client` sees until one has `presence` = `want`.
+async fn presence(client: &mut harness::MqttClient, serial: &str, want: &str) -> serde_json::Value {
+    let topic = format!("json/fleet/{serial}/state");
+    let within = deadline();
+    tokio::time::timeout(within, async {
+        loop {
+            let p = client.next_publish_on(&topic, within).await;
+            let json: serde_json::Value = serde_json::from_slice(&p.payload)
+                .unwrap_or_else(|e| panic!("{topic} is not JSON: {e}"));
+            if json["presence"] == want {
+                return json;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{serial} never showed as {want} within {within:?}"))
+}
+
+/// `relays list --json` at `host`'s relay, R1's entry.
+async fn r1(host: &harness::Host) -> serde_json::Value {
+    let out = host.run_ok(["relays", "list", "--json"]).await;
+    let all: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    all.as_array()
+        .and_then(|a| a.iter().find(|r| r["id"] == "R1"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no R1 in {out}"))
+}
+
+#[tokio::test]
+async fn the_parent_shows_presence_through_the_child_and_unreachable_when_the_child_is_gone() {
+    let env = TestEnv::new(
+        "the_parent_shows_presence_through_the_child_and_unreachable_when_the_child_is_gone",
+    );
+    std::fs::write(env.path("parent.toml"), PARENT_CONFIG).unwrap();
+    pki::issue_relay_to_dir(env.pki().dir(), "R1", &[]).unwrap();
+    let parent_relay = parent(&env, None).await;
+    let mut crm = env
+        .mqtt(protocol::Role::Integrator, "crm")
+        .connect(&parent_relay)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    crm.subscribe_and_wait("json/fleet/+/state").await;
+    let child_at = |addr| {
+        let mut b = env.broker().data_dir(env.path("child")).args([
+            "--relay-id",
+            "R1",
+            "--parent",
+            &parent_relay.url(),
+        ]);
+        if let Some(addr) = addr {
+            b = b.listen(addr);
+        }
+        b.start()
+    };
+    let mut child = child_at(None).await;
+    let child_addr = child.addr();
+    let host = env.host("svc", &parent_relay);
+    let listed = r1(&host).await;
+    assert_eq!(listed["configured"], true, "{listed:#}");
+    assert_eq!(listed["serials"], serde_json::json!(["C*"]), "{listed:#}");
+
+    // C1 on the child: online at the parent, on R1.
+    let c1 = env.device("C1").start(&child).await;
+    let online = presence(&mut crm, "C1", "online").await;
+    assert_eq!(online["relay"], "R1", "{online:#}");
+    let listed = r1(&host).await;
+    assert_eq!(
+        (&listed["connected"], &listed["devices_online"]),
+        (&serde_json::json!(true), &serde_json::json!(1)),
+        "{listed:#}"
+    );
+
+    // The child dies: the parent cannot know whether C1 is still up there; it says so.
+    child.kill9().await;
+    let gone = presence(&mut crm, "C1", "unreachable").await;
+    assert_eq!(gone["relay"], "R1", "{gone:#}");
+    let listed = r1(&host).await;
+    assert_eq!(
+        (&listed["connected"], &listed["devices_unreachable"]),
+        (&serde_json::json!(false), &serde_json::json!(1)),
+        "{listed:#}"
+    );
+
+    // Back, with C1 reconnected there: online again, through R1.
+    let _child = child_at(Some(child_addr)).await;
+    let back = presence(&mut crm, "C1", "online").await;
+    assert_eq!(back["relay"], "R1", "{back:#}");
+    drop(c1);
+}

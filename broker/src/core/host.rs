@@ -102,6 +102,7 @@ fn only_reads(request: &HostRequest) -> bool {
         | HostRequest::Show { .. }
         | HostRequest::Artifacts
         | HostRequest::Alarms { .. }
+        | HostRequest::Relays
         | HostRequest::ExportCounters { .. } => true,
         HostRequest::Submit(_)
         | HostRequest::Cancel { .. }
@@ -179,6 +180,9 @@ fn answer(
             artifacts: artifacts::list(txn)?,
         }),
         HostRequest::Alarms { all, serial } => super::alarm::list(txn, all, serial.as_deref()),
+        HostRequest::Relays => Ok(HostReply::Relays {
+            relays: core.relay_views(),
+        }),
         HostRequest::AckAlarm { id } => super::alarm::ack(txn, p, host, &id, now),
         HostRequest::ExportCounters {
             from,

@@ -49,6 +49,7 @@ use crate::store::{DeviceRecord, Store, StoreError, Txn};
 pub use alarm_limit::AlarmLimits;
 pub use alerts::AlertSettings;
 pub use presence::PresenceEvent;
+pub use relay::SessionEvent;
 
 /// Lines a second each kind of device refusal the core logs (see [`crate::log_budget`]).
 const CORE_LOG_PER_SECOND: u64 = 20;
@@ -103,6 +104,8 @@ pub struct Core {
     deferred_presence: Mutex<Vec<(Serial, bool)>>,
     /// What the core does as a child relay and as a parent ([`relay`]).
     relays: std::sync::RwLock<Arc<relay::RelaySettings>>,
+    /// At a child: presence changes of its devices not yet told to the parent.
+    presence_deltas: Mutex<Vec<(Serial, bool)>>,
     /// Set when a batch queued something for the parent; the uplink is woken after the commit.
     uplink_queued: AtomicBool,
     uplink_wake: Arc<tokio::sync::Notify>,
@@ -297,6 +300,7 @@ impl Core {
             storage: storage::StorageHealth::default(),
             deferred_presence: Mutex::new(Vec::new()),
             relays: Default::default(),
+            presence_deltas: Mutex::new(Vec::new()),
             uplink_queued: AtomicBool::new(false),
             uplink_wake: Default::default(),
             children: Default::default(),
@@ -388,6 +392,7 @@ impl Core {
     ) -> Result<Vec<Outbound>, StoreError> {
         let mut txn = self.store.begin()?;
         let mut pending = Pending::default();
+        let mut children = Vec::new();
         for msg in batch {
             match Topic::parse(&msg.topic) {
                 Ok(Topic::DevUp { serial, kind }) => device::handle(
@@ -414,6 +419,8 @@ impl Core {
                 Ok(Topic::RelayUp { relay }) => {
                     relay::handle_batch(self, &mut *txn, &mut pending, &relay, &msg.payload, now)?
                 }
+                // After this batch's commit: presence has transactions of its own.
+                Ok(Topic::RelayPresence { relay }) => children.push((relay, &msg.payload)),
                 Ok(_) | Err(_) => {
                     warn!(topic = %Shown(&msg.topic), "core ignores a message on a topic it does not serve")
                 }
@@ -429,6 +436,9 @@ impl Core {
         }
         if self.uplink_queued.swap(false, Ordering::Relaxed) {
             self.uplink_wake.notify_one();
+        }
+        for (relay, payload) in children {
+            out.extend(self.child_presence_recorded(&relay, payload, now)?);
         }
         // Logged after the commit, so each line means "durable": tests and operators rely on it.
         for d in done {
@@ -462,6 +472,7 @@ impl Core {
         };
         let mut p = Pending::default();
         let mut refused = 0u64;
+        let mut children = Vec::new();
         for msg in batch {
             match (
                 Topic::parse(&msg.topic),
@@ -506,6 +517,8 @@ impl Core {
                         refused += 1;
                     }
                 }
+                // Presence is kept in memory while the store cannot write (`presence_events`).
+                (Ok(Topic::RelayPresence { relay }), _) => children.push((relay, &msg.payload)),
                 (Ok(_) | Err(_), _) => {
                     warn!(topic = %Shown(&msg.topic), "core ignores a message on a topic it does not serve")
                 }
@@ -513,6 +526,10 @@ impl Core {
         }
         // Dropped without a commit: aborted, so nothing a read may have touched is kept.
         drop(txn);
+        for (relay, payload) in children {
+            p.blobs
+                .extend(self.child_presence_recorded(&relay, payload, now)?);
+        }
         self.storage_refused(refused);
         for d in std::mem::take(&mut p.done) {
             d.log(self);

@@ -86,6 +86,12 @@ impl Core {
                     changed.push((e.serial, is));
                 }
             }
+            if !changed.is_empty() && self.relay_settings().forward_to_parent {
+                self.presence_deltas
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend(changed.iter().cloned());
+            }
             self.alerts
                 .stats
                 .devices_online
@@ -117,7 +123,7 @@ impl Core {
     }
 
     /// Records presence changes in one transaction; returns the views to publish.
-    fn record_presence(
+    pub(super) fn record_presence(
         &self,
         changed: &[(Serial, bool)],
         now: Timestamp,
@@ -291,15 +297,19 @@ impl Core {
             .flatten()
             .unwrap_or_default();
         let now_online = self.is_online(serial);
+        let child = self.child_of(serial);
         let view = StateView {
             state: record.state.clone(),
             presence: if now_online {
                 Presence::Online
+            } else if matches!(child, Some((_, false))) {
+                Presence::Unreachable
             } else if presence.overdue_alarm.is_some() {
                 Presence::Overdue
             } else {
                 Presence::Offline
             },
+            relay: child.map(|(relay, _)| relay.to_string()),
             last_seen: record.last_seen,
             since: presence.since,
             mode: presence.mode,

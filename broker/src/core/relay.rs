@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use protocol::relay::{BatchAck, RefusedItem, UplinkBatch};
+use protocol::relay::{BatchAck, ChildPresence, RefusedItem, UplinkBatch};
 use protocol::topic::{self, UpKind};
 use protocol::{Envelope, RelayId, Serial, Timestamp};
 use tracing::warn;
@@ -37,13 +37,29 @@ pub struct RelaySettings {
     pub assignments: Assignments,
 }
 
-/// What a parent knows of a child since it started: for `relays list`.
+/// What a parent knows of a child since it started: for `relays list` and device presence.
 #[derive(Debug, Clone, Default)]
 pub struct ChildStatus {
+    /// Its own session with this parent is open.
+    pub connected: bool,
+    /// When its session last opened or closed.
+    pub since: Option<Timestamp>,
     pub last_batch: Option<Timestamp>,
     pub items: u64,
     /// Devices it has forwarded messages for.
     pub devices: BTreeSet<Serial>,
+    /// Devices with a session open at the child (what it last said), each counted here as one
+    /// session of the device.
+    pub online: BTreeSet<Serial>,
+    /// Devices that were online at the child when its own session was lost.
+    pub unreachable: BTreeSet<Serial>,
+}
+
+/// A session opening or closing at the gateway: a device's, or a child relay's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    Device(super::PresenceEvent),
+    Relay { relay: RelayId, online: bool },
 }
 
 /// The kinds a child forwards. Job updates and merges name the child's own jobs; fetches are
@@ -53,6 +69,183 @@ pub fn forwarded(kind: UpKind) -> bool {
 }
 
 impl Core {
+    /// Records sessions opening and closing: a device's as its presence; a child relay's
+    /// closing as the loss of every device it had online (they become `unreachable`).
+    pub fn session_events(
+        &self,
+        events: Vec<SessionEvent>,
+        now: Timestamp,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        let mut devices = Vec::with_capacity(events.len());
+        for e in events {
+            match e {
+                SessionEvent::Device(d) => devices.push(d),
+                SessionEvent::Relay { relay, online } => {
+                    devices.extend(self.child_session(&relay, online, now))
+                }
+            }
+        }
+        self.presence_events(devices, now)
+    }
+
+    /// A child's own session opened or closed; the device sessions it takes away with it.
+    fn child_session(
+        &self,
+        relay: &RelayId,
+        online: bool,
+        now: Timestamp,
+    ) -> Vec<super::PresenceEvent> {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        let child = children.entry(relay.clone()).or_default();
+        child.connected = online;
+        child.since = Some(now);
+        if online {
+            tracing::info!(relay = %relay, "child relay connected");
+            return Vec::new();
+        }
+        let lost = std::mem::take(&mut child.online);
+        warn!(relay = %relay, devices = lost.len(), "child relay disconnected; its devices are unreachable until it is back");
+        child.unreachable.extend(lost.iter().cloned());
+        lost.into_iter()
+            .map(|serial| super::PresenceEvent {
+                serial,
+                online: false,
+            })
+            .collect()
+    }
+
+    /// A child's word on which of its devices are online; returns the presence events it makes
+    /// (each device online at a child counts as one session of it) and the devices whose view
+    /// changes without one (unreachable before, offline now).
+    pub(super) fn child_presence(
+        &self,
+        relay: &RelayId,
+        payload: &[u8],
+    ) -> (Vec<super::PresenceEvent>, Vec<Serial>) {
+        let settings = self.relay_settings();
+        let msg = match Envelope::<ChildPresence>::from_cbor(payload, MAX_BATCH_BYTES) {
+            Ok(env) => env.body,
+            Err(e) => {
+                warn!(relay = %relay, error = %e, "unreadable presence from a child relay");
+                return (Vec::new(), Vec::new());
+            }
+        };
+        let allowed = |s: &Serial| settings.assignments.allows(relay, s);
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        let child = children.entry(relay.clone()).or_default();
+        let mut events = Vec::new();
+        let mut refresh = Vec::new();
+        let went = |serial: &Serial, online| super::PresenceEvent {
+            serial: serial.clone(),
+            online,
+        };
+        if msg.full {
+            let now_online: BTreeSet<Serial> = msg.online.into_iter().filter(allowed).collect();
+            events.extend(child.online.difference(&now_online).map(|s| went(s, false)));
+            events.extend(now_online.difference(&child.online).map(|s| went(s, true)));
+            refresh.extend(child.unreachable.difference(&now_online).cloned());
+            child.unreachable.clear();
+            child.online = now_online;
+        } else {
+            for s in msg.online.iter().filter(|s| allowed(s)) {
+                child.unreachable.remove(s);
+                if child.online.insert(s.clone()) {
+                    events.push(went(s, true));
+                }
+            }
+            for s in &msg.offline {
+                if child.online.remove(s) {
+                    events.push(went(s, false));
+                }
+            }
+        }
+        (events, refresh)
+    }
+
+    /// [`Core::child_presence`], recorded: the presence events, and the views of devices that
+    /// went from unreachable to offline.
+    pub(super) fn child_presence_recorded(
+        &self,
+        relay: &RelayId,
+        payload: &[u8],
+        now: Timestamp,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        let (events, refresh) = self.child_presence(relay, payload);
+        let mut out = self.presence_events(events, now)?;
+        if !refresh.is_empty() && self.storage_writable() {
+            let changed: Vec<(Serial, bool)> = refresh.into_iter().map(|s| (s, false)).collect();
+            out.extend(self.record_presence(&changed, now)?);
+        }
+        Ok(out)
+    }
+
+    /// At a child: its devices' presence changes not yet told to the parent (taken).
+    pub fn take_presence_deltas(&self) -> Vec<(Serial, bool)> {
+        std::mem::take(
+            &mut *self
+                .presence_deltas
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    /// Devices with a session open here now.
+    pub fn online_devices(&self) -> Vec<Serial> {
+        self.alerts
+            .online
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every configured child, then any other that connected, for `relays list`.
+    pub fn relay_views(&self) -> Vec<protocol::relay::RelayView> {
+        let settings = self.relay_settings();
+        let children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        let view = |id: &RelayId, configured: bool, serials: Vec<String>| {
+            let c = children.get(id).cloned().unwrap_or_default();
+            protocol::relay::RelayView {
+                id: id.to_string(),
+                configured,
+                serials,
+                connected: c.connected,
+                since: c.since,
+                devices_online: c.online.len() as u64,
+                devices_unreachable: c.unreachable.len() as u64,
+                devices_served: c.devices.len() as u64,
+                forwarded: c.items,
+                last_batch: c.last_batch,
+            }
+        };
+        let mut out: Vec<_> = settings
+            .assignments
+            .entries()
+            .map(|(id, serials)| view(id, true, serials))
+            .collect();
+        let mut others: Vec<&RelayId> = children
+            .keys()
+            .filter(|id| !settings.assignments.knows(id))
+            .collect();
+        others.sort();
+        out.extend(others.into_iter().map(|id| view(id, false, Vec::new())));
+        out
+    }
+
+    /// The child relay `serial` is online at (`true`) or was when that child's own session was
+    /// lost (`false`).
+    pub(super) fn child_of(&self, serial: &Serial) -> Option<(RelayId, bool)> {
+        let children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        children.iter().find_map(|(id, c)| {
+            if c.online.contains(serial) {
+                Some((id.clone(), true))
+            } else if c.unreachable.contains(serial) {
+                Some((id.clone(), false))
+            } else {
+                None
+            }
+        })
+    }
+
     /// Sets what the core does as a child and as a parent (at start, and on a reload).
     pub fn configure_relays(&self, settings: RelaySettings) {
         *self.relays.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
-use super::{Core, Inbound, Outbound, PresenceEvent};
+use super::{Core, Inbound, Outbound, SessionEvent};
 use crate::store::StoreError;
 
 /// Most messages in one transaction: bounds the time a batch holds the writer and the size of
@@ -51,7 +51,7 @@ pub fn spawn(
     core: Arc<Core>,
     inbound: mpsc::Receiver<Inbound>,
     outbound: impl Outlet + Send + 'static,
-    presence: mpsc::UnboundedReceiver<PresenceEvent>,
+    presence: mpsc::UnboundedReceiver<SessionEvent>,
     stop: CancellationToken,
 ) -> std::io::Result<oneshot::Receiver<Result<(), StoreError>>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -75,7 +75,7 @@ pub fn spawn(
 /// [`spawn`] gives it one. What a batch publishes goes to `outbound` right after the commit, from
 /// this thread (what devices get, acks and orders, leaves from here at once).
 ///
-/// Sessions opening and closing ([`PresenceEvent`]s from the gateway) are recorded the same way,
+/// Sessions opening and closing ([`SessionEvent`]s from the gateway) are recorded the same way,
 /// in their own transactions; the once-a-second tick also looks for overdue devices, queues the
 /// alarm notifications whose coalescing window has closed, and sends the alarm views held back
 /// by the one-view-a-second pace.
@@ -87,7 +87,7 @@ pub async fn run(
     core: Arc<Core>,
     mut inbound: mpsc::Receiver<Inbound>,
     outbound: impl Outlet,
-    mut presence: mpsc::UnboundedReceiver<PresenceEvent>,
+    mut presence: mpsc::UnboundedReceiver<SessionEvent>,
     stop: CancellationToken,
 ) -> Result<(), StoreError> {
     let mut presence_open = true;
@@ -142,7 +142,7 @@ pub async fn run(
                     out.extend(core.presence_events(Vec::new(), now)?);
                     Ok(out)
                 }),
-                Work::Presence(events) => core.presence_events(events, now),
+                Work::Presence(events) => core.session_events(events, now),
             }
         }));
         let out = match result {
@@ -172,5 +172,5 @@ pub async fn run(
 enum Work {
     Batch(Vec<Inbound>),
     Expire,
-    Presence(Vec<PresenceEvent>),
+    Presence(Vec<SessionEvent>),
 }

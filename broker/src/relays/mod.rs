@@ -71,9 +71,11 @@ impl Assignments {
         self.relays.iter().any(|(id, _)| id == relay)
     }
 
-    /// Every configured child, in the file's order.
-    pub fn ids(&self) -> impl Iterator<Item = &RelayId> {
-        self.relays.iter().map(|(id, _)| id)
+    /// Every configured child and its patterns, in the file's order.
+    pub fn entries(&self) -> impl Iterator<Item = (&RelayId, Vec<String>)> {
+        self.relays
+            .iter()
+            .map(|(id, patterns)| (id, patterns.iter().map(|p| p.as_str().to_owned()).collect()))
     }
 }
 

@@ -10,12 +10,16 @@
 //! parent deduplicates each item by the device's own message id, so a resend stores nothing twice.
 //! While the parent cannot be reached the child goes on serving its devices; the queue waits on
 //! its disk.
+//!
+//! Presence goes beside the queue, not in it ([`tell_presence`]): on every connection the whole
+//! set of devices online at the child, then what changes. A set that supersedes what was lost
+//! needs no disk.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use protocol::relay::{BatchAck, UplinkBatch};
+use protocol::relay::{BatchAck, ChildPresence, UplinkBatch};
 use protocol::topic::{self, UpKind};
 use protocol::url::BrokerUrl;
 use protocol::{Envelope, RelayId};
@@ -24,6 +28,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::core::Core;
 use crate::store::{Store, StoreError};
 use crate::telemetry::CoreStats;
 
@@ -46,14 +51,14 @@ const MAX_ACK_BYTES: usize = 1024 * 1024;
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_LAST: Duration = Duration::from_secs(30);
 
-/// Runs the uplink until `stop`. `wake` is notified when the core queued something.
-pub async fn run(
-    settings: UplinkSettings,
-    store: Arc<dyn Store>,
-    stats: Arc<CoreStats>,
-    wake: Arc<Notify>,
-    stop: CancellationToken,
-) {
+/// How often a child tells its parent which of its devices came and went.
+const PRESENCE_EVERY: Duration = Duration::from_millis(200);
+
+/// Runs the uplink until `stop`.
+pub async fn run(settings: UplinkSettings, core: Arc<Core>, stop: CancellationToken) {
+    let store = core.shared_store();
+    let stats = core.shared_stats();
+    let wake = core.uplink_wake();
     let mut opts = link::mqtt_options(
         settings.relay.as_str(),
         &settings.parent,
@@ -77,6 +82,13 @@ pub async fn run(
         stats.clone(),
         stop.clone(),
     ));
+    let presence = tokio::spawn(tell_presence(
+        core,
+        client.clone(),
+        settings.relay.clone(),
+        up.clone(),
+        stop.clone(),
+    ));
     let forwarder = Forwarder {
         settings,
         store,
@@ -86,6 +98,63 @@ pub async fn run(
     forwarder.run(acks, up, wake, stop.clone()).await;
     stop.cancel();
     let _ = driver.await;
+    let _ = presence.await;
+}
+
+/// Tells the parent which devices are online here: the whole set each time the link comes up,
+/// then the changes every [`PRESENCE_EVERY`]. Changes while the link is down are dropped: the
+/// next whole set covers them.
+async fn tell_presence(
+    core: Arc<Core>,
+    client: AsyncClient,
+    relay: RelayId,
+    mut up: watch::Receiver<Link>,
+    stop: CancellationToken,
+) {
+    let topic = topic::relay_presence(&relay);
+    let mut told: Option<u64> = None;
+    let mut tick = tokio::time::interval(PRESENCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = up.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let link = *up.borrow_and_update();
+        let deltas = core.take_presence_deltas();
+        if !link.up {
+            continue;
+        }
+        let msg = if told != Some(link.generation) {
+            told = Some(link.generation);
+            ChildPresence {
+                full: true,
+                online: core.online_devices(),
+                offline: Vec::new(),
+            }
+        } else if deltas.is_empty() {
+            continue;
+        } else {
+            let (online, offline): (Vec<_>, Vec<_>) = deltas.into_iter().partition(|(_, on)| *on);
+            ChildPresence {
+                full: false,
+                online: online.into_iter().map(|(s, _)| s).collect(),
+                offline: offline.into_iter().map(|(s, _)| s).collect(),
+            }
+        };
+        match Envelope::new(0, chrono::Utc::now(), &msg).to_cbor() {
+            Ok(payload) => {
+                if let Err(e) = client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                    .await
+                {
+                    warn!(relay = %relay, error = %e, "could not tell the parent relay about device presence");
+                }
+            }
+            Err(e) => warn!(relay = %relay, error = %e, "could not encode device presence"),
+        }
+    }
 }
 
 /// Whether the uplink may send, and which connection it is on (a new number for each).

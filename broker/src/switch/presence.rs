@@ -8,32 +8,39 @@
 //! retained `fleet/{serial}/state` view. Unbounded because a session must never wait on the core
 //! to open or close; an event is a few dozen bytes and there are two per session.
 
-use protocol::{Identity, Role, Serial};
+use protocol::{Identity, RelayId, Role, Serial};
 
-use crate::core::PresenceEvent;
+use crate::core::{PresenceEvent, SessionEvent};
 use tokio::sync::mpsc;
 use tracing::debug;
 
 /// The gateway's end. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct PresenceTx(mpsc::UnboundedSender<PresenceEvent>);
+pub struct PresenceTx(mpsc::UnboundedSender<SessionEvent>);
 
 /// A connected pair: the gateway sends, the core receives.
-pub fn channel() -> (PresenceTx, mpsc::UnboundedReceiver<PresenceEvent>) {
+pub fn channel() -> (PresenceTx, mpsc::UnboundedReceiver<SessionEvent>) {
     let (tx, rx) = mpsc::unbounded_channel();
     (PresenceTx(tx), rx)
 }
 
 impl PresenceTx {
-    /// Reports a session of `who` opening or closing; only devices have a presence.
+    /// Reports a session of `who` opening or closing: a device's presence, or a child relay's
+    /// (whose devices a parent cannot reach while it is away); hosts and integrators have none.
     pub fn session(&self, who: &Identity, online: bool) {
-        if who.role() != Role::Device {
-            return;
-        }
-        let Ok(serial) = Serial::parse(who.id()) else {
-            return; // cannot happen: an identity's id follows the serial rules
+        // An identity's id follows the id rules, so these parses cannot fail.
+        let event = match who.role() {
+            Role::Device => match Serial::parse(who.id()) {
+                Ok(serial) => SessionEvent::Device(PresenceEvent { serial, online }),
+                Err(_) => return,
+            },
+            Role::Relay => match RelayId::parse(who.id()) {
+                Ok(relay) => SessionEvent::Relay { relay, online },
+                Err(_) => return,
+            },
+            Role::Host | Role::Integrator => return,
         };
-        if self.0.send(PresenceEvent { serial, online }).is_err() {
+        if self.0.send(event).is_err() {
             debug!("core gone; presence event dropped");
         }
     }
@@ -44,14 +51,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_devices_have_a_presence() {
+    fn devices_and_relays_have_a_presence_hosts_none() {
         let (tx, mut rx) = channel();
         tx.session(&Identity::new(Role::Host, "svc").unwrap(), true);
         tx.session(&Identity::new(Role::Device, "C1").unwrap(), true);
         tx.session(&Identity::new(Role::Device, "C1").unwrap(), false);
-        let first = rx.try_recv().unwrap();
+        tx.session(&Identity::new(Role::Relay, "R1").unwrap(), true);
+        let device = |e| match e {
+            SessionEvent::Device(d) => d,
+            other => panic!("{other:?}"),
+        };
+        let first = device(rx.try_recv().unwrap());
         assert_eq!((first.serial.as_str(), first.online), ("C1", true));
-        assert!(!rx.try_recv().unwrap().online);
+        assert!(!device(rx.try_recv().unwrap()).online);
+        assert!(matches!(
+            rx.try_recv().unwrap(),
+            SessionEvent::Relay { online: true, .. }
+        ));
         assert!(rx.try_recv().is_err());
     }
 }

@@ -9,6 +9,7 @@ pub mod dashboard;
 pub mod export;
 pub mod keys;
 pub mod list;
+pub mod relays;
 pub mod show;
 pub mod submit;
 pub mod watch;

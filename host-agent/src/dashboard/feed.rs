@@ -190,6 +190,7 @@ mod tests {
             mode: None,
             interval_secs: None,
             due_by: None,
+            relay: None,
         };
         let bytes = Envelope::new(0, now, view.clone()).to_cbor().unwrap();
         apply(&model, "fleet/C1/state", &bytes);

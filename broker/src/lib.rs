@@ -208,6 +208,7 @@ pub async fn run(
     let outbound = switch::router_link::attach(
         router.clone(),
         hub.clone(),
+        core.child_routes(),
         retained,
         inbound_tx,
         &tasks,
@@ -243,7 +244,12 @@ pub async fn run(
             delay: std::time::Duration::from_millis(cfg.uplink_batch_delay_ms),
             ack_timeout: std::time::Duration::from_secs(30),
         };
-        tasks.spawn(relays::uplink::run(settings, core.clone(), stop.clone()));
+        tasks.spawn(relays::uplink::run(
+            settings,
+            core.clone(),
+            hub.clone(),
+            stop.clone(),
+        ));
     }
     tasks.spawn(control::serve(
         control::socket_path(&cfg.data_dir),

@@ -14,6 +14,7 @@
 //! relay/{relay}/up/batch           child → parent    what the child's devices sent, many at once
 //! relay/{relay}/up/presence        child → parent    which of its devices are online there
 //! relay/{relay}/ack                parent → child    a batch is committed at the parent
+//! relay/{relay}/down/dev/{serial}/…  parent → child  what the parent sends a device the child serves
 //! json/fleet/{serial}/jobs/{job}   broker → hosts    the same views in JSON, for integrators
 //! json/fleet/{serial}/state
 //! json/fleet/{serial}/alarm
@@ -310,6 +311,22 @@ pub fn relay_presence(relay: &RelayId) -> String {
         relay: relay.clone(),
     }
     .to_string()
+}
+/// What the parent sends device topic `dev_topic` (`dev/{serial}/…`) through child `relay`.
+pub fn relay_down(relay: &RelayId, dev_topic: &str) -> String {
+    format!("relay/{relay}/down/{dev_topic}")
+}
+/// The filter a child subscribes to at its parent for its devices' messages.
+pub fn relay_down_filter(relay: &RelayId) -> String {
+    format!("relay/{relay}/down/dev/#")
+}
+/// The device topic a `relay/{relay}/down/…` message carries, if it carries one.
+pub fn strip_relay_down<'a>(relay: &RelayId, topic: &'a str) -> Option<&'a str> {
+    topic
+        .strip_prefix("relay/")?
+        .strip_prefix(relay.as_str())?
+        .strip_prefix("/down/")
+        .filter(|rest| rest.starts_with("dev/") && is_valid_topic_name(rest))
 }
 /// The parent's filter for everything child relays send (batches, presence).
 pub const ALL_RELAY_UP: &str = "relay/+/up/+";

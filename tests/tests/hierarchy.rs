@@ -257,3 +257,113 @@ async fn the_parent_shows_presence_through_the_child_and_unreachable_when_the_ch
     assert_eq!(back["relay"], "R1", "{back:#}");
     drop(c1);
 }
+
+/// A parent and a child R1 whose uplink is connected.
+async fn tree(env: &TestEnv) -> (Broker, Broker) {
+    std::fs::write(env.path("parent.toml"), PARENT_CONFIG).unwrap();
+    pki::issue_relay_to_dir(env.pki().dir(), "R1", &[]).unwrap();
+    let parent_relay = parent(env, None).await;
+    let child = env
+        .broker()
+        .data_dir(env.path("child"))
+        .args(["--relay-id", "R1", "--parent", &parent_relay.url()])
+        .args(["--server-name", "R1", "--uplink-batch-delay-ms", "20"])
+        .start()
+        .await;
+    child
+        .wait_for_log("uplink connected to the parent relay", deadline())
+        .await;
+    (parent_relay, child)
+}
+
+#[tokio::test]
+async fn every_kind_of_job_submitted_at_the_parent_runs_on_a_device_behind_the_child() {
+    let env =
+        TestEnv::new("every_kind_of_job_submitted_at_the_parent_runs_on_a_device_behind_the_child");
+    let (parent_relay, child) = tree(&env).await;
+    let host = env.host("svc", &parent_relay);
+    let keys = host.keys_generate(&env.path("keys")).await;
+    let c1 = env
+        .device("C1")
+        .publisher_key(&keys.public)
+        .start(&child)
+        .await;
+    // Known at the parent through R1 before anything is filed for it.
+    let mut crm = env
+        .mqtt(protocol::Role::Integrator, "crm")
+        .connect(&parent_relay)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    crm.subscribe_and_wait("json/fleet/+/state").await;
+    presence(&mut crm, "C1", "online").await;
+
+    // get-data: the order goes down through R1, the result comes back up.
+    let data = host.get_data("C1", "counters").await;
+    assert!(data["counters"].is_object(), "{data:#}");
+
+    // update-data merged at the relay that holds the job: the parent.
+    let job = host
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "update-data",
+            "--set",
+            "adjustment.density=6",
+        ])
+        .await;
+    let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
+    assert_eq!(detail["data"]["adjustment"]["density"], 6, "{detail:#}");
+    assert_eq!(
+        parent_relay
+            .lines_matching(|l| l.contains("merged at the relay") && l.contains(&job))
+            .len(),
+        1,
+        "the parent merged {job}"
+    );
+
+    // set-schedule.
+    let job = host
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "set-schedule",
+            "--mode",
+            "persistent",
+        ])
+        .await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+
+    // firmware: uploaded at the parent, chunks fetched through R1, checked and written on C1.
+    let file = env.path("fw-2.0.0.bin");
+    std::fs::write(&file, harness::pseudo_random_bytes(200_000, 7)).unwrap();
+    let artifact = host.upload(&file, "2.0.0", &keys.secret).await;
+    let job = host
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "firmware",
+            "--artifact",
+            &artifact,
+        ])
+        .await;
+    host.wait_for_status(&job, "succeeded", harness::secs(60))
+        .await;
+    c1.wait_for_log("firmware written", deadline()).await;
+    assert!(
+        !parent_relay
+            .lines_matching(|l| l.contains("chunks served") && l.contains("serial=C1"))
+            .is_empty(),
+        "the parent served C1's chunks"
+    );
+    // The child answered no job itself: it handed everything to its parent.
+    assert!(
+        child
+            .lines_matching(|l| l.contains("merged at the relay") || l.contains("chunks served"))
+            .is_empty(),
+        "the child handled a job itself:\n{}",
+        child.tail()
+    );
+}

@@ -49,6 +49,9 @@ pub(super) fn handle(
     msg: FromDevice<'_>,
     now: Timestamp,
 ) -> Result<(), StoreError> {
+    if super::relay::parent_answers(core, kind) {
+        return super::relay::forward_only(core, txn, p, kind, msg, now);
+    }
     let FromDevice { serial, topic, .. } = msg;
     let decoded = match kind {
         UpKind::Job => {

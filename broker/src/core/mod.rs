@@ -109,6 +109,8 @@ pub struct Core {
     /// Set when a batch queued something for the parent; the uplink is woken after the commit.
     uplink_queued: AtomicBool,
     uplink_wake: Arc<tokio::sync::Notify>,
+    /// At a parent: which child each device is reached through.
+    routes: Arc<relay::ChildRoutes>,
     /// Children this parent has heard from since it started.
     children: Mutex<std::collections::HashMap<protocol::RelayId, relay::ChildStatus>>,
 }
@@ -304,6 +306,7 @@ impl Core {
             uplink_queued: AtomicBool::new(false),
             uplink_wake: Default::default(),
             children: Default::default(),
+            routes: Default::default(),
         }
     }
 

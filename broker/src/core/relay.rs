@@ -55,6 +55,52 @@ pub struct ChildStatus {
     pub unreachable: BTreeSet<Serial>,
 }
 
+/// At a parent: which child each device is reached through, for what the parent sends devices
+/// (`switch::router_link` copies each `dev/{serial}/…` message to `relay/{child}/down/…`). A
+/// device is routed to the child that last said it is online there; a route that changes is
+/// reported, so that the device's retained orders follow it to the new child.
+#[derive(Debug, Default)]
+pub struct ChildRoutes {
+    routes: std::sync::RwLock<HashMap<Serial, RelayId>>,
+    changed: std::sync::Mutex<Vec<(Serial, RelayId)>>,
+    wake: tokio::sync::Notify,
+}
+
+impl ChildRoutes {
+    /// The child `serial` is reached through, if any.
+    pub fn get(&self, serial: &str) -> Option<RelayId> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        // `Serial` borrows as nothing cheaper; a parse is the price of a typed key.
+        Serial::parse(serial)
+            .ok()
+            .and_then(|s| routes.get(&s).cloned())
+    }
+
+    fn set(&self, serial: &Serial, relay: &RelayId) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if routes.get(serial) != Some(relay) {
+            routes.insert(serial.clone(), relay.clone());
+            self.changed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((serial.clone(), relay.clone()));
+            self.wake.notify_one();
+        }
+    }
+
+    /// Routes that changed since the last call (taken), once there is one.
+    pub async fn changed(&self) -> Vec<(Serial, RelayId)> {
+        loop {
+            let taken =
+                std::mem::take(&mut *self.changed.lock().unwrap_or_else(|p| p.into_inner()));
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.wake.notified().await;
+        }
+    }
+}
+
 /// A session opening or closing at the gateway: a device's, or a child relay's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
@@ -62,10 +108,58 @@ pub enum SessionEvent {
     Relay { relay: RelayId, online: bool },
 }
 
-/// The kinds a child forwards. Job updates and merges name the child's own jobs; fetches are
-/// answered by the child itself.
+/// The kinds a child forwards: all of them. It stores and serves state, alarms and counters
+/// itself too; job updates, merges and firmware fetches are the parent's to answer (the jobs are
+/// the parent's), so a child only forwards those ([`forward_only`]).
 pub fn forwarded(kind: UpKind) -> bool {
-    matches!(kind, UpKind::State | UpKind::Alarm | UpKind::Counters)
+    matches!(
+        kind,
+        UpKind::State
+            | UpKind::Alarm
+            | UpKind::Counters
+            | UpKind::Job
+            | UpKind::Merge
+            | UpKind::Fetch
+    )
+}
+
+/// Whether a child hands this kind to its parent without handling it itself.
+pub(super) fn parent_answers(core: &Core, kind: UpKind) -> bool {
+    matches!(kind, UpKind::Job | UpKind::Merge | UpKind::Fetch)
+        && core.relay_settings().forward_to_parent
+}
+
+/// At a child: a job update, merge request or firmware fetch, for the parent. A job update or
+/// merge is deduplicated and journaled here and acked once it is on the child's disk, as every
+/// device message is; a fetch carries no id and gets its chunks from the parent.
+pub(super) fn forward_only(
+    core: &Core,
+    txn: &mut dyn Txn,
+    p: &mut Pending,
+    kind: UpKind,
+    msg: FromDevice<'_>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    use protocol::device::{AckOutcome, JobUpdate, MergeRequest};
+    let seq = match kind {
+        UpKind::Fetch => None,
+        UpKind::Job => match device::decode_new::<JobUpdate>(core, txn, p, msg)? {
+            Some(env) => Some(env.seq()),
+            None => return Ok(()),
+        },
+        _ => match device::decode_new::<MergeRequest>(core, txn, p, msg)? {
+            Some(env) => Some(env.seq()),
+            None => return Ok(()),
+        },
+    };
+    txn.push_uplink(msg.serial, kind, msg.payload)?;
+    core.uplink_queued.store(true, Ordering::Relaxed);
+    if let Some(seq) = seq {
+        device::record_stored(txn, msg.serial, seq, now)?;
+        p.seen.insert(msg.serial.clone());
+        p.ack(msg.serial, seq, AckOutcome::Stored);
+    }
+    Ok(())
 }
 
 impl Core {
@@ -141,6 +235,9 @@ impl Core {
         };
         if msg.full {
             let now_online: BTreeSet<Serial> = msg.online.into_iter().filter(allowed).collect();
+            for s in &now_online {
+                self.routes.set(s, relay);
+            }
             events.extend(child.online.difference(&now_online).map(|s| went(s, false)));
             events.extend(now_online.difference(&child.online).map(|s| went(s, true)));
             refresh.extend(child.unreachable.difference(&now_online).cloned());
@@ -149,6 +246,7 @@ impl Core {
         } else {
             for s in msg.online.iter().filter(|s| allowed(s)) {
                 child.unreachable.remove(s);
+                self.routes.set(s, relay);
                 if child.online.insert(s.clone()) {
                     events.push(went(s, true));
                 }
@@ -256,6 +354,11 @@ impl Core {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Which child each device is reached through (at a parent).
+    pub fn child_routes(&self) -> Arc<ChildRoutes> {
+        self.routes.clone()
     }
 
     /// What a child's uplink waits on: notified after a commit that queued something for the

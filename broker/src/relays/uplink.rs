@@ -23,13 +23,14 @@ use protocol::relay::{BatchAck, ChildPresence, UplinkBatch};
 use protocol::topic::{self, UpKind};
 use protocol::url::BrokerUrl;
 use protocol::{Envelope, RelayId};
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::core::Core;
 use crate::store::{Store, StoreError};
+use crate::switch::hub::Hub;
 use crate::telemetry::CoreStats;
 
 /// How a child reaches its parent and how it batches.
@@ -54,8 +55,13 @@ const RETRY_LAST: Duration = Duration::from_secs(30);
 /// How often a child tells its parent which of its devices came and went.
 const PRESENCE_EVERY: Duration = Duration::from_millis(200);
 
-/// Runs the uplink until `stop`.
-pub async fn run(settings: UplinkSettings, core: Arc<Core>, stop: CancellationToken) {
+/// Runs the uplink until `stop`. What the parent sends the child's devices goes to `hub`.
+pub async fn run(
+    settings: UplinkSettings,
+    core: Arc<Core>,
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+) {
     let store = core.shared_store();
     let stats = core.shared_stats();
     let wake = core.uplink_wake();
@@ -73,15 +79,16 @@ pub async fn run(settings: UplinkSettings, core: Arc<Core>, stop: CancellationTo
     let (acks_tx, acks) = mpsc::channel(16);
     let (up_tx, up) = watch::channel(Link::default());
     info!(relay = %settings.relay, parent = %settings.parent, "uplink to the parent relay starting");
-    let driver = tokio::spawn(drive(
+    let driver = Driver {
         eventloop,
-        client.clone(),
-        settings.relay.clone(),
-        acks_tx,
-        up_tx,
-        stats.clone(),
-        stop.clone(),
-    ));
+        client: client.clone(),
+        relay: settings.relay.clone(),
+        acks: acks_tx,
+        up: up_tx,
+        hub,
+        stats: stats.clone(),
+    };
+    let driver = tokio::spawn(driver.run(stop.clone()));
     let presence = tokio::spawn(tell_presence(
         core,
         client.clone(),
@@ -166,67 +173,94 @@ struct Link {
 
 /// Drives rumqttc's connection: subscribes to the acks on every CONNACK, hands acks to the
 /// forwarder, says when the link is up (subscribed) or down, and reconnects with backoff.
-async fn drive(
-    mut eventloop: EventLoop,
+struct Driver {
+    eventloop: EventLoop,
     client: AsyncClient,
     relay: RelayId,
     acks: mpsc::Sender<BatchAck>,
     up: watch::Sender<Link>,
+    hub: Arc<Hub>,
     stats: Arc<CoreStats>,
-    stop: CancellationToken,
-) {
-    let ack_topic = topic::relay_ack(&relay);
-    let mut retry = RETRY_FIRST;
-    let mut lost_logged = false;
-    loop {
-        let polled = tokio::select! {
-            _ = stop.cancelled() => return,
-            polled = eventloop.poll() => polled,
-        };
-        match polled {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                retry = RETRY_FIRST;
-                lost_logged = false;
-                stats.uplink_connected.store(1, Ordering::Relaxed);
-                info!(relay = %relay, "uplink connected to the parent relay");
-                if let Err(e) = client.try_subscribe(ack_topic.clone(), QoS::AtLeastOnce) {
-                    warn!(relay = %relay, error = %e, "could not subscribe to the parent's acks");
+}
+
+impl Driver {
+    async fn run(self, stop: CancellationToken) {
+        let Driver {
+            mut eventloop,
+            client,
+            relay,
+            acks,
+            up,
+            hub,
+            stats,
+        } = self;
+        let ack_topic = topic::relay_ack(&relay);
+        let down_filter = topic::relay_down_filter(&relay);
+        let mut retry = RETRY_FIRST;
+        let mut lost_logged = false;
+        loop {
+            let polled = tokio::select! {
+                _ = stop.cancelled() => return,
+                polled = eventloop.poll() => polled,
+            };
+            match polled {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    retry = RETRY_FIRST;
+                    lost_logged = false;
+                    stats.uplink_connected.store(1, Ordering::Relaxed);
+                    info!(relay = %relay, "uplink connected to the parent relay");
+                    // The parent sends every retained order again on the subscription: what it
+                    // cleared meanwhile must not linger here.
+                    hub.clear_retained();
+                    let filters = [ack_topic.clone(), down_filter.clone()]
+                        .map(|path| SubscribeFilter::new(path, QoS::AtLeastOnce));
+                    if let Err(e) = client.try_subscribe_many(filters) {
+                        warn!(relay = %relay, error = %e, "could not subscribe at the parent relay");
+                    }
                 }
-            }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                // Subscribed: batches may go (their acks will come back).
-                up.send_modify(|l| {
-                    l.up = true;
-                    l.generation += 1;
-                });
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
-                match Envelope::<BatchAck>::from_cbor(&p.payload, MAX_ACK_BYTES) {
-                    Ok(env) => {
-                        if acks.send(env.body).await.is_err() {
-                            return;
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    // Subscribed: batches may go (their acks will come back).
+                    up.send_modify(|l| {
+                        l.up = true;
+                        l.generation += 1;
+                    });
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic != ack_topic => {
+                    match topic::strip_relay_down(&relay, &p.topic) {
+                        Some(dev_topic) => hub.deliver(dev_topic, p.payload.to_vec()),
+                        None => {
+                            warn!(relay = %relay, topic = %protocol::Shown(&p.topic), "the parent relay sent a topic a child does not serve; dropped")
                         }
                     }
-                    Err(e) => {
-                        warn!(relay = %relay, error = %e, "unreadable ack from the parent relay")
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    match Envelope::<BatchAck>::from_cbor(&p.payload, MAX_ACK_BYTES) {
+                        Ok(env) => {
+                            if acks.send(env.body).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(relay = %relay, error = %e, "unreadable ack from the parent relay")
+                        }
                     }
                 }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                stats.uplink_connected.store(0, Ordering::Relaxed);
-                up.send_if_modified(|l| std::mem::replace(&mut l.up, false));
-                if !lost_logged {
-                    warn!(relay = %relay, error = %e, retry_in = ?retry, "uplink to the parent relay down; the child keeps serving its devices and queues what they send");
-                    lost_logged = true;
-                } else {
-                    debug!(relay = %relay, error = %e, "uplink still down");
+                Ok(_) => {}
+                Err(e) => {
+                    stats.uplink_connected.store(0, Ordering::Relaxed);
+                    up.send_if_modified(|l| std::mem::replace(&mut l.up, false));
+                    if !lost_logged {
+                        warn!(relay = %relay, error = %e, retry_in = ?retry, "uplink to the parent relay down; the child keeps serving its devices and queues what they send");
+                        lost_logged = true;
+                    } else {
+                        debug!(relay = %relay, error = %e, "uplink still down");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(RETRY_LAST);
                 }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(retry) => {}
-                }
-                retry = (retry * 2).min(RETRY_LAST);
             }
         }
     }

@@ -155,6 +155,20 @@ impl Hub {
         ));
     }
 
+    /// The retained messages (job orders, merged data) of `serial`.
+    pub fn retained_of(&self, serial: &str) -> Vec<(String, Bytes)> {
+        self.lock()
+            .retained
+            .get(serial)
+            .map(|topics| topics.iter().map(|(t, p)| (t.clone(), p.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets every retained message (a child relay, before its parent sends them all again).
+    pub fn clear_retained(&self) {
+        self.lock().retained.clear();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain maps behind, still consistent enough to
         // route by: keep serving rather than take every device down with it.

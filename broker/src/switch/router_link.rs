@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
 use super::hub::Hub;
+use crate::core::relay::ChildRoutes;
 use crate::core::{Inbound, Outbound, Outlet, OutletClosed};
 use crate::router;
 
@@ -58,6 +59,7 @@ pub const INBOUND_QUEUE: usize = 4096;
 pub async fn attach(
     broker: Arc<Broker>,
     hub: Arc<Hub>,
+    routes: Arc<ChildRoutes>,
     retained: Vec<Outbound>,
     inbound: mpsc::Sender<Inbound>,
     tracker: &TaskTracker,
@@ -73,9 +75,11 @@ pub async fn attach(
     let outlet = CoreOutlet {
         hub,
         router: out_tx,
+        routes,
     };
     let mut out = RouterOut { tx };
     out.send(outlet.deliver_to_devices(retained)).await?;
+    tracker.spawn(outlet.clone().follow_routes(stop.clone()));
     tracker.spawn(pump_in(rx, inbound, stop.clone()));
     tracker.spawn(pump_out(out, out_rx, stop));
     Ok(outlet)
@@ -86,22 +90,69 @@ pub async fn attach(
 pub struct CoreOutlet {
     hub: Arc<Hub>,
     router: mpsc::Sender<Outbound>,
+    /// Devices reached through a child relay: what they get is copied to the child.
+    routes: Arc<ChildRoutes>,
 }
 
 impl CoreOutlet {
     /// Hands what devices get (`dev/…`) to the hub at once, from whatever thread commits, and
-    /// returns the rest, in order, for the router.
+    /// returns the rest, in order, for the router: with a copy on `relay/{child}/down/…` of
+    /// what a device reached through a child gets (not its acks: the child acked it already).
     pub fn deliver_to_devices(&self, batch: Vec<Outbound>) -> Vec<Outbound> {
         let hub = &self.hub;
         let mut rest = Vec::new();
         for out in batch {
             if protocol::topic::is_device_topic(&out.topic) {
+                if let Some((relay, retain)) = self.child_of(&out.topic) {
+                    rest.push(Outbound {
+                        topic: protocol::topic::relay_down(&relay, &out.topic),
+                        payload: out.payload.clone(),
+                        retain,
+                    });
+                }
                 hub.deliver(&out.topic, out.payload);
             } else {
                 rest.push(out);
             }
         }
         rest
+    }
+
+    /// The child a device topic goes through, and whether the copy is retained (job orders
+    /// and merged data, as in the hub).
+    fn child_of(&self, topic: &str) -> Option<(protocol::RelayId, bool)> {
+        let mut levels = topic.split('/');
+        let (Some("dev"), Some(serial), Some(kind)) = (levels.next(), levels.next(), levels.next())
+        else {
+            return None;
+        };
+        if kind == "ack" {
+            return None;
+        }
+        let relay = self.routes.get(serial)?;
+        Some((relay, matches!(kind, "jobs" | "merged")))
+    }
+
+    /// When a device's route moves to a child, its retained orders and merged data follow it.
+    async fn follow_routes(self, stop: CancellationToken) {
+        loop {
+            let changed = tokio::select! {
+                () = stop.cancelled() => return,
+                c = self.routes.changed() => c,
+            };
+            for (serial, relay) in changed {
+                for (topic, payload) in self.hub.retained_of(serial.as_str()) {
+                    let out = Outbound {
+                        topic: protocol::topic::relay_down(&relay, &topic),
+                        payload: payload.to_vec(),
+                        retain: true,
+                    };
+                    if self.router.send(out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 

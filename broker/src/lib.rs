@@ -228,6 +228,13 @@ pub async fn run(
     if let Some(t) = &tickets {
         tasks.spawn(t.clone().rotate_until(stop.clone()));
     }
+    if cfg.relay_id.is_some() {
+        // A child's devices get the orders it kept from its parent, parent reachable or not.
+        let txn = core.shared_store().begin()?;
+        for (topic, payload) in txn.mirrored()? {
+            hub.deliver(&topic, payload);
+        }
+    }
     if let (Some(relay), Some(parent)) = (&cfg.relay_id, &cfg.parent) {
         let (cert, key) = pki::relay_cert_paths(&cfg.pki_dir, relay.as_str());
         let tls = pki::client_config(

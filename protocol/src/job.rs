@@ -108,6 +108,9 @@ fn one() -> u32 {
 pub enum JobStatus {
     /// Waiting: the device has not taken it yet, or its instruction time has not come.
     Queued,
+    /// On the disk of the child relay that serves the device (Fig. 8, S508), not yet taken by
+    /// the device.
+    Forwarded,
     /// The device has the job.
     Delivered,
     /// Data acquired: an update's payload is on the device, waiting for the execution time.
@@ -125,8 +128,9 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 9] = [
+    pub const ALL: [JobStatus; 10] = [
         JobStatus::Queued,
+        JobStatus::Forwarded,
         JobStatus::Delivered,
         JobStatus::Staged,
         JobStatus::InProgress,
@@ -140,6 +144,7 @@ impl JobStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             JobStatus::Queued => "queued",
+            JobStatus::Forwarded => "forwarded",
             JobStatus::Delivered => "delivered",
             JobStatus::Staged => "staged",
             JobStatus::InProgress => "in-progress",
@@ -153,16 +158,17 @@ impl JobStatus {
 
     /// Ended jobs no longer hold a retained order on the device's topic.
     pub fn is_terminal(self) -> bool {
-        self.rank() == 4
+        self.rank() == 5
     }
 
     fn rank(self) -> u8 {
         match self {
             JobStatus::Queued => 0,
-            JobStatus::Delivered => 1,
-            JobStatus::Staged => 2,
-            JobStatus::InProgress => 3,
-            _ => 4,
+            JobStatus::Forwarded => 1,
+            JobStatus::Delivered => 2,
+            JobStatus::Staged => 3,
+            JobStatus::InProgress => 4,
+            _ => 5,
         }
     }
 
@@ -266,6 +272,7 @@ mod tests {
             names,
             [
                 "queued",
+                "forwarded",
                 "delivered",
                 "staged",
                 "in-progress",

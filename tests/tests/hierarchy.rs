@@ -297,9 +297,32 @@ async fn every_kind_of_job_submitted_at_the_parent_runs_on_a_device_behind_the_c
     crm.subscribe_and_wait("json/fleet/+/state").await;
     presence(&mut crm, "C1", "online").await;
 
-    // get-data: the order goes down through R1, the result comes back up.
-    let data = host.get_data("C1", "counters").await;
-    assert!(data["counters"].is_object(), "{data:#}");
+    // get-data: the order goes down through R1 (forwarded: on R1's disk), the device runs it,
+    // the result comes back up; the SERVER column shows the path.
+    let job = host
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "get-data",
+            "--sections",
+            "counters",
+        ])
+        .await;
+    let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
+    assert!(detail["data"]["counters"].is_object(), "{detail:#}");
+    let timeline: Vec<&str> = detail["timeline"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|e| e["status"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        timeline,
+        ["queued", "forwarded", "in-progress", "succeeded"],
+        "{detail:#}"
+    );
+    assert_eq!(detail["server"], "parent › R1", "{detail:#}");
+    let listed = host.run_ok(["jobs", "list"]).await;
+    assert!(listed.contains("parent › R1"), "{listed}");
 
     // update-data merged at the relay that holds the job: the parent.
     let job = host
@@ -366,4 +389,91 @@ async fn every_kind_of_job_submitted_at_the_parent_runs_on_a_device_behind_the_c
         "the child handled a job itself:\n{}",
         child.tail()
     );
+}
+
+/// C1 seen online at the parent through R1, then gone from R1: its jobs wait at R1.
+async fn known_then_away(env: &TestEnv, parent_relay: &Broker, child: &Broker) {
+    let mut crm = env
+        .mqtt(protocol::Role::Integrator, "crm")
+        .connect(parent_relay)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    crm.subscribe_and_wait("json/fleet/+/state").await;
+    let mut c1 = env.device("C1").start(child).await;
+    presence(&mut crm, "C1", "online").await;
+    c1.stop().await;
+    presence(&mut crm, "C1", "offline").await;
+}
+
+#[tokio::test]
+async fn a_job_canceled_while_it_waits_at_the_child_is_withdrawn_there() {
+    let env = TestEnv::new("a_job_canceled_while_it_waits_at_the_child_is_withdrawn_there");
+    let (parent_relay, child) = tree(&env).await;
+    let host = env.host("svc", &parent_relay);
+    known_then_away(&env, &parent_relay, &child).await;
+
+    let job = host.submit(&["--serial", "C1", "--kind", "get-data"]).await;
+    host.wait_for_status(&job, "forwarded", deadline()).await;
+    let out = host.cancel(&job).await;
+    assert!(out.success(), "{out}");
+    host.wait_for_status(&job, "canceled", deadline()).await;
+
+    // C1 comes back to R1: the canceled job is gone from there; a new one runs.
+    let c1 = env.device("C1").start(&child).await;
+    let second = host.submit(&["--serial", "C1", "--kind", "get-data"]).await;
+    host.wait_for_status(&second, "succeeded", deadline()).await;
+    assert!(
+        c1.lines_matching(|l| l.contains(&job)).is_empty(),
+        "C1 saw the canceled {job}:\n{}",
+        c1.log()
+    );
+}
+
+#[tokio::test]
+async fn a_child_restarted_while_its_parent_is_down_still_runs_the_jobs_it_has() {
+    let env = TestEnv::new("a_child_restarted_while_its_parent_is_down_still_runs_the_jobs_it_has");
+    let (mut parent_relay, mut child) = tree(&env).await;
+    let (parent_addr, child_addr) = (parent_relay.addr(), child.addr());
+    let host = env.host("svc", &parent_relay);
+    known_then_away(&env, &parent_relay, &child).await;
+    let job = host
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "get-data",
+            "--sections",
+            "counters",
+        ])
+        .await;
+    host.wait_for_status(&job, "forwarded", deadline()).await;
+
+    // The parent goes down; the child restarts; C1 comes back to the child and runs the job
+    // the child kept on its disk. Its result waits there.
+    parent_relay.stop().await;
+    child.stop().await;
+    let child = env
+        .broker()
+        .data_dir(env.path("child"))
+        .listen(child_addr)
+        .args([
+            "--relay-id",
+            "R1",
+            "--parent",
+            &format!("mqtts://{parent_addr}"),
+        ])
+        .args(["--server-name", "R1", "--uplink-batch-delay-ms", "20"])
+        .start()
+        .await;
+    let c1 = env.device("C1").start(&child).await;
+    c1.wait_for_line("C1 ran the kept job", deadline(), |l| {
+        l.contains(&job) && l.contains("succeeded")
+    })
+    .await;
+
+    // The parent is back: the result climbs, the job ends there.
+    let parent_relay = parent(&env, Some(parent_addr)).await;
+    let host = env.host("svc", &parent_relay);
+    let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
+    assert!(detail["data"]["counters"].is_object(), "{detail:#}");
 }

@@ -152,7 +152,7 @@ pub(super) fn forward_only(
             None => return Ok(()),
         },
     };
-    txn.push_uplink(msg.serial, kind, msg.payload)?;
+    txn.push_uplink(msg.serial, kind.as_str(), msg.payload)?;
     core.uplink_queued.store(true, Ordering::Relaxed);
     if let Some(seq) = seq {
         device::record_stored(txn, msg.serial, seq, now)?;
@@ -376,6 +376,37 @@ impl Core {
     }
 }
 
+/// The kind of uplink item that says a job's order is on the child's disk (its payload: the job
+/// id).
+pub const FORWARDED: &str = "forwarded";
+
+/// At a parent: child `relay` has job `payload` (its id) of `serial` on its disk.
+fn job_forwarded(
+    txn: &mut dyn Txn,
+    p: &mut Pending,
+    relay: &RelayId,
+    serial: &Serial,
+    payload: &[u8],
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let Some(job) = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|j| protocol::JobId::parse(j).ok())
+    else {
+        warn!(relay = %relay, serial = %serial, "a child relay said it has a job whose id is not one; ignored");
+        return Ok(());
+    };
+    if let Some(n) = crate::jobs::mark_forwarded(txn, job.as_str(), serial, relay.as_str(), now)? {
+        p.views.insert(n);
+        p.done.push(super::Done::JobUpdate {
+            serial: serial.clone(),
+            job,
+            status: protocol::job::JobStatus::Forwarded,
+        });
+    }
+    Ok(())
+}
+
 /// At a child: queues a message the core just stored for the parent, if it is one a child
 /// forwards.
 pub(super) fn forward(
@@ -385,7 +416,7 @@ pub(super) fn forward(
     msg: FromDevice<'_>,
 ) -> Result<(), StoreError> {
     if forwarded(kind) && core.relay_settings().forward_to_parent {
-        txn.push_uplink(msg.serial, kind, msg.payload)?;
+        txn.push_uplink(msg.serial, kind.as_str(), msg.payload)?;
         core.uplink_queued.store(true, Ordering::Relaxed);
     }
     Ok(())
@@ -432,6 +463,7 @@ pub(super) fn handle_batch(
                 item.serial
             )),
             Some(kind) if forwarded(kind) => None,
+            None if item.kind == FORWARDED => None,
             _ => Some(format!(
                 "a child relay does not forward {:?} messages",
                 protocol::Shown(&item.kind)
@@ -449,6 +481,10 @@ pub(super) fn handle_batch(
                 serial: item.serial.clone(),
                 reason,
             });
+            continue;
+        }
+        if item.kind == FORWARDED {
+            job_forwarded(txn, p, relay, &item.serial, &item.payload, now)?;
             continue;
         }
         let Some(kind) = item.up_kind() else { continue };

@@ -37,7 +37,7 @@ pub fn cancel(
     };
     let status = record.view.status;
     match status {
-        JobStatus::Queued | JobStatus::Delivered | JobStatus::Staged => {}
+        JobStatus::Queued | JobStatus::Forwarded | JobStatus::Delivered | JobStatus::Staged => {}
         JobStatus::InProgress => {
             return Ok(CancelOutcome::Refused(format!(
                 "{id} is in progress on the device and cannot be stopped safely"

@@ -378,6 +378,46 @@ pub fn apply_update(
     })
 }
 
+/// Job `job` of `serial` is on the disk of child relay `relay` (Fig. 8, S508): `forwarded`, if it
+/// was still waiting, and the SERVER column shows the path (`parent › R1`). Returns the job's
+/// number if it changed.
+pub fn mark_forwarded(
+    txn: &mut dyn Txn,
+    job: &str,
+    serial: &Serial,
+    relay: &str,
+    now: Timestamp,
+) -> Result<Option<u64>, StoreError> {
+    let Some((n, mut record)) = lookup(txn, job)? else {
+        return Ok(None);
+    };
+    if record.order.as_ref().is_none_or(|o| &o.serial != serial)
+        || !record.view.status.can_move_to(JobStatus::Forwarded)
+    {
+        return Ok(None);
+    }
+    record.view.status = JobStatus::Forwarded;
+    record.view.updated_at = now;
+    let server = record
+        .view
+        .server
+        .split(" › ")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    record.view.server = format!("{server} › {relay}");
+    txn.put_job(n, &record)?;
+    txn.push_event(
+        n,
+        &JobEvent {
+            at: now,
+            status: JobStatus::Forwarded,
+            note: Some(format!("on child relay {relay}")),
+        },
+    )?;
+    Ok(Some(n))
+}
+
 /// Marks job `n` timed out if it is still open. Returns the record as it now is, or `None` if the
 /// job had already ended (or does not exist).
 pub fn time_out(

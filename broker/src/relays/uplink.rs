@@ -86,6 +86,8 @@ pub async fn run(
         acks: acks_tx,
         up: up_tx,
         hub,
+        store: store.clone(),
+        wake: wake.clone(),
         stats: stats.clone(),
     };
     let driver = tokio::spawn(driver.run(stop.clone()));
@@ -180,6 +182,9 @@ struct Driver {
     acks: mpsc::Sender<BatchAck>,
     up: watch::Sender<Link>,
     hub: Arc<Hub>,
+    /// Where orders from the parent are kept, and the forwarder woken when one is new.
+    store: Arc<dyn Store>,
+    wake: Arc<Notify>,
     stats: Arc<CoreStats>,
 }
 
@@ -192,6 +197,8 @@ impl Driver {
             acks,
             up,
             hub,
+            store,
+            wake,
             stats,
         } = self;
         let ack_topic = topic::relay_ack(&relay);
@@ -212,6 +219,12 @@ impl Driver {
                     // The parent sends every retained order again on the subscription: what it
                     // cleared meanwhile must not linger here.
                     hub.clear_retained();
+                    if let Err(e) = store.begin().and_then(|mut t| {
+                        t.clear_mirrored()?;
+                        t.commit()
+                    }) {
+                        warn!(relay = %relay, error = %e, "could not forget the orders kept from the parent relay");
+                    }
                     let filters = [ack_topic.clone(), down_filter.clone()]
                         .map(|path| SubscribeFilter::new(path, QoS::AtLeastOnce));
                     if let Err(e) = client.try_subscribe_many(filters) {
@@ -227,7 +240,10 @@ impl Driver {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic != ack_topic => {
                     match topic::strip_relay_down(&relay, &p.topic) {
-                        Some(dev_topic) => hub.deliver(dev_topic, p.payload.to_vec()),
+                        Some(dev_topic) => {
+                            keep(&*store, &relay, dev_topic, &p.payload, &wake);
+                            hub.deliver(dev_topic, p.payload.to_vec())
+                        }
                         None => {
                             warn!(relay = %relay, topic = %protocol::Shown(&p.topic), "the parent relay sent a topic a child does not serve; dropped")
                         }
@@ -262,6 +278,38 @@ impl Driver {
                     retry = (retry * 2).min(RETRY_LAST);
                 }
             }
+        }
+    }
+}
+
+/// Keeps an order or merged data the parent sent a device on this child's disk, and tells the
+/// parent (through the queue) that a new job order is here: the job is `forwarded` (Fig. 8,
+/// S508). Failing to keep it is logged; the device gets it anyway.
+fn keep(store: &dyn Store, relay: &RelayId, dev_topic: &str, payload: &[u8], wake: &Notify) {
+    let mut levels = dev_topic.split('/');
+    let (Some("dev"), Some(serial), Some(kind)) = (levels.next(), levels.next(), levels.next())
+    else {
+        return;
+    };
+    if !matches!(kind, "jobs" | "merged") {
+        return;
+    }
+    let job = levels.next().unwrap_or_default();
+    let kept = store.begin().and_then(|mut txn| {
+        if payload.is_empty() {
+            txn.remove_mirrored(dev_topic)?;
+        } else if txn.put_mirrored(dev_topic, payload)?
+            && kind == "jobs"
+            && let Ok(serial) = protocol::Serial::parse(serial)
+        {
+            txn.push_uplink(&serial, crate::core::relay::FORWARDED, job.as_bytes())?;
+        }
+        txn.commit()
+    });
+    match kept {
+        Ok(_) => wake.notify_one(),
+        Err(e) => {
+            warn!(relay = %relay, topic = %protocol::Shown(dev_topic), error = %e, "could not keep an order from the parent relay on disk")
         }
     }
 }

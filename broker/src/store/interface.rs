@@ -17,7 +17,6 @@ use protocol::device::DeviceState;
 use protocol::job::JobEvent;
 use protocol::meter::CounterReading;
 use protocol::relay::UplinkItem;
-use protocol::topic::UpKind;
 use protocol::{MsgId, Seq, Serial, Timestamp};
 
 use super::records::{
@@ -320,7 +319,7 @@ pub trait UplinkTables {
     fn push_uplink(
         &mut self,
         serial: &Serial,
-        kind: UpKind,
+        kind: &str,
         payload: &[u8],
     ) -> Result<u64, StoreError>;
 
@@ -339,6 +338,18 @@ pub trait UplinkTables {
 
     /// How many messages wait for the parent.
     fn uplink_count(&self) -> Result<u64, StoreError>;
+
+    /// Keeps a retained message the parent sent a device here (`dev/{serial}/jobs/{job}`,
+    /// `…/merged/{job}`), so a child restarted while its parent is away still has its devices'
+    /// orders; returns whether it is new (or changed).
+    fn put_mirrored(&mut self, topic: &str, payload: &[u8]) -> Result<bool, StoreError>;
+
+    /// Forgets one (the parent emptied it), or all (the parent is about to send them again).
+    fn remove_mirrored(&mut self, topic: &str) -> Result<(), StoreError>;
+    fn clear_mirrored(&mut self) -> Result<(), StoreError>;
+
+    /// Every retained message kept, by topic.
+    fn mirrored(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// Meter readings (counters) for billing exports, by time.

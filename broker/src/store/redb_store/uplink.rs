@@ -5,7 +5,6 @@
 
 use protocol::Serial;
 use protocol::relay::UplinkItem;
-use protocol::topic::UpKind;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{RedbTxn, backend};
@@ -13,12 +12,14 @@ use crate::store::{StoreError, UplinkTables, decode, encode};
 
 pub(super) const UPLINK: TableDefinition<u64, &[u8]> = TableDefinition::new("uplink");
 const NEXT_UPLINK: &str = "next_uplink";
+/// What the parent relay sent this child's devices to keep (orders, merged data), by topic.
+pub(super) const MIRRORED: TableDefinition<&str, &[u8]> = TableDefinition::new("mirrored");
 
 impl UplinkTables for RedbTxn {
     fn push_uplink(
         &mut self,
         serial: &Serial,
-        kind: UpKind,
+        kind: &str,
         payload: &[u8],
     ) -> Result<u64, StoreError> {
         let op = "queue a message for the parent relay";
@@ -26,7 +27,7 @@ impl UplinkTables for RedbTxn {
         let item = UplinkItem {
             seq,
             serial: serial.clone(),
-            kind: kind.as_str().to_owned(),
+            kind: kind.to_owned(),
             payload: payload.to_vec(),
         };
         let bytes = encode("uplink", seq, &item)?;
@@ -93,13 +94,59 @@ impl UplinkTables for RedbTxn {
         let table = self.txn.open_table(UPLINK).map_err(backend(op))?;
         table.len().map_err(backend(op))
     }
+
+    fn put_mirrored(&mut self, topic: &str, payload: &[u8]) -> Result<bool, StoreError> {
+        let op = "keep an order from the parent relay";
+        let mut table = self.txn.open_table(MIRRORED).map_err(backend(op))?;
+        let same = table
+            .get(topic)
+            .map_err(backend(op))?
+            .is_some_and(|v| v.value() == payload);
+        if same {
+            return Ok(false);
+        }
+        table.insert(topic, payload).map_err(backend(op))?;
+        self.dirty = true;
+        Ok(true)
+    }
+
+    fn remove_mirrored(&mut self, topic: &str) -> Result<(), StoreError> {
+        let op = "forget an order from the parent relay";
+        let mut table = self.txn.open_table(MIRRORED).map_err(backend(op))?;
+        if table.remove(topic).map_err(backend(op))?.is_some() {
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    fn clear_mirrored(&mut self) -> Result<(), StoreError> {
+        let op = "forget the orders from the parent relay";
+        let mut table = self.txn.open_table(MIRRORED).map_err(backend(op))?;
+        if table.len().map_err(backend(op))? > 0 {
+            table.retain(|_, _| false).map_err(backend(op))?;
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    fn mirrored(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let op = "read the orders from the parent relay";
+        let table = self.txn.open_table(MIRRORED).map_err(backend(op))?;
+        table
+            .iter()
+            .map_err(backend(op))?
+            .map(|e| {
+                e.map(|(k, v)| (k.value().to_owned(), v.value().to_vec()))
+                    .map_err(backend(op))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::store::{RedbStore, Store};
     use protocol::Serial;
-    use protocol::topic::UpKind;
 
     #[test]
     fn the_queue_keeps_order_bounds_batches_and_forgets_what_was_acked() {
@@ -108,7 +155,7 @@ mod tests {
         let c1 = Serial::parse("C1").unwrap();
         let mut txn = store.begin().unwrap();
         for i in 0..5u8 {
-            let seq = txn.push_uplink(&c1, UpKind::Counters, &[i; 100]).unwrap();
+            let seq = txn.push_uplink(&c1, "counters", &[i; 100]).unwrap();
             assert_eq!(seq, u64::from(i) + 1);
         }
         txn.commit().unwrap();
@@ -132,7 +179,7 @@ mod tests {
         txn.commit().unwrap();
         let mut txn = store.begin().unwrap();
         assert_eq!(txn.uplink_count().unwrap(), 2);
-        let next = txn.push_uplink(&c1, UpKind::Alarm, b"x").unwrap();
+        let next = txn.push_uplink(&c1, "alarm", b"x").unwrap();
         assert_eq!(next, 6, "numbers keep increasing after removals");
     }
 }

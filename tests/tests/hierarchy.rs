@@ -25,6 +25,37 @@ async fn parent(env: &TestEnv, addr: Option<std::net::SocketAddr>) -> Broker {
     b.start().await
 }
 
+/// `broker run` as child R1 of the parent at `parent_url` (on `addr`, if given), its data in the
+/// test's `child` directory.
+fn child_relay<'a>(
+    env: &'a TestEnv,
+    parent_url: &str,
+    addr: Option<std::net::SocketAddr>,
+) -> harness::BrokerBuilder<'a> {
+    let mut b = env
+        .broker()
+        .data_dir(env.path("child"))
+        .args(["--relay-id", "R1", "--parent", parent_url])
+        .args(["--server-name", "R1", "--uplink-batch-delay-ms", "20"]);
+    if let Some(addr) = addr {
+        b = b.listen(addr);
+    }
+    b
+}
+
+/// `jobs submit --serial C1 --kind get-data --sections counters`: the job id.
+async fn submit_counters(host: &harness::Host) -> String {
+    host.submit(&[
+        "--serial",
+        "C1",
+        "--kind",
+        "get-data",
+        "--sections",
+        "counters",
+    ])
+    .await
+}
+
 fn stored_counters(relay: &Broker, serial: &str) -> usize {
     relay
         .lines_matching(|l| {
@@ -41,12 +72,8 @@ async fn reports_climb_from_child_to_parent_exactly_once_across_a_parent_outage(
     pki::issue_relay_to_dir(env.pki().dir(), "R1", &[]).unwrap();
     let mut parent_relay = parent(&env, None).await;
     let parent_addr = parent_relay.addr();
-    let child = env
-        .broker()
-        .data_dir(env.path("child"))
-        .args(["--relay-id", "R1", "--parent", &parent_relay.url()])
-        .args(["--server-name", "R1", "--metrics-listen", "127.0.0.1:0"])
-        .args(["--uplink-batch-delay-ms", "50"])
+    let child = child_relay(&env, &parent_relay.url(), None)
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .log_also("broker::core::meter=debug")
         .start()
         .await;
@@ -140,13 +167,7 @@ async fn a_child_cannot_speak_for_a_device_it_is_not_assigned() {
     std::fs::write(env.path("parent.toml"), PARENT_CONFIG).unwrap();
     pki::issue_relay_to_dir(env.pki().dir(), "R1", &[]).unwrap();
     let parent_relay = parent(&env, None).await;
-    let child = env
-        .broker()
-        .data_dir(env.path("child"))
-        .args(["--relay-id", "R1", "--parent", &parent_relay.url()])
-        .args(["--uplink-batch-delay-ms", "50"])
-        .start()
-        .await;
+    let child = child_relay(&env, &parent_relay.url(), None).start().await;
     // X9 is served by the child (the child's own ACL lets any device in), but the parent's
     // [[relays]] gives R1 only C*.
     let _x9 = env.device("X9").start(&child).await;
@@ -210,18 +231,7 @@ async fn the_parent_shows_presence_through_the_child_and_unreachable_when_the_ch
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     crm.subscribe_and_wait("json/fleet/+/state").await;
-    let child_at = |addr| {
-        let mut b = env.broker().data_dir(env.path("child")).args([
-            "--relay-id",
-            "R1",
-            "--parent",
-            &parent_relay.url(),
-        ]);
-        if let Some(addr) = addr {
-            b = b.listen(addr);
-        }
-        b.start()
-    };
+    let child_at = |addr| child_relay(&env, &parent_relay.url(), addr).start();
     let mut child = child_at(None).await;
     let child_addr = child.addr();
     let host = env.host("svc", &parent_relay);
@@ -263,13 +273,7 @@ async fn tree(env: &TestEnv) -> (Broker, Broker) {
     std::fs::write(env.path("parent.toml"), PARENT_CONFIG).unwrap();
     pki::issue_relay_to_dir(env.pki().dir(), "R1", &[]).unwrap();
     let parent_relay = parent(env, None).await;
-    let child = env
-        .broker()
-        .data_dir(env.path("child"))
-        .args(["--relay-id", "R1", "--parent", &parent_relay.url()])
-        .args(["--server-name", "R1", "--uplink-batch-delay-ms", "20"])
-        .start()
-        .await;
+    let child = child_relay(env, &parent_relay.url(), None).start().await;
     child
         .wait_for_log("uplink connected to the parent relay", deadline())
         .await;
@@ -299,16 +303,7 @@ async fn every_kind_of_job_submitted_at_the_parent_runs_on_a_device_behind_the_c
 
     // get-data: the order goes down through R1 (forwarded: on R1's disk), the device runs it,
     // the result comes back up; the SERVER column shows the path.
-    let job = host
-        .submit(&[
-            "--serial",
-            "C1",
-            "--kind",
-            "get-data",
-            "--sections",
-            "counters",
-        ])
-        .await;
+    let job = submit_counters(&host).await;
     let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
     assert!(detail["data"]["counters"].is_object(), "{detail:#}");
     let timeline: Vec<&str> = detail["timeline"]
@@ -436,33 +431,14 @@ async fn a_child_restarted_while_its_parent_is_down_still_runs_the_jobs_it_has()
     let (parent_addr, child_addr) = (parent_relay.addr(), child.addr());
     let host = env.host("svc", &parent_relay);
     known_then_away(&env, &parent_relay, &child).await;
-    let job = host
-        .submit(&[
-            "--serial",
-            "C1",
-            "--kind",
-            "get-data",
-            "--sections",
-            "counters",
-        ])
-        .await;
+    let job = submit_counters(&host).await;
     host.wait_for_status(&job, "forwarded", deadline()).await;
 
     // The parent goes down; the child restarts; C1 comes back to the child and runs the job
     // the child kept on its disk. Its result waits there.
     parent_relay.stop().await;
     child.stop().await;
-    let child = env
-        .broker()
-        .data_dir(env.path("child"))
-        .listen(child_addr)
-        .args([
-            "--relay-id",
-            "R1",
-            "--parent",
-            &format!("mqtts://{parent_addr}"),
-        ])
-        .args(["--server-name", "R1", "--uplink-batch-delay-ms", "20"])
+    let child = child_relay(&env, &format!("mqtts://{parent_addr}"), Some(child_addr))
         .start()
         .await;
     let c1 = env.device("C1").start(&child).await;

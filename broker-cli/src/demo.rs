@@ -27,7 +27,7 @@ const HOST: &str = "service-desk";
 const INTEGRATOR: &str = "crm";
 const PREFIX: &str = "COPIER";
 /// How long `--once` waits for every job to end before it gives up.
-const PATIENCE: Duration = Duration::from_secs(120);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(120);
 
 pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
@@ -248,7 +248,7 @@ async fn start_dashboard(
     Ok((task, page))
 }
 
-const FIRMWARE_VERSION: &str = "2.0.0";
+pub(crate) const FIRMWARE_VERSION: &str = "2.0.0";
 /// A fatal service call (drive motor failure): Fig. 5's emergency.
 const FATAL_CODE: &str = "SC-541";
 
@@ -292,7 +292,7 @@ fn emergency_line(alarm: &AlarmView) -> String {
     )
 }
 
-fn submitted(reply: HostReply) -> anyhow::Result<String> {
+pub(crate) fn submitted(reply: HostReply) -> anyhow::Result<String> {
     match reply {
         HostReply::Submitted { job } => Ok(job.id),
         other => anyhow::bail!("the broker refused a demo job: {other:?}"),
@@ -300,7 +300,7 @@ fn submitted(reply: HostReply) -> anyhow::Result<String> {
 }
 
 /// A stand-in firmware image: a header naming the version, then 200 KiB of deterministic bytes.
-fn demo_firmware_image(version: &str) -> Vec<u8> {
+pub(crate) fn demo_firmware_image(version: &str) -> Vec<u8> {
     let mut image = format!("SimCopier ISW {version}\n").into_bytes();
     let mut x: u32 = 0x2545_f491;
     image.extend((0..200 * 1024).map(|_| {
@@ -314,7 +314,7 @@ fn demo_firmware_image(version: &str) -> Vec<u8> {
 
 /// Prints the job list each time it changes, until every job has ended. `Some(all_succeeded)`,
 /// or `None` when patience or the user ran out first.
-async fn follow(
+pub(crate) async fn follow(
     host: &HostClient,
     jobs: &[String],
     stop: &CancellationToken,
@@ -345,7 +345,7 @@ async fn follow(
 }
 
 /// The counters every copier sent, and the fleet's totals.
-async fn print_counters(host: &HostClient, jobs: &[String]) -> anyhow::Result<()> {
+pub(crate) async fn print_counters(host: &HostClient, jobs: &[String]) -> anyhow::Result<()> {
     const COLUMNS: [&str; 5] = ["total", "copy", "print", "scan", "fax"];
     println!("\nCounters collected:");
     println!(

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod demo;
+mod demo_tree;
 
 use anyhow::Context;
 use broker::config::BrokerConfig;
@@ -383,6 +384,11 @@ struct DemoArgs {
     /// How many simulated copiers to run.
     #[arg(long, default_value_t = 5, value_name = "N")]
     devices: usize,
+    /// Run N child relays between the copiers and a parent relay where the service desk
+    /// connects (claims 18–26): a firmware job passes queued → forwarded → delivered → … → succeeded
+    /// through the tree, and every copier's counters come back up.
+    #[arg(long, value_name = "N")]
+    children: Option<usize>,
     /// Exit when every job has ended: 0 if all ended normally, 1 otherwise.
     #[arg(long)]
     once: bool,
@@ -574,9 +580,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            rt.block_on(
-                async move { demo::run(args.devices, args.once, shutdown_on_signal()).await },
-            )
+            rt.block_on(async move {
+                match args.children {
+                    Some(children) => {
+                        demo_tree::run(children, args.devices, args.once, shutdown_on_signal())
+                            .await
+                    }
+                    None => demo::run(args.devices, args.once, shutdown_on_signal()).await,
+                }
+            })
         }
     }
 }

@@ -453,3 +453,42 @@ async fn a_child_restarted_while_its_parent_is_down_still_runs_the_jobs_it_has()
     let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
     assert!(detail["data"]["counters"].is_object(), "{detail:#}");
 }
+
+#[test]
+fn the_tree_demo_shows_a_job_hop_by_hop_and_every_copiers_counters() {
+    let out = harness::broker_command(["demo", "--children", "2", "--devices", "6", "--once"]);
+    assert!(out.success(), "{out}");
+    let text = &out.stdout;
+    for want in [
+        "all 6 copiers online at the parent",
+        "forwarded    on child relay R1",
+        "parent › R1",
+        "parent › R2",
+        "SITE2-00002",
+        "FLEET",
+    ] {
+        assert!(
+            text.contains(want),
+            "{want:?} missing from the demo's output:\n{text}"
+        );
+    }
+    let hops: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("timeline:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    assert_eq!(
+        hops,
+        [
+            "queued",
+            "forwarded",
+            "delivered",
+            "staged",
+            "in-progress",
+            "succeeded"
+        ],
+        "{text}"
+    );
+}

@@ -353,6 +353,11 @@ pub struct SubmitArgs {
     /// or fault:CODE (e.g. fault:SC-541).
     #[arg(long = "condition", value_name = "COND", help_heading = "set-schedule")]
     pub conditions: Vec<String>,
+
+    /// At a parent relay: send the job through this child relay (its id), wherever the device
+    /// was last seen; the child must be one whose [[relays]] serials match the device.
+    #[arg(long, value_name = "RELAY", help_heading = "child relays")]
+    pub via: Option<String>,
 }
 
 /// Reads `SECTION.NAME=VALUE`. Only the shape is checked here; whether the name exists and the

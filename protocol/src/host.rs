@@ -119,6 +119,10 @@ pub struct SubmitJob {
     /// set-schedule: "count:total/1000", "fault:SC-541".
     #[serde(default)]
     pub conditions: Vec<String>,
+    /// At a parent relay: send the job through this child relay (claim 20), whichever child the
+    /// device was last seen on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -27,6 +27,8 @@ pub struct ValidSubmission {
     pub deadline: Option<Timestamp>,
     /// `None`: the broker applies its default.
     pub max_attempts: Option<u32>,
+    /// The child relay to send it through (checked against the relay's `[[relays]]` by it).
+    pub via: Option<crate::RelayId>,
 }
 
 /// A valid job spec, or a firmware job whose artifact the broker still has to look up (only it
@@ -126,6 +128,12 @@ pub fn submission(req: &SubmitJob, now: Timestamp) -> Result<ValidSubmission, Re
             earliest.to_rfc3339()
         )));
     }
+    let via = req
+        .via
+        .as_deref()
+        .map(crate::RelayId::parse)
+        .transpose()
+        .map_err(|e| Rejected(format!("--via: {e}")))?;
     Ok(ValidSubmission {
         serial,
         spec,
@@ -133,6 +141,7 @@ pub fn submission(req: &SubmitJob, now: Timestamp) -> Result<ValidSubmission, Re
         execution_time,
         deadline,
         max_attempts: req.max_attempts,
+        via,
     })
 }
 

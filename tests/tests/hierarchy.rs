@@ -492,3 +492,36 @@ fn the_tree_demo_shows_a_job_hop_by_hop_and_every_copiers_counters() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_job_pinned_with_via_waits_at_that_child_for_a_device_the_parent_never_saw() {
+    let env =
+        TestEnv::new("a_job_pinned_with_via_waits_at_that_child_for_a_device_the_parent_never_saw");
+    let (parent_relay, child) = tree(&env).await;
+    let host = env.host("svc", &parent_relay);
+
+    // C1 has never connected anywhere: pinned to R1, the job waits on R1's disk.
+    let job = host
+        .submit(&["--serial", "C1", "--kind", "get-data", "--via", "R1"])
+        .await;
+    host.wait_for_status(&job, "forwarded", deadline()).await;
+    let _c1 = env.device("C1").start(&child).await;
+    let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
+    assert_eq!(detail["server"], "parent › R1", "{detail:#}");
+
+    // A child the parent does not know, or one that may not serve the device: refused with why.
+    for (via, serial, why) in [
+        ("R9", "C1", "no child relay R9"),
+        ("R1", "X9", "may not serve X9"),
+    ] {
+        let out = host
+            .run([
+                "jobs", "submit", "--serial", serial, "--kind", "get-data", "--via", via,
+            ])
+            .await;
+        assert!(
+            !out.success() && out.stderr.contains(why),
+            "--via {via} for {serial}: {out}"
+        );
+    }
+}

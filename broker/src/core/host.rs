@@ -286,14 +286,35 @@ fn submit(
         }
         return Ok(answer.map_or_else(|e| e, submission_reply));
     }
+    let relays = core.relay_settings();
+    let via_check = |via: &protocol::RelayId, serial: &protocol::Serial| {
+        if relays.assignments.allows(via, serial) {
+            Ok(())
+        } else if relays.assignments.knows(via) {
+            Err(format!(
+                "child relay {via} may not serve {serial}: its [[relays]] serials do not match"
+            ))
+        } else {
+            Err(format!(
+                "no child relay {via} in this relay's [[relays]] (see `host-agent relays list`)"
+            ))
+        }
+    };
     let (n, record) = jobs::submit(
         txn,
         host,
         req,
         &core.settings.server_name,
         &core.defaults(),
+        &via_check,
         now,
     )?;
+    if let (Some(via), Some(order)) = (&req.via, &record.order) {
+        // Accepted, so `via` is a child that may serve the device: its orders go there now.
+        if let Ok(via) = protocol::RelayId::parse(via) {
+            core.route_through(&order.serial, &via);
+        }
+    }
     remember(
         txn,
         host,

@@ -356,6 +356,11 @@ impl Core {
             .clone()
     }
 
+    /// Sends what `serial` gets through child `via` from now on (a job pinned with `--via`).
+    pub(super) fn route_through(&self, serial: &Serial, via: &RelayId) {
+        self.routes.set(serial, via);
+    }
+
     /// Which child each device is reached through (at a parent).
     pub fn child_routes(&self) -> Arc<ChildRoutes> {
         self.routes.clone()

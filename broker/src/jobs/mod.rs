@@ -133,16 +133,24 @@ pub fn lookup(txn: &dyn Txn, id: &str) -> Result<Option<(u64, JobRecord)>, Store
 
 /// Records a host's submission as a new job: queued if it is valid, rejected with the reason if
 /// not (S104). Either way the job gets an id, so the host can look it up.
+/// Whether a submission may go through child relay `via` (`Err`: why not, for the rejection).
+pub type ViaCheck<'a> = &'a dyn Fn(&protocol::RelayId, &Serial) -> Result<(), String>;
+
 pub fn submit(
     txn: &mut dyn Txn,
     host: &HostId,
     req: &SubmitJob,
     server: &str,
     defaults: &Defaults,
+    via_check: ViaCheck<'_>,
     now: Timestamp,
 ) -> Result<(u64, JobRecord), StoreError> {
     // Validation, then the artifact lookup a firmware job needs: both only read.
-    let valid = match JobKind::validate(req, now) {
+    let valid = JobKind::validate(req, now).and_then(|v| match &v.via {
+        Some(via) => via_check(via, &v.serial).map(|()| v).map_err(Rejected),
+        None => Ok(v),
+    });
+    let valid = match valid {
         Ok(v) => {
             let spec = match &v.spec {
                 SpecDraft::Ready(spec) => Ok(spec.clone()),

@@ -65,6 +65,7 @@ pub fn into_submission(args: SubmitArgs) -> anyhow::Result<SubmitJob> {
         calendar: args.calendar,
         moments: args.moments,
         conditions: args.conditions,
+        via: args.via,
     })
 }
 
@@ -94,6 +95,7 @@ mod tests {
             calendar: vec!["daily:22:00".into()],
             moments: vec!["power-on".into()],
             conditions: vec!["count:total/1000".into()],
+            via: Some("R 1".into()),
         };
         let job = into_submission(args).unwrap();
         // Typos and out-of-range numbers pass through: the broker refuses them with a reason.
@@ -116,6 +118,7 @@ mod tests {
             calendar: vec!["daily:22:00".into()],
             moments: vec!["power-on".into()],
             conditions: vec!["count:total/1000".into()],
+            via: Some("R 1".into()),
         };
         assert_eq!(job, want);
     }

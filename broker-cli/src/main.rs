@@ -217,6 +217,13 @@ struct RunArgs {
     /// The parent relay this child connects out to, e.g. mqtts://parent.example.com:8883
     #[arg(long, value_name = "URL")]
     parent: Option<protocol::url::BrokerUrl>,
+    /// persistent: stay connected to the parent; periodic: connect every --parent-interval-secs,
+    /// exchange everything, disconnect (a queued alarm connects at once). Default: persistent
+    #[arg(long, value_name = "MODE")]
+    parent_session: Option<protocol::schedule::SessionMode>,
+    /// How often a periodic child connects to its parent. Default: 300
+    #[arg(long, value_name = "SECS")]
+    parent_interval_secs: Option<u64>,
     /// A child forwards at most this many device messages in one upstream message. Default: 500
     #[arg(long, value_name = "N")]
     uplink_batch_max_items: Option<usize>,
@@ -347,7 +354,9 @@ impl RunArgs {
             tls_ticket_rotation_secs,
             uplink_batch_max_items,
             uplink_batch_max_bytes,
-            uplink_batch_delay_ms
+            uplink_batch_delay_ms,
+            parent_session,
+            parent_interval_secs
         );
         if let Some(id) = self.relay_id {
             cfg.relay_id = Some(id);

@@ -171,6 +171,14 @@ pub struct BrokerConfig {
     /// with its relay certificate. Needs `relay_id`.
     #[serde(default, deserialize_with = "parent_url")]
     pub parent: Option<protocol::url::BrokerUrl>,
+    /// `persistent` (the default): the child stays connected to its parent. `periodic` (claim
+    /// 21): it connects every `parent_interval_secs`, exchanges everything (its queue, presence,
+    /// the orders waiting for its devices), then disconnects; a queued alarm starts a session at
+    /// once. Its devices show as unreachable at the parent between sessions.
+    #[serde(default)]
+    pub parent_session: protocol::schedule::SessionMode,
+    #[serde(default = "defaults::parent_interval_secs")]
+    pub parent_interval_secs: u64,
     /// A child forwards at most this many device messages in one upstream message.
     #[serde(default = "defaults::uplink_batch_max_items")]
     pub uplink_batch_max_items: usize,
@@ -214,6 +222,9 @@ mod defaults {
     }
     pub fn server_name() -> String {
         "relay-1".into()
+    }
+    pub fn parent_interval_secs() -> u64 {
+        300
     }
     pub fn uplink_batch_max_items() -> usize {
         500
@@ -380,6 +391,13 @@ impl BrokerConfig {
                 "parent",
                 &"set",
                 "a child relay needs its relay_id (--relay-id), the id of its relay certificate",
+            ));
+        }
+        if self.parent_interval_secs == 0 {
+            return Err(invalid(
+                "parent_interval_secs",
+                &0,
+                "use at least 1; the default is 300",
             ));
         }
         if self.uplink_batch_max_items == 0 {

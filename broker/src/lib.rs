@@ -250,6 +250,8 @@ pub async fn run(
             max_bytes: cfg.uplink_batch_max_bytes,
             delay: std::time::Duration::from_millis(cfg.uplink_batch_delay_ms),
             ack_timeout: std::time::Duration::from_secs(30),
+            periodic: (cfg.parent_session == protocol::schedule::SessionMode::Periodic)
+                .then(|| std::time::Duration::from_secs(cfg.parent_interval_secs)),
         };
         tasks.spawn(relays::uplink::run(
             settings,

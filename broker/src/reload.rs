@@ -182,7 +182,9 @@ macro_rules! restart_only_keys {
             parent,
             uplink_batch_max_items,
             uplink_batch_max_bytes,
-            uplink_batch_delay_ms
+            uplink_batch_delay_ms,
+            parent_session,
+            parent_interval_secs
         )
     };
 }

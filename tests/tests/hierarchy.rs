@@ -525,3 +525,39 @@ async fn a_job_pinned_with_via_waits_at_that_child_for_a_device_the_parent_never
         );
     }
 }
+
+#[tokio::test]
+async fn a_periodic_child_connects_on_schedule_and_at_once_for_an_alarm() {
+    let env = TestEnv::new("a_periodic_child_connects_on_schedule_and_at_once_for_an_alarm");
+    std::fs::write(env.path("parent.toml"), PARENT_CONFIG).unwrap();
+    pki::issue_relay_to_dir(env.pki().dir(), "R1", &[]).unwrap();
+    let parent_relay = parent(&env, None).await;
+    // Every ten minutes: far longer than this test.
+    let child = child_relay(&env, &parent_relay.url(), None)
+        .args([
+            "--parent-session",
+            "periodic",
+            "--parent-interval-secs",
+            "600",
+        ])
+        .start()
+        .await;
+    // The first session at start exchanges what there is, then ends.
+    child
+        .wait_for_log("periodic session with the parent relay over", deadline())
+        .await;
+
+    // Between sessions: C1's alarm makes the child connect at once.
+    let c1 = env.device("C1").start(&child).await;
+    fault(&c1, &["raise", "SC-541"]).await;
+    parent_relay
+        .wait_for_line("C1's alarm at the parent", deadline(), |l| {
+            l.contains("alarm raised") && l.contains("serial=C1")
+        })
+        .await;
+    child
+        .wait_for_lines("the alarm's session over too", 2, deadline(), |l| {
+            l.contains("periodic session with the parent relay over")
+        })
+        .await;
+}

@@ -108,6 +108,8 @@ pub struct Core {
     presence_deltas: Mutex<Vec<(Serial, bool)>>,
     /// Set when a batch queued something for the parent; the uplink is woken after the commit.
     uplink_queued: AtomicBool,
+    /// An alarm was queued for the parent: a periodic child connects at once.
+    uplink_alarm: Arc<AtomicBool>,
     uplink_wake: Arc<tokio::sync::Notify>,
     /// At a parent: which child each device is reached through.
     routes: Arc<relay::ChildRoutes>,
@@ -304,6 +306,7 @@ impl Core {
             relays: Default::default(),
             presence_deltas: Mutex::new(Vec::new()),
             uplink_queued: AtomicBool::new(false),
+            uplink_alarm: Default::default(),
             uplink_wake: Default::default(),
             children: Default::default(),
             routes: Default::default(),

@@ -361,6 +361,11 @@ impl Core {
         self.routes.set(serial, via);
     }
 
+    /// Set when an alarm is queued for the parent (taken by a periodic child's uplink).
+    pub fn uplink_alarm(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.uplink_alarm.clone()
+    }
+
     /// Which child each device is reached through (at a parent).
     pub fn child_routes(&self) -> Arc<ChildRoutes> {
         self.routes.clone()
@@ -423,6 +428,9 @@ pub(super) fn forward(
     if forwarded(kind) && core.relay_settings().forward_to_parent {
         txn.push_uplink(msg.serial, kind.as_str(), msg.payload)?;
         core.uplink_queued.store(true, Ordering::Relaxed);
+        if kind == UpKind::Alarm {
+            core.uplink_alarm.store(true, Ordering::Relaxed);
+        }
     }
     Ok(())
 }

@@ -44,7 +44,14 @@ pub struct UplinkSettings {
     pub delay: Duration,
     /// A batch not acked within this is sent again.
     pub ack_timeout: Duration,
+    /// Periodic parent sessions (claim 21): connect this often, exchange everything, disconnect.
+    /// `None`: stay connected.
+    pub periodic: Option<Duration>,
 }
+
+/// In a periodic session, what must have been quiet this long before the child says goodbye:
+/// the subscription (its retained orders arrive after it) and the last order.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// Largest ack a child decodes.
 const MAX_ACK_BYTES: usize = 1024 * 1024;
@@ -65,6 +72,7 @@ pub async fn run(
     let store = core.shared_store();
     let stats = core.shared_stats();
     let wake = core.uplink_wake();
+    let alarm = core.uplink_alarm();
     let mut opts = link::mqtt_options(
         settings.relay.as_str(),
         &settings.parent,
@@ -78,6 +86,7 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(opts, 16);
     let (acks_tx, acks) = mpsc::channel(16);
     let (up_tx, up) = watch::channel(Link::default());
+    let (idle_tx, idle) = watch::channel(false);
     info!(relay = %settings.relay, parent = %settings.parent, "uplink to the parent relay starting");
     let driver = Driver {
         eventloop,
@@ -89,6 +98,9 @@ pub async fn run(
         store: store.clone(),
         wake: wake.clone(),
         stats: stats.clone(),
+        periodic: settings.periodic,
+        idle,
+        alarm,
     };
     let driver = tokio::spawn(driver.run(stop.clone()));
     let presence = tokio::spawn(tell_presence(
@@ -103,6 +115,7 @@ pub async fn run(
         store,
         stats,
         client,
+        idle: idle_tx,
     };
     forwarder.run(acks, up, wake, stop.clone()).await;
     stop.cancel();
@@ -186,6 +199,11 @@ struct Driver {
     store: Arc<dyn Store>,
     wake: Arc<Notify>,
     stats: Arc<CoreStats>,
+    periodic: Option<Duration>,
+    /// The forwarder has nothing to send and nothing in flight.
+    idle: watch::Receiver<bool>,
+    /// An alarm was queued (a periodic child connects at once).
+    alarm: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Driver {
@@ -200,7 +218,13 @@ impl Driver {
             store,
             wake,
             stats,
+            periodic,
+            idle,
+            alarm,
         } = self;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut quiet_since = tokio::time::Instant::now();
         let ack_topic = topic::relay_ack(&relay);
         let down_filter = topic::relay_down_filter(&relay);
         let mut retry = RETRY_FIRST;
@@ -209,12 +233,21 @@ impl Driver {
             let polled = tokio::select! {
                 _ = stop.cancelled() => return,
                 polled = eventloop.poll() => polled,
+                _ = tick.tick(), if periodic.is_some() && up.borrow().up => {
+                    // A periodic session ends once everything is exchanged.
+                    if *idle.borrow() && quiet_since.elapsed() >= SETTLE {
+                        let _ = client.try_disconnect();
+                    }
+                    continue;
+                }
             };
             match polled {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     retry = RETRY_FIRST;
                     lost_logged = false;
                     stats.uplink_connected.store(1, Ordering::Relaxed);
+                    // This session carries whatever alarm is queued.
+                    alarm.store(false, Ordering::Relaxed);
                     info!(relay = %relay, "uplink connected to the parent relay");
                     // The parent sends every retained order again on the subscription: what it
                     // cleared meanwhile must not linger here.
@@ -231,7 +264,18 @@ impl Driver {
                         warn!(relay = %relay, error = %e, "could not subscribe at the parent relay");
                     }
                 }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                    eventloop.clean();
+                    stats.uplink_connected.store(0, Ordering::Relaxed);
+                    up.send_if_modified(|l| std::mem::replace(&mut l.up, false));
+                    let Some(interval) = periodic else { continue };
+                    info!(relay = %relay, next_in = ?interval, "periodic session with the parent relay over");
+                    if !wait_for_session(&alarm, interval, &stop).await {
+                        return;
+                    }
+                }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    quiet_since = tokio::time::Instant::now();
                     // Subscribed: batches may go (their acks will come back).
                     up.send_modify(|l| {
                         l.up = true;
@@ -241,6 +285,7 @@ impl Driver {
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic != ack_topic => {
                     match topic::strip_relay_down(&relay, &p.topic) {
                         Some(dev_topic) => {
+                            quiet_since = tokio::time::Instant::now();
                             keep(&*store, &relay, dev_topic, &p.payload, &wake);
                             hub.deliver(dev_topic, p.payload.to_vec())
                         }
@@ -282,6 +327,25 @@ impl Driver {
     }
 }
 
+/// Between periodic sessions: waits `interval`, or less if an alarm is queued (alarms never
+/// wait). `false` when the relay stops first.
+async fn wait_for_session(
+    alarm: &std::sync::atomic::AtomicBool,
+    interval: Duration,
+    stop: &CancellationToken,
+) -> bool {
+    let until = tokio::time::Instant::now() + interval;
+    loop {
+        if alarm.swap(false, Ordering::Relaxed) || tokio::time::Instant::now() >= until {
+            return true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
 /// Keeps an order or merged data the parent sent a device on this child's disk, and tells the
 /// parent (through the queue) that a new job order is here: the job is `forwarded` (Fig. 8,
 /// S508). Failing to keep it is logged; the device gets it anyway.
@@ -319,6 +383,8 @@ struct Forwarder {
     store: Arc<dyn Store>,
     stats: Arc<CoreStats>,
     client: AsyncClient,
+    /// Whether it has nothing to send and nothing in flight (a periodic session may end).
+    idle: watch::Sender<bool>,
 }
 
 /// What the forwarder waits for next.
@@ -424,6 +490,8 @@ impl Forwarder {
                 }
             };
             let now = tokio::time::Instant::now();
+            self.idle
+                .send_if_modified(|i| std::mem::replace(i, items.is_empty()) != items.is_empty());
             if !items.is_empty() {
                 let full = items.len() >= self.settings.max_items
                     || items.iter().map(|i| i.payload.len()).sum::<usize>() * 10

@@ -149,6 +149,11 @@ pub struct CommonArgs {
     /// Overrides `session.failback_secs`; default 30.
     #[arg(long, value_name = "N")]
     pub failback_secs: Option<u64>,
+    /// The --broker relays are one tree (child relays and their parent): a job taken through one
+    /// child is finished through another, or the parent, after a failover. Sets
+    /// `session.one_tree`.
+    #[arg(long)]
+    pub one_tree: bool,
     /// text, or json: one JSON object per line with the same fields, for log shippers.
     /// Overrides `log_format`; default text.
     #[arg(long, value_name = "text|json")]

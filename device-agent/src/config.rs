@@ -144,6 +144,11 @@ pub struct SessionConfig {
     /// With several relays: while on a fallback, probe the preferred ones this often and return
     /// to the first that answers (once no job is running). 0 never returns.
     pub failback_secs: u64,
+    /// Every relay in `broker` belongs to one tree (a parent relay and its children): they keep
+    /// one job list, so a job's reports go to whichever of them the device is on. Without it a
+    /// job's reports wait for the relay that issued the job (separate relays number their jobs
+    /// apart).
+    pub one_tree: bool,
 }
 
 impl Default for SessionConfig {
@@ -164,6 +169,7 @@ impl Default for SessionConfig {
             moments: None,
             conditions: Vec::new(),
             failback_secs: 30,
+            one_tree: false,
         }
     }
 }
@@ -291,6 +297,8 @@ pub struct SessionSettings {
     pub drain_quiet: Duration,
     /// How often a device on a fallback relay probes the preferred ones; zero: never.
     pub failback: Duration,
+    /// The relays are one tree: a job's reports may go to any of them.
+    pub one_tree: bool,
 }
 
 impl Default for SessionSettings {
@@ -341,6 +349,7 @@ impl SessionSettings {
             fetch_timeout: secs(c.fetch_timeout_secs),
             drain_quiet: Duration::from_millis(c.drain_quiet_ms),
             failback: secs(c.failback_secs),
+            one_tree: c.one_tree,
         })
     }
 }
@@ -554,6 +563,7 @@ impl Shared {
     fn merge(file: &FileConfig, flags: SharedFlags) -> Result<Shared, ConfigError> {
         let monitor = monitor_settings(&file.faults, &file.sim, &file.report)?;
         let mut session = file.session.clone();
+        session.one_tree |= flags.common.one_tree;
         if let Some(secs) = flags.common.failback_secs {
             session.failback_secs = secs;
         }

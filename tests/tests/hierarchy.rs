@@ -190,6 +190,17 @@ async fn a_child_cannot_speak_for_a_device_it_is_not_assigned() {
 
 /// The `json/fleet/{serial}/state` views `client` sees until one has `presence` = `want`.
 async fn presence(client: &mut harness::MqttClient, serial: &str, want: &str) -> serde_json::Value {
+    view_until(client, serial, want, |_| true).await
+}
+
+/// The first `json/fleet/{serial}/state` view `client` sees with `presence` = `want` that `ok`
+/// also accepts (views published before a change may still be on their way).
+async fn view_until(
+    client: &mut harness::MqttClient,
+    serial: &str,
+    want: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let topic = format!("json/fleet/{serial}/state");
     let within = deadline();
     tokio::time::timeout(within, async {
@@ -197,7 +208,7 @@ async fn presence(client: &mut harness::MqttClient, serial: &str, want: &str) ->
             let p = client.next_publish_on(&topic, within).await;
             let json: serde_json::Value = serde_json::from_slice(&p.payload)
                 .unwrap_or_else(|e| panic!("{topic} is not JSON: {e}"));
-            if json["presence"] == want {
+            if json["presence"] == want && ok(&json) {
                 return json;
             }
         }
@@ -560,4 +571,114 @@ async fn a_periodic_child_connects_on_schedule_and_at_once_for_an_alarm() {
             l.contains("periodic session with the parent relay over")
         })
         .await;
+}
+
+#[tokio::test]
+async fn a_device_fails_over_child_to_child_to_parent_and_its_job_and_reports_finish_once() {
+    let env = TestEnv::new(
+        "a_device_fails_over_child_to_child_to_parent_and_its_job_and_reports_finish_once",
+    );
+    std::fs::write(
+        env.path("parent.toml"),
+        "[[relays]]\nid = \"R1\"\nserials = [\"C*\"]\n\n[[relays]]\nid = \"R2\"\nserials = [\"C*\"]\n",
+    )
+    .unwrap();
+    for id in ["R1", "R2"] {
+        pki::issue_relay_to_dir(env.pki().dir(), id, &[]).unwrap();
+    }
+    let parent_relay = parent(&env, None).await;
+    let start_child = |id: &'static str, addr| {
+        let mut b = env
+            .broker()
+            .data_dir(env.path(format!("child-{id}")))
+            .args(["--relay-id", id, "--parent", &parent_relay.url()])
+            .args(["--server-name", id, "--uplink-batch-delay-ms", "20"]);
+        if let Some(addr) = addr {
+            b = b.listen(addr);
+        }
+        b.start()
+    };
+    let mut r1 = start_child("R1", None).await;
+    let r1_addr = r1.addr();
+    let mut r2 = start_child("R2", None).await;
+    let host = env.host("svc", &parent_relay);
+    let mut crm = env
+        .mqtt(protocol::Role::Integrator, "crm")
+        .connect(&parent_relay)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    crm.subscribe_and_wait("json/fleet/+/state").await;
+
+    // C1 prefers R1, then R2, then the parent; it reports its counters every second.
+    let c1 = env
+        .device("C1")
+        .brokers(&[r1.url(), r2.url(), parent_relay.url()])
+        .arg("--one-tree")
+        .arg("--failback-secs")
+        .arg("0")
+        .config("[report]\ncounters_every_secs = 1\n")
+        .start(&parent_relay)
+        .await;
+    let on = presence(&mut crm, "C1", "online").await;
+    assert_eq!(on["relay"], "R1", "{on:#}");
+
+    // A job C1 takes through R1 and runs a few seconds later: R1 dies meanwhile.
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(4))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let job = host
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "get-data",
+            "--sections",
+            "counters",
+            "--at",
+            &at,
+        ])
+        .await;
+    c1.wait_for_line("C1 has the job", deadline(), |l| l.contains(&job))
+        .await;
+    r1.kill9().await;
+    view_until(&mut crm, "C1", "online", |v| v["relay"] == "R2").await;
+    let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
+    let statuses: Vec<&str> = detail["timeline"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|e| e["status"].as_str()).collect())
+        .unwrap_or_default();
+    let unique: std::collections::BTreeSet<&str> = statuses.iter().copied().collect();
+    assert_eq!(unique.len(), statuses.len(), "a status twice: {detail:#}");
+
+    // R2 dies too: C1 goes to the parent itself.
+    r2.kill9().await;
+    view_until(&mut crm, "C1", "online", |v| v.get("relay").is_none()).await;
+    let last = host.submit(&["--serial", "C1", "--kind", "get-data"]).await;
+    host.wait_for_status(&last, "succeeded", deadline()).await;
+
+    // R1 comes back and hands over what it had stored but not forwarded when it died. Every
+    // reading the children and the parent took is at the parent once.
+    let r1 = start_child("R1", Some(r1_addr)).await;
+    r1.wait_for_log("uplink connected to the parent relay", deadline())
+        .await;
+    let r1_host = env.host("svc", &r1);
+    let export = ["export", "counters", "--serial", "C1", "--format", "csv"];
+    let until = tokio::time::Instant::now() + deadline();
+    loop {
+        let at_r1 = readings(&r1_host.run_ok(export).await);
+        let at_parent = readings(&host.run_ok(export).await);
+        let unique: std::collections::BTreeSet<_> = at_parent.iter().collect();
+        assert_eq!(
+            unique.len(),
+            at_parent.len(),
+            "a reading twice at the parent"
+        );
+        if at_r1.iter().all(|r| unique.contains(r)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "R1's readings never all reached the parent"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

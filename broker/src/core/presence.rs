@@ -309,7 +309,10 @@ impl Core {
             } else {
                 Presence::Offline
             },
-            relay: child.map(|(relay, _)| relay.to_string()),
+            // Online: the child it is online at, none if only here; else the child it was lost with.
+            relay: child
+                .filter(|(_, at_child)| *at_child || !now_online)
+                .map(|(relay, _)| relay.to_string()),
             last_seen: record.last_seen,
             since: presence.since,
             mode: presence.mode,

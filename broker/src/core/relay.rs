@@ -333,14 +333,16 @@ impl Core {
     /// lost (`false`).
     pub(super) fn child_of(&self, serial: &Serial) -> Option<(RelayId, bool)> {
         let children = self.children.lock().unwrap_or_else(|p| p.into_inner());
-        children.iter().find_map(|(id, c)| {
-            if c.online.contains(serial) {
-                Some((id.clone(), true))
-            } else if c.unreachable.contains(serial) {
-                Some((id.clone(), false))
-            } else {
-                None
-            }
+        // Online at one child wins over unreachable at another (a device that failed over).
+        let online = children
+            .iter()
+            .find(|(_, c)| c.online.contains(serial))
+            .map(|(id, _)| (id.clone(), true));
+        online.or_else(|| {
+            children
+                .iter()
+                .find(|(_, c)| c.unreachable.contains(serial))
+                .map(|(id, _)| (id.clone(), false))
         })
     }
 

@@ -82,7 +82,8 @@ impl Session {
     fn on_job_order(&mut self, job: JobId, p: &Publish) {
         match Envelope::<JobOrder>::from_cbor(&p.payload, self.settings.max_packet_bytes) {
             Ok(env) => {
-                if let Some(relay) = &self.relay {
+                // One tree keeps one job list: any relay of it takes the job's reports.
+                if let Some(relay) = self.relay.as_ref().filter(|_| !self.settings.one_tree) {
                     self.out
                         .origins
                         .entry(job.clone())

@@ -3,9 +3,13 @@
 //! test kills the broker with SIGKILL at random moments (restarting it on the same data directory
 //! and port) and kills whole fleet processes (restarting them on their outboxes).
 //!
-//! At the end: every job is in a final state, every message an agent saw acked is in the broker's
-//! journal, every meter reading an agent saw acked is stored, and nothing is stored twice. The
-//! figures are printed as one JSON line.
+//! The same storm runs on three tiers: the fleets connect to two child relays, the host to their
+//! parent, and the test kills the parent, the children and the fleets.
+//!
+//! At the end: every job is in a final state, every message an agent saw acked (by the relay it
+//! is connected to) is in the journal of the relay the host uses, every meter reading an agent
+//! saw acked is stored there, and nothing is stored twice. The figures are printed as one JSON
+//! line.
 //!
 //! The plan (the order of the kills, the pauses, which device gets which job) comes from a seed,
 //! printed first; `CHUKEI_CHAOS_SEED=<seed>` replays the same plan. The processes' own timing is
@@ -17,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use broker::store::{RedbStore, Store};
 use harness::chaos::{FleetSpec, Rng, acks_logged, ids_logged, start_broker};
-use harness::{ENDS, Proc, TestEnv, deadline, poll_until, secs};
+use harness::{Broker, ENDS, Proc, TestEnv, deadline, poll_until, raw, secs};
 
 const FLEETS: usize = 5;
 const PER_FLEET: usize = 10;
@@ -44,8 +48,138 @@ connect_spread_ms = 500
 
 #[derive(Debug, Clone, Copy)]
 enum Kill {
+    /// The relay the host uses: the only one, or the parent.
     Broker,
+    /// A child relay (three tiers).
+    Child(usize),
     Fleet(usize),
+}
+
+/// The children of the three-tier storm and the fleets each serves (fleet `i` is on child
+/// `i % CHILDREN`).
+const CHILDREN: usize = 2;
+
+/// The relays of one storm: the one the host uses, and the children between it and the fleets
+/// (none for one tier). Each keeps its data directory and port across kills.
+struct Relays {
+    top: Broker,
+    top_addr: std::net::SocketAddr,
+    top_dir: std::path::PathBuf,
+    children: Vec<Broker>,
+    child_addrs: Vec<std::net::SocketAddr>,
+}
+
+impl Relays {
+    async fn start(env: &TestEnv, tiers: usize) -> Relays {
+        let top_dir = env.path("broker-data");
+        if tiers == 3 {
+            let entries: String = (0..CHILDREN)
+                .map(|j| {
+                    let fleets: Vec<String> = (0..FLEETS)
+                        .filter(|i| i % CHILDREN == j)
+                        .map(|i| format!("\"F{i}-*\""))
+                        .collect();
+                    format!(
+                        "[[relays]]\nid = \"R{j}\"\nserials = [{}]\n",
+                        fleets.join(", ")
+                    )
+                })
+                .collect();
+            std::fs::write(env.path("parent.toml"), entries).unwrap_or_else(|e| panic!("{e}"));
+            for j in 0..CHILDREN {
+                pki::issue_relay_to_dir(env.pki().dir(), &format!("R{j}"), &[])
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        let top = top_relay(env, tiers, None, &top_dir).await;
+        let top_addr = top.addr();
+        let mut relays = Relays {
+            top,
+            top_addr,
+            top_dir,
+            children: Vec::new(),
+            child_addrs: Vec::new(),
+        };
+        if tiers == 3 {
+            for j in 0..CHILDREN {
+                let child = relays.child(env, j, None).await;
+                relays.child_addrs.push(child.addr());
+                relays.children.push(child);
+            }
+        }
+        relays
+    }
+
+    async fn child(&self, env: &TestEnv, j: usize, addr: Option<std::net::SocketAddr>) -> Broker {
+        let mut b = env
+            .broker()
+            .data_dir(env.path(format!("child-{j}")))
+            .args(["--relay-id", &format!("R{j}"), "--parent", &self.top.url()])
+            .args([
+                "--uplink-batch-delay-ms",
+                "50",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ]);
+        if let Some(addr) = addr {
+            b = b.listen(addr);
+        }
+        b.start().await
+    }
+
+    /// Where fleet `i` connects.
+    fn url_for_fleet(&self, i: usize) -> String {
+        match self.children.get(i % CHILDREN.max(1)) {
+            Some(child) => child.url(),
+            None => self.top.url(),
+        }
+    }
+
+    /// Waits until every child has handed everything it stored to the parent.
+    async fn drained(&self) {
+        for child in &self.children {
+            poll_until(
+                "a child's queue for the parent drained",
+                secs(60),
+                || async {
+                    let m = raw::scrape(child.metrics_addr()).await;
+                    let (waiting, up) = (
+                        raw::sample(&m, "chukei_uplink_waiting"),
+                        raw::sample(&m, "chukei_uplink_connected"),
+                    );
+                    if waiting == 0 && up == 1 {
+                        Ok(())
+                    } else {
+                        Err(format!("{waiting} waiting, connected {up}"))
+                    }
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+/// The relay the host uses: `broker run` on its data directory (and, on a restart, its port);
+/// with three tiers, a parent configured with its children's `[[relays]]`.
+async fn top_relay(
+    env: &TestEnv,
+    tiers: usize,
+    addr: Option<std::net::SocketAddr>,
+    data_dir: &Path,
+) -> Broker {
+    if tiers != 3 {
+        return start_broker(env, addr, data_dir).await;
+    }
+    let mut b = env
+        .broker()
+        .data_dir(data_dir)
+        .arg("--config")
+        .arg(env.path("parent.toml"));
+    if let Some(addr) = addr {
+        b = b.listen(addr);
+    }
+    b.start().await
 }
 
 /// What the broker's store says, read from its redb file after it stopped.
@@ -136,28 +270,44 @@ fn audit(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fleet_survives_broker_and_agent_sigkills_without_loss_or_duplicates() {
+    storm("chaos", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_tiers_survive_parent_child_and_agent_sigkills_without_loss_or_duplicates() {
+    storm("chaos-tree", 3).await;
+}
+
+/// The storm on `tiers` tiers: 1 (fleets → relay ← host) or 3 (fleets → children → parent ←
+/// host).
+async fn storm(name: &str, tiers: usize) {
     let (mut plan, seed) = Rng::from_env();
     eprintln!("chaos seed {seed} (replay with CHUKEI_CHAOS_SEED={seed})");
-    let env = TestEnv::new("chaos");
-    let data_dir = env.path("broker-data");
-    let mut broker = start_broker(&env, None, &data_dir).await;
-    let (addr, url) = (broker.addr(), broker.url());
-    let host = env.host("svc", &broker);
+    let env = TestEnv::new(name);
+    let mut relays = Relays::start(&env, tiers).await;
+    let host = env.host("svc", &relays.top);
 
     let mut specs: Vec<FleetSpec> = (0..FLEETS)
         .map(|i| FleetSpec::new(&env, &format!("F{i}"), PER_FLEET, FLEET_TOML))
         .collect();
     let mut fleets: Vec<Proc> = Vec::with_capacity(FLEETS);
-    for spec in &mut specs {
-        fleets.push(spec.start(&env, &url, true).await);
+    for (i, spec) in specs.iter_mut().enumerate() {
+        fleets.push(spec.start(&env, &relays.url_for_fleet(i), true).await);
     }
     let started = Instant::now();
 
-    // The plan: the kills in a seeded order, with seeded pauses that fit the storm.
-    let mut kills: Vec<Kill> = (0..BROKER_KILLS)
-        .map(|_| Kill::Broker)
-        .chain((0..AGENT_KILLS).map(|_| Kill::Fleet(plan.below(FLEETS as u64) as usize)))
-        .collect();
+    // The plan: the kills in a seeded order, with seeded pauses that fit the storm. With three
+    // tiers, half of the relay kills are the parent's and half a child's.
+    let mut kills: Vec<Kill> = Vec::with_capacity(BROKER_KILLS + AGENT_KILLS);
+    for k in 0..BROKER_KILLS {
+        kills.push(match tiers {
+            3 if k % 2 == 1 => Kill::Child(plan.below(CHILDREN as u64) as usize),
+            _ => Kill::Broker,
+        });
+    }
+    for _ in 0..AGENT_KILLS {
+        kills.push(Kill::Fleet(plan.below(FLEETS as u64) as usize));
+    }
     for i in (1..kills.len()).rev() {
         let j = plan.below(i as u64 + 1) as usize;
         kills.swap(i, j);
@@ -229,16 +379,25 @@ async fn fleet_survives_broker_and_agent_sigkills_without_loss_or_duplicates() {
             tokio::time::sleep(*pause).await;
             match *kill {
                 Kill::Broker => {
-                    broker.kill9().await;
+                    relays.top.kill9().await;
                     broker_kills += 1;
                     tokio::time::sleep(*down).await;
-                    broker = start_broker(&env, Some(addr), &data_dir).await;
+                    relays.top =
+                        top_relay(&env, tiers, Some(relays.top_addr), &relays.top_dir).await;
+                }
+                Kill::Child(j) => {
+                    relays.children[j].kill9().await;
+                    broker_kills += 1;
+                    tokio::time::sleep(*down).await;
+                    let addr = relays.child_addrs[j];
+                    relays.children[j] = relays.child(&env, j, Some(addr)).await;
                 }
                 Kill::Fleet(i) => {
                     fleets[i].kill9().await;
                     dead_logs.push(fleets[i].log());
                     agent_kills += 1;
                     tokio::time::sleep(*down).await;
+                    let url = relays.url_for_fleet(i);
                     fleets[i] = specs[i].start(&env, &url, false).await;
                 }
             }
@@ -293,10 +452,18 @@ async fn fleet_survives_broker_and_agent_sigkills_without_loss_or_duplicates() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
 
+    // What the children acked is at the parent once their queues are empty.
+    relays.drained().await;
     for fleet in &mut fleets {
         fleet.stop().await;
     }
-    assert!(broker.stop().await.success(), "the broker exits cleanly");
+    for child in &mut relays.children {
+        assert!(child.stop().await.success(), "a child exits cleanly");
+    }
+    assert!(
+        relays.top.stop().await.success(),
+        "the broker exits cleanly"
+    );
     let logs = all_logs(&fleets);
     let queued = ids_logged(&logs, "meter reading queued");
     let acks = acks_logged(&logs);
@@ -312,10 +479,11 @@ async fn fleet_survives_broker_and_agent_sigkills_without_loss_or_duplicates() {
             *acked_reports.entry(serial.clone()).or_default() += 1;
         }
     }
-    let a = audit(&data_dir, &acked, &acked_reports, &submitted);
+    let a = audit(&relays.top_dir, &acked, &acked_reports, &submitted);
     let lost = a.lost_messages.len() + a.lost_reports;
     let figures = serde_json::json!({
         "seed": seed,
+        "tiers": tiers,
         "devices": FLEETS * PER_FLEET,
         "jobs": a.jobs,
         "jobs_by_status": a.jobs_by_status,

@@ -58,13 +58,57 @@ pub struct RefusedItem {
 /// Which of a child's devices have a session open there, on `relay/{id}/up/presence`: the whole
 /// set (`full`) each time the child connects, then what changed. Not queued on the child's disk:
 /// a set sent on every connection supersedes whatever was lost.
+///
+/// A whole set of thousands of serials is sent in parts of at most [`PRESENCE_PART`] (a message
+/// must stay under the parent's packet limit): `full` on each, `last` on the final one; the
+/// parent replaces the set once it has them all.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChildPresence {
     pub full: bool,
+    /// For a whole set: this is its final part (a set in one message has it too).
+    #[serde(default = "yes")]
+    pub last: bool,
+    /// For a whole set: this is its first part.
+    #[serde(default = "yes")]
+    pub first: bool,
     #[serde(default)]
     pub online: Vec<Serial>,
     #[serde(default)]
     pub offline: Vec<Serial>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Serials in one part of a whole presence set: with ids of up to 64 bytes, well under the
+/// parent's default packet limit (256 KiB).
+pub const PRESENCE_PART: usize = 2000;
+
+impl ChildPresence {
+    /// A whole set, in parts of at most [`PRESENCE_PART`] serials (one empty part for none).
+    pub fn whole(online: Vec<Serial>) -> Vec<ChildPresence> {
+        let chunks: Vec<Vec<Serial>> = if online.is_empty() {
+            vec![Vec::new()]
+        } else {
+            online
+                .chunks(PRESENCE_PART)
+                .map(<[Serial]>::to_vec)
+                .collect()
+        };
+        let n = chunks.len();
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, online)| ChildPresence {
+                full: true,
+                first: i == 0,
+                last: i + 1 == n,
+                online,
+                offline: Vec::new(),
+            })
+            .collect()
+    }
 }
 
 /// A child relay as its parent sees it (`relays list`).
@@ -98,6 +142,27 @@ pub struct RelayView {
 mod tests {
     use super::*;
     use crate::{Envelope, Timestamp};
+
+    #[test]
+    fn a_whole_presence_set_goes_in_parts_each_under_the_limit() {
+        let serials: Vec<Serial> = (0..4500)
+            .map(|i| Serial::parse(&format!("{:0>64}", i)).unwrap())
+            .collect();
+        let parts = ChildPresence::whole(serials.clone());
+        assert_eq!(parts.len(), 3);
+        assert!(parts[0].first && !parts[0].last && parts[2].last && !parts[2].first);
+        let back: Vec<Serial> = parts.iter().flat_map(|p| p.online.clone()).collect();
+        assert_eq!(back, serials);
+        for p in &parts {
+            let bytes = Envelope::new(0, Timestamp::UNIX_EPOCH, p)
+                .to_cbor()
+                .unwrap();
+            assert!(bytes.len() < 200 * 1024, "{} bytes", bytes.len());
+        }
+        let none = ChildPresence::whole(Vec::new());
+        assert_eq!(none.len(), 1);
+        assert!(none[0].first && none[0].last && none[0].online.is_empty());
+    }
 
     #[test]
     fn a_batch_round_trips_with_payloads_as_byte_strings() {

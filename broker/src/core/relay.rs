@@ -53,6 +53,8 @@ pub struct ChildStatus {
     pub online: BTreeSet<Serial>,
     /// Devices that were online at the child when its own session was lost.
     pub unreachable: BTreeSet<Serial>,
+    /// A whole set arriving in parts, until its last.
+    incoming: BTreeSet<Serial>,
 }
 
 /// At a parent: which child each device is reached through, for what the parent sends devices
@@ -234,7 +236,16 @@ impl Core {
             online,
         };
         if msg.full {
-            let now_online: BTreeSet<Serial> = msg.online.into_iter().filter(allowed).collect();
+            if msg.first {
+                child.incoming.clear();
+            }
+            child
+                .incoming
+                .extend(msg.online.into_iter().filter(allowed));
+            if !msg.last {
+                return (events, refresh);
+            }
+            let now_online = std::mem::take(&mut child.incoming);
             for s in &now_online {
                 self.routes.set(s, relay);
             }

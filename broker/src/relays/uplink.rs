@@ -148,33 +148,26 @@ async fn tell_presence(
         if !link.up {
             continue;
         }
-        let msg = if told != Some(link.generation) {
+        let messages = if told != Some(link.generation) {
             told = Some(link.generation);
-            ChildPresence {
-                full: true,
-                online: core.online_devices(),
-                offline: Vec::new(),
-            }
+            ChildPresence::whole(core.online_devices())
         } else if deltas.is_empty() {
             continue;
         } else {
-            let (online, offline): (Vec<_>, Vec<_>) = deltas.into_iter().partition(|(_, on)| *on);
-            ChildPresence {
-                full: false,
-                online: online.into_iter().map(|(s, _)| s).collect(),
-                offline: offline.into_iter().map(|(s, _)| s).collect(),
-            }
+            changes(deltas)
         };
-        match Envelope::new(0, chrono::Utc::now(), &msg).to_cbor() {
-            Ok(payload) => {
-                if let Err(e) = client
-                    .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
-                    .await
-                {
-                    warn!(relay = %relay, error = %e, "could not tell the parent relay about device presence");
+        for msg in messages {
+            match Envelope::new(0, chrono::Utc::now(), &msg).to_cbor() {
+                Ok(payload) => {
+                    if let Err(e) = client
+                        .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                        .await
+                    {
+                        warn!(relay = %relay, error = %e, "could not tell the parent relay about device presence");
+                    }
                 }
+                Err(e) => warn!(relay = %relay, error = %e, "could not encode device presence"),
             }
-            Err(e) => warn!(relay = %relay, error = %e, "could not encode device presence"),
         }
     }
 }
@@ -325,6 +318,30 @@ impl Driver {
             }
         }
     }
+}
+
+/// Presence changes as messages of at most [`protocol::relay::PRESENCE_PART`] serials each way: a
+/// whole site reconnecting is thousands of them.
+fn changes(deltas: Vec<(protocol::Serial, bool)>) -> Vec<ChildPresence> {
+    let (online, offline): (Vec<_>, Vec<_>) = deltas.into_iter().partition(|(_, on)| *on);
+    let part = protocol::relay::PRESENCE_PART;
+    let parts = online.len().max(offline.len()).div_ceil(part).max(1);
+    let take = |v: &[(protocol::Serial, bool)], i: usize| {
+        v.iter()
+            .skip(i * part)
+            .take(part)
+            .map(|(s, _)| s.clone())
+            .collect()
+    };
+    (0..parts)
+        .map(|i| ChildPresence {
+            full: false,
+            first: true,
+            last: true,
+            online: take(&online, i),
+            offline: take(&offline, i),
+        })
+        .collect()
 }
 
 /// Between periodic sessions: waits `interval`, or less if an alarm is queued (alarms never

@@ -21,6 +21,7 @@ use super::*;
 mod alarms;
 mod kinds;
 mod meter;
+mod relays;
 mod storage;
 
 const LIMIT: usize = 65536;

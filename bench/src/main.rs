@@ -23,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::fleet::LoadShape;
-use crate::scenarios::{Env, alarm, fanout, idle, pubsub, reports, storm};
+use crate::scenarios::{Env, alarm, fanout, idle, pubsub, reports, storm, tree};
 use crate::worker::ReportKind;
 
 /// Measure chukei against bare rumqttd and Mosquitto, one scenario at a time.
@@ -137,6 +137,14 @@ enum Command {
     JobFanout {
         #[arg(long, default_value_t = 10_000)]
         devices: u32,
+    },
+    /// Child and parent relays: C children × D devices behind one parent, and a flat relay with
+    /// D devices beside it: connect, memory per device, GET DATA to all (chukei only).
+    Tree {
+        #[arg(long, default_value_t = 5)]
+        children: u32,
+        #[arg(long, default_value_t = 19_000)]
+        devices_per_child: u32,
     },
     /// QoS 1 publish → subscribe through each relay, same payloads, same TLS.
     PubsubThroughput {
@@ -265,6 +273,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             .await?,
         ),
         Command::JobFanout { devices } => emit(fanout::run(&env, &targets, devices).await?),
+        Command::Tree {
+            children,
+            devices_per_child,
+        } => emit(tree::run(&env, &targets, children, devices_per_child).await?),
         Command::PubsubThroughput {
             devices,
             window,

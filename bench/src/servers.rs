@@ -195,7 +195,7 @@ pub struct Server {
 }
 
 /// Picks a free loopback port (the relay binds it right after; the race is harmless here).
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

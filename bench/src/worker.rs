@@ -73,8 +73,13 @@ pub enum Work {
         #[serde(default)]
         report: ReportKind,
     },
-    /// Take job orders: on each new order, report `delivered` through the outbox/ack path.
-    Jobs { resend_after_ms: u64 },
+    /// Take job orders: on each new order, report `delivered` through the outbox/ack path; with
+    /// `finish`, report it `succeeded` with a counters section instead (a GET DATA answered).
+    Jobs {
+        resend_after_ms: u64,
+        #[serde(default)]
+        finish: bool,
+    },
     /// Publish QoS 1 to its own topic and receive it back (subscribed to it), with `window`
     /// messages in flight end to end: a new one goes out when one comes back, so the rate is what
     /// the relay delivers, not what it buffers.
@@ -531,7 +536,9 @@ async fn session(
             (rate_per_device > 0.0).then(|| Duration::from_secs_f64(1.0 / rate_per_device)),
             Duration::from_millis(resend_after_ms),
         ),
-        Work::Jobs { resend_after_ms } => (None, Duration::from_millis(resend_after_ms)),
+        Work::Jobs {
+            resend_after_ms, ..
+        } => (None, Duration::from_millis(resend_after_ms)),
         _ => (None, Duration::from_secs(3600)),
     };
     let mut send_tick = tokio::time::interval(paced.unwrap_or(Duration::from_secs(3600)));
@@ -684,18 +691,36 @@ fn publish_envelope(ctx: &Ctx, conn: &mut Conn, up: &str, id: MsgId, p: &Pending
             },
         )
         .to_cbor(),
-        Pending::Job(job) => Envelope::new(
-            id,
-            now,
-            JobUpdate {
-                job: job.clone(),
-                status: JobStatus::Delivered,
-                note: None,
-                data: None,
-                errors: Default::default(),
-            },
-        )
-        .to_cbor(),
+        Pending::Job(job) => {
+            let finish = matches!(ctx.spec.work, Work::Jobs { finish: true, .. });
+            let (status, data) = if finish {
+                let counters = protocol::data::SectionData::from([(
+                    "total".to_owned(),
+                    protocol::data::Value::Int(i64::try_from(id).unwrap_or(i64::MAX)),
+                )]);
+                (
+                    JobStatus::Succeeded,
+                    Some(protocol::data::DeviceData::from([(
+                        protocol::data::Section::Counters,
+                        counters,
+                    )])),
+                )
+            } else {
+                (JobStatus::Delivered, None)
+            };
+            Envelope::new(
+                id,
+                now,
+                JobUpdate {
+                    job: job.clone(),
+                    status,
+                    note: None,
+                    data,
+                    errors: Default::default(),
+                },
+            )
+            .to_cbor()
+        }
     };
     // Encoding our own plain structs cannot fail; skip the message if it somehow does.
     if let Ok(payload) = payload {

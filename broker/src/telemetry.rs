@@ -37,6 +37,8 @@ pub struct CoreStats {
     pub devices_online: AtomicU64,
     /// At a parent: messages child relays forwarded, stored (or found duplicate), and refused.
     pub relay_items_stored: AtomicU64,
+    /// At a parent: batches (upstream messages) child relays sent.
+    pub relay_batches: AtomicU64,
     pub relay_items_refused: AtomicU64,
     /// At a child: messages the parent has acked, and those waiting for it.
     pub uplink_acked: AtomicU64,
@@ -182,6 +184,12 @@ pub fn render(gw: &Metrics, core: &CoreStats, store: Option<&StoreStats>) -> Str
         "counter",
         "At a parent: device messages child relays forwarded that were stored or found duplicate.",
         get(&core.relay_items_stored),
+    );
+    metric(
+        "chukei_relay_batches_total",
+        "counter",
+        "At a parent: batches (upstream messages) child relays sent, each many device messages.",
+        get(&core.relay_batches),
     );
     metric(
         "chukei_relay_items_refused_total",

@@ -53,6 +53,7 @@ async fn one(env: &Env, target: &Target, devices: u32) -> anyhow::Result<Value> 
         devices,
         Work::Jobs {
             resend_after_ms: super::reports::PACED_RESEND_MS,
+            finish: false,
         },
         &env.shape,
     )
@@ -69,62 +70,10 @@ async fn one(env: &Env, target: &Target, devices: u32) -> anyhow::Result<Value> 
     let source = std::net::Ipv4Addr::new(127, 0, 0, 21);
     let mut host = Conn::open(server.endpoint, source, Some(&tls), "bench-host:fanout").await?;
     host.subscribe(&[topic::host_resp(&host_id)]).await?;
-    let req_topic = topic::host_req(&host_id);
 
     let cpu = CpuMeter::start(server.pid());
     let t0 = now_us();
-    let started = Instant::now();
-    let mut next: u32 = 0;
-    // id → (serial index, last sent)
-    let mut waiting: BTreeMap<MsgId, (u32, Instant)> = BTreeMap::new();
-    let (mut submitted, mut rejected, mut last_reply) = (0u64, 0u64, 0u64);
-    while submitted + rejected < n {
-        while waiting.len() < HOST_WINDOW && next < devices {
-            let id = MsgId::from(next + 1);
-            submit(&mut host, &req_topic, id, next)?;
-            waiting.insert(id, (next, Instant::now()));
-            next += 1;
-        }
-        host.flush().await?;
-        let packet = match tokio::time::timeout(Duration::from_secs(1), host.read()).await {
-            Ok(p) => p?,
-            Err(_) => {
-                // Unanswered for a minute: resend (the relay deduplicates by msg id). Not sooner:
-                // a slow relay would only get more work.
-                let stale: Vec<(MsgId, u32)> = waiting
-                    .iter()
-                    .filter(|(_, (_, at))| at.elapsed() > Duration::from_secs(60))
-                    .map(|(id, (i, _))| (*id, *i))
-                    .collect();
-                for (id, i) in stale {
-                    submit(&mut host, &req_topic, id, i)?;
-                    waiting.insert(id, (i, Instant::now()));
-                }
-                if started.elapsed() > Duration::from_secs(600) {
-                    bail!("host replies: {submitted} submitted of {n} after 10 minutes");
-                }
-                continue;
-            }
-        };
-        let mut next_packet = packet;
-        while let Some(p) = next_packet {
-            if let Incoming::Publish(p) = p {
-                if p.qos > 0 {
-                    mqtt::puback(&mut host.wbuf, p.pkid);
-                }
-                if let Ok(env) = Envelope::<HostResponse>::from_cbor(&p.payload, 1 << 20)
-                    && waiting.remove(&env.body.reply_to).is_some()
-                {
-                    last_reply = now_us();
-                    match env.body.reply {
-                        HostReply::Submitted { .. } => submitted += 1,
-                        _ => rejected += 1,
-                    }
-                }
-            }
-            next_packet = host.buffered()?;
-        }
-    }
+    let submitted = submit_all(&mut host, &host_id, devices, &|i| serial_of("F", i)).await?;
     let all = fleet
         .wait_until(
             "every device has its job and its ack",
@@ -141,11 +90,11 @@ async fn one(env: &Env, target: &Target, devices: u32) -> anyhow::Result<Value> 
     let secs = |t: u64| r2(t.saturating_sub(t0) as f64 / 1e6);
     Ok(json!({
         "devices": devices,
-        "all_submitted_secs": secs(last_reply),
+        "all_submitted_secs": secs(submitted.last_reply_us),
         "all_received_secs": secs(total.last_job_received_us),
         "all_acked_secs": secs(total.last_job_acked_us),
-        "submitted": submitted,
-        "rejected": rejected,
+        "submitted": submitted.submitted,
+        "rejected": submitted.rejected,
         "jobs_received": total.jobs_received,
         "jobs_acked": total.jobs_acked,
         "relay_cpu_secs": r2(cpu_secs),
@@ -155,9 +104,89 @@ async fn one(env: &Env, target: &Target, devices: u32) -> anyhow::Result<Value> 
     }))
 }
 
-fn submit(host: &mut Conn, topic: &str, id: MsgId, i: u32) -> anyhow::Result<()> {
+/// What [`submit_all`] got back.
+pub struct Submitted {
+    pub submitted: u64,
+    pub rejected: u64,
+    /// When the last reply came ([`now_us`]).
+    pub last_reply_us: u64,
+}
+
+/// Submits a get-data job (counters) for each of `n` devices (`serial(i)`), keeping up to
+/// [`HOST_WINDOW`] requests unanswered; resends one unanswered for a minute (the relay
+/// deduplicates by msg id).
+pub async fn submit_all(
+    host: &mut Conn,
+    host_id: &HostId,
+    n: u32,
+    serial: &dyn Fn(u32) -> String,
+) -> anyhow::Result<Submitted> {
+    let req_topic = topic::host_req(host_id);
+    let started = Instant::now();
+    let mut next: u32 = 0;
+    // id → (serial index, last sent)
+    let mut waiting: BTreeMap<MsgId, (u32, Instant)> = BTreeMap::new();
+    let mut done = Submitted {
+        submitted: 0,
+        rejected: 0,
+        last_reply_us: 0,
+    };
+    while done.submitted + done.rejected < u64::from(n) {
+        while waiting.len() < HOST_WINDOW && next < n {
+            let id = MsgId::from(next + 1);
+            submit(host, &req_topic, id, &serial(next))?;
+            waiting.insert(id, (next, Instant::now()));
+            next += 1;
+        }
+        host.flush().await?;
+        let packet = match tokio::time::timeout(Duration::from_secs(1), host.read()).await {
+            Ok(p) => p?,
+            Err(_) => {
+                // Unanswered for a minute: resend. Not sooner: a slow relay would only get more
+                // work.
+                let stale: Vec<(MsgId, u32)> = waiting
+                    .iter()
+                    .filter(|(_, (_, at))| at.elapsed() > Duration::from_secs(60))
+                    .map(|(id, (i, _))| (*id, *i))
+                    .collect();
+                for (id, i) in stale {
+                    submit(host, &req_topic, id, &serial(i))?;
+                    waiting.insert(id, (i, Instant::now()));
+                }
+                if started.elapsed() > Duration::from_secs(600) {
+                    bail!(
+                        "host replies: {} submitted of {n} after 10 minutes",
+                        done.submitted
+                    );
+                }
+                continue;
+            }
+        };
+        let mut next_packet = packet;
+        while let Some(p) = next_packet {
+            if let Incoming::Publish(p) = p {
+                if p.qos > 0 {
+                    mqtt::puback(&mut host.wbuf, p.pkid);
+                }
+                if let Ok(env) = Envelope::<HostResponse>::from_cbor(&p.payload, 1 << 20)
+                    && waiting.remove(&env.body.reply_to).is_some()
+                {
+                    done.last_reply_us = now_us();
+                    match env.body.reply {
+                        HostReply::Submitted { .. } => done.submitted += 1,
+                        _ => done.rejected += 1,
+                    }
+                }
+            }
+            next_packet = host.buffered()?;
+        }
+    }
+    Ok(done)
+}
+
+fn submit(host: &mut Conn, topic: &str, id: MsgId, serial: &str) -> anyhow::Result<()> {
     let req = HostRequest::Submit(SubmitJob {
-        serial: serial_of("F", i),
+        serial: serial.to_owned(),
         kind: "get-data".into(),
         sections: vec!["counters".into()],
         ..Default::default()

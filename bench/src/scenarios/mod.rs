@@ -8,6 +8,7 @@ pub mod idle;
 pub mod pubsub;
 pub mod reports;
 pub mod storm;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -478,6 +478,9 @@ pub(super) fn handle_batch(
         }
         return Ok(());
     }
+    core.telemetry()
+        .relay_batches
+        .fetch_add(1, Ordering::Relaxed);
     let mut refused = Vec::new();
     let mut upto = 0;
     let mut served = BTreeSet::new();

@@ -17,7 +17,7 @@ use super::{Env, chukei_only, report};
 use crate::client::Conn;
 use crate::fleet::Fleet;
 use crate::procfs::r2;
-use crate::servers::{Server, Target, free_port};
+use crate::servers::{CHUKEI_MAX_CLIENTS, Server, Target, free_port};
 use crate::tls::Minter;
 use crate::worker::{Work, serial_of};
 
@@ -101,8 +101,14 @@ fn with_args(target: &Target, args: &[String]) -> Target {
     t
 }
 
-/// `children` = 0: one flat relay with `per_child` devices.
+/// `children` = 0: one flat relay with `per_child` devices (fewer if the relay must keep room for
+/// the host: it admits at most [`CHUKEI_MAX_CLIENTS`] clients).
 async fn one(env: &Env, target: &Target, children: u32, per_child: u32) -> anyhow::Result<Value> {
+    let per_child = if children == 0 {
+        per_child.min(u32::try_from(CHUKEI_MAX_CLIENTS - 100)?)
+    } else {
+        per_child
+    };
     let dir = env.run_dir(if children == 0 { "tree-flat" } else { "tree" }, target)?;
     let prefix = |c: u32| format!("T{c}");
     let total = u64::from(per_child) * u64::from(children.max(1));
@@ -262,6 +268,6 @@ async fn one(env: &Env, target: &Target, children: u32, per_child: u32) -> anyho
         "rejected": submitted.rejected,
         "upstream_batches": batches,
         "upstream_items": items,
-        "upstream_messages_per_item": if items > 0 { r2(batches as f64 / items as f64) } else { 0.0 },
+        "upstream_messages_per_item": if items > 0 { (batches as f64 / items as f64 * 1e4).round() / 1e4 } else { 0.0 },
     }))
 }

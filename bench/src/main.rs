@@ -131,6 +131,9 @@ enum Command {
         samples: u32,
         #[arg(long, default_value_t = 50)]
         interval_ms: u64,
+        /// Devices at a child relay, host and integrator at its parent.
+        #[arg(long)]
+        through_child: bool,
     },
     /// One host submits a job to each of M devices: time until all have it and all have acked
     /// (chukei only).
@@ -258,6 +261,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             report_rate,
             samples,
             interval_ms,
+            through_child,
         } => emit(
             alarm::run(
                 &env,
@@ -268,6 +272,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     report_rate,
                     samples,
                     interval_ms,
+                    through_child,
                 },
             )
             .await?,
@@ -333,6 +338,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         report_rate: if smoke { 100.0 } else { 10_000.0 },
                         samples: s(10, 200),
                         interval_ms: if smoke { 20 } else { 50 },
+                        through_child: false,
                     },
                 )
                 .await?,

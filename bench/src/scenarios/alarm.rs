@@ -39,6 +39,9 @@ pub struct Params {
     pub report_rate: f64,
     pub samples: u32,
     pub interval_ms: u64,
+    /// The devices (timed and background) connect to a child relay, the host and integrator to
+    /// its parent: the path is device → child → parent → host.
+    pub through_child: bool,
 }
 
 pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Value> {
@@ -54,7 +57,11 @@ pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Val
             "idle_devices": p.idle, "reporting_devices": p.reporters,
             "background_reports_per_s": p.report_rate, "samples": p.samples, "interval_ms": p.interval_ms,
             "alarm_devices": alarm_devices(&p), "device_rest_ms": DEVICE_REST_MS,
-            "path": "dev/S/up/alarm (raised) → commit → fleet/S/alarm (host, CBOR) and json/fleet/S/alarm (integrator, JSON)",
+            "path": if p.through_child {
+                "dev/S/up/alarm at a child relay (raised) → child's commit → relay/R0/up/batch → parent's commit → fleet/S/alarm at the parent (host, CBOR) and json/fleet/S/alarm (integrator, JSON)"
+            } else {
+                "dev/S/up/alarm (raised) → commit → fleet/S/alarm (host, CBOR) and json/fleet/S/alarm (integrator, JSON)"
+            },
         }),
         &targets,
         results,
@@ -142,16 +149,31 @@ fn fault(n: usize, id: u64, event: FaultEvent) -> anyhow::Result<Vec<u8>> {
 
 async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     let dir = env.run_dir("alarm-latency", target)?;
-    let mut server = Server::start(
-        target,
-        &dir,
-        &env.pki,
-        // The devices whose faults are timed connect too, one after another.
-        (p.idle + p.reporters) as usize + alarm_devices(&p) + 100,
-    )
-    .await?;
+    // The devices whose faults are timed connect too, one after another.
+    let room = (p.idle + p.reporters) as usize + alarm_devices(&p) + 100;
+    let (mut server, mut child) = if p.through_child {
+        let config = dir.join("parent.toml");
+        std::fs::write(&config, "[[relays]]\nid = \"R0\"\nserials = [\"*\"]\n")?;
+        let mut top = target.clone();
+        top.args
+            .extend(["--config".into(), config.display().to_string()]);
+        let parent = Server::start(&top, &dir.join("parent"), &env.pki, 100).await?;
+        pki::issue_relay_to_dir(&env.pki, "R0", &[])?;
+        let mut t = target.clone();
+        t.args.extend([
+            "--relay-id".into(),
+            "R0".into(),
+            "--parent".into(),
+            format!("mqtts://{}", parent.endpoint.addr),
+        ]);
+        let child = Server::start(&t, &dir.join("child"), &env.pki, room).await?;
+        (parent, Some(child))
+    } else {
+        (Server::start(target, &dir, &env.pki, room).await?, None)
+    };
+    let devices_at = child.as_ref().map_or(server.endpoint, |c| c.endpoint);
     let mut idle = Fleet::start(
-        server.endpoint,
+        devices_at,
         &env.pki,
         &dir,
         "I",
@@ -161,7 +183,7 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     )
     .await?;
     let mut reporters = Fleet::start(
-        server.endpoint,
+        devices_at,
         &env.pki,
         &dir,
         "R",
@@ -206,7 +228,7 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     for d in 0..alarm_devices(&p) {
         let serial = Serial::parse(&format!("AL{d:06}"))?;
         let tls = minter.client(Role::Device, serial.as_str())?;
-        let conn = Conn::open(server.endpoint, source, Some(&tls), serial.as_str()).await?;
+        let conn = Conn::open(devices_at, source, Some(&tls), serial.as_str()).await?;
         devices.push((serial, conn, 0u64));
     }
     let sends: Sends = Arc::new(Mutex::new(Vec::new()));
@@ -273,6 +295,9 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     reporters.command("finish").await?;
     let rep = reporters.exit().await?;
     let _ = idle.exit().await?;
+    if let Some(child) = child.as_mut() {
+        child.stop().await?;
+    }
     server.stop().await?;
     let host_h = host_h.lock().map(|h| h.clone()).unwrap_or_default();
     let crm_h = crm_h.lock().map(|h| h.clone()).unwrap_or_default();

@@ -224,7 +224,7 @@ struct RunArgs {
     /// How often a periodic child connects to its parent. Default: 300
     #[arg(long, value_name = "SECS")]
     parent_interval_secs: Option<u64>,
-    /// A child forwards at most this many device messages in one upstream message. Default: 500
+    /// A child forwards at most this many device messages in one upstream message. Default: 100
     #[arg(long, value_name = "N")]
     uplink_batch_max_items: Option<usize>,
     /// ... and at most this many bytes of them. Default: 131072

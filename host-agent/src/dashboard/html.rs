@@ -349,6 +349,7 @@ pub fn devices_table(rows: &[DeviceRow<'_>]) -> Markup {
                                 td { (r.state.state.site) }
                                 td {
                                     span.badge .(r.state.presence.as_str()) { (r.state.presence.as_str()) }
+                                    @if let Some(relay) = &r.state.relay { br; span.muted { "via child relay " (relay) } }
                                     @if let Some(due) = &r.state.due_by { br; span.muted { "due by " (time(due)) " UTC" } }
                                 }
                                 td { (time(&r.state.last_seen)) }
@@ -575,5 +576,54 @@ pub fn message(text: Markup, back: (&str, &str)) -> Markup {
     html! {
         (text)
         p { a href=(back.0) { (back.1) } }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::device::DeviceState;
+    use protocol::presence::Presence;
+
+    fn view(presence: Presence, relay: Option<&str>) -> StateView {
+        StateView {
+            state: DeviceState::default(),
+            presence,
+            last_seen: chrono::Utc::now(),
+            since: None,
+            mode: None,
+            interval_secs: None,
+            due_by: None,
+            relay: relay.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_device_behind_a_child_relay_shows_the_child_and_unreachable_is_its_own_badge() {
+        let (on, lost, here) = (
+            view(Presence::Online, Some("R1")),
+            view(Presence::Unreachable, Some("R1")),
+            view(Presence::Online, None),
+        );
+        let rows = [
+            DeviceRow {
+                serial: "C1",
+                state: &on,
+                readings: &[],
+            },
+            DeviceRow {
+                serial: "C2",
+                state: &lost,
+                readings: &[],
+            },
+            DeviceRow {
+                serial: "C3",
+                state: &here,
+                readings: &[],
+            },
+        ];
+        let page = devices_table(&rows).into_string();
+        assert_eq!(page.matches("via child relay R1").count(), 2, "{page}");
+        assert!(page.contains(r#"class="badge unreachable""#), "{page}");
     }
 }

@@ -283,8 +283,8 @@ Examples:
 #[command(after_help = SUBMIT_EXAMPLES)]
 pub struct SubmitArgs {
     /// The target device's serial (the CN of its certificate).
-    #[arg(long, value_name = "SERIAL")]
-    pub serial: String,
+    #[arg(long, value_name = "SERIAL", required_unless_present = "relay")]
+    pub serial: Option<String>,
     /// What to do: get-data, update-data, firmware or set-schedule.
     #[arg(long, value_name = "KIND")]
     pub kind: String,
@@ -358,6 +358,10 @@ pub struct SubmitArgs {
     /// was last seen; the child must be one whose [[relays]] serials match the device.
     #[arg(long, value_name = "RELAY", help_heading = "child relays")]
     pub via: Option<String>,
+    /// At a parent relay: a job for the child relay itself (its own status with get-data),
+    /// instead of a device.
+    #[arg(long, value_name = "RELAY", conflicts_with_all = ["serial", "via"], help_heading = "child relays")]
+    pub relay: Option<String>,
 }
 
 /// Reads `SECTION.NAME=VALUE`. Only the shape is checked here; whether the name exists and the
@@ -588,7 +592,7 @@ mod tests {
         let Command::Jobs(JobsCommand::Submit(s)) = cli.command else {
             panic!("not submit")
         };
-        assert_eq!(s.serial, "C123");
+        assert_eq!(s.serial.as_deref(), Some("C123"));
         assert_eq!(s.kind, "get-data");
         // Not checked here: the broker is the judge of section names (S103).
         assert_eq!(s.sections, ["counters", "toner"]);

@@ -682,3 +682,40 @@ async fn a_device_fails_over_child_to_child_to_parent_and_its_job_and_reports_fi
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_job_for_the_child_itself_reads_its_own_status() {
+    let env = TestEnv::new("a_job_for_the_child_itself_reads_its_own_status");
+    let (parent_relay, child) = tree(&env).await;
+    let host = env.host("svc", &parent_relay);
+    let _c1 = env.device("C1").start(&child).await;
+
+    let job = host.submit(&["--relay", "R1", "--kind", "get-data"]).await;
+    let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
+    let data = &detail["data"];
+    assert_eq!(
+        data["identification"]["model"], "chukei child relay",
+        "{detail:#}"
+    );
+    assert_eq!(data["identification"]["relay"], "R1", "{detail:#}");
+    assert!(data["identification"]["firmware"].is_string(), "{detail:#}");
+    assert!(data["comms"]["devices_online"].is_number(), "{detail:#}");
+    assert_eq!(detail["serial"], "R1", "{detail:#}");
+
+    // What a child cannot do for itself yet fails with the reason, rather than waiting forever.
+    let job = host
+        .submit(&[
+            "--relay",
+            "R1",
+            "--kind",
+            "set-schedule",
+            "--mode",
+            "persistent",
+        ])
+        .await;
+    let failed = host.wait_for_status(&job, "failed", deadline()).await;
+    assert!(
+        failed["reason"].as_str().unwrap_or("").contains("get-data"),
+        "{failed:#}"
+    );
+}

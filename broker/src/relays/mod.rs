@@ -58,12 +58,16 @@ impl Assignments {
         Ok(Assignments { relays })
     }
 
-    /// Whether `relay` may forward what `serial` sends.
+    /// Whether `relay` may forward what `serial` sends: the serials its entry matches, and its
+    /// own id (the answers to jobs for the child itself, `jobs submit --relay`).
     pub fn allows(&self, relay: &RelayId, serial: &Serial) -> bool {
         self.relays
             .iter()
             .filter(|(id, _)| id == relay)
-            .any(|(_, patterns)| patterns.iter().any(|p| p.matches(serial.as_str())))
+            .any(|(_, patterns)| {
+                relay.as_str() == serial.as_str()
+                    || patterns.iter().any(|p| p.matches(serial.as_str()))
+            })
     }
 
     /// Whether `relay` has an entry at all (a child unknown to this parent).
@@ -109,6 +113,8 @@ mod tests {
         );
         assert!(!a.allows(&r2, &s("C123")));
         assert!(!a.allows(&r9, &s("OSAKA-7")));
+        assert!(a.allows(&r1, &s("R1")), "a child answers for itself");
+        assert!(!a.allows(&r1, &s("R2")));
         assert!(a.knows(&r1) && !a.knows(&r9));
     }
 

@@ -283,6 +283,10 @@ impl Driver {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic != ack_topic => {
                     match topic::strip_relay_down(&relay, &p.topic) {
+                        Some(dev_topic) if own_job(&relay, dev_topic) => {
+                            quiet_since = tokio::time::Instant::now();
+                            answer_own_job(&*store, &relay, &stats, &p.payload, &wake);
+                        }
                         Some(dev_topic) => {
                             quiet_since = tokio::time::Instant::now();
                             keep(&*store, &relay, dev_topic, &p.payload, &wake);
@@ -365,6 +369,99 @@ async fn wait_for_session(
         tokio::select! {
             _ = stop.cancelled() => return false,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// Whether `dev_topic` is a job order for this child itself (`jobs submit --relay R1`: the job's
+/// serial is the child's id).
+fn own_job(relay: &RelayId, dev_topic: &str) -> bool {
+    let mut levels = dev_topic.split('/');
+    levels.next() == Some("dev")
+        && levels.next() == Some(relay.as_str())
+        && levels.next() == Some("jobs")
+}
+
+/// Runs a job the parent filed for this child itself, and queues its answer as its own device
+/// would (the job's number is the message id: one answer per job, deduplicated at the parent
+/// like any). A get-data job reads the child's own status: its program, version and devices;
+/// any other kind fails with the reason (a child's own program is not replaced yet).
+fn answer_own_job(
+    store: &dyn Store,
+    relay: &RelayId,
+    stats: &CoreStats,
+    payload: &[u8],
+    wake: &Notify,
+) {
+    use protocol::data::{DeviceData, Section, SectionData, Value};
+    use protocol::device::JobUpdate;
+    use protocol::job::{JobOrder, JobSpec, JobStatus};
+    if payload.is_empty() {
+        return; // the job ended: its retained order was emptied
+    }
+    let Ok(order) = Envelope::<JobOrder>::from_cbor(payload, 1 << 20).map(|e| e.body) else {
+        warn!(relay = %relay, "unreadable job order for this relay itself; ignored");
+        return;
+    };
+    let Some(n) = crate::store::job_number(order.job.as_str()) else {
+        return;
+    };
+    let get = |c: &std::sync::atomic::AtomicU64| {
+        Value::Int(i64::try_from(c.load(Ordering::Relaxed)).unwrap_or(i64::MAX))
+    };
+    let update = match &order.spec {
+        JobSpec::GetData { .. } => {
+            let identification = SectionData::from([
+                ("model".to_owned(), Value::Text("chukei child relay".into())),
+                ("firmware".to_owned(), Value::Text(env!("CARGO_PKG_VERSION").into())),
+                ("relay".to_owned(), Value::Text(relay.to_string())),
+            ]);
+            let comms = SectionData::from([
+                ("devices_online".to_owned(), get(&stats.devices_online)),
+                ("uplink_waiting".to_owned(), get(&stats.uplink_waiting)),
+                ("uplink_acked".to_owned(), get(&stats.uplink_acked)),
+            ]);
+            JobUpdate {
+                job: order.job.clone(),
+                status: JobStatus::Succeeded,
+                note: Some("the child relay's own status".into()),
+                data: Some(DeviceData::from([
+                    (Section::Identification, identification),
+                    (Section::Comms, comms),
+                ])),
+                errors: Default::default(),
+            }
+        }
+        _ => JobUpdate {
+            job: order.job.clone(),
+            status: JobStatus::Failed,
+            note: Some(
+                "a child relay runs get-data for itself; replacing its own program is not supported yet"
+                    .into(),
+            ),
+            data: None,
+            errors: Default::default(),
+        },
+    };
+    let queued = Envelope::new(n, chrono::Utc::now(), update)
+        .to_cbor()
+        .map_err(|e| StoreError::Encode {
+            table: "uplink",
+            key: order.job.to_string(),
+            reason: e.to_string(),
+        })
+        .and_then(|bytes| {
+            let mut txn = store.begin()?;
+            txn.push_uplink(&order.serial, UpKind::Job.as_str(), &bytes)?;
+            txn.commit()
+        });
+    match queued {
+        Ok(_) => {
+            info!(relay = %relay, job = %order.job, "answered a job for this relay itself");
+            wake.notify_one();
+        }
+        Err(e) => {
+            warn!(relay = %relay, job = %order.job, error = %e, "could not queue the answer to a job for this relay; the parent resends the order on the next connection")
         }
     }
 }

@@ -49,8 +49,13 @@ pub fn into_submission(args: SubmitArgs) -> anyhow::Result<SubmitJob> {
             }
         }
     }
+    // A job for a child relay itself is addressed to its id, through it.
+    let (serial, via) = match args.relay {
+        Some(relay) => (relay.clone(), Some(relay)),
+        None => (args.serial.unwrap_or_default(), args.via),
+    };
     Ok(SubmitJob {
-        serial: args.serial,
+        serial,
         kind: args.kind,
         sections: args.sections,
         at: args.at,
@@ -65,7 +70,7 @@ pub fn into_submission(args: SubmitArgs) -> anyhow::Result<SubmitJob> {
         calendar: args.calendar,
         moments: args.moments,
         conditions: args.conditions,
-        via: args.via,
+        via,
     })
 }
 
@@ -77,7 +82,7 @@ mod tests {
     #[test]
     fn every_flag_reaches_the_submission_unchanged() {
         let args = SubmitArgs {
-            serial: "c/123".into(),
+            serial: Some("c/123".into()),
             kind: "get-dta".into(),
             sections: vec!["counters".into(), "toner".into()],
             at: Some("tomorrow".into()),
@@ -96,6 +101,7 @@ mod tests {
             moments: vec!["power-on".into()],
             conditions: vec!["count:total/1000".into()],
             via: Some("R 1".into()),
+            relay: None,
         };
         let job = into_submission(args).unwrap();
         // Typos and out-of-range numbers pass through: the broker refuses them with a reason.
@@ -126,7 +132,7 @@ mod tests {
     #[test]
     fn the_same_value_twice_is_a_usage_error() {
         let args = SubmitArgs {
-            serial: "C1".into(),
+            serial: Some("C1".into()),
             kind: "update-data".into(),
             set: vec![
                 ("adjustment.density".into(), Value::Int(6)),
@@ -139,6 +145,20 @@ mod tests {
             e.to_string()
                 .contains("--set adjustment.density is given twice"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_job_for_a_child_relay_is_addressed_to_it_through_it() {
+        let args = SubmitArgs {
+            relay: Some("R1".into()),
+            kind: "get-data".into(),
+            ..SubmitArgs::default()
+        };
+        let job = into_submission(args).unwrap();
+        assert_eq!(
+            (job.serial.as_str(), job.via.as_deref()),
+            ("R1", Some("R1"))
         );
     }
 }

@@ -352,6 +352,10 @@ where
         view.instruction,
         view.status.as_str()
     );
+    // The path through child relays (Fig. 8), once the job has taken one.
+    if view.server.contains(" › ") {
+        let _ = write!(line, "  [{}]", view.server);
+    }
     if let Some(reason) = &view.reason {
         let _ = write!(line, "  ({reason})");
     }
@@ -586,5 +590,14 @@ mod tests {
             ..view("J-2", "X", JobStatus::Rejected)
         };
         assert!(watch_line_in(&rejected, &Utc).ends_with("rejected  (unknown serial)"));
+        let through_child = JobView {
+            server: "parent › R1".into(),
+            ..view("J-3", "C1", JobStatus::Forwarded)
+        };
+        assert!(
+            watch_line_in(&through_child, &Utc).ends_with("forwarded  [parent › R1]"),
+            "{}",
+            watch_line_in(&through_child, &Utc)
+        );
     }
 }

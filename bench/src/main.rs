@@ -149,6 +149,16 @@ enum Command {
         #[arg(long, default_value_t = 19_000)]
         devices_per_child: u32,
     },
+    /// Child relays carrying steady reports: C children × D devices each sending a counters
+    /// report a second; upstream messages per report at the parent (chukei only).
+    TreeReports {
+        #[arg(long, default_value_t = 5)]
+        children: u32,
+        #[arg(long, default_value_t = 200)]
+        devices_per_child: u32,
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
+    },
     /// QoS 1 publish → subscribe through each relay, same payloads, same TLS.
     PubsubThroughput {
         #[arg(long, default_value_t = 10)]
@@ -282,6 +292,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             children,
             devices_per_child,
         } => emit(tree::run(&env, &targets, children, devices_per_child).await?),
+        Command::TreeReports {
+            children,
+            devices_per_child,
+            secs,
+        } => emit(tree::reports(&env, &targets, children, devices_per_child, secs).await?),
         Command::PubsubThroughput {
             devices,
             window,

@@ -101,6 +101,184 @@ fn with_args(target: &Target, args: &[String]) -> Target {
     t
 }
 
+/// A parent (or one flat relay, `children` = 0) with `children` child relays `R0…`, each taking
+/// `per_child` devices whose serials are `T{c}` and six digits.
+struct Relays {
+    top: Server,
+    top_metrics: SocketAddr,
+    childs: Vec<Server>,
+}
+
+fn prefix(c: u32) -> String {
+    format!("T{c}")
+}
+
+impl Relays {
+    async fn start(
+        env: &Env,
+        target: &Target,
+        dir: &std::path::Path,
+        children: u32,
+        per_child: u32,
+    ) -> anyhow::Result<Relays> {
+        let config = dir.join("parent.toml");
+        let entries: String = (0..children)
+            .map(|c| {
+                format!(
+                    "[[relays]]\nid = \"R{c}\"\nserials = [\"{}??????\"]\n",
+                    prefix(c)
+                )
+            })
+            .collect();
+        std::fs::write(&config, entries)?;
+        let top_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let top_target = with_args(
+            target,
+            &[
+                "--config".into(),
+                config.display().to_string(),
+                "--metrics-listen".into(),
+                top_metrics.to_string(),
+            ],
+        );
+        let top_capacity = if children == 0 {
+            per_child as usize + 100
+        } else {
+            100
+        };
+        let top = Server::start(&top_target, &dir.join("parent"), &env.pki, top_capacity).await?;
+        let mut childs = Vec::new();
+        for c in 0..children {
+            pki::issue_relay_to_dir(&env.pki, &format!("R{c}"), &[])?;
+            let t = with_args(
+                target,
+                &[
+                    "--relay-id".into(),
+                    format!("R{c}"),
+                    "--parent".into(),
+                    format!("mqtts://{}", top.endpoint.addr),
+                    "--metrics-listen".into(),
+                    format!("127.0.0.1:{}", free_port()?),
+                ],
+            );
+            let child_dir = dir.join(format!("child{c}"));
+            childs.push(Server::start(&t, &child_dir, &env.pki, per_child as usize + 100).await?);
+        }
+        Ok(Relays {
+            top,
+            top_metrics,
+            childs,
+        })
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        for c in &mut self.childs {
+            c.stop().await?;
+        }
+        self.top.stop().await?;
+        Ok(())
+    }
+}
+
+/// Steady reports through the tree (`bench tree-reports`): `per_child` devices behind each child
+/// each sending a counters report a second, for `secs`; how many upstream messages (batches)
+/// carried them.
+pub async fn reports(
+    env: &Env,
+    targets: &[Target],
+    children: u32,
+    per_child: u32,
+    secs: u64,
+) -> anyhow::Result<Value> {
+    let targets = chukei_only(targets);
+    let mut results = Map::new();
+    for target in &targets {
+        eprintln!("bench: tree-reports: {target}, {children} children × {per_child} devices");
+        results.insert(
+            target.name.clone(),
+            steady(env, target, children, per_child, secs).await?,
+        );
+    }
+    Ok(report(
+        "tree-reports",
+        json!({ "children": children, "devices_per_child": per_child, "report": "counters, once a second per device", "secs": secs }),
+        &targets,
+        results,
+        Value::Null,
+        "≤ 0.05 upstream messages per device report at 1,000 devices × 1 report/s",
+        env,
+    )
+    .await)
+}
+
+async fn steady(
+    env: &Env,
+    target: &Target,
+    children: u32,
+    per_child: u32,
+    secs: u64,
+) -> anyhow::Result<Value> {
+    let dir = env.run_dir("tree-reports", target)?;
+    let relays = Relays::start(env, target, &dir, children, per_child).await?;
+    let mut fleets = Vec::new();
+    for (c, child) in relays.childs.iter().enumerate() {
+        let fleet_dir = dir.join(format!("fleet{c}"));
+        std::fs::create_dir_all(&fleet_dir)?;
+        let mut fleet = Fleet::start(
+            child.endpoint,
+            &env.pki,
+            &fleet_dir,
+            &prefix(c as u32),
+            per_child,
+            Work::Reports {
+                window: super::reports::PACED_WINDOW,
+                rate_per_device: 1.0,
+                resend_after_ms: super::reports::PACED_RESEND_MS,
+                report: crate::worker::ReportKind::Counters,
+            },
+            &env.shape,
+        )
+        .await?;
+        fleet.command("connect").await?;
+        fleet
+            .wait_until(
+                "reporting devices connected",
+                Duration::from_secs(600),
+                |t, _| t.subscribed >= u64::from(per_child),
+            )
+            .await?;
+        fleets.push(fleet);
+    }
+    for fleet in &mut fleets {
+        fleet.command("run").await?;
+    }
+    // Past the first seconds (every device's first report at once), then the window.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = scrape(relays.top_metrics).await?;
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let after = scrape(relays.top_metrics).await?;
+    for fleet in &mut fleets {
+        fleet.command("finish").await?;
+    }
+    for fleet in fleets {
+        fleet.exit().await?;
+    }
+    relays.stop().await?;
+    let delta = |name: &str| sample(&after, name).saturating_sub(sample(&before, name));
+    let (batches, items) = (
+        delta("chukei_relay_batches_total"),
+        delta("chukei_relay_items_total"),
+    );
+    Ok(json!({
+        "children": children,
+        "reporting_devices": u64::from(per_child) * u64::from(children),
+        "reports_per_s": r2(items as f64 / secs as f64),
+        "upstream_batches": batches,
+        "upstream_items": items,
+        "upstream_messages_per_report": if items > 0 { (batches as f64 / items as f64 * 1e4).round() / 1e4 } else { 0.0 },
+    }))
+}
+
 /// `children` = 0: one flat relay with `per_child` devices (fewer if the relay must keep room for
 /// the host: it admits at most [`CHUKEI_MAX_CLIENTS`] clients).
 async fn one(env: &Env, target: &Target, children: u32, per_child: u32) -> anyhow::Result<Value> {
@@ -110,59 +288,12 @@ async fn one(env: &Env, target: &Target, children: u32, per_child: u32) -> anyho
         per_child
     };
     let dir = env.run_dir(if children == 0 { "tree-flat" } else { "tree" }, target)?;
-    let prefix = |c: u32| format!("T{c}");
     let total = u64::from(per_child) * u64::from(children.max(1));
-    // The parent (or the flat relay), with its children's [[relays]].
-    let config = dir.join("parent.toml");
-    let entries: String = (0..children)
-        .map(|c| {
-            format!(
-                "[[relays]]\nid = \"R{c}\"\nserials = [\"{}??????\"]\n",
-                prefix(c)
-            )
-        })
-        .collect();
-    std::fs::write(&config, entries)?;
-    let top_metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let top_target = with_args(
-        target,
-        &[
-            "--config".into(),
-            config.display().to_string(),
-            "--metrics-listen".into(),
-            top_metrics.to_string(),
-        ],
-    );
-    let top_capacity = if children == 0 {
-        per_child as usize + 100
-    } else {
-        100
-    };
-    let mut top = Server::start(&top_target, &dir.join("parent"), &env.pki, top_capacity).await?;
-    let mut childs = Vec::new();
-    for c in 0..children {
-        pki::issue_relay_to_dir(&env.pki, &format!("R{c}"), &[])?;
-        let t = with_args(
-            target,
-            &[
-                "--relay-id".into(),
-                format!("R{c}"),
-                "--parent".into(),
-                format!("mqtts://{}", top.endpoint.addr),
-                "--metrics-listen".into(),
-                format!("127.0.0.1:{}", free_port()?),
-            ],
-        );
-        childs.push(
-            Server::start(
-                &t,
-                &dir.join(format!("child{c}")),
-                &env.pki,
-                per_child as usize + 100,
-            )
-            .await?,
-        );
-    }
+    let Relays {
+        top,
+        top_metrics,
+        childs,
+    } = Relays::start(env, target, &dir, children, per_child).await?;
     // Memory before any device: what each device adds is measured against it.
     let relays_rss = |top: &Server, childs: &[Server]| -> Vec<u64> {
         if childs.is_empty() {
@@ -246,10 +377,13 @@ async fn one(env: &Env, target: &Target, children: u32, per_child: u32) -> anyho
     for fleet in fleets {
         fleet.exit().await?;
     }
-    for mut c in childs {
-        c.stop().await?;
+    Relays {
+        top,
+        top_metrics,
+        childs,
     }
-    top.stop().await?;
+    .stop()
+    .await?;
     done?;
     let delta = |name: &str| sample(&after, name).saturating_sub(sample(&before, name));
     let (batches, items) = (

@@ -42,6 +42,9 @@ pub struct RelaySettings {
 pub struct ChildStatus {
     /// Its own session with this parent is open.
     pub connected: bool,
+    /// Its sessions open now: a reconnect's new session may open before the old one's end is
+    /// seen, and that end must not take the new session's devices away.
+    sessions: u32,
     /// When its session last opened or closed.
     pub since: Option<Timestamp>,
     pub last_batch: Option<Timestamp>,
@@ -193,9 +196,18 @@ impl Core {
     ) -> Vec<super::PresenceEvent> {
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         let child = children.entry(relay.clone()).or_default();
-        child.connected = online;
-        child.since = Some(now);
         if online {
+            child.sessions += 1;
+        } else {
+            child.sessions = child.sessions.saturating_sub(1);
+        }
+        let connected = child.sessions > 0;
+        if connected == child.connected {
+            return Vec::new(); // an older session's end after a newer one began
+        }
+        child.connected = connected;
+        child.since = Some(now);
+        if connected {
             tracing::info!(relay = %relay, "child relay connected");
             return Vec::new();
         }

@@ -55,6 +55,19 @@ fn a_whole_set_in_parts_counts_once_it_is_complete_and_a_lost_child_makes_its_de
     assert_eq!(core.child_routes().get("C42"), Some(r1.clone()));
     assert_eq!(core.child_of(&serial("C42")), Some((r1.clone(), true)));
 
+    // A reconnect whose new session opens before the old one's end is seen: still connected,
+    // nothing lost.
+    let session = |online| SessionEvent::Relay {
+        relay: r1.clone(),
+        online,
+    };
+    core.session_events(vec![session(true), session(false)], t(9, 1))
+        .unwrap();
+    assert!(
+        core.is_online(&serial("C1")),
+        "the newer session still holds R1's devices"
+    );
+
     // R1's own session is lost: its devices are unreachable, not online.
     core.session_events(
         vec![SessionEvent::Relay {

@@ -8,6 +8,9 @@
 //! The parent's handling of a batch is the core's (`core/relay.rs`): each item goes through the
 //! same path as a device's own message.
 
+mod down;
+mod forwarder;
+mod presence;
 pub mod uplink;
 
 use protocol::{RelayId, Serial};

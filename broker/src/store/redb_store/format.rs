@@ -3,7 +3,8 @@
 //! it were this one's: its records could mean something else.
 //!
 //! Version 1 is every store written before the version was recorded (it has tables but no
-//! record); version 2 records it.
+//! record); version 2 records it; version 3 may hold jobs `forwarded` to a child relay and a child
+//! relay's tables (`uplink`, `mirrored`), which a version-2 release would not read.
 
 use std::path::Path;
 
@@ -14,7 +15,7 @@ use super::{META, backend};
 use crate::store::StoreError;
 
 /// The format this release writes and reads.
-pub const FORMAT_VERSION: u64 = 2;
+pub const FORMAT_VERSION: u64 = 3;
 
 /// The version's key in the `meta` table.
 const KEY: &str = "format_version";
@@ -23,11 +24,16 @@ const KEY: &str = "format_version";
 type Step = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// `STEPS[i]` upgrades version `i + 1` to `i + 2`.
-const STEPS: [Step; (FORMAT_VERSION - 1) as usize] = [v1_to_v2];
+const STEPS: [Step; (FORMAT_VERSION - 1) as usize] = [v1_to_v2, v2_to_v3];
 
 /// Version 2 only starts recording the version (written by [`upgrade`] after every step); the
 /// records themselves are the same.
 fn v1_to_v2(_txn: &WriteTransaction) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// Version 3 adds a job status and tables a version-2 store has none of: nothing to convert.
+fn v2_to_v3(_txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 

@@ -161,17 +161,7 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
     show_emergency(&host, &serials[serials.len() - 1]).await?;
 
     let code = if once {
-        match outcome {
-            Some(true) => ExitCode::SUCCESS,
-            Some(false) => {
-                println!("\nsome jobs did not end normally");
-                ExitCode::FAILURE
-            }
-            None => {
-                println!("\nnot every job ended within {PATIENCE:?}");
-                ExitCode::FAILURE
-            }
-        }
+        once_code(outcome)
     } else {
         let d = dir.path().display();
         println!("\nAn integrator can watch the JSON views with:\n");
@@ -310,6 +300,21 @@ pub(crate) fn demo_firmware_image(version: &str) -> Vec<u8> {
         x as u8
     }));
     image
+}
+
+/// `--once`'s exit: 0 if every job ended normally (`Some(true)`), else 1 with why.
+pub(crate) fn once_code(outcome: Option<bool>) -> ExitCode {
+    match outcome {
+        Some(true) => ExitCode::SUCCESS,
+        Some(false) => {
+            println!("\nsome jobs did not end normally");
+            ExitCode::FAILURE
+        }
+        None => {
+            println!("\nnot every job ended within {PATIENCE:?}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Prints the job list each time it changes, until every job has ended. `Some(all_succeeded)`,

@@ -24,7 +24,7 @@ use broker::config::BrokerConfig;
 use broker::relays::RelayAssignment;
 
 use crate::demo::{
-    FIRMWARE_VERSION, PATIENCE, demo_firmware_image, follow, print_counters, submitted,
+    FIRMWARE_VERSION, PATIENCE, demo_firmware_image, follow, once_code, print_counters, submitted,
 };
 
 const HOST: &str = "service-desk";
@@ -227,17 +227,7 @@ pub async fn run(
 
     let all_ok = firmware_ok.zip(get_data_ok).map(|(a, b)| a && b);
     let code = if once {
-        match all_ok {
-            Some(true) => ExitCode::SUCCESS,
-            Some(false) => {
-                println!("\nsome jobs did not end normally");
-                ExitCode::FAILURE
-            }
-            None => {
-                println!("\nnot every job ended within {PATIENCE:?}");
-                ExitCode::FAILURE
-            }
-        }
+        once_code(all_ok)
     } else {
         let d = dir.path().display();
         println!("\nSubmit more jobs at the parent with:\n");

@@ -40,8 +40,6 @@ pub struct RelaySettings {
 /// What a parent knows of a child since it started: for `relays list` and device presence.
 #[derive(Debug, Clone, Default)]
 pub struct ChildStatus {
-    /// Its own session with this parent is open.
-    pub connected: bool,
     /// Its sessions open now: a reconnect's new session may open before the old one's end is
     /// seen, and that end must not take the new session's devices away.
     sessions: u32,
@@ -106,26 +104,18 @@ impl ChildRoutes {
     }
 }
 
+impl ChildStatus {
+    /// Its own session with this parent is open.
+    pub fn connected(&self) -> bool {
+        self.sessions > 0
+    }
+}
+
 /// A session opening or closing at the gateway: a device's, or a child relay's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
     Device(super::PresenceEvent),
     Relay { relay: RelayId, online: bool },
-}
-
-/// The kinds a child forwards: all of them. It stores and serves state, alarms and counters
-/// itself too; job updates, merges and firmware fetches are the parent's to answer (the jobs are
-/// the parent's), so a child only forwards those ([`forward_only`]).
-pub fn forwarded(kind: UpKind) -> bool {
-    matches!(
-        kind,
-        UpKind::State
-            | UpKind::Alarm
-            | UpKind::Counters
-            | UpKind::Job
-            | UpKind::Merge
-            | UpKind::Fetch
-    )
 }
 
 /// Whether a child hands this kind to its parent without handling it itself.
@@ -196,16 +186,16 @@ impl Core {
     ) -> Vec<super::PresenceEvent> {
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         let child = children.entry(relay.clone()).or_default();
+        let was = child.connected();
         if online {
             child.sessions += 1;
         } else {
             child.sessions = child.sessions.saturating_sub(1);
         }
-        let connected = child.sessions > 0;
-        if connected == child.connected {
+        let connected = child.connected();
+        if connected == was {
             return Vec::new(); // an older session's end after a newer one began
         }
-        child.connected = connected;
         child.since = Some(now);
         if connected {
             tracing::info!(relay = %relay, "child relay connected");
@@ -329,7 +319,7 @@ impl Core {
                 id: id.to_string(),
                 configured,
                 serials,
-                connected: c.connected,
+                connected: c.connected(),
                 since: c.since,
                 devices_online: c.online.len() as u64,
                 devices_unreachable: c.unreachable.len() as u64,
@@ -450,7 +440,9 @@ pub(super) fn forward(
     kind: UpKind,
     msg: FromDevice<'_>,
 ) -> Result<(), StoreError> {
-    if forwarded(kind) && core.relay_settings().forward_to_parent {
+    // Every kind is forwarded; job updates, merges and fetches never get here at a child (the
+    // parent answers them: `forward_only`).
+    if core.relay_settings().forward_to_parent {
         txn.push_uplink(msg.serial, kind.as_str(), msg.payload)?;
         core.uplink_queued.store(true, Ordering::Relaxed);
         if kind == UpKind::Alarm {
@@ -498,37 +490,43 @@ pub(super) fn handle_batch(
     let mut served = BTreeSet::new();
     for item in &env.body.items {
         upto = upto.max(item.seq);
-        let why = match item.up_kind() {
-            _ if !settings.assignments.allows(relay, &item.serial) => Some(format!(
+        // `Ok(None)`: the child has a job's order on its disk; `Ok(Some(kind))`: a device message.
+        let what = if !settings.assignments.allows(relay, &item.serial) {
+            Err(format!(
                 "relay {relay} may not speak for device {} (not in its [[relays]] serials at the parent)",
                 item.serial
-            )),
-            Some(kind) if forwarded(kind) => None,
-            None if item.kind == FORWARDED => None,
-            _ => Some(format!(
-                "a child relay does not forward {:?} messages",
-                protocol::Shown(&item.kind)
-            )),
+            ))
+        } else if item.kind == FORWARDED {
+            Ok(None)
+        } else {
+            item.up_kind().map(Some).ok_or_else(|| {
+                format!(
+                    "a child relay does not forward {:?} messages",
+                    protocol::Shown(&item.kind)
+                )
+            })
         };
-        if let Some(reason) = why {
-            core.telemetry()
-                .relay_items_refused
-                .fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) = BUDGET.check() {
-                warn!(relay = %relay, serial = %item.serial, kind = %protocol::Shown(&item.kind), reason, suppressed, "refused a message a child relay forwarded");
+        let kind = match what {
+            Ok(Some(kind)) => kind,
+            Ok(None) => {
+                job_forwarded(txn, p, relay, &item.serial, &item.payload, now)?;
+                continue;
             }
-            refused.push(RefusedItem {
-                seq: item.seq,
-                serial: item.serial.clone(),
-                reason,
-            });
-            continue;
-        }
-        if item.kind == FORWARDED {
-            job_forwarded(txn, p, relay, &item.serial, &item.payload, now)?;
-            continue;
-        }
-        let Some(kind) = item.up_kind() else { continue };
+            Err(reason) => {
+                core.telemetry()
+                    .relay_items_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = BUDGET.check() {
+                    warn!(relay = %relay, serial = %item.serial, kind = %protocol::Shown(&item.kind), reason, suppressed, "refused a message a child relay forwarded");
+                }
+                refused.push(RefusedItem {
+                    seq: item.seq,
+                    serial: item.serial.clone(),
+                    reason,
+                });
+                continue;
+            }
+        };
         let topic = topic::dev_up(&item.serial, kind);
         device::handle(
             core,

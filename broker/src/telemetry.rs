@@ -40,9 +40,8 @@ pub struct CoreStats {
     /// At a parent: batches (upstream messages) child relays sent.
     pub relay_batches: AtomicU64,
     pub relay_items_refused: AtomicU64,
-    /// At a child: messages the parent has acked, and those waiting for it.
+    /// At a child: messages the parent has acked (those waiting are counted in the store).
     pub uplink_acked: AtomicU64,
-    pub uplink_waiting: AtomicU64,
     /// At a child: whether its uplink to the parent is connected (0 or 1).
     pub uplink_connected: AtomicU64,
 }
@@ -204,12 +203,6 @@ pub fn render(gw: &Metrics, core: &CoreStats, store: Option<&StoreStats>) -> Str
         get(&core.uplink_acked),
     );
     metric(
-        "chukei_uplink_waiting",
-        "gauge",
-        "At a child: device messages waiting for the parent relay.",
-        get(&core.uplink_waiting),
-    );
-    metric(
         "chukei_uplink_connected",
         "gauge",
         "At a child: 1 while the uplink to the parent relay is connected.",
@@ -310,6 +303,11 @@ pub fn render(gw: &Metrics, core: &CoreStats, store: Option<&StoreStats>) -> Str
             "chukei_notification_queue",
             "Mails and webhook calls waiting to be delivered.",
             s.notify_queue,
+        );
+        gauge(
+            "chukei_uplink_waiting",
+            "At a child: device messages committed here and not yet acked by the parent relay.",
+            s.uplink_waiting,
         );
         gauge(
             "chukei_devices_known",

@@ -452,11 +452,12 @@ async fn storm(name: &str, tiers: usize) {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
 
-    // What the children acked is at the parent once their queues are empty.
-    relays.drained().await;
+    // What the children acked is at the parent once their queues are empty; the fleets stop
+    // first, or a reading acked after the check would still wait at its child.
     for fleet in &mut fleets {
         fleet.stop().await;
     }
+    relays.drained().await;
     for child in &mut relays.children {
         assert!(child.stop().await.success(), "a child exits cleanly");
     }

@@ -56,7 +56,7 @@ pub(super) fn answer_own_job(
             ]);
             let comms = SectionData::from([
                 ("devices_online".to_owned(), get(&stats.devices_online)),
-                ("uplink_waiting".to_owned(), get(&stats.uplink_waiting)),
+                ("uplink_waiting".to_owned(), waiting(store)),
                 ("uplink_acked".to_owned(), get(&stats.uplink_acked)),
             ]);
             JobUpdate {
@@ -102,6 +102,12 @@ pub(super) fn answer_own_job(
             warn!(relay = %relay, job = %order.job, error = %e, "could not queue the answer to a job for this relay; the parent resends the order on the next connection")
         }
     }
+}
+
+/// Messages queued for the parent, as the store counts them (-1 if it cannot be read).
+fn waiting(store: &dyn Store) -> protocol::data::Value {
+    let n = store.begin().and_then(|txn| txn.uplink_count());
+    protocol::data::Value::Int(n.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)))
 }
 
 /// Keeps an order or merged data the parent sent a device on this child's disk, and tells the

@@ -151,11 +151,9 @@ impl Forwarder {
     }
 
     fn read_head(&self) -> Result<Vec<protocol::relay::UplinkItem>, StoreError> {
-        let txn = self.store.begin()?;
-        let items = txn.uplink_after(0, self.settings.max_items, self.settings.max_bytes)?;
-        let waiting = txn.uplink_count()?;
-        self.stats.uplink_waiting.store(waiting, Ordering::Relaxed);
-        Ok(items)
+        self.store
+            .begin()?
+            .uplink_after(0, self.settings.max_items, self.settings.max_bytes)
     }
 
     /// Forgets what the parent committed; `false` when the uplink stops first.

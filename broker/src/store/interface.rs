@@ -87,6 +87,8 @@ pub struct StoreStats {
     pub notify_queue: u64,
     pub devices: u64,
     pub readings: u64,
+    /// At a child relay: device messages queued for its parent and not yet acked by it.
+    pub uplink_waiting: u64,
 }
 
 /// Jobs, their timelines (`jobs show`), what devices reported for them, and the indexes of open

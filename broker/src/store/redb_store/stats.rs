@@ -8,6 +8,7 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransact
 use super::alarms::{ACTIVE_ALARMS, ALARM_CLEARS, ALARM_OVERFLOW, ALARMS, CHECKIN_DUE, PRESENCE};
 use super::notify::{ALARM_DIGESTS, DIGEST_DUE, NOTIFY_QUEUE};
 use super::readings::READINGS;
+use super::uplink::{MIRRORED, UPLINK};
 use super::{DEVICES, JOBS, RedbStore, backend};
 use crate::store::{JobRecord, StoreError, StoreStats};
 
@@ -27,6 +28,8 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(NOTIFY_QUEUE).map_err(backend(op))?;
     txn.open_table(ALARM_DIGESTS).map_err(backend(op))?;
     txn.open_table(DIGEST_DUE).map_err(backend(op))?;
+    txn.open_table(UPLINK).map_err(backend(op))?;
+    txn.open_table(MIRRORED).map_err(backend(op))?;
     Ok(())
 }
 
@@ -70,6 +73,11 @@ impl RedbStore {
             .map_err(backend(op))?;
         stats.readings = txn
             .open_table(READINGS)
+            .map_err(backend(op))?
+            .len()
+            .map_err(backend(op))?;
+        stats.uplink_waiting = txn
+            .open_table(UPLINK)
             .map_err(backend(op))?
             .len()
             .map_err(backend(op))?;

@@ -33,7 +33,7 @@ const HOST: &str = "service-desk";
 struct Relay {
     url: BrokerUrl,
     stop: CancellationToken,
-    task: JoinHandle<Result<(), broker::BrokerError>>,
+    task: JoinHandle<Result<broker::Ended, broker::BrokerError>>,
 }
 
 async fn start_relay(cfg: BrokerConfig) -> anyhow::Result<Relay> {

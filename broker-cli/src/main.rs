@@ -62,6 +62,31 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         pid_file: PathBuf,
     },
+    /// Run a child relay so that its own program can be replaced by a firmware job (`host-agent
+    /// jobs submit --relay ID --kind firmware --artifact VERSION`). The supervisor runs
+    /// PROGRAM_DIR/current with `run` and the arguments after `--` (installing this broker there
+    /// the first time). When the relay has downloaded and checked a new program it exits; the
+    /// supervisor keeps the old one as PROGRAM_DIR/fallback and starts the new one, which must
+    /// reach its parent within --confirm-secs. If it exits first or is late, the old program
+    /// comes back and the job fails with the reason. Signals (TERM, INT, HUP) go to the relay.
+    #[command(
+        after_help = "Example:\n  broker supervise --program-dir /var/lib/chukei/program -- \\\n      --pki-dir child-pki --relay-id R1 --data-dir child --parent mqtts://parent.example.com:8883 \\\n      --publisher-key publisher.pub"
+    )]
+    Supervise {
+        /// Where the programs are kept: current, fallback, and a new one while it is staged.
+        #[arg(long, value_name = "DIR")]
+        program_dir: PathBuf,
+        /// A new program must reach its parent within this many seconds, or the old one is
+        /// started again.
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        confirm_secs: u64,
+        /// The program to install at the first start. Default: this broker executable.
+        #[arg(long, value_name = "FILE")]
+        program: Option<PathBuf>,
+        /// The relay's `broker run` flags.
+        #[arg(last = true, value_name = "RUN FLAGS")]
+        run_args: Vec<std::ffi::OsString>,
+    },
     /// Make an empty data directory hold the store saved by `broker backup`, then start a relay
     /// on it with `broker run --data-dir DIR`. Refused if DIR already has a store.
     #[command(
@@ -234,6 +259,10 @@ struct RunArgs {
     /// wait. Default: 200
     #[arg(long, value_name = "MS")]
     uplink_batch_delay_ms: Option<u64>,
+    /// The firmware publisher's public key (publisher.pub of `host-agent keys generate`): a child
+    /// relay run by `broker supervise` checks an update of its own program against it
+    #[arg(long, value_name = "FILE")]
+    publisher_key: Option<PathBuf>,
     /// Send TLS session tickets, so that a reconnecting client (after a relay restart too)
     /// resumes instead of doing a full handshake; keys in DATA_DIR/tls-ticket-keys. Default: true
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
@@ -363,6 +392,9 @@ impl RunArgs {
         }
         if let Some(url) = self.parent {
             cfg.parent = Some(url);
+        }
+        if let Some(key) = self.publisher_key {
+            cfg.publisher_key = Some(key);
         }
         if let Some(addr) = self.metrics_listen {
             cfg.metrics_listen = Some(addr);
@@ -535,7 +567,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 // Before anything else: SIGHUP's default action ends the process.
                 let reload = reload_on_signal(*args)?;
                 let listener = broker::bind(&cfg).await?;
-                broker::run(
+                let ended = broker::run(
                     cfg,
                     listener,
                     ready_file.as_deref(),
@@ -544,8 +576,35 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(reload),
                 )
                 .await?;
-                Ok(ExitCode::SUCCESS)
+                Ok(match ended {
+                    broker::Ended::Stopped => ExitCode::SUCCESS,
+                    broker::Ended::RestartIntoNewProgram => {
+                        ExitCode::from(broker::program::RESTART_INTO_NEW_PROGRAM)
+                    }
+                })
             })
+        }
+        Command::Supervise {
+            program_dir,
+            confirm_secs,
+            program,
+            run_args,
+        } => {
+            let install_from = match program {
+                Some(p) => p,
+                None => std::env::current_exe().context("finding this program's own path")?,
+            };
+            let settings = broker::program::supervisor::SupervisorSettings {
+                dir: broker::program::ProgramDir::new(program_dir),
+                install_from,
+                run_args,
+                confirm_within: std::time::Duration::from_secs(confirm_secs.max(1)),
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let code = rt
+                .block_on(broker::program::supervisor::supervise(settings))
+                .context("supervising the relay")?;
+            Ok(ExitCode::from(code))
         }
         Command::Reload { pid_file } => {
             let pid = send_hangup(&pid_file)?;

@@ -191,6 +191,11 @@ pub struct BrokerConfig {
     /// Alarms never wait: a batch holding one goes at once.
     #[serde(default = "defaults::uplink_batch_delay_ms")]
     pub uplink_batch_delay_ms: u64,
+    /// A child relay checks a firmware job for its own program against this key (publisher.pub
+    /// of `host-agent keys generate`) before it downloads a byte, as devices do. Unset: it
+    /// refuses to replace its program.
+    #[serde(default)]
+    pub publisher_key: Option<PathBuf>,
     /// At a parent: the child relays and the devices each may speak for (`[[relays]]`, `id` and
     /// `serials`, glob patterns such as "OSAKA-*"). A message a child forwards for any other
     /// serial is refused and counted.

@@ -28,6 +28,7 @@ pub mod log_budget;
 pub mod metrics;
 pub mod metrics_http;
 pub mod notify;
+pub mod program;
 pub mod relays;
 pub mod reload;
 pub mod router;
@@ -62,6 +63,8 @@ pub enum BrokerError {
     TicketKeys(#[from] gateway::tickets::TicketKeyError),
     #[error(transparent)]
     CoreLink(#[from] switch::router_link::CoreLinkError),
+    #[error("{0}")]
+    PublisherKey(String),
     #[error("could not start the core's thread: {0}")]
     CoreThread(std::io::Error),
     #[error(
@@ -138,8 +141,15 @@ pub async fn run(
     faults: Faults,
     stop: CancellationToken,
     reload: Option<reload::Reload>,
-) -> Result<(), BrokerError> {
+) -> Result<Ended, BrokerError> {
     cfg.validate()?;
+    let publisher = cfg
+        .publisher_key
+        .as_deref()
+        .map(pki::publisher::PublisherKey::load)
+        .transpose()
+        .map_err(BrokerError::PublisherKey)?;
+    let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let crl = pki::load_crl(&cfg.pki_dir, cfg.crl_file.as_deref())?;
     let relay_id = cfg.relay_id.as_ref().map(|r| r.as_str());
     let tls = pki::server_config_as(&cfg.pki_dir, crl.as_ref(), relay_id)?;
@@ -252,6 +262,12 @@ pub async fn run(
             ack_timeout: std::time::Duration::from_secs(30),
             periodic: (cfg.parent_session == protocol::schedule::SessionMode::Periodic)
                 .then(|| std::time::Duration::from_secs(cfg.parent_interval_secs)),
+            own: relays::own::OwnSettings {
+                program: program::ProgramDir::from_env(),
+                publisher: publisher.clone(),
+                restart: restart.clone(),
+                stop_all: stop.clone(),
+            },
         };
         tasks.spawn(relays::uplink::run(
             settings,
@@ -358,8 +374,22 @@ pub async fn run(
     }
     tasks.wait().await;
     drop(pid_file);
+    if restart.load(std::sync::atomic::Ordering::SeqCst) {
+        info!("broker stopped to restart into its new program");
+        return Ok(Ended::RestartIntoNewProgram);
+    }
     info!("broker stopped");
-    Ok(())
+    Ok(Ended::Stopped)
+}
+
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Told to stop.
+    Stopped,
+    /// A child relay staged a new program of its own and wants its supervisor to restart it
+    /// into it (exit status [`program::RESTART_INTO_NEW_PROGRAM`]).
+    RestartIntoNewProgram,
 }
 
 /// `pid_file`: the relay's process id, written once it is ready, removed when it stops (if it

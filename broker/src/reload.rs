@@ -179,6 +179,7 @@ macro_rules! restart_only_keys {
             tls_ticket_lifetime_secs,
             tls_ticket_rotation_secs,
             relay_id,
+            publisher_key,
             parent,
             uplink_batch_max_items,
             uplink_batch_max_bytes,

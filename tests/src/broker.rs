@@ -17,6 +17,7 @@ pub struct BrokerBuilder<'a> {
     envs: Vec<(OsString, OsString)>,
     netns: Option<String>,
     ws: bool,
+    supervise: Vec<OsString>,
 }
 
 impl<'a> BrokerBuilder<'a> {
@@ -29,6 +30,7 @@ impl<'a> BrokerBuilder<'a> {
             envs: Vec::new(),
             netns: None,
             ws: false,
+            supervise: Vec::new(),
         }
     }
 
@@ -57,6 +59,19 @@ impl<'a> BrokerBuilder<'a> {
     /// restarted broker finds what the previous one stored.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = dir.into();
+        self
+    }
+
+    /// Runs the relay under `broker supervise --program-dir DIR` with these flags of its own
+    /// (`--confirm-secs`, `--program`): the process is the supervisor, its log holds both.
+    pub fn supervised<I, S>(mut self, program_dir: impl AsRef<OsStr>, flags: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.supervise = vec!["--program-dir".into(), program_dir.as_ref().to_owned()];
+        self.supervise
+            .extend(flags.into_iter().map(|a| a.as_ref().to_owned()));
         self
     }
 
@@ -106,8 +121,12 @@ impl<'a> BrokerBuilder<'a> {
             .listen
             .map_or_else(|| any.to_owned(), |a| a.to_string());
         let mut cmd = crate::netns::command_in(self.netns.as_deref(), &bin("broker"));
-        cmd.arg("run")
-            .arg("--data-dir")
+        if self.supervise.is_empty() {
+            cmd.arg("run");
+        } else {
+            cmd.arg("supervise").args(&self.supervise).arg("--");
+        }
+        cmd.arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--pki-dir")
             .arg(self.env.pki().dir())

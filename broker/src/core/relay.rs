@@ -199,6 +199,11 @@ impl Core {
         child.since = Some(now);
         if connected {
             tracing::info!(relay = %relay, "child relay connected");
+            // What the parent sends the child as a device (its own jobs, the chunks of its new
+            // program) goes down its own session.
+            if let Ok(own) = Serial::parse(relay.as_str()) {
+                self.routes.set(&own, relay);
+            }
             return Vec::new();
         }
         let lost = std::mem::take(&mut child.online);

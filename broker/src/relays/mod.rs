@@ -10,6 +10,7 @@
 
 mod down;
 mod forwarder;
+pub mod own;
 mod presence;
 pub mod uplink;
 

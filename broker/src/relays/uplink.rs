@@ -48,11 +48,16 @@ pub struct UplinkSettings {
     /// Periodic parent sessions (claim 21): connect this often, exchange everything, disconnect.
     /// `None`: stay connected.
     pub periodic: Option<Duration>,
+    /// What the child needs to replace its own program ([`super::own`]).
+    pub own: super::own::OwnSettings,
 }
 
 /// In a periodic session, what must have been quiet this long before the child says goodbye:
 /// the subscription (its retained orders arrive after it) and the last order.
 const SETTLE: Duration = Duration::from_secs(1);
+
+/// Messages for the child itself waiting for [`super::own`]: orders and firmware chunks.
+const OWN_QUEUE: usize = 4 * protocol::artifact::MAX_CHUNKS_PER_FETCH;
 
 /// Largest ack a child decodes.
 const MAX_ACK_BYTES: usize = 1024 * 1024;
@@ -91,6 +96,8 @@ pub async fn run(
     let (acks_tx, acks) = mpsc::channel(16);
     let (up_tx, up) = watch::channel(Link::default());
     let (idle_tx, idle) = watch::channel(false);
+    // Room for several windows of chunks: the task writes each to disk as it comes.
+    let (own_tx, own_rx) = mpsc::channel(OWN_QUEUE);
     info!(relay = %settings.relay, parent = %settings.parent, "uplink to the parent relay starting");
     let driver = Driver {
         eventloop,
@@ -105,8 +112,21 @@ pub async fn run(
         periodic: settings.periodic,
         idle,
         alarm,
+        own: own_tx,
     };
     let driver = tokio::spawn(driver.run(stop.clone()));
+    let own = tokio::spawn(
+        super::own::OwnJobs {
+            relay: settings.relay.clone(),
+            store: store.clone(),
+            stats: stats.clone(),
+            wake: wake.clone(),
+            settings: settings.own.clone(),
+            up: up.clone(),
+            rx: own_rx,
+        }
+        .run(stop.clone()),
+    );
     let presence = tokio::spawn(super::presence::tell_presence(
         core,
         client.clone(),
@@ -125,6 +145,7 @@ pub async fn run(
     stop.cancel();
     let _ = driver.await;
     let _ = presence.await;
+    let _ = own.await;
 }
 
 /// Whether the uplink may send, and which connection it is on (a new number for each).
@@ -152,6 +173,8 @@ struct Driver {
     idle: watch::Receiver<bool>,
     /// An alarm was queued (a periodic child connects at once).
     alarm: Arc<std::sync::atomic::AtomicBool>,
+    /// What the parent sends for the child itself.
+    own: mpsc::Sender<super::own::OwnMessage>,
 }
 
 impl Driver {
@@ -169,6 +192,7 @@ impl Driver {
             periodic,
             idle,
             alarm,
+            own,
         } = self;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -231,10 +255,15 @@ impl Driver {
                     });
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic != ack_topic => {
-                    match topic::strip_relay_down(&relay, &p.topic) {
-                        Some(dev_topic) if super::down::own_job(&relay, dev_topic) => {
+                    let dev_topic = topic::strip_relay_down(&relay, &p.topic);
+                    let mine =
+                        dev_topic.and_then(|t| super::down::for_this_relay(&relay, t, &p.payload));
+                    match dev_topic {
+                        Some(_) if mine.is_some() => {
                             quiet_since = tokio::time::Instant::now();
-                            super::down::answer_own_job(&*store, &relay, &stats, &p.payload, &wake);
+                            if let Some(Err(e)) = mine.flatten().map(|m| own.try_send(m)) {
+                                warn!(relay = %relay, error = %e, "a message for this relay itself was dropped (the parent sends an order again, a chunk is asked again)");
+                            }
                         }
                         Some(dev_topic) => {
                             quiet_since = tokio::time::Instant::now();

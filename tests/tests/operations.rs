@@ -186,7 +186,11 @@ fn unit_with_built_binaries(dir: &Path, name: &str) -> PathBuf {
 #[tokio::test]
 async fn the_unit_files_pass_systemd_analyze_verify_and_their_flags_exist() {
     let env = TestEnv::new("the_unit_files_pass_systemd_analyze_verify");
-    let units = ["chukei-broker.service", "chukei-device-agent.service"];
+    let units = [
+        "chukei-broker.service",
+        "chukei-device-agent.service",
+        "chukei-child-relay.service",
+    ];
     let dir = env.path("units");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     let paths: Vec<PathBuf> = units
@@ -203,17 +207,29 @@ async fn the_unit_files_pass_systemd_analyze_verify_and_their_flags_exist() {
             .unwrap_or_else(|| panic!("no ExecStart= in {}", path.display()));
         let mut words = line.split_whitespace();
         let program = words.next().unwrap_or_default();
-        let out = tokio::process::Command::new(program)
-            .args(words)
-            .arg("--help")
-            .output()
-            .await
-            .unwrap_or_else(|e| panic!("running {line}: {e}"));
-        assert!(
-            out.status.success(),
-            "{line} --help: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let words: Vec<&str> = words.collect();
+        // `broker supervise … -- FLAGS`: its own flags, and FLAGS as `broker run` takes them.
+        let checks = match words.iter().position(|w| *w == "--") {
+            Some(at) => vec![
+                words[..at].to_vec(),
+                [&["run"][..], &words[at + 1..]].concat(),
+            ],
+            None => vec![words],
+        };
+        for args in checks {
+            let out = tokio::process::Command::new(program)
+                .args(&args)
+                .arg("--help")
+                .output()
+                .await
+                .unwrap_or_else(|e| panic!("running {line}: {e}"));
+            assert!(
+                out.status.success(),
+                "{program} {} --help: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     let Ok(found) = tokio::process::Command::new("systemd-analyze")

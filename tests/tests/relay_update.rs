@@ -114,7 +114,7 @@ async fn own_digest(host: &Host) -> String {
 /// A parent, its host and publisher key, and child R1 under `broker supervise`.
 struct Tree {
     env: TestEnv,
-    /// Kept running for the test.
+    /// The parent relay R1 and R2 connect to.
     parent: Broker,
     host: Host,
     keys: PublisherKeys,

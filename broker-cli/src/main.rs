@@ -87,6 +87,9 @@ enum Command {
         #[arg(last = true, value_name = "RUN FLAGS")]
         run_args: Vec<std::ffi::OsString>,
     },
+    /// The cluster's PostgreSQL database.
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Make an empty data directory hold the store saved by `broker backup`, then start a relay
     /// on it with `broker run --data-dir DIR`. Refused if DIR already has a store.
     #[command(
@@ -99,6 +102,20 @@ enum Command {
         /// The data directory to restore into (created if missing; must hold no store).
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Create the relay's schema in an empty database, or upgrade an older one. A relay refuses
+    /// to run on a database whose schema it does not know; a newer schema is left untouched.
+    #[command(
+        after_help = "Example:\n  createdb -O chukei chukei\n  broker db migrate --cluster-db 'postgresql://chukei@db1/chukei'"
+    )]
+    Migrate {
+        /// The database, as a libpq URL or key=value string.
+        #[arg(long, value_name = "URL")]
+        cluster_db: String,
     },
 }
 
@@ -259,6 +276,14 @@ struct RunArgs {
     /// wait. Default: 200
     #[arg(long, value_name = "MS")]
     uplink_batch_delay_ms: Option<u64>,
+    /// Run as a node of a cluster, with this name among the nodes (needs --cluster-db)
+    #[arg(long, value_name = "NAME")]
+    node_id: Option<String>,
+    /// Keep the relay's state in the cluster's PostgreSQL database instead of DATA_DIR, e.g.
+    /// 'postgresql://chukei@db1,db2/chukei?target_session_attrs=read-write' (create its schema
+    /// with `broker db migrate --cluster-db URL`)
+    #[arg(long, value_name = "URL")]
+    cluster_db: Option<String>,
     /// The firmware publisher's public key (publisher.pub of `host-agent keys generate`): a child
     /// relay run by `broker supervise` checks an update of its own program against it
     #[arg(long, value_name = "FILE")]
@@ -395,6 +420,12 @@ impl RunArgs {
         }
         if let Some(key) = self.publisher_key {
             cfg.publisher_key = Some(key);
+        }
+        if let Some(node) = self.node_id {
+            cfg.node_id = Some(node);
+        }
+        if let Some(url) = self.cluster_db {
+            cfg.cluster_db = Some(url);
         }
         if let Some(addr) = self.metrics_listen {
             cfg.metrics_listen = Some(addr);
@@ -605,6 +636,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .block_on(broker::program::supervisor::supervise(settings))
                 .context("supervising the relay")?;
             Ok(ExitCode::from(code))
+        }
+        Command::Db(DbCommand::Migrate { cluster_db }) => {
+            let (before, after) = broker::store::pg_store::migrate(&cluster_db)
+                .context("migrating the cluster database")?;
+            if before == after {
+                println!("the schema is at version {after} already; nothing to do");
+            } else if before == 0 {
+                println!("created the schema (version {after})");
+            } else {
+                println!("upgraded the schema from version {before} to {after}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Reload { pid_file } => {
             let pid = send_hangup(&pid_file)?;

@@ -191,6 +191,15 @@ pub struct BrokerConfig {
     /// Alarms never wait: a batch holding one goes at once.
     #[serde(default = "defaults::uplink_batch_delay_ms")]
     pub uplink_batch_delay_ms: u64,
+    /// This relay is a node of a cluster: its name among the nodes (`broker nodes list`).
+    /// Letters, digits, `-` and `_`.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// The cluster's PostgreSQL database (a libpq URL; several hosts with
+    /// `target_session_attrs=read-write` follow a promoted standby), instead of the embedded
+    /// store in `data_dir`. `broker db migrate` creates its schema. Needs `node_id`.
+    #[serde(default)]
+    pub cluster_db: Option<String>,
     /// A child relay checks a firmware job for its own program against this key (publisher.pub
     /// of `host-agent keys generate`) before it downloads a byte, as devices do. Unset: it
     /// refuses to replace its program.
@@ -398,6 +407,26 @@ impl BrokerConfig {
                 "parent",
                 &"set",
                 "a child relay needs its relay_id (--relay-id), the id of its relay certificate",
+            ));
+        }
+        if self.cluster_db.is_some() && self.node_id.is_none() {
+            return Err(invalid(
+                "cluster_db",
+                &"set",
+                "a cluster node needs its node_id (--node-id N1), its name among the nodes",
+            ));
+        }
+        if let Some(node) = &self.node_id
+            && (node.is_empty()
+                || node.len() > 64
+                || !node
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return Err(invalid(
+                "node_id",
+                node,
+                "use 1 to 64 letters, digits, - and _ (N1, relay-tokyo-2)",
             ));
         }
         if self.parent_interval_secs == 0 {

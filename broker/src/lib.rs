@@ -159,22 +159,13 @@ pub async fn run(
         }
         None => info!("no certificate revocation list (broker pki revoke writes one)"),
     }
-    let mut store = store::RedbStore::open(&cfg.data_dir)?;
-    if let Some(bytes) = cfg.min_free_bytes {
-        store = store.keep_free(bytes);
-    }
-    info!(
-        data_dir = %cfg.data_dir.display(),
-        min_free_bytes = store.space().reserve(),
-        automatic = cfg.min_free_bytes.is_none(),
-        "disk reserve: new work is refused while less than min_free_bytes is free"
-    );
+    let store = open_store(&cfg)?;
     let tickets = match cfg.ticket_settings() {
         Some(settings) => Some(gateway::tickets::Ticketer::open(&cfg.data_dir, settings)?),
         None => None,
     };
     let core = Core::with_store(
-        Arc::new(store),
+        store,
         CoreSettings {
             server_name: cfg.server_name.clone(),
             max_payload_bytes: cfg.max_payload_bytes,
@@ -380,6 +371,37 @@ pub async fn run(
     }
     info!("broker stopped");
     Ok(Ended::Stopped)
+}
+
+/// The relay's store: the embedded redb file in the data directory, or with `cluster_db` the
+/// cluster's PostgreSQL database (its schema checked: `broker db migrate` creates it).
+fn open_store(cfg: &BrokerConfig) -> Result<Arc<dyn store::Store>, BrokerError> {
+    if let Some(url) = &cfg.cluster_db {
+        // The data directory still holds what is this node's own: its TLS ticket keys and its
+        // control socket.
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| store::StoreError::Dir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let store = store::PgStore::open(url)?;
+        info!(
+            node = cfg.node_id.as_deref().unwrap_or(""),
+            database = %store::Store::location(&store),
+            "cluster store: PostgreSQL"
+        );
+        return Ok(Arc::new(store));
+    }
+    let mut store = store::RedbStore::open(&cfg.data_dir)?;
+    if let Some(bytes) = cfg.min_free_bytes {
+        store = store.keep_free(bytes);
+    }
+    info!(
+        data_dir = %cfg.data_dir.display(),
+        min_free_bytes = store.space().reserve(),
+        automatic = cfg.min_free_bytes.is_none(),
+        "disk reserve: new work is refused while less than min_free_bytes is free"
+    );
+    Ok(Arc::new(store))
 }
 
 /// How [`run`] ended.

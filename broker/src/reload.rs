@@ -180,6 +180,8 @@ macro_rules! restart_only_keys {
             tls_ticket_rotation_secs,
             relay_id,
             publisher_key,
+            node_id,
+            cluster_db,
             parent,
             uplink_batch_max_items,
             uplink_batch_max_bytes,

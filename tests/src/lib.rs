@@ -36,6 +36,7 @@ mod device;
 mod host;
 pub mod mqtt;
 pub mod netns;
+pub mod postgres;
 mod process;
 pub mod raw;
 pub mod tinyproxy;
@@ -124,6 +125,21 @@ pub fn bin(name: &str) -> PathBuf {
         "binary `{name}` not found in any of {dirs:?}: run `cargo build --workspace --bins` first \
          (or `scripts/test`, which builds and then tests)"
     );
+}
+
+/// Runs `broker ARGS…` to its end (`pki`, `db migrate`, `backup`…); returns (success, stdout,
+/// stderr).
+pub async fn broker_cmd(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(bin("broker"))
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("could not run `broker {}`: {e}", args.join(" ")));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Checks `check` until it returns `Ok`, or fails once `within` has passed. `Err(text)` from

@@ -10,23 +10,8 @@ use std::path::Path;
 use broker::store::{RedbStore, Store};
 use emergency::fault;
 use harness::chaos::ids_logged;
-use harness::{TestEnv, bin, deadline, poll_until};
+use harness::{TestEnv, broker_cmd, deadline, poll_until};
 use serde_json::Value;
-use tokio::process::Command;
-
-/// Runs `broker ARGS…`; returns (success, stdout, stderr).
-async fn broker_cmd(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin("broker"))
-        .args(args)
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("could not run `broker {}`: {e}", args.join(" ")));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn text(path: &Path) -> &str {
     path.to_str()

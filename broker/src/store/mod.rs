@@ -10,7 +10,9 @@
 //! Records are CBOR wherever a backend keeps a record as bytes (`encode`, `decode`): a record
 //! that does not decode is a [`StoreError::Corrupt`] naming its table and key, never a panic.
 
+mod device_journal;
 pub mod interface;
+pub mod pg_store;
 mod records;
 mod redb_store;
 pub mod seen;
@@ -29,6 +31,7 @@ pub use interface::{
     AlarmTables, ArtifactTables, DeviceTables, JobTables, JournalTables, NotificationTables,
     PresenceTables, ReadingTables, Store, StoreStats, Txn, UplinkTables,
 };
+pub use pg_store::PgStore;
 pub use records::{
     AlarmDigest, DeviceRecord, Due, JobRecord, JournalEntry, JournalOutcome, MAX_DIGEST_ALARMS,
     MAX_OVERFLOW_CODES, NotifyChannel, OverflowRecord, PresenceRecord, QueuedNotification,
@@ -101,6 +104,36 @@ pub enum StoreError {
     RestoreTarget { path: PathBuf },
     #[error("{} is not a backup of a chukei relay: {reason}", .path.display())]
     NotABackup { path: PathBuf, reason: String },
+    #[error(
+        "cluster store unavailable: {location}: {reason}; the relay acks nothing new until it is \
+         back, and reconnects by itself"
+    )]
+    Unavailable { location: String, reason: String },
+    #[error("cluster store failed to {op}: {reason}")]
+    Database { op: &'static str, reason: String },
+    #[error(
+        "the cluster database {location} has schema version {found}, newer than this release \
+         reads ({supported}): run the release that migrated it"
+    )]
+    NewerSchema {
+        location: String,
+        found: i32,
+        supported: i32,
+    },
+    #[error(
+        "the cluster database {location} has schema version {found}; this release needs \
+         {supported}: run `broker db migrate --cluster-db URL` first"
+    )]
+    NeedsMigration {
+        location: String,
+        found: i32,
+        supported: i32,
+    },
+    #[error("{what} does not apply to this store: {instead}")]
+    NotHere {
+        what: &'static str,
+        instead: &'static str,
+    },
     #[error("corrupt record in table {table}, key {key}: {reason}")]
     Corrupt {
         table: &'static str,
@@ -138,6 +171,7 @@ impl StoreError {
                 source: redb::Error::Io(_) | redb::Error::PreviousIo,
                 ..
             } | StoreError::Closed { .. }
+                | StoreError::Unavailable { .. }
         )
     }
 
@@ -152,6 +186,29 @@ impl StoreError {
             _ => false,
         }
     }
+}
+
+/// The first of `items` (oldest first) that fit in `max_bytes` of payload — the first always,
+/// alone if it is larger — as a batch for the parent takes them.
+pub(crate) fn within_bytes(
+    items: impl IntoIterator<Item = Result<protocol::relay::UplinkItem, StoreError>>,
+    max_items: usize,
+    max_bytes: usize,
+) -> Result<Vec<protocol::relay::UplinkItem>, StoreError> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for item in items {
+        let item = item?;
+        bytes += item.payload.len();
+        if !out.is_empty() && bytes > max_bytes {
+            break;
+        }
+        out.push(item);
+        if out.len() >= max_items {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 pub(crate) fn encode<T: Serialize>(

@@ -150,6 +150,29 @@ pub struct AlarmDigest {
     pub more: u64,
 }
 
+impl AlarmDigest {
+    /// `existing` with alarm `n` added, or a new digest closing at `due_at`; and whether it is
+    /// new. Past [`MAX_DIGEST_ALARMS`] an alarm is only counted.
+    pub fn with_alarm(
+        existing: Option<AlarmDigest>,
+        n: u64,
+        due_at: Timestamp,
+    ) -> (AlarmDigest, bool) {
+        let opened = existing.is_none();
+        let mut digest = existing.unwrap_or(AlarmDigest {
+            due_at,
+            alarms: Vec::new(),
+            more: 0,
+        });
+        if digest.alarms.len() < MAX_DIGEST_ALARMS {
+            digest.alarms.push(n);
+        } else {
+            digest.more += 1;
+        }
+        (digest, opened)
+    }
+}
+
 /// What is due now (with its number), and when the next one is due.
 pub type Due = (Vec<(u64, QueuedNotification)>, Option<Timestamp>);
 

@@ -1,7 +1,9 @@
 //! The store the core's tests run on: one suite, every backend. `CHUKEI_TEST_STORE` names the
-//! backend — `redb`, the default, on a file in the test's temp directory. A backend added to the
-//! relay adds its arm here, and the core's whole suite runs on it:
-//! `CHUKEI_TEST_STORE=<name> cargo nextest run -p chukei-broker core::`.
+//! backend — `redb`, the default, on a file in the test's temp directory; or `postgres`, a
+//! database of its own per test directory on the server `CHUKEI_TEST_PG_URL` names
+//! (`scripts/with-postgres` starts one on loopback and sets both):
+//! `scripts/with-postgres cargo nextest run -p chukei-broker core:: store::`. The store-level tests
+//! written against the interface take their store here too.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +19,62 @@ pub fn open(dir: &Path) -> Arc<dyn Store> {
     let backend = std::env::var(BACKEND_VAR).unwrap_or_else(|_| "redb".to_owned());
     match backend.as_str() {
         "redb" => Arc::new(RedbStore::open(dir).expect("open a redb store in a temp dir")),
-        other => panic!("{BACKEND_VAR}={other}: unknown store backend (known: redb)"),
+        "postgres" => Arc::new(postgres_store(dir)),
+        other => panic!("{BACKEND_VAR}={other}: unknown store backend (known: redb, postgres)"),
+    }
+}
+
+/// The server's URL for the `postgres` backend.
+pub const PG_URL_VAR: &str = "CHUKEI_TEST_PG_URL";
+
+/// A database named after `dir` (created and migrated the first time), so that a test that
+/// opens the same directory again finds what it committed.
+fn postgres_store(dir: &Path) -> super::PgStore {
+    let server = std::env::var(PG_URL_VAR).unwrap_or_else(|_| {
+        panic!("{BACKEND_VAR}=postgres needs {PG_URL_VAR} (scripts/with-postgres sets it)")
+    });
+    // FNV-1a of the path: short, stable, a valid identifier.
+    let hash = dir
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let name = format!("chukei_t_{hash:016x}");
+    let admin = server.clone();
+    let create = name.clone();
+    // The blocking client runs a runtime of its own: not on a test's runtime thread.
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&admin, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("{PG_URL_VAR}={admin}: {e}"));
+        let exists = client
+            .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&create])
+            .expect("look the test database up");
+        if exists.is_empty() {
+            client
+                .batch_execute(&format!("CREATE DATABASE {create}"))
+                .expect("create the test database");
+        }
+    })
+    .join()
+    .expect("create the test database");
+    let url = with_dbname(&server, &name);
+    super::pg_store::migrate(&url).expect("migrate the test database");
+    super::PgStore::open(&url).expect("open the test database")
+}
+
+/// `url` with its database replaced by `name` (`postgresql://user@host:port/db?…`).
+fn with_dbname(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
     }
 }

@@ -253,7 +253,7 @@ impl PresenceTables for RedbTxn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
+
     use crate::store::*;
     use chrono::TimeZone;
     use protocol::alarm::{AlarmKind, AlarmStatus};
@@ -294,7 +294,7 @@ mod tests {
     #[test]
     fn the_active_index_follows_the_status() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let mut txn = store.begin().unwrap();
         let c1 = Serial::parse("C1").unwrap();
         let c10 = Serial::parse("C10").unwrap();
@@ -321,7 +321,7 @@ mod tests {
     #[test]
     fn due_checkins_follow_the_presence_record() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let mut txn = store.begin().unwrap();
         let c1 = Serial::parse("C1").unwrap();
         let mut record = PresenceRecord {

@@ -28,8 +28,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 
 use super::records::StoredState;
 use super::{
-    ArtifactTables, DeviceRecord, DeviceTables, JobRecord, JobTables, JournalEntry, JournalOutcome,
-    JournalTables, Space, Store, StoreError, StoreStats, Txn, decode, encode, job_id, seen,
+    ArtifactTables, DeviceRecord, DeviceTables, JobRecord, JobTables, JournalEntry, JournalTables,
+    Space, Store, StoreError, StoreStats, Txn, decode, device_journal, encode, job_id, seen,
 };
 
 /// The store's file inside the data directory.
@@ -72,13 +72,6 @@ fn backend<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreErr
         op,
         source: e.into(),
     }
-}
-
-/// The journal's sender key for the rows of a device outbox's window (refusals, ids too far
-/// ahead). Not `device:…`, the key of the rows relays before windows wrote (see
-/// [`RedbStore::has_device_journal_rows`]), so these never make every lookup fall back to rows.
-fn device_row_key(serial: &str, inc: protocol::Incarnation) -> String {
-    format!("devseq:{serial}#{inc:016x}")
 }
 
 /// Opens the database file; a test swaps in one whose writes fail on demand.
@@ -594,14 +587,8 @@ impl JournalTables for RedbTxn {
         serial: &str,
         id: MsgId,
     ) -> Result<Option<JournalEntry>, StoreError> {
-        let mut incarnations = self
-            .seen_set(serial)?
-            .map(|set| set.incarnations())
-            .unwrap_or_default();
-        if !incarnations.contains(&0) {
-            incarnations.push(0);
-        }
-        for inc in incarnations {
+        let set = self.seen_set(serial)?;
+        for inc in device_journal::incarnations(set.as_ref()) {
             if let Some(entry) = self.device_journal(serial, Seq { inc, id })? {
                 return Ok(Some(entry));
             }
@@ -620,26 +607,12 @@ impl JournalTables for RedbTxn {
 
     fn device_journal(&self, serial: &str, seq: Seq) -> Result<Option<JournalEntry>, StoreError> {
         let set = self.seen_set(serial)?;
-        if let Some(window) = set.as_ref().and_then(|set| set.get(seq.inc)) {
-            let row = if window.has_rows() {
-                self.journal_row(&device_row_key(serial, seq.inc), seq.id)?
-            } else {
-                None
-            };
-            if row.is_some() {
-                return Ok(row);
-            }
-            if window.contains(seq.id) {
-                return Ok(Some(JournalEntry {
-                    at: window.at().unwrap_or_default(),
-                    outcome: JournalOutcome::Stored,
-                }));
-            }
-        }
-        if seq.inc == 0 && self.legacy_device_journal {
+        let found =
+            device_journal::lookup(set.as_ref(), serial, seq, |k, id| self.journal_row(k, id))?;
+        if found.is_none() && seq.inc == 0 && self.legacy_device_journal {
             return self.journal_row(&format!("device:{serial}"), seq.id);
         }
-        Ok(None)
+        Ok(found)
     }
 
     fn put_device_journal(
@@ -650,12 +623,7 @@ impl JournalTables for RedbTxn {
     ) -> Result<seen::Placed, StoreError> {
         let op = "write a device's seen ids";
         let mut set = self.seen_set(serial)?.unwrap_or_default();
-        let window = set.window_for(seq.inc, seq.id);
-        let placed = window.insert(seq.id, entry.at);
-        let row = placed == seen::Placed::Beyond || entry.outcome != JournalOutcome::Stored;
-        if row {
-            window.mark_rows();
-        }
+        let (placed, row) = device_journal::record(&mut set, seq, entry);
         self.txn
             .open_table(SEEN)
             .map_err(backend(op))?
@@ -663,7 +631,7 @@ impl JournalTables for RedbTxn {
             .map_err(backend(op))?;
         self.dirty = true;
         if row {
-            self.put_journal_row(&device_row_key(serial, seq.inc), seq.id, entry)?;
+            self.put_journal_row(&device_journal::row_key(serial, seq.inc), seq.id, entry)?;
         }
         // `seen_set` above left this serial's entry; it now holds the new set.
         match self.last_window.get_mut() {
@@ -893,7 +861,7 @@ mod tests {
     fn records_survive_reopening_and_counter_continues() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = RedbStore::open(dir.path()).unwrap();
+            let store = crate::store::testing::open(dir.path());
             let mut txn = store.begin().unwrap();
             assert_eq!(txn.next_job_number().unwrap(), 1);
             assert_eq!(txn.next_job_number().unwrap(), 2);
@@ -919,7 +887,7 @@ mod tests {
             .unwrap();
             assert!(txn.commit().unwrap());
         }
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let mut txn = store.begin().unwrap();
         assert_eq!(txn.next_job_number().unwrap(), 3);
         assert_eq!(
@@ -940,7 +908,7 @@ mod tests {
     #[test]
     fn open_job_indexes_follow_the_status() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let mut txn = store.begin().unwrap();
         txn.put_job(1, &record(1, "C1", JobStatus::Queued, Some(at(10))))
             .unwrap();
@@ -971,7 +939,7 @@ mod tests {
     #[test]
     fn a_corrupt_record_names_its_table_and_key() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let mut txn = store.begin().unwrap();
         txn.put_raw_job(7, &[0xff, 0x00]).unwrap();
         let err = txn.job(7).unwrap_err();
@@ -988,7 +956,7 @@ mod tests {
     fn artifact_chunks_are_kept_per_artifact_and_dropped_with_it() {
         use protocol::artifact::{ArtifactId, ArtifactInfo, ArtifactRef};
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let (a, b) = (
             ArtifactId::from_digest(&[1; 32]),
             ArtifactId::from_digest(&[2; 32]),
@@ -1043,7 +1011,7 @@ mod tests {
     #[test]
     fn a_transaction_that_wrote_nothing_does_not_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let txn = store.begin().unwrap();
         assert!(txn.job(1).unwrap().is_none());
         assert!(!txn.commit().unwrap());
@@ -1135,7 +1103,7 @@ mod tests {
     #[test]
     fn devices_interleaved_in_one_transaction_each_see_their_own_window() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let mut txn = store.begin().unwrap();
         // As a batch does: check, then record, for messages of devices taking turns.
         for (serial, id) in [("A1", 1), ("B1", 1), ("A1", 2), ("B1", 7)] {
@@ -1184,7 +1152,7 @@ mod tests {
     #[test]
     fn a_device_state_is_read_without_its_record_and_a_damaged_row_is_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let serial = Serial::parse("S1").unwrap();
         let state = DeviceState {
             site: "Osaka".into(),
@@ -1277,7 +1245,7 @@ mod tests {
     #[test]
     fn a_forged_id_far_ahead_makes_no_real_report_a_duplicate() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let inc = 0x5eed;
         let at_inc = |id| Seq { inc, id };
         let mut txn = store.begin().unwrap();
@@ -1313,7 +1281,7 @@ mod tests {
     #[test]
     fn a_device_that_starts_over_with_a_new_outbox_is_served() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let (old, new) = (0x1, 0x2);
         let mut txn = store.begin().unwrap();
         for id in 1..=700 {

@@ -19,8 +19,7 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{RedbTxn, backend};
 use crate::store::{
-    AlarmDigest, Due, MAX_DIGEST_ALARMS, NotificationTables, QueuedNotification, StoreError,
-    decode, encode,
+    AlarmDigest, Due, NotificationTables, QueuedNotification, StoreError, decode, encode,
 };
 
 pub(super) const NOTIFY_QUEUE: TableDefinition<u64, &[u8]> = TableDefinition::new("notify_queue");
@@ -108,17 +107,7 @@ impl NotificationTables for RedbTxn {
             .map_err(backend(op))?
             .map(|g| decode::<AlarmDigest>("alarm_digests", serial, g.value()))
             .transpose()?;
-        let opened = existing.is_none();
-        let mut digest = existing.unwrap_or(AlarmDigest {
-            due_at,
-            alarms: Vec::new(),
-            more: 0,
-        });
-        if digest.alarms.len() < MAX_DIGEST_ALARMS {
-            digest.alarms.push(n);
-        } else {
-            digest.more += 1;
-        }
+        let (digest, opened) = AlarmDigest::with_alarm(existing, n, due_at);
         let bytes = encode("alarm_digests", serial, &digest)?;
         table
             .insert(serial, bytes.as_slice())
@@ -203,7 +192,7 @@ impl NotificationTables for RedbTxn {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::Store;
+
     use crate::store::*;
     use chrono::TimeZone;
 
@@ -229,7 +218,7 @@ mod tests {
     #[test]
     fn a_burst_of_alarms_is_one_digest_until_its_window_closes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let mut txn = store.begin().unwrap();
         let at = |m| item(m).next_at;
         assert!(txn.digest_alarm("C1", 1, at(5)).unwrap());
@@ -264,14 +253,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let now = item(5).next_at;
         {
-            let store = RedbStore::open(dir.path()).unwrap();
+            let store = crate::store::testing::open(dir.path());
             let mut txn = store.begin().unwrap();
             txn.push_notification(&item(1)).unwrap();
             txn.push_notification(&item(9)).unwrap();
             txn.push_notification(&item(3)).unwrap();
             txn.commit().unwrap();
         }
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let mut txn = store.begin().unwrap();
         assert_eq!(txn.notification_count().unwrap(), 3);
         let (due, later) = txn.due_notifications(now, 10).unwrap();
@@ -291,7 +280,7 @@ mod tests {
     #[test]
     fn a_device_with_a_long_queue_does_not_delay_another_devices_notification() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let mut txn = store.begin().unwrap();
         for _ in 0..100 {
             txn.push_notification(&item(1)).unwrap();

@@ -70,7 +70,7 @@ impl ReadingTables for RedbTxn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
+
     use crate::store::*;
     use chrono::TimeZone;
     use protocol::data::{SectionData, Value};
@@ -92,7 +92,7 @@ mod tests {
     #[test]
     fn readings_come_back_by_time_range_a_page_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let mut txn = store.begin().unwrap();
         for (s, m, t) in [("C2", 1, 10), ("C1", 1, 20), ("C1", 2, 30), ("C1", 5, 40)] {
             txn.put_reading(&reading(s, m, t)).unwrap();

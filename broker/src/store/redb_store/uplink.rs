@@ -8,7 +8,7 @@ use protocol::relay::UplinkItem;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{RedbTxn, backend};
-use crate::store::{StoreError, UplinkTables, decode, encode};
+use crate::store::{StoreError, UplinkTables, decode, encode, within_bytes};
 
 pub(super) const UPLINK: TableDefinition<u64, &[u8]> = TableDefinition::new("uplink");
 const NEXT_UPLINK: &str = "next_uplink";
@@ -48,24 +48,14 @@ impl UplinkTables for RedbTxn {
     ) -> Result<Vec<UplinkItem>, StoreError> {
         let op = "read the queue for the parent relay";
         let table = self.txn.open_table(UPLINK).map_err(backend(op))?;
-        let mut items = Vec::new();
-        let mut bytes = 0usize;
-        for entry in table
+        let entries = table
             .range(after.saturating_add(1)..)
             .map_err(backend(op))?
-        {
-            let (k, v) = entry.map_err(backend(op))?;
-            let item: UplinkItem = decode("uplink", k.value(), v.value())?;
-            bytes += item.payload.len();
-            if !items.is_empty() && bytes > max_bytes {
-                break;
-            }
-            items.push(item);
-            if items.len() >= max_items {
-                break;
-            }
-        }
-        Ok(items)
+            .map(|entry| {
+                let (k, v) = entry.map_err(backend(op))?;
+                decode::<UplinkItem>("uplink", k.value(), v.value())
+            });
+        within_bytes(entries, max_items, max_bytes)
     }
 
     fn remove_uplink_upto(&mut self, upto: u64) -> Result<u64, StoreError> {
@@ -145,13 +135,12 @@ impl UplinkTables for RedbTxn {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::{RedbStore, Store};
     use protocol::Serial;
 
     #[test]
     fn the_queue_keeps_order_bounds_batches_and_forgets_what_was_acked() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let c1 = Serial::parse("C1").unwrap();
         let mut txn = store.begin().unwrap();
         for i in 0..5u8 {

@@ -1,0 +1,376 @@
+//! The cluster backend: every table of the store in PostgreSQL (`broker run --cluster-db URL`).
+//!
+//! The same records as the embedded store (CBOR, see [`crate::store::records`]) in plain SQL
+//! tables whose key and index columns are real columns ([`schema`]), so that PostgreSQL keeps the
+//! indexes (open jobs by device and deadline, active alarms, due check-ins and digests) and any
+//! node can ask. One [`Txn`] is one SQL transaction, committed before the messages it holds are
+//! acked, as on redb.
+//!
+//! The store's interface is synchronous (the core calls it from its own thread, the notification
+//! worker and the metrics endpoint from tasks on the runtime). The `postgres` client blocks on a
+//! runtime of its own, which must not run inside another; so each connection lives on a thread
+//! of its own ([`Conn`]) and every statement is a closure sent to it. A writer connection carries
+//! the transactions, one at a time as on redb; a second one reads the metrics' counts.
+
+mod schema;
+mod tables;
+
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use postgres::types::ToSql;
+
+pub use schema::{SCHEMA_VERSION, migrate};
+
+use super::{Store, StoreError, StoreStats, Txn};
+
+/// A statement's parameter, owned so that it can travel to the connection's thread.
+#[derive(Debug, Clone)]
+pub(crate) enum P {
+    I64(i64),
+    I32(i32),
+    OptI64(Option<i64>),
+    Text(String),
+    OptText(Option<String>),
+    Bytes(Vec<u8>),
+}
+
+impl P {
+    fn as_sql(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            P::I64(v) => v,
+            P::I32(v) => v,
+            P::OptI64(v) => v,
+            P::Text(v) => v,
+            P::OptText(v) => v,
+            P::Bytes(v) => v,
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut postgres::Client) + Send>;
+
+/// One connection, on a thread of its own.
+struct Conn {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Conn {
+    fn open(config: &postgres::Config, name: &str, location: &str) -> Result<Conn, StoreError> {
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (ready_tx, ready) = mpsc::sync_channel(1);
+        let config = config.clone();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || match config.connect(postgres::NoTls) {
+                Ok(mut client) => {
+                    let _ = ready_tx.send(Ok(()));
+                    while let Ok(job) = inbox.recv() {
+                        job(&mut client);
+                    }
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| StoreError::Unavailable {
+                location: location.to_owned(),
+                reason: format!("could not start the connection's thread: {e}"),
+            })?;
+        match ready.recv() {
+            Ok(Ok(())) => Ok(Conn { jobs }),
+            Ok(Err(e)) => Err(StoreError::Unavailable {
+                location: location.to_owned(),
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(StoreError::Unavailable {
+                location: location.to_owned(),
+                reason: "the connection's thread ended".into(),
+            }),
+        }
+    }
+
+    /// Runs `f` on the connection's thread and waits for its answer.
+    fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut postgres::Client) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |client| {
+            let _ = tx.send(f(client));
+        });
+        self.jobs.send(job).ok()?;
+        rx.recv().ok()
+    }
+
+    fn execute(&self, sql: &'static str, params: Vec<P>) -> Option<Result<u64, postgres::Error>> {
+        self.call(move |c| {
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(P::as_sql).collect();
+            c.execute(sql, &refs)
+        })
+    }
+
+    fn query(
+        &self,
+        sql: &'static str,
+        params: Vec<P>,
+    ) -> Option<Result<Vec<postgres::Row>, postgres::Error>> {
+        self.call(move |c| {
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(P::as_sql).collect();
+            c.query(sql, &refs)
+        })
+    }
+
+    fn batch(&self, sql: &'static str) -> Option<Result<(), postgres::Error>> {
+        self.call(move |c| c.batch_execute(sql))
+    }
+}
+
+/// Whether a transaction is open on the writer: [`Store::begin`] waits while one is.
+#[derive(Default)]
+struct Permit {
+    taken: Mutex<bool>,
+    freed: Condvar,
+}
+
+impl Permit {
+    fn take(&self) {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        while *taken {
+            taken = self.freed.wait(taken).unwrap_or_else(|p| p.into_inner());
+        }
+        *taken = true;
+    }
+
+    fn give_back(&self) {
+        *self.taken.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.freed.notify_one();
+    }
+}
+
+/// The PostgreSQL store: a writer connection for transactions and a reader for statistics.
+pub struct PgStore {
+    config: postgres::Config,
+    location: String,
+    writer: RwLock<Option<Arc<Conn>>>,
+    reader: RwLock<Option<Arc<Conn>>>,
+    permit: Arc<Permit>,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a libpq connection string or URL; several hosts and
+    /// `target_session_attrs=read-write` follow a promoted standby) and checks its schema: a
+    /// database without one, or with an older or newer one, is refused with what to do.
+    pub fn open(url: &str) -> Result<PgStore, StoreError> {
+        let config: postgres::Config =
+            url.parse()
+                .map_err(|e: postgres::Error| StoreError::Unavailable {
+                    location: redact(url),
+                    reason: format!("not a PostgreSQL connection string: {e}"),
+                })?;
+        let location = describe(&config);
+        let writer = Conn::open(&config, "chukei-pg-writer", &location)?;
+        schema::check(&writer, &location)?;
+        let reader = Conn::open(&config, "chukei-pg-reader", &location)?;
+        Ok(PgStore {
+            config,
+            location,
+            writer: RwLock::new(Some(Arc::new(writer))),
+            reader: RwLock::new(Some(Arc::new(reader))),
+            permit: Arc::default(),
+        })
+    }
+
+    fn conn(slot: &RwLock<Option<Arc<Conn>>>, location: &str) -> Result<Arc<Conn>, StoreError> {
+        slot.read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable {
+                location: location.to_owned(),
+                reason: "not connected; reconnecting".into(),
+            })
+    }
+}
+
+/// Where a store is, for logs: hosts and database, never a password.
+fn describe(config: &postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(h, p)| match h {
+            postgres::config::Host::Tcp(name) => format!("{name}:{p}"),
+            postgres::config::Host::Unix(path) => format!("{}:{p}", path.display()),
+        })
+        .collect();
+    format!(
+        "postgresql://{}/{}",
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
+}
+
+/// A connection string for an error message, without its password.
+fn redact(url: &str) -> String {
+    match url.split_once('@') {
+        Some((_, rest)) if url.contains("://") => format!("postgresql://…@{rest}"),
+        _ => "(the --cluster-db connection string)".into(),
+    }
+}
+
+impl Store for PgStore {
+    fn begin(&self) -> Result<Box<dyn Txn>, StoreError> {
+        let conn = PgStore::conn(&self.writer, &self.location)?;
+        self.permit.take();
+        let txn = PgTxn {
+            conn,
+            permit: self.permit.clone(),
+            location: self.location.clone(),
+            dirty: false,
+            open: true,
+        };
+        txn.batch("begin a transaction", "BEGIN")?;
+        Ok(Box::new(txn))
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        let writer = Conn::open(&self.config, "chukei-pg-writer", &self.location)?;
+        schema::check(&writer, &self.location)?;
+        let reader = Conn::open(&self.config, "chukei-pg-reader", &self.location)?;
+        *self.writer.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(writer));
+        *self.reader.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(reader));
+        Ok(())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.writer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    fn space(&self) -> Option<&super::Space> {
+        None
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        let conn = PgStore::conn(&self.reader, &self.location)?;
+        tables::stats(&conn, &self.location)
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn backup(&self, _out: &std::path::Path) -> Result<u64, StoreError> {
+        Err(StoreError::NotHere {
+            what: "`broker backup`",
+            instead: "back the cluster database up with PostgreSQL's own tools (pg_dump, or a base backup with WAL archiving)",
+        })
+    }
+}
+
+/// One SQL transaction on the writer connection. Dropped without [`Txn::commit`], it is rolled
+/// back.
+pub struct PgTxn {
+    conn: Arc<Conn>,
+    permit: Arc<Permit>,
+    location: String,
+    dirty: bool,
+    /// Between BEGIN and COMMIT or ROLLBACK.
+    open: bool,
+}
+
+impl PgTxn {
+    fn lost(&self, op: &'static str) -> StoreError {
+        StoreError::Unavailable {
+            location: self.location.clone(),
+            reason: format!("the connection was lost while trying to {op}"),
+        }
+    }
+
+    fn db_error(&self, op: &'static str, e: postgres::Error) -> StoreError {
+        if e.is_closed() || e.code().is_none() {
+            StoreError::Unavailable {
+                location: self.location.clone(),
+                reason: format!("could not {op}: {e}"),
+            }
+        } else {
+            StoreError::Database {
+                op,
+                reason: e.to_string(),
+            }
+        }
+    }
+
+    fn batch(&self, op: &'static str, sql: &'static str) -> Result<(), StoreError> {
+        match self.conn.batch(sql) {
+            Some(r) => r.map_err(|e| self.db_error(op, e)),
+            None => Err(self.lost(op)),
+        }
+    }
+
+    /// Runs a statement that writes.
+    pub(crate) fn write(
+        &mut self,
+        op: &'static str,
+        sql: &'static str,
+        params: Vec<P>,
+    ) -> Result<u64, StoreError> {
+        self.dirty = true;
+        match self.conn.execute(sql, params) {
+            Some(r) => r.map_err(|e| self.db_error(op, e)),
+            None => Err(self.lost(op)),
+        }
+    }
+
+    /// Runs a query.
+    pub(crate) fn rows(
+        &self,
+        op: &'static str,
+        sql: &'static str,
+        params: Vec<P>,
+    ) -> Result<Vec<postgres::Row>, StoreError> {
+        match self.conn.query(sql, params) {
+            Some(r) => r.map_err(|e| self.db_error(op, e)),
+            None => Err(self.lost(op)),
+        }
+    }
+
+    /// Runs a query that writes and returns rows (`… RETURNING`).
+    pub(crate) fn write_rows(
+        &mut self,
+        op: &'static str,
+        sql: &'static str,
+        params: Vec<P>,
+    ) -> Result<Vec<postgres::Row>, StoreError> {
+        self.dirty = true;
+        self.rows(op, sql, params)
+    }
+
+    fn end(&mut self, sql: &'static str) -> Result<(), StoreError> {
+        self.open = false;
+        let r = self.batch("end a transaction", sql);
+        self.permit.give_back();
+        r
+    }
+}
+
+impl Txn for PgTxn {
+    fn commit(mut self: Box<Self>) -> Result<bool, StoreError> {
+        if !self.dirty {
+            self.end("ROLLBACK")?;
+            return Ok(false);
+        }
+        self.end("COMMIT")?;
+        Ok(true)
+    }
+}
+
+impl Drop for PgTxn {
+    fn drop(&mut self) {
+        if self.open {
+            let _ = self.end("ROLLBACK");
+        }
+    }
+}

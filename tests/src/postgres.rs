@@ -1,0 +1,163 @@
+//! A real PostgreSQL server for the cluster tests, as an operator would run it: Debian's
+//! `postgresql` programs (installed by `scripts/test`), a cluster made by `initdb` in the test's
+//! directory, listening on loopback on a port of its own. Stopped when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::TestEnv;
+
+/// One running server.
+pub struct Postgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+}
+
+/// Where Debian puts the server's programs (`/usr/lib/postgresql/VERSION/bin`), newest first.
+fn bindir() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("bin"))
+                .filter(|b| b.join("initdb").is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!("no PostgreSQL server programs in /usr/lib/postgresql/*/bin: install Debian's postgresql (scripts/test does)")
+    })
+}
+
+/// The command, run as the `postgres` user when the tests run as root (the server refuses root).
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+fn is_root() -> bool {
+    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    == Some("0")
+            })
+            .unwrap_or(false)
+}
+
+fn run(mut cmd: Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Postgres {
+    /// Makes a database cluster under the test's directory and starts its server.
+    pub fn start(env: &TestEnv, name: &str) -> Postgres {
+        let bin = bindir();
+        let dir = env.path(format!("pg-{name}"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        if is_root() {
+            // The test's directory is root's; the server's own must be postgres's.
+            run(
+                {
+                    let mut c = Command::new("chown");
+                    c.arg("postgres").arg(&dir);
+                    c
+                },
+                "chown postgres",
+            );
+            let mut parent = dir.parent();
+            while let Some(p) = parent {
+                if p == Path::new("/tmp") || p == Path::new("/") {
+                    break;
+                }
+                // Let postgres reach its directory through the test's (0700 by tempfile).
+                let _ = Command::new("chmod").arg("o+x").arg(p).status();
+                parent = p.parent();
+            }
+        }
+        let data = dir.join("data");
+        let mut initdb = as_postgres(&bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "--no-sync"]);
+        run(initdb, "initdb");
+        let port = free_port();
+        let mut start = as_postgres(&bin.join("pg_ctl"));
+        start
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .arg("-w")
+            .arg("-o")
+            .arg(format!(
+                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=200",
+                dir.display()
+            ))
+            .arg("start");
+        run(start, "pg_ctl start");
+        Postgres { bin, data, port }
+    }
+
+    /// `postgresql://postgres@127.0.0.1:PORT/DB`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Runs SQL as the superuser in `db` (psql), returning what it printed (unaligned, tuples
+    /// only).
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .arg(self.url(db))
+            .args(["-v", "ON_ERROR_STOP=1", "-Atc", sql])
+            .output()
+            .unwrap_or_else(|e| panic!("could not run psql: {e}"));
+        assert!(
+            out.status.success(),
+            "psql -c {sql:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Creates an empty database.
+    pub fn create_db(&self, db: &str) {
+        self.sql("postgres", &format!("CREATE DATABASE {db}"));
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}

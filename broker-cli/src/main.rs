@@ -90,6 +90,9 @@ enum Command {
     /// The cluster's PostgreSQL database.
     #[command(subcommand)]
     Db(DbCommand),
+    /// The nodes of a cluster, as its database knows them.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
     /// Make an empty data directory hold the store saved by `broker backup`, then start a relay
     /// on it with `broker run --data-dir DIR`. Refused if DIR already has a store.
     #[command(
@@ -116,6 +119,23 @@ enum DbCommand {
         /// The database, as a libpq URL or key=value string.
         #[arg(long, value_name = "URL")]
         cluster_db: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// Every node that has run on the cluster database: its address, when it started, its last
+    /// heartbeat (every 5 s; a node silent for 15 s is shown as gone) and its devices.
+    #[command(
+        after_help = "Example:\n  broker nodes list --cluster-db 'postgresql://chukei@db1/chukei'"
+    )]
+    List {
+        /// The cluster's database.
+        #[arg(long, value_name = "URL")]
+        cluster_db: String,
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -646,6 +666,47 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("created the schema (version {after})");
             } else {
                 println!("upgraded the schema from version {before} to {after}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Nodes(NodesCommand::List { cluster_db, json }) => {
+            let nodes = broker::store::pg_store::nodes::list(&cluster_db)
+                .context("listing the cluster's nodes")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                let time = |t: &chrono::DateTime<chrono::Utc>| {
+                    t.with_timezone(&chrono::Local)
+                        .format("%Y-%m-%d %H:%M:%S")
+                        .to_string()
+                };
+                let rows: Vec<Vec<String>> = nodes
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.node_id.clone(),
+                            if n.alive { "up" } else { "gone" }.to_owned(),
+                            n.listen.clone(),
+                            n.devices.to_string(),
+                            time(&n.started_at),
+                            time(&n.heartbeat_at),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    host_agent::table::render_grid(
+                        &[
+                            "NODE",
+                            "STATE",
+                            "LISTEN",
+                            "DEVICES",
+                            "STARTED",
+                            "LAST HEARTBEAT"
+                        ],
+                        &rows
+                    )
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

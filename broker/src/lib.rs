@@ -44,7 +44,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::BrokerConfig;
 use crate::core::{Core, CoreSettings};
@@ -159,7 +159,7 @@ pub async fn run(
         }
         None => info!("no certificate revocation list (broker pki revoke writes one)"),
     }
-    let store = open_store(&cfg)?;
+    let OpenedStore { store, cluster } = open_store(&cfg)?;
     let tickets = match cfg.ticket_settings() {
         Some(settings) => Some(gateway::tickets::Ticketer::open(&cfg.data_dir, settings)?),
         None => None,
@@ -310,6 +310,15 @@ pub async fn run(
         addr: cfg.listen,
         source,
     })?;
+    if let (Some(db), Some(node)) = (cluster, &cfg.node_id) {
+        tasks.spawn(heartbeat(
+            db,
+            node.clone(),
+            addr.to_string(),
+            core.shared_stats(),
+            stop.clone(),
+        ));
+    }
     let ws = match cfg.ws_listen {
         Some(ws_addr) => {
             let bind_err = |source| BrokerError::BindWs {
@@ -375,7 +384,7 @@ pub async fn run(
 
 /// The relay's store: the embedded redb file in the data directory, or with `cluster_db` the
 /// cluster's PostgreSQL database (its schema checked: `broker db migrate` creates it).
-fn open_store(cfg: &BrokerConfig) -> Result<Arc<dyn store::Store>, BrokerError> {
+fn open_store(cfg: &BrokerConfig) -> Result<OpenedStore, BrokerError> {
     if let Some(url) = &cfg.cluster_db {
         // The data directory still holds what is this node's own: its TLS ticket keys and its
         // control socket.
@@ -389,7 +398,11 @@ fn open_store(cfg: &BrokerConfig) -> Result<Arc<dyn store::Store>, BrokerError> 
             database = %store::Store::location(&store),
             "cluster store: PostgreSQL"
         );
-        return Ok(Arc::new(store));
+        let store = Arc::new(store);
+        return Ok(OpenedStore {
+            store: store.clone(),
+            cluster: Some(store),
+        });
     }
     let mut store = store::RedbStore::open(&cfg.data_dir)?;
     if let Some(bytes) = cfg.min_free_bytes {
@@ -401,7 +414,44 @@ fn open_store(cfg: &BrokerConfig) -> Result<Arc<dyn store::Store>, BrokerError> 
         automatic = cfg.min_free_bytes.is_none(),
         "disk reserve: new work is refused while less than min_free_bytes is free"
     );
-    Ok(Arc::new(store))
+    Ok(OpenedStore {
+        store: Arc::new(store),
+        cluster: None,
+    })
+}
+
+/// The store the relay runs on, and the cluster database if it is one.
+struct OpenedStore {
+    store: Arc<dyn store::Store>,
+    cluster: Option<Arc<store::PgStore>>,
+}
+
+/// Writes this node's row in the cluster database every few seconds, until `stop`.
+async fn heartbeat(
+    db: Arc<store::PgStore>,
+    node: String,
+    listen: String,
+    stats: Arc<telemetry::CoreStats>,
+    stop: CancellationToken,
+) {
+    let started = chrono::Utc::now();
+    let mut tick = tokio::time::interval(store::pg_store::nodes::HEARTBEAT);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let devices = stats
+            .devices_online
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (db, node, listen) = (db.clone(), node.clone(), listen.clone());
+        let written =
+            tokio::task::spawn_blocking(move || db.heartbeat(&node, &listen, started, devices))
+                .await;
+        if let Ok(Err(e)) = written {
+            warn!(error = %e, "could not write this node's heartbeat; nodes list shows it late");
+        }
+    }
 }
 
 /// How [`run`] ended.

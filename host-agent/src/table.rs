@@ -76,6 +76,22 @@ where
     out
 }
 
+/// Any table in the style of the job list: a header, columns as wide as their widest cell.
+pub fn render_grid<S: AsRef<str>>(columns: &[&str], rows: &[Vec<S>]) -> String {
+    let mut widths: Vec<usize> = columns.iter().map(|c| c.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.as_ref().chars().count());
+        }
+    }
+    let mut out = String::new();
+    push_row(&mut out, columns, &widths);
+    for row in rows {
+        push_row(&mut out, row, &widths);
+    }
+    out
+}
+
 fn push_row<S: AsRef<str>>(out: &mut String, cells: &[S], widths: &[usize]) {
     let last = cells.len() - 1;
     for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
@@ -320,18 +336,8 @@ where
             ]
         })
         .collect();
-    let mut widths = RELAY_COLUMNS.map(|c| c.chars().count());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    push_row(&mut out, &RELAY_COLUMNS, &widths);
-    for row in &rows {
-        push_row(&mut out, row, &widths);
-    }
-    out
+    let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    render_grid(&RELAY_COLUMNS, &rows)
 }
 
 /// One line of `watch`: when, which job, which device, what, and the new status (and why).

@@ -77,6 +77,32 @@ async fn a_relay_keeps_its_jobs_in_postgresql_after_broker_db_migrate() {
         "the job is a row in PostgreSQL"
     );
 
+    // The node is listed, with its device, from its heartbeat.
+    let listed = harness::poll_until("N1 listed with its device", deadline(), || async {
+        let (ok, out, err) = broker_cmd(&["nodes", "list", "--cluster-db", &url, "--json"]).await;
+        assert!(ok, "{err}");
+        let nodes: serde_json::Value = serde_json::from_str(&out).expect("nodes list --json");
+        let n1 = nodes
+            .as_array()
+            .and_then(|all| all.iter().find(|n| n["node_id"] == "N1"))
+            .cloned();
+        match n1 {
+            Some(n1) if n1["alive"] == true && n1["devices"] == 1 => Ok(n1),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(listed["listen"], relay.addr().to_string(), "{listed:#}");
+    let (_, table, _) = broker_cmd(&["nodes", "list", "--cluster-db", &url]).await;
+    assert!(
+        table.starts_with("NODE")
+            && table
+                .lines()
+                .any(|l| l.starts_with("N1") && l.contains(" up ")),
+        "{table}"
+    );
+
     // The relay dies; another starts with an empty data directory and has everything.
     relay.kill9().await;
     drop(device);

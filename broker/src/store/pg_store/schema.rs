@@ -98,6 +98,14 @@ CREATE TABLE alarm_digests (
 CREATE INDEX alarm_digests_due ON alarm_digests (due_at_ms, serial);
 
 CREATE TABLE uplink (number bigint PRIMARY KEY, item bytea NOT NULL);
+
+CREATE TABLE nodes (
+    node_id text COLLATE "C" PRIMARY KEY,
+    listen text NOT NULL,
+    started_at_ms bigint NOT NULL,
+    heartbeat_at_ms bigint NOT NULL,
+    devices bigint NOT NULL
+);
 CREATE TABLE mirrored (topic text COLLATE "C" PRIMARY KEY, payload bytea NOT NULL);
 "#];
 

@@ -1,0 +1,112 @@
+//! The cluster's nodes as the database knows them: each node writes its row every
+//! [`HEARTBEAT`] (its address, when it started, how many devices it holds), and `broker nodes
+//! list` reads them. A node whose heartbeat is older than [`STALE_AFTER`] is shown as gone.
+
+use std::time::Duration;
+
+use protocol::Timestamp;
+use serde::Serialize;
+
+use super::{Conn, P, PgStore, describe, redact};
+use crate::store::StoreError;
+
+/// How often a node writes its row.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A node not heard from for this long is taken for gone.
+pub const STALE_AFTER: Duration = Duration::from_secs(15);
+
+/// One node, for `broker nodes list`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeView {
+    pub node_id: String,
+    /// Where its devices and hosts connect (its `listen` address).
+    pub listen: String,
+    pub started_at: Timestamp,
+    pub heartbeat_at: Timestamp,
+    /// Device sessions open at the node at its last heartbeat.
+    pub devices: u64,
+    /// Heard from within [`STALE_AFTER`].
+    pub alive: bool,
+}
+
+impl PgStore {
+    /// Writes this node's row (outside any transaction of the core's).
+    pub fn heartbeat(
+        &self,
+        node: &str,
+        listen: &str,
+        started_at: Timestamp,
+        devices: u64,
+    ) -> Result<(), StoreError> {
+        let conn = PgStore::conn(&self.reader, &self.location)?;
+        let done = conn.execute(
+            "INSERT INTO nodes (node_id, listen, started_at_ms, heartbeat_at_ms, devices)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (node_id) DO UPDATE SET listen = EXCLUDED.listen,
+                 started_at_ms = EXCLUDED.started_at_ms,
+                 heartbeat_at_ms = EXCLUDED.heartbeat_at_ms, devices = EXCLUDED.devices",
+            vec![
+                P::Text(node.to_owned()),
+                P::Text(listen.to_owned()),
+                P::I64(started_at.timestamp_millis()),
+                P::I64(chrono::Utc::now().timestamp_millis()),
+                P::I64(i64::try_from(devices).unwrap_or(i64::MAX)),
+            ],
+        );
+        match done {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(StoreError::Database {
+                op: "write this node's heartbeat",
+                reason: e.to_string(),
+            }),
+            None => Err(StoreError::Unavailable {
+                location: self.location.clone(),
+                reason: "the connection was lost while writing this node's heartbeat".into(),
+            }),
+        }
+    }
+}
+
+/// Every node the database at `url` has heard of, by name.
+pub fn list(url: &str) -> Result<Vec<NodeView>, StoreError> {
+    let config: postgres::Config =
+        url.parse()
+            .map_err(|e: postgres::Error| StoreError::Unavailable {
+                location: redact(url),
+                reason: format!("not a PostgreSQL connection string: {e}"),
+            })?;
+    let location = describe(&config);
+    let conn = Conn::open(&config, "chukei-pg-nodes", &location)?;
+    super::schema::check(&conn, &location)?;
+    let rows = conn
+        .query(
+            "SELECT node_id, listen, started_at_ms, heartbeat_at_ms, devices FROM nodes
+             ORDER BY node_id",
+            Vec::new(),
+        )
+        .ok_or_else(|| StoreError::Unavailable {
+            location: location.clone(),
+            reason: "the connection was lost".into(),
+        })?
+        .map_err(|e| StoreError::Database {
+            op: "list the nodes",
+            reason: e.to_string(),
+        })?;
+    let now = chrono::Utc::now();
+    let stale = chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
+    let time = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let heartbeat_at = time(r.get(3));
+            NodeView {
+                node_id: r.get(0),
+                listen: r.get(1),
+                started_at: time(r.get(2)),
+                heartbeat_at,
+                devices: r.get::<_, i64>(4).max(0) as u64,
+                alive: now - heartbeat_at <= stale,
+            }
+        })
+        .collect())
+}

@@ -304,6 +304,10 @@ struct RunArgs {
     /// with `broker db migrate --cluster-db URL`)
     #[arg(long, value_name = "URL")]
     cluster_db: Option<String>,
+    /// A NATS server of the cluster's bus, e.g. nats://bus1:4222; repeat for each server of a
+    /// NATS cluster (needs --cluster-db)
+    #[arg(long = "cluster-bus", value_name = "URL")]
+    cluster_bus: Vec<String>,
     /// The firmware publisher's public key (publisher.pub of `host-agent keys generate`): a child
     /// relay run by `broker supervise` checks an update of its own program against it
     #[arg(long, value_name = "FILE")]
@@ -446,6 +450,9 @@ impl RunArgs {
         }
         if let Some(url) = self.cluster_db {
             cfg.cluster_db = Some(url);
+        }
+        if !self.cluster_bus.is_empty() {
+            cfg.cluster_bus = self.cluster_bus;
         }
         if let Some(addr) = self.metrics_listen {
             cfg.metrics_listen = Some(addr);

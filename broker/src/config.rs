@@ -200,6 +200,11 @@ pub struct BrokerConfig {
     /// store in `data_dir`. `broker db migrate` creates its schema. Needs `node_id`.
     #[serde(default)]
     pub cluster_db: Option<String>,
+    /// The NATS servers of the cluster's bus (`nats://HOST:4222`, several for a cluster of
+    /// servers): what this node publishes that sessions on other nodes need, and theirs. Needs
+    /// `cluster_db` (the bus carries no truth).
+    #[serde(default)]
+    pub cluster_bus: Vec<String>,
     /// A child relay checks a firmware job for its own program against this key (publisher.pub
     /// of `host-agent keys generate`) before it downloads a byte, as devices do. Unset: it
     /// refuses to replace its program.
@@ -414,6 +419,13 @@ impl BrokerConfig {
                 "cluster_db",
                 &"set",
                 "a cluster node needs its node_id (--node-id N1), its name among the nodes",
+            ));
+        }
+        if !self.cluster_bus.is_empty() && self.cluster_db.is_none() {
+            return Err(invalid(
+                "cluster_bus",
+                &self.cluster_bus.join(","),
+                "the bus joins nodes that share a cluster database: set cluster_db (--cluster-db) too",
             ));
         }
         if let Some(node) = &self.node_id

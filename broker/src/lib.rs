@@ -206,16 +206,37 @@ pub async fn run(
     let (inbound_tx, inbound) = tokio::sync::mpsc::channel(switch::router_link::INBOUND_QUEUE);
     // Before the core republishes: the hub keeps its own copy of the devices' retained orders.
     let hub = Arc::new(switch::hub::Hub::new(inbound_tx.clone(), DEVICE_QUEUE));
+    let (bus_tx, bus_rx) = match cfg.cluster_bus.is_empty() {
+        true => (None, None),
+        false => {
+            let (tx, rx) = tokio::sync::mpsc::channel(switch::bus::BUS_QUEUE);
+            (Some(tx), Some(rx))
+        }
+    };
     let outbound = switch::router_link::attach(
         router.clone(),
         hub.clone(),
         core.child_routes(),
         retained,
         inbound_tx,
+        bus_tx,
         &tasks,
         stop.clone(),
     )
     .await?;
+    if let (Some(rx), Some(node)) = (bus_rx, &cfg.node_id) {
+        tasks.spawn(switch::bus::run(
+            switch::bus::BusSettings {
+                node: node.clone(),
+                servers: cfg.cluster_bus.clone(),
+            },
+            core.clone(),
+            hub.clone(),
+            outbound.router_queue(),
+            rx,
+            stop.clone(),
+        ));
+    }
     let (presence_tx, presence_rx) = switch::presence::channel();
     let core_task = core::spawn(core.clone(), inbound, outbound, presence_rx, stop.clone())
         .map_err(BrokerError::CoreThread)?;

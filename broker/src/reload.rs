@@ -182,6 +182,7 @@ macro_rules! restart_only_keys {
             publisher_key,
             node_id,
             cluster_db,
+            cluster_bus,
             parent,
             uplink_batch_max_items,
             uplink_batch_max_bytes,

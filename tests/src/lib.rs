@@ -35,6 +35,7 @@ pub mod chaos;
 mod device;
 mod host;
 pub mod mqtt;
+pub mod nats;
 pub mod netns;
 pub mod postgres;
 mod process;

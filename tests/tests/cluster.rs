@@ -3,6 +3,7 @@
 //! is and keeps every job in PostgreSQL — a relay started again with an empty data directory
 //! finds them all.
 
+use harness::nats::Nats;
 use harness::postgres::Postgres;
 use harness::{TestEnv, broker_cmd, deadline};
 
@@ -119,4 +120,85 @@ async fn a_relay_keeps_its_jobs_in_postgresql_after_broker_db_migrate() {
     let err = refused_run(&env, &url, "n1-c").await;
     assert!(err.contains("newer than this release"), "{err}");
     assert_eq!(pg.sql("chukei", "SELECT version FROM chukei_schema"), "99");
+}
+
+/// Waits for the JSON view of `job` with `status` on `client`'s node.
+async fn job_view(client: &mut harness::MqttClient, serial: &str, job: &str, status: &str) {
+    let topic = format!("json/fleet/{serial}/jobs/{job}");
+    let within = deadline();
+    tokio::time::timeout(within, async {
+        loop {
+            let p = client.next_publish_on(&topic, within).await;
+            let json: serde_json::Value = serde_json::from_slice(&p.payload)
+                .unwrap_or_else(|e| panic!("{topic} is not JSON: {e}"));
+            if json["status"] == status {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{topic} never showed {status} within {within:?}"));
+}
+
+#[tokio::test]
+async fn a_job_filed_at_one_node_reaches_a_device_on_another_even_after_the_bus_was_down() {
+    let env = TestEnv::new(
+        "a_job_filed_at_one_node_reaches_a_device_on_another_even_after_the_bus_was_down",
+    );
+    let pg = Postgres::start(&env, "db");
+    pg.create_db("chukei");
+    let url = pg.url("chukei");
+    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
+    assert!(ok, "{err}");
+    let mut bus = Nats::start(&env, "bus", None).await;
+    let node = |id: &str| {
+        env.broker()
+            .data_dir(env.path(id))
+            .args(["--node-id", id, "--cluster-db", &url])
+            .args(["--cluster-bus", &bus.url()])
+    };
+    let n1 = node("N1").start().await;
+    let n2 = node("N2").start().await;
+    for n in [&n1, &n2] {
+        n.wait_for_log("cluster bus connected", deadline()).await;
+    }
+    // C1 is on N2; the service desk and an integrator are on N1.
+    let _c1 = env.device("C1").start(&n2).await;
+    let mut crm = env
+        .mqtt(protocol::Role::Integrator, "crm")
+        .connect(&n1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    crm.subscribe_and_wait("json/fleet/+/jobs/+").await;
+    let host = env.host("svc", &n1);
+    let submit = || {
+        host.submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "get-data",
+            "--sections",
+            "counters",
+        ])
+    };
+
+    let job = submit().await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+    // The result was stored by N2, which holds C1; N1's integrator saw N2's view of it.
+    job_view(&mut crm, "C1", &job, "succeeded").await;
+    n2.wait_for_line("N2 stored C1's result", deadline(), |l| {
+        l.contains("job update stored") && l.contains(&job) && l.contains("succeeded")
+    })
+    .await;
+
+    // The bus dies. A job filed at N1 meanwhile is in the database only; once the bus is back,
+    // N2 catches up from the database and C1 gets it.
+    let port = bus.port();
+    bus.kill9().await;
+    n2.wait_for_log("cluster bus lost", deadline()).await;
+    let job = submit().await;
+    let _bus = Nats::start(&env, "bus-again", Some(port)).await;
+    n2.wait_for_log("republishing the retained orders and views", deadline())
+        .await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
 }

@@ -17,10 +17,14 @@
 //! - **presence** ([`presence`]): the gateway reports device sessions opening and closing to the
 //!   core on a channel of its own, so a session never waits on the core.
 //!
-//! This is where further routes join: an uplink to a parent relay (messages that come from and
-//! go to the parent) and a bus between cluster nodes (messages for a device whose session is on
-//! another node) are more sources of `Inbound` and more destinations in the outlet.
+//! - **the cluster bus** ([`bus`], with `--cluster-bus`): what the core publishes that another
+//!   node's sessions may need (orders, merged data, views) goes to the other nodes too, which
+//!   hand it to their hub and router.
+//!
+//! An uplink to a parent relay (`relays::uplink`) is one more source of `Inbound` and one more
+//! destination: what the parent sends this child's devices goes to the hub.
 
+pub mod bus;
 pub mod hub;
 pub mod presence;
 pub mod router_link;

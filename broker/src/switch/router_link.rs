@@ -56,12 +56,14 @@ pub const INBOUND_QUEUE: usize = 4096;
 /// publishes to `inbound` itself), and what the core sends devices (`dev/…`) goes to the hub
 /// directly: no one but the device itself may subscribe there (the ACL), and skipping the router
 /// saves two thread hand-offs each way (bench/RESULTS.md).
+#[allow(clippy::too_many_arguments)] // each is one route of the switch
 pub async fn attach(
     broker: Arc<Broker>,
     hub: Arc<Hub>,
     routes: Arc<ChildRoutes>,
     retained: Vec<Outbound>,
     inbound: mpsc::Sender<Inbound>,
+    bus: Option<mpsc::Sender<Outbound>>,
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<CoreOutlet, CoreLinkError> {
@@ -76,6 +78,7 @@ pub async fn attach(
         hub,
         router: out_tx,
         routes,
+        bus,
     };
     let mut out = RouterOut { tx };
     out.send(outlet.deliver_to_devices(retained)).await?;
@@ -92,6 +95,8 @@ pub struct CoreOutlet {
     router: mpsc::Sender<Outbound>,
     /// Devices reached through a child relay: what they get is copied to the child.
     routes: Arc<ChildRoutes>,
+    /// In a cluster: what other nodes' sessions may need goes to the bus too.
+    bus: Option<mpsc::Sender<Outbound>>,
 }
 
 impl CoreOutlet {
@@ -116,6 +121,11 @@ impl CoreOutlet {
             }
         }
         rest
+    }
+
+    /// Where what the router should publish is queued (in order with the core's own).
+    pub fn router_queue(&self) -> mpsc::Sender<Outbound> {
+        self.router.clone()
     }
 
     /// The child a device topic goes through, and whether the copy is retained (job orders
@@ -159,6 +169,14 @@ impl CoreOutlet {
 impl Outlet for CoreOutlet {
     /// What devices get goes to the hub at once; the rest queues for the router, in order.
     async fn publish(&self, batch: Vec<Outbound>) -> Result<(), OutletClosed> {
+        if let Some(bus) = &self.bus {
+            for out in batch.iter().filter(|o| super::bus::crosses_nodes(&o.topic)) {
+                if bus.try_send(out.clone()).is_err() {
+                    // The database has it; the other nodes catch up when they reconnect.
+                    tracing::debug!(topic = %protocol::Shown(&out.topic), "cluster bus queue full; a publication skipped it");
+                }
+            }
+        }
         for out in self.deliver_to_devices(batch) {
             self.router.send(out).await.map_err(|_| OutletClosed)?;
         }

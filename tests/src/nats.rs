@@ -1,0 +1,53 @@
+//! A real NATS server for the cluster tests: Debian's `nats-server` (installed by
+//! `scripts/test`), on loopback, on a port of its own.
+
+use crate::{Proc, TestEnv, deadline};
+
+/// One running server. Derefs to its [`Proc`] (`kill9`, `stop`, logs).
+pub struct Nats {
+    proc: Proc,
+    port: u16,
+}
+
+impl Nats {
+    /// Starts a server on an ephemeral port (or `port`, to bring one back where it was).
+    pub async fn start(env: &TestEnv, name: &str, port: Option<u16>) -> Nats {
+        let port = port.unwrap_or_else(crate::postgres::free_port);
+        // Debian installs it in /usr/sbin, not always on a user's PATH.
+        let program = if std::path::Path::new("/usr/sbin/nats-server").is_file() {
+            "/usr/sbin/nats-server"
+        } else {
+            "nats-server"
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        let proc = Proc::spawn(
+            format!("nats-{name}"),
+            cmd,
+            env.path(format!("nats-{name}.log")),
+        );
+        proc.wait_for_log("Server is ready", deadline()).await;
+        Nats { proc, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl std::ops::Deref for Nats {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for Nats {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}

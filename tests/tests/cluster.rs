@@ -202,3 +202,68 @@ async fn a_job_filed_at_one_node_reaches_a_device_on_another_even_after_the_bus_
         .await;
     host.wait_for_status(&job, "succeeded", deadline()).await;
 }
+
+#[tokio::test]
+async fn one_node_does_the_periodic_work_and_another_takes_it_over_when_it_dies() {
+    let env =
+        TestEnv::new("one_node_does_the_periodic_work_and_another_takes_it_over_when_it_dies");
+    let pg = Postgres::start(&env, "db");
+    pg.create_db("chukei");
+    let url = pg.url("chukei");
+    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
+    assert!(ok, "{err}");
+    let bus = Nats::start(&env, "bus", None).await;
+    let node = |id: &str| {
+        env.broker()
+            .data_dir(env.path(id))
+            .args(["--node-id", id, "--cluster-db", &url])
+            .args(["--cluster-bus", &bus.url()])
+    };
+    let leads = "now does the cluster's periodic work";
+    let mut first = node("N1").start().await;
+    first.wait_for_log(leads, deadline()).await;
+    let second = node("N2").start().await;
+    second
+        .wait_for_log("cluster bus connected", deadline())
+        .await;
+    let host = env.host("svc", &second);
+
+    // A job for a device that never comes times out once, by the leader alone.
+    let soon = || {
+        (chrono::Utc::now() + chrono::Duration::seconds(2))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    let job = host
+        .submit(&[
+            "--serial",
+            "C9",
+            "--kind",
+            "get-data",
+            "--deadline",
+            &soon(),
+        ])
+        .await;
+    host.wait_for_status(&job, "timed-out", deadline()).await;
+    let expired = |n: &harness::Broker, job: &str| {
+        n.lines_matching(|l| l.contains("job timed out") && l.contains(job))
+            .len()
+    };
+    assert_eq!((expired(&first, &job), expired(&second, &job)), (1, 0));
+    assert!(second.lines_matching(|l| l.contains(leads)).is_empty());
+
+    // The leader dies: the other node takes the periodic work over.
+    first.kill9().await;
+    second.wait_for_log(leads, deadline()).await;
+    let job = host
+        .submit(&[
+            "--serial",
+            "C9",
+            "--kind",
+            "get-data",
+            "--deadline",
+            &soon(),
+        ])
+        .await;
+    host.wait_for_status(&job, "timed-out", deadline()).await;
+    assert_eq!(expired(&second, &job), 1);
+}

@@ -135,13 +135,22 @@ pub async fn run(
                     out
                 }
                 // The tick also records presence changes held back while the store could not write.
-                Work::Expire => core.expire(now).and_then(|mut out| {
-                    out.extend(core.overdue(now)?);
-                    core.notify_due(now)?;
-                    out.extend(core.alarm_views_due(now)?);
-                    out.extend(core.presence_events(Vec::new(), now)?);
-                    Ok(out)
-                }),
+                // Deadlines, overdue check-ins and alarm digests happen once per store: in a
+                // cluster, on the node that leads.
+                Work::Expire => {
+                    let lead = core.store().leads_cluster_work();
+                    let mut out = Vec::new();
+                    (|| {
+                        if lead {
+                            out.extend(core.expire(now)?);
+                            out.extend(core.overdue(now)?);
+                            core.notify_due(now)?;
+                        }
+                        out.extend(core.alarm_views_due(now)?);
+                        out.extend(core.presence_events(Vec::new(), now)?);
+                        Ok(std::mem::take(&mut out))
+                    })()
+                }
                 Work::Presence(events) => core.session_events(events, now),
             }
         }));

@@ -366,6 +366,11 @@ pub async fn run_worker(
         let now = chrono::Utc::now();
         let s = store.clone();
         let taken = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            // In a cluster, one node sends (each notification once); the others look again
+            // later, in case it goes.
+            if !s.leads_cluster_work() {
+                return Ok((Vec::new(), Some(now + chrono::Duration::seconds(5))));
+            }
             let txn = s.begin()?;
             let due = txn.due_notifications(now, BATCH)?;
             txn.commit()?;

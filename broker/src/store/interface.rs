@@ -50,6 +50,13 @@ pub trait Store: Send + Sync {
     /// Where the store is, for logs: a file's path, a database's address.
     fn location(&self) -> String;
 
+    /// Whether this relay does the work that must happen once per store, not once per relay
+    /// sharing it: deadlines, overdue check-ins, alarm digests, sending notifications. A store
+    /// of its own: always. A cluster's: the one node holding the database's leader lock.
+    fn leads_cluster_work(&self) -> bool {
+        true
+    }
+
     /// Writes a consistent copy of everything committed so far to `out` while the relay keeps
     /// running: every message acked before the call is in it, and no commit is half in it.
     /// Returns the bytes written. What a restore brings back (`broker restore`).

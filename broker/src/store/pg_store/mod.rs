@@ -12,6 +12,7 @@
 //! of its own ([`Conn`]) and every statement is a closure sent to it. A writer connection carries
 //! the transactions, one at a time as on redb; a second one reads the metrics' counts.
 
+mod leader;
 pub mod nodes;
 mod schema;
 mod tables;
@@ -156,6 +157,7 @@ pub struct PgStore {
     writer: RwLock<Option<Arc<Conn>>>,
     reader: RwLock<Option<Arc<Conn>>>,
     permit: Arc<Permit>,
+    leader: leader::Leader,
 }
 
 impl PgStore {
@@ -179,6 +181,7 @@ impl PgStore {
             writer: RwLock::new(Some(Arc::new(writer))),
             reader: RwLock::new(Some(Arc::new(reader))),
             permit: Arc::default(),
+            leader: leader::Leader::default(),
         })
     }
 
@@ -261,6 +264,10 @@ impl Store for PgStore {
 
     fn location(&self) -> String {
         self.location.clone()
+    }
+
+    fn leads_cluster_work(&self) -> bool {
+        self.leader.leads(&self.config, &self.location)
     }
 
     fn backup(&self, _out: &std::path::Path) -> Result<u64, StoreError> {

@@ -233,6 +233,10 @@ impl Store for PgStore {
             dirty: false,
             open: true,
         };
+        // Read committed, with every record the core may change read `FOR UPDATE` (tables.rs):
+        // two nodes touching the same job or device take turns, each seeing the other's commit,
+        // so neither update is lost. A deadlock between two nodes fails one batch, whose
+        // senders resend it.
         txn.batch("begin a transaction", "BEGIN")?;
         Ok(Box::new(txn))
     }

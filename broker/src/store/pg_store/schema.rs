@@ -20,6 +20,7 @@ const MIGRATIONS: [&str; 1] = [r#"
 CREATE TABLE chukei_schema (version integer NOT NULL);
 INSERT INTO chukei_schema (version) VALUES (0);
 
+-- Counters (next_job, next_alarm, …): a row each, locked by the transaction that bumps it.
 CREATE TABLE meta (name text COLLATE "C" PRIMARY KEY, value bigint NOT NULL);
 
 CREATE TABLE jobs (

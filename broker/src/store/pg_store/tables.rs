@@ -50,7 +50,9 @@ fn serial_of(table: &'static str, key: String) -> Result<Serial, StoreError> {
 }
 
 impl PgTxn {
-    /// Bumps a counter in `meta` and returns its new value.
+    /// Bumps a counter in `meta` and returns its new value. The row stays locked until the
+    /// transaction ends, so two nodes allocating at once take turns, and a rolled-back
+    /// transaction leaves no gap.
     fn next_counter(&mut self, name: &'static str, op: &'static str) -> Result<u64, StoreError> {
         let rows = self.write_rows(
             op,
@@ -103,7 +105,7 @@ impl PgTxn {
     fn seen_set(&self, serial: &str) -> Result<Option<seen::SeenSet>, StoreError> {
         let Some(bytes) = self.blob(
             "read a device's seen ids",
-            "SELECT windows FROM seen_by_device WHERE serial = $1",
+            "SELECT windows FROM seen_by_device WHERE serial = $1 FOR UPDATE",
             vec![text(serial)],
         )?
         else {
@@ -153,7 +155,7 @@ impl JobTables for PgTxn {
     fn job(&self, n: u64) -> Result<Option<JobRecord>, StoreError> {
         self.blob(
             "read a job",
-            "SELECT record FROM jobs WHERE number = $1",
+            "SELECT record FROM jobs WHERE number = $1 FOR UPDATE",
             vec![n64(n)],
         )?
         .map(|b| decode("jobs", job_id(n), &b))
@@ -393,7 +395,7 @@ impl DeviceTables for PgTxn {
     fn device(&self, serial: &Serial) -> Result<Option<DeviceRecord>, StoreError> {
         self.blob(
             "read a device",
-            "SELECT record FROM devices WHERE serial = $1",
+            "SELECT record FROM devices WHERE serial = $1 FOR UPDATE",
             vec![text(serial.as_str())],
         )?
         .map(|b| decode("devices", serial, &b))
@@ -403,7 +405,7 @@ impl DeviceTables for PgTxn {
     fn device_state(&self, serial: &Serial) -> Result<Option<DeviceState>, StoreError> {
         self.blob(
             "read a device's state",
-            "SELECT record FROM devices WHERE serial = $1",
+            "SELECT record FROM devices WHERE serial = $1 FOR UPDATE",
             vec![text(serial.as_str())],
         )?
         .map(|b| decode::<StoredState>("devices", serial, &b).map(|s| s.state))
@@ -446,7 +448,7 @@ impl ArtifactTables for PgTxn {
     fn artifact(&self, id: &ArtifactId) -> Result<Option<ArtifactInfo>, StoreError> {
         self.blob(
             "read an artifact",
-            "SELECT info FROM artifacts WHERE id = $1",
+            "SELECT info FROM artifacts WHERE id = $1 FOR UPDATE",
             vec![text(id.as_str())],
         )?
         .map(|b| decode("artifacts", id, &b))
@@ -543,7 +545,7 @@ impl AlarmTables for PgTxn {
     fn alarm(&self, n: u64) -> Result<Option<AlarmView>, StoreError> {
         self.blob(
             "read an alarm",
-            "SELECT alarm FROM alarms WHERE number = $1",
+            "SELECT alarm FROM alarms WHERE number = $1 FOR UPDATE",
             vec![n64(n)],
         )?
         .map(|b| decode("alarms", alarm_id(n), &b))
@@ -630,7 +632,7 @@ impl AlarmTables for PgTxn {
     fn alarm_overflow(&self, serial: &Serial) -> Result<Option<OverflowRecord>, StoreError> {
         self.blob(
             "read alarm overflow",
-            "SELECT record FROM alarm_overflow WHERE serial = $1",
+            "SELECT record FROM alarm_overflow WHERE serial = $1 FOR UPDATE",
             vec![text(serial.as_str())],
         )?
         .map(|b| decode("alarm_overflow", serial, &b))
@@ -669,7 +671,7 @@ impl PresenceTables for PgTxn {
     fn presence(&self, serial: &Serial) -> Result<Option<PresenceRecord>, StoreError> {
         self.blob(
             "read presence",
-            "SELECT record FROM presence WHERE serial = $1",
+            "SELECT record FROM presence WHERE serial = $1 FOR UPDATE",
             vec![text(serial.as_str())],
         )?
         .map(|b| decode("presence", serial, &b))
@@ -771,7 +773,7 @@ impl NotificationTables for PgTxn {
         let existing = self
             .blob(
                 op,
-                "SELECT digest FROM alarm_digests WHERE serial = $1",
+                "SELECT digest FROM alarm_digests WHERE serial = $1 FOR UPDATE",
                 vec![text(serial)],
             )?
             .map(|b| decode::<AlarmDigest>("alarm_digests", serial, &b))

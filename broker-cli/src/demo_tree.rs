@@ -119,7 +119,7 @@ pub async fn run(
             pki_dir: pki_dir.clone(),
             server_name: id.to_string(),
             relay_id: Some(id.clone()),
-            parent: Some(parent.url.clone()),
+            parent: vec![parent.url.clone()],
             uplink_batch_delay_ms: 50,
             ..BrokerConfig::default()
         };

@@ -276,9 +276,10 @@ struct RunArgs {
     /// issue --role relay --id ID`) and, with --parent, forward what they send to the parent
     #[arg(long, value_name = "ID")]
     relay_id: Option<protocol::RelayId>,
-    /// The parent relay this child connects out to, e.g. mqtts://parent.example.com:8883
+    /// The parent relay this child connects out to, e.g. mqtts://parent.example.com:8883; repeat
+    /// for each node of a clustered parent (the child moves to the next when one is lost)
     #[arg(long, value_name = "URL")]
-    parent: Option<protocol::url::BrokerUrl>,
+    parent: Vec<protocol::url::BrokerUrl>,
     /// persistent: stay connected to the parent; periodic: connect every --parent-interval-secs,
     /// exchange everything, disconnect (a queued alarm connects at once). Default: persistent
     #[arg(long, value_name = "MODE")]
@@ -439,8 +440,8 @@ impl RunArgs {
         if let Some(id) = self.relay_id {
             cfg.relay_id = Some(id);
         }
-        if let Some(url) = self.parent {
-            cfg.parent = Some(url);
+        if !self.parent.is_empty() {
+            cfg.parent = self.parent;
         }
         if let Some(key) = self.publisher_key {
             cfg.publisher_key = Some(key);

@@ -168,9 +168,11 @@ pub struct BrokerConfig {
     #[serde(default)]
     pub relay_id: Option<protocol::RelayId>,
     /// The parent relay this child connects out to (`mqtts://HOST:PORT` or `wss://HOST/mqtt`),
-    /// with its relay certificate. Needs `relay_id`.
-    #[serde(default, deserialize_with = "parent_url")]
-    pub parent: Option<protocol::url::BrokerUrl>,
+    /// with its relay certificate; a list for a parent that is a cluster of nodes (claim 26): the
+    /// child connects to the first it can reach and moves to the next when that one is lost.
+    /// Needs `relay_id`.
+    #[serde(default, deserialize_with = "parent_urls")]
+    pub parent: Vec<protocol::url::BrokerUrl>,
     /// `persistent` (the default): the child stays connected to its parent. `periodic` (claim
     /// 21): it connects every `parent_interval_secs`, exchanges everything (its queue, presence,
     /// the orders waiting for its devices), then disconnects; a queued alarm starts a session at
@@ -218,12 +220,23 @@ pub struct BrokerConfig {
 }
 
 /// `parent = "mqtts://…"`, checked as the agents check their `--broker`.
-fn parent_url<'de, D: serde::Deserializer<'de>>(
+/// `parent = "mqtts://…"` or `parent = ["mqtts://n1…", "mqtts://n2…"]`.
+fn parent_urls<'de, D: serde::Deserializer<'de>>(
     d: D,
-) -> Result<Option<protocol::url::BrokerUrl>, D::Error> {
-    let s: Option<String> = Option::deserialize(d)?;
-    s.map(|s| s.parse().map_err(serde::de::Error::custom))
-        .transpose()
+) -> Result<Vec<protocol::url::BrokerUrl>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let urls = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    urls.iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// Files the gateway may spend on clients and handshakes together (of the 20,000 a process may
@@ -407,7 +420,7 @@ impl BrokerConfig {
         if self.handshake_timeout_secs == 0 {
             return Err(invalid("handshake_timeout_secs", &0, "use at least 1"));
         }
-        if self.parent.is_some() && self.relay_id.is_none() {
+        if !self.parent.is_empty() && self.relay_id.is_none() {
             return Err(invalid(
                 "parent",
                 &"set",
@@ -586,7 +599,7 @@ impl BrokerConfig {
     /// What the core does as a child relay and as a parent.
     pub fn relay_settings(&self) -> Result<crate::core::relay::RelaySettings, ConfigError> {
         Ok(crate::core::relay::RelaySettings {
-            forward_to_parent: self.parent.is_some(),
+            forward_to_parent: !self.parent.is_empty(),
             assignments: crate::relays::Assignments::new(&self.relays)?,
         })
     }

@@ -231,8 +231,7 @@ pub async fn run(
                 servers: cfg.cluster_bus.clone(),
             },
             core.clone(),
-            hub.clone(),
-            outbound.router_queue(),
+            outbound.clone(),
             rx,
             stop.clone(),
         ));
@@ -257,7 +256,7 @@ pub async fn run(
             hub.deliver(&topic, payload);
         }
     }
-    if let (Some(relay), Some(parent)) = (&cfg.relay_id, &cfg.parent) {
+    if let (Some(relay), false) = (&cfg.relay_id, cfg.parent.is_empty()) {
         let (cert, key) = pki::relay_cert_paths(&cfg.pki_dir, relay.as_str());
         let tls = pki::client_config(
             &pki::read_pem_file(&cfg.pki_dir.join(pki::CA_CERT))?,
@@ -266,7 +265,7 @@ pub async fn run(
         )?;
         let settings = relays::uplink::UplinkSettings {
             relay: relay.clone(),
-            parent: parent.clone(),
+            parents: cfg.parent.clone(),
             tls,
             max_items: cfg.uplink_batch_max_items,
             max_bytes: cfg.uplink_batch_max_bytes,

@@ -267,3 +267,171 @@ async fn one_node_does_the_periodic_work_and_another_takes_it_over_when_it_dies(
     host.wait_for_status(&job, "timed-out", deadline()).await;
     assert_eq!(expired(&second, &job), 1);
 }
+
+#[tokio::test]
+async fn a_child_relay_moves_to_the_parents_next_node_when_its_node_dies() {
+    let env = TestEnv::new("a_child_relay_moves_to_the_parents_next_node_when_its_node_dies");
+    let pg = Postgres::start(&env, "db");
+    pg.create_db("chukei");
+    let url = pg.url("chukei");
+    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
+    assert!(ok, "{err}");
+    let bus = Nats::start(&env, "bus", None).await;
+    std::fs::write(
+        env.path("parent.toml"),
+        "[[relays]]\nid = \"R1\"\nserials = [\"C*\"]\n",
+    )
+    .unwrap();
+    pki::issue_relay_to_dir(env.pki().dir(), "R1", &[]).unwrap();
+    let node = |id: &str| {
+        env.broker()
+            .data_dir(env.path(id))
+            .args(["--node-id", id, "--cluster-db", &url])
+            .args(["--cluster-bus", &bus.url()])
+            .arg("--config")
+            .arg(env.path("parent.toml"))
+    };
+    let mut n1 = node("N1").start().await;
+    let n2 = node("N2").start().await;
+    for n in [&n1, &n2] {
+        n.wait_for_log("cluster bus connected", deadline()).await;
+    }
+    // R1 knows both nodes of its parent; it is on N1. The service desk is on N2.
+    let child = env
+        .broker()
+        .data_dir(env.path("child"))
+        .args([
+            "--relay-id",
+            "R1",
+            "--parent",
+            &n1.url(),
+            "--parent",
+            &n2.url(),
+        ])
+        .args(["--server-name", "R1", "--uplink-batch-delay-ms", "20"])
+        .start()
+        .await;
+    child
+        .wait_for_line("R1 on N1", deadline(), |l| {
+            l.contains("uplink connected to the parent relay") && l.contains(&n1.url())
+        })
+        .await;
+    let _c1 = env.device("C1").start(&child).await;
+    let host = env.host("svc", &n2);
+    let submit = || {
+        host.submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "get-data",
+            "--sections",
+            "counters",
+        ])
+    };
+    // Filed at N2, reaches C1 through N1 (over the bus) and R1.
+    let job = submit().await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+
+    // N1 dies: R1 moves to N2 (claim 26) and C1's jobs go on through it.
+    n1.kill9().await;
+    child
+        .wait_for_line("R1 on N2", deadline(), |l| {
+            l.contains("uplink connected to the parent relay") && l.contains(&n2.url())
+        })
+        .await;
+    let job = submit().await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+}
+
+#[tokio::test]
+async fn a_device_moves_to_another_node_mid_job_and_its_job_and_reports_finish_once() {
+    let env =
+        TestEnv::new("a_device_moves_to_another_node_mid_job_and_its_job_and_reports_finish_once");
+    let pg = Postgres::start(&env, "db");
+    pg.create_db("chukei");
+    let url = pg.url("chukei");
+    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
+    assert!(ok, "{err}");
+    let bus = Nats::start(&env, "bus", None).await;
+    let node = |id: &str| {
+        env.broker()
+            .data_dir(env.path(id))
+            .args(["--node-id", id, "--cluster-db", &url])
+            .args(["--cluster-bus", &bus.url()])
+    };
+    let mut n1 = node("N1").start().await;
+    let n2 = node("N2").start().await;
+    for n in [&n1, &n2] {
+        n.wait_for_log("cluster bus connected", deadline()).await;
+    }
+    // C1 knows both nodes and that they are one system; it prefers N1.
+    let c1 = env
+        .device("C1")
+        .brokers(&[n1.url(), n2.url()])
+        .arg("--one-tree")
+        .config("[report]\ncounters_every_secs = 1\n")
+        .start(&n1)
+        .await;
+    let host = env.host("svc", &n2);
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(3))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let job = host
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "get-data",
+            "--sections",
+            "counters",
+            "--at",
+            &at,
+        ])
+        .await;
+    c1.wait_for_line("C1 has the job", deadline(), |l| l.contains(&job))
+        .await;
+    // N1 dies while C1 holds the job: C1 goes on through N2, and the job ends there.
+    n1.kill9().await;
+    let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
+    let statuses: Vec<&str> = detail["timeline"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|e| e["status"].as_str()).collect())
+        .unwrap_or_default();
+    let unique: std::collections::BTreeSet<&str> = statuses.iter().copied().collect();
+    assert_eq!(unique.len(), statuses.len(), "a status twice: {detail:#}");
+    // Every reading C1 queued and had acked (stored, or a duplicate of one stored before N1
+    // died) is in the database once; one more is the job's own.
+    let mut c1 = c1;
+    c1.stop().await;
+    let id_of = |l: &str| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("msg_id="))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let queued: std::collections::BTreeSet<u64> = c1
+        .lines_matching(|l| l.contains("meter reading queued"))
+        .iter()
+        .filter_map(|l| id_of(l))
+        .collect();
+    let acked: std::collections::BTreeSet<u64> = c1
+        .lines_matching(|l| {
+            l.contains("ack received")
+                && (l.contains("outcome=stored") || l.contains("outcome=duplicate"))
+        })
+        .iter()
+        .filter_map(|l| id_of(l))
+        .filter(|id| queued.contains(id))
+        .collect();
+    let stored: usize = pg
+        .sql(
+            "chukei",
+            "SELECT count(*) FROM readings WHERE serial = 'C1'",
+        )
+        .parse()
+        .unwrap_or(0);
+    let unacked = queued.len() - acked.len();
+    assert!(
+        stored > acked.len() && stored <= acked.len() + unacked + 1,
+        "{stored} readings stored; {} acked, {unacked} never acked",
+        acked.len()
+    );
+}

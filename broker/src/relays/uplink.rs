@@ -38,7 +38,9 @@ use crate::telemetry::CoreStats;
 #[derive(Clone)]
 pub struct UplinkSettings {
     pub relay: RelayId,
-    pub parent: BrokerUrl,
+    /// The parent's nodes, most preferred first: the child moves to the next one when the one it
+    /// is on cannot be reached (claim 26).
+    pub parents: Vec<BrokerUrl>,
     pub tls: Arc<rustls::ClientConfig>,
     pub max_items: usize,
     pub max_bytes: usize,
@@ -76,17 +78,24 @@ pub async fn run(
     let stats = core.shared_stats();
     let wake = core.uplink_wake();
     let alarm = core.uplink_alarm();
-    let mut opts = link::mqtt_options(
-        settings.relay.as_str(),
-        &settings.parent,
-        None,
-        settings.tls.clone(),
-    );
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(true);
     let room = settings.max_bytes + 64 * 1024;
-    opts.set_max_packet_size(room, room);
-    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let parents: Vec<(String, rumqttc::MqttOptions)> = settings
+        .parents
+        .iter()
+        .map(|parent| {
+            let mut opts =
+                link::mqtt_options(settings.relay.as_str(), parent, None, settings.tls.clone());
+            opts.set_keep_alive(Duration::from_secs(30));
+            opts.set_clean_session(true);
+            opts.set_max_packet_size(room, room);
+            (parent.to_string(), opts)
+        })
+        .collect();
+    let Some((_, first)) = parents.first() else {
+        warn!(relay = %settings.relay, "no parent relay to connect to");
+        return;
+    };
+    let (client, mut eventloop) = AsyncClient::new(first.clone(), 16);
     let mut net = eventloop.network_options();
     // Without it a batch's ack (and so the next batch, an alarm among them) can stall ~40 ms on
     // Nagle and delayed ACK: measured in bench alarm-latency --through-child.
@@ -98,7 +107,8 @@ pub async fn run(
     let (idle_tx, idle) = watch::channel(false);
     // Room for several windows of chunks: the task writes each to disk as it comes.
     let (own_tx, own_rx) = mpsc::channel(OWN_QUEUE);
-    info!(relay = %settings.relay, parent = %settings.parent, "uplink to the parent relay starting");
+    let names: Vec<&str> = parents.iter().map(|(name, _)| name.as_str()).collect();
+    info!(relay = %settings.relay, parents = ?names, "uplink to the parent relay starting");
     let driver = Driver {
         eventloop,
         client: client.clone(),
@@ -113,6 +123,7 @@ pub async fn run(
         idle,
         alarm,
         own: own_tx,
+        parents,
     };
     let driver = tokio::spawn(driver.run(stop.clone()));
     let own = tokio::spawn(
@@ -175,6 +186,8 @@ struct Driver {
     alarm: Arc<std::sync::atomic::AtomicBool>,
     /// What the parent sends for the child itself.
     own: mpsc::Sender<super::own::OwnMessage>,
+    /// Each of the parent's nodes (its address, its options); the eventloop is on one of them.
+    parents: Vec<(String, rumqttc::MqttOptions)>,
 }
 
 impl Driver {
@@ -193,7 +206,9 @@ impl Driver {
             idle,
             alarm,
             own,
+            parents,
         } = self;
+        let mut on = 0usize;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut quiet_since = tokio::time::Instant::now();
@@ -201,6 +216,9 @@ impl Driver {
         let down_filter = topic::relay_down_filter(&relay);
         let mut retry = RETRY_FIRST;
         let mut lost_logged = false;
+        // Connection attempts failed since the last success: a whole round of the parent's
+        // nodes failing backs off, moving to the next node does not.
+        let mut failed_in_row = 0usize;
         loop {
             let polled = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -217,10 +235,11 @@ impl Driver {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     retry = RETRY_FIRST;
                     lost_logged = false;
+                    failed_in_row = 0;
                     stats.uplink_connected.store(1, Ordering::Relaxed);
                     // This session carries whatever alarm is queued.
                     alarm.store(false, Ordering::Relaxed);
-                    info!(relay = %relay, "uplink connected to the parent relay");
+                    info!(relay = %relay, parent = %parents[on].0, "uplink connected to the parent relay");
                     // The parent sends every retained order again on the subscription: what it
                     // cleared meanwhile must not linger here.
                     hub.clear_retained();
@@ -297,11 +316,19 @@ impl Driver {
                     } else {
                         debug!(relay = %relay, error = %e, "uplink still down");
                     }
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(retry) => {}
+                    failed_in_row += 1;
+                    if parents.len() > 1 {
+                        on = (on + 1) % parents.len();
+                        eventloop.mqtt_options = parents[on].1.clone();
+                        info!(relay = %relay, parent = %parents[on].0, "trying the parent relay's next node");
                     }
-                    retry = (retry * 2).min(RETRY_LAST);
+                    if failed_in_row.is_multiple_of(parents.len()) {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(retry) => {}
+                        }
+                        retry = (retry * 2).min(RETRY_LAST);
+                    }
                 }
             }
         }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::hub::Hub;
+use super::router_link::CoreOutlet;
 use crate::core::{Core, Outbound};
 
 /// The one subject the nodes publish on.
@@ -54,15 +54,17 @@ pub struct BusSettings {
 }
 
 /// Connects (retrying until the servers answer), then runs until `stop`: publishes what the
-/// core hands `outgoing`, and delivers what other nodes publish to `hub` and `router`.
+/// core hands `outgoing`, and delivers what other nodes publish as this node's core would have
+/// (`outlet`: devices here, and children relays here on their way to theirs, get theirs; the
+/// router the rest).
 pub async fn run(
     settings: BusSettings,
     core: Arc<Core>,
-    hub: Arc<Hub>,
-    router: mpsc::Sender<Outbound>,
+    outlet: CoreOutlet,
     mut outgoing: mpsc::Receiver<Outbound>,
     stop: CancellationToken,
 ) {
+    let router = outlet.router_queue();
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let options = async_nats::ConnectOptions::new()
         .name(format!("chukei node {}", settings.node))
@@ -118,9 +120,7 @@ pub async fn run(
             msg = incoming.next() => {
                 let Some(msg) = msg else { break };
                 let Some(out) = from_other_node(&settings.node, &msg) else { continue };
-                if protocol::topic::is_device_topic(&out.topic) {
-                    hub.deliver(&out.topic, out.payload);
-                } else if router.send(out).await.is_err() {
+                if !deliver(&outlet, &router, vec![out]).await {
                     break;
                 }
             }
@@ -129,7 +129,7 @@ pub async fn run(
                     // Whatever was published while this node was off the bus: again, from the
                     // database.
                     info!(node = %settings.node, "cluster bus reconnected; republishing the retained orders and views");
-                    catch_up(&core, &hub, &router).await;
+                    catch_up(&core, &outlet, &router).await;
                 }
                 Some(async_nats::Event::Disconnected) => {
                     warn!(node = %settings.node, "cluster bus lost; reconnecting (sessions here go on)");
@@ -159,8 +159,22 @@ fn from_other_node(node: &str, msg: &async_nats::Message) -> Option<Outbound> {
     })
 }
 
+/// Hands publications to this node's sessions as its core's own; `false` once the router is gone.
+async fn deliver(
+    outlet: &CoreOutlet,
+    router: &mpsc::Sender<Outbound>,
+    batch: Vec<Outbound>,
+) -> bool {
+    for out in outlet.deliver_to_devices(batch) {
+        if router.send(out).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 /// Republishes every retained order and view the database holds, to this node's sessions.
-async fn catch_up(core: &Arc<Core>, hub: &Arc<Hub>, router: &mpsc::Sender<Outbound>) {
+async fn catch_up(core: &Arc<Core>, outlet: &CoreOutlet, router: &mpsc::Sender<Outbound>) {
     let c = core.clone();
     let publications = match tokio::task::spawn_blocking(move || c.startup_publications()).await {
         Ok(Ok(p)) => p,
@@ -170,13 +184,7 @@ async fn catch_up(core: &Arc<Core>, hub: &Arc<Hub>, router: &mpsc::Sender<Outbou
         }
         Err(_) => return,
     };
-    for out in publications {
-        if protocol::topic::is_device_topic(&out.topic) {
-            hub.deliver(&out.topic, out.payload);
-        } else if router.send(out).await.is_err() {
-            return;
-        }
-    }
+    deliver(outlet, router, publications).await;
 }
 
 #[cfg(test)]

@@ -100,22 +100,46 @@ impl Postgres {
             .arg(&data)
             .args(["-U", "postgres", "-A", "trust", "--no-sync"]);
         run(initdb, "initdb");
-        let port = free_port();
-        let mut start = as_postgres(&bin.join("pg_ctl"));
+        let pg = Postgres {
+            bin,
+            data,
+            port: free_port(),
+        };
+        pg.start_server();
+        pg
+    }
+
+    fn start_server(&self) {
+        let mut start = as_postgres(&self.bin.join("pg_ctl"));
         start
             .arg("-D")
-            .arg(&data)
+            .arg(&self.data)
             .arg("-l")
-            .arg(dir.join("server.log"))
+            .arg(self.data.with_file_name("server.log"))
             .arg("-w")
             .arg("-o")
             .arg(format!(
                 // TCP only: a test directory's path is too long for a Unix socket's.
-                "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='' -c max_connections=200"
+                "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories='' -c max_connections=200",
+                self.port
             ))
             .arg("start");
         run(start, "pg_ctl start");
-        Postgres { bin, data, port }
+    }
+
+    /// Stops the server at once (`-m immediate`: as if its machine died; nothing committed is
+    /// lost, PostgreSQL recovers it at the next start).
+    pub fn stop(&self) {
+        let mut stop = as_postgres(&self.bin.join("pg_ctl"));
+        stop.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]);
+        run(stop, "pg_ctl stop");
+    }
+
+    /// Starts the stopped server again, on the same port and data.
+    pub fn start_again(&self) {
+        self.start_server();
     }
 
     /// `postgresql://postgres@127.0.0.1:PORT/DB`.

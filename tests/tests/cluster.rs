@@ -435,3 +435,65 @@ async fn a_device_moves_to_another_node_mid_job_and_its_job_and_reports_finish_o
         acked.len()
     );
 }
+
+#[tokio::test]
+async fn with_the_database_down_a_node_acks_nothing_new_says_why_and_resumes_by_itself() {
+    let env = TestEnv::new(
+        "with_the_database_down_a_node_acks_nothing_new_says_why_and_resumes_by_itself",
+    );
+    let pg = Postgres::start(&env, "db");
+    pg.create_db("chukei");
+    let url = pg.url("chukei");
+    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
+    assert!(ok, "{err}");
+    let relay = env
+        .broker()
+        .data_dir(env.path("n1"))
+        .args(["--node-id", "N1", "--cluster-db", &url])
+        .start()
+        .await;
+    let host = env.host("svc", &relay);
+    let c1 = env
+        .device("C1")
+        .config("[report]\ncounters_every_secs = 1\n")
+        .start(&relay)
+        .await;
+    let args = [
+        "--serial",
+        "C1",
+        "--kind",
+        "get-data",
+        "--sections",
+        "counters",
+    ];
+    let job = host.submit(&args).await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+
+    pg.stop();
+    // A submission is refused with the reason; the device's readings wait in its outbox.
+    let out = host
+        .run(["jobs", "submit", "--serial", "C1", "--kind", "get-data"])
+        .await;
+    assert!(
+        !out.success() && out.stderr.contains("cluster store unavailable"),
+        "{out}"
+    );
+    let acked_before = c1.lines_matching(|l| l.contains("ack received")).len();
+    c1.wait_for_lines("C1 queues readings meanwhile", 2, deadline(), |l| {
+        l.contains("meter reading queued")
+    })
+    .await;
+
+    // Back: the node resumes by itself, takes new work and the waiting readings.
+    pg.start_again();
+    relay
+        .wait_for_log("relay storage writable again", deadline())
+        .await;
+    let job = host.submit(&args).await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+    let later = c1.lines_matching(|l| l.contains("ack received")).len();
+    assert!(
+        later > acked_before,
+        "C1's waiting messages are acked once the database is back"
+    );
+}

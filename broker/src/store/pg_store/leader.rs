@@ -21,6 +21,8 @@ pub(super) struct Leader {
 struct State {
     conn: Option<Conn>,
     holds: bool,
+    /// The database was unreachable and that was logged (once per outage).
+    unreachable_logged: bool,
 }
 
 impl Leader {
@@ -30,9 +32,14 @@ impl Leader {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.conn.is_none() {
             match Conn::open(config, "chukei-pg-leader", location) {
-                Ok(conn) => state.conn = Some(conn),
+                Ok(conn) => {
+                    state.conn = Some(conn);
+                    state.unreachable_logged = false;
+                }
                 Err(e) => {
-                    warn!(error = %e, "cannot reach the cluster database to take the leader lock");
+                    if !std::mem::replace(&mut state.unreachable_logged, true) {
+                        warn!(error = %e, "cannot reach the cluster database to take the leader lock; trying every second");
+                    }
                     return false;
                 }
             }

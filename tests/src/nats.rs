@@ -12,6 +12,33 @@ pub struct Nats {
 impl Nats {
     /// Starts a server on an ephemeral port (or `port`, to bring one back where it was).
     pub async fn start(env: &TestEnv, name: &str, port: Option<u16>) -> Nats {
+        Nats::start_with(env, name, port, &[]).await
+    }
+
+    /// Starts `n` servers joined by routes into one NATS cluster, as an operator runs the bus.
+    pub async fn start_cluster(env: &TestEnv, n: usize) -> Vec<Nats> {
+        let routes: Vec<u16> = (0..n).map(|_| crate::postgres::free_port()).collect();
+        let all = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::with_capacity(n);
+        for (i, route) in routes.iter().enumerate() {
+            let args = [
+                "--cluster_name".to_owned(),
+                "chukei".to_owned(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{route}"),
+                "--routes".to_owned(),
+                all.clone(),
+            ];
+            servers.push(Nats::start_with(env, &format!("bus{}", i + 1), None, &args).await);
+        }
+        servers
+    }
+
+    async fn start_with(env: &TestEnv, name: &str, port: Option<u16>, extra: &[String]) -> Nats {
         let port = port.unwrap_or_else(crate::postgres::free_port);
         // Debian installs it in /usr/sbin, not always on a user's PATH.
         let program = if std::path::Path::new("/usr/sbin/nats-server").is_file() {
@@ -20,7 +47,8 @@ impl Nats {
             "nats-server"
         };
         let mut cmd = tokio::process::Command::new(program);
-        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(extra);
         let proc = Proc::spawn(
             format!("nats-{name}"),
             cmd,

@@ -497,3 +497,44 @@ async fn with_the_database_down_a_node_acks_nothing_new_says_why_and_resumes_by_
         "C1's waiting messages are acked once the database is back"
     );
 }
+
+#[tokio::test]
+async fn the_bus_carries_on_through_the_nats_servers_left() {
+    let env = TestEnv::new("the_bus_carries_on_through_the_nats_servers_left");
+    let pg = Postgres::start(&env, "db");
+    pg.create_db("chukei");
+    let url = pg.url("chukei");
+    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
+    assert!(ok, "{err}");
+    let mut servers = Nats::start_cluster(&env, 3).await;
+    let node = |id: &str| {
+        let mut b =
+            env.broker()
+                .data_dir(env.path(id))
+                .args(["--node-id", id, "--cluster-db", &url]);
+        for s in &servers {
+            b = b.args(["--cluster-bus", &s.url()]);
+        }
+        b
+    };
+    let n1 = node("N1").start().await;
+    let n2 = node("N2").start().await;
+    for n in [&n1, &n2] {
+        n.wait_for_log("cluster bus connected", deadline()).await;
+    }
+    let _c1 = env.device("C1").start(&n2).await;
+    let host = env.host("svc", &n1);
+    let submit = || host.submit(&["--serial", "C1", "--kind", "get-data"]);
+    let job = submit().await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+
+    // Two of the three servers die: both nodes are on the third now, and jobs filed at N1 still
+    // reach C1 on N2.
+    for s in servers.iter_mut().take(2) {
+        s.kill9().await;
+    }
+    for _ in 0..3 {
+        let job = submit().await;
+        host.wait_for_status(&job, "succeeded", deadline()).await;
+    }
+}

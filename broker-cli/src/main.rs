@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod demo;
+mod demo_cluster;
 mod demo_tree;
 
 use anyhow::Context;
@@ -487,8 +488,13 @@ struct DemoArgs {
     /// Run N child relays between the copiers and a parent relay where the service desk
     /// connects (claims 18–26): a firmware job passes queued → forwarded → delivered → … → succeeded
     /// through the tree, and every copier's counters come back up.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "cluster")]
     children: Option<usize>,
+    /// Run a cluster of N relay nodes: a PostgreSQL server and three NATS servers of the demo's
+    /// own (Debian's postgresql and nats-server must be installed), copiers spread over the nodes,
+    /// the service desk on the first; a GET DATA to every copier crosses the nodes.
+    #[arg(long, value_name = "N")]
+    cluster: Option<usize>,
     /// Exit when every job has ended: 0 if all ended normally, 1 otherwise.
     #[arg(long)]
     once: bool,
@@ -683,38 +689,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
-                let time = |t: &chrono::DateTime<chrono::Utc>| {
-                    t.with_timezone(&chrono::Local)
-                        .format("%Y-%m-%d %H:%M:%S")
-                        .to_string()
-                };
-                let rows: Vec<Vec<String>> = nodes
-                    .iter()
-                    .map(|n| {
-                        vec![
-                            n.node_id.clone(),
-                            if n.alive { "up" } else { "gone" }.to_owned(),
-                            n.listen.clone(),
-                            n.devices.to_string(),
-                            time(&n.started_at),
-                            time(&n.heartbeat_at),
-                        ]
-                    })
-                    .collect();
-                print!(
-                    "{}",
-                    host_agent::table::render_grid(
-                        &[
-                            "NODE",
-                            "STATE",
-                            "LISTEN",
-                            "DEVICES",
-                            "STARTED",
-                            "LAST HEARTBEAT"
-                        ],
-                        &rows
-                    )
-                );
+                print!("{}", nodes_table(&nodes));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -761,16 +736,53 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async move {
-                match args.children {
-                    Some(children) => {
+                match (args.children, args.cluster) {
+                    (Some(children), _) => {
                         demo_tree::run(children, args.devices, args.once, shutdown_on_signal())
                             .await
                     }
-                    None => demo::run(args.devices, args.once, shutdown_on_signal()).await,
+                    (None, Some(nodes)) => {
+                        demo_cluster::run(nodes, args.devices, args.once, shutdown_on_signal())
+                            .await
+                    }
+                    (None, None) => demo::run(args.devices, args.once, shutdown_on_signal()).await,
                 }
             })
         }
     }
+}
+
+/// `broker nodes list` as a table, times local.
+fn nodes_table(nodes: &[broker::store::pg_store::nodes::NodeView]) -> String {
+    let time = |t: &chrono::DateTime<chrono::Utc>| {
+        t.with_timezone(&chrono::Local)
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string()
+    };
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.node_id.clone(),
+                if n.alive { "up" } else { "gone" }.to_owned(),
+                n.listen.clone(),
+                n.devices.to_string(),
+                time(&n.started_at),
+                time(&n.heartbeat_at),
+            ]
+        })
+        .collect();
+    host_agent::table::render_grid(
+        &[
+            "NODE",
+            "STATE",
+            "LISTEN",
+            "DEVICES",
+            "STARTED",
+            "LAST HEARTBEAT",
+        ],
+        &rows,
+    )
 }
 
 /// Reload requests from SIGHUP; each reads the config file again and applies the same flags.

@@ -538,3 +538,29 @@ async fn the_bus_carries_on_through_the_nats_servers_left() {
         host.wait_for_status(&job, "succeeded", deadline()).await;
     }
 }
+
+#[test]
+fn the_cluster_demo_files_jobs_at_one_node_for_copiers_on_every_node() {
+    let out = harness::broker_command(["demo", "--cluster", "3", "--devices", "6", "--once"]);
+    assert!(out.success(), "{out}");
+    let text = &out.stdout;
+    for want in [
+        "all 6 copiers connected, spread over 3 nodes",
+        "N3C-00001",
+        "FLEET",
+        "broker nodes list:",
+    ] {
+        assert!(
+            text.contains(want),
+            "{want:?} missing from the demo's output:\n{text}"
+        );
+    }
+    // Every node is up with its two copiers.
+    let nodes: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("NODE"))
+        .skip(1)
+        .filter(|l| l.contains(" up ") && l.split_whitespace().nth(3) == Some("2"))
+        .collect();
+    assert_eq!(nodes.len(), 3, "{text}");
+}

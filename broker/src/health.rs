@@ -100,6 +100,7 @@ mod tests {
                 default_deadline: Duration::from_secs(3600),
                 default_max_attempts: 3,
                 hold_acks: false,
+                node: None,
             },
         )
     }

@@ -173,6 +173,7 @@ pub async fn run(
             default_deadline: std::time::Duration::from_secs(cfg.default_deadline_secs),
             default_max_attempts: cfg.default_max_attempts,
             hold_acks: faults.hold_acks,
+            node: cfg.node_id.clone(),
         },
     );
     core.configure_alerts(cfg.alert_settings());

@@ -86,6 +86,9 @@ pub struct StateView {
     /// connected to this relay itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<String>,
+    /// In a cluster: the node whose session the device is on (online), none when offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[cfg(test)]
@@ -135,6 +138,7 @@ mod tests {
             interval_secs: Some(60),
             due_by: None,
             relay: None,
+            node: None,
         };
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["site"], "Kobe");

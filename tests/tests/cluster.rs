@@ -564,3 +564,104 @@ fn the_cluster_demo_files_jobs_at_one_node_for_copiers_on_every_node() {
         .collect();
     assert_eq!(nodes.len(), 3, "{text}");
 }
+
+/// The JSON state views of `serial` seen on `client` until one satisfies `done`: all of them.
+async fn states_until(
+    client: &mut harness::MqttClient,
+    serial: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let topic = format!("json/fleet/{serial}/state");
+    let within = deadline();
+    let mut seen = Vec::new();
+    tokio::time::timeout(within, async {
+        loop {
+            let p = client.next_publish_on(&topic, within).await;
+            let json: serde_json::Value = serde_json::from_slice(&p.payload)
+                .unwrap_or_else(|e| panic!("{topic} is not JSON: {e}"));
+            let stop = done(&json);
+            seen.push(json);
+            if stop {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{serial}: no state view as wanted within {within:?}: {seen:#?}"));
+    seen
+}
+
+#[tokio::test]
+async fn when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere() {
+    let env =
+        TestEnv::new("when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere");
+    let pg = Postgres::start(&env, "db");
+    pg.create_db("chukei");
+    let url = pg.url("chukei");
+    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
+    assert!(ok, "{err}");
+    let bus = Nats::start(&env, "bus", None).await;
+    let node = |id: &str| {
+        env.broker()
+            .data_dir(env.path(id))
+            .args(["--node-id", id, "--cluster-db", &url])
+            .args(["--cluster-bus", &bus.url()])
+    };
+    let mut n1 = node("N1").start().await;
+    let n2 = node("N2").start().await;
+    for n in [&n1, &n2] {
+        n.wait_for_log("cluster bus connected", deadline()).await;
+    }
+    let mut crm = env
+        .mqtt(protocol::Role::Integrator, "crm")
+        .connect(&n2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    crm.subscribe_and_wait("json/fleet/+/state").await;
+    // C1 can move to N2; C2 knows only N1.
+    let _c1 = env
+        .device("C1")
+        .brokers(&[n1.url(), n2.url()])
+        .arg("--one-tree")
+        .arg("--failback-secs")
+        .arg("0")
+        .start(&n1)
+        .await;
+    let _c2 = env.device("C2").start(&n1).await;
+    for serial in ["C1", "C2"] {
+        states_until(&mut crm, serial, |v| {
+            v["presence"] == "online" && v["node"] == "N1"
+        })
+        .await;
+    }
+
+    n1.kill9().await;
+    // C1 is online at N2 at once; C2 goes offline once N1's grace period is over.
+    states_until(&mut crm, "C1", |v| {
+        v["presence"] == "online" && v["node"] == "N2"
+    })
+    .await;
+    let c2 = states_until(&mut crm, "C2", |v| v["presence"] == "offline").await;
+    assert!(
+        c2.iter()
+            .all(|v| v["presence"] != "online" || v["node"] == "N1"),
+        "{c2:#?}"
+    );
+    n2.wait_for_line("N2 declares N1 gone", deadline(), |l| {
+        l.contains("cluster node gone") && l.contains("node=N1") && l.contains("devices=1")
+    })
+    .await;
+    // After N1 was declared gone, a late subscriber at N2 gets C1 online at N2 (it did not
+    // flap to offline with N1's devices) and C2 offline.
+    let mut late = env
+        .mqtt(protocol::Role::Integrator, "crm2")
+        .connect(&n2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    late.subscribe_and_wait("json/fleet/+/state").await;
+    let c1 = states_until(&mut late, "C1", |_| true).await;
+    assert_eq!(c1[0]["presence"], "online", "{c1:#?}");
+    assert_eq!(c1[0]["node"], "N2", "{c1:#?}");
+    let c2 = states_until(&mut late, "C2", |_| true).await;
+    assert_eq!(c2[0]["presence"], "offline", "{c2:#?}");
+}

@@ -85,6 +85,8 @@ pub struct CoreSettings {
     /// Test fault: commit, but never publish acks or replies, to simulate a crash between commit
     /// and ack.
     pub hold_acks: bool,
+    /// In a cluster: this node's name (presence records say which node holds a session).
+    pub node: Option<String>,
 }
 
 /// The core's state: the store, its settings, and counters.
@@ -102,6 +104,8 @@ pub struct Core {
     /// Presence changes not yet recorded because the store could not write; recorded, in order,
     /// once it can.
     deferred_presence: Mutex<Vec<(Serial, bool)>>,
+    /// In a cluster: when this node, leading, last looked for nodes that are gone.
+    gone_sweep: Mutex<Option<std::time::Instant>>,
     /// What the core does as a child relay and as a parent ([`relay`]).
     relays: std::sync::RwLock<Arc<relay::RelaySettings>>,
     /// At a child: presence changes of its devices not yet told to the parent.
@@ -303,6 +307,7 @@ impl Core {
             alerts: alerts::Alerts::default(),
             storage: storage::StorageHealth::default(),
             deferred_presence: Mutex::new(Vec::new()),
+            gone_sweep: Mutex::new(None),
             relays: Default::default(),
             presence_deltas: Mutex::new(Vec::new()),
             uplink_queued: AtomicBool::new(false),

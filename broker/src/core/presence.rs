@@ -55,6 +55,9 @@ struct StateJson<'a> {
     view: &'a StateView,
 }
 
+/// How often the leading node looks for nodes that are gone.
+const GONE_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn margin(core: &Core) -> chrono::Duration {
     chrono::Duration::from_std(core.alerts.settings().overdue_margin).unwrap_or_default()
 }
@@ -161,9 +164,35 @@ impl Core {
         online: bool,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let mut record = txn.presence(serial)?.unwrap_or_default();
+        let record = txn.presence(serial)?.unwrap_or_default();
+        if !online
+            && let (Some(here), Some(there)) = (&self.settings.node, &record.node)
+            && here != there
+        {
+            // The device moved: this is the end of its old session, not of the device's.
+            info!(serial = %serial, node = %there, "device session ended here; it is online at another node");
+            return Ok(());
+        }
+        self.apply_edge(txn, p, serial, record, online, now)
+    }
+
+    /// Records an edge on the device's presence record and its registry entry.
+    fn apply_edge(
+        &self,
+        txn: &mut dyn Txn,
+        p: &mut Pending,
+        serial: &Serial,
+        mut record: crate::store::PresenceRecord,
+        online: bool,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
         let device = txn.device(serial)?;
         record.since = Some(now);
+        record.node = if online {
+            self.settings.node.clone()
+        } else {
+            None
+        };
         if online {
             record.due_by = None;
             if let Some(n) = record.overdue_alarm.take() {
@@ -259,10 +288,73 @@ impl Core {
         Ok(())
     }
 
+    /// In a cluster, on the node that leads, every few seconds: the devices a node that is gone
+    /// held (its heartbeat older than the grace period) are offline — unless they reconnected
+    /// elsewhere within it, and their record names that node.
+    pub fn sweep_gone_nodes(&self, now: Timestamp) -> Result<Vec<Outbound>, StoreError> {
+        let Some(me) = &self.settings.node else {
+            return Ok(Vec::new());
+        };
+        {
+            let mut last = self
+                .gone_sweep
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < GONE_SWEEP_EVERY) {
+                return Ok(Vec::new());
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let gone: Vec<String> = self
+            .store
+            .gone_nodes()?
+            .into_iter()
+            .filter(|n| n != me)
+            .collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut txn = self.store.begin()?;
+        let mut p = Pending::default();
+        for node in &gone {
+            let mut lost = 0usize;
+            for serial in txn.presence_on_node(node)? {
+                let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? else {
+                    continue;
+                };
+                if record.node.as_deref() != Some(node.as_str()) {
+                    continue;
+                }
+                record.node = None;
+                self.apply_edge(&mut *txn, &mut p, &serial, record, false, now)?;
+                lost += 1;
+            }
+            if lost > 0 {
+                tracing::warn!(node = %node, devices = lost, "cluster node gone: its devices are offline unless they reconnected to another node");
+            }
+        }
+        let (out, _) = self.finish(&mut *txn, p, now)?;
+        if txn.commit()? {
+            self.storage_committed();
+        }
+        Ok(out)
+    }
+
     /// At startup, before any session: a periodic device without a due time (it was connected
-    /// when the relay stopped) gets one counted from when it was last seen.
+    /// when the relay stopped) gets one counted from when it was last seen; in a cluster, the
+    /// sessions this node held before it stopped are over.
     pub fn presence_startup(&self) -> Result<usize, StoreError> {
         let mut txn = self.store.begin()?;
+        if let Some(me) = self.settings.node.clone() {
+            let mut p = Pending::default();
+            let now = chrono::Utc::now();
+            for serial in txn.presence_on_node(&me)? {
+                if let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? {
+                    record.node = None;
+                    self.apply_edge(&mut *txn, &mut p, &serial, record, false, now)?;
+                }
+            }
+        }
         let mut set = 0;
         for serial in txn.presence_serials()? {
             let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? else {
@@ -296,7 +388,12 @@ impl Core {
         let presence = skip_corrupt(txn.presence(serial))?
             .flatten()
             .unwrap_or_default();
-        let now_online = self.is_online(serial);
+        // Online here, or (in a cluster) at the node holding its session.
+        let elsewhere = presence
+            .node
+            .as_ref()
+            .filter(|n| Some(*n) != self.settings.node.as_ref());
+        let now_online = self.is_online(serial) || elsewhere.is_some();
         let child = self.child_of(serial);
         let view = StateView {
             state: record.state.clone(),
@@ -318,6 +415,11 @@ impl Core {
             mode: presence.mode,
             interval_secs: presence.interval_secs,
             due_by: if now_online { None } else { presence.due_by },
+            node: if now_online {
+                presence.node.clone()
+            } else {
+                None
+            },
         };
         let err = |e: String| StoreError::Encode {
             table: "(published view)",

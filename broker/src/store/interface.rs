@@ -57,6 +57,12 @@ pub trait Store: Send + Sync {
         true
     }
 
+    /// In a cluster: the nodes not heard from for longer than the grace period (their devices
+    /// are offline unless they reconnected elsewhere). A store of its own has none.
+    fn gone_nodes(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// Writes a consistent copy of everything committed so far to `out` while the relay keeps
     /// running: every message acked before the call is in it, and no commit is half in it.
     /// Returns the bytes written. What a restore brings back (`broker restore`).
@@ -285,6 +291,9 @@ pub trait PresenceTables {
 
     /// Serials whose check-in was due at or before `now`, earliest first.
     fn checkins_due(&self, now: Timestamp) -> Result<Vec<Serial>, StoreError>;
+
+    /// In a cluster: the serials whose record says they are online at `node`.
+    fn presence_on_node(&self, node: &str) -> Result<Vec<Serial>, StoreError>;
 }
 
 /// The notification outbox: mails and webhook calls queued in the transaction of their event,

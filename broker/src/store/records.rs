@@ -121,6 +121,11 @@ pub struct PresenceRecord {
     /// The active overdue alarm, if any.
     #[serde(default)]
     pub overdue_alarm: Option<u64>,
+    /// In a cluster: the node holding the device's session while it is online there. A session
+    /// ending on another node (the device moved) leaves it be; the leader marks the devices of a
+    /// node that died offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl PresenceRecord {

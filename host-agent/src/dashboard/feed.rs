@@ -191,6 +191,7 @@ mod tests {
             interval_secs: None,
             due_by: None,
             relay: None,
+            node: None,
         };
         let bytes = Envelope::new(0, now, view.clone()).to_cbor().unwrap();
         apply(&model, "fleet/C1/state", &bytes);

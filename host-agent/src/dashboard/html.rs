@@ -595,6 +595,7 @@ mod tests {
             interval_secs: None,
             due_by: None,
             relay: relay.map(str::to_owned),
+            node: None,
         }
     }
 

@@ -38,6 +38,7 @@ fn settings() -> CoreSettings {
         default_deadline: Duration::from_secs(7 * 24 * 3600),
         default_max_attempts: 3,
         hold_acks: false,
+        node: None,
     }
 }
 

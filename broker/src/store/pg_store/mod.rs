@@ -274,6 +274,10 @@ impl Store for PgStore {
         self.leader.leads(&self.config, &self.location)
     }
 
+    fn gone_nodes(&self) -> Result<Vec<String>, StoreError> {
+        nodes::gone(self)
+    }
+
     fn backup(&self, _out: &std::path::Path) -> Result<u64, StoreError> {
         Err(StoreError::NotHere {
             what: "`broker backup`",

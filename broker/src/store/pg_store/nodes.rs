@@ -67,6 +67,26 @@ impl PgStore {
     }
 }
 
+/// The nodes whose heartbeat is older than [`STALE_AFTER`].
+pub(super) fn gone(store: &PgStore) -> Result<Vec<String>, StoreError> {
+    let conn = PgStore::conn(&store.reader, &store.location)?;
+    let since = chrono::Utc::now() - chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
+    let rows = conn
+        .query(
+            "SELECT node_id FROM nodes WHERE heartbeat_at_ms < $1 ORDER BY node_id",
+            vec![P::I64(since.timestamp_millis())],
+        )
+        .ok_or_else(|| StoreError::Unavailable {
+            location: store.location.clone(),
+            reason: "the connection was lost while listing the nodes".into(),
+        })?
+        .map_err(|e| StoreError::Database {
+            op: "list the nodes gone",
+            reason: e.to_string(),
+        })?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Every node the database at `url` has heard of, by name.
 pub fn list(url: &str) -> Result<Vec<NodeView>, StoreError> {
     let config: postgres::Config =

@@ -73,9 +73,12 @@ CREATE TABLE alarm_overflow (serial text COLLATE "C" PRIMARY KEY, record bytea N
 CREATE TABLE presence (
     serial text COLLATE "C" PRIMARY KEY,
     due_by_ms bigint,
+    -- The node holding the device's session while it is online (a cluster's nodes).
+    node text COLLATE "C",
     record bytea NOT NULL
 );
 CREATE INDEX presence_due ON presence (due_by_ms, serial) WHERE due_by_ms IS NOT NULL;
+CREATE INDEX presence_by_node ON presence (node, serial) WHERE node IS NOT NULL;
 
 CREATE TABLE readings (
     number bigint PRIMARY KEY,

@@ -682,12 +682,13 @@ impl PresenceTables for PgTxn {
         let bytes = encode("presence", serial, record)?;
         self.write(
             "write presence",
-            "INSERT INTO presence (serial, due_by_ms, record) VALUES ($1, $2, $3)
+            "INSERT INTO presence (serial, due_by_ms, node, record) VALUES ($1, $2, $3, $4)
              ON CONFLICT (serial) DO UPDATE
-             SET due_by_ms = EXCLUDED.due_by_ms, record = EXCLUDED.record",
+             SET due_by_ms = EXCLUDED.due_by_ms, node = EXCLUDED.node, record = EXCLUDED.record",
             vec![
                 text(serial.as_str()),
                 P::OptI64(record.due_by.map(|d| d.timestamp_millis())),
+                P::OptText(record.node.clone()),
                 P::Bytes(bytes),
             ],
         )?;
@@ -700,6 +701,15 @@ impl PresenceTables for PgTxn {
             "presence",
             "SELECT serial FROM presence ORDER BY serial",
             Vec::new(),
+        )
+    }
+
+    fn presence_on_node(&self, node: &str) -> Result<Vec<Serial>, StoreError> {
+        self.serials(
+            "list the devices online at a node",
+            "presence",
+            "SELECT serial FROM presence WHERE node = $1 ORDER BY serial",
+            vec![text(node)],
         )
     }
 

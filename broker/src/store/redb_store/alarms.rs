@@ -232,6 +232,16 @@ impl PresenceTables for RedbTxn {
         Ok(out)
     }
 
+    fn presence_on_node(&self, node: &str) -> Result<Vec<Serial>, StoreError> {
+        let mut out = Vec::new();
+        for serial in self.presence_serials()? {
+            if self.presence(&serial)?.and_then(|r| r.node).as_deref() == Some(node) {
+                out.push(serial);
+            }
+        }
+        Ok(out)
+    }
+
     fn checkins_due(&self, now: Timestamp) -> Result<Vec<Serial>, StoreError> {
         let op = "list due check-ins";
         let table = self.txn.open_table(CHECKIN_DUE).map_err(backend(op))?;

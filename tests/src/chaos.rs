@@ -128,6 +128,11 @@ impl FleetSpec {
     /// Starts the fleet; waits for its ready file (every copier connected) only if `wait`. A
     /// fleet restarted while the broker is down cannot connect, so the caller does not wait then.
     pub async fn start(&mut self, env: &TestEnv, broker_url: &str, wait: bool) -> Proc {
+        self.start_on(env, &[broker_url.to_owned()], wait).await
+    }
+
+    /// [`FleetSpec::start`] with several relays (`--broker` each, most preferred first).
+    pub async fn start_on(&mut self, env: &TestEnv, brokers: &[String], wait: bool) -> Proc {
         self.starts += 1;
         let n = self.starts;
         let ready = env.path(format!("fleet-{}-{n}.ready", self.prefix));
@@ -136,10 +141,11 @@ impl FleetSpec {
             .arg("--count")
             .arg(self.count.to_string())
             .arg("--pki-dir")
-            .arg(env.pki().dir())
-            .arg("--broker")
-            .arg(broker_url)
-            .arg("--data-dir")
+            .arg(env.pki().dir());
+        for broker in brokers {
+            cmd.arg("--broker").arg(broker);
+        }
+        cmd.arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--prefix")
             .arg(&self.prefix)

@@ -7,6 +7,9 @@ use crate::{Proc, TestEnv, deadline};
 pub struct Nats {
     proc: Proc,
     port: u16,
+    name: String,
+    args: Vec<String>,
+    starts: usize,
 }
 
 impl Nats {
@@ -55,7 +58,22 @@ impl Nats {
             env.path(format!("nats-{name}.log")),
         );
         proc.wait_for_log("Server is ready", deadline()).await;
-        Nats { proc, port }
+        Nats {
+            proc,
+            port,
+            name: name.to_owned(),
+            args: extra.to_vec(),
+            starts: 1,
+        }
+    }
+
+    /// Starts the server again (after a kill) on the same port, in the same cluster.
+    pub async fn restart(&mut self, env: &TestEnv) {
+        let starts = self.starts + 1;
+        let name = format!("{}-{starts}", self.name);
+        let again = Nats::start_with(env, &name, Some(self.port), &self.args).await;
+        self.proc = again.proc;
+        self.starts = starts;
     }
 
     pub fn url(&self) -> String {

@@ -205,6 +205,16 @@ fn audit(
 ) -> Audit {
     let store = RedbStore::open(data_dir)
         .unwrap_or_else(|e| panic!("opening the stopped broker's store: {e}"));
+    audit_store(&store, acked, acked_reports, submitted)
+}
+
+/// [`audit`] on any store: a stopped relay's redb file, or a cluster's database.
+fn audit_store(
+    store: &dyn Store,
+    acked: &BTreeSet<(String, u64)>,
+    acked_reports: &BTreeMap<String, usize>,
+    submitted: &[String],
+) -> Audit {
     let txn = store.begin().unwrap_or_else(|e| panic!("{e}"));
     let mut a = Audit::default();
     for (serial, id) in acked {
@@ -512,6 +522,264 @@ async fn storm(name: &str, tiers: usize) {
     assert!(
         a.lost_messages.is_empty(),
         "acked but not in the broker's journal: {:?}",
+        a.lost_messages
+    );
+    assert_eq!(lost, 0, "{figures}");
+    assert_eq!(a.duplicated, 0, "{figures}");
+}
+
+/// The fleets of the cluster storm: as [`FLEET_TOML`], and the nodes are one system.
+const CLUSTER_FLEET_TOML: &str = "\
+[session]
+reconnect_min_secs = 1
+reconnect_max_secs = 2
+resend_min_secs = 1
+resend_max_secs = 3
+one_tree = true
+
+[report]
+counters_every_secs = 2
+
+[fleet]
+connect_spread_ms = 500
+";
+
+/// Nodes of the cluster storm, NATS servers of its bus, and kills of each.
+const NODES: usize = 3;
+const NODE_KILLS: usize = 5;
+const BUS_KILLS: usize = 2;
+
+#[derive(Debug, Clone, Copy)]
+enum ClusterKill {
+    Node(usize),
+    Bus(usize),
+    Fleet(usize),
+}
+
+/// The storm on a cluster: three nodes on one PostgreSQL and a three-server NATS cluster; each
+/// fleet prefers its own node and knows them all. The test kills nodes, NATS servers and fleets;
+/// the host is on N0. The audit reads the cluster's database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_survives_node_bus_and_agent_sigkills_without_loss_or_duplicates() {
+    use harness::nats::Nats;
+    use harness::postgres::Postgres;
+
+    let (mut plan, seed) = Rng::from_env();
+    eprintln!("chaos seed {seed} (replay with CHUKEI_CHAOS_SEED={seed})");
+    let env = TestEnv::new("chaos-cluster");
+    let pg = Postgres::start(&env, "db");
+    pg.create_db("chukei");
+    let url = pg.url("chukei");
+    let (ok, _, err) = harness::broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
+    assert!(ok, "{err}");
+    let mut bus = Nats::start_cluster(&env, 3).await;
+    let bus_urls: Vec<String> = bus.iter().map(Nats::url).collect();
+    let start_node = |i: usize, addr: Option<std::net::SocketAddr>| {
+        let mut b = env.broker().data_dir(env.path(format!("N{i}"))).args([
+            "--node-id",
+            &format!("N{i}"),
+            "--cluster-db",
+            &url,
+        ]);
+        for u in &bus_urls {
+            b = b.args(["--cluster-bus", u]);
+        }
+        if let Some(addr) = addr {
+            b = b.listen(addr);
+        }
+        b.start()
+    };
+    let mut nodes = Vec::with_capacity(NODES);
+    for i in 0..NODES {
+        nodes.push(start_node(i, None).await);
+    }
+    let addrs: Vec<std::net::SocketAddr> = nodes.iter().map(Broker::addr).collect();
+    let urls: Vec<String> = nodes.iter().map(Broker::url).collect();
+    // Fleet i prefers node i % NODES, then the others.
+    let prefers =
+        |i: usize| -> Vec<String> { (0..NODES).map(|k| urls[(i + k) % NODES].clone()).collect() };
+    let host = env.host("svc", &nodes[0]);
+    let mut specs: Vec<FleetSpec> = (0..FLEETS)
+        .map(|i| FleetSpec::new(&env, &format!("F{i}"), PER_FLEET, CLUSTER_FLEET_TOML))
+        .collect();
+    let mut fleets: Vec<Proc> = Vec::with_capacity(FLEETS);
+    for (i, spec) in specs.iter_mut().enumerate() {
+        fleets.push(spec.start_on(&env, &prefers(i), true).await);
+    }
+    let started = Instant::now();
+
+    let mut kills: Vec<ClusterKill> = Vec::new();
+    kills.extend((0..NODE_KILLS).map(|_| ClusterKill::Node(plan.below(NODES as u64) as usize)));
+    kills.extend((0..BUS_KILLS).map(|_| ClusterKill::Bus(plan.below(3) as usize)));
+    kills.extend((0..AGENT_KILLS).map(|_| ClusterKill::Fleet(plan.below(FLEETS as u64) as usize)));
+    for i in (1..kills.len()).rev() {
+        let j = plan.below(i as u64 + 1) as usize;
+        kills.swap(i, j);
+    }
+    let pause = STORM / (kills.len() as u32 + 1);
+    let pauses: Vec<Duration> = kills
+        .iter()
+        .map(|_| plan.between(pause / 2, pause * 3 / 2))
+        .collect();
+    let downtimes: Vec<Duration> = kills
+        .iter()
+        .map(|_| plan.between(Duration::from_millis(100), Duration::from_millis(1500)))
+        .collect();
+    eprintln!("plan: {kills:?}");
+    let mut jobs_plan = Rng::new(plan.next_u64());
+
+    let submitting = async {
+        let mut submitted = Vec::new();
+        let mut refused = 0usize;
+        while started.elapsed() < STORM {
+            let serial = format!(
+                "F{}-{:05}",
+                jobs_plan.below(FLEETS as u64),
+                jobs_plan.below(PER_FLEET as u64)
+            );
+            let out = host
+                .run(["jobs", "submit", "--serial", &serial, "--kind", "get-data"])
+                .await;
+            if out.success() {
+                submitted.push(out.stdout.trim().to_owned());
+            } else {
+                refused += 1;
+            }
+            tokio::time::sleep(
+                jobs_plan.between(Duration::from_millis(50), Duration::from_millis(250)),
+            )
+            .await;
+        }
+        (submitted, refused)
+    };
+    let mut dead_logs: Vec<String> = Vec::new();
+    let killing = async {
+        let mut done = BTreeMap::<&str, usize>::new();
+        for ((kill, pause), down) in kills.iter().zip(&pauses).zip(&downtimes) {
+            tokio::time::sleep(*pause).await;
+            match *kill {
+                ClusterKill::Node(i) => {
+                    nodes[i].kill9().await;
+                    tokio::time::sleep(*down).await;
+                    nodes[i] = start_node(i, Some(addrs[i])).await;
+                    *done.entry("node").or_default() += 1;
+                }
+                ClusterKill::Bus(i) => {
+                    bus[i].kill9().await;
+                    tokio::time::sleep(*down).await;
+                    bus[i].restart(&env).await;
+                    *done.entry("bus").or_default() += 1;
+                }
+                ClusterKill::Fleet(i) => {
+                    fleets[i].kill9().await;
+                    dead_logs.push(fleets[i].log());
+                    tokio::time::sleep(*down).await;
+                    fleets[i] = specs[i].start_on(&env, &prefers(i), false).await;
+                    *done.entry("fleet").or_default() += 1;
+                }
+            }
+        }
+        done
+    };
+    let ((submitted, refused), done) = tokio::join!(submitting, killing);
+    eprintln!(
+        "storm over after {:?}: {} jobs submitted, {refused} submissions failed",
+        started.elapsed(),
+        submitted.len()
+    );
+
+    for fleet in &fleets {
+        fleet
+            .wait_for_log("fleet connected and subscribed", deadline())
+            .await;
+    }
+    poll_until("every job in a final state", secs(90), || async {
+        let jobs = host.list_json(true).await;
+        let open: Vec<String> = jobs
+            .iter()
+            .filter(|j| !ENDS.contains(&j["status"].as_str().unwrap_or("")))
+            .map(|j| format!("{} {} {}", j["id"], j["serial"], j["status"]))
+            .collect();
+        if open.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} open: {open:?}", open.len()))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let all_logs = |fleets: &[Proc]| -> Vec<String> {
+        dead_logs
+            .iter()
+            .cloned()
+            .chain(fleets.iter().map(Proc::log))
+            .collect()
+    };
+    let queued = ids_logged(&all_logs(&fleets), "meter reading queued");
+    poll_until("every queued meter reading acked", deadline(), || async {
+        let acked = ids_logged(&all_logs(&fleets), "ack received");
+        let missing = queued.difference(&acked).count();
+        if missing == 0 {
+            Ok(())
+        } else {
+            Err(format!("{missing} of {} not acked yet", queued.len()))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for fleet in &mut fleets {
+        fleet.stop().await;
+    }
+    for node in &mut nodes {
+        assert!(node.stop().await.success(), "a node exits cleanly");
+    }
+
+    let logs = all_logs(&fleets);
+    let queued = ids_logged(&logs, "meter reading queued");
+    let acks = acks_logged(&logs);
+    let acked: BTreeSet<(String, u64)> = acks
+        .iter()
+        .filter(|(_, _, o)| o != "rejected")
+        .map(|(s, id, _)| (s.clone(), *id))
+        .collect();
+    let mut acked_reports: BTreeMap<String, usize> = BTreeMap::new();
+    for (serial, id) in &queued {
+        if acked.contains(&(serial.clone(), *id)) {
+            *acked_reports.entry(serial.clone()).or_default() += 1;
+        }
+    }
+    let store = broker::store::PgStore::open(&url)
+        .unwrap_or_else(|e| panic!("opening the cluster's database: {e}"));
+    let a = audit_store(&store, &acked, &acked_reports, &submitted);
+    let lost = a.lost_messages.len() + a.lost_reports;
+    let figures = serde_json::json!({
+        "seed": seed,
+        "topology": "cluster",
+        "nodes": NODES,
+        "devices": FLEETS * PER_FLEET,
+        "jobs": a.jobs,
+        "jobs_by_status": a.jobs_by_status,
+        "submissions_failed": refused,
+        "reports": a.reports,
+        "acked_messages": acked.len(),
+        "kills": done,
+        "lost": lost,
+        "duplicated": a.duplicated,
+        "secs": started.elapsed().as_secs(),
+    });
+    println!("{figures}");
+    assert!(
+        a.jobs > 0 && a.reports > 0,
+        "the storm did no work: {figures}"
+    );
+    assert!(
+        a.not_final.is_empty(),
+        "jobs not in a final state: {:?}",
+        a.not_final
+    );
+    assert!(
+        a.lost_messages.is_empty(),
+        "acked but not in the cluster's journal: {:?}",
         a.lost_messages
     );
     assert_eq!(lost, 0, "{figures}");

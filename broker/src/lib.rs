@@ -160,9 +160,15 @@ pub async fn run(
         None => info!("no certificate revocation list (broker pki revoke writes one)"),
     }
     let OpenedStore { store, cluster } = open_store(&cfg)?;
-    let tickets = match cfg.ticket_settings() {
-        Some(settings) => Some(gateway::tickets::Ticketer::open(&cfg.data_dir, settings)?),
-        None => None,
+    // In a cluster every node seals and opens tickets with the same keys, from the database,
+    // so a device resumes on whichever node it reconnects to.
+    let tickets = match (cfg.ticket_settings(), &cluster) {
+        (Some(settings), Some(db)) => Some(gateway::tickets::Ticketer::open_shared(
+            db.clone(),
+            settings,
+        )?),
+        (Some(settings), None) => Some(gateway::tickets::Ticketer::open(&cfg.data_dir, settings)?),
+        (None, _) => None,
     };
     let core = Core::with_store(
         store,

@@ -665,3 +665,45 @@ async fn when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere
     let c2 = states_until(&mut late, "C2", |_| true).await;
     assert_eq!(c2[0]["presence"], "offline", "{c2:#?}");
 }
+
+#[tokio::test]
+async fn a_device_resumes_its_tls_session_on_another_node_with_the_clusters_ticket_keys() {
+    let env = TestEnv::new(
+        "a_device_resumes_its_tls_session_on_another_node_with_the_clusters_ticket_keys",
+    );
+    let pg = Postgres::start(&env, "db");
+    pg.create_db("chukei");
+    let url = pg.url("chukei");
+    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
+    assert!(ok, "{err}");
+    let node = |id: &str| {
+        env.broker()
+            .data_dir(env.path(id))
+            .args(["--node-id", id, "--cluster-db", &url])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+    };
+    let mut n1 = node("N1").start().await;
+    let n2 = node("N2").start().await;
+    let c1 = env
+        .device("C1")
+        .brokers(&[n1.url(), n2.url()])
+        .arg("--one-tree")
+        .start(&n1)
+        .await;
+    // The ticket rides with the CONNACK; then N1 dies and C1 goes to N2.
+    n1.kill9().await;
+    c1.wait_for_line("C1 on N2", deadline(), |l| {
+        l.contains("connected") && l.contains(&n2.port().to_string())
+    })
+    .await;
+    let metrics = harness::raw::scrape(n2.metrics_addr()).await;
+    assert_eq!(
+        harness::raw::sample(&metrics, "chukei_tls_resumed_total"),
+        1,
+        "N2 opened the ticket N1 sealed:\n{metrics}"
+    );
+    assert_eq!(
+        pg.sql("chukei", "SELECT count(*) FROM tls_ticket_keys"),
+        "1"
+    );
+}

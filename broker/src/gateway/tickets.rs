@@ -9,6 +9,11 @@
 //! sessions of that window and no older one (forward secrecy is bounded by rotation and
 //! erasure, as rustls' `ProducesTickets` asks).
 //!
+//! In a cluster the keys live in the cluster's database instead ([`SharedKeys`]): every node seals
+//! and opens with the same keys, so a device that moves to another node resumes there too. Each
+//! node rotates by reading the set, replacing it if a key is due, and adopting what the database
+//! then holds, in one transaction.
+//!
 //! What a ticket does not do is vouch for the certificate inside it: the gateway checks a
 //! resumed session's certificate against the revocation list in force and its expiry, as it
 //! does after every handshake.
@@ -56,6 +61,8 @@ pub enum TicketKeyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("could not read or write the cluster's TLS ticket keys: {0}")]
+    Shared(String),
     #[error("the system's random number generator failed")]
     Random,
 }
@@ -114,9 +121,27 @@ mod serde_bytes_array {
     }
 }
 
+/// Where a cluster keeps one set of ticket keys for all its nodes.
+pub trait SharedKeys: Send + Sync {
+    /// In one transaction: reads the stored keys (`None`: none yet), stores what `update`
+    /// returns for them (`None`: keep them), and returns the keys in force afterwards.
+    fn update(&self, update: KeyUpdate) -> Result<Option<Vec<u8>>, String>;
+}
+
+/// What [`SharedKeys::update`] runs on the stored keys.
+pub type KeyUpdate = Box<dyn FnOnce(Option<&[u8]>) -> Option<Vec<u8>> + Send>;
+
+/// Where the keys are kept.
+enum Vault {
+    /// `DATA_DIR/tls-ticket-keys`: this relay's alone.
+    File(PathBuf),
+    /// The cluster's database: every node's.
+    Shared(Arc<dyn SharedKeys>),
+}
+
 /// Seals and opens the relay's session tickets (rustls' [`rustls::server::ProducesTickets`]).
 pub struct Ticketer {
-    path: PathBuf,
+    vault: Vault,
     settings: TicketSettings,
     /// Newest first; the first seals.
     keys: RwLock<Arc<Vec<Arc<TicketKey>>>>,
@@ -125,8 +150,12 @@ pub struct Ticketer {
 
 impl std::fmt::Debug for Ticketer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let vault = match &self.vault {
+            Vault::File(path) => path.display().to_string(),
+            Vault::Shared(_) => "the cluster store".to_owned(),
+        };
         f.debug_struct("Ticketer")
-            .field("path", &self.path)
+            .field("vault", &vault)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -163,7 +192,7 @@ impl Ticketer {
             Err(source) => return Err(TicketKeyError::Read { path, source }),
         };
         let ticketer = Ticketer {
-            path,
+            vault: Vault::File(path),
             settings,
             keys: RwLock::new(Arc::new(keys)),
             random: SystemRandom::new(),
@@ -172,6 +201,21 @@ impl Ticketer {
         if !ticketer.rotate_at(now)? {
             ticketer.save(&ticketer.keys())?;
         }
+        Ok(Arc::new(ticketer))
+    }
+
+    /// The keys every node of a cluster shares, from its database (made there if none yet).
+    pub fn open_shared(
+        shared: Arc<dyn SharedKeys>,
+        settings: TicketSettings,
+    ) -> Result<Arc<Self>, TicketKeyError> {
+        let ticketer = Ticketer {
+            vault: Vault::Shared(shared),
+            settings,
+            keys: RwLock::new(Arc::new(Vec::new())),
+            random: SystemRandom::new(),
+        };
+        ticketer.rotate_at(unix_now())?;
         Ok(Arc::new(ticketer))
     }
 
@@ -187,69 +231,51 @@ impl Ticketer {
 
     fn rotate_at(&self, now: u64) -> Result<bool, TicketKeyError> {
         let mut slot = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        let due = slot
-            .first()
-            .is_none_or(|k| k.created + self.settings.rotation.as_secs() <= now);
-        let mut keys: Vec<Arc<TicketKey>> = Vec::with_capacity(slot.len() + 1);
-        if due {
-            keys.push(Arc::new(self.new_key(now, &slot)?));
-        }
-        let lifetime = self.settings.lifetime.as_secs();
-        // A key retires when the next one begins; it opens tickets for `lifetime` after that.
-        let mut retired_at = keys.first().map(|k| k.created);
-        let before = slot.len();
-        for k in slot.iter() {
-            if retired_at.is_none_or(|r| r + lifetime > now) {
-                keys.push(k.clone());
+        match &self.vault {
+            Vault::File(_) => {
+                let (keys, due) = rotated(&self.settings, &self.random, &slot, now)?;
+                let changed = due || keys.len() != slot.len();
+                if changed {
+                    self.save(&keys)?;
+                    if due {
+                        info!(keys = keys.len(), "TLS ticket key rotated");
+                    }
+                    *slot = Arc::new(keys);
+                }
+                Ok(changed)
             }
-            retired_at = Some(k.created);
-        }
-        let changed = due || keys.len() != before;
-        if changed {
-            self.save(&keys)?;
-            if due {
-                info!(keys = keys.len(), "TLS ticket key rotated");
+            Vault::Shared(shared) => {
+                let (settings, random) = (self.settings, self.random.clone());
+                let stored = shared
+                    .update(Box::new(move |current| {
+                        let keys = current.and_then(decode).unwrap_or_default();
+                        let (next, due) = rotated(&settings, &random, &keys, now).ok()?;
+                        if due {
+                            info!(keys = next.len(), "TLS ticket key rotated for the cluster");
+                        }
+                        (due || next.len() != keys.len()).then(|| encode(&next).ok())?
+                    }))
+                    .map_err(TicketKeyError::Shared)?;
+                let keys = stored.as_deref().and_then(decode).unwrap_or_default();
+                let ids = |k: &[Arc<TicketKey>]| k.iter().map(|k| k.id).collect::<Vec<_>>();
+                let changed = ids(&keys) != ids(&slot);
+                *slot = Arc::new(keys);
+                Ok(changed)
             }
-            *slot = Arc::new(keys);
-        }
-        Ok(changed)
-    }
-
-    fn new_key(&self, now: u64, existing: &[Arc<TicketKey>]) -> Result<TicketKey, TicketKeyError> {
-        loop {
-            let mut id = [0u8; KEY_ID_LEN];
-            let mut secret = [0u8; SECRET_LEN];
-            self.random
-                .fill(&mut id)
-                .and_then(|()| self.random.fill(&mut secret))
-                .map_err(|_| TicketKeyError::Random)?;
-            if existing.iter().any(|k| k.id == id) {
-                continue;
-            }
-            return TicketKey::new(id, now, secret).ok_or(TicketKeyError::Random);
         }
     }
 
     /// Writes the keys whole (a temporary file, synced, renamed over the old one), readable
     /// and writable by the relay's user only.
     fn save(&self, keys: &[Arc<TicketKey>]) -> Result<(), TicketKeyError> {
-        let file = KeyFile {
-            format: FORMAT,
-            keys: keys
-                .iter()
-                .map(|k| StoredKey {
-                    id: k.id,
-                    created: k.created,
-                    secret: k.secret,
-                })
-                .collect(),
+        let Vault::File(path) = &self.vault else {
+            return Ok(()); // the cluster's keys are written by `rotate_at`
         };
-        let mut bytes = Vec::new();
-        ciborium::into_writer(&file, &mut bytes).map_err(|e| TicketKeyError::Write {
-            path: self.path.clone(),
-            source: std::io::Error::other(e.to_string()),
+        let bytes = encode(keys).map_err(|e| TicketKeyError::Write {
+            path: path.clone(),
+            source: std::io::Error::other(e),
         })?;
-        let tmp = self.path.with_extension("tmp");
+        let tmp = path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
             use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
             let _ = fs::remove_file(&tmp);
@@ -261,14 +287,14 @@ impl Ticketer {
             f.set_permissions(fs::Permissions::from_mode(0o600))?;
             f.write_all(&bytes)?;
             f.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            if let Some(dir) = self.path.parent() {
+            fs::rename(&tmp, &path)?;
+            if let Some(dir) = path.parent() {
                 fs::File::open(dir)?.sync_all()?;
             }
             Ok(())
         };
         write().map_err(|source| TicketKeyError::Write {
-            path: self.path.clone(),
+            path: path.clone(),
             source,
         })
     }
@@ -319,6 +345,70 @@ impl Ticketer {
         buf.truncate(n);
         Some(buf)
     }
+}
+
+/// `keys` at `now`: a new key first if the newest has sealed for `rotation` (and whether it
+/// was), and without keys past their lifetime.
+fn rotated(
+    settings: &TicketSettings,
+    random: &SystemRandom,
+    keys: &[Arc<TicketKey>],
+    now: u64,
+) -> Result<(Vec<Arc<TicketKey>>, bool), TicketKeyError> {
+    let due = keys
+        .first()
+        .is_none_or(|k| k.created + settings.rotation.as_secs() <= now);
+    let mut next: Vec<Arc<TicketKey>> = Vec::with_capacity(keys.len() + 1);
+    if due {
+        next.push(Arc::new(new_key(random, now, keys)?));
+    }
+    let lifetime = settings.lifetime.as_secs();
+    // A key retires when the next one begins; it opens tickets for `lifetime` after that.
+    let mut retired_at = next.first().map(|k| k.created);
+    for k in keys {
+        if retired_at.is_none_or(|r| r + lifetime > now) {
+            next.push(k.clone());
+        }
+        retired_at = Some(k.created);
+    }
+    Ok((next, due))
+}
+
+fn new_key(
+    random: &SystemRandom,
+    now: u64,
+    existing: &[Arc<TicketKey>],
+) -> Result<TicketKey, TicketKeyError> {
+    loop {
+        let mut id = [0u8; KEY_ID_LEN];
+        let mut secret = [0u8; SECRET_LEN];
+        random
+            .fill(&mut id)
+            .and_then(|()| random.fill(&mut secret))
+            .map_err(|_| TicketKeyError::Random)?;
+        if existing.iter().any(|k| k.id == id) {
+            continue;
+        }
+        return TicketKey::new(id, now, secret).ok_or(TicketKeyError::Random);
+    }
+}
+
+/// The keys as this version stores them (CBOR).
+fn encode(keys: &[Arc<TicketKey>]) -> Result<Vec<u8>, String> {
+    let file = KeyFile {
+        format: FORMAT,
+        keys: keys
+            .iter()
+            .map(|k| StoredKey {
+                id: k.id,
+                created: k.created,
+                secret: k.secret,
+            })
+            .collect(),
+    };
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&file, &mut bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
 }
 
 /// The keys of a file this version wrote, newest first; `None` for anything else.

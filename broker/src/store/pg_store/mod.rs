@@ -196,6 +196,51 @@ impl PgStore {
     }
 }
 
+impl crate::gateway::tickets::SharedKeys for PgStore {
+    fn update(
+        &self,
+        update: crate::gateway::tickets::KeyUpdate,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let conn = PgStore::conn(&self.reader, &self.location).map_err(|e| e.to_string())?;
+        let done = conn.call(move |c| -> Result<Option<Vec<u8>>, postgres::Error> {
+            let mut txn = c.transaction()?;
+            let current: Option<Vec<u8>> = txn
+                .query_opt(
+                    "SELECT keys FROM tls_ticket_keys WHERE name = 'tickets' FOR UPDATE",
+                    &[],
+                )?
+                .map(|r| r.get(0));
+            let Some(next) = update(current.as_deref()) else {
+                txn.commit()?;
+                return Ok(current);
+            };
+            // Two nodes making the first keys at once: the first insert wins, the other
+            // adopts it.
+            let written = txn.execute(
+                "INSERT INTO tls_ticket_keys (name, keys) VALUES ('tickets', $1)
+                 ON CONFLICT (name) DO UPDATE SET keys = EXCLUDED.keys
+                 WHERE tls_ticket_keys.keys = $2",
+                &[&next, &current.clone().unwrap_or_default()],
+            )?;
+            let stored = if written == 1 {
+                Some(next)
+            } else {
+                txn.query_opt(
+                    "SELECT keys FROM tls_ticket_keys WHERE name = 'tickets'",
+                    &[],
+                )?
+                .map(|r| r.get(0))
+            };
+            txn.commit()?;
+            Ok(stored)
+        });
+        match done {
+            Some(r) => r.map_err(|e| e.to_string()),
+            None => Err("the connection was lost".into()),
+        }
+    }
+}
+
 /// Where a store is, for logs: hosts and database, never a password.
 fn describe(config: &postgres::Config) -> String {
     let hosts: Vec<String> = config

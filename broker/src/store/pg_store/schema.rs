@@ -103,6 +103,9 @@ CREATE INDEX alarm_digests_due ON alarm_digests (due_at_ms, serial);
 
 CREATE TABLE uplink (number bigint PRIMARY KEY, item bytea NOT NULL);
 
+-- The TLS session ticket keys every node seals and opens with (one row).
+CREATE TABLE tls_ticket_keys (name text COLLATE "C" PRIMARY KEY, keys bytea NOT NULL);
+
 CREATE TABLE nodes (
     node_id text COLLATE "C" PRIMARY KEY,
     listen text NOT NULL,

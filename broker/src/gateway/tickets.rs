@@ -287,7 +287,7 @@ impl Ticketer {
             f.set_permissions(fs::Permissions::from_mode(0o600))?;
             f.write_all(&bytes)?;
             f.sync_all()?;
-            fs::rename(&tmp, &path)?;
+            fs::rename(&tmp, path)?;
             if let Some(dir) = path.parent() {
                 fs::File::open(dir)?.sync_all()?;
             }

@@ -142,6 +142,59 @@ impl Postgres {
         self.start_server();
     }
 
+    /// A synchronous standby of this server, as an operator sets one up: a base backup streaming
+    /// from it (`pg_basebackup -R`), and this server told to wait for the standby on every commit
+    /// (`synchronous_standby_names`), so a commit is on both servers' disks.
+    pub fn start_standby(&self, env: &TestEnv, name: &str) -> Postgres {
+        let dir = env.path(format!("pg-{name}"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        if is_root() {
+            run(
+                {
+                    let mut c = Command::new("chown");
+                    c.arg("postgres").arg(&dir);
+                    c
+                },
+                "chown postgres",
+            );
+        }
+        let data = dir.join("data");
+        let mut backup = as_postgres(&self.bin.join("pg_basebackup"));
+        backup
+            .arg("-D")
+            .arg(&data)
+            // A fast checkpoint: the default spreads it over minutes.
+            .args(["-R", "-X", "stream", "-c", "fast", "-d"])
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres application_name={name}",
+                self.port
+            ));
+        run(backup, "pg_basebackup");
+        let standby = Postgres {
+            bin: self.bin.clone(),
+            data,
+            port: free_port(),
+        };
+        standby.start_server();
+        self.sql(
+            "postgres",
+            &format!("ALTER SYSTEM SET synchronous_standby_names = '{name}'"),
+        );
+        self.sql("postgres", "SELECT pg_reload_conf()");
+        standby
+    }
+
+    /// Makes a standby the primary (`pg_ctl promote`), as an operator or Patroni would.
+    pub fn promote(&self) {
+        let mut promote = as_postgres(&self.bin.join("pg_ctl"));
+        promote.arg("-D").arg(&self.data).args(["-w", "promote"]);
+        run(promote, "pg_ctl promote");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// `postgresql://postgres@127.0.0.1:PORT/DB`.
     pub fn url(&self, db: &str) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)

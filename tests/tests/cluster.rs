@@ -707,3 +707,91 @@ async fn a_device_resumes_its_tls_session_on_another_node_with_the_clusters_tick
         "1"
     );
 }
+
+#[tokio::test]
+async fn a_node_follows_a_promoted_synchronous_standby_and_loses_nothing_it_acked() {
+    let env =
+        TestEnv::new("a_node_follows_a_promoted_synchronous_standby_and_loses_nothing_it_acked");
+    let primary = Postgres::start(&env, "primary");
+    primary.create_db("chukei");
+    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &primary.url("chukei")]).await;
+    assert!(ok, "{err}");
+    let standby = primary.start_standby(&env, "standby");
+    // Both servers in one URL: the node uses whichever takes writes.
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/chukei?target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
+    let relay = env
+        .broker()
+        .data_dir(env.path("n1"))
+        .args(["--node-id", "N1", "--cluster-db", &url])
+        .start()
+        .await;
+    let host = env.host("svc", &relay);
+    let mut c1 = env
+        .device("C1")
+        .config("[report]\ncounters_every_secs = 1\n")
+        .start(&relay)
+        .await;
+    let args = [
+        "--serial",
+        "C1",
+        "--kind",
+        "get-data",
+        "--sections",
+        "counters",
+    ];
+    let job = host.submit(&args).await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+    c1.wait_for_lines("C1's readings acked", 3, deadline(), |l| {
+        l.contains("ack received") && l.contains("outcome=stored")
+    })
+    .await;
+
+    // The primary dies; the operator promotes the standby; the node finds it by itself.
+    primary.stop();
+    standby.promote();
+    relay
+        .wait_for_log("relay storage writable again", deadline())
+        .await;
+    let job = host.submit(&args).await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+
+    // Every reading C1 had acked before and after is on the promoted server.
+    c1.stop().await;
+    let id_of = |l: &str| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("msg_id="))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let queued: std::collections::BTreeSet<u64> = c1
+        .lines_matching(|l| l.contains("meter reading queued"))
+        .iter()
+        .filter_map(|l| id_of(l))
+        .collect();
+    let acked: std::collections::BTreeSet<u64> = c1
+        .lines_matching(|l| {
+            l.contains("ack received")
+                && (l.contains("outcome=stored") || l.contains("outcome=duplicate"))
+        })
+        .iter()
+        .filter_map(|l| id_of(l))
+        .filter(|id| queued.contains(id))
+        .collect();
+    let all: usize = standby
+        .sql(
+            "chukei",
+            "SELECT count(*) FROM readings WHERE serial = 'C1'",
+        )
+        .parse()
+        .unwrap_or(0);
+    let unacked = queued.len() - acked.len();
+    // Two job readings besides the reports.
+    assert!(
+        all >= acked.len() + 2 && all <= acked.len() + unacked + 2,
+        "{all} readings on the promoted server; {} acked, {unacked} never acked",
+        acked.len()
+    );
+}

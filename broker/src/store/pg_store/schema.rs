@@ -178,8 +178,8 @@ pub fn migrate(url: &str) -> Result<(i32, i32), StoreError> {
             op: "migrate the schema",
             reason: format!("step {step} → {to}: {reason}"),
         };
-        let done = conn.call(move |c| -> Result<(), postgres::Error> {
-            let mut txn = c.transaction()?;
+        let done = conn.call(move |s| -> Result<(), postgres::Error> {
+            let mut txn = s.client.transaction()?;
             txn.batch_execute(sql)?;
             txn.execute("UPDATE chukei_schema SET version = $1", &[&to])?;
             txn.commit()

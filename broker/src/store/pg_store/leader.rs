@@ -54,7 +54,9 @@ impl Leader {
         };
         match answer {
             Some(Ok(rows)) => {
-                let now = rows.first().is_some_and(|r| r.get::<_, bool>(0));
+                let now = rows
+                    .first()
+                    .is_some_and(|r| r.try_get::<_, bool>(0).unwrap_or(false));
                 if now && !state.holds {
                     info!(
                         "this node now does the cluster's periodic work (deadlines, overdue check-ins, notifications)"

@@ -233,7 +233,8 @@ impl crate::gateway::tickets::SharedKeys for PgStore {
                     "SELECT keys FROM tls_ticket_keys WHERE name = 'tickets' FOR UPDATE",
                     &[],
                 )?
-                .map(|r| r.get(0));
+                .map(|r| r.try_get(0))
+                .transpose()?;
             let Some(next) = update(current.as_deref()) else {
                 txn.commit()?;
                 return Ok(current);
@@ -253,7 +254,8 @@ impl crate::gateway::tickets::SharedKeys for PgStore {
                     "SELECT keys FROM tls_ticket_keys WHERE name = 'tickets'",
                     &[],
                 )?
-                .map(|r| r.get(0))
+                .map(|r| r.try_get(0))
+                .transpose()?
             };
             txn.commit()?;
             Ok(stored)

@@ -84,7 +84,13 @@ pub(super) fn gone(store: &PgStore) -> Result<Vec<String>, StoreError> {
             op: "list the nodes gone",
             reason: e.to_string(),
         })?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    rows.iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(|e| StoreError::Database {
+            op: "list the nodes gone",
+            reason: e.to_string(),
+        })
 }
 
 /// Every node the database at `url` has heard of, by name.
@@ -115,18 +121,22 @@ pub fn list(url: &str) -> Result<Vec<NodeView>, StoreError> {
     let now = chrono::Utc::now();
     let stale = chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
     let time = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let heartbeat_at = time(r.get(3));
-            NodeView {
-                node_id: r.get(0),
-                listen: r.get(1),
-                started_at: time(r.get(2)),
-                heartbeat_at,
-                devices: r.get::<_, i64>(4).max(0) as u64,
-                alive: now - heartbeat_at <= stale,
-            }
+    let view = |r: &postgres::Row| -> Result<NodeView, postgres::Error> {
+        let heartbeat_at = time(r.try_get(3)?);
+        Ok(NodeView {
+            node_id: r.try_get(0)?,
+            listen: r.try_get(1)?,
+            started_at: time(r.try_get(2)?),
+            heartbeat_at,
+            devices: r.try_get::<_, i64>(4)?.max(0) as u64,
+            alive: now - heartbeat_at <= stale,
         })
-        .collect())
+    };
+    rows.iter()
+        .map(view)
+        .collect::<Result<_, _>>()
+        .map_err(|e| StoreError::Database {
+            op: "list the nodes",
+            reason: e.to_string(),
+        })
 }

@@ -129,7 +129,11 @@ fn found(conn: &Conn, location: &str) -> Result<Option<i32>, StoreError> {
         )
         .ok_or_else(|| unavailable("the connection was lost".into()))?;
     match rows {
-        Ok(rows) => Ok(rows.first().map(|r| r.get::<_, i32>(0))),
+        Ok(rows) => rows
+            .first()
+            .map(|r| r.try_get::<_, i32>(0))
+            .transpose()
+            .map_err(|e| unavailable(format!("unreadable schema version: {e}"))),
         // 42P01: undefined_table — the planner resolves the name before the WHERE.
         Err(e) if e.code().map(|c| c.code()) == Some("42P01") => Ok(None),
         Err(e) => Err(unavailable(e.to_string())),

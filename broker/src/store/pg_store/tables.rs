@@ -36,9 +36,21 @@ fn ms(t: Timestamp) -> P {
     P::I64(t.timestamp_millis())
 }
 
+/// Column `i` of a row, or why it cannot be read as a `T` (a schema someone changed by hand).
+fn col<'a, T: postgres::types::FromSql<'a>>(
+    row: &'a postgres::Row,
+    i: usize,
+) -> Result<T, StoreError> {
+    row.try_get(i).map_err(|e| StoreError::Corrupt {
+        table: "(a query's row)",
+        key: format!("column {i}"),
+        reason: e.to_string(),
+    })
+}
+
 /// A `bigint` key column back as the u64 it was written from.
-fn u(row: &postgres::Row, i: usize) -> u64 {
-    row.get::<_, i64>(i) as u64
+fn u(row: &postgres::Row, i: usize) -> Result<u64, StoreError> {
+    col::<i64>(row, i).map(|v| v as u64)
 }
 
 fn serial_of(table: &'static str, key: String) -> Result<Serial, StoreError> {
@@ -60,7 +72,7 @@ impl PgTxn {
              ON CONFLICT (name) DO UPDATE SET value = meta.value + 1 RETURNING value",
             vec![text(name)],
         )?;
-        Ok(rows.first().map_or(1, |r| u(r, 0)))
+        rows.first().map_or(Ok(1), |r| u(r, 0))
     }
 
     /// The one `bytea` column of the row `sql` selects, if there is one.
@@ -70,10 +82,10 @@ impl PgTxn {
         sql: &'static str,
         params: Vec<P>,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .rows(op, sql, params)?
+        self.rows(op, sql, params)?
             .first()
-            .map(|r| r.get::<_, Vec<u8>>(0)))
+            .map(|r| col::<Vec<u8>>(r, 0))
+            .transpose()
     }
 
     fn journal_row(&self, sender: &str, id: MsgId) -> Result<Option<JournalEntry>, StoreError> {
@@ -129,7 +141,7 @@ impl PgTxn {
     ) -> Result<Vec<Serial>, StoreError> {
         self.rows(op, sql, params)?
             .iter()
-            .map(|r| serial_of(table, r.get(0)))
+            .map(|r| serial_of(table, col(r, 0)?))
             .collect()
     }
 
@@ -139,11 +151,10 @@ impl PgTxn {
         sql: &'static str,
         params: Vec<P>,
     ) -> Result<Vec<u64>, StoreError> {
-        Ok(self
-            .rows(op, sql, params)?
+        self.rows(op, sql, params)?
             .iter()
             .map(|r| u(r, 0))
-            .collect())
+            .collect()
     }
 }
 
@@ -202,7 +213,7 @@ impl JobTables for PgTxn {
         )?;
         let mut out = Vec::new();
         for r in rows {
-            let record: JobRecord = decode("jobs", job_id(u(&r, 0)), r.get::<_, &[u8]>(1))?;
+            let record: JobRecord = decode("jobs", job_id(u(&r, 0)?), col::<&[u8]>(&r, 1)?)?;
             if keep(&record) {
                 out.push(record);
             }
@@ -225,10 +236,11 @@ impl JobTables for PgTxn {
             "SELECT max(seq) FROM job_events WHERE number = $1",
             vec![n64(n)],
         )?;
-        let seq = last
-            .first()
-            .and_then(|r| r.get::<_, Option<i32>>(0))
-            .map_or(0, |s| s.saturating_add(1));
+        let seq = match last.first() {
+            Some(r) => col::<Option<i32>>(r, 0)?,
+            None => None,
+        }
+        .map_or(0, |s| s.saturating_add(1));
         let bytes = encode("job_events", format_args!("{} #{seq}", job_id(n)), event)?;
         self.write(
             op,
@@ -246,11 +258,11 @@ impl JobTables for PgTxn {
         )?
         .iter()
         .map(|r| {
-            let seq: i32 = r.get(0);
+            let seq: i32 = col(r, 0)?;
             decode(
                 "job_events",
                 format_args!("{} #{seq}", job_id(n)),
-                r.get::<_, &[u8]>(1),
+                col::<&[u8]>(r, 1)?,
             )
         })
         .collect()
@@ -474,7 +486,7 @@ impl ArtifactTables for PgTxn {
             Vec::new(),
         )?
         .iter()
-        .map(|r| decode("artifacts", r.get::<_, &str>(0), r.get::<_, &[u8]>(1)))
+        .map(|r| decode("artifacts", col::<&str>(r, 0)?, col::<&[u8]>(r, 1)?))
         .collect()
     }
 
@@ -527,7 +539,7 @@ impl ArtifactTables for PgTxn {
         )?;
         let mut count = 0u32;
         for r in indexes {
-            let index = r.get::<_, i32>(0) as u32;
+            let index = col::<i32>(&r, 0)? as u32;
             if let Some(data) = self.chunk(id, index)? {
                 f(index, &data);
                 count = count.saturating_add(1);
@@ -604,10 +616,13 @@ impl AlarmTables for PgTxn {
             "SELECT code FROM active_alarms WHERE serial = $1",
             vec![text(serial.as_str())],
         )?;
-        Ok(codes
-            .iter()
-            .filter(|r| !except.contains(&r.get::<_, &str>(0)))
-            .count())
+        let mut n = 0;
+        for r in &codes {
+            if !except.contains(&col::<&str>(r, 0)?) {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     fn active_alarms(&self) -> Result<Vec<u64>, StoreError> {
@@ -625,7 +640,7 @@ impl AlarmTables for PgTxn {
             vec![P::I64(i64::try_from(limit).unwrap_or(i64::MAX))],
         )?
         .iter()
-        .map(|r| decode("alarms", alarm_id(u(r, 0)), r.get::<_, &[u8]>(1)))
+        .map(|r| decode("alarms", alarm_id(u(r, 0)?), col::<&[u8]>(r, 1)?))
         .collect()
     }
 
@@ -749,8 +764,8 @@ impl NotificationTables for PgTxn {
         )?;
         let mut due = Vec::with_capacity(rows.len());
         for r in &rows {
-            let n = u(r, 0);
-            due.push((n, decode("notify_queue", n, r.get::<_, &[u8]>(1))?));
+            let n = u(r, 0)?;
+            due.push((n, decode("notify_queue", n, col::<&[u8]>(r, 1)?)?));
         }
         let counts = self.rows(
             op,
@@ -759,9 +774,10 @@ impl NotificationTables for PgTxn {
              FROM notify_queue",
             vec![ms(now)],
         )?;
-        let (due_total, next_ms) = counts.first().map_or((0, None), |r| {
-            (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1))
-        });
+        let (due_total, next_ms) = match counts.first() {
+            Some(r) => (col::<i64>(r, 0)?, col::<Option<i64>>(r, 1)?),
+            None => (0, None),
+        };
         // Whatever was due and not taken is due still: the worker comes back at once.
         let later = if due_total as usize > due.len() {
             Some(now)
@@ -810,9 +826,9 @@ impl NotificationTables for PgTxn {
         )?;
         let mut out: Vec<(i64, String, AlarmDigest)> = Vec::with_capacity(rows.len());
         for r in &rows {
-            let serial: String = r.get(0);
-            let digest = decode("alarm_digests", serial.as_str(), r.get::<_, &[u8]>(2))?;
-            out.push((r.get(1), serial, digest));
+            let serial: String = col(r, 0)?;
+            let digest = decode("alarm_digests", serial.as_str(), col::<&[u8]>(r, 2)?)?;
+            out.push((col(r, 1)?, serial, digest));
         }
         out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         Ok(out.into_iter().map(|(_, s, d)| (s, d)).collect())
@@ -901,7 +917,7 @@ impl UplinkTables for PgTxn {
         )?;
         let items = rows
             .iter()
-            .map(|r| decode::<UplinkItem>("uplink", u(r, 0), r.get::<_, &[u8]>(1)));
+            .map(|r| decode::<UplinkItem>("uplink", u(r, 0)?, col::<&[u8]>(r, 1)?));
         within_bytes(items, max_items, max_bytes)
     }
 
@@ -965,15 +981,14 @@ impl UplinkTables for PgTxn {
     }
 
     fn mirrored(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        Ok(self
-            .rows(
-                "read the orders from the parent relay",
-                "SELECT topic, payload FROM mirrored ORDER BY topic",
-                Vec::new(),
-            )?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
+        self.rows(
+            "read the orders from the parent relay",
+            "SELECT topic, payload FROM mirrored ORDER BY topic",
+            Vec::new(),
+        )?
+        .iter()
+        .map(|r| Ok((col(r, 0)?, col(r, 1)?)))
+        .collect()
     }
 }
 
@@ -1030,11 +1045,11 @@ impl ReadingTables for PgTxn {
             if out.len() == limit {
                 return Ok((out, last));
             }
-            let (at_ms, s, n): (i64, String, i64) = (r.get(0), r.get(1), r.get(2));
+            let (at_ms, s, n): (i64, String, i64) = (col(r, 0)?, col(r, 1)?, col(r, 2)?);
             out.push(decode(
                 "readings",
                 format_args!("{s}@{at_ms}"),
-                r.get::<_, &[u8]>(3),
+                col::<&[u8]>(r, 3)?,
             )?);
             last = Some(ReadingCursor {
                 at_ms,
@@ -1068,8 +1083,8 @@ pub(super) fn stats(conn: &Conn, location: &str) -> Result<StoreStats, StoreErro
         .ok_or_else(lost)?
         .map_err(failed)?;
     for r in &by_status {
-        let status: &str = r.get(0);
-        let n = r.get::<_, i64>(1) as u64;
+        let status: &str = col(r, 0)?;
+        let n = col::<i64>(r, 1)? as u64;
         match JobStatus::ALL.iter().find(|s| s.as_str() == status) {
             Some(s) => *stats.jobs.entry(s.as_str()).or_default() += n,
             None => stats.corrupt_jobs += n,
@@ -1085,13 +1100,13 @@ pub(super) fn stats(conn: &Conn, location: &str) -> Result<StoreStats, StoreErro
         .ok_or_else(lost)?
         .map_err(failed)?;
     if let Some(r) = counts.first() {
-        let get = |i| r.get::<_, i64>(i) as u64;
-        stats.alarms_active = get(0);
-        stats.alarms_total = get(1);
-        stats.notify_queue = get(2);
-        stats.devices = get(3);
-        stats.readings = get(4);
-        stats.uplink_waiting = get(5);
+        let get = |i| col::<i64>(r, i).map(|v| v as u64);
+        stats.alarms_active = get(0)?;
+        stats.alarms_total = get(1)?;
+        stats.notify_queue = get(2)?;
+        stats.devices = get(3)?;
+        stats.readings = get(4)?;
+        stats.uplink_waiting = get(5)?;
     }
     Ok(stats)
 }

@@ -9,7 +9,8 @@
 //! A batch not acked in time, or cut off by a lost connection, is sent again from the head; the
 //! parent deduplicates each item by the device's own message id, so a resend stores nothing twice.
 //! While the parent cannot be reached the child goes on serving its devices; the queue waits on
-//! its disk.
+//! its disk. A parent that is a cluster is given as its nodes: the child moves to the next node
+//! when the one it is on is lost, and backs off only when it has tried them all (claim 26).
 //!
 //! The parts: this module connects and drives the connection ([`Driver`]); [`super::forwarder`]
 //! sends the queue; [`super::presence`] tells which devices are online here, beside the queue;

@@ -565,30 +565,45 @@ fn the_cluster_demo_files_jobs_at_one_node_for_copiers_on_every_node() {
     assert_eq!(nodes.len(), 3, "{text}");
 }
 
-/// The JSON state views of `serial` seen on `client` until one satisfies `done`: all of them.
-async fn states_until(
-    client: &mut harness::MqttClient,
-    serial: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> Vec<serde_json::Value> {
-    let topic = format!("json/fleet/{serial}/state");
-    let within = deadline();
-    let mut seen = Vec::new();
-    tokio::time::timeout(within, async {
-        loop {
-            let p = client.next_publish_on(&topic, within).await;
-            let json: serde_json::Value = serde_json::from_slice(&p.payload)
-                .unwrap_or_else(|e| panic!("{topic} is not JSON: {e}"));
-            let stop = done(&json);
-            seen.push(json);
-            if stop {
-                return;
+/// The JSON state views a client receives (`json/fleet/+/state`), in whatever order they come:
+/// the latest of each device, and every one seen.
+#[derive(Default)]
+struct Views {
+    latest: std::collections::BTreeMap<String, serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Views {
+    /// Takes views from `client` until `done` holds for the latest ones.
+    async fn until(
+        &mut self,
+        client: &mut harness::MqttClient,
+        what: &str,
+        done: impl Fn(&std::collections::BTreeMap<String, serde_json::Value>) -> bool,
+    ) {
+        let within = deadline();
+        let ok = tokio::time::timeout(within, async {
+            while !done(&self.latest) {
+                let p = client.next_publish(within).await;
+                let v: serde_json::Value = serde_json::from_slice(&p.payload)
+                    .unwrap_or_else(|e| panic!("{} is not JSON: {e}", p.topic));
+                if let Some(serial) = v["serial"].as_str() {
+                    self.latest.insert(serial.to_owned(), v.clone());
+                    self.seen.push(v);
+                }
             }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{serial}: no state view as wanted within {within:?}: {seen:#?}"));
-    seen
+        })
+        .await;
+        assert!(
+            ok.is_ok(),
+            "{what}: not within {within:?}: {:#?}",
+            self.latest
+        );
+    }
+}
+
+fn is(v: Option<&serde_json::Value>, presence: &str, node: Option<&str>) -> bool {
+    v.is_some_and(|v| v["presence"] == presence && node.is_none_or(|n| v["node"] == n))
 }
 
 #[tokio::test]
@@ -628,24 +643,28 @@ async fn when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere
         .start(&n1)
         .await;
     let _c2 = env.device("C2").start(&n1).await;
-    for serial in ["C1", "C2"] {
-        states_until(&mut crm, serial, |v| {
-            v["presence"] == "online" && v["node"] == "N1"
+    let mut views = Views::default();
+    views
+        .until(&mut crm, "C1 and C2 online at N1", |l| {
+            is(l.get("C1"), "online", Some("N1")) && is(l.get("C2"), "online", Some("N1"))
         })
         .await;
-    }
 
     n1.kill9().await;
+    let mark = views.seen.len();
     // C1 is online at N2 at once; C2 goes offline once N1's grace period is over.
-    states_until(&mut crm, "C1", |v| {
-        v["presence"] == "online" && v["node"] == "N2"
-    })
-    .await;
-    let c2 = states_until(&mut crm, "C2", |v| v["presence"] == "offline").await;
+    views
+        .until(&mut crm, "C1 online at N2, C2 offline", |l| {
+            is(l.get("C1"), "online", Some("N2")) && is(l.get("C2"), "offline", None)
+        })
+        .await;
+    let since: Vec<&serde_json::Value> = views.seen[mark..].iter().collect();
     assert!(
-        c2.iter()
-            .all(|v| v["presence"] != "online" || v["node"] == "N1"),
-        "{c2:#?}"
+        since
+            .iter()
+            .filter(|v| v["serial"] == "C1")
+            .all(|v| v["presence"] == "online"),
+        "C1 flapped: {since:#?}"
     );
     n2.wait_for_line("N2 declares N1 gone", deadline(), |l| {
         l.contains("cluster node gone") && l.contains("node=N1") && l.contains("devices=1")
@@ -659,24 +678,18 @@ async fn when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     late.subscribe_and_wait("json/fleet/+/state").await;
-    // The retained views come in any order (and C2's offline view may follow the sweep's log
-    // line by a moment): take them as they come until both are in and C2's is the sweep's.
-    let mut retained = std::collections::BTreeMap::new();
-    while retained.len() < 2
-        || retained
-            .get("C2")
-            .is_some_and(|v: &serde_json::Value| v["presence"] != "offline")
-    {
-        let p = late.next_publish(deadline()).await;
-        let v: serde_json::Value = serde_json::from_slice(&p.payload)
-            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", p.topic));
-        if let Some(serial) = v["serial"].as_str() {
-            retained.insert(serial.to_owned(), v);
-        }
-    }
-    assert_eq!(retained["C1"]["presence"], "online", "{retained:#?}");
-    assert_eq!(retained["C1"]["node"], "N2", "{retained:#?}");
-    assert_eq!(retained["C2"]["presence"], "offline", "{retained:#?}");
+    // The retained views, in whatever order they come.
+    let mut retained = Views::default();
+    retained
+        .until(&mut late, "the retained views of C1 and C2", |l| {
+            l.contains_key("C1") && is(l.get("C2"), "offline", None)
+        })
+        .await;
+    assert!(
+        is(retained.latest.get("C1"), "online", Some("N2")),
+        "{:#?}",
+        retained.latest
+    );
 }
 
 #[tokio::test]

@@ -303,6 +303,7 @@ impl Store for PgStore {
             location: self.location.clone(),
             dirty: false,
             open: true,
+            last_window: std::cell::RefCell::new(None),
         };
         // Read committed, with every record the core may change read `FOR UPDATE` (tables.rs):
         // two nodes touching the same job or device take turns, each seeing the other's commit,
@@ -366,6 +367,10 @@ pub struct PgTxn {
     dirty: bool,
     /// Between BEGIN and COMMIT or ROLLBACK.
     open: bool,
+    /// The seen-ids windows last read or written in this transaction, by serial: a device
+    /// message's dedupe check and its record need the same row one after the other, and the row
+    /// is locked (`FOR UPDATE`) from the first read to the commit, so it cannot change meanwhile.
+    pub(crate) last_window: std::cell::RefCell<Option<(String, Option<super::seen::SeenSet>)>>,
 }
 
 impl PgTxn {

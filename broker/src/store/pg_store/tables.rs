@@ -115,6 +115,17 @@ impl PgTxn {
     }
 
     fn seen_set(&self, serial: &str) -> Result<Option<seen::SeenSet>, StoreError> {
+        if let Some((last, set)) = &*self.last_window.borrow()
+            && last == serial
+        {
+            return Ok(set.clone());
+        }
+        let set = self.read_seen_set(serial)?;
+        *self.last_window.borrow_mut() = Some((serial.to_owned(), set.clone()));
+        Ok(set)
+    }
+
+    fn read_seen_set(&self, serial: &str) -> Result<Option<seen::SeenSet>, StoreError> {
         let Some(bytes) = self.blob(
             "read a device's seen ids",
             "SELECT windows FROM seen_by_device WHERE serial = $1 FOR UPDATE",
@@ -399,6 +410,8 @@ impl JournalTables for PgTxn {
         if row {
             self.put_journal_row(&device_journal::row_key(serial, seq.inc), seq.id, entry)?;
         }
+        // The row now holds the new set.
+        *self.last_window.borrow_mut() = Some((serial.to_owned(), Some(set)));
         Ok(placed)
     }
 }

@@ -110,16 +110,7 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
     let (dashboard, dashboard_url) =
         start_dashboard(&url, tls, signing_key.clone(), dashboard_stop.clone()).await?;
     let sections = [Section::Counters, Section::Identification, Section::Jams];
-    let mut jobs = Vec::new();
-    for serial in &serials {
-        let req = SubmitJob {
-            serial: serial.to_string(),
-            kind: "get-data".into(),
-            sections: sections.iter().map(|s| s.to_string()).collect(),
-            ..SubmitJob::default()
-        };
-        jobs.push(submitted(host.submit(req).await?)?);
-    }
+    let mut jobs = submit_get_data(&host, &serials, &sections).await?;
     println!("submitted {} GET DATA jobs", jobs.len());
 
     // Fig. 4 and Fig. 6 on the first copier: new settings merged at the relay, then new firmware.
@@ -280,6 +271,25 @@ fn emergency_line(alarm: &AlarmView) -> String {
         "Emergency: {} on {} ({}): {} {}, at the relay {latency} ms after the device detected it",
         alarm.id, alarm.serial, alarm.site, alarm.code, alarm.status
     )
+}
+
+/// One GET DATA job per serial, for `sections`: the job ids, in the serials' order.
+pub(crate) async fn submit_get_data(
+    host: &HostClient,
+    serials: &[protocol::Serial],
+    sections: &[Section],
+) -> anyhow::Result<Vec<String>> {
+    let mut jobs = Vec::with_capacity(serials.len());
+    for serial in serials {
+        let req = SubmitJob {
+            serial: serial.to_string(),
+            kind: "get-data".into(),
+            sections: sections.iter().map(|s| s.to_string()).collect(),
+            ..SubmitJob::default()
+        };
+        jobs.push(submitted(host.submit(req).await?)?);
+    }
+    Ok(jobs)
 }
 
 pub(crate) fn submitted(reply: HostReply) -> anyhow::Result<String> {

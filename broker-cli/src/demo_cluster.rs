@@ -12,7 +12,6 @@ use anyhow::Context;
 use device_agent::cli::FleetArgs;
 use device_agent::config::{FileConfig, FleetSettings};
 use host_agent::{ConnectOptions, HostClient};
-use protocol::host::SubmitJob;
 use protocol::url::BrokerUrl;
 use protocol::{HostId, Role};
 use tokio::task::JoinHandle;
@@ -20,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use broker::config::BrokerConfig;
 
-use crate::demo::{follow, once_code, print_counters, submitted};
+use crate::demo::{follow, once_code, print_counters, submit_get_data};
+use protocol::data::Section;
 
 const HOST: &str = "service-desk";
 /// NATS servers in the demo's bus: a cluster, as an operator would run it.
@@ -311,18 +311,7 @@ pub async fn run(
         .context("connecting the host to N1")?;
     wait_for_nodes(&db, devices, &stop).await?;
 
-    let mut jobs = Vec::new();
-    for serial in &serials {
-        jobs.push(submitted(
-            host.submit(SubmitJob {
-                serial: serial.to_string(),
-                kind: "get-data".into(),
-                sections: vec!["counters".into()],
-                ..SubmitJob::default()
-            })
-            .await?,
-        )?);
-    }
+    let jobs = submit_get_data(&host, &serials, &[Section::Counters]).await?;
     println!(
         "\nGET DATA for all {} copiers, submitted at N1 (the copiers N2C…, N3C… are on other nodes):\n",
         jobs.len()

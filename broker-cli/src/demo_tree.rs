@@ -24,8 +24,10 @@ use broker::config::BrokerConfig;
 use broker::relays::RelayAssignment;
 
 use crate::demo::{
-    FIRMWARE_VERSION, PATIENCE, demo_firmware_image, follow, once_code, print_counters, submitted,
+    FIRMWARE_VERSION, PATIENCE, demo_firmware_image, follow, once_code, print_counters,
+    submit_get_data, submitted,
 };
+use protocol::data::Section;
 
 const HOST: &str = "service-desk";
 
@@ -201,18 +203,7 @@ pub async fn run(
     );
 
     // A GET DATA to every copier, through its child.
-    let mut jobs = Vec::new();
-    for serial in &serials {
-        jobs.push(submitted(
-            host.submit(SubmitJob {
-                serial: serial.to_string(),
-                kind: "get-data".into(),
-                sections: vec!["counters".into()],
-                ..SubmitJob::default()
-            })
-            .await?,
-        )?);
-    }
+    let jobs = submit_get_data(&host, &serials, &[Section::Counters]).await?;
     println!(
         "\nGET DATA for all {} copiers, submitted at the parent:\n",
         jobs.len()

@@ -216,6 +216,17 @@ impl Postgres {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// A server with database `chukei` and the relay's schema (`broker db migrate`), and the
+    /// database's URL.
+    pub async fn with_schema(env: &TestEnv) -> (Postgres, String) {
+        let pg = Postgres::start(env, "db");
+        pg.create_db("chukei");
+        let url = pg.url("chukei");
+        let (ok, _, err) = crate::broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
+        assert!(ok, "broker db migrate: {err}");
+        (pg, url)
+    }
+
     /// Creates an empty database.
     pub fn create_db(&self, db: &str) {
         self.sql("postgres", &format!("CREATE DATABASE {db}"));

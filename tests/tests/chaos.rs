@@ -567,11 +567,7 @@ async fn a_cluster_survives_node_bus_and_agent_sigkills_without_loss_or_duplicat
     let (mut plan, seed) = Rng::from_env();
     eprintln!("chaos seed {seed} (replay with CHUKEI_CHAOS_SEED={seed})");
     let env = TestEnv::new("chaos-cluster");
-    let pg = Postgres::start(&env, "db");
-    pg.create_db("chukei");
-    let url = pg.url("chukei");
-    let (ok, _, err) = harness::broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
-    assert!(ok, "{err}");
+    let (_pg, url) = Postgres::with_schema(&env).await;
     let mut bus = Nats::start_cluster(&env, 3).await;
     let bus_urls: Vec<String> = bus.iter().map(Nats::url).collect();
     let start_node = |i: usize, addr: Option<std::net::SocketAddr>| {

@@ -7,6 +7,20 @@ use harness::nats::Nats;
 use harness::postgres::Postgres;
 use harness::{TestEnv, broker_cmd, deadline};
 
+/// `broker run` as cluster node `id` on the database at `url` and the bus server `bus`, its
+/// data directory named after it.
+fn cluster_node<'a>(
+    env: &'a TestEnv,
+    id: &str,
+    url: &str,
+    bus: &str,
+) -> harness::BrokerBuilder<'a> {
+    env.broker()
+        .data_dir(env.path(id))
+        .args(["--node-id", id, "--cluster-db", url])
+        .args(["--cluster-bus", bus])
+}
+
 /// `broker run` as node N1 on `url`, expected to stop at once: its stderr.
 async fn refused_run(env: &TestEnv, url: &str, data: &str) -> String {
     let pki = env.pki().dir().display().to_string();
@@ -145,18 +159,9 @@ async fn a_job_filed_at_one_node_reaches_a_device_on_another_even_after_the_bus_
     let env = TestEnv::new(
         "a_job_filed_at_one_node_reaches_a_device_on_another_even_after_the_bus_was_down",
     );
-    let pg = Postgres::start(&env, "db");
-    pg.create_db("chukei");
-    let url = pg.url("chukei");
-    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
-    assert!(ok, "{err}");
+    let (_pg, url) = Postgres::with_schema(&env).await;
     let mut bus = Nats::start(&env, "bus", None).await;
-    let node = |id: &str| {
-        env.broker()
-            .data_dir(env.path(id))
-            .args(["--node-id", id, "--cluster-db", &url])
-            .args(["--cluster-bus", &bus.url()])
-    };
+    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
     let n1 = node("N1").start().await;
     let n2 = node("N2").start().await;
     for n in [&n1, &n2] {
@@ -207,18 +212,9 @@ async fn a_job_filed_at_one_node_reaches_a_device_on_another_even_after_the_bus_
 async fn one_node_does_the_periodic_work_and_another_takes_it_over_when_it_dies() {
     let env =
         TestEnv::new("one_node_does_the_periodic_work_and_another_takes_it_over_when_it_dies");
-    let pg = Postgres::start(&env, "db");
-    pg.create_db("chukei");
-    let url = pg.url("chukei");
-    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
-    assert!(ok, "{err}");
+    let (_pg, url) = Postgres::with_schema(&env).await;
     let bus = Nats::start(&env, "bus", None).await;
-    let node = |id: &str| {
-        env.broker()
-            .data_dir(env.path(id))
-            .args(["--node-id", id, "--cluster-db", &url])
-            .args(["--cluster-bus", &bus.url()])
-    };
+    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
     let leads = "now does the cluster's periodic work";
     let mut first = node("N1").start().await;
     first.wait_for_log(leads, deadline()).await;
@@ -271,11 +267,7 @@ async fn one_node_does_the_periodic_work_and_another_takes_it_over_when_it_dies(
 #[tokio::test]
 async fn a_child_relay_moves_to_the_parents_next_node_when_its_node_dies() {
     let env = TestEnv::new("a_child_relay_moves_to_the_parents_next_node_when_its_node_dies");
-    let pg = Postgres::start(&env, "db");
-    pg.create_db("chukei");
-    let url = pg.url("chukei");
-    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
-    assert!(ok, "{err}");
+    let (_pg, url) = Postgres::with_schema(&env).await;
     let bus = Nats::start(&env, "bus", None).await;
     std::fs::write(
         env.path("parent.toml"),
@@ -284,10 +276,7 @@ async fn a_child_relay_moves_to_the_parents_next_node_when_its_node_dies() {
     .unwrap();
     pki::issue_relay_to_dir(env.pki().dir(), "R1", &[]).unwrap();
     let node = |id: &str| {
-        env.broker()
-            .data_dir(env.path(id))
-            .args(["--node-id", id, "--cluster-db", &url])
-            .args(["--cluster-bus", &bus.url()])
+        cluster_node(&env, id, &url, &bus.url())
             .arg("--config")
             .arg(env.path("parent.toml"))
     };
@@ -347,18 +336,9 @@ async fn a_child_relay_moves_to_the_parents_next_node_when_its_node_dies() {
 async fn a_device_moves_to_another_node_mid_job_and_its_job_and_reports_finish_once() {
     let env =
         TestEnv::new("a_device_moves_to_another_node_mid_job_and_its_job_and_reports_finish_once");
-    let pg = Postgres::start(&env, "db");
-    pg.create_db("chukei");
-    let url = pg.url("chukei");
-    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
-    assert!(ok, "{err}");
+    let (pg, url) = Postgres::with_schema(&env).await;
     let bus = Nats::start(&env, "bus", None).await;
-    let node = |id: &str| {
-        env.broker()
-            .data_dir(env.path(id))
-            .args(["--node-id", id, "--cluster-db", &url])
-            .args(["--cluster-bus", &bus.url()])
-    };
+    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
     let mut n1 = node("N1").start().await;
     let n2 = node("N2").start().await;
     for n in [&n1, &n2] {
@@ -441,11 +421,7 @@ async fn with_the_database_down_a_node_acks_nothing_new_says_why_and_resumes_by_
     let env = TestEnv::new(
         "with_the_database_down_a_node_acks_nothing_new_says_why_and_resumes_by_itself",
     );
-    let pg = Postgres::start(&env, "db");
-    pg.create_db("chukei");
-    let url = pg.url("chukei");
-    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
-    assert!(ok, "{err}");
+    let (pg, url) = Postgres::with_schema(&env).await;
     let relay = env
         .broker()
         .data_dir(env.path("n1"))
@@ -501,11 +477,7 @@ async fn with_the_database_down_a_node_acks_nothing_new_says_why_and_resumes_by_
 #[tokio::test]
 async fn the_bus_carries_on_through_the_nats_servers_left() {
     let env = TestEnv::new("the_bus_carries_on_through_the_nats_servers_left");
-    let pg = Postgres::start(&env, "db");
-    pg.create_db("chukei");
-    let url = pg.url("chukei");
-    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
-    assert!(ok, "{err}");
+    let (_pg, url) = Postgres::with_schema(&env).await;
     let mut servers = Nats::start_cluster(&env, 3).await;
     let node = |id: &str| {
         let mut b =
@@ -610,18 +582,9 @@ fn is(v: Option<&serde_json::Value>, presence: &str, node: Option<&str>) -> bool
 async fn when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere() {
     let env =
         TestEnv::new("when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere");
-    let pg = Postgres::start(&env, "db");
-    pg.create_db("chukei");
-    let url = pg.url("chukei");
-    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
-    assert!(ok, "{err}");
+    let (_pg, url) = Postgres::with_schema(&env).await;
     let bus = Nats::start(&env, "bus", None).await;
-    let node = |id: &str| {
-        env.broker()
-            .data_dir(env.path(id))
-            .args(["--node-id", id, "--cluster-db", &url])
-            .args(["--cluster-bus", &bus.url()])
-    };
+    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
     let mut n1 = node("N1").start().await;
     let n2 = node("N2").start().await;
     for n in [&n1, &n2] {
@@ -697,11 +660,7 @@ async fn a_device_resumes_its_tls_session_on_another_node_with_the_clusters_tick
     let env = TestEnv::new(
         "a_device_resumes_its_tls_session_on_another_node_with_the_clusters_ticket_keys",
     );
-    let pg = Postgres::start(&env, "db");
-    pg.create_db("chukei");
-    let url = pg.url("chukei");
-    let (ok, _, err) = broker_cmd(&["db", "migrate", "--cluster-db", &url]).await;
-    assert!(ok, "{err}");
+    let (pg, url) = Postgres::with_schema(&env).await;
     let node = |id: &str| {
         env.broker()
             .data_dir(env.path(id))

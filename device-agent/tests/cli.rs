@@ -453,11 +453,23 @@ async fn sigkill_mid_write_leaves_the_old_slot_active_and_the_job_failed() {
         line.contains("attempt=1") && line.contains("slot=b"),
         "{line}"
     );
+    // The log line comes just before the write: wait until bytes are in slot b, then cut power.
+    let image = env.data_dir().join("slots/b.img");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while std::fs::metadata(&image).map_or(true, |m| m.len() == 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot b was never being written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     signal(&child, "-KILL"); // a power cut, mid-write
     child.wait().await.unwrap();
+    let written = std::fs::metadata(&image).unwrap().len();
     assert!(
-        env.data_dir().join("slots/b.img").exists(),
-        "slot b was being written"
+        written > 0 && written < bytes.len() as u64,
+        "slot b was cut mid-write ({written} of {} bytes)",
+        bytes.len()
     );
 
     let mut child = agent(&args).spawn().unwrap();

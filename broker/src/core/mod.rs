@@ -402,6 +402,14 @@ impl Core {
         now: Timestamp,
     ) -> Result<Vec<Outbound>, StoreError> {
         let mut txn = self.store.begin()?;
+        let senders: Vec<Serial> = batch
+            .iter()
+            .filter_map(|msg| match Topic::parse(&msg.topic) {
+                Ok(Topic::DevUp { serial, .. }) => Some(serial),
+                _ => None,
+            })
+            .collect();
+        txn.warm_devices(&senders.iter().map(Serial::as_str).collect::<Vec<_>>())?;
         let mut pending = Pending::default();
         let mut children = Vec::new();
         for msg in batch {

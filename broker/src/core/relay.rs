@@ -490,6 +490,8 @@ pub(super) fn handle_batch(
     core.telemetry()
         .relay_batches
         .fetch_add(1, Ordering::Relaxed);
+    let serials: Vec<&str> = env.body.items.iter().map(|i| i.serial.as_str()).collect();
+    txn.warm_devices(&serials)?;
     let mut refused = Vec::new();
     let mut upto = 0;
     let mut served = BTreeSet::new();

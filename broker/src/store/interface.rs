@@ -86,6 +86,14 @@ pub trait Txn:
     /// says whether a commit happened. Refused ([`StoreError::Full`], nothing written) while the
     /// disk is below its reserve.
     fn commit(self: Box<Self>) -> Result<bool, StoreError>;
+
+    /// Says which devices' messages the transaction is about to handle, so that a store across
+    /// a network can read (and lock) their records and seen ids together rather than one by
+    /// one. Only a hint: an embedded store has nothing to gain and ignores it.
+    fn warm_devices(&mut self, serials: &[&str]) -> Result<(), StoreError> {
+        let _ = serials;
+        Ok(())
+    }
 }
 
 /// Counts for the Prometheus endpoint.

@@ -12,6 +12,7 @@
 //! of its own ([`Conn`]) and every statement is a closure sent to it. A writer connection carries
 //! the transactions, one at a time as on redb; a second one reads the metrics' counts.
 
+mod combine;
 mod leader;
 pub mod nodes;
 mod schema;
@@ -35,6 +36,8 @@ pub(crate) enum P {
     Text(String),
     OptText(Option<String>),
     Bytes(Vec<u8>),
+    /// A `text[]`, for `= ANY($1)`.
+    Texts(Vec<String>),
 }
 
 impl P {
@@ -46,6 +49,7 @@ impl P {
             P::Text(v) => v,
             P::OptText(v) => v,
             P::Bytes(v) => v,
+            P::Texts(v) => v,
         }
     }
 }
@@ -56,16 +60,16 @@ type Job = Box<dyn FnOnce(&mut Session) + Send>;
 /// connection, not on every call (half the round trips, and the server's planning).
 pub(crate) struct Session {
     pub(crate) client: postgres::Client,
-    prepared: std::collections::HashMap<&'static str, postgres::Statement>,
+    prepared: std::collections::HashMap<String, postgres::Statement>,
 }
 
 impl Session {
-    fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, postgres::Error> {
+    fn statement(&mut self, sql: &str) -> Result<postgres::Statement, postgres::Error> {
         if let Some(s) = self.prepared.get(sql) {
             return Ok(s.clone());
         }
         let s = self.client.prepare(sql)?;
-        self.prepared.insert(sql, s.clone());
+        self.prepared.insert(sql.to_owned(), s.clone());
         Ok(s)
     }
 }
@@ -145,10 +149,6 @@ impl Conn {
             let statement = s.statement(sql)?;
             s.client.query(&statement, &refs)
         })
-    }
-
-    fn batch(&self, sql: &'static str) -> Option<Result<(), postgres::Error>> {
-        self.call(move |s| s.client.batch_execute(sql))
     }
 }
 
@@ -297,20 +297,21 @@ impl Store for PgStore {
     fn begin(&self) -> Result<Box<dyn Txn>, StoreError> {
         let conn = PgStore::conn(&self.writer, &self.location)?;
         self.permit.take();
-        let txn = PgTxn {
+        // BEGIN goes with the transaction's first statement (one trip fewer). Read committed,
+        // with every record the core may change read `FOR UPDATE` (tables.rs): two nodes
+        // touching the same job or device take turns, each seeing the other's commit, so
+        // neither update is lost. A deadlock between two nodes fails one batch, whose senders
+        // resend it.
+        Ok(Box::new(PgTxn {
             conn,
             permit: self.permit.clone(),
             location: self.location.clone(),
             dirty: false,
-            open: true,
-            last_window: std::cell::RefCell::new(None),
-        };
-        // Read committed, with every record the core may change read `FOR UPDATE` (tables.rs):
-        // two nodes touching the same job or device take turns, each seeing the other's commit,
-        // so neither update is lost. A deadlock between two nodes fails one batch, whose
-        // senders resend it.
-        txn.batch("begin a transaction", "BEGIN")?;
-        Ok(Box::new(txn))
+            begun: std::cell::Cell::new(false),
+            ended: false,
+            held: std::cell::RefCell::default(),
+            cache: std::cell::RefCell::default(),
+        }))
     }
 
     fn reopen(&self) -> Result<(), StoreError> {
@@ -360,17 +361,31 @@ impl Store for PgStore {
 
 /// One SQL transaction on the writer connection. Dropped without [`Txn::commit`], it is rolled
 /// back.
+///
+/// Writes are held ([`combine`]) until the transaction's next read or its commit, and go to the
+/// connection's thread together with it: a batch of device reports makes a few trips, not one
+/// per row.
 pub struct PgTxn {
     conn: Arc<Conn>,
     permit: Arc<Permit>,
     location: String,
     dirty: bool,
-    /// Between BEGIN and COMMIT or ROLLBACK.
-    open: bool,
-    /// The seen-ids windows last read or written in this transaction, by serial: a device
-    /// message's dedupe check and its record need the same row one after the other, and the row
-    /// is locked (`FOR UPDATE`) from the first read to the commit, so it cannot change meanwhile.
-    pub(crate) last_window: std::cell::RefCell<Option<(String, Option<super::seen::SeenSet>)>>,
+    /// Whether BEGIN has been sent.
+    begun: std::cell::Cell<bool>,
+    /// Whether the permit was given back (COMMIT or ROLLBACK sent, or nothing to send).
+    ended: bool,
+    held: std::cell::RefCell<Vec<combine::Write>>,
+    pub(crate) cache: std::cell::RefCell<Cache>,
+}
+
+/// Rows this transaction holds locked (`FOR UPDATE`, from their first read to the commit), so
+/// they cannot change meanwhile and are read once: a device's seen-ids windows and its record,
+/// by serial (`None`: no row), and the counters it has taken numbers from.
+#[derive(Default)]
+pub(crate) struct Cache {
+    pub(crate) windows: std::collections::HashMap<String, Option<super::seen::SeenSet>>,
+    pub(crate) devices: std::collections::HashMap<String, Option<Vec<u8>>>,
+    pub(crate) counters: std::collections::HashMap<&'static str, u64>,
 }
 
 impl PgTxn {
@@ -395,38 +410,59 @@ impl PgTxn {
         }
     }
 
-    fn batch(&self, op: &'static str, sql: &'static str) -> Result<(), StoreError> {
-        match self.conn.batch(sql) {
-            Some(r) => r.map_err(|e| self.db_error(op, e)),
+    /// Sends BEGIN if not yet sent and the held writes, then runs `last`, all in one trip to
+    /// the connection's thread.
+    fn send<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        last: impl FnOnce(&mut Session) -> Result<R, postgres::Error> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let begin = !self.begun.replace(true);
+        let steps = combine::plan(std::mem::take(&mut *self.held.borrow_mut()));
+        let done = self.conn.call(move |s| {
+            if begin {
+                s.client
+                    .batch_execute("BEGIN")
+                    .map_err(|e| ("begin a transaction", e))?;
+            }
+            for step in steps {
+                step.run(s)?;
+            }
+            last(s).map_err(|e| (op, e))
+        });
+        match done {
+            Some(Ok(r)) => Ok(r),
+            Some(Err((op, e))) => Err(self.db_error(op, e)),
             None => Err(self.lost(op)),
         }
     }
 
-    /// Runs a statement that writes.
+    /// Holds a statement that writes until the next read or the commit.
     pub(crate) fn write(
         &mut self,
         op: &'static str,
         sql: &'static str,
         params: Vec<P>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(), StoreError> {
         self.dirty = true;
-        match self.conn.execute(sql, params) {
-            Some(r) => r.map_err(|e| self.db_error(op, e)),
-            None => Err(self.lost(op)),
-        }
+        self.held
+            .borrow_mut()
+            .push(combine::Write { op, sql, params });
+        Ok(())
     }
 
-    /// Runs a query.
+    /// Runs a query (after the writes held before it).
     pub(crate) fn rows(
         &self,
         op: &'static str,
         sql: &'static str,
         params: Vec<P>,
     ) -> Result<Vec<postgres::Row>, StoreError> {
-        match self.conn.query(sql, params) {
-            Some(r) => r.map_err(|e| self.db_error(op, e)),
-            None => Err(self.lost(op)),
-        }
+        self.send(op, move |s| {
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(P::as_sql).collect();
+            let statement = s.statement(sql)?;
+            s.client.query(&statement, &refs)
+        })
     }
 
     /// Runs a query that writes and returns rows (`… RETURNING`).
@@ -440,9 +476,15 @@ impl PgTxn {
         self.rows(op, sql, params)
     }
 
-    fn end(&mut self, sql: &'static str) -> Result<(), StoreError> {
-        self.open = false;
-        let r = self.batch("end a transaction", sql);
+    /// Ends the transaction with `sql` (COMMIT or ROLLBACK) if it began, and lets the next one
+    /// start.
+    fn end(&mut self, op: &'static str, sql: &'static str) -> Result<(), StoreError> {
+        self.ended = true;
+        let r = if self.begun.get() || !self.held.borrow().is_empty() {
+            self.send(op, move |s| s.client.batch_execute(sql))
+        } else {
+            Ok(())
+        };
         self.permit.give_back();
         r
     }
@@ -451,18 +493,25 @@ impl PgTxn {
 impl Txn for PgTxn {
     fn commit(mut self: Box<Self>) -> Result<bool, StoreError> {
         if !self.dirty {
-            self.end("ROLLBACK")?;
+            self.held.borrow_mut().clear();
+            self.end("end a transaction", "ROLLBACK")?;
             return Ok(false);
         }
-        self.end("COMMIT")?;
+        self.end("commit a transaction", "COMMIT")?;
         Ok(true)
+    }
+
+    fn warm_devices(&mut self, serials: &[&str]) -> Result<(), StoreError> {
+        self.warm(serials)
     }
 }
 
 impl Drop for PgTxn {
     fn drop(&mut self) {
-        if self.open {
-            let _ = self.end("ROLLBACK");
+        if !self.ended {
+            // Nothing held is sent: the transaction is abandoned.
+            self.held.borrow_mut().clear();
+            let _ = self.end("roll a transaction back", "ROLLBACK");
         }
     }
 }

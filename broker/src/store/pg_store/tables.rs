@@ -61,18 +61,43 @@ fn serial_of(table: &'static str, key: String) -> Result<Serial, StoreError> {
     })
 }
 
+fn decode_seen_set(serial: &str, bytes: &[u8]) -> Result<seen::SeenSet, StoreError> {
+    seen::SeenSet::decode(bytes).ok_or_else(|| StoreError::Corrupt {
+        table: "seen_by_device",
+        key: serial.to_owned(),
+        reason: format!("{} bytes, not a set of seen-ids windows", bytes.len()),
+    })
+}
+
 impl PgTxn {
     /// Bumps a counter in `meta` and returns its new value. The row stays locked until the
     /// transaction ends, so two nodes allocating at once take turns, and a rolled-back
-    /// transaction leaves no gap.
+    /// transaction leaves no gap; the transaction's next numbers are counted here and the last
+    /// written back with its other writes.
     fn next_counter(&mut self, name: &'static str, op: &'static str) -> Result<u64, StoreError> {
-        let rows = self.write_rows(
-            op,
-            "INSERT INTO meta (name, value) VALUES ($1, 1)
-             ON CONFLICT (name) DO UPDATE SET value = meta.value + 1 RETURNING value",
-            vec![text(name)],
-        )?;
-        rows.first().map_or(Ok(1), |r| u(r, 0))
+        let taken = self.cache.borrow().counters.get(name).copied();
+        let n = match taken {
+            Some(last) => {
+                let n = last + 1;
+                self.write(
+                    op,
+                    "UPDATE meta SET value = $2 WHERE name = $1",
+                    vec![text(name), n64(n)],
+                )?;
+                n
+            }
+            None => {
+                let rows = self.write_rows(
+                    op,
+                    "INSERT INTO meta (name, value) VALUES ($1, 1)
+                     ON CONFLICT (name) DO UPDATE SET value = meta.value + 1 RETURNING value",
+                    vec![text(name)],
+                )?;
+                rows.first().map_or(Ok(1), |r| u(r, 0))?
+            }
+        };
+        self.cache.borrow_mut().counters.insert(name, n);
+        Ok(n)
     }
 
     /// The one `bytea` column of the row `sql` selects, if there is one.
@@ -115,32 +140,88 @@ impl PgTxn {
     }
 
     fn seen_set(&self, serial: &str) -> Result<Option<seen::SeenSet>, StoreError> {
-        if let Some((last, set)) = &*self.last_window.borrow()
-            && last == serial
-        {
+        if let Some(set) = self.cache.borrow().windows.get(serial) {
             return Ok(set.clone());
         }
         let set = self.read_seen_set(serial)?;
-        *self.last_window.borrow_mut() = Some((serial.to_owned(), set.clone()));
+        self.cache
+            .borrow_mut()
+            .windows
+            .insert(serial.to_owned(), set.clone());
         Ok(set)
     }
 
     fn read_seen_set(&self, serial: &str) -> Result<Option<seen::SeenSet>, StoreError> {
-        let Some(bytes) = self.blob(
+        self.blob(
             "read a device's seen ids",
             "SELECT windows FROM seen_by_device WHERE serial = $1 FOR UPDATE",
             vec![text(serial)],
         )?
-        else {
-            return Ok(None);
+        .map(|bytes| decode_seen_set(serial, &bytes))
+        .transpose()
+    }
+
+    /// A device's record as stored, read once per transaction (locked `FOR UPDATE`).
+    fn device_bytes(&self, serial: &Serial) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(bytes) = self.cache.borrow().devices.get(serial.as_str()) {
+            return Ok(bytes.clone());
+        }
+        let bytes = self.blob(
+            "read a device",
+            "SELECT record FROM devices WHERE serial = $1 FOR UPDATE",
+            vec![text(serial.as_str())],
+        )?;
+        self.cache
+            .borrow_mut()
+            .devices
+            .insert(serial.as_str().to_owned(), bytes.clone());
+        Ok(bytes)
+    }
+
+    /// Reads and locks the seen windows and records of `serials` not read yet, in two
+    /// statements, in serial order (so two nodes locking overlapping sets wait, not deadlock).
+    pub(super) fn warm(&self, serials: &[&str]) -> Result<(), StoreError> {
+        let mut wanted: Vec<String> = {
+            let cache = self.cache.borrow();
+            serials
+                .iter()
+                .filter(|s| !cache.windows.contains_key(**s) || !cache.devices.contains_key(**s))
+                .map(|s| (*s).to_owned())
+                .collect()
         };
-        seen::SeenSet::decode(&bytes)
-            .map(Some)
-            .ok_or_else(|| StoreError::Corrupt {
-                table: "seen_by_device",
-                key: serial.to_owned(),
-                reason: format!("{} bytes, not a set of seen-ids windows", bytes.len()),
-            })
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let windows = self.rows(
+            "read devices' seen ids",
+            "SELECT serial, windows FROM seen_by_device WHERE serial = ANY($1)
+             ORDER BY serial FOR UPDATE",
+            vec![P::Texts(wanted.clone())],
+        )?;
+        let records = self.rows(
+            "read devices",
+            "SELECT serial, record FROM devices WHERE serial = ANY($1) ORDER BY serial FOR UPDATE",
+            vec![P::Texts(wanted.clone())],
+        )?;
+        let mut cache = self.cache.borrow_mut();
+        for serial in &wanted {
+            cache.windows.entry(serial.clone()).or_insert(None);
+            cache.devices.entry(serial.clone()).or_insert(None);
+        }
+        for row in &windows {
+            let serial: String = col(row, 0)?;
+            let bytes: Vec<u8> = col(row, 1)?;
+            let set = decode_seen_set(&serial, &bytes)?;
+            cache.windows.insert(serial, Some(set));
+        }
+        for row in &records {
+            let serial: String = col(row, 0)?;
+            let bytes: Vec<u8> = col(row, 1)?;
+            cache.devices.insert(serial, Some(bytes));
+        }
+        Ok(())
     }
 
     fn serials(
@@ -411,30 +492,25 @@ impl JournalTables for PgTxn {
             self.put_journal_row(&device_journal::row_key(serial, seq.inc), seq.id, entry)?;
         }
         // The row now holds the new set.
-        *self.last_window.borrow_mut() = Some((serial.to_owned(), Some(set)));
+        self.cache
+            .borrow_mut()
+            .windows
+            .insert(serial.to_owned(), Some(set));
         Ok(placed)
     }
 }
 
 impl DeviceTables for PgTxn {
     fn device(&self, serial: &Serial) -> Result<Option<DeviceRecord>, StoreError> {
-        self.blob(
-            "read a device",
-            "SELECT record FROM devices WHERE serial = $1 FOR UPDATE",
-            vec![text(serial.as_str())],
-        )?
-        .map(|b| decode("devices", serial, &b))
-        .transpose()
+        self.device_bytes(serial)?
+            .map(|b| decode("devices", serial, &b))
+            .transpose()
     }
 
     fn device_state(&self, serial: &Serial) -> Result<Option<DeviceState>, StoreError> {
-        self.blob(
-            "read a device's state",
-            "SELECT record FROM devices WHERE serial = $1 FOR UPDATE",
-            vec![text(serial.as_str())],
-        )?
-        .map(|b| decode::<StoredState>("devices", serial, &b).map(|s| s.state))
-        .transpose()
+        self.device_bytes(serial)?
+            .map(|b| decode::<StoredState>("devices", serial, &b).map(|s| s.state))
+            .transpose()
     }
 
     fn put_device(&mut self, serial: &Serial, record: &DeviceRecord) -> Result<(), StoreError> {
@@ -443,8 +519,12 @@ impl DeviceTables for PgTxn {
             "write a device",
             "INSERT INTO devices (serial, record) VALUES ($1, $2)
              ON CONFLICT (serial) DO UPDATE SET record = EXCLUDED.record",
-            vec![text(serial.as_str()), P::Bytes(bytes)],
+            vec![text(serial.as_str()), P::Bytes(bytes.clone())],
         )?;
+        self.cache
+            .borrow_mut()
+            .devices
+            .insert(serial.as_str().to_owned(), Some(bytes));
         Ok(())
     }
 
@@ -465,6 +545,10 @@ impl DeviceTables for PgTxn {
              ON CONFLICT (serial) DO UPDATE SET record = EXCLUDED.record",
             vec![text(serial.as_str()), P::Bytes(bytes.to_vec())],
         )?;
+        self.cache
+            .borrow_mut()
+            .devices
+            .insert(serial.as_str().to_owned(), Some(bytes.to_vec()));
         Ok(())
     }
 }

@@ -6,6 +6,7 @@
 //! JSON object on stdout. See bench/RESULTS.md for the figures on this machine.
 
 mod client;
+mod engines;
 mod fleet;
 mod hist;
 mod mqtt;
@@ -23,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::fleet::LoadShape;
-use crate::scenarios::{Env, alarm, fanout, idle, pubsub, reports, storm, tree};
+use crate::scenarios::{Env, alarm, cluster, fanout, idle, pubsub, reports, storm, tree};
 use crate::worker::ReportKind;
 
 /// Measure chukei against bare rumqttd and Mosquitto, one scenario at a time.
@@ -140,6 +141,37 @@ enum Command {
     JobFanout {
         #[arg(long, default_value_t = 10_000)]
         devices: u32,
+    },
+    /// A cluster of relay nodes on one PostgreSQL and a 3-server NATS bus, all started here:
+    /// closed-loop acked reports/s; N × D devices sending paced reports (ack p99) with alarms
+    /// timed from one node to a host on another; GET DATA to M devices over the nodes (chukei
+    /// only; needs Debian's postgresql and nats-server).
+    Cluster {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 19_000)]
+        devices_per_node: u32,
+        /// Length of the max and the paced phase.
+        #[arg(long, default_value_t = 15)]
+        secs: u64,
+        /// Total counters reports/s the paced devices offer.
+        #[arg(long, default_value_t = 20_000.0)]
+        rate: f64,
+        /// Run PostgreSQL with a synchronous standby (every commit on two servers).
+        #[arg(long)]
+        standby: bool,
+        #[arg(long, default_value_t = 10_000)]
+        fanout: u32,
+        /// Closed-loop devices per node in the max phase.
+        #[arg(long, default_value_t = 1_000)]
+        max_devices_per_node: u32,
+        /// Unacked reports per device in the max phase.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+        #[arg(long, default_value_t = 200)]
+        alarm_samples: u32,
+        #[arg(long, default_value_t = 50)]
+        alarm_interval_ms: u64,
     },
     /// Child and parent relays: C children × D devices behind one parent, and a flat relay with
     /// D devices beside it: connect, memory per device, GET DATA to all (chukei only).
@@ -288,6 +320,36 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             .await?,
         ),
         Command::JobFanout { devices } => emit(fanout::run(&env, &targets, devices).await?),
+        Command::Cluster {
+            nodes,
+            devices_per_node,
+            secs,
+            rate,
+            standby,
+            fanout,
+            max_devices_per_node,
+            window,
+            alarm_samples,
+            alarm_interval_ms,
+        } => emit(
+            cluster::run(
+                &env,
+                &targets,
+                cluster::Params {
+                    nodes,
+                    per_node: devices_per_node,
+                    secs,
+                    rate,
+                    standby,
+                    fanout,
+                    max_devices_per_node,
+                    window,
+                    alarm_samples,
+                    alarm_interval_ms,
+                },
+            )
+            .await?,
+        ),
         Command::Tree {
             children,
             devices_per_child,

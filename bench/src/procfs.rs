@@ -52,9 +52,28 @@ fn machine_jiffies() -> (u64, u64) {
     (total - idle, total)
 }
 
-/// CPU use of one process and of the whole machine over an interval.
+/// The processes whose parent is `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // The parent is the second field after the command name.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok())
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// CPU use of some processes (together) and of the whole machine over an interval.
 pub struct CpuMeter {
-    pid: u32,
+    pids: Vec<u32>,
     at: Instant,
     proc_secs: f64,
     machine: (u64, u64),
@@ -62,17 +81,24 @@ pub struct CpuMeter {
 
 impl CpuMeter {
     pub fn start(pid: u32) -> CpuMeter {
+        CpuMeter::of(vec![pid])
+    }
+
+    /// A meter over every process of `pids`, added up.
+    pub fn of(pids: Vec<u32>) -> CpuMeter {
         CpuMeter {
-            pid,
+            proc_secs: pids.iter().map(|p| cpu_secs(*p)).sum(),
+            pids,
             at: Instant::now(),
-            proc_secs: cpu_secs(pid),
             machine: machine_jiffies(),
         }
     }
 
-    /// (CPU seconds the process used, its share of one core in %, the machine's busy share in %).
+    /// (CPU seconds the processes used, their share of one core in %, the machine's busy share
+    /// in %).
     pub fn read(&self) -> (f64, f64, f64) {
-        let secs = (cpu_secs(self.pid) - self.proc_secs).max(0.0);
+        let now: f64 = self.pids.iter().map(|p| cpu_secs(*p)).sum();
+        let secs = (now - self.proc_secs).max(0.0);
         let wall = self.at.elapsed().as_secs_f64().max(1e-9);
         let (busy, total) = machine_jiffies();
         let machine = if total > self.machine.1 {

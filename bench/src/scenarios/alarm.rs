@@ -23,7 +23,7 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::{Env, chukei_only, report};
-use crate::client::Conn;
+use crate::client::{Conn, Endpoint};
 use crate::fleet::{Fleet, Hist};
 use crate::mqtt::{self, Incoming};
 use crate::procfs::{CpuMeter, r2};
@@ -214,18 +214,62 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
         .await?;
     reporters.command("run").await?;
 
-    let minter = Minter::load(&env.pki)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu = CpuMeter::start(server.pid());
+    let r0 = reporters.total();
+    let (host_h, crm_h) = time_alarms(
+        &env.pki,
+        devices_at,
+        server.endpoint,
+        alarm_devices(&p),
+        p.samples,
+        p.interval_ms,
+    )
+    .await?;
+    let r1 = reporters.total();
+    let secs = (p.samples as u64 * p.interval_ms) as f64 / 1000.0;
+    let (_, cpu_pct, busy) = cpu.read();
+    reporters.command("finish").await?;
+    let rep = reporters.exit().await?;
+    let _ = idle.exit().await?;
+    if let Some(child) = child.as_mut() {
+        child.stop().await?;
+    }
+    server.stop().await?;
+    Ok(json!({
+        "host_cbor": host_h.summary_ms(),
+        "integrator_json": crm_h.summary_ms(),
+        "p99_ms": host_h.summary_ms()["p99_ms"],
+        "background_acked_per_s": r2((r1.stored + r1.duplicate - r0.stored - r0.duplicate) as f64 / secs),
+        "background_ack_latency": rep.latency.summary_ms(),
+        "relay_cpu_pct": r2(cpu_pct),
+        "machine_busy_pct": r2(busy),
+    }))
+}
+
+/// Raises `samples` fatal faults, one every `interval_ms`, from `alarm_devices` devices (in
+/// turn) connected at `devices_at`, and times each until a host (CBOR view) and an integrator
+/// (JSON mirror) connected at `host_at` see it: (host, integrator).
+pub async fn time_alarms(
+    pki: &std::path::Path,
+    devices_at: Endpoint,
+    host_at: Endpoint,
+    alarm_devices: usize,
+    samples: u32,
+    interval_ms: u64,
+) -> anyhow::Result<(Hist, Hist)> {
+    let minter = Minter::load(pki)?;
     let source = std::net::Ipv4Addr::new(127, 0, 0, 20);
     let host_tls = minter.client(Role::Host, "bench-host")?;
     let crm_tls = minter.client(Role::Integrator, "bench-crm")?;
-    let mut host = Conn::open(server.endpoint, source, Some(&host_tls), "bench-host:alarm").await?;
+    let mut host = Conn::open(host_at, source, Some(&host_tls), "bench-host:alarm").await?;
     host.subscribe(&[topic::ALL_FLEET_ALARMS.to_owned()])
         .await?;
-    let mut crm = Conn::open(server.endpoint, source, Some(&crm_tls), "bench-crm").await?;
+    let mut crm = Conn::open(host_at, source, Some(&crm_tls), "bench-crm").await?;
     crm.subscribe(&[topic::ALL_JSON_ALARMS.to_owned()]).await?;
     // Each alarm device numbers its own messages, 1, 2, 3, … as an agent's outbox does.
     let mut devices = Vec::new();
-    for d in 0..alarm_devices(&p) {
+    for d in 0..alarm_devices {
         let serial = Serial::parse(&format!("AL{d:06}"))?;
         let tls = minter.client(Role::Device, serial.as_str())?;
         let conn = Conn::open(devices_at, source, Some(&tls), serial.as_str()).await?;
@@ -242,11 +286,9 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
         tokio::spawn(watch(crm, sends.clone(), crm_h.clone(), stop.clone())),
     ];
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let cpu = CpuMeter::start(server.pid());
-    let r0 = reporters.total();
-    let mut tick = tokio::time::interval(Duration::from_millis(p.interval_ms));
+    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
     let rotation = devices.len();
-    for n in 0..p.samples as usize {
+    for n in 0..samples as usize {
         tick.tick().await;
         let (serial, device, last_id) = &mut devices[n % rotation];
         let up = topic::dev_up(serial, UpKind::Alarm);
@@ -269,15 +311,12 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
         while let Ok(Some(_)) = device.buffered() {}
         let _ = tokio::time::timeout(Duration::from_millis(1), device.read()).await;
     }
-    let r1 = reporters.total();
-    let secs = (p.samples as u64 * p.interval_ms) as f64 / 1000.0;
-    let (_, cpu_pct, busy) = cpu.read();
     // Give the last samples time to arrive.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while tokio::time::Instant::now() < deadline {
         let done = |h: &Arc<Mutex<Hist>>| {
             h.lock()
-                .map(|h| h.count() >= u64::from(p.samples))
+                .map(|h| h.count() >= u64::from(samples))
                 .unwrap_or(true)
         };
         if done(&host_h) && done(&crm_h) {
@@ -292,24 +331,9 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
     for (_, device, _) in devices {
         device.close().await;
     }
-    reporters.command("finish").await?;
-    let rep = reporters.exit().await?;
-    let _ = idle.exit().await?;
-    if let Some(child) = child.as_mut() {
-        child.stop().await?;
-    }
-    server.stop().await?;
     let host_h = host_h.lock().map(|h| h.clone()).unwrap_or_default();
     let crm_h = crm_h.lock().map(|h| h.clone()).unwrap_or_default();
-    Ok(json!({
-        "host_cbor": host_h.summary_ms(),
-        "integrator_json": crm_h.summary_ms(),
-        "p99_ms": host_h.summary_ms()["p99_ms"],
-        "background_acked_per_s": r2((r1.stored + r1.duplicate - r0.stored - r0.duplicate) as f64 / secs),
-        "background_ack_latency": rep.latency.summary_ms(),
-        "relay_cpu_pct": r2(cpu_pct),
-        "machine_busy_pct": r2(busy),
-    }))
+    Ok((host_h, crm_h))
 }
 
 #[cfg(test)]

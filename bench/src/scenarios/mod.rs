@@ -3,6 +3,7 @@
 //! object.
 
 pub mod alarm;
+pub mod cluster;
 pub mod fanout;
 pub mod idle;
 pub mod pubsub;

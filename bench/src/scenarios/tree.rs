@@ -56,7 +56,7 @@ pub async fn run(
 }
 
 /// `GET /metrics` on `addr`, as text.
-async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+pub(super) async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
     let mut tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
         .await?;
@@ -66,7 +66,7 @@ async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
 }
 
 /// The value of the first sample named `name` (labels included, e.g. `chukei_jobs{status="succeeded"}`).
-fn sample(text: &str, name: &str) -> u64 {
+pub(super) fn sample(text: &str, name: &str) -> u64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
@@ -78,7 +78,7 @@ fn sample(text: &str, name: &str) -> u64 {
 }
 
 /// Polls the relay's metrics at `addr` until `ok`, at most `within`; the time it took.
-async fn until(
+pub(super) async fn until(
     addr: SocketAddr,
     what: &str,
     within: Duration,
@@ -95,7 +95,7 @@ async fn until(
     }
 }
 
-fn with_args(target: &Target, args: &[String]) -> Target {
+pub(super) fn with_args(target: &Target, args: &[String]) -> Target {
     let mut t = target.clone();
     t.args.extend(args.iter().cloned());
     t

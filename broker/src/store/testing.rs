@@ -29,7 +29,7 @@ pub const PG_URL_VAR: &str = "CHUKEI_TEST_PG_URL";
 
 /// A database named after `dir` (created and migrated the first time), so that a test that
 /// opens the same directory again finds what it committed.
-fn postgres_store(dir: &Path) -> super::PgStore {
+pub(crate) fn postgres_store(dir: &Path) -> super::PgStore {
     let server = std::env::var(PG_URL_VAR).unwrap_or_else(|_| {
         panic!("{BACKEND_VAR}=postgres needs {PG_URL_VAR} (scripts/with-postgres sets it)")
     });

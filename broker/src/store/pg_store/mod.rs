@@ -220,6 +220,30 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// A transaction on the writer, waiting while another is open.
+    fn txn(&self) -> Result<PgTxn, StoreError> {
+        let conn = PgStore::conn(&self.writer, &self.location)?;
+        self.permit.take();
+        // BEGIN goes with the transaction's first statement (one trip fewer). Read committed,
+        // with every record the core may change read `FOR UPDATE` (tables.rs): two nodes
+        // touching the same job or device take turns, each seeing the other's commit, so
+        // neither update is lost. A deadlock between two nodes fails one batch, whose senders
+        // resend it.
+        Ok(PgTxn {
+            conn,
+            permit: self.permit.clone(),
+            location: self.location.clone(),
+            dirty: false,
+            begun: std::cell::Cell::new(false),
+            ended: false,
+            failed: std::cell::Cell::new(false),
+            held: std::cell::RefCell::default(),
+            cache: std::cell::RefCell::default(),
+        })
+    }
+}
+
 impl crate::gateway::tickets::SharedKeys for PgStore {
     fn update(
         &self,
@@ -267,6 +291,19 @@ impl crate::gateway::tickets::SharedKeys for PgStore {
     }
 }
 
+/// What went wrong, in the server's words where it said something ("duplicate key value
+/// violates unique constraint …: Key (name)=(t) already exists"): the client's own text for a
+/// server error is only "db error".
+pub(crate) fn reason(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{}: {detail}", db.message()),
+            None => db.message().to_owned(),
+        },
+        None => e.to_string(),
+    }
+}
+
 /// Where a store is, for logs: hosts and database, never a password.
 fn describe(config: &postgres::Config) -> String {
     let hosts: Vec<String> = config
@@ -295,23 +332,7 @@ fn redact(url: &str) -> String {
 
 impl Store for PgStore {
     fn begin(&self) -> Result<Box<dyn Txn>, StoreError> {
-        let conn = PgStore::conn(&self.writer, &self.location)?;
-        self.permit.take();
-        // BEGIN goes with the transaction's first statement (one trip fewer). Read committed,
-        // with every record the core may change read `FOR UPDATE` (tables.rs): two nodes
-        // touching the same job or device take turns, each seeing the other's commit, so
-        // neither update is lost. A deadlock between two nodes fails one batch, whose senders
-        // resend it.
-        Ok(Box::new(PgTxn {
-            conn,
-            permit: self.permit.clone(),
-            location: self.location.clone(),
-            dirty: false,
-            begun: std::cell::Cell::new(false),
-            ended: false,
-            held: std::cell::RefCell::default(),
-            cache: std::cell::RefCell::default(),
-        }))
+        Ok(Box::new(self.txn()?))
     }
 
     fn reopen(&self) -> Result<(), StoreError> {
@@ -374,6 +395,8 @@ pub struct PgTxn {
     begun: std::cell::Cell<bool>,
     /// Whether the permit was given back (COMMIT or ROLLBACK sent, or nothing to send).
     ended: bool,
+    /// Whether a statement failed (the transaction was rolled back there and then).
+    failed: std::cell::Cell<bool>,
     held: std::cell::RefCell<Vec<combine::Write>>,
     pub(crate) cache: std::cell::RefCell<Cache>,
 }
@@ -385,7 +408,14 @@ pub struct PgTxn {
 pub(crate) struct Cache {
     pub(crate) windows: std::collections::HashMap<String, Option<super::seen::SeenSet>>,
     pub(crate) devices: std::collections::HashMap<String, Option<Vec<u8>>>,
-    pub(crate) counters: std::collections::HashMap<&'static str, u64>,
+    pub(crate) counters: std::collections::HashMap<&'static str, Counter>,
+}
+
+/// A counter this transaction takes numbers from: the last it took, and whether the row does
+/// not hold it yet (written once, with the next trip, however many were taken).
+pub(crate) struct Counter {
+    pub(crate) last: u64,
+    pub(crate) unsent: bool,
 }
 
 impl PgTxn {
@@ -405,7 +435,7 @@ impl PgTxn {
         } else {
             StoreError::Database {
                 op,
-                reason: e.to_string(),
+                reason: reason(&e),
             }
         }
     }
@@ -417,23 +447,63 @@ impl PgTxn {
         op: &'static str,
         last: impl FnOnce(&mut Session) -> Result<R, postgres::Error> + Send + 'static,
     ) -> Result<R, StoreError> {
+        if self.failed.get() {
+            return Err(StoreError::Database {
+                op,
+                reason: "an earlier statement of this transaction failed; it was rolled back"
+                    .into(),
+            });
+        }
         let begin = !self.begun.replace(true);
-        let steps = combine::plan(std::mem::take(&mut *self.held.borrow_mut()));
+        let mut held = std::mem::take(&mut *self.held.borrow_mut());
+        for (name, counter) in &mut self.cache.borrow_mut().counters {
+            if std::mem::take(&mut counter.unsent) {
+                held.push(combine::Write {
+                    op: "count",
+                    sql: "UPDATE meta SET value = $2 WHERE name = $1",
+                    params: vec![P::Text((*name).to_owned()), P::I64(counter.last as i64)],
+                });
+            }
+        }
+        let steps = combine::plan(held);
         let done = self.conn.call(move |s| {
-            if begin {
-                s.client
-                    .batch_execute("BEGIN")
-                    .map_err(|e| ("begin a transaction", e))?;
+            let run = |s: &mut Session| {
+                if begin {
+                    s.client
+                        .batch_execute("BEGIN")
+                        .map_err(|e| ("begin a transaction", e))?;
+                }
+                for step in steps {
+                    step.run(s)?;
+                }
+                last(s).map_err(|e| (op, e))
+            };
+            let r = run(s);
+            if r.is_err() {
+                // A failed statement leaves the transaction refusing everything but its end:
+                // end it here, so the connection is ready for the next one.
+                let _ = s.client.batch_execute("ROLLBACK");
             }
-            for step in steps {
-                step.run(s)?;
-            }
-            last(s).map_err(|e| (op, e))
+            r
         });
         match done {
             Some(Ok(r)) => Ok(r),
-            Some(Err((op, e))) => Err(self.db_error(op, e)),
-            None => Err(self.lost(op)),
+            Some(Err((op, e))) => {
+                self.failed.set(true);
+                Err(self.db_error(op, e))
+            }
+            None => {
+                self.failed.set(true);
+                Err(self.lost(op))
+            }
+        }
+    }
+
+    /// Forgets what is held (writes, counters' last numbers): the transaction is abandoned.
+    fn discard(&self) {
+        self.held.borrow_mut().clear();
+        for counter in self.cache.borrow_mut().counters.values_mut() {
+            counter.unsent = false;
         }
     }
 
@@ -476,11 +546,18 @@ impl PgTxn {
         self.rows(op, sql, params)
     }
 
-    /// Ends the transaction with `sql` (COMMIT or ROLLBACK) if it began, and lets the next one
-    /// start.
+    /// Ends the transaction with `sql` (COMMIT or ROLLBACK) if it began and is not over
+    /// already, and lets the next one start.
     fn end(&mut self, op: &'static str, sql: &'static str) -> Result<(), StoreError> {
         self.ended = true;
-        let r = if self.begun.get() || !self.held.borrow().is_empty() {
+        let r = if self.failed.get() {
+            // Rolled back when its statement failed.
+            Err(StoreError::Database {
+                op,
+                reason: "an earlier statement of this transaction failed; it was rolled back"
+                    .into(),
+            })
+        } else if self.begun.get() || !self.held.borrow().is_empty() {
             self.send(op, move |s| s.client.batch_execute(sql))
         } else {
             Ok(())
@@ -493,7 +570,7 @@ impl PgTxn {
 impl Txn for PgTxn {
     fn commit(mut self: Box<Self>) -> Result<bool, StoreError> {
         if !self.dirty {
-            self.held.borrow_mut().clear();
+            self.discard();
             self.end("end a transaction", "ROLLBACK")?;
             return Ok(false);
         }
@@ -510,8 +587,72 @@ impl Drop for PgTxn {
     fn drop(&mut self) {
         if !self.ended {
             // Nothing held is sent: the transaction is abandoned.
-            self.held.borrow_mut().clear();
+            self.discard();
             let _ = self.end("roll a transaction back", "ROLLBACK");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::testing;
+
+    fn on_postgres() -> bool {
+        std::env::var(testing::BACKEND_VAR).as_deref() == Ok("postgres")
+    }
+
+    #[test]
+    fn numbers_taken_in_one_transaction_continue_in_the_next_and_a_rolled_back_one_leaves_no_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = testing::open(dir.path());
+        let mut txn = store.begin().unwrap();
+        let taken: Vec<u64> = (0..3).map(|_| txn.next_job_number().unwrap()).collect();
+        assert_eq!(taken, [1, 2, 3]);
+        assert!(txn.commit().unwrap());
+        let mut txn = store.begin().unwrap();
+        assert_eq!(txn.next_job_number().unwrap(), 4);
+        assert_eq!(txn.next_job_number().unwrap(), 5);
+        drop(txn);
+        let mut txn = store.begin().unwrap();
+        assert_eq!(
+            txn.next_job_number().unwrap(),
+            4,
+            "the dropped transaction's numbers are free"
+        );
+        assert!(txn.commit().unwrap());
+    }
+
+    #[test]
+    fn a_held_write_that_fails_fails_its_transaction_whole_and_the_next_one_runs() {
+        if !on_postgres() {
+            return; // Only the PostgreSQL store holds writes.
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pg = testing::postgres_store(dir.path());
+        let mut txn = pg.txn().unwrap();
+        txn.write(
+            "test",
+            "INSERT INTO meta (name, value) VALUES ($1, $2)",
+            vec![super::P::Text("t".into()), super::P::I64(1)],
+        )
+        .unwrap();
+        txn.write(
+            "test",
+            "INSERT INTO meta (name, value) VALUES ($1, $2)",
+            vec![super::P::Text("t".into()), super::P::I64(2)],
+        )
+        .unwrap();
+        let e = crate::store::Txn::commit(Box::new(txn)).unwrap_err();
+        assert!(e.to_string().contains("duplicate key"), "{e}");
+        // Nothing of it was kept, and the connection serves the next transaction.
+        let txn = pg.txn().unwrap();
+        let rows = txn
+            .rows(
+                "test",
+                "SELECT count(*) FROM meta WHERE name = $1",
+                vec![super::P::Text("t".into())],
+            )
+            .unwrap();
+        assert_eq!(rows[0].get::<_, i64>(0), 0);
     }
 }

@@ -57,7 +57,7 @@ impl PgStore {
             Some(Ok(_)) => Ok(()),
             Some(Err(e)) => Err(StoreError::Database {
                 op: "write this node's heartbeat",
-                reason: e.to_string(),
+                reason: super::reason(&e),
             }),
             None => Err(StoreError::Unavailable {
                 location: self.location.clone(),
@@ -82,14 +82,14 @@ pub(super) fn gone(store: &PgStore) -> Result<Vec<String>, StoreError> {
         })?
         .map_err(|e| StoreError::Database {
             op: "list the nodes gone",
-            reason: e.to_string(),
+            reason: super::reason(&e),
         })?;
     rows.iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()
         .map_err(|e| StoreError::Database {
             op: "list the nodes gone",
-            reason: e.to_string(),
+            reason: super::reason(&e),
         })
 }
 
@@ -116,7 +116,7 @@ pub fn list(url: &str) -> Result<Vec<NodeView>, StoreError> {
         })?
         .map_err(|e| StoreError::Database {
             op: "list the nodes",
-            reason: e.to_string(),
+            reason: super::reason(&e),
         })?;
     let now = chrono::Utc::now();
     let stale = chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
@@ -137,6 +137,6 @@ pub fn list(url: &str) -> Result<Vec<NodeView>, StoreError> {
         .collect::<Result<_, _>>()
         .map_err(|e| StoreError::Database {
             op: "list the nodes",
-            reason: e.to_string(),
+            reason: super::reason(&e),
         })
 }

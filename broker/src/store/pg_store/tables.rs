@@ -75,17 +75,9 @@ impl PgTxn {
     /// transaction leaves no gap; the transaction's next numbers are counted here and the last
     /// written back with its other writes.
     fn next_counter(&mut self, name: &'static str, op: &'static str) -> Result<u64, StoreError> {
-        let taken = self.cache.borrow().counters.get(name).copied();
+        let taken = self.cache.borrow().counters.get(name).map(|c| c.last);
         let n = match taken {
-            Some(last) => {
-                let n = last + 1;
-                self.write(
-                    op,
-                    "UPDATE meta SET value = $2 WHERE name = $1",
-                    vec![text(name), n64(n)],
-                )?;
-                n
-            }
+            Some(last) => last + 1,
             None => {
                 let rows = self.write_rows(
                     op,
@@ -96,7 +88,13 @@ impl PgTxn {
                 rows.first().map_or(Ok(1), |r| u(r, 0))?
             }
         };
-        self.cache.borrow_mut().counters.insert(name, n);
+        self.cache.borrow_mut().counters.insert(
+            name,
+            super::Counter {
+                last: n,
+                unsent: taken.is_some(),
+            },
+        );
         Ok(n)
     }
 

@@ -229,10 +229,9 @@ pub(crate) fn plan(writes: Vec<Write>) -> Vec<Step> {
 fn combined(group: Vec<Write>, shape: &Shape) -> Vec<Step> {
     let lined_up = (0..shape.columns.len()).all(|i| {
         let first = std::mem::discriminant(&group[0].params[i]);
-        !matches!(group[0].params[i], P::Texts(_))
-            && group
-                .iter()
-                .all(|w| std::mem::discriminant(&w.params[i]) == first)
+        group
+            .iter()
+            .all(|w| std::mem::discriminant(&w.params[i]) == first)
     });
     if !lined_up {
         return group.into_iter().map(Step::One).collect();

@@ -36,8 +36,6 @@ pub(crate) enum P {
     Text(String),
     OptText(Option<String>),
     Bytes(Vec<u8>),
-    /// A `text[]`, for `= ANY($1)`.
-    Texts(Vec<String>),
 }
 
 impl P {
@@ -49,7 +47,6 @@ impl P {
             P::Text(v) => v,
             P::OptText(v) => v,
             P::Bytes(v) => v,
-            P::Texts(v) => v,
         }
     }
 }
@@ -402,12 +399,13 @@ pub struct PgTxn {
 }
 
 /// Rows this transaction holds locked (`FOR UPDATE`, from their first read to the commit), so
-/// they cannot change meanwhile and are read once: a device's seen-ids windows and its record,
-/// by serial (`None`: no row), and the counters it has taken numbers from.
+/// they cannot change meanwhile and are read once: a device's seen-ids windows, its record and
+/// its presence, by serial (`None`: no row), and the counters it has taken numbers from.
 #[derive(Default)]
 pub(crate) struct Cache {
     pub(crate) windows: std::collections::HashMap<String, Option<super::seen::SeenSet>>,
     pub(crate) devices: std::collections::HashMap<String, Option<Vec<u8>>>,
+    pub(crate) presence: std::collections::HashMap<String, Option<Vec<u8>>>,
     pub(crate) counters: std::collections::HashMap<&'static str, Counter>,
 }
 

@@ -176,14 +176,19 @@ impl PgTxn {
         Ok(bytes)
     }
 
-    /// Reads and locks the seen windows and records of `serials` not read yet, in two
-    /// statements, in serial order (so two nodes locking overlapping sets wait, not deadlock).
+    /// Reads and locks the seen windows, records and presence of `serials` not read yet, in one
+    /// trip, each table in serial order (so two nodes locking overlapping sets wait, not
+    /// deadlock).
     pub(super) fn warm(&self, serials: &[&str]) -> Result<(), StoreError> {
         let mut wanted: Vec<String> = {
             let cache = self.cache.borrow();
             serials
                 .iter()
-                .filter(|s| !cache.windows.contains_key(**s) || !cache.devices.contains_key(**s))
+                .filter(|s| {
+                    !cache.windows.contains_key(**s)
+                        || !cache.devices.contains_key(**s)
+                        || !cache.presence.contains_key(**s)
+                })
                 .map(|s| (*s).to_owned())
                 .collect()
         };
@@ -192,32 +197,42 @@ impl PgTxn {
         if wanted.is_empty() {
             return Ok(());
         }
-        let windows = self.rows(
-            "read devices' seen ids",
+        const READS: [&str; 3] = [
             "SELECT serial, windows FROM seen_by_device WHERE serial = ANY($1)
              ORDER BY serial FOR UPDATE",
-            vec![P::Texts(wanted.clone())],
-        )?;
-        let records = self.rows(
-            "read devices",
             "SELECT serial, record FROM devices WHERE serial = ANY($1) ORDER BY serial FOR UPDATE",
-            vec![P::Texts(wanted.clone())],
-        )?;
-        let mut cache = self.cache.borrow_mut();
-        for serial in &wanted {
-            cache.windows.entry(serial.clone()).or_insert(None);
-            cache.devices.entry(serial.clone()).or_insert(None);
-        }
-        for row in &windows {
-            let serial: String = col(row, 0)?;
-            let bytes: Vec<u8> = col(row, 1)?;
+            "SELECT serial, record FROM presence WHERE serial = ANY($1) ORDER BY serial FOR UPDATE",
+        ];
+        let list = wanted.clone();
+        let [windows, records, presence] = self.send("read devices", move |s| {
+            let mut out: [Vec<postgres::Row>; 3] = Default::default();
+            for (rows, sql) in out.iter_mut().zip(READS) {
+                let statement = s.statement(sql)?;
+                *rows = s.client.query(&statement, &[&list])?;
+            }
+            Ok(out)
+        })?;
+        let pairs = |rows: &[postgres::Row]| -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            rows.iter().map(|r| Ok((col(r, 0)?, col(r, 1)?))).collect()
+        };
+        let (windows, records, presence) = (pairs(&windows)?, pairs(&records)?, pairs(&presence)?);
+        let mut found_windows = std::collections::HashMap::new();
+        for (serial, bytes) in windows {
             let set = decode_seen_set(&serial, &bytes)?;
-            cache.windows.insert(serial, Some(set));
+            found_windows.insert(serial, set);
         }
-        for row in &records {
-            let serial: String = col(row, 0)?;
-            let bytes: Vec<u8> = col(row, 1)?;
-            cache.devices.insert(serial, Some(bytes));
+        let mut records: std::collections::HashMap<String, Vec<u8>> = records.into_iter().collect();
+        let mut presence: std::collections::HashMap<String, Vec<u8>> =
+            presence.into_iter().collect();
+        let mut cache = self.cache.borrow_mut();
+        for serial in wanted {
+            // What this transaction read or wrote before stays: it is the newer.
+            let window = found_windows.remove(&serial);
+            cache.windows.entry(serial.clone()).or_insert(window);
+            let record = records.remove(&serial);
+            cache.devices.entry(serial.clone()).or_insert(record);
+            let here = presence.remove(&serial);
+            cache.presence.entry(serial).or_insert(here);
         }
         Ok(())
     }
@@ -779,13 +794,23 @@ impl AlarmTables for PgTxn {
 
 impl PresenceTables for PgTxn {
     fn presence(&self, serial: &Serial) -> Result<Option<PresenceRecord>, StoreError> {
-        self.blob(
-            "read presence",
-            "SELECT record FROM presence WHERE serial = $1 FOR UPDATE",
-            vec![text(serial.as_str())],
-        )?
-        .map(|b| decode("presence", serial, &b))
-        .transpose()
+        let cached = self.cache.borrow().presence.get(serial.as_str()).cloned();
+        let bytes = match cached {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = self.blob(
+                    "read presence",
+                    "SELECT record FROM presence WHERE serial = $1 FOR UPDATE",
+                    vec![text(serial.as_str())],
+                )?;
+                self.cache
+                    .borrow_mut()
+                    .presence
+                    .insert(serial.as_str().to_owned(), bytes.clone());
+                bytes
+            }
+        };
+        bytes.map(|b| decode("presence", serial, &b)).transpose()
     }
 
     fn put_presence(&mut self, serial: &Serial, record: &PresenceRecord) -> Result<(), StoreError> {
@@ -799,9 +824,13 @@ impl PresenceTables for PgTxn {
                 text(serial.as_str()),
                 P::OptI64(record.due_by.map(|d| d.timestamp_millis())),
                 P::OptText(record.node.clone()),
-                P::Bytes(bytes),
+                P::Bytes(bytes.clone()),
             ],
         )?;
+        self.cache
+            .borrow_mut()
+            .presence
+            .insert(serial.as_str().to_owned(), Some(bytes));
         Ok(())
     }
 

@@ -554,11 +554,15 @@ enum ClusterKill {
     Node(usize),
     Bus(usize),
     Fleet(usize),
+    /// The PostgreSQL primary stopped at once and its synchronous standby promoted, as an
+    /// operator or Patroni would (once per storm).
+    Primary,
 }
 
-/// The storm on a cluster: three nodes on one PostgreSQL and a three-server NATS cluster; each
-/// fleet prefers its own node and knows them all. The test kills nodes, NATS servers and fleets;
-/// the host is on N0. The audit reads the cluster's database.
+/// The storm on a cluster: three nodes on one PostgreSQL with a synchronous standby and a
+/// three-server NATS cluster; each fleet prefers its own node and knows them all. The test kills
+/// nodes, NATS servers and fleets, and once the PostgreSQL primary (promoting the standby); the
+/// host is on N0. The audit reads the cluster's database, on the promoted server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cluster_survives_node_bus_and_agent_sigkills_without_loss_or_duplicates() {
     use harness::nats::Nats;
@@ -567,7 +571,14 @@ async fn a_cluster_survives_node_bus_and_agent_sigkills_without_loss_or_duplicat
     let (mut plan, seed) = Rng::from_env();
     eprintln!("chaos seed {seed} (replay with CHUKEI_CHAOS_SEED={seed})");
     let env = TestEnv::new("chaos-cluster");
-    let (_pg, url) = Postgres::with_schema(&env).await;
+    let (primary, _) = Postgres::with_schema(&env).await;
+    let standby = primary.start_standby(&env, "standby");
+    // Both servers in one URL: a node uses whichever takes writes.
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/chukei?target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
     let mut bus = Nats::start_cluster(&env, 3).await;
     let bus_urls: Vec<String> = bus.iter().map(Nats::url).collect();
     let start_node = |i: usize, addr: Option<std::net::SocketAddr>| {
@@ -608,6 +619,7 @@ async fn a_cluster_survives_node_bus_and_agent_sigkills_without_loss_or_duplicat
     kills.extend((0..NODE_KILLS).map(|_| ClusterKill::Node(plan.below(NODES as u64) as usize)));
     kills.extend((0..BUS_KILLS).map(|_| ClusterKill::Bus(plan.below(3) as usize)));
     kills.extend((0..AGENT_KILLS).map(|_| ClusterKill::Fleet(plan.below(FLEETS as u64) as usize)));
+    kills.push(ClusterKill::Primary);
     for i in (1..kills.len()).rev() {
         let j = plan.below(i as u64 + 1) as usize;
         kills.swap(i, j);
@@ -672,6 +684,12 @@ async fn a_cluster_survives_node_bus_and_agent_sigkills_without_loss_or_duplicat
                     tokio::time::sleep(*down).await;
                     fleets[i] = specs[i].start_on(&env, &prefers(i), false).await;
                     *done.entry("fleet").or_default() += 1;
+                }
+                ClusterKill::Primary => {
+                    primary.stop();
+                    tokio::time::sleep(*down).await;
+                    standby.promote();
+                    *done.entry("postgres_primary").or_default() += 1;
                 }
             }
         }

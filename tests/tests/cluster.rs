@@ -332,6 +332,106 @@ async fn a_child_relay_moves_to_the_parents_next_node_when_its_node_dies() {
     host.wait_for_status(&job, "succeeded", deadline()).await;
 }
 
+/// The chunk indices of a node's "chunks served" lines for `job`, one list per request.
+fn chunks_served(node: &harness::Proc, job: &str) -> Vec<Vec<u32>> {
+    node.lines_matching(|l| l.contains("chunks served") && l.contains(job))
+        .iter()
+        .map(|l| {
+            l.split_once("chunks=[")
+                .and_then(|(_, rest)| rest.split_once(']'))
+                .map(|(list, _)| {
+                    list.split(',')
+                        .filter_map(|s| s.trim().parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_firmware_download_goes_on_at_another_node_when_its_node_dies() {
+    use protocol::artifact::{CHUNK_SIZE, MAX_CHUNKS_PER_FETCH};
+    let env = TestEnv::new("a_firmware_download_goes_on_at_another_node_when_its_node_dies");
+    let (_pg, url) = Postgres::with_schema(&env).await;
+    let bus = Nats::start(&env, "bus", None).await;
+    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
+    let mut n1 = node("N1").start().await;
+    let n2 = node("N2").start().await;
+    for n in [&n1, &n2] {
+        n.wait_for_log("cluster bus connected", deadline()).await;
+    }
+    // The image is uploaded at N2: its chunks are in the database, for every node to serve.
+    let host = env.host("svc", &n2);
+    let keys = host.keys_generate(&env.path("keys")).await;
+    let len = 8 * MAX_CHUNKS_PER_FETCH * CHUNK_SIZE as usize - 1000;
+    let total = len.div_ceil(CHUNK_SIZE as usize);
+    let file = env.path("fw-3.0.bin");
+    std::fs::write(&file, harness::pseudo_random_bytes(len, 30)).expect("the image is written");
+    let artifact = host.upload(&file, "3.0", &keys.secret).await;
+    let c1 = env
+        .device("C1")
+        .brokers(&[n1.url(), n2.url()])
+        .arg("--one-tree")
+        .publisher_key(&keys.public)
+        .start(&n1)
+        .await;
+    let job = host
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "firmware",
+            "--artifact",
+            &artifact,
+        ])
+        .await;
+    n1.wait_for_lines("two windows served by N1", 2, deadline(), |l| {
+        l.contains("chunks served") && l.contains(&job)
+    })
+    .await;
+    n1.kill9().await;
+    let before = chunks_served(&n1, &job);
+    let detail = host.wait_for_status(&job, "succeeded", deadline()).await;
+    let after: Vec<u32> = chunks_served(&n2, &job).into_iter().flatten().collect();
+    // Every window N1 served but its last had arrived before C1 asked for the next one.
+    let held: std::collections::BTreeSet<u32> = before[..before.len() - 1]
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
+    let again: std::collections::BTreeSet<u32> = after.iter().copied().collect();
+    eprintln!(
+        "{total} chunks; N1 served {} ({} surely held), N2 {}",
+        before.iter().map(Vec::len).sum::<usize>(),
+        held.len(),
+        after.len()
+    );
+    assert!(
+        !held.is_empty() && held.len() < total,
+        "N1 died mid-download: {} of {total} chunks held",
+        held.len()
+    );
+    assert!(!after.is_empty(), "N2 served the rest: {detail:#}");
+    assert_eq!(
+        again.len(),
+        after.len(),
+        "a chunk was served twice by N2: {after:?}"
+    );
+    assert!(
+        held.is_disjoint(&again),
+        "chunks C1 held were fetched again at N2"
+    );
+    let all: std::collections::BTreeSet<u32> =
+        before.iter().flatten().copied().chain(after).collect();
+    assert_eq!(
+        all.len(),
+        total,
+        "every chunk came from one node or the other"
+    );
+    c1.wait_for_log("firmware healthy", deadline()).await;
+}
+
 #[tokio::test]
 async fn a_device_moves_to_another_node_mid_job_and_its_job_and_reports_finish_once() {
     let env =

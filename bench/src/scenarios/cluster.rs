@@ -10,6 +10,9 @@
 //!   node 1 timed to a host and an integrator on node 0 (the bus between them);
 //! - **fan-out**: a GET DATA to `fanout` devices spread over the nodes, submitted by one host at
 //!   node 0, until every job is `succeeded` (node 0's metrics count the cluster's jobs).
+//!
+//! Beside it, in the same run, one relay on its embedded store with one node's share of each
+//! phase (`{target}-single`).
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +26,7 @@ use crate::client::Conn;
 use crate::engines::{Nats, Postgres};
 use crate::fleet::{Fleet, Hist};
 use crate::procfs::{CpuMeter, r2};
-use crate::servers::{Server, Target, free_port};
+use crate::servers::{CHUKEI_MAX_CLIENTS, Server, Target, free_port};
 use crate::tls::Minter;
 use crate::worker::{ReportKind, Work, serial_of};
 
@@ -45,6 +48,12 @@ pub struct Params {
 
 pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Value> {
     let targets = chukei_only(targets);
+    // A relay admits at most CHUKEI_MAX_CLIENTS clients (its 20,000 files); keep room for the
+    // host, the integrator and the timed alarm devices.
+    let p = Params {
+        per_node: p.per_node.min(u32::try_from(CHUKEI_MAX_CLIENTS - 100)?),
+        ..p
+    };
     let mut results = Map::new();
     for target in &targets {
         eprintln!(
@@ -57,7 +66,22 @@ pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Val
                 ""
             }
         );
-        results.insert(target.name.clone(), one(env, target, &p).await?);
+        // One node's share of the same workload on one relay with its embedded store, beside.
+        let single = Params {
+            nodes: 1,
+            rate: p.rate / f64::from(p.nodes.max(1)),
+            fanout: p.fanout / p.nodes.max(1),
+            ..p.clone()
+        };
+        eprintln!("bench: cluster: {target}, single relay (embedded store) with one node's share");
+        results.insert(
+            format!("{}-single", target.name),
+            one(env, target, &single, false).await?,
+        );
+        results.insert(
+            format!("{}-cluster", target.name),
+            one(env, target, &p, true).await?,
+        );
     }
     Ok(report(
         "cluster",
@@ -81,18 +105,37 @@ pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Val
 struct Cluster {
     nodes: Vec<Server>,
     metrics: Vec<std::net::SocketAddr>,
+    /// None for the single relay on its embedded store.
+    engines: Option<Engines>,
+}
+
+struct Engines {
     pg: Postgres,
     standby: Option<Postgres>,
     nats: Nats,
 }
 
 impl Cluster {
+    /// The single relay (`engines` false: one `broker run` on its embedded store, the same
+    /// build without cluster flags) or the cluster.
     async fn start(
         env: &Env,
         target: &Target,
         dir: &std::path::Path,
         p: &Params,
+        engines: bool,
     ) -> anyhow::Result<Cluster> {
+        let room = p.per_node.max(p.max_devices_per_node) as usize + 300;
+        if !engines {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let t = with_args(target, &["--metrics-listen".to_owned(), addr.to_string()]);
+            let node = Server::start(&t, &dir.join("single"), &env.pki, room).await?;
+            return Ok(Cluster {
+                nodes: vec![node],
+                metrics: vec![addr],
+                engines: None,
+            });
+        }
         let pg = Postgres::start(&dir.join("pg"))?;
         let standby = if p.standby {
             Some(pg.start_standby(&dir.join("pg-standby"))?)
@@ -129,29 +172,32 @@ impl Cluster {
                 args.push(buses[(i + b) % buses.len()].clone());
             }
             let t = with_args(target, &args);
-            let room = p.per_node.max(p.max_devices_per_node) as usize + 300;
             nodes.push(Server::start(&t, &dir.join(format!("node{i}")), &env.pki, room).await?);
             metrics.push(addr);
         }
         Ok(Cluster {
             nodes,
             metrics,
-            pg,
-            standby,
-            nats,
+            engines: Some(Engines { pg, standby, nats }),
         })
     }
 
     /// CPU meters for the relay nodes, PostgreSQL (primary and standby, every process) and NATS.
     fn meters(&self) -> [CpuMeter; 3] {
-        let mut pg = self.pg.pids();
-        if let Some(s) = &self.standby {
-            pg.extend(s.pids());
-        }
+        let (pg, nats) = match &self.engines {
+            Some(e) => {
+                let mut pg = e.pg.pids();
+                if let Some(s) = &e.standby {
+                    pg.extend(s.pids());
+                }
+                (pg, e.nats.pids())
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         [
             CpuMeter::of(self.nodes.iter().map(Server::pid).collect()),
             CpuMeter::of(pg),
-            CpuMeter::of(self.nats.pids()),
+            CpuMeter::of(nats),
         ]
     }
 
@@ -197,9 +243,11 @@ impl Cluster {
         for node in &mut self.nodes {
             node.stop().await?;
         }
-        drop(self.nats);
-        drop(self.standby);
-        drop(self.pg);
+        if let Some(e) = self.engines {
+            drop(e.nats);
+            drop(e.standby);
+            drop(e.pg);
+        }
         Ok(())
     }
 }
@@ -249,9 +297,9 @@ fn cpu_json(meters: [CpuMeter; 3], reports: f64) -> Value {
     })
 }
 
-async fn one(env: &Env, target: &Target, p: &Params) -> anyhow::Result<Value> {
-    let dir = env.run_dir("cluster", target)?;
-    let cluster = Cluster::start(env, target, &dir, p).await?;
+async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::Result<Value> {
+    let dir = env.run_dir(if engines { "cluster" } else { "cluster-single" }, target)?;
+    let cluster = Cluster::start(env, target, &dir, p, engines).await?;
 
     // Max: closed loop on every node.
     eprintln!("bench: cluster: max phase");
@@ -350,10 +398,12 @@ async fn one(env: &Env, target: &Target, p: &Params) -> anyhow::Result<Value> {
     for fleet in fleets {
         fleet.exit().await?;
     }
+    let cluster_nodes = cluster.nodes.len();
     cluster.stop().await?;
     done?;
 
     Ok(json!({
+        "nodes": cluster_nodes,
         "max": {
             "devices": p.max_devices_per_node * p.nodes,
             "acked_per_s": r2(max_reports / p.secs as f64),

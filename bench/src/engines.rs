@@ -122,7 +122,10 @@ impl Postgres {
             .arg("-w")
             .arg("-o")
             .arg(format!(
-                "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories='' -c max_connections=200 -c shared_buffers=512MB",
+                // Room for a write-heavy load, as an operator would give it: larger buffers,
+                // checkpoints far apart (fewer full-page images in the WAL), compressed WAL.
+                "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories='' -c max_connections=200 \
+                 -c shared_buffers=512MB -c max_wal_size=8GB -c checkpoint_timeout=30min -c wal_compression=on",
                 self.port
             ))
             .arg("start");

@@ -191,6 +191,7 @@ impl Fleet {
         for f in finals.iter() {
             merged.connect.merge(&f.connect);
             merged.latency.merge(&f.latency);
+            merged.order.merge(&f.order);
         }
         Ok(merged)
     }

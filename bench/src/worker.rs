@@ -207,6 +207,10 @@ pub struct Final {
     pub connect: Histogram,
     /// Reports: first send to the relay's ack. Pub/sub: publish to receipt.
     pub latency: Histogram,
+    /// Jobs: the order's time (the relay made it when the host's submission committed) to its
+    /// arrival at the device.
+    #[serde(default)]
+    pub order: Histogram,
 }
 
 /// A line on a load process's stdout.
@@ -281,7 +285,8 @@ struct Ctx {
     stats: Stats,
     phase: watch::Receiver<Phase>,
     limit: Semaphore,
-    hists: Mutex<(Histogram, Histogram)>,
+    /// Connect, latency, and (jobs) order to device.
+    hists: Mutex<(Histogram, Histogram, Histogram)>,
 }
 
 /// Runs a load process until `exit` (or stdin closes).
@@ -361,11 +366,12 @@ pub async fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         let _ = t.await;
     }
     printer.abort();
-    let (connect, latency) = ctx.hists.lock().map(|h| h.clone()).unwrap_or_default();
+    let (connect, latency, order) = ctx.hists.lock().map(|h| h.clone()).unwrap_or_default();
     print_line(&Line::Final(Box::new(Final {
         status: ctx.stats.snapshot(ctx.spec.index, true),
         connect,
         latency,
+        order,
     })));
     Ok(())
 }
@@ -822,6 +828,12 @@ fn on_publish(ctx: &Ctx, conn: &mut Conn, up: &str, ack: &str, ob: &mut Outbox, 
         ctx.stats
             .last_job_received_us
             .fetch_max(now, Ordering::Relaxed);
+        if let Ok(order) = Envelope::<protocol::job::JobOrder>::from_cbor(&p.payload, 1 << 20)
+            && let Ok(made) = u64::try_from(order.at.timestamp_micros())
+            && let Ok(mut h) = ctx.hists.lock()
+        {
+            h.2.record(now.saturating_sub(made));
+        }
         send_new(ctx, conn, up, ob, Pending::Job(job));
     }
 }

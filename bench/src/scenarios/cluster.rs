@@ -395,8 +395,15 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
     .await;
     let fanout_secs = t0.elapsed();
     host.close().await;
-    for fleet in fleets {
-        fleet.exit().await?;
+    // Each job's order, from its commit at node 0 to its device: on node 0, and on the others.
+    let (mut same_node, mut other_nodes) = (Hist::default(), Hist::default());
+    for (i, fleet) in fleets.into_iter().enumerate() {
+        let f = fleet.exit().await?;
+        if i == 0 {
+            same_node.merge(&f.order);
+        } else {
+            other_nodes.merge(&f.order);
+        }
     }
     let cluster_nodes = cluster.nodes.len();
     cluster.stop().await?;
@@ -428,6 +435,8 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
             "rejected": submitted.rejected,
             "all_submitted_secs": r2(submit_secs.as_secs_f64()),
             "all_succeeded_secs": r2(fanout_secs.as_secs_f64()),
+            "order_to_device_on_node0": same_node.summary_ms(),
+            "order_to_device_on_other_nodes": other_nodes.summary_ms(),
         },
     }))
 }

@@ -132,6 +132,8 @@ impl Core {
         now: Timestamp,
     ) -> Result<Vec<Outbound>, StoreError> {
         let mut txn = self.store.begin()?;
+        let serials: Vec<&str> = changed.iter().map(|(s, _)| s.as_str()).collect();
+        txn.warm_devices(&serials)?;
         let mut p = Pending::default();
         for (serial, online) in changed.iter().cloned() {
             match self.presence_edge(&mut *txn, &mut p, &serial, online, now) {

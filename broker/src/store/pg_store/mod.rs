@@ -195,6 +195,7 @@ impl PgStore {
         let location = describe(&config);
         let writer = Conn::open(&config, "chukei-pg-writer", &location)?;
         schema::check(&writer, &location)?;
+        say_durability(&writer, &location);
         let reader = Conn::open(&config, "chukei-pg-reader", &location)?;
         Ok(PgStore {
             config,
@@ -285,6 +286,41 @@ impl crate::gateway::tickets::SharedKeys for PgStore {
             Some(r) => r.map_err(|e| e.to_string()),
             None => Err("the connection was lost".into()),
         }
+    }
+}
+
+/// Logs what "acked" means on this database (README, "A cluster of relay nodes"): on the
+/// primary's disk, or also on a synchronous standby's; warns where it means less than a disk.
+fn say_durability(conn: &Conn, location: &str) {
+    let setting = |name: &'static str| {
+        conn.call(move |s| {
+            s.client
+                .query_one(&format!("SHOW {name}"), &[])
+                .and_then(|r| r.try_get::<_, String>(0))
+        })
+        .and_then(Result::ok)
+        .unwrap_or_default()
+    };
+    let commit = setting("synchronous_commit");
+    let standbys = setting("synchronous_standby_names");
+    let fsync = setting("fsync");
+    let promise = match (commit.as_str(), standbys.is_empty(), fsync.as_str()) {
+        ("off", ..) | (_, _, "off") => None,
+        ("on" | "remote_apply", false, _) => {
+            Some("the primary's and a synchronous standby's disks")
+        }
+        ("remote_write", false, _) => Some("the primary's disk and a synchronous standby's memory"),
+        _ => Some("the primary's disk"),
+    };
+    match promise {
+        Some(promise) => tracing::info!(
+            store = %location, synchronous_commit = %commit, synchronous_standby_names = %standbys,
+            "cluster store: a message is acked once it is on {promise}"
+        ),
+        None => tracing::warn!(
+            store = %location, synchronous_commit = %commit, fsync = %fsync,
+            "the cluster database may lose messages this relay acked (a crash can undo commits it confirmed): set synchronous_commit = on and fsync = on"
+        ),
     }
 }
 

@@ -442,6 +442,10 @@ pub(crate) struct Cache {
     pub(crate) windows: std::collections::HashMap<String, Option<super::seen::SeenSet>>,
     pub(crate) devices: std::collections::HashMap<String, Option<Vec<u8>>>,
     pub(crate) presence: std::collections::HashMap<String, Option<Vec<u8>>>,
+    /// Jobs by number: their records (read `FOR UPDATE`), events and reports.
+    pub(crate) jobs: std::collections::HashMap<u64, Option<Vec<u8>>>,
+    pub(crate) events: std::collections::HashMap<u64, Vec<(i32, Vec<u8>)>>,
+    pub(crate) reports: std::collections::HashMap<u64, Option<Vec<u8>>>,
     pub(crate) counters: std::collections::HashMap<&'static str, Counter>,
 }
 

@@ -237,6 +237,25 @@ impl PgTxn {
         Ok(())
     }
 
+    /// A job's events as stored (sequence number, record), in order; read once per
+    /// transaction (the job's row is locked by whoever adds to them).
+    fn event_rows(&self, n: u64) -> Result<Vec<(i32, Vec<u8>)>, StoreError> {
+        if let Some(rows) = self.cache.borrow().events.get(&n) {
+            return Ok(rows.clone());
+        }
+        let rows = self
+            .rows(
+                "read job events",
+                "SELECT seq, event FROM job_events WHERE number = $1 ORDER BY seq",
+                vec![n64(n)],
+            )?
+            .iter()
+            .map(|r| Ok((col::<i32>(r, 0)?, col::<Vec<u8>>(r, 1)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.cache.borrow_mut().events.insert(n, rows.clone());
+        Ok(rows)
+    }
+
     fn serials(
         &self,
         op: &'static str,
@@ -265,17 +284,30 @@ impl PgTxn {
 
 impl JobTables for PgTxn {
     fn next_job_number(&mut self) -> Result<u64, StoreError> {
-        self.next_counter("next_job", "allocate a job number")
+        let n = self.next_counter("next_job", "allocate a job number")?;
+        // A new number: nothing of it can be stored yet.
+        let mut cache = self.cache.borrow_mut();
+        cache.jobs.insert(n, None);
+        cache.events.insert(n, Vec::new());
+        cache.reports.insert(n, None);
+        Ok(n)
     }
 
     fn job(&self, n: u64) -> Result<Option<JobRecord>, StoreError> {
-        self.blob(
-            "read a job",
-            "SELECT record FROM jobs WHERE number = $1 FOR UPDATE",
-            vec![n64(n)],
-        )?
-        .map(|b| decode("jobs", job_id(n), &b))
-        .transpose()
+        let cached = self.cache.borrow().jobs.get(&n).cloned();
+        let bytes = match cached {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = self.blob(
+                    "read a job",
+                    "SELECT record FROM jobs WHERE number = $1 FOR UPDATE",
+                    vec![n64(n)],
+                )?;
+                self.cache.borrow_mut().jobs.insert(n, bytes.clone());
+                bytes
+            }
+        };
+        bytes.map(|b| decode("jobs", job_id(n), &b)).transpose()
     }
 
     fn put_job(&mut self, n: u64, record: &JobRecord) -> Result<(), StoreError> {
@@ -285,8 +317,13 @@ impl JobTables for PgTxn {
             op,
             "INSERT INTO jobs (number, status, record) VALUES ($1, $2, $3)
              ON CONFLICT (number) DO UPDATE SET status = EXCLUDED.status, record = EXCLUDED.record",
-            vec![n64(n), text(record.view.status.as_str()), P::Bytes(bytes)],
+            vec![
+                n64(n),
+                text(record.view.status.as_str()),
+                P::Bytes(bytes.clone()),
+            ],
         )?;
+        self.cache.borrow_mut().jobs.insert(n, Some(bytes));
         if let Some(order) = &record.order {
             if record.is_open() {
                 self.write(
@@ -336,51 +373,47 @@ impl JobTables for PgTxn {
 
     fn push_event(&mut self, n: u64, event: &JobEvent) -> Result<(), StoreError> {
         let op = "write a job event";
-        let last = self.rows(
-            op,
-            "SELECT max(seq) FROM job_events WHERE number = $1",
-            vec![n64(n)],
-        )?;
-        let seq = match last.first() {
-            Some(r) => col::<Option<i32>>(r, 0)?,
-            None => None,
-        }
-        .map_or(0, |s| s.saturating_add(1));
+        let seq = match self.event_rows(n)?.last() {
+            Some((last, _)) => last.saturating_add(1),
+            None => 0,
+        };
         let bytes = encode("job_events", format_args!("{} #{seq}", job_id(n)), event)?;
         self.write(
             op,
             "INSERT INTO job_events (number, seq, event) VALUES ($1, $2, $3)",
-            vec![n64(n), P::I32(seq), P::Bytes(bytes)],
+            vec![n64(n), P::I32(seq), P::Bytes(bytes.clone())],
         )?;
+        self.cache
+            .borrow_mut()
+            .events
+            .entry(n)
+            .or_default()
+            .push((seq, bytes));
         Ok(())
     }
 
     fn events(&self, n: u64) -> Result<Vec<JobEvent>, StoreError> {
-        self.rows(
-            "read job events",
-            "SELECT seq, event FROM job_events WHERE number = $1 ORDER BY seq",
-            vec![n64(n)],
-        )?
-        .iter()
-        .map(|r| {
-            let seq: i32 = col(r, 0)?;
-            decode(
-                "job_events",
-                format_args!("{} #{seq}", job_id(n)),
-                col::<&[u8]>(r, 1)?,
-            )
-        })
-        .collect()
+        self.event_rows(n)?
+            .iter()
+            .map(|(seq, bytes)| decode("job_events", format_args!("{} #{seq}", job_id(n)), bytes))
+            .collect()
     }
 
     fn report(&self, n: u64) -> Result<Option<DeviceData>, StoreError> {
-        self.blob(
-            "read a report",
-            "SELECT data FROM reports WHERE number = $1",
-            vec![n64(n)],
-        )?
-        .map(|b| decode("reports", job_id(n), &b))
-        .transpose()
+        let cached = self.cache.borrow().reports.get(&n).cloned();
+        let bytes = match cached {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = self.blob(
+                    "read a report",
+                    "SELECT data FROM reports WHERE number = $1",
+                    vec![n64(n)],
+                )?;
+                self.cache.borrow_mut().reports.insert(n, bytes.clone());
+                bytes
+            }
+        };
+        bytes.map(|b| decode("reports", job_id(n), &b)).transpose()
     }
 
     fn put_report(&mut self, n: u64, data: &DeviceData) -> Result<(), StoreError> {
@@ -389,8 +422,9 @@ impl JobTables for PgTxn {
             "write a report",
             "INSERT INTO reports (number, data) VALUES ($1, $2)
              ON CONFLICT (number) DO UPDATE SET data = EXCLUDED.data",
-            vec![n64(n), P::Bytes(bytes)],
+            vec![n64(n), P::Bytes(bytes.clone())],
         )?;
+        self.cache.borrow_mut().reports.insert(n, Some(bytes));
         Ok(())
     }
 
@@ -447,6 +481,7 @@ impl JobTables for PgTxn {
              ON CONFLICT (number) DO UPDATE SET record = EXCLUDED.record",
             vec![n64(n), P::Bytes(bytes.to_vec())],
         )?;
+        self.cache.borrow_mut().jobs.insert(n, Some(bytes.to_vec()));
         Ok(())
     }
 }

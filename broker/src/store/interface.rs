@@ -94,6 +94,18 @@ pub trait Txn:
         let _ = serials;
         Ok(())
     }
+
+    /// Likewise for jobs (their records, events and reports), by number.
+    fn warm_jobs(&mut self, numbers: &[u64]) -> Result<(), StoreError> {
+        let _ = numbers;
+        Ok(())
+    }
+
+    /// Likewise for a sender's journal entries, by message id.
+    fn warm_journal(&mut self, sender: &str, ids: &[MsgId]) -> Result<(), StoreError> {
+        let _ = (sender, ids);
+        Ok(())
+    }
 }
 
 /// Counts for the Prometheus endpoint.

@@ -446,6 +446,8 @@ pub(crate) struct Cache {
     pub(crate) jobs: std::collections::HashMap<u64, Option<Vec<u8>>>,
     pub(crate) events: std::collections::HashMap<u64, Vec<(i32, Vec<u8>)>>,
     pub(crate) reports: std::collections::HashMap<u64, Option<Vec<u8>>>,
+    /// Journal entries by sender and message id.
+    pub(crate) journal: std::collections::HashMap<(String, u64), Option<Vec<u8>>>,
     pub(crate) counters: std::collections::HashMap<&'static str, Counter>,
 }
 
@@ -618,6 +620,14 @@ impl Txn for PgTxn {
 
     fn warm_devices(&mut self, serials: &[&str]) -> Result<(), StoreError> {
         self.warm(serials)
+    }
+
+    fn warm_jobs(&mut self, numbers: &[u64]) -> Result<(), StoreError> {
+        self.warm_job_rows(numbers)
+    }
+
+    fn warm_journal(&mut self, sender: &str, ids: &[protocol::MsgId]) -> Result<(), StoreError> {
+        self.warm_journal_rows(sender, ids)
     }
 }
 

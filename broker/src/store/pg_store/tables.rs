@@ -112,13 +112,117 @@ impl PgTxn {
     }
 
     fn journal_row(&self, sender: &str, id: MsgId) -> Result<Option<JournalEntry>, StoreError> {
-        self.blob(
-            "read the journal",
-            "SELECT entry FROM journal WHERE sender = $1 AND msg_id = $2",
-            vec![text(sender), n64(id)],
-        )?
-        .map(|b| decode("journal", format_args!("{sender} #{id}"), &b))
-        .transpose()
+        let key = (sender.to_owned(), id);
+        let cached = self.cache.borrow().journal.get(&key).cloned();
+        let bytes = match cached {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = self.blob(
+                    "read the journal",
+                    "SELECT entry FROM journal WHERE sender = $1 AND msg_id = $2",
+                    vec![text(sender), n64(id)],
+                )?;
+                self.cache.borrow_mut().journal.insert(key, bytes.clone());
+                bytes
+            }
+        };
+        bytes
+            .map(|b| decode("journal", format_args!("{sender} #{id}"), &b))
+            .transpose()
+    }
+
+    /// Reads `sender`'s journal entries of `ids` not read yet, in one statement.
+    pub(super) fn warm_journal_rows(&self, sender: &str, ids: &[MsgId]) -> Result<(), StoreError> {
+        let wanted: Vec<i64> = {
+            let cache = self.cache.borrow();
+            ids.iter()
+                .filter(|id| !cache.journal.contains_key(&(sender.to_owned(), **id)))
+                .map(|id| *id as i64)
+                .collect()
+        };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let who = sender.to_owned();
+        let list = wanted.clone();
+        let rows = self.send("read the journal", move |s| {
+            let statement = s.statement(
+                "SELECT msg_id, entry FROM journal WHERE sender = $1 AND msg_id = ANY($2)",
+            )?;
+            s.client.query(&statement, &[&who, &list])
+        })?;
+        let mut found: std::collections::HashMap<i64, Vec<u8>> = rows
+            .iter()
+            .map(|r| Ok((col::<i64>(r, 0)?, col::<Vec<u8>>(r, 1)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let mut cache = self.cache.borrow_mut();
+        for id in wanted {
+            let entry = found.remove(&id);
+            cache
+                .journal
+                .entry((sender.to_owned(), id as u64))
+                .or_insert(entry);
+        }
+        Ok(())
+    }
+
+    /// Reads and locks the records of jobs `numbers` not read yet, with their events and
+    /// reports, in one trip (records in number order).
+    pub(super) fn warm_job_rows(&self, numbers: &[u64]) -> Result<(), StoreError> {
+        let mut wanted: Vec<i64> = {
+            let cache = self.cache.borrow();
+            numbers
+                .iter()
+                .filter(|n| {
+                    !cache.jobs.contains_key(n)
+                        || !cache.events.contains_key(n)
+                        || !cache.reports.contains_key(n)
+                })
+                .map(|n| *n as i64)
+                .collect()
+        };
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let list = wanted.clone();
+        let [records, events, reports] = self.send("read jobs", move |s| {
+            let mut out: [Vec<postgres::Row>; 3] = Default::default();
+            let reads = [
+                "SELECT number, record FROM jobs WHERE number = ANY($1) ORDER BY number FOR UPDATE",
+                "SELECT number, seq, event FROM job_events WHERE number = ANY($1) ORDER BY number, seq",
+                "SELECT number, data FROM reports WHERE number = ANY($1)",
+            ];
+            for (rows, sql) in out.iter_mut().zip(reads) {
+                let statement = s.statement(sql)?;
+                *rows = s.client.query(&statement, &[&list])?;
+            }
+            Ok(out)
+        })?;
+        let by_number = |rows: &[postgres::Row]| -> Result<std::collections::HashMap<u64, Vec<u8>>, StoreError> {
+            rows.iter().map(|r| Ok((u(r, 0)?, col::<Vec<u8>>(r, 1)?))).collect()
+        };
+        let (mut records, mut reports) = (by_number(&records)?, by_number(&reports)?);
+        let mut found_events: std::collections::HashMap<u64, Vec<(i32, Vec<u8>)>> =
+            std::collections::HashMap::new();
+        for r in &events {
+            found_events
+                .entry(u(r, 0)?)
+                .or_default()
+                .push((col(r, 1)?, col(r, 2)?));
+        }
+        let mut cache = self.cache.borrow_mut();
+        for n in wanted {
+            let n = n as u64;
+            let record = records.remove(&n);
+            cache.jobs.entry(n).or_insert(record);
+            let events = found_events.remove(&n).unwrap_or_default();
+            cache.events.entry(n).or_insert(events);
+            let report = reports.remove(&n);
+            cache.reports.entry(n).or_insert(report);
+        }
+        Ok(())
     }
 
     fn put_journal_row(
@@ -132,8 +236,12 @@ impl PgTxn {
             "write the journal",
             "INSERT INTO journal (sender, msg_id, entry) VALUES ($1, $2, $3)
              ON CONFLICT (sender, msg_id) DO UPDATE SET entry = EXCLUDED.entry",
-            vec![text(sender), n64(id), P::Bytes(bytes)],
+            vec![text(sender), n64(id), P::Bytes(bytes.clone())],
         )?;
+        self.cache
+            .borrow_mut()
+            .journal
+            .insert((sender.to_owned(), id), Some(bytes));
         Ok(())
     }
 

@@ -281,14 +281,23 @@ impl Host {
 
     /// `jobs list --json [--all]`, parsed: one object per job.
     pub async fn list_json(&self, all: bool) -> Vec<Value> {
+        self.try_list_json(all)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Host::list_json`], with a refusal (a relay whose store is away) as an error to wait out.
+    pub async fn try_list_json(&self, all: bool) -> Result<Vec<Value>, String> {
         let mut args = vec!["jobs", "list", "--json"];
         if all {
             args.push("--all");
         }
         let out = self.run(&args).await;
-        assert!(out.success(), "`jobs list` failed\n{out}");
+        if !out.success() {
+            return Err(format!("`jobs list` failed\n{out}"));
+        }
         match serde_json::from_str::<Value>(&out.stdout) {
-            Ok(Value::Array(jobs)) => jobs,
+            Ok(Value::Array(jobs)) => Ok(jobs),
             Ok(other) => panic!("`jobs list --json` must print an array of jobs, got {other}"),
             Err(e) => panic!("`jobs list --json` did not print JSON: {e}\n{out}"),
         }

@@ -427,21 +427,7 @@ async fn storm(name: &str, tiers: usize) {
             .wait_for_log("fleet connected and subscribed", deadline())
             .await;
     }
-    poll_until("every job in a final state", secs(90), || async {
-        let jobs = host.list_json(true).await;
-        let open: Vec<String> = jobs
-            .iter()
-            .filter(|j| !ENDS.contains(&j["status"].as_str().unwrap_or("")))
-            .map(|j| format!("{} {} {}", j["id"], j["serial"], j["status"]))
-            .collect();
-        if open.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{} open: {open:?}", open.len()))
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    every_job_final(&host).await;
     let all_logs = |fleets: &[Proc]| -> Vec<String> {
         dead_logs
             .iter()
@@ -548,6 +534,26 @@ connect_spread_ms = 500
 const NODES: usize = 3;
 const NODE_KILLS: usize = 5;
 const BUS_KILLS: usize = 2;
+
+/// Waits until every job the host's relay lists is in a final state (a relay still reconnecting
+/// to its store refuses the listing meanwhile: asked again).
+async fn every_job_final(host: &harness::Host) {
+    poll_until("every job in a final state", secs(90), || async {
+        let jobs = host.try_list_json(true).await?;
+        let open: Vec<String> = jobs
+            .iter()
+            .filter(|j| !ENDS.contains(&j["status"].as_str().unwrap_or("")))
+            .map(|j| format!("{} {} {}", j["id"], j["serial"], j["status"]))
+            .collect();
+        if open.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} open: {open:?}", open.len()))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
 
 #[derive(Debug, Clone, Copy)]
 enum ClusterKill {
@@ -707,21 +713,7 @@ async fn a_cluster_survives_node_bus_and_agent_sigkills_without_loss_or_duplicat
             .wait_for_log("fleet connected and subscribed", deadline())
             .await;
     }
-    poll_until("every job in a final state", secs(90), || async {
-        let jobs = host.list_json(true).await;
-        let open: Vec<String> = jobs
-            .iter()
-            .filter(|j| !ENDS.contains(&j["status"].as_str().unwrap_or("")))
-            .map(|j| format!("{} {} {}", j["id"], j["serial"], j["status"]))
-            .collect();
-        if open.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{} open: {open:?}", open.len()))
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    every_job_final(&host).await;
     let all_logs = |fleets: &[Proc]| -> Vec<String> {
         dead_logs
             .iter()

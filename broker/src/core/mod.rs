@@ -32,6 +32,9 @@ pub mod views;
 /// sent or are named by a submission, the jobs devices report on, the hosts' request ids. Only a
 /// hint: a message this misreads is handled as usual, its rows read when needed.
 fn warm(txn: &mut dyn Txn, batch: &[Inbound]) -> Result<(), StoreError> {
+    if !txn.wants_hints() {
+        return Ok(());
+    }
     let mut devices: Vec<String> = Vec::new();
     let mut jobs: Vec<u64> = Vec::new();
     let mut requests: BTreeMap<String, Vec<MsgId>> = BTreeMap::new();

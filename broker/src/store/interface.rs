@@ -87,6 +87,12 @@ pub trait Txn:
     /// disk is below its reserve.
     fn commit(self: Box<Self>) -> Result<bool, StoreError>;
 
+    /// Whether the `warm_…` hints below are worth their making (a store across a network);
+    /// the core skips them for a store that would ignore them.
+    fn wants_hints(&self) -> bool {
+        false
+    }
+
     /// Says which devices' messages the transaction is about to handle, so that a store across
     /// a network can read (and lock) their records and seen ids together rather than one by
     /// one. Only a hint: an embedded store has nothing to gain and ignores it.

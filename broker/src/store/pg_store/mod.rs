@@ -618,6 +618,10 @@ impl Txn for PgTxn {
         Ok(true)
     }
 
+    fn wants_hints(&self) -> bool {
+        true
+    }
+
     fn warm_devices(&mut self, serials: &[&str]) -> Result<(), StoreError> {
         self.warm(serials)
     }

@@ -17,6 +17,7 @@ mod alarm;
 mod alarm_limit;
 mod alerts;
 mod device;
+mod hints;
 mod host;
 mod meter;
 mod overflow;
@@ -26,53 +27,6 @@ mod run;
 mod storage;
 mod view_pace;
 pub mod views;
-
-/// Tells the store what `batch` is about to read, so that a store across a network reads it
-/// together ([`Txn::warm_devices`], [`Txn::warm_jobs`], [`Txn::warm_journal`]): the devices that
-/// sent or are named by a submission, the jobs devices report on, the hosts' request ids. Only a
-/// hint: a message this misreads is handled as usual, its rows read when needed.
-fn warm(txn: &mut dyn Txn, batch: &[Inbound]) -> Result<(), StoreError> {
-    if !txn.wants_hints() {
-        return Ok(());
-    }
-    let mut devices: Vec<String> = Vec::new();
-    let mut jobs: Vec<u64> = Vec::new();
-    let mut requests: BTreeMap<String, Vec<MsgId>> = BTreeMap::new();
-    for msg in batch {
-        match Topic::parse(&msg.topic) {
-            Ok(Topic::DevUp { serial, kind }) => {
-                if kind == UpKind::Job
-                    && let Ok(env) =
-                        Envelope::<protocol::device::JobUpdate>::from_cbor(&msg.payload, usize::MAX)
-                    && let Some(n) = crate::store::job_number(env.body.job.as_str())
-                {
-                    jobs.push(n);
-                }
-                devices.push(serial.as_str().to_owned());
-            }
-            Ok(Topic::HostReq { host }) => {
-                if let Ok(env) =
-                    Envelope::<protocol::host::HostRequest>::from_cbor(&msg.payload, usize::MAX)
-                {
-                    if let protocol::host::HostRequest::Submit(submit) = &env.body {
-                        devices.push(submit.serial.clone());
-                    }
-                    requests
-                        .entry(protocol::Identity::host(&host).to_string())
-                        .or_default()
-                        .push(env.id);
-                }
-            }
-            _ => {}
-        }
-    }
-    txn.warm_devices(&devices.iter().map(String::as_str).collect::<Vec<_>>())?;
-    txn.warm_jobs(&jobs)?;
-    for (sender, ids) in &requests {
-        txn.warm_journal(sender, ids)?;
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests;
@@ -449,7 +403,7 @@ impl Core {
         now: Timestamp,
     ) -> Result<Vec<Outbound>, StoreError> {
         let mut txn = self.store.begin()?;
-        warm(&mut *txn, batch)?;
+        hints::warm(&mut *txn, batch, self.settings.max_payload_bytes)?;
         let mut pending = Pending::default();
         let mut children = Vec::new();
         for msg in batch {

@@ -264,9 +264,8 @@ fn acked(fleets: &[Fleet]) -> u64 {
 }
 
 /// Stops the fleets' reports, waits until each has nothing unacked, and merges their ack
-/// latencies.
-async fn drain(fleets: Vec<Fleet>) -> anyhow::Result<(Hist, u64)> {
-    let mut fleets = fleets;
+/// latencies; with the number of reports the relays refused.
+async fn drain(mut fleets: Vec<Fleet>) -> anyhow::Result<(Hist, u64)> {
     for fleet in &mut fleets {
         fleet.command("finish").await?;
     }
@@ -278,13 +277,13 @@ async fn drain(fleets: Vec<Fleet>) -> anyhow::Result<(Hist, u64)> {
             .await?;
     }
     let mut latency = Hist::default();
-    let mut errors = 0;
+    let mut rejected = 0;
     for fleet in fleets {
         let f = fleet.exit().await?;
         latency.merge(&f.latency);
-        errors += f.status.rejected;
+        rejected += f.status.rejected;
     }
-    Ok((latency, errors))
+    Ok((latency, rejected))
 }
 
 fn cpu_json(meters: [CpuMeter; 3], reports: f64) -> Value {

@@ -67,22 +67,30 @@ fn run(mut cmd: Command, what: &str) {
     );
 }
 
+/// A server's directory in the test's, made and (when the tests run as root) given to the
+/// `postgres` user: the test's directory is root's, the server's own must be postgres's.
+fn server_dir(env: &TestEnv, name: &str) -> PathBuf {
+    let dir = env.path(format!("pg-{name}"));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    if is_root() {
+        run(
+            {
+                let mut c = Command::new("chown");
+                c.arg("postgres").arg(&dir);
+                c
+            },
+            "chown postgres",
+        );
+    }
+    dir
+}
+
 impl Postgres {
     /// Makes a database cluster under the test's directory and starts its server.
     pub fn start(env: &TestEnv, name: &str) -> Postgres {
         let bin = bindir();
-        let dir = env.path(format!("pg-{name}"));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let dir = server_dir(env, name);
         if is_root() {
-            // The test's directory is root's; the server's own must be postgres's.
-            run(
-                {
-                    let mut c = Command::new("chown");
-                    c.arg("postgres").arg(&dir);
-                    c
-                },
-                "chown postgres",
-            );
             let mut parent = dir.parent();
             while let Some(p) = parent {
                 if p == Path::new("/tmp") || p == Path::new("/") {
@@ -146,18 +154,7 @@ impl Postgres {
     /// from it (`pg_basebackup -R`), and this server told to wait for the standby on every commit
     /// (`synchronous_standby_names`), so a commit is on both servers' disks.
     pub fn start_standby(&self, env: &TestEnv, name: &str) -> Postgres {
-        let dir = env.path(format!("pg-{name}"));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        if is_root() {
-            run(
-                {
-                    let mut c = Command::new("chown");
-                    c.arg("postgres").arg(&dir);
-                    c
-                },
-                "chown postgres",
-            );
-        }
+        let dir = server_dir(env, name);
         let data = dir.join("data");
         let mut backup = as_postgres(&self.bin.join("pg_basebackup"));
         backup

@@ -435,18 +435,7 @@ async fn storm(name: &str, tiers: usize) {
             .chain(fleets.iter().map(Proc::log))
             .collect()
     };
-    let queued = ids_logged(&all_logs(&fleets), "meter reading queued");
-    poll_until("every queued meter reading acked", deadline(), || async {
-        let acked = ids_logged(&all_logs(&fleets), "ack received");
-        let missing = queued.difference(&acked).count();
-        if missing == 0 {
-            Ok(())
-        } else {
-            Err(format!("{missing} of {} not acked yet", queued.len()))
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    every_reading_acked(|| all_logs(&fleets)).await;
 
     // What the children acked is at the parent once their queues are empty; the fleets stop
     // first, or a reading acked after the check would still wait at its child.
@@ -461,21 +450,11 @@ async fn storm(name: &str, tiers: usize) {
         relays.top.stop().await.success(),
         "the broker exits cleanly"
     );
-    let logs = all_logs(&fleets);
-    let queued = ids_logged(&logs, "meter reading queued");
-    let acks = acks_logged(&logs);
-    let rejected = acks.iter().filter(|(_, _, o)| o == "rejected").count();
-    let acked: BTreeSet<(String, u64)> = acks
-        .iter()
-        .filter(|(_, _, o)| o != "rejected")
-        .map(|(s, id, _)| (s.clone(), *id))
-        .collect();
-    let mut acked_reports: BTreeMap<String, usize> = BTreeMap::new();
-    for (serial, id) in &queued {
-        if acked.contains(&(serial.clone(), *id)) {
-            *acked_reports.entry(serial.clone()).or_default() += 1;
-        }
-    }
+    let Acked {
+        acked,
+        acked_reports,
+        rejected,
+    } = acked(&all_logs(&fleets));
     let a = audit(&relays.top_dir, &acked, &acked_reports, &submitted);
     let lost = a.lost_messages.len() + a.lost_reports;
     let figures = serde_json::json!({
@@ -534,6 +513,55 @@ connect_spread_ms = 500
 const NODES: usize = 3;
 const NODE_KILLS: usize = 5;
 const BUS_KILLS: usize = 2;
+
+/// Waits until every meter reading the fleets' logs (`logs()`, read again on each try) say was
+/// queued has been acked.
+async fn every_reading_acked(logs: impl Fn() -> Vec<String>) {
+    let queued = ids_logged(&logs(), "meter reading queued");
+    poll_until("every queued meter reading acked", deadline(), || async {
+        let acked = ids_logged(&logs(), "ack received");
+        let missing = queued.difference(&acked).count();
+        if missing == 0 {
+            Ok(())
+        } else {
+            Err(format!("{missing} of {} not acked yet", queued.len()))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// What the fleets' logs say the relays acked.
+struct Acked {
+    /// (serial, message id) of every message acked `stored` or `duplicate`.
+    acked: BTreeSet<(String, u64)>,
+    /// Per serial, how many of its queued meter readings were acked.
+    acked_reports: BTreeMap<String, usize>,
+    /// Acks that said `rejected`.
+    rejected: usize,
+}
+
+fn acked(logs: &[String]) -> Acked {
+    let queued = ids_logged(logs, "meter reading queued");
+    let acks = acks_logged(logs);
+    let rejected = acks.iter().filter(|(_, _, o)| o == "rejected").count();
+    let acked: BTreeSet<(String, u64)> = acks
+        .iter()
+        .filter(|(_, _, o)| o != "rejected")
+        .map(|(s, id, _)| (s.clone(), *id))
+        .collect();
+    let mut acked_reports: BTreeMap<String, usize> = BTreeMap::new();
+    for (serial, id) in &queued {
+        if acked.contains(&(serial.clone(), *id)) {
+            *acked_reports.entry(serial.clone()).or_default() += 1;
+        }
+    }
+    Acked {
+        acked,
+        acked_reports,
+        rejected,
+    }
+}
 
 /// Waits until every job the host's relay lists is in a final state (a relay still reconnecting
 /// to its store refuses the listing meanwhile: asked again).
@@ -721,18 +749,7 @@ async fn a_cluster_survives_node_bus_and_agent_sigkills_without_loss_or_duplicat
             .chain(fleets.iter().map(Proc::log))
             .collect()
     };
-    let queued = ids_logged(&all_logs(&fleets), "meter reading queued");
-    poll_until("every queued meter reading acked", deadline(), || async {
-        let acked = ids_logged(&all_logs(&fleets), "ack received");
-        let missing = queued.difference(&acked).count();
-        if missing == 0 {
-            Ok(())
-        } else {
-            Err(format!("{missing} of {} not acked yet", queued.len()))
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    every_reading_acked(|| all_logs(&fleets)).await;
     for fleet in &mut fleets {
         fleet.stop().await;
     }
@@ -740,20 +757,11 @@ async fn a_cluster_survives_node_bus_and_agent_sigkills_without_loss_or_duplicat
         assert!(node.stop().await.success(), "a node exits cleanly");
     }
 
-    let logs = all_logs(&fleets);
-    let queued = ids_logged(&logs, "meter reading queued");
-    let acks = acks_logged(&logs);
-    let acked: BTreeSet<(String, u64)> = acks
-        .iter()
-        .filter(|(_, _, o)| o != "rejected")
-        .map(|(s, id, _)| (s.clone(), *id))
-        .collect();
-    let mut acked_reports: BTreeMap<String, usize> = BTreeMap::new();
-    for (serial, id) in &queued {
-        if acked.contains(&(serial.clone(), *id)) {
-            *acked_reports.entry(serial.clone()).or_default() += 1;
-        }
-    }
+    let Acked {
+        acked,
+        acked_reports,
+        ..
+    } = acked(&all_logs(&fleets));
     let store = broker::store::PgStore::open(&url)
         .unwrap_or_else(|e| panic!("opening the cluster's database: {e}"));
     let a = audit_store(&store, &acked, &acked_reports, &submitted);

@@ -332,6 +332,36 @@ async fn a_child_relay_moves_to_the_parents_next_node_when_its_node_dies() {
     host.wait_for_status(&job, "succeeded", deadline()).await;
 }
 
+/// The message ids of the meter readings a device's log says it queued, and of those the ones a
+/// relay acked (`stored`, or `duplicate` of one stored before).
+fn readings_queued_and_acked(
+    device: &harness::Proc,
+) -> (
+    std::collections::BTreeSet<u64>,
+    std::collections::BTreeSet<u64>,
+) {
+    let id_of = |l: &str| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("msg_id="))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let queued: std::collections::BTreeSet<u64> = device
+        .lines_matching(|l| l.contains("meter reading queued"))
+        .iter()
+        .filter_map(|l| id_of(l))
+        .collect();
+    let acked = device
+        .lines_matching(|l| {
+            l.contains("ack received")
+                && (l.contains("outcome=stored") || l.contains("outcome=duplicate"))
+        })
+        .iter()
+        .filter_map(|l| id_of(l))
+        .filter(|id| queued.contains(id))
+        .collect();
+    (queued, acked)
+}
+
 /// The chunk indices of a node's "chunks served" lines for `job`, one list per request.
 fn chunks_served(node: &harness::Proc, job: &str) -> Vec<Vec<u32>> {
     node.lines_matching(|l| l.contains("chunks served") && l.contains(job))
@@ -482,25 +512,7 @@ async fn a_device_moves_to_another_node_mid_job_and_its_job_and_reports_finish_o
     // died) is in the database once; one more is the job's own.
     let mut c1 = c1;
     c1.stop().await;
-    let id_of = |l: &str| {
-        l.split_whitespace()
-            .find_map(|w| w.strip_prefix("msg_id="))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    let queued: std::collections::BTreeSet<u64> = c1
-        .lines_matching(|l| l.contains("meter reading queued"))
-        .iter()
-        .filter_map(|l| id_of(l))
-        .collect();
-    let acked: std::collections::BTreeSet<u64> = c1
-        .lines_matching(|l| {
-            l.contains("ack received")
-                && (l.contains("outcome=stored") || l.contains("outcome=duplicate"))
-        })
-        .iter()
-        .filter_map(|l| id_of(l))
-        .filter(|id| queued.contains(id))
-        .collect();
+    let (queued, acked) = readings_queued_and_acked(&c1);
     let stored: usize = pg
         .sql(
             "chukei",
@@ -846,25 +858,7 @@ async fn a_node_follows_a_promoted_synchronous_standby_and_loses_nothing_it_acke
 
     // Every reading C1 had acked before and after is on the promoted server.
     c1.stop().await;
-    let id_of = |l: &str| {
-        l.split_whitespace()
-            .find_map(|w| w.strip_prefix("msg_id="))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    let queued: std::collections::BTreeSet<u64> = c1
-        .lines_matching(|l| l.contains("meter reading queued"))
-        .iter()
-        .filter_map(|l| id_of(l))
-        .collect();
-    let acked: std::collections::BTreeSet<u64> = c1
-        .lines_matching(|l| {
-            l.contains("ack received")
-                && (l.contains("outcome=stored") || l.contains("outcome=duplicate"))
-        })
-        .iter()
-        .filter_map(|l| id_of(l))
-        .filter(|id| queued.contains(id))
-        .collect();
+    let (queued, acked) = readings_queued_and_acked(&c1);
     let all: usize = standby
         .sql(
             "chukei",

@@ -298,6 +298,11 @@ struct RunArgs {
     /// wait. Default: 200
     #[arg(long, value_name = "MS")]
     uplink_batch_delay_ms: Option<u64>,
+    /// While the relay is busy, a batch of fewer than 32 messages waits this long for more
+    /// before it commits (fewer commits, less CPU for paced traffic; an idle relay's lone
+    /// message commits at once). 0: never wait. Default: 1000
+    #[arg(long, value_name = "MICROS")]
+    commit_window_us: Option<u64>,
     /// Run as a node of a cluster, with this name among the nodes (needs --cluster-db)
     #[arg(long, value_name = "NAME")]
     node_id: Option<String>,
@@ -435,6 +440,7 @@ impl RunArgs {
             uplink_batch_max_items,
             uplink_batch_max_bytes,
             uplink_batch_delay_ms,
+            commit_window_us,
             parent_session,
             parent_interval_secs
         );

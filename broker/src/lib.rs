@@ -244,8 +244,16 @@ pub async fn run(
         ));
     }
     let (presence_tx, presence_rx) = switch::presence::channel();
-    let core_task = core::spawn(core.clone(), inbound, outbound, presence_rx, stop.clone())
-        .map_err(BrokerError::CoreThread)?;
+    let window = core::CommitWindow(std::time::Duration::from_micros(cfg.commit_window_us));
+    let core_task = core::spawn(
+        core.clone(),
+        inbound,
+        outbound,
+        presence_rx,
+        window,
+        stop.clone(),
+    )
+    .map_err(BrokerError::CoreThread)?;
     tasks.spawn(notify::run_worker(
         core.shared_store(),
         core.shared_stats(),

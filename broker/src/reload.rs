@@ -187,6 +187,7 @@ macro_rules! restart_only_keys {
             uplink_batch_max_items,
             uplink_batch_max_bytes,
             uplink_batch_delay_ms,
+            commit_window_us,
             parent_session,
             parent_interval_secs
         )

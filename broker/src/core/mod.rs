@@ -54,7 +54,7 @@ pub use relay::SessionEvent;
 
 /// Lines a second each kind of device refusal the core logs (see [`crate::log_budget`]).
 const CORE_LOG_PER_SECOND: u64 = 20;
-pub use run::{Outlet, OutletClosed, run, spawn};
+pub use run::{CommitWindow, Outlet, OutletClosed, run, spawn};
 
 /// A message for the core: a device's from the hub, a host's from the router.
 pub struct Inbound {

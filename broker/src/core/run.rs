@@ -4,6 +4,14 @@
 //! channel; the next batch takes all of them at once. So under load a commit covers many
 //! messages, and durability does not cap throughput; when idle, a lone message commits at once.
 //!
+//! Paced traffic (a report every millisecond, each alone) would still cost one commit per
+//! message: a wake-up, a transaction and a disk flush each. So while the relay is busy — a batch
+//! committed within the last ten windows — a small batch (under 32 messages) sleeps one *commit
+//! window* (`commit_window_us`, 1 ms by default) and takes what came meanwhile before it commits, as PostgreSQL's
+//! `commit_delay` waits only when `commit_siblings` are active. Measured side by side: a quarter
+//! less relay CPU at 1,000 and 4,000 paced reports/s for about 2.5 ms more ack latency; an idle
+//! relay's lone message still commits at once.
+//!
 //! The core is the store's single writer and blocks on every commit, so it has an OS thread of
 //! its own and handles each batch on it, in line, rather than handing every batch to tokio's
 //! blocking pool and back (two thread wake-ups per batch, and a pool thread the async workers
@@ -14,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
@@ -41,6 +50,72 @@ pub trait Outlet {
 #[error("the core's outlet has closed")]
 pub struct OutletClosed;
 
+/// A batch waits for more only if the one before it committed this many windows ago or less:
+/// the relay is busy, more is likely on its way.
+const BUSY_WINDOWS: u32 = 10;
+
+/// How long a batch that is not full may wait for more messages before it commits (see the
+/// module's doc). `Duration::ZERO`: never wait.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitWindow(pub Duration);
+
+impl CommitWindow {
+    /// The deadline a batch whose first message arrived at `arrived` may wait until, if the
+    /// previous batch (done at `last`) says the relay is busy.
+    fn deadline(self, arrived: Instant, last: Option<Instant>) -> Option<Instant> {
+        let busy = last.is_some_and(|l| arrived.duration_since(l) <= self.0 * BUSY_WINDOWS);
+        (busy && !self.0.is_zero()).then(|| arrived + self.0)
+    }
+}
+
+/// A batch this large already shares its commit widely: it does not wait for more. Under
+/// saturation batches are far larger and waiting would only slow the round trips that bring the
+/// next messages (measured: a window on every batch cut closed-loop throughput by a fifth).
+const WAIT_BELOW: usize = 32;
+
+/// A channel the core takes batches from: both kinds of tokio receiver it reads.
+trait Queue<T> {
+    fn take_now(&mut self) -> Option<T>;
+}
+
+impl<T> Queue<T> for mpsc::Receiver<T> {
+    fn take_now(&mut self) -> Option<T> {
+        self.try_recv().ok()
+    }
+}
+
+impl<T> Queue<T> for mpsc::UnboundedReceiver<T> {
+    fn take_now(&mut self) -> Option<T> {
+        self.try_recv().ok()
+    }
+}
+
+/// Adds to `batch` what is queued, up to `max`; if that leaves it under [`WAIT_BELOW`] and there
+/// is a `deadline`, sleeps until then and adds what came meanwhile. One sleep, not a wake-up per
+/// message that arrives: saving those wake-ups is the point of the window.
+async fn fill<T>(
+    batch: &mut Vec<T>,
+    queue: &mut impl Queue<T>,
+    max: usize,
+    deadline: Option<Instant>,
+) {
+    let drain = |batch: &mut Vec<T>, queue: &mut dyn Queue<T>| {
+        while batch.len() < max {
+            match queue.take_now() {
+                Some(msg) => batch.push(msg),
+                None => break,
+            }
+        }
+    };
+    drain(batch, queue);
+    if let Some(deadline) = deadline
+        && batch.len() < max.min(WAIT_BELOW)
+    {
+        tokio::time::sleep_until(deadline).await;
+        drain(batch, queue);
+    }
+}
+
 /// How often deadlines are checked.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 
@@ -52,6 +127,7 @@ pub fn spawn(
     inbound: mpsc::Receiver<Inbound>,
     outbound: impl Outlet + Send + 'static,
     presence: mpsc::UnboundedReceiver<SessionEvent>,
+    window: CommitWindow,
     stop: CancellationToken,
 ) -> std::io::Result<oneshot::Receiver<Result<(), StoreError>>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -61,7 +137,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("chukei-core".into())
         .spawn(move || {
-            let result = runtime.block_on(run(core, inbound, outbound, presence, stop));
+            let result = runtime.block_on(run(core, inbound, outbound, presence, window, stop));
             let _ = done_tx.send(result);
         })?;
     Ok(done_rx)
@@ -80,6 +156,8 @@ pub fn spawn(
 /// alarm notifications whose coalescing window has closed, and sends the alarm views held back
 /// by the one-view-a-second pace.
 ///
+/// A busy relay's batches wait up to `window` for more messages (the module's doc says why).
+///
 /// A batch that fails to commit is logged and dropped: nothing was acked, so its senders resend.
 /// A store that cannot write (disk full, an I/O error) does not stop the core: it refuses new
 /// work, keeps answering reads and recovers by itself once it can write again (see `storage`).
@@ -88,9 +166,11 @@ pub async fn run(
     mut inbound: mpsc::Receiver<Inbound>,
     outbound: impl Outlet,
     mut presence: mpsc::UnboundedReceiver<SessionEvent>,
+    window: CommitWindow,
     stop: CancellationToken,
 ) -> Result<(), StoreError> {
     let mut presence_open = true;
+    let mut last_batch: Option<Instant> = None;
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -100,20 +180,15 @@ pub async fn run(
                 let Some(first) = msg else { return Ok(()) };
                 let mut batch = Vec::with_capacity(16);
                 batch.push(first);
-                while batch.len() < MAX_BATCH {
-                    match inbound.try_recv() {
-                        Ok(msg) => batch.push(msg),
-                        Err(_) => break,
-                    }
-                }
+                let deadline = window.deadline(Instant::now(), last_batch);
+                fill(&mut batch, &mut inbound, MAX_BATCH, deadline).await;
                 Work::Batch(batch)
             }
             event = presence.recv(), if presence_open => match event {
                 Some(first) => {
                     let mut events = vec![first];
-                    while let Ok(e) = presence.try_recv() {
-                        events.push(e);
-                    }
+                    let deadline = window.deadline(Instant::now(), last_batch);
+                    fill(&mut events, &mut presence, usize::MAX, deadline).await;
                     Work::Presence(events)
                 }
                 None => {
@@ -123,6 +198,7 @@ pub async fn run(
             },
             _ = expire.tick() => Work::Expire,
         };
+        let is_batch = !matches!(work, Work::Expire);
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let now = chrono::Utc::now();
             match work {
@@ -155,6 +231,9 @@ pub async fn run(
                 Work::Presence(events) => core.session_events(events, now),
             }
         }));
+        if is_batch {
+            last_batch = Some(Instant::now());
+        }
         let out = match result {
             Ok(Ok(out)) => out,
             Ok(Err(e)) if e.is_storage() => {

@@ -1126,6 +1126,7 @@ async fn run_commits_many_messages_in_few_transactions() {
         in_rx,
         ChannelOutlet(out_tx),
         mpsc::unbounded_channel().1,
+        CommitWindow::default(),
         stop.clone(),
     ));
 
@@ -1174,6 +1175,93 @@ async fn run_commits_many_messages_in_few_transactions() {
         .unwrap();
 }
 
+/// Waits (deadline) until `n` devices' messages have been acked; returns the acked count.
+async fn acked_within(out_rx: &mut mpsc::Receiver<Outbound>, n: usize, within: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut acked = 0;
+    while acked < n {
+        let Ok(msg) = tokio::time::timeout_at(deadline, out_rx.recv()).await else {
+            break;
+        };
+        let msg = msg.expect("core stopped early");
+        if msg.topic.ends_with("/ack") {
+            let batch: Envelope<AckBatch> = Envelope::from_cbor(&msg.payload, usize::MAX).unwrap();
+            acked += batch.body.acks.len();
+        }
+    }
+    acked
+}
+
+/// Starts [`run`] with `window` on a fresh store.
+fn run_with_window(
+    window: Duration,
+) -> (
+    Arc<Core>,
+    mpsc::Sender<Inbound>,
+    mpsc::Receiver<Outbound>,
+    CancellationToken,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Arc::new(open(&dir));
+    let (in_tx, in_rx) = mpsc::channel(1024);
+    let (out_tx, out_rx) = mpsc::channel(1024);
+    let stop = CancellationToken::new();
+    tokio::spawn(run(
+        Arc::clone(&core),
+        in_rx,
+        ChannelOutlet(out_tx),
+        mpsc::unbounded_channel().1,
+        CommitWindow(window),
+        stop.clone(),
+    ));
+    (core, in_tx, out_rx, stop, dir)
+}
+
+#[tokio::test]
+async fn an_idle_relays_lone_message_does_not_wait_for_the_commit_window() {
+    // A window far longer than the deadline: an ack within the deadline shows nothing waited.
+    let (core, in_tx, mut out_rx, stop, _dir) = run_with_window(Duration::from_secs(60));
+    in_tx.send(state("C1", 1, "Osaka")).await.unwrap();
+    assert_eq!(
+        acked_within(&mut out_rx, 1, Duration::from_secs(20)).await,
+        1
+    );
+    assert_eq!(core.commits(), 1);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_busy_relay_commits_paced_messages_together_within_its_window() {
+    const PACED: u64 = 6;
+    let (core, in_tx, mut out_rx, stop, _dir) = run_with_window(Duration::from_millis(800));
+    in_tx.send(state("C0", 1, "Osaka")).await.unwrap();
+    assert_eq!(
+        acked_within(&mut out_rx, 1, Duration::from_secs(20)).await,
+        1
+    );
+    let before = core.commits();
+    // The relay has just committed, so it is busy: messages 20 ms apart, each of which would
+    // otherwise be a commit of its own, wait for one another.
+    for d in 1..=PACED {
+        in_tx
+            .send(state(&format!("C{d}"), 1, "Osaka"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        acked_within(&mut out_rx, PACED as usize, Duration::from_secs(20)).await,
+        PACED as usize
+    );
+    let commits = core.commits() - before;
+    assert!(
+        commits < PACED / 2,
+        "{commits} commits for {PACED} paced messages inside one window"
+    );
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn run_returns_when_inbound_closes() {
     let dir = tempfile::tempdir().unwrap();
@@ -1189,6 +1277,7 @@ async fn run_returns_when_inbound_closes() {
             in_rx,
             ChannelOutlet(out_tx),
             mpsc::unbounded_channel().1,
+            CommitWindow::default(),
             CancellationToken::new(),
         ),
     )

@@ -31,6 +31,7 @@ pub mod notify;
 pub mod program;
 pub mod relays;
 pub mod reload;
+pub mod rollouts;
 pub mod router;
 pub mod store;
 pub mod switch;

@@ -193,6 +193,10 @@ pub struct FleetArgs {
     /// Written ({"devices":N}) once every copier is connected and subscribed.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+    /// This share of the copiers (chosen by serial, the same each run) fail every firmware job
+    /// with a reason, to see a rollout abort. Overrides `sim.fail_firmware_percent`.
+    #[arg(long, value_name = "N")]
+    pub fail_firmware_percent: Option<u8>,
     /// A TOML config file; see config/device-agent.toml for every key. Flags win over it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -188,6 +188,8 @@ pub struct SimConfig {
     pub fail_health_check_versions: Vec<String>,
     /// The first N image writes fail their read-back.
     pub fail_writes: Option<u32>,
+    /// This share of copiers (by serial) fail every firmware write. Default 0.
+    pub fail_firmware_percent: Option<u8>,
     /// Paper jams per hour of running (transient: counted in the JAM/SC data). Default 0.
     pub jam_rate_per_hour: Option<f64>,
     /// Fatal faults (a code of `[faults] fatal`) per hour of running. Default 0.
@@ -460,6 +462,14 @@ fn sim_settings(c: &SimConfig) -> Result<SimSettings, ConfigError> {
         write_delay: Duration::from_millis(c.write_delay_ms.unwrap_or(0)),
         fail_health_check_versions: c.fail_health_check_versions.clone(),
         fail_writes: c.fail_writes.unwrap_or(0),
+        fail_firmware_percent: match c.fail_firmware_percent.unwrap_or(0) {
+            p @ 0..=100 => p,
+            p => {
+                return Err(ConfigError::Invalid(format!(
+                    "sim.fail_firmware_percent = {p} is out of range: use 0 to 100"
+                )));
+            }
+        },
     })
 }
 
@@ -709,6 +719,7 @@ impl FleetSettings {
     }
 
     pub fn merge(file: FileConfig, args: FleetArgs) -> Result<FleetSettings, ConfigError> {
+        let fail_firmware_percent = args.fail_firmware_percent;
         let count = required(
             args.count.or(file.fleet.count),
             "fleet size",
@@ -752,7 +763,18 @@ impl FleetSettings {
             ready_file: shared.ready_file,
             connect_spread: Duration::from_millis(spread_ms),
             session: shared.session,
-            sim: shared.sim,
+            sim: SimSettings {
+                fail_firmware_percent: match fail_firmware_percent {
+                    Some(p) if p > 100 => {
+                        return Err(ConfigError::Invalid(format!(
+                            "--fail-firmware-percent {p} is out of range: use 0 to 100"
+                        )));
+                    }
+                    Some(p) => p,
+                    None => shared.sim.fail_firmware_percent,
+                },
+                ..shared.sim
+            },
             schedule: shared.schedule,
             publisher_key: shared.publisher_key,
             monitor: shared.monitor,

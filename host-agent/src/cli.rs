@@ -105,6 +105,14 @@ pub enum Command {
     /// Child relays (at a parent relay): which are connected, and their devices.
     #[command(subcommand)]
     Relays(RelaysCommand),
+    /// One job to a whole group of devices: in waves, at a rate, inside maintenance windows,
+    /// stopped by itself when too many fail.
+    #[command(subcommand)]
+    Rollouts(RolloutsCommand),
+    /// The devices the relay knows: list them by what they report (what a rollout's targets
+    /// would select), and tag them.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
     // Its help is `DashboardArgs`'s doc comment, long form included.
     Dashboard(DashboardArgs),
 }
@@ -285,6 +293,24 @@ pub struct SubmitArgs {
     /// The target device's serial (the CN of its certificate).
     #[arg(long, value_name = "SERIAL", required_unless_present = "relay")]
     pub serial: Option<String>,
+    /// What the device is to do.
+    #[command(flatten)]
+    pub job: JobFlags,
+
+    /// At a parent relay: send the job through this child relay (its id), wherever the device
+    /// was last seen; the child must be one whose [[relays]] serials match the device.
+    #[arg(long, value_name = "RELAY", help_heading = "child relays")]
+    pub via: Option<String>,
+    /// At a parent relay: a job for the child relay itself (its own status with get-data),
+    /// instead of a device.
+    #[arg(long, value_name = "RELAY", conflicts_with_all = ["serial", "via"], help_heading = "child relays")]
+    pub relay: Option<String>,
+}
+
+/// The job's own flags, shared by `jobs submit` (one device) and `rollouts create` (every device
+/// its targets select).
+#[derive(Debug, Clone, Default, Args)]
+pub struct JobFlags {
     /// What to do: get-data, update-data, firmware or set-schedule.
     #[arg(long, value_name = "KIND")]
     pub kind: String,
@@ -353,15 +379,6 @@ pub struct SubmitArgs {
     /// or fault:CODE (e.g. fault:SC-541).
     #[arg(long = "condition", value_name = "COND", help_heading = "set-schedule")]
     pub conditions: Vec<String>,
-
-    /// At a parent relay: send the job through this child relay (its id), wherever the device
-    /// was last seen; the child must be one whose [[relays]] serials match the device.
-    #[arg(long, value_name = "RELAY", help_heading = "child relays")]
-    pub via: Option<String>,
-    /// At a parent relay: a job for the child relay itself (its own status with get-data),
-    /// instead of a device.
-    #[arg(long, value_name = "RELAY", conflicts_with_all = ["serial", "via"], help_heading = "child relays")]
-    pub relay: Option<String>,
 }
 
 /// Reads `SECTION.NAME=VALUE`. Only the shape is checked here; whether the name exists and the
@@ -518,6 +535,169 @@ pub struct RelayListArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RolloutsCommand {
+    // Boxed: its many flags would make every other command as large.
+    Create(Box<RolloutCreateArgs>),
+    List(RolloutListArgs),
+    Show(RolloutShowArgs),
+    /// Stop filing jobs until `rollouts resume`; jobs already filed go on.
+    Pause(RolloutIdArg),
+    /// File jobs again after a pause.
+    Resume(RolloutIdArg),
+    /// Stop for good: jobs not yet delivered are canceled, jobs already running finish.
+    Abort(RolloutIdArg),
+    /// Start the next wave of a rollout made with --approve-each-wave.
+    Approve(RolloutIdArg),
+}
+
+const ROLLOUT_EXAMPLES: &str = "\
+Examples:
+  # Firmware 2.0.0 to the C300s still on 1.x in Osaka, a few first, only at night in Tokyo
+  host-agent … rollouts create --name c300-fw2 --kind firmware --artifact 2.0.0 \\
+      --target 'model=C300' --target 'firmware<2.0.0' --target 'site=Osaka*' \\
+      --waves 1%,10%,50%,100% --success-threshold 95% \\
+      --abort-failure-rate 5% --abort-min-finished 10 \\
+      --rate-per-min 200 --window 'daily 01:00-05:00 Asia/Tokyo'
+
+  # Check what a target selects first
+  host-agent … devices list --target 'model=C300' --target 'firmware<2.0.0'
+
+  # A setting to the devices named in a file, one wave, each wave approved by a person
+  host-agent … rollouts create --name density-6 --kind update-data \\
+      --set adjustment.density=6 --serials-file serials.txt --approve-each-wave
+
+  host-agent … rollouts show R-000001 --watch";
+
+/// Create a rollout: the same job for every device the targets select, filed wave by wave.
+/// Prints the rollout's id alone on stdout; follow it with `rollouts show ID --watch`.
+///
+/// A wave starts when the one before it has --success-threshold of its devices succeeded
+/// (with --approve-each-wave, when a person approves). Jobs are filed no faster than
+/// --rate-per-min and only inside --window. When the failure rate among finished jobs passes
+/// --abort-failure-rate (after --abort-min-finished), the rollout aborts: jobs not yet
+/// delivered are canceled, running ones finish. The job flags are those of `jobs submit`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = ROLLOUT_EXAMPLES)]
+pub struct RolloutCreateArgs {
+    /// A name to recognise it by, e.g. c300-fw2.
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    /// Select devices by what they report (all must match): model=GLOB, site=GLOB,
+    /// serial=GLOB, firmware=GLOB, tag=GLOB, or firmware<VERSION (also <=, >, >=).
+    #[arg(long = "target", value_name = "FILTER", help_heading = "Rollout")]
+    pub targets: Vec<String>,
+    /// Only these devices: one serial per line (# comments and blank lines skipped); with
+    /// --target, a device must be in both.
+    #[arg(long, value_name = "FILE", help_heading = "Rollout")]
+    pub serials_file: Option<PathBuf>,
+    /// Cumulative share of the devices each wave reaches, ending at 100%. Default: one wave.
+    #[arg(
+        long,
+        value_name = "P%,…",
+        value_delimiter = ',',
+        help_heading = "Rollout"
+    )]
+    pub waves: Vec<String>,
+    /// Share of a wave's devices that must have succeeded before the next starts. Default: 100%.
+    #[arg(long, value_name = "P%", help_heading = "Rollout")]
+    pub success_threshold: Option<String>,
+    /// Abort when more than this share of finished jobs failed. Default: never by itself.
+    #[arg(long, value_name = "P%", help_heading = "Rollout")]
+    pub abort_failure_rate: Option<String>,
+    /// Judge the failure rate only once this many jobs have finished. Default: 1.
+    #[arg(long, value_name = "N", help_heading = "Rollout")]
+    pub abort_min_finished: Option<u32>,
+    /// File at most this many jobs a minute. Default: no limit.
+    #[arg(long, value_name = "N", help_heading = "Rollout")]
+    pub rate_per_min: Option<u32>,
+    /// File jobs only inside this window: DAYS HH:MM-HH:MM ZONE, e.g.
+    /// 'daily 01:00-05:00 Asia/Tokyo' or 'mon-fri 22:00-06:00 UTC'. A job not yet taken by its
+    /// device when the window closes is withdrawn and filed again in the next one.
+    #[arg(long, value_name = "WINDOW", help_heading = "Rollout")]
+    pub window: Option<String>,
+    /// Start at this time (RFC 3339); until then the rollout is scheduled.
+    #[arg(long, value_name = "RFC3339", help_heading = "Rollout")]
+    pub start_at: Option<String>,
+    /// Wait for `rollouts approve` before each wave after the first.
+    #[arg(long, help_heading = "Rollout")]
+    pub approve_each_wave: bool,
+    /// Keep the rollout open: a device that appears later and matches gets the job too.
+    #[arg(long, help_heading = "Rollout")]
+    pub dynamic: bool,
+    /// The job each device gets.
+    #[command(flatten)]
+    pub job: JobFlags,
+}
+
+/// List rollouts, newest first: id, name, kind, status, devices, succeeded, failed, pending,
+/// current wave.
+#[derive(Debug, Clone, Args)]
+pub struct RolloutListArgs {
+    /// Print a JSON array of rollouts (without their device and job lists).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Show a rollout: its status, each wave with its jobs per status, and why it stopped.
+#[derive(Debug, Clone, Args)]
+pub struct RolloutShowArgs {
+    /// The rollout id, e.g. R-000001.
+    #[arg(value_name = "ROLLOUT")]
+    pub id: String,
+    /// Print the rollout as JSON (id, status, waves with their devices and counts, jobs).
+    #[arg(long, conflicts_with = "watch")]
+    pub json: bool,
+    /// Follow it with a progress bar per wave until it ends (Ctrl-C to stop watching).
+    #[arg(long)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RolloutIdArg {
+    /// The rollout id, e.g. R-000001.
+    #[arg(value_name = "ROLLOUT")]
+    pub id: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    List(DeviceListArgs),
+    Tag(DeviceTagArgs),
+}
+
+/// List the devices the relay knows (serial, model, site, firmware, tags, last seen), narrowed
+/// by targets as `rollouts create --target` would select them.
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  host-agent … devices list --target 'model=C300' --target 'firmware<2.0.0'\n  host-agent … devices list --target tag=night-shift --json"
+)]
+pub struct DeviceListArgs {
+    /// A filter every listed device passes (see `rollouts create --target`).
+    #[arg(long = "target", value_name = "FILTER")]
+    pub targets: Vec<String>,
+    /// Print a JSON array instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Add or remove tags on devices; rollout targets select by them (tag=GLOB).
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  host-agent … devices tag C3-0001 C3-0002 --add night-shift\n  host-agent … devices tag C3-0001 --remove night-shift"
+)]
+pub struct DeviceTagArgs {
+    /// The devices' serials.
+    #[arg(value_name = "SERIAL", required = true)]
+    pub serials: Vec<String>,
+    /// Tags to add (letters, digits, - _ . :).
+    #[arg(long, value_name = "TAG")]
+    pub add: Vec<String>,
+    /// Tags to remove.
+    #[arg(long, value_name = "TAG")]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     Generate(KeysGenerateArgs),
 }
@@ -593,12 +773,12 @@ mod tests {
             panic!("not submit")
         };
         assert_eq!(s.serial.as_deref(), Some("C123"));
-        assert_eq!(s.kind, "get-data");
+        assert_eq!(s.job.kind, "get-data");
         // Not checked here: the broker is the judge of section names (S103).
-        assert_eq!(s.sections, ["counters", "toner"]);
-        assert_eq!(s.at.as_deref(), Some("2026-11-27T02:00:00Z"));
-        assert_eq!(s.deadline.as_deref(), Some("2026-11-28T00:00:00Z"));
-        assert_eq!(s.execute_at, None);
+        assert_eq!(s.job.sections, ["counters", "toner"]);
+        assert_eq!(s.job.at.as_deref(), Some("2026-11-27T02:00:00Z"));
+        assert_eq!(s.job.deadline.as_deref(), Some("2026-11-28T00:00:00Z"));
+        assert_eq!(s.job.execute_at, None);
     }
 
     #[test]
@@ -610,7 +790,7 @@ mod tests {
             panic!("not submit")
         };
         assert!(
-            s.sections.is_empty(),
+            s.job.sections.is_empty(),
             "no --sections means all, decided by the broker"
         );
     }
@@ -680,9 +860,9 @@ mod tests {
             "--merge",
             "device",
         ]);
-        assert_eq!(s.kind, "update-data");
+        assert_eq!(s.job.kind, "update-data");
         assert_eq!(
-            s.set,
+            s.job.set,
             [
                 ("adjustment.density".to_owned(), Value::Int(6)),
                 (
@@ -691,8 +871,8 @@ mod tests {
                 ),
             ]
         );
-        assert_eq!(s.merge.as_deref(), Some("device"));
-        assert_eq!(submit(&["--kind", "update-data"]).set, []);
+        assert_eq!(s.job.merge.as_deref(), Some("device"));
+        assert_eq!(submit(&["--kind", "update-data"]).job.set, []);
     }
 
     #[test]
@@ -752,9 +932,9 @@ mod tests {
             "--max-attempts",
             "2",
         ]);
-        assert_eq!(s.artifact.as_deref(), Some("2.1"));
-        assert_eq!(s.execute_at.as_deref(), Some("2026-11-27T02:00:00Z"));
-        assert_eq!(s.max_attempts, Some(2));
+        assert_eq!(s.job.artifact.as_deref(), Some("2.1"));
+        assert_eq!(s.job.execute_at.as_deref(), Some("2026-11-27T02:00:00Z"));
+        assert_eq!(s.job.max_attempts, Some(2));
         assert!(
             parse(&[
                 "jobs",
@@ -792,11 +972,11 @@ mod tests {
             "--condition",
             "fault:SC-541",
         ]);
-        assert_eq!(s.mode.as_deref(), Some("periodic"));
-        assert_eq!(s.interval_secs, Some(900));
-        assert_eq!(s.calendar, ["weekly:sun 02:00", "hourly:05"]);
-        assert_eq!(s.moments, ["power-on", "operator-action"]);
-        assert_eq!(s.conditions, ["count:total/1000", "fault:SC-541"]);
+        assert_eq!(s.job.mode.as_deref(), Some("periodic"));
+        assert_eq!(s.job.interval_secs, Some(900));
+        assert_eq!(s.job.calendar, ["weekly:sun 02:00", "hourly:05"]);
+        assert_eq!(s.job.moments, ["power-on", "operator-action"]);
+        assert_eq!(s.job.conditions, ["count:total/1000", "fault:SC-541"]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use protocol::artifact::{ArtifactId, ArtifactInfo, Chunk};
 use protocol::host::{HostReply, HostRequest, HostResponse, SubmitJob};
 use protocol::job::{JobDetail, JobView};
 use protocol::proxy::ProxyUrl;
+use protocol::rollout::{DeviceListing, RolloutAction, RolloutSpec, RolloutView};
 use protocol::topic::{self, Topic};
 use protocol::url::BrokerUrl;
 use protocol::{Envelope, EnvelopeError, HostId, MsgId, Serial};
@@ -451,6 +452,99 @@ impl HostClient {
         }
     }
 
+    /// Creates a rollout; the relay refuses a bad one with the reason.
+    pub async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutView, HostError> {
+        self.rollout_reply(
+            "create-rollout",
+            HostRequest::CreateRollout { rollout: spec },
+        )
+        .await
+    }
+
+    /// One rollout, with its waves' devices and its jobs.
+    pub async fn rollout(&self, id: &str) -> Result<RolloutView, HostError> {
+        self.rollout_reply(
+            "show-rollout",
+            HostRequest::ShowRollout {
+                rollout: id.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Pauses, resumes, aborts or approves a rollout; returns it as it is after.
+    pub async fn act_on_rollout(
+        &self,
+        id: &str,
+        action: RolloutAction,
+    ) -> Result<RolloutView, HostError> {
+        self.rollout_reply(
+            "act-on-rollout",
+            HostRequest::ActOnRollout {
+                rollout: id.to_owned(),
+                action,
+            },
+        )
+        .await
+    }
+
+    async fn rollout_reply(
+        &self,
+        what: &'static str,
+        req: HostRequest,
+    ) -> Result<RolloutView, HostError> {
+        match self.request(req).await? {
+            HostReply::Rollout { rollout } => Ok(*rollout),
+            HostReply::Error { reason } => Err(HostError::Refused { reason }),
+            other => Err(unexpected(what, &other)),
+        }
+    }
+
+    /// Every rollout, newest first, without device and job lists.
+    pub async fn rollouts(&self) -> Result<Vec<RolloutView>, HostError> {
+        match self.request(HostRequest::Rollouts).await? {
+            HostReply::Rollouts { rollouts } => Ok(rollouts),
+            HostReply::Error { reason } => Err(HostError::Refused { reason }),
+            other => Err(unexpected("rollouts", &other)),
+        }
+    }
+
+    /// The devices the relay knows that pass every target.
+    pub async fn devices(&self, targets: Vec<String>) -> Result<Vec<DeviceListing>, HostError> {
+        self.devices_reply("devices", HostRequest::Devices { targets })
+            .await
+    }
+
+    /// Adds and removes tags on devices; returns them as they are after.
+    pub async fn tag_devices(
+        &self,
+        serials: Vec<String>,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> Result<Vec<DeviceListing>, HostError> {
+        self.devices_reply(
+            "tag-devices",
+            HostRequest::TagDevices {
+                serials,
+                add,
+                remove,
+            },
+        )
+        .await
+    }
+
+    async fn devices_reply(
+        &self,
+        what: &'static str,
+        req: HostRequest,
+    ) -> Result<Vec<DeviceListing>, HostError> {
+        match self.request(req).await? {
+            HostReply::Devices { devices } => Ok(devices),
+            HostReply::Error { reason } => Err(HostError::Refused { reason }),
+            other => Err(unexpected(what, &other)),
+        }
+    }
+
     /// Sends DISCONNECT and waits briefly for the driver to finish, so the broker sees a clean
     /// goodbye rather than a dropped socket.
     pub async fn disconnect(mut self) {
@@ -531,6 +625,12 @@ fn request_name(req: &HostRequest) -> &'static str {
         HostRequest::AckAlarm { .. } => "ack-alarm",
         HostRequest::ExportCounters { .. } => "export-counters",
         HostRequest::Relays => "relays",
+        HostRequest::CreateRollout { .. } => "create-rollout",
+        HostRequest::Rollouts => "rollouts",
+        HostRequest::ShowRollout { .. } => "show-rollout",
+        HostRequest::ActOnRollout { .. } => "act-on-rollout",
+        HostRequest::Devices { .. } => "devices",
+        HostRequest::TagDevices { .. } => "tag-devices",
     }
 }
 
@@ -548,6 +648,9 @@ fn reply_name(reply: &HostReply) -> &'static str {
         HostReply::Alarm { .. } => "alarm",
         HostReply::Counters { .. } => "counters",
         HostReply::Relays { .. } => "relays",
+        HostReply::Rollout { .. } => "rollout",
+        HostReply::Rollouts { .. } => "rollouts",
+        HostReply::Devices { .. } => "devices",
     }
 }
 

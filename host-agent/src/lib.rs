@@ -32,8 +32,8 @@ pub use table::render_table;
 use anyhow::Context as _;
 
 use crate::cli::{
-    AlarmsCommand, ArtifactsCommand, Command, ExportCommand, JobsCommand, KeysCommand,
-    RelaysCommand,
+    AlarmsCommand, ArtifactsCommand, Command, DevicesCommand, ExportCommand, JobsCommand,
+    KeysCommand, RelaysCommand, RolloutsCommand,
 };
 use crate::config::Settings;
 
@@ -86,6 +86,48 @@ pub async fn run(settings: Settings, command: Command) -> anyhow::Result<()> {
             commands::dashboard::run(&settings, tls, args, &mut stdout).await
         }
         Command::Keys(cmd) => run_keys(cmd),
+        Command::Rollouts(cmd) => {
+            let client = connect_cli(&settings).await?;
+            use protocol::rollout::RolloutAction as A;
+            let result = match cmd {
+                RolloutsCommand::Create(args) => {
+                    commands::rollouts::create(&client, *args, &mut stdout).await
+                }
+                RolloutsCommand::List(args) => {
+                    commands::rollouts::list(&client, args, &mut stdout).await
+                }
+                RolloutsCommand::Show(args) => {
+                    commands::rollouts::show(&client, args, &mut stdout).await
+                }
+                RolloutsCommand::Pause(r) => {
+                    commands::rollouts::act(&client, &r.id, A::Pause, &mut stdout).await
+                }
+                RolloutsCommand::Resume(r) => {
+                    commands::rollouts::act(&client, &r.id, A::Resume, &mut stdout).await
+                }
+                RolloutsCommand::Abort(r) => {
+                    commands::rollouts::act(&client, &r.id, A::Abort, &mut stdout).await
+                }
+                RolloutsCommand::Approve(r) => {
+                    commands::rollouts::act(&client, &r.id, A::Approve, &mut stdout).await
+                }
+            };
+            client.disconnect().await;
+            result
+        }
+        Command::Devices(cmd) => {
+            let client = connect_cli(&settings).await?;
+            let result = match cmd {
+                DevicesCommand::List(args) => {
+                    commands::devices::list(&client, args, &mut stdout).await
+                }
+                DevicesCommand::Tag(args) => {
+                    commands::devices::tag(&client, args, &mut stdout).await
+                }
+            };
+            client.disconnect().await;
+            result
+        }
         Command::Alarms(cmd) => {
             let client = connect_cli(&settings).await?;
             let result = match cmd {

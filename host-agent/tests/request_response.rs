@@ -369,6 +369,14 @@ fn plausible() -> Behaviour {
             | HostRequest::ExportCounters { .. } => HostReply::Error {
                 reason: "no alarms or readings in this stand-in".into(),
             },
+            HostRequest::CreateRollout { .. }
+            | HostRequest::Rollouts
+            | HostRequest::ShowRollout { .. }
+            | HostRequest::ActOnRollout { .. }
+            | HostRequest::Devices { .. }
+            | HostRequest::TagDevices { .. } => HostReply::Error {
+                reason: "no rollouts or devices in this stand-in".into(),
+            },
         })
     })
 }

@@ -13,6 +13,7 @@ use crate::artifact::{ArtifactInfo, Chunk};
 use crate::data::Value;
 use crate::job::{JobDetail, JobView};
 use crate::meter::CounterReading;
+use crate::rollout::{DeviceListing, RolloutAction, RolloutSpec, RolloutView};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -71,6 +72,36 @@ pub enum HostRequest {
         after: Option<String>,
         #[serde(default)]
         serial: Option<String>,
+    },
+    /// Create a rollout: checked whole, then filed; the reply is its view. Deduplicated by msg
+    /// id like a submission (a resend gets the same rollout).
+    CreateRollout {
+        rollout: RolloutSpec,
+    },
+    /// Every rollout, newest first (views without their device and job lists).
+    Rollouts,
+    /// One rollout with its waves' devices and its jobs.
+    ShowRollout {
+        rollout: String,
+    },
+    /// Pause, resume, abort or approve a rollout.
+    ActOnRollout {
+        rollout: String,
+        action: RolloutAction,
+    },
+    /// The devices the relay knows, narrowed by targets (all must match), as a rollout would
+    /// select them.
+    Devices {
+        #[serde(default)]
+        targets: Vec<String>,
+    },
+    /// Add and remove tags on devices (targets select by `tag=`).
+    TagDevices {
+        serials: Vec<String>,
+        #[serde(default)]
+        add: Vec<String>,
+        #[serde(default)]
+        remove: Vec<String>,
     },
 }
 
@@ -176,6 +207,15 @@ pub enum HostReply {
     },
     Relays {
         relays: Vec<crate::relay::RelayView>,
+    },
+    Rollout {
+        rollout: Box<RolloutView>,
+    },
+    Rollouts {
+        rollouts: Vec<RolloutView>,
+    },
+    Devices {
+        devices: Vec<DeviceListing>,
     },
     /// The request itself could not be served (unknown job, undecodable request…).
     Error {

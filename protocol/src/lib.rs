@@ -20,6 +20,7 @@ pub mod meter;
 pub mod presence;
 pub mod proxy;
 pub mod relay;
+pub mod rollout;
 pub mod schedule;
 pub mod shown;
 pub mod topic;

@@ -18,6 +18,7 @@
 //! json/fleet/{serial}/jobs/{job}   broker → hosts    the same views in JSON, for integrators
 //! json/fleet/{serial}/state
 //! json/fleet/{serial}/alarm
+//! json/fleet/rollouts/{rollout}    broker → hosts    retained rollout view (JSON), as `rollouts show`
 //! ```
 
 use std::fmt;
@@ -281,6 +282,11 @@ pub fn json_fleet_state(serial: &Serial) -> String {
     }
     .to_string()
 }
+/// The retained JSON view of a rollout (`R-000001`).
+pub fn json_fleet_rollout(rollout: &str) -> String {
+    format!("json/fleet/rollouts/{rollout}")
+}
+
 pub fn fleet_alarm(serial: &Serial) -> String {
     Topic::FleetAlarm {
         serial: serial.clone(),
@@ -361,6 +367,8 @@ pub const ALL_JSON: &str = "json/fleet/#";
 pub const ALL_FLEET_ALARMS: &str = "fleet/+/alarm";
 /// The same in JSON: what an integrator's `mosquitto_sub` watches for emergencies.
 pub const ALL_JSON_ALARMS: &str = "json/fleet/+/alarm";
+/// Every rollout's JSON view.
+pub const ALL_JSON_ROLLOUTS: &str = "json/fleet/rollouts/+";
 
 /// Checks the MQTT rules for a topic filter: `+` and `#` fill a whole level, `#` only last.
 pub fn is_valid_filter(filter: &str) -> bool {

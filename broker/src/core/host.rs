@@ -103,12 +103,18 @@ fn only_reads(request: &HostRequest) -> bool {
         | HostRequest::Artifacts
         | HostRequest::Alarms { .. }
         | HostRequest::Relays
-        | HostRequest::ExportCounters { .. } => true,
+        | HostRequest::ExportCounters { .. }
+        | HostRequest::Rollouts
+        | HostRequest::ShowRollout { .. }
+        | HostRequest::Devices { .. } => true,
         HostRequest::Submit(_)
         | HostRequest::Cancel { .. }
         | HostRequest::UploadBegin { .. }
         | HostRequest::UploadChunk { .. }
-        | HostRequest::AckAlarm { .. } => false,
+        | HostRequest::AckAlarm { .. }
+        | HostRequest::CreateRollout { .. }
+        | HostRequest::ActOnRollout { .. }
+        | HostRequest::TagDevices { .. } => false,
     }
 }
 
@@ -190,6 +196,20 @@ fn answer(
             after,
             serial,
         } => super::meter::export(txn, &from, &to, after.as_deref(), serial.as_deref()),
+        HostRequest::CreateRollout { rollout } => {
+            super::rollout::create(core, txn, p, host, id, &rollout, now)
+        }
+        HostRequest::Rollouts => super::rollout::list(txn),
+        HostRequest::ShowRollout { rollout } => super::rollout::show(txn, &rollout),
+        HostRequest::ActOnRollout { rollout, action } => {
+            super::rollout::act(core, txn, p, host, &rollout, action, now)
+        }
+        HostRequest::Devices { targets } => super::rollout::devices(txn, &targets),
+        HostRequest::TagDevices {
+            serials,
+            add,
+            remove,
+        } => super::rollout::tag(txn, host, &serials, &add, &remove),
     }
 }
 

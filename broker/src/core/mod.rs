@@ -23,6 +23,7 @@ mod meter;
 mod overflow;
 mod presence;
 pub mod relay;
+mod rollout;
 mod run;
 mod storage;
 mod view_pace;
@@ -145,6 +146,8 @@ struct Pending {
     merged: BTreeSet<u64>,
     /// Firmware chunks devices fetched, already encoded.
     blobs: Vec<Outbound>,
+    /// Rollouts whose views changed.
+    rollouts: BTreeSet<u64>,
     /// What the batch did, logged once the commit has made it true.
     done: Vec<Done>,
 }
@@ -680,6 +683,11 @@ impl Core {
             }
         }
         out.extend(p.blobs);
+        for n in std::mem::take(&mut p.rollouts) {
+            if let Some(Some(v)) = skip_corrupt(rollout::rollout_view(txn, n))? {
+                out.push(v);
+            }
+        }
 
         for (serial, acks) in &p.acks {
             for ack in acks {

@@ -222,6 +222,7 @@ pub async fn run(
                             out.extend(core.overdue(now)?);
                             core.notify_due(now)?;
                             out.extend(core.sweep_gone_nodes(now)?);
+                            out.extend(core.rollouts_tick(now)?);
                         }
                         out.extend(core.alarm_views_due(now)?);
                         out.extend(core.presence_events(Vec::new(), now)?);

@@ -22,6 +22,11 @@ fn encode_error(what: &str, key: impl std::fmt::Display, e: impl std::fmt::Displ
     }
 }
 
+/// A retained view for the router, built elsewhere in the core.
+pub(super) fn retained_view(topic: String, payload: Vec<u8>) -> Outbound {
+    retained(topic, payload)
+}
+
 fn retained(topic: String, payload: Vec<u8>) -> Outbound {
     Outbound {
         topic,

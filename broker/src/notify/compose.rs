@@ -160,6 +160,44 @@ pub fn alarm(alarm: &AlarmView, server: &str) -> Message {
 }
 
 /// A job's end notice (S116): OK or NG, with the reason of an abnormal end.
+/// A rollout that ended: aborted, succeeded or failed, with its counts.
+pub fn rollout(view: &protocol::rollout::RolloutView, event: NotifyEvent, server: &str) -> Message {
+    let subject = one_line(format!(
+        "[chukei] rollout {} ({}) {}{}",
+        view.id,
+        view.name,
+        view.status,
+        view.reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    ));
+    let mut text = String::new();
+    let _ = writeln!(text, "{subject}");
+    let _ = writeln!(text);
+    let _ = writeln!(text, "Rollout:  {} ({})", view.id, view.name);
+    let _ = writeln!(text, "Kind:     {}", view.kind);
+    let _ = writeln!(text, "Status:   {}", view.status);
+    if let Some(reason) = &view.reason {
+        let _ = writeln!(text, "Reason:   {reason}");
+    }
+    let _ = writeln!(text, "Targets:  {}", view.targets.join(" "));
+    let _ = writeln!(text, "Devices:  {}", view.devices);
+    for (status, n) in &view.counts {
+        let _ = writeln!(text, "  {status:<12} {n}");
+    }
+    let _ = writeln!(text, "Host:     {}", view.host);
+    let _ = writeln!(text, "Relay:    {server}");
+    let _ = writeln!(text);
+    let _ = writeln!(text, "Details: host-agent rollouts show {}", view.id);
+    let body = json!({ "event": event.as_str(), "server": server, "rollout": view });
+    Message {
+        subject,
+        text,
+        json: body.to_string(),
+    }
+}
+
 pub fn job(view: &JobView, event: NotifyEvent, server: &str) -> Message {
     let outcome = match event {
         NotifyEvent::JobSucceeded => "ended OK",

@@ -48,6 +48,11 @@ pub enum NotifyEvent {
     Alarm,
     /// A device in periodic mode missed its check-in.
     Overdue,
+    /// A rollout stopped: its failure rate passed the limit, or a person aborted it. Matches
+    /// rules without `serials` only (a rollout is not one device's).
+    RolloutAborted,
+    /// A rollout ended `succeeded` or `failed` (a wave below its success threshold).
+    RolloutFinished,
 }
 
 impl NotifyEvent {
@@ -57,6 +62,8 @@ impl NotifyEvent {
             NotifyEvent::JobFailed => "job-failed",
             NotifyEvent::Alarm => "alarm",
             NotifyEvent::Overdue => "overdue",
+            NotifyEvent::RolloutAborted => "rollout-aborted",
+            NotifyEvent::RolloutFinished => "rollout-finished",
         }
     }
 }
@@ -167,7 +174,8 @@ pub struct MailConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
-    /// One event or a list: `job-succeeded`, `job-failed`, `alarm`, `overdue`.
+    /// One event or a list: `job-succeeded`, `job-failed`, `alarm`, `overdue`,
+    /// `rollout-aborted`, `rollout-finished`.
     #[serde(deserialize_with = "one_or_many")]
     pub on: Vec<NotifyEvent>,
     /// Addresses that get one mail together.
@@ -220,7 +228,7 @@ impl NotifyConfig {
             let which = format!("notify.rules[{}]", i + 1);
             if rule.on.is_empty() {
                 return Err(format!(
-                    "{which}: `on` is empty; use job-succeeded, job-failed, alarm or overdue"
+                    "{which}: `on` is empty; use job-succeeded, job-failed, alarm, overdue, rollout-aborted or rollout-finished"
                 ));
             }
             if rule.mail.is_empty() && rule.webhook.is_none() {

@@ -21,7 +21,7 @@ use protocol::{MsgId, Seq, Serial, Timestamp};
 
 use super::records::{
     AlarmDigest, DeviceRecord, Due, JobRecord, JournalEntry, OverflowRecord, PresenceRecord,
-    QueuedNotification, ReadingCursor,
+    QueuedNotification, ReadingCursor, RolloutRecord,
 };
 use super::{Space, StoreError, seen};
 
@@ -80,6 +80,7 @@ pub trait Txn:
     + NotificationTables
     + ArtifactTables
     + UplinkTables
+    + RolloutTables
     + Send
 {
     /// Makes every write of the transaction durable if it wrote anything (else just ends it), and
@@ -412,4 +413,31 @@ pub trait ReadingTables {
         serial: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<CounterReading>, Option<ReadingCursor>), StoreError>;
+}
+
+/// Rollouts (`rollouts create`) and the tags operators set on devices (`devices tag`), which
+/// rollout targets select by.
+pub trait RolloutTables {
+    /// The next rollout number (1, 2, …), never reused.
+    fn next_rollout_number(&mut self) -> Result<u64, StoreError>;
+
+    fn rollout(&self, n: u64) -> Result<Option<RolloutRecord>, StoreError>;
+
+    /// Writes a rollout; one that has ended leaves the active set.
+    fn put_rollout(&mut self, n: u64, record: &RolloutRecord) -> Result<(), StoreError>;
+
+    /// Every rollout, newest first.
+    fn rollouts_newest_first(&self) -> Result<Vec<(u64, RolloutRecord)>, StoreError>;
+
+    /// The numbers of rollouts that have not ended: what the rollout tick looks at.
+    fn active_rollouts(&self) -> Result<Vec<u64>, StoreError>;
+
+    /// A device's tags, sorted; empty if it has none.
+    fn device_tags(&self, serial: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Replaces a device's tags (none: the row goes).
+    fn put_device_tags(&mut self, serial: &str, tags: &[String]) -> Result<(), StoreError>;
+
+    /// Every device that has tags, with them.
+    fn all_device_tags(&self) -> Result<Vec<(String, Vec<String>)>, StoreError>;
 }

@@ -29,13 +29,13 @@ use serde::de::DeserializeOwned;
 
 pub use interface::{
     AlarmTables, ArtifactTables, DeviceTables, JobTables, JournalTables, NotificationTables,
-    PresenceTables, ReadingTables, Store, StoreStats, Txn, UplinkTables,
+    PresenceTables, ReadingTables, RolloutTables, Store, StoreStats, Txn, UplinkTables,
 };
 pub use pg_store::PgStore;
 pub use records::{
     AlarmDigest, DeviceRecord, Due, JobRecord, JournalEntry, JournalOutcome, MAX_DIGEST_ALARMS,
-    MAX_OVERFLOW_CODES, NotifyChannel, OverflowRecord, PresenceRecord, QueuedNotification,
-    ReadingCursor, alarm_id, alarm_number,
+    MAX_OVERFLOW_CODES, Member, NotifyChannel, OverflowRecord, PresenceRecord, QueuedNotification,
+    ReadingCursor, RolloutRecord, WaveRecord, alarm_id, alarm_number, rollout_id, rollout_number,
 };
 pub use redb_store::format::{FORMAT_VERSION, force_version};
 #[cfg(test)]

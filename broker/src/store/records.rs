@@ -66,6 +66,8 @@ pub enum JournalOutcome {
     /// A host's cancel request withdrew this job; a resend gets the same answer rather than
     /// "already ended".
     Cancel { job: JobId },
+    /// A host's `rollouts create` made this rollout; a resend gets it back.
+    Rollout { rollout: String },
 }
 
 /// The id the broker gives its `n`th alarm: `A-000001`, …
@@ -236,4 +238,92 @@ impl ReadingCursor {
         let n = parts.next()?.parse().ok()?;
         Some(ReadingCursor { at_ms, serial, n })
     }
+}
+
+/// A rollout as the relay keeps it: what was asked, where it stands, and each device's job. The
+/// counts people see are derived from the members' last known job statuses, refreshed by the
+/// rollout tick, so they survive a restart with the record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub id: String,
+    pub name: String,
+    /// The host that created it: its jobs are filed in that host's name.
+    pub host: String,
+    /// The job each device gets, without a serial.
+    pub job: protocol::host::SubmitJob,
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub serials: Vec<String>,
+    pub status: protocol::rollout::RolloutStatus,
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    #[serde(default)]
+    pub start_at: Option<Timestamp>,
+    pub success_threshold_pct: f64,
+    #[serde(default)]
+    pub abort_failure_rate_pct: Option<f64>,
+    pub abort_min_finished: u32,
+    #[serde(default)]
+    pub rate_per_min: Option<u32>,
+    #[serde(default)]
+    pub window: Option<String>,
+    pub approve_each_wave: bool,
+    pub dynamic: bool,
+    /// The wave being filed (0-based).
+    pub wave: usize,
+    /// Waves up to this index may start; with `approve_each_wave`, `rollouts approve` raises it.
+    pub approved: usize,
+    pub waves: Vec<WaveRecord>,
+    /// With a rate: no job is filed before this time.
+    #[serde(default)]
+    pub next_release: Option<Timestamp>,
+    /// Jobs withdrawn when a window closed before their device took them (the device gets a new
+    /// job in the next window); listed among the rollout's jobs.
+    #[serde(default)]
+    pub withdrawn: Vec<u64>,
+    /// When a dynamic rollout last looked for newly matching devices.
+    #[serde(default)]
+    pub scanned_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaveRecord {
+    /// The cumulative share of the devices this wave reaches.
+    pub percent: f64,
+    #[serde(default)]
+    pub started_at: Option<Timestamp>,
+    pub members: Vec<Member>,
+}
+
+/// One device of a wave and its job, once filed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub serial: String,
+    #[serde(default)]
+    pub job: Option<u64>,
+    /// The job's status when the tick last looked.
+    #[serde(default)]
+    pub status: Option<protocol::job::JobStatus>,
+}
+
+impl RolloutRecord {
+    pub fn is_active(&self) -> bool {
+        !self.status.is_final()
+    }
+}
+
+/// The id the relay gives its `n`th rollout: `R-000001`.
+pub fn rollout_id(n: u64) -> String {
+    format!("R-{n:06}")
+}
+
+/// The number behind a rollout id, or `None` for text the relay never gives out.
+pub fn rollout_number(id: &str) -> Option<u64> {
+    let digits = id.strip_prefix("R-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }

@@ -78,6 +78,9 @@ pub struct SimSettings {
     pub fail_health_check_versions: Vec<String>,
     /// The first this many image writes fail their read-back (as a bad flash write would).
     pub fail_writes: u32,
+    /// This share of copiers (chosen by serial, the same each run) fail every firmware write:
+    /// for seeing a rollout abort.
+    pub fail_firmware_percent: u8,
 }
 
 impl Default for SimSettings {
@@ -89,6 +92,7 @@ impl Default for SimSettings {
             write_delay: Duration::ZERO,
             fail_health_check_versions: Vec::new(),
             fail_writes: 0,
+            fail_firmware_percent: 0,
         }
     }
 }
@@ -434,6 +438,12 @@ impl Device for SimCopier {
     }
 
     fn write_image(&mut self, slot: Slot, image: &Path, version: &str) -> Result<(), DeviceError> {
+        if seed_of(&self.serial) % 100 < u64::from(self.sim.fail_firmware_percent) {
+            return Err(DeviceError::Failed(format!(
+                "simulated flash failure: this copier is among the {}% set to fail every firmware write (fail_firmware_percent)",
+                self.sim.fail_firmware_percent
+            )));
+        }
         self.writes += 1;
         let corrupt = self.writes <= self.sim.fail_writes;
         self.slots
@@ -638,5 +648,39 @@ mod tests {
             Value::from("a")
         );
         assert_eq!(id[&Section::Identification]["slot_b"], Value::from("2.0"));
+    }
+
+    #[test]
+    fn a_share_of_copiers_chosen_by_serial_fails_every_firmware_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fw.bin");
+        std::fs::write(&img, b"image 2.0").unwrap();
+        let sim = |p| SimSettings {
+            fail_firmware_percent: p,
+            ..SimSettings::default()
+        };
+        let serials: Vec<Serial> = (0..200)
+            .map(|i| Serial::parse(&format!("SIM-{i:05}")).unwrap())
+            .collect();
+        let failing = |p| {
+            serials
+                .iter()
+                .filter(|s| {
+                    SimCopier::new(s, &sim(p))
+                        .write_image(Slot::B, &img, "2.0")
+                        .is_err()
+                })
+                .count()
+        };
+        assert_eq!(failing(0), 0);
+        assert_eq!(failing(100), 200);
+        let some = failing(30);
+        assert!((30..=90).contains(&some), "{some} of 200 at 30%");
+        // The same copiers each time: a failing one fails again.
+        assert_eq!(failing(30), some);
+        let e = SimCopier::new(&serials[0], &sim(100))
+            .write_image(Slot::B, &img, "2.0")
+            .unwrap_err();
+        assert!(e.to_string().contains("simulated flash failure"), "{e}");
     }
 }

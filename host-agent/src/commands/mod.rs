@@ -6,10 +6,12 @@ pub mod alarms;
 pub mod artifacts;
 pub mod cancel;
 pub mod dashboard;
+pub mod devices;
 pub mod export;
 pub mod keys;
 pub mod list;
 pub mod relays;
+pub mod rollouts;
 pub mod show;
 pub mod submit;
 pub mod watch;
@@ -18,3 +20,12 @@ pub mod watch;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Refusal(pub String);
+
+/// For a request whose refusal is the user's to act on: the relay's reason becomes a
+/// [`Refusal`] (exit 1 with the reason alone); anything else gets `what` as context.
+pub fn refused(what: &'static str) -> impl Fn(crate::client::HostError) -> anyhow::Error {
+    move |e| match e {
+        crate::client::HostError::Refused { reason } => Refusal(reason).into(),
+        other => anyhow::Error::new(other).context(what),
+    }
+}

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use protocol::host::{HostReply, SubmitJob};
 
 use super::Refusal;
-use crate::cli::SubmitArgs;
+use crate::cli::{JobFlags, SubmitArgs};
 use crate::client::HostClient;
 
 /// Sends the submission as typed — the broker is the judge of every field (S103) and records a
@@ -35,11 +35,26 @@ pub async fn run(
 }
 
 /// The flags, as the wire message. Nothing is checked or dropped here — a flag that does not
-/// fit the kind is for the broker to refuse — except one thing the map cannot carry: the same
-/// `--set` name twice, which is a usage error rather than a silent "last one wins".
+/// fit the kind is for the broker to refuse.
 pub fn into_submission(args: SubmitArgs) -> anyhow::Result<SubmitJob> {
+    // A job for a child relay itself is addressed to its id, through it.
+    let (serial, via) = match args.relay {
+        Some(relay) => (relay.clone(), Some(relay)),
+        None => (args.serial.unwrap_or_default(), args.via),
+    };
+    Ok(SubmitJob {
+        serial,
+        via,
+        ..job_of(args.job)?
+    })
+}
+
+/// The job's own flags as a submission without a serial: what `rollouts create` sends as its
+/// template. One check only: the same `--set` name twice, which the map cannot carry, is a usage
+/// error rather than a silent "last one wins".
+pub fn job_of(flags: JobFlags) -> anyhow::Result<SubmitJob> {
     let mut values = BTreeMap::new();
-    for (name, value) in args.set {
+    for (name, value) in flags.set {
         match values.entry(name) {
             Entry::Vacant(slot) => {
                 slot.insert(value);
@@ -49,28 +64,23 @@ pub fn into_submission(args: SubmitArgs) -> anyhow::Result<SubmitJob> {
             }
         }
     }
-    // A job for a child relay itself is addressed to its id, through it.
-    let (serial, via) = match args.relay {
-        Some(relay) => (relay.clone(), Some(relay)),
-        None => (args.serial.unwrap_or_default(), args.via),
-    };
     Ok(SubmitJob {
-        serial,
-        kind: args.kind,
-        sections: args.sections,
-        at: args.at,
-        execute_at: args.execute_at,
-        deadline: args.deadline,
-        max_attempts: args.max_attempts,
+        serial: String::new(),
+        kind: flags.kind,
+        sections: flags.sections,
+        at: flags.at,
+        execute_at: flags.execute_at,
+        deadline: flags.deadline,
+        max_attempts: flags.max_attempts,
         values,
-        merge: args.merge,
-        artifact: args.artifact,
-        mode: args.mode,
-        interval_secs: args.interval_secs,
-        calendar: args.calendar,
-        moments: args.moments,
-        conditions: args.conditions,
-        via,
+        merge: flags.merge,
+        artifact: flags.artifact,
+        mode: flags.mode,
+        interval_secs: flags.interval_secs,
+        calendar: flags.calendar,
+        moments: flags.moments,
+        conditions: flags.conditions,
+        via: None,
     })
 }
 
@@ -81,8 +91,7 @@ mod tests {
 
     #[test]
     fn every_flag_reaches_the_submission_unchanged() {
-        let args = SubmitArgs {
-            serial: Some("c/123".into()),
+        let job = JobFlags {
             kind: "get-dta".into(),
             sections: vec!["counters".into(), "toner".into()],
             at: Some("tomorrow".into()),
@@ -100,6 +109,10 @@ mod tests {
             calendar: vec!["daily:22:00".into()],
             moments: vec!["power-on".into()],
             conditions: vec!["count:total/1000".into()],
+        };
+        let args = SubmitArgs {
+            serial: Some("c/123".into()),
+            job,
             via: Some("R 1".into()),
             relay: None,
         };
@@ -133,11 +146,14 @@ mod tests {
     fn the_same_value_twice_is_a_usage_error() {
         let args = SubmitArgs {
             serial: Some("C1".into()),
-            kind: "update-data".into(),
-            set: vec![
-                ("adjustment.density".into(), Value::Int(6)),
-                ("adjustment.density".into(), Value::Int(7)),
-            ],
+            job: JobFlags {
+                kind: "update-data".into(),
+                set: vec![
+                    ("adjustment.density".into(), Value::Int(6)),
+                    ("adjustment.density".into(), Value::Int(7)),
+                ],
+                ..JobFlags::default()
+            },
             ..SubmitArgs::default()
         };
         let e = into_submission(args).unwrap_err();
@@ -152,7 +168,10 @@ mod tests {
     fn a_job_for_a_child_relay_is_addressed_to_it_through_it() {
         let args = SubmitArgs {
             relay: Some("R1".into()),
-            kind: "get-data".into(),
+            job: JobFlags {
+                kind: "get-data".into(),
+                ..JobFlags::default()
+            },
             ..SubmitArgs::default()
         };
         let job = into_submission(args).unwrap();

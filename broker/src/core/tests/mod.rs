@@ -22,6 +22,7 @@ mod alarms;
 mod kinds;
 mod meter;
 mod relays;
+mod rollouts;
 mod storage;
 
 const LIMIT: usize = 65536;

@@ -13,10 +13,11 @@ use super::Conn;
 use crate::store::StoreError;
 
 /// The schema this release reads and writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Each migration, from version `i` to `i + 1`.
-const MIGRATIONS: [&str; 1] = [r#"
+const MIGRATIONS: [&str; 2] = [
+    r#"
 CREATE TABLE chukei_schema (version integer NOT NULL);
 INSERT INTO chukei_schema (version) VALUES (0);
 
@@ -114,7 +115,14 @@ CREATE TABLE nodes (
     devices bigint NOT NULL
 );
 CREATE TABLE mirrored (topic text COLLATE "C" PRIMARY KEY, payload bytea NOT NULL);
-"#];
+"#,
+    // 2: rollouts and the tags operators set on devices.
+    r#"
+CREATE TABLE rollouts (number bigint PRIMARY KEY, record bytea NOT NULL);
+CREATE TABLE active_rollouts (number bigint PRIMARY KEY);
+CREATE TABLE device_tags (serial text COLLATE "C" PRIMARY KEY, tags bytea NOT NULL);
+"#,
+];
 
 /// The schema version the database holds; `None` without a chukei schema.
 fn found(conn: &Conn, location: &str) -> Result<Option<i32>, StoreError> {

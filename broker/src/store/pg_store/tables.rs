@@ -15,8 +15,9 @@ use crate::store::records::StoredState;
 use crate::store::{
     AlarmDigest, AlarmTables, ArtifactTables, DeviceRecord, DeviceTables, Due, JobRecord,
     JobTables, JournalEntry, JournalTables, NotificationTables, OverflowRecord, PresenceRecord,
-    PresenceTables, QueuedNotification, ReadingCursor, ReadingTables, StoreError, StoreStats,
-    UplinkTables, alarm_id, decode, device_journal, encode, job_id, seen, within_bytes,
+    PresenceTables, QueuedNotification, ReadingCursor, ReadingTables, RolloutRecord, RolloutTables,
+    StoreError, StoreStats, UplinkTables, alarm_id, decode, device_journal, encode, job_id,
+    rollout_id, seen, within_bytes,
 };
 
 fn n64(n: u64) -> P {
@@ -1376,4 +1377,112 @@ pub(super) fn stats(conn: &Conn, location: &str) -> Result<StoreStats, StoreErro
         stats.uplink_waiting = get(5)?;
     }
     Ok(stats)
+}
+
+impl RolloutTables for PgTxn {
+    fn next_rollout_number(&mut self) -> Result<u64, StoreError> {
+        self.next_counter("next_rollout", "allocate a rollout number")
+    }
+
+    fn rollout(&self, n: u64) -> Result<Option<RolloutRecord>, StoreError> {
+        self.blob(
+            "read a rollout",
+            "SELECT record FROM rollouts WHERE number = $1",
+            vec![n64(n)],
+        )?
+        .map(|b| decode("rollouts", rollout_id(n), &b))
+        .transpose()
+    }
+
+    fn put_rollout(&mut self, n: u64, record: &RolloutRecord) -> Result<(), StoreError> {
+        let op = "write a rollout";
+        let bytes = encode("rollouts", rollout_id(n), record)?;
+        self.write(
+            op,
+            "INSERT INTO rollouts (number, record) VALUES ($1, $2)
+             ON CONFLICT (number) DO UPDATE SET record = EXCLUDED.record",
+            vec![n64(n), P::Bytes(bytes)],
+        )?;
+        if record.is_active() {
+            self.write(
+                op,
+                "INSERT INTO active_rollouts (number) VALUES ($1) ON CONFLICT DO NOTHING",
+                vec![n64(n)],
+            )
+        } else {
+            self.write(
+                op,
+                "DELETE FROM active_rollouts WHERE number = $1",
+                vec![n64(n)],
+            )
+        }
+    }
+
+    fn rollouts_newest_first(&self) -> Result<Vec<(u64, RolloutRecord)>, StoreError> {
+        let rows = self.rows(
+            "list rollouts",
+            "SELECT number, record FROM rollouts ORDER BY number DESC",
+            Vec::new(),
+        )?;
+        rows.iter()
+            .map(|r| {
+                let n = u(r, 0)?;
+                Ok((n, decode("rollouts", rollout_id(n), col::<&[u8]>(r, 1)?)?))
+            })
+            .collect()
+    }
+
+    fn active_rollouts(&self) -> Result<Vec<u64>, StoreError> {
+        let rows = self.rows(
+            "list active rollouts",
+            "SELECT number FROM active_rollouts ORDER BY number",
+            Vec::new(),
+        )?;
+        rows.iter().map(|r| u(r, 0)).collect()
+    }
+
+    fn device_tags(&self, serial: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .blob(
+                "read a device's tags",
+                "SELECT tags FROM device_tags WHERE serial = $1",
+                vec![text(serial)],
+            )?
+            .map(|b| decode("device_tags", serial, &b))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    fn put_device_tags(&mut self, serial: &str, tags: &[String]) -> Result<(), StoreError> {
+        let op = "write a device's tags";
+        if tags.is_empty() {
+            return self.write(
+                op,
+                "DELETE FROM device_tags WHERE serial = $1",
+                vec![text(serial)],
+            );
+        }
+        let bytes = encode("device_tags", serial, &tags)?;
+        self.write(
+            op,
+            "INSERT INTO device_tags (serial, tags) VALUES ($1, $2)
+             ON CONFLICT (serial) DO UPDATE SET tags = EXCLUDED.tags",
+            vec![text(serial), P::Bytes(bytes)],
+        )
+    }
+
+    fn all_device_tags(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let rows = self.rows(
+            "read device tags",
+            "SELECT serial, tags FROM device_tags ORDER BY serial",
+            Vec::new(),
+        )?;
+        rows.iter()
+            .map(|r| {
+                let serial: String = col(r, 0)?;
+                let tags = decode("device_tags", &serial, col::<&[u8]>(r, 1)?)?;
+                Ok((serial, tags))
+            })
+            .collect()
+    }
 }

@@ -4,7 +4,8 @@
 //!
 //! Version 1 is every store written before the version was recorded (it has tables but no
 //! record); version 2 records it; version 3 may hold jobs `forwarded` to a child relay and a child
-//! relay's tables (`uplink`, `mirrored`), which a version-2 release would not read.
+//! relay's tables (`uplink`, `mirrored`), which a version-2 release would not read; version 4
+//! adds rollouts and device tags (`rollouts`, `active_rollouts`, `device_tags`).
 
 use std::path::Path;
 
@@ -15,7 +16,7 @@ use super::{META, backend};
 use crate::store::StoreError;
 
 /// The format this release writes and reads.
-pub const FORMAT_VERSION: u64 = 3;
+pub const FORMAT_VERSION: u64 = 4;
 
 /// The version's key in the `meta` table.
 const KEY: &str = "format_version";
@@ -24,7 +25,7 @@ const KEY: &str = "format_version";
 type Step = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// `STEPS[i]` upgrades version `i + 1` to `i + 2`.
-const STEPS: [Step; (FORMAT_VERSION - 1) as usize] = [v1_to_v2, v2_to_v3];
+const STEPS: [Step; (FORMAT_VERSION - 1) as usize] = [v1_to_v2, v2_to_v3, v3_to_v4];
 
 /// Version 2 only starts recording the version (written by [`upgrade`] after every step); the
 /// records themselves are the same.
@@ -34,6 +35,12 @@ fn v1_to_v2(_txn: &WriteTransaction) -> Result<(), StoreError> {
 
 /// Version 3 adds a job status and tables a version-2 store has none of: nothing to convert.
 fn v2_to_v3(_txn: &WriteTransaction) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// Version 4 adds the rollout and device-tag tables: nothing to convert, but a version-3 release
+/// would not see its rollouts.
+fn v3_to_v4(_txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 

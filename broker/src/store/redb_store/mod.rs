@@ -10,6 +10,7 @@ mod backup;
 pub mod format;
 mod notify;
 mod readings;
+mod rollouts;
 mod stats;
 #[cfg(test)]
 pub(crate) mod test_disk;

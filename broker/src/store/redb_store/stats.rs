@@ -30,6 +30,12 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(DIGEST_DUE).map_err(backend(op))?;
     txn.open_table(UPLINK).map_err(backend(op))?;
     txn.open_table(MIRRORED).map_err(backend(op))?;
+    txn.open_table(super::rollouts::ROLLOUTS)
+        .map_err(backend(op))?;
+    txn.open_table(super::rollouts::ACTIVE_ROLLOUTS)
+        .map_err(backend(op))?;
+    txn.open_table(super::rollouts::DEVICE_TAGS)
+        .map_err(backend(op))?;
     Ok(())
 }
 

@@ -1,0 +1,293 @@
+//! Rollouts end to end, with real processes: a relay, simulated fleets and the `host-agent` CLI.
+//! A rollout in waves reaches every matching copier and succeeds, each wave filed only after the
+//! one before it succeeded; a firmware rollout to copiers set to fail aborts by itself and
+//! cancels the jobs of copiers that never took theirs; bad input is refused at create.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use harness::{Host, TestEnv, deadline, poll_until, pseudo_random_bytes};
+use serde_json::Value;
+
+/// `rollouts show ID --json`, polled until its status is `status`.
+async fn wait_for_rollout(host: &Host, id: &str, status: &str, within: Duration) -> Value {
+    let what = format!("rollout {id} {status}");
+    poll_until(&what, within, || async {
+        let out = host.run(["rollouts", "show", id, "--json"]).await;
+        if !out.success() {
+            return Err(format!("`rollouts show` failed: {}", out.stderr.trim()));
+        }
+        let v: Value = serde_json::from_str(&out.stdout)
+            .map_err(|e| format!("not JSON ({e}): {}", out.stdout))?;
+        match v["status"].as_str() {
+            Some(s) if s == status => Ok(v),
+            _ => Err(format!("{}: {}", v["status"], v["counts"])),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `devices list --json` once `n` devices are known.
+async fn devices(host: &Host, n: usize) -> Vec<Value> {
+    poll_until(&format!("{n} devices listed"), deadline(), || async {
+        let out = host.run(["devices", "list", "--json"]).await;
+        let list: Vec<Value> = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
+        if list.len() >= n {
+            Ok(list)
+        } else {
+            Err(format!("{} devices", list.len()))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn time(v: &Value) -> DateTime<Utc> {
+    v.as_str()
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|| panic!("not a time: {v}"))
+}
+
+#[tokio::test]
+async fn a_rollout_in_waves_reaches_every_matching_copier_and_each_wave_waits_for_the_last() {
+    let env = TestEnv::new("a_rollout_in_waves_reaches_every_matching_copier");
+    let broker = env.broker().start().await;
+    let host = env.host("svc", &broker);
+    let _fleet = env.fleet(20).start(&broker).await;
+    let listed = devices(&host, 20).await;
+    // The simulator draws each copier's model from its serial: roll out to the commonest.
+    let mut models: BTreeMap<String, usize> = BTreeMap::new();
+    for d in &listed {
+        *models
+            .entry(d["model"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    let (model, n) = models
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(m, n)| (m.clone(), *n))
+        .unwrap();
+    let target = format!("model={model}");
+    let selected = host
+        .run_ok(["devices", "list", "--target", &target, "--json"])
+        .await;
+    let selected: Vec<Value> = serde_json::from_str(&selected).unwrap();
+    assert_eq!(
+        selected.len(),
+        n,
+        "devices list --target selects as counted"
+    );
+
+    let out = host
+        .run_ok([
+            "rollouts",
+            "create",
+            "--name",
+            "counters",
+            "--kind",
+            "get-data",
+            "--sections",
+            "counters",
+            "--target",
+            &target,
+            "--waves",
+            "20%,60%,100%",
+        ])
+        .await;
+    let id = out.trim().to_owned();
+    assert!(
+        id.starts_with("R-") && !id.contains(char::is_whitespace),
+        "{out}"
+    );
+
+    let v = wait_for_rollout(&host, &id, "succeeded", deadline()).await;
+    assert_eq!(v["devices"], n as u64);
+    assert_eq!(v["counts"]["succeeded"], n as u64);
+    let jobs: Vec<&str> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j.as_str().unwrap())
+        .collect();
+    assert_eq!(jobs.len(), n);
+    // From the job records: no job of a wave was filed before every job of the wave before it
+    // had succeeded (the threshold is 100%).
+    let list = host.list_json(true).await;
+    let by_id: BTreeMap<&str, &Value> = list
+        .iter()
+        .map(|j| (j["id"].as_str().unwrap(), j))
+        .collect();
+    let waves = v["waves"].as_array().unwrap();
+    assert_eq!(waves.len(), 3);
+    let jobs_of = |w: &Value| -> Vec<&Value> {
+        let devices: Vec<&str> = w["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap())
+            .collect();
+        jobs.iter()
+            .map(|j| by_id[j])
+            .filter(|j| devices.contains(&j["serial"].as_str().unwrap()))
+            .collect()
+    };
+    for pair in waves.windows(2) {
+        let (before, after) = (jobs_of(&pair[0]), jobs_of(&pair[1]));
+        let last_success = before.iter().map(|j| time(&j["updated_at"])).max().unwrap();
+        let first_filed = after.iter().map(|j| time(&j["submitted_at"])).min();
+        if let Some(first_filed) = first_filed {
+            assert!(
+                first_filed >= last_success,
+                "a wave's job was filed at {first_filed}, before the wave before it ended at {last_success}"
+            );
+        }
+    }
+    let listed = host.run_ok(["rollouts", "list"]).await;
+    assert!(
+        listed.contains(&id) && listed.contains("succeeded"),
+        "{listed}"
+    );
+}
+
+#[tokio::test]
+async fn a_firmware_rollout_to_failing_copiers_aborts_and_cancels_undelivered_jobs() {
+    let env = TestEnv::new("a_firmware_rollout_to_failing_copiers_aborts");
+    let broker = env.broker().start().await;
+    let host = env.host("svc", &broker);
+    let keys = host.keys_generate(&env.path("keys")).await;
+    let image = env.path("fw.bin");
+    std::fs::write(&image, pseudo_random_bytes(4096, 7)).unwrap();
+    host.upload(&image, "2.0.0", &keys.secret).await;
+    // Five copiers that announce themselves and go away: their jobs are never delivered.
+    let mut away = env.fleet(5).prefix("AWAY").start(&broker).await;
+    devices(&host, 5).await;
+    away.stop().await;
+    // Ten that are online and fail every firmware write.
+    let _failing = env
+        .fleet(10)
+        .prefix("FAIL")
+        .arg("--publisher-key")
+        .arg(&keys.public)
+        .arg("--fail-firmware-percent")
+        .arg("100")
+        .start(&broker)
+        .await;
+    devices(&host, 15).await;
+
+    let id = host
+        .run_ok([
+            "rollouts",
+            "create",
+            "--name",
+            "fw2",
+            "--kind",
+            "firmware",
+            "--artifact",
+            "2.0.0",
+            "--max-attempts",
+            "1",
+            "--target",
+            "serial=*",
+            "--abort-failure-rate",
+            "20%",
+            "--abort-min-finished",
+            "3",
+        ])
+        .await
+        .trim()
+        .to_owned();
+    let v = wait_for_rollout(&host, &id, "aborted", deadline()).await;
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("passed --abort-failure-rate 20%"),
+        "{reason}"
+    );
+    assert_eq!(
+        v["counts"]["canceled"], 5,
+        "the away copiers' jobs were canceled: {}",
+        v["counts"]
+    );
+    // A failed job says why: the simulator's flash failure.
+    let failed = host
+        .list_json(true)
+        .await
+        .into_iter()
+        .find(|j| j["status"] == "failed")
+        .expect("a failed firmware job");
+    let detail = host.show_json(failed["id"].as_str().unwrap()).await;
+    assert!(
+        detail.to_string().contains("simulated flash failure"),
+        "{detail:#}"
+    );
+    let shown = host.run_ok(["rollouts", "show", &id]).await;
+    assert!(
+        shown.contains("aborted") && shown.contains("canceled 5"),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn bad_rollouts_are_refused_at_create_with_a_reason_the_user_can_act_on() {
+    let env = TestEnv::new("bad_rollouts_are_refused_at_create");
+    let broker = env.broker().start().await;
+    let host = env.host("svc", &broker);
+    let _fleet = env.fleet(2).start(&broker).await;
+    devices(&host, 2).await;
+    for (args, want) in [
+        (vec!["--kind", "get-data"], "the target is empty"),
+        (
+            vec!["--kind", "get-data", "--target", "model=NOPE"],
+            "select no device",
+        ),
+        (
+            vec![
+                "--kind", "get-data", "--target", "serial=*", "--waves", "10%,50%",
+            ],
+            "must end at 100%",
+        ),
+        (
+            vec![
+                "--kind",
+                "get-data",
+                "--target",
+                "serial=*",
+                "--success-threshold",
+                "150%",
+            ],
+            "out of range",
+        ),
+        (
+            vec![
+                "--kind",
+                "get-data",
+                "--target",
+                "serial=*",
+                "--window",
+                "daily 02:00-02:00 UTC",
+            ],
+            "never opens",
+        ),
+        (
+            vec![
+                "--kind",
+                "firmware",
+                "--artifact",
+                "9.9.9",
+                "--target",
+                "serial=*",
+            ],
+            "9.9.9",
+        ),
+    ] {
+        let mut full = vec!["rollouts", "create", "--name", "bad"];
+        full.extend(args);
+        let out = host.run(&full).await;
+        assert!(!out.success(), "refused\n{out}");
+        assert!(out.stderr.contains(want), "wanted {want:?}\n{out}");
+    }
+    let listed = host.run(["rollouts", "list", "--json"]).await;
+    assert_eq!(listed.stdout.trim(), "[]", "nothing was created\n{listed}");
+}

@@ -24,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::fleet::LoadShape;
-use crate::scenarios::{Env, alarm, cluster, fanout, idle, pubsub, reports, storm, tree};
+use crate::scenarios::{Env, alarm, cluster, fanout, idle, pubsub, reports, rollout, storm, tree};
 use crate::worker::ReportKind;
 
 /// Measure chukei against bare rumqttd and Mosquitto, one scenario at a time.
@@ -139,6 +139,12 @@ enum Command {
     /// One host submits a job to each of M devices: time until all have it and all have acked
     /// (chukei only).
     JobFanout {
+        #[arg(long, default_value_t = 10_000)]
+        devices: u32,
+    },
+    /// A rollout to M devices in four waves (no rate limit) beside M single jobs on a fresh
+    /// relay: time until all succeeded, and relay CPU (chukei only).
+    Rollout {
         #[arg(long, default_value_t = 10_000)]
         devices: u32,
     },
@@ -320,6 +326,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             .await?,
         ),
         Command::JobFanout { devices } => emit(fanout::run(&env, &targets, devices).await?),
+        Command::Rollout { devices } => emit(rollout::run(&env, &targets, devices).await?),
         Command::Cluster {
             nodes,
             devices_per_node,

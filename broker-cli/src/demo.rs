@@ -91,19 +91,7 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
     let fleet_task = tokio::spawn(device_agent::run_fleet(fleet, stop.clone()));
 
     // The service desk: one GET DATA job per copier.
-    let pem = |p: &std::path::Path| pki::read_pem_file(p);
-    let tls = pki::client_config(
-        &pem(&pki_dir.join(pki::CA_CERT))?,
-        &pem(&host_cert)?,
-        &pem(&host_key)?,
-    )?;
-    // A session suffix, so a `host-agent` run by the user with the same certificate does not take
-    // this session over.
-    let opts = ConnectOptions {
-        client_id: Some(format!("{HOST}:demo")),
-        ..ConnectOptions::default()
-    };
-    let host = HostClient::connect_with(&url, tls.clone(), HostId::parse(HOST)?, opts)
+    let (host, tls) = connect_host(&pki_dir, &host_cert, &host_key, &url)
         .await
         .context("connecting the host")?;
     let dashboard_stop = CancellationToken::new();
@@ -181,6 +169,25 @@ pub async fn run(devices: usize, once: bool, stop: CancellationToken) -> anyhow:
         eprintln!("broker: {e}");
     }
     Ok(code)
+}
+
+/// The service desk's session, as host `service-desk` with the certificate the demo issued
+/// (and that TLS configuration, for the dashboard's sessions). Its client id has a suffix, so a
+/// `host-agent` run by the user with the same certificate does not take this session over.
+pub(crate) async fn connect_host(
+    pki_dir: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    url: &BrokerUrl,
+) -> anyhow::Result<(HostClient, std::sync::Arc<rustls::ClientConfig>)> {
+    let pem = |p: &std::path::Path| pki::read_pem_file(p);
+    let tls = pki::client_config(&pem(&pki_dir.join(pki::CA_CERT))?, &pem(cert)?, &pem(key)?)?;
+    let opts = ConnectOptions {
+        client_id: Some(format!("{HOST}:demo")),
+        ..ConnectOptions::default()
+    };
+    let host = HostClient::connect_with(url, tls.clone(), HostId::parse(HOST)?, opts).await?;
+    Ok((host, tls))
 }
 
 /// Where the demo serves the dashboard: the same address as `host-agent dashboard`'s default,

@@ -11,15 +11,14 @@ use std::time::Duration;
 use anyhow::Context;
 use device_agent::cli::FleetArgs;
 use device_agent::config::{FileConfig, FleetSettings};
-use host_agent::{ConnectOptions, HostClient};
+use protocol::Role;
 use protocol::url::BrokerUrl;
-use protocol::{HostId, Role};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use broker::config::BrokerConfig;
 
-use crate::demo::{follow, once_code, print_counters, submit_get_data};
+use crate::demo::{connect_host, follow, once_code, print_counters, submit_get_data};
 use protocol::data::Section;
 
 const HOST: &str = "service-desk";
@@ -295,18 +294,8 @@ pub async fn run(
     }
 
     // The service desk, on the first node only.
-    let pem = |p: &Path| pki::read_pem_file(p);
-    let tls = pki::client_config(
-        &pem(&pki_dir.join(pki::CA_CERT))?,
-        &pem(&host_cert)?,
-        &pem(&host_key)?,
-    )?;
-    let opts = ConnectOptions {
-        client_id: Some(format!("{HOST}:demo")),
-        ..ConnectOptions::default()
-    };
     let first = &started[0].url;
-    let host = HostClient::connect_with(first, tls, HostId::parse(HOST)?, opts)
+    let (host, _) = connect_host(&pki_dir, &host_cert, &host_key, first)
         .await
         .context("connecting the host to N1")?;
     wait_for_nodes(&db, devices, &stop).await?;

@@ -12,11 +12,11 @@ use anyhow::Context;
 use device_agent::cli::FleetArgs;
 use device_agent::config::{FileConfig, FleetSettings};
 use device_agent::jobs::PublisherKey;
+use host_agent::HostClient;
 use host_agent::upload::{Prepared, upload};
-use host_agent::{ConnectOptions, HostClient};
 use protocol::host::SubmitJob;
 use protocol::url::BrokerUrl;
-use protocol::{HostId, RelayId, Role};
+use protocol::{RelayId, Role};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -24,21 +24,21 @@ use broker::config::BrokerConfig;
 use broker::relays::RelayAssignment;
 
 use crate::demo::{
-    FIRMWARE_VERSION, PATIENCE, demo_firmware_image, follow, once_code, print_counters,
-    submit_get_data, submitted,
+    FIRMWARE_VERSION, PATIENCE, connect_host, demo_firmware_image, follow, once_code,
+    print_counters, submit_get_data, submitted,
 };
 use protocol::data::Section;
 
 const HOST: &str = "service-desk";
 
 /// A relay running in this process.
-struct Relay {
-    url: BrokerUrl,
-    stop: CancellationToken,
-    task: JoinHandle<Result<broker::Ended, broker::BrokerError>>,
+pub(crate) struct Relay {
+    pub(crate) url: BrokerUrl,
+    pub(crate) stop: CancellationToken,
+    pub(crate) task: JoinHandle<Result<broker::Ended, broker::BrokerError>>,
 }
 
-async fn start_relay(cfg: BrokerConfig) -> anyhow::Result<Relay> {
+pub(crate) async fn start_relay(cfg: BrokerConfig) -> anyhow::Result<Relay> {
     let listener = broker::bind(&cfg).await?;
     let port = listener.local_addr()?.port();
     let stop = CancellationToken::new();
@@ -159,17 +159,7 @@ pub async fn run(
     }
 
     // The service desk, at the parent only.
-    let pem = |p: &std::path::Path| pki::read_pem_file(p);
-    let tls = pki::client_config(
-        &pem(&pki_dir.join(pki::CA_CERT))?,
-        &pem(&host_cert)?,
-        &pem(&host_key)?,
-    )?;
-    let opts = ConnectOptions {
-        client_id: Some(format!("{HOST}:demo")),
-        ..ConnectOptions::default()
-    };
-    let host = HostClient::connect_with(&parent.url, tls, HostId::parse(HOST)?, opts)
+    let (host, _) = connect_host(&pki_dir, &host_cert, &host_key, &parent.url)
         .await
         .context("connecting the host to the parent")?;
     wait_for_devices(&host, devices, &stop).await?;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 mod demo;
 mod demo_cluster;
+mod demo_rollout;
 mod demo_tree;
 
 use anyhow::Context;
@@ -499,8 +500,13 @@ struct DemoArgs {
     /// Run a cluster of N relay nodes: a PostgreSQL server and three NATS servers of the demo's
     /// own (Debian's postgresql and nats-server must be installed), copiers spread over the nodes,
     /// the service desk on the first; a GET DATA to every copier crosses the nodes.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "rollout")]
     cluster: Option<usize>,
+    /// Rollouts: 50 simulated copiers of two models; a firmware rollout to one model in three
+    /// waves ends succeeded, a second to copiers set to fail (some switched off) aborts by itself
+    /// and cancels the jobs never delivered.
+    #[arg(long, conflicts_with_all = ["children", "devices"])]
+    rollout: bool,
     /// Exit when every job has ended: 0 if all ended normally, 1 otherwise.
     #[arg(long)]
     once: bool,
@@ -525,9 +531,10 @@ fn init_tracing(quiet: bool, format: LogFormat) {
     use tracing_subscriber::prelude::*;
 
     // rumqttd logs every subscription at info and rustls warns about IP addresses sent as SNI by
-    // common clients; neither helps an operator.
+    // common clients; neither helps an operator. The rollout demo's copiers fail firmware writes
+    // on purpose: its own lines say so, once.
     let default = if quiet {
-        "warn,rumqttd=error,rustls=error"
+        "warn,rumqttd=error,rustls=error,device_agent::jobs::firmware=error"
     } else {
         "info,rumqttd=warn,rustls=error"
     };
@@ -742,6 +749,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async move {
+                if args.rollout {
+                    return demo_rollout::run(args.once, shutdown_on_signal()).await;
+                }
                 match (args.children, args.cluster) {
                     (Some(children), _) => {
                         demo_tree::run(children, args.devices, args.once, shutdown_on_signal())

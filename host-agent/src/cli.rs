@@ -126,7 +126,8 @@ pub enum Command {
 /// Pages: Emergencies (active alarms, device faults first, live, with Acknowledge), Jobs (the
 /// Fig. 9 list, filtered by status or serial; succeeded and canceled jobs leave it after the
 /// relay's retention, as in `jobs list`), Devices (presence, last seen, firmware, counters and a
-/// chart of the total count), Submit (get-data, update-data, firmware, set-schedule) and Cancel.
+/// chart of the total count), Rollouts (a bar per wave; pause, resume, abort, approve), Submit
+/// (get-data, update-data, firmware, set-schedule) and Cancel.
 /// Open pages update by themselves (Server-Sent Events).
 ///
 /// The page's URL is printed alone on stdout. It listens on 127.0.0.1:8080 by default; any

@@ -345,6 +345,17 @@ pub fn finished_in(counts: &BTreeMap<String, u64>) -> u64 {
         .sum()
 }
 
+/// `succeeded 3 · queued 2 · pending 5`: the non-zero counts, the largest first, joined by `sep`.
+pub fn counts_summary(counts: &BTreeMap<String, u64>, sep: &str) -> String {
+    let mut parts: Vec<(&String, &u64)> = counts.iter().filter(|(_, n)| **n > 0).collect();
+    parts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    parts
+        .into_iter()
+        .map(|(s, n)| format!("{s} {n}"))
+        .collect::<Vec<_>>()
+        .join(sep)
+}
+
 /// A device a target selects: `devices list --target`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceListing {

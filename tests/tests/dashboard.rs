@@ -1074,3 +1074,85 @@ async fn wrong_passwords_from_one_address_are_refused_for_a_minute() {
     assert_eq!(json["level"], "WARN", "{line}");
     assert_eq!(json["source"], "127.0.0.1", "{line}");
 }
+
+#[tokio::test]
+async fn the_rollouts_page_follows_waves_live_and_its_buttons_approve_and_need_csrf() {
+    let env = TestEnv::new("the_rollouts_page_follows_waves_live");
+    let broker = env.broker().start().await;
+    let host = env.host("svc", &broker);
+    let fleet = env.fleet(4).start(&broker).await;
+    let (_dash, base) = dashboard(&env, &broker, &[]).await;
+    harness::poll_until("4 devices known", deadline(), || async {
+        let out = host.run(["devices", "list", "--json"]).await;
+        let n = serde_json::from_str::<Vec<serde_json::Value>>(&out.stdout)
+            .map(|v| v.len())
+            .unwrap_or(0);
+        if n == 4 {
+            Ok(())
+        } else {
+            Err(format!("{n} devices"))
+        }
+    })
+    .await
+    .unwrap();
+    // A job of no rollout, which the rollout filter must leave out.
+    let other = host.submit_get_data(&fleet.serial(0)).await;
+    host.wait_for_status(&other, "succeeded", deadline()).await;
+    let id = host
+        .run_ok([
+            "rollouts",
+            "create",
+            "--name",
+            "two-waves",
+            "--kind",
+            "get-data",
+            "--target",
+            "serial=SIM-*",
+            "--waves",
+            "50%,100%",
+            "--approve-each-wave",
+        ])
+        .await
+        .trim()
+        .to_owned();
+    let mut web = Web::new(&base);
+    let page = web.wait_for("/rollouts", "waiting-approval").await;
+    assert!(page.body.contains(&id), "{}", page.body);
+    assert!(page.body.contains("<progress"), "{}", page.body);
+    assert!(page.body.contains("Approve next wave"), "{}", page.body);
+
+    // A button without the session's token is refused, and changes nothing.
+    let forged = web
+        .post(&format!("/rollouts/{id}/abort"), &[("csrf", "forged")])
+        .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN, "{}", forged.body);
+
+    // An open page hears of the change by itself.
+    let mut events = Events::open(&base).await;
+    let approved = web
+        .post(
+            &format!("/rollouts/{id}/approve"),
+            &[("csrf", &page.csrf())],
+        )
+        .await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.body);
+    assert!(approved.body.contains("is running"), "{}", approved.body);
+    loop {
+        let (name, _) = events.next().await;
+        if name == "rollouts" {
+            break;
+        }
+    }
+    web.wait_for("/rollouts?fragment=table", "succeeded").await;
+
+    // The job list filtered by the rollout: its four jobs, not the other one.
+    let jobs = web.get(&format!("/jobs?rollout={id}&all=1")).await;
+    assert_eq!(jobs.status, StatusCode::OK);
+    assert!(!jobs.body.contains(&other), "{}", jobs.body);
+    assert_eq!(
+        jobs.body.matches("tr data-job=").count(),
+        4,
+        "{}",
+        jobs.body
+    );
+}

@@ -291,3 +291,23 @@ async fn bad_rollouts_are_refused_at_create_with_a_reason_the_user_can_act_on() 
     let listed = host.run(["rollouts", "list", "--json"]).await;
     assert_eq!(listed.stdout.trim(), "[]", "nothing was created\n{listed}");
 }
+
+#[test]
+fn the_rollout_demo_succeeds_in_three_waves_then_aborts_the_failing_model() {
+    let out = harness::broker_command(["demo", "--rollout", "--once"]);
+    assert!(out.success(), "{out}");
+    let text = &out.stdout;
+    for want in [
+        "50 copiers announced themselves",
+        "R-000001 running, wave 2/3",
+        "R-000001 succeeded, wave 3/3: succeeded 30",
+        "R-000002 aborted",
+        "canceled 5",
+        "passed --abort-failure-rate 20%",
+    ] {
+        assert!(
+            text.contains(want),
+            "{want:?} missing from the demo's output:\n{text}"
+        );
+    }
+}

@@ -42,34 +42,13 @@ pub async fn run(env: &Env, targets: &[Target], devices: u32) -> anyhow::Result<
 const HOST_WINDOW: usize = 2_000;
 
 async fn one(env: &Env, target: &Target, devices: u32) -> anyhow::Result<Value> {
-    let dir = env.run_dir("job-fanout", target)?;
     let n = u64::from(devices);
-    let mut server = Server::start(target, &dir, &env.pki, devices as usize + 100).await?;
-    let mut fleet = Fleet::start(
-        server.endpoint,
-        &env.pki,
-        &dir,
-        "F",
-        devices,
-        Work::Jobs {
-            resend_after_ms: super::reports::PACED_RESEND_MS,
-            finish: false,
-        },
-        &env.shape,
-    )
-    .await?;
-    fleet.command("connect").await?;
-    fleet
-        .wait_until("devices connected", Duration::from_secs(900), |t, _| {
-            t.subscribed >= n
-        })
-        .await?;
-
-    let host_id = HostId::parse("bench-host")?;
-    let tls = Minter::load(&env.pki)?.client(Role::Host, host_id.as_str())?;
-    let source = std::net::Ipv4Addr::new(127, 0, 0, 21);
-    let mut host = Conn::open(server.endpoint, source, Some(&tls), "bench-host:fanout").await?;
-    host.subscribe(&[topic::host_resp(&host_id)]).await?;
+    let work = Work::Jobs {
+        resend_after_ms: super::reports::PACED_RESEND_MS,
+        finish: false,
+    };
+    let (mut server, fleet, mut host, host_id) =
+        relay_with_fleet(env, target, "job-fanout", devices, work).await?;
 
     let cpu = CpuMeter::start(server.pid());
     let t0 = now_us();
@@ -102,6 +81,43 @@ async fn one(env: &Env, target: &Target, devices: u32) -> anyhow::Result<Value> 
         "delivered_ack_latency": fin.latency.summary_ms(),
         "errors": fin.status.errors,
     }))
+}
+
+/// A fresh relay (run files under `scenario`), `devices` bench devices connected to it doing
+/// `work`, and a host session subscribed to its replies.
+pub async fn relay_with_fleet(
+    env: &Env,
+    target: &Target,
+    scenario: &str,
+    devices: u32,
+    work: Work,
+) -> anyhow::Result<(Server, Fleet, Conn, HostId)> {
+    let dir = env.run_dir(scenario, target)?;
+    let n = u64::from(devices);
+    let server = Server::start(target, &dir, &env.pki, devices as usize + 100).await?;
+    let mut fleet = Fleet::start(
+        server.endpoint,
+        &env.pki,
+        &dir,
+        "F",
+        devices,
+        work,
+        &env.shape,
+    )
+    .await?;
+    fleet.command("connect").await?;
+    fleet
+        .wait_until("devices connected", Duration::from_secs(900), |t, _| {
+            t.subscribed >= n
+        })
+        .await?;
+    let host_id = HostId::parse("bench-host")?;
+    let tls = Minter::load(&env.pki)?.client(Role::Host, host_id.as_str())?;
+    let source = std::net::Ipv4Addr::new(127, 0, 0, 21);
+    let client_id = format!("bench-host:{scenario}");
+    let mut host = Conn::open(server.endpoint, source, Some(&tls), &client_id).await?;
+    host.subscribe(&[topic::host_resp(&host_id)]).await?;
+    Ok((server, fleet, host, host_id))
 }
 
 /// What [`submit_all`] got back.

@@ -8,6 +8,7 @@ pub mod fanout;
 pub mod idle;
 pub mod pubsub;
 pub mod reports;
+pub mod rollout;
 pub mod storm;
 pub mod tree;
 

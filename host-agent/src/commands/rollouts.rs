@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use protocol::job::JobStatus;
-use protocol::rollout::{RolloutAction, RolloutSpec, RolloutView};
+use protocol::rollout::{RolloutAction, RolloutSpec, RolloutView, counts_summary, finished_in};
 
 use super::refused;
 use super::submit::job_of;
@@ -210,24 +209,8 @@ pub fn describe(r: &RolloutView) -> String {
     s
 }
 
-/// `succeeded 3, queued 2, pending 5`, busiest first.
 fn summary(counts: &std::collections::BTreeMap<String, u64>) -> String {
-    let mut parts: Vec<(&String, &u64)> = counts.iter().filter(|(_, n)| **n > 0).collect();
-    parts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    parts
-        .into_iter()
-        .map(|(s, n)| format!("{s} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Jobs of a wave that ended.
-fn ended(counts: &std::collections::BTreeMap<String, u64>) -> u64 {
-    JobStatus::ALL
-        .iter()
-        .filter(|s| s.is_terminal())
-        .map(|s| counts.get(s.as_str()).copied().unwrap_or(0))
-        .sum()
+    counts_summary(counts, ", ")
 }
 
 /// A bar per wave (ended jobs of its devices) until the rollout ends; then its description.
@@ -266,7 +249,7 @@ async fn watch(
         ));
         for (bar, w) in waves.iter().zip(&rollout.waves) {
             bar.set_length(w.devices.len() as u64);
-            bar.set_position(ended(&w.counts));
+            bar.set_position(finished_in(&w.counts));
             bar.set_message(summary(&w.counts));
         }
         if rollout.status.is_final() {

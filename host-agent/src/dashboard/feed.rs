@@ -1,5 +1,5 @@
-//! The dashboard's subscription to the relay's fleet views: `fleet/+/jobs/+`, `fleet/+/state`
-//! and `fleet/+/alarm` (topics.md), decoded into the [`Model`].
+//! The dashboard's subscription to the relay's fleet views: `fleet/+/jobs/+`, `fleet/+/state`,
+//! `fleet/+/alarm` and `json/fleet/rollouts/+` (topics.md), decoded into the [`Model`].
 //!
 //! A session of its own (client id `HOST:dashboard-feed-…`), apart from the [`HostClient`] that
 //! carries requests, because `HostClient` routes job views and alarms but not device state; the
@@ -61,6 +61,7 @@ pub async fn run(
         topic::ALL_FLEET_JOBS,
         ALL_FLEET_STATES,
         topic::ALL_FLEET_ALARMS,
+        topic::ALL_JSON_ROLLOUTS,
     ];
     let mut backoff = BACKOFF_MIN;
     let mut resync: Option<tokio::task::JoinHandle<()>> = None;
@@ -143,6 +144,10 @@ async fn end_resync(model: Arc<Model>, client: Arc<HostClient>) {
 /// Decodes one view into the model. Undecodable payloads are logged and skipped: one bad
 /// message must not blank the page.
 pub fn apply(model: &Model, topic: &str, payload: &[u8]) {
+    if topic.starts_with("json/fleet/rollouts/") {
+        model.rollout_changed();
+        return;
+    }
     match Topic::parse(topic) {
         Ok(Topic::FleetAlarm { serial }) => {
             if payload.is_empty() {

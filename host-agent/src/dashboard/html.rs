@@ -22,6 +22,7 @@ pub enum Page {
     Emergencies,
     Jobs,
     Devices,
+    Rollouts,
     Submit,
     Login,
 }
@@ -32,6 +33,7 @@ impl Page {
             Page::Emergencies => "emergencies",
             Page::Jobs => "jobs",
             Page::Devices => "devices",
+            Page::Rollouts => "rollouts",
             Page::Submit => "submit",
             Page::Login => "login",
         }
@@ -58,6 +60,7 @@ pub fn layout(f: &Frame<'_>, body: Markup) -> Markup {
         (Page::Emergencies, "/", "Emergencies"),
         (Page::Jobs, "/jobs", "Jobs"),
         (Page::Devices, "/devices", "Devices"),
+        (Page::Rollouts, "/rollouts", "Rollouts"),
         (Page::Submit, "/submit", "Submit a job"),
     ];
     html! {
@@ -209,6 +212,8 @@ pub struct JobFilter {
     pub serial: String,
     /// Also the normal ends past the relay's retention (`jobs list --all`).
     pub all: bool,
+    /// Only the jobs of this rollout (R-000001), as its view lists them.
+    pub rollout: String,
 }
 
 impl JobFilter {
@@ -235,6 +240,11 @@ pub fn jobs(filter: &JobFilter, table: Markup) -> Markup {
                 label for="f-serial" { "Serial" }
                 input #f-serial name="serial" type="text" value=(filter.serial) autocomplete="off"
                     placeholder="e.g. C123" pattern="[A-Za-z0-9-]{0,64}";
+            }
+            div.field {
+                label for="f-rollout" { "Rollout" }
+                input #f-rollout name="rollout" type="text" value=(filter.rollout) autocomplete="off"
+                    placeholder="e.g. R-000001" pattern="R-[0-9]{1,20}|";
             }
             div.field.check {
                 input #f-all name="all" type="checkbox" value="1" checked[filter.all];

@@ -8,6 +8,7 @@
 //! - [`model`]: active alarms and device states, and a broadcast of what changed.
 //! - [`routes`]: the axum router and the handlers; requests (list, submit, cancel, ack, meter
 //!   readings, uploads) go through the [`HostClient`] and its `host/{id}/resp`.
+//! - [`rollouts`]: the Rollouts page (waves as progress bars, pause/resume/abort/approve).
 //! - [`html`] and [`chart`]: server-rendered HTML (maud: every value escaped) and the SVG chart.
 //! - [`sse`]: the live stream (Server-Sent Events).
 //! - [`auth`]: password (argon2 hash), session cookie and CSRF tokens.
@@ -28,6 +29,7 @@ pub mod feed;
 pub mod hosts;
 pub mod html;
 pub mod model;
+pub mod rollouts;
 pub mod routes;
 pub mod sse;
 pub mod submit;

@@ -20,6 +20,8 @@ pub enum Change {
     Alarms,
     Devices,
     Jobs,
+    /// A rollout's view changed (`json/fleet/rollouts/+`).
+    Rollouts,
     /// The session to the relay went up or down.
     Link,
 }
@@ -65,6 +67,11 @@ impl Model {
     fn notify(&self, change: Change) {
         // No page open is not an error.
         let _ = self.changes.send(change);
+    }
+
+    /// A rollout's retained view arrived: open Rollouts pages fetch their list again.
+    pub fn rollout_changed(&self) {
+        self.notify(Change::Rollouts);
     }
 
     /// Every change from now on.

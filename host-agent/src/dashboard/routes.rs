@@ -26,7 +26,7 @@ use super::hosts::{self, AllowedHosts};
 use super::html::{self, Frame, JobFilter, Page, SubmitForm};
 use super::model::Model;
 use super::throttle::LoginThrottle;
-use super::{sse, submit, throttle};
+use super::{rollouts, sse, submit, throttle};
 use crate::client::{HostClient, HostError, unexpected};
 use crate::keys::SigningKey;
 use crate::upload::{self, Prepared};
@@ -69,6 +69,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/jobs", get(jobs))
         .route("/jobs/:id/cancel", post(cancel))
         .route("/devices", get(devices))
+        .route("/rollouts", get(rollouts))
+        .route("/rollouts/:id/:action", post(rollout_action))
         .route(
             "/submit",
             get(submit_form)
@@ -222,6 +224,7 @@ struct JobsQuery {
     status: Option<String>,
     serial: Option<String>,
     all: Option<String>,
+    rollout: Option<String>,
     /// `table`: only the table, for the page's script.
     fragment: Option<String>,
 }
@@ -246,10 +249,30 @@ async fn jobs(
         status,
         serial: q.serial.unwrap_or_default(),
         all: q.all.is_some_and(|v| !v.is_empty()),
+        rollout: q.rollout.unwrap_or_default().trim().to_owned(),
     };
-    let table = match app.client.list(filter.all).await {
-        Ok(all) => {
-            let shown: Vec<_> = all.into_iter().filter(|j| filter.keeps(j)).collect();
+    // A rollout filter keeps the jobs its view lists.
+    let of_rollout = if filter.rollout.is_empty() {
+        Ok(None)
+    } else {
+        app.client.rollout(&filter.rollout).await.map(|r| {
+            Some(
+                r.jobs
+                    .into_iter()
+                    .collect::<std::collections::BTreeSet<_>>(),
+            )
+        })
+    };
+    let listed = match of_rollout {
+        Ok(ids) => app.client.list(filter.all).await.map(|all| (all, ids)),
+        Err(e) => Err(e),
+    };
+    let table = match listed {
+        Ok((all, ids)) => {
+            let shown: Vec<_> = all
+                .into_iter()
+                .filter(|j| filter.keeps(j) && ids.as_ref().is_none_or(|ids| ids.contains(&j.id)))
+                .collect();
             html::jobs_table(&shown, &s.csrf)
         }
         Err(e) => {
@@ -274,6 +297,90 @@ async fn jobs(
         page(&app, Page::Jobs, "Jobs", &s, html::jobs(&filter, table)),
     )
         .into_response()
+}
+
+#[derive(Deserialize, Default)]
+struct RolloutsQuery {
+    /// `table`: only the list, for the page's script.
+    fragment: Option<String>,
+}
+
+async fn rollouts(
+    State(app): State<Arc<App>>,
+    Extension(s): Extension<Session>,
+    Query(q): Query<RolloutsQuery>,
+) -> Response {
+    let (code, table) = match app.client.rollouts().await {
+        Ok(list) => (StatusCode::OK, rollouts::list(&list, &s.csrf)),
+        Err(e) => {
+            warn!(error = %e, "dashboard: listing rollouts failed");
+            (
+                relay_status(&e),
+                html::notice(false, &format!("The relay did not give the rollouts: {e}")),
+            )
+        }
+    };
+    if q.fragment.as_deref() == Some("table") {
+        return (code, Html(table.into_string())).into_response();
+    }
+    (
+        code,
+        page(&app, Page::Rollouts, "Rollouts", &s, rollouts::page(table)),
+    )
+        .into_response()
+}
+
+/// The buttons of the Rollouts page: pause, resume, abort or approve, each with the CSRF token.
+async fn rollout_action(
+    State(app): State<Arc<App>>,
+    Extension(s): Extension<Session>,
+    Path((id, action)): Path<(String, String)>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if !auth::csrf_ok(&s, f.csrf.as_deref()) {
+        return forbidden(&app, &s);
+    }
+    use protocol::rollout::RolloutAction as A;
+    let back = ("/rollouts", "Back to the rollouts");
+    let action = match action.as_str() {
+        "pause" => A::Pause,
+        "resume" => A::Resume,
+        "abort" => A::Abort,
+        "approve" => A::Approve,
+        other => {
+            return outcome(
+                &app,
+                &s,
+                StatusCode::NOT_FOUND,
+                "Unknown action",
+                &format!(
+                    "{other:?} is not something a rollout does: pause, resume, abort or approve."
+                ),
+                back,
+            );
+        }
+    };
+    match app.client.act_on_rollout(&id, action).await {
+        Ok(r) => {
+            info!(rollout = %r.id, action = action.as_str(), status = %r.status, "dashboard: rollout changed");
+            outcome(
+                &app,
+                &s,
+                StatusCode::OK,
+                "Rollout changed",
+                &format!("{} is {}.", r.id, r.status),
+                back,
+            )
+        }
+        Err(e) => outcome(
+            &app,
+            &s,
+            relay_status(&e),
+            "Not changed",
+            &format!("{id} was not changed: {e}"),
+            back,
+        ),
+    }
 }
 
 #[derive(Deserialize, Default)]

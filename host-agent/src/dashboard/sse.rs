@@ -3,7 +3,7 @@
 //!
 //! - `alarms`: the Emergencies list, rendered for this session (its ack forms carry the
 //!   session's CSRF token); the page swaps it in and announces new alarms.
-//! - `jobs`, `devices`: a job or a device changed; the page fetches its table again (the job list
+//! - `jobs`, `devices`, `rollouts`: a job, a device or a rollout changed; the page fetches its table again (the job list
 //!   is the relay's answer to `list`, which the model does not copy).
 //! - `link`: `up` or `down`, the dashboard's session to the relay.
 //!
@@ -48,9 +48,13 @@ pub fn stream(
                 match next {
                     Ok(change) => queue.push(change),
                     // Too slow to keep up: send everything afresh.
-                    Err(RecvError::Lagged(_)) => {
-                        queue.extend([Change::Link, Change::Devices, Change::Jobs, Change::Alarms])
-                    }
+                    Err(RecvError::Lagged(_)) => queue.extend([
+                        Change::Link,
+                        Change::Devices,
+                        Change::Jobs,
+                        Change::Rollouts,
+                        Change::Alarms,
+                    ]),
                     Err(RecvError::Closed) => return None,
                 }
             }
@@ -69,6 +73,7 @@ fn event_for(model: &Model, session: &Session, change: Change) -> Event {
         }
         Change::Devices => Event::default().event("devices").data("changed"),
         Change::Jobs => Event::default().event("jobs").data("changed"),
+        Change::Rollouts => Event::default().event("rollouts").data("changed"),
         Change::Link => {
             Event::default()
                 .event("link")

@@ -87,4 +87,5 @@
   });
   es.addEventListener("jobs", function () { refetch("jobs-table"); });
   es.addEventListener("devices", function () { refetch("devices-table"); });
+  es.addEventListener("rollouts", function () { refetch("rollouts-table"); });
 }());

@@ -235,6 +235,7 @@ async fn follow(
             last = line;
         }
         if r.status.is_final() {
+            print_waves(&r);
             return Ok(Some(r));
         }
         tokio::select! {
@@ -242,6 +243,25 @@ async fn follow(
             () = tokio::time::sleep_until(deadline) => return Ok(None),
             () = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
+    }
+}
+
+/// One line per wave: its share, its devices, when it started (after the rollout's creation)
+/// and how its jobs ended. Waves go by faster than the lines above can show each: a wave starts
+/// in the batch that ends the wave before it.
+fn print_waves(r: &RolloutView) {
+    for (i, w) in r.waves.iter().enumerate() {
+        let started = w.started_at.map_or("never started".to_owned(), |t| {
+            let ms = (t - r.created_at).num_milliseconds();
+            format!("started at +{:.1} s", ms as f64 / 1000.0)
+        });
+        println!(
+            "  wave {} reaches {}%: {} devices, {started}: {}",
+            i + 1,
+            w.percent,
+            w.devices.len(),
+            protocol::rollout::counts_summary(&w.counts, " · ")
+        );
     }
 }
 

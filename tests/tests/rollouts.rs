@@ -299,7 +299,9 @@ fn the_rollout_demo_succeeds_in_three_waves_then_aborts_the_failing_model() {
     let text = &out.stdout;
     for want in [
         "50 copiers announced themselves",
-        "R-000001 running, wave 2/3",
+        "wave 1 reaches 10%: 3 devices, started at +0.0 s: succeeded 3",
+        "wave 2 reaches 50%: 12 devices, started at +",
+        "wave 3 reaches 100%: 15 devices, started at +",
         "R-000001 succeeded, wave 3/3: succeeded 30",
         "R-000002 aborted",
         "canceled 5",

@@ -615,6 +615,9 @@ impl Core {
         mut p: Pending,
         now: Timestamp,
     ) -> Result<(Vec<Outbound>, Vec<Outbound>), StoreError> {
+        if !p.ended.is_empty() {
+            rollout::follow_ended_jobs(self, txn, &mut p, now)?;
+        }
         for serial in std::mem::take(&mut p.seen) {
             if p.states.contains(&serial) {
                 continue;

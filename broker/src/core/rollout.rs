@@ -60,7 +60,7 @@ pub(super) fn create(
             },
         },
     )?;
-    take_step(core, txn, p, n, &mut record, now)?;
+    take_step(core, txn, p, n, &mut record, step::Refresh::All, now)?;
     txn.put_rollout(n, &record)?;
     p.rollouts.insert(n);
     Ok(HostReply::Rollout {
@@ -157,7 +157,7 @@ pub(super) fn act(
     info!(host = %host, rollout = %r.id, action = action.as_str(), status = %r.status, "rollout changed");
     r.updated_at = now;
     apply(core, txn, p, &r, fx, now)?;
-    take_step(core, txn, p, n, &mut r, now)?;
+    take_step(core, txn, p, n, &mut r, step::Refresh::All, now)?;
     txn.put_rollout(n, &r)?;
     p.rollouts.insert(n);
     Ok(HostReply::Rollout {
@@ -241,6 +241,7 @@ fn take_step(
     p: &mut Pending,
     n: u64,
     r: &mut RolloutRecord,
+    refresh: step::Refresh<'_>,
     now: Timestamp,
 ) -> Result<bool, StoreError> {
     let defaults = core.defaults();
@@ -248,7 +249,7 @@ fn take_step(
         server: &core.settings.server_name,
         defaults: &defaults,
     };
-    let fx = step::advance(txn, r, &filing, now)?;
+    let fx = step::advance(txn, r, &filing, refresh, now)?;
     let changed = fx.changed;
     apply(core, txn, p, r, fx, now)?;
     if changed {
@@ -334,7 +335,7 @@ impl Core {
                 }
                 Err(e) => return Err(e),
             };
-            if take_step(self, &mut *txn, &mut p, n, &mut r, now)? {
+            if take_step(self, &mut *txn, &mut p, n, &mut r, step::Refresh::All, now)? {
                 txn.put_rollout(n, &r)?;
             }
         }
@@ -352,6 +353,44 @@ impl Core {
         }
         Ok(out)
     }
+}
+
+/// Jobs of rollouts that ended in this batch move their rollouts on in it: the next wave is
+/// filed, or the rollout ends, without waiting for the tick. Called by [`Core::finish`] before
+/// it builds what the batch publishes, so the orders of jobs filed here go out with it.
+pub(super) fn follow_ended_jobs(
+    core: &Core,
+    txn: &mut dyn Txn,
+    p: &mut Pending,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let mut by_rollout: std::collections::BTreeMap<u64, Vec<(u64, protocol::job::JobStatus)>> =
+        std::collections::BTreeMap::new();
+    for &n in &p.ended {
+        if let Ok(Some(job)) = txn.job(n)
+            && let Some(r) = job.rollout
+        {
+            by_rollout.entry(r).or_default().push((n, job.view.status));
+        }
+    }
+    for (n, ended) in by_rollout {
+        let mut r = match txn.rollout(n) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) if e.is_corrupt_record() => continue,
+            Err(e) => return Err(e),
+        };
+        let changed = if r.is_active() {
+            take_step(core, txn, p, n, &mut r, step::Refresh::Ended(&ended), now)?
+        } else {
+            step::record_ended(&mut r, &ended, now)
+        };
+        if changed {
+            txn.put_rollout(n, &r)?;
+            p.rollouts.insert(n);
+        }
+    }
+    Ok(())
 }
 
 /// The retained JSON view of rollout `n` as the batch left it.

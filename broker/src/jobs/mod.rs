@@ -239,6 +239,7 @@ fn accepted(
             max_attempts: v.max_attempts.unwrap_or(defaults.max_attempts),
         }),
         ended_at: None,
+        rollout: None,
     }
 }
 
@@ -285,6 +286,7 @@ fn rejected(
         },
         order: None,
         ended_at: Some(now),
+        rollout: None,
     }
 }
 

@@ -1,5 +1,6 @@
-//! One step of a rollout, taken by the relay's once-a-second tick (and at once after a person acts
-//! on it): start it when its time comes, read its jobs' statuses, abort it when too many failed,
+//! One step of a rollout, taken in the batch that ends one of its jobs ([`Refresh::Ended`]), by
+//! the relay's once-a-second tick ([`Refresh::All`]: time decides start, rate and window), and at
+//! once after a person acts on it: start it when its time comes, read its jobs' statuses, abort it when too many failed,
 //! withdraw what a closing window left undelivered, move to the next wave once this one
 //! succeeded enough, end it, and file the jobs its wave, rate and window allow now.
 //!
@@ -27,6 +28,14 @@ pub struct Filing<'a> {
     pub defaults: &'a Defaults,
 }
 
+/// Where a step learns its jobs' statuses.
+pub enum Refresh<'a> {
+    /// From the store: every job not known to have ended (the tick).
+    All,
+    /// These jobs ended in the batch being handled (their rollout moves on at once).
+    Ended(&'a [(u64, JobStatus)]),
+}
+
 /// What one step did besides changing the record.
 #[derive(Default)]
 pub struct Effects {
@@ -45,6 +54,7 @@ pub fn advance(
     txn: &mut dyn Txn,
     r: &mut RolloutRecord,
     filing: &Filing<'_>,
+    refresh: Refresh<'_>,
     now: Timestamp,
 ) -> Result<Effects, StoreError> {
     let mut fx = Effects::default();
@@ -61,7 +71,10 @@ pub fn advance(
         }
         fx.changed = true;
     }
-    refresh(txn, r, &mut fx)?;
+    match refresh {
+        Refresh::All => read_statuses(txn, r, &mut fx)?,
+        Refresh::Ended(ended) => take_statuses(r, ended, &mut fx),
+    }
     if let Some(reason) = too_many_failed(r) {
         abort(txn, r, reason, now, &mut fx)?;
         return Ok(finish(r, now, fx));
@@ -71,7 +84,7 @@ pub fn advance(
     if !open {
         withdraw_undelivered(txn, r, now, &mut fx)?;
     }
-    if r.dynamic {
+    if r.dynamic && matches!(refresh, Refresh::All) {
         rescan(txn, r, now, &mut fx)?;
     }
     progress(r, now, &mut fx);
@@ -88,8 +101,32 @@ fn finish(r: &mut RolloutRecord, now: Timestamp, fx: Effects) -> Effects {
     fx
 }
 
+/// Records the end of jobs of a rollout that has itself ended (its jobs that were running go on
+/// to their own end): returns whether anything changed.
+pub fn record_ended(r: &mut RolloutRecord, ended: &[(u64, JobStatus)], now: Timestamp) -> bool {
+    let mut fx = Effects::default();
+    take_statuses(r, ended, &mut fx);
+    if fx.changed {
+        r.updated_at = now;
+    }
+    fx.changed
+}
+
+/// Sets the statuses of jobs the batch ended.
+fn take_statuses(r: &mut RolloutRecord, ended: &[(u64, JobStatus)], fx: &mut Effects) {
+    let ended: std::collections::HashMap<u64, JobStatus> = ended.iter().copied().collect();
+    for m in r.waves.iter_mut().flat_map(|w| w.members.iter_mut()) {
+        if let Some(status) = m.job.and_then(|n| ended.get(&n))
+            && m.status != Some(*status)
+        {
+            m.status = Some(*status);
+            fx.changed = true;
+        }
+    }
+}
+
 /// Reads the status of every job not known to have ended.
-fn refresh(txn: &dyn Txn, r: &mut RolloutRecord, fx: &mut Effects) -> Result<(), StoreError> {
+fn read_statuses(txn: &dyn Txn, r: &mut RolloutRecord, fx: &mut Effects) -> Result<(), StoreError> {
     for m in r.waves.iter_mut().flat_map(|w| w.members.iter_mut()) {
         let Some(n) = m.job else { continue };
         if m.status.is_some_and(JobStatus::is_terminal) {
@@ -110,6 +147,15 @@ fn refresh(txn: &dyn Txn, r: &mut RolloutRecord, fx: &mut Effects) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// A job's status as the store has it now (`None`: gone or unreadable).
+fn current_status(txn: &dyn Txn, n: u64) -> Result<Option<JobStatus>, StoreError> {
+    match txn.job(n) {
+        Ok(job) => Ok(job.map(|j| j.view.status)),
+        Err(e) if e.is_corrupt_record() => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Statuses that count as a device's failure: the job ran (or could not) and did not succeed.
@@ -155,9 +201,17 @@ pub fn abort(
 ) -> Result<(), StoreError> {
     let host = rollout_host(r);
     for m in r.waves.iter_mut().flat_map(|w| w.members.iter_mut()) {
-        let (Some(n), Some(JobStatus::Queued | JobStatus::Forwarded)) = (m.job, m.status) else {
+        let Some(n) = m.job else { continue };
+        if m.status.is_some_and(JobStatus::is_terminal) {
+            continue;
+        }
+        let Some(status) = current_status(txn, n)? else {
             continue;
         };
+        m.status = Some(status);
+        if !matches!(status, JobStatus::Queued | JobStatus::Forwarded) {
+            continue;
+        }
         if let cancel::CancelOutcome::Canceled { n, record } =
             cancel::cancel(txn, &host, job_id(n).as_str(), now)?
         {
@@ -186,6 +240,15 @@ fn withdraw_undelivered(
         let (Some(n), Some(JobStatus::Queued)) = (m.job, m.status) else {
             continue;
         };
+        // As it is now: a job its device took since the last step stays.
+        let status = current_status(txn, n)?;
+        if status != Some(JobStatus::Queued) {
+            if status.is_some() && status != m.status {
+                m.status = status;
+                fx.changed = true;
+            }
+            continue;
+        }
         if let cancel::CancelOutcome::Canceled { n, record } =
             cancel::cancel(txn, &host, job_id(n).as_str(), now)?
         {
@@ -334,6 +397,7 @@ fn release(
     let refuse_via = |_: &protocol::RelayId, _: &protocol::Serial| {
         Err("a rollout's job names no child relay".to_owned())
     };
+    let this = crate::store::rollout_number(&r.id);
     let mut filed_any = false;
     'waves: for wave in r.waves.iter_mut().take(r.wave + 1) {
         for m in wave.members.iter_mut().filter(|m| m.job.is_none()) {
@@ -344,7 +408,7 @@ fn release(
                 serial: m.serial.clone(),
                 ..r.job.clone()
             };
-            let (n, record) = jobs::submit(
+            let (n, mut record) = jobs::submit(
                 txn,
                 &host,
                 &req,
@@ -353,6 +417,11 @@ fn release(
                 &refuse_via,
                 now,
             )?;
+            if this.is_some() {
+                // So that its end moves the rollout on in the batch that ends it.
+                record.rollout = this;
+                txn.put_job(n, &record)?;
+            }
             m.job = Some(n);
             m.status = Some(record.view.status);
             fx.filed.push((n, record));

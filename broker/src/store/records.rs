@@ -18,6 +18,9 @@ pub struct JobRecord {
     /// When the job reached an end state; what "hidden from the default list after a while" counts from.
     #[serde(default)]
     pub ended_at: Option<Timestamp>,
+    /// The rollout that filed it: when it ends, its rollout moves on in the same batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<u64>,
 }
 
 impl JobRecord {

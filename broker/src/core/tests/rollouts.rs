@@ -111,15 +111,21 @@ fn jobs_by_serial(core: &Core, v: &RolloutView) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Every device with a job in `v` ends it with `status` (all of them, or those `which` picks).
-fn finish_jobs(core: &Core, v: &RolloutView, status: JobStatus, which: impl Fn(&str) -> bool) {
+/// Every device with a job in `v` ends it with `status` (all of them, or those `which` picks);
+/// returns what that batch published.
+fn finish_jobs(
+    core: &Core,
+    v: &RolloutView,
+    status: JobStatus,
+    which: impl Fn(&str) -> bool,
+) -> Vec<Outbound> {
     let mut msgs = Vec::new();
     for (s, j) in jobs_by_serial(core, v) {
         if which(&s) && !detail(core, &j).view.status.is_terminal() {
             msgs.push(update(&s, 100 + msgs.len() as u64, &j, status, None));
         }
     }
-    core.handle_batch(msgs, t(9, 1)).unwrap();
+    core.handle_batch(msgs, t(9, 1)).unwrap()
 }
 
 fn count(v: &RolloutView, status: &str) -> u64 {
@@ -144,15 +150,21 @@ fn waves_start_when_the_one_before_succeeded_and_the_rollout_ends_succeeded() {
     core.rollouts_tick(t(9, 1)).unwrap();
     assert_eq!(show(&core, "R-000001", t(9, 1)).jobs.len(), 3);
 
-    finish_jobs(&core, &v, JobStatus::Succeeded, |_| true);
-    core.rollouts_tick(t(9, 2)).unwrap();
+    // The batch that ends the first wave's last job files the second wave and sends its orders:
+    // no wait for the tick.
+    let out = finish_jobs(&core, &v, JobStatus::Succeeded, |_| true);
     let v = show(&core, "R-000001", t(9, 2));
     assert_eq!(v.wave, 1);
     assert_eq!(v.jobs.len(), 6);
     assert_eq!(v.waves[1].counts.get("queued"), Some(&3));
+    for (s, j) in jobs_by_serial(&core, &v).into_iter().skip(3) {
+        assert!(
+            find(&out, &format!("dev/{s}/jobs/{j}")).is_some(),
+            "the order for {s} went out with the batch"
+        );
+    }
 
-    finish_jobs(&core, &v, JobStatus::Succeeded, |_| true);
-    let out = core.rollouts_tick(t(9, 3)).unwrap();
+    let out = finish_jobs(&core, &v, JobStatus::Succeeded, |_| true);
     let v = show(&core, "R-000001", t(9, 3));
     assert_eq!(v.status, RolloutStatus::Succeeded);
     assert_eq!(count(&v, "succeeded"), 6);
@@ -160,6 +172,14 @@ fn waves_start_when_the_one_before_succeeded_and_the_rollout_ends_succeeded() {
     let published = find(&out, "json/fleet/rollouts/R-000001").expect("rollout view published");
     let json: RolloutView = serde_json::from_slice(&published.payload).unwrap();
     assert_eq!(json.status, RolloutStatus::Succeeded);
+    // The tick after finds nothing to do.
+    assert!(
+        find(
+            &core.rollouts_tick(t(9, 4)).unwrap(),
+            "json/fleet/rollouts/R-000001"
+        )
+        .is_none()
+    );
 }
 
 #[test]
@@ -172,8 +192,8 @@ fn too_many_failures_abort_the_rollout_and_cancel_what_was_not_delivered() {
     s.abort_min_finished = Some(2);
     let v = create(&core, s);
     assert_eq!(v.jobs.len(), 10);
-    // C0 and C1 fail; C2 has its job and is running it; the rest never took theirs.
-    finish_jobs(&core, &v, JobStatus::Failed, |s| s == "C0" || s == "C1");
+    // C2 has its job and is running it; C0 and C1 fail; the rest never took theirs. The batch
+    // with the second failure aborts the rollout.
     let running = jobs_by_serial(&core, &v)
         .into_iter()
         .find(|(s, _)| s == "C2")
@@ -184,7 +204,7 @@ fn too_many_failures_abort_the_rollout_and_cancel_what_was_not_delivered() {
         t(9, 1),
     )
     .unwrap();
-    core.rollouts_tick(t(9, 2)).unwrap();
+    finish_jobs(&core, &v, JobStatus::Failed, |s| s == "C0" || s == "C1");
     let v = show(&core, "R-000001", t(9, 2));
     assert_eq!(v.status, RolloutStatus::Aborted);
     let reason = v.reason.clone().unwrap();
@@ -193,9 +213,18 @@ fn too_many_failures_abort_the_rollout_and_cancel_what_was_not_delivered() {
     assert_eq!(count(&v, "canceled"), 7, "undelivered jobs canceled");
     assert_eq!(count(&v, "in-progress"), 1, "a running job finishes");
     assert_eq!(detail(&core, &running).view.status, JobStatus::InProgress);
-    // Nothing more happens to an aborted rollout.
+    // Nothing more is filed for an aborted rollout; the job that was running ends and is counted.
     core.rollouts_tick(t(9, 3)).unwrap();
     assert_eq!(show(&core, "R-000001", t(9, 3)).counts, v.counts);
+    core.handle_batch(
+        vec![update("C2", 201, &running, JobStatus::Succeeded, None)],
+        t(9, 4),
+    )
+    .unwrap();
+    let v = show(&core, "R-000001", t(9, 4));
+    assert_eq!(v.status, RolloutStatus::Aborted);
+    assert_eq!(count(&v, "succeeded"), 1);
+    assert_eq!(count(&v, "in-progress"), 0);
 }
 
 #[test]

@@ -844,6 +844,7 @@ mod tests {
                 max_attempts: 1,
             }),
             ended_at: None,
+            rollout: None,
         }
     }
 

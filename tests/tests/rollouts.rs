@@ -313,3 +313,149 @@ fn the_rollout_demo_succeeds_in_three_waves_then_aborts_the_failing_model() {
         );
     }
 }
+
+/// The jobs `ids` as `jobs list --all --json` has them, by id.
+async fn jobs_by_id(host: &Host, ids: &[String]) -> Vec<Value> {
+    host.list_json(true)
+        .await
+        .into_iter()
+        .filter(|j| ids.iter().any(|id| j["id"] == id.as_str()))
+        .collect()
+}
+
+fn job_ids(v: &Value) -> Vec<String> {
+    v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_rate_spaces_jobs_and_a_relay_killed_mid_rollout_files_nothing_twice() {
+    let env = TestEnv::new("the_rate_spaces_jobs_and_a_relay_killed_mid_rollout");
+    let mut broker = env.broker().start().await;
+    let addr = broker.addr();
+    let host = env.host("svc", &broker);
+    let _fleet = env.fleet(6).start(&broker).await;
+    devices(&host, 6).await;
+    let id = host
+        .run_ok([
+            "rollouts",
+            "create",
+            "--name",
+            "paced",
+            "--kind",
+            "get-data",
+            "--target",
+            "serial=SIM-*",
+            "--rate-per-min",
+            "60",
+        ])
+        .await
+        .trim()
+        .to_owned();
+    // Two jobs filed (one a second), then the relay dies and comes back on the same data.
+    poll_until("two jobs filed", deadline(), || async {
+        let out = host.run(["rollouts", "show", &id, "--json"]).await;
+        let v: Value = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
+        let n = v["jobs"].as_array().map_or(0, Vec::len);
+        if n >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} jobs"))
+        }
+    })
+    .await
+    .unwrap();
+    broker.kill9().await;
+    let _broker = env.broker().listen(addr).start().await;
+    let v = wait_for_rollout(&host, &id, "succeeded", deadline() * 2).await;
+    let ids = job_ids(&v);
+    assert_eq!(ids.len(), 6, "one job per device, none filed twice: {v:#}");
+    let jobs = jobs_by_id(&host, &ids).await;
+    let mut serials: Vec<&str> = jobs.iter().map(|j| j["serial"].as_str().unwrap()).collect();
+    serials.sort();
+    serials.dedup();
+    assert_eq!(serials.len(), 6, "six devices, one job each: {jobs:#?}");
+    // 60 a minute: the first at once, then one a second at most, across the restart too.
+    let mut filed: Vec<DateTime<Utc>> = jobs.iter().map(|j| time(&j["submitted_at"])).collect();
+    filed.sort();
+    for pair in filed.windows(2) {
+        let gap = (pair[1] - pair[0]).num_milliseconds();
+        assert!(
+            gap >= 900,
+            "two jobs filed {gap} ms apart under --rate-per-min 60: {filed:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_filed_before_the_window_opens_and_pause_resume_and_dynamic_targets_work() {
+    let env = TestEnv::new("nothing_is_filed_before_the_window_opens");
+    let broker = env.broker().start().await;
+    let host = env.host("svc", &broker);
+    let _fleet = env.fleet(3).start(&broker).await;
+    devices(&host, 3).await;
+    // A window that opens a few seconds from now and stays open a minute (UTC).
+    let opens = Utc::now() + chrono::Duration::seconds(4);
+    let closes = opens + chrono::Duration::seconds(60);
+    let window = format!(
+        "daily {}-{} UTC",
+        opens.format("%H:%M:%S"),
+        closes.format("%H:%M:%S")
+    );
+    let id = host
+        .run_ok([
+            "rollouts",
+            "create",
+            "--name",
+            "tonight",
+            "--kind",
+            "get-data",
+            "--target",
+            "serial=*",
+            "--window",
+            &window,
+            "--dynamic",
+        ])
+        .await
+        .trim()
+        .to_owned();
+    // Paused and resumed before the window opens: still nothing filed.
+    let paused = host.run_ok(["rollouts", "pause", &id]).await;
+    assert!(paused.contains("paused"), "{paused}");
+    let resumed = host.run_ok(["rollouts", "resume", &id]).await;
+    assert!(resumed.contains("running"), "{resumed}");
+    // Two more copiers appear; the dynamic rollout takes them too.
+    let _late = env.fleet(2).prefix("LATE").start(&broker).await;
+    let v = poll_until("five jobs succeeded", deadline() * 2, || async {
+        let out = host.run(["rollouts", "show", &id, "--json"]).await;
+        let v: Value = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
+        if v["counts"]["succeeded"] == 5 {
+            Ok(v)
+        } else {
+            Err(format!("{}", v["counts"]))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(v["status"], "running", "a dynamic rollout stays open");
+    let jobs = jobs_by_id(&host, &job_ids(&v)).await;
+    assert_eq!(jobs.len(), 5);
+    for j in &jobs {
+        let filed = time(&j["submitted_at"]);
+        // Window times are whole seconds; the relay's clock is this machine's.
+        assert!(
+            filed >= opens - chrono::Duration::milliseconds(opens.timestamp_subsec_millis() as i64),
+            "job {} filed at {filed}, before the window opened at {opens}",
+            j["id"]
+        );
+    }
+    assert!(
+        jobs.iter()
+            .any(|j| j["serial"].as_str().unwrap().starts_with("LATE")),
+        "{jobs:#?}"
+    );
+}

@@ -390,10 +390,12 @@ fn release(
     let interval = r
         .rate_per_min
         .map(|rate| chrono::Duration::microseconds(60_000_000 / i64::from(rate.max(1))));
-    // A rate allows a second's worth at once after a pause, never more.
-    let mut next = r
-        .next_release
-        .map_or(now, |t| t.max(now - chrono::Duration::seconds(1)));
+    // The generic cell rate algorithm: one job per interval on average, and at most a second's
+    // worth (at least one) at once, after a pause or a restart too. `next` is when the next job
+    // is due; a burst may run `slack` ahead of it.
+    let burst = r.rate_per_min.map_or(1, |rate| rate.div_ceil(60).max(1));
+    let slack = interval.map_or(chrono::Duration::zero(), |i| i * (burst as i32 - 1));
+    let mut next = r.next_release.map_or(now, |t| t.max(now));
     let refuse_via = |_: &protocol::RelayId, _: &protocol::Serial| {
         Err("a rollout's job names no child relay".to_owned())
     };
@@ -401,7 +403,7 @@ fn release(
     let mut filed_any = false;
     'waves: for wave in r.waves.iter_mut().take(r.wave + 1) {
         for m in wave.members.iter_mut().filter(|m| m.job.is_none()) {
-            if interval.is_some() && next > now {
+            if interval.is_some() && next > now + slack {
                 break 'waves;
             }
             let req = SubmitJob {

@@ -304,6 +304,24 @@ fn the_rate_files_no_more_jobs_per_minute_than_asked() {
 }
 
 #[test]
+fn a_rate_above_one_a_second_files_a_seconds_worth_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(&dir);
+    fleet(&core);
+    let mut s = spec(&["model=*"], &["100%"]);
+    s.rate_per_min = Some(180);
+    let v = create(&core, s);
+    assert_eq!(v.jobs.len(), 3, "three a second: three at once");
+    let second = |s: u32| t(9, 0) + chrono::Duration::seconds(i64::from(s));
+    let mut filed = Vec::new();
+    for s in 1..=3 {
+        core.rollouts_tick(second(s)).unwrap();
+        filed.push(show(&core, "R-000001", second(s)).jobs.len());
+    }
+    assert_eq!(filed, vec![6, 9, 10]);
+}
+
+#[test]
 fn nothing_is_filed_outside_the_window_and_undelivered_jobs_wait_for_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let core = open(&dir);

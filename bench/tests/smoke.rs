@@ -179,6 +179,18 @@ fn job_fanout_delivers_and_acks_every_job() {
 }
 
 #[test]
+fn rollout_finishes_every_wave_beside_single_jobs() {
+    let v = run("rollout", false, &["--devices", "20"]);
+    let r = &v["results"]["chukei"];
+    for side in ["single_jobs", "rollout"] {
+        assert_eq!(r[side]["jobs_acked"], 20, "{side}: {r}");
+        assert!(num(&r[side], "all_succeeded_secs") > 0.0, "{side}: {r}");
+    }
+    assert!(num(&r["rollout"], "rollout_succeeded_secs") > 0.0, "{r}");
+    assert!(r["time_ratio"].is_number(), "{r}");
+}
+
+#[test]
 fn pubsub_throughput_moves_messages_through_every_relay() {
     let v = run(
         "pubsub-throughput",

@@ -197,6 +197,11 @@ pub struct FleetArgs {
     /// with a reason, to see a rollout abort. Overrides `sim.fail_firmware_percent`.
     #[arg(long, value_name = "N")]
     pub fail_firmware_percent: Option<u8>,
+    /// Spread these factory firmware versions over the copiers (by serial, the same each run),
+    /// e.g. 1.0.0,1.2.0,2.0.0, for rollout targets such as firmware<2.0.0. Overrides
+    /// `sim.firmware_mix`.
+    #[arg(long, value_name = "V,…", value_delimiter = ',')]
+    pub firmware_mix: Vec<String>,
     /// A TOML config file; see config/device-agent.toml for every key. Flags win over it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -190,6 +190,10 @@ pub struct SimConfig {
     pub fail_writes: Option<u32>,
     /// This share of copiers (by serial) fail every firmware write. Default 0.
     pub fail_firmware_percent: Option<u8>,
+    /// Factory firmware versions spread over a fleet's copiers (by serial) instead of
+    /// `firmware` for all.
+    #[serde(default)]
+    pub firmware_mix: Vec<String>,
     /// Paper jams per hour of running (transient: counted in the JAM/SC data). Default 0.
     pub jam_rate_per_hour: Option<f64>,
     /// Fatal faults (a code of `[faults] fatal`) per hour of running. Default 0.
@@ -462,6 +466,7 @@ fn sim_settings(c: &SimConfig) -> Result<SimSettings, ConfigError> {
         write_delay: Duration::from_millis(c.write_delay_ms.unwrap_or(0)),
         fail_health_check_versions: c.fail_health_check_versions.clone(),
         fail_writes: c.fail_writes.unwrap_or(0),
+        firmware_mix: c.firmware_mix.clone(),
         fail_firmware_percent: match c.fail_firmware_percent.unwrap_or(0) {
             p @ 0..=100 => p,
             p => {
@@ -720,6 +725,7 @@ impl FleetSettings {
 
     pub fn merge(file: FileConfig, args: FleetArgs) -> Result<FleetSettings, ConfigError> {
         let fail_firmware_percent = args.fail_firmware_percent;
+        let firmware_mix = args.firmware_mix.clone();
         let count = required(
             args.count.or(file.fleet.count),
             "fleet size",
@@ -764,6 +770,11 @@ impl FleetSettings {
             connect_spread: Duration::from_millis(spread_ms),
             session: shared.session,
             sim: SimSettings {
+                firmware_mix: if firmware_mix.is_empty() {
+                    shared.sim.firmware_mix.clone()
+                } else {
+                    firmware_mix
+                },
                 fail_firmware_percent: match fail_firmware_percent {
                     Some(p) if p > 100 => {
                         return Err(ConfigError::Invalid(format!(

@@ -459,3 +459,25 @@ async fn nothing_is_filed_before_the_window_opens_and_pause_resume_and_dynamic_t
         "{jobs:#?}"
     );
 }
+
+#[tokio::test]
+async fn a_fleet_on_mixed_firmware_is_selected_by_version() {
+    let env = TestEnv::new("a_fleet_on_mixed_firmware_is_selected_by_version");
+    let broker = env.broker().start().await;
+    let host = env.host("svc", &broker);
+    let _fleet = env
+        .fleet(12)
+        .arg("--firmware-mix")
+        .arg("1.0.0,2.0.0")
+        .start(&broker)
+        .await;
+    let all = devices(&host, 12).await;
+    let old = all.iter().filter(|d| d["firmware"] == "1.0.0").count();
+    assert!(0 < old && old < 12, "a mix: {all:#?}");
+    let out = host
+        .run_ok(["devices", "list", "--target", "firmware<2.0.0", "--json"])
+        .await;
+    let selected: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(selected.len(), old);
+    assert!(selected.iter().all(|d| d["firmware"] == "1.0.0"), "{out}");
+}

@@ -81,6 +81,10 @@ pub struct SimSettings {
     /// This share of copiers (chosen by serial, the same each run) fail every firmware write:
     /// for seeing a rollout abort.
     pub fail_firmware_percent: u8,
+    /// Factory firmware versions to spread over the copiers (by serial, the same each run)
+    /// instead of `firmware` for all: a fleet on mixed versions, for rollout targets such as
+    /// `firmware<2.0.0`.
+    pub firmware_mix: Vec<String>,
 }
 
 impl Default for SimSettings {
@@ -93,6 +97,7 @@ impl Default for SimSettings {
             fail_health_check_versions: Vec::new(),
             fail_writes: 0,
             fail_firmware_percent: 0,
+            firmware_mix: Vec::new(),
         }
     }
 }
@@ -184,6 +189,11 @@ impl SimCopier {
             .model
             .clone()
             .unwrap_or_else(|| MODELS[rng.gen_range(0..MODELS.len())].to_owned());
+        let mut sim = settings.clone();
+        if !settings.firmware_mix.is_empty() {
+            let pick = (seed_of(serial) >> 16) as usize % settings.firmware_mix.len();
+            sim.firmware = settings.firmware_mix[pick].clone();
+        }
         SimCopier {
             serial: serial.clone(),
             model,
@@ -191,10 +201,10 @@ impl SimCopier {
             profile,
             started: Instant::now(),
             started_at: chrono::Utc::now(),
-            sim: settings.clone(),
+            slots: SlotStore::memory(&sim.firmware),
+            sim,
             values: BTreeMap::new(),
             settings_file: None,
-            slots: SlotStore::memory(&settings.firmware),
             writes: 0,
             faults: faults::FaultLog::default(),
         }
@@ -682,5 +692,28 @@ mod tests {
             .write_image(Slot::B, &img, "2.0")
             .unwrap_err();
         assert!(e.to_string().contains("simulated flash failure"), "{e}");
+    }
+
+    #[test]
+    fn a_firmware_mix_spreads_factory_versions_by_serial() {
+        let sim = SimSettings {
+            firmware_mix: vec!["1.0.0".into(), "1.2.0".into(), "2.0.0".into()],
+            ..SimSettings::default()
+        };
+        let versions: Vec<String> = (0..60)
+            .map(|i| {
+                let s = Serial::parse(&format!("SIM-{i:05}")).unwrap();
+                SimCopier::new(&s, &sim).state().firmware
+            })
+            .collect();
+        for v in ["1.0.0", "1.2.0", "2.0.0"] {
+            assert!(versions.iter().any(|x| x == v), "{v} missing: {versions:?}");
+        }
+        let again = SimCopier::new(&Serial::parse("SIM-00007").unwrap(), &sim);
+        assert_eq!(
+            again.state().firmware,
+            versions[7],
+            "the same copier, the same version"
+        );
     }
 }

@@ -878,3 +878,78 @@ async fn a_node_follows_a_promoted_synchronous_standby_and_loses_nothing_it_acke
         acked.len()
     );
 }
+
+#[tokio::test]
+async fn a_rollout_created_at_one_node_moves_through_devices_on_both_and_files_each_job_once() {
+    let env = TestEnv::new("a_rollout_created_at_one_node_moves_through_devices_on_both");
+    let (pg, url) = Postgres::with_schema(&env).await;
+    let bus = Nats::start(&env, "bus", None).await;
+    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
+    let n1 = node("N1").start().await;
+    let n2 = node("N2").start().await;
+    for n in [&n1, &n2] {
+        n.wait_for_log("cluster bus connected", deadline()).await;
+    }
+    // Three copiers on each node; the service desk on N1, an integrator on N2.
+    let _a = env.fleet(3).prefix("A").start(&n1).await;
+    let _b = env.fleet(3).prefix("B").start(&n2).await;
+    let host = env.host("svc", &n1);
+    harness::poll_until("6 devices known", deadline(), || async {
+        let out = host.run(["devices", "list", "--json"]).await;
+        let n = serde_json::from_str::<Vec<serde_json::Value>>(&out.stdout)
+            .map(|v| v.len())
+            .unwrap_or(0);
+        if n == 6 {
+            Ok(())
+        } else {
+            Err(format!("{n} devices"))
+        }
+    })
+    .await
+    .unwrap();
+    let mut crm = env
+        .mqtt(protocol::Role::Integrator, "crm")
+        .connect(&n2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    crm.subscribe_and_wait("json/fleet/rollouts/+").await;
+    let id = host
+        .run_ok([
+            "rollouts",
+            "create",
+            "--name",
+            "both-nodes",
+            "--kind",
+            "get-data",
+            "--target",
+            "serial=*",
+            "--waves",
+            "50%,100%",
+        ])
+        .await
+        .trim()
+        .to_owned();
+    let topic = format!("json/fleet/rollouts/{id}");
+    let within = deadline() * 2;
+    let view = tokio::time::timeout(within, async {
+        loop {
+            let p = crm.next_publish_on(&topic, within).await;
+            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            if v["status"] == "succeeded" {
+                return v;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{topic} never showed succeeded at N2"));
+    assert_eq!(view["counts"]["succeeded"], 6, "{view:#}");
+    let jobs = view["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 6, "one job per device: {view:#}");
+    // Both nodes stepped it (N2 in the batches that ended its copiers' jobs, the leader on its
+    // tick), and the database holds exactly one job per device.
+    assert_eq!(
+        pg.sql("chukei", "SELECT count(*) FROM jobs"),
+        "6",
+        "no device got two jobs of the rollout"
+    );
+}

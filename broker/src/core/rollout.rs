@@ -89,10 +89,25 @@ fn shown(txn: &dyn Txn, rollout: &str) -> Result<Option<HostReply>, StoreError> 
 }
 
 fn load(txn: &dyn Txn, rollout: &str) -> Result<Option<(u64, RolloutRecord)>, StoreError> {
+    load_with(rollout, |n| txn.rollout(n))
+}
+
+/// [`load`] to change it (see `RolloutTables::rollout_for_update`).
+fn load_for_update(
+    txn: &dyn Txn,
+    rollout: &str,
+) -> Result<Option<(u64, RolloutRecord)>, StoreError> {
+    load_with(rollout, |n| txn.rollout_for_update(n))
+}
+
+fn load_with(
+    rollout: &str,
+    read: impl FnOnce(u64) -> Result<Option<RolloutRecord>, StoreError>,
+) -> Result<Option<(u64, RolloutRecord)>, StoreError> {
     let Some(n) = rollout_number(rollout) else {
         return Ok(None);
     };
-    Ok(txn.rollout(n)?.filter(|r| r.id == rollout).map(|r| (n, r)))
+    Ok(read(n)?.filter(|r| r.id == rollout).map(|r| (n, r)))
 }
 
 fn not_found(rollout: &str) -> HostReply {
@@ -116,7 +131,7 @@ pub(super) fn act(
     action: RolloutAction,
     now: Timestamp,
 ) -> Result<HostReply, StoreError> {
-    let Some((n, mut r)) = load(txn, rollout)? else {
+    let Some((n, mut r)) = load_for_update(txn, rollout)? else {
         return Ok(not_found(rollout));
     };
     use RolloutStatus as S;
@@ -326,7 +341,7 @@ impl Core {
         }
         let mut p = Pending::default();
         for n in active {
-            let mut r = match txn.rollout(n) {
+            let mut r = match txn.rollout_for_update(n) {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
                 Err(e) if e.is_corrupt_record() => {
@@ -374,7 +389,7 @@ pub(super) fn follow_ended_jobs(
         }
     }
     for (n, ended) in by_rollout {
-        let mut r = match txn.rollout(n) {
+        let mut r = match txn.rollout_for_update(n) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) if e.is_corrupt_record() => continue,

@@ -423,6 +423,14 @@ pub trait RolloutTables {
 
     fn rollout(&self, n: u64) -> Result<Option<RolloutRecord>, StoreError>;
 
+    /// [`RolloutTables::rollout`] for a transaction that will write it back: a shared store
+    /// (PostgreSQL) locks the row until the transaction ends, so two nodes stepping the same
+    /// rollout take turns instead of filing the same device's job twice. The embedded store has
+    /// one writer already.
+    fn rollout_for_update(&self, n: u64) -> Result<Option<RolloutRecord>, StoreError> {
+        self.rollout(n)
+    }
+
     /// Writes a rollout; one that has ended leaves the active set.
     fn put_rollout(&mut self, n: u64, record: &RolloutRecord) -> Result<(), StoreError>;
 

@@ -515,3 +515,55 @@ fn a_rollout_survives_a_reopen_without_filing_twice() {
     core.rollouts_tick(t(9, 2)).unwrap();
     assert_eq!(show(&core, "R-000001", t(9, 2)).jobs.len(), 6);
 }
+
+#[test]
+fn an_aborted_and_a_finished_rollout_queue_their_notifications_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(&dir);
+    let notify: crate::notify::NotifyConfig = toml::from_str(
+        r#"
+        [[rules]]
+        on = ["rollout-aborted", "rollout-finished"]
+        webhook = "https://ops.example.com/hook"
+        "#,
+    )
+    .unwrap();
+    notify.check().unwrap();
+    core.configure_alerts(AlertSettings {
+        notify,
+        ..Default::default()
+    });
+    fleet(&core);
+    let ok = create(&core, spec(&["model=C250"], &[]));
+    finish_jobs(&core, &ok, JobStatus::Succeeded, |_| true);
+    let mut bad = spec(&["model=C300"], &[]);
+    bad.name = "c300-bad".into();
+    bad.abort_failure_rate = Some("10%".into());
+    let bad = created(ask(
+        &core,
+        2,
+        HostRequest::CreateRollout { rollout: bad },
+        t(9, 2),
+    ));
+    finish_jobs(&core, &bad, JobStatus::Failed, |s| s == "C0");
+    core.rollouts_tick(t(9, 5)).unwrap();
+    let txn = core.store().begin().unwrap();
+    let (queued, _) = txn.due_notifications(t(9, 10), 100).unwrap();
+    let events: Vec<(&str, &str)> = queued
+        .iter()
+        .map(|(_, q)| (q.event.as_str(), q.subject.as_str()))
+        .collect();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert!(
+        events[0].0 == "rollout-finished"
+            && events[0].1.contains("R-000001 (c300-counters) succeeded"),
+        "{events:#?}"
+    );
+    assert!(
+        events[1].0 == "rollout-aborted" && events[1].1.contains("R-000002 (c300-bad) aborted"),
+        "{events:#?}"
+    );
+    let body: serde_json::Value = serde_json::from_str(&queued[1].1.json).unwrap();
+    assert_eq!(body["event"], "rollout-aborted");
+    assert_eq!(body["rollout"]["counts"]["failed"], 1);
+}

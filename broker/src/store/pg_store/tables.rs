@@ -1394,6 +1394,16 @@ impl RolloutTables for PgTxn {
         .transpose()
     }
 
+    fn rollout_for_update(&self, n: u64) -> Result<Option<RolloutRecord>, StoreError> {
+        self.blob(
+            "read a rollout to change it",
+            "SELECT record FROM rollouts WHERE number = $1 FOR UPDATE",
+            vec![n64(n)],
+        )?
+        .map(|b| decode("rollouts", rollout_id(n), &b))
+        .transpose()
+    }
+
     fn put_rollout(&mut self, n: u64, record: &RolloutRecord) -> Result<(), StoreError> {
         let op = "write a rollout";
         let bytes = encode("rollouts", rollout_id(n), record)?;

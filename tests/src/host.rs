@@ -279,6 +279,23 @@ impl Host {
             .unwrap_or_else(|e| panic!("`jobs show --json` did not print JSON: {e}\n{out}"))
     }
 
+    /// `devices list --json`, polled until the relay knows at least `n` devices (they appear
+    /// once they have connected and announced themselves).
+    pub async fn wait_for_devices(&self, n: usize) -> Vec<Value> {
+        poll_until(&format!("{n} devices listed"), deadline(), || async {
+            let out = self.run(["devices", "list", "--json"]).await;
+            let list: Vec<Value> = serde_json::from_str(&out.stdout)
+                .map_err(|e| format!("`devices list --json` did not print JSON ({e}): {out}"))?;
+            if list.len() >= n {
+                Ok(list)
+            } else {
+                Err(format!("{} devices", list.len()))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// `jobs list --json [--all]`, parsed: one object per job.
     pub async fn list_json(&self, all: bool) -> Vec<Value> {
         self.try_list_json(all)

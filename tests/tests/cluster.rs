@@ -894,19 +894,7 @@ async fn a_rollout_created_at_one_node_moves_through_devices_on_both_and_files_e
     let _a = env.fleet(3).prefix("A").start(&n1).await;
     let _b = env.fleet(3).prefix("B").start(&n2).await;
     let host = env.host("svc", &n1);
-    harness::poll_until("6 devices known", deadline(), || async {
-        let out = host.run(["devices", "list", "--json"]).await;
-        let n = serde_json::from_str::<Vec<serde_json::Value>>(&out.stdout)
-            .map(|v| v.len())
-            .unwrap_or(0);
-        if n == 6 {
-            Ok(())
-        } else {
-            Err(format!("{n} devices"))
-        }
-    })
-    .await
-    .unwrap();
+    host.wait_for_devices(6).await;
     let mut crm = env
         .mqtt(protocol::Role::Integrator, "crm")
         .connect(&n2)

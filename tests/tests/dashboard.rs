@@ -1082,19 +1082,7 @@ async fn the_rollouts_page_follows_waves_live_and_its_buttons_approve_and_need_c
     let host = env.host("svc", &broker);
     let fleet = env.fleet(4).start(&broker).await;
     let (_dash, base) = dashboard(&env, &broker, &[]).await;
-    harness::poll_until("4 devices known", deadline(), || async {
-        let out = host.run(["devices", "list", "--json"]).await;
-        let n = serde_json::from_str::<Vec<serde_json::Value>>(&out.stdout)
-            .map(|v| v.len())
-            .unwrap_or(0);
-        if n == 4 {
-            Ok(())
-        } else {
-            Err(format!("{n} devices"))
-        }
-    })
-    .await
-    .unwrap();
+    host.wait_for_devices(4).await;
     // A job of no rollout, which the rollout filter must leave out.
     let other = host.submit_get_data(&fleet.serial(0)).await;
     host.wait_for_status(&other, "succeeded", deadline()).await;

@@ -29,21 +29,6 @@ async fn wait_for_rollout(host: &Host, id: &str, status: &str, within: Duration)
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// `devices list --json` once `n` devices are known.
-async fn devices(host: &Host, n: usize) -> Vec<Value> {
-    poll_until(&format!("{n} devices listed"), deadline(), || async {
-        let out = host.run(["devices", "list", "--json"]).await;
-        let list: Vec<Value> = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
-        if list.len() >= n {
-            Ok(list)
-        } else {
-            Err(format!("{} devices", list.len()))
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
 fn time(v: &Value) -> DateTime<Utc> {
     v.as_str()
         .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
@@ -57,7 +42,7 @@ async fn a_rollout_in_waves_reaches_every_matching_copier_and_each_wave_waits_fo
     let broker = env.broker().start().await;
     let host = env.host("svc", &broker);
     let _fleet = env.fleet(20).start(&broker).await;
-    let listed = devices(&host, 20).await;
+    let listed = host.wait_for_devices(20).await;
     // The simulator draws each copier's model from its serial: roll out to the commonest.
     let mut models: BTreeMap<String, usize> = BTreeMap::new();
     for d in &listed {
@@ -150,6 +135,12 @@ async fn a_rollout_in_waves_reaches_every_matching_copier_and_each_wave_waits_fo
         listed.contains(&id) && listed.contains("succeeded"),
         "{listed}"
     );
+    // --watch on an ended rollout draws its bars once and prints where it ended.
+    let watched = host.run_ok(["rollouts", "show", &id, "--watch"]).await;
+    assert!(
+        watched.contains("Status:    succeeded") && watched.contains("100%"),
+        "{watched}"
+    );
 }
 
 #[tokio::test]
@@ -163,7 +154,7 @@ async fn a_firmware_rollout_to_failing_copiers_aborts_and_cancels_undelivered_jo
     host.upload(&image, "2.0.0", &keys.secret).await;
     // Five copiers that announce themselves and go away: their jobs are never delivered.
     let mut away = env.fleet(5).prefix("AWAY").start(&broker).await;
-    devices(&host, 5).await;
+    host.wait_for_devices(5).await;
     away.stop().await;
     // Ten that are online and fail every firmware write.
     let _failing = env
@@ -175,7 +166,7 @@ async fn a_firmware_rollout_to_failing_copiers_aborts_and_cancels_undelivered_jo
         .arg("100")
         .start(&broker)
         .await;
-    devices(&host, 15).await;
+    host.wait_for_devices(15).await;
 
     let id = host
         .run_ok([
@@ -235,7 +226,7 @@ async fn bad_rollouts_are_refused_at_create_with_a_reason_the_user_can_act_on() 
     let broker = env.broker().start().await;
     let host = env.host("svc", &broker);
     let _fleet = env.fleet(2).start(&broker).await;
-    devices(&host, 2).await;
+    host.wait_for_devices(2).await;
     for (args, want) in [
         (vec!["--kind", "get-data"], "the target is empty"),
         (
@@ -339,7 +330,7 @@ async fn the_rate_spaces_jobs_and_a_relay_killed_mid_rollout_files_nothing_twice
     let addr = broker.addr();
     let host = env.host("svc", &broker);
     let _fleet = env.fleet(6).start(&broker).await;
-    devices(&host, 6).await;
+    host.wait_for_devices(6).await;
     let id = host
         .run_ok([
             "rollouts",
@@ -397,7 +388,7 @@ async fn nothing_is_filed_before_the_window_opens_and_pause_resume_and_dynamic_t
     let broker = env.broker().start().await;
     let host = env.host("svc", &broker);
     let _fleet = env.fleet(3).start(&broker).await;
-    devices(&host, 3).await;
+    host.wait_for_devices(3).await;
     // A window that opens a few seconds from now and stays open a minute (UTC).
     let opens = Utc::now() + chrono::Duration::seconds(4);
     let closes = opens + chrono::Duration::seconds(60);
@@ -471,7 +462,7 @@ async fn a_fleet_on_mixed_firmware_is_selected_by_version() {
         .arg("1.0.0,2.0.0")
         .start(&broker)
         .await;
-    let all = devices(&host, 12).await;
+    let all = host.wait_for_devices(12).await;
     let old = all.iter().filter(|d| d["firmware"] == "1.0.0").count();
     assert!(0 < old && old < 12, "a mix: {all:#?}");
     let out = host

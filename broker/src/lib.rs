@@ -387,6 +387,9 @@ pub async fn run(
     }
     info!(%addr, republished, data_dir = %cfg.data_dir.display(), "broker ready");
     health.set_accepting();
+    if program::ProgramDir::from_env().is_some() {
+        tasks.spawn(program::stop_when_orphaned(stop.clone()));
+    }
     if cfg.systemd_notify {
         systemd::check_socket();
         systemd::ready(republished);

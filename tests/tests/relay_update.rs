@@ -354,3 +354,45 @@ async fn a_child_refuses_a_program_it_cannot_trust_or_could_not_go_back_from() {
             .is_empty()
     );
 }
+
+/// Processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                        .unwrap_or(false)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_supervised_relay_stops_when_its_supervisor_is_killed() {
+    let mut tree = Tree::new(
+        "a_supervised_relay_stops_when_its_supervisor_is_killed",
+        "30",
+    )
+    .await;
+    let child_data = tree.env.path("child").display().to_string();
+    let running = processes_with(&child_data);
+    assert!(
+        running.len() >= 2,
+        "the supervisor and its relay run: {running:?}"
+    );
+    tree.child.kill9().await;
+    let left = harness::poll_until("the orphaned relay stops", deadline(), || async {
+        let left = processes_with(&child_data);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still running: {left:?}"))
+        }
+    })
+    .await;
+    assert!(left.is_ok(), "{left:?}");
+}

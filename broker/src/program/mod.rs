@@ -272,6 +272,32 @@ pub fn sha256_file(path: &Path) -> Result<ArtifactId, ProgramError> {
     Ok(ArtifactId::from_digest(&hasher.finalize().into()))
 }
 
+/// How often a supervised relay looks whether its supervisor is still there.
+const ORPHAN_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Stops a supervised relay once the supervisor that started it is gone. A supervisor that
+/// stops tells its relay itself; one that is killed cannot, and its relay would keep the port,
+/// so the service manager's next supervisor could not start one. Watching the parent process id
+/// needs no signal set up before `exec`.
+pub async fn stop_when_orphaned(stop: tokio_util::sync::CancellationToken) {
+    let supervisor = std::os::unix::process::parent_id();
+    let mut every = tokio::time::interval(ORPHAN_CHECK);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if std::os::unix::process::parent_id() != supervisor {
+            tracing::warn!(
+                supervisor,
+                "the supervisor that started this relay is gone; stopping"
+            );
+            stop.cancel();
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,12 +102,19 @@ impl Target {
     /// Parses one `--target`. The error says what forms there are.
     pub fn parse(text: &str) -> Result<Target, String> {
         let text = text.trim();
+        // What comes first decides the form: `site=Osaka <3F>` is a pattern with a `<` in it,
+        // `firmware<=2.0` a comparison.
+        let first = text.find(['=', '<', '>']);
+        let compares = first.is_some_and(|i| text[i..].starts_with(['<', '>']));
         for (op_text, op) in [
             ("<=", Compare::LessOrEqual),
             (">=", Compare::GreaterOrEqual),
             ("<", Compare::Less),
             (">", Compare::Greater),
         ] {
+            if !compares {
+                break;
+            }
             if let Some((field, version)) = text.split_once(op_text) {
                 if field.trim() != "firmware" {
                     return Err(format!(
@@ -401,10 +408,29 @@ mod tests {
             ("firmware=1.9.*", true),
             ("tag=night-*", true),
             ("tag=vip", false),
+            ("site=Osaka <3F>", false),
         ] {
             let t = Target::parse(text).unwrap();
             assert_eq!(t.matches(&d), want, "{text}");
         }
+    }
+
+    #[test]
+    fn a_pattern_may_hold_comparison_characters() {
+        let tags = Vec::new();
+        let d = DeviceFacts {
+            site: "Osaka <3F>",
+            ..device("1.0", &tags)
+        };
+        assert!(Target::parse("site=Osaka <3F>").unwrap().matches(&d));
+        assert!(Target::parse("site=*<3F>").unwrap().matches(&d));
+        assert_eq!(
+            Target::parse("firmware>=1.0").unwrap(),
+            Target::Firmware {
+                op: Compare::GreaterOrEqual,
+                version: "1.0".into()
+            }
+        );
     }
 
     #[test]

@@ -21,6 +21,27 @@ fn cluster_node<'a>(
         .args(["--cluster-bus", bus])
 }
 
+/// A database with chukei's schema, one NATS server, and nodes N1 and N2 on both, each
+/// connected to the bus. Fields in the order they are dropped: nodes before the servers.
+struct TwoNodes {
+    n1: harness::Broker,
+    n2: harness::Broker,
+    bus: Nats,
+    pg: Postgres,
+}
+
+async fn two_nodes(env: &TestEnv) -> TwoNodes {
+    let (pg, url) = Postgres::with_schema(env).await;
+    let bus = Nats::start(env, "bus", None).await;
+    let node = |id: &str| cluster_node(env, id, &url, &bus.url());
+    let n1 = node("N1").start().await;
+    let n2 = node("N2").start().await;
+    for n in [&n1, &n2] {
+        n.wait_for_log("cluster bus connected", deadline()).await;
+    }
+    TwoNodes { n1, n2, bus, pg }
+}
+
 /// `broker run` as node N1 on `url`, expected to stop at once: its stderr.
 async fn refused_run(env: &TestEnv, url: &str, data: &str) -> String {
     let pki = env.pki().dir().display().to_string();
@@ -163,14 +184,12 @@ async fn a_job_filed_at_one_node_reaches_a_device_on_another_even_after_the_bus_
     let env = TestEnv::new(
         "a_job_filed_at_one_node_reaches_a_device_on_another_even_after_the_bus_was_down",
     );
-    let (_pg, url) = Postgres::with_schema(&env).await;
-    let mut bus = Nats::start(&env, "bus", None).await;
-    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
-    let n1 = node("N1").start().await;
-    let n2 = node("N2").start().await;
-    for n in [&n1, &n2] {
-        n.wait_for_log("cluster bus connected", deadline()).await;
-    }
+    let TwoNodes {
+        n1,
+        n2,
+        mut bus,
+        pg: _pg,
+    } = two_nodes(&env).await;
     // C1 is on N2; the service desk and an integrator are on N1.
     let _c1 = env.device("C1").start(&n2).await;
     let mut crm = env
@@ -387,14 +406,12 @@ fn chunks_served(node: &harness::Proc, job: &str) -> Vec<Vec<u32>> {
 async fn a_firmware_download_goes_on_at_another_node_when_its_node_dies() {
     use protocol::artifact::{CHUNK_SIZE, MAX_CHUNKS_PER_FETCH};
     let env = TestEnv::new("a_firmware_download_goes_on_at_another_node_when_its_node_dies");
-    let (_pg, url) = Postgres::with_schema(&env).await;
-    let bus = Nats::start(&env, "bus", None).await;
-    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
-    let mut n1 = node("N1").start().await;
-    let n2 = node("N2").start().await;
-    for n in [&n1, &n2] {
-        n.wait_for_log("cluster bus connected", deadline()).await;
-    }
+    let TwoNodes {
+        mut n1,
+        n2,
+        bus: _bus,
+        pg: _pg,
+    } = two_nodes(&env).await;
     // The image is uploaded at N2: its chunks are in the database, for every node to serve.
     let host = env.host("svc", &n2);
     let keys = host.keys_generate(&env.path("keys")).await;
@@ -470,14 +487,12 @@ async fn a_firmware_download_goes_on_at_another_node_when_its_node_dies() {
 async fn a_device_moves_to_another_node_mid_job_and_its_job_and_reports_finish_once() {
     let env =
         TestEnv::new("a_device_moves_to_another_node_mid_job_and_its_job_and_reports_finish_once");
-    let (pg, url) = Postgres::with_schema(&env).await;
-    let bus = Nats::start(&env, "bus", None).await;
-    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
-    let mut n1 = node("N1").start().await;
-    let n2 = node("N2").start().await;
-    for n in [&n1, &n2] {
-        n.wait_for_log("cluster bus connected", deadline()).await;
-    }
+    let TwoNodes {
+        mut n1,
+        n2,
+        bus: _bus,
+        pg,
+    } = two_nodes(&env).await;
     // C1 knows both nodes and that they are one system; it prefers N1.
     let c1 = env
         .device("C1")
@@ -698,14 +713,12 @@ fn is(v: Option<&serde_json::Value>, presence: &str, node: Option<&str>) -> bool
 async fn when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere() {
     let env =
         TestEnv::new("when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere");
-    let (_pg, url) = Postgres::with_schema(&env).await;
-    let bus = Nats::start(&env, "bus", None).await;
-    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
-    let mut n1 = node("N1").start().await;
-    let n2 = node("N2").start().await;
-    for n in [&n1, &n2] {
-        n.wait_for_log("cluster bus connected", deadline()).await;
-    }
+    let TwoNodes {
+        mut n1,
+        n2,
+        bus: _bus,
+        pg: _pg,
+    } = two_nodes(&env).await;
     let mut crm = env
         .mqtt(protocol::Role::Integrator, "crm")
         .connect(&n2)
@@ -882,14 +895,12 @@ async fn a_node_follows_a_promoted_synchronous_standby_and_loses_nothing_it_acke
 #[tokio::test]
 async fn a_rollout_created_at_one_node_moves_through_devices_on_both_and_files_each_job_once() {
     let env = TestEnv::new("a_rollout_created_at_one_node_moves_through_devices_on_both");
-    let (pg, url) = Postgres::with_schema(&env).await;
-    let bus = Nats::start(&env, "bus", None).await;
-    let node = |id: &str| cluster_node(&env, id, &url, &bus.url());
-    let n1 = node("N1").start().await;
-    let n2 = node("N2").start().await;
-    for n in [&n1, &n2] {
-        n.wait_for_log("cluster bus connected", deadline()).await;
-    }
+    let TwoNodes {
+        n1,
+        n2,
+        bus: _bus,
+        pg,
+    } = two_nodes(&env).await;
     // Three copiers on each node; the service desk on N1, an integrator on N2.
     let _a = env.fleet(3).prefix("A").start(&n1).await;
     let _b = env.fleet(3).prefix("B").start(&n2).await;

@@ -13,16 +13,28 @@ use serde_json::Value;
 /// `rollouts show ID --json`, polled until its status is `status`.
 async fn wait_for_rollout(host: &Host, id: &str, status: &str, within: Duration) -> Value {
     let what = format!("rollout {id} {status}");
-    poll_until(&what, within, || async {
+    rollout_when(host, id, &what, within, |v| v["status"] == status).await
+}
+
+/// `rollouts show ID --json`, polled until `done` holds for it: the view that passed.
+async fn rollout_when(
+    host: &Host,
+    id: &str,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    poll_until(what, within, || async {
         let out = host.run(["rollouts", "show", id, "--json"]).await;
         if !out.success() {
             return Err(format!("`rollouts show` failed: {}", out.stderr.trim()));
         }
         let v: Value = serde_json::from_str(&out.stdout)
             .map_err(|e| format!("not JSON ({e}): {}", out.stdout))?;
-        match v["status"].as_str() {
-            Some(s) if s == status => Ok(v),
-            _ => Err(format!("{}: {}", v["status"], v["counts"])),
+        if done(&v) {
+            Ok(v)
+        } else {
+            Err(format!("{}: {}", v["status"], v["counts"]))
         }
     })
     .await
@@ -348,18 +360,10 @@ async fn the_rate_spaces_jobs_and_a_relay_killed_mid_rollout_files_nothing_twice
         .trim()
         .to_owned();
     // Two jobs filed (one a second), then the relay dies and comes back on the same data.
-    poll_until("two jobs filed", deadline(), || async {
-        let out = host.run(["rollouts", "show", &id, "--json"]).await;
-        let v: Value = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
-        let n = v["jobs"].as_array().map_or(0, Vec::len);
-        if n >= 2 {
-            Ok(())
-        } else {
-            Err(format!("{n} jobs"))
-        }
+    rollout_when(&host, &id, "two jobs filed", deadline(), |v| {
+        v["jobs"].as_array().map_or(0, Vec::len) >= 2
     })
-    .await
-    .unwrap();
+    .await;
     broker.kill9().await;
     let _broker = env.broker().listen(addr).start().await;
     let v = wait_for_rollout(&host, &id, "succeeded", deadline() * 2).await;
@@ -421,17 +425,10 @@ async fn nothing_is_filed_before_the_window_opens_and_pause_resume_and_dynamic_t
     assert!(resumed.contains("running"), "{resumed}");
     // Two more copiers appear; the dynamic rollout takes them too.
     let _late = env.fleet(2).prefix("LATE").start(&broker).await;
-    let v = poll_until("five jobs succeeded", deadline() * 2, || async {
-        let out = host.run(["rollouts", "show", &id, "--json"]).await;
-        let v: Value = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
-        if v["counts"]["succeeded"] == 5 {
-            Ok(v)
-        } else {
-            Err(format!("{}", v["counts"]))
-        }
+    let v = rollout_when(&host, &id, "five jobs succeeded", deadline() * 2, |v| {
+        v["counts"]["succeeded"] == 5
     })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .await;
     assert_eq!(v["status"], "running", "a dynamic rollout stays open");
     let jobs = jobs_by_id(&host, &job_ids(&v)).await;
     assert_eq!(jobs.len(), 5);

@@ -149,6 +149,33 @@ fn read_statuses(txn: &dyn Txn, r: &mut RolloutRecord, fx: &mut Effects) -> Resu
     Ok(())
 }
 
+/// Cancels `m`'s job if, as the store has it now, its status is one of `undelivered`, and
+/// records the status it has now either way: a step's cached status may be a step old. The
+/// canceled job, if it was (cancel itself still refuses a job in progress).
+fn cancel_if_still(
+    txn: &mut dyn Txn,
+    host: &HostId,
+    m: &mut Member,
+    undelivered: &[JobStatus],
+    now: Timestamp,
+) -> Result<Option<(u64, JobRecord)>, StoreError> {
+    let Some(n) = m.job else { return Ok(None) };
+    let Some(status) = current_status(txn, n)? else {
+        return Ok(None);
+    };
+    m.status = Some(status);
+    if !undelivered.contains(&status) {
+        return Ok(None);
+    }
+    Ok(match cancel::cancel(txn, host, job_id(n).as_str(), now)? {
+        cancel::CancelOutcome::Canceled { n, record } => {
+            m.status = Some(JobStatus::Canceled);
+            Some((n, *record))
+        }
+        cancel::CancelOutcome::Refused(_) => None,
+    })
+}
+
 /// A job's status as the store has it now (`None`: gone or unreadable).
 fn current_status(txn: &dyn Txn, n: u64) -> Result<Option<JobStatus>, StoreError> {
     match txn.job(n) {
@@ -200,23 +227,13 @@ pub fn abort(
     fx: &mut Effects,
 ) -> Result<(), StoreError> {
     let host = rollout_host(r);
+    let undelivered = [JobStatus::Queued, JobStatus::Forwarded];
     for m in r.waves.iter_mut().flat_map(|w| w.members.iter_mut()) {
-        let Some(n) = m.job else { continue };
         if m.status.is_some_and(JobStatus::is_terminal) {
             continue;
         }
-        let Some(status) = current_status(txn, n)? else {
-            continue;
-        };
-        m.status = Some(status);
-        if !matches!(status, JobStatus::Queued | JobStatus::Forwarded) {
-            continue;
-        }
-        if let cancel::CancelOutcome::Canceled { n, record } =
-            cancel::cancel(txn, &host, job_id(n).as_str(), now)?
-        {
-            m.status = Some(JobStatus::Canceled);
-            fx.canceled.push((n, *record));
+        if let Some(canceled) = cancel_if_still(txn, &host, m, &undelivered, now)? {
+            fx.canceled.push(canceled);
         }
     }
     r.status = RolloutStatus::Aborted;
@@ -237,25 +254,19 @@ fn withdraw_undelivered(
     let host = rollout_host(r);
     let mut withdrawn = Vec::new();
     for m in r.waves.iter_mut().flat_map(|w| w.members.iter_mut()) {
-        let (Some(n), Some(JobStatus::Queued)) = (m.job, m.status) else {
-            continue;
-        };
-        // As it is now: a job its device took since the last step stays.
-        let status = current_status(txn, n)?;
-        if status != Some(JobStatus::Queued) {
-            if status.is_some() && status != m.status {
-                m.status = status;
-                fx.changed = true;
-            }
+        if m.job.is_none() || m.status != Some(JobStatus::Queued) {
             continue;
         }
-        if let cancel::CancelOutcome::Canceled { n, record } =
-            cancel::cancel(txn, &host, job_id(n).as_str(), now)?
-        {
-            withdrawn.push(n);
-            m.job = None;
-            m.status = None;
-            fx.canceled.push((n, *record));
+        // A job its device took since the last step stays.
+        match cancel_if_still(txn, &host, m, &[JobStatus::Queued], now)? {
+            Some((n, record)) => {
+                withdrawn.push(n);
+                m.job = None;
+                m.status = None;
+                fx.canceled.push((n, record));
+            }
+            None if m.status != Some(JobStatus::Queued) => fx.changed = true,
+            None => {}
         }
     }
     if !withdrawn.is_empty() {

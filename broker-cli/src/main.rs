@@ -176,6 +176,24 @@ enum PkiCommand {
         #[arg(long, value_name = "NAME")]
         san: Vec<String>,
     },
+    /// Issue a certificate for the cluster's own connections: a PostgreSQL or NATS server's
+    /// (under its names), or a node's towards them (its CN is the database user PostgreSQL's
+    /// `cert` authentication logs it in as). DIR/cluster/NAME.pem and .key. It has no role, so
+    /// the relay never takes it from an MQTT client.
+    #[command(
+        after_help = "Examples:\n  broker pki cluster-cert --dir pki --name db1 --san db1.internal --san 10.0.0.5\n  broker pki cluster-cert --dir pki --name bus1 --san bus1.internal\n  broker pki cluster-cert --dir pki --name chukei     # the nodes' client certificate (database user chukei)\n\nThen: broker run … --cluster-db 'postgresql://chukei@db1.internal/chukei?sslmode=verify-full&sslrootcert=pki/ca.pem&sslcert=pki/cluster/chukei.pem&sslkey=pki/cluster/chukei.key'\n  --cluster-bus nats://bus1.internal:4222 --cluster-bus-ca pki/ca.pem --cluster-bus-cert pki/cluster/chukei.pem --cluster-bus-key pki/cluster/chukei.key"
+    )]
+    ClusterCert {
+        /// The folder `pki init` created.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The certificate's CN: a server's name, or the database user a node logs in as.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// A DNS name or IP address the server is reached by (repeatable); none: NAME itself.
+        #[arg(long, value_name = "NAME")]
+        san: Vec<String>,
+    },
     /// Revoke a client certificate: add it to DIR/crl.pem, the revocation list signed by the CA.
     /// The relay reads the list at start and on a reload (`broker reload`, or SIGHUP), then
     /// closes the certificate's open sessions and refuses it at every handshake.
@@ -309,13 +327,25 @@ struct RunArgs {
     node_id: Option<String>,
     /// Keep the relay's state in the cluster's PostgreSQL database instead of DATA_DIR, e.g.
     /// 'postgresql://chukei@db1,db2/chukei?target_session_attrs=read-write' (create its schema
-    /// with `broker db migrate --cluster-db URL`)
+    /// with `broker db migrate --cluster-db URL`). TLS as with libpq:
+    /// '…&sslmode=verify-full&sslrootcert=CA.pem&sslcert=NODE.pem&sslkey=NODE.key'
     #[arg(long, value_name = "URL")]
     cluster_db: Option<String>,
     /// A NATS server of the cluster's bus, e.g. nats://bus1:4222; repeat for each server of a
     /// NATS cluster (needs --cluster-db)
     #[arg(long = "cluster-bus", value_name = "URL")]
     cluster_bus: Vec<String>,
+    /// Speak TLS to the bus servers and check their certificates against this CA (PEM);
+    /// credentials go in the URL: nats://USER:PASSWORD@bus1:4222
+    #[arg(long, value_name = "FILE")]
+    cluster_bus_ca: Option<PathBuf>,
+    /// This node's client certificate towards the bus (PEM), for servers that verify clients
+    /// (needs --cluster-bus-key and --cluster-bus-ca)
+    #[arg(long, value_name = "FILE")]
+    cluster_bus_cert: Option<PathBuf>,
+    /// The private key of --cluster-bus-cert (PEM)
+    #[arg(long, value_name = "FILE")]
+    cluster_bus_key: Option<PathBuf>,
     /// The firmware publisher's public key (publisher.pub of `host-agent keys generate`): a child
     /// relay run by `broker supervise` checks an update of its own program against it
     #[arg(long, value_name = "FILE")]
@@ -463,6 +493,15 @@ impl RunArgs {
         if !self.cluster_bus.is_empty() {
             cfg.cluster_bus = self.cluster_bus;
         }
+        if let Some(path) = self.cluster_bus_ca {
+            cfg.cluster_bus_ca = Some(path);
+        }
+        if let Some(path) = self.cluster_bus_cert {
+            cfg.cluster_bus_cert = Some(path);
+        }
+        if let Some(path) = self.cluster_bus_key {
+            cfg.cluster_bus_key = Some(path);
+        }
         if let Some(addr) = self.metrics_listen {
             cfg.metrics_listen = Some(addr);
         }
@@ -585,6 +624,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let (cert, key) =
                 issued.with_context(|| format!("issuing a {role} certificate for {id:?}"))?;
+            println!("{}\n{}", cert.display(), key.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki(PkiCommand::ClusterCert { dir, name, san }) => {
+            let (cert, key) = pki::cluster::issue_cluster_to_dir(&dir, &name, &san)
+                .with_context(|| format!("issuing a cluster certificate for {name:?}"))?;
             println!("{}\n{}", cert.display(), key.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -214,6 +214,18 @@ pub struct BrokerConfig {
     /// `cluster_db` (the bus carries no truth).
     #[serde(default)]
     pub cluster_bus: Vec<String>,
+    /// The CA certificate (PEM) that signed the bus servers' certificates: the node speaks TLS
+    /// to every bus server and checks its certificate against this CA and the URL's host name.
+    /// Credentials go in the URL (`nats://USER:PASSWORD@bus1:4222`, or `nats://TOKEN@…`).
+    #[serde(default)]
+    pub cluster_bus_ca: Option<PathBuf>,
+    /// The node's client certificate towards the bus (PEM; for a server whose `tls` block says
+    /// `verify: true`). Needs `cluster_bus_key` and `cluster_bus_ca`.
+    #[serde(default)]
+    pub cluster_bus_cert: Option<PathBuf>,
+    /// The private key of `cluster_bus_cert` (PEM).
+    #[serde(default)]
+    pub cluster_bus_key: Option<PathBuf>,
     /// A child relay checks a firmware job for its own program against this key (publisher.pub
     /// of `host-agent keys generate`) before it downloads a byte, as devices do. Unset: it
     /// refuses to replace its program.
@@ -449,6 +461,40 @@ impl BrokerConfig {
                 "cluster_bus",
                 &self.cluster_bus.join(","),
                 "the bus joins nodes that share a cluster database: set cluster_db (--cluster-db) too",
+            ));
+        }
+        let bus_tls = [
+            ("cluster_bus_ca", &self.cluster_bus_ca),
+            ("cluster_bus_cert", &self.cluster_bus_cert),
+            ("cluster_bus_key", &self.cluster_bus_key),
+        ];
+        if let Some((key, Some(path))) = bus_tls.iter().find(|(_, p)| p.is_some())
+            && self.cluster_bus.is_empty()
+        {
+            return Err(invalid(
+                key,
+                &path.display(),
+                "TLS settings for the cluster bus need the bus: set cluster_bus (--cluster-bus) too",
+            ));
+        }
+        if self.cluster_bus_cert.is_some() != self.cluster_bus_key.is_some() {
+            return Err(invalid(
+                "cluster_bus_cert",
+                &self
+                    .cluster_bus_cert
+                    .as_deref()
+                    .unwrap_or(Path::new("(unset)"))
+                    .display(),
+                "cluster_bus_cert and cluster_bus_key go together: give both, or neither",
+            ));
+        }
+        if let Some(cert) = &self.cluster_bus_cert
+            && self.cluster_bus_ca.is_none()
+        {
+            return Err(invalid(
+                "cluster_bus_cert",
+                &cert.display(),
+                "a client certificate is sent over TLS only: set cluster_bus_ca (--cluster-bus-ca), the CA of the bus servers",
             ));
         }
         if let Some(node) = &self.node_id

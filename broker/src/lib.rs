@@ -214,6 +214,11 @@ pub async fn run(
     let (inbound_tx, inbound) = tokio::sync::mpsc::channel(switch::router_link::INBOUND_QUEUE);
     // Before the core republishes: the hub keeps its own copy of the devices' retained orders.
     let hub = Arc::new(switch::hub::Hub::new(inbound_tx.clone(), DEVICE_QUEUE));
+    let bus_tls = switch::bus::tls_config(
+        cfg.cluster_bus_ca.as_deref(),
+        cfg.cluster_bus_cert.as_deref(),
+        cfg.cluster_bus_key.as_deref(),
+    )?;
     let (bus_tx, bus_rx) = match cfg.cluster_bus.is_empty() {
         true => (None, None),
         false => {
@@ -237,6 +242,7 @@ pub async fn run(
             switch::bus::BusSettings {
                 node: node.clone(),
                 servers: cfg.cluster_bus.clone(),
+                tls: bus_tls,
             },
             core.clone(),
             outbound.clone(),

@@ -5,6 +5,7 @@
 //! Every part of chukei builds its TLS here, with the `ring` provider passed explicitly: several
 //! crates in the tree pull rustls in, and a process-wide default provider would be a guess.
 
+pub mod cluster;
 pub mod publisher;
 
 use std::fs;

@@ -13,6 +13,9 @@ pub struct Nats {
 }
 
 impl Nats {
+    /// The password of user `chukei` on a [`Nats::start_tls`] server.
+    pub const PASSWORD: &str = "bus-s3cret";
+
     /// Starts a server on an ephemeral port (or `port`, to bring one back where it was).
     pub async fn start(env: &TestEnv, name: &str, port: Option<u16>) -> Nats {
         Nats::start_with(env, name, port, &[]).await
@@ -39,6 +42,23 @@ impl Nats {
             servers.push(Nats::start_with(env, &format!("bus{}", i + 1), None, &args).await);
         }
         servers
+    }
+
+    /// Starts a server that speaks TLS only, with a certificate for 127.0.0.1 from the CA in
+    /// `pki_dir`, and admits clients with a certificate from that CA and the user `chukei`,
+    /// password [`Nats::PASSWORD`], only.
+    pub async fn start_tls(env: &TestEnv, name: &str, pki_dir: &std::path::Path) -> Nats {
+        let (cert, key) = pki::cluster::issue_cluster_to_dir(pki_dir, name, &["127.0.0.1".into()])
+            .unwrap_or_else(|e| panic!("issuing the bus server's certificate: {e}"));
+        let args = [
+            "--tlsverify".to_owned(),
+            format!("--tlscert={}", cert.display()),
+            format!("--tlskey={}", key.display()),
+            format!("--tlscacert={}", pki_dir.join(pki::CA_CERT).display()),
+            "--user=chukei".to_owned(),
+            format!("--pass={}", Nats::PASSWORD),
+        ];
+        Nats::start_with(env, name, None, &args).await
     }
 
     async fn start_with(env: &TestEnv, name: &str, port: Option<u16>, extra: &[String]) -> Nats {
@@ -78,6 +98,11 @@ impl Nats {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// [`Nats::url`] with user `chukei` and its password, for a [`Nats::start_tls`] server.
+    pub fn url_with_credentials(&self) -> String {
+        format!("nats://chukei:{}@127.0.0.1:{}", Nats::PASSWORD, self.port)
     }
 
     pub fn port(&self) -> u16 {

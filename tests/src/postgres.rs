@@ -117,6 +117,82 @@ impl Postgres {
         pg
     }
 
+    /// Like [`Postgres::start`], as a server reached over a network should be run: TLS with a
+    /// certificate for 127.0.0.1 from the CA in `pki_dir` (`broker pki cluster-cert`), and the
+    /// nodes' user `chukei` admitted only over TLS with a client certificate whose CN is
+    /// `chukei` (`hostssl … cert`; in the clear: rejected). The superuser still connects in
+    /// the clear, as the tests' own `psql` does. Database `chukei` is the node user's.
+    pub fn start_tls(env: &TestEnv, name: &str, pki_dir: &Path) -> Postgres {
+        let pg = Postgres::start(env, name);
+        let (cert, key) = pki::cluster::issue_cluster_to_dir(pki_dir, name, &["127.0.0.1".into()])
+            .unwrap_or_else(|e| panic!("issuing the database's certificate: {e}"));
+        let conf = pg.data.clone();
+        for (from, to) in [
+            (cert, "server.crt"),
+            (key, "server.key"),
+            (pki_dir.join(pki::CA_CERT), "root.crt"),
+        ] {
+            std::fs::copy(&from, conf.join(to))
+                .unwrap_or_else(|e| panic!("{} -> {to}: {e}", from.display()));
+        }
+        if is_root() {
+            let mut chown = Command::new("chown");
+            chown
+                .arg("postgres")
+                .arg(conf.join("server.crt"))
+                .arg(conf.join("server.key"))
+                .arg(conf.join("root.crt"));
+            run(chown, "chown postgres");
+        }
+        let mut chmod = Command::new("chmod");
+        chmod.arg("600").arg(conf.join("server.key"));
+        run(chmod, "chmod 600 server.key");
+        let append = |file: &str, text: &str| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(conf.join(file))
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+        };
+        append(
+            "postgresql.conf",
+            "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'root.crt'\n",
+        );
+        // The first matching line decides: the node user by certificate over TLS, never in the
+        // clear; everyone else (the superuser) as before.
+        let hba = std::fs::read_to_string(conf.join("pg_hba.conf"))
+            .unwrap_or_else(|e| panic!("pg_hba.conf: {e}"));
+        std::fs::write(
+            conf.join("pg_hba.conf"),
+            format!(
+                "hostssl all chukei 127.0.0.1/32 cert\nhost all chukei 127.0.0.1/32 reject\n{hba}"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("pg_hba.conf: {e}"));
+        pg.sql("postgres", "SELECT pg_reload_conf()");
+        pg.sql("postgres", "CREATE ROLE chukei LOGIN");
+        pg.sql("postgres", "CREATE DATABASE chukei OWNER chukei");
+        pg
+    }
+
+    /// The URL a node reaches a [`Postgres::start_tls`] server by: `sslmode=verify-full` against
+    /// the CA in `pki_dir`, logged in as `chukei` by its certificate (issued on first use).
+    pub fn tls_url(&self, pki_dir: &Path) -> String {
+        let (cert, key) = pki::cluster::cluster_cert_paths(pki_dir, "chukei");
+        if !cert.exists() {
+            pki::cluster::issue_cluster_to_dir(pki_dir, "chukei", &[])
+                .unwrap_or_else(|e| panic!("issuing the node's certificate: {e}"));
+        }
+        format!(
+            "postgresql://chukei@127.0.0.1:{}/chukei?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+            self.port,
+            pki_dir.join(pki::CA_CERT).display(),
+            cert.display(),
+            key.display()
+        )
+    }
+
     fn start_server(&self) {
         let mut start = as_postgres(&self.bin.join("pg_ctl"));
         start

@@ -952,3 +952,102 @@ async fn a_rollout_created_at_one_node_moves_through_devices_on_both_and_files_e
         "no device got two jobs of the rollout"
     );
 }
+
+#[tokio::test]
+async fn nodes_reach_the_database_and_the_bus_over_tls_with_their_own_certificates() {
+    let env =
+        TestEnv::new("nodes_reach_the_database_and_the_bus_over_tls_with_their_own_certificates");
+    let pki = env.pki().dir().to_owned();
+    let pg = Postgres::start_tls(&env, "db", &pki);
+    let url = pg.tls_url(&pki);
+    let migrate =
+        |url: String| async move { broker_cmd(&["db", "migrate", "--cluster-db", &url]).await };
+
+    // In the clear, the server turns the node user away; with a CA that did not sign the
+    // server's certificate, the node does.
+    let (ok, _, err) = migrate(format!(
+        "postgresql://chukei@127.0.0.1:{}/chukei",
+        pg.port()
+    ))
+    .await;
+    assert!(!ok && err.contains("no encryption"), "{err}");
+    let stranger = env.path("stranger-pki");
+    pki::init(&stranger, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let ca = pki.join(pki::CA_CERT).display().to_string();
+    let wrong = url.replace(&ca, &stranger.join(pki::CA_CERT).display().to_string());
+    let (ok, _, err) = migrate(wrong).await;
+    assert!(!ok && err.contains("invalid peer certificate"), "{err}");
+    let (ok, out, err) = migrate(url.clone()).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("created the schema"), "{out}");
+
+    let bus = Nats::start_tls(&env, "bus", &pki).await;
+    let (cert, key) = pki::cluster::cluster_cert_paths(&pki, "chukei");
+    let node = |id: &str| {
+        cluster_node(&env, id, &url, &bus.url_with_credentials()).args([
+            "--cluster-bus-ca",
+            &ca,
+            "--cluster-bus-cert",
+            &cert.display().to_string(),
+            "--cluster-bus-key",
+            &key.display().to_string(),
+        ])
+    };
+    let n1 = node("N1").start().await;
+    let n2 = node("N2").start().await;
+    for n in [&n1, &n2] {
+        n.wait_for_line("connected to the bus over TLS", deadline(), |l| {
+            l.contains("cluster bus connected") && l.contains("tls=true")
+        })
+        .await;
+    }
+
+    // A job filed at N1 reaches C1 on N2: through the database and the bus, both over TLS.
+    let _c1 = env.device("C1").start(&n2).await;
+    let host = env.host("svc", &n1);
+    let job = host
+        .submit(&[
+            "--serial",
+            "C1",
+            "--kind",
+            "get-data",
+            "--sections",
+            "counters",
+        ])
+        .await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+    let (ok, out, err) = broker_cmd(&["nodes", "list", "--cluster-db", &url]).await;
+    assert!(ok && out.contains("N1") && out.contains("N2"), "{out}{err}");
+
+    // The database saw every connection of the nodes encrypted, none in the clear.
+    let by_ssl = pg.sql(
+        "postgres",
+        "SELECT s.ssl, count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+         WHERE a.usename = 'chukei' GROUP BY s.ssl ORDER BY s.ssl",
+    );
+    let encrypted: usize = by_ssl
+        .lines()
+        .find_map(|l| l.strip_prefix("t|"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(encrypted >= 4 && !by_ssl.contains("f|"), "{by_ssl}");
+
+    // A node without the bus's CA cannot join the bus, and says so; its password is never
+    // logged.
+    let n3 = cluster_node(&env, "N3", &url, &bus.url_with_credentials())
+        .start()
+        .await;
+    n3.wait_for_log("cannot connect to the cluster bus", deadline())
+        .await;
+    assert!(
+        !n3.log().contains("cluster bus connected"),
+        "N3 joined a TLS bus without its CA"
+    );
+    for n in [&n1, &n2, &n3] {
+        let leaks = n.lines_matching(|l| l.contains(Nats::PASSWORD) && !l.starts_with("[harness]"));
+        assert!(
+            leaks.is_empty(),
+            "a node logged the bus's password: {leaks:?}"
+        );
+    }
+}

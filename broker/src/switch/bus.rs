@@ -47,10 +47,68 @@ pub fn crosses_nodes(topic: &str) -> bool {
 }
 
 /// How the node reaches the bus.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BusSettings {
     pub node: String,
     pub servers: Vec<String>,
+    /// TLS to every server ([`tls_config`]); `None`: as each URL's scheme says.
+    pub tls: Option<rustls::ClientConfig>,
+}
+
+/// The node's TLS towards the bus from `cluster_bus_ca` (and its client certificate): the
+/// servers' certificates checked against that CA and the URL's host name. Read at start, so
+/// a missing file stops the node with its name.
+pub fn tls_config(
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<Option<rustls::ClientConfig>, pki::PkiError> {
+    let Some(ca) = ca else { return Ok(None) };
+    let identity = match (cert, key) {
+        (Some(cert), Some(key)) => Some(pki::cluster::ClientIdentity {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        }),
+        _ => None,
+    };
+    pki::cluster::cluster_client_config(
+        &pki::cluster::ServerCheck::ChainAndName(ca.to_owned()),
+        identity.as_ref(),
+    )
+    .map(Some)
+}
+
+/// A server's URL for logs: no user, password or token.
+fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://…@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Who the node is on the bus, from the servers' URLs.
+#[derive(Debug, PartialEq, Eq)]
+enum Credentials {
+    UserAndPassword(String, String),
+    Token(String),
+}
+
+/// The credentials in the servers' URLs (the first that has some): `USER:PASSWORD@` or
+/// `TOKEN@`, as the NATS tools read them. The client library parses them but does not send
+/// them by itself.
+fn url_credentials(servers: &[async_nats::ServerAddr]) -> Option<Credentials> {
+    let addr = servers.iter().find(|a| a.username().is_some())?;
+    match (addr.username(), addr.password()) {
+        (Some(user), Some(password)) => Some(Credentials::UserAndPassword(
+            user.to_owned(),
+            password.to_owned(),
+        )),
+        (Some(token), None) => Some(Credentials::Token(token.to_owned())),
+        _ => None,
+    }
 }
 
 /// Connects (retrying until the servers answer), then runs until `stop`: publishes what the
@@ -66,7 +124,7 @@ pub async fn run(
 ) {
     let router = outlet.router_queue();
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let options = async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new()
         .name(format!("chukei node {}", settings.node))
         .retry_on_initial_connect()
         .event_callback(move |event| {
@@ -81,11 +139,22 @@ pub async fn run(
         .filter_map(|s| match s.parse() {
             Ok(addr) => Some(addr),
             Err(e) => {
-                warn!(server = %s, error = %e, "not a NATS server address; ignored");
+                warn!(server = %without_credentials(s), error = %e, "not a NATS server address; ignored");
                 None
             }
         })
         .collect();
+    options = match url_credentials(&servers) {
+        Some(Credentials::UserAndPassword(user, password)) => {
+            options.user_and_password(user, password)
+        }
+        Some(Credentials::Token(token)) => options.token(token),
+        None => options,
+    };
+    if let Some(tls) = settings.tls.clone() {
+        options = options.require_tls(true).tls_client_config(tls);
+    }
+    let encrypted = settings.tls.is_some() || servers.iter().all(|s| s.tls_required());
     let client = tokio::select! {
         () = stop.cancelled() => return,
         c = options.connect(servers) => match c {
@@ -103,7 +172,23 @@ pub async fn run(
             return;
         }
     };
-    info!(node = %settings.node, "cluster bus connected");
+    // The client connects in the background (and retries): "connected" is said when it is.
+    info!(node = %settings.node, servers = settings.servers.len(), tls = encrypted, "cluster bus: connecting");
+    if !encrypted {
+        let remote: Vec<String> = settings
+            .servers
+            .iter()
+            .filter(|s| !on_this_machine(s))
+            .map(|s| without_credentials(s))
+            .collect();
+        if !remote.is_empty() {
+            warn!(servers = %remote.join(","), "the cluster bus is not encrypted: give --cluster-bus-ca (README, \"TLS to the database and the bus\")");
+        }
+    }
+    // One warning per outage for a server that cannot be reached (a TLS or auth failure says
+    // why), not one per retry.
+    let mut failing = false;
+    let mut joined = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -126,13 +211,24 @@ pub async fn run(
             }
             event = events.recv() => match event {
                 Some(async_nats::Event::Connected) => {
+                    failing = false;
+                    if std::mem::replace(&mut joined, true) {
+                        info!(node = %settings.node, "cluster bus reconnected; republishing the retained orders and views");
+                    } else {
+                        info!(node = %settings.node, tls = encrypted, "cluster bus connected");
+                    }
                     // Whatever was published while this node was off the bus: again, from the
                     // database.
-                    info!(node = %settings.node, "cluster bus reconnected; republishing the retained orders and views");
                     catch_up(&core, &outlet, &router).await;
                 }
                 Some(async_nats::Event::Disconnected) => {
                     warn!(node = %settings.node, "cluster bus lost; reconnecting (sessions here go on)");
+                }
+                Some(async_nats::Event::ClientError(e)) if !std::mem::replace(&mut failing, true) => {
+                    warn!(node = %settings.node, error = %e, "cannot connect to the cluster bus; retrying (a TLS error: check --cluster-bus-ca and the servers' certificates; an authorization error: the credentials in the URL)");
+                }
+                Some(async_nats::Event::ServerError(e)) => {
+                    warn!(node = %settings.node, error = %e, "the cluster bus refused this node");
                 }
                 Some(_) => {}
                 None => {}
@@ -140,6 +236,17 @@ pub async fn run(
         }
     }
     let _ = client.drain().await;
+}
+
+/// Whether a server URL names this machine (`localhost`, a loopback address).
+fn on_this_machine(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host_port = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host = match host_port.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => host_port,
+    };
+    crate::store::pg_store::is_loopback(host)
 }
 
 /// A publication of another node, as an [`Outbound`]; `None` for this node's own or a message
@@ -190,6 +297,47 @@ async fn catch_up(core: &Arc<Core>, outlet: &CoreOutlet, router: &mpsc::Sender<O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_urls_are_logged_without_credentials_and_loopback_is_told_apart() {
+        assert_eq!(
+            without_credentials("nats://chukei:s3cret@bus1:4222"),
+            "nats://…@bus1:4222"
+        );
+        assert_eq!(without_credentials("tls://bus1:4222"), "tls://bus1:4222");
+        for local in [
+            "nats://127.0.0.1:4222",
+            "nats://u:p@localhost:4222",
+            "nats://[::1]:4222",
+        ] {
+            assert!(on_this_machine(local), "{local}");
+        }
+        for remote in ["nats://bus1:4222", "nats://tok@10.0.0.5:4222", "bus1"] {
+            assert!(!on_this_machine(remote), "{remote}");
+        }
+    }
+
+    #[test]
+    fn credentials_come_from_the_first_server_url_that_has_them() {
+        let parse = |urls: &[&str]| -> Vec<async_nats::ServerAddr> {
+            urls.iter().map(|s| s.parse().unwrap()).collect()
+        };
+        assert_eq!(
+            url_credentials(&parse(&[
+                "nats://bus1:4222",
+                "nats://chukei:s3cret@bus2:4222"
+            ])),
+            Some(Credentials::UserAndPassword(
+                "chukei".into(),
+                "s3cret".into()
+            ))
+        );
+        assert_eq!(
+            url_credentials(&parse(&["nats://t0ken@bus1:4222"])),
+            Some(Credentials::Token("t0ken".into()))
+        );
+        assert_eq!(url_credentials(&parse(&["nats://bus1:4222"])), None);
+    }
 
     #[test]
     fn orders_and_views_cross_nodes_replies_acks_and_chunks_do_not() {

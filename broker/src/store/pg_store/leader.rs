@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use tracing::{info, warn};
 
-use super::{Conn, P};
+use super::{Conn, P, Target};
 
 /// The advisory lock's key: "chukei" in ASCII, as a number.
 const LOCK_KEY: i64 = 0x6368_756b_6569;
@@ -28,10 +28,10 @@ struct State {
 impl Leader {
     /// Whether this node holds the lock: checks that the connection holding it still lives,
     /// or tries to take it. Never blocks on another node.
-    pub(super) fn leads(&self, config: &postgres::Config, location: &str) -> bool {
+    pub(super) fn leads(&self, target: &Target) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.conn.is_none() {
-            match Conn::open(config, "chukei-pg-leader", location) {
+            match Conn::open(target, "chukei-pg-leader") {
                 Ok(conn) => {
                     state.conn = Some(conn);
                     state.unreachable_logged = false;

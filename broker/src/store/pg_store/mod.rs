@@ -17,6 +17,7 @@ mod leader;
 pub mod nodes;
 mod schema;
 mod tables;
+mod target;
 
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -24,6 +25,8 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use postgres::types::ToSql;
 
 pub use schema::{SCHEMA_VERSION, migrate};
+pub(crate) use target::Target;
+pub(crate) use target::is_loopback;
 
 use super::{Store, StoreError, StoreStats, Txn};
 
@@ -77,13 +80,14 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(config: &postgres::Config, name: &str, location: &str) -> Result<Conn, StoreError> {
+    fn open(target: &Target, name: &str) -> Result<Conn, StoreError> {
+        let location = target.location.as_str();
         let (jobs, inbox) = mpsc::channel::<Job>();
         let (ready_tx, ready) = mpsc::sync_channel(1);
-        let config = config.clone();
+        let connecting = target.clone();
         std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || match config.connect(postgres::NoTls) {
+            .spawn(move || match connecting.connect() {
                 Ok(client) => {
                     let _ = ready_tx.send(Ok(()));
                     let mut session = Session {
@@ -106,7 +110,7 @@ impl Conn {
             Ok(Ok(())) => Ok(Conn { jobs }),
             Ok(Err(e)) => Err(StoreError::Unavailable {
                 location: location.to_owned(),
-                reason: e.to_string(),
+                reason: reason(&e),
             }),
             Err(_) => Err(StoreError::Unavailable {
                 location: location.to_owned(),
@@ -173,7 +177,7 @@ impl Permit {
 
 /// The PostgreSQL store: a writer connection for transactions and a reader for statistics.
 pub struct PgStore {
-    config: postgres::Config,
+    target: Target,
     location: String,
     writer: RwLock<Option<Arc<Conn>>>,
     reader: RwLock<Option<Arc<Conn>>>,
@@ -186,19 +190,15 @@ impl PgStore {
     /// `target_session_attrs=read-write` follow a promoted standby) and checks its schema: a
     /// database without one, or with an older or newer one, is refused with what to do.
     pub fn open(url: &str) -> Result<PgStore, StoreError> {
-        let config: postgres::Config =
-            url.parse()
-                .map_err(|e: postgres::Error| StoreError::Unavailable {
-                    location: redact(url),
-                    reason: format!("not a PostgreSQL connection string: {e}"),
-                })?;
-        let location = describe(&config);
-        let writer = Conn::open(&config, "chukei-pg-writer", &location)?;
+        let target = Target::parse(url)?;
+        let location = target.location.clone();
+        let writer = Conn::open(&target, "chukei-pg-writer")?;
         schema::check(&writer, &location)?;
         say_durability(&writer, &location);
-        let reader = Conn::open(&config, "chukei-pg-reader", &location)?;
+        say_privacy(&target);
+        let reader = Conn::open(&target, "chukei-pg-reader")?;
         Ok(PgStore {
-            config,
+            target,
             location,
             writer: RwLock::new(Some(Arc::new(writer))),
             reader: RwLock::new(Some(Arc::new(reader))),
@@ -324,6 +324,19 @@ fn say_durability(conn: &Conn, location: &str) {
     }
 }
 
+/// Says how the node's connections to the database are protected; warns where they cross a
+/// network in the clear (the database holds every job, and the keys of the TLS tickets).
+fn say_privacy(target: &Target) {
+    if target.clear_over_network() {
+        tracing::warn!(
+            store = %target.location, sslmode = target.mode().as_str(),
+            "the connection to the cluster database is not encrypted: add sslmode=verify-full&sslrootcert=CA.pem to --cluster-db (README, \"TLS to the database and the bus\")"
+        );
+    } else {
+        tracing::info!(store = %target.location, sslmode = target.mode().as_str(), encrypted = target.mode().encrypts(), "cluster store: connected");
+    }
+}
+
 /// What went wrong, in the server's words where it said something ("duplicate key value
 /// violates unique constraint …: Key (name)=(t) already exists"): the client's own text for a
 /// server error is only "db error".
@@ -333,33 +346,17 @@ pub(crate) fn reason(e: &postgres::Error) -> String {
             Some(detail) => format!("{}: {detail}", db.message()),
             None => db.message().to_owned(),
         },
-        None => e.to_string(),
-    }
-}
-
-/// Where a store is, for logs: hosts and database, never a password.
-fn describe(config: &postgres::Config) -> String {
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
-        .map(|(h, p)| match h {
-            postgres::config::Host::Tcp(name) => format!("{name}:{p}"),
-            postgres::config::Host::Unix(path) => format!("{}:{p}", path.display()),
-        })
-        .collect();
-    format!(
-        "postgresql://{}/{}",
-        hosts.join(","),
-        config.get_dbname().unwrap_or("")
-    )
-}
-
-/// A connection string for an error message, without its password.
-fn redact(url: &str) -> String {
-    match url.split_once('@') {
-        Some((_, rest)) if url.contains("://") => format!("postgresql://…@{rest}"),
-        _ => "(the --cluster-db connection string)".into(),
+        // The client's own text stops at what failed ("error performing TLS handshake"); why
+        // is in its sources ("invalid peer certificate: UnknownIssuer").
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
@@ -369,9 +366,9 @@ impl Store for PgStore {
     }
 
     fn reopen(&self) -> Result<(), StoreError> {
-        let writer = Conn::open(&self.config, "chukei-pg-writer", &self.location)?;
+        let writer = Conn::open(&self.target, "chukei-pg-writer")?;
         schema::check(&writer, &self.location)?;
-        let reader = Conn::open(&self.config, "chukei-pg-reader", &self.location)?;
+        let reader = Conn::open(&self.target, "chukei-pg-reader")?;
         *self.writer.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(writer));
         *self.reader.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(reader));
         Ok(())
@@ -398,7 +395,7 @@ impl Store for PgStore {
     }
 
     fn leads_cluster_work(&self) -> bool {
-        self.leader.leads(&self.config, &self.location)
+        self.leader.leads(&self.target)
     }
 
     fn gone_nodes(&self) -> Result<Vec<String>, StoreError> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use protocol::Timestamp;
 use serde::Serialize;
 
-use super::{Conn, P, PgStore, describe, redact};
+use super::{Conn, P, PgStore};
 use crate::store::StoreError;
 
 /// How often a node writes its row.
@@ -95,14 +95,9 @@ pub(super) fn gone(store: &PgStore) -> Result<Vec<String>, StoreError> {
 
 /// Every node the database at `url` has heard of, by name.
 pub fn list(url: &str) -> Result<Vec<NodeView>, StoreError> {
-    let config: postgres::Config =
-        url.parse()
-            .map_err(|e: postgres::Error| StoreError::Unavailable {
-                location: redact(url),
-                reason: format!("not a PostgreSQL connection string: {e}"),
-            })?;
-    let location = describe(&config);
-    let conn = Conn::open(&config, "chukei-pg-nodes", &location)?;
+    let target = super::Target::parse(url)?;
+    let location = target.location.clone();
+    let conn = Conn::open(&target, "chukei-pg-nodes")?;
     super::schema::check(&conn, &location)?;
     let rows = conn
         .query(

@@ -168,14 +168,9 @@ pub(super) fn check(conn: &Conn, location: &str) -> Result<(), StoreError> {
 /// Creates the schema in an empty database or upgrades an older one; returns the versions
 /// before and after. A newer schema is refused untouched.
 pub fn migrate(url: &str) -> Result<(i32, i32), StoreError> {
-    let config: postgres::Config =
-        url.parse()
-            .map_err(|e: postgres::Error| StoreError::Unavailable {
-                location: super::redact(url),
-                reason: format!("not a PostgreSQL connection string: {e}"),
-            })?;
-    let location = super::describe(&config);
-    let conn = Conn::open(&config, "chukei-pg-migrate", &location)?;
+    let target = super::Target::parse(url)?;
+    let location = target.location.clone();
+    let conn = Conn::open(&target, "chukei-pg-migrate")?;
     let before = found(&conn, &location)?.unwrap_or(0);
     if before > SCHEMA_VERSION {
         return Err(StoreError::NewerSchema {

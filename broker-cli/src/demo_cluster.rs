@@ -4,8 +4,8 @@
 //! only. A GET DATA to every copier shows jobs filed at one node reaching devices on the others,
 //! then `broker nodes list` shows each node with its devices.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::path::Path;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -32,173 +32,30 @@ struct Node {
     task: JoinHandle<Result<broker::Ended, broker::BrokerError>>,
 }
 
-/// Server processes started for the demo; stopped when dropped.
-struct Servers {
-    children: Vec<Child>,
-    pg: Option<(PathBuf, PathBuf)>,
+/// The demo's own engines, on loopback, as an operator would run them across a network: the
+/// node user logs in to PostgreSQL by its certificate over TLS only (`sslmode=verify-full`),
+/// and the NATS servers speak TLS only and want a certificate from the same CA.
+struct Engines {
+    /// Dropped (stopped) after the nodes.
+    _pg: engines::Postgres,
+    _bus: engines::NatsCluster,
+    db: String,
+    bus: Vec<String>,
 }
 
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some((bin, data)) = &self.pg {
-            let _ = as_postgres(&bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(data)
-                .args(["-m", "immediate", "stop"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-/// PostgreSQL refuses to run as root: its programs run as Debian's `postgres` user then.
-fn as_postgres(program: &Path) -> Command {
-    if is_root() {
-        let mut cmd = Command::new("runuser");
-        cmd.args(["-u", "postgres", "--"]).arg(program);
-        cmd
-    } else {
-        Command::new(program)
-    }
-}
-
-/// Debian's PostgreSQL server programs, newest version first.
-fn pg_bindir() -> anyhow::Result<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.path().join("bin"))
-                .filter(|b| b.join("initdb").is_file())
-                .collect()
-        })
-        .unwrap_or_default();
-    found.sort();
-    found.pop().context(
-        "no PostgreSQL server in /usr/lib/postgresql/*/bin: install it (apt-get install postgresql)",
-    )
-}
-
-fn nats_server() -> anyhow::Result<PathBuf> {
-    [
-        "/usr/sbin/nats-server",
-        "/usr/bin/nats-server",
-        "/usr/local/bin/nats-server",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.is_file())
-    .context("no nats-server: install it (apt-get install nats-server)")
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn run_ok(mut cmd: Command, what: &str) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// A PostgreSQL server of the demo's own on loopback, with database `chukei`: its URL.
-fn start_postgres(dir: &Path, servers: &mut Servers) -> anyhow::Result<String> {
-    let bin = pg_bindir()?;
-    let pg_dir = dir.join("postgres");
-    std::fs::create_dir_all(&pg_dir)?;
-    if is_root() {
-        // The demo's folder is root's (0700); the server's own must be postgres's.
-        run_ok(
-            {
-                let mut c = Command::new("chown");
-                c.arg("postgres").arg(&pg_dir);
-                c
-            },
-            "chown postgres",
-        )?;
-        run_ok(
-            {
-                let mut c = Command::new("chmod");
-                c.arg("o+x").arg(dir);
-                c
-            },
-            "chmod",
-        )?;
-    }
-    let data = pg_dir.join("data");
-    let mut initdb = as_postgres(&bin.join("initdb"));
-    initdb
-        .arg("-D")
-        .arg(&data)
-        .args(["-U", "postgres", "-A", "trust", "--no-sync"]);
-    run_ok(initdb, "initdb")?;
-    let port = free_port()?;
-    let mut start = as_postgres(&bin.join("pg_ctl"));
-    start
-        .arg("-D")
-        .arg(&data)
-        .arg("-l")
-        .arg(pg_dir.join("server.log"))
-        .arg("-w")
-        .arg("-o")
-        .arg(format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories=''"
-        ))
-        .arg("start");
-    run_ok(start, "pg_ctl start")?;
-    servers.pg = Some((bin.clone(), data));
-    let mut createdb = Command::new(bin.join("psql"));
-    createdb
-        .arg(format!("postgresql://postgres@127.0.0.1:{port}/postgres"))
-        .args(["-c", "CREATE DATABASE chukei"]);
-    run_ok(createdb, "CREATE DATABASE")?;
-    Ok(format!("postgresql://postgres@127.0.0.1:{port}/chukei"))
-}
-
-/// Three NATS servers joined by routes: their client URLs.
-fn start_bus(dir: &Path, servers: &mut Servers) -> anyhow::Result<Vec<String>> {
-    let program = nats_server()?;
-    let routes: Vec<u16> = (0..BUS_SERVERS)
-        .map(|_| free_port())
-        .collect::<Result<_, _>>()?;
-    let all = routes
-        .iter()
-        .map(|p| format!("nats://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut urls = Vec::new();
-    for (i, route) in routes.iter().enumerate() {
-        let port = free_port()?;
-        let log = std::fs::File::create(dir.join(format!("nats-{}.log", i + 1)))?;
-        let child = Command::new(&program)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .args(["--cluster_name", "chukei", "--cluster"])
-            .arg(format!("nats://127.0.0.1:{route}"))
-            .args(["--routes", &all])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting nats-server")?;
-        servers.children.push(child);
-        urls.push(format!("nats://127.0.0.1:{port}"));
-    }
-    Ok(urls)
+fn start_engines(dir: &Path, pki_dir: &Path) -> anyhow::Result<Engines> {
+    let pg = engines::Postgres::start(&dir.join("postgres"), &[]).context("starting PostgreSQL")?;
+    pg.require_tls(pki_dir, "db1")?;
+    let db = pg.tls_url(pki_dir)?;
+    let bus = engines::NatsCluster::start(dir, BUS_SERVERS, Some(pki_dir))
+        .context("starting the NATS servers")?;
+    let urls = bus.urls();
+    Ok(Engines {
+        _pg: pg,
+        _bus: bus,
+        db,
+        bus: urls,
+    })
 }
 
 pub async fn run(
@@ -223,22 +80,25 @@ pub async fn run(
         "chukei demo (a cluster of {nodes} relay nodes) in {}",
         dir.path().display()
     );
-    let mut servers = Servers {
-        children: Vec::new(),
-        pg: None,
-    };
-    let db = start_postgres(dir.path(), &mut servers)?;
+    let pki_dir = dir.path().join("pki");
+    pki::init(&pki_dir, &[])?;
+    let engines = start_engines(dir.path(), &pki_dir)?;
+    let db = engines.db.clone();
     let (before, after) = tokio::task::spawn_blocking({
         let db = db.clone();
         move || broker::store::pg_store::migrate(&db)
     })
     .await??;
-    println!("PostgreSQL on {db}: schema {before} → {after} (broker db migrate)");
-    let bus = start_bus(dir.path(), &mut servers)?;
-    println!("NATS servers (one cluster): {}", bus.join(" "));
-
-    let pki_dir = dir.path().join("pki");
-    pki::init(&pki_dir, &[])?;
+    println!(
+        "PostgreSQL on 127.0.0.1 (TLS, the nodes log in by certificate): schema {before} → {after} (broker db migrate)"
+    );
+    let bus = engines.bus.clone();
+    println!(
+        "NATS servers (one cluster, TLS, the nodes' certificate checked): {}",
+        bus.join(" ")
+    );
+    let (bus_cert, bus_key) =
+        pki::cluster::cluster_cert_paths(&pki_dir, engines::postgres::NODE_USER);
     let (host_cert, host_key) = pki::issue_to_dir(&pki_dir, Role::Host, HOST)?;
     let mut started = Vec::new();
     for i in 1..=nodes {
@@ -250,6 +110,9 @@ pub async fn run(
             node_id: Some(format!("N{i}")),
             cluster_db: Some(db.clone()),
             cluster_bus: bus.clone(),
+            cluster_bus_ca: Some(pki_dir.join(pki::CA_CERT)),
+            cluster_bus_cert: Some(bus_cert.clone()),
+            cluster_bus_key: Some(bus_key.clone()),
             ..BrokerConfig::default()
         };
         let listener = broker::bind(&cfg).await?;
@@ -318,7 +181,7 @@ pub async fn run(
             "  cargo run --bin host-agent -- --broker {} --ca {d}/pki/ca.pem --cert {d}/pki/host/{HOST}.pem --key {d}/pki/host/{HOST}.key jobs list\n",
             started.get(1).map_or(first, |n| &n.url)
         );
-        println!("  broker nodes list --cluster-db {db}\n");
+        println!("  broker nodes list --cluster-db '{db}'\n");
         println!("Serving until Ctrl-C.");
         stop.cancelled().await;
         ExitCode::SUCCESS
@@ -334,7 +197,7 @@ pub async fn run(
             eprintln!("node: {e}");
         }
     }
-    drop(servers);
+    drop(engines);
     Ok(code)
 }
 

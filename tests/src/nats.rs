@@ -23,23 +23,11 @@ impl Nats {
 
     /// Starts `n` servers joined by routes into one NATS cluster, as an operator runs the bus.
     pub async fn start_cluster(env: &TestEnv, n: usize) -> Vec<Nats> {
-        let routes: Vec<u16> = (0..n).map(|_| crate::postgres::free_port()).collect();
-        let all = routes
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let routes = engines::nats::Routes::new(n).unwrap_or_else(|e| panic!("{e}"));
         let mut servers = Vec::with_capacity(n);
-        for (i, route) in routes.iter().enumerate() {
-            let args = [
-                "--cluster_name".to_owned(),
-                "chukei".to_owned(),
-                "--cluster".to_owned(),
-                format!("nats://127.0.0.1:{route}"),
-                "--routes".to_owned(),
-                all.clone(),
-            ];
-            servers.push(Nats::start_with(env, &format!("bus{}", i + 1), None, &args).await);
+        for i in 0..n {
+            let name = format!("bus{}", i + 1);
+            servers.push(Nats::start_with(env, &name, None, &routes.args(i)).await);
         }
         servers
     }
@@ -48,27 +36,17 @@ impl Nats {
     /// `pki_dir`, and admits clients with a certificate from that CA and the user `chukei`,
     /// password [`Nats::PASSWORD`], only.
     pub async fn start_tls(env: &TestEnv, name: &str, pki_dir: &std::path::Path) -> Nats {
-        let (cert, key) = pki::cluster::issue_cluster_to_dir(pki_dir, name, &["127.0.0.1".into()])
-            .unwrap_or_else(|e| panic!("issuing the bus server's certificate: {e}"));
-        let args = [
-            "--tlsverify".to_owned(),
-            format!("--tlscert={}", cert.display()),
-            format!("--tlskey={}", key.display()),
-            format!("--tlscacert={}", pki_dir.join(pki::CA_CERT).display()),
+        let mut args = engines::nats::tls_args(pki_dir, name).unwrap_or_else(|e| panic!("{e}"));
+        args.extend([
             "--user=chukei".to_owned(),
             format!("--pass={}", Nats::PASSWORD),
-        ];
+        ]);
         Nats::start_with(env, name, None, &args).await
     }
 
     async fn start_with(env: &TestEnv, name: &str, port: Option<u16>, extra: &[String]) -> Nats {
         let port = port.unwrap_or_else(crate::postgres::free_port);
-        // Debian installs it in /usr/sbin, not always on a user's PATH.
-        let program = if std::path::Path::new("/usr/sbin/nats-server").is_file() {
-            "/usr/sbin/nats-server"
-        } else {
-            "nats-server"
-        };
+        let program = engines::nats::program().unwrap_or_else(|e| panic!("{e}"));
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .args(extra);

@@ -648,6 +648,8 @@ fn the_cluster_demo_files_jobs_at_one_node_for_copiers_on_every_node() {
     assert!(out.success(), "{out}");
     let text = &out.stdout;
     for want in [
+        "PostgreSQL on 127.0.0.1 (TLS, the nodes log in by certificate)",
+        "NATS servers (one cluster, TLS, the nodes' certificate checked)",
         "all 6 copiers connected, spread over 3 nodes",
         "N3C-00001",
         "FLEET",

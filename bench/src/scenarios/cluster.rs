@@ -142,7 +142,7 @@ impl Cluster {
         } else {
             None
         };
-        let nats = Nats::start_cluster(dir, 3)?;
+        let nats = Nats::start(dir, 3, None)?;
         let url = pg.url();
         let out = tokio::process::Command::new(&target.binary)
             .args(["db", "migrate", "--cluster-db", &url])

@@ -266,6 +266,9 @@ fn raise(
     txn.put_alarm(n, &a)?;
     core.notify_alarm(txn, n, &a, now)?;
     logged(p, &a, Step::Raised);
+    // Past the alarm limit, so bounded: its view goes out at once (view_pace.rs). Not the
+    // overflow alarm's raises, which a device can cause at will.
+    p.raised.insert(a.serial.clone());
     // A code that was refused before and is raised now is no longer the overflow alarm's.
     super::overflow::forget(txn, p, serial, &a.code, now)?;
     if let Some(refused) = core.alerts.limiter.accepted(serial) {

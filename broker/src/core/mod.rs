@@ -142,6 +142,9 @@ struct Pending {
     seen: BTreeSet<Serial>,
     /// Devices whose alarms changed: their retained alarm views are republished.
     alarms: BTreeSet<String>,
+    /// Devices among them that raised a new alarm: their view goes out at once, whatever the
+    /// view pace.
+    raised: BTreeSet<String>,
     /// Update-data jobs whose merged data is (re)published.
     merged: BTreeSet<u64>,
     /// Firmware chunks devices fetched, already encoded.
@@ -681,7 +684,12 @@ impl Core {
             }
         }
         for serial in presence::parse_serials(std::mem::take(&mut p.alarms)) {
-            if self.alerts.view_pace.now_or_later(serial.as_str(), now) {
+            let raised = p.raised.contains(serial.as_str());
+            if self
+                .alerts
+                .view_pace
+                .now_or_later(serial.as_str(), now, raised)
+            {
                 out.extend(alarm::views(txn, &serial, now)?);
             }
         }

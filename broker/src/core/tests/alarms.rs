@@ -682,3 +682,28 @@ fn a_device_toggling_a_refused_code_gets_its_view_republished_at_most_once_a_sec
         "sent once"
     );
 }
+
+#[test]
+fn a_new_fault_right_after_a_paced_clear_is_published_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(&dir);
+    let now = t(10, 0);
+    let batch = |id: u64, code: &str, event: FaultEvent| {
+        core.handle_batch(vec![alarm_msg("C1", id, code, event, now)], now)
+            .unwrap()
+    };
+    assert!(alarm_state(&batch(1, "A", FaultEvent::Raised), "C1").is_some());
+    // The clear, a moment later in a batch of its own, waits for the tick (view pace)…
+    let out = batch(2, "A", FaultEvent::Cleared);
+    assert!(find(&out, "fleet/C1/alarm").is_none(), "the clear is paced");
+    // …but a new fault is not held behind it: its view goes out now, the clear in it.
+    let state = alarm_state(&batch(3, "B", FaultEvent::Raised), "C1").expect("B at once");
+    let codes: Vec<&str> = state.alarms.iter().map(|a| a.code.as_str()).collect();
+    assert_eq!(codes, ["B"]);
+    assert!(
+        core.alarm_views_due(now + chrono::Duration::seconds(1))
+            .unwrap()
+            .is_empty(),
+        "nothing is owed: B's view carried the clear"
+    );
+}

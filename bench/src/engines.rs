@@ -23,9 +23,13 @@ const SETTINGS: &[&str] = &[
 pub struct Postgres(engines::Postgres);
 
 impl Postgres {
-    pub fn start(dir: &Path) -> anyhow::Result<Postgres> {
+    /// With `tls` (the CA's directory), the node user logs in by certificate over TLS only.
+    pub fn start(dir: &Path, tls: Option<&Path>) -> anyhow::Result<Postgres> {
         let pg = engines::Postgres::start(dir, SETTINGS).context("starting PostgreSQL")?;
-        pg.create_db("chukei")?;
+        match tls {
+            Some(pki_dir) => pg.require_tls(pki_dir, "db")?,
+            None => pg.create_db("chukei")?,
+        }
         Ok(Postgres(pg))
     }
 
@@ -34,9 +38,13 @@ impl Postgres {
         Ok(Postgres(self.0.start_standby(dir, "standby")?))
     }
 
-    /// `postgresql://postgres@127.0.0.1:PORT/chukei`.
-    pub fn url(&self) -> String {
-        self.0.url("chukei")
+    /// The nodes' URL: `postgresql://postgres@127.0.0.1:PORT/chukei`, or with `tls` the node
+    /// user's with `sslmode=verify-full` and its certificate.
+    pub fn url(&self, tls: Option<&Path>) -> anyhow::Result<String> {
+        Ok(match tls {
+            Some(pki_dir) => self.0.tls_url(pki_dir)?,
+            None => self.0.url("chukei"),
+        })
     }
 
     /// The postmaster and its children (a backend per connection, the WAL writer, …).

@@ -166,6 +166,10 @@ enum Command {
         /// Run PostgreSQL with a synchronous standby (every commit on two servers).
         #[arg(long)]
         standby: bool,
+        /// The nodes reach PostgreSQL and NATS over TLS with certificates both ways
+        /// (sslmode=verify-full and certificate login; NATS --tlsverify), as across a network.
+        #[arg(long)]
+        tls: bool,
         #[arg(long, default_value_t = 10_000)]
         fanout: u32,
         /// Closed-loop devices per node in the max phase.
@@ -333,6 +337,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             secs,
             rate,
             standby,
+            tls,
             fanout,
             max_devices_per_node,
             window,
@@ -348,6 +353,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     secs,
                     rate,
                     standby,
+                    tls,
                     fanout,
                     max_devices_per_node,
                     window,

@@ -38,6 +38,8 @@ pub struct Params {
     /// Total counters reports/s the paced devices offer.
     pub rate: f64,
     pub standby: bool,
+    /// The nodes' links to PostgreSQL and NATS over TLS, certificates both ways.
+    pub tls: bool,
     pub fanout: u32,
     /// Closed-loop devices per node in the max phase, and what each keeps unacked.
     pub max_devices_per_node: u32,
@@ -57,11 +59,16 @@ pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Val
     let mut results = Map::new();
     for target in &targets {
         eprintln!(
-            "bench: cluster: {target}, {} nodes × {} devices{}",
+            "bench: cluster: {target}, {} nodes × {} devices{}{}",
             p.nodes,
             p.per_node,
             if p.standby {
                 ", synchronous standby"
+            } else {
+                ""
+            },
+            if p.tls {
+                ", TLS to PostgreSQL and NATS"
             } else {
                 ""
             }
@@ -87,7 +94,7 @@ pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Val
         "cluster",
         json!({
             "nodes": p.nodes, "devices_per_node": p.per_node, "secs": p.secs,
-            "paced_rate_per_s": p.rate, "synchronous_standby": p.standby, "fanout": p.fanout,
+            "paced_rate_per_s": p.rate, "synchronous_standby": p.standby, "tls_to_engines": p.tls, "fanout": p.fanout,
             "max_devices_per_node": p.max_devices_per_node, "window": p.window,
             "alarm_samples": p.alarm_samples, "alarm_interval_ms": p.alarm_interval_ms,
             "engines": "PostgreSQL (fsync, synchronous_commit on) and 3 nats-server joined by routes, on this machine",
@@ -136,14 +143,15 @@ impl Cluster {
                 engines: None,
             });
         }
-        let pg = Postgres::start(&dir.join("pg"))?;
+        let tls = p.tls.then_some(env.pki.as_path());
+        let pg = Postgres::start(&dir.join("pg"), tls)?;
         let standby = if p.standby {
             Some(pg.start_standby(&dir.join("pg-standby"))?)
         } else {
             None
         };
-        let nats = Nats::start(dir, 3, None)?;
-        let url = pg.url();
+        let nats = Nats::start(dir, 3, tls)?;
+        let url = pg.url(tls)?;
         let out = tokio::process::Command::new(&target.binary)
             .args(["db", "migrate", "--cluster-db", &url])
             .output()
@@ -166,6 +174,18 @@ impl Cluster {
                 "--metrics-listen".to_owned(),
                 addr.to_string(),
             ];
+            if let Some(pki_dir) = tls {
+                let (cert, key) =
+                    pki::cluster::cluster_cert_paths(pki_dir, ::engines::postgres::NODE_USER);
+                for (flag, path) in [
+                    ("--cluster-bus-ca", pki_dir.join(pki::CA_CERT)),
+                    ("--cluster-bus-cert", cert),
+                    ("--cluster-bus-key", key),
+                ] {
+                    args.push(flag.to_owned());
+                    args.push(path.display().to_string());
+                }
+            }
             // Each node starts on a bus server of its own, the others as its fallbacks.
             for b in 0..buses.len() {
                 args.push("--cluster-bus".to_owned());

@@ -139,6 +139,20 @@ enum NodesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a node that is gone for good (decommissioned, renamed) from `nodes list`. Refused
+    /// while it is up, or while the leading node still counts devices as online at it (it marks
+    /// them offline, or finds them on another node, within seconds of the 15 s grace period).
+    #[command(
+        after_help = "Example:\n  broker nodes forget --cluster-db 'postgresql://chukei@db1/chukei' N3\n\nA node started again under the same name simply appears again."
+    )]
+    Forget {
+        /// The cluster's database.
+        #[arg(long, value_name = "URL")]
+        cluster_db: String,
+        /// The node's name (its --node-id).
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -750,6 +764,28 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", nodes_table(&nodes));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Nodes(NodesCommand::Forget { cluster_db, node }) => {
+            use broker::store::pg_store::nodes::Forgot;
+            let done = broker::store::pg_store::nodes::forget(&cluster_db, &node)
+                .with_context(|| format!("forgetting node {node}"))?;
+            match done {
+                Forgot::Forgotten => {
+                    println!("forgot node {node}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Forgot::Unknown => {
+                    anyhow::bail!(
+                        "no node {node} in the cluster database (see `broker nodes list`)"
+                    )
+                }
+                Forgot::Alive => anyhow::bail!(
+                    "node {node} is up (heard from within 15 s): stop it first, then forget it"
+                ),
+                Forgot::HoldsDevices(n) => anyhow::bail!(
+                    "node {node} is gone but {n} device(s) are still taken for online at it: the leading node marks them offline within seconds; try again then (no node running? start one: the leader does it)"
+                ),
+            }
         }
         Command::Reload { pid_file } => {
             let pid = send_hangup(&pid_file)?;

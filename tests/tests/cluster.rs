@@ -717,9 +717,9 @@ async fn when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere
         TestEnv::new("when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere");
     let TwoNodes {
         mut n1,
-        n2,
+        mut n2,
         bus: _bus,
-        pg: _pg,
+        pg,
     } = two_nodes(&env).await;
     let mut crm = env
         .mqtt(protocol::Role::Integrator, "crm")
@@ -783,6 +783,39 @@ async fn when_a_node_dies_its_devices_go_offline_unless_they_reconnect_elsewhere
         is(retained.latest.get("C1"), "online", Some("N2")),
         "{:#?}",
         retained.latest
+    );
+
+    // N1 is gone for good: `broker nodes forget` takes it off the list; N2, up, is refused.
+    let url = pg.url("chukei");
+    let forget = |node: &'static str| {
+        let url = url.clone();
+        async move { broker_cmd(&["nodes", "forget", "--cluster-db", &url, node]).await }
+    };
+    let (ok, _, err) = forget("N2").await;
+    assert!(!ok && err.contains("node N2 is up"), "{err}");
+    let (ok, out, err) = forget("N1").await;
+    assert!(ok && out.contains("forgot node N1"), "{out}{err}");
+    let (ok, _, err) = forget("N9").await;
+    assert!(!ok && err.contains("no node N9"), "{err}");
+    let (ok, out, _) = broker_cmd(&["nodes", "list", "--cluster-db", &url, "--json"]).await;
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    let names: Vec<&str> = listed
+        .iter()
+        .filter_map(|n| n["node_id"].as_str())
+        .collect();
+    assert!(ok && names == ["N2"], "{out}");
+    // A silent node that devices are still taken for online at is not forgotten: with no node
+    // running (no leader to move them), N7 is silent and holds C2's twin Z9.
+    n2.kill9().await;
+    pg.sql(
+        "chukei",
+        "INSERT INTO nodes VALUES ('N7', '127.0.0.1:1', 0, 0, 1);
+         INSERT INTO presence (serial, node, record) SELECT 'Z9', 'N7', record FROM presence WHERE serial = 'C2'",
+    );
+    let (ok, _, err) = forget("N7").await;
+    assert!(
+        !ok && err.contains("1 device(s) are still taken for online"),
+        "{err}"
     );
 }
 

@@ -135,3 +135,66 @@ pub fn list(url: &str) -> Result<Vec<NodeView>, StoreError> {
             reason: super::reason(&e),
         })
 }
+
+/// What `broker nodes forget` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forgot {
+    /// The node's row is gone from `broker nodes list`.
+    Forgotten,
+    /// No node by that name.
+    Unknown,
+    /// Heard from within [`STALE_AFTER`]: stop it first.
+    Alive,
+    /// Devices are still taken for online at it: the leading node marks them offline (or finds
+    /// them on another node) within seconds of the grace period; forget it then.
+    HoldsDevices(u64),
+}
+
+/// Removes a node that is gone for good from the list, in one statement that checks, at the
+/// moment it deletes, that the node is silent and no device's presence points at it — so a
+/// node that came back, or devices the leader has not moved yet, are never lost track of.
+pub fn forget(url: &str, node: &str) -> Result<Forgot, StoreError> {
+    let target = super::Target::parse(url)?;
+    let location = target.location.clone();
+    let conn = Conn::open(&target, "chukei-pg-nodes")?;
+    super::schema::check(&conn, &location)?;
+    let lost = || StoreError::Unavailable {
+        location: location.clone(),
+        reason: "the connection was lost".into(),
+    };
+    let failed = |e: postgres::Error| StoreError::Database {
+        op: "forget a node",
+        reason: super::reason(&e),
+    };
+    let since = chrono::Utc::now() - chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
+    let deleted = conn
+        .execute(
+            "DELETE FROM nodes WHERE node_id = $1 AND heartbeat_at_ms < $2
+             AND NOT EXISTS (SELECT 1 FROM presence WHERE node = $1)",
+            vec![P::Text(node.to_owned()), P::I64(since.timestamp_millis())],
+        )
+        .ok_or_else(lost)?
+        .map_err(failed)?;
+    if deleted == 1 {
+        return Ok(Forgot::Forgotten);
+    }
+    // Why not: read after the attempt, for the message only.
+    let rows = conn
+        .query(
+            "SELECT heartbeat_at_ms, (SELECT count(*) FROM presence WHERE node = $1)
+             FROM nodes WHERE node_id = $1",
+            vec![P::Text(node.to_owned())],
+        )
+        .ok_or_else(lost)?
+        .map_err(failed)?;
+    let Some(row) = rows.first() else {
+        return Ok(Forgot::Unknown);
+    };
+    let heartbeat: i64 = row.try_get(0).map_err(failed)?;
+    let devices: i64 = row.try_get(1).map_err(failed)?;
+    Ok(if heartbeat >= since.timestamp_millis() {
+        Forgot::Alive
+    } else {
+        Forgot::HoldsDevices(devices.max(0) as u64)
+    })
+}

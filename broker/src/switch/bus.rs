@@ -185,8 +185,8 @@ pub async fn run(
             warn!(servers = %remote.join(","), "the cluster bus is not encrypted: give --cluster-bus-ca (README, \"TLS to the database and the bus\")");
         }
     }
-    // One warning per outage for a server that cannot be reached (a TLS or auth failure says
-    // why), not one per retry.
+    // One warning per outage for a server that cannot be reached or refuses the node (a TLS or
+    // authorization failure says why), not one per retry.
     let mut failing = false;
     let mut joined = false;
     loop {
@@ -227,7 +227,7 @@ pub async fn run(
                 Some(async_nats::Event::ClientError(e)) if !std::mem::replace(&mut failing, true) => {
                     warn!(node = %settings.node, error = %e, "cannot connect to the cluster bus; retrying (a TLS error: check --cluster-bus-ca and the servers' certificates; an authorization error: the credentials in the URL)");
                 }
-                Some(async_nats::Event::ServerError(e)) => {
+                Some(async_nats::Event::ServerError(e)) if !std::mem::replace(&mut failing, true) => {
                     warn!(node = %settings.node, error = %e, "the cluster bus refused this node");
                 }
                 Some(_) => {}

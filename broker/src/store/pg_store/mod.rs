@@ -704,4 +704,34 @@ mod tests {
             .unwrap();
         assert_eq!(rows[0].get::<_, i64>(0), 0);
     }
+
+    #[test]
+    fn two_nodes_doing_the_same_host_request_at_once_commit_it_once() {
+        use crate::store::{JournalEntry, JournalOutcome, Store, job_id};
+        if !on_postgres() {
+            return; // Two nodes on one database: the PostgreSQL store only.
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (n1, n2) = (
+            testing::postgres_store(dir.path()),
+            testing::postgres_store(dir.path()),
+        );
+        let entry = |n: u64| JournalEntry {
+            at: chrono::Utc::now(),
+            outcome: JournalOutcome::Submission { job: job_id(n) },
+        };
+        // Both read the request as new, both do it; the first commit wins.
+        let (mut a, mut b) = (n1.begin().unwrap(), n2.begin().unwrap());
+        assert!(a.journal("host:svc", 7).unwrap().is_none());
+        assert!(b.journal("host:svc", 7).unwrap().is_none());
+        a.put_journal("host:svc", 7, &entry(1)).unwrap();
+        b.put_journal("host:svc", 7, &entry(2)).unwrap();
+        assert!(a.commit().unwrap());
+        let e = b.commit().unwrap_err();
+        assert!(e.to_string().contains("duplicate key"), "{e}");
+        // The resend through either node finds the first's answer.
+        let txn = n2.begin().unwrap();
+        let found = txn.journal("host:svc", 7).unwrap().unwrap();
+        assert_eq!(found.outcome, JournalOutcome::Submission { job: job_id(1) });
+    }
 }

@@ -623,7 +623,23 @@ impl JournalTables for PgTxn {
         id: MsgId,
         entry: &JournalEntry,
     ) -> Result<(), StoreError> {
-        self.put_journal_row(sender, id, entry)
+        // A host's request is journaled once, by the transaction that did it. Its row is not
+        // locked before it exists, so two nodes given the same request at once (a host that
+        // resent it through another node while the first was slow) would both do it; a plain
+        // INSERT makes the second commit fail on the key instead, and its batch is resent and
+        // answered from the first's entry. (A device's journal rows stay upserts: a batch's
+        // devices are locked first, so nodes take their messages in turn.)
+        let bytes = encode("journal", format_args!("{sender} #{id}"), entry)?;
+        self.write(
+            "write the journal",
+            "INSERT INTO journal (sender, msg_id, entry) VALUES ($1, $2, $3)",
+            vec![text(sender), n64(id), P::Bytes(bytes.clone())],
+        )?;
+        self.cache
+            .borrow_mut()
+            .journal
+            .insert((sender.to_owned(), id), Some(bytes));
+        Ok(())
     }
 
     fn device_journal(&self, serial: &str, seq: Seq) -> Result<Option<JournalEntry>, StoreError> {

@@ -70,6 +70,15 @@ fn decode_seen_set(serial: &str, bytes: &[u8]) -> Result<seen::SeenSet, StoreErr
     })
 }
 
+/// A device's journal row: written again as its window moves (a batch's devices are locked
+/// first, so nodes take their messages in turn).
+const JOURNAL_UPSERT: &str = "INSERT INTO journal (sender, msg_id, entry) VALUES ($1, $2, $3)
+     ON CONFLICT (sender, msg_id) DO UPDATE SET entry = EXCLUDED.entry";
+/// A host's request, journaled once by the transaction that did it. Its row is not locked
+/// before it exists, so two nodes given the same request at once (a host that resent it through
+/// another node while the first was slow) would both do it; a plain INSERT makes the second
+/// commit fail on the key instead, and its batch is resent and answered from the first's entry.
+const JOURNAL_INSERT: &str = "INSERT INTO journal (sender, msg_id, entry) VALUES ($1, $2, $3)";
 impl PgTxn {
     /// Bumps a counter in `meta` and returns its new value. The row stays locked until the
     /// transaction ends, so two nodes allocating at once take turns, and a rolled-back
@@ -226,8 +235,10 @@ impl PgTxn {
         Ok(())
     }
 
+    /// Writes a journal row with `sql` ([`JOURNAL_UPSERT`] or [`JOURNAL_INSERT`]).
     fn put_journal_row(
         &mut self,
+        sql: &'static str,
         sender: &str,
         id: MsgId,
         entry: &JournalEntry,
@@ -235,8 +246,7 @@ impl PgTxn {
         let bytes = encode("journal", format_args!("{sender} #{id}"), entry)?;
         self.write(
             "write the journal",
-            "INSERT INTO journal (sender, msg_id, entry) VALUES ($1, $2, $3)
-             ON CONFLICT (sender, msg_id) DO UPDATE SET entry = EXCLUDED.entry",
+            sql,
             vec![text(sender), n64(id), P::Bytes(bytes.clone())],
         )?;
         self.cache
@@ -623,23 +633,7 @@ impl JournalTables for PgTxn {
         id: MsgId,
         entry: &JournalEntry,
     ) -> Result<(), StoreError> {
-        // A host's request is journaled once, by the transaction that did it. Its row is not
-        // locked before it exists, so two nodes given the same request at once (a host that
-        // resent it through another node while the first was slow) would both do it; a plain
-        // INSERT makes the second commit fail on the key instead, and its batch is resent and
-        // answered from the first's entry. (A device's journal rows stay upserts: a batch's
-        // devices are locked first, so nodes take their messages in turn.)
-        let bytes = encode("journal", format_args!("{sender} #{id}"), entry)?;
-        self.write(
-            "write the journal",
-            "INSERT INTO journal (sender, msg_id, entry) VALUES ($1, $2, $3)",
-            vec![text(sender), n64(id), P::Bytes(bytes.clone())],
-        )?;
-        self.cache
-            .borrow_mut()
-            .journal
-            .insert((sender.to_owned(), id), Some(bytes));
-        Ok(())
+        self.put_journal_row(JOURNAL_INSERT, sender, id, entry)
     }
 
     fn device_journal(&self, serial: &str, seq: Seq) -> Result<Option<JournalEntry>, StoreError> {
@@ -662,7 +656,12 @@ impl JournalTables for PgTxn {
             vec![text(serial), P::Bytes(set.encode())],
         )?;
         if row {
-            self.put_journal_row(&device_journal::row_key(serial, seq.inc), seq.id, entry)?;
+            self.put_journal_row(
+                JOURNAL_UPSERT,
+                &device_journal::row_key(serial, seq.inc),
+                seq.id,
+                entry,
+            )?;
         }
         // The row now holds the new set.
         self.cache

@@ -118,8 +118,14 @@ enum DbCommand {
         after_help = "Example:\n  createdb -O chukei chukei\n  broker db migrate --cluster-db 'postgresql://chukei@db1/chukei'"
     )]
     Migrate {
-        /// The database, as a libpq URL or key=value string.
-        #[arg(long, value_name = "URL")]
+        /// The database, as a libpq URL or key=value string (or $CHUKEI_CLUSTER_DB, which keeps
+        /// a password off the command line).
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "CHUKEI_CLUSTER_DB",
+            hide_env_values = true
+        )]
         cluster_db: String,
     },
 }
@@ -132,8 +138,13 @@ enum NodesCommand {
         after_help = "Example:\n  broker nodes list --cluster-db 'postgresql://chukei@db1/chukei'"
     )]
     List {
-        /// The cluster's database.
-        #[arg(long, value_name = "URL")]
+        /// The cluster's database (or $CHUKEI_CLUSTER_DB).
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "CHUKEI_CLUSTER_DB",
+            hide_env_values = true
+        )]
         cluster_db: String,
         /// One JSON array instead of the table.
         #[arg(long)]
@@ -146,8 +157,13 @@ enum NodesCommand {
         after_help = "Example:\n  broker nodes forget --cluster-db 'postgresql://chukei@db1/chukei' N3\n\nA node started again under the same name simply appears again."
     )]
     Forget {
-        /// The cluster's database.
-        #[arg(long, value_name = "URL")]
+        /// The cluster's database (or $CHUKEI_CLUSTER_DB).
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "CHUKEI_CLUSTER_DB",
+            hide_env_values = true
+        )]
         cluster_db: String,
         /// The node's name (its --node-id).
         #[arg(value_name = "NODE")]
@@ -342,12 +358,24 @@ struct RunArgs {
     /// Keep the relay's state in the cluster's PostgreSQL database instead of DATA_DIR, e.g.
     /// 'postgresql://chukei@db1,db2/chukei?target_session_attrs=read-write' (create its schema
     /// with `broker db migrate --cluster-db URL`). TLS as with libpq:
-    /// '…&sslmode=verify-full&sslrootcert=CA.pem&sslcert=NODE.pem&sslkey=NODE.key'
-    #[arg(long, value_name = "URL")]
+    /// '…&sslmode=verify-full&sslrootcert=CA.pem&sslcert=NODE.pem&sslkey=NODE.key'.
+    /// Or $CHUKEI_CLUSTER_DB (a systemd EnvironmentFile): a password stays off the command line
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "CHUKEI_CLUSTER_DB",
+        hide_env_values = true
+    )]
     cluster_db: Option<String>,
     /// A NATS server of the cluster's bus, e.g. nats://bus1:4222; repeat for each server of a
-    /// NATS cluster (needs --cluster-db)
-    #[arg(long = "cluster-bus", value_name = "URL")]
+    /// NATS cluster (needs --cluster-db). Or $CHUKEI_CLUSTER_BUS, the URLs separated by commas
+    #[arg(
+        long = "cluster-bus",
+        value_name = "URL",
+        env = "CHUKEI_CLUSTER_BUS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
     cluster_bus: Vec<String>,
     /// Speak TLS to the bus servers and check their certificates against this CA (PEM);
     /// credentials go in the URL: nats://USER:PASSWORD@bus1:4222

@@ -1051,8 +1051,19 @@ async fn nodes_reach_the_database_and_the_bus_over_tls_with_their_own_certificat
         ])
         .await;
     host.wait_for_status(&job, "succeeded", deadline()).await;
-    let (ok, out, err) = broker_cmd(&["nodes", "list", "--cluster-db", &url]).await;
-    assert!(ok && out.contains("N1") && out.contains("N2"), "{out}{err}");
+    // The URL from the environment (a systemd EnvironmentFile), not the command line.
+    let listed = tokio::process::Command::new(harness::bin("broker"))
+        .args(["nodes", "list"])
+        .env("CHUKEI_CLUSTER_DB", &url)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("broker nodes list: {e}"));
+    let out = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success() && out.contains("N1") && out.contains("N2"),
+        "{out}{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
 
     // The database saw every connection of the nodes encrypted, none in the clear.
     let by_ssl = pg.sql(

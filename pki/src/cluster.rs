@@ -49,19 +49,26 @@ pub fn cluster_client_config(
         .map_err(|e| PkiError::Tls(e.to_string()))?;
     let builder = match check {
         ServerCheck::ChainAndName(ca) => builder.with_root_certificates(roots(&read(ca)?, ca)?),
-        ServerCheck::Chain(ca) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyName(
-                WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots(&read(ca)?, ca)?),
-                    provider(),
-                )
-                .build()
-                .map_err(|e| PkiError::Tls(format!("CA in {}: {e}", ca.display())))?,
-            ))),
+        ServerCheck::Chain(ca) => {
+            let chain = WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots(&read(ca)?, ca)?),
+                provider(),
+            )
+            .build()
+            .map_err(|e| PkiError::Tls(format!("CA in {}: {e}", ca.display())))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Lenient {
+                    chain: Some(chain),
+                    provider: provider(),
+                }))
+        }
         ServerCheck::Nothing => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unchecked(provider()))),
+            .with_custom_certificate_verifier(Arc::new(Lenient {
+                chain: None,
+                provider: provider(),
+            })),
     };
     match identity {
         None => Ok(builder.with_no_client_auth()),
@@ -79,13 +86,19 @@ pub fn cluster_client_config(
     }
 }
 
-/// `verify-ca`: the chain is checked as for `verify-full`; a certificate that chains to the CA
-/// but names another host is accepted (webpki checks the chain before the name, so a name
-/// error means the chain was good).
+/// The checks short of `verify-full`. `verify-ca` (`chain`): the chain is checked as for
+/// `verify-full`, and a certificate that chains to the CA but names another host is accepted
+/// (webpki checks the chain before the name, so a name error means the chain was good).
+/// `require` without a root certificate (no `chain`): any certificate. Either way the
+/// handshake's signatures are checked, so the key exchange is bound to the certificate
+/// presented, whoever's it is.
 #[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
 
-impl ServerCertVerifier for AnyName {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -94,10 +107,10 @@ impl ServerCertVerifier for AnyName {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -111,51 +124,11 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `require` without a root certificate: any certificate; the handshake's signatures are still
-/// checked (the key exchange is bound to the certificate presented, whoever's it is).
-#[derive(Debug)]
-struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -169,12 +142,14 @@ impl ServerCertVerifier for Unchecked {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -1040,16 +1040,7 @@ async fn nodes_reach_the_database_and_the_bus_over_tls_with_their_own_certificat
     // A job filed at N1 reaches C1 on N2: through the database and the bus, both over TLS.
     let _c1 = env.device("C1").start(&n2).await;
     let host = env.host("svc", &n1);
-    let job = host
-        .submit(&[
-            "--serial",
-            "C1",
-            "--kind",
-            "get-data",
-            "--sections",
-            "counters",
-        ])
-        .await;
+    let job = host.submit_get_data("C1").await;
     host.wait_for_status(&job, "succeeded", deadline()).await;
     // The URL from the environment (a systemd EnvironmentFile), not the command line.
     let listed = tokio::process::Command::new(harness::bin("broker"))

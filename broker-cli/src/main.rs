@@ -515,54 +515,34 @@ impl RunArgs {
             uplink_batch_delay_ms,
             commit_window_us,
             parent_session,
-            parent_interval_secs
+            parent_interval_secs,
+            log_format
         );
-        if let Some(id) = self.relay_id {
-            cfg.relay_id = Some(id);
+        // A config key that may be unset: the flag sets it.
+        macro_rules! optional_flag {
+            ($($name:ident),*) => { $( if let Some(v) = self.$name { cfg.$name = Some(v); } )* };
         }
+        optional_flag!(
+            relay_id,
+            publisher_key,
+            node_id,
+            cluster_db,
+            cluster_bus_ca,
+            cluster_bus_cert,
+            cluster_bus_key,
+            metrics_listen,
+            ws_listen,
+            crl_file,
+            min_free_bytes,
+            pid_file
+        );
         if !self.parent.is_empty() {
             cfg.parent = self.parent;
-        }
-        if let Some(key) = self.publisher_key {
-            cfg.publisher_key = Some(key);
-        }
-        if let Some(node) = self.node_id {
-            cfg.node_id = Some(node);
-        }
-        if let Some(url) = self.cluster_db {
-            cfg.cluster_db = Some(url);
         }
         if !self.cluster_bus.is_empty() {
             cfg.cluster_bus = self.cluster_bus;
         }
-        if let Some(path) = self.cluster_bus_ca {
-            cfg.cluster_bus_ca = Some(path);
-        }
-        if let Some(path) = self.cluster_bus_cert {
-            cfg.cluster_bus_cert = Some(path);
-        }
-        if let Some(path) = self.cluster_bus_key {
-            cfg.cluster_bus_key = Some(path);
-        }
-        if let Some(addr) = self.metrics_listen {
-            cfg.metrics_listen = Some(addr);
-        }
-        if let Some(addr) = self.ws_listen {
-            cfg.ws_listen = Some(addr);
-        }
-        if let Some(path) = self.crl_file {
-            cfg.crl_file = Some(path);
-        }
-        if let Some(bytes) = self.min_free_bytes {
-            cfg.min_free_bytes = Some(bytes);
-        }
-        if let Some(format) = self.log_format {
-            cfg.log_format = format;
-        }
         cfg.systemd_notify |= self.systemd_notify;
-        if let Some(path) = self.pid_file {
-            cfg.pid_file = Some(path);
-        }
         cfg.validate()?;
         Ok((cfg, self.ready_file))
     }

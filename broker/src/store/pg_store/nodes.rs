@@ -70,7 +70,7 @@ impl PgStore {
 /// The nodes whose heartbeat is older than [`STALE_AFTER`].
 pub(super) fn gone(store: &PgStore) -> Result<Vec<String>, StoreError> {
     let conn = PgStore::conn(&store.reader, &store.location)?;
-    let since = chrono::Utc::now() - chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
+    let since = silent_since();
     let rows = conn
         .query(
             "SELECT node_id FROM nodes WHERE heartbeat_at_ms < $1 ORDER BY node_id",
@@ -93,12 +93,23 @@ pub(super) fn gone(store: &PgStore) -> Result<Vec<String>, StoreError> {
         })
 }
 
+/// Heartbeats before this are a node gone.
+fn silent_since() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() - chrono::Duration::from_std(STALE_AFTER).unwrap_or_default()
+}
+
+/// A connection of `broker nodes …` to the database at `url`, its schema checked, and where
+/// it is (for errors).
+fn connect(url: &str) -> Result<(Conn, String), StoreError> {
+    let target = super::Target::parse(url)?;
+    let conn = Conn::open(&target, "chukei-pg-nodes")?;
+    super::schema::check(&conn, &target.location)?;
+    Ok((conn, target.location))
+}
+
 /// Every node the database at `url` has heard of, by name.
 pub fn list(url: &str) -> Result<Vec<NodeView>, StoreError> {
-    let target = super::Target::parse(url)?;
-    let location = target.location.clone();
-    let conn = Conn::open(&target, "chukei-pg-nodes")?;
-    super::schema::check(&conn, &location)?;
+    let (conn, location) = connect(url)?;
     let rows = conn
         .query(
             "SELECT node_id, listen, started_at_ms, heartbeat_at_ms, devices FROM nodes
@@ -113,8 +124,7 @@ pub fn list(url: &str) -> Result<Vec<NodeView>, StoreError> {
             op: "list the nodes",
             reason: super::reason(&e),
         })?;
-    let now = chrono::Utc::now();
-    let stale = chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
+    let since = silent_since();
     let time = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
     let view = |r: &postgres::Row| -> Result<NodeView, postgres::Error> {
         let heartbeat_at = time(r.try_get(3)?);
@@ -124,7 +134,7 @@ pub fn list(url: &str) -> Result<Vec<NodeView>, StoreError> {
             started_at: time(r.try_get(2)?),
             heartbeat_at,
             devices: r.try_get::<_, i64>(4)?.max(0) as u64,
-            alive: now - heartbeat_at <= stale,
+            alive: heartbeat_at >= since,
         })
     };
     rows.iter()
@@ -154,10 +164,7 @@ pub enum Forgot {
 /// moment it deletes, that the node is silent and no device's presence points at it — so a
 /// node that came back, or devices the leader has not moved yet, are never lost track of.
 pub fn forget(url: &str, node: &str) -> Result<Forgot, StoreError> {
-    let target = super::Target::parse(url)?;
-    let location = target.location.clone();
-    let conn = Conn::open(&target, "chukei-pg-nodes")?;
-    super::schema::check(&conn, &location)?;
+    let (conn, location) = connect(url)?;
     let lost = || StoreError::Unavailable {
         location: location.clone(),
         reason: "the connection was lost".into(),
@@ -166,7 +173,7 @@ pub fn forget(url: &str, node: &str) -> Result<Forgot, StoreError> {
         op: "forget a node",
         reason: super::reason(&e),
     };
-    let since = chrono::Utc::now() - chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
+    let since = silent_since();
     let deleted = conn
         .execute(
             "DELETE FROM nodes WHERE node_id = $1 AND heartbeat_at_ms < $2

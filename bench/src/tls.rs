@@ -26,7 +26,7 @@ impl Minter {
     pub fn load(pki_dir: &Path) -> anyhow::Result<Minter> {
         Ok(Minter {
             ca: pki::Ca::load(pki_dir).context("loading the benchmark CA")?,
-            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            provider: pki::provider(),
         })
     }
 

@@ -2,10 +2,12 @@
 //! client certificate per device, host and integrator — CN = id, OU = role — and the rustls
 //! configurations built from them.
 //!
-//! Every part of chukei builds its TLS here, with the `ring` provider passed explicitly: several
-//! crates in the tree pull rustls in, and a process-wide default provider would be a guess.
+//! Every part of chukei builds its TLS here, with the `ring` provider (its X25519 from aws-lc-rs,
+//! [`kx`]) passed explicitly: several crates in the tree pull rustls in, and a process-wide
+//! default provider would be a guess.
 
 pub mod cluster;
+pub mod kx;
 pub mod publisher;
 
 use std::fs;
@@ -374,8 +376,9 @@ fn private_key(pem: &str, path: &Path) -> Result<PrivateKeyDer<'static>, PkiErro
         })
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// ring's provider with aws-lc-rs' X25519 ([`kx`]): every TLS configuration chukei builds.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(kx::ring_with_fast_x25519())
 }
 
 /// The relay's provider: TLS 1.3's AES-128-GCM-SHA256 suite first, chosen whatever the client
@@ -386,7 +389,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// own; AES-128 is its mandatory one.
 fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
-    let mut p = rustls::crypto::ring::default_provider();
+    let mut p = kx::ring_with_fast_x25519();
     p.cipher_suites
         .sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
     Arc::new(p)

@@ -148,6 +148,8 @@ impl Core {
         let (out, _) = self.finish(&mut *txn, p, now)?;
         let started = std::time::Instant::now();
         if txn.commit()? {
+            self.commits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.count_commit(started.elapsed(), 0);
             self.storage_committed();
         }

@@ -1263,6 +1263,86 @@ async fn a_busy_relay_commits_paced_messages_together_within_its_window() {
     stop.cancel();
 }
 
+/// Sessions opening in numbers (a restarted relay's fleet coming back) share presence commits —
+/// at most one per presence window — and every device's state view still says online; a lone
+/// session on a quiet relay is recorded at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_opening_in_numbers_share_presence_commits() {
+    const DEVICES: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let core = Arc::new(open(&dir));
+    let (_in_tx, in_rx) = mpsc::channel(8);
+    let (out_tx, mut out_rx) = mpsc::channel(4096);
+    let (presence_tx, presence_rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    tokio::spawn(run(
+        Arc::clone(&core),
+        in_rx,
+        ChannelOutlet(out_tx),
+        presence_rx,
+        CommitWindow::default(),
+        stop.clone(),
+    ));
+    let online = |d: usize| {
+        SessionEvent::Device(PresenceEvent {
+            serial: serial(&format!("C{d}")),
+            online: true,
+        })
+    };
+    // Waits (deadline) until every device in `devices` has a state view saying online.
+    async fn online_views(out_rx: &mut mpsc::Receiver<Outbound>, devices: std::ops::Range<usize>) {
+        let mut waiting: std::collections::BTreeSet<String> = devices
+            .map(|d| topic::fleet_state(&serial(&format!("C{d}"))))
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !waiting.is_empty() {
+            let msg = tokio::time::timeout_at(deadline, out_rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no online view within 30 s for {waiting:?}"))
+                .expect("core stopped early");
+            if waiting.contains(&msg.topic) {
+                let view =
+                    Envelope::<protocol::presence::StateView>::from_cbor(&msg.payload, usize::MAX)
+                        .unwrap()
+                        .body;
+                assert_eq!(
+                    view.presence,
+                    protocol::presence::Presence::Online,
+                    "{}",
+                    msg.topic
+                );
+                waiting.remove(&msg.topic);
+            }
+        }
+    }
+
+    presence_tx.send(online(0)).unwrap();
+    online_views(&mut out_rx, 0..1).await;
+    assert_eq!(core.commits(), 1, "a lone session is recorded at once");
+
+    // One session every 2 ms, each of which would otherwise be a commit of its own.
+    let started = std::time::Instant::now();
+    for d in 1..DEVICES {
+        presence_tx.send(online(d)).unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    online_views(&mut out_rx, 1..DEVICES).await;
+    let took = started.elapsed();
+    let commits = core.commits() - 1;
+    let most = took.as_micros() / super::run::PRESENCE_WINDOW.as_micros() + 2;
+    assert!(
+        commits as u128 <= most,
+        "{commits} presence commits in {took:?} for {} sessions: more than one per window",
+        DEVICES - 1
+    );
+    assert!(
+        (commits as usize) < DEVICES - 1,
+        "{commits} commits for {} sessions",
+        DEVICES - 1
+    );
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn run_returns_when_inbound_closes() {
     let dir = tempfile::tempdir().unwrap();

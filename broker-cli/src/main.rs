@@ -299,6 +299,10 @@ struct RunArgs {
     /// TLS handshakes in flight at once. Default: 1024
     #[arg(long, value_name = "N")]
     max_handshakes: Option<usize>,
+    /// Connections the kernel holds for the listeners until the relay accepts them (capped by
+    /// the kernel's net.core.somaxconn): room for a whole fleet reconnecting at once. Default: 4096
+    #[arg(long, value_name = "N")]
+    listen_backlog: Option<u32>,
     /// QoS 1 messages from one client the relay may hold not yet acknowledged to it; one more
     /// closes that client. Default: 100
     #[arg(long, value_name = "N")]
@@ -492,6 +496,7 @@ impl RunArgs {
             max_payload_bytes,
             max_clients,
             max_handshakes,
+            listen_backlog,
             max_inflight,
             max_subscriptions,
             max_connections_per_identity,

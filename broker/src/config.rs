@@ -51,6 +51,12 @@ pub struct BrokerConfig {
     /// TLS handshakes in flight at once; more connections wait in the kernel's backlog.
     #[serde(default = "defaults::max_handshakes")]
     pub max_handshakes: usize,
+    /// Connections the kernel may hold for the relay's listeners before the relay accepts them
+    /// (listen(2)'s backlog; Linux caps it at `net.core.somaxconn`). A restarted relay's whole
+    /// fleet connects at once: past the backlog, connection attempts are dropped and each client
+    /// waits for its SYN to be sent again, a second or more.
+    #[serde(default = "defaults::listen_backlog")]
+    pub listen_backlog: u32,
     /// QoS 1 PUBLISHes from one client the relay may hold not yet acknowledged to it; one more
     /// closes that client. An agent waits for each ack (a few in flight at most); only a client
     /// that never reads its acks reaches this.
@@ -262,6 +268,10 @@ fn parent_urls<'de, D: serde::Deserializer<'de>>(
 /// hold on the machines we run on; see `ulimit -Hn`).
 const MAX_FILES_FOR_CLIENTS: usize = 19_800;
 
+/// listen(2) takes the backlog as an int, and the kernel caps it at `net.core.somaxconn`
+/// (at most 4096 by default, 65535 at most before Linux 5.4's wider field).
+const MAX_LISTEN_BACKLOG: u32 = 65_535;
+
 mod defaults {
     use super::*;
     pub fn listen() -> SocketAddr {
@@ -323,6 +333,9 @@ mod defaults {
     }
     pub fn max_handshakes() -> usize {
         1_024
+    }
+    pub fn listen_backlog() -> u32 {
+        4_096
     }
     pub fn max_inflight() -> usize {
         100
@@ -578,6 +591,13 @@ impl BrokerConfig {
         if self.max_handshakes == 0 {
             return Err(invalid("max_handshakes", &0, "use at least 1"));
         }
+        if self.listen_backlog == 0 || self.listen_backlog > MAX_LISTEN_BACKLOG {
+            return Err(invalid(
+                "listen_backlog",
+                &self.listen_backlog,
+                "use 1 to 65535; the default is 4096",
+            ));
+        }
         if self.max_inflight == 0 {
             return Err(invalid(
                 "max_inflight",
@@ -780,6 +800,24 @@ mod tests {
             ("metrics_max_connections = 1", None),
         ];
         for (text, want) in cases {
+            let cfg: BrokerConfig = toml::from_str(text).unwrap();
+            match (cfg.validate(), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(want)) => assert!(e.to_string().contains(want), "{e}"),
+                (got, want) => panic!("{text}: {got:?}, wanted {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_listen_backlog_is_one_listen_accepts() {
+        assert_eq!(BrokerConfig::default().listen_backlog, 4096);
+        for (text, want) in [
+            ("listen_backlog = 0", Some("listen_backlog = 0")),
+            ("listen_backlog = 65536", Some("listen_backlog = 65536")),
+            ("listen_backlog = 1", None),
+            ("listen_backlog = 65535", None),
+        ] {
             let cfg: BrokerConfig = toml::from_str(text).unwrap();
             match (cfg.validate(), want) {
                 (Ok(()), None) => {}

@@ -116,12 +116,23 @@ impl Faults {
 
 /// Binds the configured address; separate from [`run`] so callers can bind port 0 and learn it.
 pub async fn bind(cfg: &BrokerConfig) -> Result<TcpListener, BrokerError> {
-    TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| BrokerError::Bind {
-            addr: cfg.listen,
-            source,
-        })
+    listen(cfg.listen, cfg.listen_backlog).map_err(|source| BrokerError::Bind {
+        addr: cfg.listen,
+        source,
+    })
+}
+
+/// A listener on `addr` with room for `backlog` connections not yet accepted (tokio's own bind
+/// asks for 1024, and a restarted relay's fleet overflows that at once).
+fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As std's own bind does: a restarted relay can listen again at once on its port.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Messages the relay holds for one device before closing its session as too slow. A device
@@ -367,7 +378,7 @@ pub async fn run(
                 addr: ws_addr,
                 source,
             };
-            let ws = TcpListener::bind(ws_addr).await.map_err(bind_err)?;
+            let ws = listen(ws_addr, cfg.listen_backlog).map_err(bind_err)?;
             let bound = ws.local_addr().map_err(bind_err)?;
             Some((ws, bound))
         }
@@ -560,4 +571,31 @@ fn write_ready_file(
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, body).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More connections than tokio's own backlog (1024) complete their TCP handshake while the
+    /// relay accepts none: the kernel holds them for the relay instead of dropping their SYNs
+    /// (which would cost each one a retransmission a second or more later). Needs the kernel's
+    /// `net.core.somaxconn` at 1,200 or more (4096 by default since Linux 5.4).
+    #[tokio::test]
+    async fn the_listener_holds_more_connections_than_tokios_default_backlog() {
+        const CONNECTIONS: usize = 1_200;
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 2_048).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::with_capacity(CONNECTIONS);
+        for i in 0..CONNECTIONS {
+            let connect = tokio::net::TcpStream::connect(addr);
+            let stream = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+                .await
+                .unwrap_or_else(|_| panic!("connection {i} not completed within 10 s"))
+                .unwrap();
+            held.push(stream);
+        }
+        assert_eq!(held.len(), CONNECTIONS);
+        drop(listener);
+    }
 }

@@ -166,6 +166,7 @@ macro_rules! restart_only_keys {
             server_name,
             max_clients,
             max_handshakes,
+            listen_backlog,
             max_payload_bytes,
             finished_visible_secs,
             default_deadline_secs,

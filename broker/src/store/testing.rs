@@ -30,6 +30,14 @@ pub const PG_URL_VAR: &str = "CHUKEI_TEST_PG_URL";
 /// A database named after `dir` (created and migrated the first time), so that a test that
 /// opens the same directory again finds what it committed.
 pub(crate) fn postgres_store(dir: &Path) -> super::PgStore {
+    let url = postgres_database(dir);
+    super::pg_store::migrate(&url).expect("migrate the test database");
+    super::PgStore::open(&url).expect("open the test database")
+}
+
+/// The URL of a database named after `dir`, created the first time, with whatever schema it
+/// has (none when new).
+pub(crate) fn postgres_database(dir: &Path) -> String {
     let server = std::env::var(PG_URL_VAR).unwrap_or_else(|_| {
         panic!("{BACKEND_VAR}=postgres needs {PG_URL_VAR} (scripts/with-postgres sets it)")
     });
@@ -58,9 +66,7 @@ pub(crate) fn postgres_store(dir: &Path) -> super::PgStore {
     })
     .join()
     .expect("create the test database");
-    let url = with_dbname(&server, &name);
-    super::pg_store::migrate(&url).expect("migrate the test database");
-    super::PgStore::open(&url).expect("open the test database")
+    with_dbname(&server, &name)
 }
 
 /// `url` with its database replaced by `name` (`postgresql://user@host:port/db?…`).

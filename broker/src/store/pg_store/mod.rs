@@ -734,4 +734,117 @@ mod tests {
         let found = txn.journal("host:svc", 7).unwrap().unwrap();
         assert_eq!(found.outcome, JournalOutcome::Submission { job: job_id(1) });
     }
+
+    fn reading(serial: &str, at_ms: i64) -> protocol::meter::CounterReading {
+        protocol::meter::CounterReading {
+            serial: serial.into(),
+            site: String::new(),
+            read_at: chrono::DateTime::from_timestamp_millis(at_ms).unwrap(),
+            source: "report".into(),
+            counters: Default::default(),
+        }
+    }
+
+    /// Every reading a node stores, in the export's order.
+    fn stored(store: &dyn crate::store::Store) -> Vec<(String, u64)> {
+        let txn = store.begin().unwrap();
+        let (page, _) = txn
+            .readings(
+                chrono::DateTime::from_timestamp_millis(0).unwrap(),
+                chrono::DateTime::from_timestamp_millis(4_000_000_000_000).unwrap(),
+                None,
+                None,
+                1000,
+            )
+            .unwrap();
+        page.into_iter()
+            .map(|r| (r.serial.to_string(), r.read_at.timestamp_millis() as u64))
+            .collect()
+    }
+
+    /// Two nodes storing counter reports at once take no lock in common: the second commits
+    /// while the first's insert is in and its transaction still open.
+    #[test]
+    fn readings_from_two_nodes_commit_side_by_side() {
+        use crate::store::Store;
+        if !on_postgres() {
+            return; // Two nodes on one database: the PostgreSQL store only.
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (n1, n2) = (
+            testing::postgres_store(dir.path()),
+            testing::postgres_store(dir.path()),
+        );
+        let mut a = n1.begin().unwrap();
+        a.put_reading(&reading("C1", 1_000)).unwrap();
+        // A read sends what the transaction holds: the insert is done, the transaction open.
+        let c1 = protocol::Serial::parse("C1").unwrap();
+        assert!(a.device(&c1).unwrap().is_none());
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let n2 = std::sync::Arc::new(n2);
+        let other = std::sync::Arc::clone(&n2);
+        std::thread::spawn(move || {
+            let mut b = other.begin().unwrap();
+            b.put_reading(&reading("C2", 2_000)).unwrap();
+            let _ = done_tx.send(b.commit());
+        });
+        let committed = done_rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the second node's reading waited for the first node's transaction");
+        assert!(committed.unwrap());
+        assert!(a.commit().unwrap());
+        assert_eq!(
+            stored(&*n2),
+            [("C1".to_owned(), 1_000), ("C2".to_owned(), 2_000)]
+        );
+    }
+
+    /// A database of the release before (schema 2, readings numbered from a counter row) is
+    /// upgraded: its readings stay, and new ones are numbered after them.
+    #[test]
+    fn readings_numbered_before_the_upgrade_stay_and_new_ones_follow() {
+        use crate::store::Store;
+        if !on_postgres() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = testing::postgres_database(dir.path());
+        assert_eq!(super::schema::migrate_to(&url, 2).unwrap(), (0, 2));
+        let old = postgres::Client::connect(&url, postgres::NoTls).and_then(|mut c| {
+            c.batch_execute(
+                "INSERT INTO readings (number, read_at_ms, serial, reading) VALUES (41, 5, 'C1', '\\x');
+                 INSERT INTO meta (name, value) VALUES ('next_reading', 41);",
+            )
+        });
+        std::thread::spawn(move || old)
+            .join()
+            .unwrap()
+            .expect("a release-2 database with a reading");
+        assert_eq!(super::migrate(&url).unwrap(), (2, super::SCHEMA_VERSION));
+        let store = super::PgStore::open(&url).unwrap();
+        let mut txn = store.begin().unwrap();
+        txn.put_reading(&reading("C1", 5)).unwrap();
+        assert!(txn.commit().unwrap());
+        let txn = store.txn().unwrap();
+        let numbers = txn
+            .rows(
+                "test",
+                "SELECT number FROM readings ORDER BY number",
+                Vec::new(),
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .collect::<Vec<_>>();
+        assert_eq!(numbers, [41, 42]);
+        let counters = txn
+            .rows(
+                "test",
+                "SELECT count(*) FROM meta WHERE name = 'next_reading'",
+                Vec::new(),
+            )
+            .unwrap()[0]
+            .get::<_, i64>(0);
+        assert_eq!(counters, 0, "the counter row is gone");
+    }
 }

@@ -13,10 +13,10 @@ use super::Conn;
 use crate::store::StoreError;
 
 /// The schema this release reads and writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Each migration, from version `i` to `i + 1`.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r#"
 CREATE TABLE chukei_schema (version integer NOT NULL);
 INSERT INTO chukei_schema (version) VALUES (0);
@@ -122,6 +122,15 @@ CREATE TABLE rollouts (number bigint PRIMARY KEY, record bytea NOT NULL);
 CREATE TABLE active_rollouts (number bigint PRIMARY KEY);
 CREATE TABLE device_tags (serial text COLLATE "C" PRIMARY KEY, tags bytea NOT NULL);
 "#,
+    // 3: readings numbered by a sequence, not a counter row: a row every counter report's
+    // transaction locked until its commit made the nodes store readings one transaction at a
+    // time. A reading's number only orders readings of one device at one instant.
+    r#"
+CREATE SEQUENCE reading_numbers OWNED BY readings.number;
+SELECT setval('reading_numbers', COALESCE((SELECT max(number) FROM readings), 0) + 1, false);
+ALTER TABLE readings ALTER COLUMN number SET DEFAULT nextval('reading_numbers');
+DELETE FROM meta WHERE name = 'next_reading';
+"#,
 ];
 
 /// The schema version the database holds; `None` without a chukei schema.
@@ -168,6 +177,11 @@ pub(super) fn check(conn: &Conn, location: &str) -> Result<(), StoreError> {
 /// Creates the schema in an empty database or upgrades an older one; returns the versions
 /// before and after. A newer schema is refused untouched.
 pub fn migrate(url: &str) -> Result<(i32, i32), StoreError> {
+    migrate_to(url, SCHEMA_VERSION)
+}
+
+/// [`migrate`], up to `version` only: the tests make an older release's database with it.
+pub(crate) fn migrate_to(url: &str, version: i32) -> Result<(i32, i32), StoreError> {
     let target = super::Target::parse(url)?;
     let location = target.location.clone();
     let conn = Conn::open(&target, "chukei-pg-migrate")?;
@@ -179,7 +193,12 @@ pub fn migrate(url: &str) -> Result<(i32, i32), StoreError> {
             supported: SCHEMA_VERSION,
         });
     }
-    for (step, sql) in MIGRATIONS.iter().enumerate().skip(before as usize) {
+    for (step, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(version as usize)
+        .skip(before as usize)
+    {
         let to = step as i32 + 1;
         let failed = |reason: String| StoreError::Database {
             op: "migrate the schema",
@@ -197,5 +216,5 @@ pub fn migrate(url: &str) -> Result<(i32, i32), StoreError> {
             None => return Err(failed("the connection was lost".into())),
         }
     }
-    Ok((before, SCHEMA_VERSION))
+    Ok((before, version.max(before)))
 }

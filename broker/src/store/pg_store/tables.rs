@@ -1276,15 +1276,16 @@ impl UplinkTables for PgTxn {
 }
 
 impl ReadingTables for PgTxn {
+    /// The reading's number comes from the `reading_numbers` sequence (the column's default):
+    /// no row is locked, so the nodes store counter reports side by side, and the insert waits
+    /// with the transaction's other writes for its commit.
     fn put_reading(&mut self, reading: &CounterReading) -> Result<(), StoreError> {
-        let op = "write a reading";
-        let n = self.next_counter("next_reading", op)?;
         let at = reading.read_at.timestamp_millis();
         let bytes = encode("readings", format_args!("{}@{at}", reading.serial), reading)?;
         self.write(
-            op,
-            "INSERT INTO readings (number, read_at_ms, serial, reading) VALUES ($1, $2, $3, $4)",
-            vec![n64(n), P::I64(at), text(&reading.serial), P::Bytes(bytes)],
+            "write a reading",
+            "INSERT INTO readings (read_at_ms, serial, reading) VALUES ($1, $2, $3)",
+            vec![P::I64(at), text(&reading.serial), P::Bytes(bytes)],
         )?;
         Ok(())
     }

@@ -118,16 +118,23 @@ enum DbCommand {
         after_help = "Example:\n  createdb -O chukei chukei\n  broker db migrate --cluster-db 'postgresql://chukei@db1/chukei'"
     )]
     Migrate {
-        /// The database, as a libpq URL or key=value string (or $CHUKEI_CLUSTER_DB, which keeps
-        /// a password off the command line).
-        #[arg(
-            long,
-            value_name = "URL",
-            env = "CHUKEI_CLUSTER_DB",
-            hide_env_values = true
-        )]
-        cluster_db: String,
+        #[command(flatten)]
+        db: ClusterDb,
     },
+}
+
+/// `--cluster-db`, as `db migrate` and `nodes list|forget` take it.
+#[derive(Debug, clap::Args)]
+struct ClusterDb {
+    /// The cluster's database, as a libpq URL or key=value string (or $CHUKEI_CLUSTER_DB, which
+    /// keeps a password off the command line).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "CHUKEI_CLUSTER_DB",
+        hide_env_values = true
+    )]
+    cluster_db: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,14 +145,8 @@ enum NodesCommand {
         after_help = "Example:\n  broker nodes list --cluster-db 'postgresql://chukei@db1/chukei'"
     )]
     List {
-        /// The cluster's database (or $CHUKEI_CLUSTER_DB).
-        #[arg(
-            long,
-            value_name = "URL",
-            env = "CHUKEI_CLUSTER_DB",
-            hide_env_values = true
-        )]
-        cluster_db: String,
+        #[command(flatten)]
+        db: ClusterDb,
         /// One JSON array instead of the table.
         #[arg(long)]
         json: bool,
@@ -157,14 +158,8 @@ enum NodesCommand {
         after_help = "Example:\n  broker nodes forget --cluster-db 'postgresql://chukei@db1/chukei' N3\n\nA node started again under the same name simply appears again."
     )]
     Forget {
-        /// The cluster's database (or $CHUKEI_CLUSTER_DB).
-        #[arg(
-            long,
-            value_name = "URL",
-            env = "CHUKEI_CLUSTER_DB",
-            hide_env_values = true
-        )]
-        cluster_db: String,
+        #[command(flatten)]
+        db: ClusterDb,
         /// The node's name (its --node-id).
         #[arg(value_name = "NODE")]
         node: String,
@@ -756,8 +751,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("supervising the relay")?;
             Ok(ExitCode::from(code))
         }
-        Command::Db(DbCommand::Migrate { cluster_db }) => {
-            let (before, after) = broker::store::pg_store::migrate(&cluster_db)
+        Command::Db(DbCommand::Migrate { db }) => {
+            let (before, after) = broker::store::pg_store::migrate(&db.cluster_db)
                 .context("migrating the cluster database")?;
             if before == after {
                 println!("the schema is at version {after} already; nothing to do");
@@ -768,8 +763,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Nodes(NodesCommand::List { cluster_db, json }) => {
-            let nodes = broker::store::pg_store::nodes::list(&cluster_db)
+        Command::Nodes(NodesCommand::List { db, json }) => {
+            let nodes = broker::store::pg_store::nodes::list(&db.cluster_db)
                 .context("listing the cluster's nodes")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
@@ -778,9 +773,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Nodes(NodesCommand::Forget { cluster_db, node }) => {
+        Command::Nodes(NodesCommand::Forget { db, node }) => {
             use broker::store::pg_store::nodes::Forgot;
-            let done = broker::store::pg_store::nodes::forget(&cluster_db, &node)
+            let done = broker::store::pg_store::nodes::forget(&db.cluster_db, &node)
                 .with_context(|| format!("forgetting node {node}"))?;
             match done {
                 Forgot::Forgotten => {

@@ -705,17 +705,24 @@ mod tests {
         assert_eq!(rows[0].get::<_, i64>(0), 0);
     }
 
+    /// Two nodes' stores on one test database (kept while the directory lives); `None` unless
+    /// the tests run on PostgreSQL.
+    fn two_nodes() -> Option<(tempfile::TempDir, super::PgStore, super::PgStore)> {
+        if !on_postgres() {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let n1 = testing::postgres_store(dir.path());
+        let n2 = testing::postgres_store(dir.path());
+        Some((dir, n1, n2))
+    }
+
     #[test]
     fn two_nodes_doing_the_same_host_request_at_once_commit_it_once() {
         use crate::store::{JournalEntry, JournalOutcome, Store, job_id};
-        if !on_postgres() {
+        let Some((_dir, n1, n2)) = two_nodes() else {
             return; // Two nodes on one database: the PostgreSQL store only.
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let (n1, n2) = (
-            testing::postgres_store(dir.path()),
-            testing::postgres_store(dir.path()),
-        );
+        };
         let entry = |n: u64| JournalEntry {
             at: chrono::Utc::now(),
             outcome: JournalOutcome::Submission { job: job_id(n) },
@@ -767,14 +774,9 @@ mod tests {
     #[test]
     fn readings_from_two_nodes_commit_side_by_side() {
         use crate::store::Store;
-        if !on_postgres() {
+        let Some((_dir, n1, n2)) = two_nodes() else {
             return; // Two nodes on one database: the PostgreSQL store only.
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let (n1, n2) = (
-            testing::postgres_store(dir.path()),
-            testing::postgres_store(dir.path()),
-        );
+        };
         let mut a = n1.begin().unwrap();
         a.put_reading(&reading("C1", 1_000)).unwrap();
         // A read sends what the transaction holds: the insert is done, the transaction open.

@@ -343,6 +343,18 @@ impl Core {
         self.commits.load(Ordering::Relaxed)
     }
 
+    /// Commits `txn` and, if it wrote anything, counts the commit ([`Core::commits`], its latency
+    /// and the `messages` it carried) and notes that the store writes again.
+    fn commit_counted(&self, txn: Box<dyn Txn>, messages: usize) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        if txn.commit()? {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            self.count_commit(started.elapsed(), messages);
+            self.storage_committed();
+        }
+        Ok(())
+    }
+
     /// Everything that must be retained in the router, rebuilt from redb: rumqttd keeps retained
     /// messages only in memory, so this runs before any client is accepted. The orders of open
     /// jobs and their merged data, the views of every job with a valid serial, and every device's
@@ -447,12 +459,7 @@ impl Core {
         }
         let done = std::mem::take(&mut pending.done);
         let (mut out, answers) = self.finish(&mut *txn, pending, now)?;
-        let started = std::time::Instant::now();
-        if txn.commit()? {
-            self.commits.fetch_add(1, Ordering::Relaxed);
-            self.count_commit(started.elapsed(), batch.len());
-            self.storage_committed();
-        }
+        self.commit_counted(txn, batch.len())?;
         if self.uplink_queued.swap(false, Ordering::Relaxed) {
             self.uplink_wake.notify_one();
         }
@@ -597,12 +604,7 @@ impl Core {
         }
         let done = std::mem::take(&mut pending.done);
         let (out, _) = self.finish(&mut *txn, pending, now)?;
-        let started = std::time::Instant::now();
-        if txn.commit()? {
-            self.commits.fetch_add(1, Ordering::Relaxed);
-            self.count_commit(started.elapsed(), 0);
-            self.storage_committed();
-        }
+        self.commit_counted(txn, 0)?;
         for d in done {
             d.log(self);
         }

@@ -145,3 +145,51 @@ async fn a_certificate_that_expired_since_its_ticket_was_sealed_is_refused_on_re
         "the expired certificate came back in a resumed handshake"
     );
 }
+
+/// A stopping relay closes its listening socket before its open connections wind down. While it
+/// listened, the kernel completed handshakes nobody would accept: a device reconnecting in that
+/// time sent its ClientHello — spending its session ticket — and was then reset, and paid a
+/// full handshake at the relay that came back. Here a silent connection keeps the stop waiting
+/// (up to its grace period), and a connection attempt in that time is refused.
+#[tokio::test]
+async fn a_stopping_relay_refuses_new_connections_at_once() {
+    let env = TestEnv::new("a_stopping_relay_refuses_new_connections_at_once");
+    let mut broker = env
+        .broker()
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(["--first-byte-timeout-secs", "60"])
+        .args(["--handshake-timeout-secs", "60"])
+        .start()
+        .await;
+    let addr = broker.addr();
+    let _silent = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the relay accepts TCP");
+    let until = tokio::time::Instant::now() + deadline();
+    while raw::sample(
+        &raw::scrape(broker.metrics_addr()).await,
+        "chukei_tcp_accepted_total",
+    ) < 1
+    {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the silent connection was never accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    broker.signal("TERM");
+    broker
+        .wait_for_log("gateway stopped accepting", deadline())
+        .await;
+    let attempt = tokio::net::TcpStream::connect(addr).await;
+    assert!(
+        matches!(&attempt, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "a connection attempt during the stop was not refused: {attempt:?}"
+    );
+    assert!(
+        broker.try_exit().is_none(),
+        "the relay was still winding down its open connection when the attempt was refused"
+    );
+    broker.stop().await;
+}

@@ -186,7 +186,9 @@ pub async fn run(
                 fill(&mut batch, &mut inbound, MAX_BATCH, deadline).await;
                 Work::Batch(batch)
             }
-            event = presence.recv(), if presence_open => match event {
+            // Not read while changes are held: each session's change would wake the core for
+            // nothing; what queues meanwhile is taken with the held ones when they are due.
+            event = presence.recv(), if presence_open && !presence_held.is_holding() => match event {
                 Some(first) => {
                     let mut events = vec![first];
                     fill(&mut events, &mut presence, usize::MAX, None).await;
@@ -201,7 +203,9 @@ pub async fn run(
                 }
             },
             () = presence_held.due(), if presence_held.is_holding() => {
-                Work::Presence(presence_held.release())
+                let mut events = presence_held.release();
+                fill(&mut events, &mut presence, usize::MAX, None).await;
+                Work::Presence(events)
             }
             _ = expire.tick() => Work::Expire,
         };

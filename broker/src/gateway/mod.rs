@@ -242,6 +242,12 @@ impl Gateway {
             let span = info_span!("conn", %peer, identity = field::Empty, topic = field::Empty);
             tasks.spawn(gw.serve(kind, tcp, slot, stop).instrument(span));
         }
+        // Closed before the open sessions wind down, not after: while the socket listens, the
+        // kernel completes handshakes nobody will accept, and a client that reconnects in that
+        // time sends its ClientHello, spends its one session ticket on a connection that is then
+        // reset, and pays a full handshake on its next try. Closed, it is refused at once and
+        // keeps its ticket for the relay that comes back.
+        drop(listener);
         tasks.close();
         info!(open = tasks.len(), listener = ?kind, "gateway stopped accepting");
         if timeout(GRACE, tasks.wait()).await.is_err() {

@@ -12,6 +12,7 @@
 //! of its own ([`Conn`]) and every statement is a closure sent to it. A writer connection carries
 //! the transactions, one at a time as on redb; a second one reads the metrics' counts.
 
+mod batch_reads;
 mod combine;
 mod leader;
 pub mod nodes;

@@ -10,6 +10,10 @@ use protocol::meter::CounterReading;
 use protocol::relay::UplinkItem;
 use protocol::{MsgId, Seq, Serial, Timestamp};
 
+use super::batch_reads::{
+    READ_DEVICES, READ_JOB_EVENTS, READ_JOBS, READ_JOURNAL, READ_PRESENCE, READ_REPORTS,
+    READ_WINDOWS,
+};
 use super::{Conn, P, PgTxn};
 use crate::store::records::StoredState;
 use crate::store::{
@@ -156,9 +160,7 @@ impl PgTxn {
         let who = sender.to_owned();
         let list = wanted.clone();
         let rows = self.send("read the journal", move |s| {
-            let statement = s.statement(
-                "SELECT msg_id, entry FROM journal WHERE sender = $1 AND msg_id = ANY($2)",
-            )?;
+            let statement = s.statement(READ_JOURNAL)?;
             s.client.query(&statement, &[&who, &list])
         })?;
         let mut found: std::collections::HashMap<i64, Vec<u8>> = rows
@@ -199,11 +201,7 @@ impl PgTxn {
         let list = wanted.clone();
         let [records, events, reports] = self.send("read jobs", move |s| {
             let mut out: [Vec<postgres::Row>; 3] = Default::default();
-            let reads = [
-                "SELECT number, record FROM jobs WHERE number = ANY($1) ORDER BY number FOR UPDATE",
-                "SELECT number, seq, event FROM job_events WHERE number = ANY($1) ORDER BY number, seq",
-                "SELECT number, data FROM reports WHERE number = ANY($1)",
-            ];
+            let reads = [READ_JOBS, READ_JOB_EVENTS, READ_REPORTS];
             for (rows, sql) in out.iter_mut().zip(reads) {
                 let statement = s.statement(sql)?;
                 *rows = s.client.query(&statement, &[&list])?;
@@ -316,12 +314,7 @@ impl PgTxn {
         if wanted.is_empty() {
             return Ok(());
         }
-        const READS: [&str; 3] = [
-            "SELECT serial, windows FROM seen_by_device WHERE serial = ANY($1)
-             ORDER BY serial FOR UPDATE",
-            "SELECT serial, record FROM devices WHERE serial = ANY($1) ORDER BY serial FOR UPDATE",
-            "SELECT serial, record FROM presence WHERE serial = ANY($1) ORDER BY serial FOR UPDATE",
-        ];
+        const READS: [&str; 3] = [READ_WINDOWS, READ_DEVICES, READ_PRESENCE];
         let list = wanted.clone();
         let [windows, records, presence] = self.send("read devices", move |s| {
             let mut out: [Vec<postgres::Row>; 3] = Default::default();

@@ -12,8 +12,10 @@ use protocol::{MsgId, Seq, Serial, Timestamp};
 
 use super::batch_reads::{
     READ_DEVICES, READ_JOB_EVENTS, READ_JOBS, READ_JOURNAL, READ_PRESENCE, READ_REPORTS,
-    READ_WINDOWS,
+    READ_WINDOWS, by_keys,
 };
+use postgres::types::{ToSql, Type};
+
 use super::{Conn, P, PgTxn};
 use crate::store::records::StoredState;
 use crate::store::{
@@ -160,8 +162,9 @@ impl PgTxn {
         let who = sender.to_owned();
         let list = wanted.clone();
         let rows = self.send("read the journal", move |s| {
-            let statement = s.statement(READ_JOURNAL)?;
-            s.client.query(&statement, &[&who, &list])
+            let params: [(&(dyn ToSql + Sync), Type); 2] =
+                [(&who, Type::TEXT), (&list, Type::INT8_ARRAY)];
+            by_keys(s, READ_JOURNAL, &params, list.len())
         })?;
         let mut found: std::collections::HashMap<i64, Vec<u8>> = rows
             .iter()
@@ -203,8 +206,7 @@ impl PgTxn {
             let mut out: [Vec<postgres::Row>; 3] = Default::default();
             let reads = [READ_JOBS, READ_JOB_EVENTS, READ_REPORTS];
             for (rows, sql) in out.iter_mut().zip(reads) {
-                let statement = s.statement(sql)?;
-                *rows = s.client.query(&statement, &[&list])?;
+                *rows = by_keys(s, sql, &[(&list, Type::INT8_ARRAY)], list.len())?;
             }
             Ok(out)
         })?;
@@ -319,8 +321,7 @@ impl PgTxn {
         let [windows, records, presence] = self.send("read devices", move |s| {
             let mut out: [Vec<postgres::Row>; 3] = Default::default();
             for (rows, sql) in out.iter_mut().zip(READS) {
-                let statement = s.statement(sql)?;
-                *rows = s.client.query(&statement, &[&list])?;
+                *rows = by_keys(s, sql, &[(&list, Type::TEXT_ARRAY)], list.len())?;
             }
             Ok(out)
         })?;

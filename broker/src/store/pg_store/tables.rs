@@ -1,6 +1,7 @@
 //! The store's tables ([`crate::store::interface`]) in SQL: the same records and the same
 //! answers as the embedded store, the indexes kept by PostgreSQL.
 
+use postgres::types::{ToSql, Type};
 use protocol::alarm::AlarmView;
 use protocol::artifact::{ArtifactId, ArtifactInfo};
 use protocol::data::DeviceData;
@@ -14,8 +15,6 @@ use super::batch_reads::{
     READ_DEVICES, READ_JOB_EVENTS, READ_JOBS, READ_JOURNAL, READ_PRESENCE, READ_REPORTS,
     READ_WINDOWS, by_keys,
 };
-use postgres::types::{ToSql, Type};
-
 use super::{Conn, P, PgTxn};
 use crate::store::records::StoredState;
 use crate::store::{

@@ -316,7 +316,9 @@ impl Core {
         let mut p = Pending::default();
         for node in &gone {
             let mut lost = 0usize;
-            for serial in txn.presence_on_node(node)? {
+            let serials = txn.presence_on_node(node)?;
+            lock_in_batch_order(&mut *txn, &serials)?;
+            for serial in serials {
                 let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? else {
                     continue;
                 };
@@ -346,7 +348,9 @@ impl Core {
         if let Some(me) = self.settings.node.clone() {
             let mut p = Pending::default();
             let now = chrono::Utc::now();
-            for serial in txn.presence_on_node(&me)? {
+            let mine = txn.presence_on_node(&me)?;
+            lock_in_batch_order(&mut *txn, &mine)?;
+            for serial in mine {
                 if let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? {
                     record.node = None;
                     self.apply_edge(&mut *txn, &mut p, &serial, record, false, now)?;
@@ -354,7 +358,9 @@ impl Core {
             }
         }
         let mut set = 0;
-        for serial in txn.presence_serials()? {
+        let all = txn.presence_serials()?;
+        lock_in_batch_order(&mut *txn, &all)?;
+        for serial in all {
             let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? else {
                 continue;
             };
@@ -445,6 +451,16 @@ impl Core {
             },
         ])
     }
+}
+
+/// Reads (and in a cluster locks) the rows of `serials` the way a batch does before it touches
+/// them one by one: each device's seen window, record and presence, each table in serial order.
+/// A node starting, or the leader sweeping a node that is gone, while another node serves those
+/// devices then waits for that node's batch instead of deadlocking with it (row by row, presence
+/// first, a restarted node's startup once failed that way in the chaos test).
+fn lock_in_batch_order(txn: &mut dyn Txn, serials: &[Serial]) -> Result<(), StoreError> {
+    let keys: Vec<&str> = serials.iter().map(Serial::as_str).collect();
+    txn.warm_devices(&keys)
 }
 
 /// Learns a device's schedule (from its state message, or a set-schedule job that succeeded).

@@ -345,12 +345,15 @@ impl Core {
     /// sessions this node held before it stopped are over.
     pub fn presence_startup(&self) -> Result<usize, StoreError> {
         let mut txn = self.store.begin()?;
+        // Every row this transaction touches, locked at once: two rounds of locking (this node's
+        // devices, then the rest) could meet a batch holding a row of the second while it waits
+        // for one of the first.
+        let all = txn.presence_serials()?;
+        lock_in_batch_order(&mut *txn, &all)?;
         if let Some(me) = self.settings.node.clone() {
             let mut p = Pending::default();
             let now = chrono::Utc::now();
-            let mine = txn.presence_on_node(&me)?;
-            lock_in_batch_order(&mut *txn, &mine)?;
-            for serial in mine {
+            for serial in txn.presence_on_node(&me)? {
                 if let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? {
                     record.node = None;
                     self.apply_edge(&mut *txn, &mut p, &serial, record, false, now)?;
@@ -358,8 +361,6 @@ impl Core {
             }
         }
         let mut set = 0;
-        let all = txn.presence_serials()?;
-        lock_in_batch_order(&mut *txn, &all)?;
         for serial in all {
             let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? else {
                 continue;

@@ -24,6 +24,12 @@ pub fn open(dir: &Path) -> Arc<dyn Store> {
     }
 }
 
+/// Whether the tests run on the `postgres` backend (tests of the PostgreSQL store alone return
+/// early otherwise).
+pub(crate) fn on_postgres() -> bool {
+    std::env::var(BACKEND_VAR).as_deref() == Ok("postgres")
+}
+
 /// The server's URL for the `postgres` backend.
 pub const PG_URL_VAR: &str = "CHUKEI_TEST_PG_URL";
 

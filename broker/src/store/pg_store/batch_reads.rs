@@ -68,7 +68,7 @@ mod tests {
     /// reuse it.
     #[test]
     fn a_long_key_list_is_planned_for_itself_and_a_short_one_reuses_the_prepared_plan() {
-        if std::env::var(testing::BACKEND_VAR).as_deref() != Ok("postgres") {
+        if !testing::on_postgres() {
             return; // The PostgreSQL store only.
         }
         let dir = tempfile::tempdir().unwrap();

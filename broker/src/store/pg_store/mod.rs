@@ -646,10 +646,7 @@ impl Drop for PgTxn {
 #[cfg(test)]
 mod tests {
     use crate::store::testing;
-
-    fn on_postgres() -> bool {
-        std::env::var(testing::BACKEND_VAR).as_deref() == Ok("postgres")
-    }
+    use crate::store::testing::on_postgres;
 
     #[test]
     fn numbers_taken_in_one_transaction_continue_in_the_next_and_a_rolled_back_one_leaves_no_gap() {

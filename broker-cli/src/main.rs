@@ -348,7 +348,8 @@ struct RunArgs {
     uplink_batch_delay_ms: Option<u64>,
     /// While the relay is busy, a batch of fewer than 32 messages waits this long for more
     /// before it commits (fewer commits, less CPU for paced traffic; an idle relay's lone
-    /// message commits at once). 0: never wait. Default: 1000
+    /// message commits at once, a batch holding an alarm never waits). 0: never wait. Default:
+    /// 1000, or 5000 on a cluster node
     #[arg(long, value_name = "MICROS")]
     commit_window_us: Option<u64>,
     /// Run as a node of a cluster, with this name among the nodes (needs --cluster-db)
@@ -513,7 +514,6 @@ impl RunArgs {
             uplink_batch_max_items,
             uplink_batch_max_bytes,
             uplink_batch_delay_ms,
-            commit_window_us,
             parent_session,
             parent_interval_secs,
             log_format
@@ -523,6 +523,7 @@ impl RunArgs {
             ($($name:ident),*) => { $( if let Some(v) = self.$name { cfg.$name = Some(v); } )* };
         }
         optional_flag!(
+            commit_window_us,
             relay_id,
             publisher_key,
             node_id,

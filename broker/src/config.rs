@@ -202,10 +202,12 @@ pub struct BrokerConfig {
     /// While the relay is busy (a commit within the last ten windows), a batch of fewer than 32
     /// messages waits this many microseconds for more before it commits: fewer commits for paced
     /// traffic. 1000 cut the relay's CPU by a quarter at 1,000 and 4,000 paced reports/s for
-    /// about 2.5 ms more ack latency; an idle relay's lone message commits at once. 0: never
-    /// wait. At most 100000.
-    #[serde(default = "defaults::commit_window_us")]
-    pub commit_window_us: u64,
+    /// about 2.5 ms more ack latency; an idle relay's lone message commits at once, and a batch
+    /// holding an alarm never waits. 0: never wait. At most 100000. Unset: 1000, or 5000 on a
+    /// cluster node, whose commits are round trips to PostgreSQL and its standby
+    /// ([`BrokerConfig::commit_window`]).
+    #[serde(default)]
+    pub commit_window_us: Option<u64>,
     /// This relay is a node of a cluster: its name among the nodes (`broker nodes list`).
     /// Letters, digits, `-` and `_`.
     #[serde(default)]
@@ -300,6 +302,9 @@ mod defaults {
     }
     pub fn commit_window_us() -> u64 {
         1000
+    }
+    pub fn cluster_commit_window_us() -> u64 {
+        5000
     }
     pub fn tls_ticket_lifetime_secs() -> u64 {
         24 * 3600
@@ -417,6 +422,19 @@ pub enum ConfigError {
 }
 
 impl BrokerConfig {
+    /// How long a busy relay's small batch waits for more ([`BrokerConfig::commit_window_us`]).
+    /// A cluster node waits longer by default: each commit it saves is a round trip to
+    /// PostgreSQL and its standby and a flush on both, and the node's commit already takes
+    /// milliseconds (bench/RESULTS.md, "A cluster's commit window").
+    pub fn commit_window(&self) -> Duration {
+        let default = if self.cluster_db.is_some() {
+            defaults::cluster_commit_window_us()
+        } else {
+            defaults::commit_window_us()
+        };
+        Duration::from_micros(self.commit_window_us.unwrap_or(default))
+    }
+
     pub fn load(path: &Path) -> Result<BrokerConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -530,11 +548,13 @@ impl BrokerConfig {
                 "use at least 1; the default is 300",
             ));
         }
-        if self.commit_window_us > 100_000 {
+        if let Some(us) = self.commit_window_us
+            && us > 100_000
+        {
             return Err(invalid(
                 "commit_window_us",
-                &self.commit_window_us,
-                "use 0 (never wait) to 100000 (100 ms); the default is 1000",
+                &us,
+                "use 0 (never wait) to 100000 (100 ms); the default is 1000, or 5000 on a cluster node",
             ));
         }
         if self.uplink_batch_max_items == 0 {
@@ -868,7 +888,18 @@ mod tests {
 
     #[test]
     fn the_commit_window_has_its_documented_default_and_range() {
-        assert_eq!(BrokerConfig::default().commit_window_us, 1000);
+        let one = BrokerConfig::default();
+        assert_eq!(one.commit_window(), Duration::from_millis(1));
+        let node = BrokerConfig {
+            cluster_db: Some("postgresql://chukei@db/chukei".into()),
+            ..BrokerConfig::default()
+        };
+        assert_eq!(node.commit_window(), Duration::from_millis(5));
+        let set = BrokerConfig {
+            commit_window_us: Some(0),
+            ..node
+        };
+        assert_eq!(set.commit_window(), Duration::ZERO);
         for (value, ok) in [(0, true), (100_000, true), (100_001, false)] {
             let cfg: BrokerConfig = toml::from_str(&format!("commit_window_us = {value}")).unwrap();
             match cfg.validate() {

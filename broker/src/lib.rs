@@ -262,7 +262,10 @@ pub async fn run(
         ));
     }
     let (presence_tx, presence_rx) = switch::presence::channel();
-    let window = core::CommitWindow(std::time::Duration::from_micros(cfg.commit_window_us));
+    let window = core::CommitWindow {
+        length: cfg.commit_window(),
+        urgent: hub.urgent(),
+    };
     let core_task = core::spawn(
         core.clone(),
         inbound,

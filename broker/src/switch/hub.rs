@@ -22,12 +22,13 @@
 //! end-to-end acks. So devices touch the router not at all: it carries hosts and integrators.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use protocol::topic::{Topic, UpKind};
 use rumqttd::protocol::{Publish, matches};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 
 use crate::core::Inbound;
@@ -63,6 +64,8 @@ pub struct Hub {
     /// The core's queue. A full queue makes the publishing sessions wait (backpressure), never
     /// drops.
     core: mpsc::Sender<Inbound>,
+    /// Told when a device's alarm is queued for the core ([`crate::core::CommitWindow::urgent`]).
+    urgent: Arc<Notify>,
     generations: AtomicU64,
     /// Messages a device may fall behind by before its session is closed.
     max_queued: usize,
@@ -97,9 +100,16 @@ impl Hub {
         Hub {
             state: Mutex::new(State::default()),
             core,
+            urgent: Arc::default(),
             generations: AtomicU64::new(0),
             max_queued,
         }
+    }
+
+    /// What the hub notifies when a device's alarm is queued for the core: a commit window
+    /// ends at once.
+    pub fn urgent(&self) -> Arc<Notify> {
+        self.urgent.clone()
     }
 
     /// Registers the session of `serial`; an older session of the same serial is told it was
@@ -135,13 +145,19 @@ impl Hub {
         let Ok(permits) = self.core.reserve_many(publishes.len()).await else {
             return false;
         };
+        let mut alarm = false;
         for (permit, publish) in permits.zip(publishes) {
+            let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+            alarm |= is_alarm(&topic);
             permit.send(Inbound {
-                topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                topic,
                 payload: publish.payload.clone(),
             });
             // A device subscribed to its own topics hears its publish, as from any MQTT broker.
             self.route(publish);
+        }
+        if alarm {
+            self.urgent.notify_one();
         }
         true
     }
@@ -303,6 +319,17 @@ impl Drop for Attachment<'_> {
     }
 }
 
+/// Whether a device's publish is a fault report (`dev/{serial}/up/alarm`).
+fn is_alarm(topic: &str) -> bool {
+    matches!(
+        Topic::parse(topic),
+        Ok(Topic::DevUp {
+            kind: UpKind::Alarm,
+            ..
+        })
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +390,42 @@ mod tests {
         assert!(
             !hub.publish_all(vec![publish("dev/A1/up/state", b"")]).await,
             "a stopped core is reported to the session"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_devices_alarm_tells_the_core_to_commit_at_once_and_a_report_does_not() {
+        let (core_tx, mut core_rx) = mpsc::channel(8);
+        let hub = Hub::new(core_tx, 16);
+        let urgent = hub.urgent();
+        let notified = |urgent: &Notify| {
+            let mut wait = std::pin::pin!(urgent.notified());
+            // Polled once: a stored notification completes it at once, none leaves it pending.
+            futures_util::FutureExt::now_or_never(&mut wait).is_some()
+        };
+        assert!(
+            hub.publish_all(vec![publish("dev/A1/up/counters", b"x")])
+                .await
+        );
+        assert!(!notified(&urgent), "a report does not hurry the core");
+        assert!(
+            hub.publish_all(vec![
+                publish("dev/A1/up/counters", b"y"),
+                publish("dev/A1/up/alarm", b"z"),
+            ])
+            .await
+        );
+        assert!(notified(&urgent), "an alarm ends the core's commit window");
+        let topics: Vec<String> = std::iter::from_fn(|| core_rx.try_recv().ok())
+            .map(|i| i.topic)
+            .collect();
+        assert_eq!(
+            topics,
+            [
+                "dev/A1/up/counters",
+                "dev/A1/up/counters",
+                "dev/A1/up/alarm"
+            ]
         );
     }
 

@@ -1195,7 +1195,7 @@ async fn acked_within(out_rx: &mut mpsc::Receiver<Outbound>, n: usize, within: D
 
 /// Starts [`run`] with `window` on a fresh store.
 fn run_with_window(
-    window: Duration,
+    window: CommitWindow,
 ) -> (
     Arc<Core>,
     mpsc::Sender<Inbound>,
@@ -1213,7 +1213,7 @@ fn run_with_window(
         in_rx,
         ChannelOutlet(out_tx),
         mpsc::unbounded_channel().1,
-        CommitWindow(window),
+        window,
         stop.clone(),
     ));
     (core, in_tx, out_rx, stop, dir)
@@ -1222,7 +1222,8 @@ fn run_with_window(
 #[tokio::test]
 async fn an_idle_relays_lone_message_does_not_wait_for_the_commit_window() {
     // A window far longer than the deadline: an ack within the deadline shows nothing waited.
-    let (core, in_tx, mut out_rx, stop, _dir) = run_with_window(Duration::from_secs(60));
+    let (core, in_tx, mut out_rx, stop, _dir) =
+        run_with_window(CommitWindow::new(Duration::from_secs(60)));
     in_tx.send(state("C1", 1, "Osaka")).await.unwrap();
     assert_eq!(
         acked_within(&mut out_rx, 1, Duration::from_secs(20)).await,
@@ -1235,7 +1236,8 @@ async fn an_idle_relays_lone_message_does_not_wait_for_the_commit_window() {
 #[tokio::test]
 async fn a_busy_relay_commits_paced_messages_together_within_its_window() {
     const PACED: u64 = 6;
-    let (core, in_tx, mut out_rx, stop, _dir) = run_with_window(Duration::from_millis(800));
+    let (core, in_tx, mut out_rx, stop, _dir) =
+        run_with_window(CommitWindow::new(Duration::from_millis(800)));
     in_tx.send(state("C0", 1, "Osaka")).await.unwrap();
     assert_eq!(
         acked_within(&mut out_rx, 1, Duration::from_secs(20)).await,
@@ -1260,6 +1262,28 @@ async fn a_busy_relay_commits_paced_messages_together_within_its_window() {
         commits < PACED / 2,
         "{commits} commits for {PACED} paced messages inside one window"
     );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn an_urgent_message_ends_a_busy_relays_commit_window_at_once() {
+    // A window far longer than the deadline: a commit within the deadline shows it was cut short.
+    let window = CommitWindow::new(Duration::from_secs(60));
+    let urgent = window.urgent.clone();
+    let (core, in_tx, mut out_rx, stop, _dir) = run_with_window(window);
+    in_tx.send(state("C0", 1, "Osaka")).await.unwrap();
+    assert_eq!(
+        acked_within(&mut out_rx, 1, Duration::from_secs(20)).await,
+        1
+    );
+    // Busy now: this batch waits in its window until the switch says an alarm is queued.
+    in_tx.send(state("C1", 1, "Osaka")).await.unwrap();
+    urgent.notify_one();
+    assert_eq!(
+        acked_within(&mut out_rx, 1, Duration::from_secs(20)).await,
+        1
+    );
+    assert_eq!(core.commits(), 2);
     stop.cancel();
 }
 

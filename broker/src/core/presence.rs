@@ -263,7 +263,13 @@ impl Core {
         let mut record = txn.presence(serial)?.unwrap_or_default();
         let due = record.due_by.unwrap_or(now);
         record.due_by = None;
-        if self.is_online(serial) {
+        // In a cluster the leader checks every node's devices: one online at another node
+        // checked in there.
+        let elsewhere = record
+            .node
+            .as_ref()
+            .is_some_and(|n| Some(n) != self.settings.node.as_ref());
+        if self.is_online(serial) || elsewhere {
             txn.put_presence(serial, &record)?;
             return Ok(());
         }
@@ -368,7 +374,9 @@ impl Core {
             let Some(secs) = record.expected_interval() else {
                 continue;
             };
-            if record.due_by.is_some() || record.overdue_alarm.is_some() {
+            // Online at another node (or at one that is gone, whose sweep ends its session):
+            // the end of that session sets the deadline. This node's own were ended above.
+            if record.due_by.is_some() || record.overdue_alarm.is_some() || record.node.is_some() {
                 continue;
             }
             let Some(Some(device)) = skip_corrupt(txn.device(&serial))? else {

@@ -306,6 +306,58 @@ fn a_periodic_device_connected_at_shutdown_is_expected_back_after_a_restart() {
     );
 }
 
+/// In a cluster every node runs the presence startup and the leader runs the overdue check for
+/// all of them: a periodic device online at another node is neither given a deadline by a node
+/// starting nor raised overdue while its session there lasts.
+#[test]
+fn a_periodic_device_online_at_another_node_is_not_expected_back_or_overdue() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = |name: &str| {
+        let core = open_with(
+            &dir,
+            CoreSettings {
+                node: Some(name.into()),
+                ..settings()
+            },
+        );
+        core.configure_alerts(AlertSettings {
+            overdue_margin: Duration::from_secs(60),
+            notify: NotifyConfig::default(),
+            ..AlertSettings::default()
+        });
+        core
+    };
+    {
+        let n2 = node("N2");
+        n2.presence_events(vec![presence("P1", true)], t(9, 0))
+            .unwrap();
+        n2.handle_batch(vec![periodic_state("P1", 1, 60)], t(9, 0))
+            .unwrap();
+    }
+    let n1 = node("N1");
+    assert_eq!(
+        n1.presence_startup().unwrap(),
+        0,
+        "no deadline for a device online at N2"
+    );
+    assert!(n1.overdue(t(10, 0)).unwrap().is_empty());
+
+    // A deadline left on it anyway (written before this rule) does not raise it either.
+    let mut txn = n1.store().begin().unwrap();
+    let mut record = txn.presence(&serial("P1")).unwrap().unwrap();
+    assert_eq!(record.node.as_deref(), Some("N2"));
+    record.due_by = Some(t(9, 2));
+    txn.put_presence(&serial("P1"), &record).unwrap();
+    txn.commit().unwrap();
+    let out = n1.overdue(t(10, 0)).unwrap();
+    assert!(
+        alarm_state(&out, "P1").is_none(),
+        "online at N2, not overdue"
+    );
+    let txn = n1.store().begin().unwrap();
+    assert_eq!(txn.presence(&serial("P1")).unwrap().unwrap().due_by, None);
+}
+
 #[test]
 fn job_ends_queue_their_notices_and_counters_become_readings() {
     let dir = tempfile::tempdir().unwrap();

@@ -348,7 +348,7 @@ struct RunArgs {
     uplink_batch_delay_ms: Option<u64>,
     /// While the relay is busy, a batch of fewer than 32 messages waits this long for more
     /// before it commits (fewer commits, less CPU for paced traffic; an idle relay's lone
-    /// message commits at once, a batch holding an alarm never waits). 0: never wait. Default:
+    /// message commits at once, and a device's alarm ends the wait). 0: never wait. Default:
     /// 1000, or 5000 on a cluster node
     #[arg(long, value_name = "MICROS")]
     commit_window_us: Option<u64>,

@@ -202,8 +202,8 @@ pub struct BrokerConfig {
     /// While the relay is busy (a commit within the last ten windows), a batch of fewer than 32
     /// messages waits this many microseconds for more before it commits: fewer commits for paced
     /// traffic. 1000 cut the relay's CPU by a quarter at 1,000 and 4,000 paced reports/s for
-    /// about 2.5 ms more ack latency; an idle relay's lone message commits at once, and a batch
-    /// holding an alarm never waits. 0: never wait. At most 100000. Unset: 1000, or 5000 on a
+    /// about 2.5 ms more ack latency; an idle relay's lone message commits at once, and a
+    /// device's alarm ends the wait. 0: never wait. At most 100000. Unset: 1000, or 5000 on a
     /// cluster node, whose commits are round trips to PostgreSQL and its standby
     /// ([`BrokerConfig::commit_window`]).
     #[serde(default)]

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use protocol::topic::{Topic, UpKind};
+use protocol::topic::UpKind;
 use rumqttd::protocol::{Publish, matches};
 use tokio::sync::{Notify, mpsc};
 use tracing::warn;
@@ -319,15 +319,13 @@ impl Drop for Attachment<'_> {
     }
 }
 
-/// Whether a device's publish is a fault report (`dev/{serial}/up/alarm`).
+/// Whether a device's publish is a fault report (`dev/{serial}/up/alarm`). The ACL let only
+/// `dev/{its serial}/up/{kind}` through, so the last two levels say it: no need to parse the
+/// serial again on every report.
 fn is_alarm(topic: &str) -> bool {
-    matches!(
-        Topic::parse(topic),
-        Ok(Topic::DevUp {
-            kind: UpKind::Alarm,
-            ..
-        })
-    )
+    topic
+        .strip_suffix(UpKind::Alarm.as_str())
+        .is_some_and(|rest| rest.ends_with("/up/"))
 }
 
 #[cfg(test)]

@@ -265,11 +265,7 @@ impl Core {
         record.due_by = None;
         // In a cluster the leader checks every node's devices: one online at another node
         // checked in there.
-        let elsewhere = record
-            .node
-            .as_ref()
-            .is_some_and(|n| Some(n) != self.settings.node.as_ref());
-        if self.is_online(serial) || elsewhere {
+        if self.is_online_anywhere(serial, &record) {
             txn.put_presence(serial, &record)?;
             return Ok(());
         }
@@ -391,6 +387,15 @@ impl Core {
         Ok(set)
     }
 
+    /// Online here, or (in a cluster) at the other node its presence record names.
+    fn is_online_anywhere(&self, serial: &Serial, record: &crate::store::PresenceRecord) -> bool {
+        self.is_online(serial)
+            || record
+                .node
+                .as_ref()
+                .is_some_and(|n| Some(n) != self.settings.node.as_ref())
+    }
+
     /// `fleet/{serial}/state` and its JSON mirror: the device's state with its presence.
     pub(super) fn state_views(
         &self,
@@ -401,12 +406,7 @@ impl Core {
         let presence = skip_corrupt(txn.presence(serial))?
             .flatten()
             .unwrap_or_default();
-        // Online here, or (in a cluster) at the node holding its session.
-        let elsewhere = presence
-            .node
-            .as_ref()
-            .filter(|n| Some(*n) != self.settings.node.as_ref());
-        let now_online = self.is_online(serial) || elsewhere.is_some();
+        let now_online = self.is_online_anywhere(serial, &presence);
         let child = self.child_of(serial);
         let view = StateView {
             state: record.state.clone(),

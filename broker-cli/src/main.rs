@@ -435,6 +435,11 @@ struct RunArgs {
     /// seconds late for its check-in. Default: 300
     #[arg(long, value_name = "SECS")]
     overdue_margin_secs: Option<u64>,
+    /// A device's last_seen moves with its messages at most this often (each move republishes
+    /// its state view everywhere); a session opening or closing always sets it. 0 to 3600;
+    /// 0: every message. Default: 60
+    #[arg(long, value_name = "SECS")]
+    last_seen_resolution_secs: Option<u64>,
     /// Active alarms one device may hold; a new code past it is refused and listed in the
     /// device's overflow alarm. 1 to 1000. Default: 64
     #[arg(long, value_name = "N")]
@@ -505,6 +510,7 @@ impl RunArgs {
             metrics_header_timeout_secs,
             metrics_max_connections,
             overdue_margin_secs,
+            last_seen_resolution_secs,
             max_active_alarms_per_device,
             alarm_burst_per_device,
             alarms_per_minute_per_device,

@@ -134,6 +134,13 @@ pub struct BrokerConfig {
     /// seconds late for its expected check-in (its interval after its last session ended).
     #[serde(default = "defaults::overdue_margin_secs")]
     pub overdue_margin_secs: u64,
+    /// A device's `last_seen` (its state view, `devices list`) moves with one of its messages
+    /// only once the stored time is this many seconds old; a session opening or closing always
+    /// sets it. Each move republishes the device's state view to every subscriber and, in a
+    /// cluster, to every node: without it a device reporting every few seconds, or fetching a
+    /// firmware image chunk by chunk, sends its view again for every message. 0: every message.
+    #[serde(default = "defaults::last_seen_resolution_secs")]
+    pub last_seen_resolution_secs: u64,
     /// Active alarms one device may hold (the relay's own overdue and overflow alarms aside).
     /// A new fault code past it is refused (acked `rejected`) and listed in the device's
     /// overflow alarm, so every view, list and notification of one device stays bounded.
@@ -369,6 +376,9 @@ mod defaults {
     pub fn default_max_attempts() -> u32 {
         3
     }
+    pub fn last_seen_resolution_secs() -> u64 {
+        60
+    }
     pub fn overdue_margin_secs() -> u64 {
         300
     }
@@ -386,6 +396,10 @@ mod defaults {
 /// The highest `max_active_alarms_per_device`: a thousand alarms of at most ~1.2 KiB each keep a
 /// device's view near a megabyte, far below what hosts accept (16 MiB).
 pub const MAX_ACTIVE_ALARMS_PER_DEVICE: usize = 1000;
+
+/// The coarsest `last_seen_resolution_secs`: an hour, past which "last seen" no longer tells
+/// an operator whether a device is still reporting.
+pub const MAX_LAST_SEEN_RESOLUTION_SECS: u64 = 3600;
 
 /// The longest default deadline: ten years, far beyond any job, well inside what time arithmetic holds.
 pub const MAX_DEFAULT_DEADLINE_SECS: u64 = 10 * 366 * 24 * 3600;
@@ -660,6 +674,13 @@ impl BrokerConfig {
                 "use 0 to 316224000 (ten years); the default is 300",
             ));
         }
+        if self.last_seen_resolution_secs > MAX_LAST_SEEN_RESOLUTION_SECS {
+            return Err(invalid(
+                "last_seen_resolution_secs",
+                &self.last_seen_resolution_secs,
+                "use 0 (every message) to 3600; the default is 60",
+            ));
+        }
         if !(1..=MAX_ACTIVE_ALARMS_PER_DEVICE).contains(&self.max_active_alarms_per_device) {
             return Err(invalid(
                 "max_active_alarms_per_device",
@@ -685,6 +706,9 @@ impl BrokerConfig {
         Ok(())
     }
 
+    pub fn last_seen_resolution(&self) -> Duration {
+        Duration::from_secs(self.last_seen_resolution_secs)
+    }
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
     }
@@ -884,6 +908,26 @@ mod tests {
             (cfg.default_deadline_secs, cfg.default_max_attempts),
             (3600, 5)
         );
+    }
+
+    #[test]
+    fn last_seen_moves_once_a_minute_by_default_and_at_most_once_an_hour() {
+        assert_eq!(
+            BrokerConfig::default().last_seen_resolution(),
+            Duration::from_secs(60)
+        );
+        for (value, ok) in [(0, true), (3600, true), (3601, false)] {
+            let cfg: BrokerConfig =
+                toml::from_str(&format!("last_seen_resolution_secs = {value}")).unwrap();
+            assert_eq!(cfg.last_seen_resolution(), Duration::from_secs(value));
+            match cfg.validate() {
+                Ok(()) => assert!(ok, "{value} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{value}: {e}");
+                    assert!(e.to_string().contains("last_seen_resolution_secs"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

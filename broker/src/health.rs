@@ -101,6 +101,7 @@ mod tests {
                 default_max_attempts: 3,
                 hold_acks: false,
                 node: None,
+                last_seen_resolution: Duration::from_secs(60),
             },
         )
     }

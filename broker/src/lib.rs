@@ -192,6 +192,7 @@ pub async fn run(
             default_max_attempts: cfg.default_max_attempts,
             hold_acks: faults.hold_acks,
             node: cfg.node_id.clone(),
+            last_seen_resolution: cfg.last_seen_resolution(),
         },
     );
     core.configure_alerts(cfg.alert_settings());

@@ -89,6 +89,9 @@ pub struct CoreSettings {
     pub hold_acks: bool,
     /// In a cluster: this node's name (presence records say which node holds a session).
     pub node: Option<String>,
+    /// A device's message moves its `last_seen`, and so republishes its state view, only once
+    /// the stored time is this old (`last_seen_resolution_secs`).
+    pub last_seen_resolution: std::time::Duration,
 }
 
 /// The core's state: the store, its settings, and counters.
@@ -611,6 +614,14 @@ impl Core {
         Ok(out)
     }
 
+    /// Whether a message at `now` moves a `last_seen` of `stored`: once it is
+    /// `last_seen_resolution` old, or when the clock went back past it.
+    fn last_seen_moves(&self, stored: Timestamp, now: Timestamp) -> bool {
+        let resolution =
+            chrono::Duration::from_std(self.settings.last_seen_resolution).unwrap_or_default();
+        now < stored || now - stored >= resolution
+    }
+
     /// Moves last-seen times, then builds what the batch publishes: (retained orders and views,
     /// acks and replies). Runs inside the transaction, before the commit, so it sees the batch's
     /// writes; the caller returns nothing if the commit fails.
@@ -631,6 +642,7 @@ impl Core {
                 continue;
             };
             let record = match existing {
+                Some(record) if !self.last_seen_moves(record.last_seen, now) => continue,
                 Some(record) => DeviceRecord {
                     last_seen: now,
                     ..record

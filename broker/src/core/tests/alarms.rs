@@ -759,3 +759,108 @@ fn a_new_fault_right_after_a_paced_clear_is_published_at_once() {
         "nothing is owed: B's view carried the clear"
     );
 }
+
+/// What `devices list` says the device's `last_seen` is (read from the store).
+fn listed_last_seen(core: &Core, s: &str, now: Timestamp) -> Timestamp {
+    let request = host_msg(
+        "svc",
+        rand::random::<u32>().into(),
+        HostRequest::Devices { targets: vec![] },
+    );
+    let out = core.handle_batch(vec![request], now).unwrap();
+    match &replies(&out, "svc")[0].reply {
+        HostReply::Devices { devices } => {
+            devices
+                .iter()
+                .find(|d| d.serial == s)
+                .expect("the device is listed")
+                .last_seen
+        }
+        other => panic!("not a device list: {other:?}"),
+    }
+}
+
+#[test]
+fn a_chatty_device_moves_its_last_seen_once_a_resolution_and_its_sessions_always() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(&dir);
+    assert_eq!(
+        core.settings().last_seen_resolution,
+        Duration::from_secs(60)
+    );
+    let at = |secs: i64| t(9, 0) + chrono::Duration::seconds(secs);
+    let report = |id: MsgId, secs: i64| {
+        let body = CounterReport {
+            read_at: at(secs),
+            counters: counters(4300 + secs)[&Section::Counters].clone(),
+        };
+        Inbound {
+            topic: topic::dev_up(&serial("C1"), UpKind::Counters),
+            payload: Envelope::new(id, at(secs), body).to_cbor().unwrap().into(),
+        }
+    };
+    let out = core
+        .presence_events(vec![presence("C1", true)], at(0))
+        .unwrap();
+    assert_eq!(state_view(&out, "C1").last_seen, at(0));
+
+    // Reports every few seconds: each is stored and acked; last_seen and the state view move
+    // only once the stored time is a minute old.
+    let mut moved = Vec::new();
+    for (id, secs) in [
+        (1, 10),
+        (2, 20),
+        (3, 59),
+        (4, 60),
+        (5, 70),
+        (6, 119),
+        (7, 125),
+    ] {
+        let out = core.handle_batch(vec![report(id, secs)], at(secs)).unwrap();
+        assert_eq!(
+            acks(&out, "C1")[0].outcome,
+            AckOutcome::Stored,
+            "report at {secs} s"
+        );
+        if find(&out, "json/fleet/C1/state").is_some() {
+            moved.push(state_view(&out, "C1").last_seen);
+        }
+        if secs == 70 {
+            assert_eq!(
+                listed_last_seen(&core, "C1", at(secs)),
+                at(60),
+                "the store agrees"
+            );
+        }
+    }
+    assert_eq!(moved, [at(60), at(125)]);
+
+    // A session closing, or opening, sets it whatever its age.
+    let out = core
+        .presence_events(vec![presence("C1", false)], at(126))
+        .unwrap();
+    assert_eq!(state_view(&out, "C1").last_seen, at(126));
+    let out = core
+        .presence_events(vec![presence("C1", true)], at(127))
+        .unwrap();
+    assert_eq!(state_view(&out, "C1").last_seen, at(127));
+    // A clock set back: the next message moves it at once rather than a minute later.
+    let out = core.handle_batch(vec![report(8, 100)], at(100)).unwrap();
+    assert_eq!(state_view(&out, "C1").last_seen, at(100));
+
+    // 0: every message moves it (the behaviour before the setting).
+    let dir = tempfile::tempdir().unwrap();
+    let every = open_with(
+        &dir,
+        CoreSettings {
+            last_seen_resolution: Duration::ZERO,
+            ..settings()
+        },
+    );
+    for (id, secs) in [(1, 10), (2, 11)] {
+        let out = every
+            .handle_batch(vec![report(id, secs)], at(secs))
+            .unwrap();
+        assert_eq!(state_view(&out, "C1").last_seen, at(secs));
+    }
+}

@@ -40,6 +40,7 @@ fn settings() -> CoreSettings {
         default_max_attempts: 3,
         hold_acks: false,
         node: None,
+        last_seen_resolution: Duration::from_secs(60),
     }
 }
 

@@ -347,23 +347,40 @@ impl Core {
     /// sessions this node held before it stopped are over.
     pub fn presence_startup(&self) -> Result<usize, StoreError> {
         let mut txn = self.store.begin()?;
-        // Every row this transaction touches, locked at once: two rounds of locking (this node's
-        // devices, then the rest) could meet a batch holding a row of the second while it waits
-        // for one of the first.
-        let all = txn.presence_serials()?;
-        lock_in_batch_order(&mut *txn, &all)?;
+        // Only the rows this may write: this node's own sessions, and devices offline without
+        // a deadline. Read without locks, then locked at once in the order a batch locks (two
+        // rounds could meet a batch holding a row of the second while it waits for one of the
+        // first), then read again: a device online at another node is never locked, so a node
+        // starting does not hold up the others' reports.
+        let mine = match &self.settings.node {
+            Some(me) => txn.presence_on_node(me)?,
+            None => Vec::new(),
+        };
+        let mut candidates: Vec<Serial> = mine
+            .iter()
+            .cloned()
+            .chain(txn.presence_without_node_or_deadline()?)
+            .collect();
+        candidates.sort();
+        candidates.dedup();
+        lock_in_batch_order(&mut *txn, &candidates)?;
         if let Some(me) = self.settings.node.clone() {
             let mut p = Pending::default();
             let now = chrono::Utc::now();
-            for serial in txn.presence_on_node(&me)? {
-                if let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? {
-                    record.node = None;
-                    self.apply_edge(&mut *txn, &mut p, &serial, record, false, now)?;
+            for serial in mine {
+                let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? else {
+                    continue;
+                };
+                // Reconnected at another node between the list and the lock: its session.
+                if record.node.as_ref() != Some(&me) {
+                    continue;
                 }
+                record.node = None;
+                self.apply_edge(&mut *txn, &mut p, &serial, record, false, now)?;
             }
         }
         let mut set = 0;
-        for serial in all {
+        for serial in candidates {
             let Some(Some(mut record)) = skip_corrupt(txn.presence(&serial))? else {
                 continue;
             };

@@ -321,6 +321,11 @@ pub trait PresenceTables {
 
     /// In a cluster: the serials whose record says they are online at `node`.
     fn presence_on_node(&self, node: &str) -> Result<Vec<Serial>, StoreError>;
+
+    /// The serials whose record names no node and has no check-in deadline, in serial order:
+    /// the devices a starting relay may owe a deadline. Read without locking them (in a
+    /// cluster the caller locks the ones it will write, then reads them again).
+    fn presence_without_node_or_deadline(&self) -> Result<Vec<Serial>, StoreError>;
 }
 
 /// The notification outbox: mails and webhook calls queued in the transaction of their event,

@@ -358,6 +358,56 @@ fn a_periodic_device_online_at_another_node_is_not_expected_back_or_overdue() {
     assert_eq!(txn.presence(&serial("P1")).unwrap().unwrap().due_by, None);
 }
 
+/// A node starting locks only the rows it may write: a device online at another node, whose
+/// rows that node's batch holds, does not hold the start up. (PostgreSQL only: two nodes on one
+/// store; a redb file has one writer.)
+#[test]
+fn a_starting_node_leaves_the_rows_of_devices_online_elsewhere_unlocked() {
+    if !crate::store::testing::on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = |name: &str| {
+        open_with(
+            &dir,
+            CoreSettings {
+                node: Some(name.into()),
+                ..settings()
+            },
+        )
+    };
+    let n1 = node("N1");
+    n1.presence_events(vec![presence("P1", true)], t(9, 0))
+        .unwrap();
+    {
+        let n2 = node("N2");
+        n2.presence_events(vec![presence("P2", true)], t(9, 0))
+            .unwrap();
+        n2.handle_batch(vec![periodic_state("P2", 1, 60)], t(9, 0))
+            .unwrap();
+    }
+    // N1 in the middle of a batch for P1: its rows are locked until that batch commits.
+    let mut held = n1.store().begin().unwrap();
+    held.warm_devices(&["P1"]).unwrap();
+    let restarted = node("N2");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(restarted.presence_startup().map(|_| restarted));
+    });
+    let restarted = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("N2's start waited for N1's batch on a device online at N1")
+        .unwrap();
+    held.commit().unwrap();
+    // It did its work all the same: P2's session at N2 is over (now), and P2 is due back.
+    let txn = restarted.store().begin().unwrap();
+    let p2 = txn.presence(&serial("P2")).unwrap().unwrap();
+    assert_eq!(p2.node, None);
+    assert!(p2.due_by.is_some_and(|d| d > chrono::Utc::now()), "{p2:?}");
+    let p1 = txn.presence(&serial("P1")).unwrap().unwrap();
+    assert_eq!(p1.node.as_deref(), Some("N1"));
+}
+
 #[test]
 fn job_ends_queue_their_notices_and_counters_become_readings() {
     let dir = tempfile::tempdir().unwrap();

@@ -1004,6 +1004,15 @@ impl PresenceTables for PgTxn {
         )
     }
 
+    fn presence_without_node_or_deadline(&self) -> Result<Vec<Serial>, StoreError> {
+        self.serials(
+            "list the offline devices without a check-in deadline",
+            "presence",
+            "SELECT serial FROM presence WHERE node IS NULL AND due_by_ms IS NULL ORDER BY serial",
+            Vec::new(),
+        )
+    }
+
     fn checkins_due(&self, now: Timestamp) -> Result<Vec<Serial>, StoreError> {
         self.serials(
             "list due check-ins",

@@ -242,6 +242,20 @@ impl PresenceTables for RedbTxn {
         Ok(out)
     }
 
+    fn presence_without_node_or_deadline(&self) -> Result<Vec<Serial>, StoreError> {
+        let mut out = Vec::new();
+        for serial in self.presence_serials()? {
+            match self.presence(&serial) {
+                Ok(Some(r)) if r.node.is_none() && r.due_by.is_none() => out.push(serial),
+                Ok(_) => {}
+                // Listed all the same: the caller reads it again, and says it is corrupt.
+                Err(e) if e.is_corrupt_record() => out.push(serial),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     fn checkins_due(&self, now: Timestamp) -> Result<Vec<Serial>, StoreError> {
         let op = "list due check-ins";
         let table = self.txn.open_table(CHECKIN_DUE).map_err(backend(op))?;

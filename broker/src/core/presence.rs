@@ -347,8 +347,8 @@ impl Core {
     /// sessions this node held before it stopped are over.
     pub fn presence_startup(&self) -> Result<usize, StoreError> {
         let mut txn = self.store.begin()?;
-        // Only the rows this may write: this node's own sessions, and devices offline without
-        // a deadline. Read without locks, then locked at once in the order a batch locks (two
+        // Only the rows this may write: this node's own sessions, and devices that no node
+        // holds and that have no deadline. Read without locks, then locked at once in the order a batch locks (two
         // rounds could meet a batch holding a row of the second while it waits for one of the
         // first), then read again: a device online at another node is never locked, so a node
         // starting does not hold up the others' reports.

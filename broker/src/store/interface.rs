@@ -313,9 +313,6 @@ pub trait PresenceTables {
     /// Writes a presence record and keeps `checkin_due` in step with its `due_by`.
     fn put_presence(&mut self, serial: &Serial, record: &PresenceRecord) -> Result<(), StoreError>;
 
-    /// Every serial with a presence record.
-    fn presence_serials(&self) -> Result<Vec<Serial>, StoreError>;
-
     /// Serials whose check-in was due at or before `now`, earliest first.
     fn checkins_due(&self, now: Timestamp) -> Result<Vec<Serial>, StoreError>;
 

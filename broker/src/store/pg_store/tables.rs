@@ -986,15 +986,6 @@ impl PresenceTables for PgTxn {
         Ok(())
     }
 
-    fn presence_serials(&self) -> Result<Vec<Serial>, StoreError> {
-        self.serials(
-            "list presence",
-            "presence",
-            "SELECT serial FROM presence ORDER BY serial",
-            Vec::new(),
-        )
-    }
-
     fn presence_on_node(&self, node: &str) -> Result<Vec<Serial>, StoreError> {
         self.serials(
             "list the devices online at a node",

@@ -167,6 +167,23 @@ impl AlarmTables for RedbTxn {
 }
 
 impl RedbTxn {
+    /// Every serial with a presence record.
+    fn presence_serials(&self) -> Result<Vec<Serial>, StoreError> {
+        let op = "list presence";
+        let table = self.txn.open_table(PRESENCE).map_err(backend(op))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend(op))? {
+            let (k, _) = entry.map_err(backend(op))?;
+            let key = k.value();
+            out.push(Serial::parse(key).map_err(|e| StoreError::Corrupt {
+                table: "presence",
+                key: format!("{key:?}"),
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
     /// Bumps the named counter in `meta` and returns its new value.
     pub(super) fn next_counter(&mut self, key: &str, op: &'static str) -> Result<u64, StoreError> {
         let mut meta = self.txn.open_table(META).map_err(backend(op))?;
@@ -214,22 +231,6 @@ impl PresenceTables for RedbTxn {
         }
         self.dirty = true;
         Ok(())
-    }
-
-    fn presence_serials(&self) -> Result<Vec<Serial>, StoreError> {
-        let op = "list presence";
-        let table = self.txn.open_table(PRESENCE).map_err(backend(op))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(backend(op))? {
-            let (k, _) = entry.map_err(backend(op))?;
-            let key = k.value();
-            out.push(Serial::parse(key).map_err(|e| StoreError::Corrupt {
-                table: "presence",
-                key: format!("{key:?}"),
-                reason: e.to_string(),
-            })?);
-        }
-        Ok(out)
     }
 
     fn presence_on_node(&self, node: &str) -> Result<Vec<Serial>, StoreError> {
@@ -357,12 +358,19 @@ mod tests {
         txn.put_presence(&c1, &record).unwrap();
         assert!(txn.checkins_due(at(9)).unwrap().is_empty());
         assert_eq!(txn.checkins_due(at(10)).unwrap(), std::slice::from_ref(&c1));
+        assert!(txn.presence_without_node_or_deadline().unwrap().is_empty());
         record.due_by = Some(at(20));
         txn.put_presence(&c1, &record).unwrap();
         assert!(txn.checkins_due(at(15)).unwrap().is_empty());
         record.due_by = None;
         txn.put_presence(&c1, &record).unwrap();
         assert!(txn.checkins_due(at(30)).unwrap().is_empty());
-        assert_eq!(txn.presence_serials().unwrap(), [c1]);
+        assert_eq!(
+            txn.presence_without_node_or_deadline().unwrap(),
+            std::slice::from_ref(&c1)
+        );
+        record.node = Some("N1".into());
+        txn.put_presence(&c1, &record).unwrap();
+        assert!(txn.presence_without_node_or_deadline().unwrap().is_empty());
     }
 }

@@ -171,13 +171,20 @@ async fn run(mut cmd: tokio::process::Command) -> Output {
 }
 
 /// rumqttd binds the address it is given and does not report it back, so we probe a free
-/// loopback port first. The window between the probe and rumqttd's bind is tiny, and the
+/// loopback port first, below the kernel's ephemeral range (32768–60999 by default): every
+/// other socket these tests open is bound on port 0, which takes its port from that range, so
+/// none of them can take this one between the probe and rumqttd's bind. (Probed from that
+/// range, the port can go to another test's socket first; rumqttd's bind then fails unseen,
+/// the likeliest reading of a view publish here once closed abruptly in a full CI run.) The
 /// terminator in front — the address host-agent is given — is bound on port 0 and read back.
 fn start_rumqttd() -> SocketAddr {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    use rand::Rng;
+    let addr = loop {
+        let port = rand::thread_rng().gen_range(20_000..32_000);
+        if let Ok(probe) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            break probe.local_addr().unwrap();
+        }
+    };
     let server = rumqttd::ServerSettings {
         name: "v4".into(),
         listen: addr,

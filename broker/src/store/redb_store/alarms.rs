@@ -15,7 +15,7 @@ use protocol::alarm::AlarmView;
 use protocol::{Serial, Timestamp};
 use redb::{ReadableTable, TableDefinition};
 
-use super::{META, RedbTxn, backend};
+use super::{META, RedbTxn, backend, serial_key};
 use crate::store::{
     AlarmTables, OverflowRecord, PresenceRecord, PresenceTables, StoreError, alarm_id, decode,
     encode,
@@ -175,11 +175,7 @@ impl RedbTxn {
         for entry in table.iter().map_err(backend(op))? {
             let (k, _) = entry.map_err(backend(op))?;
             let key = k.value();
-            out.push(Serial::parse(key).map_err(|e| StoreError::Corrupt {
-                table: "presence",
-                key: format!("{key:?}"),
-                reason: e.to_string(),
-            })?);
+            out.push(serial_key("presence", key)?);
         }
         Ok(out)
     }
@@ -265,11 +261,7 @@ impl PresenceTables for RedbTxn {
         for entry in table.range(..=end).map_err(backend(op))? {
             let (k, _) = entry.map_err(backend(op))?;
             let (_, key) = k.value();
-            out.push(Serial::parse(key).map_err(|e| StoreError::Corrupt {
-                table: "checkin_due",
-                key: format!("{key:?}"),
-                reason: e.to_string(),
-            })?);
+            out.push(serial_key("checkin_due", key)?);
         }
         Ok(out)
     }

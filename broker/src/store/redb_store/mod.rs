@@ -12,6 +12,15 @@ mod notify;
 mod readings;
 mod rollouts;
 mod stats;
+/// A table's key read back as a serial; a key that is not one is a corrupt record of `table`.
+pub(super) fn serial_key(table: &'static str, key: &str) -> Result<Serial, StoreError> {
+    Serial::parse(key).map_err(|e| StoreError::Corrupt {
+        table,
+        key: format!("{key:?}"),
+        reason: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod test_disk;
 mod uplink;
@@ -685,12 +694,7 @@ impl DeviceTables for RedbTxn {
         for entry in table.iter().map_err(backend(op))? {
             let (k, _) = entry.map_err(backend(op))?;
             let key = k.value();
-            let serial = Serial::parse(key).map_err(|e| StoreError::Corrupt {
-                table: "devices",
-                key: format!("{key:?}"),
-                reason: e.to_string(),
-            })?;
-            out.push(serial);
+            out.push(serial_key("devices", key)?);
         }
         Ok(out)
     }

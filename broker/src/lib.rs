@@ -225,7 +225,16 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let (inbound_tx, inbound) = tokio::sync::mpsc::channel(switch::router_link::INBOUND_QUEUE);
     // Before the core republishes: the hub keeps its own copy of the devices' retained orders.
-    let hub = Arc::new(switch::hub::Hub::new(inbound_tx.clone(), DEVICE_QUEUE));
+    let hub = switch::hub::Hub::new(inbound_tx.clone(), DEVICE_QUEUE);
+    // A store with a second writer (a cluster's database) takes devices' alarms beside the
+    // core's batches, on a lane of their own (core/run.rs, `spawn_alarm_lane`).
+    let (hub, alarm_lane) = if core.store().has_alarm_writer() {
+        let (tx, rx) = tokio::sync::mpsc::channel(switch::router_link::INBOUND_QUEUE);
+        (hub.with_alarm_lane(tx), Some(rx))
+    } else {
+        (hub, None)
+    };
+    let hub = Arc::new(hub);
     let bus_tls = switch::bus::tls_config(
         cfg.cluster_bus_ca.as_deref(),
         cfg.cluster_bus_cert.as_deref(),
@@ -266,6 +275,13 @@ pub async fn run(
     let window = core::CommitWindow {
         length: cfg.commit_window(),
         urgent: hub.urgent(),
+    };
+    let alarm_lane_task = match alarm_lane {
+        Some(rx) => Some(
+            core::spawn_alarm_lane(core.clone(), rx, outbound.clone(), stop.clone())
+                .map_err(BrokerError::CoreThread)?,
+        ),
+        None => None,
     };
     let core_task = core::spawn(
         core.clone(),
@@ -431,6 +447,11 @@ pub async fn run(
         Ok(Err(e)) => error!(error = %e, "core stopped with an error"),
         Err(_) => error!("core thread panicked"),
         Ok(Ok(())) => {}
+    }
+    if let Some(task) = alarm_lane_task
+        && task.await.is_err()
+    {
+        error!("alarm lane's thread panicked");
     }
     tasks.wait().await;
     drop(pid_file);

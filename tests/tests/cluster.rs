@@ -3,6 +3,9 @@
 //! is and keeps every job in PostgreSQL — a relay started again with an empty data directory
 //! finds them all.
 
+mod emergency;
+
+use emergency::{fault, mosquitto_sub, payloads, watch_alarms};
 use harness::nats::Nats;
 use harness::postgres::Postgres;
 use harness::{TestEnv, broker_cmd, deadline};
@@ -602,6 +605,68 @@ async fn with_the_database_down_a_node_acks_nothing_new_says_why_and_resumes_by_
     assert!(
         later > acked_before,
         "C1's waiting messages are acked once the database is back"
+    );
+}
+
+/// A device's alarm at N2 is committed on N2's alarm lane (the database's second writer, beside
+/// the batches of reports) and reaches the service desk's `watch --alarms` and an integrator's
+/// `mosquitto_sub` at N1; it is stored once and the device's outbox is acked.
+#[tokio::test]
+async fn an_alarm_raised_at_one_node_reaches_the_service_desk_and_integrators_at_another() {
+    let env = TestEnv::new(
+        "an_alarm_raised_at_one_node_reaches_the_service_desk_and_integrators_at_another",
+    );
+    let (_pg, url) = Postgres::with_schema(&env).await;
+    let bus = Nats::start(&env, "bus", None).await;
+    let n1 = cluster_node(&env, "N1", &url, &bus.url()).start().await;
+    let n2 = cluster_node(&env, "N2", &url, &bus.url())
+        .log_also("broker::core::run=debug")
+        .start()
+        .await;
+    for n in [&n1, &n2] {
+        n.wait_for_log("cluster bus connected", deadline()).await;
+    }
+    let c1 = env.device("C1").site("Kobe 2F").start(&n2).await;
+    let watch = watch_alarms(&env, &n1, "watch-alarms", false).await;
+    let sub = mosquitto_sub(&env, &n1, "mosquitto-alarms", "json/fleet/+/alarm").await;
+
+    fault(&c1, &["raise", "SC-541"]).await;
+    watch
+        .wait_for_line("the raised SC-541 alarm at N1", deadline(), |l| {
+            l.contains("raised") && l.contains("SC-541") && l.contains("C1 (Kobe 2F)")
+        })
+        .await;
+    sub.wait_for_log("json/fleet/C1/alarm {", deadline()).await;
+    let mirrored = payloads(&sub, "json/fleet/C1/alarm");
+    assert_eq!(mirrored[0]["alarms"][0]["code"], "SC-541", "{mirrored:#?}");
+    n2.wait_for_line("N2's alarm lane committed it", deadline(), |l| {
+        l.contains("alarm batch handled") && l.contains("messages=1")
+    })
+    .await;
+    let sent = c1
+        .wait_for_line("C1 sent its alarm", deadline(), |l| {
+            l.contains("fatal fault; alarm sent")
+        })
+        .await;
+    let id = sent
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("msg_id="))
+        .unwrap_or_else(|| panic!("no msg_id in {sent:?}"))
+        .to_owned();
+    c1.wait_for_line("C1's alarm acked as stored", deadline(), |l| {
+        l.contains("ack received")
+            && l.contains(&format!("msg_id={id} "))
+            && l.contains("outcome=stored")
+    })
+    .await;
+    let listed = env
+        .host("svc", &n1)
+        .run_ok(["alarms", "list", "--all", "--json"])
+        .await;
+    assert_eq!(
+        listed.matches("\"SC-541\"").count(),
+        1,
+        "stored once:\n{listed}"
     );
 }
 

@@ -55,7 +55,7 @@ pub use relay::SessionEvent;
 
 /// Lines a second each kind of device refusal the core logs (see [`crate::log_budget`]).
 const CORE_LOG_PER_SECOND: u64 = 20;
-pub use run::{CommitWindow, Outlet, OutletClosed, run, spawn};
+pub use run::{CommitWindow, Outlet, OutletClosed, run, run_alarm_lane, spawn, spawn_alarm_lane};
 
 /// A message for the core: a device's from the hub, a host's from the router.
 pub struct Inbound {
@@ -124,6 +124,15 @@ pub struct Core {
     routes: Arc<relay::ChildRoutes>,
     /// Children this parent has heard from since it started.
     children: Mutex<std::collections::HashMap<protocol::RelayId, relay::ChildStatus>>,
+}
+
+/// Which of the store's writers a batch is committed on.
+#[derive(Debug, Clone, Copy)]
+enum Writer {
+    /// [`Store::begin`]: everything, on the core's thread.
+    Main,
+    /// [`Store::begin_alarms`]: devices' alarms, on the alarm lane's thread.
+    Alarms,
 }
 
 /// What one batch will publish once its transaction has committed.
@@ -404,11 +413,31 @@ impl Core {
         batch: Vec<Inbound>,
         now: Timestamp,
     ) -> Result<Vec<Outbound>, StoreError> {
+        self.handle_batch_on(Writer::Main, batch, now)
+    }
+
+    /// [`Core::handle_batch`] for devices' alarms, on the store's second writer where it has one
+    /// ([`Store::begin_alarms`]): called from the alarm lane's thread ([`run::spawn_alarm_lane`])
+    /// while the core's thread commits reports, so a fault does not wait behind them.
+    pub fn handle_alarms(
+        &self,
+        batch: Vec<Inbound>,
+        now: Timestamp,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        self.handle_batch_on(Writer::Alarms, batch, now)
+    }
+
+    fn handle_batch_on(
+        &self,
+        writer: Writer,
+        batch: Vec<Inbound>,
+        now: Timestamp,
+    ) -> Result<Vec<Outbound>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         if self.storage_writable() {
-            match self.handle_batch_stored(&batch, now) {
+            match self.handle_batch_stored(writer, &batch, now) {
                 Err(e) if e.is_storage() => self.storage_failed(&e),
                 other => return other,
             }
@@ -420,10 +449,14 @@ impl Core {
     /// the commit.
     fn handle_batch_stored(
         &self,
+        writer: Writer,
         batch: &[Inbound],
         now: Timestamp,
     ) -> Result<Vec<Outbound>, StoreError> {
-        let mut txn = self.store.begin()?;
+        let mut txn = match writer {
+            Writer::Main => self.store.begin()?,
+            Writer::Alarms => self.store.begin_alarms()?,
+        };
         hints::warm(&mut *txn, batch, self.settings.max_payload_bytes)?;
         let mut pending = Pending::default();
         let mut children = Vec::new();

@@ -276,26 +276,103 @@ pub async fn run(
         if is_presence {
             presence_held.committed(Instant::now());
         }
-        let out = match result {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) if e.is_storage() => {
-                // Logged once per burst by the core; what failed is retried (deadlines and
-                // overdue checks on the next tick, messages when their senders resend).
-                core.storage_failed(&e);
-                continue;
-            }
-            Ok(Err(e)) => {
-                error!(error = %e, "batch not committed; its senders will resend");
-                continue;
-            }
-            Err(_) => {
-                error!("batch handler panicked; its senders will resend");
-                continue;
-            }
+        let Some(out) = settle(&core, result) else {
+            continue;
         };
         if outbound.publish(out).await.is_err() {
             debug!("outlet gone; core stopping");
             return Ok(());
+        }
+    }
+}
+
+/// What a batch publishes, or `None` if it did not commit (logged here; nothing was acked, so
+/// what failed comes again: messages when their senders resend, deadlines and overdue checks on
+/// the next tick).
+fn settle(
+    core: &Core,
+    result: std::thread::Result<Result<Vec<Outbound>, StoreError>>,
+) -> Option<Vec<Outbound>> {
+    match result {
+        Ok(Ok(out)) => Some(out),
+        Ok(Err(e)) if e.is_storage() => {
+            // Logged once per burst by the core.
+            core.storage_failed(&e);
+            None
+        }
+        Ok(Err(e)) => {
+            error!(error = %e, "batch not committed; its senders will resend");
+            None
+        }
+        Err(_) => {
+            error!("batch handler panicked; its senders will resend");
+            None
+        }
+    }
+}
+
+/// Starts the alarm lane on a thread of its own (`chukei-alarms`), for a store with a second
+/// writer ([`crate::store::Store::has_alarm_writer`]; the hub then queues devices' alarms here
+/// instead of on the core's queue).
+///
+/// On the core's thread an alarm waits for the batch in hand to commit and then shares a
+/// commit with the reports queued meanwhile: on a busy cluster node, two batch times, most of
+/// what the alarm took to reach a host on another node (bench/RESULTS.md). Here it waits for
+/// neither: each batch of alarms (whatever is queued, no commit window) is committed on the
+/// second writer beside the core's batch. The two transactions order what they both touch with
+/// the database's row locks, as two nodes' do.
+pub fn spawn_alarm_lane(
+    core: Arc<Core>,
+    alarms: mpsc::Receiver<Inbound>,
+    outbound: impl Outlet + Send + 'static,
+    stop: CancellationToken,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("chukei-alarms".into())
+        .spawn(move || {
+            runtime.block_on(run_alarm_lane(core, alarms, outbound, stop));
+            let _ = done_tx.send(());
+        })?;
+    Ok(done_rx)
+}
+
+/// The alarm lane's loop ([`spawn_alarm_lane`]): takes what is queued, handles it as one batch
+/// on the second writer, publishes what it made. Returns when `stop` is cancelled, `alarms`
+/// closes or the outlet is gone.
+pub async fn run_alarm_lane(
+    core: Arc<Core>,
+    mut alarms: mpsc::Receiver<Inbound>,
+    outbound: impl Outlet,
+    stop: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            () = stop.cancelled() => return,
+            msg = alarms.recv() => {
+                let Some(first) = msg else { return };
+                let mut batch = vec![first];
+                fill(&mut batch, &mut alarms, MAX_BATCH, None).await;
+                batch
+            }
+        };
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let len = batch.len();
+            let started = std::time::Instant::now();
+            let out = core.handle_alarms(batch, chrono::Utc::now());
+            let took_us = started.elapsed().as_micros() as u64;
+            debug!(messages = len, took_us, "alarm batch handled");
+            out
+        }));
+        let Some(out) = settle(&core, result) else {
+            continue;
+        };
+        if outbound.publish(out).await.is_err() {
+            debug!("outlet gone; alarm lane stopping");
+            return;
         }
     }
 }

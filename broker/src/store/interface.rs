@@ -33,6 +33,20 @@ pub trait Store: Send + Sync {
     /// [`Txn::commit`], a transaction aborts and leaves no trace.
     fn begin(&self) -> Result<Box<dyn Txn>, StoreError>;
 
+    /// Whether the store has a second writer ([`Store::begin_alarms`]) whose transactions run
+    /// beside [`Store::begin`]'s rather than after them. A database server takes many writers
+    /// (its row locks order what two of them touch); a redb file has one.
+    fn has_alarm_writer(&self) -> bool {
+        false
+    }
+
+    /// A transaction on the second writer, which the core keeps for devices' alarms: a fault
+    /// does not wait behind the batch of reports being committed on the first. Without one
+    /// ([`Store::has_alarm_writer`]), the same as [`Store::begin`].
+    fn begin_alarms(&self) -> Result<Box<dyn Txn>, StoreError> {
+        self.begin()
+    }
+
     /// Closes the store and opens it again after an I/O error ([`StoreError::needs_reopen`]).
     /// Fails while the storage still refuses; the caller tries again later.
     fn reopen(&self) -> Result<(), StoreError>;

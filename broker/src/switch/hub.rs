@@ -64,6 +64,9 @@ pub struct Hub {
     /// The core's queue. A full queue makes the publishing sessions wait (backpressure), never
     /// drops.
     core: mpsc::Sender<Inbound>,
+    /// The alarm lane's queue, where the store has a second writer
+    /// ([`crate::core::spawn_alarm_lane`]): devices' alarms go there, not to `core`.
+    alarms: Option<mpsc::Sender<Inbound>>,
     /// Told when a device's alarm is queued for the core ([`crate::core::CommitWindow::urgent`]).
     urgent: Arc<Notify>,
     generations: AtomicU64,
@@ -100,10 +103,18 @@ impl Hub {
         Hub {
             state: Mutex::new(State::default()),
             core,
+            alarms: None,
             urgent: Arc::default(),
             generations: AtomicU64::new(0),
             max_queued,
         }
+    }
+
+    /// This hub, handing devices' alarms to the alarm lane's queue `alarms` rather than to the
+    /// core's.
+    pub fn with_alarm_lane(mut self, alarms: mpsc::Sender<Inbound>) -> Hub {
+        self.alarms = Some(alarms);
+        self
     }
 
     /// What the hub notifies when a device's alarm is queued for the core: a commit window
@@ -141,23 +152,46 @@ impl Hub {
     ///
     /// A session passes at most one read's worth (64 packets), far below the queue's capacity:
     /// `reserve_many` refuses more than the capacity outright, as if the core had stopped.
+    ///
+    /// With an alarm lane ([`Hub::with_alarm_lane`]), alarms go to its queue instead.
     pub async fn publish_all(&self, publishes: Vec<Publish>) -> bool {
-        let Ok(permits) = self.core.reserve_many(publishes.len()).await else {
-            return false;
-        };
-        let mut alarm = false;
-        for (permit, publish) in permits.zip(publishes) {
-            let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-            alarm |= is_alarm(&topic);
-            permit.send(Inbound {
-                topic,
+        let mut to_core = Vec::with_capacity(publishes.len());
+        let mut to_lane = Vec::new();
+        let mut alarm_for_core = false;
+        for publish in &publishes {
+            let inbound = Inbound {
+                topic: String::from_utf8_lossy(&publish.topic).into_owned(),
                 payload: publish.payload.clone(),
-            });
-            // A device subscribed to its own topics hears its publish, as from any MQTT broker.
-            self.route(publish);
+            };
+            match (is_alarm(&inbound.topic), &self.alarms) {
+                (true, Some(_)) => to_lane.push(inbound),
+                (alarm, _) => {
+                    alarm_for_core |= alarm;
+                    to_core.push(inbound);
+                }
+            }
         }
-        if alarm {
+        if !to_core.is_empty() {
+            let Ok(permits) = self.core.reserve_many(to_core.len()).await else {
+                return false;
+            };
+            for (permit, inbound) in permits.zip(to_core) {
+                permit.send(inbound);
+            }
+        }
+        if let Some(lane) = &self.alarms {
+            for inbound in to_lane {
+                if lane.send(inbound).await.is_err() {
+                    return false;
+                }
+            }
+        }
+        if alarm_for_core {
             self.urgent.notify_one();
+        }
+        // A device subscribed to its own topics hears its publish, as from any MQTT broker.
+        for publish in publishes {
+            self.route(publish);
         }
         true
     }
@@ -424,6 +458,49 @@ mod tests {
                 "dev/A1/up/counters",
                 "dev/A1/up/alarm"
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn with_an_alarm_lane_alarms_go_there_and_everything_else_to_the_core() {
+        let (core_tx, mut core_rx) = mpsc::channel(8);
+        let (lane_tx, mut lane_rx) = mpsc::channel(8);
+        let hub = Hub::new(core_tx, 16).with_alarm_lane(lane_tx);
+        let urgent = hub.urgent();
+        let a = hub.attach_session("A1");
+        a.subscribe(["dev/A1/up/+".to_owned()], 8).unwrap();
+        assert!(
+            hub.publish_all(vec![
+                publish("dev/A1/up/counters", b"x"),
+                publish("dev/A1/up/alarm", b"y"),
+                publish("dev/A1/up/state", b"z"),
+            ])
+            .await
+        );
+        let drain = |rx: &mut mpsc::Receiver<Inbound>| -> Vec<String> {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|i| i.topic)
+                .collect()
+        };
+        assert_eq!(
+            drain(&mut core_rx),
+            ["dev/A1/up/counters", "dev/A1/up/state"]
+        );
+        assert_eq!(drain(&mut lane_rx), ["dev/A1/up/alarm"]);
+        let mut wait = std::pin::pin!(urgent.notified());
+        assert!(
+            futures_util::FutureExt::now_or_never(&mut wait).is_none(),
+            "the core's window is not cut for an alarm it does not get"
+        );
+        assert_eq!(
+            received(&a),
+            ["dev/A1/up/counters", "dev/A1/up/alarm", "dev/A1/up/state"],
+            "the device still hears its own publishes, in order"
+        );
+        drop(lane_rx);
+        assert!(
+            !hub.publish_all(vec![publish("dev/A1/up/alarm", b"")]).await,
+            "a stopped lane is reported to the session"
         );
     }
 

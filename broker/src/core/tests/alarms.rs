@@ -408,6 +408,54 @@ fn a_starting_node_leaves_the_rows_of_devices_online_elsewhere_unlocked() {
     assert_eq!(p1.node.as_deref(), Some("N1"));
 }
 
+/// On a store with a second writer, a device's alarm commits beside the batch the core's thread
+/// has in hand, not after it; on the same device's rows it waits for that batch's commit, as two
+/// nodes do. (PostgreSQL only: a redb file has one writer.)
+#[test]
+fn an_alarm_commits_beside_the_batch_in_hand_and_waits_only_for_its_own_devices_rows() {
+    if !crate::store::testing::on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let core = Arc::new(open(&dir));
+    assert!(core.store().has_alarm_writer());
+    core.handle_batch(vec![state("C2", 1, "Osaka")], t(9, 0))
+        .unwrap();
+    let lane = |msg: Inbound| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let core = core.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(core.handle_alarms(vec![msg], t(9, 1)));
+        });
+        rx
+    };
+    // The core's thread in the middle of a batch for C2: its rows and the writer are taken.
+    let mut held = core.store().begin().unwrap();
+    held.warm_devices(&["C2"]).unwrap();
+    let out = lane(alarm_msg("C1", 1, "SC-541", FaultEvent::Raised, t(9, 0)))
+        .recv_timeout(Duration::from_secs(20))
+        .expect("C1's alarm waited for the core's batch for C2")
+        .unwrap();
+    assert_eq!(acks(&out, "C1")[0].outcome, AckOutcome::Stored);
+    assert_eq!(alarm_state(&out, "C1").unwrap().alarms[0].id, "A-000001");
+
+    // C2's alarm needs the rows the batch holds: it commits once the batch has.
+    let c2 = lane(alarm_msg("C2", 2, "SC-320", FaultEvent::Raised, t(9, 0)));
+    assert!(
+        c2.recv_timeout(Duration::from_millis(300)).is_err(),
+        "C2's alarm went past the batch holding C2's rows"
+    );
+    held.commit().unwrap();
+    let out = c2
+        .recv_timeout(Duration::from_secs(20))
+        .expect("C2's alarm commits after the batch")
+        .unwrap();
+    assert_eq!(acks(&out, "C2")[0].outcome, AckOutcome::Stored);
+    assert_eq!(alarm_state(&out, "C2").unwrap().alarms[0].id, "A-000002");
+    let codes: Vec<String> = alarms(&core, true).into_iter().map(|a| a.code).collect();
+    assert_eq!(codes.len(), 2, "{codes:?}");
+}
+
 #[test]
 fn job_ends_queue_their_notices_and_counters_become_readings() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,8 @@
 //! worker and the metrics endpoint from tasks on the runtime). The `postgres` client blocks on a
 //! runtime of its own, which must not run inside another; so each connection lives on a thread
 //! of its own ([`Conn`]) and every statement is a closure sent to it. A writer connection carries
-//! the transactions, one at a time as on redb; a second one reads the metrics' counts.
+//! the transactions, one at a time as on redb; a second writer carries devices' alarms beside it
+//! ([`Store::begin_alarms`]); a third connection reads the metrics' counts.
 
 mod batch_reads;
 mod combine;
@@ -176,13 +177,16 @@ impl Permit {
     }
 }
 
-/// The PostgreSQL store: a writer connection for transactions and a reader for statistics.
+/// The PostgreSQL store: a writer connection for transactions, a second for alarms' and a reader
+/// for statistics.
 pub struct PgStore {
     target: Target,
     location: String,
     writer: RwLock<Option<Arc<Conn>>>,
+    alarm_writer: RwLock<Option<Arc<Conn>>>,
     reader: RwLock<Option<Arc<Conn>>>,
     permit: Arc<Permit>,
+    alarm_permit: Arc<Permit>,
     leader: leader::Leader,
 }
 
@@ -197,13 +201,16 @@ impl PgStore {
         schema::check(&writer, &location)?;
         say_durability(&writer, &location);
         say_privacy(&target);
+        let alarm_writer = Conn::open(&target, "chukei-pg-alarms")?;
         let reader = Conn::open(&target, "chukei-pg-reader")?;
         Ok(PgStore {
             target,
             location,
             writer: RwLock::new(Some(Arc::new(writer))),
+            alarm_writer: RwLock::new(Some(Arc::new(alarm_writer))),
             reader: RwLock::new(Some(Arc::new(reader))),
             permit: Arc::default(),
+            alarm_permit: Arc::default(),
             leader: leader::Leader::default(),
         })
     }
@@ -222,8 +229,17 @@ impl PgStore {
 impl PgStore {
     /// A transaction on the writer, waiting while another is open.
     fn txn(&self) -> Result<PgTxn, StoreError> {
-        let conn = PgStore::conn(&self.writer, &self.location)?;
-        self.permit.take();
+        self.txn_on(&self.writer, &self.permit)
+    }
+
+    /// A transaction on `writer`, waiting while another is open on it.
+    fn txn_on(
+        &self,
+        writer: &RwLock<Option<Arc<Conn>>>,
+        permit: &Arc<Permit>,
+    ) -> Result<PgTxn, StoreError> {
+        let conn = PgStore::conn(writer, &self.location)?;
+        permit.take();
         // BEGIN goes with the transaction's first statement (one trip fewer). Read committed,
         // with every record the core may change read `FOR UPDATE` (tables.rs): two nodes
         // touching the same job or device take turns, each seeing the other's commit, so
@@ -231,7 +247,7 @@ impl PgStore {
         // resend it.
         Ok(PgTxn {
             conn,
-            permit: self.permit.clone(),
+            permit: permit.clone(),
             location: self.location.clone(),
             dirty: false,
             begun: std::cell::Cell::new(false),
@@ -366,11 +382,24 @@ impl Store for PgStore {
         Ok(Box::new(self.txn()?))
     }
 
+    fn has_alarm_writer(&self) -> bool {
+        true
+    }
+
+    fn begin_alarms(&self) -> Result<Box<dyn Txn>, StoreError> {
+        Ok(Box::new(
+            self.txn_on(&self.alarm_writer, &self.alarm_permit)?,
+        ))
+    }
+
     fn reopen(&self) -> Result<(), StoreError> {
         let writer = Conn::open(&self.target, "chukei-pg-writer")?;
         schema::check(&writer, &self.location)?;
+        let alarm_writer = Conn::open(&self.target, "chukei-pg-alarms")?;
         let reader = Conn::open(&self.target, "chukei-pg-reader")?;
         *self.writer.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(writer));
+        *self.alarm_writer.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(alarm_writer));
         *self.reader.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(reader));
         Ok(())
     }

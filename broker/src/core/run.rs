@@ -252,9 +252,10 @@ pub async fn run(
                 // Deadlines, overdue check-ins and alarm digests happen once per store: in a
                 // cluster, on the node that leads.
                 Work::Expire => {
+                    let started = std::time::Instant::now();
                     let lead = core.store().leads_cluster_work();
                     let mut out = Vec::new();
-                    (|| {
+                    let result = (|| {
                         if lead {
                             out.extend(core.expire(now)?);
                             out.extend(core.overdue(now)?);
@@ -265,9 +266,18 @@ pub async fn run(
                         out.extend(core.alarm_views_due(now)?);
                         out.extend(core.presence_events(Vec::new(), now)?);
                         Ok(std::mem::take(&mut out))
-                    })()
+                    })();
+                    let took_us = started.elapsed().as_micros() as u64;
+                    debug!(lead, took_us, "tick handled");
+                    result
                 }
-                Work::Presence(events) => core.session_events(events, now),
+                Work::Presence(events) => {
+                    let (len, started) = (events.len(), std::time::Instant::now());
+                    let out = core.session_events(events, now);
+                    let took_us = started.elapsed().as_micros() as u64;
+                    debug!(events = len, took_us, "presence handled");
+                    out
+                }
             }
         }));
         if is_batch {

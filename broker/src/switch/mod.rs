@@ -11,7 +11,9 @@
 //!   embedded rumqttd router, made by the gateway; the core is one more router client
 //!   ([`router_link`]), subscribed to host requests, publishing replies and the retained views.
 //! - **the core's queue** (`core::Inbound`): one queue, fed by the hub and the router link; the
-//!   core takes whatever is queued as one batch (group commit).
+//!   core takes whatever is queued as one batch (group commit). On a store with a second writer
+//!   (a cluster's database), devices' alarms take a queue of their own, the alarm lane's
+//!   (`core::spawn_alarm_lane`), which commits beside the core's batches.
 //! - **the core's output** ([`router_link::CoreOutlet`], the core's `Outlet`): after a commit,
 //!   what is for devices goes to the hub, the rest to the router, in order.
 //! - **presence** ([`presence`]): the gateway reports device sessions opening and closing to the

@@ -11,12 +11,21 @@ pub use engines::NatsCluster as Nats;
 /// Room for a write-heavy load, as an operator would give it: larger buffers, checkpoints far
 /// apart (fewer full-page images in the WAL), compressed WAL. fsync and `synchronous_commit`
 /// stay on (the defaults).
+///
+/// `wal_init_zero=off`: a database that has run a while writes into WAL files it recycled at
+/// its checkpoints; the bench's database is new and makes no checkpoint during a run, so each
+/// 16 MB WAL file is new, and PostgreSQL fills it with zeros before using it, on the primary
+/// and on the standby. Every commit waits meanwhile: measured, all three nodes' commits stalled
+/// 70–130 ms at new WAL files (every 6–15 s at 1,500 reports/s), part of what made the ack and
+/// alarm p99 (bench/RESULTS.md, "An alarm lane"). Not filling them stands in for the recycled
+/// files of a database in service.
 const SETTINGS: &[&str] = &[
     "max_connections=200",
     "shared_buffers=512MB",
     "max_wal_size=8GB",
     "checkpoint_timeout=30min",
     "wal_compression=on",
+    "wal_init_zero=off",
 ];
 
 /// One PostgreSQL server with database `chukei`, stopped when dropped.

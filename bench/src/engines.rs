@@ -26,6 +26,8 @@ const SETTINGS: &[&str] = &[
     "checkpoint_timeout=30min",
     "wal_compression=on",
     "wal_init_zero=off",
+    // Each autovacuum run in the server's log, to set beside the relays' commit times.
+    "log_autovacuum_min_duration=0",
 ];
 
 /// One PostgreSQL server with database `chukei`, stopped when dropped.
@@ -40,6 +42,32 @@ impl Postgres {
             None => pg.create_db("chukei")?,
         }
         Ok(Postgres(pg))
+    }
+
+    /// Vacuums and freezes what a phase left (`VACUUM (FREEZE, ANALYZE)`), then makes a
+    /// checkpoint here and on `standby` and flushes the machine's dirty pages (`sync`), so that
+    /// the next phase does not pay for the last one. Measured without it: the max phase's
+    /// millions of readings started an autovacuum of `readings` during the paced phase (11 s,
+    /// 28 MB/s written), and every node's commits stalled 100–460 ms while it ran and when its
+    /// pages were written back (bench/RESULTS.md, "An alarm lane").
+    pub fn settle(&self, standby: Option<&Postgres>) -> anyhow::Result<()> {
+        self.0
+            .sql("chukei", "VACUUM (FREEZE, ANALYZE)")
+            .context("vacuuming between phases")?;
+        self.0
+            .sql("chukei", "CHECKPOINT")
+            .context("a checkpoint between phases")?;
+        if let Some(standby) = standby {
+            standby
+                .0
+                .sql("postgres", "CHECKPOINT")
+                .context("a restartpoint on the standby between phases")?;
+        }
+        let synced = std::process::Command::new("sync")
+            .status()
+            .context("running sync")?;
+        anyhow::ensure!(synced.success(), "sync failed: {synced}");
+        Ok(())
     }
 
     /// A synchronous standby: every acked report is on two servers' disks.

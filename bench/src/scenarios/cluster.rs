@@ -202,6 +202,15 @@ impl Cluster {
         })
     }
 
+    /// Lets the database finish with the phase before (see [`Postgres::settle`]); nothing for
+    /// the single relay.
+    fn settle(&self) -> anyhow::Result<()> {
+        match &self.engines {
+            Some(e) => e.pg.settle(e.standby.as_ref()),
+            None => Ok(()),
+        }
+    }
+
     /// CPU meters for the relay nodes, PostgreSQL (primary and standby, every process) and NATS.
     fn meters(&self) -> [CpuMeter; 3] {
         let (pg, nats) = match &self.engines {
@@ -340,6 +349,7 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
     let max_reports = (acked(&fleets) - a0) as f64;
     let max_cpu = cpu_json(meters, max_reports);
     let (max_latency, max_rejected) = drain(fleets).await?;
+    cluster.settle()?;
 
     // Paced: every node full, reports at `rate` in all, alarms across nodes meanwhile.
     eprintln!("bench: cluster: paced phase");

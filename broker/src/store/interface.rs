@@ -28,7 +28,8 @@ use super::{Space, StoreError, seen};
 /// A durable store of the relay's state. Shared behind an `Arc` by the core, the notification
 /// worker and the metrics endpoint.
 pub trait Store: Send + Sync {
-    /// Begins the one write transaction; blocks while another is open. Reads go through it too:
+    /// Begins a transaction on the store's writer; blocks while another is open on it (a store
+    /// with a second writer has [`Store::begin_alarms`] beside it). Reads go through it too:
     /// every reader in the core is part of a batch that may write. Dropped without
     /// [`Txn::commit`], a transaction aborts and leaves no trace.
     fn begin(&self) -> Result<Box<dyn Txn>, StoreError>;

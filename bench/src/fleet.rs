@@ -130,6 +130,11 @@ impl Fleet {
         Ok(fleet)
     }
 
+    /// The load processes' pids, to meter what the load itself costs the machine.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().filter_map(|(c, _)| c.id()).collect()
+    }
+
     /// Sends a word (`connect`, `run`, `finish`, `verify`, `exit`) to every load process.
     pub async fn command(&mut self, word: &str) -> anyhow::Result<()> {
         for (_, stdin) in &mut self.procs {

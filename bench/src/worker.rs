@@ -550,7 +550,11 @@ async fn session(
     let mut send_tick = tokio::time::interval(paced.unwrap_or(Duration::from_secs(3600)));
     send_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     spread(&mut send_tick, paced);
-    let mut resend_tick = tokio::time::interval(Duration::from_millis(500));
+    // Checked only while a message is unacked: a timer per device that fired twice a second
+    // whatever it had to do cost the load processes more than the reports they sent (56,700
+    // devices: 113,400 wake-ups a second against 3,000 reports).
+    let mut resend_tick = tokio::time::interval(resend_check(resend_after));
+    resend_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut current = *phase.borrow();
     on_phase(ctx, &mut conn, &up_topic, ob, current, paced.is_some());
     loop {
@@ -599,7 +603,7 @@ async fn session(
                     send_new(ctx, &mut conn, &up_topic, ob, Pending::Report);
                 }
             }
-            _ = resend_tick.tick() => {
+            _ = resend_tick.tick(), if !ob.out.is_empty() => {
                 let cutoff = now_us().saturating_sub(resend_after.as_micros() as u64);
                 let due: Vec<MsgId> = ob.out.iter().filter(|(_, v)| v.1 < cutoff).map(|(k, _)| *k).collect();
                 for id in due {
@@ -610,7 +614,12 @@ async fn session(
     }
 }
 
-/// What a device does when the orchestrator moves to `phase`.
+/// How often a device looks for messages due to be resent: a quarter of the resend time, so a
+/// resend is at most a quarter late, and between 100 ms and 5 s.
+fn resend_check(resend_after: Duration) -> Duration {
+    (resend_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
+
 /// Spreads paced senders over the period instead of all at once: the next tick comes after a
 /// random part of it.
 fn spread(tick: &mut tokio::time::Interval, paced: Option<Duration>) {
@@ -620,6 +629,7 @@ fn spread(tick: &mut tokio::time::Interval, paced: Option<Duration>) {
     }
 }
 
+/// What a device does when the orchestrator moves to `phase`.
 fn on_phase(ctx: &Ctx, conn: &mut Conn, up: &str, ob: &mut Outbox, phase: Phase, paced: bool) {
     match (&ctx.spec.work, phase) {
         (Work::Reports { window, .. }, Phase::Run) if !paced => {

@@ -315,13 +315,21 @@ async fn drain(mut fleets: Vec<Fleet>) -> anyhow::Result<(Hist, u64)> {
     Ok((latency, rejected))
 }
 
-fn cpu_json(meters: [CpuMeter; 3], reports: f64) -> Value {
+/// A meter over the load processes of `fleets`: the machine they share with the relays.
+fn load_meter(fleets: &[Fleet]) -> CpuMeter {
+    CpuMeter::of(fleets.iter().flat_map(Fleet::pids).collect())
+}
+
+fn cpu_json(meters: [CpuMeter; 3], load: CpuMeter, reports: f64) -> Value {
     let [relays, pg, nats] = meters.map(|m| m.read());
+    let load = load.read();
     let per = |secs: f64| r2(secs * 1e6 / reports.max(1.0));
     json!({
         "relays_cpu_pct": r2(relays.1), "postgres_cpu_pct": r2(pg.1), "nats_cpu_pct": r2(nats.1),
+        "load_cpu_pct": r2(load.1),
         "relays_us_per_report": per(relays.0), "postgres_us_per_report": per(pg.0),
-        "nats_us_per_report": per(nats.0), "machine_busy_pct": r2(relays.2),
+        "nats_us_per_report": per(nats.0), "load_us_per_report": per(load.0),
+        "machine_busy_pct": r2(relays.2),
     })
 }
 
@@ -344,10 +352,10 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
         f.command("run").await?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (a0, meters) = (acked(&fleets), cluster.meters());
+    let (a0, meters, load) = (acked(&fleets), cluster.meters(), load_meter(&fleets));
     tokio::time::sleep(Duration::from_secs(p.secs)).await;
     let max_reports = (acked(&fleets) - a0) as f64;
-    let max_cpu = cpu_json(meters, max_reports);
+    let max_cpu = cpu_json(meters, load, max_reports);
     let (max_latency, max_rejected) = drain(fleets).await?;
     cluster.settle()?;
 
@@ -365,7 +373,7 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
         f.command("run").await?;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (a0, meters) = (acked(&fleets), cluster.meters());
+    let (a0, meters, load) = (acked(&fleets), cluster.meters(), load_meter(&fleets));
     let alarm_at = cluster.nodes[1 % cluster.nodes.len()].endpoint;
     let host_at = cluster.nodes[0].endpoint;
     let (alarms, ()) = tokio::join!(
@@ -380,7 +388,7 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
         tokio::time::sleep(Duration::from_secs(p.secs)),
     );
     let paced_reports = (acked(&fleets) - a0) as f64;
-    let paced_cpu = cpu_json(meters, paced_reports);
+    let paced_cpu = cpu_json(meters, load, paced_reports);
     let (host_alarms, integrator_alarms) = alarms?;
     let (paced_latency, paced_rejected) = drain(fleets).await?;
 

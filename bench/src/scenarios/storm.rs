@@ -67,12 +67,14 @@ async fn one(env: &Env, target: &Target, devices: u32, announce: bool) -> anyhow
     let (down, up) = server.restart().await?;
     let ready = now_us();
     let cpu = CpuMeter::start(server.pid());
+    let load_cpu = CpuMeter::of(fleet.pids());
     let back = fleet
         .wait_until("all devices back", Duration::from_secs(900), |t, _| {
             t.subscribed >= n && t.connects >= 2 * n && (!acked || t.stored + t.duplicate >= 2 * n)
         })
         .await;
     let (cpu_secs, _, machine_busy) = cpu.read();
+    let (load_cpu_secs, _, _) = load_cpu.read();
     let total = fleet.total();
     let fin = fleet.exit().await?;
     server.stop().await?;
@@ -90,6 +92,7 @@ async fn one(env: &Env, target: &Target, devices: u32, announce: bool) -> anyhow
         "all_announced_and_acked_after_ready_secs": announced,
         "cpu_secs": r2(cpu_secs),
         "relay_cpu_us_per_reconnect": r2(cpu_secs * 1e6 / devices.max(1) as f64),
+        "load_cpu_us_per_reconnect": r2(load_cpu_secs * 1e6 / devices.max(1) as f64),
         "reconnects_resumed": total.resumed,
         "machine_busy_pct": r2(machine_busy),
         "connect_failures": fin.status.connect_failures,

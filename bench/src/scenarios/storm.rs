@@ -81,6 +81,7 @@ async fn one(env: &Env, target: &Target, devices: u32, announce: bool) -> anyhow
     back?;
     let last = total.last_subscribed_us;
     let from_ready = last.saturating_sub(ready) as f64 / 1e6;
+    let per_reconnect = |secs: f64| r2(secs * 1e6 / devices.max(1) as f64);
     let announced = acked.then(|| r2(total.last_acked_us.saturating_sub(ready) as f64 / 1e6));
     Ok(json!({
         "devices": devices,
@@ -91,8 +92,8 @@ async fn one(env: &Env, target: &Target, devices: u32, announce: bool) -> anyhow
         "reconnect_rate_per_s": r2(devices as f64 / from_ready.max(1e-6)),
         "all_announced_and_acked_after_ready_secs": announced,
         "cpu_secs": r2(cpu_secs),
-        "relay_cpu_us_per_reconnect": r2(cpu_secs * 1e6 / devices.max(1) as f64),
-        "load_cpu_us_per_reconnect": r2(load_cpu_secs * 1e6 / devices.max(1) as f64),
+        "relay_cpu_us_per_reconnect": per_reconnect(cpu_secs),
+        "load_cpu_us_per_reconnect": per_reconnect(load_cpu_secs),
         "reconnects_resumed": total.resumed,
         "machine_busy_pct": r2(machine_busy),
         "connect_failures": fin.status.connect_failures,

@@ -7,6 +7,11 @@ use std::time::{Duration, Instant};
 
 use crate::{EngineError, Result, free_port, io, is_root, run};
 
+/// Ports a server start tries before it gives up ([`Postgres::start`]).
+const PORT_TRIES: usize = 5;
+/// What PostgreSQL logs when its port was taken between the pick and the bind.
+const ADDRESS_IN_USE: &str = "Address already in use";
+
 /// The database user and database a node of the cluster uses on a server with
 /// [`Postgres::require_tls`].
 pub const NODE_USER: &str = "chukei";
@@ -75,6 +80,15 @@ impl Postgres {
     /// Makes a database cluster in `dir/data` (superuser `postgres`, trusted on loopback) and
     /// starts its server with `settings` (`name=value`, each passed as `-c`).
     pub fn start(dir: &Path, settings: &[&str]) -> Result<Postgres> {
+        Postgres::start_picking(dir, settings, free_port)
+    }
+
+    /// [`Postgres::start`] with the ports to try from `pick`.
+    fn start_picking(
+        dir: &Path,
+        settings: &[&str],
+        pick: impl FnMut() -> Result<u16>,
+    ) -> Result<Postgres> {
         let bin = bindir()?;
         server_dir(dir)?;
         let data = dir.join("data");
@@ -84,14 +98,39 @@ impl Postgres {
             .arg(&data)
             .args(["-U", "postgres", "-A", "trust", "--no-sync"]);
         run(initdb, "initdb")?;
-        let pg = Postgres {
+        let mut pg = Postgres {
             bin,
             data,
-            port: free_port()?,
+            port: 0,
             settings: settings.iter().map(|s| (*s).to_owned()).collect(),
         };
-        pg.start_again()?;
+        pg.start_on_a_free_port(pick)?;
         Ok(pg)
+    }
+
+    /// Starts the server on a port from `pick`. A port free when it was picked may be taken by
+    /// the time the server binds it (a test beside this one, or any socket's ephemeral port), so
+    /// a start that fails because the address is in use picks again, up to [`PORT_TRIES`] times.
+    fn start_on_a_free_port(&mut self, mut pick: impl FnMut() -> Result<u16>) -> Result<()> {
+        let mut tries = 0;
+        loop {
+            self.port = pick()?;
+            tries += 1;
+            let logged = std::fs::metadata(self.log_path()).map_or(0, |m| m.len());
+            match self.start_again() {
+                Ok(()) => return Ok(()),
+                Err(_) if tries < PORT_TRIES && self.logged_since(logged, ADDRESS_IN_USE) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether the server's log says `what` after its first `from` bytes.
+    fn logged_since(&self, from: u64, what: &str) -> bool {
+        std::fs::read(self.log_path()).is_ok_and(|log| {
+            let from = usize::try_from(from).unwrap_or(usize::MAX).min(log.len());
+            String::from_utf8_lossy(&log[from..]).contains(what)
+        })
     }
 
     /// Starts the stopped server again, on the same port and data.
@@ -147,13 +186,13 @@ impl Postgres {
                 self.port
             ));
         run(backup, "pg_basebackup")?;
-        let standby = Postgres {
+        let mut standby = Postgres {
             bin: self.bin.clone(),
             data,
-            port: free_port()?,
+            port: 0,
             settings: self.settings.clone(),
         };
-        standby.start_again()?;
+        standby.start_on_a_free_port(free_port)?;
         self.sql(
             "postgres",
             &format!("ALTER SYSTEM SET synchronous_standby_names = '{name}'"),
@@ -285,5 +324,34 @@ impl Drop for Postgres {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The race made on purpose: the first port picked is taken before the server binds it. The
+    /// server says so in its log, and starts on the next port picked. Needs Debian's
+    /// `postgresql` (`scripts/test` installs it).
+    #[test]
+    fn a_server_whose_port_was_taken_meanwhile_starts_on_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        let mut picks = vec![taken_port];
+        let pick = || match picks.pop() {
+            Some(port) => Ok(port),
+            None => free_port(),
+        };
+        let pg = Postgres::start_picking(&dir.path().join("pg"), &[], pick)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(pg.port(), taken_port);
+        assert!(
+            pg.logged_since(0, ADDRESS_IN_USE),
+            "the first start failed for the taken port"
+        );
+        assert_eq!(pg.sql("postgres", "SELECT 1").unwrap(), "1");
+        pg.stop().unwrap();
     }
 }

@@ -10,6 +10,19 @@ pub struct Nats {
     name: String,
     args: Vec<String>,
     starts: usize,
+    /// The HTTP monitoring port of a [`Nats::start_monitored`] server.
+    monitor: Option<u16>,
+}
+
+/// One client connection as the server counts it (`/connz`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    /// The name the client gave (`chukei node N1`).
+    pub name: String,
+    /// Messages the client published.
+    pub in_msgs: u64,
+    /// Messages the server delivered to the client.
+    pub out_msgs: u64,
 }
 
 impl Nats {
@@ -19,6 +32,47 @@ impl Nats {
     /// Starts a server on an ephemeral port (or `port`, to bring one back where it was).
     pub async fn start(env: &TestEnv, name: &str, port: Option<u16>) -> Nats {
         Nats::start_with(env, name, port, &[]).await
+    }
+
+    /// Starts a server that also serves its monitoring endpoints over HTTP ([`Nats::connections`]).
+    pub async fn start_monitored(env: &TestEnv, name: &str) -> Nats {
+        let monitor = crate::postgres::free_port();
+        let mut nats = Nats::start_with(env, name, None, &["-m".into(), monitor.to_string()]).await;
+        nats.monitor = Some(monitor);
+        nats
+    }
+
+    /// Every client connection and its message counts, from the server's `/connz`. Panics on a
+    /// server not started with [`Nats::start_monitored`].
+    pub async fn connections(&self) -> Vec<Connection> {
+        let monitor = self.monitor.expect("a server started with start_monitored");
+        let url = format!("http://127.0.0.1:{monitor}/connz");
+        let text = reqwest::get(&url)
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let body: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"));
+        let count = |c: &serde_json::Value, key: &str| c.get(key).and_then(|v| v.as_u64());
+        body.get("connections")
+            .and_then(|c| c.as_array())
+            .map(|all| {
+                all.iter()
+                    .map(|c| Connection {
+                        name: c
+                            .get("name")
+                            .and_then(|n| n.as_str())
+                            .unwrap_or("")
+                            .to_owned(),
+                        in_msgs: count(c, "in_msgs").unwrap_or(0),
+                        out_msgs: count(c, "out_msgs").unwrap_or(0),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Starts `n` servers joined by routes into one NATS cluster, as an operator runs the bus.
@@ -62,6 +116,7 @@ impl Nats {
             name: name.to_owned(),
             args: extra.to_vec(),
             starts: 1,
+            monitor: None,
         }
     }
 

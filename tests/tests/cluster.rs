@@ -34,8 +34,12 @@ struct TwoNodes {
 }
 
 async fn two_nodes(env: &TestEnv) -> TwoNodes {
+    two_nodes_on(env, Nats::start(env, "bus", None).await).await
+}
+
+/// [`two_nodes`] on the bus server `bus`.
+async fn two_nodes_on(env: &TestEnv, bus: Nats) -> TwoNodes {
     let (pg, url) = Postgres::with_schema(env).await;
-    let bus = Nats::start(env, "bus", None).await;
     let node = |id: &str| cluster_node(env, id, &url, &bus.url());
     let n1 = node("N1").start().await;
     let n2 = node("N2").start().await;
@@ -704,6 +708,50 @@ async fn the_bus_carries_on_through_the_nats_servers_left() {
     for _ in 0..3 {
         let job = submit().await;
         host.wait_for_status(&job, "succeeded", deadline()).await;
+    }
+}
+
+#[tokio::test]
+async fn the_bus_delivers_each_node_the_other_nodes_publications_and_not_its_own() {
+    let env =
+        TestEnv::new("the_bus_delivers_each_node_the_other_nodes_publications_and_not_its_own");
+    let TwoNodes {
+        n1,
+        n2,
+        bus,
+        pg: _pg,
+    } = two_nodes_on(&env, Nats::start_monitored(&env, "bus").await).await;
+    // A job filed at N1 for C1 on N2: N1 publishes the order and its views, N2 the result's.
+    let _c1 = env.device("C1").start(&n2).await;
+    let host = env.host("svc", &n1);
+    let job = host.submit(&["--serial", "C1", "--kind", "get-data"]).await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+
+    // What each node published reaches the other, and nothing comes back to the node that
+    // published it: each node is sent exactly what the other published.
+    let by_name = |all: &[harness::nats::Connection], name: &str| {
+        all.iter()
+            .find(|c| c.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no bus connection named {name:?} in {all:?}"))
+    };
+    let until = tokio::time::Instant::now() + deadline();
+    loop {
+        let all = bus.connections().await;
+        let (a, b) = (
+            by_name(&all, "chukei node N1"),
+            by_name(&all, "chukei node N2"),
+        );
+        let settled =
+            a.in_msgs > 0 && b.in_msgs > 0 && a.out_msgs == b.in_msgs && b.out_msgs == a.in_msgs;
+        if settled {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "each node should be sent exactly the other's publications: {a:?}, {b:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

@@ -126,6 +126,10 @@ pub async fn run(
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("chukei node {}", settings.node))
+        // Every node publishes and subscribes on the one subject; without this the servers send
+        // each node its own publications back, a third of the bus's deliveries on three nodes,
+        // only for the node to drop them ([`from_other_node`]).
+        .no_echo()
         .retry_on_initial_connect()
         .event_callback(move |event| {
             let events_tx = events_tx.clone();
@@ -249,8 +253,8 @@ fn on_this_machine(url: &str) -> bool {
     crate::store::pg_store::is_loopback(host)
 }
 
-/// A publication of another node, as an [`Outbound`]; `None` for this node's own or a message
-/// that is not one.
+/// A publication of another node, as an [`Outbound`]; `None` for this node's own (the servers
+/// do not echo them; a second node started with the same id would) or a message that is not one.
 fn from_other_node(node: &str, msg: &async_nats::Message) -> Option<Outbound> {
     let headers = msg.headers.as_ref()?;
     let origin = headers.get(ORIGIN)?.as_str();

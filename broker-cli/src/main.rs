@@ -282,6 +282,10 @@ struct RunArgs {
     /// Drop a client that does not send CONNECT in time. Default: 10
     #[arg(long, value_name = "SECS")]
     connect_timeout_secs: Option<u64>,
+    /// Hold a device's PUBACK up to this long for the message's ack, so both leave in one write
+    /// (0: every PUBACK at once, before the commit; at most 1000). Default: 50
+    #[arg(long, value_name = "MS")]
+    puback_hold_ms: Option<u64>,
     /// Largest MQTT packet a client may send. Default: 262144
     #[arg(long, value_name = "BYTES")]
     max_packet_bytes: Option<usize>,
@@ -493,6 +497,7 @@ impl RunArgs {
             handshake_timeout_secs,
             first_byte_timeout_secs,
             connect_timeout_secs,
+            puback_hold_ms,
             max_packet_bytes,
             max_payload_bytes,
             max_clients,

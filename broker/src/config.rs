@@ -38,6 +38,11 @@ pub struct BrokerConfig {
     /// A client that finished TLS must send CONNECT within this time.
     #[serde(default = "defaults::connect_timeout_secs")]
     pub connect_timeout_secs: u64,
+    /// A device's PUBACK waits up to this long for the message's ack (sent once committed), so
+    /// that both leave in one write: one send for the relay and one wake-up for the device per
+    /// message. 0: every PUBACK at once, before the commit.
+    #[serde(default = "defaults::puback_hold_ms")]
+    pub puback_hold_ms: u64,
     /// Largest MQTT packet a client may send; a bigger one closes its connection.
     #[serde(default = "defaults::max_packet_bytes")]
     pub max_packet_bytes: usize,
@@ -281,6 +286,10 @@ const MAX_FILES_FOR_CLIENTS: usize = 19_800;
 /// (at most 4096 by default, 65535 at most before Linux 5.4's wider field).
 const MAX_LISTEN_BACKLOG: u32 = 65_535;
 
+/// A PUBACK held longer than this would hold up a device that waits for it: past a second the
+/// commit has failed or stalled, and the PUBACK should go alone.
+const MAX_PUBACK_HOLD_MS: u64 = 1000;
+
 mod defaults {
     use super::*;
     pub fn listen() -> SocketAddr {
@@ -327,6 +336,9 @@ mod defaults {
     }
     pub fn first_byte_timeout_secs() -> u64 {
         5
+    }
+    pub fn puback_hold_ms() -> u64 {
+        50
     }
     pub fn metrics_header_timeout_secs() -> u64 {
         10
@@ -601,6 +613,13 @@ impl BrokerConfig {
                 "use at least 1; the default is 3600",
             ));
         }
+        if self.puback_hold_ms > MAX_PUBACK_HOLD_MS {
+            return Err(invalid(
+                "puback_hold_ms",
+                &self.puback_hold_ms,
+                "use at most 1000 (0 sends every PUBACK at once); the default is 50",
+            ));
+        }
         if self.first_byte_timeout_secs == 0 {
             return Err(invalid(
                 "first_byte_timeout_secs",
@@ -745,6 +764,7 @@ impl BrokerConfig {
             handshake_timeout: self.handshake_timeout(),
             first_byte_timeout: self.first_byte_timeout(),
             connect_timeout: self.connect_timeout(),
+            puback_hold: Duration::from_millis(self.puback_hold_ms),
             max_packet_bytes: self.max_packet_bytes,
             max_clients: self.max_clients,
             max_handshakes: self.max_handshakes,

@@ -162,6 +162,31 @@ impl RawClient {
             .map_err(|_| format!("{name}: nothing from the broker within {within:?}"))
     }
 
+    /// The whole packets of the first read that brings any, with what was already buffered:
+    /// what the broker sent in one write comes in one read. `Ok(vec![])` if the broker closed the
+    /// connection; `Err` if nothing came within `within`.
+    pub async fn next_read(&mut self, within: Duration) -> Result<Vec<Incoming>, String> {
+        let name = self.name.clone();
+        tokio::time::timeout(within, async {
+            loop {
+                let mut packets = Vec::new();
+                while let Some(p) = take_packet(&mut self.buf) {
+                    packets.push(p);
+                }
+                if !packets.is_empty() {
+                    return packets;
+                }
+                let mut chunk = [0u8; 4096];
+                match self.tls.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return packets,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+        .map_err(|_| format!("{name}: nothing from the broker within {within:?}"))
+    }
+
     async fn read_packet(&mut self) -> Option<Incoming> {
         loop {
             if let Some(p) = take_packet(&mut self.buf) {

@@ -516,6 +516,73 @@ async fn a_hosts_retained_request_is_not_kept() {
 
 /// MQTT 3.1.1 §3.10.4: every UNSUBSCRIBE is answered by one UNSUBACK, whether or not the client
 /// held the filters, on the hosts' path and the devices'.
+/// A device's QoS 1 message is answered twice: PUBACK once the relay has it, its ack once it is
+/// committed. The PUBACK waits for the ack and both reach the device in one write, PUBACK first
+/// (one send for the relay, one wake-up for the device); a message whose ack does not come
+/// still has its PUBACK, alone, within the hold.
+#[tokio::test]
+async fn a_devices_puback_leaves_with_the_messages_ack_in_one_write() {
+    let env = TestEnv::new("a_devices_puback_leaves_with_the_messages_ack_in_one_write");
+    let c1 = serial("C1");
+    let up = topic::dev_up(&c1, UpKind::Job);
+    let update = |id: u64| {
+        let unknown = JobId::parse("J-0").expect("a valid job id");
+        let body = JobUpdate {
+            errors: Default::default(),
+            job: unknown,
+            status: JobStatus::Failed,
+            note: None,
+            data: None,
+        };
+        raw::publish(&up, &envelope(id, &body), 1, 42)
+    };
+    let certs = env.certs(Role::Device, "C1");
+
+    // The longest hold: a commit slowed by a busy machine still makes it.
+    let broker = env
+        .broker()
+        .args(["--puback-hold-ms", "1000"])
+        .start()
+        .await;
+    let mut device = RawClient::connect(broker.addr(), &certs, "C1").await;
+    assert_eq!(device.subscribe_acked(1, &["dev/C1/ack"]).await, [1]);
+    for id in 1..=3 {
+        device
+            .send(&update(id))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let read = device
+            .next_read(deadline())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let kinds: Vec<u8> = read.iter().map(|p| p.kind).collect();
+        assert_eq!(
+            kinds,
+            [raw::PUBACK, raw::PUBLISH],
+            "message {id}: the PUBACK and then the ack, in one read: {read:?}"
+        );
+        assert_eq!(read[0].body, 42u16.to_be_bytes(), "PUBACK for another id");
+        assert_eq!(read[1].topic().as_deref(), Some("dev/C1/ack"));
+    }
+
+    // Acks held back (a test fault: committed, never answered): the PUBACK comes alone, after
+    // the default hold.
+    let held = env
+        .broker()
+        .data_dir(env.path("held"))
+        .env("CHUKEI_TEST_HOLD_ACKS", "1")
+        .start()
+        .await;
+    let mut device = RawClient::connect(held.addr(), &certs, "C1").await;
+    assert_eq!(device.subscribe_acked(1, &["dev/C1/ack"]).await, [1]);
+    device
+        .send(&update(4))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let puback = device.expect(raw::PUBACK).await;
+    assert_eq!(puback.body, 42u16.to_be_bytes(), "PUBACK for another id");
+}
+
 #[tokio::test]
 async fn every_unsubscribe_gets_exactly_one_unsuback() {
     let env = TestEnv::new("every_unsubscribe_gets_exactly_one_unsuback");

@@ -137,6 +137,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientConn<S> {
         Ok(())
     }
 
+    /// Whether packets are queued that [`ClientConn::flush`] has not sent yet.
+    pub fn has_unsent(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// Writes what [`ClientConn::queue`] encoded, in one write, and releases the buffer.
     pub async fn flush(&mut self) -> Result<(), ConnError> {
         if !self.out.is_empty() {

@@ -3,8 +3,10 @@
 //!
 //! The gateway answers what rumqttd would have answered on a device's own link: SUBACK (with the
 //! retained orders the filters match), UNSUBACK, PINGRESP, and PUBACK once a publish is in the
-//! core's queue. What the broker sends a device is QoS 0, as before: reliability comes from
-//! retained orders and end-to-end acks, not from MQTT QoS.
+//! core's queue; a PUBACK then waits for the message's ack, up to `puback_hold_ms`, so that
+//! both leave in one write. What the broker sends
+//! a device is QoS 0, as before: reliability comes from retained orders and end-to-end acks, not
+//! from MQTT QoS.
 
 use std::future::Future;
 
@@ -81,6 +83,10 @@ impl Side for DeviceSession<'_> {
         }
     }
 
+    fn reply_hold(&self) -> std::time::Duration {
+        self.gw.settings().puback_hold
+    }
+
     fn send_down<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut ClientConn<S>,
@@ -101,12 +107,16 @@ impl DeviceSession<'_> {
         let mut next = Some(first);
         let mut count = 0;
         let mut outcome = Ok(false);
+        // Whether a reply must leave now: anything but a PUBLISH's PUBACK, which waits for the
+        // message's ack (`puback_hold_ms`).
+        let mut answer_now = false;
         // This read's publishes, handed to the hub together once the read is handled.
         let mut up = Vec::new();
         // Once per read, not per packet: a reload may replace them, and reading them is shared
         // by every session.
         let limits = self.gw.settings();
         while let Some(packet) = next {
+            answer_now |= !matches!(packet, Packet::Publish(..));
             match self.handle(conn, packet, &mut up, &limits) {
                 Ok(false) => {}
                 other => {
@@ -127,11 +137,15 @@ impl DeviceSession<'_> {
             };
         }
         // What was handled before a violation still goes on, and its replies out, as they would
-        // one by one. The PUBACKs queued above leave only after the core's queue has the publishes.
+        // one by one. The PUBACKs queued above leave only after the core's queue has the publishes,
+        // and, unless something else must go now, with the next thing the device is sent: the
+        // publishes' acks, once committed (the session loop bounds the wait).
         if !up.is_empty() && !self.attachment.hub().publish_all(up).await {
             return Err(SessionError::HubStopped);
         }
-        conn.flush().await?;
+        if answer_now || limits.puback_hold.is_zero() || !matches!(outcome, Ok(false)) {
+            conn.flush().await?;
+        }
         outcome
     }
 

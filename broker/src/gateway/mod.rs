@@ -41,6 +41,9 @@ pub struct GatewaySettings {
     /// socket is closed then rather than at `handshake_timeout`.
     pub first_byte_timeout: Duration,
     pub connect_timeout: Duration,
+    /// A device's PUBACK waits up to this for the message's ack, to leave in one write with it
+    /// (`puback_hold_ms`; zero: at once).
+    pub puback_hold: Duration,
     pub max_packet_bytes: usize,
     pub max_clients: usize,
     pub max_handshakes: usize,

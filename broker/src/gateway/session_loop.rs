@@ -5,13 +5,14 @@
 //! [`Side`].
 
 use std::future::Future;
+use std::time::Duration;
 
 use rumqttd::protocol::Packet;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::ClientConn;
-use super::keepalive::Keepalive;
+use super::keepalive::{Due, Keepalive};
 use super::session::SessionError;
 
 /// One way a session reaches the relay: what it does with a client's packets and where the
@@ -21,12 +22,21 @@ pub(super) trait Side {
     type Down;
 
     /// Handles `first` (and whatever arrived with it). Returns whether the client said
-    /// DISCONNECT.
+    /// DISCONNECT. Replies it leaves queued and unflushed go out with the next write, or after
+    /// [`Side::reply_hold`].
     fn on_packet<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut ClientConn<S>,
         first: Packet,
     ) -> impl Future<Output = Result<bool, SessionError>>;
+
+    /// Longest replies left unsent by [`Side::on_packet`] wait for the next write to the client.
+    /// A device's PUBACK waits for the message's ack (sent once committed, a few milliseconds
+    /// later): both leave in one write, which saves the relay a send and the device a wake-up per
+    /// message. A reply still held then is sent alone.
+    fn reply_hold(&self) -> Duration {
+        Duration::ZERO
+    }
 
     /// Waits for what the relay has next for the client; `Ok(None)`: woken with nothing to send.
     fn next_down(&mut self) -> impl Future<Output = Result<Option<Self::Down>, SessionError>>;
@@ -58,17 +68,24 @@ where
     loop {
         tokio::select! {
             () = &mut stopped => return Ok(false),
-            () = keepalive.expired() => return Err(SessionError::KeepaliveExpired),
+            due = keepalive.due() => match due {
+                Due::Silent => return Err(SessionError::KeepaliveExpired),
+                Due::Replies => conn.flush().await?,
+            },
             packet = conn.read_packet() => {
                 let Some(packet) = packet? else { return Ok(false) };
                 keepalive.heard();
                 if side.on_packet(conn, packet).await? {
                     return Ok(true);
                 }
+                if conn.has_unsent() {
+                    keepalive.hold_replies(side.reply_hold());
+                }
             }
             down = side.next_down() => {
                 if let Some(first) = down? {
                     side.send_down(conn, first).await?;
+                    keepalive.replies_sent();
                 }
             }
         }

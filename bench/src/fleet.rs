@@ -15,10 +15,17 @@ use crate::client::Endpoint;
 use crate::hist::Histogram;
 use crate::worker::{Final, Line, Status, Work, WorkerSpec};
 
+/// Devices per load process unless `--per-process` says otherwise: a socket each, and room left
+/// for the process's own files under the 20,000 it may hold.
+pub const DEFAULT_PER_PROCESS: u32 = 19_000;
+
 /// How the load is spread.
 #[derive(Debug, Clone)]
 pub struct LoadShape {
-    /// Devices per load process: well under the 20,000 open files a process may have.
+    /// Devices per load process: under the 20,000 open files a process may have. As many as fit:
+    /// each process costs CPU of its own (its runtime, its timers), and with three times as many
+    /// processes the load took a quarter more CPU per report from the machine it shares with the
+    /// relays (bench/RESULTS.md, "Fewer load processes").
     pub per_process: u32,
     /// Connection attempts in flight, over all load processes.
     pub concurrency: usize,
@@ -29,7 +36,7 @@ pub struct LoadShape {
 impl Default for LoadShape {
     fn default() -> Self {
         LoadShape {
-            per_process: 7_000,
+            per_process: DEFAULT_PER_PROCESS,
             concurrency: 600,
             sources: 8,
         }

@@ -55,8 +55,9 @@ struct Global {
     /// Keep the working files (CA, data, logs) here instead of a temporary folder.
     #[arg(long, global = true, value_name = "DIR")]
     dir: Option<PathBuf>,
-    /// Devices per load process (each process may hold at most 20,000 open files).
-    #[arg(long, global = true, default_value_t = 7_000)]
+    /// Devices per load process (each process may hold at most 20,000 open files). Fewer,
+    /// larger processes take less CPU from the relays measured.
+    #[arg(long, global = true, default_value_t = fleet::DEFAULT_PER_PROCESS)]
     per_process: u32,
     /// Connection attempts in flight over all load processes.
     #[arg(long, global = true, default_value_t = 600)]

@@ -4,9 +4,8 @@
 //! The gateway answers what rumqttd would have answered on a device's own link: SUBACK (with the
 //! retained orders the filters match), UNSUBACK, PINGRESP, and PUBACK once a publish is in the
 //! core's queue; a PUBACK then waits for the message's ack, up to `puback_hold_ms`, so that
-//! both leave in one write. What the broker sends
-//! a device is QoS 0, as before: reliability comes from retained orders and end-to-end acks, not
-//! from MQTT QoS.
+//! both leave in one write. What the broker sends a device is QoS 0, as before: reliability
+//! comes from retained orders and end-to-end acks, not from MQTT QoS.
 
 use std::future::Future;
 

@@ -24,7 +24,7 @@ pub const DEFAULT_PER_PROCESS: u32 = 19_000;
 pub struct LoadShape {
     /// Devices per load process: under the 20,000 open files a process may have. As many as fit:
     /// each process costs CPU of its own (its runtime, its timers), and with three times as many
-    /// processes the load took a quarter more CPU per report from the machine it shares with the
+    /// processes the load took two fifths more CPU per report from the machine it shares with the
     /// relays (bench/RESULTS.md, "Fewer load processes").
     pub per_process: u32,
     /// Connection attempts in flight, over all load processes.

@@ -735,24 +735,28 @@ async fn the_bus_delivers_each_node_the_other_nodes_publications_and_not_its_own
             .cloned()
             .unwrap_or_else(|| panic!("no bus connection named {name:?} in {all:?}"))
     };
-    let until = tokio::time::Instant::now() + deadline();
-    loop {
-        let all = bus.connections().await;
-        let (a, b) = (
-            by_name(&all, "chukei node N1"),
-            by_name(&all, "chukei node N2"),
-        );
-        let settled =
-            a.in_msgs > 0 && b.in_msgs > 0 && a.out_msgs == b.in_msgs && b.out_msgs == a.in_msgs;
-        if settled {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "each node should be sent exactly the other's publications: {a:?}, {b:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    harness::poll_until(
+        "each node sent exactly the other's publications",
+        deadline(),
+        || async {
+            let all = bus.connections().await;
+            let (a, b) = (
+                by_name(&all, "chukei node N1"),
+                by_name(&all, "chukei node N2"),
+            );
+            let settled = a.in_msgs > 0
+                && b.in_msgs > 0
+                && a.out_msgs == b.in_msgs
+                && b.out_msgs == a.in_msgs;
+            if settled {
+                Ok(())
+            } else {
+                Err(format!("{a:?}, {b:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

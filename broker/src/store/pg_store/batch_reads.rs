@@ -14,10 +14,7 @@
 //! (Written `IN (SELECT unnest($1))` instead, the long read was fast on every plan but each
 //! short one scanned the table: PostgreSQL's CPU per paced report grew by half.)
 
-use postgres::Row;
-use postgres::types::{ToSql, Type};
-
-use super::Session;
+use super::{Ask, P};
 
 pub(super) const READ_JOURNAL: &str =
     "SELECT msg_id, entry FROM journal WHERE sender = $1 AND msg_id = ANY($2)";
@@ -40,25 +37,19 @@ pub(super) const READ_PRESENCE: &str =
 /// many messages (or a fleet reconnecting), where one plan is small beside the rows it reads.
 const PLAN_EACH_ABOVE: usize = 32;
 
-/// Runs one of the reads above with `params` (each with its type), `keys` long.
-pub(super) fn by_keys(
-    s: &mut Session,
-    sql: &str,
-    params: &[(&(dyn ToSql + Sync), Type)],
-    keys: usize,
-) -> Result<Vec<Row>, postgres::Error> {
+/// One of the reads above with `params`, `keys` long, as a trip asks it.
+pub(super) fn by_keys(sql: &'static str, params: Vec<P>, keys: usize) -> Ask {
     if keys > PLAN_EACH_ABOVE {
         // An unnamed statement: planned with these values, in the same trip as its rows.
-        return s.client.query_typed(sql, params);
+        return Ask::Planned { sql, params };
     }
-    let statement = s.statement(sql)?;
-    let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(value, _)| *value).collect();
-    s.client.query(&statement, &values)
+    Ask::Rows { sql, params }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::pg_store::Session;
     use crate::store::testing;
 
     /// The hazard above, made on purpose: the device read is prepared and planned generically
@@ -76,9 +67,9 @@ mod tests {
         let url = testing::postgres_database(dir.path());
         // The blocking client runs a runtime of its own: not on a test's runtime thread.
         let (after_short, after_long, found) = std::thread::spawn(move || {
-            let client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let config: tokio_postgres::Config = url.parse().unwrap();
             let mut s = Session {
-                client,
+                client: super::super::client::Client::connect(&config, None).unwrap(),
                 prepared: Default::default(),
             };
             s.client
@@ -100,8 +91,9 @@ mod tests {
                     .get(0)
             };
             let read = |s: &mut Session, keys: &Vec<String>| -> usize {
-                let rows = by_keys(s, READ_DEVICES, &[(keys, Type::TEXT_ARRAY)], keys.len());
-                rows.unwrap().len()
+                let ask = by_keys(READ_DEVICES, vec![P::TextList(keys.clone())], keys.len());
+                let rows = s.run(false, &[], &[ask], "test").unwrap();
+                rows[0].len()
             };
             let short: Vec<String> = vec!["M1".into(), "M2".into()];
             assert_eq!(read(&mut s, &short), 2);

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use postgres::types::ToSql;
 
-use super::{P, Session};
+use super::P;
 
 /// A write the transaction made and has not sent yet.
 pub(crate) struct Write {
@@ -99,21 +99,27 @@ impl Column {
 }
 
 impl Step {
-    /// Runs the step on the connection; an error names the write it came from.
-    pub(crate) fn run(self, s: &mut Session) -> Result<(), (&'static str, postgres::Error)> {
+    /// The operation the step came from, for an error.
+    pub(crate) fn op(&self) -> &'static str {
         match self {
-            Step::One(w) => {
-                let refs: Vec<&(dyn ToSql + Sync)> = w.params.iter().map(P::as_sql).collect();
-                let statement = s.statement(w.sql).map_err(|e| (w.op, e))?;
-                s.client.execute(&statement, &refs).map_err(|e| (w.op, e))?;
-            }
-            Step::Many { op, sql, columns } => {
-                let refs: Vec<&(dyn ToSql + Sync)> = columns.iter().map(Column::as_sql).collect();
-                let statement = s.statement(&sql).map_err(|e| (op, e))?;
-                s.client.execute(&statement, &refs).map_err(|e| (op, e))?;
-            }
+            Step::One(w) => w.op,
+            Step::Many { op, .. } => op,
         }
-        Ok(())
+    }
+
+    pub(crate) fn sql(&self) -> &str {
+        match self {
+            Step::One(w) => w.sql,
+            Step::Many { sql, .. } => sql,
+        }
+    }
+
+    /// The step's parameters, as its statement takes them.
+    pub(crate) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        match self {
+            Step::One(w) => w.params.iter().map(P::as_sql).collect(),
+            Step::Many { columns, .. } => columns.iter().map(Column::as_sql).collect(),
+        }
     }
 }
 

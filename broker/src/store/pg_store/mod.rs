@@ -7,13 +7,15 @@
 //! acked, as on redb.
 //!
 //! The store's interface is synchronous (the core calls it from its own thread, the notification
-//! worker and the metrics endpoint from tasks on the runtime). The `postgres` client blocks on a
-//! runtime of its own, which must not run inside another; so each connection lives on a thread
-//! of its own ([`Conn`]) and every statement is a closure sent to it. A writer connection carries
+//! worker and the metrics endpoint from tasks on the runtime). The connection's client
+//! ([`client`]) blocks on a runtime of its own, which must not run inside another; so each
+//! connection lives on a thread of its own ([`Conn`]) and every statement is a closure sent to
+//! it. A writer connection carries
 //! the transactions, one at a time as on redb; a second writer carries devices' alarms beside it
 //! ([`Store::begin_alarms`]); a third connection reads the metrics' counts.
 
 mod batch_reads;
+mod client;
 mod combine;
 mod leader;
 pub mod nodes;
@@ -24,7 +26,7 @@ mod target;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use postgres::types::ToSql;
+use postgres::types::{ToSql, Type};
 
 pub use schema::{SCHEMA_VERSION, migrate};
 pub(crate) use target::Target;
@@ -41,6 +43,9 @@ pub(crate) enum P {
     Text(String),
     OptText(Option<String>),
     Bytes(Vec<u8>),
+    /// A list of keys (`key = ANY($n)`).
+    TextList(Vec<String>),
+    I64List(Vec<i64>),
 }
 
 impl P {
@@ -52,8 +57,32 @@ impl P {
             P::Text(v) => v,
             P::OptText(v) => v,
             P::Bytes(v) => v,
+            P::TextList(v) => v,
+            P::I64List(v) => v,
         }
     }
+
+    /// The parameter's type, for a statement planned for its values (batch_reads.rs).
+    fn sql_type(&self) -> Type {
+        match self {
+            P::I64(_) | P::OptI64(_) => Type::INT8,
+            P::I32(_) => Type::INT4,
+            P::Text(_) | P::OptText(_) => Type::TEXT,
+            P::Bytes(_) => Type::BYTEA,
+            P::TextList(_) => Type::TEXT_ARRAY,
+            P::I64List(_) => Type::INT8_ARRAY,
+        }
+    }
+}
+
+/// What a trip to the server asks, after the writes it carries: rows, or the transaction's end.
+pub(crate) enum Ask {
+    /// The rows of a prepared statement.
+    Rows { sql: &'static str, params: Vec<P> },
+    /// The rows of a statement planned for its values (a long key list: batch_reads.rs).
+    Planned { sql: &'static str, params: Vec<P> },
+    /// A command without parameters: COMMIT or ROLLBACK.
+    Command(&'static str),
 }
 
 type Job = Box<dyn FnOnce(&mut Session) + Send>;
@@ -61,11 +90,70 @@ type Job = Box<dyn FnOnce(&mut Session) + Send>;
 /// A connection's client and the statements it has prepared: each SQL text is parsed once per
 /// connection, not on every call (half the round trips, and the server's planning).
 pub(crate) struct Session {
-    pub(crate) client: postgres::Client,
+    pub(crate) client: client::Client,
     prepared: std::collections::HashMap<String, postgres::Statement>,
 }
 
 impl Session {
+    /// Runs BEGIN (if `begin`), `steps` and `asks` in one pipeline: a trip to the server, plus
+    /// one for each statement this connection has not prepared yet. Returns the asks' rows, or
+    /// the first failure with the operation it belongs to.
+    fn run(
+        &mut self,
+        begin: bool,
+        steps: &[combine::Step],
+        asks: &[Ask],
+        op: &'static str,
+    ) -> Result<Vec<Vec<postgres::Row>>, (&'static str, postgres::Error)> {
+        let mut step_statements = Vec::with_capacity(steps.len());
+        for step in steps {
+            step_statements.push(self.statement(step.sql()).map_err(|e| (step.op(), e))?);
+        }
+        let mut ask_statements = Vec::with_capacity(asks.len());
+        for ask in asks {
+            ask_statements.push(match ask {
+                Ask::Rows { sql, .. } => Some(self.statement(sql).map_err(|e| (op, e))?),
+                Ask::Planned { .. } | Ask::Command(_) => None,
+            });
+        }
+        let mut requests = Vec::with_capacity(steps.len() + asks.len() + 1);
+        let mut ops = Vec::with_capacity(requests.capacity());
+        if begin {
+            requests.push(client::Request::Command("BEGIN"));
+            ops.push("begin a transaction");
+        }
+        for (step, statement) in steps.iter().zip(&step_statements) {
+            requests.push(client::Request::Prepared(statement, step.params()));
+            ops.push(step.op());
+        }
+        for (ask, statement) in asks.iter().zip(&ask_statements) {
+            requests.push(match (ask, statement) {
+                (Ask::Rows { params, .. }, Some(statement)) => {
+                    client::Request::Prepared(statement, params.iter().map(P::as_sql).collect())
+                }
+                (Ask::Rows { sql, params } | Ask::Planned { sql, params }, _) => {
+                    client::Request::Planned(
+                        sql,
+                        params.iter().map(|p| (p.as_sql(), p.sql_type())).collect(),
+                    )
+                }
+                (Ask::Command(sql), _) => client::Request::Command(sql),
+            });
+            ops.push(op);
+        }
+        let answers = self.client.pipeline(&requests);
+        let first_ask = answers.len() - asks.len();
+        let mut rows = Vec::with_capacity(asks.len());
+        for (i, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Ok(found) if i >= first_ask => rows.push(found),
+                Ok(_) => {}
+                Err(e) => return Err((ops[i], e)),
+            }
+        }
+        Ok(rows)
+    }
+
     fn statement(&mut self, sql: &str) -> Result<postgres::Statement, postgres::Error> {
         if let Some(s) = self.prepared.get(sql) {
             return Ok(s.clone());
@@ -100,8 +188,8 @@ impl Conn {
                         job(&mut session);
                     }
                 }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
+                Err(reason) => {
+                    let _ = ready_tx.send(Err(reason));
                 }
             })
             .map_err(|e| StoreError::Unavailable {
@@ -110,9 +198,9 @@ impl Conn {
             })?;
         match ready.recv() {
             Ok(Ok(())) => Ok(Conn { jobs }),
-            Ok(Err(e)) => Err(StoreError::Unavailable {
+            Ok(Err(reason)) => Err(StoreError::Unavailable {
                 location: location.to_owned(),
-                reason: reason(&e),
+                reason,
             }),
             Err(_) => Err(StoreError::Unavailable {
                 location: location.to_owned(),
@@ -240,7 +328,7 @@ impl PgStore {
     ) -> Result<PgTxn, StoreError> {
         let conn = PgStore::conn(writer, &self.location)?;
         permit.take();
-        // BEGIN goes with the transaction's first statement (one trip fewer). Read committed,
+        // BEGIN goes with the transaction's first read, in the same trip. Read committed,
         // with every record the core may change read `FOR UPDATE` (tables.rs): two nodes
         // touching the same job or device take turns, each seeing the other's commit, so
         // neither update is lost. A deadlock between two nodes fails one batch, whose senders
@@ -266,38 +354,37 @@ impl crate::gateway::tickets::SharedKeys for PgStore {
     ) -> Result<Option<Vec<u8>>, String> {
         let conn = PgStore::conn(&self.reader, &self.location).map_err(|e| e.to_string())?;
         let done = conn.call(move |s| -> Result<Option<Vec<u8>>, postgres::Error> {
-            let mut txn = s.client.transaction()?;
-            let current: Option<Vec<u8>> = txn
-                .query_opt(
-                    "SELECT keys FROM tls_ticket_keys WHERE name = 'tickets' FOR UPDATE",
-                    &[],
-                )?
-                .map(|r| r.try_get(0))
-                .transpose()?;
-            let Some(next) = update(current.as_deref()) else {
-                txn.commit()?;
-                return Ok(current);
-            };
-            // Two nodes making the first keys at once: the first insert wins, the other
-            // adopts it.
-            let written = txn.execute(
-                "INSERT INTO tls_ticket_keys (name, keys) VALUES ('tickets', $1)
+            s.client.in_transaction(|txn| {
+                let current: Option<Vec<u8>> = txn
+                    .query_opt(
+                        "SELECT keys FROM tls_ticket_keys WHERE name = 'tickets' FOR UPDATE",
+                        &[],
+                    )?
+                    .map(|r| r.try_get(0))
+                    .transpose()?;
+                let Some(next) = update(current.as_deref()) else {
+                    return Ok(current);
+                };
+                // Two nodes making the first keys at once: the first insert wins, the other
+                // adopts it.
+                let written = txn.execute(
+                    "INSERT INTO tls_ticket_keys (name, keys) VALUES ('tickets', $1)
                  ON CONFLICT (name) DO UPDATE SET keys = EXCLUDED.keys
                  WHERE tls_ticket_keys.keys = $2",
-                &[&next, &current.clone().unwrap_or_default()],
-            )?;
-            let stored = if written == 1 {
-                Some(next)
-            } else {
-                txn.query_opt(
-                    "SELECT keys FROM tls_ticket_keys WHERE name = 'tickets'",
-                    &[],
-                )?
-                .map(|r| r.try_get(0))
-                .transpose()?
-            };
-            txn.commit()?;
-            Ok(stored)
+                    &[&next, &current.clone().unwrap_or_default()],
+                )?;
+                let stored = if written == 1 {
+                    Some(next)
+                } else {
+                    txn.query_opt(
+                        "SELECT keys FROM tls_ticket_keys WHERE name = 'tickets'",
+                        &[],
+                    )?
+                    .map(|r| r.try_get(0))
+                    .transpose()?
+                };
+                Ok(stored)
+            })
         });
         match done {
             Some(r) => r.map_err(|e| e.to_string()),
@@ -444,8 +531,8 @@ impl Store for PgStore {
 /// back.
 ///
 /// Writes are held ([`combine`]) until the transaction's next read or its commit, and go to the
-/// connection's thread together with it: a batch of device reports makes a few trips, not one
-/// per row.
+/// server together with it, in one network trip ([`client::Client::pipeline`]): a batch of
+/// device reports makes a few trips, not one per row or per statement.
 pub struct PgTxn {
     conn: Arc<Conn>,
     permit: Arc<Permit>,
@@ -507,13 +594,13 @@ impl PgTxn {
         }
     }
 
-    /// Sends BEGIN if not yet sent and the held writes, then runs `last`, all in one trip to
-    /// the connection's thread.
-    fn send<R: Send + 'static>(
+    /// Sends BEGIN if not yet sent, the held writes and `asks`, all in one trip to the server
+    /// ([`client::Client::pipeline`]); returns each ask's rows, in order.
+    fn send(
         &self,
         op: &'static str,
-        last: impl FnOnce(&mut Session) -> Result<R, postgres::Error> + Send + 'static,
-    ) -> Result<R, StoreError> {
+        asks: Vec<Ask>,
+    ) -> Result<Vec<Vec<postgres::Row>>, StoreError> {
         if self.failed.get() {
             return Err(StoreError::Database {
                 op,
@@ -534,18 +621,7 @@ impl PgTxn {
         }
         let steps = combine::plan(held);
         let done = self.conn.call(move |s| {
-            let run = |s: &mut Session| {
-                if begin {
-                    s.client
-                        .batch_execute("BEGIN")
-                        .map_err(|e| ("begin a transaction", e))?;
-                }
-                for step in steps {
-                    step.run(s)?;
-                }
-                last(s).map_err(|e| (op, e))
-            };
-            let r = run(s);
+            let r = s.run(begin, &steps, &asks, op);
             if r.is_err() {
                 // A failed statement leaves the transaction refusing everything but its end:
                 // end it here, so the connection is ready for the next one.
@@ -595,11 +671,8 @@ impl PgTxn {
         sql: &'static str,
         params: Vec<P>,
     ) -> Result<Vec<postgres::Row>, StoreError> {
-        self.send(op, move |s| {
-            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(P::as_sql).collect();
-            let statement = s.statement(sql)?;
-            s.client.query(&statement, &refs)
-        })
+        let mut answers = self.send(op, vec![Ask::Rows { sql, params }])?;
+        Ok(answers.pop().unwrap_or_default())
     }
 
     /// Runs a query that writes and returns rows (`… RETURNING`).
@@ -625,7 +698,7 @@ impl PgTxn {
                     .into(),
             })
         } else if self.begun.get() || !self.held.borrow().is_empty() {
-            self.send(op, move |s| s.client.batch_execute(sql))
+            self.send(op, vec![Ask::Command(sql)]).map(|_| ())
         } else {
             Ok(())
         };
@@ -767,6 +840,91 @@ mod tests {
         let txn = n2.begin().unwrap();
         let found = txn.journal("host:svc", 7).unwrap().unwrap();
         assert_eq!(found.outcome, JournalOutcome::Submission { job: job_id(1) });
+    }
+
+    /// Forwards one connection's bytes between a store and the server on loopback, counting the
+    /// reads that bring the store's requests: one per trip, however many statements it holds.
+    fn counting_proxy(server: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let bursts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = bursts.clone();
+        std::thread::spawn(move || {
+            for store in listener.incoming() {
+                let Ok(mut store) = store else { return };
+                let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", server)) else {
+                    return;
+                };
+                let (mut store_out, mut server_in) =
+                    (store.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut server_in, &mut store_out));
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = store.read(&mut buf) {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        if server.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = server.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        (port, bursts)
+    }
+
+    /// A transaction's statements go to the server in as many trips as the transaction reads,
+    /// plus its commit: BEGIN rides with the first read, the writes held with the next one.
+    #[test]
+    fn a_transaction_sends_its_statements_together_one_trip_per_read_and_one_to_commit() {
+        use crate::store::{DeviceRecord, Store};
+        use std::sync::atomic::Ordering;
+        if !on_postgres() {
+            return; // The PostgreSQL store only.
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = testing::postgres_database(dir.path());
+        super::migrate(&url).unwrap();
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let server = config.get_ports()[0];
+        let (proxy, bursts) = counting_proxy(server);
+        let store = super::PgStore::open(&url.replace(
+            &format!("127.0.0.1:{server}/"),
+            &format!("127.0.0.1:{proxy}/"),
+        ))
+        .unwrap();
+        let serials = ["C1", "C2"].map(|s| protocol::Serial::parse(s).unwrap());
+        let once = |round: i64| {
+            let mut txn = store.begin().unwrap();
+            // BEGIN and three reads (windows, records, presence).
+            txn.warm_devices(&["C1", "C2"]).unwrap();
+            for serial in &serials {
+                let record = DeviceRecord {
+                    state: Default::default(),
+                    last_seen: chrono::DateTime::from_timestamp(round, 0).unwrap(),
+                };
+                txn.put_device(serial, &record).unwrap();
+            }
+            // The writes held, and a read.
+            assert!(txn.journal("host:svc", 7).unwrap().is_none());
+            assert!(txn.commit().unwrap());
+        };
+        // The first round prepares each statement on the connection (a trip each, once).
+        once(1);
+        let before = bursts.load(Ordering::SeqCst);
+        once(2);
+        let trips = bursts.load(Ordering::SeqCst) - before;
+        // One statement a trip, it would be seven: BEGIN, three reads, the writes, a read, COMMIT.
+        assert_eq!(trips, 3, "trips the second transaction took");
+        let txn = store.begin().unwrap();
+        let seen = txn
+            .device(&serials[1])
+            .unwrap()
+            .map(|d| d.last_seen.timestamp());
+        assert_eq!(seen, Some(2), "the held writes were committed");
     }
 
     fn reading(serial: &str, at_ms: i64) -> protocol::meter::CounterReading {

@@ -205,10 +205,11 @@ pub(crate) fn migrate_to(url: &str, version: i32) -> Result<(i32, i32), StoreErr
             reason: format!("step {step} → {to}: {reason}"),
         };
         let done = conn.call(move |s| -> Result<(), postgres::Error> {
-            let mut txn = s.client.transaction()?;
-            txn.batch_execute(sql)?;
-            txn.execute("UPDATE chukei_schema SET version = $1", &[&to])?;
-            txn.commit()
+            s.client.in_transaction(|txn| {
+                txn.batch_execute(sql)?;
+                txn.execute("UPDATE chukei_schema SET version = $1", &[&to])?;
+                Ok(())
+            })
         });
         match done {
             Some(Ok(())) => {}

@@ -1,7 +1,6 @@
 //! The store's tables ([`crate::store::interface`]) in SQL: the same records and the same
 //! answers as the embedded store, the indexes kept by PostgreSQL.
 
-use postgres::types::{ToSql, Type};
 use protocol::alarm::AlarmView;
 use protocol::artifact::{ArtifactId, ArtifactInfo};
 use protocol::data::DeviceData;
@@ -84,6 +83,13 @@ const JOURNAL_UPSERT: &str = "INSERT INTO journal (sender, msg_id, entry) VALUES
 /// another node while the first was slow) would both do it; a plain INSERT makes the second
 /// commit fail on the key instead, and its batch is resent and answered from the first's entry.
 const JOURNAL_INSERT: &str = "INSERT INTO journal (sender, msg_id, entry) VALUES ($1, $2, $3)";
+/// The answers of a trip that asked three reads, in their order (none missing: each ask has
+/// its answer, or the trip failed).
+fn three(answers: Vec<Vec<postgres::Row>>) -> [Vec<postgres::Row>; 3] {
+    let mut answers = answers.into_iter();
+    [(); 3].map(|()| answers.next().unwrap_or_default())
+}
+
 impl PgTxn {
     /// Bumps a counter in `meta` and returns its new value. The row stays locked until the
     /// transaction ends, so two nodes allocating at once take turns, and a rolled-back
@@ -158,13 +164,14 @@ impl PgTxn {
         if wanted.is_empty() {
             return Ok(());
         }
-        let who = sender.to_owned();
-        let list = wanted.clone();
-        let rows = self.send("read the journal", move |s| {
-            let params: [(&(dyn ToSql + Sync), Type); 2] =
-                [(&who, Type::TEXT), (&list, Type::INT8_ARRAY)];
-            by_keys(s, READ_JOURNAL, &params, list.len())
-        })?;
+        let params = vec![P::Text(sender.to_owned()), P::I64List(wanted.clone())];
+        let rows = self
+            .send(
+                "read the journal",
+                vec![by_keys(READ_JOURNAL, params, wanted.len())],
+            )?
+            .pop()
+            .unwrap_or_default();
         let mut found: std::collections::HashMap<i64, Vec<u8>> = rows
             .iter()
             .map(|r| Ok((col::<i64>(r, 0)?, col::<Vec<u8>>(r, 1)?)))
@@ -200,15 +207,9 @@ impl PgTxn {
         if wanted.is_empty() {
             return Ok(());
         }
-        let list = wanted.clone();
-        let [records, events, reports] = self.send("read jobs", move |s| {
-            let mut out: [Vec<postgres::Row>; 3] = Default::default();
-            let reads = [READ_JOBS, READ_JOB_EVENTS, READ_REPORTS];
-            for (rows, sql) in out.iter_mut().zip(reads) {
-                *rows = by_keys(s, sql, &[(&list, Type::INT8_ARRAY)], list.len())?;
-            }
-            Ok(out)
-        })?;
+        let reads = [READ_JOBS, READ_JOB_EVENTS, READ_REPORTS]
+            .map(|sql| by_keys(sql, vec![P::I64List(wanted.clone())], wanted.len()));
+        let [records, events, reports] = three(self.send("read jobs", reads.into())?);
         let by_number = |rows: &[postgres::Row]| -> Result<std::collections::HashMap<u64, Vec<u8>>, StoreError> {
             rows.iter().map(|r| Ok((u(r, 0)?, col::<Vec<u8>>(r, 1)?))).collect()
         };
@@ -316,14 +317,8 @@ impl PgTxn {
             return Ok(());
         }
         const READS: [&str; 3] = [READ_WINDOWS, READ_DEVICES, READ_PRESENCE];
-        let list = wanted.clone();
-        let [windows, records, presence] = self.send("read devices", move |s| {
-            let mut out: [Vec<postgres::Row>; 3] = Default::default();
-            for (rows, sql) in out.iter_mut().zip(READS) {
-                *rows = by_keys(s, sql, &[(&list, Type::TEXT_ARRAY)], list.len())?;
-            }
-            Ok(out)
-        })?;
+        let reads = READS.map(|sql| by_keys(sql, vec![P::TextList(wanted.clone())], wanted.len()));
+        let [windows, records, presence] = three(self.send("read devices", reads.into())?);
         let pairs = |rows: &[postgres::Row]| -> Result<Vec<(String, Vec<u8>)>, StoreError> {
             rows.iter().map(|r| Ok((col(r, 0)?, col(r, 1)?))).collect()
         };

@@ -10,7 +10,7 @@
 //! certificate file given where the mode does not use it is refused, not ignored.
 
 use pki::cluster::{ClientIdentity, ServerCheck};
-use postgres::config::{Host, SslMode};
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::StoreError;
@@ -70,7 +70,7 @@ struct TlsParams {
 /// A parsed connection string: what the `postgres` client connects with, and its TLS.
 #[derive(Clone)]
 pub(crate) struct Target {
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     tls: Option<MakeRustlsConnect>,
     mode: Mode,
     /// Hosts and database, never a password: for logs and errors.
@@ -86,7 +86,7 @@ impl Target {
             reason,
         };
         let (rest, params) = take_tls_params(url).map_err(refused)?;
-        let mut config: postgres::Config = rest.parse().map_err(|e: postgres::Error| {
+        let mut config: tokio_postgres::Config = rest.parse().map_err(|e: postgres::Error| {
             refused(format!("not a PostgreSQL connection string: {e}"))
         })?;
         let mode = match &params.mode {
@@ -115,12 +115,10 @@ impl Target {
         })
     }
 
-    /// A new connection (blocking; the caller's thread must not run a Tokio runtime).
-    pub(crate) fn connect(&self) -> Result<postgres::Client, postgres::Error> {
-        match &self.tls {
-            Some(tls) => self.config.connect(tls.clone()),
-            None => self.config.connect(postgres::NoTls),
-        }
+    /// A new connection (blocking; the caller's thread must not run a Tokio runtime); the
+    /// error says why it failed.
+    pub(crate) fn connect(&self) -> Result<super::client::Client, String> {
+        super::client::Client::connect(&self.config, self.tls.as_ref())
     }
 
     pub(crate) fn mode(&self) -> Mode {
@@ -253,7 +251,7 @@ fn take_tls_params(url: &str) -> Result<(String, TlsParams), String> {
 }
 
 /// Where a store is, for logs: hosts and database, never a password.
-fn describe(config: &postgres::Config) -> String {
+fn describe(config: &tokio_postgres::Config) -> String {
     let hosts: Vec<String> = config
         .get_hosts()
         .iter()

@@ -3,6 +3,12 @@
 
 use crate::{Proc, TestEnv, deadline};
 
+/// How many ports a server is tried on before a test gives up (each taken meanwhile).
+const PORT_TRIES: usize = 5;
+
+/// What nats-server logs when its port is bound already.
+const ADDRESS_IN_USE: &str = "address already in use";
+
 /// One running server. Derefs to its [`Proc`] (`kill9`, `stop`, logs).
 pub struct Nats {
     proc: Proc,
@@ -99,24 +105,60 @@ impl Nats {
     }
 
     async fn start_with(env: &TestEnv, name: &str, port: Option<u16>, extra: &[String]) -> Nats {
-        let port = port.unwrap_or_else(crate::postgres::free_port);
+        match port {
+            Some(port) => Nats::start_picking(env, name, || port, 1, extra).await,
+            None => {
+                Nats::start_picking(env, name, crate::postgres::free_port, PORT_TRIES, extra).await
+            }
+        }
+    }
+
+    /// Starts a server on a port `pick` chooses; while the server says the port was taken
+    /// meanwhile (another test's server bound it between `pick` and the start), on the next one
+    /// picked, up to `tries` in all.
+    async fn start_picking(
+        env: &TestEnv,
+        name: &str,
+        mut pick: impl FnMut() -> u16,
+        tries: usize,
+        extra: &[String],
+    ) -> Nats {
         let program = engines::nats::program().unwrap_or_else(|e| panic!("{e}"));
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .args(extra);
-        let proc = Proc::spawn(
-            format!("nats-{name}"),
-            cmd,
-            env.path(format!("nats-{name}.log")),
-        );
-        proc.wait_for_log("Server is ready", deadline()).await;
-        Nats {
-            proc,
-            port,
-            name: name.to_owned(),
-            args: extra.to_vec(),
-            starts: 1,
-            monitor: None,
+        let mut attempt = 1;
+        loop {
+            let port = pick();
+            let log_name = match attempt {
+                1 => format!("nats-{name}"),
+                n => format!("nats-{name}-port-try-{n}"),
+            };
+            let mut cmd = tokio::process::Command::new(&program);
+            cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                .args(extra);
+            let proc = Proc::spawn(log_name.clone(), cmd, env.path(format!("{log_name}.log")));
+            let client_port_taken = format!("127.0.0.1:{port}: bind: {ADDRESS_IN_USE}");
+            let line = proc
+                .wait_for_line(
+                    "\"Server is ready\" or that its port is taken",
+                    deadline(),
+                    |l| l.contains("Server is ready") || l.contains(&client_port_taken),
+                )
+                .await;
+            if !line.contains("Server is ready") && attempt < tries {
+                attempt += 1;
+                continue;
+            }
+            assert!(
+                line.contains("Server is ready"),
+                "nats-server could not listen on port {port}: {line}"
+            );
+            return Nats {
+                proc,
+                port,
+                name: name.to_owned(),
+                args: extra.to_vec(),
+                starts: 1,
+                monitor: None,
+            };
         }
     }
 
@@ -153,5 +195,33 @@ impl std::ops::Deref for Nats {
 impl std::ops::DerefMut for Nats {
     fn deref_mut(&mut self) -> &mut Proc {
         &mut self.proc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port taken between the pick and the start (another test's server got it first): the
+    /// server says so, and starts on the next port picked. Needs Debian's `nats-server`
+    /// (`scripts/test` installs it).
+    #[tokio::test]
+    async fn a_server_whose_port_was_taken_meanwhile_starts_on_another() {
+        let env = TestEnv::new("nats-port-taken");
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        let mut picks = vec![taken_port];
+        let pick = || picks.pop().unwrap_or_else(crate::postgres::free_port);
+        let nats = Nats::start_picking(&env, "bus", pick, PORT_TRIES, &[]).await;
+        assert_ne!(nats.port(), taken_port);
+        let first = std::fs::read_to_string(env.path("nats-bus.log")).unwrap();
+        assert!(
+            first.contains(ADDRESS_IN_USE),
+            "the first start failed for the taken port: {first}"
+        );
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", nats.port())).is_ok(),
+            "the server takes connections on the port it got"
+        );
     }
 }

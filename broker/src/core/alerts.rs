@@ -204,10 +204,7 @@ impl Core {
             logs.push((serial, alarms.len() as u64 + digest.more, n));
             queued += n;
         }
-        let started = std::time::Instant::now();
-        if txn.commit()? {
-            self.count_commit(started.elapsed(), 0);
-        }
+        self.commit_counted(txn, 0)?;
         // One line per device per coalescing window at most.
         for (serial, alarms, notifications) in logs {
             info!(serial = %Shown(&serial), alarms, notifications, "alarm notifications queued");

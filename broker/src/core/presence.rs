@@ -242,11 +242,7 @@ impl Core {
         }
         let done = std::mem::take(&mut p.done);
         let (out, _) = self.finish(&mut *txn, p, now)?;
-        let started = std::time::Instant::now();
-        if txn.commit()? {
-            self.count_commit(started.elapsed(), 0);
-            self.storage_committed();
-        }
+        self.commit_counted(txn, 0)?;
         for d in done {
             d.log(self);
         }

@@ -96,14 +96,25 @@ fn a_fatal_alarm_is_stored_once_retained_progressed_and_cleared() {
         0,
         "its webhook waits for the coalescing window"
     );
+    let commits = core.commits();
     core.notify_due(t(9, 1)).unwrap();
     assert_eq!(queue_len(&core), 0);
+    assert_eq!(
+        core.commits(),
+        commits,
+        "no window closed, nothing committed"
+    );
     core.notify_due(t(9, 1) + chrono::Duration::seconds(5))
         .unwrap();
     assert_eq!(
         queue_len(&core),
         1,
         "the webhook is queued once the window closes"
+    );
+    assert_eq!(
+        core.commits(),
+        commits + 1,
+        "the digest's commit is counted"
     );
 
     // A resend is a duplicate; a new report of the same active code is the same emergency.
@@ -255,7 +266,13 @@ fn presence_follows_sessions_and_a_late_periodic_device_is_overdue_until_it_chec
     assert_eq!(view.due_by, Some(t(9, 13)));
 
     assert!(core.overdue(t(9, 12)).unwrap().is_empty(), "not yet");
+    let commits = core.commits();
     let out = core.overdue(t(9, 13)).unwrap();
+    assert_eq!(
+        core.commits(),
+        commits + 1,
+        "the overdue alarm's commit is counted"
+    );
     assert_eq!(state_view(&out, "P1").presence, Presence::Overdue);
     let a = &alarm_state(&out, "P1").unwrap().alarms[0];
     assert_eq!((a.code.as_str(), a.raised_at), ("overdue", t(9, 13)));

@@ -84,6 +84,11 @@ impl Postgres {
         })
     }
 
+    /// The port the primary listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.0.port()
+    }
+
     /// The postmaster and its children (a backend per connection, the WAL writer, …).
     pub fn pids(&self) -> Vec<u32> {
         let Some(main) = self.0.main_pid() else {

@@ -6,6 +6,7 @@
 //! JSON object on stdout. See bench/RESULTS.md for the figures on this machine.
 
 mod client;
+mod delay;
 mod engines;
 mod fleet;
 mod hist;
@@ -171,6 +172,10 @@ enum Command {
         /// (sslmode=verify-full and certificate login; NATS --tlsverify), as across a network.
         #[arg(long)]
         tls: bool,
+        /// Microseconds the nodes' connections to PostgreSQL are held each way, as across a
+        /// network (a relay in the bench adds them; 250 makes a round trip 0.5 ms longer).
+        #[arg(long, default_value_t = 0)]
+        db_delay_us: u64,
         #[arg(long, default_value_t = 10_000)]
         fanout: u32,
         /// Closed-loop devices per node in the max phase.
@@ -349,6 +354,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             rate,
             standby,
             tls,
+            db_delay_us,
             fanout,
             max_devices_per_node,
             window,
@@ -365,6 +371,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     rate,
                     standby,
                     tls,
+                    db_delay: std::time::Duration::from_micros(db_delay_us),
                     fanout,
                     max_devices_per_node,
                     window,

@@ -40,6 +40,8 @@ pub struct Params {
     pub standby: bool,
     /// The nodes' links to PostgreSQL and NATS over TLS, certificates both ways.
     pub tls: bool,
+    /// Added each way on the nodes' connections to PostgreSQL (not the standby's).
+    pub db_delay: std::time::Duration,
     pub fanout: u32,
     /// Closed-loop devices per node in the max phase, and what each keeps unacked.
     pub max_devices_per_node: u32,
@@ -94,7 +96,7 @@ pub async fn run(env: &Env, targets: &[Target], p: Params) -> anyhow::Result<Val
         "cluster",
         json!({
             "nodes": p.nodes, "devices_per_node": p.per_node, "secs": p.secs,
-            "paced_rate_per_s": p.rate, "synchronous_standby": p.standby, "tls_to_engines": p.tls, "fanout": p.fanout,
+            "paced_rate_per_s": p.rate, "synchronous_standby": p.standby, "tls_to_engines": p.tls, "db_delay_us": p.db_delay.as_micros() as u64, "fanout": p.fanout,
             "max_devices_per_node": p.max_devices_per_node, "window": p.window,
             "alarm_samples": p.alarm_samples, "alarm_interval_ms": p.alarm_interval_ms,
             "engines": "PostgreSQL (fsync, synchronous_commit on) and 3 nats-server joined by routes, on this machine",
@@ -161,6 +163,13 @@ impl Cluster {
             "broker db migrate: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let url = if p.db_delay.is_zero() {
+            url
+        } else {
+            let direct = format!("127.0.0.1:{}/", pg.port());
+            let relay = crate::delay::start(([127, 0, 0, 1], pg.port()).into(), p.db_delay)?;
+            url.replace(&direct, &format!("127.0.0.1:{}/", relay.port()))
+        };
         let buses = nats.urls();
         let mut nodes = Vec::new();
         let mut metrics = Vec::new();

@@ -10,9 +10,9 @@
 //! worker and the metrics endpoint from tasks on the runtime). The connection's client
 //! ([`client`]) blocks on a runtime of its own, which must not run inside another; so each
 //! connection lives on a thread of its own ([`Conn`]) and every statement is a closure sent to
-//! it. A writer connection carries
-//! the transactions, one at a time as on redb; a second writer carries devices' alarms beside it
-//! ([`Store::begin_alarms`]); a third connection reads the metrics' counts.
+//! it. A writer connection carries the transactions, one at a time as on redb; a second writer
+//! carries devices' alarms beside it ([`Store::begin_alarms`]); a third connection reads the
+//! metrics' counts.
 
 mod batch_reads;
 mod client;

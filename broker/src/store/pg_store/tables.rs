@@ -83,6 +83,7 @@ const JOURNAL_UPSERT: &str = "INSERT INTO journal (sender, msg_id, entry) VALUES
 /// another node while the first was slow) would both do it; a plain INSERT makes the second
 /// commit fail on the key instead, and its batch is resent and answered from the first's entry.
 const JOURNAL_INSERT: &str = "INSERT INTO journal (sender, msg_id, entry) VALUES ($1, $2, $3)";
+
 /// The answers of a trip that asked three reads, in their order (none missing: each ask has
 /// its answer, or the trip failed).
 fn three(answers: Vec<Vec<postgres::Row>>) -> [Vec<postgres::Row>; 3] {

@@ -1,9 +1,9 @@
 //! Where the cluster database is and how a node reaches it, from one connection string.
 //!
-//! The `postgres` client parses libpq's settings but leaves TLS to its caller, and knows
-//! `sslmode` only as disable, prefer and require. So a node takes libpq's TLS settings out of
-//! the URL itself — `sslmode=verify-ca|verify-full`, `sslrootcert`, `sslcert`, `sslkey` — and
-//! the string an operator tries with `psql` is the one the node is given.
+//! The PostgreSQL client (`tokio-postgres`) parses libpq's settings but leaves TLS to its
+//! caller, and knows `sslmode` only as disable, prefer and require. So a node takes libpq's TLS
+//! settings out of the URL itself — `sslmode=verify-ca|verify-full`, `sslrootcert`, `sslcert`,
+//! `sslkey` — and the string an operator tries with `psql` is the one the node is given.
 //!
 //! Stricter than libpq in one way: a node never tries TLS it was not asked for (`prefer`, the
 //! default, connects in the clear, as with libpq against a server without TLS), and a
@@ -67,7 +67,7 @@ struct TlsParams {
     key: Option<String>,
 }
 
-/// A parsed connection string: what the `postgres` client connects with, and its TLS.
+/// A parsed connection string: what the client connects with, and its TLS.
 #[derive(Clone)]
 pub(crate) struct Target {
     config: tokio_postgres::Config,
@@ -198,7 +198,7 @@ fn tls_config(mode: Mode, params: &TlsParams) -> Result<Option<rustls::ClientCon
         .map_err(|e| e.to_string())
 }
 
-/// Splits libpq's TLS settings off a URL's query; the rest is for the `postgres` client.
+/// Splits libpq's TLS settings off a URL's query; the rest is for the client.
 /// `key=value` strings pass through untouched (the client refuses the file settings there
 /// with "unknown option", which [`Target::parse`] explains).
 fn take_tls_params(url: &str) -> Result<(String, TlsParams), String> {

@@ -20,7 +20,7 @@ use protocol::{HostId, Role, topic};
 use serde_json::{Map, Value, json};
 
 use super::fanout::submit_all;
-use super::tree::{sample, scrape, until, with_args};
+use super::tree::{sample, sample_f64, scrape, until, with_args};
 use super::{Env, chukei_only, report};
 use crate::client::Conn;
 use crate::engines::{Nats, Postgres};
@@ -325,6 +325,52 @@ async fn drain(mut fleets: Vec<Fleet>) -> anyhow::Result<(Hist, u64)> {
 }
 
 /// A meter over the load processes of `fleets`: the machine they share with the relays.
+/// The nodes' commits over a phase, from their metrics: how many, the messages each carried and
+/// how long each took, to tell whether a change made batches smaller or commits slower.
+struct CommitMeter {
+    metrics: Vec<std::net::SocketAddr>,
+    start: Vec<[f64; 3]>,
+}
+
+impl CommitMeter {
+    async fn start(metrics: &[std::net::SocketAddr]) -> anyhow::Result<Self> {
+        let mut start = Vec::new();
+        for &m in metrics {
+            start.push(commit_counts(&scrape(m).await?));
+        }
+        Ok(Self {
+            metrics: metrics.to_vec(),
+            start,
+        })
+    }
+
+    /// Commits per second, messages per commit and the mean commit time, summed over the nodes.
+    async fn read(self, secs: u64) -> anyhow::Result<Value> {
+        let mut total = [0.0; 3];
+        for (m, before) in self.metrics.iter().zip(&self.start) {
+            let now = commit_counts(&scrape(*m).await?);
+            for i in 0..3 {
+                total[i] += now[i] - before[i];
+            }
+        }
+        let [commits, messages, commit_secs] = total;
+        Ok(json!({
+            "commits_per_s": r2(commits / secs.max(1) as f64),
+            "messages_per_commit": r2(messages / commits.max(1.0)),
+            "commit_ms_mean": r2(commit_secs * 1e3 / commits.max(1.0)),
+        }))
+    }
+}
+
+/// A node's commits, messages and seconds spent committing, so far.
+fn commit_counts(metrics: &str) -> [f64; 3] {
+    [
+        sample_f64(metrics, "chukei_redb_commit_seconds_count"),
+        sample_f64(metrics, "chukei_messages_total"),
+        sample_f64(metrics, "chukei_redb_commit_seconds_sum"),
+    ]
+}
+
 fn load_meter(fleets: &[Fleet]) -> CpuMeter {
     CpuMeter::of(fleets.iter().flat_map(Fleet::pids).collect())
 }
@@ -362,9 +408,11 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (a0, meters, load) = (acked(&fleets), cluster.meters(), load_meter(&fleets));
+    let commits = CommitMeter::start(&cluster.metrics).await?;
     tokio::time::sleep(Duration::from_secs(p.secs)).await;
     let max_reports = (acked(&fleets) - a0) as f64;
     let max_cpu = cpu_json(meters, load, max_reports);
+    let max_commits = commits.read(p.secs).await?;
     let (max_latency, max_rejected) = drain(fleets).await?;
     cluster.settle()?;
 
@@ -383,6 +431,7 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (a0, meters, load) = (acked(&fleets), cluster.meters(), load_meter(&fleets));
+    let commits = CommitMeter::start(&cluster.metrics).await?;
     let alarm_at = cluster.nodes[1 % cluster.nodes.len()].endpoint;
     let host_at = cluster.nodes[0].endpoint;
     let (alarms, ()) = tokio::join!(
@@ -398,6 +447,7 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
     );
     let paced_reports = (acked(&fleets) - a0) as f64;
     let paced_cpu = cpu_json(meters, load, paced_reports);
+    let paced_commits = commits.read(p.secs).await?;
     let (host_alarms, integrator_alarms) = alarms?;
     let (paced_latency, paced_rejected) = drain(fleets).await?;
 
@@ -463,6 +513,7 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
             "ack_latency": max_latency.summary_ms(),
             "rejected": max_rejected,
             "cpu": max_cpu,
+            "commits": max_commits,
         },
         "paced": {
             "devices": total,
@@ -472,6 +523,7 @@ async fn one(env: &Env, target: &Target, p: &Params, engines: bool) -> anyhow::R
             "ack_latency": paced_latency.summary_ms(),
             "rejected": paced_rejected,
             "cpu": paced_cpu,
+            "commits": paced_commits,
             "alarm_node1_to_host_node0": host_alarms.summary_ms(),
             "alarm_node1_to_integrator_node0": integrator_alarms.summary_ms(),
         },

@@ -67,6 +67,11 @@ pub(super) async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
 
 /// The value of the first sample named `name` (labels included, e.g. `chukei_jobs{status="succeeded"}`).
 pub(super) fn sample(text: &str, name: &str) -> u64 {
+    sample_f64(text, name) as u64
+}
+
+/// [`sample`] for a value that is not a count (a sum of seconds); 0 when absent.
+pub(super) fn sample_f64(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
@@ -74,7 +79,7 @@ pub(super) fn sample(text: &str, name: &str) -> u64 {
                 .and_then(|rest| rest.strip_prefix(' '))
                 .and_then(|v| v.trim().parse::<f64>().ok())
         })
-        .map_or(0, |v| v as u64)
+        .unwrap_or(0.0)
 }
 
 /// Polls the relay's metrics at `addr` until `ok`, at most `within`; the time it took.

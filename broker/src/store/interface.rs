@@ -109,25 +109,36 @@ pub trait Txn:
         false
     }
 
-    /// Says which devices' messages the transaction is about to handle, so that a store across
-    /// a network can read (and lock) their records and seen ids together rather than one by
-    /// one. Only a hint: an embedded store has nothing to gain and ignores it.
+    /// Says what a batch is about to read, so that a store across a network can read (and
+    /// lock) it together rather than one row at a time. Only a hint: an embedded store has
+    /// nothing to gain and ignores it.
+    fn warm(&mut self, hints: &Hints) -> Result<(), StoreError> {
+        let _ = hints;
+        Ok(())
+    }
+
+    /// [`Txn::warm`] for devices only (their seen ids, records and presence).
     fn warm_devices(&mut self, serials: &[&str]) -> Result<(), StoreError> {
         let _ = serials;
         Ok(())
     }
+}
 
-    /// Likewise for jobs (their records, events and reports), by number.
-    fn warm_jobs(&mut self, numbers: &[u64]) -> Result<(), StoreError> {
-        let _ = numbers;
-        Ok(())
-    }
-
-    /// Likewise for a sender's journal entries, by message id.
-    fn warm_journal(&mut self, sender: &str, ids: &[MsgId]) -> Result<(), StoreError> {
-        let _ = (sender, ids);
-        Ok(())
-    }
+/// What a batch is about to read ([`Txn::warm`]).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Hints {
+    /// Devices whose messages the batch handles, or that a submission names: their seen ids,
+    /// records and presence.
+    pub devices: Vec<String>,
+    /// Jobs devices report on: their records, events and reports.
+    pub jobs: Vec<u64>,
+    /// Journal entries by sender (a host's identity), by message id.
+    pub journal: BTreeMap<String, Vec<MsgId>>,
+    /// Devices that sent an alarm: their active alarms and overflow record.
+    pub alarms: Vec<String>,
+    /// Whether one of those alarms may be a new one (raised or in progress, not cleared): the
+    /// store may take the alarm counter with the reads.
+    pub raises_alarms: bool,
 }
 
 /// Counts for the Prometheus endpoint.

@@ -28,7 +28,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use interface::{
-    AlarmTables, ArtifactTables, DeviceTables, JobTables, JournalTables, NotificationTables,
+    AlarmTables, ArtifactTables, DeviceTables, Hints, JobTables, JournalTables, NotificationTables,
     PresenceTables, ReadingTables, RolloutTables, Store, StoreStats, Txn, UplinkTables,
 };
 pub use pg_store::PgStore;

@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use super::{RedbStore, Store};
 
@@ -39,6 +40,56 @@ pub(crate) fn postgres_store(dir: &Path) -> super::PgStore {
     let url = postgres_database(dir);
     super::pg_store::migrate(&url).expect("migrate the test database");
     super::PgStore::open(&url).expect("open the test database")
+}
+
+/// [`postgres_store`] reached through a relay on loopback that counts the store's trips: the
+/// reads that bring its requests, one per trip however many statements it holds.
+pub(crate) fn postgres_store_counting_trips(dir: &Path) -> (super::PgStore, Arc<AtomicUsize>) {
+    let url = postgres_database(dir);
+    super::pg_store::migrate(&url).expect("migrate the test database");
+    let config: tokio_postgres::Config = url.parse().expect("the test database's URL");
+    let server = config.get_ports()[0];
+    let (proxy, trips) = counting_proxy(server);
+    let store = super::PgStore::open(&url.replace(
+        &format!("127.0.0.1:{server}/"),
+        &format!("127.0.0.1:{proxy}/"),
+    ))
+    .expect("open the test database through the counting relay");
+    (store, trips)
+}
+
+/// Forwards one connection's bytes between a store and the server on loopback, counting the
+/// reads that bring the store's requests: one per trip, however many statements it holds.
+fn counting_proxy(server: u16) -> (u16, Arc<AtomicUsize>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bursts = Arc::new(AtomicUsize::new(0));
+    let counted = bursts.clone();
+    std::thread::spawn(move || {
+        for store in listener.incoming() {
+            let Ok(mut store) = store else { return };
+            let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", server)) else {
+                return;
+            };
+            let (mut store_out, mut server_in) =
+                (store.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut server_in, &mut store_out));
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = store.read(&mut buf) {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    if server.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                let _ = server.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (port, bursts)
 }
 
 /// The URL of a database named after `dir`, created the first time, with whatever schema it

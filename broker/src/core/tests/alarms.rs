@@ -979,3 +979,53 @@ fn a_chatty_device_moves_its_last_seen_once_a_resolution_and_its_sessions_always
         assert_eq!(state_view(&out, "C1").last_seen, at(secs));
     }
 }
+
+/// On PostgreSQL, a batch's reads are named before it is handled and sent together: a device's
+/// new alarm reads its seen ids, record and presence, its active alarms with their records, its
+/// overflow record and the alarm counter in the trip that begins the transaction; the writes
+/// go with the commit. (Without the hints it took eight trips.)
+#[test]
+fn on_postgres_a_new_alarm_reads_its_device_and_alarm_rows_in_the_trip_that_begins() {
+    use std::sync::atomic::Ordering;
+    if !crate::store::testing::on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (store, trips) = crate::store::testing::postgres_store_counting_trips(dir.path());
+    let core = Core::with_store(Arc::new(store), settings());
+    // Each statement is prepared on the connection the first time it runs: a device of its
+    // own raises and clears an alarm first, so the batch counted below prepares nothing.
+    for (id, event) in [(1, FaultEvent::Raised), (2, FaultEvent::Cleared)] {
+        core.handle_alarms(vec![alarm_msg("W1", id, "SC-541", event, t(9, 0))], t(9, 0))
+            .unwrap();
+    }
+    core.handle_alarms(
+        vec![alarm_msg("C1", 1, "SC-100", FaultEvent::Raised, t(9, 0))],
+        t(9, 0),
+    )
+    .unwrap();
+
+    let before = trips.load(Ordering::SeqCst);
+    let out = core
+        .handle_alarms(
+            vec![alarm_msg("C1", 2, "SC-541", FaultEvent::Raised, t(9, 1))],
+            t(9, 1),
+        )
+        .unwrap();
+    let taken = trips.load(Ordering::SeqCst) - before;
+
+    assert_eq!(acks(&out, "C1")[0].outcome, AckOutcome::Stored);
+    let codes: Vec<String> = alarm_state(&out, "C1")
+        .unwrap()
+        .alarms
+        .into_iter()
+        .map(|a| a.code)
+        .collect();
+    assert_eq!(
+        codes,
+        ["SC-100", "SC-541"],
+        "the view lists the alarm raised before too"
+    );
+    // BEGIN with every read the batch named, then the writes with COMMIT.
+    assert_eq!(taken, 2, "trips the alarm's batch took");
+}

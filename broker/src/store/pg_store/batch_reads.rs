@@ -32,6 +32,14 @@ pub(super) const READ_DEVICES: &str =
 pub(super) const READ_PRESENCE: &str =
     "SELECT serial, record FROM presence WHERE serial = ANY($1) ORDER BY serial FOR UPDATE";
 
+pub(super) const READ_ACTIVE_ALARMS: &str =
+    "SELECT serial, code, number FROM active_alarms WHERE serial = ANY($1)";
+pub(super) const READ_ACTIVE_ALARM_RECORDS: &str = "SELECT number, alarm FROM alarms
+     WHERE number IN (SELECT number FROM active_alarms WHERE serial = ANY($1))
+     ORDER BY number FOR UPDATE";
+pub(super) const READ_ALARM_OVERFLOW: &str =
+    "SELECT serial, record FROM alarm_overflow WHERE serial = ANY($1) ORDER BY serial FOR UPDATE";
+
 /// Lists longer than this are planned for themselves at each read. A paced fleet's batches hold a
 /// few keys, and planning would be most of their read; a list this long comes from a batch of
 /// many messages (or a fleet reconnecting), where one plan is small beside the rows it reads.

@@ -22,6 +22,7 @@ pub mod nodes;
 mod schema;
 mod tables;
 mod target;
+mod warm;
 
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -563,6 +564,12 @@ pub(crate) struct Cache {
     /// Journal entries by sender and message id.
     pub(crate) journal: std::collections::HashMap<(String, u64), Option<Vec<u8>>>,
     pub(crate) counters: std::collections::HashMap<&'static str, Counter>,
+    /// Devices' active alarms, code to number, by serial: all of a device's, once read.
+    pub(crate) active_alarms:
+        std::collections::HashMap<String, std::collections::BTreeMap<String, u64>>,
+    /// Alarm records by number (read `FOR UPDATE`), and devices' overflow records by serial.
+    pub(crate) alarms: std::collections::HashMap<u64, Option<Vec<u8>>>,
+    pub(crate) alarm_overflow: std::collections::HashMap<String, Option<Vec<u8>>>,
 }
 
 /// A counter this transaction takes numbers from: the last it took, and whether the row does
@@ -722,16 +729,15 @@ impl Txn for PgTxn {
         true
     }
 
+    fn warm(&mut self, hints: &crate::store::Hints) -> Result<(), StoreError> {
+        self.warm_rows(hints)
+    }
+
     fn warm_devices(&mut self, serials: &[&str]) -> Result<(), StoreError> {
-        self.warm(serials)
-    }
-
-    fn warm_jobs(&mut self, numbers: &[u64]) -> Result<(), StoreError> {
-        self.warm_job_rows(numbers)
-    }
-
-    fn warm_journal(&mut self, sender: &str, ids: &[protocol::MsgId]) -> Result<(), StoreError> {
-        self.warm_journal_rows(sender, ids)
+        self.warm_rows(&crate::store::Hints {
+            devices: serials.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        })
     }
 }
 
@@ -842,40 +848,6 @@ mod tests {
         assert_eq!(found.outcome, JournalOutcome::Submission { job: job_id(1) });
     }
 
-    /// Forwards one connection's bytes between a store and the server on loopback, counting the
-    /// reads that bring the store's requests: one per trip, however many statements it holds.
-    fn counting_proxy(server: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        use std::io::{Read, Write};
-        use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let bursts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = bursts.clone();
-        std::thread::spawn(move || {
-            for store in listener.incoming() {
-                let Ok(mut store) = store else { return };
-                let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", server)) else {
-                    return;
-                };
-                let (mut store_out, mut server_in) =
-                    (store.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || std::io::copy(&mut server_in, &mut store_out));
-                let counted = counted.clone();
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 1 << 16];
-                    while let Ok(n @ 1..) = store.read(&mut buf) {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        if server.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                    let _ = server.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        });
-        (port, bursts)
-    }
-
     /// A transaction's statements go to the server in as many trips as the transaction reads,
     /// plus its commit: BEGIN rides with the first read, the writes held with the next one.
     #[test]
@@ -886,16 +858,7 @@ mod tests {
             return; // The PostgreSQL store only.
         }
         let dir = tempfile::tempdir().unwrap();
-        let url = testing::postgres_database(dir.path());
-        super::migrate(&url).unwrap();
-        let config: tokio_postgres::Config = url.parse().unwrap();
-        let server = config.get_ports()[0];
-        let (proxy, bursts) = counting_proxy(server);
-        let store = super::PgStore::open(&url.replace(
-            &format!("127.0.0.1:{server}/"),
-            &format!("127.0.0.1:{proxy}/"),
-        ))
-        .unwrap();
+        let (store, bursts) = testing::postgres_store_counting_trips(dir.path());
         let serials = ["C1", "C2"].map(|s| protocol::Serial::parse(s).unwrap());
         let once = |round: i64| {
             let mut txn = store.begin().unwrap();

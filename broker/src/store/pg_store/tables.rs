@@ -10,10 +10,6 @@ use protocol::meter::CounterReading;
 use protocol::relay::UplinkItem;
 use protocol::{MsgId, Seq, Serial, Timestamp};
 
-use super::batch_reads::{
-    READ_DEVICES, READ_JOB_EVENTS, READ_JOBS, READ_JOURNAL, READ_PRESENCE, READ_REPORTS,
-    READ_WINDOWS, by_keys,
-};
 use super::{Conn, P, PgTxn};
 use crate::store::records::StoredState;
 use crate::store::{
@@ -42,7 +38,7 @@ fn ms(t: Timestamp) -> P {
 }
 
 /// Column `i` of a row, or why it cannot be read as a `T` (a schema someone changed by hand).
-fn col<'a, T: postgres::types::FromSql<'a>>(
+pub(super) fn col<'a, T: postgres::types::FromSql<'a>>(
     row: &'a postgres::Row,
     i: usize,
 ) -> Result<T, StoreError> {
@@ -54,7 +50,7 @@ fn col<'a, T: postgres::types::FromSql<'a>>(
 }
 
 /// A `bigint` key column back as the u64 it was written from.
-fn u(row: &postgres::Row, i: usize) -> Result<u64, StoreError> {
+pub(super) fn u(row: &postgres::Row, i: usize) -> Result<u64, StoreError> {
     col::<i64>(row, i).map(|v| v as u64)
 }
 
@@ -66,7 +62,7 @@ fn serial_of(table: &'static str, key: String) -> Result<Serial, StoreError> {
     })
 }
 
-fn decode_seen_set(serial: &str, bytes: &[u8]) -> Result<seen::SeenSet, StoreError> {
+pub(super) fn decode_seen_set(serial: &str, bytes: &[u8]) -> Result<seen::SeenSet, StoreError> {
     seen::SeenSet::decode(bytes).ok_or_else(|| StoreError::Corrupt {
         table: "seen_by_device",
         key: serial.to_owned(),
@@ -83,13 +79,6 @@ const JOURNAL_UPSERT: &str = "INSERT INTO journal (sender, msg_id, entry) VALUES
 /// another node while the first was slow) would both do it; a plain INSERT makes the second
 /// commit fail on the key instead, and its batch is resent and answered from the first's entry.
 const JOURNAL_INSERT: &str = "INSERT INTO journal (sender, msg_id, entry) VALUES ($1, $2, $3)";
-
-/// The answers of a trip that asked three reads, in their order (none missing: each ask has
-/// its answer, or the trip failed).
-fn three(answers: Vec<Vec<postgres::Row>>) -> [Vec<postgres::Row>; 3] {
-    let mut answers = answers.into_iter();
-    [(); 3].map(|()| answers.next().unwrap_or_default())
-}
 
 impl PgTxn {
     /// Bumps a counter in `meta` and returns its new value. The row stays locked until the
@@ -153,89 +142,6 @@ impl PgTxn {
             .transpose()
     }
 
-    /// Reads `sender`'s journal entries of `ids` not read yet, in one statement.
-    pub(super) fn warm_journal_rows(&self, sender: &str, ids: &[MsgId]) -> Result<(), StoreError> {
-        let wanted: Vec<i64> = {
-            let cache = self.cache.borrow();
-            ids.iter()
-                .filter(|id| !cache.journal.contains_key(&(sender.to_owned(), **id)))
-                .map(|id| *id as i64)
-                .collect()
-        };
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        let params = vec![P::Text(sender.to_owned()), P::I64List(wanted.clone())];
-        let rows = self
-            .send(
-                "read the journal",
-                vec![by_keys(READ_JOURNAL, params, wanted.len())],
-            )?
-            .pop()
-            .unwrap_or_default();
-        let mut found: std::collections::HashMap<i64, Vec<u8>> = rows
-            .iter()
-            .map(|r| Ok((col::<i64>(r, 0)?, col::<Vec<u8>>(r, 1)?)))
-            .collect::<Result<_, StoreError>>()?;
-        let mut cache = self.cache.borrow_mut();
-        for id in wanted {
-            let entry = found.remove(&id);
-            cache
-                .journal
-                .entry((sender.to_owned(), id as u64))
-                .or_insert(entry);
-        }
-        Ok(())
-    }
-
-    /// Reads and locks the records of jobs `numbers` not read yet, with their events and
-    /// reports, in one trip (records in number order).
-    pub(super) fn warm_job_rows(&self, numbers: &[u64]) -> Result<(), StoreError> {
-        let mut wanted: Vec<i64> = {
-            let cache = self.cache.borrow();
-            numbers
-                .iter()
-                .filter(|n| {
-                    !cache.jobs.contains_key(n)
-                        || !cache.events.contains_key(n)
-                        || !cache.reports.contains_key(n)
-                })
-                .map(|n| *n as i64)
-                .collect()
-        };
-        wanted.sort_unstable();
-        wanted.dedup();
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        let reads = [READ_JOBS, READ_JOB_EVENTS, READ_REPORTS]
-            .map(|sql| by_keys(sql, vec![P::I64List(wanted.clone())], wanted.len()));
-        let [records, events, reports] = three(self.send("read jobs", reads.into())?);
-        let by_number = |rows: &[postgres::Row]| -> Result<std::collections::HashMap<u64, Vec<u8>>, StoreError> {
-            rows.iter().map(|r| Ok((u(r, 0)?, col::<Vec<u8>>(r, 1)?))).collect()
-        };
-        let (mut records, mut reports) = (by_number(&records)?, by_number(&reports)?);
-        let mut found_events: std::collections::HashMap<u64, Vec<(i32, Vec<u8>)>> =
-            std::collections::HashMap::new();
-        for r in &events {
-            found_events
-                .entry(u(r, 0)?)
-                .or_default()
-                .push((col(r, 1)?, col(r, 2)?));
-        }
-        let mut cache = self.cache.borrow_mut();
-        for n in wanted {
-            let n = n as u64;
-            let record = records.remove(&n);
-            cache.jobs.entry(n).or_insert(record);
-            let events = found_events.remove(&n).unwrap_or_default();
-            cache.events.entry(n).or_insert(events);
-            let report = reports.remove(&n);
-            cache.reports.entry(n).or_insert(report);
-        }
-        Ok(())
-    }
-
     /// Writes a journal row with `sql` ([`JOURNAL_UPSERT`] or [`JOURNAL_INSERT`]).
     fn put_journal_row(
         &mut self,
@@ -294,55 +200,6 @@ impl PgTxn {
             .devices
             .insert(serial.as_str().to_owned(), bytes.clone());
         Ok(bytes)
-    }
-
-    /// Reads and locks the seen windows, records and presence of `serials` not read yet, in one
-    /// trip, each table in serial order (so two nodes locking overlapping sets wait, not
-    /// deadlock).
-    pub(super) fn warm(&self, serials: &[&str]) -> Result<(), StoreError> {
-        let mut wanted: Vec<String> = {
-            let cache = self.cache.borrow();
-            serials
-                .iter()
-                .filter(|s| {
-                    !cache.windows.contains_key(**s)
-                        || !cache.devices.contains_key(**s)
-                        || !cache.presence.contains_key(**s)
-                })
-                .map(|s| (*s).to_owned())
-                .collect()
-        };
-        wanted.sort_unstable();
-        wanted.dedup();
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        const READS: [&str; 3] = [READ_WINDOWS, READ_DEVICES, READ_PRESENCE];
-        let reads = READS.map(|sql| by_keys(sql, vec![P::TextList(wanted.clone())], wanted.len()));
-        let [windows, records, presence] = three(self.send("read devices", reads.into())?);
-        let pairs = |rows: &[postgres::Row]| -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-            rows.iter().map(|r| Ok((col(r, 0)?, col(r, 1)?))).collect()
-        };
-        let (windows, records, presence) = (pairs(&windows)?, pairs(&records)?, pairs(&presence)?);
-        let mut found_windows = std::collections::HashMap::new();
-        for (serial, bytes) in windows {
-            let set = decode_seen_set(&serial, &bytes)?;
-            found_windows.insert(serial, set);
-        }
-        let mut records: std::collections::HashMap<String, Vec<u8>> = records.into_iter().collect();
-        let mut presence: std::collections::HashMap<String, Vec<u8>> =
-            presence.into_iter().collect();
-        let mut cache = self.cache.borrow_mut();
-        for serial in wanted {
-            // What this transaction read or wrote before stays: it is the newer.
-            let window = found_windows.remove(&serial);
-            cache.windows.entry(serial.clone()).or_insert(window);
-            let record = records.remove(&serial);
-            cache.devices.entry(serial.clone()).or_insert(record);
-            let here = presence.remove(&serial);
-            cache.presence.entry(serial).or_insert(here);
-        }
-        Ok(())
     }
 
     /// A job's events as stored (sequence number, record), in order; read once per
@@ -813,13 +670,21 @@ impl AlarmTables for PgTxn {
     }
 
     fn alarm(&self, n: u64) -> Result<Option<AlarmView>, StoreError> {
-        self.blob(
-            "read an alarm",
-            "SELECT alarm FROM alarms WHERE number = $1 FOR UPDATE",
-            vec![n64(n)],
-        )?
-        .map(|b| decode("alarms", alarm_id(n), &b))
-        .transpose()
+        let cached = self.cache.borrow().alarms.get(&n).cloned();
+        let bytes = match cached {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = self.blob(
+                    "read an alarm",
+                    "SELECT alarm FROM alarms WHERE number = $1 FOR UPDATE",
+                    vec![n64(n)],
+                )?;
+                // Locked until the transaction ends: it cannot change meanwhile.
+                self.cache.borrow_mut().alarms.insert(n, bytes.clone());
+                bytes
+            }
+        };
+        bytes.map(|b| decode("alarms", alarm_id(n), &b)).transpose()
     }
 
     fn put_alarm(&mut self, n: u64, alarm: &AlarmView) -> Result<(), StoreError> {
@@ -829,8 +694,19 @@ impl AlarmTables for PgTxn {
             op,
             "INSERT INTO alarms (number, alarm) VALUES ($1, $2)
              ON CONFLICT (number) DO UPDATE SET alarm = EXCLUDED.alarm",
-            vec![n64(n), P::Bytes(bytes)],
+            vec![n64(n), P::Bytes(bytes.clone())],
         )?;
+        {
+            let mut cache = self.cache.borrow_mut();
+            cache.alarms.insert(n, Some(bytes));
+            if let Some(codes) = cache.active_alarms.get_mut(&alarm.serial) {
+                if alarm.status.is_active() {
+                    codes.insert(alarm.code.clone(), n);
+                } else if codes.get(&alarm.code) == Some(&n) {
+                    codes.remove(&alarm.code);
+                }
+            }
+        }
         let key = vec![text(&alarm.serial), text(&alarm.code), n64(n)];
         if alarm.status.is_active() {
             self.write(
@@ -850,6 +726,9 @@ impl AlarmTables for PgTxn {
     }
 
     fn active_alarm(&self, serial: &Serial, code: &str) -> Result<Option<u64>, StoreError> {
+        if let Some(codes) = self.cache.borrow().active_alarms.get(serial.as_str()) {
+            return Ok(codes.get(code).copied());
+        }
         Ok(self
             .numbers(
                 "read the active alarms",
@@ -861,6 +740,11 @@ impl AlarmTables for PgTxn {
     }
 
     fn active_alarms_of(&self, serial: &Serial) -> Result<Vec<u64>, StoreError> {
+        if let Some(codes) = self.cache.borrow().active_alarms.get(serial.as_str()) {
+            let mut numbers: Vec<u64> = codes.values().copied().collect();
+            numbers.sort_unstable();
+            return Ok(numbers);
+        }
         self.numbers(
             "read the active alarms",
             "SELECT number FROM active_alarms WHERE serial = $1 ORDER BY number",
@@ -869,6 +753,12 @@ impl AlarmTables for PgTxn {
     }
 
     fn active_alarm_count(&self, serial: &Serial, except: &[&str]) -> Result<usize, StoreError> {
+        if let Some(codes) = self.cache.borrow().active_alarms.get(serial.as_str()) {
+            return Ok(codes
+                .keys()
+                .filter(|c| !except.contains(&c.as_str()))
+                .count());
+        }
         let codes = self.rows(
             "count the active alarms",
             "SELECT code FROM active_alarms WHERE serial = $1",
@@ -903,13 +793,30 @@ impl AlarmTables for PgTxn {
     }
 
     fn alarm_overflow(&self, serial: &Serial) -> Result<Option<OverflowRecord>, StoreError> {
-        self.blob(
-            "read alarm overflow",
-            "SELECT record FROM alarm_overflow WHERE serial = $1 FOR UPDATE",
-            vec![text(serial.as_str())],
-        )?
-        .map(|b| decode("alarm_overflow", serial, &b))
-        .transpose()
+        let cached = self
+            .cache
+            .borrow()
+            .alarm_overflow
+            .get(serial.as_str())
+            .cloned();
+        let bytes = match cached {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = self.blob(
+                    "read alarm overflow",
+                    "SELECT record FROM alarm_overflow WHERE serial = $1 FOR UPDATE",
+                    vec![text(serial.as_str())],
+                )?;
+                self.cache
+                    .borrow_mut()
+                    .alarm_overflow
+                    .insert(serial.as_str().to_owned(), bytes.clone());
+                bytes
+            }
+        };
+        bytes
+            .map(|b| decode("alarm_overflow", serial, &b))
+            .transpose()
     }
 
     fn put_alarm_overflow(
@@ -918,15 +825,16 @@ impl AlarmTables for PgTxn {
         record: Option<&OverflowRecord>,
     ) -> Result<(), StoreError> {
         let op = "write alarm overflow";
-        match record {
+        let bytes = match record {
             Some(r) => {
                 let bytes = encode("alarm_overflow", serial, r)?;
                 self.write(
                     op,
                     "INSERT INTO alarm_overflow (serial, record) VALUES ($1, $2)
                      ON CONFLICT (serial) DO UPDATE SET record = EXCLUDED.record",
-                    vec![text(serial.as_str()), P::Bytes(bytes)],
+                    vec![text(serial.as_str()), P::Bytes(bytes.clone())],
                 )?;
+                Some(bytes)
             }
             None => {
                 self.write(
@@ -934,8 +842,13 @@ impl AlarmTables for PgTxn {
                     "DELETE FROM alarm_overflow WHERE serial = $1",
                     vec![text(serial.as_str())],
                 )?;
+                None
             }
-        }
+        };
+        self.cache
+            .borrow_mut()
+            .alarm_overflow
+            .insert(serial.as_str().to_owned(), bytes);
         Ok(())
     }
 }

@@ -92,6 +92,24 @@ impl Nats {
         servers
     }
 
+    /// Two servers of one cluster that are apart: the second listens for routes, the first
+    /// does not, so what is published at one does not reach the other's clients until
+    /// [`Nats::join_cluster`] starts the first again with its routes.
+    pub async fn start_apart(env: &TestEnv) -> (Nats, Nats) {
+        let routes = engines::nats::Routes::new(2).unwrap_or_else(|e| panic!("{e}"));
+        let mut first = Nats::start_with(env, "bus1", None, &[]).await;
+        first.args = routes.args(0);
+        let second = Nats::start_with(env, "bus2", None, &routes.args(1)).await;
+        (first, second)
+    }
+
+    /// Kills a server of [`Nats::start_apart`] and starts it again, on the same port, routed to
+    /// the rest of its cluster.
+    pub async fn join_cluster(&mut self, env: &TestEnv) {
+        self.proc.kill9().await;
+        self.restart(env).await;
+    }
+
     /// Starts a server that speaks TLS only, with a certificate for 127.0.0.1 from the CA in
     /// `pki_dir`, and admits clients with a certificate from that CA and the user `chukei`,
     /// password [`Nats::PASSWORD`], only.

@@ -711,6 +711,44 @@ async fn the_bus_carries_on_through_the_nats_servers_left() {
     }
 }
 
+/// A publication can be lost for the other nodes while they never leave the bus: the node that
+/// made it was off the bus, or its server died with the message on its way. When that node is
+/// back on the bus it says so, and the others catch up from the database. Here N1's server is
+/// apart from N2's (no route yet), so the order of a job filed at N1 is lost for C1 at N2 for
+/// certain; once N1's server joins the cluster and N1 is back, C1 gets its order.
+#[tokio::test]
+async fn a_node_back_on_the_bus_has_the_others_catch_up_on_what_it_published() {
+    let env = TestEnv::new("a_node_back_on_the_bus_has_the_others_catch_up_on_what_it_published");
+    let (_pg, url) = Postgres::with_schema(&env).await;
+    let (mut bus1, bus2) = Nats::start_apart(&env).await;
+    let node = |id: &str, bus: &Nats| {
+        env.broker().data_dir(env.path(id)).args([
+            "--node-id",
+            id,
+            "--cluster-db",
+            &url,
+            "--cluster-bus",
+            &bus.url(),
+        ])
+    };
+    let n1 = node("N1", &bus1).start().await;
+    let n2 = node("N2", &bus2).start().await;
+    for n in [&n1, &n2] {
+        n.wait_for_log("cluster bus connected", deadline()).await;
+    }
+    let _c1 = env.device("C1").start(&n2).await;
+    let host = env.host("svc", &n1);
+    let job = host.submit(&["--serial", "C1", "--kind", "get-data"]).await;
+
+    bus1.join_cluster(&env).await;
+    n1.wait_for_log("cluster bus reconnected", deadline()).await;
+    n2.wait_for_line("N2 catching up for N1", deadline(), |l| {
+        l.contains("a node is back on the cluster bus") && l.contains("rejoined=N1")
+    })
+    .await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
+}
+
 #[tokio::test]
 async fn the_bus_delivers_each_node_the_other_nodes_publications_and_not_its_own() {
     let env =

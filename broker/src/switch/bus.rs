@@ -9,7 +9,10 @@
 //!
 //! The bus carries no truth: a publication lost on it (a server down, a node reconnecting) is
 //! made again from the database — every retained order and view — when the node's connection to
-//! the bus comes back ([`run`]), as at a node's start.
+//! the bus comes back ([`run`]), as at a node's start. What the node itself published meanwhile,
+//! or had on its way out as its server died, was lost for the others, which may never have left
+//! the bus: so a node back on the bus also says so ([`REJOINED`]), and every other node catches
+//! up the same way.
 
 use std::sync::Arc;
 
@@ -28,6 +31,13 @@ const SUBJECT: &str = "chukei.out";
 const ORIGIN: &str = "Chukei-Origin";
 const TOPIC: &str = "Chukei-Topic";
 const RETAIN: &str = "Chukei-Retain";
+/// Header of the message a node publishes when it is back on the bus after losing it: the
+/// others republish every retained order and view from the database to their own sessions.
+const REJOINED: &str = "Chukei-Rejoined";
+/// The rejoin is said again this long after the first time: a server that was restarted may
+/// take a moment to route to the others, and a message published before it does reaches only
+/// its own clients.
+const REJOIN_AGAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Publications waiting for the bus. Full: dropped (the database has them).
 pub const BUS_QUEUE: usize = 16 * 1024;
@@ -193,6 +203,15 @@ pub async fn run(
     // authorization failure says why), not one per retry.
     let mut failing = false;
     let mut joined = false;
+    // Other nodes' rejoins: however many come while a catch-up runs, one more runs after it.
+    let rejoined = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(catch_up_on_rejoins(
+        rejoined.clone(),
+        core.clone(),
+        outlet.clone(),
+        stop.clone(),
+    ));
+    let mut say_rejoined_again: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -206,8 +225,17 @@ pub async fn run(
                     debug!(error = %e, "a publication did not reach the cluster bus; the database has it");
                 }
             }
+            () = at_or_never(say_rejoined_again) => {
+                say_rejoined_again = None;
+                announce_rejoin(&client, &settings.node).await;
+            }
             msg = incoming.next() => {
                 let Some(msg) = msg else { break };
+                if let Some(node) = rejoin_of_other_node(&settings.node, &msg) {
+                    info!(node = %settings.node, rejoined = %node, "a node is back on the cluster bus; republishing the retained orders and views here");
+                    rejoined.notify_one();
+                    continue;
+                }
                 let Some(out) = from_other_node(&settings.node, &msg) else { continue };
                 if !deliver(&outlet, &router, vec![out]).await {
                     break;
@@ -216,14 +244,19 @@ pub async fn run(
             event = events.recv() => match event {
                 Some(async_nats::Event::Connected) => {
                     failing = false;
-                    if std::mem::replace(&mut joined, true) {
+                    let joined_before = std::mem::replace(&mut joined, true);
+                    if joined_before {
                         info!(node = %settings.node, "cluster bus reconnected; republishing the retained orders and views");
                     } else {
                         info!(node = %settings.node, tls = encrypted, "cluster bus connected");
                     }
                     // Whatever was published while this node was off the bus: again, from the
-                    // database.
+                    // database. And the others catch up on what this node published.
                     catch_up(&core, &outlet, &router).await;
+                    if joined_before {
+                        announce_rejoin(&client, &settings.node).await;
+                        say_rejoined_again = Some(tokio::time::Instant::now() + REJOIN_AGAIN);
+                    }
                 }
                 Some(async_nats::Event::Disconnected) => {
                     warn!(node = %settings.node, "cluster bus lost; reconnecting (sessions here go on)");
@@ -268,6 +301,52 @@ fn from_other_node(node: &str, msg: &async_nats::Message) -> Option<Outbound> {
         payload: msg.payload.to_vec(),
         retain,
     })
+}
+
+/// Waits until `at`; forever without one.
+async fn at_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Tells the other nodes that this one is back on the bus ([`REJOINED`]).
+async fn announce_rejoin(client: &async_nats::Client, node: &str) {
+    let mut headers = HeaderMap::new();
+    headers.insert(ORIGIN, node);
+    headers.insert(REJOINED, "1");
+    if let Err(e) = client
+        .publish_with_headers(SUBJECT, headers, Vec::new().into())
+        .await
+    {
+        debug!(error = %e, "could not tell the other nodes that this one is back on the bus");
+    }
+}
+
+/// The node that said it is back on the bus, if `msg` says so and is not this node's own.
+fn rejoin_of_other_node(node: &str, msg: &async_nats::Message) -> Option<String> {
+    let headers = msg.headers.as_ref()?;
+    headers.get(REJOINED)?;
+    let origin = headers.get(ORIGIN)?.as_str();
+    (origin != node).then(|| origin.to_owned())
+}
+
+/// Catches up each time another node says it is back on the bus ([`REJOINED`]), off the bus's
+/// loop so that publications keep flowing meanwhile.
+async fn catch_up_on_rejoins(
+    rejoined: Arc<tokio::sync::Notify>,
+    core: Arc<Core>,
+    outlet: CoreOutlet,
+    stop: CancellationToken,
+) {
+    let router = outlet.router_queue();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = rejoined.notified() => catch_up(&core, &outlet, &router).await,
+        }
+    }
 }
 
 /// Hands publications to this node's sessions as its core's own; `false` once the router is gone.

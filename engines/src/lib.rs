@@ -100,3 +100,16 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
 fn find_program(candidates: &[&str]) -> Option<PathBuf> {
     candidates.iter().map(PathBuf::from).find(|p| p.is_file())
 }
+
+/// A port picker for the tests of the port race: its first pick is a port a listener holds
+/// (returned too, to keep it held and to compare), the next ones free ports.
+#[cfg(test)]
+fn taken_first() -> (std::net::TcpListener, u16, impl FnMut() -> Result<u16>) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let port = taken.local_addr().expect("a bound address").port();
+    let mut first = Some(port);
+    (taken, port, move || match first.take() {
+        Some(port) => Ok(port),
+        None => free_port(),
+    })
+}

@@ -337,13 +337,7 @@ mod tests {
     #[test]
     fn a_server_whose_port_was_taken_meanwhile_starts_on_another() {
         let dir = tempfile::tempdir().unwrap();
-        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let taken_port = taken.local_addr().unwrap().port();
-        let mut picks = vec![taken_port];
-        let pick = || match picks.pop() {
-            Some(port) => Ok(port),
-            None => free_port(),
-        };
+        let (_taken, taken_port, pick) = crate::taken_first();
         let pg = Postgres::start_picking(&dir.path().join("pg"), &[], pick)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_ne!(pg.port(), taken_port);

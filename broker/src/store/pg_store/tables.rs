@@ -122,24 +122,39 @@ impl PgTxn {
             .transpose()
     }
 
+    /// The one `bytea` column of the row `sql` selects, read once per transaction: after the
+    /// first read (the row locked `FOR UPDATE`, or written by this transaction) the answer comes
+    /// from the transaction's cache, the map `table` picks, under `key`.
+    fn cached_blob<K, Q>(
+        &self,
+        table: fn(&mut super::Cache) -> &mut std::collections::HashMap<K, Option<Vec<u8>>>,
+        key: &Q,
+        op: &'static str,
+        sql: &'static str,
+        params: impl FnOnce() -> Vec<P>,
+    ) -> Result<Option<Vec<u8>>, StoreError>
+    where
+        K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+        Q: ToOwned<Owned = K> + std::hash::Hash + Eq + ?Sized,
+    {
+        if let Some(bytes) = table(&mut self.cache.borrow_mut()).get(key) {
+            return Ok(bytes.clone());
+        }
+        let bytes = self.blob(op, sql, params())?;
+        table(&mut self.cache.borrow_mut()).insert(key.to_owned(), bytes.clone());
+        Ok(bytes)
+    }
+
     fn journal_row(&self, sender: &str, id: MsgId) -> Result<Option<JournalEntry>, StoreError> {
-        let key = (sender.to_owned(), id);
-        let cached = self.cache.borrow().journal.get(&key).cloned();
-        let bytes = match cached {
-            Some(bytes) => bytes,
-            None => {
-                let bytes = self.blob(
-                    "read the journal",
-                    "SELECT entry FROM journal WHERE sender = $1 AND msg_id = $2",
-                    vec![text(sender), n64(id)],
-                )?;
-                self.cache.borrow_mut().journal.insert(key, bytes.clone());
-                bytes
-            }
-        };
-        bytes
-            .map(|b| decode("journal", format_args!("{sender} #{id}"), &b))
-            .transpose()
+        self.cached_blob(
+            |c| &mut c.journal,
+            &(sender.to_owned(), id),
+            "read the journal",
+            "SELECT entry FROM journal WHERE sender = $1 AND msg_id = $2",
+            || vec![text(sender), n64(id)],
+        )?
+        .map(|b| decode("journal", format_args!("{sender} #{id}"), &b))
+        .transpose()
     }
 
     /// Writes a journal row with `sql` ([`JOURNAL_UPSERT`] or [`JOURNAL_INSERT`]).
@@ -187,19 +202,13 @@ impl PgTxn {
 
     /// A device's record as stored, read once per transaction (locked `FOR UPDATE`).
     fn device_bytes(&self, serial: &Serial) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(bytes) = self.cache.borrow().devices.get(serial.as_str()) {
-            return Ok(bytes.clone());
-        }
-        let bytes = self.blob(
+        self.cached_blob(
+            |c| &mut c.devices,
+            serial.as_str(),
             "read a device",
             "SELECT record FROM devices WHERE serial = $1 FOR UPDATE",
-            vec![text(serial.as_str())],
-        )?;
-        self.cache
-            .borrow_mut()
-            .devices
-            .insert(serial.as_str().to_owned(), bytes.clone());
-        Ok(bytes)
+            || vec![text(serial.as_str())],
+        )
     }
 
     /// A job's events as stored (sequence number, record), in order; read once per
@@ -259,20 +268,15 @@ impl JobTables for PgTxn {
     }
 
     fn job(&self, n: u64) -> Result<Option<JobRecord>, StoreError> {
-        let cached = self.cache.borrow().jobs.get(&n).cloned();
-        let bytes = match cached {
-            Some(bytes) => bytes,
-            None => {
-                let bytes = self.blob(
-                    "read a job",
-                    "SELECT record FROM jobs WHERE number = $1 FOR UPDATE",
-                    vec![n64(n)],
-                )?;
-                self.cache.borrow_mut().jobs.insert(n, bytes.clone());
-                bytes
-            }
-        };
-        bytes.map(|b| decode("jobs", job_id(n), &b)).transpose()
+        self.cached_blob(
+            |c| &mut c.jobs,
+            &n,
+            "read a job",
+            "SELECT record FROM jobs WHERE number = $1 FOR UPDATE",
+            || vec![n64(n)],
+        )?
+        .map(|b| decode("jobs", job_id(n), &b))
+        .transpose()
     }
 
     fn put_job(&mut self, n: u64, record: &JobRecord) -> Result<(), StoreError> {
@@ -365,20 +369,15 @@ impl JobTables for PgTxn {
     }
 
     fn report(&self, n: u64) -> Result<Option<DeviceData>, StoreError> {
-        let cached = self.cache.borrow().reports.get(&n).cloned();
-        let bytes = match cached {
-            Some(bytes) => bytes,
-            None => {
-                let bytes = self.blob(
-                    "read a report",
-                    "SELECT data FROM reports WHERE number = $1",
-                    vec![n64(n)],
-                )?;
-                self.cache.borrow_mut().reports.insert(n, bytes.clone());
-                bytes
-            }
-        };
-        bytes.map(|b| decode("reports", job_id(n), &b)).transpose()
+        self.cached_blob(
+            |c| &mut c.reports,
+            &n,
+            "read a report",
+            "SELECT data FROM reports WHERE number = $1",
+            || vec![n64(n)],
+        )?
+        .map(|b| decode("reports", job_id(n), &b))
+        .transpose()
     }
 
     fn put_report(&mut self, n: u64, data: &DeviceData) -> Result<(), StoreError> {
@@ -670,21 +669,15 @@ impl AlarmTables for PgTxn {
     }
 
     fn alarm(&self, n: u64) -> Result<Option<AlarmView>, StoreError> {
-        let cached = self.cache.borrow().alarms.get(&n).cloned();
-        let bytes = match cached {
-            Some(bytes) => bytes,
-            None => {
-                let bytes = self.blob(
-                    "read an alarm",
-                    "SELECT alarm FROM alarms WHERE number = $1 FOR UPDATE",
-                    vec![n64(n)],
-                )?;
-                // Locked until the transaction ends: it cannot change meanwhile.
-                self.cache.borrow_mut().alarms.insert(n, bytes.clone());
-                bytes
-            }
-        };
-        bytes.map(|b| decode("alarms", alarm_id(n), &b)).transpose()
+        self.cached_blob(
+            |c| &mut c.alarms,
+            &n,
+            "read an alarm",
+            "SELECT alarm FROM alarms WHERE number = $1 FOR UPDATE",
+            || vec![n64(n)],
+        )?
+        .map(|b| decode("alarms", alarm_id(n), &b))
+        .transpose()
     }
 
     fn put_alarm(&mut self, n: u64, alarm: &AlarmView) -> Result<(), StoreError> {
@@ -793,30 +786,15 @@ impl AlarmTables for PgTxn {
     }
 
     fn alarm_overflow(&self, serial: &Serial) -> Result<Option<OverflowRecord>, StoreError> {
-        let cached = self
-            .cache
-            .borrow()
-            .alarm_overflow
-            .get(serial.as_str())
-            .cloned();
-        let bytes = match cached {
-            Some(bytes) => bytes,
-            None => {
-                let bytes = self.blob(
-                    "read alarm overflow",
-                    "SELECT record FROM alarm_overflow WHERE serial = $1 FOR UPDATE",
-                    vec![text(serial.as_str())],
-                )?;
-                self.cache
-                    .borrow_mut()
-                    .alarm_overflow
-                    .insert(serial.as_str().to_owned(), bytes.clone());
-                bytes
-            }
-        };
-        bytes
-            .map(|b| decode("alarm_overflow", serial, &b))
-            .transpose()
+        self.cached_blob(
+            |c| &mut c.alarm_overflow,
+            serial.as_str(),
+            "read alarm overflow",
+            "SELECT record FROM alarm_overflow WHERE serial = $1 FOR UPDATE",
+            || vec![text(serial.as_str())],
+        )?
+        .map(|b| decode("alarm_overflow", serial, &b))
+        .transpose()
     }
 
     fn put_alarm_overflow(
@@ -855,23 +833,15 @@ impl AlarmTables for PgTxn {
 
 impl PresenceTables for PgTxn {
     fn presence(&self, serial: &Serial) -> Result<Option<PresenceRecord>, StoreError> {
-        let cached = self.cache.borrow().presence.get(serial.as_str()).cloned();
-        let bytes = match cached {
-            Some(bytes) => bytes,
-            None => {
-                let bytes = self.blob(
-                    "read presence",
-                    "SELECT record FROM presence WHERE serial = $1 FOR UPDATE",
-                    vec![text(serial.as_str())],
-                )?;
-                self.cache
-                    .borrow_mut()
-                    .presence
-                    .insert(serial.as_str().to_owned(), bytes.clone());
-                bytes
-            }
-        };
-        bytes.map(|b| decode("presence", serial, &b)).transpose()
+        self.cached_blob(
+            |c| &mut c.presence,
+            serial.as_str(),
+            "read presence",
+            "SELECT record FROM presence WHERE serial = $1 FOR UPDATE",
+            || vec![text(serial.as_str())],
+        )?
+        .map(|b| decode("presence", serial, &b))
+        .transpose()
     }
 
     fn put_presence(&mut self, serial: &Serial, record: &PresenceRecord) -> Result<(), StoreError> {

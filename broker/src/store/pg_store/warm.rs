@@ -269,9 +269,7 @@ impl PgTxn {
         };
         Read::some(asks, fill)
     }
-}
 
-impl PgTxn {
     /// The counter `name` in `meta`, locked: a number taken from it later in the transaction
     /// costs no trip of its own ([`PgTxn::next_counter`] counts on from what this read).
     fn counter_read(&self, name: &'static str) -> Option<Read<'static>> {

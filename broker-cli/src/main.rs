@@ -392,6 +392,10 @@ struct RunArgs {
     /// The private key of --cluster-bus-cert (PEM)
     #[arg(long, value_name = "FILE")]
     cluster_bus_key: Option<PathBuf>,
+    /// How often this cluster node compares the job orders it holds with the database's open
+    /// jobs and repairs what the bus lost; 0 turns it off. Default: 5
+    #[arg(long, value_name = "SECS")]
+    cluster_order_sweep_secs: Option<u64>,
     /// The firmware publisher's public key (publisher.pub of `host-agent keys generate`): a child
     /// relay run by `broker supervise` checks an update of its own program against it
     #[arg(long, value_name = "FILE")]
@@ -527,6 +531,7 @@ impl RunArgs {
             uplink_batch_delay_ms,
             parent_session,
             parent_interval_secs,
+            cluster_order_sweep_secs,
             log_format
         );
         // A config key that may be unset: the flag sets it.

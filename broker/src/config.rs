@@ -246,6 +246,11 @@ pub struct BrokerConfig {
     /// The private key of `cluster_bus_cert` (PEM).
     #[serde(default)]
     pub cluster_bus_key: Option<PathBuf>,
+    /// How often a cluster node compares the job orders it holds with the database's open jobs
+    /// and repairs what the bus lost (an order missing, or not cleared, in two sweeps in a row).
+    /// 0 turns the sweep off. Not on a node that is also a child relay.
+    #[serde(default = "defaults::cluster_order_sweep_secs")]
+    pub cluster_order_sweep_secs: u64,
     /// A child relay checks a firmware job for its own program against this key (publisher.pub
     /// of `host-agent keys generate`) before it downloads a byte, as devices do. Unset: it
     /// refuses to replace its program.
@@ -321,6 +326,9 @@ mod defaults {
     }
     pub fn cluster_commit_window_us() -> u64 {
         5000
+    }
+    pub fn cluster_order_sweep_secs() -> u64 {
+        5
     }
     pub fn tls_ticket_lifetime_secs() -> u64 {
         24 * 3600

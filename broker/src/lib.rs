@@ -259,6 +259,16 @@ pub async fn run(
     )
     .await?;
     if let (Some(rx), Some(node)) = (bus_rx, &cfg.node_id) {
+        // A child relay's orders come from its parent, not from this database.
+        if cfg.cluster_order_sweep_secs > 0 && cfg.parent.is_empty() {
+            tasks.spawn(switch::sweep::run(
+                core.clone(),
+                outbound.clone(),
+                node.clone(),
+                std::time::Duration::from_secs(cfg.cluster_order_sweep_secs),
+                stop.clone(),
+            ));
+        }
         tasks.spawn(switch::bus::run(
             switch::bus::BusSettings {
                 node: node.clone(),

@@ -187,6 +187,7 @@ macro_rules! restart_only_keys {
             cluster_bus_ca,
             cluster_bus_cert,
             cluster_bus_key,
+            cluster_order_sweep_secs,
             parent,
             uplink_batch_max_items,
             uplink_batch_max_bytes,

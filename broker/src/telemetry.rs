@@ -44,6 +44,8 @@ pub struct CoreStats {
     pub uplink_acked: AtomicU64,
     /// At a child: whether its uplink to the parent is connected (0 or 1).
     pub uplink_connected: AtomicU64,
+    /// On a cluster node: orders the order sweep delivered or cleared from the database.
+    pub cluster_orders_repaired: AtomicU64,
 }
 
 impl CoreStats {
@@ -207,6 +209,12 @@ pub fn render(gw: &Metrics, core: &CoreStats, store: Option<&StoreStats>) -> Str
         "gauge",
         "At a child: 1 while the uplink to the parent relay is connected.",
         get(&core.uplink_connected),
+    );
+    metric(
+        "chukei_cluster_orders_repaired_total",
+        "counter",
+        "On a cluster node: job orders the bus lost, delivered (or cleared) from the database by the order sweep.",
+        get(&core.cluster_orders_repaired),
     );
     metric(
         "chukei_devices_online",

@@ -63,6 +63,14 @@ pub struct Inbound {
     pub payload: bytes::Bytes,
 }
 
+/// Every open job's retained order and merged data ([`Core::open_orders`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenOrders {
+    pub orders: Vec<Outbound>,
+    /// False when some open job's record did not decode (skipped, and logged).
+    pub complete: bool,
+}
+
 /// A message the core wants published. An empty retained payload deletes the retained message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outbound {
@@ -397,6 +405,31 @@ impl Core {
         out.extend(alarm::startup_views(&*txn, chrono::Utc::now())?);
         txn.commit()?;
         Ok(out)
+    }
+
+    /// The retained order and merged data of every open job, as the database has them now:
+    /// what a cluster node's hub must hold (`switch::sweep`). Reads lock nothing.
+    pub fn open_orders(&self) -> Result<OpenOrders, StoreError> {
+        let txn = self.store.begin()?;
+        let mut open = OpenOrders {
+            orders: Vec::new(),
+            complete: true,
+        };
+        for job in txn.open_job_records()? {
+            let Some(job) = skip_corrupt(job)? else {
+                open.complete = false;
+                continue;
+            };
+            if !job.record.is_open() {
+                continue;
+            }
+            open.orders.extend(views::order(&job.record)?);
+            if let Some(data) = job.merged {
+                open.orders.extend(views::merged(&job.record, data)?);
+            }
+        }
+        txn.commit()?;
+        Ok(open)
     }
 
     /// Handles a batch of inbound messages in one redb write transaction (group commit), then

@@ -14,7 +14,7 @@ use protocol::alarm::AlarmView;
 use protocol::artifact::{ArtifactId, ArtifactInfo};
 use protocol::data::DeviceData;
 use protocol::device::DeviceState;
-use protocol::job::JobEvent;
+use protocol::job::{JobEvent, JobSpec};
 use protocol::meter::CounterReading;
 use protocol::relay::UplinkItem;
 use protocol::{MsgId, Seq, Serial, Timestamp};
@@ -141,6 +141,15 @@ pub struct Hints {
     pub raises_alarms: bool,
 }
 
+/// An open job as [`JobTables::open_job_records`] reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenJob {
+    pub number: u64,
+    pub record: JobRecord,
+    /// Its merged data, for an update-data job the relay has merged.
+    pub merged: Option<DeviceData>,
+}
+
 /// Counts for the Prometheus endpoint.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StoreStats {
@@ -197,6 +206,33 @@ pub trait JobTables {
 
     /// The merged data of update-data job `n`, once the relay has merged it.
     fn merged(&self, n: u64) -> Result<Option<DeviceData>, StoreError>;
+
+    /// Every open job's record and merged data, oldest first, read without locking them: what a
+    /// cluster node's order sweep compares its retained orders with (a snapshot a moment old is
+    /// what it wants, and it must not hold up the batches that write jobs). A record that does
+    /// not decode is an `Err` in its place.
+    fn open_job_records(&self) -> Result<Vec<Result<OpenJob, StoreError>>, StoreError> {
+        let mut out = Vec::new();
+        for number in self.open_jobs()? {
+            let job = match self.job(number) {
+                Ok(Some(record)) => {
+                    let merged = match record.order.as_ref().map(|o| &o.spec) {
+                        Some(JobSpec::UpdateData { .. }) => self.merged(number),
+                        _ => Ok(None),
+                    };
+                    merged.map(|merged| OpenJob {
+                        number,
+                        record,
+                        merged,
+                    })
+                }
+                Ok(None) => continue,
+                Err(e) => Err(e),
+            };
+            out.push(job);
+        }
+        Ok(out)
+    }
 
     fn put_merged(&mut self, n: u64, data: &DeviceData) -> Result<(), StoreError>;
 

@@ -350,7 +350,7 @@ async fn catch_up_on_rejoins(
 }
 
 /// Hands publications to this node's sessions as its core's own; `false` once the router is gone.
-async fn deliver(
+pub(super) async fn deliver(
     outlet: &CoreOutlet,
     router: &mpsc::Sender<Outbound>,
     batch: Vec<Outbound>,

@@ -21,7 +21,7 @@
 //! rumqttd's PUBACK meant too: "accepted", not "stored"); reliability comes from the core's
 //! end-to-end acks. So devices touch the router not at all: it carries hosts and integrators.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -212,6 +212,15 @@ impl Hub {
             .get(serial)
             .map(|topics| topics.iter().map(|(t, p)| (t.clone(), p.clone())).collect())
             .unwrap_or_default()
+    }
+
+    /// Every retained device topic the hub holds (job orders and merged data), of every serial.
+    pub fn retained_topics(&self) -> HashSet<String> {
+        self.lock()
+            .retained
+            .values()
+            .flat_map(|topics| topics.keys().cloned())
+            .collect()
     }
 
     /// Forgets every retained message (a child relay, before its parent sends them all again).

@@ -21,7 +21,8 @@
 //!
 //! - **the cluster bus** ([`bus`], with `--cluster-bus`): what the core publishes that another
 //!   node's sessions may need (orders, merged data, views) goes to the other nodes too, which
-//!   hand it to their hub and router.
+//!   hand it to their hub and router. The bus may lose a publication: [`sweep`] compares the
+//!   hub's job orders with the database's open jobs every few seconds and repairs the difference.
 //!
 //! An uplink to a parent relay (`relays::uplink`) is one more source of `Inbound` and one more
 //! destination: what the parent sends this child's devices goes to the hub.
@@ -30,3 +31,4 @@ pub mod bus;
 pub mod hub;
 pub mod presence;
 pub mod router_link;
+pub mod sweep;

@@ -123,6 +123,11 @@ impl CoreOutlet {
         rest
     }
 
+    /// Every retained device topic the hub holds (job orders and merged data).
+    pub fn retained_device_topics(&self) -> std::collections::HashSet<String> {
+        self.hub.retained_topics()
+    }
+
     /// Where what the router should publish is queued (in order with the core's own).
     pub fn router_queue(&self) -> mpsc::Sender<Outbound> {
         self.router.clone()

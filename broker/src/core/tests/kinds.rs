@@ -1112,4 +1112,21 @@ fn startup_republishes_the_merged_data_of_open_jobs_only() {
         "not merged yet: nothing"
     );
     assert!(out.iter().all(|o| o.retain && !o.payload.is_empty()));
+
+    // A cluster node's order sweep reads the same orders and merged data, without locking.
+    let open = core.open_orders().unwrap();
+    assert!(open.complete);
+    let devices: Vec<&Outbound> = out.iter().filter(|o| o.topic.starts_with("dev/")).collect();
+    assert_eq!(open.orders.iter().collect::<Vec<_>>(), devices);
+    assert_eq!(
+        open.orders
+            .iter()
+            .map(|o| o.topic.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "dev/C1/jobs/J-000001",
+            "dev/C1/merged/J-000001",
+            "dev/C1/jobs/J-000003"
+        ]
+    );
 }

@@ -14,10 +14,10 @@ use super::{Conn, P, PgTxn};
 use crate::store::records::StoredState;
 use crate::store::{
     AlarmDigest, AlarmTables, ArtifactTables, DeviceRecord, DeviceTables, Due, JobRecord,
-    JobTables, JournalEntry, JournalTables, NotificationTables, OverflowRecord, PresenceRecord,
-    PresenceTables, QueuedNotification, ReadingCursor, ReadingTables, RolloutRecord, RolloutTables,
-    StoreError, StoreStats, UplinkTables, alarm_id, decode, device_journal, encode, job_id,
-    rollout_id, seen, within_bytes,
+    JobTables, JournalEntry, JournalTables, NotificationTables, OpenJob, OverflowRecord,
+    PresenceRecord, PresenceTables, QueuedNotification, ReadingCursor, ReadingTables,
+    RolloutRecord, RolloutTables, StoreError, StoreStats, UplinkTables, alarm_id, decode,
+    device_journal, encode, job_id, rollout_id, seen, within_bytes,
 };
 
 fn n64(n: u64) -> P {
@@ -52,6 +52,20 @@ pub(super) fn col<'a, T: postgres::types::FromSql<'a>>(
 /// A `bigint` key column back as the u64 it was written from.
 pub(super) fn u(row: &postgres::Row, i: usize) -> Result<u64, StoreError> {
     col::<i64>(row, i).map(|v| v as u64)
+}
+
+/// A row of `open_job_records`: number, record, merged data (or NULL).
+fn open_job(row: &postgres::Row) -> Result<OpenJob, StoreError> {
+    let number = u(row, 0)?;
+    let record = decode("jobs", job_id(number), col::<&[u8]>(row, 1)?)?;
+    let merged = col::<Option<&[u8]>>(row, 2)?
+        .map(|b| decode("merged", job_id(number), b))
+        .transpose()?;
+    Ok(OpenJob {
+        number,
+        record,
+        merged,
+    })
 }
 
 fn serial_of(table: &'static str, key: String) -> Result<Serial, StoreError> {
@@ -414,6 +428,18 @@ impl JobTables for PgTxn {
             "SELECT number FROM open_jobs WHERE deadline_ms <= $1 ORDER BY deadline_ms, number",
             vec![ms(now)],
         )
+    }
+
+    fn open_job_records(&self) -> Result<Vec<Result<OpenJob, StoreError>>, StoreError> {
+        // One statement, no row locked: the default would read each job `FOR UPDATE`.
+        let rows = self.rows(
+            "list open jobs with their records",
+            "SELECT o.number, j.record, m.data FROM open_jobs o \
+             JOIN jobs j ON j.number = o.number \
+             LEFT JOIN merged m ON m.number = o.number ORDER BY o.number",
+            Vec::new(),
+        )?;
+        Ok(rows.iter().map(open_job).collect())
     }
 
     fn merged(&self, n: u64) -> Result<Option<DeviceData>, StoreError> {

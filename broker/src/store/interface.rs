@@ -82,6 +82,36 @@ pub trait Store: Send + Sync {
     /// running: every message acked before the call is in it, and no commit is half in it.
     /// Returns the bytes written. What a restore brings back (`broker restore`).
     fn backup(&self, out: &Path) -> Result<u64, StoreError>;
+
+    /// Every open job's record and merged data, oldest first: what a cluster node's order sweep
+    /// compares its retained orders with. A snapshot a moment old is what it wants, so the
+    /// PostgreSQL store reads it in one statement on its reader connection, locking nothing and
+    /// holding up no batch; this default takes a transaction like any other. A record that does
+    /// not decode is an `Err` in its place.
+    fn open_job_records(&self) -> Result<Vec<Result<OpenJob, StoreError>>, StoreError> {
+        let txn = self.begin()?;
+        let mut out = Vec::new();
+        for number in txn.open_jobs()? {
+            let job = match txn.job(number) {
+                Ok(Some(record)) => {
+                    let merged = match record.order.as_ref().map(|o| &o.spec) {
+                        Some(JobSpec::UpdateData { .. }) => txn.merged(number),
+                        _ => Ok(None),
+                    };
+                    merged.map(|merged| OpenJob {
+                        number,
+                        record,
+                        merged,
+                    })
+                }
+                Ok(None) => continue,
+                Err(e) => Err(e),
+            };
+            out.push(job);
+        }
+        txn.commit()?;
+        Ok(out)
+    }
 }
 
 /// One transaction: every table's reads and writes, then [`Txn::commit`].
@@ -206,33 +236,6 @@ pub trait JobTables {
 
     /// The merged data of update-data job `n`, once the relay has merged it.
     fn merged(&self, n: u64) -> Result<Option<DeviceData>, StoreError>;
-
-    /// Every open job's record and merged data, oldest first, read without locking them: what a
-    /// cluster node's order sweep compares its retained orders with (a snapshot a moment old is
-    /// what it wants, and it must not hold up the batches that write jobs). A record that does
-    /// not decode is an `Err` in its place.
-    fn open_job_records(&self) -> Result<Vec<Result<OpenJob, StoreError>>, StoreError> {
-        let mut out = Vec::new();
-        for number in self.open_jobs()? {
-            let job = match self.job(number) {
-                Ok(Some(record)) => {
-                    let merged = match record.order.as_ref().map(|o| &o.spec) {
-                        Some(JobSpec::UpdateData { .. }) => self.merged(number),
-                        _ => Ok(None),
-                    };
-                    merged.map(|merged| OpenJob {
-                        number,
-                        record,
-                        merged,
-                    })
-                }
-                Ok(None) => continue,
-                Err(e) => Err(e),
-            };
-            out.push(job);
-        }
-        Ok(out)
-    }
 
     fn put_merged(&mut self, n: u64, data: &DeviceData) -> Result<(), StoreError>;
 

@@ -1130,3 +1130,32 @@ fn startup_republishes_the_merged_data_of_open_jobs_only() {
         ]
     );
 }
+
+#[test]
+fn on_postgres_the_order_sweep_reads_the_open_jobs_while_a_batch_holds_their_rows() {
+    if !crate::store::testing::on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let core = std::sync::Arc::new(open(&dir));
+    core.handle_batch(vec![submit("svc", 1, get_data("C1"))], t(9, 0))
+        .unwrap();
+    // A batch in progress: the job's row is locked until it ends, and the writer is taken.
+    let mut batch = core.store.begin().unwrap();
+    assert!(batch.job(1).unwrap().is_some());
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sweeper = core.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(sweeper.open_orders().map(|o| o.orders));
+    });
+    let orders = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the sweep's read waited for the batch")
+        .unwrap();
+    assert_eq!(
+        orders.iter().map(|o| o.topic.as_str()).collect::<Vec<_>>(),
+        ["dev/C1/jobs/J-000001"]
+    );
+    drop(batch);
+}

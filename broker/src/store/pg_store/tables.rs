@@ -54,7 +54,31 @@ pub(super) fn u(row: &postgres::Row, i: usize) -> Result<u64, StoreError> {
     col::<i64>(row, i).map(|v| v as u64)
 }
 
-/// A row of `open_job_records`: number, record, merged data (or NULL).
+/// Every open job's record and merged data, in one statement on `conn` (the reader): nothing
+/// locked, no transaction (`Store::open_job_records`).
+pub(super) fn open_job_records(
+    conn: &Conn,
+    location: &str,
+) -> Result<Vec<Result<OpenJob, StoreError>>, StoreError> {
+    let rows = conn
+        .query(
+            "SELECT o.number, j.record, m.data FROM open_jobs o \
+             JOIN jobs j ON j.number = o.number \
+             LEFT JOIN merged m ON m.number = o.number ORDER BY o.number",
+            Vec::new(),
+        )
+        .ok_or_else(|| StoreError::Unavailable {
+            location: location.to_owned(),
+            reason: "the connection was lost while reading the open jobs".into(),
+        })?
+        .map_err(|e| StoreError::Database {
+            op: "list open jobs with their records",
+            reason: e.to_string(),
+        })?;
+    Ok(rows.iter().map(open_job).collect())
+}
+
+/// A row of [`open_job_records`]: number, record, merged data (or NULL).
 fn open_job(row: &postgres::Row) -> Result<OpenJob, StoreError> {
     let number = u(row, 0)?;
     let record = decode("jobs", job_id(number), col::<&[u8]>(row, 1)?)?;
@@ -428,18 +452,6 @@ impl JobTables for PgTxn {
             "SELECT number FROM open_jobs WHERE deadline_ms <= $1 ORDER BY deadline_ms, number",
             vec![ms(now)],
         )
-    }
-
-    fn open_job_records(&self) -> Result<Vec<Result<OpenJob, StoreError>>, StoreError> {
-        // One statement, no row locked: the default would read each job `FOR UPDATE`.
-        let rows = self.rows(
-            "list open jobs with their records",
-            "SELECT o.number, j.record, m.data FROM open_jobs o \
-             JOIN jobs j ON j.number = o.number \
-             LEFT JOIN merged m ON m.number = o.number ORDER BY o.number",
-            Vec::new(),
-        )?;
-        Ok(rows.iter().map(open_job).collect())
     }
 
     fn merged(&self, n: u64) -> Result<Option<DeviceData>, StoreError> {

@@ -1141,7 +1141,7 @@ fn on_postgres_the_order_sweep_reads_the_open_jobs_while_a_batch_holds_their_row
     core.handle_batch(vec![submit("svc", 1, get_data("C1"))], t(9, 0))
         .unwrap();
     // A batch in progress: the job's row is locked until it ends, and the writer is taken.
-    let mut batch = core.store.begin().unwrap();
+    let batch = core.store.begin().unwrap();
     assert!(batch.job(1).unwrap().is_some());
 
     let (tx, rx) = std::sync::mpsc::channel();

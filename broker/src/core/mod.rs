@@ -46,7 +46,7 @@ use protocol::{Envelope, HostId, JobId, MsgId, Seq, Serial, Shown, Timestamp, to
 use tracing::{error, info, warn};
 
 use crate::jobs;
-use crate::store::{DeviceRecord, Store, StoreError, Txn};
+use crate::store::{DeviceRecord, JobRecord, Store, StoreError, Txn};
 
 pub use alarm_limit::AlarmLimits;
 pub use alerts::AlertSettings;
@@ -63,11 +63,12 @@ pub struct Inbound {
     pub payload: bytes::Bytes,
 }
 
-/// Every open job's retained order and merged data ([`Core::open_orders`]).
+/// The retained topics of every open job, each with its job's number
+/// ([`Core::open_order_topics`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpenOrders {
-    pub orders: Vec<Outbound>,
-    /// False when some open job's record did not decode (skipped, and logged).
+    pub topics: Vec<(String, u64)>,
+    /// False when some open job could not be read (skipped, and logged).
     pub complete: bool,
 }
 
@@ -388,10 +389,7 @@ impl Core {
                 _ => continue,
             };
             if record.is_open() {
-                out.extend(views::order(&record)?);
-                if let Some(Some(data)) = skip_corrupt(txn.merged(n))? {
-                    out.extend(views::merged(&record, data)?);
-                }
+                out.extend(order_and_merged(&*txn, n, &record)?);
             }
             if let Some(v) = skip_corrupt(views::job_views(&*txn, n, &record))? {
                 out.extend(v);
@@ -407,28 +405,44 @@ impl Core {
         Ok(out)
     }
 
-    /// The retained order and merged data of every open job, as the database has them now:
-    /// what a cluster node's hub must hold (`switch::sweep`). On PostgreSQL a read that locks
-    /// nothing and holds up no batch.
-    pub fn open_orders(&self) -> Result<OpenOrders, StoreError> {
+    /// The retained topics a cluster node's hub must hold for the open jobs: each one's order,
+    /// and its merged data if it has some, with the job's number (`switch::sweep`). On
+    /// PostgreSQL read from the open-jobs index alone, locking nothing.
+    pub fn open_order_topics(&self) -> Result<OpenOrders, StoreError> {
         let mut open = OpenOrders {
-            orders: Vec::new(),
+            topics: Vec::new(),
             complete: true,
         };
-        for job in self.store.open_job_records()? {
-            let Some(job) = skip_corrupt(job)? else {
+        for key in self.store.open_job_keys()? {
+            let Some(key) = skip_corrupt(key)? else {
                 open.complete = false;
                 continue;
             };
-            if !job.record.is_open() {
-                continue;
-            }
-            open.orders.extend(views::order(&job.record)?);
-            if let Some(data) = job.merged {
-                open.orders.extend(views::merged(&job.record, data)?);
+            let job = crate::store::job_id(key.number);
+            open.topics
+                .push((topic::dev_job(&key.serial, &job), key.number));
+            if key.merged {
+                open.topics
+                    .push((topic::dev_merged(&key.serial, &job), key.number));
             }
         }
         Ok(open)
+    }
+
+    /// The retained order and merged data of those of jobs `numbers` still open, read as a
+    /// batch reads them: what the order sweep delivers.
+    pub fn orders_of(&self, numbers: &[u64]) -> Result<Vec<Outbound>, StoreError> {
+        let txn = self.store.begin()?;
+        let mut out = Vec::new();
+        for &n in numbers {
+            if let Some(Some(record)) = skip_corrupt(txn.job(n))?
+                && record.is_open()
+            {
+                out.extend(order_and_merged(&*txn, n, &record)?);
+            }
+        }
+        txn.commit()?;
+        Ok(out)
     }
 
     /// Handles a batch of inbound messages in one redb write transaction (group commit), then
@@ -824,6 +838,19 @@ pub fn decode<T: serde::de::DeserializeOwned>(
 
 /// Views are a cache: a record that no longer decodes is logged and left out rather than stopping
 /// the batch (or the broker's startup). `Ok(None)` means it was skipped.
+/// An open job's retained order, and its merged data if it has some.
+fn order_and_merged(
+    txn: &dyn Txn,
+    n: u64,
+    record: &JobRecord,
+) -> Result<Vec<Outbound>, StoreError> {
+    let mut out: Vec<Outbound> = views::order(record)?.into_iter().collect();
+    if let Some(Some(data)) = skip_corrupt(txn.merged(n))? {
+        out.extend(views::merged(record, data)?);
+    }
+    Ok(out)
+}
+
 fn skip_corrupt<T>(result: Result<T, StoreError>) -> Result<Option<T>, StoreError> {
     match result {
         Ok(v) => Ok(Some(v)),

@@ -83,31 +83,34 @@ pub trait Store: Send + Sync {
     /// Returns the bytes written. What a restore brings back (`broker restore`).
     fn backup(&self, out: &Path) -> Result<u64, StoreError>;
 
-    /// Every open job's record and merged data, oldest first: what a cluster node's order sweep
-    /// compares its retained orders with. A snapshot a moment old is what it wants, so the
-    /// PostgreSQL store reads it in one statement on its reader connection, locking nothing and
-    /// holding up no batch; this default takes a transaction like any other. A record that does
-    /// not decode is an `Err` in its place.
-    fn open_job_records(&self) -> Result<Vec<Result<OpenJob, StoreError>>, StoreError> {
+    /// Every open job's number and serial, and whether it has merged data, oldest first: what
+    /// a cluster node's order sweep needs to name the retained messages its hub should hold. A
+    /// snapshot a moment old is what it wants, so the PostgreSQL store reads it from its index
+    /// in one statement on its reader connection, locking nothing and holding up no batch; this
+    /// default reads each job in a transaction like any other. A job that cannot be read is an
+    /// `Err` in its place.
+    fn open_job_keys(&self) -> Result<Vec<Result<OpenJobKey, StoreError>>, StoreError> {
         let txn = self.begin()?;
         let mut out = Vec::new();
         for number in txn.open_jobs()? {
-            let job = match txn.job(number) {
-                Ok(Some(record)) => {
-                    let merged = match record.order.as_ref().map(|o| &o.spec) {
-                        Some(JobSpec::UpdateData { .. }) => txn.merged(number),
-                        _ => Ok(None),
+            let key = match txn.job(number) {
+                Ok(Some(JobRecord {
+                    order: Some(order), ..
+                })) => {
+                    let merged = match &order.spec {
+                        JobSpec::UpdateData { .. } => txn.merged(number).map(|m| m.is_some()),
+                        _ => Ok(false),
                     };
-                    merged.map(|merged| OpenJob {
+                    merged.map(|merged| OpenJobKey {
                         number,
-                        record,
+                        serial: order.serial,
                         merged,
                     })
                 }
-                Ok(None) => continue,
+                Ok(_) => continue,
                 Err(e) => Err(e),
             };
-            out.push(job);
+            out.push(key);
         }
         txn.commit()?;
         Ok(out)
@@ -171,13 +174,13 @@ pub struct Hints {
     pub raises_alarms: bool,
 }
 
-/// An open job as [`JobTables::open_job_records`] reads it.
+/// An open job as [`Store::open_job_keys`] reads it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct OpenJob {
+pub struct OpenJobKey {
     pub number: u64,
-    pub record: JobRecord,
-    /// Its merged data, for an update-data job the relay has merged.
-    pub merged: Option<DeviceData>,
+    pub serial: Serial,
+    /// Whether the relay has merged data for it (an update-data job).
+    pub merged: bool,
 }
 
 /// Counts for the Prometheus endpoint.

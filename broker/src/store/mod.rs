@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 
 pub use interface::{
     AlarmTables, ArtifactTables, DeviceTables, Hints, JobTables, JournalTables, NotificationTables,
-    OpenJob, PresenceTables, ReadingTables, RolloutTables, Store, StoreStats, Txn, UplinkTables,
+    OpenJobKey, PresenceTables, ReadingTables, RolloutTables, Store, StoreStats, Txn, UplinkTables,
 };
 pub use pg_store::PgStore;
 pub use records::{

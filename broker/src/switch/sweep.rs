@@ -10,11 +10,13 @@
 //! delivered from the database, and one the hub still holds for a job that has ended is
 //! cleared.
 //!
-//! Only what was wrong in two sweeps in a row is repaired. A publication on its way over the
-//! bus when the database was read (a job filed or ended a moment before) arrives well within
-//! one interval, so the sweep never races the bus.
+//! A sweep reads only the open jobs' numbers and serials (their topics), from an index, on a
+//! connection no batch uses; the records are read only for what it repairs. Only what was
+//! wrong in two sweeps in a row is repaired: a publication on its way over the bus when the
+//! database was read (a job filed or ended a moment before) arrives well within one interval,
+//! so the sweep never races the bus.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -34,38 +36,42 @@ pub struct OrderSweep {
     ended: HashSet<String>,
 }
 
+/// What a sweep repairs.
+#[derive(Debug, Default, PartialEq)]
+pub struct Repairs {
+    /// Topics to deliver from the database, with their job's number.
+    pub deliver: Vec<(String, u64)>,
+    /// Topics to clear (an empty retained payload).
+    pub clear: Vec<String>,
+}
+
 impl OrderSweep {
-    /// Compares the database's open orders with the topics the hub `held` and returns what to
-    /// deliver: the orders missing in this sweep and the last, and an empty retained payload
-    /// (which clears it) for each topic held in both for a job that is not open. When some
-    /// open job's record did not decode (`open.complete` false), nothing is cleared: its order
-    /// cannot be told apart from one of an ended job.
-    pub fn step(&mut self, open: OpenOrders, held: &HashSet<String>) -> Vec<Outbound> {
-        let mut repairs = Vec::new();
-        let wanted: HashSet<&str> = open.orders.iter().map(|o| o.topic.as_str()).collect();
+    /// Compares the open jobs' topics with those the hub `held`: the topics missing in this
+    /// sweep and the last are to be delivered, those held in both for a job that is not open
+    /// cleared. When some open job could not be read (`open.complete` false), nothing is
+    /// cleared: its topics cannot be told apart from those of an ended job.
+    pub fn step(&mut self, open: OpenOrders, held: &HashSet<String>) -> Repairs {
+        let mut repairs = Repairs::default();
+        let wanted: HashSet<&str> = open.topics.iter().map(|(t, _)| t.as_str()).collect();
         let mut ended = HashSet::new();
         if open.complete {
             for topic in held.iter().filter(|t| !wanted.contains(t.as_str())) {
                 if self.ended.contains(topic) {
-                    repairs.push(Outbound {
-                        topic: topic.clone(),
-                        payload: Vec::new(),
-                        retain: true,
-                    });
+                    repairs.clear.push(topic.clone());
                 } else {
                     ended.insert(topic.clone());
                 }
             }
         }
         let mut missing = HashSet::new();
-        for order in open.orders {
-            if held.contains(&order.topic) {
+        for (topic, number) in open.topics {
+            if held.contains(&topic) {
                 continue;
             }
-            if self.missing.contains(&order.topic) {
-                repairs.push(order);
+            if self.missing.contains(&topic) {
+                repairs.deliver.push((topic, number));
             } else {
-                missing.insert(order.topic);
+                missing.insert(topic);
             }
         }
         self.missing = missing;
@@ -74,8 +80,9 @@ impl OrderSweep {
     }
 }
 
-/// Sweeps every `every` until `stop`: reads the open orders (off the async threads), compares,
-/// and hands the repairs to this node's sessions as the core's own publications.
+/// Sweeps every `every` until `stop`: reads the open jobs' topics (off the async threads),
+/// compares, reads the records of what is missing, and hands the repairs to this node's
+/// sessions as the core's own publications.
 pub async fn run(
     core: Arc<Core>,
     outlet: CoreOutlet,
@@ -94,7 +101,7 @@ pub async fn run(
             _ = ticks.tick() => {}
         }
         let c = core.clone();
-        let open = match tokio::task::spawn_blocking(move || c.open_orders()).await {
+        let open = match tokio::task::spawn_blocking(move || c.open_order_topics()).await {
             Ok(Ok(open)) => open,
             Ok(Err(e)) => {
                 // The store's own paths say it is unavailable; start over once it is back.
@@ -105,42 +112,68 @@ pub async fn run(
             Err(_) => return,
         };
         let repairs = sweep.step(open, &outlet.retained_device_topics());
-        if repairs.is_empty() {
+        let publications = match publications(&core, repairs).await {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(node = %node, error = %e, "order sweep: could not read the jobs to repair");
+                continue;
+            }
+        };
+        if publications.is_empty() {
             continue;
         }
-        for r in &repairs {
-            let what = if r.payload.is_empty() {
+        for p in &publications {
+            let what = if p.payload.is_empty() {
                 "cleared (its job has ended)"
             } else {
                 "delivered from the database"
             };
-            info!(node = %node, topic = %r.topic, "order sweep: {what}");
+            info!(node = %node, topic = %p.topic, "order sweep: {what}");
         }
-        warn!(node = %node, repaired = repairs.len(), "order sweep: this node's orders differed from the database's open jobs in two sweeps in a row (publications lost on the cluster bus); repaired");
+        warn!(node = %node, repaired = publications.len(), "order sweep: this node's orders differed from the database's open jobs in two sweeps in a row (publications lost on the cluster bus); repaired");
         stats
             .cluster_orders_repaired
-            .fetch_add(repairs.len() as u64, Ordering::Relaxed);
-        if !super::bus::deliver(&outlet, &router, repairs).await {
+            .fetch_add(publications.len() as u64, Ordering::Relaxed);
+        if !super::bus::deliver(&outlet, &router, publications).await {
             return;
         }
     }
+}
+
+/// The publications that make `repairs`: the orders and merged data to deliver, read now (a
+/// job that ended meanwhile has none), and an empty retained payload for each topic to clear.
+async fn publications(
+    core: &Arc<Core>,
+    repairs: Repairs,
+) -> Result<Vec<Outbound>, crate::store::StoreError> {
+    let mut out = Vec::new();
+    if !repairs.deliver.is_empty() {
+        let wanted: HashMap<String, u64> = repairs.deliver.into_iter().collect();
+        let mut numbers: Vec<u64> = wanted.values().copied().collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        let c = core.clone();
+        let read = tokio::task::spawn_blocking(move || c.orders_of(&numbers))
+            .await
+            .unwrap_or_else(|_| Ok(Vec::new()))?;
+        // Only what was missing: an order the hub holds is not sent again for its merged data.
+        out.extend(read.into_iter().filter(|o| wanted.contains_key(&o.topic)));
+    }
+    out.extend(repairs.clear.into_iter().map(|topic| Outbound {
+        topic,
+        payload: Vec::new(),
+        retain: true,
+    }));
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn order(topic: &str) -> Outbound {
-        Outbound {
-            topic: topic.into(),
-            payload: b"order".to_vec(),
-            retain: true,
-        }
-    }
-
-    fn open(topics: &[&str]) -> OpenOrders {
+    fn open(topics: &[(&str, u64)]) -> OpenOrders {
         OpenOrders {
-            orders: topics.iter().map(|t| order(t)).collect(),
+            topics: topics.iter().map(|(t, n)| (t.to_string(), *n)).collect(),
             complete: true,
         }
     }
@@ -149,57 +182,58 @@ mod tests {
         topics.iter().map(|t| t.to_string()).collect()
     }
 
-    fn topics(repairs: &[Outbound]) -> Vec<(&str, bool)> {
-        let mut t: Vec<_> = repairs
-            .iter()
-            .map(|r| (r.topic.as_str(), r.payload.is_empty()))
-            .collect();
-        t.sort();
-        t
-    }
+    const A: &str = "dev/C1/jobs/J-000001";
+    const A_MERGED: &str = "dev/C1/merged/J-000001";
+    const B: &str = "dev/C2/jobs/J-000002";
 
     #[test]
     fn an_order_missing_in_two_sweeps_is_delivered_and_one_that_arrived_meanwhile_is_not() {
         let mut sweep = OrderSweep::default();
-        let a = "dev/C1/jobs/J-000001";
-        let b = "dev/C2/jobs/J-000002";
-        assert!(sweep.step(open(&[a, b]), &held(&[])).is_empty());
-        // B's order came over the bus between the sweeps; A's was lost.
-        let repairs = sweep.step(open(&[a, b]), &held(&[b]));
-        assert_eq!(topics(&repairs), [(a, false)]);
-        assert_eq!(repairs[0].payload, b"order");
+        let jobs = [(A, 1), (A_MERGED, 1), (B, 2)];
+        assert_eq!(sweep.step(open(&jobs), &held(&[])), Repairs::default());
+        // B's order came over the bus between the sweeps; A's order and merged data were lost.
+        let mut repairs = sweep.step(open(&jobs), &held(&[B]));
+        repairs.deliver.sort();
+        assert_eq!(
+            repairs,
+            Repairs {
+                deliver: vec![(A.into(), 1), (A_MERGED.into(), 1)],
+                clear: vec![],
+            }
+        );
     }
 
     #[test]
     fn an_order_held_for_an_ended_job_in_two_sweeps_is_cleared() {
         let mut sweep = OrderSweep::default();
-        let a = "dev/C1/jobs/J-000001";
-        let b = "dev/C2/merged/J-000002";
-        assert!(sweep.step(open(&[]), &held(&[a, b])).is_empty());
+        assert_eq!(sweep.step(open(&[]), &held(&[A, B])), Repairs::default());
         // B's clear came over the bus between the sweeps; A's was lost.
-        let repairs = sweep.step(open(&[]), &held(&[a]));
-        assert_eq!(topics(&repairs), [(a, true)]);
+        assert_eq!(
+            sweep.step(open(&[]), &held(&[A])),
+            Repairs {
+                deliver: vec![],
+                clear: vec![A.into()],
+            }
+        );
     }
 
     #[test]
     fn a_job_filed_between_the_read_and_the_look_at_the_hub_is_left_alone() {
         let mut sweep = OrderSweep::default();
-        let a = "dev/C1/jobs/J-000001";
         // The database was read before A was filed; its order reached the hub before the look.
-        assert!(sweep.step(open(&[]), &held(&[a])).is_empty());
-        assert!(sweep.step(open(&[a]), &held(&[a])).is_empty());
-        assert!(sweep.step(open(&[a]), &held(&[a])).is_empty());
+        assert_eq!(sweep.step(open(&[]), &held(&[A])), Repairs::default());
+        assert_eq!(sweep.step(open(&[(A, 1)]), &held(&[A])), Repairs::default());
+        assert_eq!(sweep.step(open(&[(A, 1)]), &held(&[A])), Repairs::default());
     }
 
     #[test]
-    fn nothing_is_cleared_while_an_open_job_does_not_decode() {
+    fn nothing_is_cleared_while_an_open_job_cannot_be_read() {
         let mut sweep = OrderSweep::default();
-        let a = "dev/C1/jobs/J-000001";
         let unreadable = || OpenOrders {
-            orders: Vec::new(),
+            topics: Vec::new(),
             complete: false,
         };
-        assert!(sweep.step(unreadable(), &held(&[a])).is_empty());
-        assert!(sweep.step(unreadable(), &held(&[a])).is_empty());
+        assert_eq!(sweep.step(unreadable(), &held(&[A])), Repairs::default());
+        assert_eq!(sweep.step(unreadable(), &held(&[A])), Repairs::default());
     }
 }

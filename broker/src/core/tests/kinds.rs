@@ -1113,21 +1113,32 @@ fn startup_republishes_the_merged_data_of_open_jobs_only() {
     );
     assert!(out.iter().all(|o| o.retain && !o.payload.is_empty()));
 
-    // A cluster node's order sweep reads the same orders and merged data, without locking.
-    let open = core.open_orders().unwrap();
-    assert!(open.complete);
+    // A cluster node's order sweep names the same topics, from the open jobs' index, and reads
+    // the same publications for the jobs it repairs (an ended one has none).
     let devices: Vec<&Outbound> = out.iter().filter(|o| o.topic.starts_with("dev/")).collect();
-    assert_eq!(open.orders.iter().collect::<Vec<_>>(), devices);
+    let open = core.open_order_topics().unwrap();
+    assert!(open.complete);
     assert_eq!(
-        open.orders
-            .iter()
-            .map(|o| o.topic.as_str())
-            .collect::<Vec<_>>(),
+        open.topics,
         [
-            "dev/C1/jobs/J-000001",
-            "dev/C1/merged/J-000001",
-            "dev/C1/jobs/J-000003"
+            ("dev/C1/jobs/J-000001".to_owned(), 1),
+            ("dev/C1/merged/J-000001".to_owned(), 1),
+            ("dev/C1/jobs/J-000003".to_owned(), 3)
         ]
+    );
+    assert_eq!(
+        open.topics
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .collect::<Vec<_>>(),
+        devices.iter().map(|o| o.topic.as_str()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        core.orders_of(&[1, 2, 3])
+            .unwrap()
+            .iter()
+            .collect::<Vec<_>>(),
+        devices
     );
 }
 
@@ -1147,15 +1158,12 @@ fn on_postgres_the_order_sweep_reads_the_open_jobs_while_a_batch_holds_their_row
     let (tx, rx) = std::sync::mpsc::channel();
     let sweeper = core.clone();
     std::thread::spawn(move || {
-        let _ = tx.send(sweeper.open_orders().map(|o| o.orders));
+        let _ = tx.send(sweeper.open_order_topics().map(|o| o.topics));
     });
-    let orders = rx
+    let topics = rx
         .recv_timeout(std::time::Duration::from_secs(30))
         .expect("the sweep's read waited for the batch")
         .unwrap();
-    assert_eq!(
-        orders.iter().map(|o| o.topic.as_str()).collect::<Vec<_>>(),
-        ["dev/C1/jobs/J-000001"]
-    );
+    assert_eq!(topics, [("dev/C1/jobs/J-000001".to_owned(), 1)]);
     drop(batch);
 }

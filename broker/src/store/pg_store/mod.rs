@@ -33,7 +33,7 @@ pub use schema::{SCHEMA_VERSION, migrate};
 pub(crate) use target::Target;
 pub(crate) use target::is_loopback;
 
-use super::{OpenJob, Store, StoreError, StoreStats, Txn};
+use super::{OpenJobKey, Store, StoreError, StoreStats, Txn};
 
 /// A statement's parameter, owned so that it can travel to the connection's thread.
 #[derive(Debug, Clone)]
@@ -508,9 +508,9 @@ impl Store for PgStore {
         tables::stats(&conn, &self.location)
     }
 
-    fn open_job_records(&self) -> Result<Vec<Result<OpenJob, StoreError>>, StoreError> {
+    fn open_job_keys(&self) -> Result<Vec<Result<OpenJobKey, StoreError>>, StoreError> {
         let conn = PgStore::conn(&self.reader, &self.location)?;
-        tables::open_job_records(&conn, &self.location)
+        tables::open_job_keys(&conn, &self.location)
     }
 
     fn location(&self) -> String {

@@ -14,7 +14,7 @@ use super::{Conn, P, PgTxn};
 use crate::store::records::StoredState;
 use crate::store::{
     AlarmDigest, AlarmTables, ArtifactTables, DeviceRecord, DeviceTables, Due, JobRecord,
-    JobTables, JournalEntry, JournalTables, NotificationTables, OpenJob, OverflowRecord,
+    JobTables, JournalEntry, JournalTables, NotificationTables, OpenJobKey, OverflowRecord,
     PresenceRecord, PresenceTables, QueuedNotification, ReadingCursor, ReadingTables,
     RolloutRecord, RolloutTables, StoreError, StoreStats, UplinkTables, alarm_id, decode,
     device_journal, encode, job_id, rollout_id, seen, within_bytes,
@@ -54,17 +54,17 @@ pub(super) fn u(row: &postgres::Row, i: usize) -> Result<u64, StoreError> {
     col::<i64>(row, i).map(|v| v as u64)
 }
 
-/// Every open job's record and merged data, in one statement on `conn` (the reader): nothing
-/// locked, no transaction (`Store::open_job_records`).
-pub(super) fn open_job_records(
+/// Every open job's number and serial and whether it has merged data, in one statement on
+/// `conn` (the reader) that reads no record: nothing locked, no transaction
+/// (`Store::open_job_keys`).
+pub(super) fn open_job_keys(
     conn: &Conn,
     location: &str,
-) -> Result<Vec<Result<OpenJob, StoreError>>, StoreError> {
+) -> Result<Vec<Result<OpenJobKey, StoreError>>, StoreError> {
     let rows = conn
         .query(
-            "SELECT o.number, j.record, m.data FROM open_jobs o \
-             JOIN jobs j ON j.number = o.number \
-             LEFT JOIN merged m ON m.number = o.number ORDER BY o.number",
+            "SELECT o.number, o.serial, EXISTS (SELECT 1 FROM merged m WHERE m.number = o.number) \
+             FROM open_jobs o ORDER BY o.number",
             Vec::new(),
         )
         .ok_or_else(|| StoreError::Unavailable {
@@ -72,23 +72,18 @@ pub(super) fn open_job_records(
             reason: "the connection was lost while reading the open jobs".into(),
         })?
         .map_err(|e| StoreError::Database {
-            op: "list open jobs with their records",
+            op: "list open jobs",
             reason: e.to_string(),
         })?;
-    Ok(rows.iter().map(open_job).collect())
+    Ok(rows.iter().map(open_job_key).collect())
 }
 
-/// A row of [`open_job_records`]: number, record, merged data (or NULL).
-fn open_job(row: &postgres::Row) -> Result<OpenJob, StoreError> {
-    let number = u(row, 0)?;
-    let record = decode("jobs", job_id(number), col::<&[u8]>(row, 1)?)?;
-    let merged = col::<Option<&[u8]>>(row, 2)?
-        .map(|b| decode("merged", job_id(number), b))
-        .transpose()?;
-    Ok(OpenJob {
-        number,
-        record,
-        merged,
+/// A row of [`open_job_keys`]: number, serial, whether merged data exists.
+fn open_job_key(row: &postgres::Row) -> Result<OpenJobKey, StoreError> {
+    Ok(OpenJobKey {
+        number: u(row, 0)?,
+        serial: serial_of("open_jobs", col::<&str>(row, 1)?.to_owned())?,
+        merged: col(row, 2)?,
     })
 }
 

@@ -365,6 +365,7 @@ pub(super) async fn deliver(
 
 /// Republishes every retained order and view the database holds, to this node's sessions.
 async fn catch_up(core: &Arc<Core>, outlet: &CoreOutlet, router: &mpsc::Sender<Outbound>) {
+    let began = std::time::Instant::now();
     let c = core.clone();
     let publications = match tokio::task::spawn_blocking(move || c.startup_publications()).await {
         Ok(Ok(p)) => p,
@@ -374,7 +375,14 @@ async fn catch_up(core: &Arc<Core>, outlet: &CoreOutlet, router: &mpsc::Sender<O
         }
         Err(_) => return,
     };
-    deliver(outlet, router, publications).await;
+    let count = publications.len();
+    let read_ms = began.elapsed().as_millis();
+    if deliver(outlet, router, publications).await {
+        info!(
+            republished = count,
+            read_ms, "caught up from the database: retained orders and views republished here"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -873,8 +873,6 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     Envelope::from_cbor(payload, max)
 }
 
-/// Views are a cache: a record that no longer decodes is logged and left out rather than stopping
-/// the batch (or the broker's startup). `Ok(None)` means it was skipped.
 /// An open job's retained order, and its merged data if it has some (only an update-data job
 /// may: no other costs a read).
 fn order_and_merged(
@@ -893,6 +891,8 @@ fn order_and_merged(
     Ok(out)
 }
 
+/// Views are a cache: a record that no longer decodes is logged and left out rather than stopping
+/// the batch (or the broker's startup). `Ok(None)` means it was skipped.
 fn skip_corrupt<T>(result: Result<T, StoreError>) -> Result<Option<T>, StoreError> {
     match result {
         Ok(v) => Ok(Some(v)),

@@ -263,11 +263,13 @@ impl Hub {
                     }
                 }
             } else {
-                state
-                    .retained
-                    .entry(serial.to_owned())
-                    .or_default()
-                    .insert(topic.to_owned(), publish.payload.clone());
+                let kept = state.retained.entry(serial.to_owned()).or_default();
+                if kept.get(topic) == Some(&publish.payload) {
+                    // The same order again (a cluster node catching up from the database): the
+                    // session had it when it was first routed, or in its replay on subscribe.
+                    return;
+                }
+                kept.insert(topic.to_owned(), publish.payload.clone());
             }
         }
         let Some(entry) = state.sessions.get(serial) else {
@@ -530,6 +532,34 @@ mod tests {
         assert!(
             hub.lock().retained.is_empty(),
             "emptied orders take no memory"
+        );
+    }
+
+    #[test]
+    fn a_retained_order_routed_again_unchanged_is_not_sent_again_and_a_changed_one_is() {
+        let hub = hub(16);
+        let a = hub.attach_session("A1");
+        a.subscribe(["dev/A1/#".to_owned()], 8).unwrap();
+        hub.route(publish("dev/A1/jobs/J-000001", b"one"));
+        hub.route(publish("dev/A1/jobs/J-000001", b"one"));
+        hub.route(publish("dev/A1/ack", b"x"));
+        hub.route(publish("dev/A1/ack", b"x"));
+        assert_eq!(
+            received(&a),
+            ["dev/A1/jobs/J-000001", "dev/A1/ack", "dev/A1/ack"],
+            "an order once, acks (not retained) each time"
+        );
+        hub.route(publish("dev/A1/jobs/J-000001", b"other"));
+        hub.route(publish("dev/A1/jobs/J-000001", b""));
+        hub.route(publish("dev/A1/jobs/J-000001", b"one"));
+        assert_eq!(
+            received(&a),
+            [
+                "dev/A1/jobs/J-000001",
+                "dev/A1/jobs/J-000001",
+                "dev/A1/jobs/J-000001"
+            ],
+            "a changed order, its clear, and the order again after the clear"
         );
     }
 

@@ -80,7 +80,10 @@ pub async fn attach(
         routes,
         bus,
     };
-    let mut out = RouterOut { tx };
+    let mut out = RouterOut {
+        tx,
+        retained: RetainedDigests::default(),
+    };
     out.send(outlet.deliver_to_devices(retained)).await?;
     tracker.spawn(outlet.clone().follow_routes(stop.clone()));
     tracker.spawn(pump_in(rx, inbound, stop.clone()));
@@ -193,6 +196,7 @@ impl Outlet for CoreOutlet {
 /// devices get.
 struct RouterOut {
     tx: LinkTx,
+    retained: RetainedDigests,
 }
 
 impl RouterOut {
@@ -200,6 +204,9 @@ impl RouterOut {
     async fn send(&mut self, batch: Vec<Outbound>) -> Result<(), rumqttd::local::LinkError> {
         let mut last = None;
         for out in batch {
+            if out.retain && self.retained.is_repeat(&out.topic, &out.payload) {
+                continue;
+            }
             let publish = router::publish(&out.topic, out.payload, out.retain);
             if let Some(previous) = last.replace(publish) {
                 self.tx.buffer().push_back(previous);
@@ -210,6 +217,36 @@ impl RouterOut {
         }
         Ok(())
     }
+}
+
+/// A digest of each retained message the core has put in the router, by topic, so that one
+/// published again unchanged is not: the router would keep the same message and send it to
+/// every subscriber once more. A cluster node catching up from the database republishes every
+/// view, nearly all of them unchanged; integrators then get only what changed. The core is the
+/// only publisher of retained messages in the router (the ACL lets no client retain there), so
+/// what is recorded here is what the router holds. 16 bytes a topic, not the payloads.
+#[derive(Default)]
+struct RetainedDigests {
+    by_topic: std::collections::HashMap<u64, u64>,
+}
+
+impl RetainedDigests {
+    /// Whether `payload` is what `topic` already holds; records it otherwise. An empty payload
+    /// (which deletes the retained message) always goes on.
+    fn is_repeat(&mut self, topic: &str, payload: &[u8]) -> bool {
+        let topic = digest(topic.as_bytes());
+        if payload.is_empty() {
+            self.by_topic.remove(&topic);
+            return false;
+        }
+        let payload = digest(payload);
+        self.by_topic.insert(topic, payload) == Some(payload)
+    }
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(bytes)
 }
 
 /// Most messages the core's outlet takes at once.
@@ -262,5 +299,106 @@ async fn pump_out(
             warn!(error = %e, "could not publish into the router");
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Outlet;
+
+    fn view(topic: &str, payload: &[u8]) -> Outbound {
+        Outbound {
+            topic: topic.into(),
+            payload: payload.to_vec(),
+            retain: true,
+        }
+    }
+
+    /// Through a real router: an integrator subscribed to `fleet/#` gets a view once however
+    /// often the core publishes it unchanged, then each change.
+    #[tokio::test]
+    async fn an_integrator_gets_a_view_published_again_unchanged_once() {
+        let broker = crate::router::start(16);
+        let (inbound, _keep) = mpsc::channel(16);
+        let hub = Arc::new(Hub::new(inbound.clone(), 16));
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let outlet = attach(
+            broker.clone(),
+            hub,
+            Arc::default(),
+            Vec::new(),
+            inbound,
+            None,
+            &tasks,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let (mut tx, mut rx) =
+            tokio::task::spawn_blocking(move || broker.link("integrator").map_err(Box::new))
+                .await
+                .unwrap()
+                .unwrap();
+        tx.subscribe("fleet/#").unwrap();
+        let next = async |rx: &mut LinkRx| {
+            let p =
+                tokio::time::timeout(std::time::Duration::from_secs(20), router::next_forward(rx))
+                    .await
+                    .expect("a message in time")
+                    .unwrap();
+            (
+                String::from_utf8_lossy(&p.topic).into_owned(),
+                String::from_utf8_lossy(&p.payload).into_owned(),
+            )
+        };
+        // Whether the subscription or the publish reaches the router first, "a" arrives once.
+        outlet
+            .publish(vec![view("fleet/C1/state", b"a")])
+            .await
+            .unwrap();
+        assert_eq!(next(&mut rx).await, ("fleet/C1/state".into(), "a".into()));
+
+        outlet
+            .publish(vec![
+                view("fleet/C1/state", b"a"),
+                view("fleet/C1/state", b"b"),
+                view("fleet/C1/state", b"b"),
+                view("fleet/C2/state", b"a"),
+            ])
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(next(&mut rx).await);
+        }
+        assert_eq!(
+            got,
+            [
+                ("fleet/C1/state".into(), "b".into()),
+                ("fleet/C2/state".into(), "a".into())
+            ]
+        );
+        stop.cancel();
+    }
+
+    #[test]
+    fn a_retained_message_published_again_unchanged_is_a_repeat_until_it_changes_or_is_deleted() {
+        let mut digests = RetainedDigests::default();
+        let topic = "fleet/C1/state";
+        assert!(!digests.is_repeat(topic, b"online"));
+        assert!(digests.is_repeat(topic, b"online"));
+        assert!(
+            !digests.is_repeat("fleet/C2/state", b"online"),
+            "another topic"
+        );
+        assert!(!digests.is_repeat(topic, b"offline"));
+        assert!(!digests.is_repeat(topic, b""), "a deletion always goes on");
+        assert!(!digests.is_repeat(topic, b""));
+        assert!(
+            !digests.is_repeat(topic, b"offline"),
+            "after a deletion the message is new again"
+        );
     }
 }

@@ -224,29 +224,28 @@ impl RouterOut {
 /// every subscriber once more. A cluster node catching up from the database republishes every
 /// view, nearly all of them unchanged; integrators then get only what changed. The core is the
 /// only publisher of retained messages in the router (the ACL lets no client retain there), so
-/// what is recorded here is what the router holds. 16 bytes a topic, not the payloads.
+/// what is recorded here is what the router holds. 16 bytes a topic the router retains, not
+/// the payloads; the digests are keyed at random per process, so no one can pick a serial or a
+/// payload whose digest matches another's.
 #[derive(Default)]
 struct RetainedDigests {
     by_topic: std::collections::HashMap<u64, u64>,
+    keys: std::hash::RandomState,
 }
 
 impl RetainedDigests {
     /// Whether `payload` is what `topic` already holds; records it otherwise. An empty payload
     /// (which deletes the retained message) always goes on.
     fn is_repeat(&mut self, topic: &str, payload: &[u8]) -> bool {
-        let topic = digest(topic.as_bytes());
+        use std::hash::BuildHasher;
+        let topic = self.keys.hash_one(topic.as_bytes());
         if payload.is_empty() {
             self.by_topic.remove(&topic);
             return false;
         }
-        let payload = digest(payload);
+        let payload = self.keys.hash_one(payload);
         self.by_topic.insert(topic, payload) == Some(payload)
     }
-}
-
-fn digest(bytes: &[u8]) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(bytes)
 }
 
 /// Most messages the core's outlet takes at once.

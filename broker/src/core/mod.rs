@@ -390,18 +390,15 @@ impl Core {
     /// it had read locked, and the node's writer, until the last.
     pub fn startup_publications(&self) -> Result<Vec<Outbound>, StoreError> {
         let txn = self.store.begin()?;
-        let chunk = if txn.wants_hints() {
-            REPUBLISH_CHUNK
-        } else {
-            usize::MAX
-        };
+        let hints = txn.wants_hints();
+        let chunk = if hints { REPUBLISH_CHUNK } else { usize::MAX };
         let numbers = txn.job_numbers()?;
         let serials = txn.device_serials()?;
         txn.commit()?;
         let mut out = Vec::new();
         for numbers in numbers.chunks(chunk) {
             let mut txn = self.store.begin()?;
-            if txn.wants_hints() {
+            if hints {
                 txn.warm(&Hints {
                     jobs: numbers.to_vec(),
                     ..Hints::default()
@@ -423,7 +420,7 @@ impl Core {
         }
         for serials in serials.chunks(chunk) {
             let mut txn = self.store.begin()?;
-            if txn.wants_hints() {
+            if hints {
                 txn.warm(&Hints {
                     devices: serials.iter().map(|s| s.as_str().to_owned()).collect(),
                     ..Hints::default()

@@ -73,7 +73,7 @@ pub(super) fn open_job_keys(
         })?
         .map_err(|e| StoreError::Database {
             op: "list open jobs",
-            reason: e.to_string(),
+            reason: super::reason(&e),
         })?;
     Ok(rows.iter().map(open_job_key).collect())
 }

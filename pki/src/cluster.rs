@@ -314,7 +314,7 @@ mod tests {
         let e = crate::identity_from_pem(&pem).unwrap_err();
         assert!(e.to_string().contains("OU (role)"), "{e}");
         let der = certs(&pem, &cert).unwrap().remove(0);
-        let parsed = crate::parse_cert(&der).unwrap();
+        let parsed = crate::parse_cert(&der, true).unwrap();
         let eku = parsed.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
         let e = issue_cluster_to_dir(dir.path(), "bad name", &[]).unwrap_err();

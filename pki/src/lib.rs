@@ -292,11 +292,19 @@ fn write_issued(
 
 /// Reads the role (OU) and id (CN) a certificate was issued for.
 pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
-    identity_of(&parse_cert(der)?)
+    identity_of(&parse_cert(der, false)?)
 }
 
-fn parse_cert(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, PkiError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
+/// `deep`: whether the extensions' contents are decoded too (nothing the relay reads after a
+/// handshake is in them).
+fn parse_cert(
+    der: &[u8],
+    deep: bool,
+) -> Result<x509_parser::certificate::X509Certificate<'_>, PkiError> {
+    use x509_parser::nom::Parser;
+    let (_, cert) = x509_parser::certificate::X509CertificateParser::new()
+        .with_deep_parse_extensions(deep)
+        .parse(der)
         .map_err(|e| PkiError::NoIdentity(format!("not an X.509 certificate ({e})")))?;
     Ok(cert)
 }
@@ -337,9 +345,11 @@ impl PeerCert {
     }
 }
 
-/// Reads a client certificate's identity, serial and expiry ([`PeerCert`]).
+/// Reads a client certificate's identity, serial and expiry ([`PeerCert`]), after every
+/// handshake. The extensions are left undecoded (none of the three is in them): their decoding
+/// was a quarter of this parse's time.
 pub fn peer_cert(der: &[u8]) -> Result<PeerCert, PkiError> {
-    let cert = parse_cert(der)?;
+    let cert = parse_cert(der, false)?;
     Ok(PeerCert {
         identity: identity_of(&cert)?,
         serial: minimal(cert.raw_serial()).to_vec(),
@@ -387,9 +397,15 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// instructions here), while SHA-256 runs on the CPU's SHA extensions: the handshake's hashing
 /// was 8 % of the relay's CPU in a reconnect storm (bench/RESULTS.md). Both suites are TLS 1.3's
 /// own; AES-128 is its mandatory one.
+///
+/// Draws once from the generator here: aws-lc gathers its first entropy (about 30 ms of CPU) at
+/// the first draw of the process, which is otherwise the first handshake after a restart, in
+/// the middle of the storm of reconnects.
 fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
     let mut p = kx::ring_with_fast_x25519();
+    // A generator that cannot draw now fails the first handshake instead, with its own error.
+    let _ = p.secure_random.fill(&mut [0u8; 1]);
     p.cipher_suites
         .sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
     Arc::new(p)
@@ -779,7 +795,7 @@ mod tests {
         assert_eq!(cert, relay_cert_paths(dir.path(), "R1").0);
         let pem = read_pem_file(&cert).unwrap();
         let der = certs(&pem, &cert).unwrap().remove(0);
-        let parsed = parse_cert(&der).unwrap();
+        let parsed = parse_cert(&der, true).unwrap();
         let sans: Vec<String> = parsed
             .subject_alternative_name()
             .unwrap()

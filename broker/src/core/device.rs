@@ -272,7 +272,7 @@ fn state_update(
         },
     )?;
     p.views.extend(filled);
-    p.states.insert(serial.clone());
+    p.state_changed(serial);
     if let Some(schedule) = &schedule {
         super::presence::learn(txn, serial, schedule)?;
     }

@@ -46,7 +46,7 @@ use protocol::{Envelope, HostId, JobId, MsgId, Seq, Serial, Shown, Timestamp, to
 use tracing::{error, info, warn};
 
 use crate::jobs;
-use crate::store::{DeviceRecord, Hints, JobRecord, Store, StoreError, Txn};
+use crate::store::{DeviceRecord, Hints, JobRecord, PresenceRecord, Store, StoreError, Txn};
 
 pub use alarm_limit::AlarmLimits;
 pub use alerts::AlertSettings;
@@ -160,8 +160,13 @@ struct Pending {
     ended: BTreeSet<u64>,
     /// Jobs whose views changed.
     views: BTreeSet<u64>,
-    /// Devices whose record was written in this batch (state message).
+    /// Devices whose record was written in this batch (state message): their views go out.
+    /// Written through [`Pending::state_changed`] or [`Pending::state_written`].
     states: BTreeSet<Serial>,
+    /// Among them, the devices whose records this batch wrote last and holds as written: their
+    /// view is made from these, not read back (a reconnect storm's presence commits read each
+    /// record once instead of twice).
+    written: BTreeMap<Serial, (DeviceRecord, PresenceRecord)>,
     /// Devices heard from in this batch: their last-seen time moves.
     seen: BTreeSet<Serial>,
     /// Devices whose alarms changed: their retained alarm views are republished.
@@ -293,6 +298,20 @@ impl Done {
 }
 
 impl Pending {
+    /// A device's record or presence changed in the transaction: its view goes out, read from
+    /// the transaction.
+    fn state_changed(&mut self, serial: &Serial) {
+        self.written.remove(serial);
+        self.states.insert(serial.clone());
+    }
+
+    /// Like [`Pending::state_changed`], with the records just written, which are then the
+    /// device's view unless another change follows in the same batch.
+    fn state_written(&mut self, serial: &Serial, device: DeviceRecord, presence: PresenceRecord) {
+        self.states.insert(serial.clone());
+        self.written.insert(serial.clone(), (device, presence));
+    }
+
     /// Answers the device message at `seq`. A refusal is also journaled when the batch finishes
     /// ([`Core::finish`]), so every refusal is remembered, whichever handler made it.
     fn ack(&mut self, serial: &Serial, seq: Seq, outcome: AckOutcome) {
@@ -766,7 +785,7 @@ impl Core {
                 },
             };
             txn.put_device(&serial, &record)?;
-            p.states.insert(serial);
+            p.state_changed(&serial);
         }
 
         let mut out = Vec::new();
@@ -806,7 +825,9 @@ impl Core {
             }
         }
         for serial in &p.states {
-            if let Some(Some(record)) = skip_corrupt(txn.device(serial))? {
+            if let Some((device, presence)) = p.written.get(serial) {
+                out.extend(self.state_views_of(serial, device, presence)?);
+            } else if let Some(Some(record)) = skip_corrupt(txn.device(serial))? {
                 out.extend(self.state_views(txn, serial, &record)?);
             }
         }

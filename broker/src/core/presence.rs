@@ -17,7 +17,7 @@ use protocol::presence::{Presence, StateView};
 use protocol::schedule::Schedule;
 use protocol::{Envelope, Serial, Timestamp, topic};
 use serde::Serialize;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Core, Outbound, Pending, alarm, skip_corrupt};
 use crate::store::{DeviceRecord, StoreError, Txn};
@@ -196,7 +196,9 @@ impl Core {
             if let Some(n) = record.overdue_alarm.take() {
                 alarm::clear_by_number(txn, p, n, now)?;
             }
-            info!(serial = %serial, "device online");
+            // Debug: the gateway's "session started" says it already, with the identity, at
+            // info; in a reconnect storm a second line per device was 1 % of the relay's CPU.
+            debug!(serial = %serial, "device online");
         } else {
             record.due_by = record
                 .expected_interval()
@@ -215,7 +217,7 @@ impl Core {
             },
         };
         txn.put_device(serial, &device)?;
-        p.states.insert(serial.clone());
+        p.state_written(serial, device, record);
         Ok(())
     }
 
@@ -280,7 +282,7 @@ impl Core {
         record.overdue_alarm = Some(n);
         record.since = Some(now);
         txn.put_presence(serial, &record)?;
-        p.states.insert(serial.clone());
+        p.state_changed(serial);
         Ok(())
     }
 
@@ -419,7 +421,17 @@ impl Core {
         let presence = skip_corrupt(txn.presence(serial))?
             .flatten()
             .unwrap_or_default();
-        let now_online = self.is_online_anywhere(serial, &presence);
+        self.state_views_of(serial, record, &presence)
+    }
+
+    /// The views of a device whose records are at hand.
+    pub(super) fn state_views_of(
+        &self,
+        serial: &Serial,
+        record: &DeviceRecord,
+        presence: &crate::store::PresenceRecord,
+    ) -> Result<Vec<Outbound>, StoreError> {
+        let now_online = self.is_online_anywhere(serial, presence);
         let child = self.child_of(serial);
         let view = StateView {
             state: record.state.clone(),
@@ -519,7 +531,7 @@ pub(super) fn learn_from_job(
     if let Some(JobSpec::SetSchedule { schedule }) = record.order.as_ref().map(|o| &o.spec) {
         let schedule = schedule.clone();
         learn(txn, serial, &schedule)?;
-        p.states.insert(serial.clone());
+        p.state_changed(serial);
     }
     Ok(())
 }

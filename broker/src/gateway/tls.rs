@@ -409,7 +409,10 @@ fn encode(
     data: &mut rustls::unbuffered::EncodeTlsData<'_, rustls::server::ServerConnectionData>,
     outgoing: &mut Vec<u8>,
 ) -> io::Result<()> {
-    write_into(outgoing, 4096, |room| {
+    // rustls holds the record encoded already and, given no room, says its size: asking first
+    // grows the buffer to fit exactly. A 4 KiB guess per record was zeroed, regrown as the
+    // flight grew and cut back (2.6 % of the relay's CPU in a reconnect storm).
+    write_into(outgoing, 0, |room| {
         data.encode(room).map_err(Shortfall::from)
     })
 }

@@ -298,6 +298,41 @@ fn presence_follows_sessions_and_a_late_periodic_device_is_overdue_until_it_chec
     assert!(core.overdue(t(23, 0)).unwrap().is_empty());
 }
 
+/// A presence commit makes each device's view from the records it has just written rather than
+/// reading them back: when a session opened and closed within one commit, the view is the last
+/// of them, with the state the device announced, and the same bytes a fresh read publishes.
+#[test]
+fn a_session_opening_and_closing_within_one_commit_publishes_its_last_presence() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = with_rules(&dir, "");
+    core.presence_events(vec![presence("P1", true)], t(9, 0))
+        .unwrap();
+    core.handle_batch(vec![periodic_state("P1", 1, 600)], t(9, 0))
+        .unwrap();
+    core.presence_events(vec![presence("P1", false)], t(9, 1))
+        .unwrap();
+
+    let out = core
+        .presence_events(vec![presence("P1", true), presence("P1", false)], t(9, 2))
+        .unwrap();
+    let state_topic = topic::fleet_state(&serial("P1"));
+    let views: Vec<&Outbound> = out.iter().filter(|o| o.topic == state_topic).collect();
+    assert_eq!(views.len(), 1, "one view per device and commit");
+    let view = state_view(&out, "P1");
+    assert_eq!(view.presence, Presence::Offline);
+    assert_eq!((view.since, view.last_seen), (Some(t(9, 2)), t(9, 2)));
+    assert_eq!(
+        view.due_by,
+        Some(t(9, 13)),
+        "closed at 9:02, every 10 min + 1"
+    );
+    assert_eq!(view.state.site, "Kobe");
+
+    let fresh = core.startup_publications().unwrap();
+    let read_back = find(&fresh, &state_topic).expect("the view read from the store");
+    assert_eq!(read_back.payload, views[0].payload);
+}
+
 #[test]
 fn a_periodic_device_connected_at_shutdown_is_expected_back_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,16 +1,10 @@
-//! TLS key exchange on X25519 and the handshake's randomness from aws-lc-rs, for the providers
-//! that are otherwise ring's.
+//! TLS key exchange on X25519 computed by aws-lc-rs, for the providers that are otherwise ring's.
 //!
 //! Every TLS 1.3 handshake, a resumed one included, makes a fresh X25519 key pair and one
 //! agreement on each side. ring's X25519 took 59 µs for the two on this project's benchmark
 //! machine and aws-lc-rs' 32 µs; in a relay's reconnect storm the key exchange was a fifth of
 //! the relay's CPU (bench/RESULTS.md, "Restarts with session resumption"). Everything else —
 //! ciphers, hashes, signatures, the session tickets — stays on ring.
-//!
-//! The randomness a handshake draws (the server's random, a ticket's age offset and nonce) comes
-//! from aws-lc's generator ([`AwsLcRandom`]), seeded once from the kernel, where ring's asks the
-//! kernel each time: three `getrandom` calls per resumed handshake, about 1 % of the relay's CPU
-//! in a reconnect storm.
 //!
 //! Written here rather than taken from rustls' `aws_lc_rs` feature: with both of rustls' provider
 //! features on, rustls can no longer choose a process default provider, and the crates that rely
@@ -20,7 +14,6 @@ use rustls::crypto::{ActiveKeyExchange, SharedSecret, SupportedKxGroup};
 use rustls::{Error, NamedGroup, PeerMisbehaved};
 
 use aws_lc_rs::agreement;
-use rustls::crypto::{GetRandomFailed, SecureRandom};
 
 /// Ephemeral ECDH on curve25519 (RFC 7748), first in every provider chukei builds.
 pub static X25519: &dyn SupportedKxGroup = &X25519Group;
@@ -73,22 +66,9 @@ impl ActiveKeyExchange for X25519Exchange {
     }
 }
 
-/// aws-lc's random generator (a CTR-DRBG per thread, seeded from the kernel and CPU entropy,
-/// reseeded on fork), for everything rustls draws at random.
-#[derive(Debug)]
-pub struct AwsLcRandom;
-
-impl SecureRandom for AwsLcRandom {
-    fn fill(&self, buf: &mut [u8]) -> Result<(), GetRandomFailed> {
-        aws_lc_rs::rand::fill(buf).map_err(|_| GetRandomFailed)
-    }
-}
-
-/// ring's provider with [`X25519`] in place of ring's own, and [`AwsLcRandom`] for its
-/// randomness.
+/// ring's provider with [`X25519`] in place of ring's own.
 pub fn ring_with_fast_x25519() -> rustls::crypto::CryptoProvider {
     let mut provider = rustls::crypto::ring::default_provider();
-    provider.secure_random = &AwsLcRandom;
     for group in &mut provider.kx_groups {
         if group.name() == NamedGroup::X25519 {
             *group = X25519;
@@ -132,16 +112,5 @@ mod tests {
         assert_eq!(names, ring_names);
         assert_eq!(names[0], NamedGroup::X25519);
         assert!(std::ptr::addr_eq(p.kx_groups[0], X25519));
-    }
-
-    #[test]
-    fn the_provider_draws_distinct_randomness_from_aws_lc() {
-        let p = ring_with_fast_x25519();
-        let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
-        p.secure_random.fill(&mut a).unwrap();
-        p.secure_random.fill(&mut b).unwrap();
-        assert_ne!(a, [0u8; 32]);
-        assert_ne!(a, b);
-        assert!(format!("{:?}", p.secure_random).contains("AwsLcRandom"));
     }
 }

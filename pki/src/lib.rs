@@ -398,14 +398,14 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// was 8 % of the relay's CPU in a reconnect storm (bench/RESULTS.md). Both suites are TLS 1.3's
 /// own; AES-128 is its mandatory one.
 ///
-/// Draws once from the generator here: aws-lc gathers its first entropy (about 30 ms of CPU) at
-/// the first draw of the process, which is otherwise the first handshake after a restart, in
-/// the middle of the storm of reconnects.
+/// Draws once from aws-lc's generator here, which every X25519 key pair draws from: aws-lc
+/// gathers its first entropy (about 30 ms of CPU) at the first draw of the process, otherwise
+/// the first handshake after a restart, in the middle of its storm of reconnects.
 fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
     let mut p = kx::ring_with_fast_x25519();
     // A generator that cannot draw now fails the first handshake instead, with its own error.
-    let _ = p.secure_random.fill(&mut [0u8; 1]);
+    let _ = aws_lc_rs::rand::fill(&mut [0u8; 1]);
     p.cipher_suites
         .sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
     Arc::new(p)

@@ -207,13 +207,30 @@ impl PresenceTables for RedbTxn {
 
     fn put_presence(&mut self, serial: &Serial, record: &PresenceRecord) -> Result<(), StoreError> {
         let op = "write presence";
-        let before = self.presence(serial)?.and_then(|r| r.due_by);
         let bytes = encode("presence", serial, record)?;
-        self.txn
-            .open_table(PRESENCE)
-            .map_err(backend(op))?
+        // The record it replaces comes back from the insert: its due time is the index entry
+        // to move, without a second lookup. A corrupt one is put back as it was, and refused as
+        // a read of it would be.
+        let mut table = self.txn.open_table(PRESENCE).map_err(backend(op))?;
+        let old = table
             .insert(serial.as_str(), bytes.as_slice())
             .map_err(backend(op))?;
+        let replaced = old.as_ref().map(|g| {
+            decode::<PresenceRecord>("presence", serial, g.value())
+                .map_err(|e| (e, g.value().to_vec()))
+        });
+        drop(old);
+        let before = match replaced {
+            None => None,
+            Some(Ok(old)) => old.due_by,
+            Some(Err((e, raw))) => {
+                table
+                    .insert(serial.as_str(), raw.as_slice())
+                    .map_err(backend(op))?;
+                return Err(e);
+            }
+        };
+        drop(table);
         if before != record.due_by {
             let mut due = self.txn.open_table(CHECKIN_DUE).map_err(backend(op))?;
             if let Some(old) = before {
@@ -364,5 +381,34 @@ mod tests {
         record.node = Some("N1".into());
         txn.put_presence(&c1, &record).unwrap();
         assert!(txn.presence_without_node_or_deadline().unwrap().is_empty());
+    }
+
+    /// A presence record that cannot be read is not silently replaced: the write is refused
+    /// as a read would be, and the record and its due time stay as they were.
+    #[test]
+    fn writing_over_a_corrupt_presence_record_is_refused_and_leaves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::RedbStore::open(dir.path()).unwrap();
+        let mut txn = store.begin_redb().unwrap();
+        let c1 = Serial::parse("C1").unwrap();
+        let due = PresenceRecord {
+            mode: Some(SessionMode::Periodic),
+            interval_secs: Some(60),
+            due_by: Some(at(10)),
+            ..PresenceRecord::default()
+        };
+        txn.put_presence(&c1, &due).unwrap();
+        txn.txn
+            .open_table(PRESENCE)
+            .unwrap()
+            .insert("C1", [0xffu8, 0x00].as_slice())
+            .unwrap();
+
+        let err = txn
+            .put_presence(&c1, &PresenceRecord::default())
+            .unwrap_err();
+        assert!(err.is_corrupt_record(), "{err}");
+        assert!(txn.presence(&c1).unwrap_err().is_corrupt_record());
+        assert_eq!(txn.checkins_due(at(10)).unwrap(), std::slice::from_ref(&c1));
     }
 }

@@ -215,21 +215,20 @@ impl PresenceTables for RedbTxn {
         let old = table
             .insert(serial.as_str(), bytes.as_slice())
             .map_err(backend(op))?;
-        let replaced = old.as_ref().map(|g| {
-            decode::<PresenceRecord>("presence", serial, g.value())
-                .map_err(|e| (e, g.value().to_vec()))
-        });
-        drop(old);
-        let before = match replaced {
-            None => None,
-            Some(Ok(old)) => old.due_by,
-            Some(Err((e, raw))) => {
+        let before = match old
+            .as_ref()
+            .map(|g| decode::<PresenceRecord>("presence", serial, g.value()))
+        {
+            Some(Err(e)) => {
+                let raw = old.map(|g| g.value().to_vec()).unwrap_or_default();
                 table
                     .insert(serial.as_str(), raw.as_slice())
                     .map_err(backend(op))?;
                 return Err(e);
             }
+            replaced => replaced.and_then(Result::ok).and_then(|r| r.due_by),
         };
+        drop(old);
         drop(table);
         if before != record.due_by {
             let mut due = self.txn.open_table(CHECKIN_DUE).map_err(backend(op))?;

@@ -391,11 +391,10 @@ pub async fn run_alarm_lane(
 /// relay's whole fleet comes back at once) their changes wait for each other: at most one presence
 /// commit per [`PRESENCE_WINDOW`]. A lone change on a quiet relay commits at once. Measured in a
 /// reconnect storm of 19,000 devices (bench/RESULTS.md): commits of ~27 changes became commits of
-/// hundreds, each with one flush and its tree pages written once. At 200 ms rather than 50 a
-/// storm's commits are a quarter as many and write half the pages (most leaves of the presence
-/// and device tables are in every commit either way); a device's view says it is online up to
-/// 0.2 s later.
-pub(super) const PRESENCE_WINDOW: Duration = Duration::from_millis(200);
+/// hundreds, each with one flush and its tree pages written once. Not longer: a device that
+/// has connected is in `devices list` and a rollout's selection only once this commit is made
+/// (at 200 ms a rollout created as a fleet came up missed most of it).
+pub(super) const PRESENCE_WINDOW: Duration = Duration::from_millis(50);
 
 /// Presence changes held back until [`PRESENCE_WINDOW`] has passed since the last presence
 /// commit.

@@ -325,6 +325,11 @@ struct RunArgs {
     /// per-source rate. Default: true
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
     connect_rate_exempt_loopback: Option<bool>,
+    /// "session started" and "session ended" lines logged in full per second, each; past it
+    /// (a whole fleet reconnecting after a restart) the next line says how many were left out.
+    /// 0: every line. Default: 100
+    #[arg(long, value_name = "N")]
+    session_log_lines_per_second: Option<u64>,
     /// Run as the child relay with this id: serve devices with PKI_DIR/relay/ID.pem (`broker pki
     /// issue --role relay --id ID`) and, with --parent, forward what they send to the parent
     #[arg(long, value_name = "ID")]
@@ -513,6 +518,7 @@ impl RunArgs {
             connect_rate_per_source,
             connect_burst_per_source,
             connect_rate_exempt_loopback,
+            session_log_lines_per_second,
             finished_visible_secs,
             default_deadline_secs,
             default_max_attempts,
@@ -622,6 +628,8 @@ fn init_tracing(quiet: bool, format: LogFormat) {
     // rumqttd opens an error-level span for every publish it routes, formatting the topic each
     // time; its events still get through, only without that context. The core's views are
     // publishes, so this was a measurable part of every report's cost (bench/RESULTS.md).
+    // Filtered for the whole subscriber, not for the log layer alone: a span one layer filters
+    // out is still made and stored by the registry.
     let no_router_spans = tracing_subscriber::filter::filter_fn(|meta| {
         !(meta.is_span() && meta.target().starts_with("rumqttd"))
     });
@@ -632,7 +640,8 @@ fn init_tracing(quiet: bool, format: LogFormat) {
     };
     tracing_subscriber::registry()
         .with(filter)
-        .with(layer.with_filter(no_router_spans))
+        .with(no_router_spans)
+        .with(layer)
         .init();
 }
 

@@ -90,6 +90,11 @@ pub struct BrokerConfig {
     /// of clients from loopback.
     #[serde(default = "defaults::yes")]
     pub connect_rate_exempt_loopback: bool,
+    /// "session started" and "session ended" lines logged in full per second, each; past it
+    /// (a restarted relay's fleet coming back at once) the next line logged says how many were
+    /// left out. The metrics and each device's presence count every session. 0: every line.
+    #[serde(default = "defaults::session_log_lines_per_second")]
+    pub session_log_lines_per_second: u64,
     /// A certificate revocation list (PEM, signed by the CA) the relay checks every client
     /// certificate against; read at start. Unset: PKI_DIR/crl.pem if it exists
     /// (`broker pki revoke` writes it there).
@@ -377,6 +382,9 @@ mod defaults {
     }
     pub fn max_connections_per_identity() -> usize {
         8
+    }
+    pub fn session_log_lines_per_second() -> u64 {
+        crate::gateway::limits::SessionLogs::PER_SECOND
     }
     pub fn connect_rate_per_source() -> u32 {
         50
@@ -782,6 +790,7 @@ impl BrokerConfig {
             connect_rate_per_source: self.connect_rate_per_source,
             connect_burst_per_source: self.connect_burst_per_source,
             connect_rate_exempt_loopback: self.connect_rate_exempt_loopback,
+            session_log_lines_per_second: self.session_log_lines_per_second,
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug)]
 pub struct LogBudget {
-    per_second: u64,
+    per_second: AtomicU64,
     second: AtomicU64,
     used: AtomicU64,
     suppressed: AtomicU64,
@@ -33,11 +33,16 @@ impl LogBudget {
 
     pub const fn per_second(per_second: u64) -> Self {
         LogBudget {
-            per_second,
+            per_second: AtomicU64::new(per_second),
             second: AtomicU64::new(0),
             used: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
         }
+    }
+
+    /// Lines logged in full per second from now on (a reloaded setting).
+    pub fn set_per_second(&self, per_second: u64) {
+        self.per_second.store(per_second, Ordering::Relaxed);
     }
 
     /// `Some(lines suppressed since the last one logged)` if this one may be logged.
@@ -52,7 +57,7 @@ impl LogBudget {
         if self.second.swap(now, Ordering::Relaxed) != now {
             self.used.store(0, Ordering::Relaxed);
         }
-        if self.used.fetch_add(1, Ordering::Relaxed) < self.per_second {
+        if self.used.fetch_add(1, Ordering::Relaxed) < self.per_second.load(Ordering::Relaxed) {
             Some(self.suppressed.swap(0, Ordering::Relaxed))
         } else {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
@@ -75,5 +80,19 @@ mod tests {
         let default = LogBudget::new();
         let logged = (0..100).filter(|_| default.check_at(5).is_some()).count();
         assert_eq!(logged as u64, LogBudget::PER_SECOND);
+    }
+
+    #[test]
+    fn a_new_budget_applies_from_the_next_line() {
+        let budget = LogBudget::per_second(2);
+        assert_eq!((0..2).filter(|_| budget.check_at(1).is_some()).count(), 2);
+        budget.set_per_second(4);
+        assert!(
+            budget.check_at(1).is_some(),
+            "two more fit in this second now"
+        );
+        assert!(budget.check_at(1).is_some());
+        assert_eq!(budget.check_at(1), None);
+        assert_eq!(budget.check_at(2), Some(1), "the one left out is counted");
     }
 }

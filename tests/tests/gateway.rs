@@ -802,3 +802,60 @@ async fn measure_connack_under_silent_and_slow_handshakes() {
         opened.load(Ordering::Relaxed)
     );
 }
+
+/// A fleet coming back at once is not a line per device: past `session_log_lines_per_second`,
+/// "session started" lines are left out, each session is still counted, and the next line
+/// logged says how many were left out.
+#[tokio::test]
+async fn sessions_past_the_log_budget_are_counted_and_summed_up() {
+    const DEVICES: usize = 40;
+    let env = TestEnv::new("sessions_past_the_log_budget_are_counted_and_summed_up");
+    let broker = env
+        .broker()
+        .args(["--session-log-lines-per-second", "2"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start()
+        .await;
+    let _fleet = env.fleet(DEVICES).start(&broker).await;
+    let started = |broker: &harness::Broker| {
+        broker.lines_matching(|l| l.contains("session started") && l.contains("client_id=SIM-"))
+    };
+    let logged = started(&broker).len();
+    let counted = raw::sample(
+        &raw::scrape(broker.metrics_addr()).await,
+        "chukei_sessions_started_total",
+    );
+    assert!(
+        counted >= DEVICES as u64,
+        "every session is counted: {counted}"
+    );
+    // All 40 logged would take the fleet 20 s to connect at 2 lines a second.
+    assert!(
+        logged < DEVICES,
+        "{logged} of {DEVICES} sessions logged one by one at a budget of 2 a second"
+    );
+
+    // The next session logged (in a later second) says how many were left out.
+    let svc = env.certs(Role::Host, "svc");
+    let summed = harness::poll_until("a line that sums up those left out", deadline(), || {
+        let (broker, svc) = (&broker, &svc);
+        async move {
+            RawClient::connect(broker.addr(), svc, "svc").await;
+            let lines = broker
+                .lines_matching(|l| l.contains("session started") && l.contains("suppressed="));
+            lines
+                .first()
+                .cloned()
+                .ok_or_else(|| format!("{} lines with suppressed=", lines.len()))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let suppressed: u64 = summed
+        .split("suppressed=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {summed}"));
+    assert!(suppressed >= 1, "left out: {suppressed} ({summed})");
+}

@@ -95,6 +95,47 @@ impl RefusalLogs {
     }
 }
 
+/// Sessions opening and closing are logged one by one at the pace a fleet usually keeps, but not
+/// in a storm: when a restarted relay's whole fleet comes back within seconds, a line per device
+/// was about 2 % of the relay's CPU and thousands of lines nobody reads one by one. Past the
+/// budget, the next line logged says how many were left out (`suppressed`); the metrics
+/// (`sessions_started`) and each device's presence count every one.
+#[derive(Debug)]
+pub struct SessionLogs {
+    pub started: LogBudget,
+    pub ended: LogBudget,
+}
+
+impl SessionLogs {
+    /// Lines of each kind logged in full per second, by default
+    /// (`session_log_lines_per_second`).
+    pub const PER_SECOND: u64 = 100;
+
+    /// `per_second` lines of each kind; 0: every line.
+    pub fn new(per_second: u64) -> Self {
+        let per_second = Self::budget(per_second);
+        SessionLogs {
+            started: LogBudget::per_second(per_second),
+            ended: LogBudget::per_second(per_second),
+        }
+    }
+
+    /// A reload's new budget, from the next line on.
+    pub fn set(&self, per_second: u64) {
+        let per_second = Self::budget(per_second);
+        self.started.set_per_second(per_second);
+        self.ended.set_per_second(per_second);
+    }
+
+    fn budget(per_second: u64) -> u64 {
+        if per_second == 0 {
+            u64::MAX
+        } else {
+            per_second
+        }
+    }
+}
+
 pub use crate::log_budget::LogBudget;
 pub use crate::metrics::Limit;
 

@@ -61,6 +61,9 @@ pub struct GatewaySettings {
     pub connect_burst_per_source: u32,
     /// Loopback sources (a proxy on the same host, benchmarks, tests) skip the rate limit.
     pub connect_rate_exempt_loopback: bool,
+    /// Session start and end lines logged in full per second, each ([`limits::SessionLogs`]);
+    /// 0: every one.
+    pub session_log_lines_per_second: u64,
 }
 
 /// What every connection task shares: built once at startup; a reload replaces its settings
@@ -89,6 +92,8 @@ pub struct Gateway {
     sources: limits::SourceRates,
     /// Every kind of refusal a peer can repeat at will is logged within a budget of its own.
     logs: limits::RefusalLogs,
+    /// Sessions opening and closing, logged within a budget ([`limits::SessionLogs`]).
+    session_logs: limits::SessionLogs,
 }
 
 /// How long open sessions get to finish when the broker stops.
@@ -138,6 +143,7 @@ impl Gateway {
                 settings.connect_rate_exempt_loopback,
             ),
             logs: limits::RefusalLogs::default(),
+            session_logs: limits::SessionLogs::new(settings.session_log_lines_per_second),
             tls: revocation::CurrentTls::new(revocation::TlsState::new(
                 with_tickets(tls, tickets.as_ref()),
                 revoked,
@@ -171,6 +177,7 @@ impl Gateway {
             ..new
         };
         self.identities.set_max(new.max_connections_per_identity);
+        self.session_logs.set(new.session_log_lines_per_second);
         self.sources.set(
             new.connect_rate_per_source,
             new.connect_burst_per_source,
@@ -216,6 +223,7 @@ impl Gateway {
         stop: CancellationToken,
     ) {
         let tasks = TaskTracker::new();
+        let inherited = no_delay_for_accepted(&listener);
         loop {
             let (tcp, peer) = tokio::select! {
                 () = stop.cancelled() => break,
@@ -240,6 +248,9 @@ impl Gateway {
             let Some(slot) = self.slot(&stop).await else {
                 break;
             };
+            if !inherited {
+                let _ = tcp.set_nodelay(true);
+            }
             let gw = self.clone();
             let stop = stop.clone();
             let span = info_span!("conn", %peer, identity = field::Empty, topic = field::Empty);
@@ -327,48 +338,52 @@ impl Gateway {
         tcp: TcpStream,
         mut slot: slots::Slot,
     ) -> Option<(ClientConn<tls::TlsConn>, pki::PeerCert)> {
-        // Alarms must not wait on Nagle and delayed ACKs.
-        let _ = tcp.set_nodelay(true);
         let settings = self.settings();
         let deadline = Instant::now() + settings.handshake_timeout;
-        if !self.first_byte(&tcp, &mut slot, deadline).await {
-            return None;
-        }
-        let tls = self.tls_accept(tcp, deadline).await?;
+        let first = self.first_byte(&tcp, &mut slot, deadline).await?;
+        let tls = self.tls_accept(tcp, first, deadline).await?;
         drop(slot);
         let who = self.identity(&tls)?;
         Some((ClientConn::new(tls, settings.max_packet_bytes), who))
     }
 
-    /// Waits for a new connection's first byte (what a client sends first is its ClientHello, at
-    /// once). `false`: the connection must close — it gave its slot to a newer one (reported
+    /// Waits for a new connection's first bytes (what a client sends first is its ClientHello,
+    /// at once) and returns them, for the handshake to begin with: read here rather than peeked
+    /// at, which was one system call more per connection (a reconnect storm makes thousands a
+    /// second). `None`: the connection must close — it gave its slot to a newer one (reported
     /// where that was asked), or it sent nothing by the first-byte deadline or by `deadline`,
-    /// whichever is sooner (reported here). A connection closed before a byte goes on, so that
-    /// the TLS handshake reports it as it always has.
-    async fn first_byte(&self, tcp: &TcpStream, slot: &mut slots::Slot, deadline: Instant) -> bool {
+    /// whichever is sooner (reported here). A connection closed before a byte goes on with
+    /// nothing read, so that the TLS handshake reports it as it always has.
+    async fn first_byte(
+        &self,
+        tcp: &TcpStream,
+        slot: &mut slots::Slot,
+        deadline: Instant,
+    ) -> Option<Vec<u8>> {
         let first_byte = Instant::now() + self.settings().first_byte_timeout;
         let until = first_byte.min(deadline);
-        let mut probe = [0u8; 1];
+        let mut first = Vec::new();
         let read = tokio::select! {
             ask = slot.asked() => {
                 // A byte may have arrived before this task had a chance to see it.
                 let spoke = slots::has_bytes(tcp);
                 let _ = ask.send(!spoke);
                 if !spoke {
-                    return false;
+                    return None;
                 }
-                Ok(Ok(1))
+                Ok(())
             }
-            r = timeout_at(until, tcp.peek(&mut probe)) => r,
+            // Cancel-safe: when the slot is asked for instead, nothing was read.
+            r = timeout_at(until, tls::read_first(tcp, &mut first)) => r,
         };
         match read {
-            Ok(_) => {
+            Ok(()) => {
                 slot.spoke();
-                true
+                Some(first)
             }
             Err(_) if first_byte < deadline => {
                 limits::report_first_byte_timeout(&self.metrics, &self.logs.first_byte);
-                false
+                None
             }
             Err(_) => {
                 limits::report_handshake_timeout(
@@ -376,15 +391,20 @@ impl Gateway {
                     &self.logs.handshake_timeout,
                     "TLS",
                 );
-                false
+                None
             }
         }
     }
 
     /// The TLS handshake, by `deadline`; `None`: counted and logged (within their budgets).
-    async fn tls_accept(&self, tcp: TcpStream, deadline: Instant) -> Option<tls::TlsConn> {
+    async fn tls_accept(
+        &self,
+        tcp: TcpStream,
+        first: Vec<u8>,
+        deadline: Instant,
+    ) -> Option<tls::TlsConn> {
         let config = self.tls.get().config.clone();
-        match timeout_at(deadline, tls::accept(tcp, config)).await {
+        match timeout_at(deadline, tls::accept(tcp, first, config)).await {
             Ok(Ok(tls)) => {
                 let counter = if tls.resumed() {
                     &self.metrics.tls_resumed
@@ -484,7 +504,11 @@ impl Gateway {
             }
             // Info like "session started": a device that closes its session on purpose (a
             // firmware write, a periodic check-in ending) is seen doing so from the relay's log.
-            Ok(()) => info!("session ended"),
+            Ok(()) => match self.session_logs.ended.check() {
+                Some(0) => info!("session ended"),
+                Some(suppressed) => info!(suppressed, "session ended"),
+                None => {}
+            },
             // Logged (within their budgets) where they were refused; one line each is enough.
             Err(E::Acl { .. } | E::Refused(_)) => {}
             Err(E::Limit(e)) => limited(&e),
@@ -496,7 +520,11 @@ impl Gateway {
                 ));
             }
             // A reset or EOF is a network event, logged like any end of a session.
-            Err(e @ E::Conn(ConnError::Io(_))) => info!(error = %e, "session closed"),
+            Err(e @ E::Conn(ConnError::Io(_))) => match self.session_logs.ended.check() {
+                Some(0) => info!(error = %e, "session closed"),
+                Some(suppressed) => info!(error = %e, suppressed, "session closed"),
+                None => {}
+            },
             // Breaking the protocol is something a client can repeat at will.
             Err(e @ (E::Conn(_) | E::NotConnect | E::SecondConnect | E::ConnectTimeout(_))) => {
                 if matches!(e, E::Conn(_)) {
@@ -530,6 +558,20 @@ impl Gateway {
     }
 }
 
+/// Turns Nagle's algorithm off on `listener`, so that every connection it accepts has it off
+/// from the start: alarms must not wait on Nagle and delayed ACKs. The kernel copies the option
+/// to each accepted socket (Linux and the BSDs), which saves setting it per connection, one
+/// system call each. `false` if the listener refused it: then each connection sets its own.
+fn no_delay_for_accepted(listener: &TcpListener) -> bool {
+    match rustix::net::sockopt::set_tcp_nodelay(listener, true) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "cannot turn Nagle off on the listener; setting it per connection");
+            false
+        }
+    }
+}
+
 /// Which listener a connection came in on.
 #[derive(Debug, Clone, Copy)]
 enum Listener {
@@ -551,6 +593,24 @@ mod tests {
     /// Every connection holds its task for its whole life, and a task is as large as the largest
     /// future it may await: a WebSocket session (11 KiB) awaited in line made every idle TLS
     /// device's task 11 KiB, half of the relay's memory per device (bench/RESULTS.md, "Memory").
+    /// The relay sets TCP_NODELAY once, on the listener; every connection must still have it.
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off_from_the_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(no_delay_for_accepted(&listener));
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (accepted, client) = tokio::join!(listener.accept(), client);
+        let (accepted, _) = accepted.unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "the accepted socket inherited TCP_NODELAY"
+        );
+        assert!(
+            !client.unwrap().nodelay().unwrap(),
+            "the client's own socket is untouched"
+        );
+    }
+
     #[test]
     fn a_connection_task_stays_small_whatever_else_a_connection_may_become() {
         let task = returned_size(Gateway::serve);

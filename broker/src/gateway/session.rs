@@ -130,7 +130,14 @@ where
     conn.write_packets([Packet::ConnAck(connack, None)]).await?;
     Metrics::inc(&gw.metrics.sessions_started);
     Metrics::inc(&gw.metrics.sessions_active);
-    info!(client_id = %Shown(&connect.client_id), keep_alive = connect.keep_alive, "session started");
+    let (client_id, keep_alive) = (Shown(&connect.client_id), connect.keep_alive);
+    match gw.session_logs.started.check() {
+        Some(0) => info!(client_id = %client_id, keep_alive, "session started"),
+        Some(suppressed) => {
+            info!(client_id = %client_id, keep_alive, suppressed, "session started")
+        }
+        None => {}
+    }
     if let Some(presence) = &gw.presence {
         presence.session(&who, true);
     }

@@ -59,10 +59,36 @@ pub struct TlsConn {
     close_sent: bool,
 }
 
-/// Runs the server side of a TLS handshake on `tcp`. The caller bounds it in time.
-pub async fn accept(mut tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsConn> {
+/// A new connection's first read, into `first` (left empty at end of stream or on an error,
+/// which the handshake then meets and reports). Cancel-safe.
+pub async fn read_first(tcp: &TcpStream, first: &mut Vec<u8>) {
+    loop {
+        if tcp.readable().await.is_err() {
+            return;
+        }
+        // On the stack, and never across an await (which would make it part of every
+        // connection's task): a silent connection holds no buffer while it waits.
+        let mut buf = [0u8; 4096];
+        match tcp.try_read(&mut buf) {
+            Ok(n) => {
+                first.extend_from_slice(&buf[..n]);
+                return;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Runs the server side of a TLS handshake on `tcp`, beginning with `first`, bytes the
+/// connection sent already ([`read_first`]). The caller bounds it in time.
+pub async fn accept(
+    mut tcp: TcpStream,
+    first: Vec<u8>,
+    config: Arc<ServerConfig>,
+) -> io::Result<TlsConn> {
     let mut tls = UnbufferedServerConnection::new(config).map_err(invalid_data)?;
-    let mut incoming = Vec::new();
+    let mut incoming = first;
     let mut plain = Vec::new();
     let mut outgoing = Vec::new();
     loop {
@@ -533,7 +559,7 @@ mod tests {
         let peer = peer(listener.local_addr().unwrap());
         let served = async move {
             let (tcp, _) = listener.accept().await?;
-            accept(tcp, server).await
+            accept(tcp, Vec::new(), server).await
         };
         tokio::join!(served, peer)
     }

@@ -47,15 +47,14 @@ impl Gateway {
         mut slot: Slot,
         stop: CancellationToken,
     ) {
-        let _ = tcp.set_nodelay(true);
         // One deadline for TLS and the HTTP upgrade together: a client that stalls in either
         // holds a handshake slot no longer than a plain TLS client may.
         let settings = self.settings();
         let deadline = Instant::now() + settings.handshake_timeout;
-        if !self.first_byte(&tcp, &mut slot, deadline).await {
+        let Some(first) = self.first_byte(&tcp, &mut slot, deadline).await else {
             return;
-        }
-        let Some(tls) = self.tls_accept(tcp, deadline).await else {
+        };
+        let Some(tls) = self.tls_accept(tcp, first, deadline).await else {
             return;
         };
         let Some(who) = self.identity(&tls) else {

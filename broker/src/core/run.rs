@@ -210,6 +210,26 @@ pub async fn run(
                 batch.push(first);
                 let deadline = window.deadline(Instant::now(), last_batch);
                 fill(&mut batch, &mut inbound, MAX_BATCH, deadline.map(|d| (d, &window))).await;
+                // A host's request sees every session that opened or closed before it came: a
+                // rollout made as a fleet comes up selects all of it, `devices list` lists all
+                // of it. So what presence is held or queued is committed first.
+                if (presence_held.is_holding() || !presence.is_empty()) && carries_host_request(&batch) {
+                    let mut events = presence_held.release();
+                    fill(&mut events, &mut presence, usize::MAX, None).await;
+                    if !events.is_empty() {
+                        let now = chrono::Utc::now();
+                        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            core.session_events(events, now)
+                        }));
+                        presence_held.committed(Instant::now());
+                        if let Some(out) = settle(&core, result)
+                            && outbound.publish(out).await.is_err()
+                        {
+                            debug!("outlet gone; core stopping");
+                            return Ok(());
+                        }
+                    }
+                }
                 Work::Batch(batch)
             }
             // Not read while changes are held: each session's change would wake the core for
@@ -389,12 +409,23 @@ pub async fn run_alarm_lane(
 
 /// Sessions opening and closing answer nobody, so while they come in numbers (a restarted
 /// relay's whole fleet comes back at once) their changes wait for each other: at most one presence
-/// commit per [`PRESENCE_WINDOW`]. A lone change on a quiet relay commits at once. Measured in a
-/// reconnect storm of 19,000 devices (bench/RESULTS.md): commits of ~27 changes became commits of
-/// hundreds, each with one flush and its tree pages written once. Not longer: a device that
-/// has connected is in `devices list` and a rollout's selection only once this commit is made
-/// (at 200 ms a rollout created as a fleet came up missed most of it).
-pub(super) const PRESENCE_WINDOW: Duration = Duration::from_millis(50);
+/// commit per [`PRESENCE_WINDOW`]. A lone change on a quiet relay commits at once, and a host's
+/// request commits what is held before it is handled ([`carries_host_request`]), so no answer
+/// misses a session that opened before it was asked. Measured in a reconnect storm of 19,000
+/// devices (bench/RESULTS.md): commits of ~27 changes became commits of hundreds, each with one
+/// flush and its tree pages written once; from 50 to 200 ms, a quarter as many commits again.
+/// What the window delays is only the state views' `online` to their subscribers.
+pub(super) const PRESENCE_WINDOW: Duration = Duration::from_millis(200);
+
+/// Whether `batch` holds a host's request (its answer may read presence).
+fn carries_host_request(batch: &[Inbound]) -> bool {
+    batch.iter().any(|m| {
+        matches!(
+            protocol::topic::Topic::parse(&m.topic),
+            Ok(protocol::topic::Topic::HostReq { .. })
+        )
+    })
+}
 
 /// Presence changes held back until [`PRESENCE_WINDOW`] has passed since the last presence
 /// commit.

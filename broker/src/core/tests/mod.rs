@@ -1418,6 +1418,69 @@ async fn sessions_opening_in_numbers_share_presence_commits() {
     stop.cancel();
 }
 
+/// A host's request is answered after every session that opened before it came: what presence
+/// the window holds is committed first, so `devices list` (and a rollout's selection) misses
+/// none of a fleet that is coming up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_request_sees_every_session_opened_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Arc::new(open(&dir));
+    let (in_tx, in_rx) = mpsc::channel(8);
+    let (out_tx, mut out_rx) = mpsc::channel(4096);
+    let (presence_tx, presence_rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    tokio::spawn(run(
+        Arc::clone(&core),
+        in_rx,
+        ChannelOutlet(out_tx),
+        presence_rx,
+        CommitWindow::default(),
+        stop.clone(),
+    ));
+    let online = |d: usize| {
+        SessionEvent::Device(PresenceEvent {
+            serial: serial(&format!("C{d}")),
+            online: true,
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // A lone session is recorded at once; those right after it fall in its window.
+    presence_tx.send(online(0)).unwrap();
+    let c0 = topic::fleet_state(&serial("C0"));
+    while tokio::time::timeout_at(deadline, out_rx.recv())
+        .await
+        .expect("C0's view within 30 s")
+        .expect("core running")
+        .topic
+        != c0
+    {}
+    for d in 1..=5 {
+        presence_tx.send(online(d)).unwrap();
+    }
+    in_tx
+        .send(host_msg("svc", 1, HostRequest::Devices { targets: vec![] }))
+        .await
+        .unwrap();
+    let reply = topic::host_resp(&host("svc"));
+    let answer = loop {
+        let msg = tokio::time::timeout_at(deadline, out_rx.recv())
+            .await
+            .expect("an answer within 30 s")
+            .expect("core running");
+        if msg.topic == reply {
+            break msg;
+        }
+    };
+    let listed: Vec<String> = match replies(&[answer], "svc").remove(0).reply {
+        HostReply::Devices { devices } => {
+            devices.into_iter().map(|d| d.serial.to_string()).collect()
+        }
+        other => panic!("not a device list: {other:?}"),
+    };
+    assert_eq!(listed, ["C0", "C1", "C2", "C3", "C4", "C5"]);
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn run_returns_when_inbound_closes() {
     let dir = tempfile::tempdir().unwrap();

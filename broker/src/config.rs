@@ -90,9 +90,10 @@ pub struct BrokerConfig {
     /// of clients from loopback.
     #[serde(default = "defaults::yes")]
     pub connect_rate_exempt_loopback: bool,
-    /// "session started" and "session ended" lines logged in full per second, each; past it
-    /// (a restarted relay's fleet coming back at once) the next line logged says how many were
-    /// left out. The metrics and each device's presence count every session. 0: every line.
+    /// "session started", "session ended" and "device offline" lines logged in full per second,
+    /// each; past it (a restarted relay's fleet coming back at once, a site's outage) the next
+    /// line logged says how many were left out. The metrics and each device's presence count
+    /// every session. 0: every line.
     #[serde(default = "defaults::session_log_lines_per_second")]
     pub session_log_lines_per_second: u64,
     /// A certificate revocation list (PEM, signed by the CA) the relay checks every client
@@ -800,6 +801,7 @@ impl BrokerConfig {
             overdue_margin: Duration::from_secs(self.overdue_margin_secs),
             notify: self.notify.clone(),
             alarm_limits: self.alarm_limits(),
+            offline_log_lines_per_second: self.session_log_lines_per_second,
         }
     }
 

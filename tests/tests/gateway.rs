@@ -805,7 +805,7 @@ async fn measure_connack_under_silent_and_slow_handshakes() {
 
 /// A fleet coming back at once is not a line per device: past `session_log_lines_per_second`,
 /// "session started" lines are left out, each session is still counted, and the next line
-/// logged says how many were left out.
+/// logged says how many were left out. The same for a fleet going offline at once.
 #[tokio::test]
 async fn sessions_past_the_log_budget_are_counted_and_summed_up() {
     const DEVICES: usize = 40;
@@ -816,7 +816,7 @@ async fn sessions_past_the_log_budget_are_counted_and_summed_up() {
         .args(["--metrics-listen", "127.0.0.1:0"])
         .start()
         .await;
-    let _fleet = env.fleet(DEVICES).start(&broker).await;
+    let mut fleet = env.fleet(DEVICES).start(&broker).await;
     let started = |broker: &harness::Broker| {
         broker.lines_matching(|l| l.contains("session started") && l.contains("client_id=SIM-"))
     };
@@ -858,4 +858,34 @@ async fn sessions_past_the_log_budget_are_counted_and_summed_up() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no count in {summed}"));
     assert!(suppressed >= 1, "left out: {suppressed} ({summed})");
+
+    // The fleet gone at once (a site's outage): "device offline" lines within the same budget.
+    fleet.kill9().await;
+    let d1 = env.certs(Role::Device, "D1");
+    let summed = harness::poll_until(
+        "an offline line that sums up those left out",
+        deadline(),
+        || {
+            let (broker, d1) = (&broker, &d1);
+            async move {
+                // Each session's end is a "device offline" of its own, logged once the budget allows.
+                drop(RawClient::connect(broker.addr(), d1, "D1").await);
+                let lines = broker
+                    .lines_matching(|l| l.contains("device offline") && l.contains("suppressed="));
+                lines
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| format!("{} offline lines with suppressed=", lines.len()))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let offline =
+        broker.lines_matching(|l| l.contains("device offline") && l.contains("serial=SIM-"));
+    assert!(
+        offline.len() < DEVICES,
+        "{} of {DEVICES} devices' offline lines logged one by one ({summed})",
+        offline.len()
+    );
 }

@@ -28,6 +28,9 @@ pub struct AlertSettings {
     pub notify: NotifyConfig,
     /// What one device may make the relay hold and send in alarms.
     pub alarm_limits: AlarmLimits,
+    /// "device offline" lines logged in full per second (`session_log_lines_per_second`);
+    /// 0: every line. A site's outage or a stopping fleet takes many devices offline at once.
+    pub offline_log_lines_per_second: u64,
 }
 
 impl Default for AlertSettings {
@@ -36,6 +39,7 @@ impl Default for AlertSettings {
             overdue_margin: Duration::from_secs(300),
             notify: NotifyConfig::default(),
             alarm_limits: AlarmLimits::default(),
+            offline_log_lines_per_second: crate::gateway::limits::SessionLogs::PER_SECOND,
         }
     }
 }
@@ -54,6 +58,8 @@ pub(super) struct Alerts {
     pub(super) limiter: AlarmLimiter,
     /// When each device's alarm view last went out.
     pub(super) view_pace: super::view_pace::ViewPace,
+    /// "device offline" lines, within `offline_log_lines_per_second`.
+    pub(super) offline_log: crate::log_budget::LogBudget,
 }
 
 impl Alerts {
@@ -71,6 +77,12 @@ impl Core {
     /// and by a reload while the core runs: what the next message or tick checks uses the new
     /// settings; notifications already queued keep where they were going.
     pub fn configure_alerts(&self, settings: AlertSettings) {
+        self.alerts
+            .offline_log
+            .set_per_second(match settings.offline_log_lines_per_second {
+                0 => u64::MAX,
+                n => n,
+            });
         *self
             .alerts
             .settings

@@ -203,7 +203,13 @@ impl Core {
             record.due_by = record
                 .expected_interval()
                 .map(|secs| now + chrono::Duration::seconds(secs as i64) + margin(self));
-            info!(serial = %serial, due_by = ?record.due_by, "device offline");
+            match self.alerts.offline_log.check() {
+                Some(0) => info!(serial = %serial, due_by = ?record.due_by, "device offline"),
+                Some(suppressed) => {
+                    info!(serial = %serial, due_by = ?record.due_by, suppressed, "device offline")
+                }
+                None => {}
+            }
         }
         txn.put_presence(serial, &record)?;
         let device = match device {

@@ -835,57 +835,49 @@ async fn sessions_past_the_log_budget_are_counted_and_summed_up() {
         "{logged} of {DEVICES} sessions logged one by one at a budget of 2 a second"
     );
 
-    // The next session logged (in a later second) says how many were left out.
-    let svc = env.certs(Role::Host, "svc");
-    let summed = harness::poll_until("a line that sums up those left out", deadline(), || {
-        let (broker, svc) = (&broker, &svc);
-        async move {
-            RawClient::connect(broker.addr(), svc, "svc").await;
-            let lines = broker
-                .lines_matching(|l| l.contains("session started") && l.contains("suppressed="));
-            lines
-                .first()
-                .cloned()
-                .ok_or_else(|| format!("{} lines with suppressed=", lines.len()))
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let suppressed: u64 = summed
-        .split("suppressed=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {summed}"));
-    assert!(suppressed >= 1, "left out: {suppressed} ({summed})");
+    // The next session logged (in a later second) says how many were left out: each connect
+    // is a "session started" and a "device offline" of its own, logged once the budget allows.
+    let d1 = env.certs(Role::Device, "D1");
+    let suppressed = summing_line(&broker, &d1, "session started", 0).await;
+    assert!(suppressed >= 1, "left out: {suppressed}");
 
     // The fleet gone at once (a site's outage): "device offline" lines within the same budget.
+    let before = broker.log().lines().count();
     fleet.kill9().await;
-    let d1 = env.certs(Role::Device, "D1");
-    let summed = harness::poll_until(
-        "an offline line that sums up those left out",
-        deadline(),
-        || {
-            let (broker, d1) = (&broker, &d1);
-            async move {
-                // Each session's end is a "device offline" of its own, logged once the budget allows.
-                drop(RawClient::connect(broker.addr(), d1, "D1").await);
-                let lines = broker
-                    .lines_matching(|l| l.contains("device offline") && l.contains("suppressed="));
-                lines
-                    .first()
-                    .cloned()
-                    .ok_or_else(|| format!("{} offline lines with suppressed=", lines.len()))
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let suppressed = summing_line(&broker, &d1, "device offline", before).await;
+    assert!(suppressed >= 1, "left out: {suppressed}");
     let offline =
         broker.lines_matching(|l| l.contains("device offline") && l.contains("serial=SIM-"));
     assert!(
         offline.len() < DEVICES,
-        "{} of {DEVICES} devices' offline lines logged one by one ({summed})",
+        "{} of {DEVICES} devices' offline lines logged one by one",
         offline.len()
     );
+}
+
+/// Connects and drops a session of device `certs` until a `message` line logged after the
+/// broker's first `after` lines says how many lines were left out before it; returns that count.
+async fn summing_line(
+    broker: &harness::Broker,
+    certs: &harness::CertPaths,
+    message: &str,
+    after: usize,
+) -> u64 {
+    let what = format!("a {message:?} line with suppressed=");
+    let line = harness::poll_until(&what, deadline(), || async {
+        drop(RawClient::connect(broker.addr(), certs, "D1").await);
+        let log = broker.log();
+        let line = log
+            .lines()
+            .skip(after)
+            .find(|l| l.contains(message) && l.contains("suppressed="));
+        line.map(str::to_owned).ok_or_else(|| "none yet".to_owned())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    line.split("suppressed=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"))
 }

@@ -417,13 +417,15 @@ pub async fn run_alarm_lane(
 /// What the window delays is only the state views' `online` to their subscribers.
 pub(super) const PRESENCE_WINDOW: Duration = Duration::from_millis(200);
 
-/// Whether `batch` holds a host's request (its answer may read presence).
+/// Whether `batch` holds a host's request (its answer may read presence). Devices' messages, the
+/// bulk of a busy relay's batches, are told apart by their first level without a parse.
 fn carries_host_request(batch: &[Inbound]) -> bool {
     batch.iter().any(|m| {
-        matches!(
-            protocol::topic::Topic::parse(&m.topic),
-            Ok(protocol::topic::Topic::HostReq { .. })
-        )
+        m.topic.starts_with("host/")
+            && matches!(
+                protocol::topic::Topic::parse(&m.topic),
+                Ok(protocol::topic::Topic::HostReq { .. })
+            )
     })
 }
 

@@ -217,17 +217,11 @@ pub async fn run(
                     let mut events = presence_held.release();
                     fill(&mut events, &mut presence, usize::MAX, None).await;
                     if !events.is_empty() {
-                        let now = chrono::Utc::now();
-                        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            core.session_events(events, now)
-                        }));
-                        presence_held.committed(Instant::now());
-                        if let Some(out) = settle(&core, result)
-                            && outbound.publish(out).await.is_err()
-                        {
+                        if commit_presence_now(&core, events, &outbound).await.is_err() {
                             debug!("outlet gone; core stopping");
                             return Ok(());
                         }
+                        presence_held.committed(Instant::now());
                     }
                 }
                 Work::Batch(batch)
@@ -416,6 +410,21 @@ pub async fn run_alarm_lane(
 /// flush and its tree pages written once; from 50 to 200 ms, a quarter as many commits again.
 /// What the window delays is only the state views' `online` to their subscribers.
 pub(super) const PRESENCE_WINDOW: Duration = Duration::from_millis(200);
+
+/// Records `events` (presence changes held or queued) in a commit of their own, ahead of the
+/// batch in hand, and publishes what that commit made.
+async fn commit_presence_now(
+    core: &Core,
+    events: Vec<SessionEvent>,
+    outbound: &impl Outlet,
+) -> Result<(), OutletClosed> {
+    let now = chrono::Utc::now();
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| core.session_events(events, now)));
+    match settle(core, result) {
+        Some(out) => outbound.publish(out).await,
+        None => Ok(()),
+    }
+}
 
 /// Whether `batch` holds a host's request (its answer may read presence). Devices' messages, the
 /// bulk of a busy relay's batches, are told apart by their first level without a parse.

@@ -437,19 +437,20 @@ impl rustls::server::ProducesTickets for Ticketer {
         let key = keys.first()?;
         let mut nonce = [0u8; NONCE_LEN];
         self.random.fill(&mut nonce).ok()?;
+        // Sealed where it lies, in the ticket's one allocation.
         let mut out = Vec::with_capacity(KEY_ID_LEN + NONCE_LEN + plain.len() + TAG_LEN);
         out.extend_from_slice(&key.id);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plain);
-        let mut sealed = out.split_off(KEY_ID_LEN + NONCE_LEN);
-        key.aead
-            .seal_in_place_append_tag(
+        let tag = key
+            .aead
+            .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(&key.id),
-                &mut sealed,
+                &mut out[KEY_ID_LEN + NONCE_LEN..],
             )
             .ok()?;
-        out.extend_from_slice(&sealed);
+        out.extend_from_slice(tag.as_ref());
         Some(out)
     }
 

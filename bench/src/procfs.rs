@@ -145,3 +145,8 @@ pub fn machine() -> Value {
 pub fn r2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
+
+/// `v` to three decimals: for ratios near 1, where the second decimal is the whole difference.
+pub fn r3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}

@@ -95,6 +95,13 @@ fn reconnect_storm_brings_every_device_back() {
     for (name, r) in each_result(&v) {
         assert!(num(r, "all_back_after_kill_secs") > 0.0, "{name}: {r}");
         assert!(num(r, "reconnect_rate_per_s") > 0.0, "{name}");
+        // Both CPU figures measured, so their ratio is there to compare runs by.
+        let ratio = num(r, "relay_to_load_cpu");
+        let by_hand = num(r, "relay_cpu_us_per_reconnect") / num(r, "load_cpu_us_per_reconnect");
+        assert!(
+            ratio > 0.0 && (ratio - by_hand).abs() < 0.05 * by_hand,
+            "{name}: {r}"
+        );
     }
 }
 

@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::{Env, ratios, report, settle};
 use crate::fleet::Fleet;
-use crate::procfs::{CpuMeter, r2};
+use crate::procfs::{CpuMeter, r2, r3};
 use crate::servers::{Kind, Server, Target};
 use crate::worker::{Work, now_us};
 
@@ -94,6 +94,9 @@ async fn one(env: &Env, target: &Target, devices: u32, announce: bool) -> anyhow
         "cpu_secs": r2(cpu_secs),
         "relay_cpu_us_per_reconnect": per_reconnect(cpu_secs),
         "load_cpu_us_per_reconnect": per_reconnect(load_cpu_secs),
+        // The relay's CPU against the clients' for the same reconnects: on a shared machine
+        // whose speed drifts within the hour, this moves far less than either figure alone.
+        "relay_to_load_cpu": (load_cpu_secs > 0.0).then(|| r3(cpu_secs / load_cpu_secs)),
         "reconnects_resumed": total.resumed,
         "machine_busy_pct": r2(machine_busy),
         "connect_failures": fin.status.connect_failures,

@@ -650,6 +650,18 @@ mod tests {
     }
 
     #[test]
+    fn session_lines_keep_a_budget_each_that_a_reload_changes_and_zero_lifts() {
+        let logs = SessionLogs::new(2);
+        let logged = |b: &LogBudget| (0..10).filter(|_| b.check().is_some()).count();
+        // A check may straddle a second: at most the budget of two seconds.
+        assert!(logged(&logs.started) <= 4);
+        assert!(logged(&logs.ended) >= 2, "ended has a budget of its own");
+        logs.set(0);
+        assert_eq!(logged(&logs.started), 10, "0: every line");
+        assert_eq!(logged(&SessionLogs::new(0).ended), 10);
+    }
+
+    #[test]
     fn ipv6_sources_count_per_64() {
         let rates = SourceRates::new(1, 1, false);
         let t0 = Instant::now();

@@ -325,9 +325,9 @@ struct RunArgs {
     /// per-source rate. Default: true
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
     connect_rate_exempt_loopback: Option<bool>,
-    /// "session started" and "session ended" lines logged in full per second, each; past it
-    /// (a whole fleet reconnecting after a restart) the next line says how many were left out.
-    /// 0: every line. Default: 100
+    /// "session started", "session ended" and "device offline" lines logged in full per second,
+    /// each; past it (a whole fleet reconnecting after a restart) the next line says how many
+    /// were left out. 0: every line. Default: 100
     #[arg(long, value_name = "N")]
     session_log_lines_per_second: Option<u64>,
     /// Run as the child relay with this id: serve devices with PKI_DIR/relay/ID.pem (`broker pki

@@ -79,10 +79,9 @@ impl Core {
     pub fn configure_alerts(&self, settings: AlertSettings) {
         self.alerts
             .offline_log
-            .set_per_second(match settings.offline_log_lines_per_second {
-                0 => u64::MAX,
-                n => n,
-            });
+            .set_per_second(crate::gateway::limits::SessionLogs::budget(
+                settings.offline_log_lines_per_second,
+            ));
         *self
             .alerts
             .settings

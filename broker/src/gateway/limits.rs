@@ -127,7 +127,8 @@ impl SessionLogs {
         self.ended.set_per_second(per_second);
     }
 
-    fn budget(per_second: u64) -> u64 {
+    /// The lines a budget of `per_second` lets through each second: 0 means all of them.
+    pub(crate) fn budget(per_second: u64) -> u64 {
         if per_second == 0 {
             u64::MAX
         } else {

@@ -95,13 +95,19 @@ fn reconnect_storm_brings_every_device_back() {
     for (name, r) in each_result(&v) {
         assert!(num(r, "all_back_after_kill_secs") > 0.0, "{name}: {r}");
         assert!(num(r, "reconnect_rate_per_s") > 0.0, "{name}");
-        // Both CPU figures measured, so their ratio is there to compare runs by.
-        let ratio = num(r, "relay_to_load_cpu");
-        let by_hand = num(r, "relay_cpu_us_per_reconnect") / num(r, "load_cpu_us_per_reconnect");
-        assert!(
-            ratio > 0.0 && (ratio - by_hand).abs() < 0.05 * by_hand,
-            "{name}: {r}"
-        );
+        // The two CPU figures' ratio, to compare runs by. Thirty devices may cost either side
+        // less than one clock tick (0 s): a relay's 0 is a ratio of 0, the load's none at all.
+        let load = num(r, "load_cpu_us_per_reconnect");
+        if load > 0.0 {
+            let ratio = num(r, "relay_to_load_cpu");
+            let by_hand = num(r, "relay_cpu_us_per_reconnect") / load;
+            assert!(
+                (ratio - by_hand).abs() <= 0.05 * by_hand + 0.001,
+                "{name}: {r}"
+            );
+        } else {
+            assert!(r["relay_to_load_cpu"].is_null(), "{name}: {r}");
+        }
     }
 }
 

@@ -560,6 +560,9 @@ async fn with_two_relays_the_device_fails_over_to_the_second_and_returns_to_the_
     .await;
 
     // The home relay comes back (same port, same store): the device returns and reports.
+    // The time is taken before the start: the device's probe may find the relay in the moment
+    // between its ready file and the start's return (it did, 6 ms after ready, in one CI run).
+    let restarted = Utc::now();
     let first = env
         .broker()
         .netns(&bed.relay)
@@ -569,7 +572,6 @@ async fn with_two_relays_the_device_fails_over_to_the_second_and_returns_to_the_
         ))
         .start()
         .await;
-    let restarted = Utc::now();
     let returned = line_after(
         &device,
         "a session with the first relay again",

@@ -373,8 +373,9 @@ async fn a_job_survives_a_30_s_link_cut_and_each_report_arrives_once() {
         status["status"], "in-progress",
         "no report can cross a cut link: {status:#}"
     );
-    bed.restore(&bed.device).expect("restore");
+    // Before the restore: the device may be back before the command that restores returns.
     let restored = Utc::now();
+    bed.restore(&bed.device).expect("restore");
 
     let back = line_after(
         &device,
@@ -440,8 +441,9 @@ async fn a_firmware_download_resumes_after_a_30_s_link_cut_and_each_report_arriv
         before.is_empty(),
         "the cut must land in the middle of the download: {before:?}"
     );
-    bed.restore(&bed.device).expect("restore");
+    // Before the restore: the device may be back before the command that restores returns.
     let restored = Utc::now();
+    bed.restore(&bed.device).expect("restore");
 
     let back = line_after(
         &device,

@@ -1338,16 +1338,20 @@ async fn an_urgent_message_ends_a_busy_relays_commit_window_at_once() {
     stop.cancel();
 }
 
-/// Sessions opening in numbers (a restarted relay's fleet coming back) share presence commits —
-/// at most one per presence window — and every device's state view still says online; a lone
-/// session on a quiet relay is recorded at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_opening_in_numbers_share_presence_commits() {
-    const DEVICES: usize = 60;
-    let dir = tempfile::tempdir().unwrap();
-    let core = Arc::new(open(&dir));
-    let (_in_tx, in_rx) = mpsc::channel(8);
-    let (out_tx, mut out_rx) = mpsc::channel(4096);
+/// The core's loop on a store in `dir`: its core, the queue of messages into it, what it
+/// publishes, the presence channel into it, and the token that stops it.
+fn run_with_presence(
+    dir: &tempfile::TempDir,
+) -> (
+    Arc<Core>,
+    mpsc::Sender<Inbound>,
+    mpsc::Receiver<Outbound>,
+    mpsc::UnboundedSender<SessionEvent>,
+    CancellationToken,
+) {
+    let core = Arc::new(open(dir));
+    let (in_tx, in_rx) = mpsc::channel(8);
+    let (out_tx, out_rx) = mpsc::channel(4096);
     let (presence_tx, presence_rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     tokio::spawn(run(
@@ -1358,12 +1362,25 @@ async fn sessions_opening_in_numbers_share_presence_commits() {
         CommitWindow::default(),
         stop.clone(),
     ));
-    let online = |d: usize| {
-        SessionEvent::Device(PresenceEvent {
-            serial: serial(&format!("C{d}")),
-            online: true,
-        })
-    };
+    (core, in_tx, out_rx, presence_tx, stop)
+}
+
+/// Device `C{d}`'s session opening.
+fn online(d: usize) -> SessionEvent {
+    SessionEvent::Device(PresenceEvent {
+        serial: serial(&format!("C{d}")),
+        online: true,
+    })
+}
+
+/// Sessions opening in numbers (a restarted relay's fleet coming back) share presence commits —
+/// at most one per presence window — and every device's state view still says online; a lone
+/// session on a quiet relay is recorded at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_opening_in_numbers_share_presence_commits() {
+    const DEVICES: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let (core, _in_tx, mut out_rx, presence_tx, stop) = run_with_presence(&dir);
     // Waits (deadline) until every device in `devices` has a state view saying online.
     async fn online_views(out_rx: &mut mpsc::Receiver<Outbound>, devices: std::ops::Range<usize>) {
         let mut waiting: std::collections::BTreeSet<String> = devices
@@ -1424,25 +1441,7 @@ async fn sessions_opening_in_numbers_share_presence_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_request_sees_every_session_opened_before_it() {
     let dir = tempfile::tempdir().unwrap();
-    let core = Arc::new(open(&dir));
-    let (in_tx, in_rx) = mpsc::channel(8);
-    let (out_tx, mut out_rx) = mpsc::channel(4096);
-    let (presence_tx, presence_rx) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
-    tokio::spawn(run(
-        Arc::clone(&core),
-        in_rx,
-        ChannelOutlet(out_tx),
-        presence_rx,
-        CommitWindow::default(),
-        stop.clone(),
-    ));
-    let online = |d: usize| {
-        SessionEvent::Device(PresenceEvent {
-            serial: serial(&format!("C{d}")),
-            online: true,
-        })
-    };
+    let (_core, in_tx, mut out_rx, presence_tx, stop) = run_with_presence(&dir);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     // A lone session is recorded at once; those right after it fall in its window.
     presence_tx.send(online(0)).unwrap();

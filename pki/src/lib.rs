@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod kx;
 pub mod publisher;
+pub mod random;
 
 use std::fs;
 use std::io;
@@ -406,6 +407,7 @@ fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = kx::ring_with_fast_x25519();
     // A generator that cannot draw now fails the first handshake instead, with its own error.
     let _ = aws_lc_rs::rand::fill(&mut [0u8; 1]);
+    p.secure_random = random::THREAD_RANDOM;
     p.cipher_suites
         .sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
     Arc::new(p)

@@ -436,7 +436,8 @@ impl rustls::server::ProducesTickets for Ticketer {
         let keys = self.keys();
         let key = keys.first()?;
         let mut nonce = [0u8; NONCE_LEN];
-        self.random.fill(&mut nonce).ok()?;
+        // Per ticket, from the thread's generator: no system call per handshake.
+        pki::random::fill(&mut nonce).ok()?;
         // Sealed where it lies, in the ticket's one allocation.
         let mut out = Vec::with_capacity(KEY_ID_LEN + NONCE_LEN + plain.len() + TAG_LEN);
         out.extend_from_slice(&key.id);

@@ -234,6 +234,7 @@ pub async fn run(
     } else {
         (hub, None)
     };
+    hub.expect_devices(core.known_devices());
     let hub = Arc::new(hub);
     let bus_tls = switch::bus::tls_config(
         cfg.cluster_bus_ca.as_deref(),
@@ -374,6 +375,7 @@ pub async fn run(
         )
         .with_presence(presence_tx),
     );
+    gateway.expect_devices(core.known_devices());
     let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
     if let Some((l, _)) = metrics_listener {
         let limits = metrics_http::HttpLimits {

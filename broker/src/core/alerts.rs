@@ -63,6 +63,13 @@ pub(super) struct Alerts {
 }
 
 impl Alerts {
+    /// Makes room in the map of who is online for `devices` at once ([`super::Core::known_devices`]).
+    pub(super) fn expect_devices(&self, devices: usize) {
+        let mut online = self.online.lock().unwrap_or_else(|p| p.into_inner());
+        let more = devices.saturating_sub(online.len());
+        online.reserve(more);
+    }
+
     /// The settings in force now.
     pub(super) fn settings(&self) -> Arc<AlertSettings> {
         self.settings

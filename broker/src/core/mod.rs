@@ -35,7 +35,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use protocol::artifact::ArtifactId;
 use protocol::device::{Ack, AckBatch, AckOutcome, DeviceState};
@@ -136,6 +136,8 @@ pub struct Core {
     routes: Arc<relay::ChildRoutes>,
     /// Children this parent has heard from since it started.
     children: Mutex<std::collections::HashMap<protocol::RelayId, relay::ChildStatus>>,
+    /// Devices in the store when [`Core::startup_publications`] last read them.
+    known_devices: AtomicUsize,
 }
 
 /// Which of the store's writers a batch is committed on.
@@ -365,7 +367,15 @@ impl Core {
             uplink_wake: Default::default(),
             children: Default::default(),
             routes: Default::default(),
+            known_devices: AtomicUsize::new(0),
         }
+    }
+
+    /// How many devices the store held at startup ([`Core::startup_publications`]): what the
+    /// relay's per-session maps are sized for, so that a reconnect storm after a restart does
+    /// not grow each of them a dozen times over (about 1 % of the relay's CPU in one).
+    pub fn known_devices(&self) -> usize {
+        self.known_devices.load(Ordering::Relaxed)
     }
 
     pub fn settings(&self) -> &CoreSettings {
@@ -414,6 +424,8 @@ impl Core {
         let numbers = txn.job_numbers()?;
         let serials = txn.device_serials()?;
         txn.commit()?;
+        self.known_devices.store(serials.len(), Ordering::Relaxed);
+        self.alerts.expect_devices(serials.len());
         let mut out = Vec::new();
         for numbers in numbers.chunks(chunk) {
             let mut txn = self.store.begin()?;

@@ -317,6 +317,13 @@ impl IdentityCounts {
         })
     }
 
+    /// Makes room for `identities` at once.
+    pub fn expect(&self, identities: usize) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let more = identities.saturating_sub(held.len());
+        held.reserve(more);
+    }
+
     /// Takes a place for `who`, held until the guard drops; `Err` if `who` already holds `max`.
     pub fn acquire(self: &Arc<Self>, who: &Identity) -> Result<IdentityGuard, LimitExceeded> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -604,6 +611,15 @@ mod tests {
         // The same new filter twice in one SUBSCRIBE is one filter.
         let mut subs = Subscriptions::new(1);
         subs.apply(&subscribe(&["b", "b"])).unwrap();
+    }
+
+    #[test]
+    fn room_is_made_for_the_identities_expected() {
+        let counts = IdentityCounts::new(1);
+        counts.expect(500);
+        let held = counts.held.lock().unwrap();
+        assert!(held.capacity() >= 500, "{}", held.capacity());
+        assert!(held.is_empty());
     }
 
     #[test]

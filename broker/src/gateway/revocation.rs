@@ -73,6 +73,13 @@ impl OpenSession {
 }
 
 impl OpenSessions {
+    /// Makes room for `sessions` at once.
+    pub fn expect(&self, sessions: usize) {
+        let mut map = self.by_serial.lock().unwrap_or_else(|p| p.into_inner());
+        let more = sessions.saturating_sub(map.len());
+        map.reserve(more);
+    }
+
     /// Registers a session of the certificate `serial`, ended by `stop` or by [`Self::close`].
     pub fn open(self: &Arc<Self>, serial: &[u8], stop: &CancellationToken) -> OpenSession {
         let token = stop.child_token();
@@ -138,6 +145,15 @@ mod tests {
         pki::init(dir.path(), &[]).unwrap();
         let config = pki::server_config(dir.path()).unwrap();
         TlsState::new(config, revoked.iter().map(|s| s.to_vec()).collect())
+    }
+
+    #[test]
+    fn room_is_made_for_the_sessions_expected() {
+        let sessions = OpenSessions::default();
+        sessions.expect(500);
+        let map = sessions.by_serial.lock().unwrap();
+        assert!(map.capacity() >= 500, "{}", map.capacity());
+        assert!(map.is_empty());
     }
 
     #[test]

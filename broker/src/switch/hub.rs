@@ -110,6 +110,14 @@ impl Hub {
         }
     }
 
+    /// Makes room for `devices` sessions at once ([`crate::core::Core::known_devices`]): a
+    /// relay restarting under a fleet attaches all of them within seconds.
+    pub fn expect_devices(&self, devices: usize) {
+        let mut state = self.lock();
+        let more = devices.saturating_sub(state.sessions.len());
+        state.sessions.reserve(more);
+    }
+
     /// This hub, handing devices' alarms to the alarm lane's queue `alarms` rather than to the
     /// core's.
     pub fn with_alarm_lane(mut self, alarms: mpsc::Sender<Inbound>) -> Hub {
@@ -379,6 +387,16 @@ mod tests {
 
     fn hub(max_queued: usize) -> Hub {
         Hub::new(mpsc::channel(1).0, max_queued)
+    }
+
+    #[test]
+    fn room_is_made_for_the_devices_expected_and_never_taken_back() {
+        let hub = hub(16);
+        hub.expect_devices(1000);
+        let room = hub.lock().sessions.capacity();
+        assert!(room >= 1000, "{room}");
+        hub.expect_devices(10);
+        assert_eq!(hub.lock().sessions.capacity(), room);
     }
 
     fn publish(topic: &str, payload: &[u8]) -> Publish {

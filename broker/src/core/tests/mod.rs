@@ -1508,3 +1508,28 @@ async fn run_returns_when_inbound_closes() {
     }
     assert!(topics.contains(&"host/svc/resp".to_string()), "{topics:?}");
 }
+
+/// The relay sizes its per-session maps for the devices the store held at startup; the count
+/// is taken from the republish that runs before any session.
+#[test]
+fn startup_counts_the_devices_the_store_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let core = open(&dir);
+        let states = (0..7)
+            .map(|i| state(&format!("K{i}"), 1, "Kyoto"))
+            .collect();
+        core.handle_batch(states, t(9, 0)).unwrap();
+    }
+    let core = open(&dir);
+    assert_eq!(core.known_devices(), 0, "nothing read yet");
+    core.startup_publications().unwrap();
+    assert_eq!(core.known_devices(), 7);
+    let online = core.alerts.online.lock().unwrap();
+    assert!(
+        online.capacity() >= 7,
+        "room for each: {}",
+        online.capacity()
+    );
+    assert!(online.is_empty(), "room, not sessions");
+}

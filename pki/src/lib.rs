@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod kx;
 pub mod publisher;
+mod quick_cert;
 pub mod random;
 
 use std::fs;
@@ -330,7 +331,7 @@ fn identity_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<I
 /// What the relay needs of a client's certificate after a handshake, read in one parse: who it
 /// is, its serial (to check against the revocation list, for a resumed session too, whose
 /// certificate rustls did not verify again) and when it expires.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCert {
     pub identity: Identity,
     /// Without leading zero bytes, as [`LoadedCrl::revoked_serials`] lists them.
@@ -350,6 +351,23 @@ impl PeerCert {
 /// handshake. The extensions are left undecoded (none of the three is in them): their decoding
 /// was a quarter of this parse's time.
 pub fn peer_cert(der: &[u8]) -> Result<PeerCert, PkiError> {
+    // The usual case, read without decoding the rest ([`quick_cert`]); anything it does not
+    // read, or an identity it would refuse, goes through the full parse, which says why.
+    if let Some(f) = quick_cert::fields(der)
+        && let Ok(role) = f.ou.parse::<Role>()
+        && let Ok(identity) = Identity::new(role, f.cn)
+    {
+        return Ok(PeerCert {
+            identity,
+            serial: minimal(f.serial).to_vec(),
+            not_after: f.not_after,
+        });
+    }
+    peer_cert_parsed(der)
+}
+
+/// [`peer_cert`] from x509-parser's parse of the whole certificate.
+fn peer_cert_parsed(der: &[u8]) -> Result<PeerCert, PkiError> {
     let cert = parse_cert(der, false)?;
     Ok(PeerCert {
         identity: identity_of(&cert)?,

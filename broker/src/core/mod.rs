@@ -136,7 +136,7 @@ pub struct Core {
     routes: Arc<relay::ChildRoutes>,
     /// Children this parent has heard from since it started.
     children: Mutex<std::collections::HashMap<protocol::RelayId, relay::ChildStatus>>,
-    /// Devices in the store when [`Core::startup_publications`] last read them.
+    /// Devices expected back at startup ([`Core::known_devices`]).
     known_devices: AtomicUsize,
 }
 
@@ -371,11 +371,18 @@ impl Core {
         }
     }
 
-    /// How many devices the store held at startup ([`Core::startup_publications`]): what the
-    /// relay's per-session maps are sized for, so that a reconnect storm after a restart does
-    /// not grow each of them a dozen times over (about 1 % of the relay's CPU in one).
+    /// How many devices the relay expects back at startup: every device in its store
+    /// ([`Core::startup_publications`]), or on a cluster node those whose sessions it held when
+    /// it stopped ([`Core::presence_startup`]; the store holds the whole cluster's fleet). What
+    /// the relay's per-session maps are sized for, so that a reconnect storm after a restart
+    /// does not grow each of them a dozen times over (about 1 % of the relay's CPU in one).
     pub fn known_devices(&self) -> usize {
         self.known_devices.load(Ordering::Relaxed)
+    }
+
+    fn expect_devices(&self, devices: usize) {
+        self.known_devices.store(devices, Ordering::Relaxed);
+        self.alerts.expect_devices(devices);
     }
 
     pub fn settings(&self) -> &CoreSettings {
@@ -424,8 +431,9 @@ impl Core {
         let numbers = txn.job_numbers()?;
         let serials = txn.device_serials()?;
         txn.commit()?;
-        self.known_devices.store(serials.len(), Ordering::Relaxed);
-        self.alerts.expect_devices(serials.len());
+        if self.settings.node.is_none() {
+            self.expect_devices(serials.len());
+        }
         let mut out = Vec::new();
         for numbers in numbers.chunks(chunk) {
             let mut txn = self.store.begin()?;

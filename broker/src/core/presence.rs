@@ -360,6 +360,9 @@ impl Core {
             Some(me) => txn.presence_on_node(me)?,
             None => Vec::new(),
         };
+        if self.settings.node.is_some() {
+            self.expect_devices(mine.len());
+        }
         let mut candidates: Vec<Serial> = mine
             .iter()
             .cloned()

@@ -365,13 +365,7 @@ fn a_periodic_device_connected_at_shutdown_is_expected_back_after_a_restart() {
 fn a_periodic_device_online_at_another_node_is_not_expected_back_or_overdue() {
     let dir = tempfile::tempdir().unwrap();
     let node = |name: &str| {
-        let core = open_with(
-            &dir,
-            CoreSettings {
-                node: Some(name.into()),
-                ..settings()
-            },
-        );
+        let core = open_node(&dir, name);
         core.configure_alerts(AlertSettings {
             overdue_margin: Duration::from_secs(60),
             notify: NotifyConfig::default(),
@@ -419,15 +413,7 @@ fn a_starting_node_leaves_the_rows_of_devices_online_elsewhere_unlocked() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let node = |name: &str| {
-        open_with(
-            &dir,
-            CoreSettings {
-                node: Some(name.into()),
-                ..settings()
-            },
-        )
-    };
+    let node = |name: &str| open_node(&dir, name);
     let n1 = node("N1");
     n1.presence_events(vec![presence("P1", true)], t(9, 0))
         .unwrap();

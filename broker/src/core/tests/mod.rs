@@ -53,6 +53,17 @@ fn open_with(dir: &tempfile::TempDir, settings: CoreSettings) -> Core {
     Core::with_store(crate::store::testing::open(dir.path()), settings)
 }
 
+/// The core of cluster node `name` on the store in `dir`.
+fn open_node(dir: &tempfile::TempDir, name: &str) -> Core {
+    open_with(
+        dir,
+        CoreSettings {
+            node: Some(name.into()),
+            ..settings()
+        },
+    )
+}
+
 fn serial(s: &str) -> Serial {
     Serial::parse(s).unwrap()
 }
@@ -1509,8 +1520,9 @@ async fn run_returns_when_inbound_closes() {
     assert!(topics.contains(&"host/svc/resp".to_string()), "{topics:?}");
 }
 
-/// The relay sizes its per-session maps for the devices the store held at startup; the count
-/// is taken from the republish that runs before any session.
+/// The relay sizes its per-session maps for the devices it expects back: every device of its
+/// store, counted by the republish that runs before any session; on a cluster node, whose store
+/// holds the whole cluster's fleet, only the devices whose sessions the node held.
 #[test]
 fn startup_counts_the_devices_the_store_holds() {
     let dir = tempfile::tempdir().unwrap();
@@ -1532,4 +1544,25 @@ fn startup_counts_the_devices_the_store_holds() {
         online.capacity()
     );
     assert!(online.is_empty(), "room, not sessions");
+    drop(online);
+    drop(core);
+
+    // Two of the seven were online at node N1 when it stopped, one at N2.
+    let node = |name: &str| open_node(&dir, name);
+    let at = |name: &str, serials: &[&str]| {
+        let events = serials
+            .iter()
+            .map(|s| PresenceEvent {
+                serial: serial(s),
+                online: true,
+            })
+            .collect();
+        node(name).presence_events(events, t(9, 1)).unwrap();
+    };
+    at("N1", &["K0", "K1"]);
+    at("N2", &["K2"]);
+    let n1 = node("N1");
+    n1.presence_startup().unwrap();
+    n1.startup_publications().unwrap();
+    assert_eq!(n1.known_devices(), 2, "N1's own, not the cluster's seven");
 }

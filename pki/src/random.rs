@@ -1,11 +1,12 @@
 //! Randomness for the handshake's public values: the server's random, the session ticket's
 //! age offset and nonces.
 //!
-//! ring's generator makes one `getrandom` system call per draw, three per handshake: about 1 %
-//! of the relay's CPU in a reconnect storm (bench/RESULTS.md). A thread's own ChaCha12 generator
-//! (rand's `ThreadRng`, seeded and reseeded from the operating system) draws without one. The
-//! secrets of a handshake do not come from here: its X25519 key pair draws from aws-lc's
-//! generator ([`crate::kx`]), and long-lived keys (the ticket keys) from the operating system.
+//! ring's generator makes one `getrandom` system call per draw, four per resumed handshake:
+//! about 1 % of the relay's CPU in a reconnect storm (bench/RESULTS.md). A thread's own ChaCha12
+//! generator (rand's `ThreadRng`, seeded and reseeded from the operating system) draws without
+//! one. The secrets of a handshake do not come from here: its X25519 key pair draws from
+//! aws-lc's generator ([`crate::kx`]), and long-lived keys (the ticket keys) from the operating
+//! system.
 
 use rand::RngCore;
 use rustls::crypto::{GetRandomFailed, SecureRandom};

@@ -201,53 +201,63 @@ pub async fn run(
     let mut last_batch: Option<Instant> = None;
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A batch read but handled after the presence commit made for it (below).
+    let mut after_presence: Option<Vec<Inbound>> = None;
     loop {
-        let work = tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            msg = inbound.recv() => {
-                let Some(first) = msg else { return Ok(()) };
-                let mut batch = Vec::with_capacity(16);
-                batch.push(first);
-                let deadline = window.deadline(Instant::now(), last_batch);
-                fill(&mut batch, &mut inbound, MAX_BATCH, deadline.map(|d| (d, &window))).await;
-                // A host's request sees every session that opened or closed before it came: a
-                // rollout made as a fleet comes up selects all of it, `devices list` lists all
-                // of it. So what presence is held or queued is committed first.
-                if (presence_held.is_holding() || !presence.is_empty()) && carries_host_request(&batch) {
+        let work = if let Some(batch) = after_presence.take() {
+            Work::Batch(batch)
+        } else {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                msg = inbound.recv() => {
+                    let Some(first) = msg else { return Ok(()) };
+                    let mut batch = Vec::with_capacity(16);
+                    batch.push(first);
+                    let deadline = window.deadline(Instant::now(), last_batch);
+                    let deadline = deadline.map(|d| (d, &window));
+                    fill(&mut batch, &mut inbound, MAX_BATCH, deadline).await;
+                    // A host's request sees every session that opened or closed before it
+                    // came: a rollout made as a fleet comes up selects all of it, `devices
+                    // list` lists all of it. So what presence is held or queued is committed
+                    // first, and the batch handled next.
+                    let mut events = Vec::new();
+                    let pending = presence_held.is_holding() || !presence.is_empty();
+                    if pending && carries_host_request(&batch) {
+                        events = presence_held.release();
+                        fill(&mut events, &mut presence, usize::MAX, None).await;
+                    }
+                    if events.is_empty() {
+                        Work::Batch(batch)
+                    } else {
+                        after_presence = Some(batch);
+                        Work::Presence(events)
+                    }
+                }
+                // Not read while changes are held: each session's change would wake the core
+                // for nothing; what queues meanwhile is taken with the held ones when due.
+                event = presence.recv(), if presence_open && !presence_held.is_holding() => {
+                    match event {
+                        Some(first) => {
+                            let mut events = vec![first];
+                            fill(&mut events, &mut presence, usize::MAX, None).await;
+                            match presence_held.take_or_hold(events, Instant::now()) {
+                                Some(events) => Work::Presence(events),
+                                None => continue,
+                            }
+                        }
+                        None => {
+                            presence_open = false;
+                            continue;
+                        }
+                    }
+                }
+                () = presence_held.due(), if presence_held.is_holding() => {
                     let mut events = presence_held.release();
                     fill(&mut events, &mut presence, usize::MAX, None).await;
-                    if !events.is_empty() {
-                        if commit_presence_now(&core, events, &outbound).await.is_err() {
-                            debug!("outlet gone; core stopping");
-                            return Ok(());
-                        }
-                        presence_held.committed(Instant::now());
-                    }
+                    Work::Presence(events)
                 }
-                Work::Batch(batch)
+                _ = expire.tick() => Work::Expire,
             }
-            // Not read while changes are held: each session's change would wake the core for
-            // nothing; what queues meanwhile is taken with the held ones when they are due.
-            event = presence.recv(), if presence_open && !presence_held.is_holding() => match event {
-                Some(first) => {
-                    let mut events = vec![first];
-                    fill(&mut events, &mut presence, usize::MAX, None).await;
-                    match presence_held.take_or_hold(events, Instant::now()) {
-                        Some(events) => Work::Presence(events),
-                        None => continue,
-                    }
-                }
-                None => {
-                    presence_open = false;
-                    continue;
-                }
-            },
-            () = presence_held.due(), if presence_held.is_holding() => {
-                let mut events = presence_held.release();
-                fill(&mut events, &mut presence, usize::MAX, None).await;
-                Work::Presence(events)
-            }
-            _ = expire.tick() => Work::Expire,
         };
         let is_batch = matches!(work, Work::Batch(_));
         let is_presence = matches!(work, Work::Presence(_));
@@ -411,21 +421,6 @@ pub async fn run_alarm_lane(
 /// 1.5 % lower again, but a commit of a fifth of a second's sessions (their records, the tree
 /// pages they dirty, their state views) left the relay's heap 0.2 KiB per idle device larger.
 pub(super) const PRESENCE_WINDOW: Duration = Duration::from_millis(50);
-
-/// Records `events` (presence changes held or queued) in a commit of their own, ahead of the
-/// batch in hand, and publishes what that commit made.
-async fn commit_presence_now(
-    core: &Core,
-    events: Vec<SessionEvent>,
-    outbound: &impl Outlet,
-) -> Result<(), OutletClosed> {
-    let now = chrono::Utc::now();
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| core.session_events(events, now)));
-    match settle(core, result) {
-        Some(out) => outbound.publish(out).await,
-        None => Ok(()),
-    }
-}
 
 /// Whether `batch` holds a host's request (its answer may read presence). Devices' messages, the
 /// bulk of a busy relay's batches, are told apart by their first level without a parse.

@@ -324,6 +324,11 @@ fn identity_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<I
         .next()
         .and_then(|a| a.as_str().ok())
         .ok_or_else(|| missing("OU (role)"))?;
+    identity_named(cn, ou)
+}
+
+/// The identity a certificate's CN and OU name: the id and the role.
+fn identity_named(cn: &str, ou: &str) -> Result<Identity, PkiError> {
     let role: Role = ou.parse()?;
     Ok(Identity::new(role, cn)?)
 }
@@ -354,8 +359,7 @@ pub fn peer_cert(der: &[u8]) -> Result<PeerCert, PkiError> {
     // The usual case, read without decoding the rest ([`quick_cert`]); anything it does not
     // read, or an identity it would refuse, goes through the full parse, which says why.
     if let Some(f) = quick_cert::fields(der)
-        && let Ok(role) = f.ou.parse::<Role>()
-        && let Ok(identity) = Identity::new(role, f.cn)
+        && let Ok(identity) = identity_named(f.cn, f.ou)
     {
         return Ok(PeerCert {
             identity,

@@ -39,15 +39,29 @@ pub struct Conn {
     early: Vec<Publish>,
     /// The TLS handshake resumed a session from a ticket.
     pub resumed: bool,
+    /// The broker resumed the client's persistent MQTT session: its subscriptions are in place.
+    pub session_present: bool,
 }
 
 impl Conn {
-    /// Connects, sends CONNECT and waits for a successful CONNACK.
+    /// Connects with a clean session ([`Conn::open_session`]).
     pub async fn open(
         endpoint: Endpoint,
         source: Ipv4Addr,
         tls: Option<&Arc<ClientConfig>>,
         client_id: &str,
+    ) -> anyhow::Result<Conn> {
+        Conn::open_session(endpoint, source, tls, client_id, true).await
+    }
+
+    /// Connects, sends CONNECT (a clean session, or asking to resume a persistent one) and waits
+    /// for a successful CONNACK.
+    pub async fn open_session(
+        endpoint: Endpoint,
+        source: Ipv4Addr,
+        tls: Option<&Arc<ClientConfig>>,
+        client_id: &str,
+        clean: bool,
     ) -> anyhow::Result<Conn> {
         let socket = TcpSocket::new_v4()?;
         socket
@@ -77,12 +91,19 @@ impl Conn {
             pkid: 0,
             early: Vec::new(),
             resumed,
+            session_present: false,
         };
-        mqtt::connect(&mut conn.wbuf, client_id, KEEP_ALIVE_SECS);
+        mqtt::connect(&mut conn.wbuf, client_id, KEEP_ALIVE_SECS, clean);
         conn.flush().await?;
         match conn.read().await? {
-            Some(Incoming::ConnAck { code: 0 }) => Ok(conn),
-            Some(Incoming::ConnAck { code }) => bail!("CONNACK refused with code {code}"),
+            Some(Incoming::ConnAck {
+                code: 0,
+                session_present,
+            }) => {
+                conn.session_present = session_present;
+                Ok(conn)
+            }
+            Some(Incoming::ConnAck { code, .. }) => bail!("CONNACK refused with code {code}"),
             Some(other) => bail!("expected CONNACK, got {other:?}"),
             None => bail!("closed before CONNACK"),
         }

@@ -220,6 +220,7 @@ pub fn sum(all: &[Status]) -> Status {
         t.subscribed += s.subscribed;
         t.connects += s.connects;
         t.resumed += s.resumed;
+        t.session_present += s.session_present;
         t.connect_failures += s.connect_failures;
         t.disconnects += s.disconnects;
         t.last_subscribed_us = t.last_subscribed_us.max(s.last_subscribed_us);

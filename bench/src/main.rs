@@ -99,6 +99,12 @@ enum Command {
         /// Each device publishes its state once per session, as the real agent does.
         #[arg(long)]
         announce: bool,
+        /// Devices connect with a clean session and subscribe on every connection (the agent
+        /// before persistent sessions; what rumqttd and Mosquitto targets are compared with).
+        /// By default they connect as the agent does: `clean_session` 0, and no SUBSCRIBE when
+        /// the relay resumes the session.
+        #[arg(long)]
+        clean_sessions: bool,
     },
     /// K devices send reports through the outbox/ack path: acked reports/s, ack latency, and a
     /// check after a restart that the store holds every report exactly once (chukei only).
@@ -300,9 +306,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             idle_secs,
             announce,
         } => emit(idle::run(&env, &targets, devices, idle_secs, announce).await?),
-        Command::ReconnectStorm { devices, announce } => {
-            emit(storm::run(&env, &targets, devices, announce).await?)
-        }
+        Command::ReconnectStorm {
+            devices,
+            announce,
+            clean_sessions,
+        } => emit(storm::run(&env, &targets, devices, announce, !clean_sessions).await?),
         Command::DurableReports {
             devices,
             window,
@@ -413,7 +421,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             for announce in [false, true] {
                 let idle_secs = if smoke { 1 } else { 10 };
                 emit(idle::run(&env, &targets, s(40, 19_000), idle_secs, announce).await?)?;
-                emit(storm::run(&env, &targets, s(40, 19_000), announce).await?)?;
+                emit(storm::run(&env, &targets, s(40, 19_000), announce, true).await?)?;
             }
             let secs = if smoke { 2 } else { 15 };
             for report in [ReportKind::State, ReportKind::Counters] {

@@ -11,6 +11,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub enum Incoming {
     ConnAck {
         code: u8,
+        /// The broker resumed the client's persistent session (asked for with `clean` false).
+        session_present: bool,
     },
     SubAck {
         pkid: u16,
@@ -82,7 +84,10 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
             if body.len() < 2 {
                 return Err(DecodeError::Malformed("CONNACK"));
             }
-            Incoming::ConnAck { code: body[1] }
+            Incoming::ConnAck {
+                code: body[1],
+                session_present: body[0] & 1 == 1,
+            }
         }
         3 => {
             let qos = (first >> 1) & 3;
@@ -154,14 +159,15 @@ fn put_str(out: &mut BytesMut, s: &[u8]) {
     out.put_slice(s);
 }
 
-/// CONNECT with a clean session and no credentials (identity is the client certificate).
-pub fn connect(out: &mut BytesMut, client_id: &str, keep_alive_secs: u16) {
+/// CONNECT with no credentials (identity is the client certificate); without `clean`, asking to
+/// resume the client's persistent session.
+pub fn connect(out: &mut BytesMut, client_id: &str, keep_alive_secs: u16, clean: bool) {
     let len = 10 + 2 + client_id.len();
     out.put_u8(0x10);
     put_len(out, len);
     put_str(out, b"MQTT");
     out.put_u8(4); // protocol level 3.1.1
-    out.put_u8(0x02); // clean session
+    out.put_u8(if clean { 0x02 } else { 0 }); // connect flags: clean session or not
     out.put_u16(keep_alive_secs);
     put_str(out, client_id.as_bytes());
 }
@@ -243,7 +249,10 @@ mod tests {
             BytesMut::from(&[0x20, 2, 0, 0, 0x90, 3, 0, 1, 1, 0x40, 2, 0, 9, 0xd0, 0][..]);
         assert_eq!(
             decode(&mut buf).unwrap(),
-            Some(Incoming::ConnAck { code: 0 })
+            Some(Incoming::ConnAck {
+                code: 0,
+                session_present: false
+            })
         );
         assert_eq!(
             decode(&mut buf).unwrap(),

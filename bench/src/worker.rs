@@ -61,7 +61,13 @@ pub struct WorkerSpec {
 pub enum Work {
     /// Subscribe to its job and ack topics and stay silent; with `announce`, first publish the
     /// device's state once per session, as the real agent does (`up/state`, acked by chukei).
-    Idle { announce: bool },
+    /// With `persistent`, connect as the agent does (`clean_session` 0) and subscribe only when
+    /// the broker did not resume the session.
+    Idle {
+        announce: bool,
+        #[serde(default)]
+        persistent: bool,
+    },
     /// Send reports (`up/state` or `up/counters` envelopes) through the outbox/ack path: each message keeps its id
     /// until the relay acks it and is resent (same id) after `resend_after_ms` or a reconnect.
     /// `rate_per_device` 0 means closed loop: keep `window` unacked at all times.
@@ -142,6 +148,7 @@ struct Stats {
     subscribed: AtomicU64,
     connects: AtomicU64,
     resumed: AtomicU64,
+    session_present: AtomicU64,
     connect_failures: AtomicU64,
     disconnects: AtomicU64,
     last_subscribed_us: AtomicU64,
@@ -175,6 +182,9 @@ pub struct Status {
     /// Connections whose TLS handshake resumed a session (a ticket from an earlier one).
     #[serde(default)]
     pub resumed: u64,
+    /// Connections whose CONNACK said the broker resumed the MQTT session (no SUBSCRIBE sent).
+    #[serde(default)]
+    pub session_present: u64,
     pub connect_failures: u64,
     pub disconnects: u64,
     pub last_subscribed_us: u64,
@@ -230,6 +240,7 @@ impl Stats {
             subscribed: g(&self.subscribed),
             connects: g(&self.connects),
             resumed: g(&self.resumed),
+            session_present: g(&self.session_present),
             connect_failures: g(&self.connect_failures),
             disconnects: g(&self.disconnects),
             last_subscribed_us: g(&self.last_subscribed_us),
@@ -431,6 +442,13 @@ async fn device(ctx: Arc<Ctx>, i: u32, tls: Option<Arc<ClientConfig>>) {
         Work::Reports { .. } => vec![topic::dev_ack(&serial)],
         Work::PubSub { .. } => vec![topic::dev_up(&serial, UpKind::State)],
     };
+    let persistent = matches!(
+        ctx.spec.work,
+        Work::Idle {
+            persistent: true,
+            ..
+        }
+    );
     let mut phase = ctx.phase.clone();
     if phase.wait_for(|p| *p >= Phase::Connect).await.is_err() {
         return;
@@ -450,9 +468,17 @@ async fn device(ctx: Arc<Ctx>, i: u32, tls: Option<Arc<ClientConfig>>) {
         };
         let started = Instant::now();
         let attempt = timeout(Duration::from_secs(30), async {
-            let mut conn =
-                Conn::open(ctx.spec.endpoint, source, tls.as_ref(), serial.as_str()).await?;
-            conn.subscribe(&filters).await?;
+            let mut conn = Conn::open_session(
+                ctx.spec.endpoint,
+                source,
+                tls.as_ref(),
+                serial.as_str(),
+                !persistent,
+            )
+            .await?;
+            if !conn.session_present {
+                conn.subscribe(&filters).await?;
+            }
             anyhow::Ok(conn)
         })
         .await
@@ -467,6 +493,9 @@ async fn device(ctx: Arc<Ctx>, i: u32, tls: Option<Arc<ClientConfig>>) {
                 inc(&ctx.stats.connects);
                 if conn.resumed {
                     inc(&ctx.stats.resumed);
+                }
+                if conn.session_present {
+                    inc(&ctx.stats.session_present);
                 }
                 inc(&ctx.stats.subscribed);
                 ctx.stats
@@ -525,7 +554,7 @@ async fn session(
         publish_envelope(ctx, &mut conn, &up_topic, id, &p);
     }
     ob.inflight = 0;
-    if let Work::Idle { announce: true } = ctx.spec.work
+    if let Work::Idle { announce: true, .. } = ctx.spec.work
         && ob.out.is_empty()
     {
         send_new(ctx, &mut conn, &up_topic, ob, Pending::Report);

@@ -235,6 +235,7 @@ pub async fn run(
         (hub, None)
     };
     hub.expect_devices(core.known_devices());
+    hub.restore_sessions(core.take_stored_sessions());
     let hub = Arc::new(hub);
     let bus_tls = switch::bus::tls_config(
         cfg.cluster_bus_ca.as_deref(),

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub tls_full: AtomicU64,
     pub tls_resumed: AtomicU64,
     pub sessions_started: AtomicU64,
+    /// Devices' sessions that resumed a persistent MQTT session (CONNACK "session present").
+    pub sessions_resumed: AtomicU64,
     pub sessions_active: AtomicU64,
     pub acl_violations: AtomicU64,
     /// Open sessions closed because a reload found their certificate revoked.

@@ -91,6 +91,12 @@ pub fn render(gw: &Metrics, core: &CoreStats, store: Option<&StoreStats>) -> Str
         get(&gw.sessions_started),
     );
     metric(
+        "chukei_sessions_resumed_total",
+        "counter",
+        "Device sessions that resumed a persistent MQTT session (no SUBSCRIBE needed).",
+        get(&gw.sessions_resumed),
+    );
+    metric(
         "chukei_tcp_accepted_total",
         "counter",
         "TCP connections accepted.",

@@ -122,13 +122,25 @@ impl RawClient {
     /// CONNECT as `client_id` on this TLS connection, and the CONNACK's return code (`Err` if
     /// the connection closed first).
     pub async fn mqtt_connect(self, client_id: &str) -> Result<(RawClient, u8), String> {
+        let (c, code, _) = self.mqtt_connect_session(client_id, true).await?;
+        Ok((c, code))
+    }
+
+    /// CONNECT as `client_id` with a clean session or not, and the CONNACK's return code and
+    /// "session present" flag (`Err` if the connection closed first).
+    pub async fn mqtt_connect_session(
+        self,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<(RawClient, u8, bool), String> {
         let mut c = self;
         c.name = format!("raw client {client_id:?}");
-        c.send(&connect(client_id, 60)).await?;
+        let flags = if clean { 0x02 } else { 0 };
+        c.send(&connect_full(client_id, 60, flags, &[])).await?;
         match c.next(deadline()).await? {
             Some(p) if p.kind == CONNACK && p.body.len() == 2 => {
-                let code = p.body[1];
-                Ok((c, code))
+                let (present, code) = (p.body[0] & 1 == 1, p.body[1]);
+                Ok((c, code, present))
             }
             Some(p) => Err(format!("{}: expected a CONNACK, got {p:?}", c.name)),
             None => Err(format!("{}: closed before a CONNACK", c.name)),

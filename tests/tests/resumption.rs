@@ -1,9 +1,11 @@
-//! TLS session resumption across a relay restart, with the real relay and the real device agent:
-//! the agent comes back to the restarted relay with a session ticket (no full handshake), and a
-//! certificate revoked while it was away is refused even though its handshake resumed.
+//! Resumption across a relay restart, with the real relay and the real device agent: the agent
+//! comes back to the restarted relay with a session ticket (no full handshake), and a certificate
+//! revoked while it was away is refused even though its handshake resumed; and a device's
+//! persistent MQTT session comes back too (no SUBSCRIBE), its orders with it.
 
-use harness::raw;
+use harness::raw::{self, RawClient};
 use harness::{TestEnv, broker_ok, deadline};
+use protocol::Role;
 
 #[tokio::test]
 async fn an_agent_resumes_after_a_relay_restart_and_a_revoked_certificate_is_refused_on_resumption()
@@ -12,21 +14,7 @@ async fn an_agent_resumes_after_a_relay_restart_and_a_revoked_certificate_is_ref
         "an_agent_resumes_after_a_relay_restart_and_a_revoked_certificate_is_refused_on_resumption",
     );
     let data_dir = env.path("relay");
-    let relay = |addr| {
-        let env = &env;
-        let data_dir = data_dir.clone();
-        async move {
-            let mut b = env
-                .broker()
-                .data_dir(&data_dir)
-                .args(["--metrics-listen", "127.0.0.1:0"]);
-            if let Some(addr) = addr {
-                b = b.listen(addr);
-            }
-            b.start().await
-        }
-    };
-    let mut broker = relay(None).await;
+    let mut broker = relay_on(&env, &data_dir, None).await;
     let addr = broker.addr();
     let device = env.device("C1").start(&broker).await;
     device.wait_for_log("connected to broker", deadline()).await;
@@ -42,7 +30,7 @@ async fn an_agent_resumes_after_a_relay_restart_and_a_revoked_certificate_is_ref
 
     // Restart: the agent comes back with the ticket the first relay sealed.
     broker.stop().await;
-    let mut broker = relay(Some(addr)).await;
+    let mut broker = relay_on(&env, &data_dir, Some(addr)).await;
     device
         .wait_for_lines("connected twice", 2, deadline(), |l| {
             l.contains("connected to broker")
@@ -63,7 +51,7 @@ async fn an_agent_resumes_after_a_relay_restart_and_a_revoked_certificate_is_ref
     broker.stop().await;
     let pki_dir = env.pki().dir().to_str().expect("utf-8 path").to_owned();
     broker_ok(["pki", "revoke", "--dir", &pki_dir, "--id", "C1"]);
-    let broker = relay(Some(addr)).await;
+    let broker = relay_on(&env, &data_dir, Some(addr)).await;
     broker
         .wait_for_line("refused as revoked", deadline(), |l| {
             l.contains("certificate refused after the handshake") && l.contains("revoked")
@@ -192,4 +180,145 @@ async fn a_stopping_relay_refuses_new_connections_at_once() {
         "the relay was still winding down its open connection when the attempt was refused"
     );
     broker.stop().await;
+}
+
+/// A relay on `data_dir` at `addr` (a fresh port if `None`), with its metrics listener: started
+/// again on both, it is the same relay restarted.
+async fn relay_on(
+    env: &TestEnv,
+    data_dir: &std::path::Path,
+    addr: Option<std::net::SocketAddr>,
+) -> harness::Broker {
+    let mut b = env
+        .broker()
+        .data_dir(data_dir)
+        .args(["--metrics-listen", "127.0.0.1:0"]);
+    if let Some(addr) = addr {
+        b = b.listen(addr);
+    }
+    b.start().await
+}
+
+/// Connects C1 by hand with `clean_session` as given: the client and CONNACK's "session present".
+async fn connect_c1(
+    broker: &harness::Broker,
+    certs: &harness::CertPaths,
+    clean: bool,
+) -> (RawClient, bool) {
+    let c = RawClient::tls_from(broker.addr(), certs, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (c, code, present) = c
+        .mqtt_connect_session("C1", clean)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(code, raw::ACCEPTED);
+    (c, present)
+}
+
+/// Sends DISCONNECT and waits for the relay to close the connection.
+async fn leave(mut c: RawClient) {
+    c.send(&[0xe0, 0]).await.unwrap_or_else(|e| panic!("{e}"));
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn a_devices_persistent_mqtt_session_survives_a_relay_restart_and_a_clean_session_ends_it() {
+    let env = TestEnv::new(
+        "a_devices_persistent_mqtt_session_survives_a_relay_restart_and_a_clean_session_ends_it",
+    );
+    let data_dir = env.path("relay");
+    let c1 = env.certs(Role::Device, "C1");
+    let mut broker = relay_on(&env, &data_dir, None).await;
+    let addr = broker.addr();
+    let host = env.host("svc", &broker);
+
+    let (mut first, present) = connect_c1(&broker, &c1, false).await;
+    assert!(!present, "nothing to resume the first time");
+    assert_eq!(
+        first
+            .subscribe_acked(1, &["dev/C1/jobs/+", "dev/C1/ack"])
+            .await,
+        [1, 1]
+    );
+    // A host's request is answered only after the sessions opened before it are recorded.
+    host.list_json(true).await;
+    leave(first).await;
+
+    // A hard kill: what the session keeps must already be on disk.
+    broker.kill9().await;
+    let mut broker = relay_on(&env, &data_dir, Some(addr)).await;
+    let job = host.submit_get_data("C1").await;
+    let (mut back, present) = connect_c1(&broker, &c1, false).await;
+    assert!(present, "the restarted relay resumed the session");
+    let order = back.expect(raw::PUBLISH).await;
+    assert_eq!(
+        order.topic().as_deref(),
+        Some(format!("dev/C1/jobs/{job}").as_str()),
+        "the order reached the device without a SUBSCRIBE"
+    );
+    let metrics = raw::scrape(broker.metrics_addr()).await;
+    assert_eq!(raw::sample(&metrics, "chukei_sessions_resumed_total"), 1);
+    leave(back).await;
+
+    // A clean session ends the persistent one, at the relay and in its store.
+    let (mut clean, present) = connect_c1(&broker, &c1, true).await;
+    assert!(!present, "a clean session never resumes");
+    clean
+        .send(&[0xc0, 0])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let before_pong = loop {
+        let p = clean
+            .next(deadline())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .expect("open");
+        if p.kind == raw::PINGRESP {
+            break p;
+        }
+        assert_ne!(
+            p.kind,
+            raw::PUBLISH,
+            "a clean session subscribed to nothing: {p:?}"
+        );
+    };
+    assert_eq!(before_pong.kind, raw::PINGRESP);
+    host.list_json(true).await;
+    leave(clean).await;
+    let (again, present) = connect_c1(&broker, &c1, false).await;
+    assert!(!present, "the clean session discarded it");
+    leave(again).await;
+    broker.kill9().await;
+    let broker = relay_on(&env, &data_dir, Some(addr)).await;
+    let (_after, present) = connect_c1(&broker, &c1, false).await;
+    assert!(!present, "and the restarted relay does not bring it back");
+}
+
+#[tokio::test]
+async fn an_agent_resumes_its_mqtt_session_after_a_relay_restart_and_still_gets_its_jobs() {
+    let env = TestEnv::new(
+        "an_agent_resumes_its_mqtt_session_after_a_relay_restart_and_still_gets_its_jobs",
+    );
+    let data_dir = env.path("relay");
+    let mut broker = relay_on(&env, &data_dir, None).await;
+    let addr = broker.addr();
+    let host = env.host("svc", &broker);
+    let device = env.device("C1").start(&broker).await;
+    device
+        .wait_for_log("subscribed; ready for jobs", deadline())
+        .await;
+    host.list_json(true).await;
+
+    broker.stop().await;
+    let broker = relay_on(&env, &data_dir, Some(addr)).await;
+    device
+        .wait_for_line("resumed its session", deadline(), |l| {
+            l.contains("connected to broker") && l.contains("session_present=true")
+        })
+        .await;
+    let metrics = raw::scrape(broker.metrics_addr()).await;
+    assert_eq!(raw::sample(&metrics, "chukei_sessions_resumed_total"), 1);
+    let job = host.submit_get_data("C1").await;
+    host.wait_for_status(&job, "succeeded", deadline()).await;
 }

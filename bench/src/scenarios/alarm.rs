@@ -178,7 +178,10 @@ async fn one(env: &Env, target: &Target, p: Params) -> anyhow::Result<Value> {
         &dir,
         "I",
         p.idle,
-        Work::Idle { announce: false },
+        Work::Idle {
+            announce: false,
+            persistent: false,
+        },
         &env.shape,
     )
     .await?;

@@ -62,7 +62,10 @@ async fn one(
         &dir,
         "B",
         devices,
-        Work::Idle { announce },
+        Work::Idle {
+            announce,
+            persistent: false,
+        },
         &env.shape,
     )
     .await?;

@@ -1,5 +1,7 @@
 //! Scenario 2, reconnect-storm: N devices connected, the relay restarts (SIGTERM, start again on
-//! the same port and data), and every device comes back and resubscribes at once.
+//! the same port and data), and every device comes back at once: resuming its TLS session from a
+//! ticket and, unless `--clean-sessions`, its MQTT session (no SUBSCRIBE) where the relay
+//! resumes it, or subscribing again where it does not.
 
 use std::time::Duration;
 
@@ -16,17 +18,22 @@ pub async fn run(
     targets: &[Target],
     devices: u32,
     announce: bool,
+    persistent: bool,
 ) -> anyhow::Result<Value> {
     let mut results = Map::new();
     for target in targets {
         eprintln!("bench: reconnect-storm: {target}, {devices} devices");
-        let r = one(env, target, devices, announce).await?;
+        let r = one(env, target, devices, announce, persistent).await?;
         results.insert(target.name.clone(), r);
     }
     let r = ratios(&results, targets, "reconnect_rate_per_s");
     Ok(report(
         "reconnect-storm",
-        json!({ "devices": devices, "announce_state_on_connect": announce }),
+        json!({
+            "devices": devices,
+            "announce_state_on_connect": announce,
+            "persistent_sessions": persistent,
+        }),
         targets,
         results,
         json!({ "reconnect_rate_per_s": r }),
@@ -36,7 +43,13 @@ pub async fn run(
     .await)
 }
 
-async fn one(env: &Env, target: &Target, devices: u32, announce: bool) -> anyhow::Result<Value> {
+async fn one(
+    env: &Env,
+    target: &Target,
+    devices: u32,
+    announce: bool,
+    persistent: bool,
+) -> anyhow::Result<Value> {
     // Only chukei answers an announcement; elsewhere it is a publish nobody reads.
     let acked = announce && target.kind == Kind::Chukei;
     let dir = env.run_dir("reconnect-storm", target)?;
@@ -48,7 +61,10 @@ async fn one(env: &Env, target: &Target, devices: u32, announce: bool) -> anyhow
         &dir,
         "S",
         devices,
-        Work::Idle { announce },
+        Work::Idle {
+            announce,
+            persistent,
+        },
         &env.shape,
     )
     .await?;
@@ -98,6 +114,7 @@ async fn one(env: &Env, target: &Target, devices: u32, announce: bool) -> anyhow
         // whose speed drifts within the hour, this moves far less than either figure alone.
         "relay_to_load_cpu": (load_cpu_secs > 0.0).then(|| r3(cpu_secs / load_cpu_secs)),
         "reconnects_resumed": total.resumed,
+        "mqtt_sessions_resumed": total.session_present,
         "machine_busy_pct": r2(machine_busy),
         "connect_failures": fin.status.connect_failures,
         "connect_latency": fin.connect.summary_ms(),

@@ -138,6 +138,8 @@ pub struct Core {
     children: Mutex<std::collections::HashMap<protocol::RelayId, relay::ChildStatus>>,
     /// Devices expected back at startup ([`Core::known_devices`]).
     known_devices: AtomicUsize,
+    /// The persistent MQTT sessions read at startup ([`Core::take_stored_sessions`]).
+    stored_sessions: Mutex<Vec<(Serial, Vec<String>)>>,
 }
 
 /// Which of the store's writers a batch is committed on.
@@ -368,6 +370,7 @@ impl Core {
             children: Default::default(),
             routes: Default::default(),
             known_devices: AtomicUsize::new(0),
+            stored_sessions: Mutex::default(),
         }
     }
 
@@ -383,6 +386,28 @@ impl Core {
     fn expect_devices(&self, devices: usize) {
         self.known_devices.store(devices, Ordering::Relaxed);
         self.alerts.expect_devices(devices);
+    }
+
+    /// The persistent MQTT sessions of the devices the relay expects back (the same devices as
+    /// [`Core::known_devices`]), with their topic filters, read from the store at startup: what
+    /// the hub resumes when such a device reconnects with `clean_session` 0 (`switch::hub`).
+    /// Taken once; later calls answer nothing.
+    pub fn take_stored_sessions(&self) -> Vec<(Serial, Vec<String>)> {
+        std::mem::take(
+            &mut *self
+                .stored_sessions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    fn keep_stored_session(&self, serial: &Serial, filters: &[String]) {
+        if !filters.is_empty() {
+            self.stored_sessions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((serial.clone(), filters.to_vec()));
+        }
     }
 
     pub fn settings(&self) -> &CoreSettings {
@@ -468,6 +493,12 @@ impl Core {
             for serial in serials {
                 if let Some(Some(record)) = skip_corrupt(txn.device(serial))? {
                     out.extend(self.state_views(&*txn, serial, &record)?);
+                }
+                // A cluster node reads the sessions it held in `presence_startup`.
+                if self.settings.node.is_none()
+                    && let Some(Some(presence)) = skip_corrupt(txn.presence(serial))?
+                {
+                    self.keep_stored_session(serial, &presence.session_filters);
                 }
             }
             txn.commit()?;

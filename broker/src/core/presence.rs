@@ -71,6 +71,19 @@ impl Core {
         events: Vec<PresenceEvent>,
         now: Timestamp,
     ) -> Result<Vec<Outbound>, StoreError> {
+        self.presence_and_sessions(events, Vec::new(), now)
+    }
+
+    /// [`Core::presence_events`], and the topic filters of devices' persistent sessions that
+    /// changed (`sessions`, in the order they changed), in the same transaction. Filters that
+    /// change while the store cannot write are not kept: the device's next connection then
+    /// finds no session to resume at a restarted relay and subscribes again, as it would have.
+    pub(super) fn presence_and_sessions(
+        &self,
+        events: Vec<PresenceEvent>,
+        sessions: Vec<(Serial, Vec<String>)>,
+        now: Timestamp,
+    ) -> Result<Vec<Outbound>, StoreError> {
         let mut changed: Vec<(Serial, bool)> = Vec::new();
         if let Ok(mut online) = self.alerts.online.lock() {
             for e in events {
@@ -108,14 +121,20 @@ impl Core {
             deferred.append(&mut changed);
             changed = std::mem::take(&mut *deferred);
         }
-        if changed.is_empty() {
+        if changed.is_empty() && sessions.is_empty() {
             return Ok(Vec::new());
         }
         if !self.storage_writable() {
+            if !sessions.is_empty() {
+                debug!(
+                    sessions = sessions.len(),
+                    "store not writable; session filters not recorded"
+                );
+            }
             *deferred = bounded(changed);
             return Ok(Vec::new());
         }
-        match self.record_presence(&changed, now) {
+        match self.record_presence(&changed, &sessions, now) {
             Err(e) if e.is_storage() => {
                 self.storage_failed(&e);
                 *deferred = bounded(changed);
@@ -129,10 +148,12 @@ impl Core {
     pub(super) fn record_presence(
         &self,
         changed: &[(Serial, bool)],
+        sessions: &[(Serial, Vec<String>)],
         now: Timestamp,
     ) -> Result<Vec<Outbound>, StoreError> {
         let mut txn = self.store.begin()?;
-        let serials: Vec<&str> = changed.iter().map(|(s, _)| s.as_str()).collect();
+        let mut serials: Vec<&str> = changed.iter().map(|(s, _)| s.as_str()).collect();
+        serials.extend(sessions.iter().map(|(s, _)| s.as_str()));
         txn.warm_devices(&serials)?;
         let mut p = Pending::default();
         for (serial, online) in changed.iter().cloned() {
@@ -140,6 +161,15 @@ impl Core {
                 Ok(()) => {}
                 Err(e) if e.is_corrupt_record() => {
                     error!(serial = %serial, error = %e, "cannot record presence: a store record is corrupt");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for (serial, filters) in sessions {
+            match record_session_filters(&mut *txn, serial, filters) {
+                Ok(()) => {}
+                Err(e) if e.is_corrupt_record() => {
+                    error!(serial = %serial, error = %e, "cannot record session filters: a store record is corrupt");
                 }
                 Err(e) => return Err(e),
             }
@@ -382,6 +412,7 @@ impl Core {
                 if record.node.as_ref() != Some(&me) {
                     continue;
                 }
+                self.keep_stored_session(&serial, &record.session_filters);
                 record.node = None;
                 self.apply_edge(&mut *txn, &mut p, &serial, record, false, now)?;
             }
@@ -501,6 +532,21 @@ impl Core {
 /// A node starting, or the leader sweeping a node that is gone, while another node serves those
 /// devices then waits for that node's batch instead of deadlocking with it (row by row, presence
 /// first, a restarted node's startup once failed that way in the chaos test).
+/// Writes the filters of `serial`'s persistent session on its presence record, unless they are
+/// already there (a device that resumes and subscribes again to the same filters costs no write).
+fn record_session_filters(
+    txn: &mut dyn Txn,
+    serial: &Serial,
+    filters: &[String],
+) -> Result<(), StoreError> {
+    let mut record = txn.presence(serial)?.unwrap_or_default();
+    if record.session_filters != filters {
+        record.session_filters = filters.to_vec();
+        txn.put_presence(serial, &record)?;
+    }
+    Ok(())
+}
+
 fn lock_in_batch_order(txn: &mut dyn Txn, serials: &[Serial]) -> Result<(), StoreError> {
     let keys: Vec<&str> = serials.iter().map(Serial::as_str).collect();
     txn.warm_devices(&keys)

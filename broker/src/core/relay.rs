@@ -115,7 +115,17 @@ impl ChildStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
     Device(super::PresenceEvent),
-    Relay { relay: RelayId, online: bool },
+    Relay {
+        relay: RelayId,
+        online: bool,
+    },
+    /// The topic filters of a device's persistent MQTT session after they changed (empty: the
+    /// device connected with a clean session, and what it had is gone). Recorded on its presence
+    /// record, so that a restarted relay can resume the session (`crate::switch::hub`).
+    SessionFilters {
+        serial: Serial,
+        filters: Vec<String>,
+    },
 }
 
 /// Whether a child hands this kind to its parent without handling it itself.
@@ -166,15 +176,19 @@ impl Core {
         now: Timestamp,
     ) -> Result<Vec<Outbound>, StoreError> {
         let mut devices = Vec::with_capacity(events.len());
+        let mut sessions = Vec::new();
         for e in events {
             match e {
                 SessionEvent::Device(d) => devices.push(d),
                 SessionEvent::Relay { relay, online } => {
                     devices.extend(self.child_session(&relay, online, now))
                 }
+                SessionEvent::SessionFilters { serial, filters } => {
+                    sessions.push((serial, filters))
+                }
             }
         }
-        self.presence_events(devices, now)
+        self.presence_and_sessions(devices, sessions, now)
     }
 
     /// A child's own session opened or closed; the device sessions it takes away with it.
@@ -290,7 +304,7 @@ impl Core {
         let mut out = self.presence_events(events, now)?;
         if !refresh.is_empty() && self.storage_writable() {
             let changed: Vec<(Serial, bool)> = refresh.into_iter().map(|s| (s, false)).collect();
-            out.extend(self.record_presence(&changed, now)?);
+            out.extend(self.record_presence(&changed, &[], now)?);
         }
         Ok(out)
     }

@@ -24,7 +24,7 @@ use super::limits::{Inflight, Limit, LimitExceeded};
 use super::session::{SessionError, check_acl};
 use super::session_loop::{Side, drive};
 use super::{Gateway, GatewaySettings};
-use crate::switch::hub::{Attachment, Detached, Down, Hub, SubscribeError};
+use crate::switch::hub::{Attachment, Detached, Down, SubscribeError};
 
 /// Most client packets handled before the replies are flushed: what one read brought in.
 const MAX_BATCH: usize = 64;
@@ -38,11 +38,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut ClientConn<S>,
     who: &Identity,
     gw: &Gateway,
-    hub: &Hub,
+    attachment: Attachment<'_>,
     keepalive: &mut Keepalive,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let attachment = hub.attach_session(who.id());
     let mut session = DeviceSession {
         who,
         gw,
@@ -221,8 +220,8 @@ impl DeviceSession<'_> {
             })
             .collect();
         let filters = subscribe.filters.into_iter().map(|f| f.path);
-        let replay = match self.attachment.subscribe(filters, max_subscriptions) {
-            Ok(replay) => replay,
+        let subscribed = match self.attachment.subscribe(filters, max_subscriptions) {
+            Ok(subscribed) => subscribed,
             // The hub holds the device's filters (one copy, not two), so it counts them; the
             // refusal reads like every other session's.
             Err(SubscribeError::TooMany { max }) => {
@@ -241,10 +240,18 @@ impl DeviceSession<'_> {
             },
             None,
         ))?;
-        for publish in replay {
+        for publish in subscribed.replay {
             conn.queue(Packet::Publish(publish, None))?;
         }
+        self.keep_filters(subscribed.kept);
         Ok(())
+    }
+
+    /// A persistent session's filters changed: recorded, so that a restarted relay resumes them.
+    fn keep_filters(&self, kept: Option<Vec<String>>) {
+        if let (Some(filters), Some(presence)) = (kept, &self.gw.presence) {
+            presence.session_filters(self.who, filters);
+        }
     }
 
     fn unsubscribe<S: AsyncRead + AsyncWrite + Unpin>(
@@ -255,7 +262,8 @@ impl DeviceSession<'_> {
         for filter in &unsubscribe.filters {
             check_acl(self.who, self.gw, Action::Unsubscribe, filter)?;
         }
-        self.attachment.unsubscribe(&unsubscribe.filters);
+        let kept = self.attachment.unsubscribe(&unsubscribe.filters);
+        self.keep_filters(kept);
         conn.queue(Packet::UnsubAck(
             UnsubAck {
                 pkid: unsubscribe.pkid,

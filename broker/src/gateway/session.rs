@@ -108,8 +108,10 @@ where
         .await;
     };
     // Devices go through the hub; everyone else gets a router link of their own.
-    let route = match (who.role() == Role::Device).then(|| gw.hub.clone()) {
-        Some(hub) => Route::Hub(hub),
+    let hub = (who.role() == Role::Device).then(|| gw.hub.clone());
+    let route = match &hub {
+        // Attached before the CONNACK: whether it resumed a session is the CONNACK's to say.
+        Some(hub) => Route::Hub(hub.attach(who.id(), connect.clean_session)),
         None => match open_link(&gw, &router_client_id(&who, &connect.client_id)).await {
             Ok((link_tx, link_rx)) => Route::Link(link_tx, link_rx),
             Err(reason) => {
@@ -123,23 +125,40 @@ where
             }
         },
     };
+    let resumed = match &route {
+        Route::Hub(attached) => attached.resumed.as_deref(),
+        Route::Link(..) => None,
+    };
+    let session_present = resumed.is_some();
     let connack = ConnAck {
-        session_present: false,
+        session_present,
         code: ConnectReturnCode::Success,
     };
-    conn.write_packets([Packet::ConnAck(connack, None)]).await?;
+    // A resumed session's retained orders leave with the CONNACK, as they would after a SUBACK.
+    let replay = resumed.into_iter().flatten().cloned();
+    conn.write_packets(
+        std::iter::once(Packet::ConnAck(connack, None))
+            .chain(replay.map(|publish| Packet::Publish(publish, None))),
+    )
+    .await?;
     Metrics::inc(&gw.metrics.sessions_started);
+    if session_present {
+        Metrics::inc(&gw.metrics.sessions_resumed);
+    }
     Metrics::inc(&gw.metrics.sessions_active);
     let (client_id, keep_alive) = (Shown(&connect.client_id), connect.keep_alive);
     match gw.session_logs.started.check() {
-        Some(0) => info!(client_id = %client_id, keep_alive, "session started"),
+        Some(0) => info!(client_id = %client_id, keep_alive, session_present, "session started"),
         Some(suppressed) => {
-            info!(client_id = %client_id, keep_alive, suppressed, "session started")
+            info!(client_id = %client_id, keep_alive, session_present, suppressed, "session started")
         }
         None => {}
     }
     if let Some(presence) = &gw.presence {
         presence.session(&who, true);
+        if matches!(&route, Route::Hub(attached) if attached.discarded) {
+            presence.session_filters(&who, Vec::new());
+        }
     }
 
     let mut keepalive = Keepalive::new(connect.keep_alive);
@@ -159,8 +178,16 @@ where
             ))
             .await
         }
-        Route::Hub(hub) => {
-            super::device_session::run(&mut conn, &who, &gw, &hub, &mut keepalive, session).await
+        Route::Hub(attached) => {
+            super::device_session::run(
+                &mut conn,
+                &who,
+                &gw,
+                attached.attachment,
+                &mut keepalive,
+                session,
+            )
+            .await
         }
     };
     Metrics::dec(&gw.metrics.sessions_active);
@@ -214,11 +241,11 @@ async fn bridge<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// How a session reaches the router.
-enum Route {
+enum Route<'a> {
     /// A link of its own (hosts, integrators).
     Link(LinkTx, LinkRx),
     /// A place in the device hub (see [`crate::switch::hub`]).
-    Hub(Arc<crate::switch::hub::Hub>),
+    Hub(crate::switch::hub::Attached<'a>),
 }
 
 /// The session's client id in the router: the MQTT client id after its role (`host svc:watch`).

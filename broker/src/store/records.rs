@@ -131,6 +131,11 @@ pub struct PresenceRecord {
     /// node that died offline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The topic filters of the device's persistent MQTT session (it connected with
+    /// `clean_session` 0 and subscribed): what its next connection, to this relay restarted or
+    /// not, resumes without subscribing again. Empty: no persistent session.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub session_filters: Vec<String>,
 }
 
 impl PresenceRecord {

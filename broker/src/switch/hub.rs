@@ -14,6 +14,14 @@
 //! replays them to a device when it subscribes; the core hands it the store's retained orders at
 //! startup, before the gateway accepts anyone.
 //!
+//! A device that connects with `clean_session` 0 has a persistent session: when it goes, the
+//! hub keeps its filters ([`Hub::restore_sessions`] puts back those a restarted relay read from
+//! the store), and its next connection resumes them — CONNACK says "session present", the
+//! retained messages they match follow, and the device need not subscribe again: a relay
+//! restarted under a fleet is spared a SUBSCRIBE and a SUBACK per device. What the relay sends a
+//! device is QoS 0, so a session holds no queued messages; the retained orders it is sent on
+//! resuming are what a SUBACK would have brought.
+//!
 //! Upstream, a device may publish only on `dev/{its serial}/up/{kind}` (the ACL), and only the core
 //! listens there, so the hub hands device publishes to the core's queue directly, without the
 //! router: a report reaches the core in one hand-off instead of three (session → router thread →
@@ -77,14 +85,25 @@ pub struct Hub {
 #[derive(Default)]
 struct State {
     sessions: HashMap<String, Entry>,
+    /// Serial → the filters of its persistent session while no connection holds it.
+    dormant: HashMap<String, Vec<String>>,
     /// Serial → topic → payload, for job orders and merged data still in force.
     retained: HashMap<String, BTreeMap<String, Bytes>>,
 }
 
 struct Entry {
+    /// Which attachment this is, and in its lowest bit whether the client connected with
+    /// `clean_session` 0 (its filters outlive the connection): a field of its own would add 8
+    /// bytes to every device's entry.
     generation: u64,
     filters: Vec<String>,
     tx: flume::Sender<Down>,
+}
+
+impl Entry {
+    fn persistent(&self) -> bool {
+        self.generation & 1 == 1
+    }
 }
 
 /// One device session's place in the hub. Dropping it detaches the session, unless a newer
@@ -92,8 +111,19 @@ struct Entry {
 pub struct Attachment<'a> {
     hub: &'a Hub,
     serial: String,
+    /// As [`Entry`]'s, the lowest bit saying the session is persistent.
     generation: u64,
     pub rx: flume::Receiver<Down>,
+}
+
+/// A session attached ([`Hub::attach`]), and what it found of the device's previous one.
+pub struct Attached<'a> {
+    pub attachment: Attachment<'a>,
+    /// `Some`: a persistent session resumed (MQTT "session present"), with the retained messages
+    /// its filters match, to send after the CONNACK.
+    pub resumed: Option<Vec<Publish>>,
+    /// A clean session replaced a persistent one that had filters: the store must forget them.
+    pub discarded: bool,
 }
 
 impl Hub {
@@ -131,26 +161,76 @@ impl Hub {
         self.urgent.clone()
     }
 
-    /// Registers the session of `serial`; an older session of the same serial is told it was
-    /// taken over.
+    /// Registers a clean session of `serial` ([`Hub::attach`]).
     pub fn attach_session(&self, serial: &str) -> Attachment<'_> {
-        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+        self.attach(serial, true).attachment
+    }
+
+    /// Registers the session of `serial`; an older session of the same serial is told it was
+    /// taken over. Without `clean`, it resumes the device's persistent session if the hub holds
+    /// one (the older connection's, or one kept since the last ended); with `clean`, whatever the
+    /// device had is discarded, as MQTT asks.
+    pub fn attach(&self, serial: &str, clean: bool) -> Attached<'_> {
+        let generation = self.generations.fetch_add(2, Ordering::Relaxed) | u64::from(!clean);
         let (tx, rx) = flume::bounded(self.max_queued);
+        let mut state = self.lock();
+        let State {
+            sessions,
+            dormant,
+            retained,
+        } = &mut *state;
+        let old = sessions.remove(serial);
+        let mut previous = match &old {
+            Some(old) if old.persistent() => old.filters.clone(),
+            _ => Vec::new(),
+        };
+        if let Some(kept) = dormant.remove(serial) {
+            previous = kept;
+            if dormant.is_empty() {
+                // The fleet is back: give the room it took back.
+                dormant.shrink_to_fit();
+            }
+        }
+        let (filters, resumed, discarded) = match (clean, previous.is_empty()) {
+            (false, false) => {
+                let replay = replay_of(retained, serial, &previous);
+                (previous, Some(replay), false)
+            }
+            (true, false) => (Vec::new(), None, true),
+            (_, true) => (Vec::new(), None, false),
+        };
         let entry = Entry {
             generation,
-            filters: Vec::new(),
+            filters,
             tx,
         };
-        let old = self.lock().sessions.insert(serial.to_owned(), entry);
+        sessions.insert(serial.to_owned(), entry);
+        drop(state);
         if let Some(old) = old {
             // If its queue is full, dropping the sender ends it all the same.
             let _ = old.tx.try_send(Down::Detach(Detached::TakenOver));
         }
-        Attachment {
-            hub: self,
-            serial: serial.to_owned(),
-            generation,
-            rx,
+        Attached {
+            attachment: Attachment {
+                hub: self,
+                serial: serial.to_owned(),
+                generation,
+                rx,
+            },
+            resumed,
+            discarded,
+        }
+    }
+
+    /// Puts back the persistent sessions a restarted relay read from its store
+    /// ([`crate::core::Core::take_stored_sessions`]), before the gateway accepts anyone.
+    pub fn restore_sessions(&self, sessions: Vec<(protocol::Serial, Vec<String>)>) {
+        let mut state = self.lock();
+        state.dormant.reserve(sessions.len());
+        for (serial, filters) in sessions {
+            if !filters.is_empty() {
+                state.dormant.insert(serial.as_str().to_owned(), filters);
+            }
         }
     }
 
@@ -291,7 +371,9 @@ impl Hub {
             Err(flume::TrySendError::Full(_)) => {
                 warn!(%serial, topic = %protocol::Shown(topic), queued = self.max_queued, "device too slow; closing its session");
                 // Removing the entry drops the sender: the session ends once it has drained.
-                state.sessions.remove(serial);
+                if let Some(gone) = state.sessions.remove(serial) {
+                    keep_if_persistent(&mut state.dormant, serial, gone);
+                }
             }
             Err(flume::TrySendError::Disconnected(_)) => {}
         }
@@ -306,14 +388,17 @@ impl Attachment<'_> {
         &self,
         filters: impl IntoIterator<Item = String>,
         max_subscriptions: usize,
-    ) -> Result<Vec<Publish>, SubscribeError> {
+    ) -> Result<Subscribed, SubscribeError> {
         let mut state = self.hub.lock();
-        let State { sessions, retained } = &mut *state;
+        let State {
+            sessions, retained, ..
+        } = &mut *state;
         let entry = match sessions.get_mut(&self.serial) {
             Some(e) if e.generation == self.generation => e,
             _ => return Err(SubscribeError::Detached),
         };
         let mut added = Vec::new();
+        let mut changed = false;
         for filter in filters {
             if !entry.filters.contains(&filter) {
                 if entry.filters.len() >= max_subscriptions {
@@ -322,29 +407,32 @@ impl Attachment<'_> {
                     });
                 }
                 entry.filters.push(filter.clone());
+                changed = true;
             }
             added.push(filter);
         }
-        let mut replay = Vec::new();
-        if let Some(topics) = retained.get(&self.serial) {
-            for (topic, payload) in topics {
-                if added.iter().any(|f| matches(topic, f)) {
-                    let topic = Bytes::copy_from_slice(topic.as_bytes());
-                    replay.push(Publish::new(topic, payload.clone(), true));
-                }
-            }
-        }
-        Ok(replay)
+        let kept = (changed && self.persistent()).then(|| entry.filters.clone());
+        Ok(Subscribed {
+            replay: replay_of(retained, &self.serial, &added),
+            kept,
+        })
     }
 
-    /// Removes filters; unknown ones are ignored, as MQTT asks.
-    pub fn unsubscribe(&self, filters: &[String]) {
+    /// Removes filters; unknown ones are ignored, as MQTT asks. `Some`: the filters a persistent
+    /// session now keeps, changed by this.
+    pub fn unsubscribe(&self, filters: &[String]) -> Option<Vec<String>> {
         let mut state = self.hub.lock();
-        if let Some(entry) = state.sessions.get_mut(&self.serial)
-            && entry.generation == self.generation
-        {
-            entry.filters.retain(|f| !filters.contains(f));
+        let entry = state.sessions.get_mut(&self.serial)?;
+        if entry.generation != self.generation {
+            return None;
         }
+        let before = entry.filters.len();
+        entry.filters.retain(|f| !filters.contains(f));
+        (self.persistent() && entry.filters.len() != before).then(|| entry.filters.clone())
+    }
+
+    fn persistent(&self) -> bool {
+        self.generation & 1 == 1
     }
 
     /// Why the downstream ended, once the receiver reports the sender gone.
@@ -366,9 +454,48 @@ impl Drop for Attachment<'_> {
             .sessions
             .get(&self.serial)
             .is_some_and(|e| e.generation == self.generation)
+            && let Some(gone) = state.sessions.remove(&self.serial)
         {
-            state.sessions.remove(&self.serial);
+            keep_if_persistent(&mut state.dormant, &self.serial, gone);
         }
+    }
+}
+
+/// What a SUBSCRIBE did in the hub.
+#[derive(Debug, PartialEq)]
+pub struct Subscribed {
+    /// The retained messages the filters match, to send after the SUBACK.
+    pub replay: Vec<Publish>,
+    /// `Some`: the filters a persistent session now keeps, changed by this.
+    pub kept: Option<Vec<String>>,
+}
+
+/// The retained messages of `serial` that any of `filters` matches, as publishes to send.
+fn replay_of(
+    retained: &HashMap<String, BTreeMap<String, Bytes>>,
+    serial: &str,
+    filters: &[String],
+) -> Vec<Publish> {
+    let Some(topics) = retained.get(serial) else {
+        return Vec::new();
+    };
+    topics
+        .iter()
+        .filter(|(topic, _)| filters.iter().any(|f| matches(topic, f)))
+        .map(|(topic, payload)| {
+            Publish::new(
+                Bytes::copy_from_slice(topic.as_bytes()),
+                payload.clone(),
+                true,
+            )
+        })
+        .collect()
+}
+
+/// A session's entry leaving the hub: a persistent one's filters stay for its next connection.
+fn keep_if_persistent(dormant: &mut HashMap<String, Vec<String>>, serial: &str, gone: Entry) {
+    if gone.persistent() && !gone.filters.is_empty() {
+        dormant.insert(serial.to_owned(), gone.filters);
     }
 }
 
@@ -541,7 +668,7 @@ mod tests {
         hub.route(publish("dev/A1/ack", b"not retained"));
         hub.route(publish("dev/A1/jobs/J-000001", b"")); // the job ended
         let a = hub.attach_session("A1");
-        let replay = a.subscribe(["dev/A1/jobs/+".to_owned()], 8).unwrap();
+        let replay = a.subscribe(["dev/A1/jobs/+".to_owned()], 8).unwrap().replay;
         let topics: Vec<_> = replay.iter().map(|p| p.topic.clone()).collect();
         assert_eq!(topics, [Bytes::from_static(b"dev/A1/jobs/J-000002")]);
         assert!(replay[0].retain);
@@ -632,5 +759,118 @@ mod tests {
         );
         a.unsubscribe(&["dev/A1/ack".to_owned()]);
         a.subscribe(["dev/A1/jobs/+".to_owned()], 1).unwrap();
+    }
+
+    fn filters(list: &[&str]) -> Vec<String> {
+        list.iter().map(|f| (*f).to_owned()).collect()
+    }
+
+    fn topics(replay: &[Publish]) -> Vec<String> {
+        replay
+            .iter()
+            .map(|p| String::from_utf8_lossy(&p.topic).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_persistent_session_resumes_its_filters_and_the_orders_they_match() {
+        let hub = hub(16);
+        hub.route(publish("dev/A1/jobs/J-000001", b"order"));
+        let first = hub.attach("A1", false);
+        assert!(first.resumed.is_none(), "nothing to resume yet");
+        let subscribed = first
+            .attachment
+            .subscribe(filters(&["dev/A1/jobs/+", "dev/A1/ack"]), 8)
+            .unwrap();
+        assert_eq!(
+            subscribed.kept.as_deref(),
+            Some(&filters(&["dev/A1/jobs/+", "dev/A1/ack"])[..]),
+            "a persistent session's new filters are to be recorded"
+        );
+        let again = first
+            .attachment
+            .subscribe(filters(&["dev/A1/ack"]), 8)
+            .unwrap();
+        assert!(again.kept.is_none(), "nothing changed, nothing to record");
+        drop(first);
+
+        // Routed while no connection held the session: live delivery has no one to reach.
+        hub.route(publish("dev/A1/jobs/J-000002", b"second"));
+        let back = hub.attach("A1", false);
+        let replay = back.resumed.as_deref().expect("session present");
+        assert_eq!(
+            topics(replay),
+            ["dev/A1/jobs/J-000001", "dev/A1/jobs/J-000002"]
+        );
+        assert!(replay.iter().all(|p| p.retain));
+        hub.route(publish("dev/A1/ack", b"live"));
+        assert_eq!(
+            received(&back.attachment),
+            ["dev/A1/ack"],
+            "the resumed filters route live messages without a SUBSCRIBE"
+        );
+        assert!(hub.lock().dormant.is_empty());
+    }
+
+    #[test]
+    fn a_clean_session_discards_a_persistent_one_and_clean_sessions_keep_nothing() {
+        let hub = hub(16);
+        let persistent = hub.attach("A1", false);
+        persistent
+            .attachment
+            .subscribe(filters(&["dev/A1/ack"]), 8)
+            .unwrap();
+        drop(persistent);
+        let clean = hub.attach("A1", true);
+        assert!(clean.resumed.is_none());
+        assert!(clean.discarded, "the store must forget the filters too");
+        let subscribed = clean
+            .attachment
+            .subscribe(filters(&["dev/A1/ack"]), 8)
+            .unwrap();
+        assert!(subscribed.kept.is_none(), "a clean session records nothing");
+        drop(clean);
+        assert!(hub.lock().dormant.is_empty());
+        let next = hub.attach("A1", false);
+        assert!(next.resumed.is_none() && !next.discarded);
+    }
+
+    #[test]
+    fn a_session_taken_over_hands_its_filters_to_the_new_connection() {
+        let hub = hub(16);
+        let old = hub.attach("A1", false);
+        old.attachment
+            .subscribe(filters(&["dev/A1/ack"]), 8)
+            .unwrap();
+        let new = hub.attach("A1", false);
+        assert_eq!(
+            new.resumed.as_deref().map(<[Publish]>::len),
+            Some(0),
+            "session present, nothing retained"
+        );
+        assert_eq!(received(&old.attachment), ["TakenOver"]);
+        drop(old);
+        hub.route(publish("dev/A1/ack", b"x"));
+        assert_eq!(received(&new.attachment), ["dev/A1/ack"]);
+        let unsubscribed = new.attachment.unsubscribe(&filters(&["dev/A1/ack"]));
+        assert_eq!(unsubscribed, Some(Vec::new()), "now empty: to be recorded");
+        drop(new);
+        assert!(
+            hub.attach("A1", false).resumed.is_none(),
+            "a session without filters is not kept"
+        );
+    }
+
+    #[test]
+    fn sessions_restored_at_startup_resume() {
+        let hub = hub(16);
+        let serial = protocol::Serial::parse("A1").unwrap();
+        hub.restore_sessions(vec![(serial, filters(&["dev/A1/jobs/+"]))]);
+        hub.route(publish("dev/A1/jobs/J-000003", b"order"));
+        let back = hub.attach("A1", false);
+        assert_eq!(
+            topics(back.resumed.as_deref().expect("session present")),
+            ["dev/A1/jobs/J-000003"]
+        );
     }
 }

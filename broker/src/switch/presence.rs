@@ -44,6 +44,24 @@ impl PresenceTx {
             debug!("core gone; presence event dropped");
         }
     }
+
+    /// Reports the topic filters a device's persistent session keeps, after they changed (empty:
+    /// it has none now), for the core to record (`crate::switch::hub`).
+    pub fn session_filters(&self, who: &Identity, filters: Vec<String>) {
+        let Ok(serial) = Serial::parse(who.id()) else {
+            return;
+        };
+        if who.role() != Role::Device {
+            return;
+        }
+        if self
+            .0
+            .send(SessionEvent::SessionFilters { serial, filters })
+            .is_err()
+        {
+            debug!("core gone; session filters dropped");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -37,8 +37,12 @@ const EVENT_CAPACITY: usize = 64;
 /// What the link tells the session.
 #[derive(Debug)]
 pub(super) enum LinkEvent {
-    /// Connected to this relay.
-    Connected(Endpoint),
+    /// Connected to this relay; `resumed`: the relay still had the device's persistent session
+    /// (CONNACK "session present"), subscriptions included.
+    Connected {
+        relay: Endpoint,
+        resumed: bool,
+    },
     Disconnected,
     /// Offline on purpose and not trying to connect.
     Parked,
@@ -121,11 +125,13 @@ fn mqtt_options(
     tls: Arc<rustls::ClientConfig>,
     settings: &SessionSettings,
 ) -> MqttOptions {
-    // MQTT 3.1.1, client id = serial (the relay checks it against the certificate), clean session:
-    // the outbox, not a broker-side session, is what we rely on (docs/decisions.md, D2, D3).
+    // MQTT 3.1.1, client id = serial (the relay checks it against the certificate). A persistent
+    // session, for one thing only: a reconnect that resumes it need not subscribe again. What
+    // the device sends is never left to it: the outbox, not a broker-side session, is what we
+    // rely on (docs/decisions.md, D2, D3).
     let mut opts = relay.mqtt_options(serial.as_str(), tls);
     opts.set_keep_alive(settings.keepalive)
-        .set_clean_session(true)
+        .set_clean_session(false)
         .set_max_packet_size(settings.max_packet_bytes, settings.max_packet_bytes)
         .set_inflight(INFLIGHT)
         .set_request_channel_capacity(REQUEST_CAPACITY);
@@ -224,7 +230,7 @@ impl Link {
             Polled::Stop => return Flow::Stop,
         };
         let event = match polled {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => self.on_connack(),
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => self.on_connack(ack.session_present),
             Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Publish(p),
             Ok(Event::Incoming(Packet::SubAck(s))) => LinkEvent::SubAck(s),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => self.on_disconnect_sent(),
@@ -289,14 +295,21 @@ impl Link {
         );
     }
 
-    fn on_connack(&mut self) -> LinkEvent {
+    fn on_connack(&mut self, session_present: bool) -> LinkEvent {
+        // rumqttc would send what it had unacked on the last connection again into a resumed
+        // session; the outbox sends all of it again anyway (Session::requeue_all), so rumqttc's
+        // copies would only be duplicates for the relay to drop.
+        self.eventloop.pending.clear();
         self.connected = true;
         self.backoff = self.settings.reconnect_min;
         self.failures = 0;
         if self.relays.rank() > 0 && !self.settings.failback.is_zero() {
             self.start_failback();
         }
-        LinkEvent::Connected(self.relays.current().clone())
+        LinkEvent::Connected {
+            relay: self.relays.current().clone(),
+            resumed: session_present,
+        }
     }
 
     /// On a fallback relay: probes the preferred ones beside the connection.

@@ -143,6 +143,7 @@ pub async fn run_device(
         relay: None,
         connected: false,
         subscribed_at: None,
+        subscribed_at_relays: Default::default(),
         disconnect_requested: false,
         state_sent: None,
         out: Outgoing::default(),
@@ -263,6 +264,9 @@ struct Session {
     connected: bool,
     /// When the subscriptions of this connection were granted.
     subscribed_at: Option<Instant>,
+    /// The relays this agent process has subscribed at: there, a connection that resumes the
+    /// persistent session need not subscribe again (see `online.rs`).
+    subscribed_at_relays: std::collections::HashSet<String>,
     /// A DISCONNECT is on its way: publish nothing more on this connection.
     disconnect_requested: bool,
     /// The last state announced, while it is unacked: a reconnect does not pile up copies.

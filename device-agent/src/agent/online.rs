@@ -1,5 +1,6 @@
-//! The session's side of each connection: on every CONNACK it subscribes to the device's topics,
-//! queues everything pending and announces the device's state; on a lost or closed connection
+//! The session's side of each connection: on every CONNACK it subscribes to the device's topics
+//! (unless the relay resumed a session this process subscribed in), queues everything pending
+//! and announces the device's state; on a lost or closed connection
 //! it forgets what was queued for it; and it tells the worker and the running job whether the
 //! relay can be reached.
 
@@ -16,9 +17,9 @@ use crate::device;
 impl Session {
     pub(super) async fn on_link(&mut self, event: LinkEvent) {
         match event {
-            LinkEvent::Connected(relay) => {
+            LinkEvent::Connected { relay, resumed } => {
                 self.relay = Some(relay);
-                self.on_connected().await
+                self.on_connected(resumed).await
             }
             LinkEvent::Disconnected => self.on_disconnected(),
             LinkEvent::Parked => {
@@ -49,7 +50,7 @@ impl Session {
         });
     }
 
-    async fn on_connected(&mut self) {
+    async fn on_connected(&mut self, resumed: bool) {
         self.connected = true;
         self.subscribed_at = None;
         self.disconnect_requested = false;
@@ -58,8 +59,14 @@ impl Session {
             .as_ref()
             .map(ToString::to_string)
             .unwrap_or_default();
-        info!(serial = %self.serial, broker = %relay, pending = self.out.pending.len(), "connected to broker");
-        self.subscribe();
+        info!(serial = %self.serial, broker = %relay, pending = self.out.pending.len(), session_present = resumed, "connected to broker");
+        // A session resumed at a relay this process has subscribed at holds our filters; one
+        // from before this process (an older agent may have subscribed to fewer) is topped up.
+        if resumed && self.subscribed_at_relays.contains(&relay) {
+            self.subscribed();
+        } else {
+            self.subscribe();
+        }
         let now = Instant::now();
         self.requeue_all(now);
         self.plan.last_activity = now;
@@ -122,6 +129,14 @@ impl Session {
             );
             return;
         }
+        if let Some(relay) = &self.relay {
+            self.subscribed_at_relays.insert(relay.to_string());
+        }
+        self.subscribed();
+    }
+
+    /// The relay sends this connection the device's topics.
+    fn subscribed(&mut self) {
         self.subscribed_at = Some(Instant::now());
         self.publish_online();
         if let Some(ready) = self.ready.take() {

@@ -1566,3 +1566,78 @@ fn startup_counts_the_devices_the_store_holds() {
     n1.startup_publications().unwrap();
     assert_eq!(n1.known_devices(), 2, "N1's own, not the cluster's seven");
 }
+
+/// A device's persistent-session filters are recorded with its presence, the same filters again
+/// cost no change, a clean session's empty list forgets them, and a restarted relay reads back
+/// those that remain — on a cluster node, only those of the devices it held.
+#[test]
+fn persistent_session_filters_are_recorded_and_read_back_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let filters = |s: &str| vec![format!("dev/{s}/jobs/+"), format!("dev/{s}/ack")];
+    let session = |s: &str, filters: Vec<String>| SessionEvent::SessionFilters {
+        serial: serial(s),
+        filters,
+    };
+    let on = |s: &str| {
+        SessionEvent::Device(PresenceEvent {
+            serial: serial(s),
+            online: true,
+        })
+    };
+    {
+        let core = open(&dir);
+        core.session_events(
+            vec![
+                on("P1"),
+                session("P1", filters("P1")),
+                on("P2"),
+                session("P2", filters("P2")),
+                on("P3"),
+                session("P3", filters("P3")),
+                session("P3", Vec::new()),
+            ],
+            t(9, 0),
+        )
+        .unwrap();
+        let txn = core.store().begin().unwrap();
+        assert_eq!(
+            txn.presence(&serial("P1"))
+                .unwrap()
+                .unwrap()
+                .session_filters,
+            filters("P1")
+        );
+        assert!(
+            txn.presence(&serial("P3"))
+                .unwrap()
+                .unwrap()
+                .session_filters
+                .is_empty(),
+            "the last change wins: P3 ended clean"
+        );
+    }
+    let core = open(&dir);
+    core.startup_publications().unwrap();
+    let mut kept = core.take_stored_sessions();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [(serial("P1"), filters("P1")), (serial("P2"), filters("P2"))]
+    );
+    assert!(core.take_stored_sessions().is_empty(), "taken once");
+    drop(core);
+
+    // A cluster node resumes the sessions of the devices it held when it stopped.
+    let n1 = open_node(&dir, "N1");
+    n1.session_events(vec![on("P2"), session("P2", filters("P2"))], t(9, 1))
+        .unwrap();
+    drop(n1);
+    let n1 = open_node(&dir, "N1");
+    n1.presence_startup().unwrap();
+    n1.startup_publications().unwrap();
+    assert_eq!(
+        n1.take_stored_sessions(),
+        [(serial("P2"), filters("P2"))],
+        "N1 held P2 only"
+    );
+}

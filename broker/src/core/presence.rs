@@ -527,11 +527,6 @@ impl Core {
     }
 }
 
-/// Reads (and in a cluster locks) the rows of `serials` the way a batch does before it touches
-/// them one by one: each device's seen window, record and presence, each table in serial order.
-/// A node starting, or the leader sweeping a node that is gone, while another node serves those
-/// devices then waits for that node's batch instead of deadlocking with it (row by row, presence
-/// first, a restarted node's startup once failed that way in the chaos test).
 /// Writes the filters of `serial`'s persistent session on its presence record, unless they are
 /// already there (a device that resumes and subscribes again to the same filters costs no write).
 fn record_session_filters(
@@ -547,6 +542,11 @@ fn record_session_filters(
     Ok(())
 }
 
+/// Reads (and in a cluster locks) the rows of `serials` the way a batch does before it touches
+/// them one by one: each device's seen window, record and presence, each table in serial order.
+/// A node starting, or the leader sweeping a node that is gone, while another node serves those
+/// devices then waits for that node's batch instead of deadlocking with it (row by row, presence
+/// first, a restarted node's startup once failed that way in the chaos test).
 fn lock_in_batch_order(txn: &mut dyn Txn, serials: &[Serial]) -> Result<(), StoreError> {
     let keys: Vec<&str> = serials.iter().map(Serial::as_str).collect();
     txn.warm_devices(&keys)

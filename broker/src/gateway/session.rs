@@ -107,13 +107,20 @@ where
         )
         .await;
     };
-    // Devices go through the hub; everyone else gets a router link of their own.
-    let hub = (who.role() == Role::Device).then(|| gw.hub.clone());
-    let route = match &hub {
-        // Attached before the CONNACK: whether it resumed a session is the CONNACK's to say.
-        Some(hub) => Route::Hub(hub.attach(who.id(), connect.clean_session)),
-        None => match open_link(&gw, &router_client_id(&who, &connect.client_id)).await {
-            Ok((link_tx, link_rx)) => Route::Link(link_tx, link_rx),
+    // Devices go through the hub; everyone else gets a router link of their own. A device is
+    // attached before the CONNACK: whether it resumed a session is the CONNACK's to say. Only
+    // what waiting takes is kept across the session (`route`): what resuming found is spent on
+    // the CONNACK and the presence event first.
+    let (route, resumed, discarded) = if who.role() == Role::Device {
+        let attached = gw.hub.attach(who.id(), connect.clean_session);
+        (
+            Route::Hub(attached.attachment),
+            attached.resumed,
+            attached.discarded,
+        )
+    } else {
+        match open_link(&gw, &router_client_id(&who, &connect.client_id)).await {
+            Ok((link_tx, link_rx)) => (Route::Link(link_tx, link_rx), None, false),
             Err(reason) => {
                 return refuse(
                     &mut conn,
@@ -123,24 +130,10 @@ where
                 )
                 .await;
             }
-        },
-    };
-    let resumed = match &route {
-        Route::Hub(attached) => attached.resumed.as_deref(),
-        Route::Link(..) => None,
+        }
     };
     let session_present = resumed.is_some();
-    let connack = ConnAck {
-        session_present,
-        code: ConnectReturnCode::Success,
-    };
-    // A resumed session's retained orders leave with the CONNACK, as they would after a SUBACK.
-    let replay = resumed.into_iter().flatten().cloned();
-    conn.write_packets(
-        std::iter::once(Packet::ConnAck(connack, None))
-            .chain(replay.map(|publish| Packet::Publish(publish, None))),
-    )
-    .await?;
+    connack(&mut conn, resumed).await?;
     Metrics::inc(&gw.metrics.sessions_started);
     if session_present {
         Metrics::inc(&gw.metrics.sessions_resumed);
@@ -156,7 +149,7 @@ where
     }
     if let Some(presence) = &gw.presence {
         presence.session(&who, true);
-        if matches!(&route, Route::Hub(attached) if attached.discarded) {
+        if discarded {
             presence.session_filters(&who, Vec::new());
         }
     }
@@ -178,16 +171,9 @@ where
             ))
             .await
         }
-        Route::Hub(attached) => {
-            super::device_session::run(
-                &mut conn,
-                &who,
-                &gw,
-                attached.attachment,
-                &mut keepalive,
-                session,
-            )
-            .await
+        Route::Hub(attachment) => {
+            super::device_session::run(&mut conn, &who, &gw, attachment, &mut keepalive, session)
+                .await
         }
     };
     Metrics::dec(&gw.metrics.sessions_active);
@@ -245,7 +231,25 @@ enum Route<'a> {
     /// A link of its own (hosts, integrators).
     Link(LinkTx, LinkRx),
     /// A place in the device hub (see [`crate::switch::hub`]).
-    Hub(crate::switch::hub::Attached<'a>),
+    Hub(crate::switch::hub::Attachment<'a>),
+}
+
+/// Accepts the session: CONNACK, "session present" if `resumed`, followed by the retained orders
+/// a resumed session's filters match, as they would follow a SUBACK.
+async fn connack<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut ClientConn<S>,
+    resumed: Option<Vec<rumqttd::protocol::Publish>>,
+) -> Result<(), ConnError> {
+    let connack = ConnAck {
+        session_present: resumed.is_some(),
+        code: ConnectReturnCode::Success,
+    };
+    let replay = resumed.into_iter().flatten();
+    conn.write_packets(
+        std::iter::once(Packet::ConnAck(connack, None))
+            .chain(replay.map(|publish| Packet::Publish(publish, None))),
+    )
+    .await
 }
 
 /// The session's client id in the router: the MQTT client id after its role (`host svc:watch`).

@@ -19,6 +19,8 @@ struct Stored {
     jobs: Vec<(String, String)>,
     /// (serial, read_at) of every reading a device reported on its own.
     reports: Vec<(String, String)>,
+    /// The filters of D2's persistent session, as its presence record holds them.
+    d2_session_filters: Vec<String>,
 }
 
 fn read_store(data_dir: &Path, acked: &BTreeSet<(String, u64)>) -> Stored {
@@ -51,7 +53,17 @@ fn read_store(data_dir: &Path, acked: &BTreeSet<(String, u64)>) -> Stored {
         .filter(|r| r.source == "report")
         .map(|r| (r.serial, r.read_at.to_rfc3339()))
         .collect();
-    Stored { jobs, reports }
+    let d2 = Serial::parse("D2").unwrap_or_else(|e| panic!("{e}"));
+    let d2_session_filters = txn
+        .presence(&d2)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map(|p| p.session_filters)
+        .unwrap_or_default();
+    Stored {
+        jobs,
+        reports,
+        d2_session_filters,
+    }
 }
 
 /// (serial, read_at) of every meter report `host-agent export counters --format json` lists: a read
@@ -231,6 +243,22 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
         "the device's connection must stay up:\n{}",
         d1.log()
     );
+    // A device's persistent session subscribed while full: its filters wait for the disk too.
+    let d2 = env.certs(Role::Device, "D2");
+    let (mut session, code, present) = raw::RawClient::tls_from(broker.addr(), &d2, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .mqtt_connect_session("D2", false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((code, present), (raw::ACCEPTED, false));
+    assert_eq!(session.subscribe_acked(1, &["dev/D2/ack"]).await, [1]);
+    session
+        .send(&[0xe0, 0])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    session.expect_closed().await;
+
     // One line for the whole burst, however many messages were refused.
     let burst_lines = broker.lines_matching(|l| l.contains("relay storage full: refusing"));
     assert_eq!(burst_lines.len(), 1, "{burst_lines:#?}");
@@ -281,6 +309,11 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
             stored.jobs
         );
     }
+    assert_eq!(
+        stored.d2_session_filters,
+        ["dev/D2/ack"],
+        "the filters subscribed while the disk was full are recorded once it is not"
+    );
     let distinct: BTreeSet<(String, String)> = stored.reports.iter().cloned().collect();
     let lost: Vec<_> = reports_before.difference(&distinct).collect();
     assert!(

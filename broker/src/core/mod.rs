@@ -121,6 +121,9 @@ pub struct Core {
     /// Presence changes not yet recorded because the store could not write; recorded, in order,
     /// once it can.
     deferred_presence: Mutex<Vec<(Serial, bool)>>,
+    /// Persistent-session filters not yet recorded for the same reason: the last of each device,
+    /// so at most one entry per device.
+    deferred_sessions: Mutex<std::collections::HashMap<Serial, Vec<String>>>,
     /// In a cluster: when this node, leading, last looked for nodes that are gone.
     gone_sweep: Mutex<Option<std::time::Instant>>,
     /// What the core does as a child relay and as a parent ([`relay`]).
@@ -361,6 +364,7 @@ impl Core {
             alerts: alerts::Alerts::default(),
             storage: storage::StorageHealth::default(),
             deferred_presence: Mutex::new(Vec::new()),
+            deferred_sessions: Mutex::default(),
             gone_sweep: Mutex::new(None),
             relays: Default::default(),
             presence_deltas: Mutex::new(Vec::new()),

@@ -75,13 +75,13 @@ impl Core {
     }
 
     /// [`Core::presence_events`], and the topic filters of devices' persistent sessions that
-    /// changed (`sessions`, in the order they changed), in the same transaction. Filters that
-    /// change while the store cannot write are not kept: the device's next connection then
-    /// finds no session to resume at a restarted relay and subscribes again, as it would have.
+    /// changed (`sessions`, in the order they changed), in the same transaction. While the store
+    /// cannot write, the last filters of each device are kept, and recorded with the presence
+    /// changes held back.
     pub(super) fn presence_and_sessions(
         &self,
         events: Vec<PresenceEvent>,
-        sessions: Vec<(Serial, Vec<String>)>,
+        mut sessions: Vec<(Serial, Vec<String>)>,
         now: Timestamp,
     ) -> Result<Vec<Outbound>, StoreError> {
         let mut changed: Vec<(Serial, bool)> = Vec::new();
@@ -121,23 +121,29 @@ impl Core {
             deferred.append(&mut changed);
             changed = std::mem::take(&mut *deferred);
         }
+        let mut held_sessions = self
+            .deferred_sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !held_sessions.is_empty() {
+            // Held ones are older than these: a device's newer filters replace them below.
+            let newer = std::mem::take(&mut sessions);
+            sessions = held_sessions.drain().collect();
+            sessions.extend(newer);
+        }
         if changed.is_empty() && sessions.is_empty() {
             return Ok(Vec::new());
         }
         if !self.storage_writable() {
-            if !sessions.is_empty() {
-                debug!(
-                    sessions = sessions.len(),
-                    "store not writable; session filters not recorded"
-                );
-            }
             *deferred = bounded(changed);
+            held_sessions.extend(sessions);
             return Ok(Vec::new());
         }
         match self.record_presence(&changed, &sessions, now) {
             Err(e) if e.is_storage() => {
                 self.storage_failed(&e);
                 *deferred = bounded(changed);
+                held_sessions.extend(sessions);
                 Ok(Vec::new())
             }
             other => other,

@@ -179,12 +179,17 @@ impl Hub {
             dormant,
             retained,
         } = &mut *state;
-        let old = sessions.remove(serial);
-        let mut previous = match &old {
-            Some(old) if old.persistent() => old.filters.clone(),
+        // The key of the entry replaced (or of the session kept) serves the new entry.
+        let (mut key, mut old) = match sessions.remove_entry(serial) {
+            Some((key, old)) => (Some(key), Some(old)),
+            None => (None, None),
+        };
+        let mut previous = match &mut old {
+            Some(old) if old.persistent() => std::mem::take(&mut old.filters),
             _ => Vec::new(),
         };
-        if let Some(kept) = dormant.remove(serial) {
+        if let Some((kept_key, kept)) = dormant.remove_entry(serial) {
+            key = Some(kept_key);
             previous = kept;
             if dormant.is_empty() {
                 // The fleet is back: give the room it took back.
@@ -204,7 +209,7 @@ impl Hub {
             filters,
             tx,
         };
-        sessions.insert(serial.to_owned(), entry);
+        sessions.insert(key.unwrap_or_else(|| serial.to_owned()), entry);
         drop(state);
         if let Some(old) = old {
             // If its queue is full, dropping the sender ends it all the same.
@@ -371,8 +376,8 @@ impl Hub {
             Err(flume::TrySendError::Full(_)) => {
                 warn!(%serial, topic = %protocol::Shown(topic), queued = self.max_queued, "device too slow; closing its session");
                 // Removing the entry drops the sender: the session ends once it has drained.
-                if let Some(gone) = state.sessions.remove(serial) {
-                    keep_if_persistent(&mut state.dormant, serial, gone);
+                if let Some((key, gone)) = state.sessions.remove_entry(serial) {
+                    keep_if_persistent(&mut state.dormant, key, gone);
                 }
             }
             Err(flume::TrySendError::Disconnected(_)) => {}
@@ -454,9 +459,9 @@ impl Drop for Attachment<'_> {
             .sessions
             .get(&self.serial)
             .is_some_and(|e| e.generation == self.generation)
-            && let Some(gone) = state.sessions.remove(&self.serial)
+            && let Some((key, gone)) = state.sessions.remove_entry(&self.serial)
         {
-            keep_if_persistent(&mut state.dormant, &self.serial, gone);
+            keep_if_persistent(&mut state.dormant, key, gone);
         }
     }
 }
@@ -493,9 +498,9 @@ fn replay_of(
 }
 
 /// A session's entry leaving the hub: a persistent one's filters stay for its next connection.
-fn keep_if_persistent(dormant: &mut HashMap<String, Vec<String>>, serial: &str, gone: Entry) {
+fn keep_if_persistent(dormant: &mut HashMap<String, Vec<String>>, serial: String, gone: Entry) {
     if gone.persistent() && !gone.filters.is_empty() {
-        dormant.insert(serial.to_owned(), gone.filters);
+        dormant.insert(serial, gone.filters);
     }
 }
 

@@ -1,8 +1,7 @@
 //! The session's side of each connection: on every CONNACK it subscribes to the device's topics
 //! (unless the relay resumed a session this process subscribed in), queues everything pending
-//! and announces the device's state; on a lost or closed connection
-//! it forgets what was queued for it; and it tells the worker and the running job whether the
-//! relay can be reached.
+//! and announces the device's state; on a lost or closed connection it forgets what was queued
+//! for it; and it tells the worker and the running job whether the relay can be reached.
 
 use protocol::presence::StateReport;
 use protocol::topic::{self, UpKind};

@@ -99,10 +99,10 @@ enum Command {
         /// Each device publishes its state once per session, as the real agent does.
         #[arg(long)]
         announce: bool,
-        /// Devices connect with a clean session and subscribe on every connection (the agent
-        /// before persistent sessions; what rumqttd and Mosquitto targets are compared with).
-        /// By default they connect as the agent does: `clean_session` 0, and no SUBSCRIBE when
-        /// the relay resumes the session.
+        /// Devices connect with a clean session and subscribe on every connection, as the agent
+        /// did before persistent sessions. By default they connect as the agent does:
+        /// `clean_session` 0, and no SUBSCRIBE when the broker resumes the session (a broker
+        /// that keeps no sessions across its restart answers "no session", and they subscribe).
         #[arg(long)]
         clean_sessions: bool,
     },

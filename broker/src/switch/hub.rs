@@ -161,11 +161,6 @@ impl Hub {
         self.urgent.clone()
     }
 
-    /// Registers a clean session of `serial` ([`Hub::attach`]).
-    pub fn attach_session(&self, serial: &str) -> Attachment<'_> {
-        self.attach(serial, true).attachment
-    }
-
     /// Registers the session of `serial`; an older session of the same serial is told it was
     /// taken over. Without `clean`, it resumes the device's persistent session if the hub holds
     /// one (the older connection's, or one kept since the last ended); with `clean`, whatever the
@@ -521,6 +516,11 @@ mod tests {
         Hub::new(mpsc::channel(1).0, max_queued)
     }
 
+    /// A clean session of `serial`.
+    fn clean<'a>(hub: &'a Hub, serial: &str) -> Attachment<'a> {
+        hub.attach(serial, true).attachment
+    }
+
     #[test]
     fn room_is_made_for_the_devices_expected_and_never_taken_back() {
         let hub = hub(16);
@@ -551,8 +551,8 @@ mod tests {
     #[test]
     fn messages_reach_only_the_subscribed_session_of_their_serial() {
         let hub = hub(16);
-        let a = hub.attach_session("A1");
-        let b = hub.attach_session("B2");
+        let a = clean(&hub, "A1");
+        let b = clean(&hub, "B2");
         a.subscribe(["dev/A1/jobs/+".to_owned()], 8).unwrap();
         b.subscribe(["dev/B2/#".to_owned()], 8).unwrap();
         hub.route(publish("dev/A1/jobs/J-000001", b"order"));
@@ -566,8 +566,8 @@ mod tests {
     async fn a_device_publish_reaches_the_core_and_its_own_subscription() {
         let (core_tx, mut core_rx) = mpsc::channel(4);
         let hub = Hub::new(core_tx, 16);
-        let a = hub.attach_session("A1");
-        let b = hub.attach_session("B2");
+        let a = clean(&hub, "A1");
+        let b = clean(&hub, "B2");
         a.subscribe(["dev/A1/up/+".to_owned()], 8).unwrap();
         b.subscribe(["dev/B2/up/+".to_owned()], 8).unwrap();
         assert!(
@@ -628,7 +628,7 @@ mod tests {
         let (lane_tx, mut lane_rx) = mpsc::channel(8);
         let hub = Hub::new(core_tx, 16).with_alarm_lane(lane_tx);
         let urgent = hub.urgent();
-        let a = hub.attach_session("A1");
+        let a = clean(&hub, "A1");
         a.subscribe(["dev/A1/up/+".to_owned()], 8).unwrap();
         assert!(
             hub.publish_all(vec![
@@ -672,7 +672,7 @@ mod tests {
         hub.route(publish("dev/A1/jobs/J-000002", b"two"));
         hub.route(publish("dev/A1/ack", b"not retained"));
         hub.route(publish("dev/A1/jobs/J-000001", b"")); // the job ended
-        let a = hub.attach_session("A1");
+        let a = clean(&hub, "A1");
         let replay = a.subscribe(["dev/A1/jobs/+".to_owned()], 8).unwrap().replay;
         let topics: Vec<_> = replay.iter().map(|p| p.topic.clone()).collect();
         assert_eq!(topics, [Bytes::from_static(b"dev/A1/jobs/J-000002")]);
@@ -688,7 +688,7 @@ mod tests {
     #[test]
     fn a_retained_order_routed_again_unchanged_is_not_sent_again_and_a_changed_one_is() {
         let hub = hub(16);
-        let a = hub.attach_session("A1");
+        let a = clean(&hub, "A1");
         a.subscribe(["dev/A1/#".to_owned()], 8).unwrap();
         hub.route(publish("dev/A1/jobs/J-000001", b"one"));
         hub.route(publish("dev/A1/jobs/J-000001", b"one"));
@@ -716,8 +716,8 @@ mod tests {
     #[test]
     fn a_newer_session_takes_over_and_the_old_one_cannot_detach_it() {
         let hub = hub(16);
-        let old = hub.attach_session("A1");
-        let new = hub.attach_session("A1");
+        let old = clean(&hub, "A1");
+        let new = clean(&hub, "A1");
         assert_eq!(received(&old), ["TakenOver"]);
         assert_eq!(
             old.subscribe(["dev/A1/ack".to_owned()], 8),
@@ -734,8 +734,8 @@ mod tests {
     #[test]
     fn a_session_that_falls_behind_is_cut_off_and_others_are_not() {
         let hub = hub(2);
-        let slow = hub.attach_session("A1");
-        let other = hub.attach_session("B2");
+        let slow = clean(&hub, "A1");
+        let other = clean(&hub, "B2");
         slow.subscribe(["dev/A1/ack".to_owned()], 8).unwrap();
         other.subscribe(["dev/B2/ack".to_owned()], 8).unwrap();
         for _ in 0..3 {
@@ -755,7 +755,7 @@ mod tests {
     #[test]
     fn subscriptions_are_limited_and_repeats_count_once() {
         let hub = hub(2);
-        let a = hub.attach_session("A1");
+        let a = clean(&hub, "A1");
         a.subscribe(["dev/A1/ack".to_owned(), "dev/A1/ack".to_owned()], 1)
             .unwrap();
         assert_eq!(

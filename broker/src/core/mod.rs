@@ -494,14 +494,21 @@ impl Core {
                     ..Hints::default()
                 })?;
             }
+            // A cluster node reads the sessions it held in `presence_startup`.
+            let sessions_here = self.settings.node.is_none();
             for serial in serials {
-                if let Some(Some(record)) = skip_corrupt(txn.device(serial))? {
-                    out.extend(self.state_views(&*txn, serial, &record)?);
+                let device = skip_corrupt(txn.device(serial))?.flatten();
+                if device.is_none() && !sessions_here {
+                    continue;
                 }
-                // A cluster node reads the sessions it held in `presence_startup`.
-                if self.settings.node.is_none()
-                    && let Some(Some(presence)) = skip_corrupt(txn.presence(serial))?
-                {
+                // Read once: for the views, and for the session to resume.
+                let presence = skip_corrupt(txn.presence(serial))?
+                    .flatten()
+                    .unwrap_or_default();
+                if let Some(record) = device {
+                    out.extend(self.state_views_of(serial, &record, &presence)?);
+                }
+                if sessions_here {
                     self.keep_stored_session(serial, &presence.session_filters);
                 }
             }

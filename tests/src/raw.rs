@@ -237,6 +237,15 @@ impl RawClient {
         }
     }
 
+    /// Sends DISCONNECT and waits for the broker to close the connection: the session ended as
+    /// a client ends it normally.
+    pub async fn disconnect(mut self) {
+        self.send(&[0xe0, 0])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.expect_closed().await;
+    }
+
     /// A PINGREQ answered by a PINGRESP: the session is alive.
     pub async fn ping(&mut self) {
         self.send(&[0xc0, 0])

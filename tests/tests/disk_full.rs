@@ -253,11 +253,7 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_recovers() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((code, present), (raw::ACCEPTED, false));
     assert_eq!(session.subscribe_acked(1, &["dev/D2/ack"]).await, [1]);
-    session
-        .send(&[0xe0, 0])
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    session.expect_closed().await;
+    session.disconnect().await;
 
     // One line for the whole burst, however many messages were refused.
     let burst_lines = broker.lines_matching(|l| l.contains("relay storage full: refusing"));

@@ -102,8 +102,13 @@ struct Entry {
 
 impl Entry {
     fn persistent(&self) -> bool {
-        self.generation & 1 == 1
+        is_persistent(self.generation)
     }
+}
+
+/// Whether a generation ([`Entry`]'s, [`Attachment`]'s) is a persistent session's: its lowest bit.
+fn is_persistent(generation: u64) -> bool {
+    generation & 1 == 1
 }
 
 /// One device session's place in the hub. Dropping it detaches the session, unless a newer
@@ -432,7 +437,7 @@ impl Attachment<'_> {
     }
 
     fn persistent(&self) -> bool {
-        self.generation & 1 == 1
+        is_persistent(self.generation)
     }
 
     /// Why the downstream ended, once the receiver reports the sender gone.
